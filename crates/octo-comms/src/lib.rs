@@ -1,0 +1,70 @@
+//! Comms transports.
+//!
+//! - [`tentacle`]: the agent side. Always the gRPC server, on connections it
+//!   accepted (listening) or dialled (polling).
+//! - [`server`]: the server side. Always the gRPC client, on connections it
+//!   dialled (listening tentacles) or accepted (polling tentacles); callers ask
+//!   for an [`Endpoint`] and get a multiplexed [`Connection`].
+//! - [`registry`]: connected polling tentacles and requests waiting for them.
+//!
+//! Invariants: every socket gets TCP_NODELAY and keepalive ([`net::tune`]);
+//! every TLS config comes from `octo_tls` (pinned thumbprints, signatures
+//! verified, no resumption); a connection whose peer's thumbprint stops being
+//! trusted is dropped; a request is never routed to a connection whose peer
+//! presented a thumbprint other than the endpoint's.
+
+use std::time::Duration;
+
+pub mod backoff;
+mod error;
+pub mod net;
+pub mod page;
+pub mod registry;
+pub mod server;
+pub mod tentacle;
+
+pub use backoff::Backoff;
+pub use error::{is_retryable, CommsError};
+pub use registry::PollingRegistry;
+pub use server::{Connection, Endpoint, H2Channel, ServerComms, ServerCommsOptions};
+pub use tentacle::{ConnectionInfo, Direction, PollingTarget, TentacleComms};
+
+/// Boxed error used where hyper reports one.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// HTTP/2 and handshake settings shared by both sides.
+#[derive(Debug, Clone)]
+pub struct H2Settings {
+    /// Send an HTTP/2 PING after this long without traffic.
+    pub keepalive_interval: Duration,
+    /// Close the connection when a PING is not answered within this. Interval +
+    /// timeout bounds how long a dead connection goes unnoticed (20 s by default).
+    pub keepalive_timeout: Duration,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// TLS handshake (and session handshake) timeout.
+    pub handshake_timeout: Duration,
+    /// HTTP/2 flow-control window per stream.
+    pub stream_window: u32,
+    /// HTTP/2 flow-control window per connection.
+    pub connection_window: u32,
+    /// Largest HTTP/2 frame we accept.
+    pub max_frame_size: u32,
+    /// Most calls at once on one connection (served side).
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for H2Settings {
+    fn default() -> Self {
+        Self {
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(15),
+            stream_window: 4 << 20,
+            connection_window: 8 << 20,
+            max_frame_size: 256 << 10,
+            max_concurrent_streams: 1024,
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! Socket plumbing shared by every connection: options, dialling, TLS names.
+
+use std::io;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use socket2::{SockRef, TcpKeepalive};
+use tokio::net::TcpStream;
+
+use tokio_rustls::rustls;
+
+/// TCP keepalive: first probe after 15 s idle, then every 5 s, 3 probes.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_RETRIES: u32 = 3;
+
+/// Sets TCP_NODELAY and TCP keepalive on a socket we accepted or dialled.
+/// Every socket in the workspace goes through here.
+pub fn tune(stream: &TcpStream) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    let ka = TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_RETRIES);
+    SockRef::from(stream).set_tcp_keepalive(&ka)
+}
+
+/// Why a TCP connection could not be made, in words a person recognises.
+pub fn describe_connect_error(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => {
+            "connection refused (nothing is listening on that port, or a firewall rejected it)"
+                .to_string()
+        }
+        io::ErrorKind::TimedOut => "connection timed out".to_string(),
+        io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => {
+            format!("no route to host ({e})")
+        }
+        _ => e.to_string(),
+    }
+}
+
+/// Dials `address` ("host:port"), bounded by `timeout`, and tunes the socket.
+pub async fn dial(address: &str, timeout: Duration) -> Result<TcpStream, String> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
+        Err(_) => {
+            return Err(format!(
+                "connection timed out after {} s",
+                timeout.as_secs_f32()
+            ))
+        }
+        Ok(Err(e)) => return Err(describe_connect_error(&e)),
+        Ok(Ok(s)) => s,
+    };
+    tune(&stream).map_err(|e| format!("setting socket options: {e}"))?;
+    Ok(stream)
+}
+
+/// Splits "host:port" (IPv6 as "[::1]:port") into host and port.
+pub fn split_host_port(address: &str) -> Option<(&str, u16)> {
+    let (host, port) = address.rsplit_once(':')?;
+    let port = port.parse().ok()?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return None;
+    }
+    Some((host, port))
+}
+
+/// The TLS server name for a host: a DNS name (sent as SNI, so proxies that route
+/// by SNI work) or an IP address (rustls sends no SNI for those). The pinning
+/// verifier ignores the name either way.
+pub fn server_name(host: &str) -> Result<ServerName<'static>, String> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(ServerName::IpAddress(ip.into()));
+    }
+    ServerName::try_from(host.to_string()).map_err(|_| format!("'{host}' is not a valid host name"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port() {
+        assert_eq!(
+            split_host_port("a.example:10933"),
+            Some(("a.example", 10933))
+        );
+        assert_eq!(split_host_port("[::1]:1"), Some(("::1", 1)));
+        assert_eq!(split_host_port("nohost"), None);
+        assert_eq!(split_host_port(":80"), None);
+        assert_eq!(split_host_port("h:99999"), None);
+    }
+
+    #[test]
+    fn names() {
+        assert!(matches!(
+            server_name("127.0.0.1"),
+            Ok(ServerName::IpAddress(_))
+        ));
+        assert!(matches!(
+            server_name("octopus.example"),
+            Ok(ServerName::DnsName(_))
+        ));
+        assert!(server_name("bad name!").is_err());
+    }
+}
+
+/// How a watched stream ended.
+#[derive(Debug, Clone)]
+pub struct IoEnd {
+    /// The peer sent a TLS alert refusing our certificate.
+    pub rejected_by_peer: bool,
+    /// The I/O error, in words.
+    pub message: String,
+}
+
+/// A stream whose life is tied to a token, both ways: cancelling the token makes
+/// every pending and future read or write fail at once (waking a blocked reader),
+/// and EOF or an I/O error cancels the token, so whoever watches the token learns
+/// the connection is gone. The first I/O error is recorded.
+///
+/// hyper's HTTP/2 client drives the socket in a task of its own; this is how we
+/// close such a connection for certain and how we know when it has closed.
+pub struct Watched<IO> {
+    io: IO,
+    token: tokio_util::sync::CancellationToken,
+    killed: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    end: std::sync::Arc<std::sync::OnceLock<IoEnd>>,
+}
+
+impl<IO> std::fmt::Debug for Watched<IO> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watched")
+            .field("cancelled", &self.token.is_cancelled())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<IO> Watched<IO> {
+    /// Wraps `io`; `end` receives the first I/O error.
+    pub fn new(
+        io: IO,
+        token: tokio_util::sync::CancellationToken,
+        end: std::sync::Arc<std::sync::OnceLock<IoEnd>>,
+    ) -> Self {
+        let killed = Box::pin(token.clone().cancelled_owned());
+        Self {
+            io,
+            token,
+            killed,
+            end,
+        }
+    }
+
+    fn check_killed(&mut self, cx: &mut std::task::Context<'_>) -> Option<io::Error> {
+        use std::future::Future;
+        if self.killed.as_mut().poll(cx).is_ready() {
+            return Some(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "connection closed",
+            ));
+        }
+        None
+    }
+
+    fn failed(&self, e: &io::Error) {
+        let _ = self.end.set(IoEnd {
+            rejected_by_peer: octo_tls::rejected_by_peer(e),
+            message: e.to_string(),
+        });
+        self.token.cancel();
+    }
+}
+
+impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<IO> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        use std::task::Poll;
+        if let Some(e) = self.check_killed(cx) {
+            return Poll::Ready(Err(e));
+        }
+        let before = buf.filled().len();
+        let wanted = buf.remaining() > 0;
+        match std::pin::Pin::new(&mut self.io).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if wanted && buf.filled().len() == before {
+                    self.token.cancel(); // EOF
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => {
+                self.failed(&e);
+                Poll::Ready(Err(e))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<IO> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        use std::task::Poll;
+        if let Some(e) = self.check_killed(cx) {
+            return Poll::Ready(Err(e));
+        }
+        match std::pin::Pin::new(&mut self.io).poll_write(cx, data) {
+            Poll::Ready(Err(e)) => {
+                self.failed(&e);
+                Poll::Ready(Err(e))
+            }
+            other => other,
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        use std::task::Poll;
+        if let Some(e) = self.check_killed(cx) {
+            return Poll::Ready(Err(e));
+        }
+        match std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs) {
+            Poll::Ready(Err(e)) => {
+                self.failed(&e);
+                Poll::Ready(Err(e))
+            }
+            other => other,
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        if let Some(e) = self.check_killed(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}

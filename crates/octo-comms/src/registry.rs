@@ -1,0 +1,181 @@
+//! Connected polling tentacles, and requests waiting for them.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use octo_tls::Thumbprint;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::server::Connection;
+use crate::CommsError;
+
+/// Connected polling tentacles by subscription id. A tentacle may hold several
+/// connections; requests are spread over them round-robin, and any number of
+/// requests run at once over each.
+#[derive(Clone, Default)]
+pub struct PollingRegistry {
+    inner: Arc<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    by_subscription: Mutex<HashMap<String, Vec<Connection>>>,
+    changed: Notify,
+    next: AtomicUsize,
+}
+
+impl std::fmt::Debug for PollingRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PollingRegistry")
+            .field("connections", &self.len())
+            .finish()
+    }
+}
+
+/// One connected polling connection, for listings.
+#[derive(Debug, Clone)]
+pub struct PolledConnection {
+    /// Subscription it serves.
+    pub subscription_id: String,
+    /// Thumbprint the tentacle presented.
+    pub thumbprint: Thumbprint,
+    /// Where it connected from.
+    pub remote_addr: String,
+}
+
+impl PollingRegistry {
+    fn map(&self) -> MutexGuard<'_, HashMap<String, Vec<Connection>>> {
+        // A panic while holding this lock cannot leave the map inconsistent
+        // (every mutation is a single push/retain), so recover from poisoning.
+        self.inner
+            .by_subscription
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a connection whose session handshake named `subscription_id`, and
+    /// removes it again when it closes.
+    pub fn register(&self, subscription_id: String, conn: Connection) {
+        info!(
+            subscription = %subscription_id,
+            thumbprint = %conn.peer_thumbprint(),
+            "polling tentacle connected from {}",
+            conn.remote_addr()
+        );
+        self.map()
+            .entry(subscription_id.clone())
+            .or_default()
+            .push(conn.clone());
+        self.inner.changed.notify_waiters();
+        let this = self.clone();
+        tokio::spawn(async move {
+            conn.closed().await;
+            let mut map = this.map();
+            if let Some(list) = map.get_mut(&subscription_id) {
+                list.retain(|c| c.id() != conn.id());
+                if list.is_empty() {
+                    map.remove(&subscription_id);
+                }
+            }
+            drop(map);
+            info!(subscription = %subscription_id, "polling tentacle disconnected ({})", conn.remote_addr());
+            this.inner.changed.notify_waiters();
+        });
+    }
+
+    /// A live connection of `subscription_id` presenting `thumbprint`, if any.
+    pub fn find(&self, subscription_id: &str, thumbprint: &Thumbprint) -> Option<Connection> {
+        let map = self.map();
+        let live: Vec<&Connection> = map
+            .get(subscription_id)?
+            .iter()
+            .filter(|c| !c.is_closed() && c.peer_thumbprint() == *thumbprint)
+            .collect();
+        if live.is_empty() {
+            return None;
+        }
+        let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % live.len();
+        Some(live[i].clone())
+    }
+
+    /// Waits up to `timeout` for `subscription_id` to connect presenting
+    /// `thumbprint`; returns at once when it is connected already.
+    pub async fn wait_for(
+        &self,
+        subscription_id: &str,
+        thumbprint: &Thumbprint,
+        timeout: Duration,
+    ) -> Result<Connection, CommsError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notified = self.inner.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(c) = self.find(subscription_id, thumbprint) {
+                return Ok(c);
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    let detail = self.mismatch_detail(subscription_id, thumbprint);
+                    if !detail.is_empty() {
+                        warn!("polling tentacle poll://{subscription_id}/{detail}");
+                    }
+                    return Err(CommsError::PollingTimeout {
+                        subscription_id: subscription_id.to_string(),
+                        thumbprint: *thumbprint,
+                        waited: timeout,
+                        detail,
+                    });
+                }
+            }
+        }
+    }
+
+    fn mismatch_detail(&self, subscription_id: &str, thumbprint: &Thumbprint) -> String {
+        let map = self.map();
+        let Some(other) = map
+            .get(subscription_id)
+            .and_then(|l| l.iter().find(|c| c.peer_thumbprint() != *thumbprint))
+        else {
+            return String::new();
+        };
+        format!(
+            " (a connection for this subscription presents thumbprint {} instead: the tentacle's certificate changed or two machines share a subscription; re-register it)",
+            other.peer_thumbprint()
+        )
+    }
+
+    /// Every live connection.
+    pub fn connections(&self) -> Vec<PolledConnection> {
+        let map = self.map();
+        let mut out: Vec<PolledConnection> = map
+            .iter()
+            .flat_map(|(sub, list)| {
+                list.iter()
+                    .filter(|c| !c.is_closed())
+                    .map(move |c| PolledConnection {
+                        subscription_id: sub.clone(),
+                        thumbprint: c.peer_thumbprint(),
+                        remote_addr: c.remote_addr().to_string(),
+                    })
+            })
+            .collect();
+        out.sort_by(|a, b| a.subscription_id.cmp(&b.subscription_id));
+        out
+    }
+
+    /// Number of live connections.
+    pub fn len(&self) -> usize {
+        self.map().values().map(Vec::len).sum()
+    }
+
+    /// True when no polling tentacle is connected.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

@@ -1,0 +1,761 @@
+//! The server side: reach tentacles by endpoint, whichever side dials.
+//!
+//! The server is always the gRPC *client*. For a listening tentacle it dials,
+//! completes TLS as the client and speaks HTTP/2 as the client. For a polling
+//! tentacle it accepts TLS on its polling port and then speaks HTTP/2 as the
+//! client on the accepted stream. Either way the result is a [`Connection`]: a
+//! multiplexed HTTP/2 client on which any number of calls run at once.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use http_body_util::combinators::MapErr;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use octo_proto::v1::capabilities_client::CapabilitiesClient;
+use octo_proto::v1::file_service_client::FileServiceClient;
+use octo_proto::v1::script_service_client::ScriptServiceClient;
+use octo_proto::v1::session_client::SessionClient;
+use octo_proto::v1::{HelloReply, HelloRequest};
+use octo_tls::{
+    ClientAuth, Identity, Role, Thumbprint, TlsSettings, TrustHint, TrustStore, UntrustedPeer,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::registry::PollingRegistry;
+use crate::{net, page, CommsError, H2Settings};
+
+/// How the server reaches one tentacle.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    /// The tentacle listens; the server dials `address` ("host:port").
+    Listening {
+        /// "host:port" (from `https://host:port/`).
+        address: String,
+        /// The thumbprint the tentacle must present.
+        thumbprint: Thumbprint,
+    },
+    /// The tentacle polls; requests wait for a connection of this subscription.
+    Polling {
+        /// Subscription id the tentacle connects with.
+        subscription_id: String,
+        /// The thumbprint the tentacle must present.
+        thumbprint: Thumbprint,
+    },
+}
+
+impl Endpoint {
+    /// A listening endpoint from `https://host:port[/]` or `host:port`.
+    pub fn listening(url: &str, thumbprint: Thumbprint) -> Result<Self, CommsError> {
+        let invalid = |reason: &str| CommsError::InvalidEndpoint {
+            endpoint: url.to_string(),
+            reason: reason.to_string(),
+        };
+        let rest = match url.split_once("://") {
+            Some(("https", rest)) => rest,
+            Some((scheme, _)) => {
+                return Err(invalid(&format!(
+                    "scheme '{scheme}' is not supported; use https://HOST:PORT/"
+                )))
+            }
+            None => url,
+        };
+        let authority = rest.split('/').next().unwrap_or_default();
+        let address = if net::split_host_port(authority).is_some() {
+            authority.to_string()
+        } else if !authority.is_empty() && !authority.ends_with(':') {
+            format!("{authority}:10933")
+        } else {
+            return Err(invalid("expected https://HOST:PORT/"));
+        };
+        net::split_host_port(&address).ok_or_else(|| invalid("expected https://HOST:PORT/"))?;
+        Ok(Endpoint::Listening {
+            address,
+            thumbprint,
+        })
+    }
+
+    /// A polling endpoint from `poll://SUBSCRIPTION/` or the bare subscription id.
+    pub fn polling(uri: &str, thumbprint: Thumbprint) -> Result<Self, CommsError> {
+        let id = uri
+            .strip_prefix("poll://")
+            .unwrap_or(uri)
+            .trim_end_matches('/');
+        if id.is_empty() || id.contains('/') {
+            return Err(CommsError::InvalidEndpoint {
+                endpoint: uri.to_string(),
+                reason: "expected poll://SUBSCRIPTION-ID/".into(),
+            });
+        }
+        Ok(Endpoint::Polling {
+            subscription_id: id.to_string(),
+            thumbprint,
+        })
+    }
+
+    /// The thumbprint the tentacle must present.
+    pub fn thumbprint(&self) -> Thumbprint {
+        match self {
+            Endpoint::Listening { thumbprint, .. } | Endpoint::Polling { thumbprint, .. } => {
+                *thumbprint
+            }
+        }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Listening { address, .. } => write!(f, "https://{address}/"),
+            Endpoint::Polling {
+                subscription_id, ..
+            } => write!(f, "poll://{subscription_id}/"),
+        }
+    }
+}
+
+/// Tunables of the server side.
+#[derive(Debug, Clone)]
+pub struct ServerCommsOptions {
+    /// How long a request for a polling tentacle waits for it to connect.
+    pub polling_wait: Duration,
+    /// HTTP/2 and handshake settings.
+    pub h2: H2Settings,
+}
+
+impl Default for ServerCommsOptions {
+    fn default() -> Self {
+        Self {
+            polling_wait: Duration::from_secs(120),
+            h2: H2Settings::default(),
+        }
+    }
+}
+
+/// The server's comms: finds or makes the connection for an endpoint.
+#[derive(Clone)]
+pub struct ServerComms {
+    inner: Arc<ServerInner>,
+}
+
+struct ServerInner {
+    identity: Identity,
+    polling_trust: TrustStore,
+    registry: PollingRegistry,
+    listening: Mutex<HashMap<(String, Thumbprint), Arc<tokio::sync::Mutex<Option<Connection>>>>>,
+    tentacle_hint: TrustHint,
+    options: ServerCommsOptions,
+}
+
+impl fmt::Debug for ServerComms {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerComms")
+            .field("thumbprint", &self.inner.identity.thumbprint())
+            .field("polling", &self.inner.registry)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerComms {
+    /// `polling_trust`: thumbprints of polling tentacles allowed to connect (its
+    /// hint tells people how to add one). Listening tentacles are pinned per
+    /// endpoint.
+    pub fn new(identity: Identity, polling_trust: TrustStore, options: ServerCommsOptions) -> Self {
+        let tentacle_hint = Arc::new(|t: &Thumbprint| {
+            format!("add it to the machine's record on the server (e.g. `octopus machine add-listening --thumbprint {t} ...`)")
+        });
+        Self {
+            inner: Arc::new(ServerInner {
+                identity,
+                polling_trust,
+                registry: PollingRegistry::default(),
+                listening: Mutex::new(HashMap::new()),
+                tentacle_hint,
+                options,
+            }),
+        }
+    }
+
+    /// This server's thumbprint, which tentacles must trust.
+    pub fn thumbprint(&self) -> Thumbprint {
+        self.inner.identity.thumbprint()
+    }
+
+    /// Thumbprints of polling tentacles allowed to connect.
+    pub fn polling_trust(&self) -> &TrustStore {
+        &self.inner.polling_trust
+    }
+
+    /// Connected polling tentacles.
+    pub fn polling(&self) -> &PollingRegistry {
+        &self.inner.registry
+    }
+
+    /// The connection for `endpoint`: a cached or new one for a listening
+    /// tentacle; for a polling one, a live connection, waiting up to the polling
+    /// wait for the tentacle to connect.
+    pub async fn connect(&self, endpoint: &Endpoint) -> Result<Connection, CommsError> {
+        match endpoint {
+            Endpoint::Polling {
+                subscription_id,
+                thumbprint,
+            } => {
+                self.inner
+                    .registry
+                    .wait_for(subscription_id, thumbprint, self.inner.options.polling_wait)
+                    .await
+            }
+            Endpoint::Listening {
+                address,
+                thumbprint,
+            } => {
+                let slot = {
+                    let mut map = self
+                        .inner
+                        .listening
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    map.entry((address.clone(), *thumbprint))
+                        .or_default()
+                        .clone()
+                };
+                // One dial at a time per endpoint; callers arriving meanwhile share it.
+                let mut slot = slot.lock().await;
+                if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
+                    return Ok(c.clone());
+                }
+                let conn = self.dial(address, *thumbprint).await?;
+                *slot = Some(conn.clone());
+                Ok(conn)
+            }
+        }
+    }
+
+    /// Closes any cached connection to a listening endpoint (e.g. the machine
+    /// was deleted or its thumbprint changed).
+    pub fn forget(&self, endpoint: &Endpoint) {
+        if let Endpoint::Listening {
+            address,
+            thumbprint,
+        } = endpoint
+        {
+            let slot = self
+                .inner
+                .listening
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&(address.clone(), *thumbprint));
+            if let Some(slot) = slot {
+                if let Ok(guard) = slot.try_lock() {
+                    if let Some(c) = guard.as_ref() {
+                        c.close();
+                    }
+                }
+            }
+        }
+    }
+
+    async fn dial(&self, address: &str, thumbprint: Thumbprint) -> Result<Connection, CommsError> {
+        let h2 = &self.inner.options.h2;
+        let (host, _) =
+            net::split_host_port(address).ok_or_else(|| CommsError::InvalidEndpoint {
+                endpoint: address.to_string(),
+                reason: "expected host:port".into(),
+            })?;
+        let name = net::server_name(host).map_err(|reason| CommsError::InvalidEndpoint {
+            endpoint: address.to_string(),
+            reason,
+        })?;
+        let trust = TrustStore::pinned(thumbprint, self.inner.tentacle_hint.clone());
+        let cfg = octo_tls::client_config(
+            &self.inner.identity,
+            trust.clone(),
+            Role::Tentacle,
+            &TlsSettings::default(),
+        )
+        .map_err(|e| CommsError::Tls {
+            address: address.to_string(),
+            peer_role: Role::Tentacle,
+            reason: e.to_string(),
+        })?;
+        let tcp = net::dial(address, h2.connect_timeout)
+            .await
+            .map_err(|reason| CommsError::Connect {
+                address: address.to_string(),
+                peer_role: Role::Tentacle,
+                reason,
+            })?;
+        let remote = tcp
+            .peer_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let tls = match tokio::time::timeout(
+            h2.handshake_timeout,
+            TlsConnector::from(cfg).connect(name, tcp),
+        )
+        .await
+        {
+            Err(_) => {
+                return Err(CommsError::Tls {
+                    address: address.to_string(),
+                    peer_role: Role::Tentacle,
+                    reason: format!("no answer within {} s", h2.handshake_timeout.as_secs()),
+                })
+            }
+            Ok(Err(e)) => return Err(self.classify(address, &e)),
+            Ok(Ok(tls)) => tls,
+        };
+        let conn =
+            Connection::handshake(tls, remote, thumbprint, address.to_string(), h2, None).await?;
+        self.hello(&conn, address).await?;
+        Ok(conn)
+    }
+
+    /// Runs the session handshake on a new connection; maps a refusal of our
+    /// certificate (which TLS 1.3 reports only now) to a typed error.
+    async fn hello(&self, conn: &Connection, address: &str) -> Result<HelloReply, CommsError> {
+        let h2 = &self.inner.options.h2;
+        let mut session = conn.session();
+        let call = session.hello(HelloRequest {
+            protocol_version: octo_proto::PROTOCOL_VERSION,
+        });
+        let result = tokio::time::timeout(h2.handshake_timeout, call).await;
+        match result {
+            Ok(Ok(reply)) => {
+                let reply = reply.into_inner();
+                let _ = conn.inner.hello.set(reply.clone());
+                Ok(reply)
+            }
+            other => {
+                // Give the connection driver a moment to record why it ended.
+                let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+                conn.close();
+                if conn.rejected_by_peer() {
+                    return Err(CommsError::RejectedByPeer {
+                        address: address.to_string(),
+                        peer_role: Role::Tentacle,
+                        our_role: Role::Server,
+                        ours: self.thumbprint(),
+                        hint: format!(
+                            "trust it on the tentacle: `tentacle configure --trust {}`",
+                            self.thumbprint()
+                        ),
+                    });
+                }
+                Err(CommsError::Handshake {
+                    address: address.to_string(),
+                    peer_role: Role::Tentacle,
+                    reason: match other {
+                        Err(_) => format!("no answer within {} s", h2.handshake_timeout.as_secs()),
+                        Ok(Err(status)) => status.message().to_string(),
+                        Ok(Ok(_)) => String::new(),
+                    },
+                })
+            }
+        }
+    }
+
+    fn classify(&self, address: &str, e: &std::io::Error) -> CommsError {
+        if let Some(u) = UntrustedPeer::find(e) {
+            return CommsError::Untrusted {
+                address: address.to_string(),
+                source: u,
+            };
+        }
+        if octo_tls::rejected_by_peer(e) {
+            return CommsError::RejectedByPeer {
+                address: address.to_string(),
+                peer_role: Role::Tentacle,
+                our_role: Role::Server,
+                ours: self.thumbprint(),
+                hint: format!(
+                    "trust it on the tentacle: `tentacle configure --trust {}`",
+                    self.thumbprint()
+                ),
+            };
+        }
+        CommsError::Tls {
+            address: address.to_string(),
+            peer_role: Role::Tentacle,
+            reason: e.to_string(),
+        }
+    }
+
+    /// Accepts polling tentacles on `listener` until `shutdown`. Clients without a
+    /// certificate get the friendly page; untrusted ones are refused and logged.
+    pub async fn run_polling_listener(
+        &self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), CommsError> {
+        let settings = TlsSettings {
+            alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        };
+        let cfg = octo_tls::server_config(
+            &self.inner.identity,
+            self.inner.polling_trust.clone(),
+            Role::Tentacle,
+            ClientAuth::Optional,
+            &settings,
+        )
+        .map_err(|e| CommsError::Tls {
+            address: "polling listener".into(),
+            peer_role: Role::Tentacle,
+            reason: e.to_string(),
+        })?;
+        let acceptor = TlsAcceptor::from(cfg);
+        let local = listener.local_addr().ok();
+        info!(address = ?local, thumbprint = %self.thumbprint(), "listening for polling tentacles");
+        loop {
+            let (tcp, remote) = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        warn!("accepting a polling connection on {local:?} failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let this = self.clone();
+            let acceptor = acceptor.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move { this.accept_polling(tcp, remote, acceptor, shutdown).await });
+        }
+    }
+
+    async fn accept_polling(
+        &self,
+        tcp: tokio::net::TcpStream,
+        remote: SocketAddr,
+        acceptor: TlsAcceptor,
+        shutdown: CancellationToken,
+    ) {
+        let h2 = &self.inner.options.h2;
+        if let Err(e) = net::tune(&tcp) {
+            debug!("socket options on connection from {remote}: {e}");
+        }
+        let tls = match tokio::time::timeout(h2.handshake_timeout, acceptor.accept(tcp)).await {
+            Err(_) => return debug!("TLS handshake from {remote} timed out"),
+            Ok(Err(e)) => {
+                if let Some(u) = UntrustedPeer::find(&e) {
+                    warn!("refused polling connection from {remote}: {u}");
+                } else {
+                    debug!("TLS handshake from {remote} failed: {e}");
+                }
+                return;
+            }
+            Ok(Ok(tls)) => tls,
+        };
+        let Some(thumbprint) = octo_tls::peer_thumbprint(tls.get_ref().1) else {
+            // No certificate: a browser or curl. Show the page and nothing else.
+            let svc = hyper::service::service_fn(|_req| async {
+                Ok::<_, std::convert::Infallible>(page::response(page::Listener::ServerPolling))
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection(TokioIo::new(tls), svc);
+            tokio::select! {
+                r = conn => if let Err(e) = r { debug!("friendly page connection from {remote}: {e}") },
+                _ = shutdown.cancelled() => {}
+            }
+            return;
+        };
+        let conn = match Connection::handshake(
+            tls,
+            remote,
+            thumbprint,
+            remote.to_string(),
+            h2,
+            Some(self.inner.polling_trust.clone()),
+        )
+        .await
+        {
+            Ok(c) => c,
+            Err(e) => return warn!("polling connection from {remote}: {e}"),
+        };
+        let hello = match self.hello(&conn, &remote.to_string()).await {
+            Ok(h) => h,
+            Err(e) => return warn!("polling connection from {remote}: {e}"),
+        };
+        if hello.subscription_id.is_empty() {
+            conn.close();
+            return warn!("a tentacle connected from {remote} (thumbprint {thumbprint}) without a subscription id; it is configured for listening, not polling");
+        }
+        let closer = conn.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            closer.close();
+        });
+        self.inner.registry.register(hello.subscription_id, conn);
+    }
+}
+
+static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A live, multiplexed connection to one tentacle. Cheap to clone; all clones
+/// share the connection. Calls fail with `Unavailable` once it closes.
+#[derive(Clone)]
+pub struct Connection {
+    inner: Arc<ConnInner>,
+}
+
+struct ConnInner {
+    id: u64,
+    sender: SendRequest<tonic::body::Body>,
+    remote_addr: SocketAddr,
+    peer_thumbprint: Thumbprint,
+    label: Arc<str>,
+    closed: CancellationToken,
+    end: Arc<OnceLock<net::IoEnd>>,
+    hello: OnceLock<HelloReply>,
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("id", &self.inner.id)
+            .field("label", &self.inner.label)
+            .field("peer_thumbprint", &self.inner.peer_thumbprint)
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+impl Connection {
+    /// Starts an HTTP/2 client on an established TLS stream and spawns the task
+    /// that drives it until it ends, is closed, or `trust` stops trusting the peer.
+    async fn handshake<IO>(
+        io: IO,
+        remote_addr: SocketAddr,
+        peer_thumbprint: Thumbprint,
+        label: String,
+        h2: &H2Settings,
+        trust: Option<TrustStore>,
+    ) -> Result<Connection, CommsError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let closed = CancellationToken::new();
+        let end = Arc::new(OnceLock::new());
+        let io = net::Watched::new(io, closed.clone(), end.clone());
+        let (sender, driver) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(h2.keepalive_interval)
+            .keep_alive_timeout(h2.keepalive_timeout)
+            .keep_alive_while_idle(true)
+            .initial_stream_window_size(h2.stream_window)
+            .initial_connection_window_size(h2.connection_window)
+            .max_frame_size(h2.max_frame_size)
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| CommsError::Handshake {
+                address: label.clone(),
+                peer_role: Role::Tentacle,
+                reason: e.to_string(),
+            })?;
+        let conn = Connection {
+            inner: Arc::new(ConnInner {
+                id: NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed),
+                sender,
+                remote_addr,
+                peer_thumbprint,
+                label: label.into(),
+                closed,
+                end,
+                hello: OnceLock::new(),
+            }),
+        };
+        let inner = conn.inner.clone();
+        tokio::spawn(async move {
+            let revoked = async {
+                match &trust {
+                    Some(t) => t.revoked(inner.peer_thumbprint).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = driver => if let Err(e) = r {
+                    debug!("connection to {} ended: {e}", inner.label);
+                },
+                _ = inner.closed.cancelled() => {}
+                _ = revoked => warn!(
+                    "dropping connection to {}: thumbprint {} is no longer trusted",
+                    inner.label, inner.peer_thumbprint
+                ),
+            }
+            inner.closed.cancel();
+        });
+        Ok(conn)
+    }
+
+    pub(crate) fn id(&self) -> u64 {
+        self.inner.id
+    }
+
+    /// The thumbprint the tentacle presented (and which was trusted).
+    pub fn peer_thumbprint(&self) -> Thumbprint {
+        self.inner.peer_thumbprint
+    }
+
+    /// Where the tentacle is.
+    pub fn remote_addr(&self) -> SocketAddr {
+        self.inner.remote_addr
+    }
+
+    /// What the tentacle said in the session handshake.
+    pub fn hello(&self) -> Option<&HelloReply> {
+        self.inner.hello.get()
+    }
+
+    /// Whether the connection has ended.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.is_cancelled()
+    }
+
+    /// Resolves when the connection ends.
+    pub async fn closed(&self) {
+        self.inner.closed.cancelled().await;
+    }
+
+    /// Ends the connection; calls in flight fail with `Unavailable`.
+    pub fn close(&self) {
+        self.inner.closed.cancel();
+    }
+
+    fn rejected_by_peer(&self) -> bool {
+        self.inner.end.get().is_some_and(|e| e.rejected_by_peer)
+    }
+
+    /// A gRPC channel over this connection.
+    pub fn channel(&self) -> H2Channel {
+        H2Channel {
+            sender: self.inner.sender.clone(),
+            label: self.inner.label.clone(),
+        }
+    }
+
+    fn origin() -> http::Uri {
+        http::Uri::from_static("https://tentacle")
+    }
+
+    /// Session service client.
+    pub fn session(&self) -> SessionClient<H2Channel> {
+        SessionClient::with_origin(self.channel(), Self::origin())
+    }
+
+    /// Capabilities service client.
+    pub fn capabilities(&self) -> CapabilitiesClient<H2Channel> {
+        CapabilitiesClient::with_origin(self.channel(), Self::origin())
+    }
+
+    /// Script service client.
+    pub fn scripts(&self) -> ScriptServiceClient<H2Channel> {
+        ScriptServiceClient::with_origin(self.channel(), Self::origin())
+    }
+
+    /// File service client (messages up to 16 MiB, for large chunks).
+    pub fn files(&self) -> FileServiceClient<H2Channel> {
+        FileServiceClient::with_origin(self.channel(), Self::origin())
+            .max_decoding_message_size(16 << 20)
+            .max_encoding_message_size(16 << 20)
+    }
+}
+
+/// Response body of an [`H2Channel`]: errors become `Unavailable` statuses.
+pub type ChannelBody = MapErr<Incoming, fn(hyper::Error) -> tonic::Status>;
+
+/// A tower service sending gRPC requests over one HTTP/2 connection. Failures of
+/// the connection itself (closed, reset, keepalive timeout) become
+/// `tonic::Status::unavailable`, which [`crate::is_retryable`] recognises.
+#[derive(Clone)]
+pub struct H2Channel {
+    sender: SendRequest<tonic::body::Body>,
+    label: Arc<str>,
+}
+
+impl fmt::Debug for H2Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("H2Channel")
+            .field("label", &self.label)
+            .finish()
+    }
+}
+
+fn connection_lost(label: &str, e: &hyper::Error) -> tonic::Status {
+    tonic::Status::unavailable(format!(
+        "connection to the tentacle at {label} was lost ({e}); the call did not complete and is safe to retry"
+    ))
+}
+
+fn body_error(e: hyper::Error) -> tonic::Status {
+    tonic::Status::unavailable(format!(
+        "connection to the tentacle was lost mid-call ({e}); the call is safe to retry"
+    ))
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for H2Channel {
+    type Response = http::Response<ChannelBody>;
+    type Error = tonic::Status;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // HTTP/2 multiplexes: always ready. A closed connection is reported by
+        // `call` (tonic would turn a readiness error into `Unknown`).
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        if self.sender.is_closed() {
+            let status = tonic::Status::unavailable(format!(
+                "connection to the tentacle at {} is closed; the call was not sent and is safe to retry",
+                self.label
+            ));
+            return Box::pin(std::future::ready(Err(status)));
+        }
+        let fut = self.sender.send_request(req);
+        let label = self.label.clone();
+        Box::pin(async move {
+            let resp = fut.await.map_err(|e| connection_lost(&label, &e))?;
+            Ok(resp.map(|b| b.map_err(body_error as fn(hyper::Error) -> tonic::Status)))
+        })
+    }
+}
+
+impl FromStr for Endpoint {
+    type Err = CommsError;
+
+    /// Parses "https://host:port/#THUMBPRINT" or "poll://sub/#THUMBPRINT" (the
+    /// form the demo and tools print).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (uri, tp) = s
+            .rsplit_once('#')
+            .ok_or_else(|| CommsError::InvalidEndpoint {
+                endpoint: s.to_string(),
+                reason: "expected URI#THUMBPRINT".into(),
+            })?;
+        let thumbprint: Thumbprint = tp.parse().map_err(|e: octo_tls::ThumbprintParseError| {
+            CommsError::InvalidEndpoint {
+                endpoint: s.to_string(),
+                reason: e.to_string(),
+            }
+        })?;
+        if uri.starts_with("poll://") {
+            Endpoint::polling(uri, thumbprint)
+        } else {
+            Endpoint::listening(uri, thumbprint)
+        }
+    }
+}

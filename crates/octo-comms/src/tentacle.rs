@@ -1,0 +1,506 @@
+//! The tentacle side: serve the RPC contract on connections either side dialled.
+//!
+//! A tentacle is always the gRPC *server*. In listening mode it accepts TLS and
+//! serves; in polling mode it dials the server, completes TLS as the client, and
+//! then serves HTTP/2 on that same stream so the server's requests flow down it.
+//! Both paths end in [`serve_connection`].
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{header, Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use octo_proto::v1::session_server::{Session, SessionServer};
+use octo_proto::v1::{HelloReply, HelloRequest};
+use octo_tls::{ClientAuth, Identity, Role, Thumbprint, TlsSettings, TrustStore, UntrustedPeer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
+use tower::Service;
+use tracing::{debug, error, info, warn};
+
+use crate::backoff::Backoff;
+use crate::{net, page, BoxError, CommsError, H2Settings};
+
+/// Which side dialled a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// The server dialled this listening tentacle.
+    Listening,
+    /// This tentacle dialled the server (polling).
+    Polling,
+}
+
+/// Facts about the connection a request arrived on. Inserted into every request's
+/// extensions, so services can read it with `request.extensions().get()`.
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    /// The other end of the TCP connection.
+    pub remote_addr: SocketAddr,
+    /// Thumbprint of the server's certificate; it was trusted at the handshake.
+    pub peer_thumbprint: Thumbprint,
+    /// Who dialled.
+    pub direction: Direction,
+    /// The subscription this connection serves (polling only).
+    pub subscription_id: Option<String>,
+}
+
+/// Everything a tentacle's connections share.
+#[derive(Clone)]
+pub struct TentacleComms {
+    identity: Identity,
+    trust: TrustStore,
+    routes: Routes,
+    instance_name: String,
+    h2: H2Settings,
+}
+
+impl std::fmt::Debug for TentacleComms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TentacleComms")
+            .field("thumbprint", &self.identity.thumbprint())
+            .field("instance_name", &self.instance_name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A server this tentacle polls.
+#[derive(Debug, Clone)]
+pub struct PollingTarget {
+    /// "host:port" of the server's polling port. A host name is sent as TLS SNI.
+    pub address: String,
+    /// The subscription id the server knows this tentacle by.
+    pub subscription_id: String,
+}
+
+impl TentacleComms {
+    /// `routes` holds the tentacle's services; the session handshake and gRPC
+    /// reflection are added here. `trust` holds the server thumbprints trusted.
+    pub fn new(identity: Identity, trust: TrustStore, routes: Routes, instance_name: &str) -> Self {
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(octo_proto::FILE_DESCRIPTOR_SET)
+            .build_v1();
+        let mut routes = routes.add_service(SessionServer::new(SessionService {
+            thumbprint: identity.thumbprint(),
+            instance_name: instance_name.to_string(),
+        }));
+        if let Ok(reflection) = reflection {
+            routes = routes.add_service(reflection);
+        } else {
+            warn!("gRPC reflection unavailable: the embedded descriptor set did not load");
+        }
+        Self {
+            identity,
+            trust,
+            routes,
+            instance_name: instance_name.to_string(),
+            h2: H2Settings::default(),
+        }
+    }
+
+    /// Overrides HTTP/2 settings (keepalive, windows).
+    pub fn with_h2(mut self, h2: H2Settings) -> Self {
+        self.h2 = h2;
+        self
+    }
+
+    /// The trusted server thumbprints; changes apply to live connections.
+    pub fn trust(&self) -> &TrustStore {
+        &self.trust
+    }
+
+    /// This tentacle's thumbprint.
+    pub fn thumbprint(&self) -> Thumbprint {
+        self.identity.thumbprint()
+    }
+
+    /// Listening mode: accept connections on `listener` until `shutdown`.
+    /// Clients without a certificate get the friendly page; clients presenting an
+    /// untrusted one are refused in the handshake and logged.
+    pub async fn run_listening(
+        &self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), CommsError> {
+        let settings = TlsSettings {
+            alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        };
+        let cfg = octo_tls::server_config(
+            &self.identity,
+            self.trust.clone(),
+            Role::Server,
+            ClientAuth::Optional,
+            &settings,
+        )
+        .map_err(|e| CommsError::Tls {
+            address: "local listener".into(),
+            peer_role: Role::Server,
+            reason: e.to_string(),
+        })?;
+        let acceptor = TlsAcceptor::from(cfg);
+        let local = listener.local_addr().ok();
+        info!(address = ?local, thumbprint = %self.thumbprint(), "listening for servers");
+        loop {
+            let (tcp, remote) = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // e.g. out of file descriptors: log and pause instead of spinning.
+                        error!("accepting a connection on {local:?} failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let this = self.clone();
+            let acceptor = acceptor.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                this.handle_accepted(tcp, remote, acceptor, shutdown).await;
+            });
+        }
+    }
+
+    async fn handle_accepted(
+        &self,
+        tcp: tokio::net::TcpStream,
+        remote: SocketAddr,
+        acceptor: TlsAcceptor,
+        shutdown: CancellationToken,
+    ) {
+        if let Err(e) = net::tune(&tcp) {
+            debug!("socket options on connection from {remote}: {e}");
+        }
+        let tls = match tokio::time::timeout(self.h2.handshake_timeout, acceptor.accept(tcp)).await
+        {
+            Err(_) => {
+                debug!("TLS handshake from {remote} timed out");
+                return;
+            }
+            Ok(Err(e)) => {
+                if let Some(u) = UntrustedPeer::find(&e) {
+                    warn!("refused connection from {remote}: {u}");
+                } else {
+                    debug!("TLS handshake from {remote} failed: {e}");
+                }
+                return;
+            }
+            Ok(Ok(tls)) => tls,
+        };
+        let peer = octo_tls::peer_thumbprint(tls.get_ref().1);
+        let info = peer.map(|peer_thumbprint| ConnectionInfo {
+            remote_addr: remote,
+            peer_thumbprint,
+            direction: Direction::Listening,
+            subscription_id: None,
+        });
+        if let Some(info) = &info {
+            debug!(thumbprint = %info.peer_thumbprint, "server connected from {remote}");
+        }
+        let result = self
+            .serve(tls, info, page::Listener::Tentacle, None, shutdown)
+            .await;
+        if let Err(e) = result {
+            debug!("connection from {remote} ended: {e}");
+        }
+    }
+
+    /// Serves one established TLS stream until it closes, the peer's trust is
+    /// removed, or `shutdown`. `info` is None when the client presented no
+    /// certificate: such a client only ever gets the friendly page.
+    async fn serve<IO>(
+        &self,
+        io: IO,
+        info: Option<ConnectionInfo>,
+        listener: page::Listener,
+        served_one: Option<Arc<AtomicBool>>,
+        shutdown: CancellationToken,
+    ) -> Result<(), BoxError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let kill = CancellationToken::new();
+        let end = Arc::new(std::sync::OnceLock::new());
+        let io = net::Watched::new(io, kill.clone(), end.clone());
+        let routes = self.routes.clone();
+        let conn_info = info.clone();
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let routes = routes.clone();
+            let info = conn_info.clone();
+            let served_one = served_one.clone();
+            async move { dispatch(req, routes, info, listener, served_one).await }
+        });
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(self.h2.keepalive_interval)
+            .keep_alive_timeout(self.h2.keepalive_timeout)
+            .initial_stream_window_size(self.h2.stream_window)
+            .initial_connection_window_size(self.h2.connection_window)
+            .max_frame_size(self.h2.max_frame_size)
+            .max_concurrent_streams(self.h2.max_concurrent_streams);
+        let conn = builder.serve_connection(TokioIo::new(io), svc);
+        tokio::pin!(conn);
+        let revoked = async {
+            match &info {
+                Some(i) => self.trust.revoked(i.peer_thumbprint).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = conn.as_mut() => match (r, end.get()) {
+                (Err(_), Some(e)) if e.rejected_by_peer => Err(Box::new(RejectedByPeerEnd(e.message.clone()))),
+                (r, _) => r,
+            },
+            _ = revoked => {
+                if let Some(i) = &info {
+                    warn!("dropping connection from {}: thumbprint {} is no longer trusted", i.remote_addr, i.peer_thumbprint);
+                }
+                kill.cancel();
+                Ok(())
+            }
+            _ = shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(Duration::from_secs(5), conn.as_mut()).await;
+                Ok(())
+            }
+        }
+    }
+
+    /// Polling mode: keep `connections` connections to `target` open until
+    /// `shutdown`, redialling with jittered exponential backoff.
+    pub async fn run_polling(
+        &self,
+        target: PollingTarget,
+        connections: usize,
+        backoff: Backoff,
+        shutdown: CancellationToken,
+    ) -> Result<(), CommsError> {
+        let (host, _) =
+            net::split_host_port(&target.address).ok_or_else(|| CommsError::InvalidEndpoint {
+                endpoint: target.address.clone(),
+                reason: "expected host:port".into(),
+            })?;
+        let server_name = net::server_name(host).map_err(|reason| CommsError::InvalidEndpoint {
+            endpoint: target.address.clone(),
+            reason,
+        })?;
+        let cfg = octo_tls::client_config(
+            &self.identity,
+            self.trust.clone(),
+            Role::Server,
+            &TlsSettings::default(),
+        )
+        .map_err(|e| CommsError::Tls {
+            address: target.address.clone(),
+            peer_role: Role::Server,
+            reason: e.to_string(),
+        })?;
+        let connector = TlsConnector::from(cfg);
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..connections.max(1) {
+            let this = self.clone();
+            let (target, connector, server_name) =
+                (target.clone(), connector.clone(), server_name.clone());
+            let (mut backoff, shutdown) = (backoff.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                loop {
+                    let served = this
+                        .poll_once(&target, &connector, server_name.clone(), shutdown.clone())
+                        .await;
+                    if shutdown.is_cancelled() {
+                        return;
+                    }
+                    if served {
+                        backoff.reset();
+                    }
+                    let delay = backoff.next_delay();
+                    debug!("reconnecting to {} in {delay:?}", target.address);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        Ok(())
+    }
+
+    /// One polling connection, from dial to close. Returns whether the server
+    /// accepted us and sent at least one request (a "good" connection).
+    async fn poll_once(
+        &self,
+        target: &PollingTarget,
+        connector: &TlsConnector,
+        server_name: rustls::pki_types::ServerName<'static>,
+        shutdown: CancellationToken,
+    ) -> bool {
+        let address = &target.address;
+        let tcp = tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            r = net::dial(address, self.h2.connect_timeout) => match r {
+                Ok(t) => t,
+                Err(reason) => {
+                    warn!("{}", CommsError::Connect { address: address.clone(), peer_role: Role::Server, reason });
+                    return false;
+                }
+            }
+        };
+        let remote = tcp
+            .peer_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let tls = match tokio::time::timeout(
+            self.h2.handshake_timeout,
+            connector.connect(server_name, tcp),
+        )
+        .await
+        {
+            Err(_) => {
+                warn!("TLS handshake with the server at {address} timed out");
+                return false;
+            }
+            Ok(Err(e)) => {
+                error!("{}", self.classify_tls_error(address, &e));
+                return false;
+            }
+            Ok(Ok(t)) => t,
+        };
+        let Some(peer_thumbprint) = octo_tls::peer_thumbprint(tls.get_ref().1) else {
+            error!("the server at {address} presented no certificate");
+            return false;
+        };
+        let info = ConnectionInfo {
+            remote_addr: remote,
+            peer_thumbprint,
+            direction: Direction::Polling,
+            subscription_id: Some(target.subscription_id.clone()),
+        };
+        let served_one = Arc::new(AtomicBool::new(false));
+        let result = self
+            .serve(
+                tls,
+                Some(info),
+                page::Listener::Tentacle,
+                Some(served_one.clone()),
+                shutdown,
+            )
+            .await;
+        let good = served_one.load(Ordering::Relaxed);
+        match result {
+            Ok(()) => info!("polling connection to {address} closed"),
+            Err(e) if e.is::<RejectedByPeerEnd>() => {
+                error!(
+                    "{}",
+                    CommsError::RejectedByPeer {
+                        address: address.clone(),
+                        peer_role: Role::Server,
+                        our_role: Role::Tentacle,
+                        ours: self.thumbprint(),
+                        hint: "register this tentacle with the server (`tentacle register-with`), or add its thumbprint to the machine on the server".into(),
+                    }
+                )
+            }
+            Err(e) => warn!("polling connection to {address} ended: {e}"),
+        }
+        good
+    }
+
+    fn classify_tls_error(&self, address: &str, e: &std::io::Error) -> CommsError {
+        if let Some(u) = UntrustedPeer::find(e) {
+            return CommsError::Untrusted {
+                address: address.to_string(),
+                source: u,
+            };
+        }
+        if octo_tls::rejected_by_peer(e) {
+            return CommsError::RejectedByPeer {
+                address: address.to_string(),
+                peer_role: Role::Server,
+                our_role: Role::Tentacle,
+                ours: self.thumbprint(),
+                hint: "register this tentacle with the server (`tentacle register-with`)".into(),
+            };
+        }
+        CommsError::Tls {
+            address: address.to_string(),
+            peer_role: Role::Server,
+            reason: e.to_string(),
+        }
+    }
+}
+
+/// The connection ended because the peer refused our certificate.
+#[derive(Debug)]
+struct RejectedByPeerEnd(String);
+
+impl std::fmt::Display for RejectedByPeerEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the peer refused our certificate: {}", self.0)
+    }
+}
+
+impl std::error::Error for RejectedByPeerEnd {}
+
+async fn dispatch(
+    mut req: Request<Incoming>,
+    mut routes: Routes,
+    info: Option<ConnectionInfo>,
+    listener: page::Listener,
+    served_one: Option<Arc<AtomicBool>>,
+) -> Result<Response<tonic::body::Body>, Infallible> {
+    let is_grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    match (is_grpc, info) {
+        (true, Some(info)) => {
+            if let Some(flag) = served_one {
+                flag.store(true, Ordering::Relaxed);
+            }
+            req.extensions_mut().insert(info);
+            routes.call(req).await
+        }
+        (true, None) => Ok(tonic::Status::unauthenticated(
+            "this endpoint requires a client certificate whose thumbprint the tentacle trusts",
+        )
+        .into_http()),
+        (false, _) => Ok(page::response(listener).map(tonic::body::Body::new)),
+    }
+}
+
+/// Answers the session handshake from the connection's facts.
+#[derive(Debug)]
+struct SessionService {
+    thumbprint: Thumbprint,
+    instance_name: String,
+}
+
+#[tonic::async_trait]
+impl Session for SessionService {
+    async fn hello(
+        &self,
+        request: tonic::Request<HelloRequest>,
+    ) -> Result<tonic::Response<HelloReply>, tonic::Status> {
+        let subscription_id = request
+            .extensions()
+            .get::<ConnectionInfo>()
+            .and_then(|i| i.subscription_id.clone())
+            .unwrap_or_default();
+        Ok(tonic::Response::new(HelloReply {
+            protocol_version: octo_proto::PROTOCOL_VERSION,
+            subscription_id,
+            thumbprint: self.thumbprint.to_string(),
+            instance_name: self.instance_name.clone(),
+            tentacle_version: env!("CARGO_PKG_VERSION").to_string(),
+        }))
+    }
+}

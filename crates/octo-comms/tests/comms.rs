@@ -1,0 +1,742 @@
+//! Comms over real sockets on 127.0.0.1: both modes, trust, refusals, queueing,
+//! reconnects, concurrency, and the friendly page. Every wait is bounded.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use octo_comms::{is_retryable, CommsError, Connection, Endpoint, ServerCommsOptions};
+use octo_proto::v1::*;
+use octo_testkit as kit;
+use octo_tls::Thumbprint;
+use sha2::{Digest, Sha256};
+use tokio::time::timeout;
+
+const T: Duration = Duration::from_secs(20);
+
+fn endpoint_listening(addr: std::net::SocketAddr, tp: Thumbprint) -> Endpoint {
+    Endpoint::listening(&format!("https://{addr}/"), tp).unwrap()
+}
+
+/// Unary, server-streaming, client-streaming and download over one connection.
+async fn exercise(conn: &Connection) {
+    let reply = conn
+        .capabilities()
+        .ping(PingRequest {
+            payload: b"hi".to_vec(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.payload, b"hi");
+    let caps = conn
+        .capabilities()
+        .get_capabilities(GetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(caps.os, std::env::consts::OS);
+
+    // Script start + live stream of its lines, in order, then the final status.
+    let ticket = format!("t-{}", rand_suffix());
+    conn.scripts()
+        .start_script(StartScriptRequest {
+            ticket: ticket.clone(),
+            script_body: "20".into(),
+            arguments: vec!["2".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut stream = conn
+        .scripts()
+        .stream_logs(ScriptStatusRequest {
+            ticket: ticket.clone(),
+            since_sequence: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seqs = Vec::new();
+    let mut completed = None;
+    while let Some(ev) = stream.message().await.unwrap() {
+        match ev.event.unwrap() {
+            script_event::Event::Log(l) => {
+                assert_eq!(l.text, format!("line {}", l.sequence));
+                seqs.push(l.sequence);
+            }
+            script_event::Event::Completed(s) => completed = Some(s),
+        }
+    }
+    assert_eq!(seqs, (0..20).collect::<Vec<_>>());
+    let completed = completed.expect("final status");
+    assert_eq!(completed.state, ScriptState::Complete as i32);
+    assert_eq!(completed.next_sequence, 20);
+    // Lines since 15 (what a caller that lost its connection asks for).
+    let status = conn
+        .scripts()
+        .get_status(ScriptStatusRequest {
+            ticket: ticket.clone(),
+            since_sequence: 15,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        status.logs.iter().map(|l| l.sequence).collect::<Vec<_>>(),
+        vec![15, 16, 17, 18, 19]
+    );
+    // Start is idempotent on the ticket.
+    let again = conn
+        .scripts()
+        .start_script(StartScriptRequest {
+            ticket: ticket.clone(),
+            script_body: "20".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.next_sequence, 20);
+
+    // Upload 3 MiB in chunks with a final SHA-256; a wrong hash is refused.
+    let data: Vec<u8> = (0..3 << 20).map(|i: u32| (i % 253) as u8).collect();
+    let sha = hex(&Sha256::digest(&data));
+    let reply = conn
+        .files()
+        .upload_file(upload_stream(data.clone(), sha.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.length, data.len() as u64);
+    assert_eq!(reply.sha256, sha);
+    let bad = conn
+        .files()
+        .upload_file(upload_stream(data, "00".repeat(32)))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::DataLoss, "{bad}");
+
+    // Download with an offset; the final hash covers the whole file.
+    let mut dl = conn
+        .files()
+        .download_file(DownloadRequest {
+            path: "200000".into(),
+            offset: 1000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = Vec::new();
+    let mut finish = None;
+    while let Some(m) = dl.message().await.unwrap() {
+        match m.part.unwrap() {
+            download_reply::Part::Start(s) => assert_eq!(s.total_length, 200_000),
+            download_reply::Part::Chunk(c) => {
+                assert_eq!(c.offset, 1000 + got.len() as u64);
+                got.extend_from_slice(&c.data);
+            }
+            download_reply::Part::Finish(f) => finish = Some(f),
+        }
+    }
+    assert_eq!(got, kit::services::fixture_bytes(1000, 199_000));
+    assert_eq!(
+        finish.unwrap().sha256,
+        hex(&Sha256::digest(kit::services::fixture_bytes(0, 200_000)))
+    );
+}
+
+fn upload_stream(data: Vec<u8>, sha: String) -> impl tokio_stream::Stream<Item = UploadRequest> {
+    let total = data.len() as u64;
+    let mut msgs = vec![UploadRequest {
+        part: Some(upload_request::Part::Start(UploadStart {
+            path: "f.bin".into(),
+            total_length: total,
+            ..Default::default()
+        })),
+    }];
+    for (i, c) in data.chunks(256 << 10).enumerate() {
+        msgs.push(UploadRequest {
+            part: Some(upload_request::Part::Chunk(FileChunk {
+                offset: (i * (256 << 10)) as u64,
+                data: bytes::Bytes::copy_from_slice(c),
+            })),
+        });
+    }
+    msgs.push(UploadRequest {
+        part: Some(upload_request::Part::Finish(UploadFinish {
+            sha256: sha,
+            total_length: total,
+        })),
+    });
+    tokio_stream::iter(msgs)
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02X}")).collect()
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+#[tokio::test]
+async fn listening_round_trip() {
+    kit::init_tracing();
+    let (server_id, tentacle_id) = (kit::identity("server"), kit::identity("tentacle"));
+    let (addr, _t, _g) =
+        kit::listening_tentacle(tentacle_id.clone(), &[server_id.thumbprint()]).await;
+    let (server, _, _sg) = kit::server(server_id, &[]).await;
+    let ep = endpoint_listening(addr, tentacle_id.thumbprint());
+    let conn = timeout(T, server.connect(&ep)).await.unwrap().unwrap();
+    assert_eq!(conn.peer_thumbprint(), tentacle_id.thumbprint());
+    assert_eq!(conn.hello().unwrap().subscription_id, "");
+    timeout(T, exercise(&conn)).await.unwrap();
+    // The connection is reused for the next request.
+    let again = server.connect(&ep).await.unwrap();
+    assert_eq!(
+        format!("{:?}", again.remote_addr()),
+        format!("{:?}", conn.remote_addr())
+    );
+}
+
+#[tokio::test]
+async fn polling_round_trip() {
+    kit::init_tracing();
+    let (server_id, tentacle_id) = (kit::identity("server"), kit::identity("tentacle"));
+    let (server, addr, _sg) = kit::server(server_id.clone(), &[tentacle_id.thumbprint()]).await;
+    let (_t, _tg) = kit::polling_tentacle(
+        tentacle_id.clone(),
+        &[server_id.thumbprint()],
+        addr,
+        "sub-1",
+        1,
+    );
+    let ep = Endpoint::polling("poll://sub-1/", tentacle_id.thumbprint()).unwrap();
+    let conn = timeout(T, server.connect(&ep)).await.unwrap().unwrap();
+    assert_eq!(conn.hello().unwrap().subscription_id, "sub-1");
+    assert_eq!(
+        conn.hello().unwrap().thumbprint,
+        tentacle_id.thumbprint().to_string()
+    );
+    timeout(T, exercise(&conn)).await.unwrap();
+    assert_eq!(server.polling().len(), 1);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn untrusted_server_is_refused_by_listening_tentacle() {
+    let logs = kit::LogCapture::default();
+    let _g = logs.install();
+    let (server_id, other, tentacle_id) = (
+        kit::identity("server"),
+        kit::identity("other"),
+        kit::identity("tentacle"),
+    );
+    let (addr, _t, _g) = kit::listening_tentacle(tentacle_id.clone(), &[other.thumbprint()]).await;
+    let (server, _, _sg) = kit::server(server_id.clone(), &[]).await;
+    let err = timeout(
+        T,
+        server.connect(&endpoint_listening(addr, tentacle_id.thumbprint())),
+    )
+    .await
+    .unwrap()
+    .unwrap_err();
+    match &err {
+        CommsError::RejectedByPeer { ours, .. } => assert_eq!(*ours, server_id.thumbprint()),
+        e => panic!("expected RejectedByPeer, got {e}"),
+    }
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&format!(
+            "tentacle configure --trust {}",
+            server_id.thumbprint()
+        )),
+        "{msg}"
+    );
+    // The tentacle logged one line naming the address, the thumbprint and the fix.
+    let line = logs
+        .wait_for_line(
+            &[
+                "refused connection from 127.0.0.1:",
+                &server_id.thumbprint().to_string(),
+                "trust it on the tentacle",
+            ],
+            T,
+        )
+        .await;
+    assert!(line.is_some(), "log was:\n{}", logs.text());
+}
+
+#[tokio::test]
+async fn untrusted_tentacle_is_refused_by_dialling_server() {
+    kit::init_tracing();
+    let (server_id, tentacle_id, expected) = (
+        kit::identity("server"),
+        kit::identity("tentacle"),
+        kit::identity("expected"),
+    );
+    let (addr, _t, _g) =
+        kit::listening_tentacle(tentacle_id.clone(), &[server_id.thumbprint()]).await;
+    let (server, _, _sg) = kit::server(server_id, &[]).await;
+    let err = timeout(
+        T,
+        server.connect(&endpoint_listening(addr, expected.thumbprint())),
+    )
+    .await
+    .unwrap()
+    .unwrap_err();
+    let CommsError::Untrusted { source, .. } = &err else {
+        panic!("expected Untrusted, got {err}")
+    };
+    assert_eq!(source.presented, tentacle_id.thumbprint());
+    assert_eq!(source.expected, vec![expected.thumbprint()]);
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&format!(
+            "the tentacle presented thumbprint {} but {} was expected",
+            tentacle_id.thumbprint(),
+            expected.thumbprint()
+        )),
+        "{msg}"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn untrusted_polling_tentacle_is_refused_and_requests_time_out_naming_it() {
+    let logs = kit::LogCapture::default();
+    let _g = logs.install();
+    let (server_id, tentacle_id) = (kit::identity("server"), kit::identity("tentacle"));
+    let options = ServerCommsOptions {
+        polling_wait: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let (server, addr, _sg) = kit::server_with(server_id.clone(), &[], options, None).await;
+    let (_t, _tg) = kit::polling_tentacle(
+        tentacle_id.clone(),
+        &[server_id.thumbprint()],
+        addr,
+        "sub-x",
+        1,
+    );
+    // The server logs the refusal with the address, thumbprint and fix...
+    let line = logs
+        .wait_for_line(
+            &[
+                "refused polling connection from 127.0.0.1:",
+                &tentacle_id.thumbprint().to_string(),
+                "trust it on the server",
+            ],
+            T,
+        )
+        .await;
+    assert!(line.is_some(), "log was:\n{}", logs.text());
+    // ...the tentacle says the server refused its certificate...
+    let line = logs
+        .wait_for_line(
+            &[
+                "refused our certificate",
+                &tentacle_id.thumbprint().to_string(),
+            ],
+            T,
+        )
+        .await;
+    assert!(line.is_some(), "log was:\n{}", logs.text());
+    // ...and a request for it fails after the polling wait, naming it.
+    let ep = Endpoint::polling("poll://sub-x/", tentacle_id.thumbprint()).unwrap();
+    let err = server.connect(&ep).await.unwrap_err();
+    assert!(matches!(err, CommsError::PollingTimeout { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("poll://sub-x/") && msg.contains("0 s") || msg.contains("within"),
+        "{msg}"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn polling_tentacle_refuses_untrusted_server() {
+    let logs = kit::LogCapture::default();
+    let _g = logs.install();
+    let (server_id, expected, tentacle_id) = (
+        kit::identity("server"),
+        kit::identity("expected"),
+        kit::identity("tentacle"),
+    );
+    let (_server, addr, _sg) = kit::server(server_id.clone(), &[tentacle_id.thumbprint()]).await;
+    let (_t, _tg) = kit::polling_tentacle(tentacle_id, &[expected.thumbprint()], addr, "sub-y", 1);
+    let want = format!(
+        "the server presented thumbprint {} but {} was expected",
+        server_id.thumbprint(),
+        expected.thumbprint()
+    );
+    let line = logs.wait_for_line(&[&want], T).await;
+    assert!(line.is_some(), "log was:\n{}", logs.text());
+}
+
+#[tokio::test]
+async fn copied_certificate_with_wrong_key_is_refused() {
+    kit::init_tracing();
+    let (server_id, tentacle_id, attacker) = (
+        kit::identity("server"),
+        kit::identity("tentacle"),
+        kit::identity("attacker"),
+    );
+    // A client presenting the trusted server's certificate with its own key.
+    let (addr, _t, _g) =
+        kit::listening_tentacle(tentacle_id.clone(), &[server_id.thumbprint()]).await;
+    let forged = kit::raw::forged_key(&server_id, &attacker);
+    let cfg = kit::raw::client_config(Some(forged.clone()), &[b"h2"]);
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let result = tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await;
+    // TLS 1.3: the client may finish before the server checks; the refusal then
+    // arrives on the first read.
+    if let Ok(mut tls) = result {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let _ = tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+        let mut buf = [0u8; 64];
+        let r = timeout(T, tls.read(&mut buf)).await.unwrap();
+        assert!(r.is_err(), "forged client was served: {r:?}");
+    }
+
+    // A server presenting the tentacle's certificate with its own key, TLS 1.3 and 1.2.
+    let (server, _, _sg) = kit::server(server_id, &[]).await;
+    for versions in [
+        &[&rustls::version::TLS13][..],
+        &[&rustls::version::TLS12][..],
+    ] {
+        let fake = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let fake_addr = fake.local_addr().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(kit::raw::server_config(
+            kit::raw::forged_key(&tentacle_id, &attacker),
+            versions,
+        ));
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = fake.accept().await {
+                let _ = acceptor.accept(tcp).await;
+            }
+        });
+        let err = timeout(
+            T,
+            server.connect(&endpoint_listening(fake_addr, tentacle_id.thumbprint())),
+        )
+        .await
+        .unwrap()
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, CommsError::Tls { .. }), "{msg}");
+        assert!(
+            msg.to_lowercase().contains("signature") || msg.contains("decrypt"),
+            "{msg}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn removing_trust_drops_live_connections() {
+    kit::init_tracing();
+    let (server_id, tentacle_id) = (kit::identity("server"), kit::identity("tentacle"));
+    // Listening: the tentacle stops trusting the server.
+    let (addr, tentacle, _g) =
+        kit::listening_tentacle(tentacle_id.clone(), &[server_id.thumbprint()]).await;
+    let (server, paddr, _sg) = kit::server(server_id.clone(), &[tentacle_id.thumbprint()]).await;
+    let conn = server
+        .connect(&endpoint_listening(addr, tentacle_id.thumbprint()))
+        .await
+        .unwrap();
+    tentacle.trust().remove(&server_id.thumbprint());
+    timeout(T, conn.closed())
+        .await
+        .expect("listening connection dropped");
+    let err = conn
+        .capabilities()
+        .ping(PingRequest::default())
+        .await
+        .unwrap_err();
+    assert!(is_retryable(&err), "{err}");
+
+    // Polling: the server stops trusting the tentacle.
+    let (_t, _tg) = kit::polling_tentacle(
+        tentacle_id.clone(),
+        &[server_id.thumbprint()],
+        paddr,
+        "sub-r",
+        1,
+    );
+    let ep = Endpoint::polling("sub-r", tentacle_id.thumbprint()).unwrap();
+    let conn = timeout(T, server.connect(&ep)).await.unwrap().unwrap();
+    server.polling_trust().remove(&tentacle_id.thumbprint());
+    timeout(T, conn.closed())
+        .await
+        .expect("polling connection dropped");
+}
+
+#[tokio::test]
+async fn call_in_flight_fails_at_once_and_retryable_when_connection_drops() {
+    kit::init_tracing();
+    let (server_id, tentacle_id) = (kit::identity("server"), kit::identity("tentacle"));
+    let (server, addr, _sg) = kit::server(server_id.clone(), &[tentacle_id.thumbprint()]).await;
+    let (_t, _tg) = kit::polling_tentacle(
+        tentacle_id.clone(),
+        &[server_id.thumbprint()],
+        addr,
+        "sub-d",
+        1,
+    );
+    let ep = Endpoint::polling("sub-d", tentacle_id.thumbprint()).unwrap();
+    let conn = timeout(T, server.connect(&ep)).await.unwrap().unwrap();
+    // A script that would log for a minute.
+    conn.scripts()
+        .start_script(StartScriptRequest {
+            ticket: "long".into(),
+            script_body: "600".into(),
+            arguments: vec!["100".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut stream = conn
+        .scripts()
+        .stream_logs(ScriptStatusRequest {
+            ticket: "long".into(),
+            since_sequence: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert!(matches!(first.event, Some(script_event::Event::Log(_))));
+    conn.close();
+    let err = timeout(T, async {
+        loop {
+            if let Err(e) = stream.message().await {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("in-flight call fails promptly");
+    assert!(is_retryable(&err), "{err:?}");
+}
+
+#[tokio::test]
+async fn request_queued_before_polling_tentacle_connects_is_delivered() {
+    kit::init_tracing();
+    let (server_id, tentacle_id) = (kit::identity("server"), kit::identity("tentacle"));
+    let (server, addr, _sg) = kit::server(server_id.clone(), &[tentacle_id.thumbprint()]).await;
+    let ep = Endpoint::polling("poll://sub-q/", tentacle_id.thumbprint()).unwrap();
+    let queued = tokio::spawn({
+        let server = server.clone();
+        async move {
+            let conn = server.connect(&ep).await?;
+            let reply = conn
+                .capabilities()
+                .ping(PingRequest {
+                    payload: b"queued".to_vec(),
+                })
+                .await;
+            Ok::<_, CommsError>(reply.map(|r| r.into_inner().payload))
+        }
+    });
+    tokio::task::yield_now().await;
+    assert!(!queued.is_finished());
+    assert!(server.polling().is_empty());
+    let (_t, _tg) = kit::polling_tentacle(tentacle_id, &[server_id.thumbprint()], addr, "sub-q", 1);
+    let payload = timeout(T, queued).await.unwrap().unwrap().unwrap().unwrap();
+    assert_eq!(payload, b"queued");
+}
+
+#[tokio::test]
+async fn request_for_absent_polling_tentacle_times_out_with_named_error() {
+    kit::init_tracing();
+    let options = ServerCommsOptions {
+        polling_wait: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let tentacle = kit::identity("tentacle");
+    let (server, _, _sg) = kit::server_with(
+        kit::identity("server"),
+        &[tentacle.thumbprint()],
+        options,
+        None,
+    )
+    .await;
+    let ep = Endpoint::polling("poll://absent/", tentacle.thumbprint()).unwrap();
+    let err = timeout(T, server.connect(&ep)).await.unwrap().unwrap_err();
+    let CommsError::PollingTimeout {
+        subscription_id,
+        waited,
+        ..
+    } = &err
+    else {
+        panic!("{err}")
+    };
+    assert_eq!(subscription_id, "absent");
+    assert_eq!(*waited, Duration::from_millis(200));
+    assert!(err.is_retryable());
+    let msg = err.to_string();
+    assert!(
+        msg.contains("poll://absent/") && msg.contains(&tentacle.thumbprint().to_string()),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn polling_tentacle_reconnects_after_server_restart_on_same_port() {
+    kit::init_tracing();
+    let (server_id, tentacle_id) = (kit::identity("server"), kit::identity("tentacle"));
+    let (server, addr, guard) = kit::server(server_id.clone(), &[tentacle_id.thumbprint()]).await;
+    let (_t, _tg) = kit::polling_tentacle(
+        tentacle_id.clone(),
+        &[server_id.thumbprint()],
+        addr,
+        "sub-s",
+        1,
+    );
+    let ep = Endpoint::polling("sub-s", tentacle_id.thumbprint()).unwrap();
+    let conn = timeout(T, server.connect(&ep)).await.unwrap().unwrap();
+    conn.capabilities()
+        .ping(PingRequest::default())
+        .await
+        .unwrap();
+    drop(guard); // stop the listener and close its connections
+    timeout(T, conn.closed())
+        .await
+        .expect("old connection closed");
+    drop(server);
+
+    // A new server process-equivalent on the same port with the same identity.
+    let (server2, addr2, _g2) = kit::server_with(
+        server_id,
+        &[tentacle_id.thumbprint()],
+        ServerCommsOptions::default(),
+        Some(addr),
+    )
+    .await;
+    assert_eq!(addr, addr2);
+    let conn2 = timeout(T, server2.connect(&ep)).await.unwrap().unwrap();
+    conn2
+        .capabilities()
+        .ping(PingRequest::default())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn fifty_concurrent_calls_over_one_polling_connection() {
+    kit::init_tracing();
+    let (server_id, tentacle_id) = (kit::identity("server"), kit::identity("tentacle"));
+    let (server, addr, _sg) = kit::server(server_id.clone(), &[tentacle_id.thumbprint()]).await;
+    let (_t, _tg) = kit::polling_tentacle(
+        tentacle_id.clone(),
+        &[server_id.thumbprint()],
+        addr,
+        "sub-c",
+        1,
+    );
+    let ep = Endpoint::polling("sub-c", tentacle_id.thumbprint()).unwrap();
+    let conn = timeout(T, server.connect(&ep)).await.unwrap().unwrap();
+    // 50 scripts streaming at once; each holds its call open until all 50 have started,
+    // which only works when the calls run concurrently.
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(50));
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..50 {
+        let conn = conn.clone();
+        let barrier = barrier.clone();
+        calls.spawn(async move {
+            let ticket = format!("c{i}");
+            conn.scripts()
+                .start_script(StartScriptRequest {
+                    ticket: ticket.clone(),
+                    script_body: "5".into(),
+                    arguments: vec!["1".into()],
+                    ..Default::default()
+                })
+                .await?;
+            let mut s = conn
+                .scripts()
+                .stream_logs(ScriptStatusRequest {
+                    ticket,
+                    since_sequence: 0,
+                })
+                .await?
+                .into_inner();
+            let first = s.message().await?;
+            assert!(first.is_some());
+            barrier.wait().await; // every stream is open at this point
+            let mut n = 1;
+            while let Some(ev) = s.message().await? {
+                if matches!(ev.event, Some(script_event::Event::Log(_))) {
+                    n += 1;
+                }
+            }
+            Ok::<_, tonic::Status>(n)
+        });
+    }
+    let mut done = 0;
+    while let Some(r) = timeout(T, calls.join_next()).await.unwrap() {
+        assert_eq!(r.unwrap().unwrap(), 5);
+        done += 1;
+    }
+    assert_eq!(done, 50);
+    assert_eq!(server.polling().len(), 1, "all calls shared one connection");
+}
+
+#[tokio::test]
+async fn several_polling_connections_and_several_servers() {
+    kit::init_tracing();
+    let (s1, s2, tentacle_id) = (
+        kit::identity("s1"),
+        kit::identity("s2"),
+        kit::identity("tentacle"),
+    );
+    let (server1, addr1, _g1) = kit::server(s1.clone(), &[tentacle_id.thumbprint()]).await;
+    let (server2, addr2, _g2) = kit::server(s2.clone(), &[tentacle_id.thumbprint()]).await;
+    let trusted = [s1.thumbprint(), s2.thumbprint()];
+    let (_t1, _tg1) = kit::polling_tentacle(tentacle_id.clone(), &trusted, addr1, "sub-m", 3);
+    let (_t2, _tg2) = kit::polling_tentacle(tentacle_id.clone(), &trusted, addr2, "sub-m2", 1);
+    for (server, sub) in [(&server1, "sub-m"), (&server2, "sub-m2")] {
+        let ep = Endpoint::polling(sub, tentacle_id.thumbprint()).unwrap();
+        let conn = timeout(T, server.connect(&ep)).await.unwrap().unwrap();
+        conn.capabilities()
+            .ping(PingRequest::default())
+            .await
+            .unwrap();
+    }
+    // All three connections to server 1 arrive.
+    timeout(T, async {
+        while server1.polling().len() < 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("three connections");
+}
+
+#[tokio::test]
+async fn friendly_page_on_both_listener_kinds() {
+    kit::init_tracing();
+    let (server_id, tentacle_id) = (kit::identity("server"), kit::identity("tentacle"));
+    let (taddr, _t, _g) = kit::listening_tentacle(tentacle_id, &[server_id.thumbprint()]).await;
+    let (_server, saddr, _sg) = kit::server(server_id, &[]).await;
+    let page = timeout(T, kit::raw::https_get(taddr))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(
+        page.contains("Octopus Tentacle") && page.contains("text/html"),
+        "{page}"
+    );
+    let page = timeout(T, kit::raw::https_get(saddr))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(
+        page.contains("Octopus Server") && page.contains("polling"),
+        "{page}"
+    );
+}
