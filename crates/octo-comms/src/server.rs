@@ -151,11 +151,14 @@ pub struct ServerComms {
     inner: Arc<ServerInner>,
 }
 
+/// The cached connection to one listening endpoint; its lock serialises dials.
+type ListeningSlot = Arc<tokio::sync::Mutex<Option<Connection>>>;
+
 struct ServerInner {
     identity: Identity,
     polling_trust: TrustStore,
     registry: PollingRegistry,
-    listening: Mutex<HashMap<(String, Thumbprint), Arc<tokio::sync::Mutex<Option<Connection>>>>>,
+    listening: Mutex<HashMap<(String, Thumbprint), ListeningSlot>>,
     tentacle_hint: TrustHint,
     options: ServerCommsOptions,
 }
@@ -700,6 +703,7 @@ fn connection_lost(label: &str, e: &hyper::Error) -> tonic::Status {
     ))
 }
 
+#[allow(clippy::needless_pass_by_value)] // must match MapErr's fn(hyper::Error) signature
 fn body_error(e: hyper::Error) -> tonic::Status {
     tonic::Status::unavailable(format!(
         "connection to the tentacle was lost mid-call ({e}); the call is safe to retry"

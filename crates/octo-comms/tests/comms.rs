@@ -103,7 +103,7 @@ async fn exercise(conn: &Connection) {
     let sha = hex(&Sha256::digest(&data));
     let reply = conn
         .files()
-        .upload_file(upload_stream(data.clone(), sha.clone()))
+        .upload_file(upload_stream(&data, sha.clone()))
         .await
         .unwrap()
         .into_inner();
@@ -111,7 +111,7 @@ async fn exercise(conn: &Connection) {
     assert_eq!(reply.sha256, sha);
     let bad = conn
         .files()
-        .upload_file(upload_stream(data, "00".repeat(32)))
+        .upload_file(upload_stream(&data, "00".repeat(32)))
         .await
         .unwrap_err();
     assert_eq!(bad.code(), tonic::Code::DataLoss, "{bad}");
@@ -145,7 +145,7 @@ async fn exercise(conn: &Connection) {
     );
 }
 
-fn upload_stream(data: Vec<u8>, sha: String) -> impl tokio_stream::Stream<Item = UploadRequest> {
+fn upload_stream(data: &[u8], sha: String) -> impl tokio_stream::Stream<Item = UploadRequest> {
     let total = data.len() as u64;
     let mut msgs = vec![UploadRequest {
         part: Some(upload_request::Part::Start(UploadStart {

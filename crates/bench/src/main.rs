@@ -1,0 +1,45 @@
+//! Benchmarks, one subcommand per area. Each prints human-readable progress and
+//! then one JSON object on its last line.
+//!
+//! `comms`: this process is the server; a child process (this binary, hidden
+//! subcommand `comms-child`) hosts a listening tentacle and polling connections,
+//! so the server's memory growth per idle connection is measured on its own.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+mod comms;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(about = "Benchmarks; each prints one JSON object on its last line")]
+struct Cli {
+    #[command(subcommand)]
+    area: Area,
+}
+
+#[derive(Subcommand, Debug)]
+enum Area {
+    /// Round trips (listening, polling), 1 GiB hash-verified upload, memory per idle polling connection.
+    Comms(comms::Options),
+    /// Internal: the tentacle side of `comms`, run as a child process.
+    #[command(hide = true)]
+    CommsChild(comms::ChildOptions),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.area {
+        Area::Comms(o) => rt.block_on(comms::run(o)),
+        Area::CommsChild(o) => rt.block_on(comms::child(o)),
+    }
+}
