@@ -740,3 +740,54 @@ async fn friendly_page_on_both_listener_kinds() {
         "{page}"
     );
 }
+
+#[tokio::test]
+async fn listening_tentacle_serves_grpc_reflection() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    kit::init_tracing();
+    let (server_id, tentacle_id) = (kit::identity("server"), kit::identity("tentacle"));
+    let (addr, _t, _g) =
+        kit::listening_tentacle(tentacle_id.clone(), &[server_id.thumbprint()]).await;
+    let (server, _, _sg) = kit::server(server_id, &[]).await;
+    let conn = timeout(
+        T,
+        server.connect(&endpoint_listening(addr, tentacle_id.thumbprint())),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let mut client =
+        ServerReflectionClient::with_origin(conn.channel(), "https://tentacle".parse().unwrap());
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = client
+        .server_reflection_info(tokio_stream::once(req))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = timeout(T, replies.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("{reply:?}")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        octo_proto::service_names::SESSION,
+        octo_proto::service_names::CAPABILITIES,
+        octo_proto::service_names::SCRIPT,
+        octo_proto::service_names::FILE,
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?}"
+        );
+    }
+}
