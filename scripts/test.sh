@@ -4,15 +4,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System packages the tests use. None yet; later issues add e.g. nginx, tinyproxy:
-#   need_apt nginx tinyproxy
+# Installs Debian packages that are missing (CI and developers run as root).
 need_apt() {
     local missing=()
     for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
     if [ ${#missing[@]} -gt 0 ]; then
+        echo "installing: ${missing[*]}"
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
     fi
 }
+
+# System packages the tests use: curl fetches the friendly page over HTTP/2 and 1.1.
+need_apt curl
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -1,0 +1,50 @@
+//! The friendly page, fetched by real `curl -k` (installed by scripts/test.sh),
+//! over HTTP/2 and HTTP/1.1, on both listener kinds.
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+
+use octo_testkit as kit;
+
+fn curl(args: &[&str], url: &str) -> (String, String) {
+    let out = Command::new("curl")
+        .args([
+            "-k",
+            "-sS",
+            "--max-time",
+            "20",
+            "-w",
+            "\n%{http_code} %{http_version}",
+        ])
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("curl is installed by scripts/test.sh");
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap();
+    (body.to_string(), status.to_string())
+}
+
+#[tokio::test]
+async fn curl_gets_the_page_over_http2_and_http1_on_both_ports() {
+    kit::init_tracing();
+    let (server_id, tentacle_id) = (kit::identity("server"), kit::identity("tentacle"));
+    let (taddr, _t, _g) = kit::listening_tentacle(tentacle_id, &[server_id.thumbprint()]).await;
+    let (_server, saddr, _sg) = kit::server(server_id, &[]).await;
+    for (addr, title) in [(taddr, "Octopus Tentacle"), (saddr, "Octopus Server")] {
+        let url = format!("https://127.0.0.1:{}/", addr.port());
+        for (flag, version) in [("--http2", "2"), ("--http1.1", "1.1")] {
+            let url = url.clone();
+            let (body, status) = tokio::task::spawn_blocking(move || curl(&[flag], &url))
+                .await
+                .unwrap();
+            assert_eq!(status, format!("200 {version}"), "{flag} {body}");
+            assert!(body.contains(title), "{body}");
+        }
+    }
+}
