@@ -39,7 +39,10 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match cli.area {
-        Area::Comms(o) => rt.block_on(comms::run(o)),
+        // The server side runs on a worker thread, as a real server's calls do
+        // (they come from tasks, not from `block_on` on the main thread, which
+        // adds a cross-thread park/unpark to every round trip).
+        Area::Comms(o) => rt.block_on(async { tokio::spawn(comms::run(o)).await? }),
         Area::CommsChild(o) => rt.block_on(comms::child(o)),
     }
 }

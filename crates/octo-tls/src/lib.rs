@@ -23,7 +23,19 @@ pub use thumbprint::{Thumbprint, ThumbprintParseError};
 pub use trust::{TrustHint, TrustStore};
 pub use verify::{peer_thumbprint, rejected_by_peer, Role, UntrustedPeer};
 
-/// The one crypto provider every config in this workspace is built with.
+/// The one crypto provider every config in this workspace is built with: ring's
+/// defaults, with AES-128-GCM suites preferred over AES-256-GCM (about a third
+/// faster with AES-NI and still 128-bit secure; both ends use this order).
 pub fn provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
-    std::sync::Arc::new(rustls::crypto::ring::default_provider())
+    let mut provider = rustls::crypto::ring::default_provider();
+    // Stable sort: AES-128-GCM first, everything else keeps ring's order.
+    provider.cipher_suites.sort_by_key(|s| {
+        !matches!(
+            s.suite(),
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+                | rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+                | rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+        )
+    });
+    std::sync::Arc::new(provider)
 }
