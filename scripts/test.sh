@@ -14,8 +14,9 @@ need_apt() {
     fi
 }
 
-# System packages the tests use: curl fetches the friendly page over HTTP/2 and 1.1.
-need_apt curl
+# System packages the tests use: curl fetches the friendly page over HTTP/2 and 1.1;
+# systemd provides systemd-analyze, which verifies generated units; python3 runs scripts.
+need_apt curl systemd python3
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

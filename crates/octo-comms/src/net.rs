@@ -108,6 +108,9 @@ mod tests {
     }
 }
 
+/// Where a watched stream records how it ended.
+pub type EndSlot = std::sync::Arc<std::sync::Mutex<Option<IoEnd>>>;
+
 /// How a watched stream ended.
 #[derive(Debug, Clone)]
 pub struct IoEnd {
@@ -128,7 +131,7 @@ pub struct Watched<IO> {
     io: IO,
     token: tokio_util::sync::CancellationToken,
     killed: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
-    end: std::sync::Arc<std::sync::OnceLock<IoEnd>>,
+    end: EndSlot,
 }
 
 impl<IO> std::fmt::Debug for Watched<IO> {
@@ -141,11 +144,7 @@ impl<IO> std::fmt::Debug for Watched<IO> {
 
 impl<IO> Watched<IO> {
     /// Wraps `io`; `end` receives the first I/O error.
-    pub fn new(
-        io: IO,
-        token: tokio_util::sync::CancellationToken,
-        end: std::sync::Arc<std::sync::OnceLock<IoEnd>>,
-    ) -> Self {
+    pub fn new(io: IO, token: tokio_util::sync::CancellationToken, end: EndSlot) -> Self {
         let killed = Box::pin(token.clone().cancelled_owned());
         Self {
             io,
@@ -167,10 +166,20 @@ impl<IO> Watched<IO> {
     }
 
     fn failed(&self, e: &io::Error) {
-        let _ = self.end.set(IoEnd {
+        let end = IoEnd {
             rejected_by_peer: octo_tls::rejected_by_peer(e),
             message: e.to_string(),
-        });
+        };
+        let mut slot = self.end.lock().unwrap_or_else(|p| p.into_inner());
+        // Keep the first error, unless a later one says the peer refused our
+        // certificate: that is the cause, whatever failed first.
+        if slot
+            .as_ref()
+            .is_none_or(|old| !old.rejected_by_peer && end.rejected_by_peer)
+        {
+            *slot = Some(end);
+        }
+        drop(slot);
         self.token.cancel();
     }
 }
@@ -251,6 +260,98 @@ impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<IO> {
         if let Some(e) = self.check_killed(cx) {
             return std::task::Poll::Ready(Err(e));
         }
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Closes a connection we refused without losing our last words: half-close
+/// (FIN after the TLS alert already sent), then read and discard until the peer
+/// closes or `within` passes. Dropping a socket with unread data would send RST,
+/// and an RST can overtake the alert, leaving the peer with "connection reset"
+/// instead of "your certificate is not trusted".
+pub async fn linger_close(mut stream: TcpStream, within: Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(within, async {
+        loop {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+}
+
+/// A stream with bytes already read from it put back in front.
+#[derive(Debug)]
+pub struct Prefixed<IO> {
+    prefix: Vec<u8>,
+    pos: usize,
+    io: IO,
+}
+
+impl<IO> Prefixed<IO> {
+    /// `prefix` is returned by reads before anything from `io`.
+    pub fn new(prefix: Vec<u8>, io: IO) -> Self {
+        Self { prefix, pos: 0, io }
+    }
+}
+
+impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Prefixed<IO> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        if self.pos < self.prefix.len() {
+            let n = (self.prefix.len() - self.pos).min(buf.remaining());
+            let start = self.pos;
+            buf.put_slice(&self.prefix[start..start + n]);
+            self.pos += n;
+            if self.pos == self.prefix.len() {
+                self.prefix = Vec::new();
+                self.pos = 0;
+            }
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefixed<IO> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
         std::pin::Pin::new(&mut self.io).poll_flush(cx)
     }
 

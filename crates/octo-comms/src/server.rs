@@ -320,10 +320,49 @@ impl ServerComms {
             Ok(Err(e)) => return Err(self.classify(address, &e)),
             Ok(Ok(tls)) => tls,
         };
+        let io = self.read_first(tls, address).await?;
         let conn =
-            Connection::handshake(tls, remote, thumbprint, address.to_string(), h2, None).await?;
+            Connection::handshake(io, remote, thumbprint, address.to_string(), h2, None).await?;
         self.hello(&conn, address).await?;
         Ok(conn)
+    }
+
+    /// Waits for the tentacle's first bytes before writing anything: its HTTP/2
+    /// SETTINGS when it accepted our certificate, or a TLS alert when it refused
+    /// it (TLS 1.3 reports a refused client certificate only after the client's
+    /// handshake is over). Writing first would race the refusal: a peer that
+    /// closes with our data unread sends RST, which can destroy the alert.
+    async fn read_first<IO>(
+        &self,
+        mut tls: IO,
+        address: &str,
+    ) -> Result<net::Prefixed<IO>, CommsError>
+    where
+        IO: AsyncRead + Unpin,
+    {
+        use tokio::io::AsyncReadExt;
+        let h2 = &self.inner.options.h2;
+        let mut first = vec![0u8; 4096];
+        match tokio::time::timeout(h2.handshake_timeout, tls.read(&mut first)).await {
+            Err(_) => Err(CommsError::Handshake {
+                address: address.to_string(),
+                peer_role: Role::Tentacle,
+                reason: format!(
+                    "it sent nothing within {} s after TLS",
+                    h2.handshake_timeout.as_secs()
+                ),
+            }),
+            Ok(Err(e)) => Err(self.classify(address, &e)),
+            Ok(Ok(0)) => Err(CommsError::Handshake {
+                address: address.to_string(),
+                peer_role: Role::Tentacle,
+                reason: "it closed the connection right after TLS (is this a tentacle?)".into(),
+            }),
+            Ok(Ok(n)) => {
+                first.truncate(n);
+                Ok(net::Prefixed::new(first, tls))
+            }
+        }
     }
 
     /// Runs the session handshake on a new connection; maps a refusal of our
@@ -357,14 +396,18 @@ impl ServerComms {
                         ),
                     });
                 }
+                let mut reason = match other {
+                    Err(_) => format!("no answer within {} s", h2.handshake_timeout.as_secs()),
+                    Ok(Err(status)) => status.message().to_string(),
+                    Ok(Ok(_)) => String::new(),
+                };
+                if let Some(end) = conn.end_message() {
+                    reason.push_str(&format!(" (the connection ended with: {end})"));
+                }
                 Err(CommsError::Handshake {
                     address: address.to_string(),
                     peer_role: Role::Tentacle,
-                    reason: match other {
-                        Err(_) => format!("no answer within {} s", h2.handshake_timeout.as_secs()),
-                        Ok(Err(status)) => status.message().to_string(),
-                        Ok(Ok(_)) => String::new(),
-                    },
+                    reason,
                 })
             }
         }
@@ -451,14 +494,16 @@ impl ServerComms {
         if let Err(e) = net::tune(&tcp) {
             debug!("socket options on connection from {remote}: {e}");
         }
-        let tls = match tokio::time::timeout(h2.handshake_timeout, acceptor.accept(tcp)).await {
+        let accept = acceptor.accept(tcp).into_fallible();
+        let tls = match tokio::time::timeout(h2.handshake_timeout, accept).await {
             Err(_) => return debug!("TLS handshake from {remote} timed out"),
-            Ok(Err(e)) => {
+            Ok(Err((e, tcp))) => {
                 if let Some(u) = UntrustedPeer::find(&e) {
                     warn!("refused polling connection from {remote}: {u}");
                 } else {
                     debug!("TLS handshake from {remote} failed: {e}");
                 }
+                net::linger_close(tcp, Duration::from_secs(2)).await;
                 return;
             }
             Ok(Ok(tls)) => tls,
@@ -522,7 +567,7 @@ struct ConnInner {
     peer_thumbprint: Thumbprint,
     label: Arc<str>,
     closed: CancellationToken,
-    end: Arc<OnceLock<net::IoEnd>>,
+    end: net::EndSlot,
     hello: OnceLock<HelloReply>,
 }
 
@@ -552,7 +597,7 @@ impl Connection {
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let closed = CancellationToken::new();
-        let end = Arc::new(OnceLock::new());
+        let end = net::EndSlot::default();
         let io = net::Watched::new(io, closed.clone(), end.clone());
         let (sender, driver) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -638,8 +683,22 @@ impl Connection {
         self.inner.closed.cancel();
     }
 
+    fn end_message(&self) -> Option<String> {
+        self.inner
+            .end
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|e| e.message.clone())
+    }
+
     fn rejected_by_peer(&self) -> bool {
-        self.inner.end.get().is_some_and(|e| e.rejected_by_peer)
+        self.inner
+            .end
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|e| e.rejected_by_peer)
     }
 
     /// A gRPC channel over this connection.

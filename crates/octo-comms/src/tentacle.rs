@@ -227,7 +227,7 @@ impl TentacleComms {
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let kill = CancellationToken::new();
-        let end = Arc::new(std::sync::OnceLock::new());
+        let end = net::EndSlot::default();
         let io = net::Watched::new(io, kill.clone(), end.clone());
         let routes = self.routes.clone();
         let conn_info = info.clone();
@@ -237,41 +237,57 @@ impl TentacleComms {
             let served_one = served_one.clone();
             async move { dispatch(req, routes, info, listener, served_one).await }
         });
-        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .keep_alive_interval(self.h2.keepalive_interval)
-            .keep_alive_timeout(self.h2.keepalive_timeout)
-            .initial_stream_window_size(self.h2.stream_window)
-            .initial_connection_window_size(self.h2.connection_window)
-            .max_frame_size(self.h2.max_frame_size)
-            .max_concurrent_streams(self.h2.max_concurrent_streams);
-        let conn = builder.serve_connection(TokioIo::new(io), svc);
-        tokio::pin!(conn);
         let revoked = async {
             match &info {
                 Some(i) => self.trust.revoked(i.peer_thumbprint).await,
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            r = conn.as_mut() => match (r, end.get()) {
-                (Err(_), Some(e)) if e.rejected_by_peer => Err(Box::new(RejectedByPeerEnd(e.message.clone()))),
-                (r, _) => r,
-            },
-            _ = revoked => {
-                if let Some(i) = &info {
-                    warn!("dropping connection from {}: thumbprint {} is no longer trusted", i.remote_addr, i.peer_thumbprint);
+        let h2 = &self.h2;
+        let result = if info.is_some() {
+            // A trusted peer speaks gRPC, so HTTP/2 only. hyper's HTTP/2 server
+            // sends its SETTINGS at once, which is what a dialling server waits
+            // for before writing anything (see `server::read_first`).
+            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            builder
+                .timer(TokioTimer::new())
+                .keep_alive_interval(h2.keepalive_interval)
+                .keep_alive_timeout(h2.keepalive_timeout)
+                .initial_stream_window_size(h2.stream_window)
+                .initial_connection_window_size(h2.connection_window)
+                .max_frame_size(h2.max_frame_size)
+                .max_concurrent_streams(h2.max_concurrent_streams);
+            let conn = builder.serve_connection(TokioIo::new(io), svc);
+            drive(conn, revoked, &kill, &shutdown).await
+        } else {
+            // No certificate: a browser or curl, HTTP/1.1 or HTTP/2; the page only.
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection(TokioIo::new(io), svc);
+            drive(conn, revoked, &kill, &shutdown).await
+        };
+        match result {
+            Drive::Ended(r) => {
+                let rejected = end
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                    .filter(|e| e.rejected_by_peer)
+                    .map(|e| e.message.clone());
+                match (r, rejected) {
+                    (Err(_), Some(message)) => Err(Box::new(RejectedByPeerEnd(message))),
+                    (r, _) => r,
                 }
-                kill.cancel();
+            }
+            Drive::Revoked => {
+                if let Some(i) = &info {
+                    warn!(
+                        "dropping connection from {}: thumbprint {} is no longer trusted",
+                        i.remote_addr, i.peer_thumbprint
+                    );
+                }
                 Ok(())
             }
-            _ = shutdown.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = tokio::time::timeout(Duration::from_secs(5), conn.as_mut()).await;
-                Ok(())
-            }
+            Drive::Shutdown => Ok(()),
         }
     }
 
@@ -434,6 +450,43 @@ impl TentacleComms {
             address: address.to_string(),
             peer_role: Role::Server,
             reason: e.to_string(),
+        }
+    }
+}
+
+/// How [`drive`] ended.
+enum Drive {
+    /// The connection ended by itself.
+    Ended(Result<(), BoxError>),
+    /// The peer's trust was removed; the connection was killed.
+    Revoked,
+    /// We are shutting down; the connection was closed gracefully (bounded).
+    Shutdown,
+}
+
+/// Drives a served connection until it ends, its peer's trust is revoked (kill
+/// it at once), or shutdown (close gracefully, at most 5 s).
+async fn drive<C>(
+    conn: C,
+    revoked: impl std::future::Future<Output = ()>,
+    kill: &CancellationToken,
+    shutdown: &CancellationToken,
+) -> Drive
+where
+    C: hyper_util::server::graceful::GracefulConnection,
+    C::Error: Into<BoxError>,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => Drive::Ended(r.map_err(Into::into)),
+        _ = revoked => {
+            kill.cancel();
+            Drive::Revoked
+        }
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn.as_mut()).await;
+            Drive::Shutdown
         }
     }
 }

@@ -791,3 +791,26 @@ async fn listening_tentacle_serves_grpc_reflection() {
         );
     }
 }
+
+/// Regression: the refusal must reach the dialler as a typed error every time,
+/// not as "connection reset" (a race between our first write and the peer's
+/// close used to lose the TLS alert about a third of the time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusal_is_typed_every_time() {
+    kit::init_tracing();
+    let (server_id, other, tentacle_id) = (
+        kit::identity("server"),
+        kit::identity("other"),
+        kit::identity("tentacle"),
+    );
+    let (addr, _t, _g) = kit::listening_tentacle(tentacle_id.clone(), &[other.thumbprint()]).await;
+    let (server, _, _sg) = kit::server(server_id, &[]).await;
+    let ep = endpoint_listening(addr, tentacle_id.thumbprint());
+    for i in 0..40 {
+        let err = timeout(T, server.connect(&ep)).await.unwrap().unwrap_err();
+        assert!(
+            matches!(err, CommsError::RejectedByPeer { .. }),
+            "dial {i}: {err}"
+        );
+    }
+}

@@ -1,0 +1,310 @@
+//! An instance's configuration: one TOML file, written atomically.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use octo_tls::Thumbprint;
+use serde::{Deserialize, Serialize};
+
+/// Default listening port.
+pub const DEFAULT_PORT: u16 = 10933;
+/// Default port of a server's polling endpoint.
+pub const DEFAULT_SERVER_COMMS_PORT: u16 = 10943;
+
+/// Everything one tentacle instance needs to run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TentacleConfig {
+    /// Identity and directories.
+    pub tentacle: TentacleSection,
+    /// Listening mode.
+    pub listen: ListenSection,
+    /// Servers trusted to call this tentacle (listening), by thumbprint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_servers: Vec<TrustedServer>,
+    /// Servers this tentacle polls.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub polling_servers: Vec<PollingServer>,
+}
+
+/// `[tentacle]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TentacleSection {
+    /// Instance name.
+    pub instance: String,
+    /// Home directory: work folders, logs, received files, tools.
+    pub home: PathBuf,
+    /// Applications directory: deployed packages.
+    pub applications: PathBuf,
+    /// Certificate (PEM).
+    pub certificate: PathBuf,
+    /// Private key (PEM, mode 0600).
+    pub private_key: PathBuf,
+}
+
+/// `[listen]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenSection {
+    /// Accept connections from servers.
+    pub enabled: bool,
+    /// Address to bind.
+    pub address: String,
+    /// Port to bind.
+    pub port: u16,
+}
+
+/// `[[trusted_servers]]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedServer {
+    /// SHA-256 thumbprint, 64 upper-case hex.
+    pub thumbprint: String,
+}
+
+/// `[[polling_servers]]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PollingServer {
+    /// The server's polling endpoint, "host:port". A host name is sent as TLS SNI.
+    pub address: String,
+    /// The server's thumbprint (trusted for this connection).
+    pub thumbprint: String,
+    /// The subscription id the server knows this tentacle by.
+    pub subscription_id: String,
+    /// Connections to keep open (calls are multiplexed; more than 1 only adds redundancy).
+    #[serde(default = "one")]
+    pub connections: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// A configuration problem, with what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read or written.
+    #[error("cannot {action} configuration file {}: {source}", path.display())]
+    Io {
+        /// "read", "write", ...
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or not a tentacle configuration.
+    #[error("configuration file {} does not parse: {message}; fix the file or recreate it with `tentacle create-instance`", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's words (line and column included).
+        message: String,
+    },
+    /// A value in the file is wrong.
+    #[error("configuration file {}: {message}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong and where.
+        message: String,
+    },
+}
+
+impl TentacleConfig {
+    /// A new configuration: listening on 0.0.0.0:10933, trusting nobody yet.
+    pub fn new(instance: &str, home: &Path, applications: Option<&Path>) -> Self {
+        Self {
+            tentacle: TentacleSection {
+                instance: instance.to_string(),
+                home: home.to_path_buf(),
+                applications: applications
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| home.join("Applications")),
+                certificate: home.join("tentacle.crt"),
+                private_key: home.join("tentacle.key"),
+            },
+            listen: ListenSection {
+                enabled: true,
+                address: "0.0.0.0".into(),
+                port: DEFAULT_PORT,
+            },
+            trusted_servers: Vec::new(),
+            polling_servers: Vec::new(),
+        }
+    }
+
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            action: "read",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let cfg: TentacleConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        for t in &self.trusted_servers {
+            t.thumbprint
+                .parse::<Thumbprint>()
+                .map_err(|e| invalid(format!("trusted_servers: {e}")))?;
+        }
+        for p in &self.polling_servers {
+            p.thumbprint
+                .parse::<Thumbprint>()
+                .map_err(|e| invalid(format!("polling_servers: {e}")))?;
+            if octo_comms::net::split_host_port(&p.address).is_none() {
+                return Err(invalid(format!(
+                    "polling_servers: address '{}' is not HOST:PORT",
+                    p.address
+                )));
+            }
+            if p.connections == 0 {
+                return Err(invalid(format!(
+                    "polling_servers: connections for {} must be at least 1",
+                    p.address
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every thumbprint this tentacle trusts: listening servers and polled servers.
+    pub fn trusted_thumbprints(&self) -> Vec<Thumbprint> {
+        let mut out: Vec<Thumbprint> = self
+            .trusted_servers
+            .iter()
+            .map(|t| t.thumbprint.as_str())
+            .chain(self.polling_servers.iter().map(|p| p.thumbprint.as_str()))
+            .filter_map(|t| t.parse().ok())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Adds a trusted server; false if it was already trusted.
+    pub fn trust(&mut self, t: Thumbprint) -> bool {
+        let s = t.to_string();
+        if self.trusted_servers.iter().any(|x| x.thumbprint == s) {
+            return false;
+        }
+        self.trusted_servers.push(TrustedServer { thumbprint: s });
+        true
+    }
+
+    /// Removes a trusted server; false if it was not trusted.
+    pub fn remove_trust(&mut self, t: Thumbprint) -> bool {
+        let s = t.to_string();
+        let before = self.trusted_servers.len();
+        self.trusted_servers.retain(|x| x.thumbprint != s);
+        before != self.trusted_servers.len()
+    }
+
+    /// Writes atomically (temporary file, fsync, rename): a crash leaves the old
+    /// file or the new one, never half of one.
+    pub fn save(&self, path: &Path) -> Result<(), ConfigError> {
+        let text = format!(
+            "# Tentacle instance configuration, written by `tentacle`; safe to edit by hand.\n{}",
+            toml::to_string_pretty(self).map_err(|e| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?
+        );
+        write_atomic(path, text.as_bytes(), 0o600).map_err(|source| ConfigError::Io {
+            action: "write",
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
+
+/// Writes `data` to `path` atomically with `mode`, creating parent directories.
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    fs::create_dir_all(dir)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "file".into());
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        if let Ok(d) = fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_validation() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.toml");
+        let mut cfg = TentacleConfig::new("T", dir.path(), None);
+        let tp = Thumbprint::of_der(b"x");
+        assert!(cfg.trust(tp));
+        assert!(!cfg.trust(tp));
+        cfg.polling_servers.push(PollingServer {
+            address: "octopus.example:10943".into(),
+            thumbprint: Thumbprint::of_der(b"y").to_string(),
+            subscription_id: "abc".into(),
+            connections: 2,
+        });
+        cfg.save(&path).expect("save");
+        let back = TentacleConfig::load(&path).expect("load");
+        assert_eq!(back, cfg);
+        assert_eq!(back.trusted_thumbprints().len(), 2);
+        assert!(cfg.remove_trust(tp));
+
+        std::fs::write(&path, "[tentacle\n").expect("write");
+        let e = TentacleConfig::load(&path)
+            .expect_err("bad toml")
+            .to_string();
+        assert!(e.contains("does not parse") && e.contains("t.toml"), "{e}");
+        std::fs::write(
+            &path,
+            toml::to_string(&cfg)
+                .expect("ser")
+                .replace(&Thumbprint::of_der(b"y").to_string(), "nope"),
+        )
+        .expect("write");
+        let e = TentacleConfig::load(&path)
+            .expect_err("bad thumbprint")
+            .to_string();
+        assert!(e.contains("polling_servers") && e.contains("'nope'"), "{e}");
+    }
+}

@@ -1,0 +1,725 @@
+//! `tentacle`: install, configure and run a tentacle instance from the command line.
+//!
+//! Command and option names follow the original Tentacle so automation carries
+//! over; options are kebab-case and also accept the original's spellings.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+mod run;
+mod setup;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use octo_agent::config::{PollingServer, TentacleConfig, DEFAULT_SERVER_COMMS_PORT};
+use octo_agent::instances::{Instance, Registry, DEFAULT_INSTANCE};
+use octo_agent::service_unit;
+use octo_tls::{Identity, Thumbprint};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tentacle",
+    version,
+    about = "The deployment agent: receives scripts and files from an Octopus server.",
+    after_help = "Typical first steps:\n  tentacle create-instance --instance Tentacle\n  tentacle new-certificate --instance Tentacle\n  tentacle configure --instance Tentacle --port 10933 --trust SERVER_THUMBPRINT\n  tentacle service --instance Tentacle --install\nor run `tentacle setup` and answer its questions."
+)]
+struct Cli {
+    /// Instance to act on.
+    #[arg(long, global = true, default_value = DEFAULT_INSTANCE)]
+    instance: String,
+    /// Use this configuration file instead of looking the instance up in the registry.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, Default)]
+enum Format {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Register a new instance and write its configuration.
+    #[command(
+        after_help = "Example:\n  tentacle create-instance --instance Web --config /etc/octopus/web.toml --home /var/lib/octopus/web"
+    )]
+    CreateInstance {
+        /// Home directory (work folders, logs, received files).
+        #[arg(long)]
+        home: Option<PathBuf>,
+        /// Applications directory (deployed packages). Default: HOME/Applications.
+        #[arg(long)]
+        app: Option<PathBuf>,
+    },
+    /// Remove an instance's registration and configuration (its home directory is kept).
+    #[command(after_help = "Example:\n  tentacle delete-instance --instance Web")]
+    DeleteInstance,
+    /// List registered instances.
+    #[command(after_help = "Example:\n  tentacle list-instances --format json")]
+    ListInstances {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Create the instance's certificate (replacing any existing one unless --if-blank).
+    #[command(after_help = "Example:\n  tentacle new-certificate --instance Web --if-blank")]
+    NewCertificate {
+        /// Keep an existing certificate.
+        #[arg(long, alias = "if-blank", alias = "ifBlank")]
+        if_blank: bool,
+    },
+    /// Use an existing certificate: a PEM file with certificate and key, or PKCS#12/PFX.
+    #[command(
+        after_help = "Example:\n  tentacle import-certificate --instance Web --from-file /root/tentacle.pfx --password secret"
+    )]
+    ImportCertificate {
+        /// The file to import.
+        #[arg(long, alias = "fromFile")]
+        from_file: PathBuf,
+        /// PKCS#12 password.
+        #[arg(long, alias = "pw")]
+        password: Option<String>,
+    },
+    /// Print this instance's certificate thumbprint (servers must trust it).
+    #[command(after_help = "Example:\n  tentacle show-thumbprint --instance Web --format json")]
+    ShowThumbprint {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Change directories, listening and trusted servers.
+    Configure(ConfigureArgs),
+    /// Poll a server (add it), or stop polling one (--remove).
+    PollServer(PollServerArgs),
+    /// Install, remove, start or stop the systemd service for this instance.
+    Service(ServiceArgs),
+    /// Run the agent in the foreground (what the service runs).
+    #[command(
+        alias = "agent",
+        after_help = "Example:\n  tentacle run --instance Web"
+    )]
+    Run,
+    /// Print the instance's configuration.
+    #[command(after_help = "Example:\n  tentacle show-configuration --instance Web --format json")]
+    ShowConfiguration {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Print the version.
+    Version {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Interactive setup: asks listening or polling, port or server, thumbprint.
+    #[command(
+        after_help = "Answers may be piped in, one per line, e.g.:\n  printf 'Web\\nlistening\\n10933\\n0.0.0.0\\nTHUMBPRINT\\n\\n' | tentacle setup"
+    )]
+    Setup,
+}
+
+#[derive(Args, Debug, Default)]
+#[command(
+    after_help = "Example:\n  tentacle configure --instance Web --port 10933 --trust 0123...CDEF\n  tentacle configure --instance Web --noListen"
+)]
+struct ConfigureArgs {
+    /// Home directory.
+    #[arg(long)]
+    home: Option<PathBuf>,
+    /// Applications directory.
+    #[arg(long)]
+    app: Option<PathBuf>,
+    /// Listening port (0 picks a free port at each start).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Address to listen on.
+    #[arg(long, alias = "listenIpAddress", alias = "listen-ip-address")]
+    listen_ip: Option<String>,
+    /// Stop listening (polling only).
+    #[arg(long, alias = "noListen", conflicts_with = "listen")]
+    no_listen: bool,
+    /// Listen again.
+    #[arg(long)]
+    listen: bool,
+    /// Trust a server thumbprint (repeatable).
+    #[arg(long)]
+    trust: Vec<String>,
+    /// Stop trusting a server thumbprint (repeatable).
+    #[arg(long, alias = "removeTrust")]
+    remove_trust: Vec<String>,
+    /// Forget every trusted server first.
+    #[arg(long, alias = "resetTrust")]
+    reset_trust: bool,
+}
+
+#[derive(Args, Debug)]
+#[command(
+    after_help = "Example:\n  tentacle poll-server --instance Web --server-comms-address octopus.example:10943 --server-thumbprint 0123...CDEF"
+)]
+struct PollServerArgs {
+    /// The server's polling endpoint: HOST[:PORT] or https://HOST[:PORT] (default port 10943).
+    #[arg(long, alias = "serverCommsAddress", alias = "server")]
+    server_comms_address: String,
+    /// The server's thumbprint (`octopus server show-thumbprint`). Required when adding.
+    #[arg(long, alias = "serverThumbprint", alias = "thumbprint")]
+    server_thumbprint: Option<String>,
+    /// Subscription id the server knows this tentacle by (default: a new random one).
+    #[arg(long, alias = "subscriptionId")]
+    subscription_id: Option<String>,
+    /// Connections to keep open to this server.
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
+    /// Stop polling this server.
+    #[arg(long)]
+    remove: bool,
+}
+
+#[derive(Args, Debug)]
+#[command(
+    after_help = "Example:\n  tentacle service --instance Web --install --start --username octopus"
+)]
+struct ServiceArgs {
+    /// Write and enable the systemd unit.
+    #[arg(long)]
+    install: bool,
+    /// Stop, disable and remove the unit.
+    #[arg(long, conflicts_with = "install")]
+    uninstall: bool,
+    /// Start the service.
+    #[arg(long)]
+    start: bool,
+    /// Stop the service.
+    #[arg(long)]
+    stop: bool,
+    /// Restart the service.
+    #[arg(long)]
+    restart: bool,
+    /// Run the service as this user.
+    #[arg(long)]
+    username: Option<String>,
+}
+
+/// The instance a command acts on.
+pub(crate) struct Target {
+    pub name: String,
+    pub config_path: PathBuf,
+    pub explicit_config: bool,
+}
+
+impl Target {
+    fn resolve(cli_instance: &str, cli_config: Option<&Path>) -> anyhow::Result<Self> {
+        if let Some(p) = cli_config {
+            return Ok(Self {
+                name: cli_instance.to_string(),
+                config_path: p.to_path_buf(),
+                explicit_config: true,
+            });
+        }
+        let inst = Registry::locate().get(cli_instance)?;
+        Ok(Self {
+            name: inst.name,
+            config_path: inst.config,
+            explicit_config: false,
+        })
+    }
+
+    pub fn load(&self) -> anyhow::Result<TentacleConfig> {
+        if !self.config_path.exists() {
+            bail!(
+                "the configuration file {} of instance '{}' does not exist; recreate it with `tentacle create-instance --instance {}`",
+                self.config_path.display(),
+                self.name,
+                self.name
+            );
+        }
+        Ok(TentacleConfig::load(&self.config_path)?)
+    }
+
+    fn save(&self, cfg: &TentacleConfig) -> anyhow::Result<()> {
+        Ok(cfg.save(&self.config_path)?)
+    }
+}
+
+pub(crate) fn parse_thumbprint(s: &str) -> anyhow::Result<Thumbprint> {
+    Ok(s.parse::<Thumbprint>()?)
+}
+
+pub(crate) fn load_identity(cfg: &TentacleConfig) -> anyhow::Result<Identity> {
+    let t = &cfg.tentacle;
+    if !t.certificate.exists() {
+        bail!(
+            "instance '{}' has no certificate yet ({} is missing); create one with `tentacle new-certificate --instance {}`",
+            t.instance,
+            t.certificate.display(),
+            t.instance
+        );
+    }
+    Ok(Identity::load(&t.certificate, &t.private_key)?)
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = dispatch(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let config = cli.config.as_deref();
+    match cli.command {
+        Command::CreateInstance { home, app } => {
+            create_instance(&cli.instance, config, home, app.as_deref()).map(|_| ())
+        }
+        Command::DeleteInstance => delete_instance(&cli.instance, config),
+        Command::ListInstances { format } => list_instances(format),
+        Command::NewCertificate { if_blank } => {
+            new_certificate(&Target::resolve(&cli.instance, config)?, if_blank)
+        }
+        Command::ImportCertificate {
+            from_file,
+            password,
+        } => import_certificate(
+            &Target::resolve(&cli.instance, config)?,
+            &from_file,
+            password.as_deref(),
+        ),
+        Command::ShowThumbprint { format } => {
+            show_thumbprint(&Target::resolve(&cli.instance, config)?, format)
+        }
+        Command::Configure(a) => configure(&Target::resolve(&cli.instance, config)?, a),
+        Command::PollServer(a) => poll_server(&Target::resolve(&cli.instance, config)?, a),
+        Command::Service(a) => service(&Target::resolve(&cli.instance, config)?, &a),
+        Command::Run => run::run(&Target::resolve(&cli.instance, config)?),
+        Command::ShowConfiguration { format } => {
+            show_configuration(&Target::resolve(&cli.instance, config)?, format)
+        }
+        Command::Version { format } => {
+            match format {
+                Format::Text => println!("tentacle {}", octo_agent::VERSION),
+                Format::Json => println!(
+                    "{}",
+                    serde_json::json!({ "version": octo_agent::VERSION, "protocol": octo_proto::PROTOCOL_VERSION })
+                ),
+            }
+            Ok(())
+        }
+        Command::Setup => setup::run(std::io::stdin().lock(), &mut std::io::stdout()),
+    }
+}
+
+pub(crate) fn create_instance(
+    name: &str,
+    config: Option<&Path>,
+    home: Option<PathBuf>,
+    app: Option<&Path>,
+) -> anyhow::Result<Target> {
+    let registry = Registry::locate();
+    Registry::check_name(name)?;
+    let config_path = config
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| registry.default_config(name));
+    let home = home.unwrap_or_else(|| registry.default_home(name));
+    let home = absolute(&home)?;
+    let config_path = absolute(&config_path)?;
+    if let Ok(existing) = registry.get(name) {
+        bail!(
+            "a tentacle instance named '{name}' already exists (configuration {}); use it, or remove it first with `tentacle delete-instance --instance {name}`",
+            existing.config.display()
+        );
+    }
+    if config_path.exists() {
+        bail!(
+            "{} already exists; pass another --config, or delete the file if it is not in use",
+            config_path.display()
+        );
+    }
+    std::fs::create_dir_all(&home)
+        .with_context(|| format!("creating home directory {}", home.display()))?;
+    let cfg = TentacleConfig::new(name, &home, app);
+    cfg.save(&config_path)?;
+    registry.add(&Instance {
+        name: name.to_string(),
+        config: config_path.clone(),
+    })?;
+    println!("Created instance '{name}'");
+    println!("  configuration: {}", config_path.display());
+    println!("  home:          {}", home.display());
+    println!("Next: tentacle new-certificate --instance {name}");
+    Ok(Target {
+        name: name.to_string(),
+        config_path,
+        explicit_config: false,
+    })
+}
+
+fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
+    if p.is_absolute() {
+        Ok(p.to_path_buf())
+    } else {
+        Ok(std::env::current_dir()?.join(p))
+    }
+}
+
+fn delete_instance(name: &str, config: Option<&Path>) -> anyhow::Result<()> {
+    let registry = Registry::locate();
+    let inst = registry.get(name)?;
+    if let Some(c) = config {
+        if absolute(c)? != inst.config {
+            bail!(
+                "instance '{name}' uses {}, not {}",
+                inst.config.display(),
+                c.display()
+            );
+        }
+    }
+    let home = TentacleConfig::load(&inst.config)
+        .ok()
+        .map(|c| c.tentacle.home);
+    registry.remove(name)?;
+    match std::fs::remove_file(&inst.config) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", inst.config.display())),
+    }
+    println!(
+        "Deleted instance '{name}' (configuration {} removed)",
+        inst.config.display()
+    );
+    if let Some(h) = home {
+        println!(
+            "Its home directory {} was kept; remove it by hand if no longer needed.",
+            h.display()
+        );
+    }
+    Ok(())
+}
+
+fn list_instances(format: Format) -> anyhow::Result<()> {
+    let list = Registry::locate().list()?;
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&list)?),
+        Format::Text if list.is_empty() => {
+            println!("No instances. Create one with `tentacle create-instance`.")
+        }
+        Format::Text => {
+            let w = list.iter().map(|i| i.name.len()).max().unwrap_or(4).max(4);
+            println!("{:w$}  CONFIGURATION", "NAME");
+            for i in list {
+                println!("{:w$}  {}", i.name, i.config.display());
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn new_certificate(target: &Target, if_blank: bool) -> anyhow::Result<()> {
+    let cfg = target.load()?;
+    let t = &cfg.tentacle;
+    if t.certificate.exists() {
+        let existing = Identity::load(&t.certificate, &t.private_key)?;
+        if if_blank {
+            println!(
+                "Instance '{}' already has a certificate; kept it (--if-blank).",
+                target.name
+            );
+            println!("Thumbprint: {}", existing.thumbprint());
+            return Ok(());
+        }
+        println!(
+            "Replacing the certificate (old thumbprint {}); servers must be told the new thumbprint.",
+            existing.thumbprint()
+        );
+    }
+    let identity = Identity::generate(&format!("Octopus Tentacle {}", target.name))?;
+    identity.save(&t.certificate, &t.private_key)?;
+    println!("Thumbprint: {}", identity.thumbprint());
+    println!("  certificate: {}", t.certificate.display());
+    println!("  private key: {} (mode 0600)", t.private_key.display());
+    Ok(())
+}
+
+fn import_certificate(target: &Target, file: &Path, password: Option<&str>) -> anyhow::Result<()> {
+    let cfg = target.load()?;
+    let identity = Identity::import_file(file, password)?;
+    identity.save(&cfg.tentacle.certificate, &cfg.tentacle.private_key)?;
+    println!("Imported certificate from {}", file.display());
+    println!("Thumbprint: {}", identity.thumbprint());
+    Ok(())
+}
+
+fn show_thumbprint(target: &Target, format: Format) -> anyhow::Result<()> {
+    let cfg = target.load()?;
+    let identity = load_identity(&cfg)?;
+    match format {
+        Format::Text => println!("{}", identity.thumbprint()),
+        Format::Json => println!(
+            "{}",
+            serde_json::json!({ "instance": target.name, "thumbprint": identity.thumbprint().to_string() })
+        ),
+    }
+    Ok(())
+}
+
+fn configure(target: &Target, a: ConfigureArgs) -> anyhow::Result<()> {
+    let mut cfg = target.load()?;
+    // Validate everything before changing anything.
+    let trust: Vec<Thumbprint> = a
+        .trust
+        .iter()
+        .map(|t| parse_thumbprint(t))
+        .collect::<Result<_, _>>()?;
+    let untrust: Vec<Thumbprint> = a
+        .remove_trust
+        .iter()
+        .map(|t| parse_thumbprint(t))
+        .collect::<Result<_, _>>()?;
+    if let Some(ip) = &a.listen_ip {
+        if ip.parse::<std::net::IpAddr>().is_err() && ip != "localhost" {
+            bail!("--listen-ip '{ip}' is not an IP address (e.g. 0.0.0.0, ::, 127.0.0.1)");
+        }
+    }
+    let mut changes = Vec::new();
+    if let Some(h) = a.home {
+        let h = absolute(&h)?;
+        std::fs::create_dir_all(&h)
+            .with_context(|| format!("creating home directory {}", h.display()))?;
+        changes.push(format!("home = {}", h.display()));
+        cfg.tentacle.home = h;
+    }
+    if let Some(p) = a.app {
+        let p = absolute(&p)?;
+        changes.push(format!("applications = {}", p.display()));
+        cfg.tentacle.applications = p;
+    }
+    if let Some(port) = a.port {
+        cfg.listen.port = port;
+        changes.push(format!("port = {port}"));
+    }
+    if let Some(ip) = a.listen_ip {
+        changes.push(format!("listen address = {ip}"));
+        cfg.listen.address = ip;
+    }
+    if a.no_listen {
+        cfg.listen.enabled = false;
+        changes.push("listening off".into());
+    }
+    if a.listen {
+        cfg.listen.enabled = true;
+        changes.push("listening on".into());
+    }
+    if a.reset_trust {
+        cfg.trusted_servers.clear();
+        changes.push("trusted servers cleared".into());
+    }
+    for t in trust {
+        if cfg.trust(t) {
+            changes.push(format!("trust {t}"));
+        }
+    }
+    for t in untrust {
+        if !cfg.remove_trust(t) {
+            bail!(
+                "{t} is not a trusted server of instance '{}'; nothing changed",
+                target.name
+            );
+        }
+        changes.push(format!("no longer trust {t}"));
+    }
+    target.save(&cfg)?;
+    if changes.is_empty() {
+        println!(
+            "Nothing to change; configuration of '{}' is unchanged.",
+            target.name
+        );
+    } else {
+        println!("Updated instance '{}': {}", target.name, changes.join(", "));
+        println!(
+            "A running agent applies trust changes within seconds; restart it for other changes."
+        );
+    }
+    Ok(())
+}
+
+/// Normalises HOST, HOST:PORT or https://HOST[:PORT][/] to HOST:PORT.
+pub(crate) fn normalise_server_address(s: &str) -> anyhow::Result<String> {
+    let rest = s.split_once("://").map_or(s, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or_default();
+    if authority.is_empty() {
+        bail!("'{s}' is not a server address; use HOST:PORT, e.g. octopus.example:10943");
+    }
+    if octo_comms::net::split_host_port(authority).is_some() {
+        return Ok(authority.to_string());
+    }
+    if authority.contains(':') && !authority.starts_with('[') {
+        bail!("'{s}' is not a server address; use HOST:PORT, e.g. octopus.example:10943");
+    }
+    Ok(format!("{authority}:{DEFAULT_SERVER_COMMS_PORT}"))
+}
+
+pub(crate) fn new_subscription_id() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz234567";
+    let mut rng = rand::rng();
+    (0..20)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+fn poll_server(target: &Target, a: PollServerArgs) -> anyhow::Result<()> {
+    let mut cfg = target.load()?;
+    let address = normalise_server_address(&a.server_comms_address)?;
+    if a.remove {
+        let before = cfg.polling_servers.len();
+        cfg.polling_servers.retain(|p| p.address != address);
+        if before == cfg.polling_servers.len() {
+            bail!(
+                "instance '{}' does not poll {address}; see `tentacle show-configuration`",
+                target.name
+            );
+        }
+        target.save(&cfg)?;
+        println!("Instance '{}' no longer polls {address}.", target.name);
+        return Ok(());
+    }
+    let Some(tp) = a.server_thumbprint.as_deref() else {
+        bail!("--server-thumbprint is required to poll a server (the server prints it with `octopus server show-thumbprint`)");
+    };
+    let tp = parse_thumbprint(tp)?;
+    if a.connections == 0 {
+        bail!("--connections must be at least 1");
+    }
+    let subscription_id = a.subscription_id.unwrap_or_else(new_subscription_id);
+    cfg.polling_servers.retain(|p| p.address != address);
+    cfg.polling_servers.push(PollingServer {
+        address: address.clone(),
+        thumbprint: tp.to_string(),
+        subscription_id: subscription_id.clone(),
+        connections: a.connections,
+    });
+    target.save(&cfg)?;
+    println!(
+        "Instance '{}' will poll {address} (server thumbprint {tp})",
+        target.name
+    );
+    println!("  subscription: poll://{subscription_id}/");
+    Ok(())
+}
+
+fn show_configuration(target: &Target, format: Format) -> anyhow::Result<()> {
+    let cfg = target.load()?;
+    let thumbprint = load_identity(&cfg).ok().map(|i| i.thumbprint().to_string());
+    match format {
+        Format::Json => {
+            let mut v = serde_json::to_value(&cfg)?;
+            v["thumbprint"] = serde_json::json!(thumbprint);
+            v["config_file"] = serde_json::json!(target.config_path);
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        Format::Text => {
+            println!("# {}", target.config_path.display());
+            println!(
+                "# thumbprint: {}",
+                thumbprint
+                    .as_deref()
+                    .unwrap_or("(none: run `tentacle new-certificate`)")
+            );
+            print!("{}", toml::to_string_pretty(&cfg)?);
+        }
+    }
+    Ok(())
+}
+
+fn systemctl(args: &[&str]) -> anyhow::Result<()> {
+    let status = std::process::Command::new("systemctl")
+        .args(args)
+        .status()
+        .with_context(|| format!("running systemctl {}", args.join(" ")))?;
+    if !status.success() {
+        bail!(
+            "`systemctl {}` failed ({status}); see `journalctl -xe`",
+            args.join(" ")
+        );
+    }
+    Ok(())
+}
+
+fn service(target: &Target, a: &ServiceArgs) -> anyhow::Result<()> {
+    if !(a.install || a.uninstall || a.start || a.stop || a.restart) {
+        bail!("say what to do: --install, --uninstall, --start, --stop or --restart (see `tentacle service --help`)");
+    }
+    let unit = service_unit::unit_name(&target.name);
+    let path = service_unit::unit_dir().join(&unit);
+    let systemd = service_unit::systemd_running();
+    if a.install {
+        let cfg = target.load()?;
+        load_identity(&cfg)?; // a service that cannot start is no use
+        if let Some(u) = &a.username {
+            if nix::unistd::User::from_name(u).ok().flatten().is_none() {
+                bail!("there is no user '{u}' on this machine; create it first (e.g. `useradd --system {u}`)");
+            }
+        }
+        let spec = service_unit::UnitSpec {
+            instance: target.name.clone(),
+            binary: std::env::current_exe().context("finding the tentacle binary")?,
+            config: target
+                .explicit_config
+                .then(|| absolute(&target.config_path))
+                .transpose()?,
+            config_dir: std::env::var_os("TENTACLE_CONFIG_DIR")
+                .filter(|d| !d.is_empty())
+                .map(PathBuf::from),
+            user: a.username.clone(),
+        };
+        octo_agent::config::write_atomic(&path, service_unit::render(&spec).as_bytes(), 0o644)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("Wrote {}", path.display());
+        if systemd {
+            systemctl(&["daemon-reload"])?;
+            systemctl(&["enable", "--now", &unit])?;
+            println!("Enabled and started {unit}. Logs: journalctl -u {unit}");
+        } else {
+            println!(
+                "systemd is not running on this machine, so the unit was written but not enabled."
+            );
+            println!(
+                "Start the agent by hand with: tentacle run --instance {}",
+                target.name
+            );
+        }
+    }
+    if a.uninstall {
+        if systemd {
+            let _ = systemctl(&["disable", "--now", &unit]);
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => println!("Removed {}", path.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                println!("{} was not installed", path.display())
+            }
+            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+        }
+        if systemd {
+            systemctl(&["daemon-reload"])?;
+        }
+    }
+    for (flag, verb) in [
+        (a.stop, "stop"),
+        (a.start && !a.install, "start"),
+        (a.restart, "restart"),
+    ] {
+        if !flag {
+            continue;
+        }
+        if !systemd {
+            bail!(
+                "systemd is not running on this machine, so `--{verb}` cannot work; run the agent in the foreground with `tentacle run --instance {}`",
+                target.name
+            );
+        }
+        systemctl(&[verb, &unit])?;
+        println!("{verb}: {unit}");
+    }
+    Ok(())
+}

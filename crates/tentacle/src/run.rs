@@ -1,0 +1,224 @@
+//! `tentacle run`: the agent in the foreground.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{bail, Context};
+use octo_agent::capabilities::CapabilitiesImpl;
+use octo_agent::config::TentacleConfig;
+use octo_agent::files::FileServiceImpl;
+use octo_agent::scripts::ScriptServiceImpl;
+use octo_agent::AgentContext;
+use octo_comms::{Backoff, PollingTarget, TentacleComms};
+use octo_proto::v1::capabilities_server::CapabilitiesServer;
+use octo_proto::v1::file_service_server::FileServiceServer;
+use octo_proto::v1::script_service_server::ScriptServiceServer;
+use octo_tls::{Thumbprint, TrustStore};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::{load_identity, Target};
+
+/// How often the configuration file is checked for trust changes.
+const RELOAD_EVERY: Duration = Duration::from_secs(2);
+
+pub(crate) fn run(target: &Target) -> anyhow::Result<()> {
+    let cfg = target.load()?;
+    let identity = load_identity(&cfg)?;
+    for dir in [&cfg.tentacle.home, &cfg.tentacle.applications] {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let _log_guard = init_logging(&cfg)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(agent(target, cfg, identity))
+}
+
+/// Logs to stderr (journald keeps it under systemd) and to a daily-rolling file
+/// under HOME/Logs (7 kept). `RUST_LOG` filters (default info).
+fn init_logging(
+    cfg: &TentacleConfig,
+) -> anyhow::Result<tracing_appender::non_blocking::WorkerGuard> {
+    use tracing_subscriber::prelude::*;
+    let logs = cfg.tentacle.home.join("Logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    let appender = tracing_appender::rolling::Builder::new()
+        .rotation(tracing_appender::rolling::Rotation::DAILY)
+        .filename_prefix("tentacle")
+        .filename_suffix("log")
+        .max_log_files(7)
+        .build(&logs)
+        .with_context(|| format!("opening log files in {}", logs.display()))?;
+    let (file, guard) = tracing_appender::non_blocking(appender);
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+    };
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(filter()),
+        )
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(file)
+                .with_filter(filter()),
+        )
+        .init();
+    Ok(guard)
+}
+
+async fn agent(
+    target: &Target,
+    cfg: TentacleConfig,
+    identity: octo_tls::Identity,
+) -> anyhow::Result<()> {
+    let name = target.name.clone();
+    if !cfg.listen.enabled && cfg.polling_servers.is_empty() {
+        bail!(
+            "instance '{name}' neither listens nor polls a server: enable listening with `tentacle configure --instance {name} --listen`, or add a server with `tentacle poll-server --instance {name} ...`"
+        );
+    }
+    if cfg.trusted_thumbprints().is_empty() {
+        warn!("instance '{name}' trusts no server yet: every server will be refused until you run `tentacle configure --instance {name} --trust THUMBPRINT`");
+    }
+    let ctx = AgentContext {
+        instance_name: name.clone(),
+        home: cfg.tentacle.home.clone(),
+        applications: cfg.tentacle.applications.clone(),
+    };
+    let routes =
+        tonic::service::Routes::new(CapabilitiesServer::new(CapabilitiesImpl::new(ctx.clone())))
+            .add_service(ScriptServiceServer::new(ScriptServiceImpl::new(
+                ctx.clone(),
+            )))
+            .add_service(
+                FileServiceServer::new(FileServiceImpl::new(ctx))
+                    .max_decoding_message_size(16 << 20)
+                    .max_encoding_message_size(16 << 20),
+            );
+    let hint_name = name.clone();
+    let trust = TrustStore::new(
+        cfg.trusted_thumbprints(),
+        Arc::new(move |t: &Thumbprint| {
+            format!("trust it with `tentacle configure --instance {hint_name} --trust {t}`")
+        }),
+    );
+    let comms = TentacleComms::new(identity.clone(), trust.clone(), routes, &name);
+    let shutdown = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+
+    let mut summary = Vec::new();
+    if cfg.listen.enabled {
+        let addr = format!("{}:{}", cfg.listen.address, cfg.listen.port);
+        let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                anyhow::anyhow!(
+                    "port {} on {} is already in use (another tentacle instance or program listens there); choose another with `tentacle configure --instance {name} --port N`",
+                    cfg.listen.port,
+                    cfg.listen.address
+                )
+            } else {
+                anyhow::anyhow!("cannot listen on {addr}: {e}")
+            }
+        })?;
+        let local = listener.local_addr()?;
+        summary.push(format!("listening on {local}"));
+        let (c, t) = (comms.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            if let Err(e) = c.run_listening(listener, t).await {
+                error!("listener stopped: {e}");
+            }
+        });
+    }
+    for p in &cfg.polling_servers {
+        summary.push(format!(
+            "polling {} as poll://{}/ ({} connection(s))",
+            p.address, p.subscription_id, p.connections
+        ));
+        let target = PollingTarget {
+            address: p.address.clone(),
+            subscription_id: p.subscription_id.clone(),
+        };
+        let (c, t, n) = (comms.clone(), shutdown.clone(), p.connections);
+        tasks.spawn(async move {
+            if let Err(e) = c.run_polling(target, n, Backoff::default(), t).await {
+                error!("polling stopped: {e}");
+            }
+        });
+    }
+    tasks.spawn(watch_trust(
+        target.config_path.clone(),
+        trust,
+        shutdown.clone(),
+    ));
+    info!(
+        "tentacle '{name}' {} started: {}; thumbprint {}",
+        octo_agent::VERSION,
+        summary.join("; "),
+        identity.thumbprint()
+    );
+
+    wait_for_signal().await;
+    info!("stopping tentacle '{name}'");
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!("cannot watch SIGTERM ({e}); stop with Ctrl-C");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Applies trust changes made with `tentacle configure` while the agent runs:
+/// removed thumbprints drop their live connections at once.
+async fn watch_trust(path: std::path::PathBuf, trust: TrustStore, shutdown: CancellationToken) {
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut last: Option<SystemTime> = modified(&path);
+    let mut tick = tokio::time::interval(RELOAD_EVERY);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = modified(&path);
+        if now == last {
+            continue;
+        }
+        last = now;
+        match TentacleConfig::load(&path) {
+            Ok(cfg) => {
+                let new = cfg.trusted_thumbprints();
+                if new != trust.snapshot() {
+                    info!(
+                        "trusted servers changed in {}: now {} trusted",
+                        path.display(),
+                        new.len()
+                    );
+                    trust.replace(new);
+                }
+            }
+            Err(e) => warn!("configuration changed but cannot be applied: {e}"),
+        }
+    }
+}

@@ -1,0 +1,301 @@
+//! `tentacle run` as a real process, reached by a test server over real sockets.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use octo_comms::Endpoint;
+use octo_proto::v1::*;
+use octo_testkit as kit;
+use octo_tls::Thumbprint;
+use tokio::time::timeout;
+
+const T: Duration = Duration::from_secs(30);
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tentacle"));
+        c.args(args)
+            .env("TENTACLE_CONFIG_DIR", self.dir.path().join("etc"))
+            .env("RUST_LOG", "info");
+        c
+    }
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cmd(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "tentacle {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+    fn thumbprint(&self) -> Thumbprint {
+        self.ok(&["show-thumbprint"]).trim().parse().unwrap()
+    }
+}
+
+/// A running agent; killed when dropped. `started` is its "started: ..." log line.
+struct Agent {
+    child: Child,
+    started: String,
+    rest: std::sync::mpsc::Receiver<String>,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(env: &Env) -> Agent {
+    let mut child = env
+        .cmd(&["run"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) if l.contains("started:") => {
+                return Agent {
+                    child,
+                    started: l,
+                    rest: rx,
+                }
+            }
+            Ok(_) => {}
+            Err(e) => panic!("agent did not start: {e}; exit: {:?}", child.try_wait()),
+        }
+    }
+}
+
+fn listening_addr(started: &str) -> String {
+    let i = started.find("listening on ").unwrap() + "listening on ".len();
+    started[i..].split(';').next().unwrap().trim().to_string()
+}
+
+async fn run_script(conn: &octo_comms::Connection, ticket: &str, body: &str) -> ScriptStatus {
+    let started = conn
+        .scripts()
+        .start_script(StartScriptRequest {
+            ticket: ticket.into(),
+            script_body: body.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut logs = started.logs;
+    let mut stream = conn
+        .scripts()
+        .stream_logs(ScriptStatusRequest {
+            ticket: ticket.into(),
+            since_sequence: logs.len() as u64,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(ev) = stream.message().await.unwrap() {
+        match ev.event.unwrap() {
+            script_event::Event::Log(l) => logs.push(l),
+            script_event::Event::Completed(mut status) => {
+                status.logs = logs;
+                return status;
+            }
+        }
+    }
+    panic!("log stream ended without a final status");
+}
+
+#[tokio::test]
+async fn listening_agent_runs_scripts_and_drops_a_server_whose_trust_is_removed() {
+    kit::init_tracing();
+    let env = Env::new();
+    env.ok(&["create-instance"]);
+    env.ok(&["new-certificate"]);
+    let server_id = kit::identity("server");
+    env.ok(&[
+        "configure",
+        "--port",
+        "0",
+        "--listen-ip",
+        "127.0.0.1",
+        "--trust",
+        &server_id.thumbprint().to_string(),
+    ]);
+    let agent = start(&env);
+    let addr = listening_addr(&agent.started);
+    let (server, _, _g) = kit::server(server_id.clone(), &[]).await;
+    let ep = Endpoint::listening(&format!("https://{addr}/"), env.thumbprint()).unwrap();
+    let conn = timeout(T, server.connect(&ep)).await.unwrap().unwrap();
+
+    let status = timeout(
+        T,
+        run_script(
+            &conn,
+            "hello",
+            "echo hello from $TentacleInstanceName; exit 7",
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status.exit_code, 7);
+    assert!(
+        status.logs.iter().any(|l| l.text == "hello from Tentacle"),
+        "{:?}",
+        status.logs
+    );
+    let caps = conn
+        .capabilities()
+        .get_capabilities(GetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(caps.instance_name, "Tentacle");
+
+    // Trust removed while running: the live connection is dropped.
+    env.ok(&[
+        "configure",
+        "--remove-trust",
+        &server_id.thumbprint().to_string(),
+    ]);
+    timeout(T, conn.closed())
+        .await
+        .expect("connection dropped after trust removal");
+    let err = timeout(T, server.connect(&ep)).await.unwrap().unwrap_err();
+    assert!(
+        matches!(err, octo_comms::CommsError::RejectedByPeer { .. }),
+        "{err}"
+    );
+    // The agent logged the refusal with the fix.
+    let mut refused = None;
+    while let Ok(l) = agent.rest.recv_timeout(T) {
+        if l.contains("refused connection") {
+            refused = Some(l);
+            break;
+        }
+    }
+    let refused = refused.expect("refusal logged");
+    assert!(
+        refused.contains(&server_id.thumbprint().to_string())
+            && refused.contains("tentacle configure --instance Tentacle --trust"),
+        "{refused}"
+    );
+}
+
+#[tokio::test]
+async fn polling_agent_reaches_the_server_and_stops_on_sigterm() {
+    kit::init_tracing();
+    let env = Env::new();
+    env.ok(&["create-instance"]);
+    env.ok(&["new-certificate"]);
+    let server_id = kit::identity("server");
+    let tentacle_tp = env.thumbprint();
+    let (server, paddr, _g) = kit::server(server_id.clone(), &[tentacle_tp]).await;
+    env.ok(&["configure", "--no-listen"]);
+    env.ok(&[
+        "poll-server",
+        "--server-comms-address",
+        &paddr.to_string(),
+        "--server-thumbprint",
+        &server_id.thumbprint().to_string(),
+        "--subscription-id",
+        "agent-sub",
+    ]);
+    let mut agent = start(&env);
+    assert!(
+        agent.started.contains("poll://agent-sub/"),
+        "{}",
+        agent.started
+    );
+    let ep = Endpoint::polling("agent-sub", tentacle_tp).unwrap();
+    let conn = timeout(T, server.connect(&ep)).await.unwrap().unwrap();
+    let status = timeout(T, run_script(&conn, "p1", "echo $TentacleHome >&2; pwd"))
+        .await
+        .unwrap();
+    assert_eq!(status.exit_code, 0);
+    // stdout and stderr are separate pipes: order across them is not defined.
+    let home = PathBuf::from(
+        &status
+            .logs
+            .iter()
+            .find(|l| l.stream == LogStream::Stderr as i32)
+            .unwrap()
+            .text,
+    );
+    assert!(
+        status
+            .logs
+            .iter()
+            .any(|l| l.text == home.join("Work/p1").to_string_lossy()),
+        "{:?}",
+        status.logs
+    );
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let code = timeout(
+        T,
+        tokio::task::spawn_blocking(move || agent.child.wait().unwrap()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(code.success(), "{code:?}");
+    timeout(T, conn.closed())
+        .await
+        .expect("connection closed when the agent stopped");
+}
+
+#[test]
+fn run_refuses_a_port_in_use_and_a_missing_certificate() {
+    let env = Env::new();
+    env.ok(&["create-instance"]);
+    let out = env.cmd(&["run"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("tentacle new-certificate --instance Tentacle"),
+        "{err}"
+    );
+
+    env.ok(&["new-certificate"]);
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port().to_string();
+    env.ok(&["configure", "--port", &port, "--listen-ip", "127.0.0.1"]);
+    let out = env.cmd(&["run"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("port {port} on 127.0.0.1 is already in use"))
+            && err.contains("--port N"),
+        "{err}"
+    );
+}
