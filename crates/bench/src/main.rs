@@ -7,6 +7,7 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod comms;
+mod scripts;
 
 use clap::{Parser, Subcommand};
 
@@ -21,6 +22,8 @@ struct Cli {
 enum Area {
     /// Round trips (listening, polling), 1 GiB hash-verified upload, memory per idle polling connection.
     Comms(comms::Options),
+    /// Script round trip on the real tentacle binary (both modes), its idle memory and size.
+    Scripts(scripts::Options),
     /// Internal: the tentacle side of `comms`, run as a child process.
     #[command(hide = true)]
     CommsChild(comms::ChildOptions),
@@ -44,5 +47,6 @@ fn main() -> anyhow::Result<()> {
         // adds a cross-thread park/unpark to every round trip).
         Area::Comms(o) => rt.block_on(async { tokio::spawn(comms::run(o)).await? }),
         Area::CommsChild(o) => rt.block_on(comms::child(o)),
+        Area::Scripts(o) => rt.block_on(async { tokio::spawn(scripts::run(o)).await? }),
     }
 }

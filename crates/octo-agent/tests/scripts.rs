@@ -143,6 +143,36 @@ impl Tentacle {
     }
 }
 
+/// Even when a test fails midway (its runtime, and with it the supervisor, gone),
+/// no process started by its scripts outlives it: they all carry its TentacleHome.
+impl Drop for Tentacle {
+    fn drop(&mut self) {
+        let mut cookie = b"TentacleHome=".to_vec();
+        cookie.extend_from_slice(self.home.as_os_str().as_encoded_bytes());
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for entry in procs.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+                continue;
+            };
+            if env.split(|b| *b == 0).any(|e| e == cookie.as_slice()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
 fn context(root: &Path) -> AgentContext {
     AgentContext {
         instance_name: "Test".into(),

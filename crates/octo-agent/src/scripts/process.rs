@@ -118,6 +118,11 @@ impl Selector {
     /// Live (not zombie) processes selected, never this tentacle itself. Empty where
     /// there is no `/proc`.
     pub(crate) fn scan(&self) -> Vec<i32> {
+        self.scan_groups().into_iter().map(|(pid, _)| pid).collect()
+    }
+
+    /// Like [`Selector::scan`], with each process's group.
+    fn scan_groups(&self) -> Vec<(i32, i32)> {
         let me = std::process::id() as i32;
         let Ok(dir) = std::fs::read_dir("/proc") else {
             return Vec::new();
@@ -141,7 +146,7 @@ impl Selector {
                 continue;
             }
             if self.pgid == Some(pgid) || self.cookie.as_ref().is_some_and(|c| c.matches(pid)) {
-                found.push(pid);
+                found.push((pid, pgid));
             }
         }
         found
@@ -150,14 +155,23 @@ impl Selector {
     /// Sends `sig` to the group and to every selected process; returns how many
     /// processes were selected.
     pub(crate) fn signal(&self, sig: Signal) -> usize {
-        let pids = self.scan();
-        if let Some(pgid) = self.pgid {
-            let _ = killpg(Pid::from_raw(pgid), sig);
-        }
-        for pid in &pids {
+        let found = self.scan_groups();
+        self.signal_group(&found, sig);
+        for (pid, _) in &found {
             let _ = kill(Pid::from_raw(*pid), sig);
         }
-        pids.len()
+        found.len()
+    }
+
+    /// Signals the whole group, but only while a live member was just seen: a group id
+    /// cannot be reused while the group has a member, so this never hits a stranger
+    /// that was given the same number later.
+    fn signal_group(&self, found: &[(i32, i32)], sig: Signal) {
+        if let Some(pgid) = self.pgid {
+            if found.iter().any(|(_, g)| *g == pgid) {
+                let _ = killpg(Pid::from_raw(pgid), sig);
+            }
+        }
     }
 
     /// Sends SIGKILL to every selected process, scanning again until no new one
@@ -165,12 +179,11 @@ impl Selector {
     pub(crate) fn kill_all(&self) -> usize {
         let mut killed = HashSet::new();
         for _ in 0..50 {
-            if let Some(pgid) = self.pgid {
-                let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
-            }
-            let new: Vec<i32> = self
-                .scan()
+            let found = self.scan_groups();
+            self.signal_group(&found, Signal::SIGKILL);
+            let new: Vec<i32> = found
                 .into_iter()
+                .map(|(pid, _)| pid)
                 .filter(|p| !killed.contains(p))
                 .collect();
             if new.is_empty() {
