@@ -121,8 +121,23 @@ impl Selector {
         self.scan_groups().into_iter().map(|(pid, _)| pid).collect()
     }
 
+    /// True when the selection is a process group alone and that group has no
+    /// member at all (signal 0 to the group: ESRCH). The common case after a
+    /// script exits; it spares a walk over every process in `/proc`.
+    fn group_is_empty(&self) -> bool {
+        match (self.pgid, &self.cookie) {
+            (Some(pgid), None) => {
+                killpg(Pid::from_raw(pgid), None) == Err(nix::errno::Errno::ESRCH)
+            }
+            _ => false,
+        }
+    }
+
     /// Like [`Selector::scan`], with each process's group.
     fn scan_groups(&self) -> Vec<(i32, i32)> {
+        if self.group_is_empty() {
+            return Vec::new();
+        }
         let me = std::process::id() as i32;
         let Ok(dir) = std::fs::read_dir("/proc") else {
             return Vec::new();
