@@ -194,6 +194,9 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         o.pings
     );
 
+    // Warm both paths (buffers, allocator, page faults) so each measures steady state.
+    upload(&listening, 64, o.chunk_kib).await?;
+    upload(&polling, 64, o.chunk_kib).await?;
     let up = upload(&listening, o.upload_mib, o.chunk_kib).await?;
     println!("upload over listening: {} MiB in {} KiB chunks, SHA-256 verified by the receiver: {up:.0} MiB/s", o.upload_mib, o.chunk_kib);
     let up_polling = upload(&polling, o.upload_mib, o.chunk_kib).await?;

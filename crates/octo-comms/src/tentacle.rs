@@ -178,18 +178,19 @@ impl TentacleComms {
         if let Err(e) = net::tune(&tcp) {
             debug!("socket options on connection from {remote}: {e}");
         }
-        let tls = match tokio::time::timeout(self.h2.handshake_timeout, acceptor.accept(tcp)).await
-        {
+        let accept = acceptor.accept(tcp).into_fallible();
+        let tls = match tokio::time::timeout(self.h2.handshake_timeout, accept).await {
             Err(_) => {
                 debug!("TLS handshake from {remote} timed out");
                 return;
             }
-            Ok(Err(e)) => {
+            Ok(Err((e, tcp))) => {
                 if let Some(u) = UntrustedPeer::find(&e) {
                     warn!("refused connection from {remote}: {u}");
                 } else {
                     debug!("TLS handshake from {remote} failed: {e}");
                 }
+                net::linger_close(tcp, Duration::from_secs(2)).await;
                 return;
             }
             Ok(Ok(tls)) => tls,

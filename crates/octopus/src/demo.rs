@@ -30,10 +30,9 @@ const LISTENING_NAME: &str = "Tentacle listening";
 const POLLING_NAME: &str = "Tentacle polling";
 const SUBSCRIPTION: &str = "demo-polling";
 const PINGS: usize = 200;
-/// The fixture script: its body is the number of lines it writes.
-const SCRIPT_LINES: &str = "5";
-/// Milliseconds between the fixture script's lines, so they visibly stream.
-const SCRIPT_LINE_DELAY_MS: &str = "20";
+/// The script each tentacle runs: five lines, 20 ms apart, so they visibly stream.
+const SCRIPT: &str =
+    "for i in 0 1 2 3 4; do echo \"line $i from $TentacleInstanceName in $PWD\"; sleep 0.02; done";
 /// How long the server waits for the polling tentacle to connect.
 const POLLING_WAIT: Duration = Duration::from_secs(15);
 /// How long shutting down may take before the demo stops waiting.
@@ -88,9 +87,36 @@ async fn bind_loopback(what: &str) -> anyhow::Result<(TcpListener, SocketAddr)> 
     Ok((listener, addr))
 }
 
-/// Starts a listening tentacle with the fixture services, trusting `server`.
+/// The real tentacle services (scripts, files, capabilities) for an agent whose
+/// home is `dir/<slug>-home`.
+fn agent_routes(dir: &std::path::Path, name: &str, slug: &str) -> tonic::service::Routes {
+    use octo_proto::v1::capabilities_server::CapabilitiesServer;
+    use octo_proto::v1::file_service_server::FileServiceServer;
+    use octo_proto::v1::script_service_server::ScriptServiceServer;
+    let home = dir.join(format!("{slug}-home"));
+    if let Err(e) = std::fs::create_dir_all(&home) {
+        tracing::warn!("cannot create {}: {e}", home.display());
+    }
+    let ctx = octo_agent::AgentContext {
+        instance_name: name.to_string(),
+        applications: home.join("Applications"),
+        home,
+    };
+    tonic::service::Routes::new(CapabilitiesServer::new(
+        octo_agent::capabilities::CapabilitiesImpl::new(ctx.clone()),
+    ))
+    .add_service(ScriptServiceServer::new(
+        octo_agent::scripts::ScriptServiceImpl::new(ctx.clone()),
+    ))
+    .add_service(FileServiceServer::new(
+        octo_agent::files::FileServiceImpl::new(ctx),
+    ))
+}
+
+/// Starts a listening tentacle serving `routes`, trusting `server`.
 async fn start_listening_tentacle(
     identity: Identity,
+    routes: tonic::service::Routes,
     name: &str,
     server: Thumbprint,
     shutdown: &CancellationToken,
@@ -98,7 +124,7 @@ async fn start_listening_tentacle(
 ) -> anyhow::Result<SocketAddr> {
     let (listener, addr) = bind_loopback(name).await?;
     let trust = TrustStore::pinned(server, tentacle_hint());
-    let comms = TentacleComms::new(identity, trust, octo_testkit::services::routes(), name);
+    let comms = TentacleComms::new(identity, trust, routes, name);
     let token = shutdown.clone();
     let label = name.to_string();
     tasks.push(tokio::spawn(async move {
@@ -190,15 +216,14 @@ async fn exercise(
     let started = scripts
         .start_script(StartScriptRequest {
             ticket: ticket.to_string(),
-            script_body: SCRIPT_LINES.to_string(),
-            arguments: vec![SCRIPT_LINE_DELAY_MS.to_string()],
+            script_body: SCRIPT.to_string(),
             ..Default::default()
         })
         .await
         .with_context(|| format!("starting script {ticket} on {name}"))?
         .into_inner();
     println!(
-        "  script {ticket} (fixture \"{SCRIPT_LINES}\"): started, state {}",
+        "  script {ticket} (bash: {SCRIPT}): started, state {}",
         state_name(started.state)
     );
     let mut events = scripts
@@ -318,6 +343,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     // The listening tentacle: the server dials it.
     let listening_addr = start_listening_tentacle(
         listening_id.identity,
+        agent_routes(&dir, LISTENING_NAME, "tentacle-listening"),
         LISTENING_NAME,
         server_tp,
         &shutdown,
@@ -331,7 +357,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let comms = TentacleComms::new(
             polling_id.identity,
             trust,
-            octo_testkit::services::routes(),
+            agent_routes(&dir, POLLING_NAME, "tentacle-polling"),
             POLLING_NAME,
         );
         let target = PollingTarget {
@@ -358,7 +384,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!(
         "  {POLLING_NAME:<20} dials {polling_addr} as poll://{SUBSCRIPTION}/ (trusts {SERVER_NAME})"
     );
-    println!("  Note: both tentacles serve the octo-testkit fixture services (a script is a line count, not a shell script); the real script and file services arrive with the tentacle agent.");
+    println!("  Both tentacles run the real agent services (octo-agent) in this process; scripts run in HOME/Work/<ticket>/ under {}.", dir.display());
 
     let listening_endpoint =
         Endpoint::listening(&format!("https://{listening_addr}/"), listening_tp)
@@ -432,7 +458,10 @@ async fn refusal(
     let impostor = Identity::generate(IMPOSTOR).context("generating the impostor's identity")?;
     let impostor_tp = impostor.thumbprint();
     // It even trusts the server, so only the server's pin can stop it.
-    let addr = start_listening_tentacle(impostor, IMPOSTOR, server_tp, shutdown, tasks).await?;
+    // It serves nothing: the server's pin refuses it before any call.
+    let routes = tonic::service::Routes::default();
+    let addr =
+        start_listening_tentacle(impostor, routes, IMPOSTOR, server_tp, shutdown, tasks).await?;
     println!("  {IMPOSTOR:<20} thumbprint {impostor_tp} (in memory only)");
     println!(
         "  it listens on https://{addr}/; the server is told to expect {LISTENING_NAME} there"

@@ -93,15 +93,21 @@ fn demo_shows_both_modes_and_a_refusal() {
 
     assert!(out.contains("poll://demo-polling/"), "{out}");
     assert!(out.contains("subscription poll://demo-polling/"), "{out}");
-    assert!(out.contains("[Tentacle listening] line 0"), "{out}");
-    assert!(out.contains("[Tentacle polling] line 4"), "{out}");
+    assert!(
+        out.contains("[Tentacle listening] line 0 from Tentacle listening in "),
+        "{out}"
+    );
+    assert!(
+        out.contains("[Tentacle polling] line 4 from Tentacle polling in "),
+        "{out}"
+    );
     assert_eq!(
         out.matches("final state: COMPLETE, exit code 0").count(),
         2,
         "{out}"
     );
     assert!(out.contains("ping x200: p50 "), "{out}");
-    assert!(out.contains("fixture"), "{out}");
+    assert!(out.contains("real agent services"), "{out}");
 
     // The refusal names what was presented and what was expected.
     let listening = thumbprint_of(out, "Tentacle listening");

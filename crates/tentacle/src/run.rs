@@ -94,9 +94,11 @@ async fn agent(
     };
     let routes =
         tonic::service::Routes::new(CapabilitiesServer::new(CapabilitiesImpl::new(ctx.clone())))
-            .add_service(ScriptServiceServer::new(ScriptServiceImpl::new(
-                ctx.clone(),
-            )))
+            .add_service(
+                // Scripts may carry extra files: allow requests up to 64 MiB.
+                ScriptServiceServer::new(ScriptServiceImpl::new(ctx.clone()))
+                    .max_decoding_message_size(64 << 20),
+            )
             .add_service(
                 FileServiceServer::new(FileServiceImpl::new(ctx))
                     .max_decoding_message_size(16 << 20)
