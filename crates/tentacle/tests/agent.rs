@@ -247,6 +247,16 @@ async fn polling_agent_reaches_the_server_and_stops_on_sigterm() {
             .unwrap()
             .text,
     );
+    // The agent also logs to a rolling file under HOME/Logs.
+    let logs: Vec<_> = std::fs::read_dir(home.join("Logs"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(
+        logs.iter()
+            .any(|e| e.file_name().to_string_lossy().starts_with("tentacle")),
+        "{logs:?}"
+    );
     assert!(
         status
             .logs
