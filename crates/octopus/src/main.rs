@@ -6,12 +6,16 @@
 
 // A command-line tool prints its results by design.
 #![allow(clippy::print_stdout)]
+// The server returns large futures from its handlers; boxing them all buys nothing.
+#![allow(clippy::large_futures)]
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
 mod demo;
+
+use octo_server::server;
 
 /// The Octopus server.
 #[derive(Debug, Parser)]
@@ -26,6 +30,24 @@ enum Command {
     /// Run a server and two tentacles (one listening, one polling) in this
     /// process and show them exchanging calls over pinned mutual TLS on 127.0.0.1.
     Demo(DemoArgs),
+    /// Run or inspect the server.
+    #[command(subcommand)]
+    Server(ServerCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ServerCommand {
+    /// Run the server: web API, polling port, embedded SQLite in the data directory.
+    #[command(
+        after_help = "Example:\n  octopus server run --data /var/lib/octopus --listen 0.0.0.0:8080 --comms-listen-port 10943"
+    )]
+    Run(server::RunArgs),
+    /// Print the server's comms thumbprint, which tentacles must trust.
+    ShowThumbprint {
+        /// Data directory of the server.
+        #[arg(long, default_value = "octopus-data")]
+        data: PathBuf,
+    },
 }
 
 /// Options of `octopus demo`.
@@ -57,5 +79,7 @@ async fn main() -> anyhow::Result<()> {
     init_tracing();
     match cli.command {
         Command::Demo(args) => Box::pin(demo::run(args)).await,
+        Command::Server(ServerCommand::Run(args)) => server::run(args).await,
+        Command::Server(ServerCommand::ShowThumbprint { data }) => server::show_thumbprint(&data),
     }
 }

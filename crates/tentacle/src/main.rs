@@ -4,6 +4,7 @@
 //! over; options are kebab-case and also accept the original's spellings.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod register;
 mod run;
 mod setup;
 
@@ -95,6 +96,8 @@ enum Command {
     PollServer(PollServerArgs),
     /// Install, remove, start or stop the systemd service for this instance.
     Service(ServiceArgs),
+    /// Register this tentacle with a server (as a deployment target) and trust the server.
+    RegisterWith(register::RegisterArgs),
     /// Run the agent in the foreground (what the service runs).
     #[command(
         alias = "agent",
@@ -292,6 +295,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::PollServer(a) => poll_server(&Target::resolve(&cli.instance, config)?, a),
         Command::Service(a) => service(&Target::resolve(&cli.instance, config)?, &a),
         Command::Run => run::run(&Target::resolve(&cli.instance, config)?),
+        Command::RegisterWith(a) => {
+            register::register(&Target::resolve(&cli.instance, config)?, &a)
+        }
         Command::ShowConfiguration { format } => {
             show_configuration(&Target::resolve(&cli.instance, config)?, format)
         }

@@ -1,0 +1,367 @@
+//! The server's store.
+//!
+//! [`Store`] is everything the server persists, as one async trait, so that a
+//! PostgreSQL implementation can sit beside the embedded SQLite one
+//! ([`sqlite::SqliteStore`]). Queries are built at run time (no compile-time
+//! checked macros: those bind a build to one database), and each database has its
+//! own migrations folder (`migrations/sqlite/`).
+//!
+//! Conventions: ids are `i64` row ids except task ids, which are strings shown to
+//! people ("ServerTasks-42"); times are Unix milliseconds (`i64`); names are unique
+//! and compared case-insensitively; lists come back ordered by name (or, for tasks,
+//! newest first).
+
+use serde::{Deserialize, Serialize};
+
+pub mod sqlite;
+
+/// What went wrong in the store, in words a person can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A thing with that name (or key) does not exist.
+    #[error("{kind} '{name}' does not exist")]
+    NotFound {
+        /// "environment", "machine", ...
+        kind: &'static str,
+        /// The name or id asked for.
+        name: String,
+    },
+    /// A thing with that name already exists.
+    #[error("{kind} '{name}' already exists")]
+    Conflict {
+        /// "environment", "machine", ...
+        kind: &'static str,
+        /// The name.
+        name: String,
+    },
+    /// The operation would break a rule (e.g. deleting an environment that machines use).
+    #[error("{0}")]
+    Invalid(String),
+    /// The database failed.
+    #[error("database error: {0}")]
+    Database(String),
+}
+
+/// Shorthand.
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// A person (or automation) who can call the API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    pub id: i64,
+    pub username: String,
+    pub display_name: String,
+    pub is_admin: bool,
+    pub created_at: i64,
+}
+
+/// An API key. The key itself is never stored: only its SHA-256 (hex).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKey {
+    pub id: i64,
+    pub user_id: i64,
+    /// What the key is for, e.g. "admin (created at first start)".
+    pub purpose: String,
+    /// The key's first characters, shown in listings so people can tell keys apart.
+    pub prefix: String,
+    pub created_at: i64,
+    pub last_used_at: Option<i64>,
+    pub revoked: bool,
+}
+
+/// An environment, e.g. "Production".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Environment {
+    pub id: i64,
+    pub name: String,
+    pub description: String,
+    pub created_at: i64,
+}
+
+/// A tenant and its tags ("Tier/Gold" style, free text).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tenant {
+    pub id: i64,
+    pub name: String,
+    pub tags: Vec<String>,
+    pub created_at: i64,
+}
+
+/// How machines are checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachinePolicy {
+    pub id: i64,
+    pub name: String,
+    /// Seconds between scheduled health checks.
+    pub health_check_interval_s: i64,
+    /// Seconds a health check may take per machine.
+    pub health_check_timeout_s: i64,
+    /// Seconds a request waits for a polling machine to connect.
+    pub polling_wait_s: i64,
+}
+
+/// The policy every new machine gets unless told otherwise.
+pub const DEFAULT_POLICY: &str = "Default Machine Policy";
+
+/// How the server reaches a machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EndpointKind {
+    /// The tentacle listens; `uri` is `https://host:port/`.
+    Listening,
+    /// The tentacle polls; `uri` is `poll://subscription/`.
+    Polling,
+}
+
+/// Last known health of a machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HealthStatus {
+    /// Never checked.
+    Unknown,
+    /// Reachable, trusted, and well.
+    Healthy,
+    /// Reachable but something is wrong (e.g. low disk).
+    Unhealthy,
+    /// Not reachable, not trusted, or timed out (the reason says which).
+    Unavailable,
+}
+
+/// A deployment target or worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Machine {
+    pub id: i64,
+    pub name: String,
+    pub kind: EndpointKind,
+    pub uri: String,
+    /// SHA-256 thumbprint the tentacle must present, 64 upper-case hex.
+    pub thumbprint: String,
+    /// Environment names (empty for workers).
+    pub environments: Vec<String>,
+    pub roles: Vec<String>,
+    pub tenants: Vec<String>,
+    pub tenant_tags: Vec<String>,
+    pub policy: String,
+    /// Set for workers: the worker pool's name.
+    pub worker_pool: Option<String>,
+    pub status: HealthStatus,
+    /// Why it is unhealthy or unavailable; empty when healthy.
+    pub status_reason: String,
+    pub last_health_at: Option<i64>,
+    pub tentacle_version: Option<String>,
+    pub tool_version: Option<String>,
+    pub created_at: i64,
+}
+
+/// What is needed to add a machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewMachine {
+    pub name: String,
+    pub kind: EndpointKind,
+    pub uri: String,
+    pub thumbprint: String,
+    pub environments: Vec<String>,
+    pub roles: Vec<String>,
+    pub tenants: Vec<String>,
+    pub tenant_tags: Vec<String>,
+    /// None: the default policy.
+    pub policy: Option<String>,
+    pub worker_pool: Option<String>,
+}
+
+/// Which machines a task targets. Empty lists match everything; non-empty lists
+/// must all match (a machine must be in one of `environments` AND have one of
+/// `roles` AND ...).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineFilter {
+    pub names: Vec<String>,
+    pub environments: Vec<String>,
+    pub roles: Vec<String>,
+    pub tenants: Vec<String>,
+}
+
+/// Result of a health check, to record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthUpdate {
+    pub status: HealthStatus,
+    pub reason: String,
+    pub at: i64,
+    pub tentacle_version: Option<String>,
+    pub tool_version: Option<String>,
+}
+
+/// State of a task or of one machine's part of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskState {
+    Queued,
+    Executing,
+    Success,
+    Failed,
+    Canceled,
+}
+
+impl TaskState {
+    /// Final states never change again.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            TaskState::Success | TaskState::Failed | TaskState::Canceled
+        )
+    }
+}
+
+/// A server task: a health check, a script run, a deployment...
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    /// "ServerTasks-<n>".
+    pub id: String,
+    /// "Health", "Script", ...
+    pub kind: String,
+    pub description: String,
+    pub state: TaskState,
+    /// What the task does (script body, syntax, ...), as given when it was created.
+    pub arguments: serde_json::Value,
+    /// Why it failed, when it did.
+    pub error: Option<String>,
+    pub cancel_requested: bool,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub completed_at: Option<i64>,
+}
+
+/// One machine's part of a task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskStep {
+    pub task_id: String,
+    pub machine_id: i64,
+    pub machine_name: String,
+    pub state: TaskState,
+    /// The script ticket used on the tentacle (derived from the task).
+    pub ticket: String,
+    pub exit_code: Option<i32>,
+    /// The next tentacle log sequence not yet stored for this step (resume point).
+    pub next_sequence: i64,
+    pub error: Option<String>,
+    pub started_at: Option<i64>,
+    pub completed_at: Option<i64>,
+}
+
+/// One stored log line of a task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskLogLine {
+    /// Position in the task's whole log (all machines), from 1; for "since" queries.
+    pub id: i64,
+    pub task_id: String,
+    /// None for lines written by the server about the task as a whole.
+    pub machine_id: Option<i64>,
+    /// The tentacle's sequence number within the step (None for server lines).
+    pub sequence: Option<i64>,
+    pub timestamp: i64,
+    /// "stdout", "stderr", "service" (tentacle), "server".
+    pub stream: String,
+    pub text: String,
+}
+
+/// A log line to add. Lines of a step are unique by (task, machine, sequence):
+/// adding one that exists is ignored, so a resumed stream never duplicates.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewLogLine {
+    pub machine_id: Option<i64>,
+    pub sequence: Option<i64>,
+    pub timestamp: i64,
+    pub stream: String,
+    pub text: String,
+}
+
+/// Everything the server persists.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug {
+    // Users and API keys.
+    /// Adds a user; `password_hash` is an argon2 PHC string (None: API keys only).
+    async fn create_user(
+        &self,
+        username: &str,
+        display_name: &str,
+        password_hash: Option<&str>,
+        is_admin: bool,
+    ) -> Result<User>;
+    /// A user and their password hash, by username.
+    async fn user_by_name(&self, username: &str) -> Result<Option<(User, Option<String>)>>;
+    /// Number of users (0 means first start).
+    async fn count_users(&self) -> Result<i64>;
+    /// Adds an API key given its SHA-256 hex and display prefix.
+    async fn create_api_key(
+        &self,
+        user_id: i64,
+        purpose: &str,
+        key_sha256: &str,
+        prefix: &str,
+    ) -> Result<ApiKey>;
+    /// The (not revoked) key with this SHA-256 and its user; records the use time.
+    async fn authenticate_api_key(
+        &self,
+        key_sha256: &str,
+        now: i64,
+    ) -> Result<Option<(ApiKey, User)>>;
+    /// Keys of a user, or of everyone.
+    async fn list_api_keys(&self, user_id: Option<i64>) -> Result<Vec<ApiKey>>;
+    /// Revokes a key by id; NotFound when there is none.
+    async fn revoke_api_key(&self, id: i64) -> Result<()>;
+
+    // Environments and tenants.
+    async fn create_environment(&self, name: &str, description: &str) -> Result<Environment>;
+    async fn list_environments(&self) -> Result<Vec<Environment>>;
+    async fn environment(&self, name: &str) -> Result<Option<Environment>>;
+    /// Refused (Invalid) while machines are in it.
+    async fn delete_environment(&self, name: &str) -> Result<()>;
+    async fn create_tenant(&self, name: &str, tags: &[String]) -> Result<Tenant>;
+    async fn list_tenants(&self) -> Result<Vec<Tenant>>;
+
+    // Machine policies.
+    /// The policy by name (the default policy always exists after migrations).
+    async fn policy(&self, name: &str) -> Result<Option<MachinePolicy>>;
+
+    // Machines.
+    /// Adds a machine. Conflict when the name exists; Invalid when an environment,
+    /// tenant or the policy does not exist.
+    async fn create_machine(&self, m: &NewMachine) -> Result<Machine>;
+    /// Replaces the machine of the same name (register-with --force), keeping its id.
+    async fn replace_machine(&self, m: &NewMachine) -> Result<Machine>;
+    async fn machine(&self, name: &str) -> Result<Option<Machine>>;
+    async fn machine_by_id(&self, id: i64) -> Result<Option<Machine>>;
+    /// Machines presenting this thumbprint (more than one means a cloned image).
+    async fn machines_by_thumbprint(&self, thumbprint: &str) -> Result<Vec<Machine>>;
+    async fn list_machines(&self, filter: &MachineFilter) -> Result<Vec<Machine>>;
+    async fn delete_machine(&self, name: &str) -> Result<()>;
+    async fn record_health(&self, machine_id: i64, h: &HealthUpdate) -> Result<()>;
+
+    // Tasks.
+    /// Creates a task with one Queued step per machine; tickets are derived from the
+    /// task id and machine id.
+    async fn create_task(
+        &self,
+        kind: &str,
+        description: &str,
+        arguments: &serde_json::Value,
+        machine_ids: &[i64],
+        now: i64,
+    ) -> Result<Task>;
+    async fn task(&self, id: &str) -> Result<Option<Task>>;
+    /// Newest first.
+    async fn list_tasks(&self, limit: i64) -> Result<Vec<Task>>;
+    /// Tasks not in a final state (to resume after a restart).
+    async fn unfinished_tasks(&self) -> Result<Vec<Task>>;
+    async fn set_task_state(
+        &self,
+        id: &str,
+        state: TaskState,
+        error: Option<&str>,
+        now: i64,
+    ) -> Result<()>;
+    async fn request_cancel(&self, id: &str) -> Result<()>;
+    async fn task_steps(&self, task_id: &str) -> Result<Vec<TaskStep>>;
+    async fn update_step(&self, step: &TaskStep) -> Result<()>;
+    /// Appends lines (ignoring (task, machine, sequence) duplicates) and, for the
+    /// lines' machine, advances the step's next_sequence past the highest sequence.
+    async fn append_log(&self, task_id: &str, lines: &[NewLogLine]) -> Result<()>;
+    /// Lines with id > `after_id`, oldest first, at most `limit`.
+    async fn task_log(&self, task_id: &str, after_id: i64, limit: i64) -> Result<Vec<TaskLogLine>>;
+}

@@ -1,0 +1,470 @@
+//! The REST API under `/api`, JSON in and out, authenticated with the
+//! `X-Octopus-ApiKey` header.
+//!
+//! Errors are `{"error": "..."}` with a status that says who must act: 400 for a
+//! malformed request (naming the field), 401 without valid credentials (saying
+//! nothing else), 404/409 for missing or duplicate things.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use octo_store::{EndpointKind, Machine, MachineFilter, NewMachine, StoreError, User};
+use octo_tls::Thumbprint;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::server::{hash_api_key, new_api_key, now_ms, AppState};
+
+/// Header carrying the API key.
+pub(crate) const API_KEY_HEADER: &str = "X-Octopus-ApiKey";
+
+/// An API error.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        let status = match &e {
+            StoreError::NotFound { .. } => StatusCode::NOT_FOUND,
+            StoreError::Conflict { .. } => StatusCode::CONFLICT,
+            StoreError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            StoreError::Database(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!("store: {e}");
+        }
+        Self::new(status, e.to_string())
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        tracing::error!("{e:#}");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// `Json` whose rejections are 400s naming what is wrong (the field, line and column).
+pub(crate) struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Self(v)),
+            Err(rejection) => Err(ApiError::bad_request(format!(
+                "malformed request: {}",
+                rejection.body_text()
+            ))),
+        }
+    }
+}
+
+/// The caller, once authenticated.
+#[derive(Debug, Clone)]
+pub(crate) struct Caller(pub User);
+
+async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let unauthorized = || {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            format!("authentication required: send a valid API key in the {API_KEY_HEADER} header"),
+        )
+        .into_response()
+    };
+    let Some(key) = req
+        .headers()
+        .get(API_KEY_HEADER)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return unauthorized();
+    };
+    match state
+        .store
+        .authenticate_api_key(&hash_api_key(key.trim()), now_ms())
+        .await
+    {
+        Ok(Some((_, user))) => {
+            req.extensions_mut().insert(Caller(user));
+            next.run(req).await
+        }
+        Ok(None) => unauthorized(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+/// The API's routes.
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/api/server", get(server_info))
+        .route(
+            "/api/environments",
+            get(list_environments).post(create_environment),
+        )
+        .route("/api/environments/{name}", delete(delete_environment))
+        .route("/api/machines", get(list_machines).post(create_machine))
+        .route("/api/machines/register", post(register))
+        .route(
+            "/api/machines/{name}",
+            get(get_machine).delete(delete_machine),
+        )
+        .route("/api/api-keys", get(list_api_keys).post(create_api_key))
+        .route("/api/api-keys/{id}", delete(revoke_api_key))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authenticate,
+        ));
+    Router::new()
+        .route(
+            "/api",
+            get(|| async {
+                Json(json!({ "application": "octopus", "version": env!("CARGO_PKG_VERSION") }))
+            }),
+        )
+        .merge(api)
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "no such API route; see /api/server")
+        })
+        .with_state(state)
+}
+
+async fn server_info(State(s): State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "thumbprint": s.thumbprint.to_string(),
+        "comms_port": s.comms_port,
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewEnvironment {
+    name: String,
+    #[serde(default)]
+    description: String,
+}
+
+async fn list_environments(State(s): State<AppState>) -> ApiResult<impl IntoResponse> {
+    Ok(Json(s.store.list_environments().await?))
+}
+
+async fn create_environment(
+    State(s): State<AppState>,
+    ApiJson(e): ApiJson<NewEnvironment>,
+) -> ApiResult<impl IntoResponse> {
+    if e.name.trim().is_empty() {
+        return Err(ApiError::bad_request("field `name` must not be empty"));
+    }
+    Ok((
+        StatusCode::CREATED,
+        Json(
+            s.store
+                .create_environment(e.name.trim(), &e.description)
+                .await?,
+        ),
+    ))
+}
+
+async fn delete_environment(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    s.store.delete_environment(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct MachineQuery {
+    environment: Option<String>,
+    role: Option<String>,
+    tenant: Option<String>,
+}
+
+async fn list_machines(
+    State(s): State<AppState>,
+    Query(q): Query<MachineQuery>,
+) -> ApiResult<impl IntoResponse> {
+    let filter = MachineFilter {
+        names: vec![],
+        environments: q.environment.into_iter().collect(),
+        roles: q.role.into_iter().collect(),
+        tenants: q.tenant.into_iter().collect(),
+    };
+    Ok(Json(s.store.list_machines(&filter).await?))
+}
+
+async fn get_machine(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Machine>> {
+    s.store.machine(&name).await?.map(Json).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("machine '{name}' does not exist"),
+        )
+    })
+}
+
+async fn delete_machine(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    let machine = s.store.machine(&name).await?;
+    s.store.delete_machine(&name).await?;
+    if let Some(m) = machine {
+        if let Ok(ep) = endpoint_of(&m) {
+            s.comms.forget(&ep);
+        }
+    }
+    s.refresh_polling_trust().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The comms endpoint of a stored machine.
+pub(crate) fn endpoint_of(m: &Machine) -> Result<octo_comms::Endpoint, octo_comms::CommsError> {
+    let tp: Thumbprint = m
+        .thumbprint
+        .parse()
+        .map_err(
+            |e: octo_tls::ThumbprintParseError| octo_comms::CommsError::InvalidEndpoint {
+                endpoint: m.uri.clone(),
+                reason: e.to_string(),
+            },
+        )?;
+    match m.kind {
+        EndpointKind::Listening => octo_comms::Endpoint::listening(&m.uri, tp),
+        EndpointKind::Polling => octo_comms::Endpoint::polling(&m.uri, tp),
+    }
+}
+
+/// A machine as the API accepts it (add-listening, register).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MachineRequest {
+    name: String,
+    /// "TentaclePassive" (listening) or "TentacleActive" (polling).
+    comms_style: String,
+    /// Listening: https://HOST:PORT/. Polling: poll://SUBSCRIPTION/ or the subscription id.
+    uri: String,
+    thumbprint: String,
+    #[serde(default)]
+    environments: Vec<String>,
+    #[serde(default)]
+    roles: Vec<String>,
+    #[serde(default)]
+    tenants: Vec<String>,
+    #[serde(default)]
+    tenant_tags: Vec<String>,
+    policy: Option<String>,
+    worker_pool: Option<String>,
+    /// Replace a machine of the same name.
+    #[serde(default)]
+    force: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct RegisterReply {
+    machine: Machine,
+    /// The server's comms thumbprint, which the tentacle must trust.
+    server_thumbprint: String,
+    /// The server's polling port.
+    comms_port: u16,
+}
+
+fn validate(r: &MachineRequest) -> ApiResult<NewMachine> {
+    if r.name.trim().is_empty() {
+        return Err(ApiError::bad_request("field `name` must not be empty"));
+    }
+    let thumbprint: Thumbprint =
+        r.thumbprint
+            .parse()
+            .map_err(|e: octo_tls::ThumbprintParseError| {
+                ApiError::bad_request(format!("field `thumbprint`: {e}"))
+            })?;
+    let (kind, uri) = match r.comms_style.as_str() {
+        "TentaclePassive" | "Listening" => {
+            let ep = octo_comms::Endpoint::listening(&r.uri, thumbprint).map_err(|e| ApiError::bad_request(format!("field `uri`: {e}")))?;
+            (EndpointKind::Listening, ep.to_string())
+        }
+        "TentacleActive" | "Polling" => {
+            let ep = octo_comms::Endpoint::polling(&r.uri, thumbprint).map_err(|e| ApiError::bad_request(format!("field `uri`: {e}")))?;
+            (EndpointKind::Polling, ep.to_string())
+        }
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "field `comms_style`: '{other}' is not TentaclePassive (listening) or TentacleActive (polling)"
+            )))
+        }
+    };
+    if r.worker_pool.is_none() && r.environments.is_empty() {
+        return Err(ApiError::bad_request(
+            "field `environments`: a deployment target needs at least one environment",
+        ));
+    }
+    Ok(NewMachine {
+        name: r.name.trim().to_string(),
+        kind,
+        uri,
+        thumbprint: thumbprint.to_string(),
+        environments: r.environments.clone(),
+        roles: r.roles.clone(),
+        tenants: r.tenants.clone(),
+        tenant_tags: r.tenant_tags.clone(),
+        policy: r.policy.clone(),
+        worker_pool: r.worker_pool.clone(),
+    })
+}
+
+async fn save_machine(s: &AppState, r: &MachineRequest) -> ApiResult<Machine> {
+    let new = validate(r)?;
+    // One certificate, one machine: a second machine with the same thumbprint is
+    // almost always a cloned VM image, and requests would reach the wrong one.
+    let clash: Vec<String> = s
+        .store
+        .machines_by_thumbprint(&new.thumbprint)
+        .await?
+        .into_iter()
+        .filter(|m| !m.name.eq_ignore_ascii_case(&new.name))
+        .map(|m| m.name)
+        .collect();
+    if !clash.is_empty() {
+        tracing::warn!(
+            "refused machine '{}': thumbprint {} is already used by {}",
+            new.name,
+            new.thumbprint,
+            clash.join(", ")
+        );
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "thumbprint {} is already used by machine {} (a cloned VM image?); run `tentacle new-certificate` on the new machine and register it again",
+                new.thumbprint,
+                clash.join(", ")
+            ),
+        ));
+    }
+    let existing = s.store.machine(&new.name).await?;
+    let machine = match (existing, r.force) {
+        (Some(old), true) => {
+            if let Ok(ep) = endpoint_of(&old) {
+                s.comms.forget(&ep);
+            }
+            s.store.replace_machine(&new).await?
+        }
+        (Some(_), false) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "machine '{}' already exists; pass --force to replace it",
+                    new.name
+                ),
+            ))
+        }
+        (None, _) => s.store.create_machine(&new).await?,
+    };
+    s.refresh_polling_trust().await?;
+    Ok(machine)
+}
+
+async fn create_machine(
+    State(s): State<AppState>,
+    ApiJson(r): ApiJson<MachineRequest>,
+) -> ApiResult<impl IntoResponse> {
+    Ok((StatusCode::CREATED, Json(save_machine(&s, &r).await?)))
+}
+
+async fn register(
+    State(s): State<AppState>,
+    ApiJson(r): ApiJson<MachineRequest>,
+) -> ApiResult<impl IntoResponse> {
+    let machine = save_machine(&s, &r).await?;
+    tracing::info!(
+        "registered machine '{}' ({}, thumbprint {})",
+        machine.name,
+        machine.uri,
+        machine.thumbprint
+    );
+    Ok((
+        StatusCode::CREATED,
+        Json(RegisterReply {
+            machine,
+            server_thumbprint: s.thumbprint.to_string(),
+            comms_port: s.comms_port,
+        }),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewApiKey {
+    purpose: String,
+}
+
+async fn list_api_keys(
+    State(s): State<AppState>,
+    axum::Extension(caller): axum::Extension<Caller>,
+) -> ApiResult<impl IntoResponse> {
+    let scope = if caller.0.is_admin {
+        None
+    } else {
+        Some(caller.0.id)
+    };
+    Ok(Json(s.store.list_api_keys(scope).await?))
+}
+
+async fn create_api_key(
+    State(s): State<AppState>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    ApiJson(r): ApiJson<NewApiKey>,
+) -> ApiResult<impl IntoResponse> {
+    let key = new_api_key();
+    let stored = s
+        .store
+        .create_api_key(caller.0.id, &r.purpose, &hash_api_key(&key), &key[..8])
+        .await?;
+    // The only time the key is ever shown.
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "api_key": key, "key": stored })),
+    ))
+}
+
+async fn revoke_api_key(
+    State(s): State<AppState>,
+    Path(id): Path<i64>,
+) -> ApiResult<impl IntoResponse> {
+    s.store.revoke_api_key(id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,340 @@
+//! `octopus server run`: the server process.
+//!
+//! Owns a data directory (locked, so a second server cannot share it) holding the
+//! comms certificate, the SQLite database and the first admin API key. Serves the
+//! REST API on `--listen` and accepts polling tentacles on the comms port.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use octo_comms::{ServerComms, ServerCommsOptions};
+use octo_store::sqlite::SqliteStore;
+use octo_store::{EndpointKind, MachineFilter, Store};
+use octo_tls::{Identity, Thumbprint, TrustStore};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+/// Options of `octopus server run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Data directory: certificate, database, admin API key.
+    #[arg(long, default_value = "octopus-data")]
+    pub data: PathBuf,
+    /// Address of the web API.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Port polling tentacles connect to (0 picks a free port).
+    #[arg(long, alias = "commsListenPort", default_value_t = 10943)]
+    pub comms_listen_port: u16,
+    /// Address the comms port binds.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub comms_listen_address: String,
+    /// Database URL; default: SQLite in the data directory (sqlite://DATA/octopus.db).
+    #[arg(long)]
+    pub database_url: Option<String>,
+}
+
+/// Holds the data directory's lock for the life of the server.
+#[derive(Debug)]
+pub struct DataLock {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl DataLock {
+    fn acquire(data: &Path) -> anyhow::Result<Self> {
+        let path = data.join(".lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(mut lock) => {
+                use std::io::{Seek, Write};
+                let _ = lock.set_len(0);
+                let _ = lock.seek(std::io::SeekFrom::Start(0));
+                let _ = writeln!(lock, "{}", std::process::id());
+                Ok(Self { _lock: lock })
+            }
+            Err((_, _)) => {
+                let pid = std::fs::read_to_string(&path).unwrap_or_default();
+                bail!(
+                    "another octopus server (pid {}) is using the data directory {}; stop it, or give this one another --data",
+                    pid.trim(),
+                    data.display()
+                )
+            }
+        }
+    }
+}
+
+pub(crate) fn cert_paths(data: &Path) -> (PathBuf, PathBuf) {
+    (data.join("server.crt"), data.join("server.key"))
+}
+
+/// `octopus server show-thumbprint`.
+pub fn show_thumbprint(data: &Path) -> anyhow::Result<()> {
+    let (cert, key) = cert_paths(data);
+    if !cert.exists() {
+        bail!(
+            "there is no server in {} yet; start it once with `octopus server run --data {}`",
+            data.display(),
+            data.display()
+        );
+    }
+    let id = Identity::load(&cert, &key)?;
+    println!("{}", id.thumbprint());
+    Ok(())
+}
+
+/// SHA-256 (lower-case hex) of an API key: what the store keeps.
+pub(crate) fn hash_api_key(key: &str) -> String {
+    Sha256::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A new API key: "API-" and 32 random upper-case letters and digits.
+pub(crate) fn new_api_key() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let mut rng = rand::rng();
+    let body: String = (0..32)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect();
+    format!("API-{body}")
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+async fn open_store(args: &RunArgs) -> anyhow::Result<SqliteStore> {
+    let path = match args.database_url.as_deref() {
+        None => args.data.join("octopus.db"),
+        Some(url) => match url.strip_prefix("sqlite://") {
+            Some(p) => PathBuf::from(p),
+            None => bail!(
+                "--database-url '{url}' is not supported: this build stores data in SQLite (sqlite://PATH); PostgreSQL support is planned"
+            ),
+        },
+    };
+    SqliteStore::open(&path)
+        .await
+        .with_context(|| format!("opening the database {}", path.display()))
+}
+
+/// First start: an admin user and an API key, printed once and written 0600.
+async fn bootstrap(store: &dyn Store, data: &Path) -> anyhow::Result<Option<String>> {
+    if store.count_users().await? > 0 {
+        return Ok(None);
+    }
+    let admin = store
+        .create_user("admin", "Administrator", None, true)
+        .await?;
+    let key = new_api_key();
+    store
+        .create_api_key(
+            admin.id,
+            "admin (created at first start)",
+            &hash_api_key(&key),
+            &key[..8],
+        )
+        .await?;
+    let path = data.join("admin-api-key");
+    octo_agent::config::write_atomic(&path, format!("{key}\n").as_bytes(), 0o600)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(Some(key))
+}
+
+/// Thumbprints of polling machines: who may connect to the comms port.
+pub(crate) async fn polling_thumbprints(store: &dyn Store) -> anyhow::Result<Vec<Thumbprint>> {
+    Ok(store
+        .list_machines(&MachineFilter::default())
+        .await?
+        .into_iter()
+        .filter(|m| m.kind == EndpointKind::Polling)
+        .filter_map(|m| m.thumbprint.parse().ok())
+        .collect())
+}
+
+/// Shared by API handlers.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub comms: ServerComms,
+    pub polling_trust: TrustStore,
+    pub thumbprint: Thumbprint,
+    pub comms_port: u16,
+}
+
+impl AppState {
+    /// Re-reads which polling tentacles may connect (after machines change).
+    pub(crate) async fn refresh_polling_trust(&self) -> anyhow::Result<()> {
+        self.polling_trust
+            .replace(polling_thumbprints(self.store.as_ref()).await?);
+        Ok(())
+    }
+}
+
+/// A started server.
+#[derive(Debug)]
+pub struct RunningServer {
+    /// Where the API listens.
+    pub api_addr: SocketAddr,
+    /// The polling port.
+    pub comms_port: u16,
+    /// The comms thumbprint tentacles must trust.
+    pub thumbprint: Thumbprint,
+    /// The first admin API key, when this start created it.
+    pub admin_api_key: Option<String>,
+    shutdown: CancellationToken,
+    tasks: tokio::task::JoinSet<()>,
+    _lock: DataLock,
+}
+
+impl RunningServer {
+    /// Stops accepting, closes connections, waits (bounded) for tasks to end.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+    }
+}
+
+/// Starts a server and returns once it listens.
+pub async fn start(args: &RunArgs) -> anyhow::Result<RunningServer> {
+    std::fs::create_dir_all(&args.data)
+        .with_context(|| format!("creating the data directory {}", args.data.display()))?;
+    let lock = DataLock::acquire(&args.data)?;
+    let (cert, key) = cert_paths(&args.data);
+    let identity = if cert.exists() {
+        Identity::load(&cert, &key)?
+    } else {
+        let id = Identity::generate("Octopus Server")?;
+        id.save(&cert, &key)?;
+        id
+    };
+    let store = open_store(args).await?;
+    let admin_api_key = bootstrap(&store, &args.data).await?;
+    let store: Arc<dyn Store> = Arc::new(store);
+
+    let polling_trust = TrustStore::new(
+        polling_thumbprints(store.as_ref()).await?,
+        Arc::new(|t: &Thumbprint| {
+            format!("register the tentacle (`tentacle register-with --comms-style TentacleActive ...`) so the server knows thumbprint {t}")
+        }),
+    );
+    let comms = ServerComms::new(
+        identity.clone(),
+        polling_trust.clone(),
+        ServerCommsOptions::default(),
+    );
+
+    let api_listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| bind_error(&e, &args.listen.to_string(), "--listen"))?;
+    let comms_addr = format!("{}:{}", args.comms_listen_address, args.comms_listen_port);
+    let comms_listener = tokio::net::TcpListener::bind(&comms_addr)
+        .await
+        .map_err(|e| bind_error(&e, &comms_addr, "--comms-listen-port"))?;
+    let api_addr = api_listener.local_addr()?;
+    let comms_port = comms_listener.local_addr()?.port();
+
+    let state = AppState {
+        store,
+        comms: comms.clone(),
+        polling_trust,
+        thumbprint: identity.thumbprint(),
+        comms_port,
+    };
+    let shutdown = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn({
+        let (c, t) = (comms.clone(), shutdown.clone());
+        async move {
+            if let Err(e) = c.run_polling_listener(comms_listener, t).await {
+                tracing::error!("comms listener stopped: {e}");
+            }
+        }
+    });
+    tasks.spawn({
+        let t = shutdown.clone();
+        let app = crate::api::router(state);
+        async move {
+            let serve = axum::serve(api_listener, app)
+                .with_graceful_shutdown(async move { t.cancelled().await });
+            if let Err(e) = serve.await {
+                tracing::error!("API server stopped: {e}");
+            }
+        }
+    });
+    info!(
+        "octopus server ready: API http://{api_addr}/api, comms port {comms_port}, thumbprint {}",
+        identity.thumbprint()
+    );
+    Ok(RunningServer {
+        api_addr,
+        comms_port,
+        thumbprint: identity.thumbprint(),
+        admin_api_key,
+        shutdown,
+        tasks,
+        _lock: lock,
+    })
+}
+
+/// `octopus server run`: start, then serve until SIGTERM or Ctrl-C.
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let server = start(&args).await?;
+    if let Some(key) = &server.admin_api_key {
+        println!(
+            "First start: created user 'admin' and an API key for it (shown once, also in {}):",
+            args.data.join("admin-api-key").display()
+        );
+        println!("  {key}");
+    }
+    println!(
+        "Octopus server ready: API http://{}/api, comms port {}, thumbprint {}",
+        server.api_addr, server.comms_port, server.thumbprint
+    );
+    wait_for_signal().await;
+    println!("Stopping.");
+    server.stop().await;
+    Ok(())
+}
+
+fn bind_error(e: &std::io::Error, addr: &str, flag: &str) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::AddrInUse {
+        anyhow::anyhow!("{addr} is already in use (another server or program listens there); choose another with {flag}")
+    } else {
+        anyhow::anyhow!("cannot listen on {addr}: {e}")
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

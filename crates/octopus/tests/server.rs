@@ -1,0 +1,335 @@
+//! `octopus server run` as a real process: first start, the data-directory lock,
+//! and the API's authentication, validation and machine rules.
+#![allow(clippy::unwrap_used)]
+// `Server` waits for its child in `Drop`, which the lint cannot see.
+#![allow(clippy::zombie_processes)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+struct Server {
+    child: Child,
+    api: String,
+    thumbprint: String,
+    printed_key: Option<String>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(data: &std::path::Path) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_octopus"))
+        .args([
+            "server",
+            "run",
+            "--data",
+            data.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--comms-listen-port",
+            "0",
+            "--comms-listen-address",
+            "127.0.0.1",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let mut printed_key = None;
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("server ready line");
+        if let Some(k) = line.trim().strip_prefix("API-") {
+            printed_key = Some(format!("API-{k}"));
+        }
+        if let Some(rest) = line.strip_prefix("Octopus server ready: API http://") {
+            let api = format!("http://{}", rest.split("/api").next().unwrap());
+            let thumbprint = line.rsplit(' ').next().unwrap().to_string();
+            return Server {
+                child,
+                api,
+                thumbprint,
+                printed_key,
+            };
+        }
+    }
+}
+
+async fn call(
+    method: reqwest::Method,
+    url: &str,
+    key: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = reqwest::Client::new().request(method, url);
+    if let Some(k) = key {
+        req = req.header("X-Octopus-ApiKey", k);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+fn tp(n: u8) -> String {
+    octo_tls::Thumbprint::of_der(&[n]).to_string()
+}
+
+#[tokio::test]
+async fn first_start_lock_auth_and_machines() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = start(&data);
+
+    // The admin key: printed once, and alone on one line in a 0600 file.
+    let key_file = data.join("admin-api-key");
+    let key = std::fs::read_to_string(&key_file).unwrap();
+    assert_eq!(key.lines().count(), 1);
+    let key = key.trim().to_string();
+    assert_eq!(server.printed_key.as_deref(), Some(key.as_str()));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // The key is not stored in the database in clear.
+    let db = std::fs::read(data.join("octopus.db")).unwrap();
+    assert!(!db.windows(key.len()).any(|w| w == key.as_bytes()));
+
+    // show-thumbprint agrees with the running server.
+    let out = Command::new(env!("CARGO_BIN_EXE_octopus"))
+        .args([
+            "server",
+            "show-thumbprint",
+            "--data",
+            data.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        server.thumbprint
+    );
+
+    // A second server on the same data directory is refused, naming it.
+    let out = Command::new(env!("CARGO_BIN_EXE_octopus"))
+        .args([
+            "server",
+            "run",
+            "--data",
+            data.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--comms-listen-port",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("another octopus server") && err.contains(data.to_str().unwrap()),
+        "{err}"
+    );
+
+    // Authentication: nothing without a valid key, and nothing leaked.
+    let api = &server.api;
+    for k in [None, Some("API-WRONG")] {
+        let (status, body) = call(
+            reqwest::Method::GET,
+            &format!("{api}/api/environments"),
+            k,
+            None,
+        )
+        .await;
+        assert_eq!(status, 401);
+        assert_eq!(
+            body.as_object().unwrap().keys().collect::<Vec<_>>(),
+            vec!["error"]
+        );
+    }
+    let k = Some(key.as_str());
+    let (status, body) = call(
+        reqwest::Method::GET,
+        &format!("{api}/api/environments"),
+        k,
+        None,
+    )
+    .await;
+    assert_eq!((status, body), (200, json!([])));
+
+    // Malformed JSON: 400 naming the field.
+    let (status, body) = call(
+        reqwest::Method::POST,
+        &format!("{api}/api/environments"),
+        k,
+        Some(json!({"nam": "x"})),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("nam"), "{body}");
+
+    // Environments.
+    let (status, _) = call(
+        reqwest::Method::POST,
+        &format!("{api}/api/environments"),
+        k,
+        Some(json!({"name": "Production"})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (status, _) = call(
+        reqwest::Method::POST,
+        &format!("{api}/api/environments"),
+        k,
+        Some(json!({"name": "production"})),
+    )
+    .await;
+    assert_eq!(status, 409);
+
+    // Machines: add a listening one; a second with the same thumbprint is refused.
+    let web = json!({"name": "web1", "comms_style": "TentaclePassive", "uri": "https://web1.example:10933/", "thumbprint": tp(1), "environments": ["Production"], "roles": ["web"]});
+    let (status, body) = call(
+        reqwest::Method::POST,
+        &format!("{api}/api/machines"),
+        k,
+        Some(web),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["status"], "Unknown");
+    let clone = json!({"name": "web2", "comms_style": "TentaclePassive", "uri": "https://web2.example:10933/", "thumbprint": tp(1), "environments": ["Production"]});
+    let (status, body) = call(
+        reqwest::Method::POST,
+        &format!("{api}/api/machines"),
+        k,
+        Some(clone),
+    )
+    .await;
+    assert_eq!(status, 409);
+    assert!(
+        body["error"].as_str().unwrap().contains("web1")
+            && body["error"].as_str().unwrap().contains("cloned"),
+        "{body}"
+    );
+    let bad = json!({"name": "x", "comms_style": "TentaclePassive", "uri": "https://x:1/", "thumbprint": "nope", "environments": ["Production"]});
+    let (status, body) = call(
+        reqwest::Method::POST,
+        &format!("{api}/api/machines"),
+        k,
+        Some(bad),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"].as_str().unwrap().contains("thumbprint"),
+        "{body}"
+    );
+    let missing_env = json!({"name": "y", "comms_style": "TentacleActive", "uri": "poll://y/", "thumbprint": tp(2), "environments": ["Nope"]});
+    let (status, body) = call(
+        reqwest::Method::POST,
+        &format!("{api}/api/machines"),
+        k,
+        Some(missing_env),
+    )
+    .await;
+    assert_eq!(status, 422, "{body}");
+    let (status, body) = call(
+        reqwest::Method::GET,
+        &format!("{api}/api/machines?role=web"),
+        k,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(body.as_array().unwrap().len(), 1);
+    let (status, _) = call(
+        reqwest::Method::DELETE,
+        &format!("{api}/api/environments/Production"),
+        k,
+        None,
+    )
+    .await;
+    assert_eq!(status, 422, "an environment in use is not deleted");
+    let (status, _) = call(
+        reqwest::Method::DELETE,
+        &format!("{api}/api/machines/web1"),
+        k,
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+
+    // API keys: create (shown once), use, revoke.
+    let (status, body) = call(
+        reqwest::Method::POST,
+        &format!("{api}/api/api-keys"),
+        k,
+        Some(json!({"purpose": "ci"})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let new_key = body["api_key"].as_str().unwrap().to_string();
+    let id = body["key"]["id"].as_i64().unwrap();
+    let (status, _) = call(
+        reqwest::Method::GET,
+        &format!("{api}/api/server"),
+        Some(&new_key),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _) = call(
+        reqwest::Method::DELETE,
+        &format!("{api}/api/api-keys/{id}"),
+        k,
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    let (status, _) = call(
+        reqwest::Method::GET,
+        &format!("{api}/api/server"),
+        Some(&new_key),
+        None,
+    )
+    .await;
+    assert_eq!(status, 401);
+
+    // Graceful stop on SIGTERM.
+    let mut server = server;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = tokio::task::spawn_blocking(move || {
+        let s = server.child.wait().unwrap();
+        std::mem::forget(server);
+        s
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "{status:?}");
+}

@@ -1,0 +1,211 @@
+//! `tentacle register-with`: tell a server about this tentacle, and trust it back.
+
+use anyhow::{bail, Context};
+use octo_agent::config::PollingServer;
+use octo_tls::Thumbprint;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::{
+    load_identity, new_subscription_id, normalise_server_address, parse_thumbprint, Target,
+};
+
+/// Options of `register-with`.
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Examples:\n  tentacle register-with --server http://octopus:8080 --api-key API-XXXX --environment Production --role web\n  tentacle register-with --server http://octopus:8080 --apiKey API-XXXX --env Test --role db --comms-style TentacleActive"
+)]
+pub(crate) struct RegisterArgs {
+    /// The server's web address, e.g. http://octopus.example:8080.
+    #[arg(long)]
+    server: String,
+    /// An API key of a user allowed to add machines (used for this call only, never stored).
+    #[arg(
+        long,
+        alias = "apiKey",
+        env = "OCTOPUS_API_KEY",
+        hide_env_values = true
+    )]
+    api_key: String,
+    /// Environments this machine belongs to (repeatable).
+    #[arg(long = "environment", alias = "env", required = true)]
+    environments: Vec<String>,
+    /// Roles of this machine (repeatable).
+    #[arg(long = "role")]
+    roles: Vec<String>,
+    /// Tenants (repeatable).
+    #[arg(long = "tenant")]
+    tenants: Vec<String>,
+    /// Tenant tags (repeatable).
+    #[arg(long = "tenant-tag", alias = "tenanttag")]
+    tenant_tags: Vec<String>,
+    /// Machine name on the server (default: this host's name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Machine policy.
+    #[arg(long)]
+    policy: Option<String>,
+    /// TentaclePassive (listening; the server dials this machine) or TentacleActive (polling).
+    #[arg(long, alias = "commsStyle", default_value = "TentaclePassive")]
+    comms_style: String,
+    /// Host name the server should dial (listening; default: this host's name).
+    #[arg(long, alias = "publicHostName")]
+    public_hostname: Option<String>,
+    /// Port the server should dial (listening; default: the configured port).
+    #[arg(long, alias = "tentacleCommsPort")]
+    tentacle_comms_port: Option<u16>,
+    /// The server's polling port (polling; default: what the server reports).
+    #[arg(long, alias = "serverCommsPort")]
+    server_comms_port: Option<u16>,
+    /// Where to poll, when not the web host: HOST[:PORT] or https://HOST[:PORT] (polling).
+    #[arg(long, alias = "serverCommsAddress")]
+    server_comms_address: Option<String>,
+    /// The server's comms thumbprint, if known: registration fails if the server reports another.
+    #[arg(long, alias = "serverThumbprint")]
+    server_thumbprint: Option<String>,
+    /// Replace a machine of the same name.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct Reply {
+    machine: serde_json::Value,
+    server_thumbprint: String,
+    comms_port: u16,
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+pub(crate) fn register(target: &Target, a: &RegisterArgs) -> anyhow::Result<()> {
+    let mut cfg = target.load()?;
+    let identity = load_identity(&cfg)?;
+    let expected = a
+        .server_thumbprint
+        .as_deref()
+        .map(parse_thumbprint)
+        .transpose()?;
+    let server = a.server.trim_end_matches('/').to_string();
+    let (scheme, rest) = server
+        .split_once("://")
+        .with_context(|| format!("--server '{server}' needs a scheme, e.g. http://{server}"))?;
+    if scheme != "http" {
+        bail!("--server '{server}': this build registers over http:// only (the server's API has no TLS yet); use http:// on a trusted network, with --server-thumbprint to verify the server");
+    }
+    if expected.is_none() {
+        eprintln!("warning: registering over plain HTTP without --server-thumbprint: the server's identity is not verified (anyone in the path could answer); pass --server-thumbprint (`octopus server show-thumbprint`) to check it");
+    }
+    let web_host = rest.split('/').next().unwrap_or(rest);
+    let web_host = web_host
+        .rsplit_once(':')
+        .map_or(web_host, |(h, _)| h)
+        .to_string();
+    let name = a.name.clone().unwrap_or_else(hostname);
+    let polling = match a.comms_style.as_str() {
+        "TentaclePassive" => false,
+        "TentacleActive" => true,
+        other => bail!("--comms-style '{other}' is not TentaclePassive (listening) or TentacleActive (polling)"),
+    };
+    // Polling: reuse this server's subscription if we have one, else a new one.
+    let poll_address = |port: u16| -> anyhow::Result<String> {
+        match &a.server_comms_address {
+            Some(addr) => normalise_server_address(addr),
+            None => Ok(format!("{web_host}:{port}")),
+        }
+    };
+    let uri = if polling {
+        // Re-registering with the same server keeps the subscription already polled.
+        let comms_host = match &a.server_comms_address {
+            Some(addr) => {
+                let addr = normalise_server_address(addr)?;
+                addr.rsplit_once(':')
+                    .map_or(addr.clone(), |(h, _)| h.to_string())
+            }
+            None => web_host.clone(),
+        };
+        cfg.polling_servers
+            .iter()
+            .find(|p| {
+                p.address
+                    .rsplit_once(':')
+                    .is_some_and(|(h, _)| h == comms_host)
+            })
+            .map_or_else(new_subscription_id, |p| p.subscription_id.clone())
+    } else {
+        let host = a.public_hostname.clone().unwrap_or_else(hostname);
+        let port = a.tentacle_comms_port.unwrap_or(cfg.listen.port);
+        format!("https://{host}:{port}/")
+    };
+    let body = json!({
+        "name": name,
+        "comms_style": a.comms_style,
+        "uri": uri,
+        "thumbprint": identity.thumbprint().to_string(),
+        "environments": a.environments,
+        "roles": a.roles,
+        "tenants": a.tenants,
+        "tenant_tags": a.tenant_tags,
+        "policy": a.policy,
+        "force": a.force,
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let url = format!("{server}/api/machines/register");
+    let reply: Reply = rt.block_on(async {
+        let resp = reqwest::Client::new()
+            .post(&url)
+            .header("X-Octopus-ApiKey", a.api_key.trim())
+            .json(&body)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the server at {server}; check the address and that `octopus server run` is running there"))?;
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        if !status.is_success() {
+            let msg = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_string))
+                .unwrap_or(text);
+            if status == reqwest::StatusCode::UNAUTHORIZED {
+                bail!("the server at {server} refused the API key ({msg}); create one with `octopus api-key create`");
+            }
+            bail!("the server at {server} refused the registration ({status}): {msg}");
+        }
+        serde_json::from_str(&text).with_context(|| format!("unexpected answer from {url}"))
+    })?;
+    let server_tp: Thumbprint = parse_thumbprint(&reply.server_thumbprint)
+        .with_context(|| format!("the server at {server} answered with a malformed thumbprint"))?;
+    if let Some(expected) = expected {
+        if expected != server_tp {
+            bail!(
+                "the server at {server} presented thumbprint {server_tp} but {expected} was expected; nothing was changed on this tentacle (the server did record the machine: remove it there if this was the wrong server)"
+            );
+        }
+    }
+    if polling {
+        let address = poll_address(a.server_comms_port.unwrap_or(reply.comms_port))?;
+        cfg.polling_servers.retain(|p| p.address != address);
+        cfg.polling_servers.push(PollingServer {
+            address: address.clone(),
+            thumbprint: server_tp.to_string(),
+            subscription_id: uri.clone(),
+            connections: 1,
+        });
+        println!("Registered '{name}' with {server} as polling tentacle poll://{uri}/; it will poll {address}.");
+    } else {
+        cfg.trust(server_tp);
+        println!("Registered '{name}' with {server} as listening tentacle {uri}.");
+    }
+    target.save(&cfg)?;
+    println!("This tentacle now trusts the server's thumbprint {server_tp}.");
+    if let Some(id) = reply.machine.get("id") {
+        println!("Machine id on the server: {id}. Restart the agent (or wait a few seconds if it runs) to apply.");
+    }
+    Ok(())
+}

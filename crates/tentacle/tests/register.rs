@@ -1,0 +1,265 @@
+//! `tentacle register-with` against a real server (in this process).
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+
+use octo_server::server::{start, RunArgs};
+use octo_tls::Thumbprint;
+use serde_json::{json, Value};
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn cmd(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_tentacle"))
+            .args(args)
+            .env("TENTACLE_CONFIG_DIR", self.dir.path().join("etc"))
+            .output()
+            .unwrap()
+    }
+    fn ok(&self, args: &[&str]) -> (String, String) {
+        let out = self.cmd(args);
+        let (o, e) = (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        );
+        assert!(out.status.success(), "tentacle {args:?}: {o}{e}");
+        (o, e)
+    }
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.cmd(args);
+        assert!(!out.status.success(), "tentacle {args:?} should fail");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+    fn config(&self, instance: &str) -> Value {
+        serde_json::from_str(
+            &self
+                .ok(&[
+                    "show-configuration",
+                    "--instance",
+                    instance,
+                    "--format",
+                    "json",
+                ])
+                .0,
+        )
+        .unwrap()
+    }
+}
+
+async fn api(method: reqwest::Method, url: String, key: &str, body: Option<Value>) -> (u16, Value) {
+    let mut req = reqwest::Client::new()
+        .request(method, url)
+        .header("X-Octopus-ApiKey", key);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_listening_and_polling_tentacles() {
+    let env = Env {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let server = start(&RunArgs {
+        data: env.dir.path().join("server"),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        comms_listen_port: 0,
+        comms_listen_address: "127.0.0.1".into(),
+        database_url: None,
+    })
+    .await
+    .unwrap();
+    let key = server.admin_api_key.clone().unwrap();
+    let url = format!("http://{}", server.api_addr);
+    let (status, _) = api(
+        reqwest::Method::POST,
+        format!("{url}/api/environments"),
+        &key,
+        Some(json!({"name": "Test"})),
+    )
+    .await;
+    assert_eq!(status, 201);
+
+    // Listening.
+    env.ok(&["create-instance", "--instance", "L"]);
+    env.ok(&["new-certificate", "--instance", "L"]);
+    let ltp = env
+        .ok(&["show-thumbprint", "--instance", "L"])
+        .0
+        .trim()
+        .to_string();
+    let reg = [
+        "register-with",
+        "--instance",
+        "L",
+        "--server",
+        &url,
+        "--api-key",
+        &key,
+        "--environment",
+        "Test",
+        "--role",
+        "web",
+        "--name",
+        "t-listen",
+        "--public-hostname",
+        "127.0.0.1",
+        "--tentacle-comms-port",
+        "10999",
+    ];
+    let (out, err) = env.ok(&reg);
+    assert!(out.contains("Registered 't-listen'"), "{out}");
+    assert!(
+        err.contains("identity is not verified"),
+        "plain HTTP without a thumbprint warns: {err}"
+    );
+    let cfg = env.config("L");
+    assert_eq!(
+        cfg["trusted_servers"][0]["thumbprint"],
+        server.thumbprint.to_string()
+    );
+    let (status, m) = api(
+        reqwest::Method::GET,
+        format!("{url}/api/machines/t-listen"),
+        &key,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(m["kind"], "Listening");
+    assert_eq!(m["uri"], "https://127.0.0.1:10999/");
+    assert_eq!(m["thumbprint"], ltp);
+    assert_eq!(m["roles"], json!(["web"]));
+
+    // Again without --force: refused; with --force: replaced.
+    let err = env.fails(&reg);
+    assert!(
+        err.contains("already exists") && err.contains("--force"),
+        "{err}"
+    );
+    let mut forced = reg.to_vec();
+    forced.push("--force");
+    env.ok(&forced);
+
+    // A wrong key, and a server thumbprint that does not match, are refused.
+    let err = env.fails(&[
+        "register-with",
+        "--instance",
+        "L",
+        "--server",
+        &url,
+        "--api-key",
+        "API-NOPE",
+        "--environment",
+        "Test",
+    ]);
+    assert!(err.contains("refused the API key"), "{err}");
+    let wrong = Thumbprint::of_der(b"wrong").to_string();
+    let err = env.fails(&[
+        "register-with",
+        "--instance",
+        "L",
+        "--server",
+        &url,
+        "--apiKey",
+        &key,
+        "--env",
+        "Test",
+        "--name",
+        "t-listen",
+        "--force",
+        "--server-thumbprint",
+        &wrong,
+    ]);
+    assert!(
+        err.contains(&format!(
+            "presented thumbprint {} but {wrong} was expected",
+            server.thumbprint
+        )),
+        "{err}"
+    );
+    // Unreachable server: says so.
+    let err = env.fails(&[
+        "register-with",
+        "--instance",
+        "L",
+        "--server",
+        "http://127.0.0.1:1",
+        "--api-key",
+        &key,
+        "--environment",
+        "Test",
+    ]);
+    assert!(err.contains("cannot reach the server"), "{err}");
+
+    // Polling.
+    env.ok(&["create-instance", "--instance", "P"]);
+    env.ok(&["new-certificate", "--instance", "P"]);
+    let (out, _) = env.ok(&[
+        "register-with",
+        "--instance",
+        "P",
+        "--server",
+        &url,
+        "--api-key",
+        &key,
+        "--environment",
+        "Test",
+        "--name",
+        "t-poll",
+        "--comms-style",
+        "TentacleActive",
+        "--server-thumbprint",
+        &server.thumbprint.to_string(),
+    ]);
+    assert!(out.contains("as polling tentacle poll://"), "{out}");
+    let cfg = env.config("P");
+    let poll = &cfg["polling_servers"][0];
+    assert_eq!(poll["address"], format!("127.0.0.1:{}", server.comms_port));
+    assert_eq!(poll["thumbprint"], server.thumbprint.to_string());
+    let (_, m) = api(
+        reqwest::Method::GET,
+        format!("{url}/api/machines/t-poll"),
+        &key,
+        None,
+    )
+    .await;
+    assert_eq!(m["kind"], "Polling");
+    assert_eq!(
+        m["uri"],
+        format!("poll://{}/", poll["subscription_id"].as_str().unwrap())
+    );
+    // Registering again keeps the same subscription.
+    env.ok(&[
+        "register-with",
+        "--instance",
+        "P",
+        "--server",
+        &url,
+        "--api-key",
+        &key,
+        "--environment",
+        "Test",
+        "--name",
+        "t-poll",
+        "--comms-style",
+        "TentacleActive",
+        "--force",
+    ]);
+    assert_eq!(
+        env.config("P")["polling_servers"][0]["subscription_id"],
+        poll["subscription_id"]
+    );
+    assert_eq!(
+        env.config("P")["polling_servers"].as_array().unwrap().len(),
+        1
+    );
+
+    server.stop().await;
+}
