@@ -247,7 +247,8 @@ pub struct TaskStep {
 /// One stored log line of a task.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskLogLine {
-    /// Position in the task's whole log (all machines), from 1; for "since" queries.
+    /// Row id, increasing in the order lines were stored (across all tasks); within a
+    /// task, "lines since" queries use `id > after_id`.
     pub id: i64,
     pub task_id: String,
     /// None for lines written by the server about the task as a whole.

@@ -112,12 +112,7 @@ pub(crate) fn new_api_key() -> String {
     format!("API-{body}")
 }
 
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub(crate) use octo_store::sqlite::now_ms;
 
 async fn open_store(args: &RunArgs) -> anyhow::Result<SqliteStore> {
     let path = match args.database_url.as_deref() {
