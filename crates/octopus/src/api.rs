@@ -142,6 +142,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/api-keys", get(list_api_keys).post(create_api_key))
         .route("/api/api-keys/{id}", delete(revoke_api_key))
+        .merge(crate::tasks::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authenticate,
