@@ -142,6 +142,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/api-keys", get(list_api_keys).post(create_api_key))
         .route("/api/api-keys/{id}", delete(revoke_api_key))
+        .route("/api/users", post(create_user))
         .merge(crate::tasks::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -154,6 +155,7 @@ pub fn router(state: AppState) -> Router {
                 Json(json!({ "application": "octopus", "version": env!("CARGO_PKG_VERSION") }))
             }),
         )
+        .route("/api/users/login", post(login))
         .merge(api)
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "no such API route; see /api/server")
@@ -468,4 +470,115 @@ async fn revoke_api_key(
 ) -> ApiResult<impl IntoResponse> {
     s.store.revoke_api_key(id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewUser {
+    username: String,
+    password: Option<String>,
+    #[serde(default)]
+    display_name: String,
+    #[serde(default)]
+    is_admin: bool,
+}
+
+/// Hashes a password with argon2id (PHC string, salted).
+pub(crate) fn hash_password(password: &str) -> anyhow::Result<String> {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let bytes: [u8; 16] = rand::random();
+    let salt = SaltString::encode_b64(&bytes).map_err(|e| anyhow::anyhow!("making a salt: {e}"))?;
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| anyhow::anyhow!("hashing the password: {e}"))
+}
+
+fn verify_password(password: &str, phc: &str) -> bool {
+    use argon2::password_hash::{PasswordHash, PasswordVerifier};
+    PasswordHash::new(phc)
+        .map(|h| {
+            argon2::Argon2::default()
+                .verify_password(password.as_bytes(), &h)
+                .is_ok()
+        })
+        .unwrap_or(false)
+}
+
+async fn create_user(
+    State(s): State<AppState>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    ApiJson(u): ApiJson<NewUser>,
+) -> ApiResult<impl IntoResponse> {
+    if !caller.0.is_admin {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "only administrators can create users",
+        ));
+    }
+    if u.username.trim().is_empty() {
+        return Err(ApiError::bad_request("field `username` must not be empty"));
+    }
+    if let Some(p) = &u.password {
+        if p.chars().count() < 8 {
+            return Err(ApiError::bad_request(
+                "field `password` must have at least 8 characters",
+            ));
+        }
+    }
+    let hash = match &u.password {
+        Some(p) => {
+            let p = p.clone();
+            Some(
+                tokio::task::spawn_blocking(move || hash_password(&p))
+                    .await
+                    .map_err(|e| anyhow::anyhow!(e))??,
+            )
+        }
+        None => None,
+    };
+    let display = if u.display_name.is_empty() {
+        u.username.clone()
+    } else {
+        u.display_name.clone()
+    };
+    let user = s
+        .store
+        .create_user(u.username.trim(), &display, hash.as_deref(), u.is_admin)
+        .await?;
+    Ok((StatusCode::CREATED, Json(user)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Login {
+    username: String,
+    password: String,
+}
+
+/// Username and password in, a session key out. The session key is an API key
+/// (stored hashed, revocable with `api-key revoke`) used in the same header.
+async fn login(
+    State(s): State<AppState>,
+    ApiJson(l): ApiJson<Login>,
+) -> ApiResult<impl IntoResponse> {
+    let refused = || ApiError::new(StatusCode::UNAUTHORIZED, "wrong username or password");
+    let Some((user, Some(hash))) = s.store.user_by_name(&l.username).await? else {
+        return Err(refused());
+    };
+    let password = l.password.clone();
+    let ok = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    if !ok {
+        tracing::warn!("failed login for '{}'", l.username);
+        return Err(refused());
+    }
+    let key = new_api_key();
+    let purpose = format!("session of {} (login at {})", user.username, now_ms());
+    let stored = s
+        .store
+        .create_api_key(user.id, &purpose, &hash_api_key(&key), &key[..8])
+        .await?;
+    Ok(Json(json!({ "api_key": key, "key": stored, "user": user })))
 }

@@ -97,7 +97,7 @@ enum Command {
     /// Install, remove, start or stop the systemd service for this instance.
     Service(ServiceArgs),
     /// Register this tentacle with a server (as a deployment target) and trust the server.
-    RegisterWith(register::RegisterArgs),
+    RegisterWith(Box<register::RegisterArgs>),
     /// Run the agent in the foreground (what the service runs).
     #[command(
         alias = "agent",

@@ -24,9 +24,17 @@ pub(crate) struct RegisterArgs {
         long,
         alias = "apiKey",
         env = "OCTOPUS_API_KEY",
-        hide_env_values = true
+        hide_env_values = true,
+        required_unless_present = "username",
+        conflicts_with = "username"
     )]
-    api_key: String,
+    api_key: Option<String>,
+    /// Log in as this user instead of using an API key (with --password).
+    #[arg(long, requires = "password")]
+    username: Option<String>,
+    /// The user's password (used for this call only, never stored).
+    #[arg(long, requires = "username")]
+    password: Option<String>,
     /// Environments this machine belongs to (repeatable).
     #[arg(long = "environment", alias = "env", required = true)]
     environments: Vec<String>,
@@ -157,27 +165,26 @@ pub(crate) fn register(target: &Target, a: &RegisterArgs) -> anyhow::Result<()> 
         .enable_all()
         .build()?;
     let url = format!("{server}/api/machines/register");
+    let http = reqwest::Client::new();
     let reply: Reply = rt.block_on(async {
-        let resp = reqwest::Client::new()
-            .post(&url)
-            .header("X-Octopus-ApiKey", a.api_key.trim())
-            .json(&body)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the server at {server}; check the address and that `octopus server run` is running there"))?;
-        let status = resp.status();
-        let text = resp.text().await.unwrap_or_default();
-        if !status.is_success() {
-            let msg = serde_json::from_str::<serde_json::Value>(&text)
-                .ok()
-                .and_then(|v| v["error"].as_str().map(str::to_string))
-                .unwrap_or(text);
-            if status == reqwest::StatusCode::UNAUTHORIZED {
-                bail!("the server at {server} refused the API key ({msg}); create one with `octopus api-key create`");
+        let (key, session) = match (&a.api_key, &a.username, &a.password) {
+            (Some(k), _, _) => (k.trim().to_string(), None),
+            (None, Some(u), Some(p)) => {
+                let (k, id) = login(&http, &server, u, p).await?;
+                (k, Some(id))
             }
-            bail!("the server at {server} refused the registration ({status}): {msg}");
+            _ => bail!("pass --api-key, or --username and --password"),
+        };
+        let result = post_registration(&http, &server, &url, &key, &body).await;
+        if let Some(id) = session {
+            // The login made a session key for this call only: revoke it.
+            let _ = http
+                .delete(format!("{server}/api/api-keys/{id}"))
+                .header("X-Octopus-ApiKey", &key)
+                .send()
+                .await;
         }
-        serde_json::from_str(&text).with_context(|| format!("unexpected answer from {url}"))
+        result
     })?;
     let server_tp: Thumbprint = parse_thumbprint(&reply.server_thumbprint)
         .with_context(|| format!("the server at {server} answered with a malformed thumbprint"))?;
@@ -208,4 +215,64 @@ pub(crate) fn register(target: &Target, a: &RegisterArgs) -> anyhow::Result<()> 
         println!("Machine id on the server: {id}. Restart the agent (or wait a few seconds if it runs) to apply.");
     }
     Ok(())
+}
+
+/// Logs in; returns a session key and its id (revoked after the registration).
+async fn login(
+    http: &reqwest::Client,
+    server: &str,
+    username: &str,
+    password: &str,
+) -> anyhow::Result<(String, i64)> {
+    let resp = http
+        .post(format!("{server}/api/users/login"))
+        .json(&json!({ "username": username, "password": password }))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the server at {server}; check the address and that `octopus server run` is running there"))?;
+    let status = resp.status();
+    let v: serde_json::Value = resp.json().await.unwrap_or_default();
+    if !status.is_success() {
+        bail!(
+            "the server at {server} refused the login of '{username}': {}",
+            v["error"].as_str().unwrap_or("no reason given")
+        );
+    }
+    let key = v["api_key"]
+        .as_str()
+        .context("the login answer has no session key")?
+        .to_string();
+    let id = v["key"]["id"]
+        .as_i64()
+        .context("the login answer has no key id")?;
+    Ok((key, id))
+}
+
+async fn post_registration(
+    http: &reqwest::Client,
+    server: &str,
+    url: &str,
+    key: &str,
+    body: &serde_json::Value,
+) -> anyhow::Result<Reply> {
+    let resp = http
+        .post(url)
+        .header("X-Octopus-ApiKey", key)
+        .json(body)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the server at {server}; check the address and that `octopus server run` is running there"))?;
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    if !status.is_success() {
+        let msg = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string))
+            .unwrap_or(text);
+        if status == reqwest::StatusCode::UNAUTHORIZED {
+            bail!("the server at {server} refused the API key ({msg}); create one with `octopus api-key create`");
+        }
+        bail!("the server at {server} refused the registration ({status}): {msg}");
+    }
+    serde_json::from_str(&text).with_context(|| format!("unexpected answer from {url}"))
 }

@@ -261,5 +261,85 @@ async fn register_listening_and_polling_tentacles() {
         1
     );
 
+    // Username and password: a user registers; the session key is revoked after.
+    let (status, _) = api(
+        reqwest::Method::POST,
+        format!("{url}/api/users"),
+        &key,
+        Some(json!({"username": "ops", "password": "correct horse", "is_admin": true})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    env.ok(&["create-instance", "--instance", "U"]);
+    env.ok(&["new-certificate", "--instance", "U"]);
+    let err = env.fails(&[
+        "register-with",
+        "--instance",
+        "U",
+        "--server",
+        &url,
+        "--username",
+        "ops",
+        "--password",
+        "wrong pass",
+        "--environment",
+        "Test",
+        "--name",
+        "t-user",
+    ]);
+    assert!(err.contains("refused the login of 'ops'"), "{err}");
+    let (out, _) = env.ok(&[
+        "register-with",
+        "--instance",
+        "U",
+        "--server",
+        &url,
+        "--username",
+        "ops",
+        "--password",
+        "correct horse",
+        "--environment",
+        "Test",
+        "--name",
+        "t-user",
+        "--public-hostname",
+        "127.0.0.1",
+    ]);
+    assert!(out.contains("Registered 't-user'"), "{out}");
+    let (_, keys) = api(
+        reqwest::Method::GET,
+        format!("{url}/api/api-keys"),
+        &key,
+        None,
+    )
+    .await;
+    let sessions: Vec<&Value> = keys
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["purpose"].as_str().unwrap().starts_with("session of ops"))
+        .collect();
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(
+        sessions[0]["revoked"], true,
+        "the login's session key is revoked after use"
+    );
+    // The password is not stored in clear.
+    // (WAL mode: recent writes are in octopus.db-wal, so read every database file.)
+    let mut db = Vec::new();
+    for e in std::fs::read_dir(env.dir.path().join("server"))
+        .unwrap()
+        .flatten()
+    {
+        if e.file_name().to_string_lossy().starts_with("octopus.db") {
+            db.extend(std::fs::read(e.path()).unwrap());
+        }
+    }
+    assert!(
+        db.windows(5).any(|w| w == b"admin"),
+        "the check reads the database"
+    );
+    assert!(!db.windows(13).any(|w| w == b"correct horse"));
+
     server.stop().await;
 }
