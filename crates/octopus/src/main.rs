@@ -1,8 +1,10 @@
-//! `octopus`: the Octopus server.
+//! `octopus`: the Octopus server and its command-line client.
 //!
-//! For now it has one subcommand, `octopus demo`, which runs a server and two
-//! tentacles (one listening, one polling) in this process and has them exchange
-//! calls over pinned mutual TLS on loopback.
+//! - `octopus server run|show-thumbprint`: the server process.
+//! - `octopus environment|machine|api-key|user|health-check|run-script|task`: client
+//!   commands calling a running server's API (see `client`).
+//! - `octopus demo`: a server and two tentacles (one listening, one polling) in this
+//!   process exchanging calls over pinned mutual TLS on loopback.
 
 // A command-line tool prints its results by design.
 #![allow(clippy::print_stdout)]
@@ -10,29 +12,49 @@
 #![allow(clippy::large_futures)]
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod client;
 mod demo;
+mod quickstart;
 
 use octo_server::server;
 
-/// The Octopus server.
+/// The Octopus server, and a client for its API.
 #[derive(Debug, Parser)]
-#[command(name = "octopus", version)]
+#[command(
+    name = "octopus",
+    version,
+    after_help = "Examples:\n  octopus server run --data /var/lib/octopus\n  export OCTOPUS_URL=http://127.0.0.1:8080 OCTOPUS_API_KEY=$(cat /var/lib/octopus/admin-api-key)\n  octopus environment create Production\n  octopus run-script --script 'uname -a' --environment Production"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    client: client::ClientOpts,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Start a server and two real tentacles (one listening, one polling) on
+    /// 127.0.0.1, register them, run a health check and a script on both, and stop.
+    #[command(
+        after_help = "Example:\n  octopus quickstart          # everything in a temporary directory, then stops\n  octopus quickstart --keep   # keeps running until Ctrl-C, to try commands"
+    )]
+    Quickstart(quickstart::QuickstartArgs),
     /// Run a server and two tentacles (one listening, one polling) in this
     /// process and show them exchanging calls over pinned mutual TLS on 127.0.0.1.
     Demo(DemoArgs),
     /// Run or inspect the server.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  octopus server run --data /var/lib/octopus --listen 0.0.0.0:8080\n  octopus server show-thumbprint --data /var/lib/octopus"
+    )]
     Server(ServerCommand),
+    #[command(flatten)]
+    Client(client::ClientCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -43,6 +65,9 @@ enum ServerCommand {
     )]
     Run(server::RunArgs),
     /// Print the server's comms thumbprint, which tentacles must trust.
+    #[command(
+        after_help = "Example:\n  tentacle configure --trust $(octopus server show-thumbprint --data /var/lib/octopus)"
+    )]
     ShowThumbprint {
         /// Data directory of the server.
         #[arg(long, default_value = "octopus-data")]
@@ -74,12 +99,27 @@ fn init_tracing() {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
-    match cli.command {
-        Command::Demo(args) => Box::pin(demo::run(args)).await,
-        Command::Server(ServerCommand::Run(args)) => server::run(args).await,
-        Command::Server(ServerCommand::ShowThumbprint { data }) => server::show_thumbprint(&data),
-    }
+    let result = match cli.command {
+        Command::Demo(args) => Box::pin(demo::run(args)).await.map(|()| ExitCode::SUCCESS),
+        Command::Quickstart(args) => Box::pin(quickstart::run(args))
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Command::Server(ServerCommand::Run(args)) => {
+            server::run(args).await.map(|()| ExitCode::SUCCESS)
+        }
+        Command::Server(ServerCommand::ShowThumbprint { data }) => {
+            server::show_thumbprint(&data).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Client(command) => client::run(cli.client, command).await,
+    };
+    result.unwrap_or_else(|e| {
+        #[allow(clippy::print_stderr)]
+        {
+            eprintln!("error: {e:#}");
+        }
+        ExitCode::FAILURE
+    })
 }

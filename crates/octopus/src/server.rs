@@ -171,6 +171,8 @@ pub struct AppState {
     pub polling_trust: TrustStore,
     pub thumbprint: Thumbprint,
     pub comms_port: u16,
+    /// Runs tasks (health checks, scripts) and tells live log readers of changes.
+    pub engine: Arc<crate::tasks::Engine>,
 }
 
 impl AppState {
@@ -248,12 +250,14 @@ pub async fn start(args: &RunArgs) -> anyhow::Result<RunningServer> {
     let api_addr = api_listener.local_addr()?;
     let comms_port = comms_listener.local_addr()?.port();
 
+    let engine = Arc::new(crate::tasks::Engine::new(store.clone(), comms.clone()));
     let state = AppState {
         store,
         comms: comms.clone(),
         polling_trust,
         thumbprint: identity.thumbprint(),
         comms_port,
+        engine,
     };
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
@@ -265,6 +269,8 @@ pub async fn start(args: &RunArgs) -> anyhow::Result<RunningServer> {
             }
         }
     });
+    // Task engine: resume unfinished tasks, scheduled health checks (crate::tasks).
+    crate::tasks::spawn_background(&state, shutdown.clone(), &mut tasks);
     tasks.spawn({
         let t = shutdown.clone();
         let app = crate::api::router(state);

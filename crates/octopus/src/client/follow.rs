@@ -1,0 +1,211 @@
+//! Following a task: its log stream (server-sent events) printed as it comes,
+//! reconnecting after a drop from the last line seen, until the `end` event.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use octo_store::{TaskLogLine, TaskStep};
+
+use super::http::{root_cause, ApiClient};
+use super::output::{out, out_json_line};
+use super::sse::{SseEvent, SseParser};
+use super::{Output, TaskDetail};
+
+/// How long to keep trying to reconnect to a lost stream before giving up.
+pub(crate) const RECONNECT_FOR: Duration = Duration::from_secs(120);
+/// First wait between reconnects; doubles up to [`BACKOFF_MAX`].
+const BACKOFF_START: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A stream silent this long (not even a keep-alive) is dropped and reopened, in
+/// case the connection died without a word.
+const IDLE: Duration = Duration::from_secs(60);
+
+/// Machine id → name, from a task's steps.
+#[derive(Debug, Default)]
+pub(crate) struct Names(HashMap<i64, String>);
+
+impl Names {
+    pub(crate) fn learn(&mut self, steps: &[TaskStep]) {
+        for s in steps {
+            self.0.insert(s.machine_id, s.machine_name.clone());
+        }
+    }
+
+    /// `[web01] text`, `[web01]! text` for stderr, `[server] text` for the
+    /// server's own lines.
+    pub(crate) fn format(&self, line: &TaskLogLine) -> String {
+        let who = match line.machine_id {
+            None => "server".to_string(),
+            Some(id) => self
+                .0
+                .get(&id)
+                .cloned()
+                .unwrap_or_else(|| format!("machine {id}")),
+        };
+        let mark = if line.stream == "stderr" { "!" } else { "" };
+        format!("[{who}]{mark} {}", line.text)
+    }
+}
+
+/// Prints one log line in the chosen output.
+pub(crate) fn print_line(names: &Names, line: &TaskLogLine, output: Output) {
+    match output {
+        Output::Table => out(&names.format(line)),
+        Output::Json => out_json_line(line),
+    }
+}
+
+/// How one connection to the stream ended.
+enum Outcome {
+    /// The `end` event: the task is final.
+    Ended(TaskDetail),
+    /// The server sent something this client cannot go on from.
+    Broken(String),
+    /// The connection ended first.
+    Dropped {
+        /// Whether it carried any event (so the server is there and answering).
+        useful: bool,
+        /// Why, for the person watching.
+        cause: String,
+    },
+}
+
+/// Follows task `detail.task` from log line id `after` until it ends, printing
+/// every line once; returns the final task and steps.
+pub(crate) async fn follow(
+    client: &ApiClient,
+    detail: &TaskDetail,
+    after: i64,
+    output: Output,
+) -> anyhow::Result<TaskDetail> {
+    let task_id = detail.task.id.clone();
+    let mut names = Names::default();
+    names.learn(&detail.steps);
+    let mut last_id = after;
+    let mut failing_since: Option<Instant> = None;
+    let mut backoff = BACKOFF_START;
+    // A warning was printed and no connection has been made since.
+    let mut outage = false;
+    loop {
+        let url = client.url(
+            &["tasks", &task_id, "log", "stream"],
+            &[("after", Some(last_id.to_string()))],
+        );
+        let cause = match client.open_stream(url).await {
+            Err(e) if !e.is_transient() => {
+                return Err(
+                    anyhow::Error::new(e).context(format!("following the log of task {task_id}"))
+                )
+            }
+            Err(e) => e.to_string(),
+            Ok(resp) => {
+                if std::mem::take(&mut outage) {
+                    eprintln!("Reconnected to the log stream of task {task_id}.");
+                }
+                match read(resp, &mut names, &mut last_id, output).await {
+                    Outcome::Ended(detail) => return Ok(detail),
+                    Outcome::Broken(e) => anyhow::bail!(
+                        "following the log of task {task_id}: {e}; see `octopus task show {task_id}`"
+                    ),
+                    Outcome::Dropped { useful, cause } => {
+                        if useful {
+                            failing_since = None;
+                            backoff = BACKOFF_START;
+                        }
+                        cause
+                    }
+                }
+            }
+        };
+        let since = *failing_since.get_or_insert_with(|| {
+            eprintln!("warning: lost the log stream of task {task_id} ({cause}); reconnecting");
+            outage = true;
+            Instant::now()
+        });
+        if since.elapsed() >= RECONNECT_FOR {
+            anyhow::bail!(
+                "lost the log stream of task {task_id} and could not get it back within {}s; the task goes on on the server (follow it again with `octopus task log {task_id} --follow`); last error: {cause}",
+                RECONNECT_FOR.as_secs()
+            );
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Reads one connection's events until `end` or until it drops.
+async fn read(
+    resp: reqwest::Response,
+    names: &mut Names,
+    last_id: &mut i64,
+    output: Output,
+) -> Outcome {
+    let mut parser = SseParser::default();
+    let mut stream = resp.bytes_stream();
+    let mut useful = false;
+    loop {
+        let chunk = match tokio::time::timeout(IDLE, stream.next()).await {
+            Err(_) => {
+                return Outcome::Dropped {
+                    // Silence is not a failure of the server: a quiet script says nothing.
+                    useful: true,
+                    cause: format!("no data for {}s", IDLE.as_secs()),
+                };
+            }
+            Ok(None) => {
+                return Outcome::Dropped {
+                    useful,
+                    cause: "the server closed the stream before the task ended".into(),
+                }
+            }
+            Ok(Some(Err(e))) => {
+                return Outcome::Dropped {
+                    useful,
+                    cause: root_cause(&e),
+                }
+            }
+            Ok(Some(Ok(chunk))) => chunk,
+        };
+        for event in parser.push(&chunk) {
+            useful = true;
+            match handle(&event, names, last_id, output) {
+                Ok(None) => {}
+                Ok(Some(detail)) => return Outcome::Ended(detail),
+                Err(e) => return Outcome::Broken(e),
+            }
+        }
+    }
+}
+
+/// Acts on one event; returns the final detail on `end`.
+fn handle(
+    event: &SseEvent,
+    names: &mut Names,
+    last_id: &mut i64,
+    output: Output,
+) -> Result<Option<TaskDetail>, String> {
+    match event.event.as_str() {
+        "log" => match serde_json::from_str::<TaskLogLine>(&event.data) {
+            Ok(line) if line.id > *last_id => {
+                *last_id = line.id;
+                print_line(names, &line, output);
+            }
+            Ok(_) => {} // Already printed (a resumed stream overlapping).
+            Err(e) => eprintln!("warning: ignoring a malformed log event from the server: {e}"),
+        },
+        "task" => match serde_json::from_str::<TaskDetail>(&event.data) {
+            Ok(detail) => names.learn(&detail.steps),
+            Err(e) => eprintln!("warning: ignoring a malformed task event from the server: {e}"),
+        },
+        "end" => {
+            return serde_json::from_str::<TaskDetail>(&event.data)
+                .map(Some)
+                .map_err(|e| {
+                    format!("the server ended the stream with a malformed end event ({e})")
+                });
+        }
+        _ => {}
+    }
+    Ok(None)
+}

@@ -1,0 +1,305 @@
+//! `octopus quickstart`: the whole system on this machine in one command.
+//!
+//! In a temporary directory, on 127.0.0.1 and free ports: starts a server (in
+//! this process), two real `tentacle` processes (one listening, one polling),
+//! registers both with `tentacle register-with`, runs a health check and a
+//! script on both through this binary's own client commands, prints the results
+//! and where to look, then stops everything (or keeps running with `--keep`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use octo_server::server::{start, RunArgs};
+
+/// Options of `octopus quickstart`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct QuickstartArgs {
+    /// Work in DIR and keep it (default: a temporary directory, removed at the end).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Keep everything running until Ctrl-C, to try the commands it prints.
+    #[arg(long)]
+    keep: bool,
+    /// The `tentacle` binary (default: next to this one, built on demand under cargo).
+    #[arg(long, value_name = "PATH")]
+    tentacle: Option<PathBuf>,
+}
+
+/// Child processes stopped (SIGTERM, then kill) when dropped.
+struct Agents(Vec<(String, Child)>);
+
+impl Drop for Agents {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        for (_, c) in &mut self.0 {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn find_tentacle(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p);
+    }
+    let me = std::env::current_exe().context("finding this binary")?;
+    let dir = me.parent().context("this binary's directory")?;
+    let beside = dir.join("tentacle");
+    if beside.exists() {
+        return Ok(beside);
+    }
+    // Under `cargo run`, build it with the same profile.
+    if let Ok(cargo) = std::env::var("CARGO") {
+        let release = dir.ends_with("release");
+        println!("Building the tentacle binary (once)...");
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-q", "-p", "octo-tentacle", "--bin", "tentacle"]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd
+            .status()
+            .context("running cargo build for the tentacle")?;
+        if status.success() && beside.exists() {
+            return Ok(beside);
+        }
+    }
+    bail!(
+        "the tentacle binary is not next to {} ; build it with `cargo build -p octo-tentacle` or pass --tentacle PATH",
+        me.display()
+    )
+}
+
+fn run_ok(cmd: &mut Command, what: &str) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("running {what}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "{what} failed:\n{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(stdout)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+pub(crate) async fn run(args: QuickstartArgs) -> anyhow::Result<()> {
+    let tentacle = find_tentacle(args.tentacle.clone())?;
+    let (dir, _temp) = match &args.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            (d.clone(), None)
+        }
+        None => {
+            let t = tempfile::Builder::new()
+                .prefix("octopus-quickstart-")
+                .tempdir()?;
+            (t.path().to_path_buf(), Some(t))
+        }
+    };
+    println!("Octopus quickstart in {}", dir.display());
+
+    // 1. The server.
+    let server = start(&RunArgs {
+        data: dir.join("server"),
+        listen: "127.0.0.1:0".parse()?,
+        comms_listen_port: 0,
+        comms_listen_address: "127.0.0.1".into(),
+        database_url: None,
+    })
+    .await?;
+    let url = format!("http://{}", server.api_addr);
+    let key = match &server.admin_api_key {
+        Some(k) => k.clone(),
+        None => std::fs::read_to_string(dir.join("server/admin-api-key"))?
+            .trim()
+            .to_string(),
+    };
+    println!(
+        "1. Server: API {url}, polling port {}, thumbprint {}",
+        server.comms_port, server.thumbprint
+    );
+
+    let result = scenario(&dir, &tentacle, &url, &key, &server).await;
+    if args.keep && result.is_ok() {
+        println!();
+        println!("Running until Ctrl-C. Try:");
+        println!("  export OCTOPUS_URL={url} OCTOPUS_API_KEY={key}");
+        println!("  octopus machine list");
+        println!("  octopus run-script --environment Quickstart --script 'uname -a'");
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    let outcome = result.map(drop);
+    server.stop().await;
+    println!("Stopped the server and both tentacles.");
+    outcome
+}
+
+async fn scenario(
+    dir: &Path,
+    tentacle: &Path,
+    url: &str,
+    key: &str,
+    server: &octo_server::server::RunningServer,
+) -> anyhow::Result<Agents> {
+    let me = std::env::current_exe()?;
+    let octopus = |args: &[&str]| {
+        let mut c = Command::new(&me);
+        c.args(args)
+            .env("OCTOPUS_URL", url)
+            .env("OCTOPUS_API_KEY", key);
+        c
+    };
+    run_ok(
+        &mut octopus(&["environment", "create", "Quickstart"]),
+        "octopus environment create",
+    )?;
+
+    // 2. Two tentacles, configured and registered with the real CLI.
+    let tdir = dir.join("tentacles");
+    let tent = |args: &[&str]| {
+        let mut c = Command::new(tentacle);
+        c.args(args).env("TENTACLE_CONFIG_DIR", &tdir);
+        c
+    };
+    let port = free_port()?.to_string();
+    let stp = server.thumbprint.to_string();
+    let comms = format!("127.0.0.1:{}", server.comms_port);
+    for (inst, extra) in [
+        (
+            "Listening",
+            vec![
+                "configure",
+                "--instance",
+                "Listening",
+                "--port",
+                &port,
+                "--listen-ip",
+                "127.0.0.1",
+            ],
+        ),
+        (
+            "Polling",
+            vec!["configure", "--instance", "Polling", "--no-listen"],
+        ),
+    ] {
+        run_ok(
+            &mut tent(&["create-instance", "--instance", inst]),
+            "tentacle create-instance",
+        )?;
+        run_ok(
+            &mut tent(&["new-certificate", "--instance", inst]),
+            "tentacle new-certificate",
+        )?;
+        run_ok(&mut tent(&extra), "tentacle configure")?;
+    }
+    let common = [
+        "--server",
+        url,
+        "--api-key",
+        key,
+        "--environment",
+        "Quickstart",
+        "--role",
+        "demo",
+        "--server-thumbprint",
+        &stp,
+    ];
+    let mut reg = vec![
+        "register-with",
+        "--instance",
+        "Listening",
+        "--name",
+        "quickstart-listening",
+        "--public-hostname",
+        "127.0.0.1",
+    ];
+    reg.extend(common);
+    print!(
+        "2. {}",
+        run_ok(&mut tent(&reg), "tentacle register-with (listening)")?
+    );
+    let mut reg = vec![
+        "register-with",
+        "--instance",
+        "Polling",
+        "--name",
+        "quickstart-polling",
+        "--comms-style",
+        "TentacleActive",
+        "--server-comms-address",
+        &comms,
+    ];
+    reg.extend(common);
+    print!(
+        "   {}",
+        run_ok(&mut tent(&reg), "tentacle register-with (polling)")?
+    );
+
+    let mut agents = Agents(Vec::new());
+    for inst in ["Listening", "Polling"] {
+        let log = std::fs::File::create(tdir.join(format!("{inst}.out")))?;
+        let child = tent(&["run", "--instance", inst])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting tentacle {inst}"))?;
+        agents.0.push((inst.to_string(), child));
+    }
+    println!(
+        "3. Started both tentacles (`tentacle run`); their logs: {}/*/home/Logs",
+        tdir.display()
+    );
+
+    // 3. Health check and a script, through the client commands.
+    println!("4. octopus health-check --environment Quickstart");
+    let status = octopus(&["health-check", "--environment", "Quickstart"]).status()?;
+    if !status.success() {
+        bail!("the health check did not pass (see above)");
+    }
+    let script = "echo \"Hello from $TentacleInstanceName, running in $PWD\"; uname -sr";
+    println!("5. octopus run-script --environment Quickstart --script '{script}'");
+    let status = octopus(&[
+        "run-script",
+        "--environment",
+        "Quickstart",
+        "--script",
+        script,
+    ])
+    .status()?;
+    if !status.success() {
+        bail!("the script task failed (see above)");
+    }
+    println!();
+    println!("Everything works. Where to look:");
+    println!(
+        "  server data:    {}/server (database octopus.db, admin-api-key)",
+        dir.display()
+    );
+    println!(
+        "  tentacles:      {} (configuration, certificates, Work/ and Logs/)",
+        tdir.display()
+    );
+    println!("  task history:   octopus task list --server {url} --api-key <key in admin-api-key>");
+    Ok(agents)
+}

@@ -1,0 +1,190 @@
+//! One machine's part of a health check: connect and `GetCapabilities` within the
+//! machine policy's timeout, then record the result on the machine.
+//!
+//! Healthy: reachable, trusted, answering, with at least [`LOW_DISK_BYTES`] free
+//! in the tentacle's home (Unhealthy otherwise). Unavailable: the reason names
+//! what failed (connection refused, timed out, untrusted thumbprints, polling
+//! tentacle not connected within the wait). Polling machines are waited for
+//! `polling_wait_s` of the policy, capped at the health check timeout.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use octo_comms::Endpoint;
+use octo_proto::v1::{CapabilitiesReply, GetCapabilitiesRequest};
+use octo_store::{HealthStatus, HealthUpdate, Machine, TaskState, TaskStep};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::engine::Engine;
+use crate::api::endpoint_of;
+use crate::server::now_ms;
+
+/// Below this much free space in the tentacle's home, a machine is Unhealthy.
+const LOW_DISK_BYTES: u64 = 100 << 20;
+/// Used when a machine's policy cannot be read.
+const DEFAULT_TIMEOUT_S: i64 = 60;
+const DEFAULT_POLLING_WAIT_S: i64 = 120;
+
+/// Checks one machine; returns its name and health, or None when the step did
+/// not produce one (canceled, server stopping).
+pub(super) async fn run_step(
+    eng: &Arc<Engine>,
+    mut step: TaskStep,
+    cancel: &CancellationToken,
+) -> Option<(String, HealthStatus)> {
+    let task_id = step.task_id.clone();
+    let name = step.machine_name.clone();
+    let machine = match eng.state.store.machine_by_id(step.machine_id).await {
+        Ok(Some(m)) => m,
+        Ok(None) => {
+            let why = format!("machine '{name}' no longer exists");
+            eng.server_log(&task_id, format!("{name}: {why}")).await;
+            eng.finish_step(&mut step, TaskState::Failed, Some(why))
+                .await;
+            return None;
+        }
+        Err(e) => {
+            let why = format!("loading machine '{name}': {e}");
+            eng.finish_step(&mut step, TaskState::Failed, Some(why))
+                .await;
+            return None;
+        }
+    };
+    step.state = TaskState::Executing;
+    step.started_at = Some(now_ms());
+    eng.save_step(&step).await;
+
+    let checked = tokio::select! {
+        r = check(eng, &machine) => r,
+        _ = eng.shutdown.cancelled() => return None,
+        _ = cancel.cancelled() => {
+            eng.server_log(&task_id, format!("{name}: health check canceled")).await;
+            eng.finish_step(&mut step, TaskState::Canceled, None).await;
+            return None;
+        }
+    };
+    let at = now_ms();
+    let (update, line) = match checked {
+        Ok(caps) => judge(&caps, at),
+        Err(reason) => (
+            HealthUpdate {
+                status: HealthStatus::Unavailable,
+                reason: reason.clone(),
+                at,
+                tentacle_version: None,
+                tool_version: None,
+            },
+            format!("Unavailable: {reason}"),
+        ),
+    };
+    if let Err(e) = eng.state.store.record_health(machine.id, &update).await {
+        tracing::error!("recording the health of {name}: {e}");
+    }
+    eng.server_log(&task_id, format!("{name}: {line}")).await;
+    let (state, error) = match update.status {
+        HealthStatus::Healthy => (TaskState::Success, None),
+        status => (
+            TaskState::Failed,
+            Some(format!("{status:?}: {}", update.reason)),
+        ),
+    };
+    eng.finish_step(&mut step, state, error).await;
+    Some((name, update.status))
+}
+
+/// What to record for a machine that answered, and the log line.
+fn judge(caps: &CapabilitiesReply, at: i64) -> (HealthUpdate, String) {
+    let free_mib = caps.home_free_bytes >> 20;
+    let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    let (status, reason) = if caps.home_free_bytes < LOW_DISK_BYTES {
+        (
+            HealthStatus::Unhealthy,
+            format!("low disk space: {free_mib} MiB free"),
+        )
+    } else {
+        (HealthStatus::Healthy, String::new())
+    };
+    let mut line = format!(
+        "{status:?} (tentacle {}, {} {} {}, {free_mib} MiB free",
+        caps.tentacle_version, caps.os, caps.os_version, caps.arch
+    );
+    if !caps.tool_version.is_empty() {
+        line.push_str(&format!(", deployment tool {}", caps.tool_version));
+    }
+    line.push(')');
+    if !reason.is_empty() {
+        line.push_str(&format!(": {reason}"));
+    }
+    (
+        HealthUpdate {
+            status,
+            reason,
+            at,
+            tentacle_version: non_empty(&caps.tentacle_version),
+            tool_version: non_empty(&caps.tool_version),
+        },
+        line,
+    )
+}
+
+/// Connects and asks for capabilities within the policy's timeout; Err names why not.
+async fn check(eng: &Engine, machine: &Machine) -> Result<CapabilitiesReply, String> {
+    let policy = match eng.state.store.policy(&machine.policy).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!("reading machine policy '{}': {e}", machine.policy);
+            None
+        }
+    };
+    let timeout_s = policy
+        .as_ref()
+        .map_or(DEFAULT_TIMEOUT_S, |p| p.health_check_timeout_s)
+        .max(1);
+    let polling_wait_s = policy
+        .as_ref()
+        .map_or(DEFAULT_POLLING_WAIT_S, |p| p.polling_wait_s)
+        .clamp(1, timeout_s);
+    let timeout = Duration::from_secs(timeout_s.unsigned_abs());
+    let deadline = Instant::now() + timeout;
+    let endpoint = endpoint_of(machine).map_err(|e| e.to_string())?;
+    let conn = match &endpoint {
+        Endpoint::Polling {
+            subscription_id,
+            thumbprint,
+        } => eng
+            .state
+            .comms
+            .polling()
+            .wait_for(
+                subscription_id,
+                thumbprint,
+                Duration::from_secs(polling_wait_s.unsigned_abs()),
+            )
+            .await
+            .map_err(|e| e.to_string())?,
+        Endpoint::Listening { .. } => {
+            match tokio::time::timeout_at(deadline, eng.state.comms.connect(&endpoint)).await {
+                Ok(r) => r.map_err(|e| e.to_string())?,
+                Err(_) => {
+                    return Err(format!(
+                        "could not connect to {endpoint} within {timeout_s} s (the machine policy's health check timeout)"
+                    ))
+                }
+            }
+        }
+    };
+    let mut client = conn.capabilities();
+    let call = client.get_capabilities(GetCapabilitiesRequest {});
+    match tokio::time::timeout_at(deadline, call).await {
+        Ok(Ok(reply)) => Ok(reply.into_inner()),
+        Ok(Err(status)) => Err(format!(
+            "connected to {endpoint}, but GetCapabilities failed: {} ({:?})",
+            status.message(),
+            status.code()
+        )),
+        Err(_) => Err(format!(
+            "connected to {endpoint}, but it did not answer GetCapabilities within {timeout_s} s (the machine policy's health check timeout)"
+        )),
+    }
+}

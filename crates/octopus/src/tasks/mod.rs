@@ -1,0 +1,486 @@
+//! Server tasks: health checks and script runs, the engine that runs them and
+//! their API.
+//!
+//! - `engine`: the per-server engine: which tasks run, their cancel tokens, the
+//!   in-memory change notifiers that live log streams wait on, restart resume and
+//!   scheduled health checks.
+//! - `script`: one machine's part of a script task (start, stream the log,
+//!   resume across lost connections, cancel).
+//! - `health`: one machine's part of a health check.
+//! - `sse`: `GET /api/tasks/{id}/log/stream`, server-sent events.
+//!
+//! # API
+//!
+//! - `POST /api/tasks/script`: `{"script", "syntax", "isolation", "machines",
+//!   "environment", "role", "tenant"}` → 201 `{"task", "steps"}`.
+//! - `POST /api/tasks/health`: `{"machines"?, "environment"?}` → 201 `{"task", "steps"}`.
+//! - `GET /api/tasks?limit=N` → tasks, newest first.
+//! - `GET /api/tasks/{id}` → `{"task", "steps"}`.
+//! - `GET /api/tasks/{id}/log?after=ID&limit=N` → log lines with id > after.
+//! - `GET /api/tasks/{id}/log/stream?after=ID` → events `log`, `task`, `end`.
+//! - `POST /api/tasks/{id}/cancel` → 202 `{"task"}`.
+//!
+//! # Durability
+//!
+//! Everything a task has done is in the store: its steps' states, and for each
+//! step the next tentacle log sequence not yet stored. A lost connection or a
+//! server restart resumes from there (StartScript is idempotent on the step's
+//! ticket; StreamLogs resumes from the sequence), so no line is lost or repeated.
+
+mod engine;
+mod health;
+mod script;
+mod sse;
+
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use octo_store::{Machine, MachineFilter, Store, StoreError, Task, TaskStep};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::api::ApiJson;
+use crate::server::{now_ms, AppState};
+
+pub use engine::{spawn_background, Engine};
+
+/// Steps of one task that run at once.
+pub const MAX_PARALLEL_STEPS: usize = 20;
+
+/// Task kind of script runs.
+const KIND_SCRIPT: &str = "Script";
+/// Task kind of health checks.
+const KIND_HEALTH: &str = "Health";
+
+/// Default and largest page sizes.
+const DEFAULT_TASK_LIMIT: i64 = 50;
+const MAX_TASK_LIMIT: i64 = 1000;
+const DEFAULT_LOG_LIMIT: i64 = 1000;
+const MAX_LOG_LIMIT: i64 = 10_000;
+
+/// The task endpoints, merged into the authenticated API.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/tasks", get(list_tasks))
+        .route("/api/tasks/script", post(create_script_task))
+        .route("/api/tasks/health", post(create_health_task))
+        .route("/api/tasks/{id}", get(get_task))
+        .route("/api/tasks/{id}/log", get(get_log))
+        .route("/api/tasks/{id}/log/stream", get(sse::stream_log))
+        .route("/api/tasks/{id}/cancel", post(cancel_task))
+}
+
+/// An error of the task API: `{"error": "..."}` with a status saying who must act.
+#[derive(Debug)]
+pub(crate) struct TaskApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl TaskApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+
+    fn task_not_found(id: &str) -> Self {
+        Self::not_found(format!(
+            "task '{id}' does not exist; `GET /api/tasks` lists tasks"
+        ))
+    }
+}
+
+impl IntoResponse for TaskApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+impl From<StoreError> for TaskApiError {
+    fn from(e: StoreError) -> Self {
+        let status = match &e {
+            StoreError::NotFound { .. } => StatusCode::NOT_FOUND,
+            StoreError::Conflict { .. } => StatusCode::CONFLICT,
+            StoreError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            StoreError::Database(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!("store: {e}");
+        }
+        Self::new(status, e.to_string())
+    }
+}
+
+impl From<QueryRejection> for TaskApiError {
+    fn from(r: QueryRejection) -> Self {
+        Self::bad_request(format!("malformed query: {}", r.body_text()))
+    }
+}
+
+impl From<PathRejection> for TaskApiError {
+    fn from(r: PathRejection) -> Self {
+        Self::bad_request(format!("malformed path: {}", r.body_text()))
+    }
+}
+
+type TaskResult<T> = Result<T, TaskApiError>;
+
+/// A task and its steps, as the API returns them.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct TaskView {
+    pub task: Task,
+    pub steps: Vec<TaskStep>,
+}
+
+/// The task and its steps; 404 when there is no such task.
+async fn load_view(store: &dyn Store, id: &str) -> TaskResult<TaskView> {
+    let task = store
+        .task(id)
+        .await?
+        .ok_or_else(|| TaskApiError::task_not_found(id))?;
+    let steps = store.task_steps(id).await?;
+    Ok(TaskView { task, steps })
+}
+
+/// Script interpreter, as the API names it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Syntax {
+    #[default]
+    Bash,
+    Sh,
+    Python3,
+}
+
+/// Script isolation, as the API names it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Isolation {
+    #[default]
+    Full,
+    None,
+}
+
+/// `POST /api/tasks/script`; also the stored arguments of a script task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ScriptRequest {
+    pub script: String,
+    #[serde(default)]
+    pub syntax: Syntax,
+    #[serde(default)]
+    pub isolation: Isolation,
+    #[serde(default)]
+    pub machines: Vec<String>,
+    #[serde(default)]
+    pub environment: Option<String>,
+    #[serde(default)]
+    pub role: Option<String>,
+    #[serde(default)]
+    pub tenant: Option<String>,
+}
+
+/// `POST /api/tasks/health`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HealthRequest {
+    #[serde(default)]
+    machines: Vec<String>,
+    #[serde(default)]
+    environment: Option<String>,
+}
+
+async fn create_script_task(
+    State(s): State<AppState>,
+    ApiJson(req): ApiJson<ScriptRequest>,
+) -> TaskResult<impl IntoResponse> {
+    if req.script.trim().is_empty() {
+        return Err(TaskApiError::bad_request(
+            "field `script` must not be empty",
+        ));
+    }
+    let filter = MachineFilter {
+        names: vec![],
+        environments: non_empty(&req.environment),
+        roles: non_empty(&req.role),
+        tenants: non_empty(&req.tenant),
+    };
+    let machines = select_machines(s.store.as_ref(), &req.machines, &filter).await?;
+    let arguments = serde_json::to_value(&req)
+        .map_err(|e| TaskApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let description = format!(
+        "Run a {} script on {}",
+        serde_json::to_value(req.syntax)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
+        machine_list(&machines)
+    );
+    create_and_start(&s, KIND_SCRIPT, &description, &arguments, &machines).await
+}
+
+async fn create_health_task(
+    State(s): State<AppState>,
+    ApiJson(req): ApiJson<HealthRequest>,
+) -> TaskResult<impl IntoResponse> {
+    let filter = MachineFilter {
+        environments: non_empty(&req.environment),
+        ..MachineFilter::default()
+    };
+    let machines = select_machines(s.store.as_ref(), &req.machines, &filter).await?;
+    let arguments = serde_json::to_value(&req)
+        .map_err(|e| TaskApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let description = format!("Check the health of {}", machine_list(&machines));
+    create_and_start(&s, KIND_HEALTH, &description, &arguments, &machines).await
+}
+
+/// Creates the task, starts it in the background, answers 201 with it.
+async fn create_and_start(
+    s: &AppState,
+    kind: &str,
+    description: &str,
+    arguments: &serde_json::Value,
+    machines: &[Machine],
+) -> TaskResult<(StatusCode, Json<TaskView>)> {
+    let ids: Vec<i64> = machines.iter().map(|m| m.id).collect();
+    let task = s
+        .store
+        .create_task(kind, description, arguments, &ids, now_ms())
+        .await?;
+    let steps = s.store.task_steps(&task.id).await?;
+    tracing::info!("created task {} ({description})", task.id);
+    Engine::of(s).start(task.clone());
+    Ok((StatusCode::CREATED, Json(TaskView { task, steps })))
+}
+
+fn non_empty(v: &Option<String>) -> Vec<String> {
+    v.iter()
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// "machine web-1" / "3 machines (a, b, c)" / "12 machines".
+fn machine_list(machines: &[Machine]) -> String {
+    match machines {
+        [one] => format!("machine {}", one.name),
+        many if many.len() <= 5 => format!(
+            "{} machines ({})",
+            many.len(),
+            many.iter()
+                .map(|m| m.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        many => format!("{} machines", many.len()),
+    }
+}
+
+/// The machines a task targets: exactly `names` when given (404 naming the first
+/// unknown one), otherwise those matching `filter` (422 saying why when none does).
+async fn select_machines(
+    store: &dyn Store,
+    names: &[String],
+    filter: &MachineFilter,
+) -> TaskResult<Vec<Machine>> {
+    let names: Vec<&str> = names
+        .iter()
+        .map(|n| n.trim())
+        .filter(|n| !n.is_empty())
+        .collect();
+    if !names.is_empty() {
+        let mut out: Vec<Machine> = Vec::with_capacity(names.len());
+        for name in names {
+            let m = store.machine(name).await?.ok_or_else(|| {
+                TaskApiError::not_found(format!(
+                    "machine '{name}' does not exist; `GET /api/machines` lists machines"
+                ))
+            })?;
+            if !out.iter().any(|o| o.id == m.id) {
+                out.push(m);
+            }
+        }
+        return Ok(out);
+    }
+    let machines = store.list_machines(filter).await?;
+    if machines.is_empty() {
+        return Err(TaskApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            explain_no_match(store, filter).await?,
+        ));
+    }
+    Ok(machines)
+}
+
+/// Why no machine matches `filter`, criterion by criterion.
+async fn explain_no_match(store: &dyn Store, filter: &MachineFilter) -> TaskResult<String> {
+    let total = store.list_machines(&MachineFilter::default()).await?.len();
+    let mut criteria = Vec::new();
+    let mut why = Vec::new();
+    for env in &filter.environments {
+        criteria.push(format!("environment '{env}'"));
+        if store.environment(env).await?.is_none() {
+            why.push(format!("environment '{env}' does not exist"));
+            continue;
+        }
+        let n = count(
+            store,
+            MachineFilter {
+                environments: vec![env.clone()],
+                ..MachineFilter::default()
+            },
+        )
+        .await?;
+        if n == 0 {
+            why.push(format!("environment '{env}' has no machines"));
+        }
+    }
+    for role in &filter.roles {
+        criteria.push(format!("role '{role}'"));
+        let n = count(
+            store,
+            MachineFilter {
+                roles: vec![role.clone()],
+                ..MachineFilter::default()
+            },
+        )
+        .await?;
+        if n == 0 {
+            why.push(format!("no machine has role '{role}'"));
+        }
+    }
+    if !filter.tenants.is_empty() {
+        let tenants = store.list_tenants().await?;
+        for tenant in &filter.tenants {
+            criteria.push(format!("tenant '{tenant}'"));
+            if !tenants.iter().any(|t| t.name.eq_ignore_ascii_case(tenant)) {
+                why.push(format!("tenant '{tenant}' does not exist"));
+                continue;
+            }
+            let n = count(
+                store,
+                MachineFilter {
+                    tenants: vec![tenant.clone()],
+                    ..MachineFilter::default()
+                },
+            )
+            .await?;
+            if n == 0 {
+                why.push(format!("no machine is connected to tenant '{tenant}'"));
+            }
+        }
+    }
+    if total == 0 {
+        why = vec!["no machine is registered yet: register one with `tentacle register-with` (or `POST /api/machines`)".to_string()];
+    } else if why.is_empty() {
+        why.push(
+            "machines match each criterion on its own, but none matches all of them".to_string(),
+        );
+    }
+    let criteria = if criteria.is_empty() {
+        "any machine".to_string()
+    } else {
+        criteria.join(", ")
+    };
+    let exist = if total == 1 {
+        "1 machine exists".to_string()
+    } else {
+        format!("{total} machines exist")
+    };
+    Ok(format!(
+        "no machine matches: {criteria} ({exist}); {}",
+        why.join("; ")
+    ))
+}
+
+async fn count(store: &dyn Store, filter: MachineFilter) -> TaskResult<usize> {
+    Ok(store.list_machines(&filter).await?.len())
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    limit: Option<i64>,
+}
+
+async fn list_tasks(
+    State(s): State<AppState>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> TaskResult<Json<Vec<Task>>> {
+    let Query(q) = q?;
+    let limit = q.limit.unwrap_or(DEFAULT_TASK_LIMIT);
+    if limit < 1 {
+        return Err(TaskApiError::bad_request("`limit` must be at least 1"));
+    }
+    Ok(Json(s.store.list_tasks(limit.min(MAX_TASK_LIMIT)).await?))
+}
+
+async fn get_task(
+    State(s): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+) -> TaskResult<Json<TaskView>> {
+    let Path(id) = id?;
+    Ok(Json(load_view(s.store.as_ref(), &id).await?))
+}
+
+#[derive(Debug, Deserialize)]
+struct LogQuery {
+    after: Option<i64>,
+    limit: Option<i64>,
+}
+
+async fn get_log(
+    State(s): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+    q: Result<Query<LogQuery>, QueryRejection>,
+) -> TaskResult<impl IntoResponse> {
+    let Path(id) = id?;
+    let Query(q) = q?;
+    let limit = q.limit.unwrap_or(DEFAULT_LOG_LIMIT);
+    if limit < 1 {
+        return Err(TaskApiError::bad_request("`limit` must be at least 1"));
+    }
+    if s.store.task(&id).await?.is_none() {
+        return Err(TaskApiError::task_not_found(&id));
+    }
+    let lines = s
+        .store
+        .task_log(&id, q.after.unwrap_or(0), limit.min(MAX_LOG_LIMIT))
+        .await?;
+    Ok(Json(lines))
+}
+
+async fn cancel_task(
+    State(s): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+) -> TaskResult<impl IntoResponse> {
+    let Path(id) = id?;
+    match s.store.request_cancel(&id).await {
+        Ok(()) => {}
+        Err(StoreError::NotFound { .. }) => return Err(TaskApiError::task_not_found(&id)),
+        Err(e) => return Err(e.into()),
+    }
+    Engine::of(&s).cancel(&id);
+    let task = s
+        .store
+        .task(&id)
+        .await?
+        .ok_or_else(|| TaskApiError::task_not_found(&id))?;
+    if task.cancel_requested {
+        tracing::info!("cancel requested for task {id}");
+    }
+    Ok((StatusCode::ACCEPTED, Json(json!({ "task": task }))))
+}

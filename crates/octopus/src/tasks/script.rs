@@ -1,0 +1,622 @@
+//! One machine's part of a script task.
+//!
+//! Connect, `StartScript` with the step's ticket, `StreamLogs` from the step's
+//! stored `next_sequence`, store lines in small batches, and on the `completed`
+//! event record the exit code, then `CompleteScript` (best effort). A dropped
+//! connection or a retryable failure is retried with backoff: StartScript again
+//! is idempotent on the ticket and the stream resumes from the stored sequence,
+//! so no line is lost or stored twice. The step gives up after
+//! [`GIVE_UP_AFTER`] without reaching the machine, or at once on an error that
+//! retrying cannot fix (an untrusted certificate, ...).
+//!
+//! Cancel: a step that never sent StartScript ends Canceled at once; otherwise
+//! CancelScript goes to the tentacle (safe even when the ticket is unknown there)
+//! and the log is read to the script's end.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use octo_comms::{Connection, Endpoint};
+use octo_proto::exit_codes;
+use octo_proto::v1::{
+    script_event, CancelScriptRequest, CompleteScriptRequest, IsolationLevel, LogLine, LogStream,
+    ScriptState, ScriptStatus, ScriptStatusRequest, ScriptSyntax, StartScriptRequest,
+};
+use octo_store::{NewLogLine, TaskState, TaskStep};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::engine::Engine;
+use super::{Isolation, ScriptRequest, Syntax};
+use crate::api::endpoint_of;
+use crate::server::now_ms;
+
+/// Lines stored in one batch at most.
+const BATCH_LINES: usize = 500;
+/// Longest a received line waits before it is stored.
+const BATCH_DELAY: Duration = Duration::from_millis(50);
+/// First retry delay; doubles up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+/// How long a step keeps trying to reach its machine.
+const GIVE_UP_AFTER: Duration = Duration::from_secs(600);
+/// How long a cancel keeps trying to reach the machine before the step is
+/// recorded Canceled anyway.
+const CANCEL_GIVE_UP_AFTER: Duration = Duration::from_secs(60);
+/// Bound on single unary calls (StartScript, CancelScript, CompleteScript).
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How one attempt ended.
+enum Attempt {
+    /// The step is final (recorded).
+    Done,
+    /// The server is stopping.
+    Shutdown,
+    /// Worth trying again; the connection was established (and then lost) or not.
+    Retry { reason: String, was_connected: bool },
+}
+
+struct Run<'a> {
+    eng: &'a Arc<Engine>,
+    step: TaskStep,
+    args: &'a ScriptRequest,
+    cancel: &'a CancellationToken,
+    endpoint: Endpoint,
+    /// StartScript may have reached the tentacle (so cancel must go there).
+    start_attempted: bool,
+    /// CancelScript was delivered.
+    cancel_sent: bool,
+    /// When a cancel request was first noticed.
+    cancel_since: Option<Instant>,
+    /// The next sequence to ask for (everything before it is stored).
+    next_sequence: u64,
+}
+
+/// Runs (or resumes) one step to its end; returns early only when the server stops.
+pub(super) async fn run_step(
+    eng: &Arc<Engine>,
+    mut step: TaskStep,
+    args: &ScriptRequest,
+    cancel: &CancellationToken,
+) {
+    let task_id = step.task_id.clone();
+    let machine = match eng.state.store.machine_by_id(step.machine_id).await {
+        Ok(Some(m)) => m,
+        Ok(None) => {
+            let why = format!("machine '{}' no longer exists", step.machine_name);
+            eng.server_log(&task_id, format!("{}: {why}", step.machine_name))
+                .await;
+            return eng
+                .finish_step(&mut step, TaskState::Failed, Some(why))
+                .await;
+        }
+        Err(e) => {
+            let why = format!("loading machine '{}': {e}", step.machine_name);
+            return eng
+                .finish_step(&mut step, TaskState::Failed, Some(why))
+                .await;
+        }
+    };
+    let endpoint = match endpoint_of(&machine) {
+        Ok(ep) => ep,
+        Err(e) => {
+            let why = e.to_string();
+            eng.server_log(&task_id, format!("{}: {why}", machine.name))
+                .await;
+            return eng
+                .finish_step(&mut step, TaskState::Failed, Some(why))
+                .await;
+        }
+    };
+    let resumed = step.state == TaskState::Executing;
+    let next_sequence = u64::try_from(step.next_sequence).unwrap_or(0);
+    if resumed {
+        eng.server_log(
+            &task_id,
+            format!(
+                "{}: resuming the script from log line {next_sequence}",
+                step.machine_name
+            ),
+        )
+        .await;
+    } else {
+        step.state = TaskState::Executing;
+        step.started_at = Some(now_ms());
+        eng.save_step(&step).await;
+        eng.server_log(
+            &task_id,
+            format!("{}: starting the script ({endpoint})", step.machine_name),
+        )
+        .await;
+    }
+    let mut run = Run {
+        eng,
+        step,
+        args,
+        cancel,
+        endpoint,
+        start_attempted: resumed,
+        cancel_sent: false,
+        cancel_since: None,
+        next_sequence,
+    };
+    Box::pin(run.run()).await;
+}
+
+impl Run<'_> {
+    fn task_id(&self) -> &str {
+        &self.step.task_id
+    }
+
+    fn name(&self) -> &str {
+        &self.step.machine_name
+    }
+
+    async fn log(&self, text: String) {
+        self.eng
+            .server_log(&self.step.task_id, format!("{}: {text}", self.name()))
+            .await;
+    }
+
+    async fn finish(&mut self, state: TaskState, error: Option<String>) {
+        self.step.next_sequence = i64::try_from(self.next_sequence).unwrap_or(i64::MAX);
+        self.eng.finish_step(&mut self.step, state, error).await;
+    }
+
+    async fn fail(&mut self, why: String) {
+        self.log(format!("failed: {why}")).await;
+        self.finish(TaskState::Failed, Some(why)).await;
+    }
+
+    /// Whether the step should stop trying to cancel and record Canceled.
+    async fn cancel_gave_up(&mut self, reason: &str) -> bool {
+        let since = *self.cancel_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < CANCEL_GIVE_UP_AFTER {
+            return false;
+        }
+        let why = format!(
+            "canceled, but the cancel could not be delivered within {} s ({reason}); the script may still be running on {}",
+            CANCEL_GIVE_UP_AFTER.as_secs(),
+            self.name()
+        );
+        self.log(why.clone()).await;
+        self.finish(TaskState::Canceled, Some(why)).await;
+        true
+    }
+
+    async fn run(&mut self) {
+        let mut delay = RETRY_FIRST;
+        let mut failing_since: Option<Instant> = None;
+        loop {
+            let attempt = Box::pin(self.attempt()).await;
+            let (reason, was_connected) = match attempt {
+                Attempt::Done | Attempt::Shutdown => return,
+                Attempt::Retry {
+                    reason,
+                    was_connected,
+                } => (reason, was_connected),
+            };
+            if was_connected {
+                delay = RETRY_FIRST;
+                failing_since = None;
+            }
+            if self.cancel.is_cancelled() && self.cancel_gave_up(&reason).await {
+                return;
+            }
+            let since = *failing_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= GIVE_UP_AFTER {
+                let why = format!(
+                    "could not reach {} for {} minutes: {reason}",
+                    self.name(),
+                    GIVE_UP_AFTER.as_secs() / 60
+                );
+                return self.fail(why).await;
+            }
+            let what = if was_connected {
+                format!("connection to {} lost", self.name())
+            } else {
+                format!("cannot reach {}", self.name())
+            };
+            self.eng
+                .server_log(
+                    self.task_id(),
+                    format!("{what}: {reason}; resuming in {:.1} s", delay.as_secs_f32()),
+                )
+                .await;
+            // A cancel request cuts the wait short once, so it is delivered promptly.
+            let wait_for_cancel = !self.cancel.is_cancelled();
+            tokio::select! {
+                _ = self.eng.shutdown.cancelled() => return,
+                _ = self.cancel.cancelled(), if wait_for_cancel => {}
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(RETRY_MAX);
+        }
+    }
+
+    /// One connection's worth of work.
+    async fn attempt(&mut self) -> Attempt {
+        let eng = self.eng;
+        let shutdown = &eng.shutdown;
+        // A polling machine may take minutes to connect: a cancel meanwhile ends the
+        // step at once when the script was never started, and otherwise bounds the wait.
+        let comms = eng.state.comms.clone();
+        let endpoint = self.endpoint.clone();
+        let connect = async move { comms.connect(&endpoint).await };
+        tokio::pin!(connect);
+        let connected = loop {
+            let cancel_noticed = self.cancel_since.is_some();
+            let cancel_deadline = self.cancel_since.map(|s| s + CANCEL_GIVE_UP_AFTER);
+            tokio::select! {
+                r = &mut connect => break r,
+                _ = shutdown.cancelled() => return Attempt::Shutdown,
+                _ = self.cancel.cancelled(), if !cancel_noticed => {
+                    if !self.start_attempted {
+                        self.log("canceled before the script started".into()).await;
+                        self.finish(TaskState::Canceled, None).await;
+                        return Attempt::Done;
+                    }
+                    self.cancel_since = Some(Instant::now());
+                }
+                _ = sleep_until(cancel_deadline), if cancel_deadline.is_some() => {
+                    return Attempt::Retry {
+                        reason: format!("{} did not connect", self.name()),
+                        was_connected: false,
+                    };
+                }
+            }
+        };
+        let conn = match connected {
+            Ok(c) => c,
+            Err(e) if e.is_retryable() => {
+                return Attempt::Retry {
+                    reason: e.to_string(),
+                    was_connected: false,
+                }
+            }
+            Err(e) => {
+                self.fail(e.to_string()).await;
+                return Attempt::Done;
+            }
+        };
+
+        if self.cancel.is_cancelled() {
+            if !self.start_attempted {
+                self.log("canceled before the script started".into()).await;
+                self.finish(TaskState::Canceled, None).await;
+                return Attempt::Done;
+            }
+            if !self.cancel_sent {
+                if let Some(end) = self.send_cancel(&conn).await {
+                    return end;
+                }
+            }
+        } else {
+            self.start_attempted = true;
+            let req = self.start_request();
+            let mut client = conn.scripts();
+            let started = tokio::select! {
+                r = tokio::time::timeout(CALL_TIMEOUT, client.start_script(req)) => r,
+                _ = shutdown.cancelled() => return Attempt::Shutdown,
+            };
+            match started {
+                Ok(Ok(_)) => {}
+                Ok(Err(status)) if octo_comms::is_retryable(&status) => {
+                    return Attempt::Retry {
+                        reason: status.message().to_string(),
+                        was_connected: false,
+                    }
+                }
+                Ok(Err(status)) => {
+                    self.fail(format!(
+                        "the tentacle refused to start the script: {} ({:?})",
+                        status.message(),
+                        status.code()
+                    ))
+                    .await;
+                    return Attempt::Done;
+                }
+                Err(_) => {
+                    return Attempt::Retry {
+                        reason: format!(
+                            "StartScript got no answer within {} s",
+                            CALL_TIMEOUT.as_secs()
+                        ),
+                        was_connected: false,
+                    }
+                }
+            }
+        }
+        self.stream(&conn).await
+    }
+
+    fn start_request(&self) -> StartScriptRequest {
+        StartScriptRequest {
+            ticket: self.step.ticket.clone(),
+            script_body: self.args.script.clone(),
+            syntax: match self.args.syntax {
+                Syntax::Bash => ScriptSyntax::Bash,
+                Syntax::Sh => ScriptSyntax::Sh,
+                Syntax::Python3 => ScriptSyntax::Python3,
+            } as i32,
+            isolation: match self.args.isolation {
+                Isolation::Full => IsolationLevel::Full,
+                Isolation::None => IsolationLevel::None,
+            } as i32,
+            ..StartScriptRequest::default()
+        }
+    }
+
+    /// Sends CancelScript; Some(end) when the attempt is over.
+    async fn send_cancel(&mut self, conn: &Connection) -> Option<Attempt> {
+        let req = CancelScriptRequest {
+            ticket: self.step.ticket.clone(),
+            since_sequence: self.next_sequence,
+        };
+        let mut client = conn.scripts();
+        let sent = tokio::select! {
+            r = tokio::time::timeout(CALL_TIMEOUT, client.cancel_script(req)) => r,
+            _ = self.eng.shutdown.cancelled() => return Some(Attempt::Shutdown),
+        };
+        match sent {
+            Ok(Ok(_)) => {
+                self.cancel_sent = true;
+                self.log("cancel sent to the tentacle".into()).await;
+                None
+            }
+            Ok(Err(status)) if octo_comms::is_retryable(&status) => Some(Attempt::Retry {
+                reason: status.message().to_string(),
+                was_connected: true,
+            }),
+            Ok(Err(status)) => {
+                let why = format!(
+                    "the tentacle refused to cancel the script: {} ({:?})",
+                    status.message(),
+                    status.code()
+                );
+                self.log(why.clone()).await;
+                self.finish(TaskState::Canceled, Some(why)).await;
+                Some(Attempt::Done)
+            }
+            Err(_) => Some(Attempt::Retry {
+                reason: format!(
+                    "CancelScript got no answer within {} s",
+                    CALL_TIMEOUT.as_secs()
+                ),
+                was_connected: true,
+            }),
+        }
+    }
+
+    /// Streams the log to the script's end (or until the connection fails).
+    async fn stream(&mut self, conn: &Connection) -> Attempt {
+        let shutdown = &self.eng.shutdown;
+        let req = ScriptStatusRequest {
+            ticket: self.step.ticket.clone(),
+            since_sequence: self.next_sequence,
+        };
+        let mut client = conn.scripts();
+        let opened = tokio::select! {
+            r = client.stream_logs(req) => r,
+            _ = shutdown.cancelled() => return Attempt::Shutdown,
+        };
+        let mut events = match opened {
+            Ok(r) => r.into_inner(),
+            Err(status) if octo_comms::is_retryable(&status) => {
+                return Attempt::Retry {
+                    reason: status.message().to_string(),
+                    was_connected: true,
+                }
+            }
+            Err(status) => {
+                self.fail(format!(
+                    "the tentacle refused to stream the log: {} ({:?})",
+                    status.message(),
+                    status.code()
+                ))
+                .await;
+                return Attempt::Done;
+            }
+        };
+        let mut batch: Vec<NewLogLine> = Vec::new();
+        let mut flush_at: Option<Instant> = None;
+        loop {
+            let cancel_pending = !self.cancel_sent;
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Attempt::Shutdown,
+                _ = self.cancel.cancelled(), if cancel_pending => {
+                    if let Err(end) = self.flush(&mut batch, &mut flush_at).await {
+                        return end;
+                    }
+                    if let Some(end) = self.send_cancel(conn).await {
+                        return end;
+                    }
+                }
+                _ = sleep_until(flush_at), if flush_at.is_some() => {
+                    if let Err(end) = self.flush(&mut batch, &mut flush_at).await {
+                        return end;
+                    }
+                }
+                event = events.message() => match event {
+                    Ok(Some(ev)) => match ev.event {
+                        Some(script_event::Event::Log(line)) => {
+                            self.push(&mut batch, line);
+                            if batch.len() >= BATCH_LINES {
+                                if let Err(end) = self.flush(&mut batch, &mut flush_at).await {
+                                    return end;
+                                }
+                            } else if flush_at.is_none() {
+                                flush_at = Some(Instant::now() + BATCH_DELAY);
+                            }
+                        }
+                        Some(script_event::Event::Completed(status)) => {
+                            for line in status.logs.iter().cloned() {
+                                self.push(&mut batch, line);
+                            }
+                            if let Err(end) = self.flush(&mut batch, &mut flush_at).await {
+                                return end;
+                            }
+                            self.completed(conn, &status).await;
+                            return Attempt::Done;
+                        }
+                        None => {}
+                    },
+                    Ok(None) => {
+                        if let Err(end) = self.flush(&mut batch, &mut flush_at).await {
+                            return end;
+                        }
+                        return Attempt::Retry {
+                            reason: "the log stream ended before the script completed".into(),
+                            was_connected: true,
+                        };
+                    }
+                    Err(status) => {
+                        if let Err(end) = self.flush(&mut batch, &mut flush_at).await {
+                            return end;
+                        }
+                        if octo_comms::is_retryable(&status) {
+                            return Attempt::Retry {
+                                reason: status.message().to_string(),
+                                was_connected: true,
+                            };
+                        }
+                        self.fail(format!(
+                            "reading the log failed: {} ({:?})",
+                            status.message(),
+                            status.code()
+                        ))
+                        .await;
+                        return Attempt::Done;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Adds a line unless it is stored already.
+    fn push(&mut self, batch: &mut Vec<NewLogLine>, line: LogLine) {
+        if line.sequence < self.next_sequence {
+            return;
+        }
+        self.next_sequence = line.sequence.saturating_add(1);
+        let stream = match LogStream::try_from(line.stream) {
+            Ok(LogStream::Stderr) => "stderr",
+            Ok(LogStream::Service) => "service",
+            _ => "stdout",
+        };
+        batch.push(NewLogLine {
+            machine_id: Some(self.step.machine_id),
+            sequence: Some(i64::try_from(line.sequence).unwrap_or(i64::MAX)),
+            timestamp: line.timestamp_unix_ms,
+            stream: stream.into(),
+            text: line.text,
+        });
+    }
+
+    /// Stores the batch. Err(end) when the store failed (the step is then Failed).
+    async fn flush(
+        &mut self,
+        batch: &mut Vec<NewLogLine>,
+        flush_at: &mut Option<Instant>,
+    ) -> Result<(), Attempt> {
+        *flush_at = None;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let lines = std::mem::take(batch);
+        match self.eng.append(self.task_id(), &lines).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.fail(format!("storing the log failed: {e}")).await;
+                Err(Attempt::Done)
+            }
+        }
+    }
+
+    /// Records the script's end, then removes its work directory on the tentacle.
+    async fn completed(&mut self, conn: &Connection, status: &ScriptStatus) {
+        let code = status.exit_code;
+        self.step.exit_code = Some(code);
+        let (state, error) = if code == 0 {
+            (TaskState::Success, None)
+        } else if self.cancel.is_cancelled()
+            && (code == exit_codes::CANCELLED || code == exit_codes::UNKNOWN_TICKET)
+        {
+            // Cancelled, or cancelled before the start ever reached the tentacle.
+            (TaskState::Canceled, None)
+        } else {
+            (TaskState::Failed, Some(describe_exit(code)))
+        };
+        self.log(match &error {
+            None => format!("script finished ({state:?}, exit code {code})"),
+            Some(e) => format!("script finished ({state:?}): {e}"),
+        })
+        .await;
+        self.finish(state, error).await;
+
+        // Best effort: the rest of the log (normally nothing) and cleanup.
+        for _ in 0..10 {
+            let req = CompleteScriptRequest {
+                ticket: self.step.ticket.clone(),
+                since_sequence: self.next_sequence,
+            };
+            let mut client = conn.scripts();
+            let reply = tokio::select! {
+                r = tokio::time::timeout(CALL_TIMEOUT, client.complete_script(req)) => r,
+                _ = self.eng.shutdown.cancelled() => return,
+            };
+            let reply = match reply {
+                Ok(Ok(r)) => r.into_inner(),
+                Ok(Err(status)) => {
+                    return tracing::debug!(
+                        "CompleteScript for {} on {}: {}",
+                        self.step.ticket,
+                        self.name(),
+                        status.message()
+                    )
+                }
+                Err(_) => return,
+            };
+            let mut batch = Vec::new();
+            for line in reply.logs {
+                self.push(&mut batch, line);
+            }
+            if !batch.is_empty() {
+                if let Err(e) = self.eng.append(self.task_id(), &batch).await {
+                    return tracing::error!("storing the log of {}: {e}", self.task_id());
+                }
+            }
+            if !(reply.more_logs && reply.state == ScriptState::Complete as i32) {
+                return;
+            }
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// "exit code 3", with the meaning of the reserved negative codes.
+fn describe_exit(code: i32) -> String {
+    let meaning = match code {
+        exit_codes::COULD_NOT_START => {
+            " (the script could not be started: shell missing or work directory not writable)"
+        }
+        exit_codes::CANCELLED => " (the script was cancelled)",
+        exit_codes::MUTEX_TIMEOUT => " (the isolation mutex could not be acquired in time)",
+        exit_codes::UNKNOWN_TICKET => {
+            " (the tentacle does not know this script: its work directory was removed or the tentacle was reinstalled)"
+        }
+        exit_codes::TENTACLE_RESTARTED => {
+            " (the tentacle restarted while the script ran; its outcome is unknown)"
+        }
+        exit_codes::FATAL => " (fatal error in the tentacle while supervising the script)",
+        _ => "",
+    };
+    format!("exit code {code}{meaning}")
+}

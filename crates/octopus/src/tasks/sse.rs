@@ -1,0 +1,200 @@
+//! `GET /api/tasks/{id}/log/stream?after=ID`: a task's log as server-sent events.
+//!
+//! Events: `task` with `{"task", "steps"}` first and whenever the task or a step
+//! changes state; `log` with one log line (its id as the event id) for every line
+//! after `after` (or the `Last-Event-ID` header), stored ones first, then live
+//! ones as they are stored; finally `end` with `{"task", "steps"}` once the task
+//! is final, after its last line, and the stream ends. A comment every 15 s keeps
+//! proxies from closing an idle stream.
+//!
+//! Live means pushed: the producer waits on the engine's notifier for the task,
+//! then reads whatever rows are new from the store. A slow reader therefore
+//! loses nothing; it reads more rows at once.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::IntoResponse;
+use octo_store::{TaskState, TaskStep};
+use serde::Deserialize;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::engine::{Changes, Engine};
+use super::{load_view, TaskApiError, TaskResult, TaskView};
+use crate::server::AppState;
+
+/// Keep-alive comment interval.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// Log lines read from the store at once.
+const PAGE: i64 = 1000;
+/// Events buffered towards a slow client before the producer waits.
+const BUFFER: usize = 256;
+
+#[derive(Debug, Deserialize)]
+pub(super) struct StreamQuery {
+    after: Option<i64>,
+}
+
+pub(super) async fn stream_log(
+    State(s): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+    q: Result<Query<StreamQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> TaskResult<impl IntoResponse> {
+    let Path(id) = id?;
+    let Query(q) = q?;
+    let last_event_id = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<i64>().ok());
+    let after = q.after.or(last_event_id).unwrap_or(0);
+    if s.store.task(&id).await?.is_none() {
+        return Err(TaskApiError::task_not_found(&id));
+    }
+    let engine = Engine::of(&s);
+    let sub = Subscription {
+        rx: Some(engine.subscribe(&id)),
+        engine: engine.clone(),
+        task_id: id,
+    };
+    let (tx, rx) = mpsc::channel(BUFFER);
+    engine.tracker.spawn(produce(sub, after, tx));
+    Ok(Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
+}
+
+/// A receiver of the task's notifier, released when dropped.
+struct Subscription {
+    rx: Option<watch::Receiver<Changes>>,
+    engine: Arc<Engine>,
+    task_id: String,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.rx.take();
+        self.engine.release(&self.task_id);
+    }
+}
+
+/// What a `task` event is sent again for.
+#[derive(Debug, PartialEq)]
+struct StateKey {
+    task: (TaskState, Option<String>, bool),
+    steps: Vec<(i64, TaskState, Option<i32>, Option<String>)>,
+}
+
+fn key(v: &TaskView) -> StateKey {
+    StateKey {
+        task: (v.task.state, v.task.error.clone(), v.task.cancel_requested),
+        steps: v
+            .steps
+            .iter()
+            .map(|s: &TaskStep| (s.machine_id, s.state, s.exit_code, s.error.clone()))
+            .collect(),
+    }
+}
+
+/// The client went away or the server stops.
+struct Gone;
+
+async fn produce(
+    mut sub: Subscription,
+    mut after: i64,
+    tx: mpsc::Sender<Result<Event, Infallible>>,
+) {
+    let Some(mut rx) = sub.rx.take() else { return };
+    let engine = sub.engine.clone();
+    let id = sub.task_id.clone();
+    let mut sent_key: Option<StateKey> = None;
+    let mut seen_state: Option<u64> = None;
+    let result: Result<(), Gone> = async {
+        let mut first = true;
+        loop {
+            let changes = *rx.borrow_and_update();
+            // The task's state comes first; after that, lines before state changes
+            // (a step's last lines before the event saying it finished).
+            if !first {
+                send_lines(&engine, &id, &mut after, &tx).await?;
+            }
+            if seen_state != Some(changes.state) {
+                seen_state = Some(changes.state);
+                let view = match load_view(engine.state.store.as_ref(), &id).await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        send(&tx, Event::default().event("error").data(e_message(&e))).await?;
+                        return Ok(());
+                    }
+                };
+                if view.task.state.is_final() {
+                    // Every line was stored before the final state: read the rest.
+                    send_lines(&engine, &id, &mut after, &tx).await?;
+                    send(&tx, json_event("end", &view)).await?;
+                    return Ok(());
+                }
+                let k = key(&view);
+                if sent_key.as_ref() != Some(&k) {
+                    send(&tx, json_event("task", &view)).await?;
+                    sent_key = Some(k);
+                }
+            }
+            if first {
+                first = false;
+                send_lines(&engine, &id, &mut after, &tx).await?;
+            }
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return Ok(()) },
+                _ = tx.closed() => return Err(Gone),
+                _ = engine.shutdown.cancelled() => return Err(Gone),
+            }
+        }
+    }
+    .await;
+    let _ = result;
+    sub.rx = Some(rx);
+}
+
+fn e_message(e: &TaskApiError) -> String {
+    serde_json::json!({ "error": e.message }).to_string()
+}
+
+async fn send_lines(
+    engine: &Engine,
+    id: &str,
+    after: &mut i64,
+    tx: &mpsc::Sender<Result<Event, Infallible>>,
+) -> Result<(), Gone> {
+    loop {
+        let lines = match engine.state.store.task_log(id, *after, PAGE).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("reading the log of {id}: {e}");
+                return Err(Gone);
+            }
+        };
+        let n = lines.len();
+        for line in lines {
+            *after = line.id;
+            send(tx, json_event("log", &line).id(line.id.to_string())).await?;
+        }
+        if i64::try_from(n).unwrap_or(i64::MAX) < PAGE {
+            return Ok(());
+        }
+    }
+}
+
+fn json_event<T: serde::Serialize>(name: &str, value: &T) -> Event {
+    let data = serde_json::to_string(value).unwrap_or_else(|e| {
+        serde_json::json!({ "error": format!("serializing the event: {e}") }).to_string()
+    });
+    Event::default().event(name).data(data)
+}
+
+async fn send(tx: &mpsc::Sender<Result<Event, Infallible>>, event: Event) -> Result<(), Gone> {
+    tx.send(Ok(event)).await.map_err(|_| Gone)
+}

@@ -1,0 +1,809 @@
+//! The task engine and its API, end to end: a server started in-process, real
+//! tentacle services (capabilities and scripts from `octo-agent`) over the real
+//! transport on 127.0.0.1, one listening and one polling. Every wait is bounded
+//! by a timeout and waits for an event (mostly the task's server-sent events);
+//! nothing sleeps to synchronise (scripts sleep inside themselves).
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use octo_agent::capabilities::CapabilitiesImpl;
+use octo_agent::scripts::ScriptServiceImpl;
+use octo_agent::AgentContext;
+use octo_comms::{Backoff, PollingTarget, TentacleComms};
+use octo_proto::v1::capabilities_server::CapabilitiesServer;
+use octo_proto::v1::script_service_server::ScriptServiceServer;
+use octo_server::server::{start, RunArgs, RunningServer};
+use octo_testkit as kit;
+use octo_tls::{Identity, Thumbprint, TrustStore};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+
+/// Bound on any single wait.
+const T: Duration = Duration::from_secs(40);
+
+// ---------------------------------------------------------------------------
+// The server and its API.
+
+struct Server {
+    running: Option<RunningServer>,
+    data: PathBuf,
+    base: String,
+    key: String,
+    http: reqwest::Client,
+    comms_port: u16,
+    thumbprint: Thumbprint,
+    _tmp: tempfile::TempDir,
+}
+
+async fn start_at(data: &Path, comms_port: u16) -> RunningServer {
+    timeout(
+        T,
+        start(&RunArgs {
+            data: data.to_path_buf(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            comms_listen_port: comms_port,
+            comms_listen_address: "127.0.0.1".into(),
+            database_url: None,
+        }),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+}
+
+impl Server {
+    async fn new() -> Self {
+        kit::init_tracing();
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        let running = start_at(&data, 0).await;
+        let s = Server {
+            base: format!("http://{}", running.api_addr),
+            key: running.admin_api_key.clone().unwrap(),
+            comms_port: running.comms_port,
+            thumbprint: running.thumbprint,
+            running: Some(running),
+            data,
+            http: reqwest::Client::new(),
+            _tmp: tmp,
+        };
+        let (status, body) = s.post("/api/environments", json!({ "name": "Test" })).await;
+        assert_eq!(status, 201, "{body}");
+        s
+    }
+
+    /// Stops the server and starts it again on the same data and comms port.
+    async fn restart(&mut self) {
+        let running = self.running.take().unwrap();
+        timeout(T, running.stop()).await.unwrap();
+        let running = start_at(&self.data, self.comms_port).await;
+        assert_eq!(running.comms_port, self.comms_port);
+        assert_eq!(running.thumbprint, self.thumbprint);
+        assert!(running.admin_api_key.is_none());
+        self.base = format!("http://{}", running.api_addr);
+        self.running = Some(running);
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> (u16, Value) {
+        let resp = timeout(T, req.header("X-Octopus-ApiKey", &self.key).send())
+            .await
+            .unwrap()
+            .unwrap();
+        let status = resp.status().as_u16();
+        let text = timeout(T, resp.text()).await.unwrap().unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        self.send(self.http.get(format!("{}{path}", self.base)))
+            .await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.send(self.http.post(format!("{}{path}", self.base)).json(&body))
+            .await
+    }
+
+    async fn add_machine(&self, body: Value) -> i64 {
+        let (status, m) = self.post("/api/machines", body).await;
+        assert_eq!(status, 201, "{m}");
+        m["id"].as_i64().unwrap()
+    }
+
+    async fn add_listening(&self, name: &str, addr: SocketAddr, thumbprint: Thumbprint) -> i64 {
+        self.add_machine(json!({
+            "name": name,
+            "comms_style": "TentaclePassive",
+            "uri": format!("https://{addr}/"),
+            "thumbprint": thumbprint.to_string(),
+            "environments": ["Test"],
+            "roles": ["web"],
+        }))
+        .await
+    }
+
+    async fn add_polling(&self, name: &str, subscription: &str, thumbprint: Thumbprint) -> i64 {
+        self.add_machine(json!({
+            "name": name,
+            "comms_style": "TentacleActive",
+            "uri": format!("poll://{subscription}/"),
+            "thumbprint": thumbprint.to_string(),
+            "environments": ["Test"],
+            "roles": ["web"],
+        }))
+        .await
+    }
+
+    /// Creates a task; returns its id.
+    async fn create(&self, path: &str, body: Value) -> String {
+        let (status, v) = self.post(path, body).await;
+        assert_eq!(status, 201, "{v}");
+        assert!(v["steps"].is_array(), "{v}");
+        v["task"]["id"].as_str().unwrap().to_string()
+    }
+
+    async fn script(&self, script: &str, machines: &[&str]) -> String {
+        self.create(
+            "/api/tasks/script",
+            json!({ "script": script, "machines": machines }),
+        )
+        .await
+    }
+
+    async fn events(&self, task_id: &str, after: i64) -> Events {
+        let req = self
+            .http
+            .get(format!(
+                "{}/api/tasks/{task_id}/log/stream?after={after}",
+                self.base
+            ))
+            .header("X-Octopus-ApiKey", &self.key);
+        let resp = timeout(T, req.send()).await.unwrap().unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            resp.headers()["content-type"].to_str().unwrap(),
+            "text/event-stream"
+        );
+        Events {
+            resp,
+            buf: String::new(),
+        }
+    }
+
+    /// Waits for the task to end (through its event stream); returns `{"task","steps"}`.
+    async fn wait_end(&self, task_id: &str) -> Value {
+        let mut events = self.events(task_id, 0).await;
+        events.until(|e, _| e == "end").await.1
+    }
+
+    /// The whole log.
+    async fn log(&self, task_id: &str) -> Vec<Value> {
+        let (status, v) = self
+            .get(&format!("/api/tasks/{task_id}/log?limit=10000"))
+            .await;
+        assert_eq!(status, 200, "{v}");
+        v.as_array().unwrap().clone()
+    }
+
+    async fn machine(&self, name: &str) -> Value {
+        let (status, v) = self.get(&format!("/api/machines/{name}")).await;
+        assert_eq!(status, 200, "{v}");
+        v
+    }
+}
+
+/// A server-sent event stream, parsed.
+struct Events {
+    resp: reqwest::Response,
+    buf: String,
+}
+
+impl Events {
+    /// The next event (name, JSON data); None when the stream ended.
+    async fn next(&mut self) -> Option<(String, Value)> {
+        loop {
+            if let Some(i) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..i + 2).collect();
+                let mut name = "message".to_string();
+                let mut data = String::new();
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        name = v.trim().to_string();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.strip_prefix(' ').unwrap_or(v));
+                    }
+                }
+                if data.is_empty() {
+                    continue; // keep-alive comment
+                }
+                return Some((name, serde_json::from_str(&data).unwrap()));
+            }
+            let chunk = self.resp.chunk().await.ok()??;
+            self.buf.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+    }
+
+    /// Reads events until one matches (bounded); panics if the stream ends first.
+    async fn until(&mut self, mut pred: impl FnMut(&str, &Value) -> bool) -> (String, Value) {
+        timeout(T, async {
+            loop {
+                let (name, data) = self.next().await.expect("event stream ended early");
+                if pred(&name, &data) {
+                    return (name, data);
+                }
+            }
+        })
+        .await
+        .expect("expected event did not arrive in time")
+    }
+
+    /// Reads until a log line whose text is `text`.
+    async fn until_line(&mut self, text: &str) -> Value {
+        self.until(|e, d| e == "log" && d["text"] == text).await.1
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Tentacles with the real services.
+
+struct Tentacle {
+    identity: Identity,
+    ctx: AgentContext,
+    scripts: ScriptServiceImpl,
+    server: Thumbprint,
+    token: CancellationToken,
+    handle: tokio::task::JoinHandle<()>,
+    addr: Option<SocketAddr>,
+    _home: tempfile::TempDir,
+}
+
+impl Drop for Tentacle {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
+fn context(name: &str) -> (AgentContext, tempfile::TempDir) {
+    let tmp = tempfile::tempdir().unwrap();
+    let ctx = AgentContext {
+        instance_name: name.to_string(),
+        home: tmp.path().join("home"),
+        applications: tmp.path().join("apps"),
+    };
+    std::fs::create_dir_all(&ctx.home).unwrap();
+    std::fs::create_dir_all(&ctx.applications).unwrap();
+    (ctx, tmp)
+}
+
+fn comms(
+    identity: &Identity,
+    server: Thumbprint,
+    ctx: &AgentContext,
+    scripts: &ScriptServiceImpl,
+) -> TentacleComms {
+    let routes =
+        tonic::service::Routes::new(CapabilitiesServer::new(CapabilitiesImpl::new(ctx.clone())))
+            .add_service(ScriptServiceServer::new(scripts.clone()));
+    TentacleComms::new(
+        identity.clone(),
+        TrustStore::new([server], kit::hint("tentacle")),
+        routes,
+        &ctx.instance_name,
+    )
+}
+
+impl Tentacle {
+    async fn listening(name: &str, server: Thumbprint) -> Self {
+        let (ctx, home) = context(name);
+        let identity = kit::identity(name);
+        let scripts = ScriptServiceImpl::new(ctx.clone());
+        let mut t = Tentacle {
+            identity,
+            ctx,
+            scripts,
+            server,
+            token: CancellationToken::new(),
+            handle: tokio::spawn(async {}),
+            addr: None,
+            _home: home,
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        t.serve(listener);
+        t
+    }
+
+    /// Serves on `listener` with a fresh `TentacleComms` over the same services.
+    fn serve(&mut self, listener: TcpListener) {
+        self.addr = Some(listener.local_addr().unwrap());
+        let c = comms(&self.identity, self.server, &self.ctx, &self.scripts);
+        self.token = CancellationToken::new();
+        let token = self.token.clone();
+        self.handle = tokio::spawn(async move {
+            let _ = c.run_listening(listener, token).await;
+        });
+    }
+
+    /// Stops listening (and drops its connections); the scripts keep running.
+    async fn stop(&mut self) {
+        self.token.cancel();
+        timeout(T, &mut self.handle).await.unwrap().unwrap();
+    }
+
+    fn polling(name: &str, server: Thumbprint, comms_port: u16, subscription: &str) -> Self {
+        let (ctx, home) = context(name);
+        let identity = kit::identity(name);
+        let scripts = ScriptServiceImpl::new(ctx.clone());
+        let c = comms(&identity, server, &ctx, &scripts);
+        let token = CancellationToken::new();
+        let target = PollingTarget {
+            address: format!("127.0.0.1:{comms_port}"),
+            subscription_id: subscription.to_string(),
+        };
+        // Short backoff so it is back quickly after a server restart.
+        let backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(300));
+        let t = token.clone();
+        let handle = tokio::spawn(async move {
+            let _ = c.run_polling(target, 1, backoff, t).await;
+        });
+        Tentacle {
+            identity,
+            ctx,
+            scripts,
+            server,
+            token,
+            handle,
+            addr: None,
+            _home: home,
+        }
+    }
+
+    fn thumbprint(&self) -> Thumbprint {
+        self.identity.thumbprint()
+    }
+}
+
+/// A server with a listening tentacle "lis" and a polling tentacle "pol".
+async fn two_machines() -> (Server, Tentacle, Tentacle, i64, i64) {
+    let server = Server::new().await;
+    let lis = Tentacle::listening("lis", server.thumbprint).await;
+    let lis_id = server
+        .add_listening("lis", lis.addr.unwrap(), lis.thumbprint())
+        .await;
+    let pol_identity_holder =
+        Tentacle::polling("pol", server.thumbprint, server.comms_port, "sub-pol");
+    let pol_id = server
+        .add_polling("pol", "sub-pol", pol_identity_holder.thumbprint())
+        .await;
+    (server, lis, pol_identity_holder, lis_id, pol_id)
+}
+
+/// Stdout lines of one machine, in log order, and checks their sequences increase.
+fn stdout_of(log: &[Value], machine_id: i64) -> Vec<String> {
+    let lines: Vec<&Value> = log
+        .iter()
+        .filter(|l| l["machine_id"] == machine_id && l["stream"] == "stdout")
+        .collect();
+    let seqs: Vec<i64> = lines
+        .iter()
+        .map(|l| l["sequence"].as_i64().unwrap())
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "sequences {seqs:?}");
+    lines
+        .iter()
+        .map(|l| l["text"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn numbered(n: usize) -> Vec<String> {
+    (1..=n).map(|i| format!("line {i}")).collect()
+}
+
+fn server_text(log: &[Value]) -> String {
+    log.iter()
+        .filter(|l| l["stream"] == "server")
+        .map(|l| l["text"].as_str().unwrap())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+// ---------------------------------------------------------------------------
+// Health checks.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_check_of_both_kinds_is_healthy() {
+    let (server, _lis, _pol, _, _) = two_machines().await;
+    let id = server.create("/api/tasks/health", json!({})).await;
+    let end = server.wait_end(&id).await;
+    assert_eq!(end["task"]["state"], "Success", "{end}");
+    assert_eq!(end["task"]["kind"], "Health");
+    assert_eq!(end["steps"].as_array().unwrap().len(), 2);
+    for name in ["lis", "pol"] {
+        let m = server.machine(name).await;
+        assert_eq!(m["status"], "Healthy", "{m}");
+        assert_eq!(m["tentacle_version"], octo_agent::VERSION, "{m}");
+        assert!(m["last_health_at"].is_i64(), "{m}");
+    }
+    let log = server_text(&server.log(&id).await);
+    assert!(log.contains("lis: Healthy"), "{log}");
+    assert!(log.contains("pol: Healthy"), "{log}");
+
+    // Selecting by machine name and by environment.
+    let id = server
+        .create("/api/tasks/health", json!({ "machines": ["pol"] }))
+        .await;
+    let end = server.wait_end(&id).await;
+    assert_eq!(end["task"]["state"], "Success", "{end}");
+    assert_eq!(end["steps"][0]["machine_name"], "pol");
+    let (status, v) = server
+        .post("/api/tasks/health", json!({ "environment": "Nope" }))
+        .await;
+    assert_eq!(status, 422, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("environment 'Nope' does not exist"),
+        "{v}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_check_of_a_stopped_tentacle_says_refused() {
+    let server = Server::new().await;
+    let mut lis = Tentacle::listening("lis", server.thumbprint).await;
+    server
+        .add_listening("lis", lis.addr.unwrap(), lis.thumbprint())
+        .await;
+    lis.stop().await;
+    let id = server.create("/api/tasks/health", json!({})).await;
+    let end = server.wait_end(&id).await;
+    assert_eq!(end["task"]["state"], "Failed", "{end}");
+    let error = end["task"]["error"].as_str().unwrap();
+    assert!(
+        error.contains("1 of 1 machines unavailable: lis"),
+        "{error}"
+    );
+    let m = server.machine("lis").await;
+    assert_eq!(m["status"], "Unavailable", "{m}");
+    let reason = m["status_reason"].as_str().unwrap();
+    assert!(reason.contains("refused"), "{reason}");
+    assert!(
+        end["steps"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("refused"),
+        "{end}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_check_of_an_untrusted_tentacle_names_both_thumbprints() {
+    let server = Server::new().await;
+    let lis = Tentacle::listening("lis", server.thumbprint).await;
+    let wrong = kit::identity("someone else").thumbprint();
+    server.add_listening("lis", lis.addr.unwrap(), wrong).await;
+    let id = server.create("/api/tasks/health", json!({})).await;
+    let end = server.wait_end(&id).await;
+    assert_eq!(end["task"]["state"], "Failed", "{end}");
+    let m = server.machine("lis").await;
+    assert_eq!(m["status"], "Unavailable", "{m}");
+    let reason = m["status_reason"].as_str().unwrap();
+    assert!(reason.contains(&lis.thumbprint().to_string()), "{reason}");
+    assert!(reason.contains(&wrong.to_string()), "{reason}");
+}
+
+// ---------------------------------------------------------------------------
+// Scripts.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn script_on_two_machines_logs_every_line_in_order() {
+    let (server, _lis, _pol, lis_id, pol_id) = two_machines().await;
+    let script = "for i in $(seq 1 300); do echo \"line $i\"; done; echo oops >&2";
+    let (status, created) = server
+        .post(
+            "/api/tasks/script",
+            json!({ "script": script, "environment": "Test", "role": "web" }),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["task"]["kind"], "Script");
+    assert_eq!(created["task"]["arguments"]["syntax"], "bash");
+    assert_eq!(created["task"]["arguments"]["isolation"], "full");
+    assert_eq!(created["steps"].as_array().unwrap().len(), 2);
+    let id = created["task"]["id"].as_str().unwrap().to_string();
+
+    let end = server.wait_end(&id).await;
+    assert_eq!(end["task"]["state"], "Success", "{end}");
+    for step in end["steps"].as_array().unwrap() {
+        assert_eq!(step["state"], "Success", "{step}");
+        assert_eq!(step["exit_code"], 0, "{step}");
+        assert_eq!(step["next_sequence"], 301, "{step}");
+    }
+    let log = server.log(&id).await;
+    for m in [lis_id, pol_id] {
+        assert_eq!(stdout_of(&log, m), numbered(300));
+        let stderr: Vec<&Value> = log
+            .iter()
+            .filter(|l| l["machine_id"] == m && l["stream"] == "stderr")
+            .collect();
+        assert_eq!(stderr.len(), 1);
+        assert_eq!(stderr[0]["text"], "oops");
+    }
+    let text = server_text(&log);
+    assert!(text.contains("Task started"), "{text}");
+    assert!(text.contains("Task finished: Success"), "{text}");
+
+    // Paging through the log.
+    let (_, first) = server.get(&format!("/api/tasks/{id}/log?limit=5")).await;
+    let first = first.as_array().unwrap().clone();
+    assert_eq!(first.len(), 5);
+    let after = first[4]["id"].as_i64().unwrap();
+    let (_, next) = server
+        .get(&format!("/api/tasks/{id}/log?after={after}&limit=3"))
+        .await;
+    assert_eq!(next[0]["id"], log[5]["id"]);
+    assert_eq!(next.as_array().unwrap().len(), 3);
+
+    // The task, the list, 404s.
+    let (status, v) = server.get(&format!("/api/tasks/{id}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(v["task"]["state"], "Success");
+    let (status, v) = server.get("/api/tasks?limit=10").await;
+    assert_eq!(status, 200);
+    assert_eq!(v[0]["id"], id.as_str());
+    let (status, v) = server.get("/api/tasks/ServerTasks-999").await;
+    assert_eq!(status, 404, "{v}");
+    let (status, _) = server.get("/api/tasks/ServerTasks-999/log").await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_machine_fails_the_task() {
+    let (server, _lis, _pol, lis_id, pol_id) = two_machines().await;
+    let script = "echo hello; if [ \"$TentacleInstanceName\" = pol ]; then exit 3; fi";
+    let id = server.script(script, &["lis", "pol"]).await;
+    let end = server.wait_end(&id).await;
+    assert_eq!(end["task"]["state"], "Failed", "{end}");
+    let error = end["task"]["error"].as_str().unwrap();
+    assert!(error.contains("1 of 2 machines failed"), "{error}");
+    for step in end["steps"].as_array().unwrap() {
+        if step["machine_id"] == pol_id {
+            assert_eq!(step["state"], "Failed");
+            assert_eq!(step["exit_code"], 3);
+            assert_eq!(step["error"], "exit code 3");
+        } else {
+            assert_eq!(step["machine_id"], lis_id);
+            assert_eq!(step["state"], "Success");
+        }
+    }
+    let log = server.log(&id).await;
+    assert_eq!(stdout_of(&log, pol_id), ["hello"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_machine_selected_says_why() {
+    let server = Server::new().await;
+    let (status, v) = server
+        .post(
+            "/api/tasks/script",
+            json!({ "script": "true", "environment": "Test" }),
+        )
+        .await;
+    assert_eq!(status, 422, "{v}");
+    let error = v["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("no machine matches: environment 'Test' (0 machines exist)"),
+        "{error}"
+    );
+
+    let lis = Tentacle::listening("lis", server.thumbprint).await;
+    server
+        .add_listening("lis", lis.addr.unwrap(), lis.thumbprint())
+        .await;
+    let (status, v) = server
+        .post(
+            "/api/tasks/script",
+            json!({ "script": "true", "environment": "Test", "role": "db" }),
+        )
+        .await;
+    assert_eq!(status, 422, "{v}");
+    let error = v["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("no machine matches: environment 'Test', role 'db' (1 machine exists)"),
+        "{error}"
+    );
+    assert!(error.contains("no machine has role 'db'"), "{error}");
+
+    let (status, v) = server
+        .post(
+            "/api/tasks/script",
+            json!({ "script": "true", "machines": ["lis", "ghost"] }),
+        )
+        .await;
+    assert_eq!(status, 404, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("'ghost'"), "{v}");
+
+    let (status, v) = server
+        .post(
+            "/api/tasks/script",
+            json!({ "script": "true", "syntax": "cobol", "machines": ["lis"] }),
+        )
+        .await;
+    assert_eq!(status, 400, "{v}");
+    let (status, v) = server.get("/api/tasks").await;
+    assert_eq!(status, 200);
+    assert_eq!(v, json!([]), "no task was created");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_stream_delivers_lines_live_and_ends() {
+    let server = Server::new().await;
+    let lis = Tentacle::listening("lis", server.thumbprint).await;
+    let lis_id = server
+        .add_listening("lis", lis.addr.unwrap(), lis.thumbprint())
+        .await;
+    let flag = lis._home.path().join("go");
+    // The script cannot finish until the test has seen its first line live.
+    let script = format!(
+        "echo before; while [ ! -e '{}' ]; do sleep 0.05; done; echo after",
+        flag.display()
+    );
+    let id = server.script(&script, &["lis"]).await;
+    let mut events = server.events(&id, 0).await;
+    let (name, first) = events.until(|_, _| true).await;
+    assert_eq!(name, "task", "{first}");
+    let line = events.until_line("before").await;
+    assert_eq!(line["machine_id"], lis_id);
+    assert_eq!(line["stream"], "stdout");
+    std::fs::write(&flag, b"").unwrap();
+    events.until_line("after").await;
+    let (_, end) = events.until(|e, _| e == "end").await;
+    assert_eq!(end["task"]["state"], "Success", "{end}");
+    assert!(
+        timeout(T, events.next()).await.unwrap().is_none(),
+        "the stream ends after `end`"
+    );
+
+    // A stream opened after the end replays the lines after `after`, then ends.
+    let log = server.log(&id).await;
+    let after = log[0]["id"].as_i64().unwrap();
+    let mut events = server.events(&id, after).await;
+    let mut replayed = Vec::new();
+    loop {
+        let (name, data) = timeout(T, events.next()).await.unwrap().unwrap();
+        match name.as_str() {
+            "log" => replayed.push(data["id"].as_i64().unwrap()),
+            "end" => break,
+            _ => {}
+        }
+    }
+    let expected: Vec<i64> = log[1..].iter().map(|l| l["id"].as_i64().unwrap()).collect();
+    assert_eq!(replayed, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_a_long_script() {
+    let (server, _lis, _pol, _, _) = two_machines().await;
+    let id = server
+        .script("echo started; sleep 300", &["lis", "pol"])
+        .await;
+    let mut events = server.events(&id, 0).await;
+    let mut started = 0;
+    events
+        .until(|e, d| {
+            if e == "log" && d["text"] == "started" {
+                started += 1;
+            }
+            started == 2
+        })
+        .await;
+    let began = std::time::Instant::now();
+    let (status, v) = server
+        .post(&format!("/api/tasks/{id}/cancel"), json!({}))
+        .await;
+    assert_eq!(status, 202, "{v}");
+    assert_eq!(v["task"]["cancel_requested"], true, "{v}");
+    let (_, end) = events.until(|e, _| e == "end").await;
+    assert!(
+        began.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        began.elapsed()
+    );
+    assert_eq!(end["task"]["state"], "Canceled", "{end}");
+    for step in end["steps"].as_array().unwrap() {
+        assert_eq!(step["state"], "Canceled", "{step}");
+        assert_eq!(
+            step["exit_code"],
+            octo_proto::exit_codes::CANCELLED,
+            "{step}"
+        );
+    }
+    let (status, _) = server
+        .post("/api/tasks/ServerTasks-999/cancel", json!({}))
+        .await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_connection_resumes_without_losing_or_repeating_lines() {
+    let server = Server::new().await;
+    let mut lis = Tentacle::listening("lis", server.thumbprint).await;
+    let addr = lis.addr.unwrap();
+    let lis_id = server.add_listening("lis", addr, lis.thumbprint()).await;
+    // Long enough to outlast the tentacle's graceful drain (5 s) after the cut.
+    let n = 160;
+    let script = format!("for i in $(seq 1 {n}); do echo \"line $i\"; sleep 0.05; done");
+    let id = server.script(&script, &["lis"]).await;
+    let mut events = server.events(&id, 0).await;
+    events.until_line("line 10").await;
+
+    // Stop the listener (dropping its connections) and serve the same script
+    // service again on the same port: the script keeps running.
+    lis.stop().await;
+    lis.serve(TcpListener::bind(addr).await.unwrap());
+
+    let (_, end) = events.until(|e, _| e == "end").await;
+    assert_eq!(end["task"]["state"], "Success", "{end}");
+    let log = server.log(&id).await;
+    assert_eq!(stdout_of(&log, lis_id), numbered(n));
+    let text = server_text(&log);
+    assert!(text.contains("connection to lis lost"), "{text}");
+    assert!(text.contains("resuming"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_restart_resumes_the_task() {
+    let mut server = Server::new().await;
+    let pol = Tentacle::polling("pol", server.thumbprint, server.comms_port, "sub-pol");
+    let pol_id = server.add_polling("pol", "sub-pol", pol.thumbprint()).await;
+    let n = 100;
+    let script = format!("for i in $(seq 1 {n}); do echo \"line $i\"; sleep 0.05; done");
+    let id = server.script(&script, &["pol"]).await;
+    {
+        let mut events = server.events(&id, 0).await;
+        events.until_line("line 10").await;
+    }
+    server.restart().await;
+
+    let end = server.wait_end(&id).await;
+    assert_eq!(end["task"]["state"], "Success", "{end}");
+    let log = server.log(&id).await;
+    assert_eq!(stdout_of(&log, pol_id), numbered(n));
+    let text = server_text(&log);
+    assert!(text.contains("Resuming task"), "{text}");
+    drop(pol);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_before_the_script_started_never_starts_it() {
+    let server = Server::new().await;
+    // A polling machine that never connects: the step waits for it.
+    let absent = kit::identity("absent").thumbprint();
+    server.add_polling("absent", "sub-absent", absent).await;
+    let id = server.script("echo should not run", &["absent"]).await;
+    let mut events = server.events(&id, 0).await;
+    events
+        .until(|e, d| e == "log" && d["text"].as_str().unwrap().contains("starting the script"))
+        .await;
+    let (status, _) = server
+        .post(&format!("/api/tasks/{id}/cancel"), json!({}))
+        .await;
+    assert_eq!(status, 202);
+    let (_, end) = events.until(|e, _| e == "end").await;
+    assert_eq!(end["task"]["state"], "Canceled", "{end}");
+    assert_eq!(end["steps"][0]["state"], "Canceled", "{end}");
+    assert!(end["steps"][0]["exit_code"].is_null(), "{end}");
+    let text = server_text(&server.log(&id).await);
+    assert!(
+        text.contains("canceled before the script started"),
+        "{text}"
+    );
+}
