@@ -98,6 +98,19 @@ enum Command {
     Service(ServiceArgs),
     /// Register this tentacle with a server (as a deployment target) and trust the server.
     RegisterWith(Box<register::RegisterArgs>),
+    /// Register this tentacle with a server as a worker in a worker pool.
+    #[command(
+        after_help = "Example:\n  tentacle register-worker --server http://octopus:8080 --api-key API-XXXX --worker-pool Default"
+    )]
+    RegisterWorker {
+        /// The worker pool.
+        #[arg(long, alias = "workerpool")]
+        worker_pool: String,
+        #[command(flatten)]
+        args: Box<register::RegisterArgs>,
+    },
+    /// Remove this tentacle from a server, and stop trusting and polling it.
+    DeregisterFrom(register::DeregisterArgs),
     /// Run the agent in the foreground (what the service runs).
     #[command(
         alias = "agent",
@@ -295,8 +308,24 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::PollServer(a) => poll_server(&Target::resolve(&cli.instance, config)?, a),
         Command::Service(a) => service(&Target::resolve(&cli.instance, config)?, &a),
         Command::Run => run::run(&Target::resolve(&cli.instance, config)?),
-        Command::RegisterWith(a) => {
-            register::register(&Target::resolve(&cli.instance, config)?, &a)
+        Command::RegisterWith(a) => register::register(
+            &Target::resolve(&cli.instance, config)?,
+            &a,
+            register::Kind::Target,
+        ),
+        Command::RegisterWorker {
+            worker_pool,
+            mut args,
+        } => {
+            args.set_worker_pool(worker_pool);
+            register::register(
+                &Target::resolve(&cli.instance, config)?,
+                &args,
+                register::Kind::Worker,
+            )
+        }
+        Command::DeregisterFrom(a) => {
+            register::deregister(&Target::resolve(&cli.instance, config)?, &a)
         }
         Command::ShowConfiguration { format } => {
             show_configuration(&Target::resolve(&cli.instance, config)?, format)

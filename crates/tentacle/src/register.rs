@@ -35,9 +35,12 @@ pub(crate) struct RegisterArgs {
     /// The user's password (used for this call only, never stored).
     #[arg(long, requires = "username")]
     password: Option<String>,
-    /// Environments this machine belongs to (repeatable).
-    #[arg(long = "environment", alias = "env", required = true)]
+    /// Environments this machine belongs to (repeatable; required for deployment targets).
+    #[arg(long = "environment", alias = "env")]
     environments: Vec<String>,
+    /// The worker pool (set by `register-worker`).
+    #[arg(skip)]
+    worker_pool: Option<String>,
     /// Roles of this machine (repeatable).
     #[arg(long = "role")]
     roles: Vec<String>,
@@ -90,7 +93,30 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-pub(crate) fn register(target: &Target, a: &RegisterArgs) -> anyhow::Result<()> {
+impl RegisterArgs {
+    /// Makes this a worker registration in `pool`.
+    pub(crate) fn set_worker_pool(&mut self, pool: String) {
+        self.worker_pool = Some(pool);
+    }
+}
+
+/// Whether `register` adds a deployment target or a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Target,
+    Worker,
+}
+
+pub(crate) fn register(target: &Target, a: &RegisterArgs, kind: Kind) -> anyhow::Result<()> {
+    match (kind, &a.worker_pool, a.environments.is_empty()) {
+        (Kind::Target, None, true) => bail!(
+            "--environment is required: a deployment target belongs to at least one environment"
+        ),
+        (Kind::Worker, None, _) => {
+            bail!("--worker-pool is required for `tentacle register-worker`")
+        }
+        _ => {}
+    }
     let mut cfg = target.load()?;
     let identity = load_identity(&cfg)?;
     let expected = a
@@ -155,6 +181,7 @@ pub(crate) fn register(target: &Target, a: &RegisterArgs) -> anyhow::Result<()> 
         "uri": uri,
         "thumbprint": identity.thumbprint().to_string(),
         "environments": a.environments,
+        "worker_pool": a.worker_pool,
         "roles": a.roles,
         "tenants": a.tenants,
         "tenant_tags": a.tenant_tags,
@@ -275,4 +302,144 @@ async fn post_registration(
         bail!("the server at {server} refused the registration ({status}): {msg}");
     }
     serde_json::from_str(&text).with_context(|| format!("unexpected answer from {url}"))
+}
+
+/// Options of `deregister-from`.
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Example:\n  tentacle deregister-from --server http://octopus:8080 --api-key API-XXXX"
+)]
+pub(crate) struct DeregisterArgs {
+    /// The server's web address, e.g. http://octopus.example:8080.
+    #[arg(long)]
+    server: String,
+    /// An API key (used for this call only, never stored).
+    #[arg(
+        long,
+        alias = "apiKey",
+        env = "OCTOPUS_API_KEY",
+        hide_env_values = true,
+        required_unless_present = "username",
+        conflicts_with = "username"
+    )]
+    api_key: Option<String>,
+    /// Log in as this user instead (with --password).
+    #[arg(long, requires = "password")]
+    username: Option<String>,
+    /// The user's password (used for this call only, never stored).
+    #[arg(long, requires = "username")]
+    password: Option<String>,
+}
+
+/// Removes every machine with this tentacle's thumbprint from the server, and
+/// stops trusting (and polling) that server.
+pub(crate) fn deregister(target: &Target, a: &DeregisterArgs) -> anyhow::Result<()> {
+    let mut cfg = target.load()?;
+    let identity = load_identity(&cfg)?;
+    let ours = identity.thumbprint().to_string();
+    let server = a.server.trim_end_matches('/').to_string();
+    if !server.starts_with("http://") {
+        bail!("--server '{server}': use http://HOST:PORT (the server's API has no TLS yet)");
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let http = reqwest::Client::new();
+    let (removed, server_tp) = rt.block_on(async {
+        let (key, session) = match (&a.api_key, &a.username, &a.password) {
+            (Some(k), _, _) => (k.trim().to_string(), None),
+            (None, Some(u), Some(p)) => {
+                let (k, id) = login(&http, &server, u, p).await?;
+                (k, Some(id))
+            }
+            _ => bail!("pass --api-key, or --username and --password"),
+        };
+        let result = async {
+            let get = |path: String| {
+                http.get(format!("{server}{path}"))
+                    .header("X-Octopus-ApiKey", &key)
+                    .send()
+            };
+            let info: serde_json::Value = checked(get("/api/server".into()).await, &server).await?;
+            let machines: serde_json::Value =
+                checked(get("/api/machines".into()).await, &server).await?;
+            let mut removed = Vec::new();
+            for m in machines.as_array().into_iter().flatten() {
+                if m["thumbprint"]
+                    .as_str()
+                    .is_some_and(|t| t.eq_ignore_ascii_case(&ours))
+                {
+                    let name = m["name"].as_str().unwrap_or_default().to_string();
+                    let url = format!("{server}/api/machines/{}", encode(&name));
+                    let resp = http
+                        .delete(url)
+                        .header("X-Octopus-ApiKey", &key)
+                        .send()
+                        .await;
+                    let _: serde_json::Value = checked(resp, &server).await?;
+                    removed.push(name);
+                }
+            }
+            Ok::<_, anyhow::Error>((
+                removed,
+                info["thumbprint"].as_str().unwrap_or_default().to_string(),
+            ))
+        }
+        .await;
+        if let Some(id) = session {
+            let _ = http
+                .delete(format!("{server}/api/api-keys/{id}"))
+                .header("X-Octopus-ApiKey", &key)
+                .send()
+                .await;
+        }
+        result
+    })?;
+    if removed.is_empty() {
+        println!("The server at {server} has no machine with this tentacle's thumbprint {ours}.");
+    } else {
+        println!("Removed {} from {server}.", removed.join(", "));
+    }
+    if let Ok(tp) = parse_thumbprint(&server_tp) {
+        let trusted = cfg.remove_trust(tp);
+        let before = cfg.polling_servers.len();
+        cfg.polling_servers
+            .retain(|p| !p.thumbprint.eq_ignore_ascii_case(&server_tp));
+        if trusted || before != cfg.polling_servers.len() {
+            target.save(&cfg)?;
+            println!("This tentacle no longer trusts or polls the server {tp}.");
+        }
+    }
+    Ok(())
+}
+
+/// Percent-encodes a path segment.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The JSON body of a successful answer, or an error naming the server's reason.
+async fn checked(
+    resp: reqwest::Result<reqwest::Response>,
+    server: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let resp = resp.with_context(|| format!("cannot reach the server at {server}; check the address and that `octopus server run` is running there"))?;
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+    if !status.is_success() {
+        let msg = v["error"].as_str().map(str::to_string).unwrap_or(text);
+        if status == reqwest::StatusCode::UNAUTHORIZED {
+            bail!("the server at {server} refused the API key ({msg})");
+        }
+        bail!("the server at {server} answered {status}: {msg}");
+    }
+    Ok(v)
 }

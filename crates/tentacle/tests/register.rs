@@ -341,5 +341,92 @@ async fn register_listening_and_polling_tentacles() {
     );
     assert!(!db.windows(13).any(|w| w == b"correct horse"));
 
+    // A worker: no environment, a pool.
+    env.ok(&["create-instance", "--instance", "W"]);
+    env.ok(&["new-certificate", "--instance", "W"]);
+    let err = env.fails(&[
+        "register-worker",
+        "--instance",
+        "W",
+        "--server",
+        &url,
+        "--api-key",
+        &key,
+    ]);
+    assert!(err.contains("--worker-pool"), "{err}");
+    env.ok(&[
+        "register-worker",
+        "--instance",
+        "W",
+        "--server",
+        &url,
+        "--api-key",
+        &key,
+        "--worker-pool",
+        "Builders",
+        "--name",
+        "w1",
+        "--public-hostname",
+        "127.0.0.1",
+    ]);
+    let (_, m) = api(
+        reqwest::Method::GET,
+        format!("{url}/api/machines/w1"),
+        &key,
+        None,
+    )
+    .await;
+    assert_eq!(m["worker_pool"], "Builders");
+    assert_eq!(m["environments"], json!([]));
+    // A target without an environment is refused before calling the server.
+    let err = env.fails(&[
+        "register-with",
+        "--instance",
+        "W",
+        "--server",
+        &url,
+        "--api-key",
+        &key,
+    ]);
+    assert!(err.contains("--environment is required"), "{err}");
+
+    // Deregister: the machine goes, and the tentacle stops trusting the server.
+    let (out, _) = env.ok(&[
+        "deregister-from",
+        "--instance",
+        "L",
+        "--server",
+        &url,
+        "--api-key",
+        &key,
+    ]);
+    assert!(out.contains("Removed t-listen"), "{out}");
+    let (status, _) = api(
+        reqwest::Method::GET,
+        format!("{url}/api/machines/t-listen"),
+        &key,
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+    assert!(env
+        .config("L")
+        .get("trusted_servers")
+        .is_none_or(|t| t.as_array().is_some_and(|a| a.is_empty())));
+    let (out, _) = env.ok(&[
+        "deregister-from",
+        "--instance",
+        "P",
+        "--server",
+        &url,
+        "--api-key",
+        &key,
+    ]);
+    assert!(out.contains("Removed t-poll"), "{out}");
+    assert!(env
+        .config("P")
+        .get("polling_servers")
+        .is_none_or(|t| t.as_array().is_some_and(|a| a.is_empty())));
+
     server.stop().await;
 }
