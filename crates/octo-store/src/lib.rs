@@ -46,7 +46,7 @@ pub enum StoreError {
 pub type Result<T> = std::result::Result<T, StoreError>;
 
 /// A person (or automation) who can call the API.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct User {
     pub id: i64,
     pub username: String,
@@ -56,7 +56,7 @@ pub struct User {
 }
 
 /// An API key. The key itself is never stored: only its SHA-256 (hex).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ApiKey {
     pub id: i64,
     pub user_id: i64,
@@ -70,7 +70,7 @@ pub struct ApiKey {
 }
 
 /// An environment, e.g. "Production".
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Environment {
     pub id: i64,
     pub name: String,
@@ -79,7 +79,7 @@ pub struct Environment {
 }
 
 /// A tenant and its tags ("Tier/Gold" style, free text).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Tenant {
     pub id: i64,
     pub name: String,
@@ -88,7 +88,7 @@ pub struct Tenant {
 }
 
 /// How machines are checked.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MachinePolicy {
     pub id: i64,
     pub name: String,
@@ -104,7 +104,7 @@ pub struct MachinePolicy {
 pub const DEFAULT_POLICY: &str = "Default Machine Policy";
 
 /// How the server reaches a machine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum EndpointKind {
     /// The tentacle listens; `uri` is `https://host:port/`.
     Listening,
@@ -113,7 +113,7 @@ pub enum EndpointKind {
 }
 
 /// Last known health of a machine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum HealthStatus {
     /// Never checked.
     Unknown,
@@ -126,7 +126,7 @@ pub enum HealthStatus {
 }
 
 /// A deployment target or worker.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Machine {
     pub id: i64,
     pub name: String,
@@ -152,7 +152,7 @@ pub struct Machine {
 }
 
 /// What is needed to add a machine.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NewMachine {
     pub name: String,
     pub kind: EndpointKind,
@@ -170,7 +170,7 @@ pub struct NewMachine {
 /// Which machines a task targets. Empty lists match everything; non-empty lists
 /// must all match (a machine must be in one of `environments` AND have one of
 /// `roles` AND ...).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MachineFilter {
     pub names: Vec<String>,
     pub environments: Vec<String>,
@@ -179,7 +179,7 @@ pub struct MachineFilter {
 }
 
 /// Result of a health check, to record.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HealthUpdate {
     pub status: HealthStatus,
     pub reason: String,
@@ -189,7 +189,7 @@ pub struct HealthUpdate {
 }
 
 /// State of a task or of one machine's part of it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum TaskState {
     Queued,
     Executing,
@@ -209,7 +209,7 @@ impl TaskState {
 }
 
 /// A server task: a health check, a script run, a deployment...
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Task {
     /// "ServerTasks-<n>".
     pub id: String,
@@ -218,6 +218,7 @@ pub struct Task {
     pub description: String,
     pub state: TaskState,
     /// What the task does (script body, syntax, ...), as given when it was created.
+    #[schema(value_type = Object)]
     pub arguments: serde_json::Value,
     /// Why it failed, when it did.
     pub error: Option<String>,
@@ -228,7 +229,7 @@ pub struct Task {
 }
 
 /// One machine's part of a task.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TaskStep {
     pub task_id: String,
     pub machine_id: i64,
@@ -245,7 +246,7 @@ pub struct TaskStep {
 }
 
 /// One stored log line of a task.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TaskLogLine {
     /// Row id, increasing in the order lines were stored (across all tasks); within a
     /// task, "lines since" queries use `id > after_id`.
@@ -263,7 +264,7 @@ pub struct TaskLogLine {
 
 /// A log line to add. Lines of a step are unique by (task, machine, sequence):
 /// adding one that exists is ignored, so a resumed stream never duplicates.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NewLogLine {
     pub machine_id: Option<i64>,
     pub sequence: Option<i64>,

@@ -4,6 +4,10 @@
 //! Errors are `{"error": "..."}` with a status that says who must act: 400 for a
 //! malformed request (naming the field), 401 without valid credentials (saying
 //! nothing else), 404/409 for missing or duplicate things.
+//!
+//! `GET /api/openapi.json` (no key needed) is the OpenAPI 3 description of all
+//! of this, generated from the handlers' `#[utoipa::path]` annotations
+//! ([`ApiDoc`]).
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Path, Query, Request, State};
@@ -12,15 +16,127 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use octo_store::{EndpointKind, Machine, MachineFilter, NewMachine, StoreError, User};
+use octo_store::{
+    ApiKey, EndpointKind, Environment, HealthStatus, Machine, MachineFilter, NewMachine,
+    StoreError, Task, TaskLogLine, TaskState, TaskStep, User,
+};
 use octo_tls::Thumbprint;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use utoipa::openapi::security::{ApiKey as ApiKeyScheme, ApiKeyValue, SecurityScheme};
+use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use crate::server::{hash_api_key, new_api_key, now_ms, AppState};
+use crate::tasks::{HealthRequest, Isolation, ScriptRequest, Syntax, TaskView};
 
 /// Header carrying the API key.
 pub(crate) const API_KEY_HEADER: &str = "X-Octopus-ApiKey";
+
+/// Name of the API key security scheme in the OpenAPI document.
+pub(crate) const SECURITY_SCHEME: &str = "api_key";
+
+/// The OpenAPI description of the REST API, served at `GET /api/openapi.json`.
+///
+/// Every route of [`router`] (and of `tasks::routes`) must be listed in `paths`;
+/// `tests/openapi.rs` checks the document against the list of routes.
+#[derive(Debug, OpenApi)]
+#[openapi(
+    info(
+        title = "Octopus server API",
+        description = "REST API of the Octopus server. JSON in and out; errors are \
+            `{\"error\": \"...\"}`. Every route but `GET /api`, `GET /api/openapi.json` and \
+            `POST /api/users/login` needs an API key in the `X-Octopus-ApiKey` header."
+    ),
+    paths(
+        api_root,
+        openapi_json,
+        server_info,
+        list_environments,
+        create_environment,
+        delete_environment,
+        list_machines,
+        create_machine,
+        register,
+        get_machine,
+        delete_machine,
+        list_api_keys,
+        create_api_key,
+        revoke_api_key,
+        create_user,
+        login,
+        crate::tasks::list_tasks,
+        crate::tasks::create_script_task,
+        crate::tasks::create_health_task,
+        crate::tasks::get_task,
+        crate::tasks::get_log,
+        crate::tasks::stream_log_doc,
+        crate::tasks::cancel_task,
+    ),
+    components(schemas(
+        ErrorBody,
+        ApiInfo,
+        ServerInfo,
+        NewEnvironment,
+        Environment,
+        MachineRequest,
+        Machine,
+        EndpointKind,
+        HealthStatus,
+        RegisterReply,
+        NewApiKey,
+        ApiKey,
+        CreatedApiKey,
+        NewUser,
+        User,
+        Login,
+        LoginReply,
+        Task,
+        TaskState,
+        TaskStep,
+        TaskView,
+        TaskLogLine,
+        ScriptRequest,
+        Syntax,
+        Isolation,
+        HealthRequest,
+        crate::tasks::CancelReply,
+    )),
+    modifiers(&SecurityAddon),
+    tags(
+        (name = "server", description = "The server itself"),
+        (name = "environments", description = "Environments"),
+        (name = "machines", description = "Deployment targets and workers"),
+        (name = "api-keys", description = "API keys"),
+        (name = "users", description = "Users and login"),
+        (name = "tasks", description = "Server tasks: health checks and scripts"),
+    )
+)]
+pub struct ApiDoc;
+
+/// Declares the `X-Octopus-ApiKey` header scheme the authenticated paths refer to.
+#[derive(Debug)]
+struct SecurityAddon;
+
+impl utoipa::Modify for SecurityAddon {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            SECURITY_SCHEME,
+            SecurityScheme::ApiKey(ApiKeyScheme::Header(ApiKeyValue::with_description(
+                API_KEY_HEADER,
+                "An API key (`octopus api-key create`) or a session key from `POST /api/users/login`.",
+            ))),
+        );
+    }
+}
+
+/// The error body of every failed request.
+#[derive(Debug, Serialize, ToSchema)]
+#[allow(dead_code)] // Describes `ApiError`'s body for the OpenAPI document only.
+pub(crate) struct ErrorBody {
+    /// What went wrong and, where possible, how to fix it.
+    error: String,
+}
 
 /// An API error.
 #[derive(Debug)]
@@ -149,12 +265,8 @@ pub fn router(state: AppState) -> Router {
             authenticate,
         ));
     Router::new()
-        .route(
-            "/api",
-            get(|| async {
-                Json(json!({ "application": "octopus", "version": env!("CARGO_PKG_VERSION") }))
-            }),
-        )
+        .route("/api", get(api_root))
+        .route("/api/openapi.json", get(openapi_json))
         .route("/api/users/login", post(login))
         .merge(api)
         .fallback(|| async {
@@ -163,6 +275,61 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// `GET /api`'s answer.
+#[derive(Debug, Serialize, ToSchema)]
+#[allow(dead_code)] // Describes the `json!` body for the OpenAPI document only.
+struct ApiInfo {
+    /// Always "octopus".
+    application: String,
+    version: String,
+}
+
+/// What is serving here (no key needed).
+#[utoipa::path(
+    get,
+    path = "/api",
+    tag = "server",
+    responses((status = 200, description = "The application and its version", body = ApiInfo))
+)]
+async fn api_root() -> Json<serde_json::Value> {
+    Json(json!({ "application": "octopus", "version": env!("CARGO_PKG_VERSION") }))
+}
+
+/// This document (no key needed).
+#[utoipa::path(
+    get,
+    path = "/api/openapi.json",
+    tag = "server",
+    responses((status = 200, description = "The OpenAPI 3 description of this API", content_type = "application/json", body = Object))
+)]
+async fn openapi_json() -> Json<&'static utoipa::openapi::OpenApi> {
+    static DOC: std::sync::LazyLock<utoipa::openapi::OpenApi> =
+        std::sync::LazyLock::new(ApiDoc::openapi);
+    Json(&DOC)
+}
+
+/// `GET /api/server`'s answer.
+#[derive(Debug, Serialize, ToSchema)]
+#[allow(dead_code)] // Describes the `json!` body for the OpenAPI document only.
+struct ServerInfo {
+    version: String,
+    /// The server's comms certificate thumbprint, which tentacles must trust.
+    thumbprint: String,
+    /// The port polling tentacles connect to.
+    comms_port: u16,
+}
+
+/// The server's version, comms thumbprint and polling port.
+#[utoipa::path(
+    get,
+    path = "/api/server",
+    tag = "server",
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "About the server", body = ServerInfo),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+    )
+)]
 async fn server_info(State(s): State<AppState>) -> Json<serde_json::Value> {
     Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
@@ -171,7 +338,8 @@ async fn server_info(State(s): State<AppState>) -> Json<serde_json::Value> {
     }))
 }
 
-#[derive(Debug, Deserialize)]
+/// `POST /api/environments`.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewEnvironment {
     name: String,
@@ -179,10 +347,35 @@ struct NewEnvironment {
     description: String,
 }
 
+/// All environments, by name.
+#[utoipa::path(
+    get,
+    path = "/api/environments",
+    tag = "environments",
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "The environments", body = [Environment]),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+    )
+)]
 async fn list_environments(State(s): State<AppState>) -> ApiResult<impl IntoResponse> {
     Ok(Json(s.store.list_environments().await?))
 }
 
+/// Adds an environment.
+#[utoipa::path(
+    post,
+    path = "/api/environments",
+    tag = "environments",
+    security(("api_key" = [])),
+    request_body = NewEnvironment,
+    responses(
+        (status = 201, description = "Created", body = Environment),
+        (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
+        (status = 409, description = "An environment of that name exists", body = ErrorBody),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+    )
+)]
 async fn create_environment(
     State(s): State<AppState>,
     ApiJson(e): ApiJson<NewEnvironment>,
@@ -200,6 +393,20 @@ async fn create_environment(
     ))
 }
 
+/// Deletes an environment (refused while machines are in it).
+#[utoipa::path(
+    delete,
+    path = "/api/environments/{name}",
+    tag = "environments",
+    security(("api_key" = [])),
+    params(("name" = String, Path, description = "The environment's name")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such environment", body = ErrorBody),
+        (status = 422, description = "Machines are in it", body = ErrorBody),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+    )
+)]
 async fn delete_environment(
     State(s): State<AppState>,
     Path(name): Path<String>,
@@ -208,13 +415,30 @@ async fn delete_environment(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, Deserialize, Default)]
+/// Filters of `GET /api/machines`; all given ones must match.
+#[derive(Debug, Deserialize, Default, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct MachineQuery {
+    /// Only machines in this environment.
     environment: Option<String>,
+    /// Only machines with this role.
     role: Option<String>,
+    /// Only machines connected to this tenant.
     tenant: Option<String>,
 }
 
+/// Machines, by name, optionally filtered.
+#[utoipa::path(
+    get,
+    path = "/api/machines",
+    tag = "machines",
+    security(("api_key" = [])),
+    params(MachineQuery),
+    responses(
+        (status = 200, description = "The machines", body = [Machine]),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+    )
+)]
 async fn list_machines(
     State(s): State<AppState>,
     Query(q): Query<MachineQuery>,
@@ -228,6 +452,19 @@ async fn list_machines(
     Ok(Json(s.store.list_machines(&filter).await?))
 }
 
+/// One machine.
+#[utoipa::path(
+    get,
+    path = "/api/machines/{name}",
+    tag = "machines",
+    security(("api_key" = [])),
+    params(("name" = String, Path, description = "The machine's name")),
+    responses(
+        (status = 200, description = "The machine", body = Machine),
+        (status = 404, description = "No such machine", body = ErrorBody),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+    )
+)]
 async fn get_machine(
     State(s): State<AppState>,
     Path(name): Path<String>,
@@ -240,6 +477,19 @@ async fn get_machine(
     })
 }
 
+/// Deletes a machine (a polling one is no longer trusted at once).
+#[utoipa::path(
+    delete,
+    path = "/api/machines/{name}",
+    tag = "machines",
+    security(("api_key" = [])),
+    params(("name" = String, Path, description = "The machine's name")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such machine", body = ErrorBody),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+    )
+)]
 async fn delete_machine(
     State(s): State<AppState>,
     Path(name): Path<String>,
@@ -273,7 +523,7 @@ pub(crate) fn endpoint_of(m: &Machine) -> Result<octo_comms::Endpoint, octo_comm
 }
 
 /// A machine as the API accepts it (add-listening, register).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct MachineRequest {
     name: String,
@@ -297,7 +547,8 @@ struct MachineRequest {
     force: bool,
 }
 
-#[derive(Debug, Serialize)]
+/// `POST /api/machines/register`'s answer.
+#[derive(Debug, Serialize, ToSchema)]
 struct RegisterReply {
     machine: Machine,
     /// The server's comms thumbprint, which the tentacle must trust.
@@ -401,6 +652,21 @@ async fn save_machine(s: &AppState, r: &MachineRequest) -> ApiResult<Machine> {
     Ok(machine)
 }
 
+/// Adds a machine.
+#[utoipa::path(
+    post,
+    path = "/api/machines",
+    tag = "machines",
+    security(("api_key" = [])),
+    request_body = MachineRequest,
+    responses(
+        (status = 201, description = "Created (or replaced, with `force`)", body = Machine),
+        (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
+        (status = 409, description = "The name exists (without `force`) or another machine has the thumbprint", body = ErrorBody),
+        (status = 422, description = "An environment, tenant or the policy does not exist", body = ErrorBody),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+    )
+)]
 async fn create_machine(
     State(s): State<AppState>,
     ApiJson(r): ApiJson<MachineRequest>,
@@ -408,6 +674,21 @@ async fn create_machine(
     Ok((StatusCode::CREATED, Json(save_machine(&s, &r).await?)))
 }
 
+/// Registers a machine (`tentacle register-with`): as adding one, answering with the server's comms thumbprint and polling port.
+#[utoipa::path(
+    post,
+    path = "/api/machines/register",
+    tag = "machines",
+    security(("api_key" = [])),
+    request_body = MachineRequest,
+    responses(
+        (status = 201, description = "Registered; the answer carries the server's thumbprint to trust", body = RegisterReply),
+        (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
+        (status = 409, description = "The name exists (without `force`) or another machine has the thumbprint", body = ErrorBody),
+        (status = 422, description = "An environment, tenant or the policy does not exist", body = ErrorBody),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+    )
+)]
 async fn register(
     State(s): State<AppState>,
     ApiJson(r): ApiJson<MachineRequest>,
@@ -429,12 +710,24 @@ async fn register(
     ))
 }
 
-#[derive(Debug, Deserialize)]
+/// `POST /api/api-keys`.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewApiKey {
     purpose: String,
 }
 
+/// The caller's API keys (an administrator's: everyone's).
+#[utoipa::path(
+    get,
+    path = "/api/api-keys",
+    tag = "api-keys",
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "The keys (never the keys themselves)", body = [ApiKey]),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+    )
+)]
 async fn list_api_keys(
     State(s): State<AppState>,
     axum::Extension(caller): axum::Extension<Caller>,
@@ -447,6 +740,28 @@ async fn list_api_keys(
     Ok(Json(s.store.list_api_keys(scope).await?))
 }
 
+/// `POST /api/api-keys`'s answer.
+#[derive(Debug, Serialize, ToSchema)]
+#[allow(dead_code)] // Describes the `json!` body for the OpenAPI document only.
+struct CreatedApiKey {
+    /// The key, shown this once only.
+    api_key: String,
+    key: ApiKey,
+}
+
+/// Creates an API key for the caller.
+#[utoipa::path(
+    post,
+    path = "/api/api-keys",
+    tag = "api-keys",
+    security(("api_key" = [])),
+    request_body = NewApiKey,
+    responses(
+        (status = 201, description = "Created; the only time the key is shown", body = CreatedApiKey),
+        (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+    )
+)]
 async fn create_api_key(
     State(s): State<AppState>,
     axum::Extension(caller): axum::Extension<Caller>,
@@ -464,6 +779,19 @@ async fn create_api_key(
     ))
 }
 
+/// Revokes an API key.
+#[utoipa::path(
+    delete,
+    path = "/api/api-keys/{id}",
+    tag = "api-keys",
+    security(("api_key" = [])),
+    params(("id" = i64, Path, description = "The key's id")),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 404, description = "No such key", body = ErrorBody),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+    )
+)]
 async fn revoke_api_key(
     State(s): State<AppState>,
     Path(id): Path<i64>,
@@ -472,7 +800,8 @@ async fn revoke_api_key(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, Deserialize)]
+/// `POST /api/users`.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewUser {
     username: String,
@@ -505,6 +834,21 @@ fn verify_password(password: &str, phc: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Adds a user (administrators only). Without a password the user can only use API keys.
+#[utoipa::path(
+    post,
+    path = "/api/users",
+    tag = "users",
+    security(("api_key" = [])),
+    request_body = NewUser,
+    responses(
+        (status = 201, description = "Created", body = User),
+        (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
+        (status = 403, description = "The caller is not an administrator", body = ErrorBody),
+        (status = 409, description = "The username exists", body = ErrorBody),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+    )
+)]
 async fn create_user(
     State(s): State<AppState>,
     axum::Extension(caller): axum::Extension<Caller>,
@@ -549,15 +893,37 @@ async fn create_user(
     Ok((StatusCode::CREATED, Json(user)))
 }
 
-#[derive(Debug, Deserialize)]
+/// `POST /api/users/login`.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Login {
     username: String,
     password: String,
 }
 
+/// `POST /api/users/login`'s answer.
+#[derive(Debug, Serialize, ToSchema)]
+#[allow(dead_code)] // Describes the `json!` body for the OpenAPI document only.
+struct LoginReply {
+    /// The session key, to send in `X-Octopus-ApiKey`; shown this once only.
+    api_key: String,
+    key: ApiKey,
+    user: User,
+}
+
 /// Username and password in, a session key out. The session key is an API key
 /// (stored hashed, revocable with `api-key revoke`) used in the same header.
+#[utoipa::path(
+    post,
+    path = "/api/users/login",
+    tag = "users",
+    request_body = Login,
+    responses(
+        (status = 200, description = "Logged in", body = LoginReply),
+        (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
+        (status = 401, description = "Wrong username or password", body = ErrorBody),
+    )
+)]
 async fn login(
     State(s): State<AppState>,
     ApiJson(l): ApiJson<Login>,

@@ -38,11 +38,12 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use octo_store::{Machine, MachineFilter, Store, StoreError, Task, TaskStep};
+use octo_store::{Machine, MachineFilter, Store, StoreError, Task, TaskLogLine, TaskStep};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use utoipa::{IntoParams, ToSchema};
 
-use crate::api::ApiJson;
+use crate::api::{ApiJson, ErrorBody};
 use crate::server::{now_ms, AppState};
 
 pub use engine::{spawn_background, Engine};
@@ -139,7 +140,7 @@ impl From<PathRejection> for TaskApiError {
 type TaskResult<T> = Result<T, TaskApiError>;
 
 /// A task and its steps, as the API returns them.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub(crate) struct TaskView {
     pub task: Task,
     pub steps: Vec<TaskStep>,
@@ -156,7 +157,7 @@ async fn load_view(store: &dyn Store, id: &str) -> TaskResult<TaskView> {
 }
 
 /// Script interpreter, as the API names it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum Syntax {
     #[default]
@@ -166,7 +167,7 @@ pub(crate) enum Syntax {
 }
 
 /// Script isolation, as the API names it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum Isolation {
     #[default]
@@ -175,7 +176,10 @@ pub(crate) enum Isolation {
 }
 
 /// `POST /api/tasks/script`; also the stored arguments of a script task.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Targets exactly `machines` when given, otherwise the machines matching all of
+/// `environment`, `role` and `tenant` that are given.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ScriptRequest {
     pub script: String,
@@ -193,16 +197,32 @@ pub(crate) struct ScriptRequest {
     pub tenant: Option<String>,
 }
 
-/// `POST /api/tasks/health`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// `POST /api/tasks/health`: exactly `machines` when given, otherwise those in
+/// `environment`, otherwise all.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct HealthRequest {
+pub(crate) struct HealthRequest {
     #[serde(default)]
     machines: Vec<String>,
     #[serde(default)]
     environment: Option<String>,
 }
 
+/// Runs a script on machines.
+#[utoipa::path(
+    post,
+    path = "/api/tasks/script",
+    tag = "tasks",
+    security(("api_key" = [])),
+    request_body = ScriptRequest,
+    responses(
+        (status = 201, description = "Created and started", body = TaskView),
+        (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
+        (status = 404, description = "A named machine does not exist", body = ErrorBody),
+        (status = 422, description = "No machine matches (the message says why)", body = ErrorBody),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+    )
+)]
 async fn create_script_task(
     State(s): State<AppState>,
     ApiJson(req): ApiJson<ScriptRequest>,
@@ -232,6 +252,21 @@ async fn create_script_task(
     create_and_start(&s, KIND_SCRIPT, &description, &arguments, &machines).await
 }
 
+/// Checks the health of machines.
+#[utoipa::path(
+    post,
+    path = "/api/tasks/health",
+    tag = "tasks",
+    security(("api_key" = [])),
+    request_body = HealthRequest,
+    responses(
+        (status = 201, description = "Created and started", body = TaskView),
+        (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
+        (status = 404, description = "A named machine does not exist", body = ErrorBody),
+        (status = 422, description = "No machine matches (the message says why)", body = ErrorBody),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+    )
+)]
 async fn create_health_task(
     State(s): State<AppState>,
     ApiJson(req): ApiJson<HealthRequest>,
@@ -411,11 +446,28 @@ async fn count(store: &dyn Store, filter: MachineFilter) -> TaskResult<usize> {
     Ok(store.list_machines(&filter).await?.len())
 }
 
-#[derive(Debug, Deserialize)]
+/// Paging of `GET /api/tasks`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
+    /// At most this many tasks (default 50, at most 1000).
+    #[param(minimum = 1)]
     limit: Option<i64>,
 }
 
+/// Tasks, newest first.
+#[utoipa::path(
+    get,
+    path = "/api/tasks",
+    tag = "tasks",
+    security(("api_key" = [])),
+    params(ListQuery),
+    responses(
+        (status = 200, description = "The tasks", body = [Task]),
+        (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+    )
+)]
 async fn list_tasks(
     State(s): State<AppState>,
     q: Result<Query<ListQuery>, QueryRejection>,
@@ -428,6 +480,19 @@ async fn list_tasks(
     Ok(Json(s.store.list_tasks(limit.min(MAX_TASK_LIMIT)).await?))
 }
 
+/// A task and its steps.
+#[utoipa::path(
+    get,
+    path = "/api/tasks/{id}",
+    tag = "tasks",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "The task's id, e.g. ServerTasks-42")),
+    responses(
+        (status = 200, description = "The task", body = TaskView),
+        (status = 404, description = "No such task", body = ErrorBody),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+    )
+)]
 async fn get_task(
     State(s): State<AppState>,
     id: Result<Path<String>, PathRejection>,
@@ -436,12 +501,34 @@ async fn get_task(
     Ok(Json(load_view(s.store.as_ref(), &id).await?))
 }
 
-#[derive(Debug, Deserialize)]
+/// Paging of `GET /api/tasks/{id}/log`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct LogQuery {
+    /// Only lines with a greater id (default 0: from the start).
     after: Option<i64>,
+    /// At most this many lines (default 1000, at most 10000).
+    #[param(minimum = 1)]
     limit: Option<i64>,
 }
 
+/// A task's stored log lines with id > `after`, oldest first.
+#[utoipa::path(
+    get,
+    path = "/api/tasks/{id}/log",
+    tag = "tasks",
+    security(("api_key" = [])),
+    params(
+        ("id" = String, Path, description = "The task's id, e.g. ServerTasks-42"),
+        LogQuery,
+    ),
+    responses(
+        (status = 200, description = "The lines", body = [TaskLogLine]),
+        (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
+        (status = 404, description = "No such task", body = ErrorBody),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+    )
+)]
 async fn get_log(
     State(s): State<AppState>,
     id: Result<Path<String>, PathRejection>,
@@ -463,6 +550,26 @@ async fn get_log(
     Ok(Json(lines))
 }
 
+/// `POST /api/tasks/{id}/cancel`'s answer.
+#[derive(Debug, Serialize, ToSchema)]
+#[allow(dead_code)] // Describes the `json!` body for the OpenAPI document only.
+pub(crate) struct CancelReply {
+    task: Task,
+}
+
+/// Asks a task to cancel; it ends Canceled once its steps have stopped.
+#[utoipa::path(
+    post,
+    path = "/api/tasks/{id}/cancel",
+    tag = "tasks",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "The task's id, e.g. ServerTasks-42")),
+    responses(
+        (status = 202, description = "Cancel requested", body = CancelReply),
+        (status = 404, description = "No such task", body = ErrorBody),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+    )
+)]
 async fn cancel_task(
     State(s): State<AppState>,
     id: Result<Path<String>, PathRejection>,
@@ -484,3 +591,31 @@ async fn cancel_task(
     }
     Ok((StatusCode::ACCEPTED, Json(json!({ "task": task }))))
 }
+
+/// A task's log as server-sent events (`GET /api/tasks/{id}/log/stream`, served
+/// by [`sse::stream_log`]; this function only carries its OpenAPI description).
+///
+/// Events: `task` with `{"task", "steps"}` first and whenever the task or a step
+/// changes state; `log` with one log line (its id as the event id) for every
+/// line after `after` (or the `Last-Event-ID` header), stored ones first, then
+/// live ones; finally `end` with `{"task", "steps"}` once the task is final, and
+/// the stream ends.
+#[utoipa::path(
+    get,
+    path = "/api/tasks/{id}/log/stream",
+    tag = "tasks",
+    security(("api_key" = [])),
+    params(
+        ("id" = String, Path, description = "The task's id, e.g. ServerTasks-42"),
+        ("after" = Option<i64>, Query, description = "Only lines with a greater id (default: `Last-Event-ID`, else 0)"),
+        ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this line id (when `after` is not given)"),
+    ),
+    responses(
+        (status = 200, description = "Events `task` (data: TaskView), `log` (data: TaskLogLine, id: its id) and `end` (data: TaskView)", content_type = "text/event-stream", body = String),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 404, description = "No such task", body = ErrorBody),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+    )
+)]
+#[allow(dead_code)] // Documentation only; see `sse::stream_log`.
+fn stream_log_doc() {}
