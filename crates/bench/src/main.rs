@@ -4,10 +4,14 @@
 //! `comms`: this process is the server; a child process (this binary, hidden
 //! subcommand `comms-child`) hosts a listening tentacle and polling connections,
 //! so the server's memory growth per idle connection is measured on its own.
+//!
+//! `tasks`: this process runs the Octopus server; a child process (hidden
+//! subcommand `tasks-child`) runs polling tentacles with the real agent services.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod comms;
 mod scripts;
+mod tasks;
 
 use clap::{Parser, Subcommand};
 
@@ -24,9 +28,14 @@ enum Area {
     Comms(comms::Options),
     /// Script round trip on the real tentacle binary (both modes), its idle memory and size.
     Scripts(scripts::Options),
+    /// Script tasks through the server's HTTP API: round trip on one machine, fan-out to 100.
+    Tasks(tasks::Options),
     /// Internal: the tentacle side of `comms`, run as a child process.
     #[command(hide = true)]
     CommsChild(comms::ChildOptions),
+    /// Internal: the tentacles of `tasks`, run as a child process.
+    #[command(hide = true)]
+    TasksChild(tasks::ChildOptions),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,5 +57,7 @@ fn main() -> anyhow::Result<()> {
         Area::Comms(o) => rt.block_on(async { tokio::spawn(comms::run(o)).await? }),
         Area::CommsChild(o) => rt.block_on(comms::child(o)),
         Area::Scripts(o) => rt.block_on(async { tokio::spawn(scripts::run(o)).await? }),
+        Area::Tasks(o) => rt.block_on(async { tokio::spawn(tasks::run(o)).await? }),
+        Area::TasksChild(o) => rt.block_on(tasks::child(o)),
     }
 }

@@ -275,6 +275,14 @@ pub async fn start(args: &RunArgs) -> anyhow::Result<RunningServer> {
         let t = shutdown.clone();
         let app = crate::api::router(state);
         async move {
+            // TCP_NODELAY on every accepted API socket: without it, each server-sent
+            // event after the first waits for a delayed ACK (up to 40 ms).
+            let api_listener =
+                axum::serve::ListenerExt::tap_io(api_listener, |t: &mut tokio::net::TcpStream| {
+                    if let Err(e) = t.set_nodelay(true) {
+                        tracing::debug!("TCP_NODELAY on an API connection: {e}");
+                    }
+                });
             let serve = axum::serve(api_listener, app)
                 .with_graceful_shutdown(async move { t.cancelled().await });
             if let Err(e) = serve.await {

@@ -1,0 +1,398 @@
+//! `bench tasks`: script tasks through the server's HTTP API, end to end.
+//!
+//! The server (`octo_server::server::start`, SQLite in a temporary data
+//! directory) runs in this process. A child process (this binary, hidden
+//! subcommand `tasks-child`) hosts the tentacles: each one a polling
+//! `TentacleComms` with the real `octo-agent` services (capabilities, scripts)
+//! and an `AgentContext` home of its own, all registered as polling machines in
+//! one environment.
+//!
+//! - round trip: `POST /api/tasks/script` (bash `true`, one machine), then the
+//!   task's event stream (`GET /api/tasks/{id}/log/stream`) until `end`;
+//! - fan-out: one such task on every machine of the environment, from the POST
+//!   until `end`.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use octo_agent::capabilities::CapabilitiesImpl;
+use octo_agent::scripts::ScriptServiceImpl;
+use octo_agent::AgentContext;
+use octo_comms::{Backoff, PollingTarget, TentacleComms};
+use octo_proto::v1::capabilities_server::CapabilitiesServer;
+use octo_proto::v1::script_service_server::ScriptServiceServer;
+use octo_server::server::{start, RunArgs};
+use octo_tls::{Identity, Thumbprint, TrustStore};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio_util::sync::CancellationToken;
+
+/// Bound on any single wait.
+const WAIT: Duration = Duration::from_secs(120);
+const ENVIRONMENT: &str = "Bench";
+
+#[derive(clap::Args, Debug)]
+pub struct Options {
+    /// Timed round trips (after the warm-up).
+    #[arg(long, default_value_t = 200)]
+    runs: usize,
+    /// Untimed round trips first.
+    #[arg(long, default_value_t = 20)]
+    warmup: usize,
+    /// Polling tentacles (machines) for the fan-out.
+    #[arg(long, default_value_t = 100)]
+    tentacles: usize,
+    /// Fan-out tasks (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    fanout_runs: usize,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ChildOptions {
+    #[arg(long)]
+    server: String,
+    #[arg(long)]
+    server_thumbprint: Thumbprint,
+    #[arg(long)]
+    count: usize,
+}
+
+fn raise_fd_limit() {
+    if let Ok((_, hard)) = rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        let _ = rlimit::setrlimit(rlimit::Resource::NOFILE, hard, hard);
+    }
+}
+
+fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1e3
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// The server's API, authenticated with the admin key.
+struct Api {
+    base: String,
+    key: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    async fn post(&self, path: &str, body: Value) -> anyhow::Result<(u16, Value)> {
+        let resp = tokio::time::timeout(
+            WAIT,
+            self.http
+                .post(format!("{}{path}", self.base))
+                .header("X-Octopus-ApiKey", &self.key)
+                .json(&body)
+                .send(),
+        )
+        .await
+        .context("POST timed out")??;
+        let status = resp.status().as_u16();
+        let text = resp.text().await?;
+        Ok((
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        ))
+    }
+
+    async fn post_ok(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        let (status, v) = self.post(path, body).await?;
+        if status != 201 {
+            bail!("POST {path}: {status} {v}");
+        }
+        Ok(v)
+    }
+
+    /// Creates a task; returns its id.
+    async fn create(&self, path: &str, body: Value) -> anyhow::Result<String> {
+        let v = self.post_ok(path, body).await?;
+        Ok(v["task"]["id"].as_str().context("task id")?.to_string())
+    }
+
+    /// Follows the task's event stream until `end`; returns its `{"task","steps"}`.
+    async fn wait_end(&self, task_id: &str) -> anyhow::Result<Value> {
+        let resp = self
+            .http
+            .get(format!(
+                "{}/api/tasks/{task_id}/log/stream?after=0",
+                self.base
+            ))
+            .header("X-Octopus-ApiKey", &self.key)
+            .send()
+            .await?;
+        if resp.status() != 200 {
+            bail!("event stream of {task_id}: {}", resp.status());
+        }
+        let mut events = Events {
+            resp,
+            buf: String::new(),
+        };
+        tokio::time::timeout(WAIT, async {
+            while let Some((name, data)) = events.next().await? {
+                if name == "end" {
+                    return Ok(data);
+                }
+            }
+            bail!("the event stream of {task_id} ended without `end`")
+        })
+        .await
+        .with_context(|| format!("task {task_id} did not end in {WAIT:?}"))?
+    }
+
+    /// Runs a script task and returns (elapsed from the POST to `end`, end).
+    async fn run_script(&self, body: Value) -> anyhow::Result<(Duration, Value)> {
+        let t = Instant::now();
+        let id = self.create("/api/tasks/script", body).await?;
+        let end = self.wait_end(&id).await?;
+        let elapsed = t.elapsed();
+        if end["task"]["state"] != "Success" {
+            bail!("task {id} ended {}: {end}", end["task"]["state"]);
+        }
+        Ok((elapsed, end))
+    }
+}
+
+/// A server-sent event stream, parsed.
+struct Events {
+    resp: reqwest::Response,
+    buf: String,
+}
+
+impl Events {
+    /// The next event (name, JSON data); None when the stream ended.
+    async fn next(&mut self) -> anyhow::Result<Option<(String, Value)>> {
+        loop {
+            if let Some(i) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..i + 2).collect();
+                let mut name = "message".to_string();
+                let mut data = String::new();
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        name = v.trim().to_string();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.strip_prefix(' ').unwrap_or(v));
+                    }
+                }
+                if data.is_empty() {
+                    continue; // keep-alive comment
+                }
+                return Ok(Some((name, serde_json::from_str(&data)?)));
+            }
+            let Some(chunk) = self.resp.chunk().await? else {
+                return Ok(None);
+            };
+            self.buf.push_str(std::str::from_utf8(&chunk)?);
+        }
+    }
+}
+
+pub async fn run(o: Options) -> anyhow::Result<()> {
+    raise_fd_limit();
+    if o.tentacles == 0 || o.runs == 0 || o.fanout_runs == 0 {
+        bail!("--tentacles, --runs and --fanout-runs must be at least 1");
+    }
+    let tmp = tempfile::tempdir()?;
+    let server = start(&RunArgs {
+        data: tmp.path().join("data"),
+        listen: "127.0.0.1:0".parse()?,
+        comms_listen_port: 0,
+        comms_listen_address: "127.0.0.1".into(),
+        database_url: None,
+    })
+    .await?;
+    let api = Api {
+        base: format!("http://{}", server.api_addr),
+        key: server.admin_api_key.clone().context("admin key")?,
+        http: reqwest::Client::new(),
+    };
+    api.post_ok("/api/environments", json!({ "name": ENVIRONMENT }))
+        .await?;
+
+    let exe = std::env::current_exe()?;
+    let mut child = tokio::process::Command::new(exe)
+        .args([
+            "tasks-child",
+            "--server",
+            &format!("127.0.0.1:{}", server.comms_port),
+            "--server-thumbprint",
+            &server.thumbprint.to_string(),
+            "--count",
+            &o.tentacles.to_string(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut stdin = child.stdin.take().context("child stdin")?;
+    let mut lines = BufReader::new(child.stdout.take().context("child stdout")?).lines();
+    let hello: Value =
+        serde_json::from_str(&lines.next_line().await?.context("child said nothing")?)?;
+    let thumbprints = hello["thumbprints"].as_array().context("thumbprints")?;
+    if thumbprints.len() != o.tentacles {
+        bail!("child made {} tentacles", thumbprints.len());
+    }
+    for (i, tp) in thumbprints.iter().enumerate() {
+        api.post_ok(
+            "/api/machines",
+            json!({
+                "name": format!("t{i}"),
+                "comms_style": "TentacleActive",
+                "uri": format!("poll://bench-{i}/"),
+                "thumbprint": tp.as_str().context("thumbprint")?,
+                "environments": [ENVIRONMENT],
+                "roles": ["bench"],
+            }),
+        )
+        .await?;
+    }
+    // Registered (so trusted): now the tentacles connect.
+    stdin.write_all(b"go\n").await?;
+    println!(
+        "machine: {} cores; server pid {}, tentacle child pid {:?} ({} polling tentacles in it)",
+        std::thread::available_parallelism()?.get(),
+        std::process::id(),
+        child.id(),
+        o.tentacles
+    );
+
+    // Every tentacle connected and answering: a health check of the environment.
+    let t = Instant::now();
+    let mut healthy = false;
+    for _ in 0..5 {
+        let id = api
+            .create("/api/tasks/health", json!({ "environment": ENVIRONMENT }))
+            .await?;
+        let end = api.wait_end(&id).await?;
+        if end["task"]["state"] == "Success" {
+            healthy = true;
+            break;
+        }
+        println!("health check: {}", end["task"]["state"]);
+    }
+    if !healthy {
+        bail!("the tentacles are not all healthy");
+    }
+    println!(
+        "{} tentacles connected and healthy in {:.2} s",
+        o.tentacles,
+        t.elapsed().as_secs_f64()
+    );
+
+    // Round trip: one machine.
+    let one = json!({ "script": "true", "machines": ["t0"] });
+    for _ in 0..o.warmup {
+        api.run_script(one.clone()).await?;
+    }
+    let mut samples = Vec::with_capacity(o.runs);
+    for _ in 0..o.runs {
+        samples.push(api.run_script(one.clone()).await?.0);
+    }
+    samples.sort();
+    let (p50, p99) = (percentile_ms(&samples, 0.5), percentile_ms(&samples, 0.99));
+    println!(
+        "task round trip (POST to `end`, one polling machine): p50 {p50:.2} ms, p99 {p99:.2} ms ({} runs after {} warm-up)",
+        o.runs, o.warmup
+    );
+
+    // Fan-out: every machine of the environment.
+    let all = json!({ "script": "true", "environment": ENVIRONMENT });
+    let mut fanout = Vec::with_capacity(o.fanout_runs);
+    for i in 0..o.fanout_runs {
+        let (d, end) = api.run_script(all.clone()).await?;
+        let steps = end["steps"].as_array().map_or(0, Vec::len);
+        if steps != o.tentacles {
+            bail!("fan-out task has {steps} steps, expected {}", o.tentacles);
+        }
+        println!(
+            "fan-out {}: {} machines in {:.3} s",
+            i + 1,
+            steps,
+            d.as_secs_f64()
+        );
+        fanout.push(d.as_secs_f64());
+    }
+    let mut sorted = fanout.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+
+    drop(stdin);
+    let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+    server.stop().await;
+    println!(
+        "{}",
+        json!({
+            "bench": "tasks",
+            "task_rtt_p50_ms": round2(p50),
+            "task_rtt_p99_ms": round2(p99),
+            "runs": o.runs,
+            "warmup": o.warmup,
+            "fanout_100_s": round3(median),
+            "fanout_runs_s": fanout.iter().map(|&x| round3(x)).collect::<Vec<_>>(),
+            "fanout_machines": o.tentacles,
+            "tentacles_per_process": o.tentacles,
+            "max_parallel_steps": octo_server::tasks::MAX_PARALLEL_STEPS,
+            "comms_style": "TentacleActive",
+        })
+    );
+    Ok(())
+}
+
+/// The tentacles: `count` polling identities with the real services, each with
+/// its own home directory. Prints their thumbprints, starts polling on "go",
+/// stops when stdin closes.
+pub async fn child(o: ChildOptions) -> anyhow::Result<()> {
+    raise_fd_limit();
+    let tmp = tempfile::tempdir()?;
+    let mut tentacles = Vec::with_capacity(o.count);
+    for i in 0..o.count {
+        let name = format!("t{i}");
+        let dir = tmp.path().join(&name);
+        let ctx = AgentContext {
+            instance_name: name.clone(),
+            home: dir.join("home"),
+            applications: dir.join("apps"),
+        };
+        std::fs::create_dir_all(&ctx.home)?;
+        std::fs::create_dir_all(&ctx.applications)?;
+        let id = Identity::generate(&name)?;
+        let routes = tonic::service::Routes::new(CapabilitiesServer::new(CapabilitiesImpl::new(
+            ctx.clone(),
+        )))
+        .add_service(ScriptServiceServer::new(ScriptServiceImpl::new(ctx)));
+        let trust = TrustStore::new([o.server_thumbprint], octo_testkit::hint("bench tentacle"));
+        tentacles.push((
+            id.thumbprint(),
+            TentacleComms::new(id, trust, routes, &name),
+        ));
+    }
+    let thumbprints: Vec<String> = tentacles.iter().map(|(t, _)| t.to_string()).collect();
+    println!("{}", json!({ "thumbprints": thumbprints }));
+
+    let shutdown = CancellationToken::new();
+    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = stdin.next_line().await? {
+        if line != "go" {
+            bail!("unknown command {line}");
+        }
+        for (i, (_, comms)) in tentacles.iter().enumerate() {
+            let target = PollingTarget {
+                address: o.server.clone(),
+                subscription_id: format!("bench-{i}"),
+            };
+            let (c, t) = (comms.clone(), shutdown.clone());
+            let backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+            tokio::spawn(async move { c.run_polling(target, 1, backoff, t).await });
+        }
+    }
+    shutdown.cancel();
+    Ok(())
+}
