@@ -150,6 +150,28 @@ impl PollingRegistry {
         )
     }
 
+    /// Waits until `pred` holds for the registry (checked now and after every
+    /// connect or disconnect), or `timeout` passes; returns whether it holds.
+    pub async fn wait_until(
+        &self,
+        pred: impl Fn(&PollingRegistry) -> bool,
+        timeout: Duration,
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notified = self.inner.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if pred(self) {
+                return true;
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(deadline) => return pred(self),
+            }
+        }
+    }
+
     /// Every live connection.
     pub fn connections(&self) -> Vec<PolledConnection> {
         let map = self.map();

@@ -119,7 +119,7 @@ pub fn polling_tentacle(
 /// Captures log output of the current thread (use a current-thread runtime so
 /// spawned tasks log here too).
 #[derive(Debug, Clone, Default)]
-pub struct LogCapture(Arc<std::sync::Mutex<Vec<u8>>>);
+pub struct LogCapture(Arc<(std::sync::Mutex<Vec<u8>>, tokio::sync::Notify)>);
 
 impl LogCapture {
     /// Installs the capture for the current thread until the guard drops.
@@ -134,13 +134,16 @@ impl LogCapture {
 
     /// Everything logged so far.
     pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+        String::from_utf8_lossy(&self.0 .0.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
     }
 
     /// Waits (bounded) until a logged line contains every needle; returns it.
     pub async fn wait_for_line(&self, needles: &[&str], timeout: Duration) -> Option<String> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
+            let notified = self.0 .1.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
             if let Some(l) = self
                 .text()
                 .lines()
@@ -148,11 +151,10 @@ impl LogCapture {
             {
                 return Some(l.to_string());
             }
-            if tokio::time::Instant::now() > deadline {
-                return None;
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(deadline) => return None,
             }
-            // Logging has no completion event to wait on; poll the buffer.
-            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 }
@@ -160,9 +162,11 @@ impl LogCapture {
 impl std::io::Write for LogCapture {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.0
+             .0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .extend_from_slice(buf);
+        self.0 .1.notify_waiters();
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
