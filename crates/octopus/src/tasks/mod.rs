@@ -35,7 +35,7 @@ mod sse;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use octo_store::{Machine, MachineFilter, Store, StoreError, Task, TaskLogLine, TaskStep};
@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 
-use crate::api::{ApiJson, ErrorBody};
+use crate::api::{ApiError, ApiJson, ErrorBody};
 use crate::server::{now_ms, AppState};
 
 pub use engine::{spawn_background, Engine};
@@ -74,67 +74,13 @@ pub fn routes() -> Router<AppState> {
         .route("/api/tasks/{id}/cancel", post(cancel_task))
 }
 
-/// An error of the task API: `{"error": "..."}` with a status saying who must act.
-#[derive(Debug)]
-pub(crate) struct TaskApiError {
-    status: StatusCode,
-    message: String,
-}
+/// Task API errors are the API's errors.
+pub(crate) type TaskApiError = ApiError;
 
-impl TaskApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            message: message.into(),
-        }
-    }
-
-    fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, message)
-    }
-
-    fn not_found(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, message)
-    }
-
-    fn task_not_found(id: &str) -> Self {
-        Self::not_found(format!(
-            "task '{id}' does not exist; `GET /api/tasks` lists tasks"
-        ))
-    }
-}
-
-impl IntoResponse for TaskApiError {
-    fn into_response(self) -> Response {
-        (self.status, Json(json!({ "error": self.message }))).into_response()
-    }
-}
-
-impl From<StoreError> for TaskApiError {
-    fn from(e: StoreError) -> Self {
-        let status = match &e {
-            StoreError::NotFound { .. } => StatusCode::NOT_FOUND,
-            StoreError::Conflict { .. } => StatusCode::CONFLICT,
-            StoreError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            StoreError::Database(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        if status == StatusCode::INTERNAL_SERVER_ERROR {
-            tracing::error!("store: {e}");
-        }
-        Self::new(status, e.to_string())
-    }
-}
-
-impl From<QueryRejection> for TaskApiError {
-    fn from(r: QueryRejection) -> Self {
-        Self::bad_request(format!("malformed query: {}", r.body_text()))
-    }
-}
-
-impl From<PathRejection> for TaskApiError {
-    fn from(r: PathRejection) -> Self {
-        Self::bad_request(format!("malformed path: {}", r.body_text()))
-    }
+pub(crate) fn task_not_found(id: &str) -> ApiError {
+    ApiError::not_found(format!(
+        "task '{id}' does not exist; `GET /api/tasks` lists tasks"
+    ))
 }
 
 type TaskResult<T> = Result<T, TaskApiError>;
@@ -148,10 +94,7 @@ pub(crate) struct TaskView {
 
 /// The task and its steps; 404 when there is no such task.
 async fn load_view(store: &dyn Store, id: &str) -> TaskResult<TaskView> {
-    let task = store
-        .task(id)
-        .await?
-        .ok_or_else(|| TaskApiError::task_not_found(id))?;
+    let task = store.task(id).await?.ok_or_else(|| task_not_found(id))?;
     let steps = store.task_steps(id).await?;
     Ok(TaskView { task, steps })
 }
@@ -541,7 +484,7 @@ async fn get_log(
         return Err(TaskApiError::bad_request("`limit` must be at least 1"));
     }
     if s.store.task(&id).await?.is_none() {
-        return Err(TaskApiError::task_not_found(&id));
+        return Err(task_not_found(&id));
     }
     let lines = s
         .store
@@ -577,7 +520,7 @@ async fn cancel_task(
     let Path(id) = id?;
     match s.store.request_cancel(&id).await {
         Ok(()) => {}
-        Err(StoreError::NotFound { .. }) => return Err(TaskApiError::task_not_found(&id)),
+        Err(StoreError::NotFound { .. }) => return Err(task_not_found(&id)),
         Err(e) => return Err(e.into()),
     }
     Engine::of(&s).cancel(&id);
@@ -585,7 +528,7 @@ async fn cancel_task(
         .store
         .task(&id)
         .await?
-        .ok_or_else(|| TaskApiError::task_not_found(&id))?;
+        .ok_or_else(|| task_not_found(&id))?;
     if task.cancel_requested {
         tracing::info!("cancel requested for task {id}");
     }

@@ -55,7 +55,7 @@ pub(super) async fn stream_log(
         .and_then(|v| v.trim().parse::<i64>().ok());
     let after = q.after.or(last_event_id).unwrap_or(0);
     if s.store.task(&id).await?.is_none() {
-        return Err(TaskApiError::task_not_found(&id));
+        return Err(super::task_not_found(&id));
     }
     let engine = Engine::of(&s);
     let sub = Subscription {
