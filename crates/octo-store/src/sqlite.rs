@@ -609,40 +609,59 @@ async fn write_links(
             .await
             .ctx(OP)?;
     }
-    for id in &refs.environment_ids {
-        sqlx::query(
-            "INSERT OR IGNORE INTO machine_environments (machine_id, environment_id) VALUES (?, ?)",
-        )
-        .bind(machine_id)
-        .bind(id)
-        .execute(&mut *conn)
-        .await
-        .ctx(OP)?;
-    }
-    for role in &m.roles {
-        sqlx::query("INSERT OR IGNORE INTO machine_roles (machine_id, role) VALUES (?, ?)")
-            .bind(machine_id)
-            .bind(role)
-            .execute(&mut *conn)
-            .await
-            .ctx(OP)?;
-    }
-    for id in &refs.tenant_ids {
-        sqlx::query("INSERT OR IGNORE INTO machine_tenants (machine_id, tenant_id) VALUES (?, ?)")
-            .bind(machine_id)
-            .bind(id)
-            .execute(&mut *conn)
-            .await
-            .ctx(OP)?;
-    }
-    for tag in &m.tenant_tags {
-        sqlx::query("INSERT OR IGNORE INTO machine_tenant_tags (machine_id, tag) VALUES (?, ?)")
-            .bind(machine_id)
-            .bind(tag)
-            .execute(&mut *conn)
-            .await
-            .ctx(OP)?;
-    }
+    use serde_json::json;
+    link(
+        &mut *conn,
+        "machine_environments",
+        "environment_id",
+        machine_id,
+        json!(refs.environment_ids),
+    )
+    .await?;
+    link(
+        &mut *conn,
+        "machine_roles",
+        "role",
+        machine_id,
+        json!(m.roles),
+    )
+    .await?;
+    link(
+        &mut *conn,
+        "machine_tenants",
+        "tenant_id",
+        machine_id,
+        json!(refs.tenant_ids),
+    )
+    .await?;
+    link(
+        &mut *conn,
+        "machine_tenant_tags",
+        "tag",
+        machine_id,
+        json!(m.tenant_tags),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Links a machine to every value of a JSON array in one statement. `table` and
+/// `column` are this module's constants, never input.
+async fn link(
+    conn: &mut sqlx::SqliteConnection,
+    table: &str,
+    column: &str,
+    machine_id: i64,
+    values: serde_json::Value,
+) -> Result<()> {
+    sqlx::query(&format!(
+        "INSERT OR IGNORE INTO {table} (machine_id, {column}) SELECT ?, value FROM json_each(?)"
+    ))
+    .bind(machine_id)
+    .bind(values.to_string())
+    .execute(conn)
+    .await
+    .ctx("saving the machine's environments, roles and tenants")?;
     Ok(())
 }
 
