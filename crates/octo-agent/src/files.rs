@@ -440,6 +440,8 @@ struct UploadJob {
     resume_from: u64,
     total_hint: u64,
     overwrite: bool,
+    /// Permission bits for the final file (0: leave the default).
+    mode: u32,
     active: ActiveGuard,
 }
 
@@ -546,6 +548,7 @@ fn prepare_upload(
         resume_from: start.resume_from,
         total_hint: start.total_length,
         overwrite: start.overwrite,
+        mode: start.mode & 0o777,
         active,
     })
 }
@@ -561,6 +564,7 @@ fn run_upload(job: UploadJob, mut rx: mpsc::Receiver<WriterMsg>) -> Result<Uploa
         resume_from,
         total_hint,
         overwrite,
+        mode,
         active: _active,
     } = job;
     let cancel = AtomicBool::new(false);
@@ -674,6 +678,11 @@ fn run_upload(job: UploadJob, mut rx: mpsc::Receiver<WriterMsg>) -> Result<Uploa
             finish.sha256.to_ascii_uppercase(),
             finish.total_length
         )));
+    }
+    if mode != 0 {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(|e| io_status("cannot set the permissions of", &partial, &e))?;
     }
     file.sync_all()
         .map_err(|e| io_status("cannot flush", &partial, &e))?;

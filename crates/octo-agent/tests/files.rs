@@ -160,6 +160,7 @@ fn start(path: &str, total: u64, resume_from: u64, overwrite: bool) -> UploadReq
             total_length: total,
             resume_from,
             overwrite,
+            mode: 0,
         })),
     }
 }

@@ -243,6 +243,39 @@ pub struct TaskStep {
     pub error: Option<String>,
     pub started_at: Option<i64>,
     pub completed_at: Option<i64>,
+    /// Output variables the machine's part produced (deployments), by name.
+    #[serde(default)]
+    pub output_variables: std::collections::BTreeMap<String, String>,
+}
+
+/// A package in the built-in feed. The file is stored once per SHA-256 under
+/// the server's data directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Package {
+    pub id: i64,
+    /// The package's ID, e.g. "Acme.Web" (unique with `version`, case-insensitive).
+    pub package_id: String,
+    /// Semantic version, e.g. "1.2.3".
+    pub version: String,
+    /// "zip" or "tar.gz".
+    pub format: String,
+    /// SHA-256 of the file, lower-case hex.
+    pub sha256: String,
+    pub size: i64,
+    /// The file name it was pushed with.
+    pub file_name: String,
+    pub uploaded_at: i64,
+}
+
+/// What is needed to add a package (the file is already stored by hash).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewPackage {
+    pub package_id: String,
+    pub version: String,
+    pub format: String,
+    pub sha256: String,
+    pub size: i64,
+    pub file_name: String,
 }
 
 /// One stored log line of a task.
@@ -366,4 +399,24 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn append_log(&self, task_id: &str, lines: &[NewLogLine]) -> Result<()>;
     /// Lines with id > `after_id`, oldest first, at most `limit`.
     async fn task_log(&self, task_id: &str, after_id: i64, limit: i64) -> Result<Vec<TaskLogLine>>;
+    /// Every line one machine's part of a task produced, oldest first.
+    async fn step_log(&self, task_id: &str, machine_id: i64) -> Result<Vec<TaskLogLine>>;
+
+    // Packages.
+    /// Adds a package; Conflict when that ID and version exist, unless `replace`
+    /// (then the row is updated in place and the previous row returned second).
+    async fn put_package(
+        &self,
+        p: &NewPackage,
+        replace: bool,
+        now: i64,
+    ) -> Result<(Package, Option<Package>)>;
+    /// One version of a package (ID case-insensitive, version exact).
+    async fn package(&self, package_id: &str, version: &str) -> Result<Option<Package>>;
+    /// Every version of one package ID, or of all packages; by ID then upload time.
+    async fn list_packages(&self, package_id: Option<&str>) -> Result<Vec<Package>>;
+    /// Deletes one version; NotFound when there is none. Returns the deleted row.
+    async fn delete_package(&self, package_id: &str, version: &str) -> Result<Package>;
+    /// How many package rows use a file (to know when the file can be removed).
+    async fn count_packages_with_sha256(&self, sha256: &str) -> Result<i64>;
 }

@@ -24,8 +24,8 @@ use sqlx::Row;
 
 use crate::{
     ApiKey, EndpointKind, Environment, HealthStatus, HealthUpdate, Machine, MachineFilter,
-    MachinePolicy, NewLogLine, NewMachine, Result, Store, StoreError, Task, TaskLogLine, TaskState,
-    TaskStep, Tenant, User, DEFAULT_POLICY,
+    MachinePolicy, NewLogLine, NewMachine, NewPackage, Package, Result, Store, StoreError, Task,
+    TaskLogLine, TaskState, TaskStep, Tenant, User, DEFAULT_POLICY,
 };
 
 /// The migrations, embedded at build time.
@@ -389,7 +389,23 @@ fn task_from_row(r: &SqliteRow) -> Result<Task> {
 }
 
 const STEP_COLUMNS: &str =
-    "task_id, machine_id, machine_name, state, ticket, exit_code, next_sequence, error, started_at, completed_at";
+    "task_id, machine_id, machine_name, state, ticket, exit_code, next_sequence, error, started_at, completed_at, output_variables";
+
+const PACKAGE_COLUMNS: &str =
+    "id, package_id, version, format, sha256, size, file_name, uploaded_at";
+
+fn package_from_row(r: &SqliteRow) -> Result<Package> {
+    Ok(Package {
+        id: get(r, "id")?,
+        package_id: get(r, "package_id")?,
+        version: get(r, "version")?,
+        format: get(r, "format")?,
+        sha256: get(r, "sha256")?,
+        size: get(r, "size")?,
+        file_name: get(r, "file_name")?,
+        uploaded_at: get(r, "uploaded_at")?,
+    })
+}
 
 fn step_from_row(r: &SqliteRow) -> Result<TaskStep> {
     Ok(TaskStep {
@@ -403,6 +419,14 @@ fn step_from_row(r: &SqliteRow) -> Result<TaskStep> {
         error: get(r, "error")?,
         started_at: get(r, "started_at")?,
         completed_at: get(r, "completed_at")?,
+        output_variables: {
+            let text: String = get(r, "output_variables")?;
+            serde_json::from_str(&text).map_err(|e| {
+                StoreError::Database(format!(
+                    "a task step's output variables are not valid JSON: {e}"
+                ))
+            })?
+        },
     })
 }
 
@@ -1345,7 +1369,7 @@ impl Store for SqliteStore {
         // the caller read the step.
         let done = sqlx::query(
             "UPDATE task_steps SET state = ?, exit_code = ?, next_sequence = MAX(next_sequence, ?), error = ?, \
-             started_at = ?, completed_at = ? WHERE task_id = ? AND machine_id = ?",
+             started_at = ?, completed_at = ?, output_variables = ? WHERE task_id = ? AND machine_id = ?",
         )
         .bind(state_text(step.state))
         .bind(step.exit_code)
@@ -1353,6 +1377,7 @@ impl Store for SqliteStore {
         .bind(&step.error)
         .bind(step.started_at)
         .bind(step.completed_at)
+        .bind(serde_json::to_string(&step.output_variables).unwrap_or_else(|_| "{}".into()))
         .bind(&step.task_id)
         .bind(step.machine_id)
         .execute(&self.pool)
@@ -1427,5 +1452,134 @@ impl Store for SqliteStore {
         .await
         .ctx("reading a task's log")?;
         rows.iter().map(log_line_from_row).collect()
+    }
+
+    async fn step_log(&self, task_id: &str, machine_id: i64) -> Result<Vec<TaskLogLine>> {
+        let rows = sqlx::query(
+            "SELECT id, task_id, machine_id, sequence, timestamp, stream, text FROM task_log \
+             WHERE task_id = ? AND machine_id = ? ORDER BY id",
+        )
+        .bind(task_id)
+        .bind(machine_id)
+        .fetch_all(&self.pool)
+        .await
+        .ctx("reading a machine's part of a task's log")?;
+        rows.iter().map(log_line_from_row).collect()
+    }
+
+    async fn put_package(
+        &self,
+        p: &NewPackage,
+        replace: bool,
+        now: i64,
+    ) -> Result<(Package, Option<Package>)> {
+        const OP: &str = "adding a package";
+        require_name("package", &p.package_id)?;
+        let mut tx = self.write_tx(OP).await?;
+        let existing = sqlx::query(&format!(
+            "SELECT {PACKAGE_COLUMNS} FROM packages WHERE package_id = ? AND version = ?"
+        ))
+        .bind(&p.package_id)
+        .bind(&p.version)
+        .fetch_optional(&mut *tx)
+        .await
+        .ctx(OP)?
+        .as_ref()
+        .map(package_from_row)
+        .transpose()?;
+        if existing.is_some() && !replace {
+            return Err(conflict(
+                "package",
+                format!("{} {}", p.package_id, p.version),
+            ));
+        }
+        let row = if let Some(old) = &existing {
+            sqlx::query(&format!(
+                "UPDATE packages SET format = ?, sha256 = ?, size = ?, file_name = ?, uploaded_at = ? \
+                 WHERE id = ? RETURNING {PACKAGE_COLUMNS}"
+            ))
+            .bind(&p.format)
+            .bind(&p.sha256)
+            .bind(p.size)
+            .bind(&p.file_name)
+            .bind(now)
+            .bind(old.id)
+            .fetch_one(&mut *tx)
+            .await
+            .ctx(OP)?
+        } else {
+            sqlx::query(&format!(
+                "INSERT INTO packages (package_id, version, format, sha256, size, file_name, uploaded_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING {PACKAGE_COLUMNS}"
+            ))
+            .bind(&p.package_id)
+            .bind(&p.version)
+            .bind(&p.format)
+            .bind(&p.sha256)
+            .bind(p.size)
+            .bind(&p.file_name)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await
+            .ctx(OP)?
+        };
+        let package = package_from_row(&row)?;
+        tx.commit().await.ctx(OP)?;
+        Ok((package, existing))
+    }
+
+    async fn package(&self, package_id: &str, version: &str) -> Result<Option<Package>> {
+        sqlx::query(&format!(
+            "SELECT {PACKAGE_COLUMNS} FROM packages WHERE package_id = ? AND version = ?"
+        ))
+        .bind(package_id)
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await
+        .ctx("reading a package")?
+        .as_ref()
+        .map(package_from_row)
+        .transpose()
+    }
+
+    async fn list_packages(&self, package_id: Option<&str>) -> Result<Vec<Package>> {
+        let rows = match package_id {
+            Some(id) => sqlx::query(&format!(
+                "SELECT {PACKAGE_COLUMNS} FROM packages WHERE package_id = ? ORDER BY uploaded_at, id"
+            ))
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await,
+            None => sqlx::query(&format!(
+                "SELECT {PACKAGE_COLUMNS} FROM packages ORDER BY package_id, uploaded_at, id"
+            ))
+            .fetch_all(&self.pool)
+            .await,
+        }
+        .ctx("listing packages")?;
+        rows.iter().map(package_from_row).collect()
+    }
+
+    async fn delete_package(&self, package_id: &str, version: &str) -> Result<Package> {
+        let row = sqlx::query(&format!(
+            "DELETE FROM packages WHERE package_id = ? AND version = ? RETURNING {PACKAGE_COLUMNS}"
+        ))
+        .bind(package_id)
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await
+        .ctx("deleting a package")?;
+        match row {
+            Some(r) => package_from_row(&r),
+            None => Err(not_found("package", format!("{package_id} {version}"))),
+        }
+    }
+
+    async fn count_packages_with_sha256(&self, sha256: &str) -> Result<i64> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM packages WHERE sha256 = ?")
+            .bind(sha256)
+            .fetch_one(&self.pool)
+            .await
+            .ctx("counting packages")
     }
 }

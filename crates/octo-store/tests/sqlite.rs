@@ -1009,3 +1009,101 @@ async fn concurrent_writers_on_a_file_database_all_succeed() {
     ids.dedup();
     assert_eq!(ids.len(), 8, "every task got its own number");
 }
+
+fn new_package(id: &str, version: &str, sha: char) -> octo_store::NewPackage {
+    octo_store::NewPackage {
+        package_id: id.into(),
+        version: version.into(),
+        format: "zip".into(),
+        sha256: std::iter::repeat_n(sha, 64).collect(),
+        size: 10,
+        file_name: format!("{id}.{version}.zip"),
+    }
+}
+
+#[tokio::test]
+async fn packages_are_unique_per_id_and_version_unless_replaced() {
+    for (store, _dir) in stores().await {
+        let (a, prev) = store
+            .put_package(&new_package("Acme.Web", "1.0.0", 'a'), false, 1)
+            .await
+            .unwrap();
+        assert!(prev.is_none());
+        store
+            .put_package(&new_package("Acme.Web", "1.1.0", 'b'), false, 2)
+            .await
+            .unwrap();
+        store
+            .put_package(&new_package("Other", "1.0.0", 'a'), false, 3)
+            .await
+            .unwrap();
+        // Same ID (any case) and version: refused, then replaced on request.
+        let err = store
+            .put_package(&new_package("acme.web", "1.0.0", 'c'), false, 4)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+        let (replaced, prev) = store
+            .put_package(&new_package("acme.web", "1.0.0", 'c'), true, 5)
+            .await
+            .unwrap();
+        assert_eq!(replaced.id, a.id);
+        assert_eq!(replaced.sha256, thumb('c'));
+        assert_eq!(prev.unwrap().sha256, "a".repeat(64));
+
+        let web = store.list_packages(Some("ACME.WEB")).await.unwrap();
+        let versions: Vec<&str> = web.iter().map(|p| p.version.as_str()).collect();
+        assert_eq!(versions, ["1.1.0", "1.0.0"], "by upload time");
+        assert_eq!(store.list_packages(None).await.unwrap().len(), 3);
+        assert_eq!(
+            store
+                .count_packages_with_sha256(&"a".repeat(64))
+                .await
+                .unwrap(),
+            1
+        );
+        assert!(store.package("Acme.Web", "1.1.0").await.unwrap().is_some());
+        let gone = store.delete_package("Acme.Web", "1.1.0").await.unwrap();
+        assert_eq!(gone.version, "1.1.0");
+        assert!(store.package("Acme.Web", "1.1.0").await.unwrap().is_none());
+        let err = store.delete_package("Acme.Web", "1.1.0").await.unwrap_err();
+        assert!(matches!(err, StoreError::NotFound { .. }), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn step_output_variables_and_step_log_round_trip() {
+    for (store, _dir) in stores().await {
+        store.create_environment("Test", "").await.unwrap();
+        let m = store
+            .create_machine(&new_machine("web-1", &["Test"], &[]))
+            .await
+            .unwrap();
+        let task = store
+            .create_task("Deploy", "d", &json!({}), &[m.id], 1)
+            .await
+            .unwrap();
+        let mut step = store.task_steps(&task.id).await.unwrap().remove(0);
+        assert!(step.output_variables.is_empty());
+        step.output_variables
+            .insert("Url".into(), "http://x/?a='b'".into());
+        store.update_step(&step).await.unwrap();
+        let again = store.task_steps(&task.id).await.unwrap().remove(0);
+        assert_eq!(again.output_variables, step.output_variables);
+
+        store
+            .append_log(
+                &task.id,
+                &[
+                    server_line("server"),
+                    tentacle_line(m.id, 0, "one"),
+                    tentacle_line(m.id, 1, "two"),
+                ],
+            )
+            .await
+            .unwrap();
+        let lines = store.step_log(&task.id, m.id).await.unwrap();
+        let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
+        assert_eq!(texts, ["one", "two"]);
+    }
+}
