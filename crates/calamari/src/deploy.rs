@@ -238,11 +238,20 @@ fn run_steps(opts: &DeployOptions, dir: &Path, vars: &mut Variables) -> Result<(
 
 fn extraction_error(opts: &DeployOptions, parent: &Path, e: ExtractError) -> DeployError {
     match e {
-        ExtractError::Refused { .. } => DeployError::refused(format!(
-            "the package was refused: {e}\npackage: {}\nnothing was deployed: no folder was created under {} and earlier versions are untouched\nfix the package (or raise the limit in question if the package is trusted and really that large) and deploy again",
-            opts.package.display(),
-            parent.display()
-        )),
+        ExtractError::Refused { ref reason, .. } => {
+            let hint = if reason.contains("(--max-") {
+                "if the package is trusted and really that large, raise the limit named above; otherwise fix the package"
+            } else if reason.contains("unknown package format") {
+                "build the package as a zip or tar.gz archive"
+            } else {
+                "fix the package (rebuild it from a clean folder, or upload it again if it was damaged) and deploy again"
+            };
+            DeployError::refused(format!(
+                "the package was refused: {e}\npackage: {}\nnothing was deployed: no folder was created under {} and earlier versions are untouched\n{hint}",
+                opts.package.display(),
+                parent.display()
+            ))
+        }
         ExtractError::Io { what, path, source } => DeployError::other(format!(
             "extracting the package failed: {what} {} failed: {source}\npackage: {}\nnothing was deployed; check that the folder is writable by this user and that the disk is not full",
             path.display(),
