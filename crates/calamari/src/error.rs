@@ -18,14 +18,48 @@ pub enum ErrorKind {
     Other,
 }
 
+/// Exit code of a successful run.
+pub const EXIT_SUCCESS: u8 = 0;
+/// Exit code when a deploy script failed.
+pub const EXIT_SCRIPT_FAILED: u8 = 1;
+/// Exit code of a usage error.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code when the package was refused.
+pub const EXIT_REFUSED: u8 = 3;
+/// Exit code of any other error.
+pub const EXIT_OTHER: u8 = 4;
+
 impl ErrorKind {
     /// The process exit code for this kind of failure.
     pub fn exit_code(self) -> u8 {
         match self {
-            ErrorKind::ScriptFailed => 1,
-            ErrorKind::Usage => 2,
-            ErrorKind::Refused => 3,
-            ErrorKind::Other => 4,
+            ErrorKind::ScriptFailed => EXIT_SCRIPT_FAILED,
+            ErrorKind::Usage => EXIT_USAGE,
+            ErrorKind::Refused => EXIT_REFUSED,
+            ErrorKind::Other => EXIT_OTHER,
+        }
+    }
+
+    /// The kind of failure a calamari exit code stands for (`None` for 0 and for codes
+    /// calamari does not use, e.g. when it was killed).
+    pub fn from_exit_code(code: i32) -> Option<Self> {
+        [
+            ErrorKind::ScriptFailed,
+            ErrorKind::Usage,
+            ErrorKind::Refused,
+            ErrorKind::Other,
+        ]
+        .into_iter()
+        .find(|k| i32::from(k.exit_code()) == code)
+    }
+
+    /// A short description for a task log: "a deploy script failed", ...
+    pub fn describe(self) -> &'static str {
+        match self {
+            ErrorKind::ScriptFailed => "a deploy script failed",
+            ErrorKind::Usage => "calamari was called with bad arguments",
+            ErrorKind::Refused => "the package was refused",
+            ErrorKind::Other => "the deployment failed",
         }
     }
 }
@@ -75,5 +109,27 @@ impl DeployError {
     /// The process exit code.
     pub fn exit_code(&self) -> u8 {
         self.kind.exit_code()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_round_trip() {
+        for kind in [
+            ErrorKind::ScriptFailed,
+            ErrorKind::Usage,
+            ErrorKind::Refused,
+            ErrorKind::Other,
+        ] {
+            assert_eq!(
+                ErrorKind::from_exit_code(i32::from(kind.exit_code())),
+                Some(kind)
+            );
+        }
+        assert_eq!(ErrorKind::from_exit_code(0), None);
+        assert_eq!(ErrorKind::from_exit_code(137), None);
     }
 }
