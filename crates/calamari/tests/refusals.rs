@@ -276,7 +276,7 @@ const MIB: u64 = 1024 * 1024;
 fn a_bomb_over_max_extracted_bytes() {
     let home = home_with_a_deployed_version();
     let pkg = home.package_path("bomb.tar.gz");
-    common::zeros_tar_gz(&pkg, "zeros.bin", 64 * MIB);
+    common::zeros_tar_gz(&pkg, "zeros.bin", 512 * MIB);
     assert!(
         fs::metadata(&pkg).unwrap().len() < MIB,
         "a real bomb: small archive"
@@ -290,7 +290,7 @@ fn a_bomb_over_max_extracted_bytes() {
     );
     assert!(stderr.contains("entry \"zeros.bin\""), "{stderr}");
     let pkg = home.package_path("bomb.zip");
-    common::zeros_zip(&pkg, "zeros.bin", 64 * MIB);
+    common::zeros_zip(&pkg, "zeros.bin", 16 * MIB);
     assert_refused(
         &home,
         &pkg,
@@ -303,13 +303,44 @@ fn a_bomb_over_max_extracted_bytes() {
 fn a_bomb_over_the_ratio() {
     let home = home_with_a_deployed_version();
     let pkg = home.package_path("bomb.zip");
-    common::zeros_zip(&pkg, "zeros.bin", 64 * MIB);
+    common::zeros_zip(&pkg, "zeros.bin", 24 * MIB);
     let size = fs::metadata(&pkg).unwrap().len();
     assert!(size < MIB, "a real bomb: small archive ({size} bytes)");
     assert_refused(&home, &pkg, "more than 200 times its size", &[]);
     let pkg = home.package_path("bomb.tar.gz");
-    common::zeros_tar_gz(&pkg, "zeros.bin", 64 * MIB);
+    common::zeros_tar_gz(&pkg, "zeros.bin", 512 * MIB);
     assert_refused(&home, &pkg, "(--max-ratio)", &[]);
+}
+
+/// The `tar` crate reads a long name or a PAX record into memory whole: a huge one is
+/// refused while it streams, not allocated.
+#[test]
+fn a_bomb_in_the_tar_headers() {
+    let home = home_with_a_deployed_version();
+    for (name, kind) in [
+        ("longname.tar.gz", tar::EntryType::GNULongName),
+        ("pax.tar.gz", tar::EntryType::XHeader),
+        ("dir.tar.gz", tar::EntryType::Directory),
+    ] {
+        let pkg = home.package_path(name);
+        common::overhead_tar_gz(&pkg, kind, 256 * MIB);
+        assert!(fs::metadata(&pkg).unwrap().len() < MIB);
+        assert_refused(&home, &pkg, "of headers, names or metadata", &[]);
+    }
+    // A long name of a sane length is fine.
+    let pkg = home.package_path("long-ok.tar.gz");
+    let long = format!("{}/file.txt", "d".repeat(200));
+    let gz =
+        flate2::write::GzEncoder::new(fs::File::create(&pkg).unwrap(), flate2::Compression::fast());
+    let mut builder = tar::Builder::new(gz);
+    let mut header = tar::Header::new_gnu();
+    header.set_size(2);
+    header.set_mode(0o644);
+    builder.append_data(&mut header, &long, &b"ok"[..]).unwrap();
+    builder.into_inner().unwrap().finish().unwrap();
+    home.deploy(&pkg, ID, "2.0.0", &[]).assert_code(0);
+    let extracted = home.package_dir("Production", ID).join("2.0.0").join(&long);
+    assert_eq!(fs::read_to_string(extracted).unwrap(), "ok");
 }
 
 #[test]

@@ -14,12 +14,16 @@
 //! - a hard link points to a regular file this archive already extracted;
 //! - the bytes actually written (never a header's claim) stay within
 //!   [`Limits::max_extracted_bytes`], and within [`Limits::max_ratio`] times the archive's
-//!   size once past [`RATIO_FREE_BYTES`]; entries stay within [`Limits::max_entries`];
+//!   size once past [`RATIO_FREE_BYTES`]; entries (folders implied by paths included:
+//!   they are inodes too) stay within [`Limits::max_entries`]; what was written and how
+//!   many entries there were is shared through a [`Meter`], so a format reader can bound
+//!   the archive's own overhead (headers, long names) against it;
 //! - permissions are the archive's bits masked with `0o777` (never setuid, setgid or
 //!   sticky); folders always keep owner `rwx` so the tree can be removed later; folder
 //!   modes are applied last, deepest first, so a read-only folder does not stop its own
 //!   entries from being written.
 
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
@@ -27,6 +31,7 @@ use std::io::{self, ErrorKind as IoKind, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use super::{ExtractError, Limits};
 
@@ -51,13 +56,32 @@ pub struct Counts {
     pub bytes: u64,
 }
 
+/// Progress of an extraction, shared with the format reader.
+#[derive(Debug, Default)]
+pub struct Meter {
+    written: Cell<u64>,
+    entries: Cell<u64>,
+}
+
+impl Meter {
+    /// File bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written.get()
+    }
+
+    /// Entries counted so far.
+    pub fn entries(&self) -> u64 {
+        self.entries.get()
+    }
+}
+
 /// Writes entries under `root`, enforcing the rules in the module docs.
 #[derive(Debug)]
 pub struct Sandbox {
     root: PathBuf,
     limits: Limits,
     archive_len: u64,
-    entries: u64,
+    meter: Rc<Meter>,
     counts: Counts,
     /// Relative paths of the symlinks created.
     symlinks: HashSet<PathBuf>,
@@ -80,7 +104,7 @@ impl Sandbox {
             root: root.to_owned(),
             limits,
             archive_len,
-            entries: 0,
+            meter: Rc::default(),
             counts: Counts::default(),
             symlinks: HashSet::new(),
             regular: HashSet::new(),
@@ -90,14 +114,20 @@ impl Sandbox {
         }
     }
 
+    /// The shared progress meter.
+    pub fn meter(&self) -> Rc<Meter> {
+        Rc::clone(&self.meter)
+    }
+
     /// Counts one more entry of the archive (named `name`), refusing past the limit.
     pub fn count_entry(&mut self, name: &str) -> Result<(), ExtractError> {
-        self.entries += 1;
-        if self.entries > self.limits.max_entries {
+        let entries = self.meter.entries.get() + 1;
+        self.meter.entries.set(entries);
+        if entries > self.limits.max_entries {
             return Err(ExtractError::refused(
                 Some(name),
                 format!(
-                    "the archive has more than {} entries (--max-entries)",
+                    "the package has more than {} entries (--max-entries), counting files, folders and links",
                     self.limits.max_entries
                 ),
             ));
@@ -276,6 +306,7 @@ impl Sandbox {
                     ));
                 }
                 Err(e) if e.kind() == IoKind::NotFound => {
+                    self.count_entry(&display(&current))?;
                     fs::create_dir(&path)
                         .map_err(|e| ExtractError::io("creating a folder", &path, e))?;
                     self.counts.dirs += 1;
@@ -370,6 +401,7 @@ impl Sandbox {
             out.write_all(&buf[..n])
                 .map_err(|e| ExtractError::io("writing", &self.root.join(rel), e))?;
             self.counts.bytes = total;
+            self.meter.written.set(total);
         }
     }
 

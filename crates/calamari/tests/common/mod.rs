@@ -107,20 +107,51 @@ fn append_tar<W: Write>(builder: &mut tar::Builder<W>, item: &Item) {
     builder.append(&header, data).unwrap();
 }
 
-/// Writes a tar.gz with one file of `size` zero bytes, streamed (never in memory).
-pub fn zeros_tar_gz(path: &Path, name: &str, size: u64) {
-    let gz = GzEncoder::new(File::create(path).unwrap(), Compression::best());
-    let mut builder = tar::Builder::new(gz);
+const MIB: u64 = 1024 * 1024;
+
+/// Writes a tar.gz holding one `kind` header that claims `size` bytes (a multiple of
+/// 1 MiB) of zeros as its data, then a small file `after.txt`. Built cheaply as a
+/// multi-member gzip (one member compressing 1 MiB of zeros, repeated), which is what
+/// `cat a.gz b.gz` makes and every gzip reader accepts: a 256 MiB bomb is ~256 KiB.
+fn header_with_zeros_tar_gz(path: &Path, kind: tar::EntryType, name: &str, size: u64) {
+    assert_eq!(size % MIB, 0);
+    let member = |data: &[u8]| {
+        let mut gz = GzEncoder::new(Vec::new(), Compression::best());
+        gz.write_all(data).unwrap();
+        gz.finish().unwrap()
+    };
     let mut header = tar::Header::new_gnu();
-    header.set_entry_type(tar::EntryType::Regular);
-    header.set_path(name).unwrap();
+    header.set_entry_type(kind);
+    let raw = &mut header.as_old_mut().name;
+    raw[..name.len()].copy_from_slice(name.as_bytes());
     header.set_mode(0o644);
     header.set_size(size);
     header.set_cksum();
-    builder
-        .append(&header, std::io::Read::take(std::io::repeat(0), size))
-        .unwrap();
-    builder.into_inner().unwrap().finish().unwrap();
+    let mut out = File::create(path).unwrap();
+    out.write_all(&member(header.as_bytes())).unwrap();
+    let zeros = member(&vec![0u8; MIB as usize]);
+    for _ in 0..size / MIB {
+        out.write_all(&zeros).unwrap();
+    }
+    let mut tail = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_path("after.txt").unwrap();
+    header.set_size(5);
+    header.set_mode(0o644);
+    header.set_cksum();
+    tail.append(&header, &b"after"[..]).unwrap();
+    out.write_all(&member(&tail.into_inner().unwrap())).unwrap();
+}
+
+/// Writes a tar.gz with one file of `size` (a multiple of 1 MiB) zero bytes.
+pub fn zeros_tar_gz(path: &Path, name: &str, size: u64) {
+    header_with_zeros_tar_gz(path, tar::EntryType::Regular, name, size);
+}
+
+/// Writes a tar.gz whose first header, of type `kind`, carries `size` zero bytes of
+/// data (a GNU long name, a PAX record, a folder claiming a size), then a small file.
+pub fn overhead_tar_gz(path: &Path, kind: tar::EntryType, size: u64) {
+    header_with_zeros_tar_gz(path, kind, "././@LongLink", size);
 }
 
 /// Writes a zip with one file of `size` zero bytes.
