@@ -10,8 +10,14 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod comms;
+mod deploy;
 mod scripts;
 mod tasks;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{bail, Context};
 
 use clap::{Parser, Subcommand};
 
@@ -30,6 +36,8 @@ enum Area {
     Scripts(scripts::Options),
     /// Script tasks through the server's HTTP API: round trip on one machine, fan-out to 100.
     Tasks(tasks::Options),
+    /// Deploy a 100 MiB package to a listening and a polling tentacle, cold and warm (and scp for comparison).
+    Deploy(deploy::Options),
     /// Internal: the tentacle side of `comms`, run as a child process.
     #[command(hide = true)]
     CommsChild(comms::ChildOptions),
@@ -58,6 +66,26 @@ fn main() -> anyhow::Result<()> {
         Area::CommsChild(o) => rt.block_on(comms::child(o)),
         Area::Scripts(o) => rt.block_on(async { tokio::spawn(scripts::run(o)).await? }),
         Area::Tasks(o) => rt.block_on(async { tokio::spawn(tasks::run(o)).await? }),
+        Area::Deploy(o) => rt.block_on(async { tokio::spawn(deploy::run(o)).await? }),
         Area::TasksChild(o) => rt.block_on(tasks::child(o)),
     }
+}
+
+/// Builds `bin` of workspace package `package` in release mode and returns its
+/// path (beside this binary).
+pub(crate) fn release_binary(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--release", "-q", "-p", package, "--bin", bin])
+        .status()
+        .with_context(|| format!("running cargo build for the {bin} binary"))?;
+    if !status.success() {
+        bail!("building the {bin} binary failed");
+    }
+    let exe = std::env::current_exe()?;
+    let path = exe.parent().context("bench binary directory")?.join(bin);
+    if !path.exists() {
+        bail!("{} not found after the build", path.display());
+    }
+    Ok(path)
 }

@@ -2,7 +2,7 @@
 //! in-process server. Builds the binary (release) first.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,7 @@ pub struct Options {
     runs: usize,
 }
 
-struct Agent(Child);
+pub(crate) struct Agent(Child);
 
 impl Drop for Agent {
     fn drop(&mut self) {
@@ -29,35 +29,7 @@ impl Drop for Agent {
     }
 }
 
-fn build_tentacle() -> anyhow::Result<PathBuf> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "-q",
-            "-p",
-            "octo-tentacle",
-            "--bin",
-            "tentacle",
-        ])
-        .status()
-        .context("running cargo build for the tentacle binary")?;
-    if !status.success() {
-        bail!("building the tentacle binary failed");
-    }
-    let exe = std::env::current_exe()?;
-    let bin = exe
-        .parent()
-        .context("bench binary directory")?
-        .join("tentacle");
-    if !bin.exists() {
-        bail!("{} not found after the build", bin.display());
-    }
-    Ok(bin)
-}
-
-fn tentacle(bin: &Path, dir: &Path, args: &[&str]) -> anyhow::Result<String> {
+pub(crate) fn tentacle(bin: &Path, dir: &Path, args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(bin)
         .args(args)
         .env("TENTACLE_CONFIG_DIR", dir)
@@ -72,7 +44,7 @@ fn tentacle(bin: &Path, dir: &Path, args: &[&str]) -> anyhow::Result<String> {
 }
 
 /// Starts `tentacle run` and returns it with its "started: ..." line.
-fn start(bin: &Path, dir: &Path, instance: &str) -> anyhow::Result<(Agent, String)> {
+pub(crate) fn start(bin: &Path, dir: &Path, instance: &str) -> anyhow::Result<(Agent, String)> {
     let mut child = Command::new(bin)
         .args(["run", "--instance", instance])
         .env("TENTACLE_CONFIG_DIR", dir)
@@ -141,7 +113,7 @@ async fn script_rtt(conn: &Connection, runs: usize, tag: &str) -> anyhow::Result
 }
 
 pub async fn run(o: Options) -> anyhow::Result<()> {
-    let bin = build_tentacle()?;
+    let bin = crate::release_binary("octo-tentacle", "tentacle")?;
     let dir = tempfile::tempdir()?;
     let d = dir.path();
     let server_id = Identity::generate("bench server")?;

@@ -78,14 +78,14 @@ fn round3(x: f64) -> f64 {
 }
 
 /// The server's API, authenticated with the admin key.
-struct Api {
-    base: String,
-    key: String,
-    http: reqwest::Client,
+pub(crate) struct Api {
+    pub(crate) base: String,
+    pub(crate) key: String,
+    pub(crate) http: reqwest::Client,
 }
 
 impl Api {
-    async fn post(&self, path: &str, body: Value) -> anyhow::Result<(u16, Value)> {
+    pub(crate) async fn post(&self, path: &str, body: Value) -> anyhow::Result<(u16, Value)> {
         let resp = tokio::time::timeout(
             WAIT,
             self.http
@@ -104,7 +104,7 @@ impl Api {
         ))
     }
 
-    async fn post_ok(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+    pub(crate) async fn post_ok(&self, path: &str, body: Value) -> anyhow::Result<Value> {
         let (status, v) = self.post(path, body).await?;
         if status != 201 {
             bail!("POST {path}: {status} {v}");
@@ -113,13 +113,13 @@ impl Api {
     }
 
     /// Creates a task; returns its id.
-    async fn create(&self, path: &str, body: Value) -> anyhow::Result<String> {
+    pub(crate) async fn create(&self, path: &str, body: Value) -> anyhow::Result<String> {
         let v = self.post_ok(path, body).await?;
         Ok(v["task"]["id"].as_str().context("task id")?.to_string())
     }
 
     /// Follows the task's event stream until `end`; returns its `{"task","steps"}`.
-    async fn wait_end(&self, task_id: &str) -> anyhow::Result<Value> {
+    pub(crate) async fn wait_end(&self, task_id: &str) -> anyhow::Result<Value> {
         let resp = self
             .http
             .get(format!(
@@ -206,7 +206,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         listen: "127.0.0.1:0".parse()?,
         comms_listen_port: 0,
         comms_listen_address: "127.0.0.1".into(),
-        database_url: None,
+        ..RunArgs::default()
     })
     .await?;
     let api = Api {

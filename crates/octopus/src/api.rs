@@ -71,6 +71,12 @@ pub(crate) const SECURITY_SCHEME: &str = "api_key";
         crate::tasks::get_log,
         crate::tasks::stream_log_doc,
         crate::tasks::cancel_task,
+        crate::tasks::create_deploy_task,
+        crate::tasks::create_upgrade_task,
+        crate::packages::push_package,
+        crate::packages::list_packages,
+        crate::packages::get_package,
+        crate::packages::delete_package,
     ),
     components(schemas(
         ErrorBody,
@@ -100,6 +106,9 @@ pub(crate) const SECURITY_SCHEME: &str = "api_key";
         Isolation,
         HealthRequest,
         crate::tasks::CancelReply,
+        crate::tasks::DeployRequest,
+        octo_store::Package,
+        crate::packages::PushReply,
     )),
     modifiers(&SecurityAddon),
     tags(
@@ -108,7 +117,8 @@ pub(crate) const SECURITY_SCHEME: &str = "api_key";
         (name = "machines", description = "Deployment targets and workers"),
         (name = "api-keys", description = "API keys"),
         (name = "users", description = "Users and login"),
-        (name = "tasks", description = "Server tasks: health checks and scripts"),
+        (name = "tasks", description = "Server tasks: health checks, scripts, deployments, tool upgrades"),
+        (name = "packages", description = "The built-in package feed"),
     )
 )]
 pub struct ApiDoc;
@@ -275,6 +285,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/api-keys/{id}", delete(revoke_api_key))
         .route("/api/users", post(create_user))
         .merge(crate::tasks::routes())
+        .merge(crate::packages::routes())
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authenticate,

@@ -13,6 +13,7 @@
 // A command-line tool reports on stderr by design.
 #![allow(clippy::print_stderr)]
 
+mod deploy;
 mod follow;
 mod http;
 mod output;
@@ -134,6 +135,25 @@ Exit status: 0 when the task succeeded on every machine, 1 when it failed or on 
 3 when it was canceled, 130 after Ctrl-C (which stops following, not the task)."
     )]
     RunScript(RunScriptArgs),
+    /// Push, list, show and delete packages in the server's feed.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  octopus package push Acme.Web.1.2.3.zip\n  octopus package list"
+    )]
+    Package(deploy::PackageCommand),
+    /// Deploy a package to the machines of an environment and follow it live.
+    #[command(
+        after_help = "Examples:\n  octopus deploy --package Acme.Web --environment Production --role web\n  octopus deploy --package Acme.Web --version 1.2.3 --environment Test --variable Greeting=Hello --variables-file vars.json\n\n\
+Each machine gets the deployment tool (pushed when missing or outdated) and the package\n\
+(\"found in cache\" when it has it), then extracts it, substitutes variables and runs the\n\
+package's PreDeploy/Deploy/PostDeploy scripts. Output as for run-script.\n\n\
+Exit status: 0 when every machine succeeded, 1 when any failed or on an error, 3 when\n\
+canceled, 130 after Ctrl-C (which stops following, not the deployment)."
+    )]
+    Deploy(deploy::DeployCliArgs),
+    /// The deployment tool (calamari) on the machines.
+    #[command(subcommand)]
+    Calamari(deploy::CalamariCommand),
     /// List, show, follow and cancel server tasks (health checks, script runs).
     #[command(
         subcommand,
@@ -428,6 +448,9 @@ pub(crate) async fn run(opts: ClientOpts, command: ClientCommand) -> anyhow::Res
         ClientCommand::HealthCheck(a) => cx.health_check(a).await,
         ClientCommand::RunScript(a) => cx.run_script(a).await,
         ClientCommand::Task(c) => cx.task(c).await,
+        ClientCommand::Package(c) => cx.package(c).await,
+        ClientCommand::Deploy(a) => cx.deploy(a).await,
+        ClientCommand::Calamari(c) => cx.calamari(c).await,
     }
 }
 
@@ -1080,6 +1103,10 @@ fn steps_table(steps: &[TaskStep]) -> String {
                 s.machine_name.clone(),
                 format!("{:?}", s.state),
                 s.exit_code.map_or_else(|| "-".into(), |c| c.to_string()),
+                match (s.started_at, s.completed_at) {
+                    (Some(a), Some(b)) => duration(b - a),
+                    _ => "-".into(),
+                },
             ];
             if with_error {
                 row.push(or_dash(s.error.as_deref().unwrap_or_default()));
@@ -1087,11 +1114,24 @@ fn steps_table(steps: &[TaskStep]) -> String {
             row
         })
         .collect();
-    let mut headers = vec!["MACHINE", "STATE", "EXIT CODE"];
+    let mut headers = vec!["MACHINE", "STATE", "EXIT CODE", "DURATION"];
     if with_error {
         headers.push("ERROR");
     }
-    table(&headers, &rows)
+    let mut text = table(&headers, &rows);
+    let outputs: Vec<Vec<String>> = steps
+        .iter()
+        .flat_map(|s| {
+            s.output_variables
+                .iter()
+                .map(|(k, v)| vec![s.machine_name.clone(), k.clone(), v.clone()])
+        })
+        .collect();
+    if !outputs.is_empty() {
+        text.push_str("\n\nOutput variables:\n");
+        text.push_str(&table(&["MACHINE", "NAME", "VALUE"], &outputs));
+    }
+    text
 }
 
 fn task_fields(t: &Task) -> String {

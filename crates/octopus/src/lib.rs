@@ -10,5 +10,7 @@
 #![allow(clippy::print_stdout)]
 
 pub mod api;
+pub mod packages;
 pub mod server;
 pub mod tasks;
+pub mod tool;

@@ -3,8 +3,10 @@
 //! In a temporary directory, on 127.0.0.1 and free ports: starts a server (in
 //! this process), two real `tentacle` processes (one listening, one polling),
 //! registers both with `tentacle register-with`, runs a health check and a
-//! script on both through this binary's own client commands, prints the results
-//! and where to look, then stops everything (or keeps running with `--keep`).
+//! script on both, pushes a small package and deploys it to both (the server
+//! pushes its `calamari` deployment tool first), all through this binary's own
+//! client commands, prints the results and where to look, then stops everything
+//! (or keeps running with `--keep`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -26,6 +28,9 @@ pub(crate) struct QuickstartArgs {
     /// The `tentacle` binary (default: next to this one, built on demand under cargo).
     #[arg(long, value_name = "PATH")]
     tentacle: Option<PathBuf>,
+    /// The `calamari` deployment tool (default: next to this one, built on demand under cargo).
+    #[arg(long, value_name = "PATH")]
+    calamari: Option<PathBuf>,
 }
 
 /// Child processes stopped (SIGTERM, then kill) when dropped.
@@ -53,34 +58,35 @@ impl Drop for Agents {
     }
 }
 
-fn find_tentacle(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+/// `bin` (of workspace package `package`): `explicit`, else next to this
+/// binary, else (under `cargo run`) built with the same profile.
+fn find_binary(explicit: Option<PathBuf>, bin: &str, package: &str) -> anyhow::Result<PathBuf> {
     if let Some(p) = explicit {
         return Ok(p);
     }
     let me = std::env::current_exe().context("finding this binary")?;
     let dir = me.parent().context("this binary's directory")?;
-    let beside = dir.join("tentacle");
+    let beside = dir.join(bin);
     if beside.exists() {
         return Ok(beside);
     }
-    // Under `cargo run`, build it with the same profile.
     if let Ok(cargo) = std::env::var("CARGO") {
         let release = dir.ends_with("release");
-        println!("Building the tentacle binary (once)...");
+        println!("Building the {bin} binary (once)...");
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-q", "-p", "octo-tentacle", "--bin", "tentacle"]);
+        cmd.args(["build", "-q", "-p", package, "--bin", bin]);
         if release {
             cmd.arg("--release");
         }
         let status = cmd
             .status()
-            .context("running cargo build for the tentacle")?;
+            .with_context(|| format!("running cargo build for {bin}"))?;
         if status.success() && beside.exists() {
             return Ok(beside);
         }
     }
     bail!(
-        "the tentacle binary is not next to {} ; build it with `cargo build -p octo-tentacle` or pass --tentacle PATH",
+        "the {bin} binary is not next to {} ; build it with `cargo build -p {package}` or pass --{bin} PATH",
         me.display()
     )
 }
@@ -104,7 +110,8 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 pub(crate) async fn run(args: QuickstartArgs) -> anyhow::Result<()> {
-    let tentacle = find_tentacle(args.tentacle.clone())?;
+    let tentacle = find_binary(args.tentacle.clone(), "tentacle", "octo-tentacle")?;
+    let calamari = find_binary(args.calamari.clone(), "calamari", "octo-calamari")?;
     let (dir, _temp) = match &args.dir {
         Some(d) => {
             std::fs::create_dir_all(d)?;
@@ -125,7 +132,8 @@ pub(crate) async fn run(args: QuickstartArgs) -> anyhow::Result<()> {
         listen: "127.0.0.1:0".parse()?,
         comms_listen_port: 0,
         comms_listen_address: "127.0.0.1".into(),
-        database_url: None,
+        calamari: Some(calamari),
+        ..RunArgs::default()
     })
     .await?;
     let url = format!("http://{}", server.api_addr);
@@ -147,6 +155,9 @@ pub(crate) async fn run(args: QuickstartArgs) -> anyhow::Result<()> {
         println!("  export OCTOPUS_URL={url} OCTOPUS_API_KEY={key}");
         println!("  octopus machine list");
         println!("  octopus run-script --environment Quickstart --script 'uname -a'");
+        println!(
+            "  octopus deploy --package Hello --environment Quickstart --variable Greeting=Hi"
+        );
         let _ = tokio::signal::ctrl_c().await;
     }
     let outcome = result.map(drop);
@@ -290,6 +301,30 @@ async fn scenario(
     if !status.success() {
         bail!("the script task failed (see above)");
     }
+
+    // 4. A package, pushed to the feed and deployed to both.
+    let package = demo_package(dir)?;
+    println!("6. octopus package push {}", package.display());
+    run_ok(
+        &mut octopus(&["package", "push", &package.to_string_lossy()]),
+        "octopus package push",
+    )?;
+    println!("7. octopus deploy --package Hello --environment Quickstart --variable Greeting='Hello, world' --variable Octopus.Action.SubstituteInFiles.TargetFiles=index.html");
+    let status = octopus(&[
+        "deploy",
+        "--package",
+        "Hello",
+        "--environment",
+        "Quickstart",
+        "--variable",
+        "Greeting=Hello, world",
+        "--variable",
+        "Octopus.Action.SubstituteInFiles.TargetFiles=index.html",
+    ])
+    .status()?;
+    if !status.success() {
+        bail!("the deployment failed (see above)");
+    }
     println!();
     println!("Everything works. Where to look:");
     println!(
@@ -300,6 +335,38 @@ async fn scenario(
         "  tentacles:      {} (configuration, certificates, Work/ and Logs/)",
         tdir.display()
     );
+    println!(
+        "  deployed app:   {}/*/home/Applications/Quickstart/Hello/1.0.0",
+        tdir.display()
+    );
     println!("  task history:   octopus task list --server {url} --api-key <key in admin-api-key>");
     Ok(agents)
+}
+
+/// A small package `Hello.1.0.0.tar.gz` (built with the system's `tar`): a page
+/// with a `#{Greeting}` to substitute, and a Deploy.sh that shows it.
+fn demo_package(dir: &Path) -> anyhow::Result<PathBuf> {
+    let src = dir.join("hello-package");
+    std::fs::create_dir_all(&src)?;
+    std::fs::write(
+        src.join("index.html"),
+        "<h1>#{Greeting} from #{Octopus.Environment.Name}</h1>\n",
+    )?;
+    std::fs::write(
+        src.join("Deploy.sh"),
+        "echo \"Deployed $Octopus_Action_Package_PackageId $Octopus_Action_Package_PackageVersion to $PWD\"\n\
+         echo \"index.html: $(cat index.html)\"\n\
+         echo \"##octopus[setVariable name='PageUrl' value='file://$PWD/index.html']\"\n",
+    )?;
+    let package = dir.join("Hello.1.0.0.tar.gz");
+    run_ok(
+        Command::new("tar")
+            .arg("czf")
+            .arg(&package)
+            .arg("-C")
+            .arg(&src)
+            .args(["index.html", "Deploy.sh"]),
+        "tar (building the demo package)",
+    )?;
+    Ok(package)
 }

@@ -36,6 +36,24 @@ pub struct RunArgs {
     /// Database URL; default: SQLite in the data directory (sqlite://DATA/octopus.db).
     #[arg(long)]
     pub database_url: Option<String>,
+    /// The deployment tool binary to push to tentacles (default: `calamari`
+    /// beside this binary).
+    #[arg(long, env = "OCTOPUS_CALAMARI")]
+    pub calamari: Option<PathBuf>,
+}
+
+impl Default for RunArgs {
+    /// The defaults of `octopus server run`.
+    fn default() -> Self {
+        RunArgs {
+            data: PathBuf::from("octopus-data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            comms_listen_port: 10943,
+            comms_listen_address: "0.0.0.0".into(),
+            database_url: None,
+            calamari: None,
+        }
+    }
 }
 
 /// Holds the data directory's lock for the life of the server.
@@ -171,6 +189,10 @@ pub struct AppState {
     pub polling_trust: TrustStore,
     pub thumbprint: Thumbprint,
     pub comms_port: u16,
+    /// The data directory (package files live under it).
+    pub data: PathBuf,
+    /// The deployment tool this server pushes, or why there is none.
+    pub tool: Arc<Result<crate::tool::ToolBuild, String>>,
     /// Runs tasks (health checks, scripts) and tells live log readers of changes.
     pub engine: Arc<crate::tasks::Engine>,
 }
@@ -250,13 +272,31 @@ pub async fn start(args: &RunArgs) -> anyhow::Result<RunningServer> {
     let api_addr = api_listener.local_addr()?;
     let comms_port = comms_listener.local_addr()?.port();
 
-    let engine = Arc::new(crate::tasks::Engine::new(store.clone(), comms.clone()));
+    let tool = crate::tool::ToolBuild::locate(args.calamari.as_deref()).await;
+    match &tool {
+        Ok(t) => info!(
+            "deployment tool {} ({}, SHA-256 {})",
+            t.version,
+            t.path.display(),
+            t.sha256
+        ),
+        Err(why) => tracing::warn!("deployments are not possible: {why}"),
+    }
+    let tool = Arc::new(tool);
+    let engine = Arc::new(crate::tasks::Engine::new(
+        store.clone(),
+        comms.clone(),
+        args.data.clone(),
+        tool.clone(),
+    ));
     let state = AppState {
         store,
         comms: comms.clone(),
         polling_trust,
         thumbprint: identity.thumbprint(),
         comms_port,
+        data: args.data.clone(),
+        tool,
         engine,
     };
     let shutdown = CancellationToken::new();

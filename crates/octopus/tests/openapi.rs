@@ -28,6 +28,10 @@ const ROUTES: &[(&str, &[&str], bool)] = &[
     ("/api/tasks/{id}/log", &["get"], true),
     ("/api/tasks/{id}/log/stream", &["get"], true),
     ("/api/tasks/{id}/cancel", &["post"], true),
+    ("/api/tasks/deploy", &["post"], true),
+    ("/api/tasks/upgrade", &["post"], true),
+    ("/api/packages", &["get", "post"], true),
+    ("/api/packages/{id}/{version}", &["get", "delete"], true),
 ];
 
 const METHODS: &[&str] = &[
@@ -42,7 +46,7 @@ async fn openapi_document_describes_every_route() {
         listen: "127.0.0.1:0".parse().unwrap(),
         comms_listen_port: 0,
         comms_listen_address: "127.0.0.1".into(),
-        database_url: None,
+        ..RunArgs::default()
     })
     .await
     .unwrap();

@@ -48,7 +48,7 @@ async fn start_at(data: &Path, comms_port: u16) -> RunningServer {
             listen: "127.0.0.1:0".parse().unwrap(),
             comms_listen_port: comms_port,
             comms_listen_address: "127.0.0.1".into(),
-            database_url: None,
+            ..RunArgs::default()
         }),
     )
     .await

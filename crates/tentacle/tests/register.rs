@@ -71,7 +71,7 @@ async fn register_listening_and_polling_tentacles() {
         listen: "127.0.0.1:0".parse().unwrap(),
         comms_listen_port: 0,
         comms_listen_address: "127.0.0.1".into(),
-        database_url: None,
+        ..RunArgs::default()
     })
     .await
     .unwrap();

@@ -169,6 +169,28 @@ impl ApiClient {
         self.call(Method::POST, url, Some(body)).await
     }
 
+    /// POST a file as the raw body (streamed, no overall time limit), answer as JSON.
+    pub(crate) async fn post_file<T: DeserializeOwned>(
+        &self,
+        url: Url,
+        file: tokio::fs::File,
+        len: u64,
+    ) -> Result<T, ClientError> {
+        let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 << 10);
+        let req = self
+            .authorize(self.http.post(url.clone()))
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .body(reqwest::Body::wrap_stream(stream));
+        let resp = req.send().await.map_err(|e| self.transport_error(&e))?;
+        let resp = self.check(&url, resp).await?;
+        let bytes = resp.bytes().await.map_err(|e| self.transport_error(&e))?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Unexpected {
+            url: url.to_string(),
+            detail: e.to_string(),
+        })
+    }
+
     /// DELETE; the answer's body is ignored.
     pub(crate) async fn delete(&self, url: Url) -> Result<(), ClientError> {
         self.call::<Value>(Method::DELETE, url, None)

@@ -25,7 +25,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use super::{health, script, ScriptRequest, KIND_HEALTH, KIND_SCRIPT, MAX_PARALLEL_STEPS};
+use super::{
+    deploy, health, script, DeployArgs, ScriptRequest, KIND_DEPLOY, KIND_HEALTH, KIND_SCRIPT,
+    KIND_UPGRADE, MAX_PARALLEL_STEPS,
+};
 use crate::server::{now_ms, AppState};
 
 /// How often the scheduler looks for machines due a health check.
@@ -47,6 +50,10 @@ pub(crate) struct Changes {
 pub(crate) struct Deps {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) comms: octo_comms::ServerComms,
+    /// The data directory (package files).
+    pub(crate) data: std::path::PathBuf,
+    /// The deployment tool this server pushes, or why there is none.
+    pub(crate) tool: Arc<Result<crate::tool::ToolBuild, String>>,
 }
 
 /// The engine of one server (see the module documentation).
@@ -73,9 +80,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Engine {
     /// A new engine; background work starts with [`spawn_background`].
-    pub fn new(store: Arc<dyn Store>, comms: octo_comms::ServerComms) -> Engine {
+    pub fn new(
+        store: Arc<dyn Store>,
+        comms: octo_comms::ServerComms,
+        data: std::path::PathBuf,
+        tool: Arc<Result<crate::tool::ToolBuild, String>>,
+    ) -> Engine {
         Engine {
-            state: Deps { store, comms },
+            state: Deps {
+                store,
+                comms,
+                data,
+                tool,
+            },
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             created_at: now_ms(),
@@ -281,11 +298,12 @@ impl Engine {
         let outcome = match task.kind.as_str() {
             KIND_SCRIPT => match serde_json::from_value::<ScriptRequest>(task.arguments.clone()) {
                 Ok(args) => {
-                    let args = Arc::new(args);
+                    let spec = Arc::new(script::ScriptSpec::from(&args));
                     self.run_steps(&id, steps, &cancel, move |eng, step, cancel| {
-                        let args = args.clone();
+                        let spec = spec.clone();
                         Box::pin(async move {
-                            script::run_step(&eng, step, &args, &cancel).await;
+                            let resumed = step.state == TaskState::Executing;
+                            script::run_step(&eng, step, &spec, &cancel, resumed).await;
                             None
                         })
                     })
@@ -297,6 +315,33 @@ impl Engine {
                     Some(Vec::new())
                 }
             },
+            KIND_DEPLOY => match serde_json::from_value::<DeployArgs>(task.arguments.clone()) {
+                Ok(args) => {
+                    let args = Arc::new(args);
+                    self.run_steps(&id, steps, &cancel, move |eng, step, cancel| {
+                        let args = args.clone();
+                        Box::pin(async move {
+                            deploy::run_deploy_step(&eng, step, &args, &cancel).await;
+                            None
+                        })
+                    })
+                    .await
+                }
+                Err(e) => {
+                    let why = format!("the task's arguments cannot be read: {e}");
+                    self.fail_unfinished(&id, &why).await;
+                    Some(Vec::new())
+                }
+            },
+            KIND_UPGRADE => {
+                self.run_steps(&id, steps, &cancel, |eng, step, cancel| {
+                    Box::pin(async move {
+                        deploy::run_upgrade_step(&eng, step, &cancel).await;
+                        None
+                    })
+                })
+                .await
+            }
             KIND_HEALTH => {
                 self.run_steps(&id, steps, &cancel, |eng, step, cancel| {
                     Box::pin(async move { health::run_step(&eng, step, &cancel).await })
@@ -414,9 +459,10 @@ impl Engine {
             (
                 TaskState::Failed,
                 Some(format!(
-                    "{} of {total} machines failed: {}",
+                    "{} of {total} machines failed: {}; {} succeeded",
                     failed.len(),
-                    names.join(", ")
+                    names.join(", "),
+                    total - failed.len()
                 )),
             )
         };
@@ -496,7 +542,7 @@ pub fn spawn_background(state: &AppState, shutdown: CancellationToken, tasks: &m
 }
 
 impl Engine {
-    /// Resumes the unfinished script tasks of a previous run; fails its health
+    /// Resumes the unfinished script, deployment and upgrade tasks of a previous run; fails its health
     /// checks (their results would be stale).
     async fn resume(self: &Arc<Self>) {
         let tasks = match self.state.store.unfinished_tasks().await {
@@ -513,7 +559,7 @@ impl Engine {
                 continue;
             }
             match task.kind.as_str() {
-                KIND_SCRIPT => {
+                KIND_SCRIPT | KIND_DEPLOY | KIND_UPGRADE => {
                     info!("resuming task {} ({})", task.id, task.description);
                     self.start(task);
                 }

@@ -66,7 +66,10 @@ pub(super) async fn run_step(
     };
     let at = now_ms();
     let (update, line) = match checked {
-        Ok(caps) => judge(&caps, at),
+        Ok(caps) => {
+            let tool = eng.state.tool.as_ref().as_ref().ok();
+            judge(&caps, at, tool.map(|t| t.version.as_str()))
+        }
         Err(reason) => (
             HealthUpdate {
                 status: HealthStatus::Unavailable,
@@ -93,8 +96,15 @@ pub(super) async fn run_step(
     Some((name, update.status))
 }
 
-/// What to record for a machine that answered, and the log line.
-fn judge(caps: &CapabilitiesReply, at: i64) -> (HealthUpdate, String) {
+/// What to record for a machine that answered, and the log line. A missing or
+/// outdated deployment tool (compared with `server_tool`, the version this
+/// server pushes) is a warning: the machine stays Healthy, and the reason says
+/// what happens next.
+pub(super) fn judge(
+    caps: &CapabilitiesReply,
+    at: i64,
+    server_tool: Option<&str>,
+) -> (HealthUpdate, String) {
     let free_mib = caps.home_free_bytes >> 20;
     let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_string());
     let (status, reason) = if caps.home_free_bytes < LOW_DISK_BYTES {
@@ -103,7 +113,10 @@ fn judge(caps: &CapabilitiesReply, at: i64) -> (HealthUpdate, String) {
             format!("low disk space: {free_mib} MiB free"),
         )
     } else {
-        (HealthStatus::Healthy, String::new())
+        (
+            HealthStatus::Healthy,
+            tool_warning(&caps.tool_version, server_tool),
+        )
     };
     let mut line = format!(
         "{status:?} (tentacle {}, {} {} {}, {free_mib} MiB free",
@@ -114,7 +127,11 @@ fn judge(caps: &CapabilitiesReply, at: i64) -> (HealthUpdate, String) {
     }
     line.push(')');
     if !reason.is_empty() {
-        line.push_str(&format!(": {reason}"));
+        if status == HealthStatus::Healthy {
+            line.push_str(&format!("; warning: {reason}"));
+        } else {
+            line.push_str(&format!(": {reason}"));
+        }
     }
     (
         HealthUpdate {
@@ -126,6 +143,27 @@ fn judge(caps: &CapabilitiesReply, at: i64) -> (HealthUpdate, String) {
         },
         line,
     )
+}
+
+/// The warning about the machine's deployment tool, or "" when it is current.
+fn tool_warning(installed: &str, server_tool: Option<&str>) -> String {
+    use crate::tool::{compare, ToolStatus};
+    let Some(server) = server_tool else {
+        return String::new();
+    };
+    let fix = "the next deployment pushes it, or run `octopus calamari upgrade`";
+    match compare(installed, server) {
+        ToolStatus::Current => String::new(),
+        ToolStatus::Missing => {
+            format!("the deployment tool is not installed (the server has {server}); {fix}")
+        }
+        ToolStatus::Older(v) => {
+            format!("the deployment tool {v} is older than the server's {server}; {fix}")
+        }
+        ToolStatus::Different(v) => {
+            format!("the deployment tool {v} is not the server's version {server}; {fix}")
+        }
+    }
 }
 
 /// Connects and asks for capabilities within the policy's timeout; Err names why not.

@@ -27,8 +27,10 @@
 //! server restart resumes from there (StartScript is idempotent on the step's
 //! ticket; StreamLogs resumes from the sequence), so no line is lost or repeated.
 
+mod deploy;
 mod engine;
 mod health;
+mod outputs;
 mod script;
 mod sse;
 
@@ -46,6 +48,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::api::{ApiError, ApiJson, ErrorBody};
 use crate::server::{now_ms, AppState};
 
+pub(crate) use deploy::DeployArgs;
 pub use engine::{spawn_background, Engine};
 
 /// Steps of one task that run at once.
@@ -55,6 +58,12 @@ pub const MAX_PARALLEL_STEPS: usize = 20;
 const KIND_SCRIPT: &str = "Script";
 /// Task kind of health checks.
 const KIND_HEALTH: &str = "Health";
+/// Task kind of package deployments.
+const KIND_DEPLOY: &str = "Deploy";
+/// Task kind of deployment tool upgrades.
+const KIND_UPGRADE: &str = "Upgrade";
+/// Extracted versions of a package kept per machine unless the request says otherwise.
+const DEFAULT_RETENTION: u32 = 3;
 
 /// Default and largest page sizes.
 const DEFAULT_TASK_LIMIT: i64 = 50;
@@ -68,6 +77,8 @@ pub fn routes() -> Router<AppState> {
         .route("/api/tasks", get(list_tasks))
         .route("/api/tasks/script", post(create_script_task))
         .route("/api/tasks/health", post(create_health_task))
+        .route("/api/tasks/deploy", post(create_deploy_task))
+        .route("/api/tasks/upgrade", post(create_upgrade_task))
         .route("/api/tasks/{id}", get(get_task))
         .route("/api/tasks/{id}/log", get(get_log))
         .route("/api/tasks/{id}/log/stream", get(sse::stream_log))
@@ -223,6 +234,161 @@ async fn create_health_task(
         .map_err(|e| TaskApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let description = format!("Check the health of {}", machine_list(&machines));
     create_and_start(&s, KIND_HEALTH, &description, &arguments, &machines).await
+}
+
+/// `POST /api/tasks/deploy`: deploy a package from the feed to the machines of
+/// an environment (narrowed by `role` and `tenant` when given).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DeployRequest {
+    pub package_id: String,
+    /// Default: the highest version in the feed.
+    #[serde(default)]
+    pub version: Option<String>,
+    pub environment: String,
+    #[serde(default)]
+    pub role: Option<String>,
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// Variables for substitution and scripts, by name.
+    #[serde(default)]
+    pub variables: std::collections::BTreeMap<String, String>,
+    /// Extracted versions kept per package on each machine (default 3).
+    #[serde(default)]
+    pub retention: Option<u32>,
+}
+
+/// Deploys a package.
+#[utoipa::path(
+    post,
+    path = "/api/tasks/deploy",
+    tag = "tasks",
+    security(("api_key" = [])),
+    request_body = DeployRequest,
+    responses(
+        (status = 201, description = "Created and started", body = TaskView),
+        (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
+        (status = 404, description = "No such package or version (the message lists what exists)", body = ErrorBody),
+        (status = 422, description = "No machine matches, or the server has no deployment tool (the message says why)", body = ErrorBody),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+    )
+)]
+async fn create_deploy_task(
+    State(s): State<AppState>,
+    ApiJson(req): ApiJson<DeployRequest>,
+) -> TaskResult<impl IntoResponse> {
+    if req.environment.trim().is_empty() {
+        return Err(TaskApiError::bad_request(
+            "field `environment` must name the environment to deploy to",
+        ));
+    }
+    let retention = req.retention.unwrap_or(DEFAULT_RETENTION);
+    if retention == 0 {
+        return Err(TaskApiError::bad_request(
+            "field `retention` must be at least 1 (the version just deployed is always kept)",
+        ));
+    }
+    if let Some(name) = req.variables.keys().find(|k| k.trim().is_empty()) {
+        return Err(TaskApiError::bad_request(format!(
+            "variable name '{name}' is empty"
+        )));
+    }
+    let package = crate::packages::find(
+        s.store.as_ref(),
+        req.package_id.trim(),
+        req.version.as_deref(),
+    )
+    .await?;
+    if let Err(why) = s.tool.as_ref() {
+        return Err(TaskApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("this server cannot deploy: {why}"),
+        ));
+    }
+    let file = crate::packages::package_file(&s.data, &package);
+    if !file.is_file() {
+        return Err(TaskApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!(
+                "the file of package {} {} is missing from {}; push it again with `octopus package push --replace`",
+                package.package_id,
+                package.version,
+                file.display()
+            ),
+        ));
+    }
+    let filter = MachineFilter {
+        names: vec![],
+        environments: vec![req.environment.trim().to_string()],
+        roles: non_empty(&req.role),
+        tenants: non_empty(&req.tenant),
+    };
+    let machines = select_machines(s.store.as_ref(), &[], &filter).await?;
+    let args = DeployArgs {
+        package_id: package.package_id.clone(),
+        version: package.version.clone(),
+        sha256: package.sha256.clone(),
+        format: package.format.clone(),
+        size: package.size,
+        environment: req.environment.trim().to_string(),
+        role: req.role.clone(),
+        tenant: req.tenant.clone(),
+        variables: req.variables.clone(),
+        retention,
+    };
+    let arguments = serde_json::to_value(&args)
+        .map_err(|e| TaskApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let description = format!(
+        "Deploy {} {} to {} ({})",
+        package.package_id,
+        package.version,
+        args.environment,
+        machine_list(&machines)
+    );
+    create_and_start(&s, KIND_DEPLOY, &description, &arguments, &machines).await
+}
+
+/// Pushes the server's deployment tool to machines that do not have its version.
+#[utoipa::path(
+    post,
+    path = "/api/tasks/upgrade",
+    tag = "tasks",
+    security(("api_key" = [])),
+    request_body = HealthRequest,
+    responses(
+        (status = 201, description = "Created and started", body = TaskView),
+        (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
+        (status = 404, description = "A named machine does not exist", body = ErrorBody),
+        (status = 422, description = "No machine matches, or the server has no deployment tool", body = ErrorBody),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+    )
+)]
+async fn create_upgrade_task(
+    State(s): State<AppState>,
+    ApiJson(req): ApiJson<HealthRequest>,
+) -> TaskResult<impl IntoResponse> {
+    let tool = match s.tool.as_ref() {
+        Ok(t) => t.clone(),
+        Err(why) => {
+            return Err(TaskApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("there is no deployment tool to push: {why}"),
+            ))
+        }
+    };
+    let filter = MachineFilter {
+        environments: non_empty(&req.environment),
+        ..MachineFilter::default()
+    };
+    let machines = select_machines(s.store.as_ref(), &req.machines, &filter).await?;
+    let arguments = serde_json::to_value(&req)
+        .map_err(|e| TaskApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let description = format!(
+        "Upgrade the deployment tool to {} on {}",
+        tool.version,
+        machine_list(&machines)
+    );
+    create_and_start(&s, KIND_UPGRADE, &description, &arguments, &machines).await
 }
 
 /// Creates the task, starts it in the background, answers 201 with it.

@@ -30,6 +30,7 @@ use super::engine::Engine;
 use super::{Isolation, ScriptRequest, Syntax};
 use crate::api::endpoint_of;
 use crate::server::now_ms;
+use crate::tasks::outputs;
 
 /// Lines stored in one batch at most.
 const BATCH_LINES: usize = 500;
@@ -56,10 +57,44 @@ enum Attempt {
     Retry { reason: String, was_connected: bool },
 }
 
+/// What to run on the tentacle, and how to record it.
+#[derive(Debug, Clone)]
+pub(super) struct ScriptSpec {
+    /// The request to send; its ticket is replaced by the step's.
+    pub request: StartScriptRequest,
+    /// What the log calls it: "the script", "the deployment".
+    pub label: &'static str,
+    /// Parse `##octopus[setVariable ...]` lines of the step's log into the step's
+    /// output variables when it ends.
+    pub record_outputs: bool,
+}
+
+impl From<&ScriptRequest> for ScriptSpec {
+    fn from(args: &ScriptRequest) -> Self {
+        ScriptSpec {
+            request: StartScriptRequest {
+                script_body: args.script.clone(),
+                syntax: match args.syntax {
+                    Syntax::Bash => ScriptSyntax::Bash,
+                    Syntax::Sh => ScriptSyntax::Sh,
+                    Syntax::Python3 => ScriptSyntax::Python3,
+                } as i32,
+                isolation: match args.isolation {
+                    Isolation::Full => IsolationLevel::Full,
+                    Isolation::None => IsolationLevel::None,
+                } as i32,
+                ..StartScriptRequest::default()
+            },
+            label: "the script",
+            record_outputs: false,
+        }
+    }
+}
+
 struct Run<'a> {
     eng: &'a Arc<Engine>,
     step: TaskStep,
-    args: &'a ScriptRequest,
+    spec: &'a ScriptSpec,
     cancel: &'a CancellationToken,
     endpoint: Endpoint,
     /// StartScript may have reached the tentacle (so cancel must go there).
@@ -72,12 +107,15 @@ struct Run<'a> {
     next_sequence: u64,
 }
 
-/// Runs (or resumes) one step to its end; returns early only when the server stops.
+/// Runs (or resumes, when `resumed`: StartScript may have reached the tentacle
+/// before) one step's script to its end, and records the step's end; returns
+/// early only when the server stops.
 pub(super) async fn run_step(
     eng: &Arc<Engine>,
     mut step: TaskStep,
-    args: &ScriptRequest,
+    spec: &ScriptSpec,
     cancel: &CancellationToken,
+    resumed: bool,
 ) {
     let task_id = step.task_id.clone();
     let machine = match eng.state.store.machine_by_id(step.machine_id).await {
@@ -108,31 +146,31 @@ pub(super) async fn run_step(
                 .await;
         }
     };
-    let resumed = step.state == TaskState::Executing;
     let next_sequence = u64::try_from(step.next_sequence).unwrap_or(0);
+    let label = spec.label;
     if resumed {
         eng.server_log(
             &task_id,
             format!(
-                "{}: resuming the script from log line {next_sequence}",
+                "{}: resuming {label} from log line {next_sequence}",
                 step.machine_name
             ),
         )
         .await;
     } else {
         step.state = TaskState::Executing;
-        step.started_at = Some(now_ms());
+        step.started_at.get_or_insert_with(now_ms);
         eng.save_step(&step).await;
         eng.server_log(
             &task_id,
-            format!("{}: starting the script ({endpoint})", step.machine_name),
+            format!("{}: starting {label} ({endpoint})", step.machine_name),
         )
         .await;
     }
     let mut run = Run {
         eng,
         step,
-        args,
+        spec,
         cancel,
         endpoint,
         start_attempted: resumed,
@@ -160,6 +198,9 @@ impl Run<'_> {
 
     async fn finish(&mut self, state: TaskState, error: Option<String>) {
         self.step.next_sequence = i64::try_from(self.next_sequence).unwrap_or(i64::MAX);
+        if self.spec.record_outputs {
+            outputs::collect(self.eng, &mut self.step).await;
+        }
         self.eng.finish_step(&mut self.step, state, error).await;
     }
 
@@ -333,17 +374,7 @@ impl Run<'_> {
     fn start_request(&self) -> StartScriptRequest {
         StartScriptRequest {
             ticket: self.step.ticket.clone(),
-            script_body: self.args.script.clone(),
-            syntax: match self.args.syntax {
-                Syntax::Bash => ScriptSyntax::Bash,
-                Syntax::Sh => ScriptSyntax::Sh,
-                Syntax::Python3 => ScriptSyntax::Python3,
-            } as i32,
-            isolation: match self.args.isolation {
-                Isolation::Full => IsolationLevel::Full,
-                Isolation::None => IsolationLevel::None,
-            } as i32,
-            ..StartScriptRequest::default()
+            ..self.spec.request.clone()
         }
     }
 
@@ -505,12 +536,17 @@ impl Run<'_> {
             Ok(LogStream::Service) => "service",
             _ => "stdout",
         };
+        let text = if self.spec.record_outputs && stream == "stdout" {
+            outputs::mask_sensitive(&line.text).unwrap_or(line.text)
+        } else {
+            line.text
+        };
         batch.push(NewLogLine {
             machine_id: Some(self.step.machine_id),
             sequence: Some(i64::try_from(line.sequence).unwrap_or(i64::MAX)),
             timestamp: line.timestamp_unix_ms,
             stream: stream.into(),
-            text: line.text,
+            text,
         });
     }
 
@@ -549,8 +585,8 @@ impl Run<'_> {
             (TaskState::Failed, Some(describe_exit(code)))
         };
         self.log(match &error {
-            None => format!("script finished ({state:?}, exit code {code})"),
-            Some(e) => format!("script finished ({state:?}): {e}"),
+            None => format!("{} finished ({state:?}, exit code {code})", self.spec.label),
+            Some(e) => format!("{} finished ({state:?}): {e}", self.spec.label),
         })
         .await;
         self.finish(state, error).await;

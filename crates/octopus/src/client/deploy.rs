@@ -1,0 +1,391 @@
+//! `octopus package ...`, `octopus deploy` and `octopus calamari upgrade`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Subcommand;
+use octo_store::Package;
+use serde_json::{json, Value};
+
+use super::output::{fields, out, out_json, table, time};
+use super::{decode, say, Cx, Output, EXIT_INTERRUPTED};
+
+/// `octopus package ...`
+#[derive(Debug, Subcommand)]
+pub(crate) enum PackageCommand {
+    /// Push a package (zip or tar.gz) to the server's feed.
+    #[command(
+        after_help = "Examples:\n  octopus package push Acme.Web.1.2.3.zip\n  octopus package push build/site.tar.gz --id Acme.Web --version 1.2.4\n\n\
+The ID and version come from a file named ID.VERSION.zip or ID.VERSION.tar.gz unless given.\n\
+Pushing an ID and version that exist with other content is refused unless --replace."
+    )]
+    Push {
+        /// The package file.
+        file: PathBuf,
+        /// The package ID (default: from the file name).
+        #[arg(long = "id", alias = "package-id")]
+        id: Option<String>,
+        /// The version (default: from the file name).
+        #[arg(long)]
+        version: Option<String>,
+        /// Replace the same ID and version when its content differs.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// List the packages in the feed.
+    #[command(
+        after_help = "Examples:\n  octopus package list\n  octopus package list --id Acme.Web"
+    )]
+    List {
+        /// Only versions of this package ID.
+        #[arg(long = "id", alias = "package-id")]
+        id: Option<String>,
+    },
+    /// Show one version of a package (default: the latest).
+    #[command(after_help = "Example:\n  octopus package show Acme.Web 1.2.3")]
+    Show {
+        /// The package ID.
+        id: String,
+        /// The version (default: the latest).
+        version: Option<String>,
+    },
+    /// Delete one version of a package from the feed.
+    #[command(after_help = "Example:\n  octopus package delete Acme.Web 1.2.3")]
+    Delete {
+        /// The package ID.
+        id: String,
+        /// The version.
+        version: String,
+    },
+}
+
+/// Options of `octopus deploy`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct DeployCliArgs {
+    /// The package ID in the feed.
+    #[arg(long, value_name = "ID")]
+    package: String,
+    /// The version (default: the latest in the feed).
+    #[arg(long)]
+    version: Option<String>,
+    /// The environment to deploy to.
+    #[arg(long, alias = "env")]
+    environment: String,
+    /// Only the environment's machines with this role.
+    #[arg(long)]
+    role: Option<String>,
+    /// Only the environment's machines of this tenant.
+    #[arg(long)]
+    tenant: Option<String>,
+    /// A variable NAME=VALUE (repeatable; wins over --variables-file).
+    #[arg(long = "variable", short = 'v', value_name = "NAME=VALUE")]
+    variables: Vec<String>,
+    /// Variables from a JSON object file ({"Name": "value", ...}) or NAME=VALUE lines.
+    #[arg(long, value_name = "FILE")]
+    variables_file: Option<PathBuf>,
+    /// Extracted versions of the package kept on each machine (default 3).
+    #[arg(long)]
+    retention: Option<u32>,
+    /// Print the task's id and return at once instead of following its output.
+    #[arg(long)]
+    no_wait: bool,
+}
+
+/// `octopus calamari ...`
+#[derive(Debug, Subcommand)]
+pub(crate) enum CalamariCommand {
+    /// Push the server's deployment tool to machines that do not have its version.
+    #[command(
+        after_help = "Examples:\n  octopus calamari upgrade\n  octopus calamari upgrade --environment Production\n  octopus calamari upgrade --machine web01 --machine web02"
+    )]
+    Upgrade {
+        /// This machine (repeatable; default: every machine, or those of --environment).
+        #[arg(long = "machine", value_name = "NAME", conflicts_with = "environment")]
+        machines: Vec<String>,
+        /// The machines of this environment.
+        #[arg(long, alias = "env")]
+        environment: Option<String>,
+        /// Print the task's id and return at once.
+        #[arg(long)]
+        no_wait: bool,
+    },
+}
+
+/// Reads variables: a JSON object of strings, or NAME=VALUE lines (# comments).
+fn read_variables_file(path: &Path) -> anyhow::Result<BTreeMap<String, String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the variables file {}", path.display()))?;
+    if text.trim_start().starts_with('{') {
+        let v: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let Value::Object(map) = v else {
+            anyhow::bail!("{} must hold one JSON object", path.display());
+        };
+        let mut out = BTreeMap::new();
+        for (k, v) in map {
+            let value = match v {
+                Value::String(s) => s,
+                Value::Number(n) => n.to_string(),
+                Value::Bool(b) => b.to_string(),
+                other => anyhow::bail!(
+                    "variable '{k}' in {} must be a string, number or boolean, not {other}",
+                    path.display()
+                ),
+            };
+            out.insert(k, value);
+        }
+        return Ok(out);
+    }
+    let mut out = BTreeMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (k, v) = split_assignment(line).with_context(|| {
+            format!("line {} of {}: expected NAME=VALUE", n + 1, path.display())
+        })?;
+        out.insert(k, v);
+    }
+    Ok(out)
+}
+
+fn split_assignment(s: &str) -> anyhow::Result<(String, String)> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => anyhow::bail!("'{s}' is not NAME=VALUE"),
+    }
+}
+
+fn package_rows(packages: &[Package]) -> String {
+    let rows: Vec<_> = packages
+        .iter()
+        .map(|p| {
+            vec![
+                p.package_id.clone(),
+                p.version.clone(),
+                p.format.clone(),
+                human_size(p.size),
+                p.sha256.chars().take(12).collect(),
+                time(p.uploaded_at),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID",
+            "VERSION",
+            "FORMAT",
+            "SIZE",
+            "SHA-256",
+            "UPLOADED (UTC)",
+        ],
+        &rows,
+    )
+}
+
+fn human_size(bytes: i64) -> String {
+    let b = bytes as f64;
+    if b >= (1u64 << 30) as f64 {
+        format!("{:.1} GiB", b / (1u64 << 30) as f64)
+    } else if b >= (1 << 20) as f64 {
+        format!("{:.1} MiB", b / (1 << 20) as f64)
+    } else if b >= 1024.0 {
+        format!("{:.1} KiB", b / 1024.0)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+impl Cx {
+    pub(super) async fn package(&self, c: PackageCommand) -> anyhow::Result<ExitCode> {
+        let c_ = &self.client;
+        match c {
+            PackageCommand::Push {
+                file,
+                id,
+                version,
+                replace,
+            } => {
+                let f = tokio::fs::File::open(&file)
+                    .await
+                    .with_context(|| format!("opening the package {}", file.display()))?;
+                let len = f.metadata().await?.len();
+                let name = file
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .map(str::to_string);
+                let url = c_.url(
+                    &["packages"],
+                    &[
+                        ("package_id", id),
+                        ("version", version),
+                        ("file_name", name),
+                        ("replace", replace.then(|| "true".to_string())),
+                    ],
+                );
+                let v: Value = c_
+                    .post_file(url, f, len)
+                    .await
+                    .with_context(|| format!("pushing {}", file.display()))?;
+                if self.output == Output::Json {
+                    out_json(&v);
+                    return Ok(ExitCode::SUCCESS);
+                }
+                let outcome = v["outcome"].as_str().unwrap_or("").to_string();
+                let p: Package = decode(v["package"].clone(), "the pushed package")?;
+                let what = match outcome.as_str() {
+                    "unchanged" => "is already in the feed with the same content",
+                    "replaced" => "replaced the previous content",
+                    _ => "pushed",
+                };
+                out(&format!(
+                    "Package {} {} {what} ({}, {}, SHA-256 {}).",
+                    p.package_id,
+                    p.version,
+                    p.format,
+                    human_size(p.size),
+                    p.sha256
+                ));
+                Ok(ExitCode::SUCCESS)
+            }
+            PackageCommand::List { id } => {
+                let v: Value = c_
+                    .get(c_.url(&["packages"], &[("package_id", id)]))
+                    .await
+                    .context("listing packages")?;
+                if self.output == Output::Json {
+                    out_json(&v);
+                } else {
+                    let packages: Vec<Package> = decode(v, "the packages")?;
+                    if packages.is_empty() {
+                        out("No packages yet; push one with `octopus package push FILE`.");
+                    } else {
+                        out(&package_rows(&packages));
+                    }
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            PackageCommand::Show { id, version } => {
+                let version = version.unwrap_or_else(|| "latest".into());
+                let v: Value = c_
+                    .get(c_.url(&["packages", &id, &version], &[]))
+                    .await
+                    .with_context(|| format!("reading package {id} {version}"))?;
+                if self.output == Output::Json {
+                    out_json(&v);
+                } else {
+                    let p: Package = decode(v, "the package")?;
+                    out(&fields(&[
+                        ("ID", p.package_id.clone()),
+                        ("Version", p.version.clone()),
+                        ("Format", p.format.clone()),
+                        ("Size", format!("{} ({} bytes)", human_size(p.size), p.size)),
+                        ("SHA-256", p.sha256.clone()),
+                        ("File name", p.file_name.clone()),
+                        ("Uploaded (UTC)", time(p.uploaded_at)),
+                    ]));
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            PackageCommand::Delete { id, version } => {
+                c_.delete(c_.url(&["packages", &id, &version], &[]))
+                    .await
+                    .with_context(|| format!("deleting package {id} {version}"))?;
+                say(self.output, &format!("Deleted package {id} {version}."));
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    }
+
+    pub(super) async fn deploy(&self, a: DeployCliArgs) -> anyhow::Result<ExitCode> {
+        let mut variables = match &a.variables_file {
+            Some(f) => read_variables_file(f)?,
+            None => BTreeMap::new(),
+        };
+        for v in &a.variables {
+            let (k, val) = split_assignment(v).context("--variable takes NAME=VALUE")?;
+            variables.insert(k, val);
+        }
+        let mut body = json!({
+            "package_id": a.package,
+            "environment": a.environment,
+            "variables": variables,
+        });
+        for (k, v) in [
+            ("version", &a.version),
+            ("role", &a.role),
+            ("tenant", &a.tenant),
+        ] {
+            if let Some(v) = v {
+                body[k] = json!(v);
+            }
+        }
+        if let Some(r) = a.retention {
+            body["retention"] = json!(r);
+        }
+        let c_ = &self.client;
+        let v: Value = c_
+            .post(c_.url(&["tasks", "deploy"], &[]), &body)
+            .await
+            .context("starting the deployment")?;
+        let Some(detail) = self.started(v, a.no_wait, "deployment")? else {
+            return Ok(ExitCode::SUCCESS);
+        };
+        let Some(end) = self.watch(&detail, 0).await? else {
+            return Ok(ExitCode::from(EXIT_INTERRUPTED));
+        };
+        Ok(self.finish(&end))
+    }
+
+    pub(super) async fn calamari(&self, c: CalamariCommand) -> anyhow::Result<ExitCode> {
+        let CalamariCommand::Upgrade {
+            machines,
+            environment,
+            no_wait,
+        } = c;
+        let mut body = json!({ "machines": machines });
+        if let Some(e) = &environment {
+            body["environment"] = json!(e);
+        }
+        let c_ = &self.client;
+        let v: Value = c_
+            .post(c_.url(&["tasks", "upgrade"], &[]), &body)
+            .await
+            .context("starting the deployment tool upgrade")?;
+        let Some(detail) = self.started(v, no_wait, "upgrade")? else {
+            return Ok(ExitCode::SUCCESS);
+        };
+        let Some(end) = self.watch(&detail, 0).await? else {
+            return Ok(ExitCode::from(EXIT_INTERRUPTED));
+        };
+        Ok(self.finish(&end))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variables_files_are_json_or_assignments() {
+        let dir = tempfile::tempdir().unwrap();
+        let json_file = dir.path().join("v.json");
+        std::fs::write(&json_file, r#"{"A": "1", "B": 2, "C": true}"#).unwrap();
+        let v = read_variables_file(&json_file).unwrap();
+        assert_eq!(v["A"], "1");
+        assert_eq!(v["B"], "2");
+        assert_eq!(v["C"], "true");
+        let lines = dir.path().join("v.env");
+        std::fs::write(&lines, "# comment\nA=x=y\n\nB = z\n").unwrap();
+        let v = read_variables_file(&lines).unwrap();
+        assert_eq!(v["A"], "x=y");
+        assert_eq!(v["B"], " z");
+        std::fs::write(&lines, "oops\n").unwrap();
+        let e = format!("{:#}", read_variables_file(&lines).unwrap_err());
+        assert!(e.contains("line 1"), "{e}");
+    }
+}

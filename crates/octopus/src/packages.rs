@@ -1,0 +1,543 @@
+//! The built-in package feed: `POST/GET/DELETE /api/packages...`.
+//!
+//! A pushed file is streamed to `DATA/packages/.incoming-*` while it is hashed,
+//! checked (zip or tar.gz by its first bytes), then renamed to
+//! `DATA/packages/<sha256>`: identical content is stored once, and a file is
+//! only ever visible under its final name complete. The store holds ID, version,
+//! format, size, SHA-256 and upload time; the same ID and version with different
+//! content is refused (409) unless `replace=true`. A file is deleted when no
+//! package row uses its hash any more.
+//!
+//! IDs and versions come from the query, else from the original's file naming
+//! `ID.VERSION.ext` (e.g. `Acme.Web.1.2.3-beta.1.tar.gz`); versions are semantic
+//! versions (`1.2` is read as `1.2.0`), and "latest" means the highest by
+//! semantic-version order.
+
+use std::path::{Path, PathBuf};
+
+use axum::body::Body;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use octo_store::{NewPackage, Package, Store, StoreError};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use utoipa::IntoParams;
+
+use crate::api::{ApiError, ErrorBody};
+use crate::server::{now_ms, AppState};
+
+/// The feed's routes, merged into the authenticated API.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/api/packages",
+            get(list_packages)
+                .post(push_package)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/api/packages/{id}/{version}",
+            get(get_package).delete(delete_package),
+        )
+}
+
+/// Where package files live.
+pub(crate) fn packages_dir(data: &Path) -> PathBuf {
+    data.join("packages")
+}
+
+/// The stored file of a package.
+pub(crate) fn package_file(data: &Path, p: &Package) -> PathBuf {
+    packages_dir(data).join(p.sha256.to_ascii_lowercase())
+}
+
+/// Reads a version leniently: semantic versions, and `1` / `1.2` padded with zeros.
+pub fn parse_version(text: &str) -> Result<semver::Version, String> {
+    let text = text.trim();
+    if let Ok(v) = semver::Version::parse(text) {
+        return Ok(v);
+    }
+    // "1.2" or "1" (optionally with a pre-release or build suffix).
+    let split = text.find(['-', '+']).unwrap_or(text.len());
+    let (core, rest) = text.split_at(split);
+    let parts: Vec<&str> = core.split('.').collect();
+    if (1..=2).contains(&parts.len())
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    {
+        let padded = format!("{core}{}{rest}", ".0".repeat(3 - parts.len()));
+        if let Ok(v) = semver::Version::parse(&padded) {
+            return Ok(v);
+        }
+    }
+    Err(format!(
+        "'{text}' is not a semantic version (MAJOR.MINOR.PATCH, optionally -PRERELEASE, e.g. 1.2.3 or 2.0.0-beta.1)"
+    ))
+}
+
+/// Splits a file name like `Acme.Web.1.2.3.zip` into ID, version and format.
+pub fn parse_file_name(name: &str) -> Result<(String, semver::Version, &'static str), String> {
+    let base = Path::new(name)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or(name);
+    let lower = base.to_ascii_lowercase();
+    let (stem, format) = if lower.ends_with(".tar.gz") {
+        (&base[..base.len() - 7], "tar.gz")
+    } else if lower.ends_with(".tgz") {
+        (&base[..base.len() - 4], "tar.gz")
+    } else if lower.ends_with(".zip") {
+        (&base[..base.len() - 4], "zip")
+    } else {
+        return Err(format!(
+            "cannot tell the package ID and version from '{base}': name it ID.VERSION.zip or ID.VERSION.tar.gz (e.g. Acme.Web.1.2.3.zip), or give --id and --version"
+        ));
+    };
+    for (i, _) in stem.match_indices('.') {
+        let (id, rest) = (&stem[..i], &stem[i + 1..]);
+        if !id.is_empty() && rest.starts_with(|c: char| c.is_ascii_digit()) {
+            if let Ok(v) = parse_version(rest) {
+                return Ok((id.to_string(), v, format));
+            }
+        }
+    }
+    Err(format!(
+        "cannot tell the package ID and version from '{base}': expected ID.VERSION (e.g. Acme.Web.1.2.3), or give --id and --version"
+    ))
+}
+
+/// A package ID must be usable as one folder name on every target.
+pub fn check_package_id(id: &str) -> Result<(), String> {
+    let ok = !id.is_empty()
+        && id.len() <= 100
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+        && !id.starts_with('.')
+        && !id.contains("..");
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "package ID '{id}' is not valid: use letters, digits, '.', '-' and '_' (at most 100, not starting with '.')"
+        ))
+    }
+}
+
+/// The format of an archive from its first bytes.
+pub(crate) fn sniff_format(head: &[u8]) -> Option<&'static str> {
+    if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
+        Some("zip")
+    } else if head.starts_with(&[0x1f, 0x8b]) {
+        Some("tar.gz")
+    } else {
+        None
+    }
+}
+
+/// The highest version of a package ID (semantic-version order).
+pub(crate) async fn latest(store: &dyn Store, package_id: &str) -> Result<Package, ApiError> {
+    let all = store.list_packages(Some(package_id)).await?;
+    all.into_iter()
+        .filter_map(|p| parse_version(&p.version).ok().map(|v| (v, p)))
+        .max_by(|a, b| a.0.cmp(&b.0))
+        .map(|(_, p)| p)
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "package '{package_id}' is not in the feed; push it with `octopus package push FILE`"
+            ))
+        })
+}
+
+/// One version ("latest" allowed), 404 naming what exists otherwise.
+pub(crate) async fn find(
+    store: &dyn Store,
+    package_id: &str,
+    version: Option<&str>,
+) -> Result<Package, ApiError> {
+    match version.map(str::trim).filter(|v| !v.is_empty()) {
+        None | Some("latest") => latest(store, package_id).await,
+        Some(v) => {
+            let wanted = parse_version(v).map_err(ApiError::bad_request)?;
+            let all = store.list_packages(Some(package_id)).await?;
+            if let Some(p) = all
+                .iter()
+                .find(|p| parse_version(&p.version).is_ok_and(|pv| pv == wanted))
+            {
+                return Ok(p.clone());
+            }
+            let known: Vec<&str> = all.iter().map(|p| p.version.as_str()).collect();
+            Err(ApiError::not_found(if known.is_empty() {
+                format!("package '{package_id}' is not in the feed; push it with `octopus package push FILE`")
+            } else {
+                format!(
+                    "package '{package_id}' has no version {v}; the feed has {}",
+                    known.join(", ")
+                )
+            }))
+        }
+    }
+}
+
+/// Query of `POST /api/packages`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct PushQuery {
+    /// The package ID (default: from `file_name`).
+    package_id: Option<String>,
+    /// The version (default: from `file_name`).
+    version: Option<String>,
+    /// The name of the pushed file, e.g. `Acme.Web.1.2.3.zip`.
+    file_name: Option<String>,
+    /// Replace an existing ID and version whose content differs.
+    #[serde(default)]
+    replace: bool,
+}
+
+/// The answer of a push.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct PushReply {
+    package: Package,
+    /// "created", "replaced" or "unchanged" (same ID, version and content).
+    outcome: String,
+}
+
+/// Pushes a package: the request body is the file (zip or tar.gz).
+#[utoipa::path(
+    post,
+    path = "/api/packages",
+    tag = "packages",
+    security(("api_key" = [])),
+    params(PushQuery),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The package file"),
+    responses(
+        (status = 201, description = "Stored (created or replaced)", body = PushReply),
+        (status = 200, description = "The same ID, version and content were there already", body = PushReply),
+        (status = 400, description = "Not a zip or tar.gz, or no ID/version (the message says what to give)", body = ErrorBody),
+        (status = 409, description = "That ID and version exist with other content; push with replace=true", body = ErrorBody),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+    )
+)]
+pub(crate) async fn push_package(
+    State(s): State<AppState>,
+    q: Result<Query<PushQuery>, QueryRejection>,
+    body: Body,
+) -> Result<impl IntoResponse, ApiError> {
+    let Query(q) = q?;
+    // Name first, so a bad request is refused before the upload.
+    let from_name = q.file_name.as_deref().map(parse_file_name);
+    let (package_id, version) = match (&q.package_id, &q.version) {
+        (Some(id), Some(v)) => (
+            id.trim().to_string(),
+            parse_version(v).map_err(ApiError::bad_request)?,
+        ),
+        _ => match from_name {
+            Some(Ok((id, v, _))) => (
+                q.package_id.clone().unwrap_or(id).trim().to_string(),
+                match &q.version {
+                    Some(v) => parse_version(v).map_err(ApiError::bad_request)?,
+                    None => v,
+                },
+            ),
+            Some(Err(e)) => return Err(ApiError::bad_request(e)),
+            None => {
+                return Err(ApiError::bad_request(
+                    "give `package_id` and `version`, or a `file_name` like Acme.Web.1.2.3.zip",
+                ))
+            }
+        },
+    };
+    check_package_id(&package_id).map_err(ApiError::bad_request)?;
+    let dir = packages_dir(&s.data);
+    tokio::fs::create_dir_all(&dir)
+        .await
+        .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+    let incoming = dir.join(format!(".incoming-{}", crate::server::new_api_key()));
+    let received = receive(body, &incoming).await;
+    let (sha256, size, head) = match received {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&incoming).await;
+            return Err(e);
+        }
+    };
+    let Some(format) = sniff_format(&head) else {
+        let _ = tokio::fs::remove_file(&incoming).await;
+        return Err(ApiError::bad_request(format!(
+            "the pushed file ({size} bytes) is neither a zip nor a tar.gz archive"
+        )));
+    };
+    let version = version.to_string();
+    let file_name = q
+        .file_name
+        .clone()
+        .unwrap_or_else(|| format!("{package_id}.{version}.{format}"));
+    // Same ID, version and content: nothing to do.
+    if let Some(existing) = s.store.package(&package_id, &version).await? {
+        if existing.sha256.eq_ignore_ascii_case(&sha256) {
+            let _ = tokio::fs::remove_file(&incoming).await;
+            return Ok((
+                StatusCode::OK,
+                Json(PushReply {
+                    package: existing,
+                    outcome: "unchanged".into(),
+                }),
+            ));
+        }
+        if !q.replace {
+            let _ = tokio::fs::remove_file(&incoming).await;
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "package {package_id} {version} already exists with different content (SHA-256 {} vs {sha256} now); push a new version, or replace it with --replace",
+                    existing.sha256
+                ),
+            ));
+        }
+    }
+    let target = dir.join(&sha256);
+    if tokio::fs::try_exists(&target).await.unwrap_or(false) {
+        let _ = tokio::fs::remove_file(&incoming).await;
+    } else {
+        tokio::fs::rename(&incoming, &target)
+            .await
+            .map_err(|e| anyhow::anyhow!("moving the package into {}: {e}", target.display()))?;
+    }
+    let new = NewPackage {
+        package_id: package_id.clone(),
+        version: version.clone(),
+        format: format.into(),
+        sha256: sha256.clone(),
+        size: i64::try_from(size).unwrap_or(i64::MAX),
+        file_name,
+    };
+    let (package, previous) = match s.store.put_package(&new, q.replace, now_ms()).await {
+        Ok(r) => r,
+        Err(StoreError::Conflict { .. }) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("package {package_id} {version} was pushed by someone else meanwhile; push again with --replace to replace it"),
+            ))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(old) = &previous {
+        remove_unused_file(&s, &old.sha256).await;
+    }
+    tracing::info!(
+        "package {} {} pushed ({size} bytes, SHA-256 {sha256})",
+        package.package_id,
+        package.version
+    );
+    Ok((
+        StatusCode::CREATED,
+        Json(PushReply {
+            package,
+            outcome: if previous.is_some() {
+                "replaced"
+            } else {
+                "created"
+            }
+            .into(),
+        }),
+    ))
+}
+
+/// Streams the body to `path`, hashing it; returns (sha256 lower hex, size, first bytes).
+async fn receive(body: Body, path: &Path) -> Result<(String, u64, Vec<u8>), ApiError> {
+    let mut file = tokio::fs::File::create(path)
+        .await
+        .map_err(|e| anyhow::anyhow!("creating {}: {e}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    let mut head = Vec::with_capacity(8);
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::bad_request(format!(
+                "the upload was interrupted after {size} bytes: {e}"
+            ))
+        })?;
+        if head.len() < 8 {
+            let take = (8 - head.len()).min(chunk.len());
+            head.extend_from_slice(&chunk[..take]);
+        }
+        hasher.update(&chunk);
+        size += chunk.len() as u64;
+        file.write_all(&chunk)
+            .await
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+    }
+    file.sync_all()
+        .await
+        .map_err(|e| anyhow::anyhow!("flushing {}: {e}", path.display()))?;
+    let sha: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok((sha, size, head))
+}
+
+/// Deletes a stored file once no package uses it (best effort, logged).
+async fn remove_unused_file(s: &AppState, sha256: &str) {
+    match s.store.count_packages_with_sha256(sha256).await {
+        Ok(0) => {
+            let path = packages_dir(&s.data).join(sha256.to_ascii_lowercase());
+            if let Err(e) = tokio::fs::remove_file(&path).await {
+                tracing::warn!(
+                    "cannot delete the unused package file {}: {e}",
+                    path.display()
+                );
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot tell whether package file {sha256} is still used: {e}"),
+    }
+}
+
+/// Query of `GET /api/packages`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ListQuery {
+    /// Only versions of this package ID.
+    package_id: Option<String>,
+}
+
+/// Packages in the feed, by ID then upload time.
+#[utoipa::path(
+    get,
+    path = "/api/packages",
+    tag = "packages",
+    security(("api_key" = [])),
+    params(ListQuery),
+    responses(
+        (status = 200, description = "The packages", body = [Package]),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+    )
+)]
+pub(crate) async fn list_packages(
+    State(s): State<AppState>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<Vec<Package>>, ApiError> {
+    let Query(q) = q?;
+    Ok(Json(s.store.list_packages(q.package_id.as_deref()).await?))
+}
+
+/// One version of a package (`latest` for the highest).
+#[utoipa::path(
+    get,
+    path = "/api/packages/{id}/{version}",
+    tag = "packages",
+    security(("api_key" = [])),
+    params(
+        ("id" = String, Path, description = "Package ID"),
+        ("version" = String, Path, description = "Version, or `latest`"),
+    ),
+    responses(
+        (status = 200, description = "The package", body = Package),
+        (status = 404, description = "No such package or version (the message lists the versions)", body = ErrorBody),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+    )
+)]
+pub(crate) async fn get_package(
+    State(s): State<AppState>,
+    p: Result<UrlPath<(String, String)>, PathRejection>,
+) -> Result<Json<Package>, ApiError> {
+    let UrlPath((id, version)) = p?;
+    Ok(Json(find(s.store.as_ref(), &id, Some(&version)).await?))
+}
+
+/// Deletes one version of a package (its file too, when no other version uses it).
+#[utoipa::path(
+    delete,
+    path = "/api/packages/{id}/{version}",
+    tag = "packages",
+    security(("api_key" = [])),
+    params(
+        ("id" = String, Path, description = "Package ID"),
+        ("version" = String, Path, description = "Version"),
+    ),
+    responses(
+        (status = 200, description = "Deleted; the deleted package", body = Package),
+        (status = 404, description = "No such package or version", body = ErrorBody),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+    )
+)]
+pub(crate) async fn delete_package(
+    State(s): State<AppState>,
+    p: Result<UrlPath<(String, String)>, PathRejection>,
+) -> Result<Json<Package>, ApiError> {
+    let UrlPath((id, version)) = p?;
+    let found = find(s.store.as_ref(), &id, Some(&version)).await?;
+    let gone = s
+        .store
+        .delete_package(&found.package_id, &found.version)
+        .await?;
+    remove_unused_file(&s, &gone.sha256).await;
+    tracing::info!("package {} {} deleted", gone.package_id, gone.version);
+    Ok(Json(gone))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_split_into_id_version_and_format() {
+        let (id, v, f) = parse_file_name("Acme.Web.1.2.3.zip").unwrap();
+        assert_eq!(
+            (id.as_str(), v.to_string().as_str(), f),
+            ("Acme.Web", "1.2.3", "zip")
+        );
+        let (id, v, f) = parse_file_name("/tmp/Acme.Web.2.0.0-beta.1.tar.gz").unwrap();
+        assert_eq!(
+            (id.as_str(), v.to_string().as_str(), f),
+            ("Acme.Web", "2.0.0-beta.1", "tar.gz")
+        );
+        let (id, v, _) = parse_file_name("My.2Fast.App.1.4.tgz").unwrap();
+        assert_eq!(
+            (id.as_str(), v.to_string().as_str()),
+            ("My.2Fast.App", "1.4.0")
+        );
+        assert!(parse_file_name("Acme.Web.zip")
+            .unwrap_err()
+            .contains("--id"));
+        assert!(parse_file_name("Acme.Web.1.0.0.rar")
+            .unwrap_err()
+            .contains("zip"));
+    }
+
+    #[test]
+    fn versions_are_semantic_and_padded() {
+        assert_eq!(parse_version("1.2").unwrap().to_string(), "1.2.0");
+        assert_eq!(parse_version("3").unwrap().to_string(), "3.0.0");
+        assert_eq!(parse_version("1.2-rc.1").unwrap().to_string(), "1.2.0-rc.1");
+        assert!(parse_version("1.2.3.4").is_err());
+        assert!(parse_version("abc").unwrap_err().contains("semantic"));
+        assert!(parse_version("1.10.0").unwrap() > parse_version("1.9.0").unwrap());
+    }
+
+    #[test]
+    fn package_ids_must_be_folder_names() {
+        assert!(check_package_id("Acme.Web_2-x").is_ok());
+        for bad in ["", "../x", "a/b", ".hidden", "a..b", "sp ace"] {
+            assert!(check_package_id(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn formats_are_sniffed_from_the_first_bytes() {
+        assert_eq!(sniff_format(b"PK\x03\x04rest"), Some("zip"));
+        assert_eq!(sniff_format(&[0x1f, 0x8b, 8, 0]), Some("tar.gz"));
+        assert_eq!(sniff_format(b"Rar!"), None);
+    }
+}

@@ -1,0 +1,64 @@
+//! Output variables: `##octopus[setVariable name='...' value='...']` lines a
+//! machine's part of a task printed (the protocol is `octo_calamari`'s
+//! `service_message`, documented in docs/calamari.md).
+//!
+//! They are read from the step's stored log when the step ends, so lines
+//! received before a lost connection or a server restart count too. Values
+//! marked `sensitive='True'` are masked in the stored log as they arrive
+//! ([`mask_sensitive`]) and recorded masked.
+
+use octo_calamari::service_message::{self, ServiceMessage};
+use octo_store::TaskStep;
+
+use super::engine::Engine;
+
+/// What a sensitive value is replaced with.
+pub(super) const MASK: &str = "********";
+
+/// Fills `step.output_variables` from the step's stored log (best effort: a
+/// store failure is logged and leaves them as they were).
+pub(super) async fn collect(eng: &Engine, step: &mut TaskStep) {
+    let lines = match eng
+        .state
+        .store
+        .step_log(&step.task_id, step.machine_id)
+        .await
+    {
+        Ok(l) => l,
+        Err(e) => {
+            return tracing::error!(
+                "reading the log of {} in task {} for output variables: {e}",
+                step.machine_name,
+                step.task_id
+            )
+        }
+    };
+    for line in lines.iter().filter(|l| l.stream == "stdout") {
+        if let Some(ServiceMessage::SetVariable {
+            name,
+            value,
+            sensitive,
+        }) = service_message::parse(&line.text)
+        {
+            let value = if sensitive { MASK.to_string() } else { value };
+            step.output_variables.insert(name, value);
+        }
+    }
+}
+
+/// The line to store for `text`: a sensitive setVariable with its value masked,
+/// anything else unchanged (None).
+pub(super) fn mask_sensitive(text: &str) -> Option<String> {
+    match service_message::parse(text)? {
+        ServiceMessage::SetVariable {
+            name,
+            sensitive: true,
+            ..
+        } => Some(service_message::format(&ServiceMessage::SetVariable {
+            name,
+            value: MASK.into(),
+            sensitive: true,
+        })),
+        _ => None,
+    }
+}

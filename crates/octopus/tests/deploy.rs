@@ -1,0 +1,657 @@
+//! Package deployments end to end, with real processes: a server (in this
+//! process, from the library), two real `tentacle run` agents (one listening, one
+//! polling) registered with the real `tentacle register-with`, the real
+//! `calamari` binary pushed to them, and the real `octopus` CLI for `package
+//! push`, `deploy`, `health-check` and `calamari upgrade`. Packages are built
+//! here (zip and tar.gz). Every wait is bounded; the CLI commands block until
+//! their task ends, so nothing sleeps to synchronise.
+#![allow(clippy::unwrap_used)]
+// `Lab` waits for its children in `Drop`, which the lint cannot see.
+#![allow(clippy::zombie_processes)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use octo_server::server::{start, RunArgs, RunningServer};
+use serde_json::Value;
+use tokio::time::timeout;
+
+/// Bound on any single wait of the test itself (CLI commands have their own).
+const T: Duration = Duration::from_secs(120);
+
+/// Builds (once) and returns the `tentacle` and `calamari` binaries of this
+/// workspace, with the profile of this test.
+fn binaries() -> &'static (PathBuf, PathBuf) {
+    static BINS: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    BINS.get_or_init(|| {
+        let me = std::env::current_exe().unwrap();
+        // target/<profile>/deps/deploy-<hash>
+        let dir = me.parent().unwrap().parent().unwrap().to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "-q",
+            "-p",
+            "octo-tentacle",
+            "--bin",
+            "tentacle",
+            "-p",
+            "octo-calamari",
+            "--bin",
+            "calamari",
+        ]);
+        if dir.ends_with("release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().unwrap();
+        assert!(status.success(), "building tentacle and calamari failed");
+        let bins = (dir.join("tentacle"), dir.join("calamari"));
+        assert!(bins.0.is_file() && bins.1.is_file(), "{bins:?}");
+        bins
+    })
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A server, two tentacles, and the CLI pointed at the server.
+struct Lab {
+    server: Option<RunningServer>,
+    base: String,
+    key: String,
+    http: reqwest::Client,
+    tdir: PathBuf,
+    agents: Vec<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for c in &mut self.agents {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl Lab {
+    async fn new() -> Lab {
+        let (tentacle, calamari) = binaries().clone();
+        let dir = tempfile::tempdir().unwrap();
+        let server = timeout(
+            T,
+            start(&RunArgs {
+                data: dir.path().join("server"),
+                listen: "127.0.0.1:0".parse().unwrap(),
+                comms_listen_port: 0,
+                comms_listen_address: "127.0.0.1".into(),
+                calamari: Some(calamari),
+                ..RunArgs::default()
+            }),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let mut lab = Lab {
+            base: format!("http://{}", server.api_addr),
+            key: server.admin_api_key.clone().unwrap(),
+            http: reqwest::Client::new(),
+            tdir: dir.path().join("tentacles"),
+            agents: Vec::new(),
+            server: Some(server),
+            dir,
+        };
+        lab.octopus_ok(&["environment", "create", "Test"]);
+        lab.octopus_ok(&["environment", "create", "Empty"]);
+        let server = lab.server.as_ref().unwrap();
+        let stp = server.thumbprint.to_string();
+        let comms = format!("127.0.0.1:{}", server.comms_port);
+        let port = free_port().to_string();
+        let tent = |args: &[&str]| {
+            let mut c = Command::new(&tentacle);
+            c.args(args).env("TENTACLE_CONFIG_DIR", &lab.tdir);
+            c
+        };
+        for (inst, extra) in [
+            (
+                "lis",
+                vec!["--port", port.as_str(), "--listen-ip", "127.0.0.1"],
+            ),
+            ("pol", vec!["--no-listen"]),
+        ] {
+            run_ok(&mut tent(&["create-instance", "--instance", inst]));
+            run_ok(&mut tent(&["new-certificate", "--instance", inst]));
+            let mut args = vec!["configure", "--instance", inst];
+            args.extend(extra);
+            run_ok(&mut tent(&args));
+        }
+        let common = [
+            "--server",
+            lab.base.as_str(),
+            "--api-key",
+            lab.key.as_str(),
+            "--environment",
+            "Test",
+            "--role",
+            "web",
+            "--server-thumbprint",
+            stp.as_str(),
+        ];
+        let mut reg = vec![
+            "register-with",
+            "--instance",
+            "lis",
+            "--name",
+            "lis",
+            "--public-hostname",
+            "127.0.0.1",
+        ];
+        reg.extend(common);
+        run_ok(&mut tent(&reg));
+        let mut reg = vec![
+            "register-with",
+            "--instance",
+            "pol",
+            "--name",
+            "pol",
+            "--comms-style",
+            "TentacleActive",
+            "--server-comms-address",
+            comms.as_str(),
+        ];
+        reg.extend(common);
+        run_ok(&mut tent(&reg));
+        for inst in ["lis", "pol"] {
+            let log = std::fs::File::create(lab.tdir.join(format!("{inst}.out"))).unwrap();
+            let child = tent(&["run", "--instance", inst])
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap();
+            lab.agents.push(child);
+        }
+        lab
+    }
+
+    fn home(&self, inst: &str) -> PathBuf {
+        self.tdir.join(inst).join("home")
+    }
+
+    fn octopus(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_octopus"))
+            .args(args)
+            .env("OCTOPUS_URL", &self.base)
+            .env("OCTOPUS_API_KEY", &self.key)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    fn octopus_ok(&self, args: &[&str]) -> String {
+        let out = self.octopus(args);
+        assert!(
+            out.status.success(),
+            "octopus {args:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs a task-following command with `--output json`; returns its exit code,
+    /// the final `{"task", "steps"}` and all of stdout.
+    fn follow(&self, args: &[&str]) -> (i32, Value, String) {
+        let mut all = vec!["--output", "json"];
+        all.extend(args);
+        let out = self.octopus(&all);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let last = stdout.lines().last().unwrap_or("null");
+        let end: Value = serde_json::from_str(last).unwrap_or(Value::Null);
+        assert!(
+            end["task"].is_object(),
+            "octopus {args:?}: no final task ({}):\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code().unwrap_or(-1), end, stdout)
+    }
+
+    /// The task's whole log, one string per line.
+    async fn log(&self, task: &Value) -> Vec<String> {
+        let id = task["task"]["id"].as_str().unwrap();
+        let (_, lines) = self.get(&format!("/api/tasks/{id}/log?limit=10000")).await;
+        lines
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["text"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        let resp = timeout(
+            T,
+            self.http
+                .get(format!("{}{path}", self.base))
+                .header("X-Octopus-ApiKey", &self.key)
+                .send(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn machine(&self, name: &str) -> Value {
+        let (status, m) = self.get(&format!("/api/machines/{name}")).await;
+        assert_eq!(status, 200, "{m}");
+        m
+    }
+
+    fn package_path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// A file in a package: path, contents, unix mode.
+type Entry<'a> = (&'a str, &'a str, u32);
+
+fn write_zip(path: &Path, entries: &[Entry<'_>]) {
+    let file = std::fs::File::create(path).unwrap();
+    let mut zip = zip::ZipWriter::new(file);
+    for (name, body, mode) in entries {
+        let opts = zip::write::SimpleFileOptions::default().unix_permissions(*mode);
+        zip.start_file(*name, opts).unwrap();
+        zip.write_all(body.as_bytes()).unwrap();
+    }
+    zip.finish().unwrap();
+}
+
+fn write_tar_gz(path: &Path, entries: &[Entry<'_>]) {
+    let file = std::fs::File::create(path).unwrap();
+    let gz = flate2::write::GzEncoder::new(file, flate2::Compression::default());
+    let mut tar = tar::Builder::new(gz);
+    for (name, body, mode) in entries {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(body.len() as u64);
+        header.set_mode(*mode);
+        header.set_cksum();
+        tar.append_data(&mut header, name, body.as_bytes()).unwrap();
+    }
+    tar.into_inner().unwrap().finish().unwrap();
+}
+
+/// A tar.gz whose one entry's name is written raw (so it may escape).
+fn write_evil_tar_gz(path: &Path, name: &str) {
+    let file = std::fs::File::create(path).unwrap();
+    let gz = flate2::write::GzEncoder::new(file, flate2::Compression::default());
+    let mut tar = tar::Builder::new(gz);
+    let body = b"owned\n";
+    let mut header = tar::Header::new_gnu();
+    {
+        let raw = header.as_old_mut();
+        raw.name[..name.len()].copy_from_slice(name.as_bytes());
+    }
+    header.set_size(body.len() as u64);
+    header.set_mode(0o644);
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_cksum();
+    tar.append(&header, &body[..]).unwrap();
+    tar.into_inner().unwrap().finish().unwrap();
+}
+
+const PRE: &str = "echo \"pre $Greeting\" >> \"$TentacleHome/order-$TentacleInstanceName.txt\"\n";
+const DEPLOY: &str = "echo \"deploy $Octopus_Action_Package_PackageVersion in $PWD\"\n\
+echo deploy >> \"$TentacleHome/order-$TentacleInstanceName.txt\"\n\
+echo \"##octopus[setVariable name='Url' value='http://$TentacleInstanceName/']\"\n\
+if [ \"$FailOn\" = \"$TentacleInstanceName\" ]; then echo \"failing on purpose\" >&2; exit 3; fi\n";
+const POST: &str = "echo post >> \"$TentacleHome/order-$TentacleInstanceName.txt\"\n";
+
+fn app_entries(version: &'static str) -> Vec<Entry<'static>> {
+    vec![
+        ("PreDeploy.sh", PRE, 0o755),
+        ("Deploy.sh", DEPLOY, 0o755),
+        ("PostDeploy.sh", POST, 0o755),
+        (
+            "config/app.json",
+            "{\"greeting\": \"#{Greeting}\", \"keep\": \"##{Greeting}\"}\n",
+            0o644,
+        ),
+        ("bin/run", "#!/bin/sh\necho run\n", 0o755),
+        ("VERSION", version, 0o644),
+    ]
+}
+
+fn step<'a>(end: &'a Value, machine: &str) -> &'a Value {
+    end["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["machine_name"] == machine)
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packages_deploy_to_listening_and_polling_tentacles() {
+    let lab = Lab::new().await;
+    let tool_version = {
+        let out = Command::new(&binaries().1).arg("version").output().unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+
+    // Before any deployment the tool is missing: healthy, with a warning.
+    let (code, _, _) = lab.follow(&["health-check", "--environment", "Test"]);
+    assert_eq!(code, 0);
+    for name in ["lis", "pol"] {
+        let m = lab.machine(name).await;
+        assert_eq!(m["status"], "Healthy", "{m}");
+        let reason = m["status_reason"].as_str().unwrap();
+        assert!(
+            reason.contains("deployment tool is not installed"),
+            "{reason}"
+        );
+        assert!(reason.contains("octopus calamari upgrade"), "{reason}");
+    }
+
+    // The feed: push from the file name; same content again is "unchanged";
+    // other content under the same version is refused unless --replace.
+    let zip_path = lab.package_path("Acme.Web.1.0.0.zip");
+    write_zip(&zip_path, &app_entries("1.0.0"));
+    let out = lab.octopus_ok(&["package", "push", zip_path.to_str().unwrap()]);
+    assert!(out.contains("Acme.Web 1.0.0 pushed"), "{out}");
+    let out = lab.octopus_ok(&["package", "push", zip_path.to_str().unwrap()]);
+    assert!(out.contains("already in the feed"), "{out}");
+    let other = lab.package_path("other.zip");
+    write_zip(&other, &[("x.txt", "x", 0o644)]);
+    let refused = lab.octopus(&[
+        "package",
+        "push",
+        other.to_str().unwrap(),
+        "--id",
+        "Acme.Web",
+        "--version",
+        "1.0.0",
+    ]);
+    assert_eq!(refused.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("already exists with different content") && err.contains("--replace"),
+        "{err}"
+    );
+    let not_a_package = lab.package_path("notes.1.0.0.zip");
+    std::fs::write(&not_a_package, "just text").unwrap();
+    let refused = lab.octopus(&["package", "push", not_a_package.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("neither a zip nor a tar.gz"), "{err}");
+
+    // Deploying to an environment without machines fails saying why.
+    let refused = lab.octopus(&["deploy", "--package", "Acme.Web", "--environment", "Empty"]);
+    assert_eq!(refused.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("environment 'Empty' has no machines"), "{err}");
+
+    // First deployment: the tool is pushed, the package transferred, extracted,
+    // substituted, and the scripts run in order with the variables.
+    let vars = lab.package_path("vars.json");
+    std::fs::write(
+        &vars,
+        r#"{"Greeting": "Hello", "Octopus.Action.SubstituteInFiles.TargetFiles": "config/*.json"}"#,
+    )
+    .unwrap();
+    let (code, end, stdout) = lab.follow(&[
+        "deploy",
+        "--package",
+        "Acme.Web",
+        "--environment",
+        "Test",
+        "--variables-file",
+        vars.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stdout}");
+    assert_eq!(end["task"]["state"], "Success");
+    let log = lab.log(&end).await.join("\n");
+    for name in ["lis", "pol"] {
+        assert!(
+            log.contains(&format!("{name}: pushing deployment tool {tool_version}")),
+            "{log}"
+        );
+        assert!(
+            log.contains(&format!("{name}: uploading package Acme.Web 1.0.0")),
+            "{log}"
+        );
+        let home = lab.home(name);
+        let tool = home.join("Tools/calamari").join(&tool_version);
+        assert!(tool.join(".complete").is_file());
+        let app = home.join("Applications/Test/Acme.Web/1.0.0");
+        let config = std::fs::read_to_string(app.join("config/app.json")).unwrap();
+        assert_eq!(
+            config,
+            "{\"greeting\": \"Hello\", \"keep\": \"#{Greeting}\"}\n"
+        );
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(app.join("bin/run"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o755);
+        let order = std::fs::read_to_string(home.join(format!("order-{name}.txt"))).unwrap();
+        assert_eq!(order, "pre Hello\ndeploy\npost\n");
+        let journal: Value = serde_json::from_str(
+            &std::fs::read_to_string(home.join("DeploymentJournal.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(journal.as_array().unwrap().len(), 1, "{journal}");
+        let s = step(&end, name);
+        assert_eq!(s["state"], "Success");
+        assert_eq!(
+            s["output_variables"]["Url"],
+            format!("http://{name}/"),
+            "{s}"
+        );
+    }
+    assert!(log.contains("deploy 1.0.0 in "), "{log}");
+
+    // The health check now sees the tool; no warning.
+    let (code, _, _) = lab.follow(&["health-check", "--environment", "Test"]);
+    assert_eq!(code, 0);
+    let m = lab.machine("lis").await;
+    assert_eq!(m["tool_version"], tool_version.as_str());
+    assert_eq!(m["status_reason"], "", "{m}");
+
+    // Same version again: tool installed, package found in cache, a _1 folder.
+    let (code, end, stdout) = lab.follow(&[
+        "deploy",
+        "--package",
+        "Acme.Web",
+        "--version",
+        "1.0.0",
+        "--environment",
+        "Test",
+        "--variable",
+        "Greeting=Again",
+    ]);
+    assert_eq!(code, 0, "{stdout}");
+    let log = lab.log(&end).await.join("\n");
+    for name in ["lis", "pol"] {
+        assert!(
+            log.contains(&format!(
+                "{name}: deployment tool {tool_version} is installed"
+            )),
+            "{log}"
+        );
+        assert!(
+            log.contains(&format!("{name}: package Acme.Web 1.0.0 found in cache")),
+            "{log}"
+        );
+        assert!(lab
+            .home(name)
+            .join("Applications/Test/Acme.Web/1.0.0_1")
+            .is_dir());
+    }
+    assert!(!log.contains("uploading package"), "{log}");
+
+    // tar.gz versions; the latest is the default; retention keeps 3 folders.
+    for v in ["1.1.0", "1.10.0"] {
+        let p = lab.package_path(&format!("Acme.Web.{v}.tar.gz"));
+        write_tar_gz(&p, &app_entries(v));
+        lab.octopus_ok(&["package", "push", p.to_str().unwrap()]);
+    }
+    let p = lab.package_path("Acme.Web.1.9.0.tgz");
+    write_tar_gz(&p, &app_entries("1.9.0"));
+    lab.octopus_ok(&["package", "push", p.to_str().unwrap()]);
+    let (code, end, stdout) =
+        lab.follow(&["deploy", "--package", "Acme.Web", "--environment", "Test"]);
+    assert_eq!(code, 0, "{stdout}");
+    assert!(
+        end["task"]["description"]
+            .as_str()
+            .unwrap()
+            .contains("Acme.Web 1.10.0"),
+        "{end}"
+    );
+    let (code, _, stdout) = lab.follow(&[
+        "deploy",
+        "--package",
+        "Acme.Web",
+        "--version",
+        "1.1.0",
+        "--environment",
+        "Test",
+    ]);
+    assert_eq!(code, 0, "{stdout}");
+    for name in ["lis", "pol"] {
+        let dir = lab.home(name).join("Applications/Test/Acme.Web");
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        left.sort();
+        assert_eq!(left, ["1.0.0_1", "1.1.0", "1.10.0"], "{name}");
+    }
+
+    // A failure on one machine does not hide the other's success.
+    let (code, end, _) = lab.follow(&[
+        "deploy",
+        "--package",
+        "Acme.Web",
+        "--environment",
+        "Test",
+        "--variable",
+        "FailOn=pol",
+    ]);
+    assert_eq!(code, 1);
+    assert_eq!(end["task"]["state"], "Failed");
+    let error = end["task"]["error"].as_str().unwrap();
+    assert!(
+        error.contains("1 of 2 machines failed: pol; 1 succeeded"),
+        "{error}"
+    );
+    assert_eq!(step(&end, "lis")["state"], "Success");
+    assert_eq!(step(&end, "pol")["state"], "Failed");
+    let log = lab.log(&end).await.join("\n");
+    assert!(log.contains("failing on purpose"), "{log}");
+
+    // A package whose entry escapes its folder is refused; nothing is written.
+    let evil = lab.package_path("Evil.1.0.0.tar.gz");
+    write_evil_tar_gz(&evil, "../../../../escaped.txt");
+    lab.octopus_ok(&["package", "push", evil.to_str().unwrap()]);
+    let (code, end, _) = lab.follow(&["deploy", "--package", "Evil", "--environment", "Test"]);
+    assert_eq!(code, 1);
+    let log = lab.log(&end).await.join("\n");
+    assert!(log.contains("escaped.txt"), "{log}");
+    for name in ["lis", "pol"] {
+        let home = lab.home(name);
+        assert!(!home.join("Applications/Test/Evil/1.0.0").exists());
+        assert!(!home.join("escaped.txt").exists() && !lab.tdir.join("escaped.txt").exists());
+    }
+
+    // A package file changed on the server after the push fails the tentacle's
+    // hash check: refused, not deployed.
+    let (_, pkg) = lab.get("/api/packages/Acme.Web/1.9.0").await;
+    let stored = lab
+        .dir
+        .path()
+        .join("server/packages")
+        .join(pkg["sha256"].as_str().unwrap());
+    let mut bytes = std::fs::read(&stored).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&stored, bytes).unwrap();
+    let (code, end, _) = lab.follow(&[
+        "deploy",
+        "--package",
+        "Acme.Web",
+        "--version",
+        "1.9.0",
+        "--environment",
+        "Test",
+    ]);
+    assert_eq!(code, 1);
+    let error = step(&end, "lis")["error"].as_str().unwrap().to_string();
+    assert!(error.contains("failed verification"), "{error}");
+    assert!(!lab
+        .home("lis")
+        .join("Applications/Test/Acme.Web/1.9.0")
+        .exists());
+
+    // An older tool on a machine is a warning, and `calamari upgrade` fixes it.
+    let tools = lab.home("lis").join("Tools/calamari");
+    std::fs::remove_dir_all(tools.join(&tool_version)).unwrap();
+    std::fs::create_dir_all(tools.join("0.0.1")).unwrap();
+    std::fs::write(tools.join("0.0.1/.complete"), "").unwrap();
+    let (code, _, _) = lab.follow(&["health-check", "--machine", "lis"]);
+    assert_eq!(code, 0);
+    let reason = lab.machine("lis").await["status_reason"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        reason.contains("0.0.1 is older than the server's"),
+        "{reason}"
+    );
+    let (code, end, stdout) = lab.follow(&["calamari", "upgrade", "--machine", "lis"]);
+    assert_eq!(code, 0, "{stdout}");
+    let log = lab.log(&end).await.join("\n");
+    assert!(
+        log.contains(&format!("lis: deployment tool {tool_version} installed")),
+        "{log}"
+    );
+    assert!(tools.join(&tool_version).join(".complete").is_file());
+    let m = lab.machine("lis").await;
+    assert_eq!(m["tool_version"], tool_version.as_str(), "{m}");
+    assert_eq!(m["status_reason"], "", "{m}");
+
+    // The feed lists and deletes.
+    let list = lab.octopus_ok(&["package", "list", "--id", "Acme.Web"]);
+    assert!(list.contains("1.10.0") && list.contains("tar.gz"), "{list}");
+    lab.octopus_ok(&["package", "delete", "Acme.Web", "1.9.0"]);
+    assert!(!stored.exists(), "the unused file is removed");
+    let (status, _) = lab.get("/api/packages/Acme.Web/1.9.0").await;
+    assert_eq!(status, 404);
+
+    let mut lab = lab;
+    timeout(T, lab.server.take().unwrap().stop()).await.unwrap();
+}
