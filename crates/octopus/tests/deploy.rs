@@ -531,7 +531,18 @@ async fn packages_deploy_to_listening_and_polling_tentacles() {
             .contains("Acme.Web 1.10.0"),
         "{end}"
     );
-    let (code, _, stdout) = lab.follow(&[
+    // An interrupted transfer resumes: half of 1.1.0 is already on lis.
+    let (_, pkg) = lab.get("/api/packages/Acme.Web/1.1.0").await;
+    let sha = pkg["sha256"].as_str().unwrap();
+    let whole = std::fs::read(lab.package_path("Acme.Web.1.1.0.tar.gz")).unwrap();
+    let files = lab.home("lis").join("Files");
+    std::fs::create_dir_all(&files).unwrap();
+    std::fs::write(
+        files.join(format!("Acme.Web@1.1.0@{sha}.tar.gz.partial")),
+        &whole[..whole.len() / 2],
+    )
+    .unwrap();
+    let (code, end, stdout) = lab.follow(&[
         "deploy",
         "--package",
         "Acme.Web",
@@ -541,6 +552,15 @@ async fn packages_deploy_to_listening_and_polling_tentacles() {
         "Test",
     ]);
     assert_eq!(code, 0, "{stdout}");
+    let log = lab.log(&end).await.join("\n");
+    assert!(
+        log.contains("lis: resuming the transfer of Acme.Web 1.1.0 at"),
+        "{log}"
+    );
+    assert!(
+        log.contains("pol: uploading package Acme.Web 1.1.0"),
+        "{log}"
+    );
     for name in ["lis", "pol"] {
         let dir = lab.home(name).join("Applications/Test/Acme.Web");
         let mut left: Vec<String> = std::fs::read_dir(&dir)
