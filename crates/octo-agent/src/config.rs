@@ -4,6 +4,7 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use octo_comms::proxy::{ProxyConfig, ProxySetting};
 use octo_tls::Thumbprint;
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +27,10 @@ pub struct TentacleConfig {
     /// Servers this tentacle polls.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub polling_servers: Vec<PollingServer>,
+    /// The proxy polling connections go through (`tentacle polling-proxy`).
+    /// Absent: the `HTTPS_PROXY`/`NO_PROXY` environment variables decide.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub polling_proxy: Option<ProxySection>,
 }
 
 /// `[tentacle]`.
@@ -83,6 +88,113 @@ fn one() -> usize {
     1
 }
 
+/// Default port of a proxy given without one (as the original Tentacle).
+pub const DEFAULT_PROXY_PORT: u16 = 80;
+
+/// `[polling_proxy]`: like the original's `polling-proxy` settings.
+///
+/// `enabled = false`: connect directly, ignoring proxy environment variables.
+/// `enabled = true` with a `host`: use that HTTP CONNECT proxy. `enabled = true`
+/// without a host: use the proxy from the environment (`HTTPS_PROXY`).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySection {
+    /// Use a proxy at all.
+    pub enabled: bool,
+    /// The proxy's host name or IP address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// The proxy's port (default 80).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// User name for the proxy's Basic authentication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Password for the proxy (this file is mode 0600; never shown or logged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for ProxySection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxySection")
+            .field("enabled", &self.enabled)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "(set)"))
+            .finish()
+    }
+}
+
+impl ProxySection {
+    /// What the comms layer does with this section.
+    pub fn setting(&self) -> ProxySetting {
+        if !self.enabled {
+            return ProxySetting::Direct;
+        }
+        match self
+            .host
+            .as_deref()
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+        {
+            None => ProxySetting::FromEnvironment,
+            Some(host) => ProxySetting::Explicit(ProxyConfig {
+                host: host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string(),
+                port: self.port.unwrap_or(DEFAULT_PROXY_PORT),
+                username: self.username.clone().filter(|u| !u.is_empty()),
+                password: self.password.clone(),
+            }),
+        }
+    }
+
+    /// A copy fit for showing: the password replaced by "(set)".
+    pub fn redacted(&self) -> Self {
+        Self {
+            password: self.password.as_ref().map(|_| "(set)".to_string()),
+            ..self.clone()
+        }
+    }
+
+    /// What is wrong with this section, if anything.
+    pub fn problem(&self) -> Option<String> {
+        let host = self.host.as_deref().map(str::trim).unwrap_or_default();
+        if !host.is_empty() {
+            let bare = host.trim_start_matches('[').trim_end_matches(']');
+            if host.contains("://")
+                || host.contains(['/', '@', ' '])
+                || (bare.contains(':') && bare.parse::<std::net::IpAddr>().is_err())
+            {
+                return Some(format!(
+                    "proxy host '{host}' must be a host name or IP address only (the port goes in --proxy-port)"
+                ));
+            }
+        } else if self.port.is_some() {
+            return Some("a proxy port is set without a proxy host".into());
+        }
+        if self.port == Some(0) {
+            return Some("the proxy port must not be 0".into());
+        }
+        if self.password.is_some() && self.username.as_deref().unwrap_or_default().is_empty() {
+            return Some("a proxy password is set without a user name".into());
+        }
+        if self.username.as_deref().is_some_and(|u| u.contains(':')) {
+            return Some("a proxy user name cannot contain ':' (Basic authentication)".into());
+        }
+        if (self.username.is_some() || self.password.is_some()) && host.is_empty() {
+            return Some(
+                "proxy credentials are set without a proxy host (a proxy from HTTPS_PROXY takes its credentials from the URL)"
+                    .into(),
+            );
+        }
+        None
+    }
+}
+
 /// A configuration problem, with what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -134,6 +246,7 @@ impl TentacleConfig {
             },
             trusted_servers: Vec::new(),
             polling_servers: Vec::new(),
+            polling_proxy: None,
         }
     }
 
@@ -179,7 +292,28 @@ impl TentacleConfig {
                 )));
             }
         }
+        if let Some(problem) = self.polling_proxy.as_ref().and_then(ProxySection::problem) {
+            return Err(invalid(format!(
+                "polling_proxy: {problem}; fix it with `tentacle polling-proxy`"
+            )));
+        }
         Ok(())
+    }
+
+    /// How polling connections reach servers: not configured means the
+    /// environment (`HTTPS_PROXY`/`NO_PROXY`) decides.
+    pub fn polling_proxy_setting(&self) -> ProxySetting {
+        self.polling_proxy
+            .as_ref()
+            .map_or(ProxySetting::FromEnvironment, ProxySection::setting)
+    }
+
+    /// A copy fit for showing: secrets (the proxy password) replaced by "(set)".
+    pub fn redacted(&self) -> Self {
+        Self {
+            polling_proxy: self.polling_proxy.as_ref().map(ProxySection::redacted),
+            ..self.clone()
+        }
     }
 
     /// Every thumbprint this tentacle trusts: listening servers and polled servers.
@@ -306,5 +440,82 @@ mod tests {
             .expect_err("bad thumbprint")
             .to_string();
         assert!(e.contains("polling_servers") && e.contains("'nope'"), "{e}");
+    }
+
+    #[test]
+    fn polling_proxy_settings() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.toml");
+        let mut cfg = TentacleConfig::new("T", dir.path(), None);
+        assert_eq!(cfg.polling_proxy_setting(), ProxySetting::FromEnvironment);
+        let section = |enabled, host: Option<&str>| ProxySection {
+            enabled,
+            host: host.map(str::to_string),
+            port: None,
+            username: None,
+            password: None,
+        };
+        cfg.polling_proxy = Some(section(false, None));
+        assert_eq!(cfg.polling_proxy_setting(), ProxySetting::Direct);
+        cfg.polling_proxy = Some(section(true, None));
+        assert_eq!(cfg.polling_proxy_setting(), ProxySetting::FromEnvironment);
+        cfg.polling_proxy = Some(ProxySection {
+            port: Some(3128),
+            username: Some("u".into()),
+            password: Some("hunter2".into()),
+            ..section(true, Some("proxy.example"))
+        });
+        assert_eq!(
+            cfg.polling_proxy_setting(),
+            ProxySetting::Explicit(
+                ProxyConfig::new("proxy.example", 3128).with_credentials("u", "hunter2")
+            )
+        );
+        assert!(!format!("{cfg:?}").contains("hunter2"));
+        let shown = toml::to_string(&cfg.redacted()).expect("ser");
+        assert!(
+            shown.contains("password = \"(set)\"") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+        cfg.save(&path).expect("save");
+        assert_eq!(TentacleConfig::load(&path).expect("load"), cfg);
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        cfg.polling_proxy = Some(section(true, Some("http://proxy:3128")));
+        cfg.save(&path).expect("save");
+        let e = TentacleConfig::load(&path)
+            .expect_err("bad host")
+            .to_string();
+        assert!(
+            e.contains("polling_proxy") && e.contains("--proxy-port"),
+            "{e}"
+        );
+        cfg.polling_proxy = Some(ProxySection {
+            password: Some("p".into()),
+            ..section(true, Some("proxy"))
+        });
+        assert!(cfg
+            .polling_proxy
+            .as_ref()
+            .and_then(ProxySection::problem)
+            .is_some());
+        cfg.polling_proxy = Some(ProxySection {
+            port: Some(1),
+            ..section(true, None)
+        });
+        assert!(cfg
+            .polling_proxy
+            .as_ref()
+            .and_then(ProxySection::problem)
+            .is_some());
+        cfg.polling_proxy = Some(section(true, Some("::1")));
+        assert!(cfg
+            .polling_proxy
+            .as_ref()
+            .and_then(ProxySection::problem)
+            .is_none());
     }
 }

@@ -17,6 +17,17 @@ pub enum CommsError {
         /// "connection refused", "connection timed out after 10 s", ...
         reason: String,
     },
+    /// No connection through the proxy (or the proxy setting is unusable).
+    #[error("could not reach the {peer_role} at {address}: {source}")]
+    Proxy {
+        /// What was dialled (through the proxy).
+        address: String,
+        /// What is at that address.
+        peer_role: Role,
+        /// What the proxy answered, naming the proxy.
+        #[source]
+        source: crate::proxy::ProxyError,
+    },
     /// The peer presented a certificate whose thumbprint we do not trust.
     #[error("{address}: {source}")]
     Untrusted {
@@ -84,14 +95,19 @@ pub enum CommsError {
 
 impl CommsError {
     /// Whether trying again later may succeed without anyone changing configuration.
+    /// Through a proxy: when it was unreachable, timed out or could not reach
+    /// the peer (500/502/503/504), not when it refused (407, 403).
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            CommsError::Connect { .. }
-                | CommsError::PollingTimeout { .. }
-                | CommsError::Handshake { .. }
-                | CommsError::Tls { .. }
-        )
+        match self {
+            CommsError::Proxy { source, .. } => source.is_retryable(),
+            other => matches!(
+                other,
+                CommsError::Connect { .. }
+                    | CommsError::PollingTimeout { .. }
+                    | CommsError::Handshake { .. }
+                    | CommsError::Tls { .. }
+            ),
+        }
     }
 }
 

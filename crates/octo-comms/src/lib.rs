@@ -6,6 +6,7 @@
 //!   dialled (listening tentacles) or accepted (polling tentacles); callers ask
 //!   for an [`Endpoint`] and get a multiplexed [`Connection`].
 //! - [`registry`]: connected polling tentacles and requests waiting for them.
+//! - [`proxy`]: HTTP CONNECT proxies for either side's dial (TLS stays end to end).
 //!
 //! Invariants: every socket gets TCP_NODELAY and keepalive ([`net::tune`]);
 //! every TLS config comes from `octo_tls` (pinned thumbprints, signatures
@@ -19,12 +20,14 @@ pub mod backoff;
 mod error;
 pub mod net;
 pub mod page;
+pub mod proxy;
 pub mod registry;
 pub mod server;
 pub mod tentacle;
 
 pub use backoff::Backoff;
 pub use error::{is_retryable, CommsError};
+pub use proxy::{ProxyConfig, ProxyError, ProxySetting};
 pub use registry::PollingRegistry;
 pub use server::{Connection, Endpoint, H2Channel, ServerComms, ServerCommsOptions};
 pub use tentacle::{ConnectionInfo, Direction, PollingTarget, TentacleComms};

@@ -304,6 +304,16 @@ impl<IO> Prefixed<IO> {
     pub fn new(prefix: Vec<u8>, io: IO) -> Self {
         Self { prefix, pos: 0, io }
     }
+
+    /// The wrapped stream.
+    pub fn get_ref(&self) -> &IO {
+        &self.io
+    }
+
+    /// Bytes put back in front that have not been read yet.
+    pub fn pending(&self) -> &[u8] {
+        &self.prefix[self.pos..]
+    }
 }
 
 impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Prefixed<IO> {

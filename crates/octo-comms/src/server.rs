@@ -35,6 +35,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::proxy::{self, ProxySetting};
 use crate::registry::PollingRegistry;
 use crate::{net, page, CommsError, H2Settings};
 
@@ -134,6 +135,9 @@ pub struct ServerCommsOptions {
     pub polling_wait: Duration,
     /// HTTP/2 and handshake settings.
     pub h2: H2Settings,
+    /// How listening tentacles are dialled: directly or through an HTTP
+    /// CONNECT proxy (default: `HTTPS_PROXY`/`NO_PROXY` from the environment).
+    pub proxy: ProxySetting,
 }
 
 impl Default for ServerCommsOptions {
@@ -141,6 +145,7 @@ impl Default for ServerCommsOptions {
         Self {
             polling_wait: Duration::from_secs(120),
             h2: H2Settings::default(),
+            proxy: ProxySetting::default(),
         }
     }
 }
@@ -273,7 +278,7 @@ impl ServerComms {
 
     async fn dial(&self, address: &str, thumbprint: Thumbprint) -> Result<Connection, CommsError> {
         let h2 = &self.inner.options.h2;
-        let (host, _) =
+        let (host, port) =
             net::split_host_port(address).ok_or_else(|| CommsError::InvalidEndpoint {
                 endpoint: address.to_string(),
                 reason: "expected host:port".into(),
@@ -294,16 +299,15 @@ impl ServerComms {
             peer_role: Role::Tentacle,
             reason: e.to_string(),
         })?;
-        let tcp = net::dial(address, h2.connect_timeout)
+        // Directly or through the proxy; either way TLS runs end to end on the
+        // socket, with the configured host name as the server name.
+        let dialled = proxy::connect(&self.inner.options.proxy, host, port, h2.connect_timeout)
             .await
-            .map_err(|reason| CommsError::Connect {
-                address: address.to_string(),
-                peer_role: Role::Tentacle,
-                reason,
-            })?;
-        let remote = tcp
-            .peer_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+            .map_err(|e| e.into_comms(address, Role::Tentacle))?;
+        if let Some(p) = &dialled.proxy {
+            debug!("dialled {address} through the proxy {p}");
+        }
+        let (tcp, remote) = (dialled.stream, dialled.peer_addr);
         let tls = match tokio::time::timeout(
             h2.handshake_timeout,
             TlsConnector::from(cfg).connect(name, tcp),
@@ -658,7 +662,8 @@ impl Connection {
         self.inner.peer_thumbprint
     }
 
-    /// Where the tentacle is.
+    /// The other end of the TCP connection: the tentacle, or the proxy when it
+    /// was dialled through one.
     pub fn remote_addr(&self) -> SocketAddr {
         self.inner.remote_addr
     }

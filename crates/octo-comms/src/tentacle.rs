@@ -26,6 +26,7 @@ use tower::Service;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
+use crate::proxy::{self, ProxySetting};
 use crate::{net, page, BoxError, CommsError, H2Settings};
 
 /// Which side dialled a connection.
@@ -41,7 +42,7 @@ pub enum Direction {
 /// extensions, so services can read it with `request.extensions().get()`.
 #[derive(Debug, Clone)]
 pub struct ConnectionInfo {
-    /// The other end of the TCP connection.
+    /// The other end of the TCP connection (the proxy, when polling through one).
     pub remote_addr: SocketAddr,
     /// Thumbprint of the server's certificate; it was trusted at the handshake.
     pub peer_thumbprint: Thumbprint,
@@ -59,6 +60,8 @@ pub struct TentacleComms {
     routes: Routes,
     instance_name: String,
     h2: H2Settings,
+    /// Proxy for polling connections; shared by clones, read at each dial.
+    proxy: Arc<std::sync::RwLock<ProxySetting>>,
 }
 
 impl std::fmt::Debug for TentacleComms {
@@ -101,7 +104,26 @@ impl TentacleComms {
             routes,
             instance_name: instance_name.to_string(),
             h2: H2Settings::default(),
+            proxy: Arc::default(),
         }
+    }
+
+    /// How polling connections reach servers: directly or through an HTTP
+    /// CONNECT proxy. The default reads `HTTPS_PROXY`/`NO_PROXY`.
+    pub fn with_proxy(self, proxy: ProxySetting) -> Self {
+        self.set_proxy(proxy);
+        self
+    }
+
+    /// Changes the proxy for polling connections dialled from now on (this
+    /// object and its clones); open connections are kept.
+    pub fn set_proxy(&self, proxy: ProxySetting) {
+        *self.proxy.write().unwrap_or_else(|p| p.into_inner()) = proxy;
+    }
+
+    /// The proxy setting for polling connections.
+    pub fn proxy(&self) -> ProxySetting {
+        self.proxy.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Overrides HTTP/2 settings (keepalive, windows).
@@ -293,7 +315,8 @@ impl TentacleComms {
     }
 
     /// Polling mode: keep `connections` connections to `target` open until
-    /// `shutdown`, redialling with jittered exponential backoff.
+    /// `shutdown`, redialling with jittered exponential backoff. Each dial goes
+    /// through the proxy setting in force at that moment ([`Self::with_proxy`]).
     pub async fn run_polling(
         &self,
         target: PollingTarget,
@@ -362,19 +385,26 @@ impl TentacleComms {
         shutdown: CancellationToken,
     ) -> bool {
         let address = &target.address;
-        let tcp = tokio::select! {
+        let Some((host, port)) = net::split_host_port(address) else {
+            return false; // checked by run_polling
+        };
+        let proxy = self.proxy();
+        let dialled = tokio::select! {
             _ = shutdown.cancelled() => return false,
-            r = net::dial(address, self.h2.connect_timeout) => match r {
-                Ok(t) => t,
-                Err(reason) => {
-                    warn!("{}", CommsError::Connect { address: address.clone(), peer_role: Role::Server, reason });
+            r = proxy::connect(&proxy, host, port, self.h2.connect_timeout) => match r {
+                Ok(d) => d,
+                Err(e) => {
+                    let retryable = e.is_retryable();
+                    let e = e.into_comms(address, Role::Server);
+                    if retryable { warn!("{e}") } else { error!("{e}") }
                     return false;
                 }
             }
         };
-        let remote = tcp
-            .peer_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        if let Some(p) = &dialled.proxy {
+            debug!("connected to {address} through the proxy {p}");
+        }
+        let (tcp, remote) = (dialled.stream, dialled.peer_addr);
         let tls = match tokio::time::timeout(
             self.h2.handshake_timeout,
             connector.connect(server_name, tcp),

@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use octo_comms::{Backoff, PollingTarget, ServerComms, ServerCommsOptions, TentacleComms};
+use octo_comms::{
+    Backoff, PollingTarget, ProxySetting, ServerComms, ServerCommsOptions, TentacleComms,
+};
 use octo_tls::{Identity, Thumbprint, TrustHint, TrustStore};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -14,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 pub mod proxy;
 pub mod raw;
 pub mod services;
+pub mod tinyproxy;
 
 /// Logs to the test's captured output; `RUST_LOG` filters (default "info").
 pub fn init_tracing() {
@@ -102,11 +105,31 @@ pub fn polling_tentacle(
     subscription_id: &str,
     connections: usize,
 ) -> (TentacleComms, Guard) {
+    polling_tentacle_via(
+        identity,
+        servers,
+        &server_addr.to_string(),
+        subscription_id,
+        connections,
+        ProxySetting::default(),
+    )
+}
+
+/// A polling tentacle keeping `connections` connections to `server_address`
+/// ("host:port"), dialling with `proxy`.
+pub fn polling_tentacle_via(
+    identity: Identity,
+    servers: &[Thumbprint],
+    server_address: &str,
+    subscription_id: &str,
+    connections: usize,
+    proxy: ProxySetting,
+) -> (TentacleComms, Guard) {
     let trust = TrustStore::new(servers.iter().copied(), hint("tentacle"));
-    let comms = TentacleComms::new(identity, trust, services::routes(), "Test");
+    let comms = TentacleComms::new(identity, trust, services::routes(), "Test").with_proxy(proxy);
     let token = CancellationToken::new();
     let target = PollingTarget {
-        address: server_addr.to_string(),
+        address: server_address.to_string(),
         subscription_id: subscription_id.to_string(),
     };
     let (c, t) = (comms.clone(), token.clone());

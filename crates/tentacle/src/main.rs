@@ -12,9 +12,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use octo_agent::config::{PollingServer, TentacleConfig, DEFAULT_SERVER_COMMS_PORT};
+use octo_agent::config::{PollingServer, ProxySection, TentacleConfig, DEFAULT_SERVER_COMMS_PORT};
 use octo_agent::instances::{Instance, Registry, DEFAULT_INSTANCE};
 use octo_agent::service_unit;
+use octo_comms::ProxySetting;
 use octo_tls::{Identity, Thumbprint};
 
 #[derive(Parser, Debug)]
@@ -94,6 +95,8 @@ enum Command {
     Configure(ConfigureArgs),
     /// Poll a server (add it), or stop polling one (--remove).
     PollServer(PollServerArgs),
+    /// Set the HTTP proxy polling connections go through (or none).
+    PollingProxy(PollingProxyArgs),
     /// Install, remove, start or stop the systemd service for this instance.
     Service(ServiceArgs),
     /// Register this tentacle with a server (as a deployment target) and trust the server.
@@ -189,6 +192,52 @@ struct PollServerArgs {
     /// Stop polling this server.
     #[arg(long)]
     remove: bool,
+}
+
+#[derive(Args)]
+#[command(
+    after_help = "Without this setting the HTTPS_PROXY and NO_PROXY environment variables decide.\n\nExamples:\n  tentacle polling-proxy --instance Web --proxy-enable true --proxy-host proxy.example --proxy-port 3128\n  tentacle polling-proxy --instance Web --proxy-enable true --proxy-host proxy.example --proxy-port 3128 --proxy-username octo --proxy-password secret\n  tentacle polling-proxy --instance Web --proxy-enable true     (the proxy from HTTPS_PROXY)\n  tentacle polling-proxy --instance Web --proxy-enable false    (direct; HTTPS_PROXY ignored)"
+)]
+struct PollingProxyArgs {
+    /// Use a proxy: true (with --proxy-host: that proxy; without: HTTPS_PROXY) or false (connect directly, ignoring HTTPS_PROXY).
+    #[arg(
+        long,
+        alias = "proxyEnable",
+        required = true,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new(),
+        value_name = "true|false"
+    )]
+    proxy_enable: bool,
+    /// The HTTP proxy's host name or IP address.
+    #[arg(long, alias = "proxyHost")]
+    proxy_host: Option<String>,
+    /// The HTTP proxy's port (default 80).
+    #[arg(long, alias = "proxyPort")]
+    proxy_port: Option<u16>,
+    /// User name for the proxy (Basic authentication).
+    #[arg(long, alias = "proxyUsername")]
+    proxy_username: Option<String>,
+    /// Password for the proxy (stored in the instance's configuration file, mode 0600).
+    #[arg(long, alias = "proxyPassword")]
+    proxy_password: Option<String>,
+}
+
+impl std::fmt::Debug for PollingProxyArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PollingProxyArgs")
+            .field("proxy_enable", &self.proxy_enable)
+            .field("proxy_host", &self.proxy_host)
+            .field("proxy_port", &self.proxy_port)
+            .field("proxy_username", &self.proxy_username)
+            .field(
+                "proxy_password",
+                &self.proxy_password.as_ref().map(|_| "(set)"),
+            )
+            .finish()
+    }
 }
 
 #[derive(Args, Debug)]
@@ -306,6 +355,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Configure(a) => configure(&Target::resolve(&cli.instance, config)?, a),
         Command::PollServer(a) => poll_server(&Target::resolve(&cli.instance, config)?, a),
+        Command::PollingProxy(a) => polling_proxy(&Target::resolve(&cli.instance, config)?, a),
         Command::Service(a) => service(&Target::resolve(&cli.instance, config)?, &a),
         Command::Run => run::run(&Target::resolve(&cli.instance, config)?),
         Command::RegisterWith(a) => register::register(
@@ -642,8 +692,66 @@ fn poll_server(target: &Target, a: PollServerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn polling_proxy(target: &Target, a: PollingProxyArgs) -> anyhow::Result<()> {
+    let mut cfg = target.load()?;
+    // Empty values count as not given (automation often passes --proxyHost="").
+    let given = |o: Option<String>| o.filter(|s| !s.trim().is_empty());
+    let (host, username, password) = (
+        given(a.proxy_host).map(|h| h.trim().to_string()),
+        given(a.proxy_username),
+        a.proxy_password.filter(|p| !p.is_empty()),
+    );
+    let section = if a.proxy_enable {
+        ProxySection {
+            enabled: true,
+            host,
+            port: a.proxy_port,
+            username,
+            password,
+        }
+    } else {
+        if host.is_some() || a.proxy_port.is_some() || username.is_some() || password.is_some() {
+            bail!("--proxy-enable false means no proxy: leave out --proxy-host, --proxy-port, --proxy-username and --proxy-password");
+        }
+        ProxySection {
+            enabled: false,
+            host: None,
+            port: None,
+            username: None,
+            password: None,
+        }
+    };
+    if let Some(problem) = section.problem() {
+        bail!("{problem}; see `tentacle polling-proxy --help`");
+    }
+    let setting = section.setting();
+    cfg.polling_proxy = Some(section);
+    target.save(&cfg)?;
+    let name = &target.name;
+    match &setting {
+        ProxySetting::Direct => println!(
+            "Instance '{name}' polls servers directly; proxy environment variables (HTTPS_PROXY) are ignored."
+        ),
+        ProxySetting::FromEnvironment => println!(
+            "Instance '{name}' polls servers through the proxy in HTTPS_PROXY when it is set (destinations in NO_PROXY directly)."
+        ),
+        ProxySetting::Explicit(p) => {
+            println!("Instance '{name}' polls servers through the proxy {p}.");
+            if p.password.is_some() {
+                println!(
+                    "  The password is stored in {} (mode 0600).",
+                    target.config_path.display()
+                );
+            }
+        }
+    }
+    println!("A running agent uses it for its next polling connections; restart it to reconnect at once.");
+    Ok(())
+}
+
 fn show_configuration(target: &Target, format: Format) -> anyhow::Result<()> {
-    let cfg = target.load()?;
+    // Never show secrets: the proxy password appears as "(set)".
+    let cfg = target.load()?.redacted();
     let thumbprint = load_identity(&cfg).ok().map(|i| i.thumbprint().to_string());
     match format {
         Format::Json => {
@@ -660,6 +768,7 @@ fn show_configuration(target: &Target, format: Format) -> anyhow::Result<()> {
                     .as_deref()
                     .unwrap_or("(none: run `tentacle new-certificate`)")
             );
+            println!("# polling proxy: {}", cfg.polling_proxy_setting());
             print!("{}", toml::to_string_pretty(&cfg)?);
         }
     }

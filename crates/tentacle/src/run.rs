@@ -111,7 +111,8 @@ async fn agent(
             format!("trust it with `tentacle configure --instance {hint_name} --trust {t}`")
         }),
     );
-    let comms = TentacleComms::new(identity.clone(), trust.clone(), routes, &name);
+    let comms = TentacleComms::new(identity.clone(), trust.clone(), routes, &name)
+        .with_proxy(cfg.polling_proxy_setting());
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
 
@@ -138,6 +139,9 @@ async fn agent(
             }
         });
     }
+    if !cfg.polling_servers.is_empty() {
+        summary.push(format!("polling proxy: {}", cfg.polling_proxy_setting()));
+    }
     for p in &cfg.polling_servers {
         summary.push(format!(
             "polling {} as poll://{}/ ({} connection(s))",
@@ -154,9 +158,10 @@ async fn agent(
             }
         });
     }
-    tasks.spawn(watch_trust(
+    tasks.spawn(watch_config(
         target.config_path.clone(),
         trust,
+        comms.clone(),
         shutdown.clone(),
     ));
     info!(
@@ -193,8 +198,14 @@ async fn wait_for_signal() {
 }
 
 /// Applies trust changes made with `tentacle configure` while the agent runs:
-/// removed thumbprints drop their live connections at once.
-async fn watch_trust(path: std::path::PathBuf, trust: TrustStore, shutdown: CancellationToken) {
+/// removed thumbprints drop their live connections at once. A changed polling
+/// proxy (`tentacle polling-proxy`) applies to the next polling connections.
+async fn watch_config(
+    path: std::path::PathBuf,
+    trust: TrustStore,
+    comms: TentacleComms,
+    shutdown: CancellationToken,
+) {
     let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let mut last: Option<SystemTime> = modified(&path);
     let mut tick = tokio::time::interval(RELOAD_EVERY);
@@ -218,6 +229,11 @@ async fn watch_trust(path: std::path::PathBuf, trust: TrustStore, shutdown: Canc
                         new.len()
                     );
                     trust.replace(new);
+                }
+                let proxy = cfg.polling_proxy_setting();
+                if proxy != comms.proxy() {
+                    info!("polling proxy changed in {}: now {proxy}", path.display());
+                    comms.set_proxy(proxy);
                 }
             }
             Err(e) => warn!("configuration changed but cannot be applied: {e}"),

@@ -284,6 +284,75 @@ async fn polling_agent_reaches_the_server_and_stops_on_sigterm() {
         .expect("connection closed when the agent stopped");
 }
 
+#[tokio::test]
+async fn polling_agent_goes_through_the_configured_proxy() {
+    use octo_testkit::tinyproxy::{Tinyproxy, TinyproxyOptions};
+    kit::init_tracing();
+    let proxy = Tinyproxy::start(&TinyproxyOptions {
+        basic_auth: Some(("octo".into(), "pr0xy-pw".into())),
+        ..Default::default()
+    });
+    let env = Env::new();
+    env.ok(&["create-instance"]);
+    env.ok(&["new-certificate"]);
+    let server_id = kit::identity("server");
+    let tentacle_tp = env.thumbprint();
+    let (server, paddr, _g) = kit::server(server_id.clone(), &[tentacle_tp]).await;
+    env.ok(&["configure", "--no-listen"]);
+    env.ok(&[
+        "poll-server",
+        "--server-comms-address",
+        &paddr.to_string(),
+        "--server-thumbprint",
+        &server_id.thumbprint().to_string(),
+        "--subscription-id",
+        "proxied",
+    ]);
+    env.ok(&[
+        "polling-proxy",
+        "--proxy-enable",
+        "true",
+        "--proxy-host",
+        "127.0.0.1",
+        "--proxy-port",
+        &proxy.addr().port().to_string(),
+        "--proxy-username",
+        "octo",
+        "--proxy-password",
+        "pr0xy-pw",
+    ]);
+    let agent = start(&env);
+    assert!(
+        agent.started.contains(&format!(
+            "polling proxy: http://octo@{} (password set)",
+            proxy.addr()
+        )),
+        "{}",
+        agent.started
+    );
+    let ep = Endpoint::polling("proxied", tentacle_tp).unwrap();
+    let conn = timeout(T, server.connect(&ep)).await.unwrap().unwrap();
+    let status = timeout(T, run_script(&conn, "px1", "echo via proxy"))
+        .await
+        .unwrap();
+    assert_eq!(status.exit_code, 0);
+    assert!(status.logs.iter().any(|l| l.text == "via proxy"));
+    // It came through the proxy, which saw only CONNECT.
+    let requests = proxy.requests();
+    assert!(
+        !requests.is_empty()
+            && requests
+                .iter()
+                .all(|r| r == &format!("CONNECT {paddr} HTTP/1.1")),
+        "{}",
+        proxy.log()
+    );
+    // The password is never logged.
+    let logged: Vec<String> = agent.rest.try_iter().collect();
+    assert!(!agent.started.contains("pr0xy-pw"));
+    assert!(logged.iter().all(|l| !l.contains("pr0xy-pw")), "{logged:?}");
+}
+
 #[test]
 fn run_refuses_a_port_in_use_and_a_missing_certificate() {
     let env = Env::new();

@@ -270,6 +270,153 @@ fn poll_server_add_and_remove() {
 }
 
 #[test]
+fn polling_proxy_is_saved_0600_and_shown_without_the_password() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let config = env.dir.path().join("proxy.toml");
+    env.ok(&[
+        "create-instance",
+        "--instance",
+        "Px",
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    let show = || env.ok(&["show-configuration", "--instance", "Px"]);
+    let json = || -> serde_json::Value {
+        serde_json::from_str(&env.ok(&[
+            "show-configuration",
+            "--instance",
+            "Px",
+            "--format",
+            "json",
+        ]))
+        .unwrap()
+    };
+    // Not configured: the environment decides.
+    assert!(show().contains("# polling proxy: from HTTPS_PROXY/NO_PROXY if set"));
+    assert!(json()["polling_proxy"].is_null());
+
+    let out = env.ok(&[
+        "polling-proxy",
+        "--instance",
+        "Px",
+        "--proxy-enable",
+        "true",
+        "--proxy-host",
+        "proxy.example",
+        "--proxy-port",
+        "3128",
+        "--proxy-username",
+        "octo",
+        "--proxy-password",
+        "hunter2",
+    ]);
+    assert!(
+        out.contains("through the proxy http://octo@proxy.example:3128 (password set)")
+            && out.contains("mode 0600"),
+        "{out}"
+    );
+    assert!(!out.contains("hunter2"), "{out}");
+    // Stored (the agent needs it) in a file only its owner can read.
+    let stored = std::fs::read_to_string(&config).unwrap();
+    assert!(
+        stored.contains("[polling_proxy]") && stored.contains("password = \"hunter2\""),
+        "{stored}"
+    );
+    let mode = std::fs::metadata(&config).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    // Shown without it.
+    let text = show();
+    assert!(
+        text.contains("# polling proxy: http://octo@proxy.example:3128 (password set)")
+            && text.contains("password = \"(set)\"")
+            && text.contains("host = \"proxy.example\"")
+            && text.contains("port = 3128"),
+        "{text}"
+    );
+    assert!(!text.contains("hunter2"), "{text}");
+    let v = json();
+    assert_eq!(v["polling_proxy"]["password"], "(set)");
+    assert_eq!(v["polling_proxy"]["username"], "octo");
+    assert!(!v.to_string().contains("hunter2"));
+
+    // The original's spellings; --proxyEnable alone means true; default port 80.
+    env.ok(&[
+        "polling-proxy",
+        "--instance",
+        "Px",
+        "--proxyEnable",
+        "--proxyHost",
+        "10.1.2.3",
+    ]);
+    let text = show();
+    assert!(
+        text.contains("# polling proxy: http://10.1.2.3:80\n"),
+        "{text}"
+    );
+    assert!(!text.contains("password"), "{text}");
+    // Enabled without a host: the environment's proxy.
+    env.ok(&[
+        "polling-proxy",
+        "--instance",
+        "Px",
+        "--proxy-enable",
+        "true",
+    ]);
+    assert!(show().contains("# polling proxy: from HTTPS_PROXY/NO_PROXY if set"));
+    assert_eq!(json()["polling_proxy"]["enabled"], true);
+    // Disabled: direct, the environment ignored; empty values are ignored.
+    let out = env.ok(&[
+        "polling-proxy",
+        "--instance",
+        "Px",
+        "--proxyEnable=false",
+        "--proxyHost=",
+    ]);
+    assert!(out.contains("directly"), "{out}");
+    let text = show();
+    assert!(
+        text.contains("# polling proxy: direct") && text.contains("enabled = false"),
+        "{text}"
+    );
+
+    // Refused, with what to do; nothing changed.
+    for (args, expect) in [
+        (
+            vec!["--proxy-enable", "false", "--proxy-host", "p"],
+            "--proxy-enable false means no proxy",
+        ),
+        (
+            vec!["--proxy-enable", "true", "--proxy-host", "http://p:3128"],
+            "--proxy-port",
+        ),
+        (
+            vec![
+                "--proxy-enable",
+                "true",
+                "--proxy-host",
+                "p",
+                "--proxy-password",
+                "x",
+            ],
+            "without a user name",
+        ),
+        (
+            vec!["--proxy-enable", "true", "--proxy-port", "3128"],
+            "without a proxy host",
+        ),
+        (vec!["--proxy-host", "p"], "--proxy-enable"),
+        (vec!["--proxy-enable", "maybe"], "maybe"),
+    ] {
+        let mut all = vec!["polling-proxy", "--instance", "Px"];
+        all.extend(args);
+        let err = env.fails(&all);
+        assert!(err.contains(expect), "{all:?}: {err}");
+    }
+    assert!(show().contains("# polling proxy: direct"));
+}
+
+#[test]
 fn service_install_writes_a_unit_that_systemd_accepts() {
     let env = Env::new();
     env.instance("Web");
