@@ -424,6 +424,32 @@ With --follow the exit status is the task's, as for run-script: 0 success, 1 fai
         /// The task's id.
         id: String,
     },
+    /// Decide for a machine waiting under guided failure: retry its deployment,
+    /// ignore its failure, or fail it.
+    #[command(
+        after_help = "Example:\n  octopus task guide ServerTasks-12 --machine web01 --action retry"
+    )]
+    Guide {
+        /// The task's id.
+        id: String,
+        /// The machine waiting for a decision.
+        #[arg(long)]
+        machine: String,
+        /// What to do.
+        #[arg(long, value_enum)]
+        action: GuideAction,
+    },
+}
+
+/// Decisions of `octopus task guide`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum GuideAction {
+    /// Run the deployment on the machine again.
+    Retry,
+    /// Count the machine as succeeded (the failure is noted) and go on.
+    Ignore,
+    /// Count the machine as failed.
+    Fail,
 }
 
 /// A task and its steps, as the task API returns them.
@@ -998,6 +1024,31 @@ impl Cx {
                         print_line(&names, line, self.output);
                     }
                     after = last;
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            TaskCommand::Guide {
+                id,
+                machine,
+                action,
+            } => {
+                let action = match action {
+                    GuideAction::Retry => "retry",
+                    GuideAction::Ignore => "ignore",
+                    GuideAction::Fail => "fail",
+                };
+                let v: Value = c_
+                    .post(
+                        c_.url(&["tasks", &id, "guidance"], &[]),
+                        &json!({ "machine": machine, "action": action }),
+                    )
+                    .await
+                    .with_context(|| format!("guiding {machine} in task {id}"))?;
+                match self.output {
+                    Output::Json => out_json(&v),
+                    Output::Table => out(&format!(
+                        "Told task {id}: {action} on {machine}. Watch it with `octopus task log {id} --follow`."
+                    )),
                 }
                 Ok(ExitCode::SUCCESS)
             }

@@ -895,8 +895,14 @@ async fn run_script_health_check_and_task_log_on_a_tentacle() {
         "{out:#?}"
     );
     let summary: Vec<&str> = out.stdout.lines().skip(log.len() + 1).collect();
-    assert_eq!(summary[0], "MACHINE  STATE    EXIT CODE  DURATION", "{out:#?}");
-    assert!(summary[1].starts_with("lis      Success  0          "), "{out:#?}");
+    assert_eq!(
+        summary[0], "MACHINE  STATE    EXIT CODE  DURATION",
+        "{out:#?}"
+    );
+    assert!(
+        summary[1].starts_with("lis      Success  0          "),
+        "{out:#?}"
+    );
     let id = out
         .stderr
         .split_whitespace()

@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use octo_server::server::{start, RunArgs, RunningServer};
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::time::timeout;
 
 /// Bound on any single wait of the test itself (CLI commands have their own).
@@ -255,6 +255,22 @@ impl Lab {
             self.http
                 .get(format!("{}{path}", self.base))
                 .header("X-Octopus-ApiKey", &self.key)
+                .send(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let resp = timeout(
+            T,
+            self.http
+                .post(format!("{}{path}", self.base))
+                .header("X-Octopus-ApiKey", &self.key)
+                .json(&body)
                 .send(),
         )
         .await
@@ -663,6 +679,99 @@ async fn packages_deploy_to_listening_and_polling_tentacles() {
     let m = lab.machine("lis").await;
     assert_eq!(m["tool_version"], tool_version.as_str(), "{m}");
     assert_eq!(m["status_reason"], "", "{m}");
+
+    // Guided failure: pol fails and waits for a decision; a retry runs it again
+    // (and fails again); "ignore" lets the deployment succeed, the failure noted.
+    let (status, v) = lab
+        .post(
+            "/api/tasks/deploy",
+            json!({
+                "package_id": "Acme.Web",
+                "environment": "Test",
+                "variables": { "FailOn": "pol" },
+                "guided_failure": true,
+            }),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+    let id = v["task"]["id"].as_str().unwrap().to_string();
+    let mut follow = tokio::process::Command::new(env!("CARGO_BIN_EXE_octopus"))
+        .args(["task", "log", &id, "--follow"])
+        .env("OCTOPUS_URL", &lab.base)
+        .env("OCTOPUS_API_KEY", &lab.key)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(follow.stdout.take().unwrap()));
+    let mut seen = Vec::new();
+    let mut wait_for = async |needle: &str| {
+        timeout(T, async {
+            while let Some(l) = lines.next_line().await.unwrap() {
+                seen.push(l.clone());
+                if l.contains(needle) {
+                    return;
+                }
+            }
+            panic!("the log ended without '{needle}': {seen:#?}");
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no '{needle}' within {T:?}"));
+    };
+    wait_for("pol: the deployment failed").await;
+    let refused = lab.octopus(&[
+        "task",
+        "guide",
+        &id,
+        "--machine",
+        "lis",
+        "--action",
+        "retry",
+    ]);
+    assert_eq!(refused.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("not waiting for a decision"), "{err}");
+    lab.octopus_ok(&[
+        "task",
+        "guide",
+        &id,
+        "--machine",
+        "pol",
+        "--action",
+        "retry",
+    ]);
+    wait_for("pol: retrying the deployment (run 2)").await;
+    wait_for("pol: the deployment failed").await;
+    lab.octopus_ok(&[
+        "task",
+        "guide",
+        &id,
+        "--machine",
+        "pol",
+        "--action",
+        "ignore",
+    ]);
+    let status = timeout(T, follow.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "{status}");
+    let (_, end) = lab.get(&format!("/api/tasks/{id}")).await;
+    assert_eq!(end["task"]["state"], "Success", "{end}");
+    let pol = step(&end, "pol");
+    assert_eq!(pol["state"], "Success");
+    assert!(
+        pol["error"]
+            .as_str()
+            .unwrap()
+            .contains("ignored by guided failure"),
+        "{pol}"
+    );
+    let log = lab.log(&end).await;
+    let failures = log
+        .iter()
+        .filter(|l| l.contains("failing on purpose"))
+        .count();
+    assert_eq!(failures, 2, "both runs' lines are kept: {log:#?}");
 
     // The feed lists and deletes.
     let list = lab.octopus_ok(&["package", "list", "--id", "Acme.Web"]);

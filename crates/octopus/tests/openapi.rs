@@ -30,6 +30,7 @@ const ROUTES: &[(&str, &[&str], bool)] = &[
     ("/api/tasks/{id}/cancel", &["post"], true),
     ("/api/tasks/deploy", &["post"], true),
     ("/api/tasks/upgrade", &["post"], true),
+    ("/api/tasks/{id}/guidance", &["post"], true),
     ("/api/packages", &["get", "post"], true),
     ("/api/packages/{id}/{version}", &["get", "delete"], true),
 ];

@@ -88,6 +88,10 @@ pub(crate) struct DeployCliArgs {
     /// Extracted versions of the package kept on each machine (default 3).
     #[arg(long)]
     retention: Option<u32>,
+    /// A machine whose deployment fails waits for a decision (`octopus task guide`)
+    /// instead of failing: retry it, ignore the failure, or fail it.
+    #[arg(long)]
+    guided_failure: bool,
     /// Print the task's id and return at once instead of following its output.
     #[arg(long)]
     no_wait: bool,
@@ -325,6 +329,9 @@ impl Cx {
         }
         if let Some(r) = a.retention {
             body["retention"] = json!(r);
+        }
+        if a.guided_failure {
+            body["guided_failure"] = json!(true);
         }
         let c_ = &self.client;
         let v: Value = c_

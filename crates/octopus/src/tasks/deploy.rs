@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 
 use super::engine::Engine;
-use super::script::{self, ScriptSpec};
+use super::script::{self, ScriptSpec, ATTEMPT_SHIFT};
 use crate::api::endpoint_of;
 use crate::server::now_ms;
 use crate::tool::ToolBuild;
@@ -66,6 +66,21 @@ pub(crate) struct DeployArgs {
     pub variables: BTreeMap<String, String>,
     /// Extracted versions kept per package on each machine.
     pub retention: u32,
+    /// A failed machine waits for a person's decision (retry, ignore, fail).
+    #[serde(default)]
+    pub guided_failure: bool,
+}
+
+/// A person's decision for a machine whose deployment failed under guided failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Guidance {
+    /// Run the deployment on the machine again.
+    Retry,
+    /// Record the machine as succeeded (the failure noted) and go on.
+    Ignore,
+    /// Record the machine as failed.
+    Fail,
 }
 
 /// A phase failure: what happened, and whether trying again may help.
@@ -267,12 +282,102 @@ pub(super) async fn run_deploy_step(
         Prepared::Ready(path) => path,
         Prepared::Done | Prepared::Shutdown => return,
     };
-    let spec = ScriptSpec {
-        request: deploy_request(args, &tool, &remote),
-        label: "the deployment",
-        record_outputs: true,
+    let request = deploy_request(args, &tool, &remote);
+    let mut attempt =
+        u32::try_from(u64::try_from(step.next_sequence).unwrap_or(0) >> ATTEMPT_SHIFT).unwrap_or(0);
+    let mut resumed = resumed;
+    loop {
+        let spec = ScriptSpec {
+            request: request.clone(),
+            label: "the deployment",
+            record_outputs: true,
+            attempt,
+            hold_failure: args.guided_failure,
+        };
+        let Some((held, why)) = script::run_step(eng, step, &spec, cancel, resumed).await else {
+            return;
+        };
+        match ask_for_guidance(eng, held, &why, cancel).await {
+            Some((next, Guidance::Retry)) => {
+                attempt += 1;
+                step = next;
+                step.error = None;
+                step.next_sequence =
+                    i64::try_from(u64::from(attempt) << ATTEMPT_SHIFT).unwrap_or(i64::MAX);
+                eng.save_step(&step).await;
+                eng.server_log(
+                    &task_id,
+                    format!(
+                        "{name}: retrying the deployment (run {}) as asked",
+                        attempt + 1
+                    ),
+                )
+                .await;
+                resumed = false;
+            }
+            Some(_) | None => return,
+        }
+    }
+}
+
+/// Waits for a person's decision about a failed machine; records Ignore and Fail
+/// (and a cancel) itself. Returns the step and the decision, or None when the
+/// step is final or the server stops.
+async fn ask_for_guidance(
+    eng: &Arc<Engine>,
+    mut step: TaskStep,
+    why: &str,
+    cancel: &CancellationToken,
+) -> Option<(TaskStep, Guidance)> {
+    let (task_id, name) = (step.task_id.clone(), step.machine_name.clone());
+    step.error = Some(format!("waiting for guidance: {why}"));
+    let rx = eng.await_guidance(&task_id, step.machine_id);
+    eng.save_step(&step).await;
+    eng.server_log(
+        &task_id,
+        format!(
+            "{name}: the deployment failed: {why}. Guided failure: waiting for a decision: \
+             `octopus task guide {task_id} --machine {name} --action retry|ignore|fail`"
+        ),
+    )
+    .await;
+    let decision = tokio::select! {
+        d = rx => d.ok(),
+        _ = cancel.cancelled() => None,
+        _ = eng.shutdown.cancelled() => {
+            eng.forget_guidance(&task_id, step.machine_id);
+            return None;
+        }
     };
-    script::run_step(eng, step, &spec, cancel, resumed).await;
+    eng.forget_guidance(&task_id, step.machine_id);
+    match decision {
+        Some(Guidance::Retry) => Some((step, Guidance::Retry)),
+        Some(Guidance::Ignore) => {
+            eng.server_log(&task_id, format!("{name}: failure ignored as asked"))
+                .await;
+            let note = format!("failed, ignored by guided failure: {why}");
+            eng.finish_step(&mut step, TaskState::Success, Some(note))
+                .await;
+            None
+        }
+        Some(Guidance::Fail) => {
+            eng.server_log(&task_id, format!("{name}: marked failed as asked"))
+                .await;
+            eng.finish_step(&mut step, TaskState::Failed, Some(why.to_string()))
+                .await;
+            None
+        }
+        None => {
+            eng.server_log(
+                &task_id,
+                format!("{name}: canceled while waiting for guidance"),
+            )
+            .await;
+            eng.finish_step(&mut step, TaskState::Canceled, Some(why.to_string()))
+                .await;
+            None
+        }
+    }
 }
 
 /// The StartScript request that runs `calamari deploy-package`.

@@ -70,6 +70,8 @@ pub struct Engine {
     running: Mutex<HashMap<String, CancellationToken>>,
     /// Per task with live readers.
     notifiers: Mutex<HashMap<String, watch::Sender<Changes>>>,
+    /// Steps waiting for a person's decision (guided failure), by task and machine.
+    guidance: Mutex<HashMap<(String, i64), tokio::sync::oneshot::Sender<deploy::Guidance>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -98,6 +100,7 @@ impl Engine {
             created_at: now_ms(),
             running: Mutex::new(HashMap::new()),
             notifiers: Mutex::new(HashMap::new()),
+            guidance: Mutex::new(HashMap::new()),
         }
     }
 
@@ -154,6 +157,28 @@ impl Engine {
             token.cancel();
         }
         self.changed(task_id, |c| c.state += 1);
+    }
+
+    /// Registers a step as waiting for guidance; the receiver gets the decision.
+    pub(crate) fn await_guidance(
+        &self,
+        task_id: &str,
+        machine_id: i64,
+    ) -> tokio::sync::oneshot::Receiver<deploy::Guidance> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        lock(&self.guidance).insert((task_id.to_string(), machine_id), tx);
+        rx
+    }
+
+    /// No longer waiting (decided, canceled or stopping).
+    pub(crate) fn forget_guidance(&self, task_id: &str, machine_id: i64) {
+        lock(&self.guidance).remove(&(task_id.to_string(), machine_id));
+    }
+
+    /// Delivers a decision; false when that step is not waiting for one here.
+    pub(crate) fn guide(&self, task_id: &str, machine_id: i64, g: deploy::Guidance) -> bool {
+        let waiting = lock(&self.guidance).remove(&(task_id.to_string(), machine_id));
+        waiting.is_some_and(|tx| tx.send(g).is_ok())
     }
 
     /// A receiver of `task_id`'s change counters; pair with [`Engine::release`].

@@ -48,7 +48,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::api::{ApiError, ApiJson, ErrorBody};
 use crate::server::{now_ms, AppState};
 
-pub(crate) use deploy::DeployArgs;
+pub(crate) use deploy::{DeployArgs, Guidance};
 pub use engine::{spawn_background, Engine};
 
 /// Steps of one task that run at once.
@@ -83,6 +83,7 @@ pub fn routes() -> Router<AppState> {
         .route("/api/tasks/{id}/log", get(get_log))
         .route("/api/tasks/{id}/log/stream", get(sse::stream_log))
         .route("/api/tasks/{id}/cancel", post(cancel_task))
+        .route("/api/tasks/{id}/guidance", post(guide_task))
 }
 
 /// Task API errors are the API's errors.
@@ -256,6 +257,10 @@ pub(crate) struct DeployRequest {
     /// Extracted versions kept per package on each machine (default 3).
     #[serde(default)]
     pub retention: Option<u32>,
+    /// A machine whose deployment fails waits for a decision
+    /// (`POST /api/tasks/{id}/guidance`) instead of failing.
+    #[serde(default)]
+    pub guided_failure: bool,
 }
 
 /// Deploys a package.
@@ -335,6 +340,7 @@ async fn create_deploy_task(
         tenant: req.tenant.clone(),
         variables: req.variables.clone(),
         retention,
+        guided_failure: req.guided_failure,
     };
     let arguments = serde_json::to_value(&args)
         .map_err(|e| TaskApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
@@ -728,3 +734,69 @@ async fn cancel_task(
 )]
 #[allow(dead_code)] // Documentation only; see `sse::stream_log`.
 fn stream_log_doc() {}
+
+/// `POST /api/tasks/{id}/guidance`: the decision for a machine waiting under
+/// guided failure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct GuidanceRequest {
+    /// The machine's name.
+    pub machine: String,
+    pub action: Guidance,
+}
+
+/// Decides what happens to a machine whose deployment failed under guided failure.
+#[utoipa::path(
+    post,
+    path = "/api/tasks/{id}/guidance",
+    tag = "tasks",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "The task's id, e.g. ServerTasks-42")),
+    request_body = GuidanceRequest,
+    responses(
+        (status = 202, description = "Delivered", body = TaskView),
+        (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
+        (status = 404, description = "No such task, or the machine is not part of it", body = ErrorBody),
+        (status = 409, description = "The machine is not waiting for a decision", body = ErrorBody),
+        (status = 401, description = "No valid API key", body = ErrorBody),
+    )
+)]
+async fn guide_task(
+    State(s): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+    ApiJson(req): ApiJson<GuidanceRequest>,
+) -> TaskResult<impl IntoResponse> {
+    let Path(id) = id?;
+    let view = load_view(s.store.as_ref(), &id).await?;
+    let step = view
+        .steps
+        .iter()
+        .find(|st| st.machine_name.eq_ignore_ascii_case(req.machine.trim()))
+        .ok_or_else(|| {
+            let names: Vec<&str> = view
+                .steps
+                .iter()
+                .map(|st| st.machine_name.as_str())
+                .collect();
+            TaskApiError::not_found(format!(
+                "machine '{}' is not part of task {id} (its machines: {})",
+                req.machine,
+                names.join(", ")
+            ))
+        })?;
+    if !Engine::of(&s).guide(&id, step.machine_id, req.action) {
+        return Err(TaskApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "machine '{}' of task {id} is not waiting for a decision (its state: {:?}); only a failed machine of a deployment started with --guided-failure waits for one",
+                step.machine_name, step.state
+            ),
+        ));
+    }
+    tracing::info!(
+        "guidance for {} in task {id}: {:?}",
+        step.machine_name,
+        req.action
+    );
+    Ok((StatusCode::ACCEPTED, Json(view)))
+}

@@ -67,6 +67,33 @@ pub(super) struct ScriptSpec {
     /// Parse `##octopus[setVariable ...]` lines of the step's log into the step's
     /// output variables when it ends.
     pub record_outputs: bool,
+    /// Which run of the step's script this is (guided-failure retries): run 0
+    /// uses the step's ticket and stores tentacle sequence N as N; run K uses
+    /// ticket `<ticket>.r<K>` and stores N as `K << ATTEMPT_SHIFT | N`, so every
+    /// run's lines stay unique and in order.
+    pub attempt: u32,
+    /// A failure leaves the step Executing and is returned to the caller (which
+    /// asks a person what to do) instead of ending the step.
+    pub hold_failure: bool,
+}
+
+/// Stored sequences of run K of a step start at `K << ATTEMPT_SHIFT`.
+pub(super) const ATTEMPT_SHIFT: u32 = 40;
+
+impl ScriptSpec {
+    /// The ticket of this run of `step`'s script.
+    fn ticket(&self, step: &TaskStep) -> String {
+        if self.attempt == 0 {
+            step.ticket.clone()
+        } else {
+            format!("{}.r{}", step.ticket, self.attempt)
+        }
+    }
+
+    /// The stored sequence of this run's first line.
+    pub(super) fn base(&self) -> u64 {
+        u64::from(self.attempt) << ATTEMPT_SHIFT
+    }
 }
 
 impl From<&ScriptRequest> for ScriptSpec {
@@ -87,6 +114,8 @@ impl From<&ScriptRequest> for ScriptSpec {
             },
             label: "the script",
             record_outputs: false,
+            attempt: 0,
+            hold_failure: false,
         }
     }
 }
@@ -105,18 +134,25 @@ struct Run<'a> {
     cancel_since: Option<Instant>,
     /// The next sequence to ask for (everything before it is stored).
     next_sequence: u64,
+    /// The tentacle ticket of this run.
+    ticket: String,
+    /// Added to tentacle sequences when stored (see [`ScriptSpec::attempt`]).
+    base: u64,
+    /// The failure held back (with `hold_failure`).
+    held: Option<String>,
 }
 
 /// Runs (or resumes, when `resumed`: StartScript may have reached the tentacle
 /// before) one step's script to its end, and records the step's end; returns
-/// early only when the server stops.
+/// early only when the server stops. With `spec.hold_failure`, a failure is not
+/// recorded as the step's end but returned, with the step as it is now.
 pub(super) async fn run_step(
     eng: &Arc<Engine>,
     mut step: TaskStep,
     spec: &ScriptSpec,
     cancel: &CancellationToken,
     resumed: bool,
-) {
+) -> Option<(TaskStep, String)> {
     let task_id = step.task_id.clone();
     let machine = match eng.state.store.machine_by_id(step.machine_id).await {
         Ok(Some(m)) => m,
@@ -124,15 +160,15 @@ pub(super) async fn run_step(
             let why = format!("machine '{}' no longer exists", step.machine_name);
             eng.server_log(&task_id, format!("{}: {why}", step.machine_name))
                 .await;
-            return eng
-                .finish_step(&mut step, TaskState::Failed, Some(why))
+            eng.finish_step(&mut step, TaskState::Failed, Some(why))
                 .await;
+            return None;
         }
         Err(e) => {
             let why = format!("loading machine '{}': {e}", step.machine_name);
-            return eng
-                .finish_step(&mut step, TaskState::Failed, Some(why))
+            eng.finish_step(&mut step, TaskState::Failed, Some(why))
                 .await;
+            return None;
         }
     };
     let endpoint = match endpoint_of(&machine) {
@@ -141,12 +177,15 @@ pub(super) async fn run_step(
             let why = e.to_string();
             eng.server_log(&task_id, format!("{}: {why}", machine.name))
                 .await;
-            return eng
-                .finish_step(&mut step, TaskState::Failed, Some(why))
+            eng.finish_step(&mut step, TaskState::Failed, Some(why))
                 .await;
+            return None;
         }
     };
-    let next_sequence = u64::try_from(step.next_sequence).unwrap_or(0);
+    let base = spec.base();
+    let next_sequence = u64::try_from(step.next_sequence)
+        .unwrap_or(0)
+        .saturating_sub(base);
     let label = spec.label;
     if resumed {
         eng.server_log(
@@ -167,6 +206,7 @@ pub(super) async fn run_step(
         )
         .await;
     }
+    let ticket = spec.ticket(&step);
     let mut run = Run {
         eng,
         step,
@@ -177,8 +217,13 @@ pub(super) async fn run_step(
         cancel_sent: false,
         cancel_since: None,
         next_sequence,
+        ticket,
+        base,
+        held: None,
     };
     Box::pin(run.run()).await;
+    let held = run.held.take()?;
+    Some((run.step, held))
 }
 
 impl Run<'_> {
@@ -197,7 +242,13 @@ impl Run<'_> {
     }
 
     async fn finish(&mut self, state: TaskState, error: Option<String>) {
-        self.step.next_sequence = i64::try_from(self.next_sequence).unwrap_or(i64::MAX);
+        self.step.next_sequence =
+            i64::try_from(self.base.saturating_add(self.next_sequence)).unwrap_or(i64::MAX);
+        if state == TaskState::Failed && self.spec.hold_failure {
+            self.eng.save_step(&self.step).await;
+            self.held = Some(error.unwrap_or_else(|| "failed".into()));
+            return;
+        }
         if self.spec.record_outputs {
             outputs::collect(self.eng, &mut self.step).await;
         }
@@ -373,7 +424,7 @@ impl Run<'_> {
 
     fn start_request(&self) -> StartScriptRequest {
         StartScriptRequest {
-            ticket: self.step.ticket.clone(),
+            ticket: self.ticket.clone(),
             ..self.spec.request.clone()
         }
     }
@@ -381,7 +432,7 @@ impl Run<'_> {
     /// Sends CancelScript; Some(end) when the attempt is over.
     async fn send_cancel(&mut self, conn: &Connection) -> Option<Attempt> {
         let req = CancelScriptRequest {
-            ticket: self.step.ticket.clone(),
+            ticket: self.ticket.clone(),
             since_sequence: self.next_sequence,
         };
         let mut client = conn.scripts();
@@ -423,7 +474,7 @@ impl Run<'_> {
     async fn stream(&mut self, conn: &Connection) -> Attempt {
         let shutdown = &self.eng.shutdown;
         let req = ScriptStatusRequest {
-            ticket: self.step.ticket.clone(),
+            ticket: self.ticket.clone(),
             since_sequence: self.next_sequence,
         };
         let mut client = conn.scripts();
@@ -543,7 +594,9 @@ impl Run<'_> {
         };
         batch.push(NewLogLine {
             machine_id: Some(self.step.machine_id),
-            sequence: Some(i64::try_from(line.sequence).unwrap_or(i64::MAX)),
+            sequence: Some(
+                i64::try_from(self.base.saturating_add(line.sequence)).unwrap_or(i64::MAX),
+            ),
             timestamp: line.timestamp_unix_ms,
             stream: stream.into(),
             text,
@@ -590,11 +643,16 @@ impl Run<'_> {
         })
         .await;
         self.finish(state, error).await;
+        if self.held.is_some() {
+            // The run stays on the tentacle until a person decides: a resumed
+            // step then finds it complete instead of running it again.
+            return;
+        }
 
         // Best effort: the rest of the log (normally nothing) and cleanup.
         for _ in 0..10 {
             let req = CompleteScriptRequest {
-                ticket: self.step.ticket.clone(),
+                ticket: self.ticket.clone(),
                 since_sequence: self.next_sequence,
             };
             let mut client = conn.scripts();
