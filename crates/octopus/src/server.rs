@@ -40,6 +40,43 @@ pub struct RunArgs {
     /// beside this binary).
     #[arg(long, env = "OCTOPUS_CALAMARI")]
     pub calamari: Option<PathBuf>,
+    /// HTTP CONNECT proxy for dialling listening tentacles,
+    /// `http://[USER:PASSWORD@]HOST:PORT` (default: `HTTPS_PROXY`/`NO_PROXY` from the
+    /// environment; TLS to the tentacle stays end to end through the tunnel).
+    #[arg(long, value_name = "URL", conflicts_with = "no_proxy")]
+    pub proxy: Option<String>,
+    /// Dial listening tentacles directly, ignoring proxy environment variables.
+    #[arg(long)]
+    pub no_proxy: bool,
+}
+
+impl RunArgs {
+    /// How listening tentacles are dialled.
+    pub fn proxy_setting(&self) -> anyhow::Result<octo_comms::ProxySetting> {
+        use octo_comms::ProxySetting;
+        Ok(match (&self.proxy, self.no_proxy) {
+            (_, true) => ProxySetting::Direct,
+            (Some(url), false) => ProxySetting::Explicit(
+                octo_comms::proxy::parse_proxy_url(url)
+                    .map_err(|e| anyhow::anyhow!("--proxy {}: {e}", redact_url(url)))?,
+            ),
+            (None, false) => ProxySetting::FromEnvironment,
+        })
+    }
+}
+
+/// A proxy URL with any password replaced, for messages.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
 }
 
 impl Default for RunArgs {
@@ -52,6 +89,8 @@ impl Default for RunArgs {
             comms_listen_address: "0.0.0.0".into(),
             database_url: None,
             calamari: None,
+            proxy: None,
+            no_proxy: false,
         }
     }
 }
@@ -259,7 +298,10 @@ pub async fn start(args: &RunArgs) -> anyhow::Result<RunningServer> {
     let comms = ServerComms::new(
         identity.clone(),
         polling_trust.clone(),
-        ServerCommsOptions::default(),
+        ServerCommsOptions {
+            proxy: args.proxy_setting()?,
+            ..ServerCommsOptions::default()
+        },
     );
 
     let api_listener = tokio::net::TcpListener::bind(args.listen)
@@ -385,5 +427,43 @@ async fn wait_for_signal() {
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_flags_map_to_settings_and_hide_passwords() {
+        use octo_comms::ProxySetting;
+        let args = |proxy: Option<&str>, no_proxy| RunArgs {
+            proxy: proxy.map(str::to_string),
+            no_proxy,
+            ..RunArgs::default()
+        };
+        assert_eq!(
+            args(None, false).proxy_setting().unwrap(),
+            ProxySetting::FromEnvironment
+        );
+        assert_eq!(
+            args(None, true).proxy_setting().unwrap(),
+            ProxySetting::Direct
+        );
+        match args(Some("http://u:secret@proxy:3128"), false)
+            .proxy_setting()
+            .unwrap()
+        {
+            ProxySetting::Explicit(c) => {
+                assert_eq!((c.host.as_str(), c.port), ("proxy", 3128));
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = args(Some("socks5://u:secret@proxy:1080"), false)
+            .proxy_setting()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("socks5") && !e.contains("secret"), "{e}");
     }
 }
