@@ -132,6 +132,33 @@ async fn load_machine(eng: &Arc<Engine>, step: &mut TaskStep) -> Option<(Machine
     None
 }
 
+/// Starts a step: its machine and endpoint, the step marked Executing (kept as
+/// it is when resumed), and the tool to push; None when the step failed (recorded).
+async fn begin(
+    eng: &Arc<Engine>,
+    step: &mut TaskStep,
+) -> Option<(Machine, Endpoint, Arc<ToolBuild>)> {
+    let (machine, endpoint) = load_machine(eng, step).await?;
+    if step.state != TaskState::Executing {
+        step.state = TaskState::Executing;
+        step.started_at = Some(now_ms());
+        eng.save_step(step).await;
+    }
+    match tool_of(eng) {
+        Ok(tool) => Some((machine, endpoint, tool)),
+        Err(e) => {
+            eng.server_log(
+                &step.task_id,
+                format!("{}: failed: {}", step.machine_name, e.message),
+            )
+            .await;
+            eng.finish_step(step, TaskState::Failed, Some(e.message))
+                .await;
+            None
+        }
+    }
+}
+
 /// Runs `work` on a connection to the machine until it succeeds, fails for
 /// good, is canceled (nothing was started on the machine yet: the step ends
 /// Canceled) or the server stops. Retryable failures are retried with backoff.
@@ -234,27 +261,9 @@ pub(super) async fn run_deploy_step(
     args: &DeployArgs,
     cancel: &CancellationToken,
 ) {
-    let Some((_machine, endpoint)) = load_machine(eng, &mut step).await else {
-        return;
-    };
     let resumed = step.state == TaskState::Executing;
-    if !resumed {
-        step.state = TaskState::Executing;
-        step.started_at = Some(now_ms());
-        eng.save_step(&step).await;
-    }
-    let tool = match tool_of(eng) {
-        Ok(t) => t,
-        Err(e) => {
-            eng.server_log(
-                &step.task_id,
-                format!("{}: failed: {}", step.machine_name, e.message),
-            )
-            .await;
-            return eng
-                .finish_step(&mut step, TaskState::Failed, Some(e.message))
-                .await;
-        }
+    let Some((_machine, endpoint, tool)) = begin(eng, &mut step).await else {
+        return;
     };
     let package = Package {
         id: 0,
@@ -418,24 +427,8 @@ pub(super) async fn run_upgrade_step(
     mut step: TaskStep,
     cancel: &CancellationToken,
 ) {
-    let Some((machine, endpoint)) = load_machine(eng, &mut step).await else {
+    let Some((machine, endpoint, tool)) = begin(eng, &mut step).await else {
         return;
-    };
-    step.state = TaskState::Executing;
-    step.started_at = Some(now_ms());
-    eng.save_step(&step).await;
-    let tool = match tool_of(eng) {
-        Ok(t) => t,
-        Err(e) => {
-            eng.server_log(
-                &step.task_id,
-                format!("{}: failed: {}", step.machine_name, e.message),
-            )
-            .await;
-            return eng
-                .finish_step(&mut step, TaskState::Failed, Some(e.message))
-                .await;
-        }
     };
     let (task_id, name) = (step.task_id.clone(), step.machine_name.clone());
     let done = with_retries(eng, &mut step, &endpoint, cancel, |conn| {
