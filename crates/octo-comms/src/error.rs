@@ -71,6 +71,15 @@ pub enum CommsError {
         /// What went wrong.
         reason: String,
     },
+    /// TLS came up but the WebSocket upgrade did not (wrong path, not an
+    /// Octopus server's WebSocket endpoint, a proxy in the way, ...).
+    #[error("the WebSocket upgrade at {address} failed: {reason}")]
+    WebSocket {
+        /// The wss:// URL (and where it was dialled).
+        address: String,
+        /// What the server answered, and what to do.
+        reason: String,
+    },
     /// A polling tentacle did not connect in time.
     #[error("polling tentacle poll://{subscription_id}/ (thumbprint {thumbprint}) did not connect within {} s{detail}; check that it runs (`tentacle run`) and can reach this server's polling port", waited.as_secs())]
     PollingTimeout {

@@ -7,6 +7,8 @@
 //!   for an [`Endpoint`] and get a multiplexed [`Connection`].
 //! - [`registry`]: connected polling tentacles and requests waiting for them.
 //! - [`proxy`]: HTTP CONNECT proxies for either side's dial (TLS stays end to end).
+//! - [`websocket`]: polling over WebSocket (`wss://`): the same HTTP/2 inside
+//!   binary messages, for networks where only HTTPS ports are open.
 //!
 //! Invariants: every socket gets TCP_NODELAY and keepalive ([`net::tune`]);
 //! every TLS config comes from `octo_tls` (pinned thumbprints, signatures
@@ -24,13 +26,16 @@ pub mod proxy;
 pub mod registry;
 pub mod server;
 pub mod tentacle;
+pub mod websocket;
 
 pub use backoff::Backoff;
 pub use error::{is_retryable, CommsError};
 pub use proxy::{ProxyConfig, ProxyError, ProxySetting};
 pub use registry::PollingRegistry;
-pub use server::{Connection, Endpoint, H2Channel, ServerComms, ServerCommsOptions};
-pub use tentacle::{ConnectionInfo, Direction, PollingTarget, TentacleComms};
+pub use server::{
+    Connection, Endpoint, H2Channel, ServerComms, ServerCommsOptions, WebSocketListenerOptions,
+};
+pub use tentacle::{ConnectionInfo, Direction, PollingOptions, PollingTarget, TentacleComms};
 
 /// Boxed error used where hyper reports one.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

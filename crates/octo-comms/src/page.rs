@@ -11,6 +11,8 @@ pub enum Listener {
     Tentacle,
     /// The server's polling port (default 10943).
     ServerPolling,
+    /// The server's WebSocket port (polling tentacles over `wss://`).
+    ServerWebSocket,
 }
 
 /// The HTML shown to clients that connect without a certificate.
@@ -27,6 +29,13 @@ pub fn html(listener: Listener) -> String {
             "This is an Octopus server's polling endpoint. Polling Tentacles connect here over \
              mutual TLS, each side presenting a certificate the other trusts by thumbprint. \
              There is nothing to see in a browser; reaching this page shows the port is open.",
+        ),
+        Listener::ServerWebSocket => (
+            "Octopus Server",
+            "This is an Octopus server's WebSocket polling endpoint. Polling Tentacles connect here \
+             with wss:// over mutual TLS, each side presenting a certificate the other trusts by \
+             thumbprint. There is nothing to see in a browser; reaching this page shows the port \
+             is open.",
         ),
     };
     format!(

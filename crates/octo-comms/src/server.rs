@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http_body_util::combinators::MapErr;
 use http_body_util::BodyExt;
@@ -37,7 +38,7 @@ use tracing::{debug, info, warn};
 
 use crate::proxy::{self, ProxySetting};
 use crate::registry::PollingRegistry;
-use crate::{net, page, CommsError, H2Settings};
+use crate::{net, page, websocket, CommsError, H2Settings};
 
 /// How the server reaches one tentacle.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -525,8 +526,25 @@ impl ServerComms {
             }
             return;
         };
+        self.register_polling(tls, remote, thumbprint, shutdown)
+            .await;
+    }
+
+    /// A polling tentacle's stream, TLS done and its thumbprint trusted (over
+    /// TCP, or inside a WebSocket): HTTP/2 client, `Session/Hello` for the
+    /// subscription, then into the registry. One code path for both transports.
+    async fn register_polling<IO>(
+        &self,
+        io: IO,
+        remote: SocketAddr,
+        thumbprint: Thumbprint,
+        shutdown: CancellationToken,
+    ) where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let h2 = &self.inner.options.h2;
         let conn = match Connection::handshake(
-            tls,
+            io,
             remote,
             thumbprint,
             remote.to_string(),
@@ -552,6 +570,255 @@ impl ServerComms {
             closer.close();
         });
         self.inner.registry.register(hello.subscription_id, conn);
+    }
+
+    /// Accepts polling tentacles over WebSocket on `listener` until `shutdown`:
+    /// TLS with this server's identity and the polling trust set (as the
+    /// polling port), then an HTTP/1.1 WebSocket upgrade on `options.path` with
+    /// subprotocol [`websocket::SUBPROTOCOL`], then the same path as a TCP
+    /// polling connection. Clients without a certificate get the friendly page
+    /// (or `options`' HTTP service for its prefix); wrong paths, missing
+    /// upgrades and other subprotocols get an HTTP error saying what is expected.
+    pub async fn run_web_socket_listener(
+        &self,
+        listener: TcpListener,
+        options: WebSocketListenerOptions,
+        shutdown: CancellationToken,
+    ) -> Result<(), CommsError> {
+        let settings = TlsSettings {
+            alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        };
+        let cfg = octo_tls::server_config(
+            &self.inner.identity,
+            self.inner.polling_trust.clone(),
+            Role::Tentacle,
+            ClientAuth::Optional,
+            &settings,
+        )
+        .map_err(|e| CommsError::Tls {
+            address: "WebSocket listener".into(),
+            peer_role: Role::Tentacle,
+            reason: e.to_string(),
+        })?;
+        let acceptor = TlsAcceptor::from(cfg);
+        let local = listener.local_addr().ok();
+        info!(address = ?local, path = %options.path, thumbprint = %self.thumbprint(), "listening for polling tentacles over WebSocket");
+        let options = Arc::new(options);
+        loop {
+            let (tcp, remote) = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        warn!("accepting a WebSocket connection on {local:?} failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let this = self.clone();
+            let (acceptor, options, shutdown) =
+                (acceptor.clone(), options.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                this.accept_web_socket(tcp, remote, acceptor, options, shutdown)
+                    .await
+            });
+        }
+    }
+
+    async fn accept_web_socket(
+        &self,
+        tcp: tokio::net::TcpStream,
+        remote: SocketAddr,
+        acceptor: TlsAcceptor,
+        options: Arc<WebSocketListenerOptions>,
+        shutdown: CancellationToken,
+    ) {
+        let h2 = &self.inner.options.h2;
+        if let Err(e) = net::tune(&tcp) {
+            debug!("socket options on connection from {remote}: {e}");
+        }
+        let accept = acceptor.accept(tcp).into_fallible();
+        let tls = match tokio::time::timeout(h2.handshake_timeout, accept).await {
+            Err(_) => return debug!("TLS handshake from {remote} timed out"),
+            Ok(Err((e, tcp))) => {
+                if let Some(u) = UntrustedPeer::find(&e) {
+                    warn!("refused polling connection (WebSocket port) from {remote}: {u}");
+                } else {
+                    debug!("TLS handshake from {remote} failed: {e}");
+                }
+                net::linger_close(tcp, Duration::from_secs(2)).await;
+                return;
+            }
+            Ok(Ok(tls)) => tls,
+        };
+        let thumbprint = octo_tls::peer_thumbprint(tls.get_ref().1);
+        let this = self.clone();
+        let upgrades = shutdown.clone();
+        let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+            let (this, options, shutdown) = (this.clone(), options.clone(), upgrades.clone());
+            async move {
+                Ok::<_, std::convert::Infallible>(
+                    this.web_socket_request(req, remote, thumbprint, &options, shutdown)
+                        .await,
+                )
+            }
+        });
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(h2.handshake_timeout);
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => if let Err(e) = r {
+                debug!("HTTP connection on the WebSocket port from {remote}: {e}");
+            },
+            _ = shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(Duration::from_secs(5), conn.as_mut()).await;
+            }
+        }
+    }
+
+    /// One HTTP request on the WebSocket port.
+    async fn web_socket_request(
+        &self,
+        mut req: http::Request<Incoming>,
+        remote: SocketAddr,
+        thumbprint: Option<Thumbprint>,
+        options: &WebSocketListenerOptions,
+        shutdown: CancellationToken,
+    ) -> http::Response<HttpBody> {
+        let text = |r: http::Response<String>| r.map(|s| full(Bytes::from(s)));
+        let Some(thumbprint) = thumbprint else {
+            if websocket::is_upgrade(&req) {
+                let mut r = http::Response::new(format!(
+                    "polling tentacles must present their certificate in TLS; this connection presented none (is this a tentacle? see `tentacle poll-server --server-web-socket`); the path for WebSocket polling is {}\n",
+                    options.path
+                ));
+                *r.status_mut() = http::StatusCode::UNAUTHORIZED;
+                return text(r);
+            }
+            if let Some((prefix, service)) = &options.http {
+                let path = req.uri().path();
+                if path == prefix || path.starts_with(&format!("{prefix}/")) {
+                    return service(req).await;
+                }
+            }
+            return page::response(page::Listener::ServerWebSocket)
+                .map(|b| b.map_err(|e| match e {}).boxed_unsync());
+        };
+        match websocket::check_upgrade(&req, &options.path) {
+            websocket::Answer::Refuse(refusal) => {
+                info!(
+                    "refused a WebSocket request from {remote} (thumbprint {thumbprint}) for {}: {} {}",
+                    req.uri().path(),
+                    refusal.status(),
+                    refusal.body().trim()
+                );
+                text(refusal)
+            }
+            websocket::Answer::Switch(switching) => {
+                let on_upgrade = hyper::upgrade::on(&mut req);
+                let this = self.clone();
+                tokio::spawn(async move {
+                    match on_upgrade.await {
+                        Ok(upgraded) => {
+                            let io = websocket::server_stream(TokioIo::new(upgraded)).await;
+                            debug!("WebSocket from {remote} (thumbprint {thumbprint}) open");
+                            this.register_polling(io, remote, thumbprint, shutdown)
+                                .await;
+                        }
+                        Err(e) => warn!("WebSocket upgrade from {remote} failed: {e}"),
+                    }
+                });
+                text(switching)
+            }
+        }
+    }
+}
+
+/// Response body of the WebSocket port's HTTP answers.
+pub type HttpBody = http_body_util::combinators::UnsyncBoxBody<Bytes, crate::BoxError>;
+
+/// An HTTP service for requests without a certificate on the WebSocket port.
+type HttpService = Arc<
+    dyn Fn(http::Request<Incoming>) -> BoxFuture<'static, http::Response<HttpBody>> + Send + Sync,
+>;
+
+fn full(b: Bytes) -> HttpBody {
+    http_body_util::Full::new(b)
+        .map_err(|e| match e {})
+        .boxed_unsync()
+}
+
+/// Options of [`ServerComms::run_web_socket_listener`].
+#[derive(Clone)]
+pub struct WebSocketListenerOptions {
+    /// The path WebSocket upgrades are accepted on ([`websocket::DEFAULT_PATH`]).
+    pub path: String,
+    http: Option<(String, HttpService)>,
+}
+
+impl fmt::Debug for WebSocketListenerOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebSocketListenerOptions")
+            .field("path", &self.path)
+            .field("http", &self.http.as_ref().map(|(p, _)| p))
+            .finish()
+    }
+}
+
+impl Default for WebSocketListenerOptions {
+    fn default() -> Self {
+        Self::new(websocket::DEFAULT_PATH)
+    }
+}
+
+impl WebSocketListenerOptions {
+    /// Upgrades accepted on `path` ("/tentacle"; a missing leading '/' is added).
+    pub fn new(path: &str) -> Self {
+        let path = path.trim();
+        let path = if path.starts_with('/') {
+            path.to_string()
+        } else {
+            format!("/{path}")
+        };
+        Self { path, http: None }
+    }
+
+    /// Requests from clients without a certificate whose path is `prefix` or
+    /// below it (e.g. "/api") go to `service` (e.g. the REST API), so one TLS
+    /// port serves both; everything else without a certificate gets the page.
+    pub fn with_http<S, B>(mut self, prefix: &str, service: S) -> Self
+    where
+        S: tower::Service<
+                http::Request<Incoming>,
+                Response = http::Response<B>,
+                Error = std::convert::Infallible,
+            > + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<crate::BoxError>,
+    {
+        use tower::ServiceExt;
+        let prefix = prefix.trim_end_matches('/').to_string();
+        let call: HttpService = Arc::new(move |req| {
+            let svc = service.clone();
+            Box::pin(async move {
+                match svc.oneshot(req).await {
+                    Ok(r) => r.map(|b| b.map_err(Into::into).boxed_unsync()),
+                    Err(e) => match e {},
+                }
+            })
+        });
+        self.http = Some((prefix, call));
+        self
     }
 }
 

@@ -76,10 +76,86 @@ impl std::fmt::Debug for TentacleComms {
 /// A server this tentacle polls.
 #[derive(Debug, Clone)]
 pub struct PollingTarget {
-    /// "host:port" of the server's polling port. A host name is sent as TLS SNI.
+    /// Where the server is: "host:port" of its polling port (TLS over TCP), or
+    /// `wss://host[:port][/path]` of its WebSocket port (TLS, then a WebSocket
+    /// upgrade; see [`crate::websocket`]). A host name is sent as TLS SNI.
     pub address: String,
     /// The subscription id the server knows this tentacle by.
     pub subscription_id: String,
+}
+
+/// How polling connections to one server are made, beyond its address.
+#[derive(Debug, Clone, Default)]
+pub struct PollingOptions {
+    /// Dial this "host:port" instead of the address's host and port, like
+    /// curl's `--connect-to`: the address's host stays the TLS server name
+    /// (SNI) and the WebSocket `Host`. Through a proxy, this is what the
+    /// CONNECT asks for. For SNI routers reached under another name, and for
+    /// names DNS does not know.
+    pub connect_to: Option<String>,
+    /// Accept only this server thumbprint on these connections (and only while
+    /// the tentacle's trust store trusts it). None: any trusted thumbprint.
+    pub server_thumbprint: Option<Thumbprint>,
+}
+
+/// A polling target, parsed: what is dialled, the TLS name, the transport.
+#[derive(Debug, Clone)]
+struct Route {
+    /// "host:port" dialled (directly or through the proxy).
+    dial_host: String,
+    dial_port: u16,
+    /// For messages: the address, plus " (dialled at X)" with connect-to.
+    label: String,
+    /// Some: upgrade to a WebSocket at this URL after TLS.
+    web_socket: Option<crate::websocket::WebSocketUrl>,
+}
+
+impl Route {
+    fn parse(
+        target: &PollingTarget,
+        options: &PollingOptions,
+    ) -> Result<(Self, rustls::pki_types::ServerName<'static>), CommsError> {
+        let invalid = |endpoint: &str, reason: String| CommsError::InvalidEndpoint {
+            endpoint: endpoint.to_string(),
+            reason,
+        };
+        let address = target.address.trim();
+        let (host, port, web_socket) = if crate::websocket::is_web_socket_url(address) {
+            let url = crate::websocket::WebSocketUrl::parse(address)
+                .map_err(|reason| invalid(address, reason))?;
+            (url.host.clone(), url.port, Some(url))
+        } else {
+            let (h, p) = net::split_host_port(address).ok_or_else(|| {
+                invalid(
+                    address,
+                    "expected host:port, or wss://host[:port]/path for a WebSocket".into(),
+                )
+            })?;
+            (h.to_string(), p, None)
+        };
+        let server_name = net::server_name(&host).map_err(|reason| invalid(address, reason))?;
+        let (dial_host, dial_port, label) = match options.connect_to.as_deref().map(str::trim) {
+            None | Some("") => (host, port, address.to_string()),
+            Some(c) => {
+                let (h, p) = net::split_host_port(c).ok_or_else(|| {
+                    invalid(
+                        c,
+                        "--connect-to expects HOST:PORT (the address actually dialled)".into(),
+                    )
+                })?;
+                (h.to_string(), p, format!("{address} (dialled at {c})"))
+            }
+        };
+        Ok((
+            Self {
+                dial_host,
+                dial_port,
+                label,
+                web_socket,
+            },
+            server_name,
+        ))
+    }
 }
 
 impl TentacleComms {
@@ -324,37 +400,71 @@ impl TentacleComms {
         backoff: Backoff,
         shutdown: CancellationToken,
     ) -> Result<(), CommsError> {
-        let (host, _) =
-            net::split_host_port(&target.address).ok_or_else(|| CommsError::InvalidEndpoint {
-                endpoint: target.address.clone(),
-                reason: "expected host:port".into(),
-            })?;
-        let server_name = net::server_name(host).map_err(|reason| CommsError::InvalidEndpoint {
-            endpoint: target.address.clone(),
-            reason,
-        })?;
-        let cfg = octo_tls::client_config(
-            &self.identity,
-            self.trust.clone(),
-            Role::Server,
-            &TlsSettings::default(),
+        self.run_polling_with(
+            target,
+            PollingOptions::default(),
+            connections,
+            backoff,
+            shutdown,
         )
-        .map_err(|e| CommsError::Tls {
-            address: target.address.clone(),
-            peer_role: Role::Server,
-            reason: e.to_string(),
-        })?;
+        .await
+    }
+
+    /// [`Self::run_polling`] with options: a connect-to address, a pinned
+    /// server thumbprint. Fails at once (before dialling) when the address or
+    /// options cannot be used.
+    pub async fn run_polling_with(
+        &self,
+        target: PollingTarget,
+        options: PollingOptions,
+        connections: usize,
+        backoff: Backoff,
+        shutdown: CancellationToken,
+    ) -> Result<(), CommsError> {
+        let (route, server_name) = Route::parse(&target, &options)?;
+        let trust = match options.server_thumbprint {
+            Some(tp) => {
+                let store = self.trust.clone();
+                TrustStore::pinned(tp, Arc::new(move |t: &Thumbprint| store.hint(t)))
+            }
+            None => self.trust.clone(),
+        };
+        // A WebSocket starts as HTTP/1.1; a TCP polling connection is HTTP/2 at once.
+        let settings = if route.web_socket.is_some() {
+            TlsSettings {
+                alpn: vec![b"http/1.1".to_vec()],
+            }
+        } else {
+            TlsSettings::default()
+        };
+        let cfg = octo_tls::client_config(&self.identity, trust, Role::Server, &settings).map_err(
+            |e| CommsError::Tls {
+                address: target.address.clone(),
+                peer_role: Role::Server,
+                reason: e.to_string(),
+            },
+        )?;
         let connector = TlsConnector::from(cfg);
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..connections.max(1) {
             let this = self.clone();
-            let (target, connector, server_name) =
-                (target.clone(), connector.clone(), server_name.clone());
+            let (target, route, connector, server_name) = (
+                target.clone(),
+                route.clone(),
+                connector.clone(),
+                server_name.clone(),
+            );
             let (mut backoff, shutdown) = (backoff.clone(), shutdown.clone());
             tasks.spawn(async move {
                 loop {
                     let served = this
-                        .poll_once(&target, &connector, server_name.clone(), shutdown.clone())
+                        .poll_once(
+                            &target,
+                            &route,
+                            &connector,
+                            server_name.clone(),
+                            shutdown.clone(),
+                        )
                         .await;
                     if shutdown.is_cancelled() {
                         return;
@@ -363,7 +473,7 @@ impl TentacleComms {
                         backoff.reset();
                     }
                     let delay = backoff.next_delay();
-                    debug!("reconnecting to {} in {delay:?}", target.address);
+                    debug!("reconnecting to {} in {delay:?}", route.label);
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(delay) => {}
@@ -380,18 +490,16 @@ impl TentacleComms {
     async fn poll_once(
         &self,
         target: &PollingTarget,
+        route: &Route,
         connector: &TlsConnector,
         server_name: rustls::pki_types::ServerName<'static>,
         shutdown: CancellationToken,
     ) -> bool {
-        let address = &target.address;
-        let Some((host, port)) = net::split_host_port(address) else {
-            return false; // checked by run_polling
-        };
+        let address = &route.label;
         let proxy = self.proxy();
         let dialled = tokio::select! {
             _ = shutdown.cancelled() => return false,
-            r = proxy::connect(&proxy, host, port, self.h2.connect_timeout) => match r {
+            r = proxy::connect(&proxy, &route.dial_host, route.dial_port, self.h2.connect_timeout) => match r {
                 Ok(d) => d,
                 Err(e) => {
                     let retryable = e.is_retryable();
@@ -432,15 +540,71 @@ impl TentacleComms {
             subscription_id: Some(target.subscription_id.clone()),
         };
         let served_one = Arc::new(AtomicBool::new(false));
-        let result = self
-            .serve(
-                tls,
-                Some(info),
-                page::Listener::Tentacle,
-                Some(served_one.clone()),
-                shutdown,
-            )
-            .await;
+        let listener = page::Listener::Tentacle;
+        let result = match &route.web_socket {
+            None => {
+                self.serve(
+                    tls,
+                    Some(info),
+                    listener,
+                    Some(served_one.clone()),
+                    shutdown,
+                )
+                .await
+            }
+            Some(url) => {
+                let upgrade = tokio::select! {
+                    _ = shutdown.cancelled() => return false,
+                    r = tokio::time::timeout(
+                        self.h2.handshake_timeout,
+                        crate::websocket::client_upgrade(tls, url),
+                    ) => r,
+                };
+                let ws = match upgrade {
+                    Err(_) => {
+                        warn!(
+                            "{}",
+                            CommsError::WebSocket {
+                                address: address.clone(),
+                                reason: format!(
+                                    "no answer to the upgrade request within {} s",
+                                    self.h2.handshake_timeout.as_secs()
+                                ),
+                            }
+                        );
+                        return false;
+                    }
+                    Ok(Err(crate::websocket::UpgradeError::Io(e))) => {
+                        // TLS 1.3: a server refusing our certificate says so
+                        // only now, in answer to the upgrade request.
+                        let e = if octo_tls::rejected_by_peer(&e) {
+                            self.classify_tls_error(address, &e)
+                        } else {
+                            CommsError::WebSocket {
+                                address: address.clone(),
+                                reason: format!("the connection failed during the upgrade: {e}"),
+                            }
+                        };
+                        error!("{e}");
+                        return false;
+                    }
+                    Ok(Err(crate::websocket::UpgradeError::Refused(reason))) => {
+                        error!(
+                            "{}",
+                            CommsError::WebSocket {
+                                address: address.clone(),
+                                reason,
+                            }
+                        );
+                        return false;
+                    }
+                    Ok(Ok(ws)) => ws,
+                };
+                debug!("WebSocket to {address} open");
+                self.serve(ws, Some(info), listener, Some(served_one.clone()), shutdown)
+                    .await
+            }
+        };
         let good = served_one.load(Ordering::Relaxed);
         match result {
             Ok(()) => info!("polling connection to {address} closed"),
@@ -477,10 +641,17 @@ impl TentacleComms {
                 hint: "register this tentacle with the server (`tentacle register-with`)".into(),
             };
         }
+        let reason = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            format!(
+                "the connection was closed before the handshake finished ({e}): a proxy, load balancer or SNI router in the path may have nowhere to send it (check the host name, which is sent as SNI), or the port is not the server's comms port"
+            )
+        } else {
+            e.to_string()
+        };
         CommsError::Tls {
             address: address.to_string(),
             peer_role: Role::Server,
-            reason: e.to_string(),
+            reason,
         }
     }
 }

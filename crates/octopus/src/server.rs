@@ -48,6 +48,16 @@ pub struct RunArgs {
     /// Dial listening tentacles directly, ignoring proxy environment variables.
     #[arg(long)]
     pub no_proxy: bool,
+    /// Also accept polling tentacles over WebSocket (`wss://`) on this TLS port
+    /// (0 picks a free port; default: off). Binds --comms-listen-address. The
+    /// same port serves the REST API (`/api`) over TLS to clients without a
+    /// certificate, so one port (e.g. 443) can serve both.
+    #[arg(long, value_name = "PORT")]
+    pub web_socket_listen_port: Option<u16>,
+    /// The path WebSocket polling tentacles connect to (`tentacle poll-server
+    /// --server-web-socket wss://HOST:PORT/PATH`).
+    #[arg(long, value_name = "PATH", default_value = octo_comms::websocket::DEFAULT_PATH)]
+    pub web_socket_path: String,
 }
 
 impl RunArgs {
@@ -91,6 +101,8 @@ impl Default for RunArgs {
             calamari: None,
             proxy: None,
             no_proxy: false,
+            web_socket_listen_port: None,
+            web_socket_path: octo_comms::websocket::DEFAULT_PATH.into(),
         }
     }
 }
@@ -252,6 +264,8 @@ pub struct RunningServer {
     pub api_addr: SocketAddr,
     /// The polling port.
     pub comms_port: u16,
+    /// The WebSocket polling port (TLS), when enabled.
+    pub web_socket_port: Option<u16>,
     /// The comms thumbprint tentacles must trust.
     pub thumbprint: Thumbprint,
     /// The first admin API key, when this start created it.
@@ -313,6 +327,27 @@ pub async fn start(args: &RunArgs) -> anyhow::Result<RunningServer> {
         .map_err(|e| bind_error(&e, &comms_addr, "--comms-listen-port"))?;
     let api_addr = api_listener.local_addr()?;
     let comms_port = comms_listener.local_addr()?.port();
+    let web_socket_options = match args.web_socket_listen_port {
+        None => None,
+        Some(port) => {
+            let path = args.web_socket_path.trim();
+            if !path.starts_with('/')
+                || path.contains(char::is_whitespace)
+                || path.contains(['?', '#'])
+            {
+                bail!("--web-socket-path '{path}' must be a path such as {} (starting with '/', no spaces, query or fragment)", octo_comms::websocket::DEFAULT_PATH);
+            }
+            let addr = format!("{}:{port}", args.comms_listen_address);
+            let listener = tokio::net::TcpListener::bind(&addr)
+                .await
+                .map_err(|e| bind_error(&e, &addr, "--web-socket-listen-port"))?;
+            Some((listener, octo_comms::WebSocketListenerOptions::new(path)))
+        }
+    };
+    let web_socket_port = match &web_socket_options {
+        Some((l, _)) => Some(l.local_addr()?.port()),
+        None => None,
+    };
 
     let tool = crate::tool::ToolBuild::locate(args.calamari.as_deref()).await;
     match &tool {
@@ -351,6 +386,16 @@ pub async fn start(args: &RunArgs) -> anyhow::Result<RunningServer> {
             }
         }
     });
+    if let Some((listener, options)) = web_socket_options {
+        // Clients without a certificate may use the REST API over this TLS port.
+        let options = options.with_http("/api", crate::api::router(state.clone()));
+        let (c, t) = (comms.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            if let Err(e) = c.run_web_socket_listener(listener, options, t).await {
+                tracing::error!("WebSocket listener stopped: {e}");
+            }
+        });
+    }
     // Task engine: resume unfinished tasks, scheduled health checks (crate::tasks).
     crate::tasks::spawn_background(&state, shutdown.clone(), &mut tasks);
     tasks.spawn({
@@ -372,13 +417,22 @@ pub async fn start(args: &RunArgs) -> anyhow::Result<RunningServer> {
             }
         }
     });
+    let web_socket = web_socket_port
+        .map(|p| {
+            format!(
+                ", WebSocket polling wss://HOST:{p}{}",
+                args.web_socket_path.trim()
+            )
+        })
+        .unwrap_or_default();
     info!(
-        "octopus server ready: API http://{api_addr}/api, comms port {comms_port}, thumbprint {}",
+        "octopus server ready: API http://{api_addr}/api, comms port {comms_port}{web_socket}, thumbprint {}",
         identity.thumbprint()
     );
     Ok(RunningServer {
         api_addr,
         comms_port,
+        web_socket_port,
         thumbprint: identity.thumbprint(),
         admin_api_key,
         shutdown,
@@ -397,8 +451,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         );
         println!("  {key}");
     }
+    let web_socket = server
+        .web_socket_port
+        .map(|p| {
+            format!(
+                ", WebSocket polling wss://HOST:{p}{}",
+                args.web_socket_path.trim()
+            )
+        })
+        .unwrap_or_default();
     println!(
-        "Octopus server ready: API http://{}/api, comms port {}, thumbprint {}",
+        "Octopus server ready: API http://{}/api, comms port {}{web_socket}, thumbprint {}",
         server.api_addr, server.comms_port, server.thumbprint
     );
     wait_for_signal().await;
