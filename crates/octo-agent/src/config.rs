@@ -70,10 +70,11 @@ pub struct TrustedServer {
 }
 
 /// `[[polling_servers]]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PollingServer {
-    /// The server's polling endpoint, "host:port". A host name is sent as TLS SNI.
+    /// The server's polling endpoint: "host:port" (TLS over TCP), or
+    /// "wss://host:port/path" (its WebSocket port). A host name is sent as TLS SNI.
     pub address: String,
     /// The server's thumbprint (trusted for this connection).
     pub thumbprint: String,
@@ -82,6 +83,49 @@ pub struct PollingServer {
     /// Connections to keep open (calls are multiplexed; more than 1 only adds redundancy).
     #[serde(default = "one")]
     pub connections: usize,
+    /// Dial this "host:port" instead of the address's (which stays the TLS
+    /// server name, SNI): for SNI routers and names DNS does not resolve here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_to: Option<String>,
+}
+
+impl PollingServer {
+    /// Whether this server is polled over WebSocket (`wss://`).
+    pub fn is_web_socket(&self) -> bool {
+        octo_comms::websocket::is_web_socket_url(&self.address)
+    }
+
+    /// What is wrong with this entry, if anything.
+    pub fn problem(&self) -> Option<String> {
+        if let Err(e) = self.thumbprint.parse::<Thumbprint>() {
+            return Some(e.to_string());
+        }
+        if self.is_web_socket() {
+            if let Err(e) = octo_comms::websocket::WebSocketUrl::parse(&self.address) {
+                return Some(e);
+            }
+        } else if octo_comms::net::split_host_port(&self.address).is_none() {
+            return Some(format!(
+                "address '{}' is not HOST:PORT (or wss://HOST:PORT/PATH)",
+                self.address
+            ));
+        }
+        if let Some(c) = &self.connect_to {
+            if octo_comms::net::split_host_port(c).is_none() {
+                return Some(format!(
+                    "connect_to '{c}' for {} is not HOST:PORT",
+                    self.address
+                ));
+            }
+        }
+        if self.connections == 0 {
+            return Some(format!(
+                "connections for {} must be at least 1",
+                self.address
+            ));
+        }
+        None
+    }
 }
 
 fn one() -> usize {
@@ -276,20 +320,8 @@ impl TentacleConfig {
                 .map_err(|e| invalid(format!("trusted_servers: {e}")))?;
         }
         for p in &self.polling_servers {
-            p.thumbprint
-                .parse::<Thumbprint>()
-                .map_err(|e| invalid(format!("polling_servers: {e}")))?;
-            if octo_comms::net::split_host_port(&p.address).is_none() {
-                return Err(invalid(format!(
-                    "polling_servers: address '{}' is not HOST:PORT",
-                    p.address
-                )));
-            }
-            if p.connections == 0 {
-                return Err(invalid(format!(
-                    "polling_servers: connections for {} must be at least 1",
-                    p.address
-                )));
+            if let Some(problem) = p.problem() {
+                return Err(invalid(format!("polling_servers: {problem}")));
             }
         }
         if let Some(problem) = self.polling_proxy.as_ref().and_then(ProxySection::problem) {
@@ -417,11 +449,35 @@ mod tests {
             thumbprint: Thumbprint::of_der(b"y").to_string(),
             subscription_id: "abc".into(),
             connections: 2,
+            connect_to: None,
         });
+        cfg.polling_servers.push(PollingServer {
+            address: "wss://octopus.example:443/tentacle".into(),
+            thumbprint: Thumbprint::of_der(b"z").to_string(),
+            subscription_id: "def".into(),
+            connections: 1,
+            connect_to: Some("10.0.0.1:8443".into()),
+        });
+        assert!(!cfg.polling_servers[0].is_web_socket() && cfg.polling_servers[1].is_web_socket());
         cfg.save(&path).expect("save");
         let back = TentacleConfig::load(&path).expect("load");
         assert_eq!(back, cfg);
-        assert_eq!(back.trusted_thumbprints().len(), 2);
+        assert_eq!(back.trusted_thumbprints().len(), 3);
+        for (field, bad, says) in [
+            ("address", "ws://h/x", "wss://"),
+            ("address", "nohost", "not HOST:PORT"),
+            ("connect_to", "x", "connect_to 'x'"),
+        ] {
+            let mut broken = cfg.clone();
+            match field {
+                "address" => broken.polling_servers[1].address = bad.into(),
+                _ => broken.polling_servers[1].connect_to = Some(bad.into()),
+            }
+            broken.save(&path).expect("save");
+            let e = TentacleConfig::load(&path).expect_err(bad).to_string();
+            assert!(e.contains("polling_servers") && e.contains(says), "{e}");
+        }
+        cfg.save(&path).expect("save");
         assert!(cfg.remove_trust(tp));
 
         std::fs::write(&path, "[tentacle\n").expect("write");

@@ -174,12 +174,24 @@ struct ConfigureArgs {
 
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Example:\n  tentacle poll-server --instance Web --server-comms-address octopus.example:10943 --server-thumbprint 0123...CDEF"
+    after_help = "Each call adds a server (or replaces the entry with the same address); the agent polls all of them and serves requests from any.\n\nExamples:\n  tentacle poll-server --instance Web --server-comms-address octopus.example:10943 --server-thumbprint 0123...CDEF\n  tentacle poll-server --instance Web --server-web-socket wss://octopus.example:443/tentacle --server-thumbprint 0123...CDEF\n  tentacle poll-server --instance Web --server-comms-address https://alpha.example:443 --connect-to 10.1.2.3:443 --server-thumbprint 0123...CDEF\n  tentacle poll-server --instance Web --server-comms-address octopus.example:10943 --remove"
 )]
 struct PollServerArgs {
-    /// The server's polling endpoint: HOST[:PORT] or https://HOST[:PORT] (default port 10943).
-    #[arg(long, alias = "serverCommsAddress", alias = "server")]
-    server_comms_address: String,
+    /// The server's polling endpoint: HOST[:PORT] or https://HOST[:PORT] (default port 10943). HOST is sent as TLS SNI.
+    #[arg(
+        long,
+        alias = "serverCommsAddress",
+        alias = "server",
+        required_unless_present = "server_web_socket",
+        conflicts_with = "server_web_socket"
+    )]
+    server_comms_address: Option<String>,
+    /// Poll over WebSocket instead: the server's wss://HOST[:PORT]/PATH (port 443 and path /tentacle by default; `octopus server run --web-socket-listen-port`).
+    #[arg(long, alias = "serverWebSocket", value_name = "URL")]
+    server_web_socket: Option<String>,
+    /// Dial HOST:PORT instead of the address's host and port; the address's host is still sent as TLS SNI (for SNI routers and names DNS does not know here).
+    #[arg(long, alias = "connectTo", value_name = "HOST:PORT")]
+    connect_to: Option<String>,
     /// The server's thumbprint (`octopus server show-thumbprint`). Required when adding.
     #[arg(long, alias = "serverThumbprint", alias = "thumbprint")]
     server_thumbprint: Option<String>,
@@ -652,20 +664,65 @@ pub(crate) fn new_subscription_id() -> String {
         .collect()
 }
 
+/// The polling address from `--server-comms-address` or `--server-web-socket`:
+/// HOST:PORT, or the normalised wss:// URL.
+pub(crate) fn polling_address(
+    comms_address: Option<&str>,
+    web_socket: Option<&str>,
+) -> anyhow::Result<String> {
+    match (comms_address, web_socket) {
+        (_, Some(url)) => {
+            let url = octo_comms::websocket::WebSocketUrl::parse(url)
+                .map_err(|e| anyhow::anyhow!("--server-web-socket {e}"))?;
+            Ok(url.to_string())
+        }
+        (Some(addr), None) if octo_comms::websocket::is_web_socket_url(addr) => bail!(
+            "'{addr}' is a WebSocket URL: pass it with --server-web-socket, not --server-comms-address"
+        ),
+        (Some(addr), None) => normalise_server_address(addr),
+        (None, None) => bail!("pass --server-comms-address HOST:PORT or --server-web-socket wss://HOST:PORT/PATH"),
+    }
+}
+
+/// Checks a `--connect-to` value (HOST:PORT).
+pub(crate) fn parse_connect_to(c: Option<&str>) -> anyhow::Result<Option<String>> {
+    match c.map(str::trim).filter(|c| !c.is_empty()) {
+        None => Ok(None),
+        Some(c) if octo_comms::net::split_host_port(c).is_some() => Ok(Some(c.to_string())),
+        Some(c) => bail!(
+            "--connect-to '{c}' is not HOST:PORT (the address actually dialled, e.g. 10.1.2.3:443)"
+        ),
+    }
+}
+
 fn poll_server(target: &Target, a: PollServerArgs) -> anyhow::Result<()> {
     let mut cfg = target.load()?;
-    let address = normalise_server_address(&a.server_comms_address)?;
+    let address = polling_address(
+        a.server_comms_address.as_deref(),
+        a.server_web_socket.as_deref(),
+    )?;
     if a.remove {
         let before = cfg.polling_servers.len();
         cfg.polling_servers.retain(|p| p.address != address);
         if before == cfg.polling_servers.len() {
+            let polled: Vec<&str> = cfg
+                .polling_servers
+                .iter()
+                .map(|p| p.address.as_str())
+                .collect();
+            let polled = if polled.is_empty() {
+                "no server".to_string()
+            } else {
+                polled.join(", ")
+            };
             bail!(
-                "instance '{}' does not poll {address}; see `tentacle show-configuration`",
+                "instance '{}' does not poll {address} (it polls {polled}); see `tentacle show-configuration`",
                 target.name
             );
         }
         target.save(&cfg)?;
         println!("Instance '{}' no longer polls {address}.", target.name);
+        println!("A running agent closes its connections to it within seconds; the other servers are not affected.");
         return Ok(());
     }
     let Some(tp) = a.server_thumbprint.as_deref() else {
@@ -675,20 +732,36 @@ fn poll_server(target: &Target, a: PollServerArgs) -> anyhow::Result<()> {
     if a.connections == 0 {
         bail!("--connections must be at least 1");
     }
+    let connect_to = parse_connect_to(a.connect_to.as_deref())?;
     let subscription_id = a.subscription_id.unwrap_or_else(new_subscription_id);
+    let replaced = cfg.polling_servers.iter().any(|p| p.address == address);
     cfg.polling_servers.retain(|p| p.address != address);
     cfg.polling_servers.push(PollingServer {
         address: address.clone(),
         thumbprint: tp.to_string(),
         subscription_id: subscription_id.clone(),
         connections: a.connections,
+        connect_to: connect_to.clone(),
     });
     target.save(&cfg)?;
+    let via = connect_to
+        .map(|c| format!(", dialled at {c}"))
+        .unwrap_or_default();
     println!(
-        "Instance '{}' will poll {address} (server thumbprint {tp})",
-        target.name
+        "Instance '{}' will poll {address}{via} (server thumbprint {tp}){}",
+        target.name,
+        if replaced {
+            "; its previous entry was replaced"
+        } else {
+            ""
+        }
     );
     println!("  subscription: poll://{subscription_id}/");
+    let others = cfg.polling_servers.len() - 1;
+    if others > 0 {
+        println!("  it also polls {others} other server(s); see `tentacle show-configuration`");
+    }
+    println!("A running agent starts polling it within seconds.");
     Ok(())
 }
 

@@ -7,13 +7,23 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::{
-    load_identity, new_subscription_id, normalise_server_address, parse_thumbprint, Target,
+    load_identity, new_subscription_id, parse_connect_to, parse_thumbprint, polling_address, Target,
 };
+
+/// The host of a polling address (HOST:PORT or wss://HOST:PORT/PATH).
+fn address_host(address: &str) -> String {
+    if let Ok(url) = octo_comms::websocket::WebSocketUrl::parse(address) {
+        return url.host;
+    }
+    octo_comms::net::split_host_port(address)
+        .map_or(address, |(h, _)| h)
+        .to_string()
+}
 
 /// Options of `register-with`.
 #[derive(clap::Args, Debug)]
 #[command(
-    after_help = "Examples:\n  tentacle register-with --server http://octopus:8080 --api-key API-XXXX --environment Production --role web\n  tentacle register-with --server http://octopus:8080 --apiKey API-XXXX --env Test --role db --comms-style TentacleActive"
+    after_help = "Examples:\n  tentacle register-with --server http://octopus:8080 --api-key API-XXXX --environment Production --role web\n  tentacle register-with --server http://octopus:8080 --apiKey API-XXXX --env Test --role db --comms-style TentacleActive\n  tentacle register-with --server http://octopus:8080 --api-key API-XXXX --env Test --comms-style TentacleActive --server-web-socket wss://octopus.example:443/tentacle"
 )]
 pub(crate) struct RegisterArgs {
     /// The server's web address, e.g. http://octopus.example:8080.
@@ -68,9 +78,20 @@ pub(crate) struct RegisterArgs {
     /// The server's polling port (polling; default: what the server reports).
     #[arg(long, alias = "serverCommsPort")]
     server_comms_port: Option<u16>,
-    /// Where to poll, when not the web host: HOST[:PORT] or https://HOST[:PORT] (polling).
+    /// Where to poll, when not the web host: HOST[:PORT] or https://HOST[:PORT] (polling). HOST is sent as TLS SNI.
     #[arg(long, alias = "serverCommsAddress")]
     server_comms_address: Option<String>,
+    /// Poll over WebSocket: the server's wss://HOST[:PORT]/PATH (polling; `octopus server run --web-socket-listen-port`).
+    #[arg(
+        long,
+        alias = "serverWebSocket",
+        value_name = "URL",
+        conflicts_with_all = ["server_comms_address", "server_comms_port"]
+    )]
+    server_web_socket: Option<String>,
+    /// Dial HOST:PORT for polling instead of the polling address's host and port; that host is still sent as TLS SNI.
+    #[arg(long, alias = "connectTo", value_name = "HOST:PORT")]
+    connect_to: Option<String>,
     /// The server's comms thumbprint, if known: registration fails if the server reports another.
     #[arg(long, alias = "serverThumbprint")]
     server_thumbprint: Option<String>,
@@ -145,30 +166,26 @@ pub(crate) fn register(target: &Target, a: &RegisterArgs, kind: Kind) -> anyhow:
         "TentacleActive" => true,
         other => bail!("--comms-style '{other}' is not TentaclePassive (listening) or TentacleActive (polling)"),
     };
+    if !polling && (a.server_web_socket.is_some() || a.connect_to.is_some()) {
+        bail!("--server-web-socket and --connect-to are for polling tentacles: add --comms-style TentacleActive");
+    }
+    let connect_to = parse_connect_to(a.connect_to.as_deref())?;
     // Polling: reuse this server's subscription if we have one, else a new one.
     let poll_address = |port: u16| -> anyhow::Result<String> {
-        match &a.server_comms_address {
-            Some(addr) => normalise_server_address(addr),
-            None => Ok(format!("{web_host}:{port}")),
+        match (&a.server_comms_address, &a.server_web_socket) {
+            (None, None) => Ok(format!("{web_host}:{port}")),
+            (addr, ws) => polling_address(addr.as_deref(), ws.as_deref()),
         }
     };
     let uri = if polling {
         // Re-registering with the same server keeps the subscription already polled.
-        let comms_host = match &a.server_comms_address {
-            Some(addr) => {
-                let addr = normalise_server_address(addr)?;
-                addr.rsplit_once(':')
-                    .map_or(addr.clone(), |(h, _)| h.to_string())
-            }
-            None => web_host.clone(),
+        let comms_host = match (&a.server_comms_address, &a.server_web_socket) {
+            (None, None) => web_host.clone(),
+            (addr, ws) => address_host(&polling_address(addr.as_deref(), ws.as_deref())?),
         };
         cfg.polling_servers
             .iter()
-            .find(|p| {
-                p.address
-                    .rsplit_once(':')
-                    .is_some_and(|(h, _)| h == comms_host)
-            })
+            .find(|p| address_host(&p.address) == comms_host)
             .map_or_else(new_subscription_id, |p| p.subscription_id.clone())
     } else {
         let host = a.public_hostname.clone().unwrap_or_else(hostname);
@@ -225,13 +242,18 @@ pub(crate) fn register(target: &Target, a: &RegisterArgs, kind: Kind) -> anyhow:
     if polling {
         let address = poll_address(a.server_comms_port.unwrap_or(reply.comms_port))?;
         cfg.polling_servers.retain(|p| p.address != address);
+        let via = connect_to
+            .as_deref()
+            .map(|c| format!(" (dialled at {c})"))
+            .unwrap_or_default();
         cfg.polling_servers.push(PollingServer {
             address: address.clone(),
             thumbprint: server_tp.to_string(),
             subscription_id: uri.clone(),
             connections: 1,
+            connect_to,
         });
-        println!("Registered '{name}' with {server} as polling tentacle poll://{uri}/; it will poll {address}.");
+        println!("Registered '{name}' with {server} as polling tentacle poll://{uri}/; it will poll {address}{via}.");
     } else {
         cfg.trust(server_tp);
         println!("Registered '{name}' with {server} as listening tentacle {uri}.");

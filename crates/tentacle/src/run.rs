@@ -1,15 +1,16 @@
 //! `tentacle run`: the agent in the foreground.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context};
 use octo_agent::capabilities::CapabilitiesImpl;
-use octo_agent::config::TentacleConfig;
+use octo_agent::config::{PollingServer, TentacleConfig};
 use octo_agent::files::FileServiceImpl;
 use octo_agent::scripts::ScriptServiceImpl;
 use octo_agent::AgentContext;
-use octo_comms::{Backoff, PollingTarget, TentacleComms};
+use octo_comms::{Backoff, PollingOptions, PollingTarget, TentacleComms};
 use octo_proto::v1::capabilities_server::CapabilitiesServer;
 use octo_proto::v1::file_service_server::FileServiceServer;
 use octo_proto::v1::script_service_server::ScriptServiceServer;
@@ -143,25 +144,15 @@ async fn agent(
         summary.push(format!("polling proxy: {}", cfg.polling_proxy_setting()));
     }
     for p in &cfg.polling_servers {
-        summary.push(format!(
-            "polling {} as poll://{}/ ({} connection(s))",
-            p.address, p.subscription_id, p.connections
-        ));
-        let target = PollingTarget {
-            address: p.address.clone(),
-            subscription_id: p.subscription_id.clone(),
-        };
-        let (c, t, n) = (comms.clone(), shutdown.clone(), p.connections);
-        tasks.spawn(async move {
-            if let Err(e) = c.run_polling(target, n, Backoff::default(), t).await {
-                error!("polling stopped: {e}");
-            }
-        });
+        summary.push(format!("polling {}", describe(p)));
     }
+    let mut pollers = Pollers::new(comms.clone(), shutdown.clone());
+    pollers.sync(&cfg.polling_servers, false);
     tasks.spawn(watch_config(
         target.config_path.clone(),
         trust,
         comms.clone(),
+        pollers,
         shutdown.clone(),
     ));
     info!(
@@ -197,13 +188,101 @@ async fn wait_for_signal() {
     }
 }
 
-/// Applies trust changes made with `tentacle configure` while the agent runs:
-/// removed thumbprints drop their live connections at once. A changed polling
-/// proxy (`tentacle polling-proxy`) applies to the next polling connections.
+/// "wss://... as poll://SUB/ (N connection(s), dialled at X)".
+fn describe(p: &PollingServer) -> String {
+    let via = p
+        .connect_to
+        .as_deref()
+        .map(|c| format!(", dialled at {c}"))
+        .unwrap_or_default();
+    format!(
+        "{} as poll://{}/ ({} connection(s){via})",
+        p.address, p.subscription_id, p.connections
+    )
+}
+
+/// The servers being polled: one polling loop per configured server, each with
+/// a token of its own, so servers can be added and removed while running.
+struct Pollers {
+    comms: TentacleComms,
+    shutdown: CancellationToken,
+    running: HashMap<PollingServer, (CancellationToken, tokio::task::JoinHandle<()>)>,
+}
+
+impl Pollers {
+    fn new(comms: TentacleComms, shutdown: CancellationToken) -> Self {
+        Self {
+            comms,
+            shutdown,
+            running: HashMap::new(),
+        }
+    }
+
+    /// Polls exactly `servers`: stops loops for entries gone or changed, starts
+    /// loops for new ones. `log`: say so (not at start, which logs a summary).
+    fn sync(&mut self, servers: &[PollingServer], log: bool) {
+        let gone: Vec<PollingServer> = self
+            .running
+            .keys()
+            .filter(|p| !servers.contains(p))
+            .cloned()
+            .collect();
+        for p in gone {
+            if let Some((token, _)) = self.running.remove(&p) {
+                token.cancel();
+            }
+            if log {
+                info!("no longer polling {}", describe(&p));
+            }
+        }
+        for p in servers {
+            if self.running.contains_key(p) {
+                continue;
+            }
+            if log {
+                info!("now polling {}", describe(p));
+            }
+            let token = self.shutdown.child_token();
+            let target = PollingTarget {
+                address: p.address.clone(),
+                subscription_id: p.subscription_id.clone(),
+            };
+            let options = PollingOptions {
+                connect_to: p.connect_to.clone(),
+                // Each server's connections accept that server's certificate only.
+                server_thumbprint: p.thumbprint.parse().ok(),
+            };
+            let (c, t, n) = (self.comms.clone(), token.clone(), p.connections);
+            let handle = tokio::spawn(async move {
+                if let Err(e) = c
+                    .run_polling_with(target, options, n, Backoff::default(), t)
+                    .await
+                {
+                    error!("polling stopped: {e}");
+                }
+            });
+            self.running.insert(p.clone(), (token, handle));
+        }
+    }
+
+    /// Waits for every loop to end (after the shutdown token was cancelled).
+    async fn join(self) {
+        for (_, (_, handle)) in self.running {
+            let _ = handle.await;
+        }
+    }
+}
+
+/// Applies changes to the configuration file while the agent runs: trust
+/// changes (`tentacle configure`; removed thumbprints drop their live
+/// connections at once), polled servers (`tentacle poll-server`, added or
+/// removed), and the polling proxy (`tentacle polling-proxy`, for the next
+/// polling connections).
 async fn watch_config(
     path: std::path::PathBuf,
     trust: TrustStore,
     comms: TentacleComms,
+    mut pollers: Pollers,
     shutdown: CancellationToken,
 ) {
     let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
@@ -211,7 +290,7 @@ async fn watch_config(
     let mut tick = tokio::time::interval(RELOAD_EVERY);
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return pollers.join().await,
             _ = tick.tick() => {}
         }
         let now = modified(&path);
@@ -235,6 +314,7 @@ async fn watch_config(
                     info!("polling proxy changed in {}: now {proxy}", path.display());
                     comms.set_proxy(proxy);
                 }
+                pollers.sync(&cfg.polling_servers, true);
             }
             Err(e) => warn!("configuration changed but cannot be applied: {e}"),
         }

@@ -137,6 +137,7 @@ pub(crate) fn run<R: BufRead, W: Write>(input: R, out: &mut W) -> anyhow::Result
                 thumbprint: thumbprint.to_string(),
                 subscription_id,
                 connections: 1,
+                connect_to: None,
             });
         }
     }
