@@ -16,7 +16,7 @@ need_apt() {
 
 # System packages the tests use: curl fetches the friendly page over HTTP/2 and 1.1;
 # systemd provides systemd-analyze, which verifies generated units; python3 runs scripts.
-need_apt curl systemd python3 tinyproxy nginx libnginx-mod-stream
+need_apt curl systemd python3 tinyproxy iproute2 iptables nginx libnginx-mod-stream
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

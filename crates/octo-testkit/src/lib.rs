@@ -13,6 +13,7 @@ use octo_tls::{Identity, Thumbprint, TrustHint, TrustStore};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub mod netns;
 pub mod nginx;
 pub mod proxy;
 pub mod raw;

@@ -4,6 +4,7 @@
 //! over; options are kebab-case and also accept the original's spellings.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod check;
 mod register;
 mod run;
 mod setup;
@@ -120,6 +121,8 @@ enum Command {
         after_help = "Example:\n  tentacle run --instance Web"
     )]
     Run,
+    /// Check each configured path to the servers step by step (DNS, proxy, TCP, TLS, trust, RPC) and say what fixes a failure.
+    CheckConnectivity(check::CheckArgs),
     /// Print the instance's configuration.
     #[command(after_help = "Example:\n  tentacle show-configuration --instance Web --format json")]
     ShowConfiguration {
@@ -389,6 +392,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::DeregisterFrom(a) => {
             register::deregister(&Target::resolve(&cli.instance, config)?, &a)
         }
+        Command::CheckConnectivity(a) => check::run(&Target::resolve(&cli.instance, config)?, &a),
         Command::ShowConfiguration { format } => {
             show_configuration(&Target::resolve(&cli.instance, config)?, format)
         }
