@@ -33,7 +33,10 @@ pub fn describe_connect_error(e: &io::Error) -> String {
             "connection refused (nothing is listening on that port, or a firewall rejected it)"
                 .to_string()
         }
-        io::ErrorKind::TimedOut => "connection timed out".to_string(),
+        io::ErrorKind::TimedOut => {
+            "connection timed out (no answer: a firewall or NAT drops the packets, or the host is down)"
+                .to_string()
+        }
         io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => {
             format!("no route to host ({e})")
         }
@@ -46,7 +49,7 @@ pub async fn dial(address: &str, timeout: Duration) -> Result<TcpStream, String>
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
         Err(_) => {
             return Err(format!(
-                "connection timed out after {} s",
+                "connection timed out after {} s (no answer: a firewall or NAT drops the packets, or the host is down)",
                 timeout.as_secs_f32()
             ))
         }

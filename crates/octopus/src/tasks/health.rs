@@ -70,16 +70,19 @@ pub(super) async fn run_step(
             let tool = eng.state.tool.as_ref().as_ref().ok();
             judge(&caps, at, tool.map(|t| t.version.as_str()))
         }
-        Err(reason) => (
-            HealthUpdate {
-                status: HealthStatus::Unavailable,
-                reason: reason.clone(),
-                at,
-                tentacle_version: None,
-                tool_version: None,
-            },
-            format!("Unavailable: {reason}"),
-        ),
+        Err(reason) => {
+            let reason = with_listening_hint(&machine, reason);
+            (
+                HealthUpdate {
+                    status: HealthStatus::Unavailable,
+                    reason: reason.clone(),
+                    at,
+                    tentacle_version: None,
+                    tool_version: None,
+                },
+                format!("Unavailable: {reason}"),
+            )
+        }
     };
     if let Err(e) = eng.state.store.record_health(machine.id, &update).await {
         tracing::error!("recording the health of {name}: {e}");
@@ -143,6 +146,19 @@ pub(super) fn judge(
         },
         line,
     )
+}
+
+/// A listening machine that cannot be dialled (no answer) may sit behind NAT or a
+/// firewall: say what to do about it.
+fn with_listening_hint(machine: &Machine, reason: String) -> String {
+    if machine.kind == octo_store::EndpointKind::Listening && reason.contains("timed out") {
+        format!(
+            "{reason}; if {} is behind NAT or a firewall that the server cannot cross, make it a polling tentacle (`tentacle register-with --comms-style TentacleActive --server-comms-address SERVER:10943 ... --force`)",
+            machine.name
+        )
+    } else {
+        reason
+    }
 }
 
 /// The warning about the machine's deployment tool, or "" when it is current.
