@@ -15,7 +15,10 @@ need_apt() {
 }
 
 # System packages the tests use: curl fetches the friendly page over HTTP/2 and 1.1;
-# systemd provides systemd-analyze, which verifies generated units; python3 runs scripts.
+# systemd provides systemd-analyze, which verifies generated units; python3 runs scripts;
+# tinyproxy is the real HTTP CONNECT proxy of the proxy tests; nginx with its stream module
+# is the TCP pass-through and SNI router of the WebSocket and SNI tests; iproute2 and
+# iptables build the network namespaces (NAT, dead paths) of crates/octopus/tests/nat.rs.
 need_apt curl systemd python3 tinyproxy iproute2 iptables nginx libnginx-mod-stream
 
 cargo fmt --all -- --check
