@@ -48,11 +48,48 @@ impl Names {
     }
 }
 
-/// Prints one log line in the chosen output.
+/// Prints one log line in the chosen output. For people, `##octopus[...]`
+/// service messages are shown as what they mean (JSON keeps every line as stored).
 pub(crate) fn print_line(names: &Names, line: &TaskLogLine, output: Output) {
     match output {
-        Output::Table => out(&names.format(line)),
+        Output::Table => match service_message_text(line) {
+            Some(text) => out(&names.format(&TaskLogLine {
+                text,
+                ..line.clone()
+            })),
+            None => out(&names.format(line)),
+        },
         Output::Json => out_json_line(line),
+    }
+}
+
+/// "output variable NAME = VALUE" for a setVariable line, None for other lines.
+fn service_message_text(line: &TaskLogLine) -> Option<String> {
+    use octo_calamari::service_message::{parse, ServiceMessage};
+    if line.stream != "stdout" {
+        return None;
+    }
+    match parse(&line.text)? {
+        ServiceMessage::SetVariable {
+            name,
+            value,
+            sensitive,
+        } => Some(format!(
+            "(output variable {name} = {})",
+            if sensitive {
+                "********"
+            } else {
+                value.as_str()
+            }
+        )),
+        ServiceMessage::Progress {
+            percentage,
+            message,
+        } => Some(match percentage {
+            Some(p) => format!("(progress {p}%: {message})"),
+            None => format!("(progress: {message})"),
+        }),
+        ServiceMessage::Other { .. } => None,
     }
 }
 
@@ -208,4 +245,51 @@ fn handle(
         _ => {}
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod service_message_tests {
+    use super::*;
+
+    fn line(stream: &str, text: &str) -> TaskLogLine {
+        TaskLogLine {
+            id: 1,
+            task_id: "ServerTasks-1".into(),
+            machine_id: Some(1),
+            sequence: Some(0),
+            timestamp: 0,
+            stream: stream.into(),
+            text: text.into(),
+        }
+    }
+
+    #[test]
+    fn service_messages_are_shown_as_what_they_mean() {
+        let set = line(
+            "stdout",
+            "##octopus[setVariable name='Url' value='http://x/']",
+        );
+        assert_eq!(
+            service_message_text(&set).as_deref(),
+            Some("(output variable Url = http://x/)")
+        );
+        let secret = line(
+            "stdout",
+            "##octopus[setVariable name='Pw' value='********' sensitive='True']",
+        );
+        assert_eq!(
+            service_message_text(&secret).as_deref(),
+            Some("(output variable Pw = ********)")
+        );
+        let progress = line(
+            "stdout",
+            "##octopus[progress percentage='50' message='Half']",
+        );
+        assert_eq!(
+            service_message_text(&progress).as_deref(),
+            Some("(progress 50%: Half)")
+        );
+        assert_eq!(service_message_text(&line("stdout", "plain text")), None);
+        assert_eq!(service_message_text(&line("stderr", &set.text)), None);
+    }
 }
