@@ -346,6 +346,13 @@ struct ServerInfo {
     thumbprint: String,
     /// The port polling tentacles connect to.
     comms_port: u16,
+    /// The TLS port for polling over WebSocket (`wss://HOST:PORT/PATH`) and the API
+    /// over TLS; null when off.
+    web_socket_port: Option<u16>,
+    /// The WebSocket path, e.g. "/tentacle"; null when off.
+    web_socket_path: Option<String>,
+    /// The deployment tool version this server pushes; null when it has none.
+    tool_version: Option<String>,
 }
 
 /// The server's version, comms thumbprint and polling port.
@@ -364,6 +371,9 @@ async fn server_info(State(s): State<AppState>) -> Json<serde_json::Value> {
         "version": env!("CARGO_PKG_VERSION"),
         "thumbprint": s.thumbprint.to_string(),
         "comms_port": s.comms_port,
+        "web_socket_port": s.web_socket.as_ref().map(|(p, _)| *p),
+        "web_socket_path": s.web_socket.as_ref().map(|(_, path)| path.clone()),
+        "tool_version": s.tool.as_ref().as_ref().ok().map(|t| t.version.clone()),
     }))
 }
 

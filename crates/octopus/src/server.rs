@@ -240,6 +240,8 @@ pub struct AppState {
     pub polling_trust: TrustStore,
     pub thumbprint: Thumbprint,
     pub comms_port: u16,
+    /// The TLS port for WebSocket polling (and the API over TLS), when on, and its path.
+    pub web_socket: Option<(u16, String)>,
     /// The data directory (package files live under it).
     pub data: PathBuf,
     /// The deployment tool this server pushes, or why there is none.
@@ -372,6 +374,7 @@ pub async fn start(args: &RunArgs) -> anyhow::Result<RunningServer> {
         polling_trust,
         thumbprint: identity.thumbprint(),
         comms_port,
+        web_socket: web_socket_port.map(|p| (p, args.web_socket_path.trim().to_string())),
         data: args.data.clone(),
         tool,
         engine,

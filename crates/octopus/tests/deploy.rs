@@ -377,6 +377,11 @@ async fn packages_deploy_to_listening_and_polling_tentacles() {
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     };
 
+    // The server says which tool it pushes (and that it has no WebSocket port).
+    let (_, info) = lab.get("/api/server").await;
+    assert_eq!(info["tool_version"], tool_version.as_str(), "{info}");
+    assert!(info["web_socket_port"].is_null(), "{info}");
+
     // Before any deployment the tool is missing: healthy, with a warning.
     let (code, _, _) = lab.follow(&["health-check", "--environment", "Test"]);
     assert_eq!(code, 0);

@@ -189,6 +189,9 @@ async fn polling_tentacle_over_wss_through_nginx_is_health_checked_and_runs_scri
     };
     let (status, v) = api.post("/api/environments", json!({"name": "Test"})).await;
     assert_eq!(status, 201, "{v}");
+    let (_, info) = api.get("/api/server").await;
+    assert_eq!(info["web_socket_port"], ws_port, "{info}");
+    assert_eq!(info["web_socket_path"], "/tentacle", "{info}");
     // nginx relays TCP to the WebSocket port; it never sees inside TLS.
     let nginx = Nginx::pass_through(format!("127.0.0.1:{ws_port}").parse().unwrap());
     let url = format!("wss://localhost:{}/tentacle", nginx.addr().port());
