@@ -259,17 +259,10 @@ pub(crate) async fn push_package(
     tokio::fs::create_dir_all(&dir)
         .await
         .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
-    let incoming = dir.join(format!(".incoming-{}", crate::server::new_api_key()));
-    let received = receive(body, &incoming).await;
-    let (sha256, size, head) = match received {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = tokio::fs::remove_file(&incoming).await;
-            return Err(e);
-        }
-    };
+    // Removed on every way out but the rename into place.
+    let incoming = Incoming(dir.join(format!(".incoming-{}", crate::server::new_api_key())));
+    let (sha256, size, head) = receive(body, &incoming.0).await?;
     let Some(format) = sniff_format(&head) else {
-        let _ = tokio::fs::remove_file(&incoming).await;
         return Err(ApiError::bad_request(format!(
             "the pushed file ({size} bytes) is neither a zip nor a tar.gz archive"
         )));
@@ -282,7 +275,6 @@ pub(crate) async fn push_package(
     // Same ID, version and content: nothing to do.
     if let Some(existing) = s.store.package(&package_id, &version).await? {
         if existing.sha256.eq_ignore_ascii_case(&sha256) {
-            let _ = tokio::fs::remove_file(&incoming).await;
             return Ok((
                 StatusCode::OK,
                 Json(PushReply {
@@ -292,7 +284,6 @@ pub(crate) async fn push_package(
             ));
         }
         if !q.replace {
-            let _ = tokio::fs::remove_file(&incoming).await;
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 format!(
@@ -303,10 +294,8 @@ pub(crate) async fn push_package(
         }
     }
     let target = dir.join(&sha256);
-    if tokio::fs::try_exists(&target).await.unwrap_or(false) {
-        let _ = tokio::fs::remove_file(&incoming).await;
-    } else {
-        tokio::fs::rename(&incoming, &target)
+    if !tokio::fs::try_exists(&target).await.unwrap_or(false) {
+        tokio::fs::rename(&incoming.0, &target)
             .await
             .map_err(|e| anyhow::anyhow!("moving the package into {}: {e}", target.display()))?;
     }
@@ -348,6 +337,20 @@ pub(crate) async fn push_package(
             .into(),
         }),
     ))
+}
+
+/// A pushed file not (yet) in its place; deleted when dropped (after a rename
+/// into place there is nothing left to delete).
+struct Incoming(PathBuf);
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.0) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!("cannot delete {}: {e}", self.0.display());
+            }
+        }
+    }
 }
 
 /// Streams the body to `path`, hashing it; returns (sha256 lower hex, size, first bytes).

@@ -783,6 +783,13 @@ async fn packages_deploy_to_listening_and_polling_tentacles() {
     assert!(list.contains("1.10.0") && list.contains("tar.gz"), "{list}");
     lab.octopus_ok(&["package", "delete", "Acme.Web", "1.9.0"]);
     assert!(!stored.exists(), "the unused file is removed");
+    // Refused and duplicate pushes left no temporary files behind.
+    let leftovers: Vec<_> = std::fs::read_dir(lab.dir.path().join("server/packages"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".incoming-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
     let (status, _) = lab.get("/api/packages/Acme.Web/1.9.0").await;
     assert_eq!(status, 404);
 
