@@ -20,6 +20,7 @@ use std::time::Duration;
 
 pub mod backoff;
 mod error;
+pub mod h2client;
 pub mod net;
 pub mod page;
 pub mod proxy;
@@ -30,11 +31,10 @@ pub mod websocket;
 
 pub use backoff::Backoff;
 pub use error::{is_retryable, CommsError};
+pub use h2client::H2Channel;
 pub use proxy::{ProxyConfig, ProxyError, ProxySetting};
 pub use registry::PollingRegistry;
-pub use server::{
-    Connection, Endpoint, H2Channel, ServerComms, ServerCommsOptions, WebSocketListenerOptions,
-};
+pub use server::{Connection, Endpoint, ServerComms, ServerCommsOptions, WebSocketListenerOptions};
 pub use tentacle::{ConnectionInfo, Direction, PollingOptions, PollingTarget, TentacleComms};
 
 /// Boxed error used where hyper reports one.

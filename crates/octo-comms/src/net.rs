@@ -135,6 +135,7 @@ pub struct Watched<IO> {
     token: tokio_util::sync::CancellationToken,
     killed: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
     end: EndSlot,
+    activity: Option<std::sync::Arc<crate::h2client::Activity>>,
 }
 
 impl<IO> std::fmt::Debug for Watched<IO> {
@@ -154,7 +155,17 @@ impl<IO> Watched<IO> {
             token,
             killed,
             end,
+            activity: None,
         }
+    }
+
+    /// Records every read in `activity` (for keepalive).
+    pub(crate) fn with_activity(
+        mut self,
+        activity: std::sync::Arc<crate::h2client::Activity>,
+    ) -> Self {
+        self.activity = Some(activity);
+        self
     }
 
     fn check_killed(&mut self, cx: &mut std::task::Context<'_>) -> Option<io::Error> {
@@ -203,6 +214,8 @@ impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<IO> {
             Poll::Ready(Ok(())) => {
                 if wanted && buf.filled().len() == before {
                     self.token.cancel(); // EOF
+                } else if let Some(activity) = &self.activity {
+                    activity.touch();
                 }
                 Poll::Ready(Ok(()))
             }

@@ -12,15 +12,12 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use http_body_util::combinators::MapErr;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use octo_proto::v1::capabilities_client::CapabilitiesClient;
 use octo_proto::v1::file_service_client::FileServiceClient;
@@ -36,6 +33,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::h2client::{self, H2Channel};
 use crate::proxy::{self, ProxySetting};
 use crate::registry::PollingRegistry;
 use crate::{net, page, websocket, CommsError, H2Settings};
@@ -833,7 +831,7 @@ pub struct Connection {
 
 struct ConnInner {
     id: u64,
-    sender: SendRequest<tonic::body::Body>,
+    sender: h2::client::SendRequest<Bytes>,
     remote_addr: SocketAddr,
     peer_thumbprint: Thumbprint,
     label: Arc<str>,
@@ -869,22 +867,16 @@ impl Connection {
     {
         let closed = CancellationToken::new();
         let end = net::EndSlot::default();
-        let io = net::Watched::new(io, closed.clone(), end.clone());
-        let (sender, driver) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(h2.keepalive_interval)
-            .keep_alive_timeout(h2.keepalive_timeout)
-            .keep_alive_while_idle(true)
-            .initial_stream_window_size(h2.stream_window)
-            .initial_connection_window_size(h2.connection_window)
-            .max_frame_size(h2.max_frame_size)
-            .handshake(TokioIo::new(io))
-            .await
-            .map_err(|e| CommsError::Handshake {
-                address: label.clone(),
-                peer_role: Role::Tentacle,
-                reason: e.to_string(),
-            })?;
+        let activity = h2client::Activity::new();
+        let io = net::Watched::new(io, closed.clone(), end.clone()).with_activity(activity.clone());
+        let (sender, driver) =
+            h2client::handshake(io, h2, activity)
+                .await
+                .map_err(|e| CommsError::Handshake {
+                    address: label.clone(),
+                    peer_role: Role::Tentacle,
+                    reason: e.to_string(),
+                })?;
         let conn = Connection {
             inner: Arc::new(ConnInner {
                 id: NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed),
@@ -975,10 +967,11 @@ impl Connection {
 
     /// A gRPC channel over this connection.
     pub fn channel(&self) -> H2Channel {
-        H2Channel {
-            sender: self.inner.sender.clone(),
-            label: self.inner.label.clone(),
-        }
+        H2Channel::new(
+            self.inner.sender.clone(),
+            self.inner.label.clone(),
+            self.inner.closed.clone(),
+        )
     }
 
     fn origin() -> http::Uri {
@@ -1005,67 +998,6 @@ impl Connection {
         FileServiceClient::with_origin(self.channel(), Self::origin())
             .max_decoding_message_size(16 << 20)
             .max_encoding_message_size(16 << 20)
-    }
-}
-
-/// Response body of an [`H2Channel`]: errors become `Unavailable` statuses.
-pub type ChannelBody = MapErr<Incoming, fn(hyper::Error) -> tonic::Status>;
-
-/// A tower service sending gRPC requests over one HTTP/2 connection. Failures of
-/// the connection itself (closed, reset, keepalive timeout) become
-/// `tonic::Status::unavailable`, which [`crate::is_retryable`] recognises.
-#[derive(Clone)]
-pub struct H2Channel {
-    sender: SendRequest<tonic::body::Body>,
-    label: Arc<str>,
-}
-
-impl fmt::Debug for H2Channel {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("H2Channel")
-            .field("label", &self.label)
-            .finish()
-    }
-}
-
-fn connection_lost(label: &str, e: &hyper::Error) -> tonic::Status {
-    tonic::Status::unavailable(format!(
-        "connection to the tentacle at {label} was lost ({e}); the call did not complete and is safe to retry"
-    ))
-}
-
-#[allow(clippy::needless_pass_by_value)] // must match MapErr's fn(hyper::Error) signature
-fn body_error(e: hyper::Error) -> tonic::Status {
-    tonic::Status::unavailable(format!(
-        "connection to the tentacle was lost mid-call ({e}); the call is safe to retry"
-    ))
-}
-
-impl tower::Service<http::Request<tonic::body::Body>> for H2Channel {
-    type Response = http::Response<ChannelBody>;
-    type Error = tonic::Status;
-    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // HTTP/2 multiplexes: always ready. A closed connection is reported by
-        // `call` (tonic would turn a readiness error into `Unknown`).
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        if self.sender.is_closed() {
-            let status = tonic::Status::unavailable(format!(
-                "connection to the tentacle at {} is closed; the call was not sent and is safe to retry",
-                self.label
-            ));
-            return Box::pin(std::future::ready(Err(status)));
-        }
-        let fut = self.sender.send_request(req);
-        let label = self.label.clone();
-        Box::pin(async move {
-            let resp = fut.await.map_err(|e| connection_lost(&label, &e))?;
-            Ok(resp.map(|b| b.map_err(body_error as fn(hyper::Error) -> tonic::Status)))
-        })
     }
 }
 
