@@ -47,6 +47,7 @@ enum Area {
 }
 
 fn main() -> anyhow::Result<()> {
+    octo_comms::tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

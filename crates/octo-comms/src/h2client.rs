@@ -431,3 +431,178 @@ impl Body for ResponseBody {
         SizeHint::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use octo_proto::v1::capabilities_client::CapabilitiesClient;
+    use octo_proto::v1::file_service_client::FileServiceClient;
+    use octo_proto::v1::{
+        upload_request, FileChunk, PingRequest, UploadFinish, UploadRequest, UploadStart,
+    };
+    use sha2::{Digest, Sha256};
+    use tokio::io::{DuplexStream, ReadBuf};
+    use tower::Service;
+
+    use super::*;
+
+    /// An in-memory socket that counts the writes reaching it.
+    struct CountingIo {
+        io: DuplexStream,
+        writes: Arc<AtomicUsize>,
+    }
+
+    impl AsyncRead for CountingIo {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for CountingIo {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let r = Pin::new(&mut self.io).poll_write(cx, buf);
+            if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+                self.writes.fetch_add(1, Ordering::Relaxed);
+            }
+            r
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    /// A channel to the test fixtures served by hyper's HTTP/2 server (as a
+    /// tentacle does) over an in-memory socket, and the client's write count.
+    async fn channel() -> (H2Channel, Arc<AtomicUsize>) {
+        let (client_io, server_io) = tokio::io::duplex(4 << 20);
+        tokio::spawn(async move {
+            let routes = octo_testkit::services::routes();
+            let svc = hyper::service::service_fn(move |req| {
+                let mut routes = routes.clone();
+                async move { routes.call(req).await }
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(server_io), svc)
+                .await;
+        });
+        let writes = Arc::new(AtomicUsize::new(0));
+        let io = CountingIo {
+            io: client_io,
+            writes: writes.clone(),
+        };
+        let (sender, driver) = handshake(io, &H2Settings::default(), Activity::new())
+            .await
+            .expect("HTTP/2 handshake in memory");
+        tokio::spawn(driver);
+        let channel = H2Channel::new(sender, "memory".into(), CancellationToken::new());
+        (channel, writes)
+    }
+
+    fn origin() -> http::Uri {
+        http::Uri::from_static("https://tentacle")
+    }
+
+    #[tokio::test]
+    async fn a_unary_call_leaves_in_one_write() {
+        let (channel, writes) = channel().await;
+        let mut client = CapabilitiesClient::with_origin(channel, origin());
+        // The first call also carries the SETTINGS acknowledgement.
+        client.ping(PingRequest::default()).await.expect("ping");
+        let before = writes.load(Ordering::Relaxed);
+        for _ in 0..20 {
+            client.ping(PingRequest::default()).await.expect("ping");
+        }
+        assert_eq!(
+            writes.load(Ordering::Relaxed) - before,
+            20,
+            "each call's HEADERS and DATA must go out together"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_stream_larger_than_the_windows_is_pumped_whole() {
+        let (channel, _) = channel().await;
+        let mut client = FileServiceClient::with_origin(channel, origin())
+            .max_encoding_message_size(16 << 20)
+            .max_decoding_message_size(16 << 20);
+        // 24 MiB: more than the stream and connection windows, so the pump
+        // must wait for capacity several times.
+        let chunk = Bytes::from(vec![7u8; 1 << 20]);
+        let chunks = 24u64;
+        let mut h = Sha256::new();
+        for _ in 0..chunks {
+            h.update(&chunk);
+        }
+        let sha: String = h.finalize().iter().map(|b| format!("{b:02X}")).collect();
+        let total = chunks << 20;
+        let mut messages = vec![UploadRequest {
+            part: Some(upload_request::Part::Start(UploadStart {
+                path: "x.bin".into(),
+                total_length: total,
+                ..Default::default()
+            })),
+        }];
+        messages.extend((0..chunks).map(|i| UploadRequest {
+            part: Some(upload_request::Part::Chunk(FileChunk {
+                offset: i << 20,
+                data: chunk.clone(),
+            })),
+        }));
+        messages.push(UploadRequest {
+            part: Some(upload_request::Part::Finish(UploadFinish {
+                sha256: sha.clone(),
+                total_length: total,
+            })),
+        });
+        let reply = client
+            .upload_file(tokio_stream::iter(messages))
+            .await
+            .expect("upload")
+            .into_inner();
+        assert_eq!((reply.length, reply.sha256), (total, sha));
+    }
+
+    #[tokio::test]
+    async fn a_message_too_large_to_encode_is_reported_as_such() {
+        let (channel, _) = channel().await;
+        let mut client =
+            FileServiceClient::with_origin(channel, origin()).max_encoding_message_size(1 << 10);
+        let messages = vec![
+            UploadRequest {
+                part: Some(upload_request::Part::Start(UploadStart {
+                    path: "x.bin".into(),
+                    ..Default::default()
+                })),
+            },
+            UploadRequest {
+                part: Some(upload_request::Part::Chunk(FileChunk {
+                    offset: 0,
+                    data: Bytes::from(vec![1u8; 4 << 10]),
+                })),
+            },
+        ];
+        let err = client
+            .upload_file(tokio_stream::iter(messages))
+            .await
+            .expect_err("a 4 KiB message over a 1 KiB limit");
+        assert_eq!(err.code(), tonic::Code::OutOfRange, "{err}");
+    }
+}

@@ -15,6 +15,16 @@ const KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 const KEEPALIVE_RETRIES: u32 = 3;
 
+/// Most encrypted bytes queued before they are written to the socket (rustls'
+/// default is 64 KiB). Bulk transfers then write a quarter MiB per system call;
+/// nothing is allocated for it until data is sent.
+pub const TLS_SEND_BUFFER: usize = 256 << 10;
+
+/// Per-connection TLS settings, applied before the handshake.
+pub fn tune_tls<D>(conn: &mut rustls::ConnectionCommon<D>) {
+    conn.set_buffer_limit(Some(TLS_SEND_BUFFER));
+}
+
 /// Sets TCP_NODELAY and TCP keepalive on a socket we accepted or dialled.
 /// Every socket in the workspace goes through here.
 pub fn tune(stream: &TcpStream) -> io::Result<()> {

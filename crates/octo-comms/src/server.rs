@@ -309,7 +309,7 @@ impl ServerComms {
         let (tcp, remote) = (dialled.stream, dialled.peer_addr);
         let tls = match tokio::time::timeout(
             h2.handshake_timeout,
-            TlsConnector::from(cfg).connect(name, tcp),
+            TlsConnector::from(cfg).connect_with(name, tcp, |c| net::tune_tls(c)),
         )
         .await
         {
@@ -497,7 +497,9 @@ impl ServerComms {
         if let Err(e) = net::tune(&tcp) {
             debug!("socket options on connection from {remote}: {e}");
         }
-        let accept = acceptor.accept(tcp).into_fallible();
+        let accept = acceptor
+            .accept_with(tcp, |c| net::tune_tls(c))
+            .into_fallible();
         let tls = match tokio::time::timeout(h2.handshake_timeout, accept).await {
             Err(_) => return debug!("TLS handshake from {remote} timed out"),
             Ok(Err((e, tcp))) => {
@@ -636,7 +638,9 @@ impl ServerComms {
         if let Err(e) = net::tune(&tcp) {
             debug!("socket options on connection from {remote}: {e}");
         }
-        let accept = acceptor.accept(tcp).into_fallible();
+        let accept = acceptor
+            .accept_with(tcp, |c| net::tune_tls(c))
+            .into_fallible();
         let tls = match tokio::time::timeout(h2.handshake_timeout, accept).await {
             Err(_) => return debug!("TLS handshake from {remote} timed out"),
             Ok(Err((e, tcp))) => {

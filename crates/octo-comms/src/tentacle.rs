@@ -276,7 +276,9 @@ impl TentacleComms {
         if let Err(e) = net::tune(&tcp) {
             debug!("socket options on connection from {remote}: {e}");
         }
-        let accept = acceptor.accept(tcp).into_fallible();
+        let accept = acceptor
+            .accept_with(tcp, |c| net::tune_tls(c))
+            .into_fallible();
         let tls = match tokio::time::timeout(self.h2.handshake_timeout, accept).await {
             Err(_) => {
                 debug!("TLS handshake from {remote} timed out");
@@ -515,7 +517,7 @@ impl TentacleComms {
         let (tcp, remote) = (dialled.stream, dialled.peer_addr);
         let tls = match tokio::time::timeout(
             self.h2.handshake_timeout,
-            connector.connect(server_name, tcp),
+            connector.connect_with(server_name, tcp, |c| net::tune_tls(c)),
         )
         .await
         {

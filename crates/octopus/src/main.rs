@@ -100,6 +100,7 @@ fn init_tracing() {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    octo_comms::tune_allocator();
     let cli = Cli::parse();
     init_tracing();
     let result = match cli.command {

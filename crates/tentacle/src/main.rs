@@ -339,6 +339,7 @@ pub(crate) fn load_identity(cfg: &TentacleConfig) -> anyhow::Result<Identity> {
 }
 
 fn main() {
+    octo_comms::tune_allocator();
     let cli = Cli::parse();
     if let Err(e) = dispatch(cli) {
         eprintln!("error: {e:#}");
