@@ -79,11 +79,14 @@ pub fn client_config(
     settings: &TlsSettings,
 ) -> Result<Arc<ClientConfig>, IdentityError> {
     let provider = crate::provider();
-    let verifier = PinnedServerVerifier(Pinning {
-        trust,
-        peer_role,
-        provider: provider.clone(),
-    });
+    let verifier = PinnedServerVerifier {
+        pinning: Pinning {
+            trust,
+            peer_role,
+            provider: provider.clone(),
+        },
+        pinned: true,
+    };
     let mut cfg = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(VERSIONS)
         .map_err(|e| IdentityError::Generate(format!("TLS configuration: {e}")))?
@@ -93,6 +96,34 @@ pub fn client_config(
             identity.certified_key()?,
         )));
     cfg.alpn_protocols = settings.alpn.clone();
+    cfg.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(cfg))
+}
+
+/// Config for a client of a server's HTTPS API (a tentacle registering over
+/// `https://`): HTTP/1.1, no client certificate (the API authenticates by key).
+/// With `trust`, the server must present a trusted thumbprint (refused with
+/// [`crate::UntrustedPeer`] otherwise); without, any certificate is accepted and
+/// the caller should report [`crate::peer_thumbprint`] as unverified.
+pub fn api_client_config(trust: Option<TrustStore>) -> Result<Arc<ClientConfig>, IdentityError> {
+    let provider = crate::provider();
+    let pinned = trust.is_some();
+    let trust = trust.unwrap_or_else(|| TrustStore::new([], Arc::new(|_| String::new())));
+    let verifier = PinnedServerVerifier {
+        pinning: Pinning {
+            trust,
+            peer_role: Role::Server,
+            provider: provider.clone(),
+        },
+        pinned,
+    };
+    let mut cfg = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(VERSIONS)
+        .map_err(|e| IdentityError::Generate(format!("TLS configuration: {e}")))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     cfg.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(cfg))
 }

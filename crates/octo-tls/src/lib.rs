@@ -17,7 +17,7 @@ mod thumbprint;
 mod trust;
 mod verify;
 
-pub use config::{client_config, server_config, ClientAuth, TlsSettings};
+pub use config::{api_client_config, client_config, server_config, ClientAuth, TlsSettings};
 pub use identity::{Identity, IdentityError};
 pub use thumbprint::{Thumbprint, ThumbprintParseError};
 pub use trust::{TrustHint, TrustStore};

@@ -209,7 +209,12 @@ impl Pinning {
 /// the trust. Handshake signatures are verified with the provider, which proves the
 /// peer holds the certificate's private key.
 #[derive(Debug)]
-pub(crate) struct PinnedServerVerifier(pub(crate) Pinning);
+pub(crate) struct PinnedServerVerifier {
+    pub(crate) pinning: Pinning,
+    /// False only for clients of a server's HTTPS API without a thumbprint to
+    /// pin (trust on first use: the caller reports what was presented).
+    pub(crate) pinned: bool,
+}
 
 impl ServerCertVerifier for PinnedServerVerifier {
     fn verify_server_cert(
@@ -220,9 +225,10 @@ impl ServerCertVerifier for PinnedServerVerifier {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.0
-            .check(end_entity)
-            .map(|()| ServerCertVerified::assertion())
+        if self.pinned {
+            self.pinning.check(end_entity)?;
+        }
+        Ok(ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -231,7 +237,7 @@ impl ServerCertVerifier for PinnedServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.tls12(message, cert, dss)
+        self.pinning.tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -240,11 +246,11 @@ impl ServerCertVerifier for PinnedServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.tls13(message, cert, dss)
+        self.pinning.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.schemes()
+        self.pinning.schemes()
     }
 }
 

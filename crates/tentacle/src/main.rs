@@ -4,6 +4,7 @@
 //! over; options are kebab-case and also accept the original's spellings.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod api;
 mod check;
 mod register;
 mod run;

@@ -1,11 +1,13 @@
 //! `tentacle register-with`: tell a server about this tentacle, and trust it back.
 
 use anyhow::{bail, Context};
+use hyper::{Method, StatusCode};
 use octo_agent::config::PollingServer;
 use octo_tls::Thumbprint;
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::api::ApiClient;
 use crate::{
     load_identity, new_subscription_id, parse_connect_to, parse_thumbprint, polling_address, Target,
 };
@@ -23,10 +25,11 @@ fn address_host(address: &str) -> String {
 /// Options of `register-with`.
 #[derive(clap::Args, Debug)]
 #[command(
-    after_help = "Examples:\n  tentacle register-with --server http://octopus:8080 --api-key API-XXXX --environment Production --role web\n  tentacle register-with --server http://octopus:8080 --apiKey API-XXXX --env Test --role db --comms-style TentacleActive\n  tentacle register-with --server http://octopus:8080 --api-key API-XXXX --env Test --comms-style TentacleActive --server-web-socket wss://octopus.example:443/tentacle"
+    after_help = "Examples:\n  tentacle register-with --server http://octopus:8080 --api-key API-XXXX --environment Production --role web\n  tentacle register-with --server http://octopus:8080 --apiKey API-XXXX --env Test --role db --comms-style TentacleActive\n  tentacle register-with --server http://octopus:8080 --api-key API-XXXX --env Test --comms-style TentacleActive --server-web-socket wss://octopus.example:443/tentacle\n  tentacle register-with --server https://octopus.example:443 --server-thumbprint <THUMBPRINT> --api-key API-XXXX --env Test   (the API over the server's TLS port: the key stays private)"
 )]
 pub(crate) struct RegisterArgs {
-    /// The server's web address, e.g. http://octopus.example:8080.
+    /// The server's API address: http://HOST:PORT, or https://HOST:PORT for the
+    /// server's TLS port (`--web-socket-listen-port`), pinned by --server-thumbprint.
     #[arg(long)]
     server: String,
     /// An API key of a user allowed to add machines (used for this call only, never stored).
@@ -145,21 +148,24 @@ pub(crate) fn register(target: &Target, a: &RegisterArgs, kind: Kind) -> anyhow:
         .as_deref()
         .map(parse_thumbprint)
         .transpose()?;
-    let server = a.server.trim_end_matches('/').to_string();
-    let (scheme, rest) = server
-        .split_once("://")
-        .with_context(|| format!("--server '{server}' needs a scheme, e.g. http://{server}"))?;
-    if scheme != "http" {
-        bail!("--server '{server}': this build registers over http:// only (the server's API has no TLS yet); use http:// on a trusted network, with --server-thumbprint to verify the server");
-    }
+    let api = ApiClient::new(&a.server, &expected.into_iter().collect::<Vec<_>>())?;
+    let server = api.base().to_string();
     if expected.is_none() {
-        eprintln!("warning: registering over plain HTTP without --server-thumbprint: the server's identity is not verified (anyone in the path could answer); pass --server-thumbprint (`octopus server show-thumbprint`) to check it");
+        let how = if api.is_https() {
+            "over HTTPS without --server-thumbprint: the connection is encrypted, but the server's certificate is accepted on first use"
+        } else {
+            "over plain HTTP without --server-thumbprint: the server's identity is not verified and the API key crosses the network in clear"
+        };
+        eprintln!("warning: registering {how}; pass --server-thumbprint (`octopus server show-thumbprint`) to check it");
+    } else if !api.is_https() && !api.is_loopback() {
+        eprintln!("warning: registering over plain HTTP: the API key crosses the network in clear; the server's TLS port (`https://HOST:PORT` of `--web-socket-listen-port`) keeps it private");
     }
+    let rest = server.split_once("://").map_or(server.as_str(), |(_, r)| r);
     let web_host = rest.split('/').next().unwrap_or(rest);
-    let web_host = web_host
-        .rsplit_once(':')
-        .map_or(web_host, |(h, _)| h)
-        .to_string();
+    let web_host = match octo_comms::net::split_host_port(web_host) {
+        Some((h, _)) => h.to_string(),
+        None => web_host.to_string(),
+    };
     let name = a.name.clone().unwrap_or_else(hostname);
     let polling = match a.comms_style.as_str() {
         "TentaclePassive" => false,
@@ -208,30 +214,28 @@ pub(crate) fn register(target: &Target, a: &RegisterArgs, kind: Kind) -> anyhow:
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let url = format!("{server}/api/machines/register");
-    let http = reqwest::Client::new();
     let reply: Reply = rt.block_on(async {
-        let (key, session) = match (&a.api_key, &a.username, &a.password) {
-            (Some(k), _, _) => (k.trim().to_string(), None),
-            (None, Some(u), Some(p)) => {
-                let (k, id) = login(&http, &server, u, p).await?;
-                (k, Some(id))
-            }
-            _ => bail!("pass --api-key, or --username and --password"),
-        };
-        let result = post_registration(&http, &server, &url, &key, &body).await;
-        if let Some(id) = session {
-            // The login made a session key for this call only: revoke it.
-            let _ = http
-                .delete(format!("{server}/api/api-keys/{id}"))
-                .header("X-Octopus-ApiKey", &key)
-                .send()
-                .await;
-        }
+        let (key, session) = session_key(
+            &api,
+            a.api_key.as_deref(),
+            a.username.as_deref(),
+            a.password.as_deref(),
+        )
+        .await?;
+        let result = post_registration(&api, &key, &body).await;
+        end_session(&api, &key, session).await;
         result
     })?;
     let server_tp: Thumbprint = parse_thumbprint(&reply.server_thumbprint)
         .with_context(|| format!("the server at {server} answered with a malformed thumbprint"))?;
+    if let Some(presented) = api.presented_thumbprint() {
+        if !api.is_pinned() {
+            eprintln!("note: the server's TLS certificate {presented} was accepted without a check (no --server-thumbprint)");
+        }
+        if presented != server_tp {
+            eprintln!("note: the TLS certificate at {server} ({presented}) is not the server's comms certificate ({server_tp}): a proxy in front of the server may be ending TLS there");
+        }
+    }
     if let Some(expected) = expected {
         if expected != server_tp {
             bail!(
@@ -266,21 +270,46 @@ pub(crate) fn register(target: &Target, a: &RegisterArgs, kind: Kind) -> anyhow:
     Ok(())
 }
 
+/// The key for this command's calls: `--api-key`, or a session key from logging
+/// in with `--username`/`--password` (with its id, for [`end_session`]).
+async fn session_key(
+    api: &ApiClient,
+    api_key: Option<&str>,
+    username: Option<&str>,
+    password: Option<&str>,
+) -> anyhow::Result<(String, Option<i64>)> {
+    match (api_key, username, password) {
+        (Some(k), _, _) => Ok((k.trim().to_string(), None)),
+        (None, Some(u), Some(p)) => {
+            let (k, id) = login(api, u, p).await?;
+            Ok((k, Some(id)))
+        }
+        _ => bail!("pass --api-key, or --username and --password"),
+    }
+}
+
+/// Revokes a session key made by [`session_key`] for this command only.
+async fn end_session(api: &ApiClient, key: &str, session: Option<i64>) {
+    if let Some(id) = session {
+        let path = format!("/api/api-keys/{id}");
+        if let Err(e) = api.call(Method::DELETE, &path, Some(key), None).await {
+            eprintln!("warning: could not revoke this command's session key (id {id}): {e:#}; revoke it with `octopus api-key revoke {id}`");
+        }
+    }
+}
+
 /// Logs in; returns a session key and its id (revoked after the registration).
-async fn login(
-    http: &reqwest::Client,
-    server: &str,
-    username: &str,
-    password: &str,
-) -> anyhow::Result<(String, i64)> {
-    let resp = http
-        .post(format!("{server}/api/users/login"))
-        .json(&json!({ "username": username, "password": password }))
-        .send()
-        .await
-        .with_context(|| format!("cannot reach the server at {server}; check the address and that `octopus server run` is running there"))?;
-    let status = resp.status();
-    let v: serde_json::Value = resp.json().await.unwrap_or_default();
+async fn login(api: &ApiClient, username: &str, password: &str) -> anyhow::Result<(String, i64)> {
+    let server = api.base();
+    let (status, text) = api
+        .call(
+            Method::POST,
+            "/api/users/login",
+            None,
+            Some(&json!({ "username": username, "password": password })),
+        )
+        .await?;
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
     if !status.is_success() {
         bail!(
             "the server at {server} refused the login of '{username}': {}",
@@ -298,41 +327,40 @@ async fn login(
 }
 
 async fn post_registration(
-    http: &reqwest::Client,
-    server: &str,
-    url: &str,
+    api: &ApiClient,
     key: &str,
     body: &serde_json::Value,
 ) -> anyhow::Result<Reply> {
-    let resp = http
-        .post(url)
-        .header("X-Octopus-ApiKey", key)
-        .json(body)
-        .send()
-        .await
-        .with_context(|| format!("cannot reach the server at {server}; check the address and that `octopus server run` is running there"))?;
-    let status = resp.status();
-    let text = resp.text().await.unwrap_or_default();
+    let server = api.base();
+    let (status, text) = api
+        .call(
+            Method::POST,
+            "/api/machines/register",
+            Some(key),
+            Some(body),
+        )
+        .await?;
     if !status.is_success() {
         let msg = serde_json::from_str::<serde_json::Value>(&text)
             .ok()
             .and_then(|v| v["error"].as_str().map(str::to_string))
             .unwrap_or(text);
-        if status == reqwest::StatusCode::UNAUTHORIZED {
+        if status == StatusCode::UNAUTHORIZED {
             bail!("the server at {server} refused the API key ({msg}); create one with `octopus api-key create`");
         }
         bail!("the server at {server} refused the registration ({status}): {msg}");
     }
-    serde_json::from_str(&text).with_context(|| format!("unexpected answer from {url}"))
+    serde_json::from_str(&text)
+        .with_context(|| format!("unexpected answer from {server}/api/machines/register"))
 }
 
 /// Options of `deregister-from`.
 #[derive(clap::Args, Debug)]
 #[command(
-    after_help = "Example:\n  tentacle deregister-from --server http://octopus:8080 --api-key API-XXXX"
+    after_help = "Examples:\n  tentacle deregister-from --server http://octopus:8080 --api-key API-XXXX\n  tentacle deregister-from --server https://octopus.example:443 --api-key API-XXXX"
 )]
 pub(crate) struct DeregisterArgs {
-    /// The server's web address, e.g. http://octopus.example:8080.
+    /// The server's API address: http://HOST:PORT or https://HOST:PORT (its TLS port).
     #[arg(long)]
     server: String,
     /// An API key (used for this call only, never stored).
@@ -359,32 +387,23 @@ pub(crate) fn deregister(target: &Target, a: &DeregisterArgs) -> anyhow::Result<
     let mut cfg = target.load()?;
     let identity = load_identity(&cfg)?;
     let ours = identity.thumbprint().to_string();
-    let server = a.server.trim_end_matches('/').to_string();
-    if !server.starts_with("http://") {
-        bail!("--server '{server}': use http://HOST:PORT (the server's API has no TLS yet)");
-    }
+    // Over https, only a server this tentacle trusts gets the API key.
+    let api = ApiClient::new(&a.server, &cfg.trusted_thumbprints())?;
+    let server = api.base().to_string();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let http = reqwest::Client::new();
     let (removed, server_tp) = rt.block_on(async {
-        let (key, session) = match (&a.api_key, &a.username, &a.password) {
-            (Some(k), _, _) => (k.trim().to_string(), None),
-            (None, Some(u), Some(p)) => {
-                let (k, id) = login(&http, &server, u, p).await?;
-                (k, Some(id))
-            }
-            _ => bail!("pass --api-key, or --username and --password"),
-        };
+        let (key, session) = session_key(
+            &api,
+            a.api_key.as_deref(),
+            a.username.as_deref(),
+            a.password.as_deref(),
+        )
+        .await?;
         let result = async {
-            let get = |path: String| {
-                http.get(format!("{server}{path}"))
-                    .header("X-Octopus-ApiKey", &key)
-                    .send()
-            };
-            let info: serde_json::Value = checked(get("/api/server".into()).await, &server).await?;
-            let machines: serde_json::Value =
-                checked(get("/api/machines".into()).await, &server).await?;
+            let info = checked(&api, Method::GET, "/api/server", &key).await?;
+            let machines = checked(&api, Method::GET, "/api/machines", &key).await?;
             let mut removed = Vec::new();
             for m in machines.as_array().into_iter().flatten() {
                 if m["thumbprint"]
@@ -392,13 +411,8 @@ pub(crate) fn deregister(target: &Target, a: &DeregisterArgs) -> anyhow::Result<
                     .is_some_and(|t| t.eq_ignore_ascii_case(&ours))
                 {
                     let name = m["name"].as_str().unwrap_or_default().to_string();
-                    let url = format!("{server}/api/machines/{}", encode(&name));
-                    let resp = http
-                        .delete(url)
-                        .header("X-Octopus-ApiKey", &key)
-                        .send()
-                        .await;
-                    let _: serde_json::Value = checked(resp, &server).await?;
+                    let path = format!("/api/machines/{}", encode(&name));
+                    checked(&api, Method::DELETE, &path, &key).await?;
                     removed.push(name);
                 }
             }
@@ -408,13 +422,7 @@ pub(crate) fn deregister(target: &Target, a: &DeregisterArgs) -> anyhow::Result<
             ))
         }
         .await;
-        if let Some(id) = session {
-            let _ = http
-                .delete(format!("{server}/api/api-keys/{id}"))
-                .header("X-Octopus-ApiKey", &key)
-                .send()
-                .await;
-        }
+        end_session(&api, &key, session).await;
         result
     })?;
     if removed.is_empty() {
@@ -449,16 +457,17 @@ fn encode(s: &str) -> String {
 
 /// The JSON body of a successful answer, or an error naming the server's reason.
 async fn checked(
-    resp: reqwest::Result<reqwest::Response>,
-    server: &str,
+    api: &ApiClient,
+    method: Method,
+    path: &str,
+    key: &str,
 ) -> anyhow::Result<serde_json::Value> {
-    let resp = resp.with_context(|| format!("cannot reach the server at {server}; check the address and that `octopus server run` is running there"))?;
-    let status = resp.status();
-    let text = resp.text().await.unwrap_or_default();
+    let server = api.base();
+    let (status, text) = api.call(method, path, Some(key), None).await?;
     let v: serde_json::Value = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
     if !status.is_success() {
         let msg = v["error"].as_str().map(str::to_string).unwrap_or(text);
-        if status == reqwest::StatusCode::UNAUTHORIZED {
+        if status == StatusCode::UNAUTHORIZED {
             bail!("the server at {server} refused the API key ({msg})");
         }
         bail!("the server at {server} answered {status}: {msg}");

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use octo_server::server::{start, RunArgs};
+use octo_server::server::{start, RunArgs, RunningServer};
 use octo_tls::Thumbprint;
 use serde_json::{json, Value};
 
@@ -61,30 +61,38 @@ async fn api(method: reqwest::Method, url: String, key: &str, body: Option<Value
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn register_listening_and_polling_tentacles() {
-    let env = Env {
-        dir: tempfile::tempdir().unwrap(),
-    };
+/// A server on loopback (with its TLS API port when `web_socket` is given) and an
+/// environment "Test".
+async fn server_with_test_environment(env: &Env, web_socket: Option<u16>) -> RunningServer {
     let server = start(&RunArgs {
         data: env.dir.path().join("server"),
         listen: "127.0.0.1:0".parse().unwrap(),
         comms_listen_port: 0,
         comms_listen_address: "127.0.0.1".into(),
+        web_socket_listen_port: web_socket,
         ..RunArgs::default()
     })
     .await
     .unwrap();
-    let key = server.admin_api_key.clone().unwrap();
-    let url = format!("http://{}", server.api_addr);
     let (status, _) = api(
         reqwest::Method::POST,
-        format!("{url}/api/environments"),
-        &key,
+        format!("http://{}/api/environments", server.api_addr),
+        server.admin_api_key.as_deref().unwrap(),
         Some(json!({"name": "Test"})),
     )
     .await;
     assert_eq!(status, 201);
+    server
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_listening_and_polling_tentacles() {
+    let env = Env {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let server = server_with_test_environment(&env, None).await;
+    let key = server.admin_api_key.clone().unwrap();
+    let url = format!("http://{}", server.api_addr);
 
     // Listening.
     env.ok(&["create-instance", "--instance", "L"]);
@@ -429,4 +437,94 @@ async fn register_listening_and_polling_tentacles() {
         .is_none_or(|t| t.as_array().is_some_and(|a| a.is_empty())));
 
     server.stop().await;
+}
+
+/// Registration and deregistration over the server's TLS port: the server is
+/// pinned during the handshake, a wrong pin sends nothing, and deregistration
+/// only talks to a server this tentacle already trusts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_and_deregister_over_https_with_the_server_pinned() {
+    let env = Env {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let server = server_with_test_environment(&env, Some(0)).await;
+    let key = server.admin_api_key.clone().unwrap();
+    let http = format!("http://{}", server.api_addr);
+    let https = format!("https://127.0.0.1:{}", server.web_socket_port.unwrap());
+    env.ok(&["create-instance"]);
+    env.ok(&["new-certificate"]);
+    let right = server.thumbprint.to_string();
+    let wrong = Thumbprint::of_der(b"some other server").to_string();
+    let register = |pin: &str| {
+        vec![
+            "register-with".to_string(),
+            "--server".into(),
+            https.clone(),
+            "--api-key".into(),
+            key.clone(),
+            "--environment".into(),
+            "Test".into(),
+            "--name".into(),
+            "t-https".into(),
+            "--public-hostname".into(),
+            "127.0.0.1".into(),
+            "--server-thumbprint".into(),
+            pin.into(),
+        ]
+    };
+
+    // A wrong pin: refused in the handshake, naming both thumbprints; the server
+    // never got the request and this tentacle trusts nothing.
+    let wrong_args = register(&wrong);
+    let err = env.fails(&wrong_args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        err.contains(&right) && err.contains(&wrong) && err.contains("nothing was sent"),
+        "{err}"
+    );
+    let (status, _) = api(
+        reqwest::Method::GET,
+        format!("{http}/api/machines/t-https"),
+        &key,
+        None,
+    )
+    .await;
+    assert_eq!(
+        status, 404,
+        "a refused handshake must not register anything"
+    );
+    let trusted = env.config("Tentacle")["trusted_servers"].clone();
+    assert!(trusted.as_array().is_none_or(Vec::is_empty), "{trusted}");
+
+    // The right pin: registered, and no warning about an unverified identity.
+    let right_args = register(&right);
+    let (out, err) = env.ok(&right_args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.contains("Registered 't-https'"), "{out}");
+    assert!(!err.contains("warning"), "{err}");
+    assert_eq!(
+        env.config("Tentacle")["trusted_servers"][0]["thumbprint"],
+        right
+    );
+    let (status, m) = api(
+        reqwest::Method::GET,
+        format!("{http}/api/machines/t-https"),
+        &key,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{m}");
+    assert_eq!(m["uri"], "https://127.0.0.1:10933/");
+
+    // Deregistration over https pins the servers this tentacle trusts.
+    let (out, _) = env.ok(&["deregister-from", "--server", &https, "--api-key", &key]);
+    assert!(out.contains("Removed t-https"), "{out}");
+    let (status, _) = api(
+        reqwest::Method::GET,
+        format!("{http}/api/machines/t-https"),
+        &key,
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+    let trusted = env.config("Tentacle")["trusted_servers"].clone();
+    assert!(trusted.as_array().is_none_or(Vec::is_empty), "{trusted}");
 }
