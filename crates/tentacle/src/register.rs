@@ -148,7 +148,7 @@ pub(crate) fn register(target: &Target, a: &RegisterArgs, kind: Kind) -> anyhow:
         .as_deref()
         .map(parse_thumbprint)
         .transpose()?;
-    let api = ApiClient::new(&a.server, &expected.into_iter().collect::<Vec<_>>())?;
+    let api = ApiClient::new(&a.server, expected.as_slice())?;
     let server = api.base().to_string();
     if expected.is_none() {
         let how = if api.is_https() {
