@@ -1,0 +1,11 @@
+//! The REST API's types: what the server answers and accepts, shared by the
+//! server (which generates its OpenAPI document from them), the store (which
+//! persists the records) and the `octopus` command-line client (which only ever
+//! talks HTTP). No logic beyond small helpers on the types.
+//!
+//! - [`model`]: the records (users, API keys, environments, machines, tasks,
+//!   packages, log lines).
+
+pub mod model;
+
+pub use model::*;

@@ -1,0 +1,207 @@
+//! The records the server keeps and the API returns: users, keys, environments,
+//! machines, tasks, packages. The store persists them; the API serializes them as
+//! they are.
+//!
+//! Conventions: ids are `i64` row ids except task ids, which are strings shown to
+//! people ("ServerTasks-42"); times are Unix milliseconds (`i64`).
+
+use serde::{Deserialize, Serialize};
+
+/// A person (or automation) who can call the API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct User {
+    pub id: i64,
+    pub username: String,
+    pub display_name: String,
+    pub is_admin: bool,
+    pub created_at: i64,
+}
+
+/// An API key. The key itself is never stored: only its SHA-256 (hex).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ApiKey {
+    pub id: i64,
+    pub user_id: i64,
+    /// What the key is for, e.g. "admin (created at first start)".
+    pub purpose: String,
+    /// The key's first characters, shown in listings so people can tell keys apart.
+    pub prefix: String,
+    pub created_at: i64,
+    pub last_used_at: Option<i64>,
+    pub revoked: bool,
+}
+
+/// An environment, e.g. "Production".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Environment {
+    pub id: i64,
+    pub name: String,
+    pub description: String,
+    pub created_at: i64,
+}
+
+/// A tenant and its tags ("Tier/Gold" style, free text).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Tenant {
+    pub id: i64,
+    pub name: String,
+    pub tags: Vec<String>,
+    pub created_at: i64,
+}
+
+/// How machines are checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct MachinePolicy {
+    pub id: i64,
+    pub name: String,
+    /// Seconds between scheduled health checks.
+    pub health_check_interval_s: i64,
+    /// Seconds a health check may take per machine.
+    pub health_check_timeout_s: i64,
+    /// Seconds a request waits for a polling machine to connect.
+    pub polling_wait_s: i64,
+}
+
+/// How the server reaches a machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub enum EndpointKind {
+    /// The tentacle listens; `uri` is `https://host:port/`.
+    Listening,
+    /// The tentacle polls; `uri` is `poll://subscription/`.
+    Polling,
+}
+
+/// Last known health of a machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub enum HealthStatus {
+    /// Never checked.
+    Unknown,
+    /// Reachable, trusted, and well.
+    Healthy,
+    /// Reachable but something is wrong (e.g. low disk).
+    Unhealthy,
+    /// Not reachable, not trusted, or timed out (the reason says which).
+    Unavailable,
+}
+
+/// A deployment target or worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Machine {
+    pub id: i64,
+    pub name: String,
+    pub kind: EndpointKind,
+    pub uri: String,
+    /// SHA-256 thumbprint the tentacle must present, 64 upper-case hex.
+    pub thumbprint: String,
+    /// Environment names (empty for workers).
+    pub environments: Vec<String>,
+    pub roles: Vec<String>,
+    pub tenants: Vec<String>,
+    pub tenant_tags: Vec<String>,
+    pub policy: String,
+    /// Set for workers: the worker pool's name.
+    pub worker_pool: Option<String>,
+    pub status: HealthStatus,
+    /// Why it is unhealthy or unavailable; empty when healthy.
+    pub status_reason: String,
+    pub last_health_at: Option<i64>,
+    pub tentacle_version: Option<String>,
+    pub tool_version: Option<String>,
+    pub created_at: i64,
+}
+
+/// State of a task or of one machine's part of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub enum TaskState {
+    Queued,
+    Executing,
+    Success,
+    Failed,
+    Canceled,
+}
+
+impl TaskState {
+    /// Final states never change again.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            TaskState::Success | TaskState::Failed | TaskState::Canceled
+        )
+    }
+}
+
+/// A server task: a health check, a script run, a deployment...
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Task {
+    /// "ServerTasks-<n>".
+    pub id: String,
+    /// "Health", "Script", ...
+    pub kind: String,
+    pub description: String,
+    pub state: TaskState,
+    /// What the task does (script body, syntax, ...), as given when it was created.
+    #[schema(value_type = Object)]
+    pub arguments: serde_json::Value,
+    /// Why it failed, when it did.
+    pub error: Option<String>,
+    pub cancel_requested: bool,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub completed_at: Option<i64>,
+}
+
+/// One machine's part of a task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TaskStep {
+    pub task_id: String,
+    pub machine_id: i64,
+    pub machine_name: String,
+    pub state: TaskState,
+    /// The script ticket used on the tentacle (derived from the task).
+    pub ticket: String,
+    pub exit_code: Option<i32>,
+    /// The next tentacle log sequence not yet stored for this step (resume point).
+    pub next_sequence: i64,
+    pub error: Option<String>,
+    pub started_at: Option<i64>,
+    pub completed_at: Option<i64>,
+    /// Output variables the machine's part produced (deployments), by name.
+    #[serde(default)]
+    pub output_variables: std::collections::BTreeMap<String, String>,
+}
+
+/// A package in the built-in feed. The file is stored once per SHA-256 under
+/// the server's data directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Package {
+    pub id: i64,
+    /// The package's ID, e.g. "Acme.Web" (unique with `version`, case-insensitive).
+    pub package_id: String,
+    /// Semantic version, e.g. "1.2.3".
+    pub version: String,
+    /// "zip" or "tar.gz".
+    pub format: String,
+    /// SHA-256 of the file, lower-case hex.
+    pub sha256: String,
+    pub size: i64,
+    /// The file name it was pushed with.
+    pub file_name: String,
+    pub uploaded_at: i64,
+}
+
+/// One stored log line of a task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TaskLogLine {
+    /// Row id, increasing in the order lines were stored (across all tasks); within a
+    /// task, "lines since" queries use `id > after_id`.
+    pub id: i64,
+    pub task_id: String,
+    /// None for lines written by the server about the task as a whole.
+    pub machine_id: Option<i64>,
+    /// The tentacle's sequence number within the step (None for server lines).
+    pub sequence: Option<i64>,
+    pub timestamp: i64,
+    /// "stdout", "stderr", "service" (tentacle), "server".
+    pub stream: String,
+    pub text: String,
+}
