@@ -42,12 +42,6 @@ pub struct ChildOptions {
     server_thumbprint: Thumbprint,
 }
 
-fn raise_fd_limit() {
-    if let Ok((_, hard)) = rlimit::getrlimit(rlimit::Resource::NOFILE) {
-        let _ = rlimit::setrlimit(rlimit::Resource::NOFILE, hard, hard);
-    }
-}
-
 fn rss_kib() -> anyhow::Result<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm")?;
     let pages: u64 = statm.split_whitespace().nth(1).context("statm")?.parse()?;
@@ -126,7 +120,7 @@ async fn upload(conn: &Connection, mib: usize, chunk_kib: usize) -> anyhow::Resu
 }
 
 pub async fn run(o: Options) -> anyhow::Result<()> {
-    raise_fd_limit();
+    crate::raise_fd_limit();
     let server_id = Identity::generate("bench server")?;
     let trust = TrustStore::new([], octo_testkit::hint("bench server"));
     let options = ServerCommsOptions {
@@ -252,7 +246,7 @@ fn round1(x: f64) -> f64 {
 }
 
 pub async fn child(o: ChildOptions) -> anyhow::Result<()> {
-    raise_fd_limit();
+    crate::raise_fd_limit();
     let id = Identity::generate("bench tentacle")?;
     let trust = TrustStore::new([o.server_thumbprint], octo_testkit::hint("bench tentacle"));
     let comms = TentacleComms::new(id.clone(), trust, octo_testkit::services::routes(), "bench");

@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use octo_server::server::{start, RunArgs};
+use octo_server_core::{start, RunArgs};
 use serde_json::{json, Value};
 
 use crate::scripts::{start as start_agent, tentacle, Agent};
@@ -236,12 +236,8 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
     let server = start(&RunArgs {
-        data: dir.join("server"),
-        listen: "127.0.0.1:0".parse()?,
-        comms_listen_port: 0,
-        comms_listen_address: "127.0.0.1".into(),
         calamari: Some(calamari),
-        ..RunArgs::default()
+        ..RunArgs::loopback(&dir.join("server"))
     })
     .await?;
     let api = Api {

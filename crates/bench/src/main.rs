@@ -74,6 +74,14 @@ fn main() -> anyhow::Result<()> {
 
 /// Builds `bin` of workspace package `package` in release mode and returns its
 /// path (beside this binary).
+/// Raises this process's open-file limit to its hard limit (thousands of
+/// connections in one process).
+pub(crate) fn raise_fd_limit() {
+    if let Ok((_, hard)) = rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        let _ = rlimit::setrlimit(rlimit::Resource::NOFILE, hard, hard);
+    }
+}
+
 pub(crate) fn release_binary(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)

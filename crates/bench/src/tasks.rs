@@ -1,6 +1,6 @@
 //! `bench tasks`: script tasks through the server's HTTP API, end to end.
 //!
-//! The server (`octo_server::server::start`, SQLite in a temporary data
+//! The server (`octo_server_core::start`, SQLite in a temporary data
 //! directory) runs in this process. A child process (this binary, hidden
 //! subcommand `tasks-child`) hosts the tentacles: each one a polling
 //! `TentacleComms` with the real `octo-agent` services (capabilities, scripts)
@@ -22,7 +22,7 @@ use octo_agent::AgentContext;
 use octo_comms::{Backoff, PollingTarget, TentacleComms};
 use octo_proto::v1::capabilities_server::CapabilitiesServer;
 use octo_proto::v1::script_service_server::ScriptServiceServer;
-use octo_server::server::{start, RunArgs};
+use octo_server_core::{start, RunArgs};
 use octo_tls::{Identity, Thumbprint, TrustStore};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -56,12 +56,6 @@ pub struct ChildOptions {
     server_thumbprint: Thumbprint,
     #[arg(long)]
     count: usize,
-}
-
-fn raise_fd_limit() {
-    if let Ok((_, hard)) = rlimit::getrlimit(rlimit::Resource::NOFILE) {
-        let _ = rlimit::setrlimit(rlimit::Resource::NOFILE, hard, hard);
-    }
 }
 
 fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
@@ -196,19 +190,12 @@ impl Events {
 }
 
 pub async fn run(o: Options) -> anyhow::Result<()> {
-    raise_fd_limit();
+    crate::raise_fd_limit();
     if o.tentacles == 0 || o.runs == 0 || o.fanout_runs == 0 {
         bail!("--tentacles, --runs and --fanout-runs must be at least 1");
     }
     let tmp = tempfile::tempdir()?;
-    let server = start(&RunArgs {
-        data: tmp.path().join("data"),
-        listen: "127.0.0.1:0".parse()?,
-        comms_listen_port: 0,
-        comms_listen_address: "127.0.0.1".into(),
-        ..RunArgs::default()
-    })
-    .await?;
+    let server = start(&RunArgs::loopback(&tmp.path().join("data"))).await?;
     let api = Api {
         base: format!("http://{}", server.api_addr),
         key: server.admin_api_key.clone().context("admin key")?,
@@ -339,7 +326,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
             "fanout_runs_s": fanout.iter().map(|&x| round3(x)).collect::<Vec<_>>(),
             "fanout_machines": o.tentacles,
             "tentacles_per_process": o.tentacles,
-            "max_parallel_steps": octo_server::tasks::MAX_PARALLEL_STEPS,
+            "max_parallel_steps": octo_engine::MAX_PARALLEL_STEPS,
             "comms_style": "TentacleActive",
         })
     );
@@ -350,7 +337,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
 /// its own home directory. Prints their thumbprints, starts polling on "go",
 /// stops when stdin closes.
 pub async fn child(o: ChildOptions) -> anyhow::Result<()> {
-    raise_fd_limit();
+    crate::raise_fd_limit();
     let tmp = tempfile::tempdir()?;
     let mut tentacles = Vec::with_capacity(o.count);
     for i in 0..o.count {

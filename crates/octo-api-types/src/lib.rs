@@ -5,7 +5,10 @@
 //!
 //! - [`model`]: the records (users, API keys, environments, machines, tasks,
 //!   packages, log lines).
+//! - [`messages`]: request and reply bodies, and the API key header.
 
+pub mod messages;
 pub mod model;
 
+pub use messages::*;
 pub use model::*;

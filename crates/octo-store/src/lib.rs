@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 pub mod sqlite;
 
 pub use octo_api_types::model::*;
+pub use sqlite::{now_ms, ticket};
 
 /// What went wrong in the store, in words a person can act on.
 #[derive(Debug, thiserror::Error)]

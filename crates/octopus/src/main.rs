@@ -16,11 +16,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-mod client;
 mod demo;
 mod quickstart;
 
-use octo_server::server;
+use octo_client as client;
+use octo_server_core as server;
 
 /// The Octopus server, and a client for its API.
 #[derive(Debug, Parser)]

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use octo_server::server::{start, RunArgs};
+use octo_server_core::{start, RunArgs};
 
 /// Options of `octopus quickstart`.
 #[derive(Debug, clap::Args)]
@@ -128,12 +128,8 @@ pub(crate) async fn run(args: QuickstartArgs) -> anyhow::Result<()> {
 
     // 1. The server.
     let server = start(&RunArgs {
-        data: dir.join("server"),
-        listen: "127.0.0.1:0".parse()?,
-        comms_listen_port: 0,
-        comms_listen_address: "127.0.0.1".into(),
         calamari: Some(calamari),
-        ..RunArgs::default()
+        ..RunArgs::loopback(&dir.join("server"))
     })
     .await?;
     let url = format!("http://{}", server.api_addr);
@@ -171,7 +167,7 @@ async fn scenario(
     tentacle: &Path,
     url: &str,
     key: &str,
-    server: &octo_server::server::RunningServer,
+    server: &octo_server_core::RunningServer,
 ) -> anyhow::Result<Agents> {
     let me = std::env::current_exe()?;
     let octopus = |args: &[&str]| {

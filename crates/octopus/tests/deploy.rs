@@ -15,7 +15,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use octo_server::server::{start, RunArgs, RunningServer};
+use octo_server_core::{start, RunArgs, RunningServer};
 use serde_json::{json, Value};
 use tokio::time::timeout;
 

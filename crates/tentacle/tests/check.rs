@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use octo_server::server::{start, RunArgs, RunningServer};
+use octo_server_core::{start, RunArgs, RunningServer};
 use octo_testkit::tinyproxy::{Tinyproxy, TinyproxyOptions};
 use serde_json::Value;
 use tokio::time::timeout;

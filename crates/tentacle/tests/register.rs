@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use octo_server::server::{start, RunArgs, RunningServer};
+use octo_server_core::{start, RunArgs, RunningServer};
 use octo_tls::Thumbprint;
 use serde_json::{json, Value};
 

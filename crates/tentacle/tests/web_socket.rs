@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use octo_server::server::{start, RunArgs};
+use octo_server_core::{start, RunArgs};
 use octo_testkit as kit;
 use octo_testkit::nginx::Nginx;
 use serde_json::{json, Value};

@@ -15,7 +15,7 @@ use octo_agent::AgentContext;
 use octo_comms::{Backoff, PollingTarget, TentacleComms};
 use octo_proto::v1::capabilities_server::CapabilitiesServer;
 use octo_proto::v1::script_service_server::ScriptServiceServer;
-use octo_server::server::{start, RunArgs, RunningServer};
+use octo_server_core::{start, RunArgs, RunningServer};
 use octo_testkit as kit;
 use octo_tls::{Identity, Thumbprint, TrustStore};
 use serde_json::{json, Value};

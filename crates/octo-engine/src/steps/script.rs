@@ -13,24 +13,21 @@
 //! CancelScript goes to the tentacle (safe even when the ticket is unknown there)
 //! and the log is read to the script's end.
 
-use std::sync::Arc;
 use std::time::Duration;
 
+use octo_api_types::{Isolation, ScriptRequest, Syntax};
 use octo_comms::{Connection, Endpoint};
 use octo_proto::exit_codes;
 use octo_proto::v1::{
     script_event, CancelScriptRequest, CompleteScriptRequest, IsolationLevel, LogLine, LogStream,
     ScriptState, ScriptStatus, ScriptStatusRequest, ScriptSyntax, StartScriptRequest,
 };
-use octo_store::{NewLogLine, TaskState, TaskStep};
+use octo_store::{now_ms, NewLogLine, TaskState, TaskStep};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
-use super::engine::Engine;
-use super::{Isolation, ScriptRequest, Syntax};
-use crate::api::endpoint_of;
-use crate::server::now_ms;
-use crate::tasks::outputs;
+use super::{load_machine, Afterwards, StepEnd};
+use crate::context::{StepContext, TaskLog};
+use crate::outputs;
 
 /// Lines stored in one batch at most.
 const BATCH_LINES: usize = 500;
@@ -59,7 +56,7 @@ enum Attempt {
 
 /// What to run on the tentacle, and how to record it.
 #[derive(Debug, Clone)]
-pub(super) struct ScriptSpec {
+pub(crate) struct ScriptSpec {
     /// The request to send; its ticket is replaced by the step's.
     pub request: StartScriptRequest,
     /// What the log calls it: "the script", "the deployment".
@@ -78,7 +75,7 @@ pub(super) struct ScriptSpec {
 }
 
 /// Stored sequences of run K of a step start at `K << ATTEMPT_SHIFT`.
-pub(super) const ATTEMPT_SHIFT: u32 = 40;
+pub(crate) const ATTEMPT_SHIFT: u32 = 40;
 
 impl ScriptSpec {
     /// The ticket of this run of `step`'s script.
@@ -91,7 +88,7 @@ impl ScriptSpec {
     }
 
     /// The stored sequence of this run's first line.
-    pub(super) fn base(&self) -> u64 {
+    pub(crate) fn base(&self) -> u64 {
         u64::from(self.attempt) << ATTEMPT_SHIFT
     }
 }
@@ -120,11 +117,49 @@ impl From<&ScriptRequest> for ScriptSpec {
     }
 }
 
+/// How a script run ended.
+pub(crate) enum ScriptEnd {
+    /// Final: record it (the step carries the exit code, resume point and outputs).
+    Finished {
+        step: TaskStep,
+        state: TaskState,
+        error: Option<String>,
+        /// Cleanup on the tentacle, to run once the outcome is recorded.
+        afterwards: Option<Afterwards>,
+    },
+    /// Failed with `hold_failure`: the step stays Executing, `why` goes back to
+    /// the caller (which asks a person what to do).
+    Held { step: TaskStep, why: String },
+    /// The server is stopping.
+    Interrupted,
+}
+
+impl From<ScriptEnd> for StepEnd {
+    fn from(end: ScriptEnd) -> StepEnd {
+        match end {
+            ScriptEnd::Finished {
+                step,
+                state,
+                error,
+                afterwards,
+            } => StepEnd::Finished {
+                step,
+                state,
+                error,
+                health: None,
+                afterwards,
+            },
+            // Only deployments hold failures, and they ask for guidance first.
+            ScriptEnd::Held { step, why } => StepEnd::finished(step, TaskState::Failed, Some(why)),
+            ScriptEnd::Interrupted => StepEnd::Interrupted,
+        }
+    }
+}
+
 struct Run<'a> {
-    eng: &'a Arc<Engine>,
+    ctx: &'a StepContext,
     step: TaskStep,
     spec: &'a ScriptSpec,
-    cancel: &'a CancellationToken,
     endpoint: Endpoint,
     /// StartScript may have reached the tentacle (so cancel must go there).
     start_attempted: bool,
@@ -138,48 +173,40 @@ struct Run<'a> {
     ticket: String,
     /// Added to tentacle sequences when stored (see [`ScriptSpec::attempt`]).
     base: u64,
-    /// The failure held back (with `hold_failure`).
-    held: Option<String>,
+    /// How the run ended, once it has.
+    end: Option<(TaskState, Option<String>)>,
+    /// The connection the script completed on, for the cleanup afterwards.
+    completed_on: Option<Connection>,
+}
+
+/// One machine's part of a script task.
+pub(crate) async fn run_script_step(
+    ctx: &StepContext,
+    step: TaskStep,
+    spec: &ScriptSpec,
+) -> StepEnd {
+    let resumed = step.state == TaskState::Executing;
+    run_step(ctx, step, spec, resumed).await.into()
 }
 
 /// Runs (or resumes, when `resumed`: StartScript may have reached the tentacle
-/// before) one step's script to its end, and records the step's end; returns
-/// early only when the server stops. With `spec.hold_failure`, a failure is not
-/// recorded as the step's end but returned, with the step as it is now.
-pub(super) async fn run_step(
-    eng: &Arc<Engine>,
+/// before) one step's script to its end; returns early only when the server
+/// stops. With `spec.hold_failure`, a failure is returned as held instead of final.
+pub(crate) async fn run_step(
+    ctx: &StepContext,
     mut step: TaskStep,
     spec: &ScriptSpec,
-    cancel: &CancellationToken,
     resumed: bool,
-) -> Option<(TaskStep, String)> {
-    let task_id = step.task_id.clone();
-    let machine = match eng.state.store.machine_by_id(step.machine_id).await {
-        Ok(Some(m)) => m,
-        Ok(None) => {
-            let why = format!("machine '{}' no longer exists", step.machine_name);
-            eng.server_log(&task_id, format!("{}: {why}", step.machine_name))
-                .await;
-            eng.finish_step(&mut step, TaskState::Failed, Some(why))
-                .await;
-            return None;
-        }
-        Err(e) => {
-            let why = format!("loading machine '{}': {e}", step.machine_name);
-            eng.finish_step(&mut step, TaskState::Failed, Some(why))
-                .await;
-            return None;
-        }
-    };
-    let endpoint = match endpoint_of(&machine) {
-        Ok(ep) => ep,
-        Err(e) => {
-            let why = e.to_string();
-            eng.server_log(&task_id, format!("{}: {why}", machine.name))
-                .await;
-            eng.finish_step(&mut step, TaskState::Failed, Some(why))
-                .await;
-            return None;
+) -> ScriptEnd {
+    let endpoint = match load_machine(ctx, &step).await {
+        Ok((_, endpoint)) => endpoint,
+        Err(why) => {
+            return ScriptEnd::Finished {
+                step,
+                state: TaskState::Failed,
+                error: Some(why),
+                afterwards: None,
+            }
         }
     };
     let base = spec.base();
@@ -188,30 +215,19 @@ pub(super) async fn run_step(
         .saturating_sub(base);
     let label = spec.label;
     if resumed {
-        eng.server_log(
-            &task_id,
-            format!(
-                "{}: resuming {label} from log line {next_sequence}",
-                step.machine_name
-            ),
-        )
-        .await;
+        ctx.say(format!("resuming {label} from log line {next_sequence}"))
+            .await;
     } else {
         step.state = TaskState::Executing;
         step.started_at.get_or_insert_with(now_ms);
-        eng.save_step(&step).await;
-        eng.server_log(
-            &task_id,
-            format!("{}: starting {label} ({endpoint})", step.machine_name),
-        )
-        .await;
+        ctx.save(&step).await;
+        ctx.say(format!("starting {label} ({endpoint})")).await;
     }
     let ticket = spec.ticket(&step);
     let mut run = Run {
-        eng,
+        ctx,
         step,
         spec,
-        cancel,
         endpoint,
         start_attempted: resumed,
         cancel_sent: false,
@@ -219,40 +235,64 @@ pub(super) async fn run_step(
         next_sequence,
         ticket,
         base,
-        held: None,
+        end: None,
+        completed_on: None,
     };
     Box::pin(run.run()).await;
-    let held = run.held.take()?;
-    Some((run.step, held))
+    let Some((state, error)) = run.end.take() else {
+        return ScriptEnd::Interrupted;
+    };
+    if state == TaskState::Failed && spec.hold_failure {
+        return ScriptEnd::Held {
+            step: run.step,
+            why: error.unwrap_or_else(|| "failed".into()),
+        };
+    }
+    let afterwards = run.completed_on.take().map(|conn| {
+        let cleanup = Cleanup {
+            log: ctx.log.clone(),
+            shutdown: ctx.shutdown.clone(),
+            conn,
+            ticket: run.ticket.clone(),
+            machine_id: run.step.machine_id,
+            machine_name: run.step.machine_name.clone(),
+            next_sequence: run.next_sequence,
+            base: run.base,
+            mask_outputs: spec.record_outputs,
+        };
+        Box::pin(cleanup.run()) as Afterwards
+    });
+    ScriptEnd::Finished {
+        step: run.step,
+        state,
+        error,
+        afterwards,
+    }
 }
 
 impl Run<'_> {
-    fn task_id(&self) -> &str {
-        &self.step.task_id
-    }
-
     fn name(&self) -> &str {
         &self.step.machine_name
     }
 
     async fn log(&self, text: String) {
-        self.eng
-            .server_log(&self.step.task_id, format!("{}: {text}", self.name()))
-            .await;
+        self.ctx.say(text).await;
     }
 
+    /// Decides how the run ended (the engine records it).
     async fn finish(&mut self, state: TaskState, error: Option<String>) {
         self.step.next_sequence =
             i64::try_from(self.base.saturating_add(self.next_sequence)).unwrap_or(i64::MAX);
         if state == TaskState::Failed && self.spec.hold_failure {
-            self.eng.save_step(&self.step).await;
-            self.held = Some(error.unwrap_or_else(|| "failed".into()));
-            return;
+            self.ctx.save(&self.step).await;
+        } else if self.spec.record_outputs {
+            outputs::collect(self.ctx.store.as_ref(), &mut self.step).await;
         }
-        if self.spec.record_outputs {
-            outputs::collect(self.eng, &mut self.step).await;
-        }
-        self.eng.finish_step(&mut self.step, state, error).await;
+        self.end = Some((state, error));
+    }
+
+    fn held(&self) -> bool {
+        self.spec.hold_failure && matches!(self.end, Some((TaskState::Failed, _)))
     }
 
     async fn fail(&mut self, why: String) {
@@ -292,7 +332,7 @@ impl Run<'_> {
                 delay = RETRY_FIRST;
                 failing_since = None;
             }
-            if self.cancel.is_cancelled() && self.cancel_gave_up(&reason).await {
+            if self.ctx.cancel.is_cancelled() && self.cancel_gave_up(&reason).await {
                 return;
             }
             let since = *failing_since.get_or_insert_with(Instant::now);
@@ -309,17 +349,18 @@ impl Run<'_> {
             } else {
                 format!("cannot reach {}", self.name())
             };
-            self.eng
-                .server_log(
-                    self.task_id(),
-                    format!("{what}: {reason}; resuming in {:.1} s", delay.as_secs_f32()),
-                )
+            self.ctx
+                .log
+                .server(format!(
+                    "{what}: {reason}; resuming in {:.1} s",
+                    delay.as_secs_f32()
+                ))
                 .await;
             // A cancel request cuts the wait short once, so it is delivered promptly.
-            let wait_for_cancel = !self.cancel.is_cancelled();
+            let wait_for_cancel = !self.ctx.cancel.is_cancelled();
             tokio::select! {
-                _ = self.eng.shutdown.cancelled() => return,
-                _ = self.cancel.cancelled(), if wait_for_cancel => {}
+                _ = self.ctx.shutdown.cancelled() => return,
+                _ = self.ctx.cancel.cancelled(), if wait_for_cancel => {}
                 _ = tokio::time::sleep(delay) => {}
             }
             delay = (delay * 2).min(RETRY_MAX);
@@ -328,11 +369,10 @@ impl Run<'_> {
 
     /// One connection's worth of work.
     async fn attempt(&mut self) -> Attempt {
-        let eng = self.eng;
-        let shutdown = &eng.shutdown;
+        let shutdown = &self.ctx.shutdown;
         // A polling machine may take minutes to connect: a cancel meanwhile ends the
         // step at once when the script was never started, and otherwise bounds the wait.
-        let comms = eng.state.comms.clone();
+        let comms = self.ctx.comms.clone();
         let endpoint = self.endpoint.clone();
         let connect = async move { comms.connect(&endpoint).await };
         tokio::pin!(connect);
@@ -342,7 +382,7 @@ impl Run<'_> {
             tokio::select! {
                 r = &mut connect => break r,
                 _ = shutdown.cancelled() => return Attempt::Shutdown,
-                _ = self.cancel.cancelled(), if !cancel_noticed => {
+                _ = self.ctx.cancel.cancelled(), if !cancel_noticed => {
                     if !self.start_attempted {
                         self.log("canceled before the script started".into()).await;
                         self.finish(TaskState::Canceled, None).await;
@@ -372,7 +412,7 @@ impl Run<'_> {
             }
         };
 
-        if self.cancel.is_cancelled() {
+        if self.ctx.cancel.is_cancelled() {
             if !self.start_attempted {
                 self.log("canceled before the script started".into()).await;
                 self.finish(TaskState::Canceled, None).await;
@@ -438,7 +478,7 @@ impl Run<'_> {
         let mut client = conn.scripts();
         let sent = tokio::select! {
             r = tokio::time::timeout(CALL_TIMEOUT, client.cancel_script(req)) => r,
-            _ = self.eng.shutdown.cancelled() => return Some(Attempt::Shutdown),
+            _ = self.ctx.shutdown.cancelled() => return Some(Attempt::Shutdown),
         };
         match sent {
             Ok(Ok(_)) => {
@@ -472,7 +512,7 @@ impl Run<'_> {
 
     /// Streams the log to the script's end (or until the connection fails).
     async fn stream(&mut self, conn: &Connection) -> Attempt {
-        let shutdown = &self.eng.shutdown;
+        let shutdown = &self.ctx.shutdown;
         let req = ScriptStatusRequest {
             ticket: self.ticket.clone(),
             since_sequence: self.next_sequence,
@@ -507,7 +547,7 @@ impl Run<'_> {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Attempt::Shutdown,
-                _ = self.cancel.cancelled(), if cancel_pending => {
+                _ = self.ctx.cancel.cancelled(), if cancel_pending => {
                     if let Err(end) = self.flush(&mut batch, &mut flush_at).await {
                         return end;
                     }
@@ -578,29 +618,12 @@ impl Run<'_> {
 
     /// Adds a line unless it is stored already.
     fn push(&mut self, batch: &mut Vec<NewLogLine>, line: LogLine) {
-        if line.sequence < self.next_sequence {
-            return;
-        }
-        self.next_sequence = line.sequence.saturating_add(1);
-        let stream = match LogStream::try_from(line.stream) {
-            Ok(LogStream::Stderr) => "stderr",
-            Ok(LogStream::Service) => "service",
-            _ => "stdout",
+        let lines = Lines {
+            machine_id: self.step.machine_id,
+            base: self.base,
+            mask_outputs: self.spec.record_outputs,
         };
-        let text = if self.spec.record_outputs && stream == "stdout" {
-            outputs::mask_sensitive(&line.text).unwrap_or(line.text)
-        } else {
-            line.text
-        };
-        batch.push(NewLogLine {
-            machine_id: Some(self.step.machine_id),
-            sequence: Some(
-                i64::try_from(self.base.saturating_add(line.sequence)).unwrap_or(i64::MAX),
-            ),
-            timestamp: line.timestamp_unix_ms,
-            stream: stream.into(),
-            text,
-        });
+        lines.push(&mut self.next_sequence, batch, line);
     }
 
     /// Stores the batch. Err(end) when the store failed (the step is then Failed).
@@ -614,7 +637,7 @@ impl Run<'_> {
             return Ok(());
         }
         let lines = std::mem::take(batch);
-        match self.eng.append(self.task_id(), &lines).await {
+        match self.ctx.log.append(&lines).await {
             Ok(()) => Ok(()),
             Err(e) => {
                 self.fail(format!("storing the log failed: {e}")).await;
@@ -623,13 +646,14 @@ impl Run<'_> {
         }
     }
 
-    /// Records the script's end, then removes its work directory on the tentacle.
+    /// Records the script's end; the cleanup on the tentacle follows once the
+    /// engine has recorded it.
     async fn completed(&mut self, conn: &Connection, status: &ScriptStatus) {
         let code = status.exit_code;
         self.step.exit_code = Some(code);
         let (state, error) = if code == 0 {
             (TaskState::Success, None)
-        } else if self.cancel.is_cancelled()
+        } else if self.ctx.cancel.is_cancelled()
             && (code == exit_codes::CANCELLED || code == exit_codes::UNKNOWN_TICKET)
         {
             // Cancelled, or cancelled before the start ever reached the tentacle.
@@ -643,30 +667,91 @@ impl Run<'_> {
         })
         .await;
         self.finish(state, error).await;
-        if self.held.is_some() {
-            // The run stays on the tentacle until a person decides: a resumed
-            // step then finds it complete instead of running it again.
+        // A held run stays on the tentacle until a person decides: a resumed
+        // step then finds it complete instead of running it again.
+        if !self.held() {
+            self.completed_on = Some(conn.clone());
+        }
+    }
+}
+
+/// How a run's tentacle lines are stored.
+struct Lines {
+    machine_id: i64,
+    /// Added to tentacle sequences (see [`ScriptSpec::attempt`]).
+    base: u64,
+    /// Mask sensitive output variables (deployments).
+    mask_outputs: bool,
+}
+
+impl Lines {
+    /// Adds `line` to `batch` unless it is before `next_sequence` (stored
+    /// already), and moves `next_sequence` past it.
+    fn push(&self, next_sequence: &mut u64, batch: &mut Vec<NewLogLine>, line: LogLine) {
+        if line.sequence < *next_sequence {
             return;
         }
+        *next_sequence = line.sequence.saturating_add(1);
+        let stream = match LogStream::try_from(line.stream) {
+            Ok(LogStream::Stderr) => "stderr",
+            Ok(LogStream::Service) => "service",
+            _ => "stdout",
+        };
+        let text = if self.mask_outputs && stream == "stdout" {
+            outputs::mask_sensitive(&line.text).unwrap_or(line.text)
+        } else {
+            line.text
+        };
+        batch.push(NewLogLine {
+            machine_id: Some(self.machine_id),
+            sequence: Some(
+                i64::try_from(self.base.saturating_add(line.sequence)).unwrap_or(i64::MAX),
+            ),
+            timestamp: line.timestamp_unix_ms,
+            stream: stream.into(),
+            text,
+        });
+    }
+}
 
-        // Best effort: the rest of the log (normally nothing) and cleanup.
+/// After a completed script: the rest of its log (normally nothing), and its
+/// work directory removed on the tentacle (best effort).
+struct Cleanup {
+    log: TaskLog,
+    shutdown: tokio_util::sync::CancellationToken,
+    conn: Connection,
+    ticket: String,
+    machine_id: i64,
+    machine_name: String,
+    next_sequence: u64,
+    base: u64,
+    mask_outputs: bool,
+}
+
+impl Cleanup {
+    async fn run(mut self) {
+        let lines = Lines {
+            machine_id: self.machine_id,
+            base: self.base,
+            mask_outputs: self.mask_outputs,
+        };
         for _ in 0..10 {
             let req = CompleteScriptRequest {
                 ticket: self.ticket.clone(),
                 since_sequence: self.next_sequence,
             };
-            let mut client = conn.scripts();
+            let mut client = self.conn.scripts();
             let reply = tokio::select! {
                 r = tokio::time::timeout(CALL_TIMEOUT, client.complete_script(req)) => r,
-                _ = self.eng.shutdown.cancelled() => return,
+                _ = self.shutdown.cancelled() => return,
             };
             let reply = match reply {
                 Ok(Ok(r)) => r.into_inner(),
                 Ok(Err(status)) => {
                     return tracing::debug!(
                         "CompleteScript for {} on {}: {}",
-                        self.step.ticket,
-                        self.name(),
+                        self.ticket,
+                        self.machine_name,
                         status.message()
                     )
                 }
@@ -674,12 +759,10 @@ impl Run<'_> {
             };
             let mut batch = Vec::new();
             for line in reply.logs {
-                self.push(&mut batch, line);
+                lines.push(&mut self.next_sequence, &mut batch, line);
             }
-            if !batch.is_empty() {
-                if let Err(e) = self.eng.append(self.task_id(), &batch).await {
-                    return tracing::error!("storing the log of {}: {e}", self.task_id());
-                }
+            if let Err(e) = self.log.append(&batch).await {
+                return tracing::error!("storing the log of {}: {e}", self.log.task_id());
             }
             if !(reply.more_logs && reply.state == ScriptState::Complete as i32) {
                 return;

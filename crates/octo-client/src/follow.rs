@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use octo_store::{TaskLogLine, TaskStep};
+use octo_api_types::{TaskLogLine, TaskStep};
 
 use super::http::{root_cause, ApiClient};
 use super::output::{out, out_json_line};

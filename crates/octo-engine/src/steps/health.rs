@@ -7,18 +7,16 @@
 //! tentacle not connected within the wait). Polling machines are waited for
 //! `polling_wait_s` of the policy, capped at the health check timeout.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use octo_comms::Endpoint;
 use octo_proto::v1::{CapabilitiesReply, GetCapabilitiesRequest};
-use octo_store::{HealthStatus, HealthUpdate, Machine, TaskState, TaskStep};
+use octo_store::{now_ms, HealthStatus, HealthUpdate, Machine, TaskState, TaskStep};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
-use super::engine::Engine;
-use crate::api::endpoint_of;
-use crate::server::now_ms;
+use super::StepEnd;
+use crate::context::StepContext;
+use crate::endpoint_of;
 
 /// Below this much free space in the tentacle's home, a machine is Unhealthy.
 const LOW_DISK_BYTES: u64 = 100 << 20;
@@ -26,48 +24,38 @@ const LOW_DISK_BYTES: u64 = 100 << 20;
 const DEFAULT_TIMEOUT_S: i64 = 60;
 const DEFAULT_POLLING_WAIT_S: i64 = 120;
 
-/// Checks one machine; returns its name and health, or None when the step did
-/// not produce one (canceled, server stopping).
-pub(super) async fn run_step(
-    eng: &Arc<Engine>,
-    mut step: TaskStep,
-    cancel: &CancellationToken,
-) -> Option<(String, HealthStatus)> {
-    let task_id = step.task_id.clone();
+/// Checks one machine and records its health on it; the step's end carries
+/// the health for the task's summary.
+pub(crate) async fn run_step(ctx: &StepContext, mut step: TaskStep) -> StepEnd {
     let name = step.machine_name.clone();
-    let machine = match eng.state.store.machine_by_id(step.machine_id).await {
+    let machine = match ctx.store.machine_by_id(step.machine_id).await {
         Ok(Some(m)) => m,
         Ok(None) => {
             let why = format!("machine '{name}' no longer exists");
-            eng.server_log(&task_id, format!("{name}: {why}")).await;
-            eng.finish_step(&mut step, TaskState::Failed, Some(why))
-                .await;
-            return None;
+            ctx.say(&why).await;
+            return StepEnd::finished(step, TaskState::Failed, Some(why));
         }
         Err(e) => {
             let why = format!("loading machine '{name}': {e}");
-            eng.finish_step(&mut step, TaskState::Failed, Some(why))
-                .await;
-            return None;
+            return StepEnd::finished(step, TaskState::Failed, Some(why));
         }
     };
     step.state = TaskState::Executing;
     step.started_at = Some(now_ms());
-    eng.save_step(&step).await;
+    ctx.save(&step).await;
 
     let checked = tokio::select! {
-        r = check(eng, &machine) => r,
-        _ = eng.shutdown.cancelled() => return None,
-        _ = cancel.cancelled() => {
-            eng.server_log(&task_id, format!("{name}: health check canceled")).await;
-            eng.finish_step(&mut step, TaskState::Canceled, None).await;
-            return None;
+        r = check(ctx, &machine) => r,
+        _ = ctx.shutdown.cancelled() => return StepEnd::Interrupted,
+        _ = ctx.cancel.cancelled() => {
+            ctx.say("health check canceled").await;
+            return StepEnd::finished(step, TaskState::Canceled, None);
         }
     };
     let at = now_ms();
     let (update, line) = match checked {
         Ok(caps) => {
-            let tool = eng.state.tool.as_ref().as_ref().ok();
+            let tool = ctx.tool.as_ref().as_ref().ok();
             judge(&caps, at, tool.map(|t| t.version.as_str()))
         }
         Err(reason) => {
@@ -84,10 +72,10 @@ pub(super) async fn run_step(
             )
         }
     };
-    if let Err(e) = eng.state.store.record_health(machine.id, &update).await {
+    if let Err(e) = ctx.store.record_health(machine.id, &update).await {
         tracing::error!("recording the health of {name}: {e}");
     }
-    eng.server_log(&task_id, format!("{name}: {line}")).await;
+    ctx.say(line).await;
     let (state, error) = match update.status {
         HealthStatus::Healthy => (TaskState::Success, None),
         status => (
@@ -95,15 +83,20 @@ pub(super) async fn run_step(
             Some(format!("{status:?}: {}", update.reason)),
         ),
     };
-    eng.finish_step(&mut step, state, error).await;
-    Some((name, update.status))
+    StepEnd::Finished {
+        step,
+        state,
+        error,
+        health: Some(update.status),
+        afterwards: None,
+    }
 }
 
 /// What to record for a machine that answered, and the log line. A missing or
 /// outdated deployment tool (compared with `server_tool`, the version this
 /// server pushes) is a warning: the machine stays Healthy, and the reason says
 /// what happens next.
-pub(super) fn judge(
+pub(crate) fn judge(
     caps: &CapabilitiesReply,
     at: i64,
     server_tool: Option<&str>,
@@ -183,8 +176,8 @@ fn tool_warning(installed: &str, server_tool: Option<&str>) -> String {
 }
 
 /// Connects and asks for capabilities within the policy's timeout; Err names why not.
-async fn check(eng: &Engine, machine: &Machine) -> Result<CapabilitiesReply, String> {
-    let policy = match eng.state.store.policy(&machine.policy).await {
+async fn check(ctx: &StepContext, machine: &Machine) -> Result<CapabilitiesReply, String> {
+    let policy = match ctx.store.policy(&machine.policy).await {
         Ok(p) => p,
         Err(e) => {
             tracing::warn!("reading machine policy '{}': {e}", machine.policy);
@@ -206,8 +199,7 @@ async fn check(eng: &Engine, machine: &Machine) -> Result<CapabilitiesReply, Str
         Endpoint::Polling {
             subscription_id,
             thumbprint,
-        } => eng
-            .state
+        } => ctx
             .comms
             .polling()
             .wait_for(
@@ -218,7 +210,7 @@ async fn check(eng: &Engine, machine: &Machine) -> Result<CapabilitiesReply, Str
             .await
             .map_err(|e| e.to_string())?,
         Endpoint::Listening { .. } => {
-            match tokio::time::timeout_at(deadline, eng.state.comms.connect(&endpoint)).await {
+            match tokio::time::timeout_at(deadline, ctx.comms.connect(&endpoint)).await {
                 Ok(r) => r.map_err(|e| e.to_string())?,
                 Err(_) => {
                     return Err(format!(

@@ -20,14 +20,17 @@ use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::IntoResponse;
-use octo_store::{TaskState, TaskStep};
+use octo_store::{Store, TaskState, TaskStep};
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::engine::{Changes, Engine};
-use super::{load_view, TaskApiError, TaskResult, TaskView};
-use crate::server::AppState;
+use octo_api_types::TaskView;
+use octo_engine::{Changes, Engine};
+
+use super::tasks::{load_view, task_not_found};
+use super::{ApiError, ApiResult};
+use crate::state::AppState;
 
 /// Keep-alive comment interval.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -37,16 +40,16 @@ const PAGE: i64 = 1000;
 const BUFFER: usize = 256;
 
 #[derive(Debug, Deserialize)]
-pub(super) struct StreamQuery {
+pub(crate) struct StreamQuery {
     after: Option<i64>,
 }
 
-pub(super) async fn stream_log(
+pub(crate) async fn stream_log(
     State(s): State<AppState>,
     id: Result<Path<String>, PathRejection>,
     q: Result<Query<StreamQuery>, QueryRejection>,
     headers: HeaderMap,
-) -> TaskResult<impl IntoResponse> {
+) -> ApiResult<impl IntoResponse> {
     let Path(id) = id?;
     let Query(q) = q?;
     let last_event_id = headers
@@ -55,16 +58,16 @@ pub(super) async fn stream_log(
         .and_then(|v| v.trim().parse::<i64>().ok());
     let after = q.after.or(last_event_id).unwrap_or(0);
     if s.store.task(&id).await?.is_none() {
-        return Err(super::task_not_found(&id));
+        return Err(task_not_found(&id));
     }
-    let engine = Engine::of(&s);
+    let engine = s.engine.clone();
     let sub = Subscription {
         rx: Some(engine.subscribe(&id)),
         engine: engine.clone(),
         task_id: id,
     };
     let (tx, rx) = mpsc::channel(BUFFER);
-    engine.tracker.spawn(produce(sub, after, tx));
+    engine.spawn(produce(sub, s.store.clone(), after, tx));
     Ok(Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
 }
 
@@ -105,6 +108,7 @@ struct Gone;
 
 async fn produce(
     mut sub: Subscription,
+    store: Arc<dyn Store>,
     mut after: i64,
     tx: mpsc::Sender<Result<Event, Infallible>>,
 ) {
@@ -120,11 +124,11 @@ async fn produce(
             // The task's state comes first; after that, lines before state changes
             // (a step's last lines before the event saying it finished).
             if !first {
-                send_lines(&engine, &id, &mut after, &tx).await?;
+                send_lines(store.as_ref(), &id, &mut after, &tx).await?;
             }
             if seen_state != Some(changes.state) {
                 seen_state = Some(changes.state);
-                let view = match load_view(engine.state.store.as_ref(), &id).await {
+                let view = match load_view(store.as_ref(), &id).await {
                     Ok(v) => v,
                     Err(e) => {
                         send(&tx, Event::default().event("error").data(e_message(&e))).await?;
@@ -133,7 +137,7 @@ async fn produce(
                 };
                 if view.task.state.is_final() {
                     // Every line was stored before the final state: read the rest.
-                    send_lines(&engine, &id, &mut after, &tx).await?;
+                    send_lines(store.as_ref(), &id, &mut after, &tx).await?;
                     send(&tx, json_event("end", &view)).await?;
                     return Ok(());
                 }
@@ -145,12 +149,12 @@ async fn produce(
             }
             if first {
                 first = false;
-                send_lines(&engine, &id, &mut after, &tx).await?;
+                send_lines(store.as_ref(), &id, &mut after, &tx).await?;
             }
             tokio::select! {
                 r = rx.changed() => if r.is_err() { return Ok(()) },
                 _ = tx.closed() => return Err(Gone),
-                _ = engine.shutdown.cancelled() => return Err(Gone),
+                _ = engine.stopping().cancelled() => return Err(Gone),
             }
         }
     }
@@ -159,18 +163,18 @@ async fn produce(
     sub.rx = Some(rx);
 }
 
-fn e_message(e: &TaskApiError) -> String {
+fn e_message(e: &ApiError) -> String {
     serde_json::json!({ "error": e.message }).to_string()
 }
 
 async fn send_lines(
-    engine: &Engine,
+    store: &dyn Store,
     id: &str,
     after: &mut i64,
     tx: &mpsc::Sender<Result<Event, Infallible>>,
 ) -> Result<(), Gone> {
     loop {
-        let lines = match engine.state.store.task_log(id, *after, PAGE).await {
+        let lines = match store.task_log(id, *after, PAGE).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!("reading the log of {id}: {e}");

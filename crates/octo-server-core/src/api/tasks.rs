@@ -1,15 +1,7 @@
-//! Server tasks: health checks and script runs, the engine that runs them and
-//! their API.
-//!
-//! - `engine`: the per-server engine: which tasks run, their cancel tokens, the
-//!   in-memory change notifiers that live log streams wait on, restart resume and
-//!   scheduled health checks.
-//! - `script`: one machine's part of a script task (start, stream the log,
-//!   resume across lost connections, cancel).
-//! - `health`: one machine's part of a health check.
-//! - `sse`: `GET /api/tasks/{id}/log/stream`, server-sent events.
-//!
-//! # API
+//! `/api/tasks`: create tasks (script runs, health checks, deployments, tool
+//! upgrades), list and read them, follow their logs ([`super::sse`]), cancel
+//! them, and guide deployments waiting under guided failure. The engine
+//! ([`octo_engine::Engine`]) runs them.
 //!
 //! - `POST /api/tasks/script`: `{"script", "syntax", "isolation", "machines",
 //!   "environment", "role", "tenant"}` → 201 `{"task", "steps"}`.
@@ -19,20 +11,6 @@
 //! - `GET /api/tasks/{id}/log?after=ID&limit=N` → log lines with id > after.
 //! - `GET /api/tasks/{id}/log/stream?after=ID` → events `log`, `task`, `end`.
 //! - `POST /api/tasks/{id}/cancel` → 202 `{"task"}`.
-//!
-//! # Durability
-//!
-//! Everything a task has done is in the store: its steps' states, and for each
-//! step the next tentacle log sequence not yet stored. A lost connection or a
-//! server restart resumes from there (StartScript is idempotent on the step's
-//! ticket; StreamLogs resumes from the sequence), so no line is lost or repeated.
-
-mod deploy;
-mod engine;
-mod health;
-mod outputs;
-mod script;
-mod sse;
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
@@ -40,39 +18,23 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use octo_store::{Machine, MachineFilter, Store, StoreError, Task, TaskLogLine, TaskStep};
-use serde::{Deserialize, Serialize};
-use serde_json::json;
-use utoipa::{IntoParams, ToSchema};
+use octo_api_types::{
+    CancelReply, DeployRequest, ErrorBody, GuidanceRequest, HealthRequest, ScriptRequest, Task,
+    TaskLogLine, TaskView,
+};
+use octo_engine::{kind, machine_list, DeployArgs};
+use octo_store::{now_ms, Machine, MachineFilter, Store, StoreError};
+use serde::Deserialize;
+use utoipa::IntoParams;
 
-use crate::api::{ApiError, ApiJson, ErrorBody};
-use crate::server::{now_ms, AppState};
+use super::{sse, ApiError, ApiJson, ApiResult};
+use crate::state::AppState;
 
-pub(crate) use deploy::{DeployArgs, Guidance};
-pub use engine::{spawn_background, Engine};
-
-/// Steps of one task that run at once.
-pub const MAX_PARALLEL_STEPS: usize = 20;
-
-/// Task kind of script runs.
-const KIND_SCRIPT: &str = "Script";
-/// Task kind of health checks.
-const KIND_HEALTH: &str = "Health";
-/// Task kind of package deployments.
-const KIND_DEPLOY: &str = "Deploy";
-/// Task kind of deployment tool upgrades.
-const KIND_UPGRADE: &str = "Upgrade";
 /// Extracted versions of a package kept per machine unless the request says otherwise.
 const DEFAULT_RETENTION: u32 = 3;
 
-/// Default and largest page sizes.
-const DEFAULT_TASK_LIMIT: i64 = 50;
-const MAX_TASK_LIMIT: i64 = 1000;
-const DEFAULT_LOG_LIMIT: i64 = 1000;
-const MAX_LOG_LIMIT: i64 = 10_000;
-
-/// The task endpoints, merged into the authenticated API.
-pub fn routes() -> Router<AppState> {
+/// The task routes.
+pub(super) fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/tasks", get(list_tasks))
         .route("/api/tasks/script", post(create_script_task))
@@ -86,8 +48,11 @@ pub fn routes() -> Router<AppState> {
         .route("/api/tasks/{id}/guidance", post(guide_task))
 }
 
-/// Task API errors are the API's errors.
-pub(crate) type TaskApiError = ApiError;
+/// Default and largest page sizes.
+const DEFAULT_TASK_LIMIT: i64 = 50;
+const MAX_TASK_LIMIT: i64 = 1000;
+const DEFAULT_LOG_LIMIT: i64 = 1000;
+const MAX_LOG_LIMIT: i64 = 10_000;
 
 pub(crate) fn task_not_found(id: &str) -> ApiError {
     ApiError::not_found(format!(
@@ -95,72 +60,11 @@ pub(crate) fn task_not_found(id: &str) -> ApiError {
     ))
 }
 
-type TaskResult<T> = Result<T, TaskApiError>;
-
-/// A task and its steps, as the API returns them.
-#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
-pub(crate) struct TaskView {
-    pub task: Task,
-    pub steps: Vec<TaskStep>,
-}
-
 /// The task and its steps; 404 when there is no such task.
-async fn load_view(store: &dyn Store, id: &str) -> TaskResult<TaskView> {
+pub(crate) async fn load_view(store: &dyn Store, id: &str) -> ApiResult<TaskView> {
     let task = store.task(id).await?.ok_or_else(|| task_not_found(id))?;
     let steps = store.task_steps(id).await?;
     Ok(TaskView { task, steps })
-}
-
-/// Script interpreter, as the API names it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub(crate) enum Syntax {
-    #[default]
-    Bash,
-    Sh,
-    Python3,
-}
-
-/// Script isolation, as the API names it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub(crate) enum Isolation {
-    #[default]
-    Full,
-    None,
-}
-
-/// `POST /api/tasks/script`; also the stored arguments of a script task.
-///
-/// Targets exactly `machines` when given, otherwise the machines matching all of
-/// `environment`, `role` and `tenant` that are given.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct ScriptRequest {
-    pub script: String,
-    #[serde(default)]
-    pub syntax: Syntax,
-    #[serde(default)]
-    pub isolation: Isolation,
-    #[serde(default)]
-    pub machines: Vec<String>,
-    #[serde(default)]
-    pub environment: Option<String>,
-    #[serde(default)]
-    pub role: Option<String>,
-    #[serde(default)]
-    pub tenant: Option<String>,
-}
-
-/// `POST /api/tasks/health`: exactly `machines` when given, otherwise those in
-/// `environment`, otherwise all.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct HealthRequest {
-    #[serde(default)]
-    machines: Vec<String>,
-    #[serde(default)]
-    environment: Option<String>,
 }
 
 /// Runs a script on machines.
@@ -178,33 +82,22 @@ pub(crate) struct HealthRequest {
         (status = 401, description = "No valid API key", body = ErrorBody),
     )
 )]
-async fn create_script_task(
+pub(crate) async fn create_script_task(
     State(s): State<AppState>,
     ApiJson(req): ApiJson<ScriptRequest>,
-) -> TaskResult<impl IntoResponse> {
+) -> ApiResult<impl IntoResponse> {
     if req.script.trim().is_empty() {
-        return Err(TaskApiError::bad_request(
-            "field `script` must not be empty",
-        ));
+        return Err(ApiError::bad_request("field `script` must not be empty"));
     }
-    let filter = MachineFilter {
-        names: vec![],
-        environments: non_empty(&req.environment),
-        roles: non_empty(&req.role),
-        tenants: non_empty(&req.tenant),
-    };
+    let filter = filter_of(&req.environment, &req.role, &req.tenant);
     let machines = select_machines(s.store.as_ref(), &req.machines, &filter).await?;
-    let arguments = serde_json::to_value(&req)
-        .map_err(|e| TaskApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let arguments = &req;
     let description = format!(
         "Run a {} script on {}",
-        serde_json::to_value(req.syntax)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default(),
+        req.syntax.as_str(),
         machine_list(&machines)
     );
-    create_and_start(&s, KIND_SCRIPT, &description, &arguments, &machines).await
+    create_and_start(&s, kind::SCRIPT, &description, arguments, &machines).await
 }
 
 /// Checks the health of machines.
@@ -222,45 +115,15 @@ async fn create_script_task(
         (status = 401, description = "No valid API key", body = ErrorBody),
     )
 )]
-async fn create_health_task(
+pub(crate) async fn create_health_task(
     State(s): State<AppState>,
     ApiJson(req): ApiJson<HealthRequest>,
-) -> TaskResult<impl IntoResponse> {
-    let filter = MachineFilter {
-        environments: non_empty(&req.environment),
-        ..MachineFilter::default()
-    };
+) -> ApiResult<impl IntoResponse> {
+    let filter = filter_of(&req.environment, &None, &None);
     let machines = select_machines(s.store.as_ref(), &req.machines, &filter).await?;
-    let arguments = serde_json::to_value(&req)
-        .map_err(|e| TaskApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let arguments = &req;
     let description = format!("Check the health of {}", machine_list(&machines));
-    create_and_start(&s, KIND_HEALTH, &description, &arguments, &machines).await
-}
-
-/// `POST /api/tasks/deploy`: deploy a package from the feed to the machines of
-/// an environment (narrowed by `role` and `tenant` when given).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct DeployRequest {
-    pub package_id: String,
-    /// Default: the highest version in the feed.
-    #[serde(default)]
-    pub version: Option<String>,
-    pub environment: String,
-    #[serde(default)]
-    pub role: Option<String>,
-    #[serde(default)]
-    pub tenant: Option<String>,
-    /// Variables for substitution and scripts, by name.
-    #[serde(default)]
-    pub variables: std::collections::BTreeMap<String, String>,
-    /// Extracted versions kept per package on each machine (default 3).
-    #[serde(default)]
-    pub retention: Option<u32>,
-    /// A machine whose deployment fails waits for a decision
-    /// (`POST /api/tasks/{id}/guidance`) instead of failing.
-    #[serde(default)]
-    pub guided_failure: bool,
+    create_and_start(&s, kind::HEALTH, &description, arguments, &machines).await
 }
 
 /// Deploys a package.
@@ -278,41 +141,41 @@ pub(crate) struct DeployRequest {
         (status = 401, description = "No valid API key", body = ErrorBody),
     )
 )]
-async fn create_deploy_task(
+pub(crate) async fn create_deploy_task(
     State(s): State<AppState>,
     ApiJson(req): ApiJson<DeployRequest>,
-) -> TaskResult<impl IntoResponse> {
+) -> ApiResult<impl IntoResponse> {
     if req.environment.trim().is_empty() {
-        return Err(TaskApiError::bad_request(
+        return Err(ApiError::bad_request(
             "field `environment` must name the environment to deploy to",
         ));
     }
     let retention = req.retention.unwrap_or(DEFAULT_RETENTION);
     if retention == 0 {
-        return Err(TaskApiError::bad_request(
+        return Err(ApiError::bad_request(
             "field `retention` must be at least 1 (the version just deployed is always kept)",
         ));
     }
     if let Some(name) = req.variables.keys().find(|k| k.trim().is_empty()) {
-        return Err(TaskApiError::bad_request(format!(
+        return Err(ApiError::bad_request(format!(
             "variable name '{name}' is empty"
         )));
     }
-    let package = crate::packages::find(
+    let package = super::packages::find(
         s.store.as_ref(),
         req.package_id.trim(),
         req.version.as_deref(),
     )
     .await?;
     if let Err(why) = s.tool.as_ref() {
-        return Err(TaskApiError::new(
+        return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             format!("this server cannot deploy: {why}"),
         ));
     }
-    let file = crate::packages::package_file(&s.data, &package);
+    let file = s.packages.file_of(&package);
     if !file.is_file() {
-        return Err(TaskApiError::new(
+        return Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!(
                 "the file of package {} {} is missing from {}; push it again with `octopus package push --replace`",
@@ -322,12 +185,7 @@ async fn create_deploy_task(
             ),
         ));
     }
-    let filter = MachineFilter {
-        names: vec![],
-        environments: vec![req.environment.trim().to_string()],
-        roles: non_empty(&req.role),
-        tenants: non_empty(&req.tenant),
-    };
+    let filter = filter_of(&Some(req.environment.clone()), &req.role, &req.tenant);
     let machines = select_machines(s.store.as_ref(), &[], &filter).await?;
     let args = DeployArgs {
         package_id: package.package_id.clone(),
@@ -342,8 +200,7 @@ async fn create_deploy_task(
         retention,
         guided_failure: req.guided_failure,
     };
-    let arguments = serde_json::to_value(&args)
-        .map_err(|e| TaskApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let arguments = &args;
     let description = format!(
         "Deploy {} {} to {} ({})",
         package.package_id,
@@ -351,7 +208,7 @@ async fn create_deploy_task(
         args.environment,
         machine_list(&machines)
     );
-    create_and_start(&s, KIND_DEPLOY, &description, &arguments, &machines).await
+    create_and_start(&s, kind::DEPLOY, &description, arguments, &machines).await
 }
 
 /// Pushes the server's deployment tool to machines that do not have its version.
@@ -369,51 +226,63 @@ async fn create_deploy_task(
         (status = 401, description = "No valid API key", body = ErrorBody),
     )
 )]
-async fn create_upgrade_task(
+pub(crate) async fn create_upgrade_task(
     State(s): State<AppState>,
     ApiJson(req): ApiJson<HealthRequest>,
-) -> TaskResult<impl IntoResponse> {
+) -> ApiResult<impl IntoResponse> {
     let tool = match s.tool.as_ref() {
         Ok(t) => t.clone(),
         Err(why) => {
-            return Err(TaskApiError::new(
+            return Err(ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 format!("there is no deployment tool to push: {why}"),
             ))
         }
     };
-    let filter = MachineFilter {
-        environments: non_empty(&req.environment),
-        ..MachineFilter::default()
-    };
+    let filter = filter_of(&req.environment, &None, &None);
     let machines = select_machines(s.store.as_ref(), &req.machines, &filter).await?;
-    let arguments = serde_json::to_value(&req)
-        .map_err(|e| TaskApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let arguments = &req;
     let description = format!(
         "Upgrade the deployment tool to {} on {}",
         tool.version,
         machine_list(&machines)
     );
-    create_and_start(&s, KIND_UPGRADE, &description, &arguments, &machines).await
+    create_and_start(&s, kind::UPGRADE, &description, arguments, &machines).await
 }
 
 /// Creates the task, starts it in the background, answers 201 with it.
-async fn create_and_start(
+pub(crate) async fn create_and_start(
     s: &AppState,
     kind: &str,
     description: &str,
-    arguments: &serde_json::Value,
+    arguments: &impl serde::Serialize,
     machines: &[Machine],
-) -> TaskResult<(StatusCode, Json<TaskView>)> {
+) -> ApiResult<(StatusCode, Json<TaskView>)> {
+    let arguments = serde_json::to_value(arguments)
+        .map_err(|e| ApiError::internal(format!("encoding the task's arguments: {e}")))?;
     let ids: Vec<i64> = machines.iter().map(|m| m.id).collect();
     let task = s
         .store
-        .create_task(kind, description, arguments, &ids, now_ms())
+        .create_task(kind, description, &arguments, &ids, now_ms())
         .await?;
     let steps = s.store.task_steps(&task.id).await?;
     tracing::info!("created task {} ({description})", task.id);
-    Engine::of(s).start(task.clone());
+    s.engine.start(task.clone());
     Ok((StatusCode::CREATED, Json(TaskView { task, steps })))
+}
+
+/// The machines in `environment`, with `role`, of `tenant` (each when given).
+fn filter_of(
+    environment: &Option<String>,
+    role: &Option<String>,
+    tenant: &Option<String>,
+) -> MachineFilter {
+    MachineFilter {
+        names: vec![],
+        environments: non_empty(environment),
+        roles: non_empty(role),
+        tenants: non_empty(tenant),
+    }
 }
 
 fn non_empty(v: &Option<String>) -> Vec<String> {
@@ -424,29 +293,13 @@ fn non_empty(v: &Option<String>) -> Vec<String> {
         .collect()
 }
 
-/// "machine web-1" / "3 machines (a, b, c)" / "12 machines".
-fn machine_list(machines: &[Machine]) -> String {
-    match machines {
-        [one] => format!("machine {}", one.name),
-        many if many.len() <= 5 => format!(
-            "{} machines ({})",
-            many.len(),
-            many.iter()
-                .map(|m| m.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-        many => format!("{} machines", many.len()),
-    }
-}
-
 /// The machines a task targets: exactly `names` when given (404 naming the first
 /// unknown one), otherwise those matching `filter` (422 saying why when none does).
-async fn select_machines(
+pub(crate) async fn select_machines(
     store: &dyn Store,
     names: &[String],
     filter: &MachineFilter,
-) -> TaskResult<Vec<Machine>> {
+) -> ApiResult<Vec<Machine>> {
     let names: Vec<&str> = names
         .iter()
         .map(|n| n.trim())
@@ -456,7 +309,7 @@ async fn select_machines(
         let mut out: Vec<Machine> = Vec::with_capacity(names.len());
         for name in names {
             let m = store.machine(name).await?.ok_or_else(|| {
-                TaskApiError::not_found(format!(
+                ApiError::not_found(format!(
                     "machine '{name}' does not exist; `GET /api/machines` lists machines"
                 ))
             })?;
@@ -468,7 +321,7 @@ async fn select_machines(
     }
     let machines = store.list_machines(filter).await?;
     if machines.is_empty() {
-        return Err(TaskApiError::new(
+        return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             explain_no_match(store, filter).await?,
         ));
@@ -477,7 +330,10 @@ async fn select_machines(
 }
 
 /// Why no machine matches `filter`, criterion by criterion.
-async fn explain_no_match(store: &dyn Store, filter: &MachineFilter) -> TaskResult<String> {
+pub(crate) async fn explain_no_match(
+    store: &dyn Store,
+    filter: &MachineFilter,
+) -> ApiResult<String> {
     let total = store.list_machines(&MachineFilter::default()).await?.len();
     let mut criteria = Vec::new();
     let mut why = Vec::new();
@@ -557,14 +413,14 @@ async fn explain_no_match(store: &dyn Store, filter: &MachineFilter) -> TaskResu
     ))
 }
 
-async fn count(store: &dyn Store, filter: MachineFilter) -> TaskResult<usize> {
+pub(crate) async fn count(store: &dyn Store, filter: MachineFilter) -> ApiResult<usize> {
     Ok(store.list_machines(&filter).await?.len())
 }
 
 /// Paging of `GET /api/tasks`.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
-struct ListQuery {
+pub(crate) struct ListQuery {
     /// At most this many tasks (default 50, at most 1000).
     #[param(minimum = 1)]
     limit: Option<i64>,
@@ -583,14 +439,14 @@ struct ListQuery {
         (status = 401, description = "No valid API key", body = ErrorBody),
     )
 )]
-async fn list_tasks(
+pub(crate) async fn list_tasks(
     State(s): State<AppState>,
     q: Result<Query<ListQuery>, QueryRejection>,
-) -> TaskResult<Json<Vec<Task>>> {
+) -> ApiResult<Json<Vec<Task>>> {
     let Query(q) = q?;
     let limit = q.limit.unwrap_or(DEFAULT_TASK_LIMIT);
     if limit < 1 {
-        return Err(TaskApiError::bad_request("`limit` must be at least 1"));
+        return Err(ApiError::bad_request("`limit` must be at least 1"));
     }
     Ok(Json(s.store.list_tasks(limit.min(MAX_TASK_LIMIT)).await?))
 }
@@ -608,10 +464,10 @@ async fn list_tasks(
         (status = 401, description = "No valid API key", body = ErrorBody),
     )
 )]
-async fn get_task(
+pub(crate) async fn get_task(
     State(s): State<AppState>,
     id: Result<Path<String>, PathRejection>,
-) -> TaskResult<Json<TaskView>> {
+) -> ApiResult<Json<TaskView>> {
     let Path(id) = id?;
     Ok(Json(load_view(s.store.as_ref(), &id).await?))
 }
@@ -619,7 +475,7 @@ async fn get_task(
 /// Paging of `GET /api/tasks/{id}/log`.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
-struct LogQuery {
+pub(crate) struct LogQuery {
     /// Only lines with a greater id (default 0: from the start).
     after: Option<i64>,
     /// At most this many lines (default 1000, at most 10000).
@@ -644,16 +500,16 @@ struct LogQuery {
         (status = 401, description = "No valid API key", body = ErrorBody),
     )
 )]
-async fn get_log(
+pub(crate) async fn get_log(
     State(s): State<AppState>,
     id: Result<Path<String>, PathRejection>,
     q: Result<Query<LogQuery>, QueryRejection>,
-) -> TaskResult<impl IntoResponse> {
+) -> ApiResult<impl IntoResponse> {
     let Path(id) = id?;
     let Query(q) = q?;
     let limit = q.limit.unwrap_or(DEFAULT_LOG_LIMIT);
     if limit < 1 {
-        return Err(TaskApiError::bad_request("`limit` must be at least 1"));
+        return Err(ApiError::bad_request("`limit` must be at least 1"));
     }
     if s.store.task(&id).await?.is_none() {
         return Err(task_not_found(&id));
@@ -663,13 +519,6 @@ async fn get_log(
         .task_log(&id, q.after.unwrap_or(0), limit.min(MAX_LOG_LIMIT))
         .await?;
     Ok(Json(lines))
-}
-
-/// `POST /api/tasks/{id}/cancel`'s answer.
-#[derive(Debug, Serialize, ToSchema)]
-#[allow(dead_code)] // Describes the `json!` body for the OpenAPI document only.
-pub(crate) struct CancelReply {
-    task: Task,
 }
 
 /// Asks a task to cancel; it ends Canceled once its steps have stopped.
@@ -685,17 +534,17 @@ pub(crate) struct CancelReply {
         (status = 401, description = "No valid API key", body = ErrorBody),
     )
 )]
-async fn cancel_task(
+pub(crate) async fn cancel_task(
     State(s): State<AppState>,
     id: Result<Path<String>, PathRejection>,
-) -> TaskResult<impl IntoResponse> {
+) -> ApiResult<impl IntoResponse> {
     let Path(id) = id?;
     match s.store.request_cancel(&id).await {
         Ok(()) => {}
         Err(StoreError::NotFound { .. }) => return Err(task_not_found(&id)),
         Err(e) => return Err(e.into()),
     }
-    Engine::of(&s).cancel(&id);
+    s.engine.cancel(&id);
     let task = s
         .store
         .task(&id)
@@ -704,7 +553,7 @@ async fn cancel_task(
     if task.cancel_requested {
         tracing::info!("cancel requested for task {id}");
     }
-    Ok((StatusCode::ACCEPTED, Json(json!({ "task": task }))))
+    Ok((StatusCode::ACCEPTED, Json(CancelReply { task })))
 }
 
 /// A task's log as server-sent events (`GET /api/tasks/{id}/log/stream`, served
@@ -733,17 +582,7 @@ async fn cancel_task(
     )
 )]
 #[allow(dead_code)] // Documentation only; see `sse::stream_log`.
-fn stream_log_doc() {}
-
-/// `POST /api/tasks/{id}/guidance`: the decision for a machine waiting under
-/// guided failure.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct GuidanceRequest {
-    /// The machine's name.
-    pub machine: String,
-    pub action: Guidance,
-}
+pub(crate) fn stream_log_doc() {}
 
 /// Decides what happens to a machine whose deployment failed under guided failure.
 #[utoipa::path(
@@ -761,11 +600,11 @@ pub(crate) struct GuidanceRequest {
         (status = 401, description = "No valid API key", body = ErrorBody),
     )
 )]
-async fn guide_task(
+pub(crate) async fn guide_task(
     State(s): State<AppState>,
     id: Result<Path<String>, PathRejection>,
     ApiJson(req): ApiJson<GuidanceRequest>,
-) -> TaskResult<impl IntoResponse> {
+) -> ApiResult<impl IntoResponse> {
     let Path(id) = id?;
     let view = load_view(s.store.as_ref(), &id).await?;
     let step = view
@@ -778,14 +617,14 @@ async fn guide_task(
                 .iter()
                 .map(|st| st.machine_name.as_str())
                 .collect();
-            TaskApiError::not_found(format!(
+            ApiError::not_found(format!(
                 "machine '{}' is not part of task {id} (its machines: {})",
                 req.machine,
                 names.join(", ")
             ))
         })?;
-    if !Engine::of(&s).guide(&id, step.machine_id, req.action) {
-        return Err(TaskApiError::new(
+    if !s.engine.guide(&id, step.machine_id, req.action) {
+        return Err(ApiError::new(
             StatusCode::CONFLICT,
             format!(
                 "machine '{}' of task {id} is not waiting for a decision (its state: {:?}); only a failed machine of a deployment started with --guided-failure waits for one",

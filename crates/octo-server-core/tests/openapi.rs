@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use octo_server::server::{start, RunArgs};
+use octo_server_core::{start, RunArgs};
 use serde_json::Value;
 
 /// Every route of the API: (path, methods), and whether it needs the API key.

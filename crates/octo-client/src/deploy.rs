@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Subcommand;
-use octo_store::Package;
+use octo_api_types::Package;
 use serde_json::{json, Value};
 
 use super::output::{fields, out, out_json, table, time};
@@ -14,7 +14,7 @@ use super::{decode, say, Cx, Output, EXIT_INTERRUPTED};
 
 /// `octopus package ...`
 #[derive(Debug, Subcommand)]
-pub(crate) enum PackageCommand {
+pub enum PackageCommand {
     /// Push a package (zip or tar.gz) to the server's feed.
     #[command(
         after_help = "Examples:\n  octopus package push Acme.Web.1.2.3.zip\n  octopus package push build/site.tar.gz --id Acme.Web --version 1.2.4\n\n\
@@ -63,7 +63,7 @@ Pushing an ID and version that exist with other content is refused unless --repl
 
 /// Options of `octopus deploy`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct DeployCliArgs {
+pub struct DeployCliArgs {
     /// The package ID in the feed.
     #[arg(long, value_name = "ID")]
     package: String,
@@ -99,7 +99,7 @@ pub(crate) struct DeployCliArgs {
 
 /// `octopus calamari ...`
 #[derive(Debug, Subcommand)]
-pub(crate) enum CalamariCommand {
+pub enum CalamariCommand {
     /// Push the server's deployment tool to machines that do not have its version.
     #[command(
         after_help = "Examples:\n  octopus calamari upgrade\n  octopus calamari upgrade --environment Production\n  octopus calamari upgrade --machine web01 --machine web02"

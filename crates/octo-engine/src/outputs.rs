@@ -8,22 +8,15 @@
 //! ([`mask_sensitive`]) and recorded masked.
 
 use octo_calamari::service_message::{self, ServiceMessage};
-use octo_store::TaskStep;
-
-use super::engine::Engine;
+use octo_store::{Store, TaskStep};
 
 /// What a sensitive value is replaced with.
-pub(super) const MASK: &str = "********";
+pub(crate) const MASK: &str = "********";
 
 /// Fills `step.output_variables` from the step's stored log (best effort: a
 /// store failure is logged and leaves them as they were).
-pub(super) async fn collect(eng: &Engine, step: &mut TaskStep) {
-    let lines = match eng
-        .state
-        .store
-        .step_log(&step.task_id, step.machine_id)
-        .await
-    {
+pub(crate) async fn collect(store: &dyn Store, step: &mut TaskStep) {
+    let lines = match store.step_log(&step.task_id, step.machine_id).await {
         Ok(l) => l,
         Err(e) => {
             return tracing::error!(
@@ -48,7 +41,7 @@ pub(super) async fn collect(eng: &Engine, step: &mut TaskStep) {
 
 /// The line to store for `text`: a sensitive setVariable with its value masked,
 /// anything else unchanged (None).
-pub(super) fn mask_sensitive(text: &str) -> Option<String> {
+pub(crate) fn mask_sensitive(text: &str) -> Option<String> {
     match service_message::parse(text)? {
         ServiceMessage::SetVariable {
             name,

@@ -11,101 +11,16 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use octo_comms::{ServerComms, ServerCommsOptions};
+use octo_engine::{Engine, EngineDeps, PackageFiles, ToolBuild};
 use octo_store::sqlite::SqliteStore;
-use octo_store::{EndpointKind, MachineFilter, Store};
+use octo_store::Store;
 use octo_tls::{Identity, Thumbprint, TrustStore};
-use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-/// Options of `octopus server run`.
-#[derive(Debug, clap::Args)]
-pub struct RunArgs {
-    /// Data directory: certificate, database, admin API key.
-    #[arg(long, default_value = "octopus-data")]
-    pub data: PathBuf,
-    /// Address of the web API.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    pub listen: SocketAddr,
-    /// Port polling tentacles connect to (0 picks a free port).
-    #[arg(long, alias = "commsListenPort", default_value_t = 10943)]
-    pub comms_listen_port: u16,
-    /// Address the comms port binds.
-    #[arg(long, default_value = "0.0.0.0")]
-    pub comms_listen_address: String,
-    /// Database URL; default: SQLite in the data directory (sqlite://DATA/octopus.db).
-    #[arg(long)]
-    pub database_url: Option<String>,
-    /// The deployment tool binary to push to tentacles (default: `calamari`
-    /// beside this binary).
-    #[arg(long, env = "OCTOPUS_CALAMARI")]
-    pub calamari: Option<PathBuf>,
-    /// HTTP CONNECT proxy for dialling listening tentacles,
-    /// `http://[USER:PASSWORD@]HOST:PORT` (default: `HTTPS_PROXY`/`NO_PROXY` from the
-    /// environment; TLS to the tentacle stays end to end through the tunnel).
-    #[arg(long, value_name = "URL", conflicts_with = "no_proxy")]
-    pub proxy: Option<String>,
-    /// Dial listening tentacles directly, ignoring proxy environment variables.
-    #[arg(long)]
-    pub no_proxy: bool,
-    /// Also accept polling tentacles over WebSocket (`wss://`) on this TLS port
-    /// (0 picks a free port; default: off). Binds --comms-listen-address. The
-    /// same port serves the REST API (`/api`) over TLS to clients without a
-    /// certificate, so one port (e.g. 443) can serve both.
-    #[arg(long, value_name = "PORT")]
-    pub web_socket_listen_port: Option<u16>,
-    /// The path WebSocket polling tentacles connect to (`tentacle poll-server
-    /// --server-web-socket wss://HOST:PORT/PATH`).
-    #[arg(long, value_name = "PATH", default_value = octo_comms::websocket::DEFAULT_PATH)]
-    pub web_socket_path: String,
-}
-
-impl RunArgs {
-    /// How listening tentacles are dialled.
-    pub fn proxy_setting(&self) -> anyhow::Result<octo_comms::ProxySetting> {
-        use octo_comms::ProxySetting;
-        Ok(match (&self.proxy, self.no_proxy) {
-            (_, true) => ProxySetting::Direct,
-            (Some(url), false) => ProxySetting::Explicit(
-                octo_comms::proxy::parse_proxy_url(url)
-                    .map_err(|e| anyhow::anyhow!("--proxy {}: {e}", redact_url(url)))?,
-            ),
-            (None, false) => ProxySetting::FromEnvironment,
-        })
-    }
-}
-
-/// A proxy URL with any password replaced, for messages.
-fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let creds = &url[scheme + 3..at];
-            match creds.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
-    }
-}
-
-impl Default for RunArgs {
-    /// The defaults of `octopus server run`.
-    fn default() -> Self {
-        RunArgs {
-            data: PathBuf::from("octopus-data"),
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            comms_listen_port: 10943,
-            comms_listen_address: "0.0.0.0".into(),
-            database_url: None,
-            calamari: None,
-            proxy: None,
-            no_proxy: false,
-            web_socket_listen_port: None,
-            web_socket_path: octo_comms::websocket::DEFAULT_PATH.into(),
-        }
-    }
-}
+use crate::auth::issue_api_key;
+use crate::config::RunArgs;
+use crate::state::{polling_thumbprints, AppState};
 
 /// Holds the data directory's lock for the life of the server.
 #[derive(Debug)]
@@ -143,7 +58,7 @@ impl DataLock {
     }
 }
 
-pub(crate) fn cert_paths(data: &Path) -> (PathBuf, PathBuf) {
+pub fn cert_paths(data: &Path) -> (PathBuf, PathBuf) {
     (data.join("server.crt"), data.join("server.key"))
 }
 
@@ -161,27 +76,6 @@ pub fn show_thumbprint(data: &Path) -> anyhow::Result<()> {
     println!("{}", id.thumbprint());
     Ok(())
 }
-
-/// SHA-256 (lower-case hex) of an API key: what the store keeps.
-pub(crate) fn hash_api_key(key: &str) -> String {
-    Sha256::digest(key.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-/// A new API key: "API-" and 32 random upper-case letters and digits.
-pub(crate) fn new_api_key() -> String {
-    use rand::Rng;
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
-    let mut rng = rand::rng();
-    let body: String = (0..32)
-        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
-        .collect();
-    format!("API-{body}")
-}
-
-pub(crate) use octo_store::sqlite::now_ms;
 
 async fn open_store(args: &RunArgs) -> anyhow::Result<SqliteStore> {
     let path = match args.database_url.as_deref() {
@@ -206,57 +100,11 @@ async fn bootstrap(store: &dyn Store, data: &Path) -> anyhow::Result<Option<Stri
     let admin = store
         .create_user("admin", "Administrator", None, true)
         .await?;
-    let key = new_api_key();
-    store
-        .create_api_key(
-            admin.id,
-            "admin (created at first start)",
-            &hash_api_key(&key),
-            &key[..8],
-        )
-        .await?;
+    let (key, _) = issue_api_key(store, admin.id, "admin (created at first start)").await?;
     let path = data.join("admin-api-key");
     octo_agent::config::write_atomic(&path, format!("{key}\n").as_bytes(), 0o600)
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(Some(key))
-}
-
-/// Thumbprints of polling machines: who may connect to the comms port.
-pub(crate) async fn polling_thumbprints(store: &dyn Store) -> anyhow::Result<Vec<Thumbprint>> {
-    Ok(store
-        .list_machines(&MachineFilter::default())
-        .await?
-        .into_iter()
-        .filter(|m| m.kind == EndpointKind::Polling)
-        .filter_map(|m| m.thumbprint.parse().ok())
-        .collect())
-}
-
-/// Shared by API handlers.
-#[derive(Debug, Clone)]
-pub struct AppState {
-    pub store: Arc<dyn Store>,
-    pub comms: ServerComms,
-    pub polling_trust: TrustStore,
-    pub thumbprint: Thumbprint,
-    pub comms_port: u16,
-    /// The TLS port for WebSocket polling (and the API over TLS), when on, and its path.
-    pub web_socket: Option<(u16, String)>,
-    /// The data directory (package files live under it).
-    pub data: PathBuf,
-    /// The deployment tool this server pushes, or why there is none.
-    pub tool: Arc<Result<crate::tool::ToolBuild, String>>,
-    /// Runs tasks (health checks, scripts) and tells live log readers of changes.
-    pub engine: Arc<crate::tasks::Engine>,
-}
-
-impl AppState {
-    /// Re-reads which polling tentacles may connect (after machines change).
-    pub(crate) async fn refresh_polling_trust(&self) -> anyhow::Result<()> {
-        self.polling_trust
-            .replace(polling_thumbprints(self.store.as_ref()).await?);
-        Ok(())
-    }
 }
 
 /// A started server.
@@ -351,7 +199,7 @@ pub async fn start(args: &RunArgs) -> anyhow::Result<RunningServer> {
         None => None,
     };
 
-    let tool = crate::tool::ToolBuild::locate(args.calamari.as_deref()).await;
+    let tool = ToolBuild::locate(args.calamari.as_deref()).await;
     match &tool {
         Ok(t) => info!(
             "deployment tool {} ({}, SHA-256 {})",
@@ -362,12 +210,13 @@ pub async fn start(args: &RunArgs) -> anyhow::Result<RunningServer> {
         Err(why) => tracing::warn!("deployments are not possible: {why}"),
     }
     let tool = Arc::new(tool);
-    let engine = Arc::new(crate::tasks::Engine::new(
-        store.clone(),
-        comms.clone(),
-        args.data.clone(),
-        tool.clone(),
-    ));
+    let packages = PackageFiles::in_data_dir(&args.data);
+    let engine = Arc::new(Engine::new(EngineDeps {
+        store: store.clone(),
+        comms: comms.clone(),
+        tool: tool.clone(),
+        packages: packages.clone(),
+    }));
     let state = AppState {
         store,
         comms: comms.clone(),
@@ -377,6 +226,7 @@ pub async fn start(args: &RunArgs) -> anyhow::Result<RunningServer> {
         web_socket: web_socket_port.map(|p| (p, args.web_socket_path.trim().to_string())),
         data: args.data.clone(),
         tool,
+        packages,
         engine,
     };
     let shutdown = CancellationToken::new();
@@ -399,8 +249,8 @@ pub async fn start(args: &RunArgs) -> anyhow::Result<RunningServer> {
             }
         });
     }
-    // Task engine: resume unfinished tasks, scheduled health checks (crate::tasks).
-    crate::tasks::spawn_background(&state, shutdown.clone(), &mut tasks);
+    // Task engine: resume unfinished tasks, scheduled health checks.
+    state.engine.spawn_background(shutdown.clone(), &mut tasks);
     tasks.spawn({
         let t = shutdown.clone();
         let app = crate::api::router(state);
@@ -493,43 +343,5 @@ async fn wait_for_signal() {
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
         }
-    }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn proxy_flags_map_to_settings_and_hide_passwords() {
-        use octo_comms::ProxySetting;
-        let args = |proxy: Option<&str>, no_proxy| RunArgs {
-            proxy: proxy.map(str::to_string),
-            no_proxy,
-            ..RunArgs::default()
-        };
-        assert_eq!(
-            args(None, false).proxy_setting().unwrap(),
-            ProxySetting::FromEnvironment
-        );
-        assert_eq!(
-            args(None, true).proxy_setting().unwrap(),
-            ProxySetting::Direct
-        );
-        match args(Some("http://u:secret@proxy:3128"), false)
-            .proxy_setting()
-            .unwrap()
-        {
-            ProxySetting::Explicit(c) => {
-                assert_eq!((c.host.as_str(), c.port), ("proxy", 3128));
-            }
-            other => panic!("{other:?}"),
-        }
-        let e = args(Some("socks5://u:secret@proxy:1080"), false)
-            .proxy_setting()
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("socks5") && !e.contains("secret"), "{e}");
     }
 }

@@ -26,9 +26,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{ArgGroup, Subcommand, ValueEnum};
-use octo_store::{ApiKey, Environment, Machine, Task, TaskLogLine, TaskState, TaskStep, User};
+use octo_api_types::{ApiKey, Environment, Machine, Task, TaskLogLine, TaskState, TaskStep, User};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use self::follow::{follow, print_line, Names};
@@ -45,7 +45,7 @@ const EXIT_INTERRUPTED: u8 = 130;
 
 /// How results are printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub(crate) enum Output {
+pub enum Output {
     /// Aligned columns for people.
     Table,
     /// The server's JSON, for programs.
@@ -55,7 +55,7 @@ pub(crate) enum Output {
 /// Options every client command takes (they may come before or after the
 /// command's name).
 #[derive(Debug, clap::Args)]
-pub(crate) struct ClientOpts {
+pub struct ClientOpts {
     /// The server's web address (client commands).
     #[arg(
         long,
@@ -93,7 +93,7 @@ pub(crate) struct ClientOpts {
 
 /// The client commands, flattened into `octopus`'s own.
 #[derive(Debug, Subcommand)]
-pub(crate) enum ClientCommand {
+pub enum ClientCommand {
     /// List, create and delete environments.
     #[command(
         subcommand,
@@ -164,7 +164,7 @@ canceled, 130 after Ctrl-C (which stops following, not the deployment)."
 
 /// `octopus environment ...`
 #[derive(Debug, Subcommand)]
-pub(crate) enum EnvironmentCommand {
+pub enum EnvironmentCommand {
     /// List environments.
     #[command(after_help = "Example:\n  octopus environment list")]
     List,
@@ -189,7 +189,7 @@ pub(crate) enum EnvironmentCommand {
 
 /// `octopus machine ...`
 #[derive(Debug, Subcommand)]
-pub(crate) enum MachineCommand {
+pub enum MachineCommand {
     /// List machines, optionally only those in an environment, with a role or tenant.
     #[command(after_help = "Example:\n  octopus machine list --environment Production --role web")]
     List {
@@ -226,7 +226,7 @@ also trust this server: `tentacle configure --trust $(octopus server show-thumbp
 
 /// Options of `machine add-listening`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct AddListeningArgs {
+pub struct AddListeningArgs {
     /// The machine's name on the server.
     #[arg(long)]
     name: String,
@@ -263,7 +263,7 @@ pub(crate) struct AddListeningArgs {
 
 /// `octopus api-key ...`
 #[derive(Debug, Subcommand)]
-pub(crate) enum ApiKeyCommand {
+pub enum ApiKeyCommand {
     /// Create an API key for the caller. The key is printed once, here, and never again.
     #[command(
         after_help = "Example:\n  export OCTOPUS_API_KEY=$(octopus api-key create --purpose \"CI pipeline\")"
@@ -286,7 +286,7 @@ pub(crate) enum ApiKeyCommand {
 
 /// `octopus user ...`
 #[derive(Debug, Subcommand)]
-pub(crate) enum UserCommand {
+pub enum UserCommand {
     /// Create a user. Without a password the user can only use API keys.
     #[command(
         after_help = "Example:\n  printf '%s\\n' \"$PASSWORD\" | octopus user create --username alice --password-stdin --display-name \"Alice Smith\""
@@ -296,7 +296,7 @@ pub(crate) enum UserCommand {
 
 /// Options of `user create`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct UserCreateArgs {
+pub struct UserCreateArgs {
     /// The login name.
     #[arg(long)]
     username: String,
@@ -317,7 +317,7 @@ pub(crate) struct UserCreateArgs {
 
 /// Options of `health-check`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct HealthCheckArgs {
+pub struct HealthCheckArgs {
     /// Check this machine (repeatable; default: every machine, or those of --environment).
     #[arg(long = "machine", value_name = "NAME")]
     machines: Vec<String>,
@@ -331,7 +331,7 @@ pub(crate) struct HealthCheckArgs {
 
 /// Script languages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub(crate) enum Syntax {
+pub enum Syntax {
     Bash,
     Sh,
     Python3,
@@ -349,7 +349,7 @@ impl Syntax {
 
 /// Whether scripts on a machine run one at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub(crate) enum Isolation {
+pub enum Isolation {
     /// One script at a time on each machine.
     Full,
     /// Alongside other scripts.
@@ -360,7 +360,7 @@ pub(crate) enum Isolation {
 #[derive(Debug, clap::Args)]
 #[command(group(ArgGroup::new("source").required(true).args(["script", "file"])))]
 #[command(group(ArgGroup::new("target").required(true).args(["machines", "environment"])))]
-pub(crate) struct RunScriptArgs {
+pub struct RunScriptArgs {
     /// The script's text.
     #[arg(long, value_name = "TEXT")]
     script: Option<String>,
@@ -392,7 +392,7 @@ pub(crate) struct RunScriptArgs {
 
 /// `octopus task ...`
 #[derive(Debug, Subcommand)]
-pub(crate) enum TaskCommand {
+pub enum TaskCommand {
     /// List tasks, newest first.
     #[command(after_help = "Example:\n  octopus task list --limit 5")]
     List {
@@ -443,7 +443,7 @@ With --follow the exit status is the task's, as for run-script: 0 success, 1 fai
 
 /// Decisions of `octopus task guide`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub(crate) enum GuideAction {
+pub enum GuideAction {
     /// Run the deployment on the machine again.
     Retry,
     /// Count the machine as succeeded (the failure is noted) and go on.
@@ -453,14 +453,10 @@ pub(crate) enum GuideAction {
 }
 
 /// A task and its steps, as the task API returns them.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct TaskDetail {
-    pub task: Task,
-    pub steps: Vec<TaskStep>,
-}
+pub(crate) type TaskDetail = octo_api_types::TaskView;
 
 /// Runs a client command.
-pub(crate) async fn run(opts: ClientOpts, command: ClientCommand) -> anyhow::Result<ExitCode> {
+pub async fn run(opts: ClientOpts, command: ClientCommand) -> anyhow::Result<ExitCode> {
     let client = ApiClient::new(&opts.server, opts.api_key)?;
     let cx = Cx {
         client,

@@ -1,0 +1,264 @@
+//! Request and reply bodies of the REST API (beside the records in
+//! [`crate::model`], which replies carry as they are).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::model::{ApiKey, Machine, Package, Task, TaskStep, User};
+
+/// Header carrying the API key.
+pub const API_KEY_HEADER: &str = "X-Octopus-ApiKey";
+
+/// The error body of every failed request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong and, where possible, how to fix it.
+    pub error: String,
+}
+
+/// `GET /api`'s answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ApiInfo {
+    /// Always "octopus".
+    pub application: String,
+    pub version: String,
+}
+
+/// `GET /api/server`'s answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ServerInfo {
+    pub version: String,
+    /// The server's comms certificate thumbprint, which tentacles must trust.
+    pub thumbprint: String,
+    /// The port polling tentacles connect to.
+    pub comms_port: u16,
+    /// The TLS port for polling over WebSocket (`wss://HOST:PORT/PATH`) and the API
+    /// over TLS; null when off.
+    pub web_socket_port: Option<u16>,
+    /// The WebSocket path, e.g. "/tentacle"; null when off.
+    pub web_socket_path: Option<String>,
+    /// The deployment tool version this server pushes; null when it has none.
+    pub tool_version: Option<String>,
+}
+
+/// `POST /api/environments`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewEnvironment {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+/// A machine as the API accepts it (add-listening, register).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MachineRequest {
+    pub name: String,
+    /// "TentaclePassive" (listening) or "TentacleActive" (polling).
+    pub comms_style: String,
+    /// Listening: https://HOST:PORT/. Polling: poll://SUBSCRIPTION/ or the subscription id.
+    pub uri: String,
+    pub thumbprint: String,
+    #[serde(default)]
+    pub environments: Vec<String>,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    #[serde(default)]
+    pub tenants: Vec<String>,
+    #[serde(default)]
+    pub tenant_tags: Vec<String>,
+    pub policy: Option<String>,
+    pub worker_pool: Option<String>,
+    /// Replace a machine of the same name.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// `POST /api/machines/register`'s answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RegisterReply {
+    pub machine: Machine,
+    /// The server's comms thumbprint, which the tentacle must trust.
+    pub server_thumbprint: String,
+    /// The server's polling port.
+    pub comms_port: u16,
+}
+
+/// `POST /api/api-keys`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewApiKey {
+    pub purpose: String,
+}
+
+/// `POST /api/api-keys`'s answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CreatedApiKey {
+    /// The key, shown this once only.
+    pub api_key: String,
+    pub key: ApiKey,
+}
+
+/// `POST /api/users`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewUser {
+    pub username: String,
+    pub password: Option<String>,
+    #[serde(default)]
+    pub display_name: String,
+    #[serde(default)]
+    pub is_admin: bool,
+}
+
+/// `POST /api/users/login`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Login {
+    pub username: String,
+    pub password: String,
+}
+
+/// `POST /api/users/login`'s answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LoginReply {
+    /// The session key, to send in `X-Octopus-ApiKey`; shown this once only.
+    pub api_key: String,
+    pub key: ApiKey,
+    pub user: User,
+}
+
+/// Script interpreter, as the API names it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Syntax {
+    #[default]
+    Bash,
+    Sh,
+    Python3,
+}
+
+impl Syntax {
+    /// The name the API uses: "bash", "sh", "python3".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Syntax::Bash => "bash",
+            Syntax::Sh => "sh",
+            Syntax::Python3 => "python3",
+        }
+    }
+}
+
+/// Script isolation, as the API names it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    #[default]
+    Full,
+    None,
+}
+
+/// `POST /api/tasks/script`; also the stored arguments of a script task.
+///
+/// Targets exactly `machines` when given, otherwise the machines matching all of
+/// `environment`, `role` and `tenant` that are given.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ScriptRequest {
+    pub script: String,
+    #[serde(default)]
+    pub syntax: Syntax,
+    #[serde(default)]
+    pub isolation: Isolation,
+    #[serde(default)]
+    pub machines: Vec<String>,
+    #[serde(default)]
+    pub environment: Option<String>,
+    #[serde(default)]
+    pub role: Option<String>,
+    #[serde(default)]
+    pub tenant: Option<String>,
+}
+
+/// `POST /api/tasks/health` and `/api/tasks/upgrade`: exactly `machines` when
+/// given, otherwise those in `environment`, otherwise all.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HealthRequest {
+    #[serde(default)]
+    pub machines: Vec<String>,
+    #[serde(default)]
+    pub environment: Option<String>,
+}
+
+/// `POST /api/tasks/deploy`: deploy a package from the feed to the machines of
+/// an environment (narrowed by `role` and `tenant` when given).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeployRequest {
+    pub package_id: String,
+    /// Default: the highest version in the feed.
+    #[serde(default)]
+    pub version: Option<String>,
+    pub environment: String,
+    #[serde(default)]
+    pub role: Option<String>,
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// Variables for substitution and scripts, by name.
+    #[serde(default)]
+    pub variables: BTreeMap<String, String>,
+    /// Extracted versions kept per package on each machine (default 3).
+    #[serde(default)]
+    pub retention: Option<u32>,
+    /// A machine whose deployment fails waits for a decision
+    /// (`POST /api/tasks/{id}/guidance`) instead of failing.
+    #[serde(default)]
+    pub guided_failure: bool,
+}
+
+/// A person's decision for a machine whose deployment failed under guided failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Guidance {
+    /// Run the deployment on the machine again.
+    Retry,
+    /// Record the machine as succeeded (the failure noted) and go on.
+    Ignore,
+    /// Record the machine as failed.
+    Fail,
+}
+
+/// `POST /api/tasks/{id}/guidance`: the decision for a machine waiting under
+/// guided failure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GuidanceRequest {
+    /// The machine's name.
+    pub machine: String,
+    pub action: Guidance,
+}
+
+/// A task and its steps, as the API returns them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TaskView {
+    pub task: Task,
+    pub steps: Vec<TaskStep>,
+}
+
+/// `POST /api/tasks/{id}/cancel`'s answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CancelReply {
+    pub task: Task,
+}
+
+/// The answer of a package push.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PushReply {
+    pub package: Package,
+    /// "created", "replaced" or "unchanged" (same ID, version and content).
+    pub outcome: String,
+}

@@ -1,0 +1,163 @@
+//! What a step may use: [`StepContext`]. A step never sees the engine: it
+//! writes its log and progress through [`TaskLog`], reaches its machine through
+//! comms, reads the store, watches its cancellation, and waits for a person's
+//! decision through the guidance board. The engine records how it ended.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use octo_api_types::Guidance;
+use octo_store::{now_ms, NewLogLine, Store, TaskStep};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::feed::PackageFiles;
+use crate::notify::{lock, Notifiers};
+use crate::tool::ToolBuild;
+
+/// The log and progress of one task: stores lines and step changes, and wakes
+/// the task's live readers.
+#[derive(Debug, Clone)]
+pub struct TaskLog {
+    store: Arc<dyn Store>,
+    notifiers: Arc<Notifiers>,
+    task_id: Arc<str>,
+}
+
+impl TaskLog {
+    pub(crate) fn new(store: Arc<dyn Store>, notifiers: Arc<Notifiers>, task_id: &str) -> Self {
+        Self {
+            store,
+            notifiers,
+            task_id: task_id.into(),
+        }
+    }
+
+    /// The task's id.
+    pub fn task_id(&self) -> &str {
+        &self.task_id
+    }
+
+    /// Stores log lines and wakes readers.
+    pub async fn append(&self, lines: &[NewLogLine]) -> octo_store::Result<()> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        self.store.append_log(&self.task_id, lines).await?;
+        self.notifiers.log_changed(&self.task_id);
+        Ok(())
+    }
+
+    /// Writes a server line about the task (best effort: a failure is logged).
+    pub async fn server(&self, text: impl Into<String>) {
+        let text = text.into();
+        info!("{}: {text}", self.task_id);
+        let line = NewLogLine {
+            machine_id: None,
+            sequence: None,
+            timestamp: now_ms(),
+            stream: "server".into(),
+            text,
+        };
+        if let Err(e) = self.append(&[line]).await {
+            error!("writing to the log of task {}: {e}", self.task_id);
+        }
+    }
+
+    /// Stores a step as it is now and wakes readers (best effort: a failure is logged).
+    pub async fn save_step(&self, step: &TaskStep) {
+        if let Err(e) = self.store.update_step(step).await {
+            error!(
+                "saving step {} of task {}: {e}",
+                step.machine_name, step.task_id
+            );
+        }
+        self.notifiers.state_changed(&self.task_id);
+    }
+}
+
+/// Steps waiting for a person's decision (guided failure), by task and machine.
+#[derive(Debug, Default)]
+pub struct GuidanceBoard {
+    waiting: Mutex<HashMap<(String, i64), oneshot::Sender<Guidance>>>,
+}
+
+impl GuidanceBoard {
+    /// Registers a step as waiting; the receiver gets the decision.
+    fn wait(&self, task_id: &str, machine_id: i64) -> oneshot::Receiver<Guidance> {
+        let (tx, rx) = oneshot::channel();
+        lock(&self.waiting).insert((task_id.to_string(), machine_id), tx);
+        rx
+    }
+
+    /// No longer waiting (decided, canceled or stopping).
+    fn forget(&self, task_id: &str, machine_id: i64) {
+        lock(&self.waiting).remove(&(task_id.to_string(), machine_id));
+    }
+
+    /// Delivers a decision; false when that step is not waiting for one here.
+    pub fn deliver(&self, task_id: &str, machine_id: i64, g: Guidance) -> bool {
+        let waiting = lock(&self.waiting).remove(&(task_id.to_string(), machine_id));
+        waiting.is_some_and(|tx| tx.send(g).is_ok())
+    }
+}
+
+/// Everything one machine's step may use (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct StepContext {
+    /// The machine's name, for messages.
+    pub machine_name: String,
+    /// The task's log and progress.
+    pub log: TaskLog,
+    pub store: Arc<dyn Store>,
+    pub comms: octo_comms::ServerComms,
+    /// Cancelled when a person cancels the task.
+    pub cancel: CancellationToken,
+    /// Cancelled when the server stops: the step returns at once, leaving its
+    /// stored state to resume from.
+    pub shutdown: CancellationToken,
+    /// The deployment tool this server pushes, or why there is none.
+    pub tool: Arc<Result<ToolBuild, String>>,
+    /// Where package files are.
+    pub packages: PackageFiles,
+    pub(crate) guidance: Arc<GuidanceBoard>,
+}
+
+impl StepContext {
+    /// Writes "MACHINE: text" to the task's log.
+    pub async fn say(&self, text: impl std::fmt::Display) {
+        self.log
+            .server(format!("{}: {text}", self.machine_name))
+            .await;
+    }
+
+    /// Stores the step's progress (state, resume point).
+    pub async fn save(&self, step: &TaskStep) {
+        self.log.save_step(step).await;
+    }
+
+    /// Waits for a person's decision about this step, or None when the task is
+    /// canceled or the server stops. The step is saved and `announce` written
+    /// once the wait is registered, so whoever reads them can decide at once.
+    pub async fn wait_for_guidance(&self, step: &TaskStep, announce: String) -> Option<Guidance> {
+        let rx = self.guidance.wait(&step.task_id, step.machine_id);
+        self.save(step).await;
+        self.say(announce).await;
+        let decision = tokio::select! {
+            d = rx => d.ok(),
+            _ = self.cancel.cancelled() => None,
+            _ = self.shutdown.cancelled() => None,
+        };
+        self.guidance.forget(&step.task_id, step.machine_id);
+        decision
+    }
+
+    /// The server's deployment tool, or why there is none.
+    pub fn tool(&self) -> Result<Arc<ToolBuild>, String> {
+        match self.tool.as_ref() {
+            Ok(t) => Ok(Arc::new(t.clone())),
+            Err(why) => Err(format!("this server has no deployment tool to push: {why}")),
+        }
+    }
+}

@@ -1,0 +1,582 @@
+//! The task engine of one server (one per running server).
+//!
+//! The engine knows, in memory only:
+//! - which tasks run here and their cancel tokens (a task runs at most once: a
+//!   second `start` of a running task is ignored);
+//! - per task with live log readers, a `watch` channel of change counters
+//!   ([`Notifiers`]);
+//! - the steps waiting for a person's decision ([`GuidanceBoard`]).
+//!
+//! It runs a task's steps through the step runners of its kind, each with a
+//! [`StepContext`], and records how each ended, then the task's outcome.
+//! Every spawned future runs on the engine's `TaskTracker` and ends on its
+//! shutdown token; a task interrupted by shutdown keeps its stored state and is
+//! resumed by the next start ([`Engine::spawn_background`]).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use octo_api_types::{Guidance, ScriptRequest};
+use octo_store::{
+    now_ms, HealthStatus, MachineFilter, MachinePolicy, Store, Task, TaskState, TaskStep,
+};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::context::{GuidanceBoard, StepContext, TaskLog};
+use crate::feed::PackageFiles;
+use crate::notify::{lock, Changes, Notifiers};
+use crate::steps::{deploy, health, script, StepEnd};
+use crate::tool::ToolBuild;
+use crate::{kind, machine_list, DeployArgs, MAX_PARALLEL_STEPS};
+
+/// How often the scheduler looks for machines due a health check.
+const HEALTH_SCAN_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a stopping server waits for its tasks to notice.
+const STOP_WAIT: Duration = Duration::from_secs(8);
+
+/// What the engine's steps work with.
+#[derive(Debug, Clone)]
+pub struct EngineDeps {
+    pub store: Arc<dyn Store>,
+    pub comms: octo_comms::ServerComms,
+    /// The deployment tool this server pushes, or why there is none.
+    pub tool: Arc<Result<ToolBuild, String>>,
+    /// Where the built-in feed keeps package files.
+    pub packages: PackageFiles,
+}
+
+/// The engine of one server (see the module documentation).
+#[derive(Debug)]
+pub struct Engine {
+    deps: EngineDeps,
+    /// Cancelled when the server stops.
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    /// When this engine was created: unfinished tasks created before are a
+    /// previous run's, to resume.
+    created_at: i64,
+    /// Tasks running here, with their cancel tokens.
+    running: Mutex<HashMap<String, CancellationToken>>,
+    notifiers: Arc<Notifiers>,
+    guidance: Arc<GuidanceBoard>,
+}
+
+/// What runs one step of a task.
+type StepRunner = Arc<
+    dyn Fn(StepContext, TaskStep) -> std::pin::Pin<Box<dyn Future<Output = StepEnd> + Send>>
+        + Send
+        + Sync,
+>;
+
+impl Engine {
+    /// A new engine; background work starts with [`Engine::spawn_background`].
+    pub fn new(deps: EngineDeps) -> Engine {
+        Engine {
+            deps,
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            created_at: now_ms(),
+            running: Mutex::new(HashMap::new()),
+            notifiers: Arc::new(Notifiers::default()),
+            guidance: Arc::new(GuidanceBoard::default()),
+        }
+    }
+
+    /// Cancelled when the server stops.
+    pub fn stopping(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    /// Runs `work` on the engine's tracker (so a stopping server waits for it, bounded).
+    pub fn spawn<F>(&self, work: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.tracker.spawn(work);
+    }
+
+    /// Stops everything (bounded).
+    async fn stop(self: &Arc<Self>) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(STOP_WAIT, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                "{} task engine jobs did not stop within {} s",
+                self.tracker.len(),
+                STOP_WAIT.as_secs()
+            );
+        }
+    }
+
+    /// Runs `task` in the background, unless it runs already or the server stops.
+    pub fn start(self: &Arc<Self>, task: Task) {
+        if self.shutdown.is_cancelled() {
+            return;
+        }
+        let cancel = {
+            let mut running = lock(&self.running);
+            if running.contains_key(&task.id) {
+                return;
+            }
+            let token = CancellationToken::new();
+            running.insert(task.id.clone(), token.clone());
+            token
+        };
+        let this = self.clone();
+        self.tracker.spawn(async move {
+            let id = task.id.clone();
+            Box::pin(this.run_task(task, cancel)).await;
+            lock(&this.running).remove(&id);
+        });
+    }
+
+    fn is_running(&self, task_id: &str) -> bool {
+        lock(&self.running).contains_key(task_id)
+    }
+
+    /// Cancels a task running here (the store already says cancel was requested).
+    pub fn cancel(&self, task_id: &str) {
+        if let Some(token) = lock(&self.running).get(task_id) {
+            token.cancel();
+        }
+        self.notifiers.state_changed(task_id);
+    }
+
+    /// Delivers a decision to a step waiting under guided failure; false when
+    /// that step is not waiting for one here.
+    pub fn guide(&self, task_id: &str, machine_id: i64, g: Guidance) -> bool {
+        self.guidance.deliver(task_id, machine_id, g)
+    }
+
+    /// A receiver of `task_id`'s change counters; pair with [`Engine::release`].
+    pub fn subscribe(&self, task_id: &str) -> watch::Receiver<Changes> {
+        self.notifiers.subscribe(task_id)
+    }
+
+    /// Drops the task's notifier once nobody listens (call after dropping the receiver).
+    pub fn release(&self, task_id: &str) {
+        self.notifiers.release(task_id);
+    }
+
+    fn log_of(&self, task_id: &str) -> TaskLog {
+        TaskLog::new(self.deps.store.clone(), self.notifiers.clone(), task_id)
+    }
+
+    /// Records a step's end.
+    async fn finish_step(
+        &self,
+        log: &TaskLog,
+        mut step: TaskStep,
+        state: TaskState,
+        error: Option<String>,
+    ) {
+        step.state = state;
+        step.error = error;
+        step.completed_at = Some(now_ms());
+        if step.started_at.is_none() {
+            step.started_at = step.completed_at;
+        }
+        log.save_step(&step).await;
+    }
+
+    async fn set_task_state(&self, task_id: &str, state: TaskState, error: Option<&str>) {
+        if let Err(e) = self
+            .deps
+            .store
+            .set_task_state(task_id, state, error, now_ms())
+            .await
+        {
+            error!("setting task {task_id} {state:?}: {e}");
+        }
+        self.notifiers.state_changed(task_id);
+    }
+
+    /// The step runner of a task's kind, or why the task cannot run.
+    fn runner_of(task: &Task) -> Result<StepRunner, String> {
+        let unreadable = |e: serde_json::Error| format!("the task's arguments cannot be read: {e}");
+        Ok(match task.kind.as_str() {
+            kind::SCRIPT => {
+                let args: ScriptRequest =
+                    serde_json::from_value(task.arguments.clone()).map_err(unreadable)?;
+                let spec = Arc::new(script::ScriptSpec::from(&args));
+                Arc::new(move |ctx, step| {
+                    let spec = spec.clone();
+                    Box::pin(async move { script::run_script_step(&ctx, step, &spec).await })
+                })
+            }
+            kind::DEPLOY => {
+                let args: DeployArgs =
+                    serde_json::from_value(task.arguments.clone()).map_err(unreadable)?;
+                let args = Arc::new(args);
+                Arc::new(move |ctx, step| {
+                    let args = args.clone();
+                    Box::pin(async move { deploy::run_deploy_step(&ctx, step, &args).await })
+                })
+            }
+            kind::UPGRADE => Arc::new(|ctx, step| {
+                Box::pin(async move { deploy::run_upgrade_step(&ctx, step).await })
+            }),
+            kind::HEALTH => {
+                Arc::new(|ctx, step| Box::pin(async move { health::run_step(&ctx, step).await }))
+            }
+            other => return Err(format!("task kind '{other}' is not known to this server")),
+        })
+    }
+
+    /// Runs a task to its end (or until the server stops).
+    async fn run_task(self: &Arc<Self>, task: Task, cancel: CancellationToken) {
+        let store = self.deps.store.clone();
+        let id = task.id.clone();
+        let log = self.log_of(&id);
+        // Read again now that the cancel token is registered: a cancel request
+        // that came in between is seen either here or through the token.
+        let task = match store.task(&id).await {
+            Ok(Some(t)) => t,
+            Ok(None) => return warn!("task {id} disappeared before it ran"),
+            Err(e) => return error!("loading task {id}: {e}"),
+        };
+        if task.state.is_final() {
+            return;
+        }
+        if task.cancel_requested {
+            cancel.cancel();
+        }
+        let steps = match store.task_steps(&id).await {
+            Ok(s) => s,
+            Err(e) => return error!("loading the steps of task {id}: {e}"),
+        };
+        let resumed = task.state == TaskState::Executing;
+        if !resumed {
+            self.set_task_state(&id, TaskState::Executing, None).await;
+        }
+        let todo = steps.iter().filter(|s| !s.state.is_final()).count();
+        if resumed {
+            log.server(format!(
+                "Resuming task ({todo} of {} machines unfinished)",
+                steps.len()
+            ))
+            .await;
+        } else {
+            log.server(format!("Task started: {}", task.description))
+                .await;
+        }
+        let health = match Self::runner_of(&task) {
+            Ok(runner) => match self.run_steps(&log, steps, &cancel, runner).await {
+                Some(health) => health,
+                // The server is stopping: leave the task as it is, to resume.
+                None => return,
+            },
+            Err(why) => {
+                self.fail_unfinished(&log, &why).await;
+                Vec::new()
+            }
+        };
+        self.finish_task(&log, &task, &cancel, &health).await;
+    }
+
+    /// Runs every unfinished step, at most [`MAX_PARALLEL_STEPS`] at once, and
+    /// records how each ended. Returns the health results the steps reported,
+    /// or None when the server stopped.
+    async fn run_steps(
+        self: &Arc<Self>,
+        log: &TaskLog,
+        steps: Vec<TaskStep>,
+        cancel: &CancellationToken,
+        run: StepRunner,
+    ) -> Option<Vec<(String, HealthStatus)>> {
+        let slots = Arc::new(Semaphore::new(MAX_PARALLEL_STEPS));
+        let mut set = JoinSet::new();
+        for step in steps.into_iter().filter(|s| !s.state.is_final()) {
+            let (eng, slots, run) = (self.clone(), slots.clone(), run.clone());
+            let ctx = StepContext {
+                machine_name: step.machine_name.clone(),
+                log: log.clone(),
+                store: self.deps.store.clone(),
+                comms: self.deps.comms.clone(),
+                cancel: cancel.clone(),
+                shutdown: self.shutdown.clone(),
+                tool: self.deps.tool.clone(),
+                packages: self.deps.packages.clone(),
+                guidance: self.guidance.clone(),
+            };
+            set.spawn(async move {
+                let _slot = tokio::select! {
+                    slot = slots.acquire_owned() => slot.ok(),
+                    _ = ctx.shutdown.cancelled() => return None,
+                    // A queued step never starts once cancel was requested; a
+                    // step already executing (resumed) must be cancelled on the
+                    // tentacle, which its runner does.
+                    _ = ctx.cancel.cancelled(), if step.state == TaskState::Queued => {
+                        eng.finish_step(&ctx.log, step, TaskState::Canceled, Some("canceled before it started".into())).await;
+                        return None;
+                    }
+                };
+                let log = ctx.log.clone();
+                match run(ctx, step).await {
+                    StepEnd::Finished {
+                        step,
+                        state,
+                        error,
+                        health,
+                        afterwards,
+                    } => {
+                        let name = step.machine_name.clone();
+                        eng.finish_step(&log, step, state, error).await;
+                        if let Some(work) = afterwards {
+                            work.await;
+                        }
+                        health.map(|h| (name, h))
+                    }
+                    StepEnd::Interrupted => None,
+                }
+            });
+        }
+        let mut health = Vec::new();
+        while let Some(r) = set.join_next().await {
+            match r {
+                Ok(Some(h)) => health.push(h),
+                Ok(None) => {}
+                Err(e) => error!("a step of task {} failed: {e}", log.task_id()),
+            }
+        }
+        if self.shutdown.is_cancelled() {
+            return None;
+        }
+        Some(health)
+    }
+
+    /// Marks every unfinished step of a task Failed with `why`.
+    async fn fail_unfinished(&self, log: &TaskLog, why: &str) {
+        let task_id = log.task_id();
+        let steps = match self.deps.store.task_steps(task_id).await {
+            Ok(s) => s,
+            Err(e) => return error!("loading the steps of task {task_id}: {e}"),
+        };
+        for step in steps.into_iter().filter(|s| !s.state.is_final()) {
+            self.finish_step(log, step, TaskState::Failed, Some(why.to_string()))
+                .await;
+        }
+    }
+
+    /// Decides and records the task's final state from its steps.
+    async fn finish_task(
+        &self,
+        log: &TaskLog,
+        task: &Task,
+        cancel: &CancellationToken,
+        health: &[(String, HealthStatus)],
+    ) {
+        let id = &task.id;
+        let steps = match self.deps.store.task_steps(id).await {
+            Ok(s) => s,
+            Err(e) => return error!("loading the steps of task {id}: {e}"),
+        };
+        let total = steps.len();
+        let failed: Vec<&TaskStep> = steps
+            .iter()
+            .filter(|s| s.state != TaskState::Success)
+            .collect();
+        let cancel_requested = cancel.is_cancelled()
+            || matches!(self.deps.store.task(id).await, Ok(Some(t)) if t.cancel_requested);
+        let (state, error) = if cancel_requested {
+            (TaskState::Canceled, Some("canceled on request".to_string()))
+        } else if failed.is_empty() {
+            (TaskState::Success, None)
+        } else if task.kind == kind::HEALTH {
+            (
+                TaskState::Failed,
+                Some(health_summary(total, health, &failed)),
+            )
+        } else {
+            let names: Vec<&str> = failed.iter().map(|s| s.machine_name.as_str()).collect();
+            (
+                TaskState::Failed,
+                Some(format!(
+                    "{} of {total} machines failed: {}; {} succeeded",
+                    failed.len(),
+                    names.join(", "),
+                    total - failed.len()
+                )),
+            )
+        };
+        let summary = match (&state, &error) {
+            (TaskState::Success, _) => format!(
+                "Task finished: Success ({total} machine{})",
+                if total == 1 { "" } else { "s" }
+            ),
+            (s, Some(e)) => format!("Task finished: {s:?}: {e}"),
+            (s, None) => format!("Task finished: {s:?}"),
+        };
+        log.server(summary).await;
+        self.set_task_state(id, state, error.as_deref()).await;
+    }
+
+    /// Starts the engine's background work for a started server: resuming the
+    /// unfinished tasks of a previous run, and scheduled health checks. Everything
+    /// stops when `shutdown` is cancelled (the join set's entry waits for that, bounded).
+    pub fn spawn_background(
+        self: &Arc<Self>,
+        shutdown: CancellationToken,
+        tasks: &mut JoinSet<()>,
+    ) {
+        tasks.spawn({
+            let engine = self.clone();
+            async move {
+                shutdown.cancelled().await;
+                engine.stop().await;
+            }
+        });
+        self.tracker.spawn({
+            let engine = self.clone();
+            async move { engine.resume().await }
+        });
+        self.tracker.spawn({
+            let engine = self.clone();
+            async move { engine.schedule_health_checks().await }
+        });
+    }
+
+    /// Resumes the unfinished script, deployment and upgrade tasks of a previous run; fails its health
+    /// checks (their results would be stale).
+    async fn resume(self: &Arc<Self>) {
+        let tasks = match self.deps.store.unfinished_tasks().await {
+            Ok(t) => t,
+            Err(e) => return error!("listing unfinished tasks to resume: {e}"),
+        };
+        // Oldest first; only those of a previous run (the API may start new ones
+        // meanwhile, and those run already).
+        for task in tasks.into_iter().rev() {
+            if self.shutdown.is_cancelled() {
+                return;
+            }
+            if task.created_at >= self.created_at || self.is_running(&task.id) {
+                continue;
+            }
+            match task.kind.as_str() {
+                kind::SCRIPT | kind::DEPLOY | kind::UPGRADE => {
+                    info!("resuming task {} ({})", task.id, task.description);
+                    self.start(task);
+                }
+                _ => {
+                    let why = "server restarted";
+                    let log = self.log_of(&task.id);
+                    log.server(format!("Task failed: {why}")).await;
+                    self.fail_unfinished(&log, why).await;
+                    self.set_task_state(&task.id, TaskState::Failed, Some(why))
+                        .await;
+                }
+            }
+        }
+    }
+
+    /// Every [`HEALTH_SCAN_INTERVAL`], runs a health task for the machines due one
+    /// by their policy's interval (never two scheduled checks at once).
+    async fn schedule_health_checks(self: &Arc<Self>) {
+        let mut tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + HEALTH_SCAN_INTERVAL,
+            HEALTH_SCAN_INTERVAL,
+        );
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last: Option<String> = None;
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if last.as_deref().is_some_and(|id| self.is_running(id)) {
+                continue;
+            }
+            match self.scheduled_health_task().await {
+                Ok(Some(task)) => {
+                    last = Some(task.id.clone());
+                    self.start(task);
+                }
+                Ok(None) => {}
+                Err(e) => warn!("scheduled health check: {e}"),
+            }
+        }
+    }
+
+    async fn scheduled_health_task(&self) -> octo_store::Result<Option<Task>> {
+        let store = &self.deps.store;
+        let now = now_ms();
+        let mut policies: HashMap<String, Option<MachinePolicy>> = HashMap::new();
+        let mut due = Vec::new();
+        for m in store.list_machines(&MachineFilter::default()).await? {
+            if !policies.contains_key(&m.policy) {
+                policies.insert(m.policy.clone(), store.policy(&m.policy).await?);
+            }
+            let interval_s = policies
+                .get(&m.policy)
+                .and_then(|p| p.as_ref())
+                .map_or(3600, |p| p.health_check_interval_s.max(1));
+            let is_due = m
+                .last_health_at
+                .is_none_or(|t| now.saturating_sub(t) >= interval_s.saturating_mul(1000));
+            if is_due {
+                due.push(m);
+            }
+        }
+        if due.is_empty() {
+            return Ok(None);
+        }
+        let ids: Vec<i64> = due.iter().map(|m| m.id).collect();
+        let names: Vec<String> = due.iter().map(|m| m.name.clone()).collect();
+        let description = format!("Scheduled health check of {}", machine_list(&due));
+        let arguments = serde_json::json!({ "machines": names, "scheduled": true });
+        let task = store
+            .create_task(kind::HEALTH, &description, &arguments, &ids, now)
+            .await?;
+        info!("created task {} ({description})", task.id);
+        Ok(Some(task))
+    }
+}
+
+/// "2 of 3 machines unavailable: a, b; 1 unhealthy: c".
+fn health_summary(total: usize, health: &[(String, HealthStatus)], failed: &[&TaskStep]) -> String {
+    let of = |status: HealthStatus| -> Vec<&str> {
+        health
+            .iter()
+            .filter(|(_, s)| *s == status)
+            .map(|(n, _)| n.as_str())
+            .collect()
+    };
+    let (unavailable, unhealthy) = (of(HealthStatus::Unavailable), of(HealthStatus::Unhealthy));
+    let mut parts = Vec::new();
+    if !unavailable.is_empty() {
+        parts.push(format!(
+            "{} of {total} machines unavailable: {}",
+            unavailable.len(),
+            unavailable.join(", ")
+        ));
+    }
+    if !unhealthy.is_empty() {
+        parts.push(format!(
+            "{} of {total} machines unhealthy: {}",
+            unhealthy.len(),
+            unhealthy.join(", ")
+        ));
+    }
+    let others: Vec<&str> = failed
+        .iter()
+        .map(|s| s.machine_name.as_str())
+        .filter(|n| !unavailable.contains(n) && !unhealthy.contains(n))
+        .collect();
+    if !others.is_empty() {
+        parts.push(format!(
+            "{} of {total} machines not checked: {}",
+            others.len(),
+            others.join(", ")
+        ));
+    }
+    parts.join("; ")
+}

@@ -1,0 +1,90 @@
+//! The server's task engine.
+//!
+//! A task (health check, script run, deployment, tool upgrade) is one row plus
+//! one step per machine in the store. [`Engine`] runs tasks: it hands each
+//! unfinished step to the step runner of the task's kind with a
+//! [`StepContext`] (the step's log sink, the store, comms, cancellation and
+//! guided-failure decisions; never the engine itself), at most
+//! [`MAX_PARALLEL_STEPS`] at once, records each step's outcome, then the task's.
+//!
+//! - [`engine`]: the engine (start, cancel, guidance, resume after a restart,
+//!   scheduled health checks).
+//! - [`context`]: [`StepContext`] and [`TaskLog`], what a step may use.
+//! - [`notify`]: per-task change counters that live log readers wait on.
+//! - `steps`: one machine's part of each kind of task (`script`, `health`,
+//!   `deploy` and tool upgrades, `transfer` of files to tentacles).
+//! - [`tool`]: the deployment tool (`calamari`) the server pushes.
+//! - [`feed`]: where the built-in feed keeps package files.
+//!
+//! # Durability
+//!
+//! Everything a task has done is in the store: its steps' states, and for each
+//! step the next tentacle log sequence not yet stored. A lost connection or a
+//! server restart resumes from there (StartScript is idempotent on the step's
+//! ticket; StreamLogs resumes from the sequence), so no line is lost or repeated.
+
+pub mod context;
+pub mod engine;
+pub mod feed;
+pub mod notify;
+mod outputs;
+mod steps;
+pub mod tool;
+
+use octo_store::{EndpointKind, Machine};
+use octo_tls::Thumbprint;
+
+pub use context::{StepContext, TaskLog};
+pub use engine::{Engine, EngineDeps};
+pub use feed::PackageFiles;
+pub use notify::Changes;
+pub use steps::deploy::DeployArgs;
+pub use tool::ToolBuild;
+
+/// Steps of one task that run at once.
+pub const MAX_PARALLEL_STEPS: usize = 20;
+
+/// Task kinds, as stored and shown.
+pub mod kind {
+    /// Script runs.
+    pub const SCRIPT: &str = "Script";
+    /// Health checks.
+    pub const HEALTH: &str = "Health";
+    /// Package deployments.
+    pub const DEPLOY: &str = "Deploy";
+    /// Deployment tool upgrades.
+    pub const UPGRADE: &str = "Upgrade";
+}
+
+/// The comms endpoint of a stored machine.
+pub fn endpoint_of(m: &Machine) -> Result<octo_comms::Endpoint, octo_comms::CommsError> {
+    let tp: Thumbprint = m
+        .thumbprint
+        .parse()
+        .map_err(
+            |e: octo_tls::ThumbprintParseError| octo_comms::CommsError::InvalidEndpoint {
+                endpoint: m.uri.clone(),
+                reason: e.to_string(),
+            },
+        )?;
+    match m.kind {
+        EndpointKind::Listening => octo_comms::Endpoint::listening(&m.uri, tp),
+        EndpointKind::Polling => octo_comms::Endpoint::polling(&m.uri, tp),
+    }
+}
+
+/// "machine web-1" / "3 machines (a, b, c)" / "12 machines".
+pub fn machine_list(machines: &[Machine]) -> String {
+    match machines {
+        [one] => format!("machine {}", one.name),
+        many if many.len() <= 5 => format!(
+            "{} machines ({})",
+            many.len(),
+            many.iter()
+                .map(|m| m.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        many => format!("{} machines", many.len()),
+    }
+}

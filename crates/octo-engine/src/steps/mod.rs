@@ -1,0 +1,73 @@
+//! One machine's part of each kind of task. A step runner gets the step as
+//! stored and a [`StepContext`], does its work, and returns a [`StepEnd`]: the
+//! engine records it.
+
+pub(crate) mod deploy;
+pub(crate) mod health;
+pub(crate) mod script;
+mod transfer;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use octo_comms::Endpoint;
+use octo_store::{HealthStatus, Machine, TaskState, TaskStep};
+
+use crate::context::StepContext;
+use crate::endpoint_of;
+
+/// Work that may follow a step's end (e.g. removing its work directory on the
+/// tentacle): run after the outcome is recorded, so it never delays it.
+pub(crate) type Afterwards = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// How a step ended.
+// One value per step, moved once: not worth a box.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum StepEnd {
+    /// The step is over: the engine records `state` and `error` on `step`.
+    Finished {
+        step: TaskStep,
+        state: TaskState,
+        error: Option<String>,
+        /// The machine's health, for a health check's summary.
+        health: Option<HealthStatus>,
+        afterwards: Option<Afterwards>,
+    },
+    /// The server is stopping: the step stays as stored, to resume.
+    Interrupted,
+}
+
+impl StepEnd {
+    pub(crate) fn finished(step: TaskStep, state: TaskState, error: Option<String>) -> Self {
+        StepEnd::Finished {
+            step,
+            state,
+            error,
+            health: None,
+            afterwards: None,
+        }
+    }
+
+    /// The step failed for `why`, which is also written to the task's log.
+    pub(crate) async fn failed(ctx: &StepContext, step: TaskStep, why: String) -> Self {
+        ctx.say(format!("failed: {why}")).await;
+        Self::finished(step, TaskState::Failed, Some(why))
+    }
+}
+
+/// The step's machine and its endpoint, or why not (already written to the log).
+pub(crate) async fn load_machine(
+    ctx: &StepContext,
+    step: &TaskStep,
+) -> Result<(Machine, Endpoint), String> {
+    let why = match ctx.store.machine_by_id(step.machine_id).await {
+        Ok(Some(m)) => match endpoint_of(&m) {
+            Ok(ep) => return Ok((m, ep)),
+            Err(e) => e.to_string(),
+        },
+        Ok(None) => format!("machine '{}' no longer exists", step.machine_name),
+        Err(e) => format!("loading machine '{}': {e}", step.machine_name),
+    };
+    ctx.say(&why).await;
+    Err(why)
+}
