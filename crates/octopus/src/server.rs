@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use octo_comms::{ServerComms, ServerCommsOptions};
-use octo_store::sqlite::SqliteStore;
 use octo_store::{EndpointKind, MachineFilter, Store};
+use octo_store_sqlite::SqliteStore;
 use octo_tls::{Identity, Thumbprint, TrustStore};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
@@ -181,7 +181,7 @@ pub(crate) fn new_api_key() -> String {
     format!("API-{body}")
 }
 
-pub(crate) use octo_store::sqlite::now_ms;
+pub(crate) use octo_store::now_ms;
 
 async fn open_store(args: &RunArgs) -> anyhow::Result<SqliteStore> {
     let path = match args.database_url.as_deref() {

@@ -1,4 +1,4 @@
-//! The embedded store: [`Store`] on SQLite.
+//! The embedded store: [`Store`] on SQLite, [`SqliteStore`].
 //!
 //! One database file, WAL journal, foreign keys on, a busy timeout so that writers
 //! queue instead of failing, and a small pool. Every write that is more than one
@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
@@ -22,10 +22,10 @@ use sqlx::sqlite::{
 };
 use sqlx::Row;
 
-use crate::{
-    ApiKey, EndpointKind, Environment, HealthStatus, HealthUpdate, Machine, MachineFilter,
-    MachinePolicy, NewLogLine, NewMachine, NewPackage, Package, Result, Store, StoreError, Task,
-    TaskLogLine, TaskState, TaskStep, Tenant, User, DEFAULT_POLICY,
+use octo_store::{
+    now_ms, ticket, ApiKey, EndpointKind, Environment, HealthStatus, HealthUpdate, Machine,
+    MachineFilter, MachinePolicy, NewLogLine, NewMachine, NewPackage, Package, Result, Store,
+    StoreError, Task, TaskLogLine, TaskState, TaskStep, Tenant, User, DEFAULT_POLICY,
 };
 
 /// The migrations, embedded at build time.
@@ -39,20 +39,6 @@ const POOL_SIZE: u32 = 4;
 
 /// Machine names listed at most in an error message.
 const NAMES_IN_MESSAGE: usize = 10;
-
-/// The current time in Unix milliseconds.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
-/// The script ticket of a machine's part of a task: `<task id>-m<machine id>`,
-/// e.g. `ServerTasks-12-m3`, which fits the tentacle's rule `[A-Za-z0-9._-]{1,128}`.
-pub fn ticket(task_id: &str, machine_id: i64) -> String {
-    format!("{task_id}-m{machine_id}")
-}
 
 /// [`Store`] on an SQLite database.
 #[derive(Clone, Debug)]
