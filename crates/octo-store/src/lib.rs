@@ -11,10 +11,22 @@
 //! people ("ServerTasks-42"); times are Unix milliseconds (`i64`); names are unique
 //! and compared case-insensitively; lists come back ordered by name (or, for tasks,
 //! newest first).
+//!
+//! For engines, what does not depend on the database: [`error`] (messages and
+//! database failures as [`StoreError`]s), [`input`] (validation and the rules
+//! of tasks and logs), [`text`] (enums as stored text), [`rows`] (row structs
+//! that derive `sqlx::FromRow` for any engine, and the records they become) and
+//! [`machines`] (a machine's lists).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+
+pub mod error;
+pub mod input;
+pub mod machines;
+pub mod rows;
+pub mod text;
 
 pub use octo_api_types::model::*;
 
