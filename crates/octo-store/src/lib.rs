@@ -1,22 +1,34 @@
 //! The server's store.
 //!
-//! [`Store`] is everything the server persists, as one async trait, so that a
-//! PostgreSQL implementation can sit beside the embedded SQLite one
-//! ([`sqlite::SqliteStore`]). Queries are built at run time (no compile-time
-//! checked macros: those bind a build to one database), and each database has its
-//! own migrations folder (`migrations/sqlite/`).
+//! [`Store`] is everything the server persists, as one async trait. Each database
+//! engine is a crate of its own that implements it (`octo-store-sqlite`, the
+//! embedded default; PostgreSQL can sit beside it), with its own migrations, and
+//! every engine runs the same contract suite (`octo-store-tests`). Queries are
+//! built at run time (no compile-time checked macros: those bind a build to one
+//! database).
 //!
 //! Conventions: ids are `i64` row ids except task ids, which are strings shown to
 //! people ("ServerTasks-42"); times are Unix milliseconds (`i64`); names are unique
 //! and compared case-insensitively; lists come back ordered by name (or, for tasks,
 //! newest first).
+//!
+//! For engines, what does not depend on the database: [`error`] (messages and
+//! database failures as [`StoreError`]s), [`input`] (validation and the rules
+//! of tasks and logs), [`text`] (enums as stored text), [`rows`] (row structs
+//! that derive `sqlx::FromRow` for any engine, and the records they become) and
+//! [`machines`] (a machine's lists).
+
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-pub mod sqlite;
+pub mod error;
+pub mod input;
+pub mod machines;
+pub mod rows;
+pub mod text;
 
 pub use octo_api_types::model::*;
-pub use sqlite::{now_ms, ticket};
 
 /// What went wrong in the store, in words a person can act on.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +59,20 @@ pub enum StoreError {
 
 /// Shorthand.
 pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// The current time in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// The script ticket of a machine's part of a task: `<task id>-m<machine id>`,
+/// e.g. `ServerTasks-12-m3`, which fits the tentacle's rule `[A-Za-z0-9._-]{1,128}`.
+pub fn ticket(task_id: &str, machine_id: i64) -> String {
+    format!("{task_id}-m{machine_id}")
+}
 
 /// The policy every new machine gets unless told otherwise.
 pub const DEFAULT_POLICY: &str = "Default Machine Policy";

@@ -1,0 +1,903 @@
+//! The embedded store: [`Store`] on SQLite, [`SqliteStore`].
+//!
+//! One database file, WAL journal, foreign keys on, a busy timeout so that writers
+//! queue instead of failing, and a small pool. Every write that is more than one
+//! statement runs in a `BEGIN IMMEDIATE` transaction: it takes the write lock at
+//! the start (waiting for it under the busy timeout), so a transaction never fails
+//! half-way when it turns from reading to writing.
+//!
+//! The schema is in `migrations/sqlite/`, run on open. Queries are built at run
+//! time, each as `query(sql, params![...], op)` then what to read (`query.rs`);
+//! rows are read into `octo_store::rows` structs, and validation, messages and
+//! the task and log rules come from `octo_store` too, so this crate holds only
+//! SQL and SQLite. Lists of names are passed as one JSON array and expanded
+//! with `json_each`, so a query has a fixed number of parameters whatever the
+//! list's length.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use octo_store::error::{
+    conflict, environment_in_use, environment_still_used, expect_rows, missing_policy,
+    missing_reference, not_found, Ctx, Op,
+};
+use octo_store::input::{
+    arguments_text, check_new_machine, check_new_tenant, distinct_ids, missing_machine,
+    next_sequences, normal_thumbprint, output_variables_text, require_name, task_id,
+    task_transition,
+};
+use octo_store::machines::{ListValues, MachineList, MachineRefs, Machines};
+use octo_store::rows::{
+    group, ApiKeyRow, EnvironmentRow, ListRow, LogLineRow, MachineRow, PackageRow, PolicyRow,
+    StepRow, TaskRow, TenantRow, UserRow, UserWithHashRow,
+};
+use octo_store::text::{TextEnum, UNFINISHED_STATES};
+use octo_store::{
+    now_ms, ticket, ApiKey, Environment, HealthUpdate, Machine, MachineFilter, MachinePolicy,
+    NewLogLine, NewMachine, NewPackage, Package, Result, Store, StoreError, Task, TaskLogLine,
+    TaskState, TaskStep, Tenant, User, DEFAULT_POLICY,
+};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
+};
+
+mod query;
+
+use query::{params, query, returning, select, Ex, Params, SqlRow};
+
+/// The migrations, embedded at build time.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// How long a statement waits for another connection's write lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connections in the pool of a file database.
+const POOL_SIZE: u32 = 4;
+
+/// [`Store`] on an SQLite database.
+#[derive(Clone, Debug)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens the database at `path`, creating it (and its directory) when missing,
+    /// and brings its schema up to date.
+    pub async fn open(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            tokio::fs::create_dir_all(dir).await.map_err(|e| {
+                StoreError::Database(format!("creating the directory {}: {e}", dir.display()))
+            })?;
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(POOL_SIZE)
+            .connect_with(options)
+            .await
+            .map_err(|e| {
+                StoreError::Database(format!("opening the database {}: {e}", path.display()))
+            })?;
+        let store = Self::migrated(pool, &path.display().to_string()).await?;
+        tracing::debug!(path = %path.display(), "store opened");
+        Ok(store)
+    }
+
+    /// A fresh database in memory, for tests. The pool has one connection, never
+    /// closed, so every query sees the same database.
+    pub async fn open_in_memory() -> Result<Self> {
+        let options = SqliteConnectOptions::from_str("sqlite::memory:")
+            .map_err(|e| StoreError::Database(format!("opening an in-memory database: {e}")))?
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(options)
+            .await
+            .map_err(|e| StoreError::Database(format!("opening an in-memory database: {e}")))?;
+        Self::migrated(pool, "in memory").await
+    }
+
+    /// Closes the pool, waiting for connections to be returned.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn migrated(pool: SqlitePool, what: &str) -> Result<Self> {
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::Database(format!("migrating the database ({what}): {e}")))?;
+        Ok(Self { pool })
+    }
+
+    /// A transaction holding the write lock from its start.
+    async fn write_tx(&self, op: &str) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await.ctx(op)
+    }
+
+    /// A read transaction: one consistent snapshot for several queries.
+    async fn read_tx(&self, op: &str) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
+        self.pool.begin().await.ctx(op)
+    }
+
+    /// Machines matching `where_sql`, read in one snapshot.
+    async fn read_machines(
+        &self,
+        op: &str,
+        where_sql: &str,
+        params: Params<'_>,
+    ) -> Result<Vec<Machine>> {
+        let mut tx = self.read_tx(op).await?;
+        let machines = query_machines(&mut tx, where_sql, params).await?;
+        tx.commit().await.ctx(op)?;
+        Ok(machines)
+    }
+
+    /// Adds a machine, or with `replace` rewrites the one of the same name.
+    async fn save_machine(&self, m: &NewMachine, replace: bool) -> Result<Machine> {
+        let op = if replace {
+            "replacing a machine"
+        } else {
+            "adding a machine"
+        };
+        check_new_machine(m)?;
+        let mut tx = self.write_tx(op).await?;
+        let sql = "SELECT id FROM machines WHERE name = ?";
+        let existing = query(sql, params![&m.name], op)
+            .scalar::<i64>(&mut *tx)
+            .await?;
+        let id = match (existing, replace) {
+            (Some(_), false) => return Err(conflict("machine", &m.name)),
+            (None, true) => return Err(not_found("machine", &m.name)),
+            (None, false) => {
+                let refs = resolve_refs(&mut tx, m).await?;
+                let params = machine_params(m, &refs).add(now_ms());
+                let op = Op::new(op).unique(conflict("machine", &m.name));
+                let id = query(INSERT_MACHINE, params, op)
+                    .value::<i64>(&mut *tx)
+                    .await?;
+                write_links(&mut tx, id, m, &refs).await?;
+                id
+            }
+            (Some(id), true) => {
+                let refs = resolve_refs(&mut tx, m).await?;
+                query(REPLACE_MACHINE, machine_params(m, &refs).add(id), op)
+                    .execute(&mut *tx)
+                    .await?;
+                write_links(&mut tx, id, m, &refs).await?;
+                id
+            }
+        };
+        let machine = query_machines(&mut tx, "WHERE m.id = ?", params![id])
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| StoreError::Database(format!("{op}: machine '{}' vanished", m.name)))?;
+        tx.commit().await.ctx(op)?;
+        Ok(machine)
+    }
+}
+
+// Queries of more than one statement, and query shapes used more than once.
+
+/// The record whose `column` is `key` in `table` (both constants of this module).
+async fn by_key<'c, R: SqlRow>(
+    ex: impl Ex<'c>,
+    table: &str,
+    column: &str,
+    key: &str,
+    op: &str,
+) -> Result<Option<R::Record>> {
+    let sql = select::<R>(&format!("FROM {table} WHERE {column} = ?"));
+    query(&sql, params![key], op).optional::<R>(ex).await
+}
+
+/// A list as one JSON array, to pass as one parameter and expand with `json_each`.
+fn json_array<T: serde::Serialize>(items: &[T]) -> Result<String> {
+    serde_json::to_string(items).map_err(|e| StoreError::Database(format!("encoding a list: {e}")))
+}
+
+/// The ids in a JSON array parameter, for [`MachineList::select`].
+const JSON_IDS: &str = "SELECT value FROM json_each(?)";
+
+/// Machines matching `where_sql` (on `machines m`), ordered by name, with their
+/// environments, roles, tenants and tenant tags (five queries, however many).
+async fn query_machines(
+    conn: &mut SqliteConnection,
+    where_sql: &str,
+    params: Params<'_>,
+) -> Result<Vec<Machine>> {
+    const OP: &str = "loading machines";
+    let sql = select::<MachineRow>(&format!(
+        "{} {where_sql} ORDER BY m.name, m.id",
+        MachineRow::FROM
+    ));
+    let mut machines = Machines::new(
+        query(&sql, params, OP)
+            .all::<MachineRow>(&mut *conn)
+            .await?,
+    );
+    if machines.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids = json_array(&machines.ids())?;
+    for list in MachineList::ALL {
+        let rows = query(&list.select(JSON_IDS), params![&ids], OP)
+            .all::<ListRow>(&mut *conn)
+            .await?;
+        machines.fill(list, rows);
+    }
+    Ok(machines.into_vec())
+}
+
+/// Adds a machine's row: its fields, its policy, then `created_at`.
+const INSERT_MACHINE: &str =
+    "INSERT INTO machines (name, kind, uri, thumbprint, policy_id, worker_pool, created_at) \
+     VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id";
+
+/// Rewrites a machine's row: its fields, its policy, then its id. A new
+/// registration: what was known about the old one's health no longer holds.
+const REPLACE_MACHINE: &str =
+    "UPDATE machines SET name = ?, kind = ?, uri = ?, thumbprint = ?, policy_id = ?, worker_pool = ?, \
+     status = 'Unknown', status_reason = '', last_health_at = NULL, tentacle_version = NULL, \
+     tool_version = NULL WHERE id = ?";
+
+/// The parameters [`INSERT_MACHINE`] and [`REPLACE_MACHINE`] start with.
+fn machine_params<'q>(m: &'q NewMachine, refs: &MachineRefs) -> Params<'q> {
+    params![
+        &m.name,
+        m.kind.text(),
+        &m.uri,
+        normal_thumbprint(&m.thumbprint),
+        refs.policy_id,
+        &m.worker_pool,
+    ]
+}
+
+/// What a new machine refers to, resolved to row ids.
+async fn resolve_refs(conn: &mut SqliteConnection, m: &NewMachine) -> Result<MachineRefs> {
+    let policy = m.policy.as_deref().unwrap_or(DEFAULT_POLICY);
+    let sql = "SELECT id FROM machine_policies WHERE name = ?";
+    let policy_id = query(sql, params![policy], RESOLVE)
+        .scalar::<i64>(&mut *conn)
+        .await?
+        .ok_or_else(|| missing_policy(policy))?;
+    Ok(MachineRefs {
+        policy_id,
+        environment_ids: ids_by_name(conn, "environment", &m.environments).await?,
+        tenant_ids: ids_by_name(conn, "tenant", &m.tenants).await?,
+    })
+}
+
+const RESOLVE: &str = "checking a machine's environments, tenants and policy";
+
+/// The row ids of the `kind`s (in table `<kind>s`) named, each once.
+async fn ids_by_name(
+    conn: &mut SqliteConnection,
+    kind: &str,
+    names: &[String],
+) -> Result<Vec<i64>> {
+    let sql = format!("SELECT id FROM {kind}s WHERE name = ?");
+    let mut ids = Vec::with_capacity(names.len());
+    for name in names {
+        let id = query(&sql, params![name], RESOLVE)
+            .scalar::<i64>(&mut *conn)
+            .await?;
+        ids.push(id.ok_or_else(|| missing_reference(kind, name))?);
+    }
+    Ok(distinct_ids(&ids))
+}
+
+/// Writes a machine's rows in the join tables (after clearing them), each list
+/// in one statement.
+async fn write_links(
+    conn: &mut SqliteConnection,
+    machine_id: i64,
+    m: &NewMachine,
+    refs: &MachineRefs,
+) -> Result<()> {
+    const CLEAR: &str = "saving a machine's environments, roles and tenants";
+    const SAVE: &str = "saving the machine's environments, roles and tenants";
+    for list in MachineList::ALL {
+        let sql = format!("DELETE FROM {} WHERE machine_id = ?", list.table());
+        query(&sql, params![machine_id], CLEAR)
+            .execute(&mut *conn)
+            .await?;
+    }
+    for list in MachineList::ALL {
+        let values = match list.values(m, refs) {
+            ListValues::Ids(ids) => json_array(ids)?,
+            ListValues::Texts(texts) => json_array(texts)?,
+        };
+        // WHERE true: an INSERT ... SELECT with ON CONFLICT needs a WHERE (SQLite's
+        // parser would take ON for a join's).
+        let sql = format!(
+            "INSERT INTO {} (machine_id, {}) SELECT ?, value FROM json_each(?) WHERE true \
+             ON CONFLICT DO NOTHING",
+            list.table(),
+            list.column()
+        );
+        query(&sql, params![machine_id, values], SAVE)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Tags by tenant, of one tenant or of all.
+async fn tenant_tags(
+    conn: &mut SqliteConnection,
+    tenant_id: Option<i64>,
+) -> Result<HashMap<i64, Vec<String>>> {
+    let sql = "SELECT tenant_id AS owner, tag AS value FROM tenant_tags \
+               WHERE ? IS NULL OR tenant_id = ? ORDER BY tenant_id, tag";
+    let rows = query(sql, params![tenant_id, tenant_id], "loading tenant tags")
+        .all::<ListRow>(&mut *conn)
+        .await?;
+    Ok(group(rows))
+}
+
+/// NotFound unless task `id` exists.
+async fn require_task(conn: &mut SqliteConnection, id: &str, op: &str) -> Result<()> {
+    let found = query("SELECT id FROM tasks WHERE id = ?", params![id], op)
+        .scalar::<String>(&mut *conn)
+        .await?;
+    found.map(drop).ok_or_else(|| not_found("task", id))
+}
+
+/// The version of a package, by ID (any case) and exact version.
+async fn package_version<'c>(
+    ex: impl Ex<'c>,
+    package_id: &str,
+    version: &str,
+    op: &str,
+) -> Result<Option<Package>> {
+    let sql = select::<PackageRow>("FROM packages WHERE package_id = ? AND version = ?");
+    query(&sql, params![package_id, version], op)
+        .optional::<PackageRow>(ex)
+        .await
+}
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    // Users and API keys.
+
+    async fn create_user(
+        &self,
+        username: &str,
+        display_name: &str,
+        password_hash: Option<&str>,
+        is_admin: bool,
+    ) -> Result<User> {
+        require_name("user", username)?;
+        let sql = returning::<UserRow>(
+            "INSERT INTO users (username, display_name, password_hash, is_admin, created_at) \
+             VALUES (?, ?, ?, ?, ?)",
+        );
+        let params = params![username, display_name, password_hash, is_admin, now_ms()];
+        let op = Op::new("adding a user").unique(conflict("user", username));
+        query(&sql, params, op).one::<UserRow>(&self.pool).await
+    }
+
+    async fn user_by_name(&self, username: &str) -> Result<Option<(User, Option<String>)>> {
+        let op = "looking up a user";
+        by_key::<UserWithHashRow>(&self.pool, "users", "username", username, op).await
+    }
+
+    async fn count_users(&self) -> Result<i64> {
+        query("SELECT COUNT(*) FROM users", params![], "counting users")
+            .value::<i64>(&self.pool)
+            .await
+    }
+
+    async fn create_api_key(
+        &self,
+        user_id: i64,
+        purpose: &str,
+        key_sha256: &str,
+        prefix: &str,
+    ) -> Result<ApiKey> {
+        let sql = returning::<ApiKeyRow>(
+            "INSERT INTO api_keys (user_id, purpose, key_sha256, prefix, created_at) \
+             VALUES (?, ?, ?, ?, ?)",
+        );
+        let key_sha256 = key_sha256.to_ascii_lowercase();
+        let params = params![user_id, purpose, key_sha256, prefix, now_ms()];
+        let op = Op::new("adding an API key")
+            .unique(conflict("API key", prefix))
+            .foreign_key(not_found("user", format!("#{user_id}")));
+        query(&sql, params, op).one::<ApiKeyRow>(&self.pool).await
+    }
+
+    async fn authenticate_api_key(
+        &self,
+        key_sha256: &str,
+        now: i64,
+    ) -> Result<Option<(ApiKey, User)>> {
+        const OP: &str = "checking an API key";
+        let mut conn = self.pool.acquire().await.ctx(OP)?;
+        let sql = returning::<ApiKeyRow>(
+            "UPDATE api_keys SET last_used_at = ? WHERE key_sha256 = ? AND revoked = FALSE",
+        );
+        let key = query(&sql, params![now, key_sha256.to_ascii_lowercase()], OP)
+            .optional::<ApiKeyRow>(&mut *conn)
+            .await?;
+        let Some(key) = key else { return Ok(None) };
+        let sql = select::<UserRow>("FROM users WHERE id = ?");
+        let user = query(&sql, params![key.user_id], OP)
+            .optional::<UserRow>(&mut *conn)
+            .await?;
+        Ok(user.map(|u| (key, u)))
+    }
+
+    async fn list_api_keys(&self, user_id: Option<i64>) -> Result<Vec<ApiKey>> {
+        let sql = select::<ApiKeyRow>("FROM api_keys WHERE ? IS NULL OR user_id = ? ORDER BY id");
+        query(&sql, params![user_id, user_id], "listing API keys")
+            .all::<ApiKeyRow>(&self.pool)
+            .await
+    }
+
+    async fn revoke_api_key(&self, id: i64) -> Result<()> {
+        let sql = "UPDATE api_keys SET revoked = TRUE WHERE id = ?";
+        let n = query(sql, params![id], "revoking an API key")
+            .execute(&self.pool)
+            .await?;
+        expect_rows(n, not_found("API key", format!("#{id}")))
+    }
+
+    // Environments and tenants.
+
+    async fn create_environment(&self, name: &str, description: &str) -> Result<Environment> {
+        require_name("environment", name)?;
+        let sql = returning::<EnvironmentRow>(
+            "INSERT INTO environments (name, description, created_at) VALUES (?, ?, ?)",
+        );
+        let op = Op::new("adding an environment").unique(conflict("environment", name));
+        query(&sql, params![name, description, now_ms()], op)
+            .one::<EnvironmentRow>(&self.pool)
+            .await
+    }
+
+    async fn list_environments(&self) -> Result<Vec<Environment>> {
+        let sql = select::<EnvironmentRow>("FROM environments ORDER BY name, id");
+        query(&sql, params![], "listing environments")
+            .all::<EnvironmentRow>(&self.pool)
+            .await
+    }
+
+    async fn environment(&self, name: &str) -> Result<Option<Environment>> {
+        let op = "looking up an environment";
+        by_key::<EnvironmentRow>(&self.pool, "environments", "name", name, op).await
+    }
+
+    async fn delete_environment(&self, name: &str) -> Result<()> {
+        const OP: &str = "deleting an environment";
+        let mut tx = self.write_tx(OP).await?;
+        let env = by_key::<EnvironmentRow>(&mut *tx, "environments", "name", name, OP)
+            .await?
+            .ok_or_else(|| not_found("environment", name))?;
+        let sql = "SELECT m.name FROM machine_environments me \
+                   JOIN machines m ON m.id = me.machine_id \
+                   WHERE me.environment_id = ? ORDER BY m.name";
+        let users = query(sql, params![env.id], OP)
+            .scalars::<String>(&mut *tx)
+            .await?;
+        if !users.is_empty() {
+            return Err(environment_in_use(&env.name, &users));
+        }
+        let op = Op::new(OP).foreign_key(environment_still_used(&env.name));
+        query("DELETE FROM environments WHERE id = ?", params![env.id], op)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await.ctx(OP)
+    }
+
+    async fn create_tenant(&self, name: &str, tags: &[String]) -> Result<Tenant> {
+        const OP: &str = "adding a tenant";
+        check_new_tenant(name, tags)?;
+        let mut tx = self.write_tx(OP).await?;
+        let sql = returning::<TenantRow>("INSERT INTO tenants (name, created_at) VALUES (?, ?)");
+        let op = Op::new(OP).unique(conflict("tenant", name));
+        let mut tenant = query(&sql, params![name, now_ms()], op)
+            .one::<TenantRow>(&mut *tx)
+            .await?;
+        let sql = "INSERT INTO tenant_tags (tenant_id, tag) VALUES (?, ?) ON CONFLICT DO NOTHING";
+        for tag in tags {
+            query(sql, params![tenant.id, tag], OP)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let mut tags = tenant_tags(&mut tx, Some(tenant.id)).await?;
+        tenant.tags = tags.remove(&tenant.id).unwrap_or_default();
+        tx.commit().await.ctx(OP)?;
+        Ok(tenant)
+    }
+
+    async fn list_tenants(&self) -> Result<Vec<Tenant>> {
+        const OP: &str = "listing tenants";
+        let mut tx = self.read_tx(OP).await?;
+        let sql = select::<TenantRow>("FROM tenants ORDER BY name, id");
+        let mut tenants = query(&sql, params![], OP)
+            .all::<TenantRow>(&mut *tx)
+            .await?;
+        let mut tags = tenant_tags(&mut tx, None).await?;
+        tx.commit().await.ctx(OP)?;
+        for t in &mut tenants {
+            t.tags = tags.remove(&t.id).unwrap_or_default();
+        }
+        Ok(tenants)
+    }
+
+    // Machine policies.
+
+    async fn policy(&self, name: &str) -> Result<Option<MachinePolicy>> {
+        let op = "looking up a machine policy";
+        by_key::<PolicyRow>(&self.pool, "machine_policies", "name", name, op).await
+    }
+
+    // Machines.
+
+    async fn create_machine(&self, m: &NewMachine) -> Result<Machine> {
+        self.save_machine(m, false).await
+    }
+
+    async fn replace_machine(&self, m: &NewMachine) -> Result<Machine> {
+        self.save_machine(m, true).await
+    }
+
+    async fn machine(&self, name: &str) -> Result<Option<Machine>> {
+        let ms = self
+            .read_machines("looking up a machine", "WHERE m.name = ?", params![name])
+            .await?;
+        Ok(ms.into_iter().next())
+    }
+
+    async fn machine_by_id(&self, id: i64) -> Result<Option<Machine>> {
+        let ms = self
+            .read_machines("looking up a machine", "WHERE m.id = ?", params![id])
+            .await?;
+        Ok(ms.into_iter().next())
+    }
+
+    async fn machines_by_thumbprint(&self, thumbprint: &str) -> Result<Vec<Machine>> {
+        let op = "looking up machines by thumbprint";
+        let params = params![normal_thumbprint(thumbprint)];
+        self.read_machines(op, "WHERE m.thumbprint = ?", params)
+            .await
+    }
+
+    async fn list_machines(&self, filter: &MachineFilter) -> Result<Vec<Machine>> {
+        // Each non-empty list of the filter: a condition on `machines m`, given
+        // the list as a JSON array.
+        let conditions = [
+            (&filter.names, "m.name COLLATE NOCASE IN (SELECT value FROM json_each(?))"),
+            (
+                &filter.environments,
+                "EXISTS (SELECT 1 FROM machine_environments me JOIN environments e ON e.id = me.environment_id \
+                 WHERE me.machine_id = m.id AND e.name COLLATE NOCASE IN (SELECT value FROM json_each(?)))",
+            ),
+            (
+                &filter.roles,
+                "EXISTS (SELECT 1 FROM machine_roles r \
+                 WHERE r.machine_id = m.id AND r.role COLLATE NOCASE IN (SELECT value FROM json_each(?)))",
+            ),
+            (
+                &filter.tenants,
+                "EXISTS (SELECT 1 FROM machine_tenants mt JOIN tenants t ON t.id = mt.tenant_id \
+                 WHERE mt.machine_id = m.id AND t.name COLLATE NOCASE IN (SELECT value FROM json_each(?)))",
+            ),
+        ];
+        let mut sql = String::from("WHERE 1 = 1");
+        let mut params = params![];
+        for (values, condition) in conditions {
+            if !values.is_empty() {
+                sql.push_str(" AND ");
+                sql.push_str(condition);
+                params = params.add(json_array(values)?);
+            }
+        }
+        self.read_machines("listing machines", &sql, params).await
+    }
+
+    async fn delete_machine(&self, name: &str) -> Result<()> {
+        let sql = "DELETE FROM machines WHERE name = ?";
+        let n = query(sql, params![name], "deleting a machine")
+            .execute(&self.pool)
+            .await?;
+        expect_rows(n, not_found("machine", name))
+    }
+
+    async fn record_health(&self, machine_id: i64, h: &HealthUpdate) -> Result<()> {
+        const OP: &str = "recording a health check";
+        // A result older than the one stored (a slow check finishing late) is ignored;
+        // versions are kept when a check could not learn them.
+        let sql = "UPDATE machines SET status = ?, status_reason = ?, last_health_at = ?, \
+                   tentacle_version = COALESCE(?, tentacle_version), tool_version = COALESCE(?, tool_version) \
+                   WHERE id = ? AND (last_health_at IS NULL OR last_health_at <= ?)";
+        let params = params![
+            h.status.text(),
+            &h.reason,
+            h.at,
+            &h.tentacle_version,
+            &h.tool_version,
+            machine_id,
+            h.at,
+        ];
+        if query(sql, params, OP).execute(&self.pool).await? > 0 {
+            return Ok(());
+        }
+        let sql = "SELECT id FROM machines WHERE id = ?";
+        let exists = query(sql, params![machine_id], OP)
+            .scalar::<i64>(&self.pool)
+            .await?;
+        exists
+            .map(drop)
+            .ok_or_else(|| not_found("machine", format!("#{machine_id}")))
+    }
+
+    // Tasks.
+
+    async fn create_task(
+        &self,
+        kind: &str,
+        description: &str,
+        arguments: &serde_json::Value,
+        machine_ids: &[i64],
+        now: i64,
+    ) -> Result<Task> {
+        const OP: &str = "adding a task";
+        let arguments = arguments_text(arguments)?;
+        let mut tx = self.write_tx(OP).await?;
+        let sql = "UPDATE counters SET value = value + 1 WHERE name = 'task' RETURNING value";
+        let seq = query(sql, params![], OP).value::<i64>(&mut *tx).await?;
+        let id = task_id(seq);
+        let sql = returning::<TaskRow>(
+            "INSERT INTO tasks (id, seq, kind, description, state, arguments, created_at) \
+             VALUES (?, ?, ?, ?, 'Queued', ?, ?)",
+        );
+        let params = params![&id, seq, kind, description, &arguments, now];
+        let task = query(&sql, params, OP).one::<TaskRow>(&mut *tx).await?;
+        let name_sql = "SELECT name FROM machines WHERE id = ?";
+        let step_sql = "INSERT INTO task_steps (task_id, machine_id, machine_name, state, ticket) \
+                        VALUES (?, ?, ?, 'Queued', ?)";
+        for machine_id in distinct_ids(machine_ids) {
+            let name = query(name_sql, params![machine_id], OP)
+                .scalar::<String>(&mut *tx)
+                .await?
+                .ok_or_else(|| missing_machine(machine_id))?;
+            let params = params![&id, machine_id, name, ticket(&id, machine_id)];
+            query(step_sql, params, OP).execute(&mut *tx).await?;
+        }
+        tx.commit().await.ctx(OP)?;
+        Ok(task)
+    }
+
+    async fn task(&self, id: &str) -> Result<Option<Task>> {
+        by_key::<TaskRow>(&self.pool, "tasks", "id", id, "looking up a task").await
+    }
+
+    async fn list_tasks(&self, limit: i64) -> Result<Vec<Task>> {
+        let sql = select::<TaskRow>("FROM tasks ORDER BY seq DESC LIMIT ?");
+        query(&sql, params![limit], "listing tasks")
+            .all::<TaskRow>(&self.pool)
+            .await
+    }
+
+    async fn unfinished_tasks(&self) -> Result<Vec<Task>> {
+        let sql = select::<TaskRow>(&format!(
+            "FROM tasks WHERE state IN {UNFINISHED_STATES} ORDER BY seq DESC"
+        ));
+        query(&sql, params![], "listing unfinished tasks")
+            .all::<TaskRow>(&self.pool)
+            .await
+    }
+
+    async fn set_task_state(
+        &self,
+        id: &str,
+        state: TaskState,
+        error: Option<&str>,
+        now: i64,
+    ) -> Result<()> {
+        const OP: &str = "changing a task's state";
+        let mut tx = self.write_tx(OP).await?;
+        let current = query("SELECT state FROM tasks WHERE id = ?", params![id], OP)
+            .scalar::<String>(&mut *tx)
+            .await?
+            .ok_or_else(|| not_found("task", id))?;
+        if !task_transition(id, TaskState::from_text(&current)?, state)? {
+            return Ok(());
+        }
+        // started_at is set once, when it starts executing; completed_at when it ends.
+        let sql = "UPDATE tasks SET state = ?, error = COALESCE(?, error), \
+                   started_at = COALESCE(started_at, ?), completed_at = ? WHERE id = ?";
+        let started = (state == TaskState::Executing).then_some(now);
+        let completed = state.is_final().then_some(now);
+        let params = params![state.text(), error, started, completed, id];
+        query(sql, params, OP).execute(&mut *tx).await?;
+        tx.commit().await.ctx(OP)
+    }
+
+    async fn request_cancel(&self, id: &str) -> Result<()> {
+        const OP: &str = "requesting a task's cancellation";
+        let mut tx = self.write_tx(OP).await?;
+        require_task(&mut tx, id, OP).await?;
+        // A finished task has nothing left to cancel.
+        let sql = format!(
+            "UPDATE tasks SET cancel_requested = TRUE WHERE id = ? AND state IN {UNFINISHED_STATES}"
+        );
+        query(&sql, params![id], OP).execute(&mut *tx).await?;
+        tx.commit().await.ctx(OP)
+    }
+
+    async fn task_steps(&self, task_id: &str) -> Result<Vec<TaskStep>> {
+        let sql = select::<StepRow>(
+            "FROM task_steps WHERE task_id = ? ORDER BY machine_name COLLATE NOCASE, machine_id",
+        );
+        query(&sql, params![task_id], "listing a task's steps")
+            .all::<StepRow>(&self.pool)
+            .await
+    }
+
+    async fn update_step(&self, step: &TaskStep) -> Result<()> {
+        // next_sequence only moves forward: append_log may have advanced it since
+        // the caller read the step.
+        let sql = "UPDATE task_steps SET state = ?, exit_code = ?, next_sequence = MAX(next_sequence, ?), \
+                   error = ?, started_at = ?, completed_at = ?, output_variables = ? \
+                   WHERE task_id = ? AND machine_id = ?";
+        let params = params![
+            step.state.text(),
+            step.exit_code,
+            step.next_sequence,
+            &step.error,
+            step.started_at,
+            step.completed_at,
+            output_variables_text(&step.output_variables),
+            &step.task_id,
+            step.machine_id,
+        ];
+        let n = query(sql, params, "updating a task step")
+            .execute(&self.pool)
+            .await?;
+        let step_name = format!("{} on machine #{}", step.task_id, step.machine_id);
+        expect_rows(n, not_found("task step", step_name))
+    }
+
+    async fn append_log(&self, task_id: &str, lines: &[NewLogLine]) -> Result<()> {
+        const OP: &str = "appending to a task's log";
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.write_tx(OP).await?;
+        require_task(&mut tx, task_id, OP).await?;
+        let sql = "INSERT INTO task_log (task_id, machine_id, sequence, timestamp, stream, text) \
+                   VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING";
+        for l in lines {
+            let params = params![
+                task_id,
+                l.machine_id,
+                l.sequence,
+                l.timestamp,
+                &l.stream,
+                &l.text
+            ];
+            query(sql, params, OP).execute(&mut *tx).await?;
+        }
+        let sql = "UPDATE task_steps SET next_sequence = MAX(next_sequence, ?) \
+                   WHERE task_id = ? AND machine_id = ?";
+        for (machine_id, next) in next_sequences(lines) {
+            query(sql, params![next, task_id, machine_id], OP)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await.ctx(OP)
+    }
+
+    async fn task_log(&self, task_id: &str, after_id: i64, limit: i64) -> Result<Vec<TaskLogLine>> {
+        let sql =
+            select::<LogLineRow>("FROM task_log WHERE task_id = ? AND id > ? ORDER BY id LIMIT ?");
+        let params = params![task_id, after_id, limit];
+        query(&sql, params, "reading a task's log")
+            .all::<LogLineRow>(&self.pool)
+            .await
+    }
+
+    async fn step_log(&self, task_id: &str, machine_id: i64) -> Result<Vec<TaskLogLine>> {
+        let sql =
+            select::<LogLineRow>("FROM task_log WHERE task_id = ? AND machine_id = ? ORDER BY id");
+        let op = "reading a machine's part of a task's log";
+        query(&sql, params![task_id, machine_id], op)
+            .all::<LogLineRow>(&self.pool)
+            .await
+    }
+
+    // Packages.
+
+    async fn put_package(
+        &self,
+        p: &NewPackage,
+        replace: bool,
+        now: i64,
+    ) -> Result<(Package, Option<Package>)> {
+        const OP: &str = "adding a package";
+        require_name("package", &p.package_id)?;
+        let mut tx = self.write_tx(OP).await?;
+        let existing = package_version(&mut *tx, &p.package_id, &p.version, OP).await?;
+        let package = match &existing {
+            Some(_) if !replace => {
+                let name = format!("{} {}", p.package_id, p.version);
+                return Err(conflict("package", name));
+            }
+            Some(old) => {
+                let sql = returning::<PackageRow>(
+                    "UPDATE packages SET format = ?, sha256 = ?, size = ?, file_name = ?, \
+                     uploaded_at = ? WHERE id = ?",
+                );
+                let params = params![&p.format, &p.sha256, p.size, &p.file_name, now, old.id];
+                query(&sql, params, OP).one::<PackageRow>(&mut *tx).await?
+            }
+            None => {
+                let sql = returning::<PackageRow>(
+                    "INSERT INTO packages (package_id, version, format, sha256, size, file_name, \
+                     uploaded_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                );
+                let params = params![
+                    &p.package_id,
+                    &p.version,
+                    &p.format,
+                    &p.sha256,
+                    p.size,
+                    &p.file_name,
+                    now,
+                ];
+                query(&sql, params, OP).one::<PackageRow>(&mut *tx).await?
+            }
+        };
+        tx.commit().await.ctx(OP)?;
+        Ok((package, existing))
+    }
+
+    async fn package(&self, package_id: &str, version: &str) -> Result<Option<Package>> {
+        package_version(&self.pool, package_id, version, "reading a package").await
+    }
+
+    async fn list_packages(&self, package_id: Option<&str>) -> Result<Vec<Package>> {
+        // With an ID, every row has the same one (compared without case), so the
+        // order is by upload time.
+        let sql = select::<PackageRow>(
+            "FROM packages WHERE ? IS NULL OR package_id = ? ORDER BY package_id, uploaded_at, id",
+        );
+        query(&sql, params![package_id, package_id], "listing packages")
+            .all::<PackageRow>(&self.pool)
+            .await
+    }
+
+    async fn delete_package(&self, package_id: &str, version: &str) -> Result<Package> {
+        let sql =
+            returning::<PackageRow>("DELETE FROM packages WHERE package_id = ? AND version = ?");
+        query(&sql, params![package_id, version], "deleting a package")
+            .optional::<PackageRow>(&self.pool)
+            .await?
+            .ok_or_else(|| not_found("package", format!("{package_id} {version}")))
+    }
+
+    async fn count_packages_with_sha256(&self, sha256: &str) -> Result<i64> {
+        let sql = "SELECT COUNT(*) FROM packages WHERE sha256 = ?";
+        query(sql, params![sha256], "counting packages")
+            .scalar::<i64>(&self.pool)
+            .await
+            .map(Option::unwrap_or_default)
+    }
+}

@@ -1,0 +1,104 @@
+//! SQLite itself: a database file on disk (created with its directory, WAL
+//! journal, migrations re-run on every open) and a pool of several connections
+//! writing at once. The store contract is in `suite.rs`.
+
+#![allow(clippy::unwrap_used)]
+
+use octo_store::{Store, TaskState, DEFAULT_POLICY};
+use octo_store_sqlite::SqliteStore;
+use octo_store_tests::fixtures::{new_machine, strings, tentacle_line};
+use serde_json::json;
+
+#[tokio::test]
+async fn a_file_database_persists_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data").join("octopus.db");
+    let (machine_id, task_id) = {
+        let s = SqliteStore::open(&path).await.unwrap();
+        assert!(path.exists(), "the file and its directory are created");
+        s.create_user("admin", "Admin", None, true).await.unwrap();
+        s.create_environment("Production", "").await.unwrap();
+        let m = s
+            .create_machine(&new_machine("web01", &["Production"], &["web"]))
+            .await
+            .unwrap();
+        let t = s
+            .create_task("Script", "x", &json!({"a": 1}), &[m.id], 1)
+            .await
+            .unwrap();
+        s.append_log(&t.id, &[tentacle_line(m.id, 0, "hello")])
+            .await
+            .unwrap();
+        assert!(path.with_extension("db-wal").exists(), "WAL journal");
+        s.close().await;
+        (m.id, t.id)
+    };
+    // Opening again runs the migrations again: nothing to do, nothing lost.
+    for _ in 0..2 {
+        let s = SqliteStore::open(&path).await.unwrap();
+        assert_eq!(s.count_users().await.unwrap(), 1);
+        let m = s.machine("web01").await.unwrap().unwrap();
+        assert_eq!(
+            (m.id, m.environments, m.roles),
+            (machine_id, strings(&["Production"]), strings(&["web"]))
+        );
+        assert!(s.policy(DEFAULT_POLICY).await.unwrap().is_some());
+        assert_eq!(
+            s.task(&task_id).await.unwrap().unwrap().arguments,
+            json!({"a": 1})
+        );
+        assert_eq!(s.task_log(&task_id, 0, 10).await.unwrap()[0].text, "hello");
+        assert_eq!(s.task_steps(&task_id).await.unwrap()[0].next_sequence, 1);
+        s.close().await;
+    }
+    // Task numbers carry on where they stopped.
+    let s = SqliteStore::open(&path).await.unwrap();
+    let t = s
+        .create_task("Health", "x", &json!({}), &[], 2)
+        .await
+        .unwrap();
+    assert_eq!(t.id, "ServerTasks-2");
+    s.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writers_on_a_file_database_all_succeed() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SqliteStore::open(&dir.path().join("octopus.db"))
+        .await
+        .unwrap();
+    let m = s
+        .create_machine(&new_machine("web01", &[], &[]))
+        .await
+        .unwrap();
+    let mut handles = Vec::new();
+    for i in 0..8 {
+        let s = s.clone();
+        handles.push(tokio::spawn(async move {
+            let t = s
+                .create_task("Script", &format!("task {i}"), &json!({}), &[m.id], i)
+                .await
+                .unwrap();
+            for chunk in 0..10 {
+                let lines: Vec<_> = (0..20)
+                    .map(|j| tentacle_line(m.id, chunk * 20 + j, "line"))
+                    .collect();
+                s.append_log(&t.id, &lines).await.unwrap();
+                s.set_task_state(&t.id, TaskState::Executing, None, chunk)
+                    .await
+                    .unwrap();
+            }
+            t.id
+        }));
+    }
+    let mut ids = Vec::new();
+    for h in handles {
+        let id = h.await.unwrap();
+        assert_eq!(s.task_log(&id, 0, 1_000).await.unwrap().len(), 200);
+        assert_eq!(s.task_steps(&id).await.unwrap()[0].next_sequence, 200);
+        ids.push(id);
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 8, "every task got its own number");
+}

@@ -1,0 +1,952 @@
+//! The store's contract: what every engine of [`Store`] must do, as a suite of
+//! tests that each engine runs on its own stores with [`store_suite!`].
+//!
+//! Each test is a `pub async fn name(store: &dyn Store)` given a fresh, empty
+//! store. Tests about one engine itself (files on disk, its pool, its
+//! migrations) stay in that engine's crate; they may use [`fixtures`].
+
+// A test suite: a panic is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use octo_store::{
+    ticket, EndpointKind, HealthStatus, HealthUpdate, MachineFilter, Store, StoreError, Task,
+    TaskState, DEFAULT_POLICY,
+};
+use serde_json::json;
+
+pub mod fixtures;
+
+use fixtures::{names, new_machine, new_package, server_line, strings, tentacle_line, thumb};
+
+/// One `#[tokio::test]` per contract test, each on a fresh store.
+///
+/// `$factory` is an expression, evaluated once per test, whose value is a future
+/// of `(store, guard)`: a fresh, empty store (any [`Store`]) and whatever must
+/// live as long as it (its temporary directory; `()` when nothing). The calling
+/// crate needs `tokio` (with `macros` and `rt`) among its dev-dependencies.
+///
+/// ```ignore
+/// mod in_memory {
+///     octo_store_tests::store_suite!(async { (MyStore::open_in_memory().await.unwrap(), ()) });
+/// }
+/// ```
+#[macro_export]
+macro_rules! store_suite {
+    ($factory:expr) => {
+        $crate::store_suite!(@each $factory;
+            users_round_trip_and_are_found_case_insensitively,
+            api_keys_authenticate_until_revoked,
+            environments_crud_and_delete_in_use_is_refused,
+            tenants_keep_their_tags,
+            the_default_policy_exists,
+            machines_are_created_listed_and_filtered,
+            machine_creation_is_checked,
+            machines_by_thumbprint_replace_delete_and_health,
+            tasks_are_numbered_listed_and_change_state,
+            logs_append_once_advance_the_step_and_page,
+            packages_are_unique_per_id_and_version_unless_replaced,
+            step_output_variables_and_step_log_round_trip,
+        );
+    };
+    (@each $factory:expr; $($test:ident,)+) => {
+        $(
+            #[::tokio::test]
+            async fn $test() {
+                let (store, _guard) = $factory.await;
+                $crate::$test(&store).await;
+            }
+        )+
+    };
+}
+
+pub async fn users_round_trip_and_are_found_case_insensitively(s: &dyn Store) {
+    assert_eq!(s.count_users().await.unwrap(), 0);
+    let hash = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA";
+    let admin = s
+        .create_user("Admin", "The Admin", Some(hash), true)
+        .await
+        .unwrap();
+    assert!(admin.id > 0);
+    assert!(admin.is_admin);
+    assert_eq!(admin.display_name, "The Admin");
+    let robot = s.create_user("robot", "CI", None, false).await.unwrap();
+    assert!(!robot.is_admin);
+    assert_eq!(s.count_users().await.unwrap(), 2);
+
+    let (found, found_hash) = s.user_by_name("ADMIN").await.unwrap().unwrap();
+    assert_eq!(found, admin);
+    assert_eq!(found_hash.as_deref(), Some(hash));
+    let (_, no_hash) = s.user_by_name("robot").await.unwrap().unwrap();
+    assert_eq!(no_hash, None);
+    assert!(s.user_by_name("nobody").await.unwrap().is_none());
+
+    let err = s
+        .create_user("admin", "again", None, false)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Conflict { kind: "user", .. }),
+        "{err:?}"
+    );
+    assert!(matches!(
+        s.create_user(" ", "", None, false).await,
+        Err(StoreError::Invalid(_))
+    ));
+}
+
+pub async fn api_keys_authenticate_until_revoked(s: &dyn Store) {
+    let alice = s.create_user("alice", "Alice", None, true).await.unwrap();
+    let bob = s.create_user("bob", "Bob", None, false).await.unwrap();
+    let a1 = s
+        .create_api_key(alice.id, "admin (created at first start)", "AA11", "API-AA")
+        .await
+        .unwrap();
+    let a2 = s
+        .create_api_key(alice.id, "laptop", "bb22", "API-BB")
+        .await
+        .unwrap();
+    let b1 = s
+        .create_api_key(bob.id, "ci", "cc33", "API-CC")
+        .await
+        .unwrap();
+    assert_eq!(a1.last_used_at, None);
+    assert!(!a1.revoked);
+    assert_eq!(a1.prefix, "API-AA");
+
+    // The hash is matched whatever the case of its hex.
+    let (key, user) = s
+        .authenticate_api_key("aa11", 42_000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(key.id, a1.id);
+    assert_eq!(key.last_used_at, Some(42_000));
+    assert_eq!(user, alice);
+    let (key, user) = s
+        .authenticate_api_key("CC33", 43_000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((key.id, user.id), (b1.id, bob.id));
+    assert!(s.authenticate_api_key("ffff", 1).await.unwrap().is_none());
+
+    let mine = s.list_api_keys(Some(alice.id)).await.unwrap();
+    assert_eq!(
+        mine.iter().map(|k| k.id).collect::<Vec<_>>(),
+        vec![a1.id, a2.id]
+    );
+    assert_eq!(mine[0].last_used_at, Some(42_000));
+    assert_eq!(s.list_api_keys(None).await.unwrap().len(), 3);
+
+    s.revoke_api_key(a1.id).await.unwrap();
+    assert!(s
+        .authenticate_api_key("aa11", 50_000)
+        .await
+        .unwrap()
+        .is_none());
+    let listed = s.list_api_keys(Some(alice.id)).await.unwrap();
+    assert!(listed[0].revoked);
+    assert_eq!(
+        listed[0].last_used_at,
+        Some(42_000),
+        "a refused key is not marked used"
+    );
+    assert!(s
+        .authenticate_api_key("bb22", 50_000)
+        .await
+        .unwrap()
+        .is_some());
+
+    assert!(matches!(
+        s.revoke_api_key(9_999).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(matches!(
+        s.create_api_key(9_999, "x", "dd44", "API-DD").await,
+        Err(StoreError::NotFound { kind: "user", .. })
+    ));
+    assert!(matches!(
+        s.create_api_key(bob.id, "x", "CC33", "API-CC").await,
+        Err(StoreError::Conflict {
+            kind: "API key",
+            ..
+        })
+    ));
+}
+
+pub async fn environments_crud_and_delete_in_use_is_refused(s: &dyn Store) {
+    let prod = s.create_environment("Production", "live").await.unwrap();
+    s.create_environment("dev", "").await.unwrap();
+    s.create_environment("Staging", "").await.unwrap();
+    assert_eq!(prod.description, "live");
+    let listed: Vec<String> = s
+        .list_environments()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(
+        listed,
+        ["dev", "Production", "Staging"],
+        "ordered by name, case-insensitively"
+    );
+    assert_eq!(s.environment("PRODUCTION").await.unwrap(), Some(prod));
+    assert!(s.environment("qa").await.unwrap().is_none());
+    assert!(matches!(
+        s.create_environment("production", "").await,
+        Err(StoreError::Conflict {
+            kind: "environment",
+            ..
+        })
+    ));
+
+    s.create_machine(&new_machine("web01", &["Production"], &["web"]))
+        .await
+        .unwrap();
+    s.create_machine(&new_machine("web02", &["production", "Staging"], &["web"]))
+        .await
+        .unwrap();
+    let err = s.delete_environment("production").await.unwrap_err();
+    let StoreError::Invalid(message) = err else {
+        panic!("expected Invalid, got {err:?}")
+    };
+    assert_eq!(
+        message,
+        "environment 'Production' is used by 2 machine(s): web01, web02; move or delete them first"
+    );
+    assert!(s.environment("Production").await.unwrap().is_some());
+
+    s.delete_environment("dev").await.unwrap();
+    assert!(s.environment("dev").await.unwrap().is_none());
+    assert!(matches!(
+        s.delete_environment("dev").await,
+        Err(StoreError::NotFound { .. })
+    ));
+
+    s.delete_machine("web01").await.unwrap();
+    s.delete_machine("web02").await.unwrap();
+    s.delete_environment("Production").await.unwrap();
+    s.delete_environment("staging").await.unwrap();
+    assert!(s.list_environments().await.unwrap().is_empty());
+}
+
+pub async fn tenants_keep_their_tags(s: &dyn Store) {
+    let acme = s
+        .create_tenant("Acme", &strings(&["Tier/Gold", "Region/EU", "Tier/Gold"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        acme.tags,
+        ["Region/EU", "Tier/Gold"],
+        "sorted, duplicates dropped"
+    );
+    s.create_tenant("beta", &[]).await.unwrap();
+    let tenants = s.list_tenants().await.unwrap();
+    assert_eq!(tenants.len(), 2);
+    assert_eq!(tenants[0], acme);
+    assert_eq!(tenants[1].name, "beta");
+    assert!(tenants[1].tags.is_empty());
+    assert!(matches!(
+        s.create_tenant("ACME", &[]).await,
+        Err(StoreError::Conflict { kind: "tenant", .. })
+    ));
+}
+
+pub async fn the_default_policy_exists(s: &dyn Store) {
+    let p = s.policy(DEFAULT_POLICY).await.unwrap().unwrap();
+    assert_eq!(p.name, DEFAULT_POLICY);
+    assert_eq!(
+        (
+            p.health_check_interval_s,
+            p.health_check_timeout_s,
+            p.polling_wait_s
+        ),
+        (3600, 60, 120)
+    );
+    assert!(s.policy("Nope").await.unwrap().is_none());
+}
+
+pub async fn machines_are_created_listed_and_filtered(s: &dyn Store) {
+    for env in ["Production", "Staging", "Dev"] {
+        s.create_environment(env, "").await.unwrap();
+    }
+    s.create_tenant("Acme", &strings(&["Tier/Gold"]))
+        .await
+        .unwrap();
+    s.create_tenant("Globex", &[]).await.unwrap();
+
+    let mut web01 = new_machine("web01", &["Production"], &["web", "app"]);
+    web01.tenants = strings(&["acme"]);
+    web01.tenant_tags = strings(&["Tier/Gold"]);
+    let web01 = s.create_machine(&web01).await.unwrap();
+    assert!(web01.id > 0);
+    assert_eq!(
+        web01.environments,
+        ["Production"],
+        "names as stored, not as given"
+    );
+    assert_eq!(web01.roles, ["app", "web"]);
+    assert_eq!(web01.tenants, ["Acme"]);
+    assert_eq!(web01.tenant_tags, ["Tier/Gold"]);
+    assert_eq!(web01.policy, DEFAULT_POLICY);
+    assert_eq!(web01.status, HealthStatus::Unknown);
+    assert_eq!(web01.status_reason, "");
+    assert_eq!(web01.last_health_at, None);
+    assert!(web01.created_at > 0);
+
+    let mut db01 = new_machine("DB01", &["production", "Staging"], &["db"]);
+    db01.kind = EndpointKind::Polling;
+    db01.uri = "poll://abcdef/".into();
+    db01.tenants = strings(&["Globex", "Acme"]);
+    db01.thumbprint = thumb('b');
+    let db01 = s.create_machine(&db01).await.unwrap();
+    assert_eq!(db01.kind, EndpointKind::Polling);
+    assert_eq!(
+        db01.thumbprint,
+        thumb('B'),
+        "thumbprints are stored in upper case"
+    );
+    assert_eq!(db01.environments, ["Production", "Staging"]);
+    assert_eq!(db01.tenants, ["Acme", "Globex"]);
+
+    let mut worker = new_machine("worker1", &[], &[]);
+    worker.worker_pool = Some("Default Worker Pool".into());
+    worker.policy = Some(DEFAULT_POLICY.to_lowercase());
+    let worker = s.create_machine(&worker).await.unwrap();
+    assert_eq!(worker.worker_pool.as_deref(), Some("Default Worker Pool"));
+    assert!(worker.environments.is_empty());
+
+    assert_eq!(s.machine("WEB01").await.unwrap(), Some(web01.clone()));
+    assert_eq!(s.machine_by_id(db01.id).await.unwrap(), Some(db01.clone()));
+    assert!(s.machine("web99").await.unwrap().is_none());
+    assert!(s.machine_by_id(9_999).await.unwrap().is_none());
+
+    let all = s.list_machines(&MachineFilter::default()).await.unwrap();
+    assert_eq!(names(&all), ["DB01", "web01", "worker1"]);
+    assert_eq!(all[1], web01, "listed machines are fully populated");
+
+    let filter = |names: &[&str], envs: &[&str], roles: &[&str], tenants: &[&str]| MachineFilter {
+        names: strings(names),
+        environments: strings(envs),
+        roles: strings(roles),
+        tenants: strings(tenants),
+    };
+    let list = |f: MachineFilter| async move {
+        names(&s.list_machines(&f).await.unwrap())
+            .iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        list(filter(&["db01", "WORKER1", "missing"], &[], &[], &[])).await,
+        ["DB01", "worker1"]
+    );
+    assert_eq!(
+        list(filter(&[], &["PRODUCTION"], &[], &[])).await,
+        ["DB01", "web01"]
+    );
+    assert_eq!(
+        list(filter(&[], &["staging", "dev"], &[], &[])).await,
+        ["DB01"]
+    );
+    assert_eq!(
+        list(filter(&[], &["Dev"], &[], &[])).await,
+        Vec::<String>::new()
+    );
+    assert_eq!(list(filter(&[], &[], &["WEB"], &[])).await, ["web01"]);
+    assert_eq!(
+        list(filter(&[], &[], &["web", "db"], &[])).await,
+        ["DB01", "web01"]
+    );
+    assert_eq!(list(filter(&[], &[], &[], &["globex"])).await, ["DB01"]);
+    assert_eq!(
+        list(filter(&[], &[], &[], &["acme"])).await,
+        ["DB01", "web01"]
+    );
+    // Every non-empty dimension must match.
+    assert_eq!(
+        list(filter(&[], &["Production"], &["db"], &[])).await,
+        ["DB01"]
+    );
+    assert_eq!(
+        list(filter(&["web01"], &["Production"], &["db"], &[])).await,
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        list(filter(
+            &["web01", "db01"],
+            &["production"],
+            &["web", "db"],
+            &["Acme"]
+        ))
+        .await,
+        ["DB01", "web01"]
+    );
+}
+
+pub async fn machine_creation_is_checked(s: &dyn Store) {
+    s.create_environment("Production", "").await.unwrap();
+    s.create_machine(&new_machine("web01", &["Production"], &[]))
+        .await
+        .unwrap();
+
+    let err = s
+        .create_machine(&new_machine("WEB01", &["Production"], &[]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Conflict { kind: "machine", name } if name == "WEB01"),
+        "{err:?}"
+    );
+
+    let err = s
+        .create_machine(&new_machine("web02", &["Production", "Prod"], &[]))
+        .await
+        .unwrap_err();
+    let StoreError::Invalid(message) = err else {
+        panic!("expected Invalid, got {err:?}")
+    };
+    assert_eq!(
+        message,
+        "environment 'Prod' does not exist; create it with `octopus environment create Prod`"
+    );
+
+    let err = s
+        .create_machine(&new_machine("web02", &["My Env"], &[]))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("`octopus environment create 'My Env'`"),
+        "{err}"
+    );
+
+    let mut m = new_machine("web02", &["Production"], &[]);
+    m.tenants = strings(&["Acme"]);
+    let err = s.create_machine(&m).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Invalid(msg) if msg.starts_with("tenant 'Acme' does not exist")),
+        "{err:?}"
+    );
+
+    let mut m = new_machine("web02", &["Production"], &[]);
+    m.policy = Some("Strict".into());
+    let err = s.create_machine(&m).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Invalid(msg) if msg.starts_with("machine policy 'Strict' does not exist"))
+    );
+
+    assert!(matches!(
+        s.create_machine(&new_machine("", &[], &[])).await,
+        Err(StoreError::Invalid(_))
+    ));
+    let mut m = new_machine("web02", &[], &[]);
+    m.roles = strings(&[""]);
+    assert!(matches!(
+        s.create_machine(&m).await,
+        Err(StoreError::Invalid(_))
+    ));
+
+    // Nothing was left behind by the refused ones.
+    assert_eq!(
+        names(&s.list_machines(&MachineFilter::default()).await.unwrap()),
+        ["web01"]
+    );
+}
+
+pub async fn machines_by_thumbprint_replace_delete_and_health(s: &dyn Store) {
+    s.create_environment("Production", "").await.unwrap();
+    s.create_environment("Staging", "").await.unwrap();
+    let a = s
+        .create_machine(&new_machine("a", &["Production"], &["web"]))
+        .await
+        .unwrap();
+    let b = s
+        .create_machine(&new_machine("b", &["Production"], &["web"]))
+        .await
+        .unwrap();
+    let mut c = new_machine("c", &[], &[]);
+    c.thumbprint = thumb('C');
+    let c = s.create_machine(&c).await.unwrap();
+
+    // A cloned image: two machines present the same certificate.
+    let same = s.machines_by_thumbprint(&thumb('a')).await.unwrap();
+    assert_eq!(names(&same), ["a", "b"]);
+    assert_eq!(
+        s.machines_by_thumbprint(&thumb('C')).await.unwrap(),
+        vec![c.clone()]
+    );
+    assert!(s
+        .machines_by_thumbprint(&thumb('D'))
+        .await
+        .unwrap()
+        .is_empty());
+
+    // Health.
+    let h = HealthUpdate {
+        status: HealthStatus::Healthy,
+        reason: String::new(),
+        at: 10_000,
+        tentacle_version: Some("8.1.0".into()),
+        tool_version: Some("1.2.3".into()),
+    };
+    s.record_health(a.id, &h).await.unwrap();
+    let got = s.machine("a").await.unwrap().unwrap();
+    assert_eq!(got.status, HealthStatus::Healthy);
+    assert_eq!(got.last_health_at, Some(10_000));
+    assert_eq!(got.tentacle_version.as_deref(), Some("8.1.0"));
+    assert_eq!(got.tool_version.as_deref(), Some("1.2.3"));
+    let down = HealthUpdate {
+        status: HealthStatus::Unavailable,
+        reason: "connection refused".into(),
+        at: 20_000,
+        tentacle_version: None,
+        tool_version: None,
+    };
+    s.record_health(a.id, &down).await.unwrap();
+    let got = s.machine("a").await.unwrap().unwrap();
+    assert_eq!(got.status, HealthStatus::Unavailable);
+    assert_eq!(got.status_reason, "connection refused");
+    assert_eq!(got.last_health_at, Some(20_000));
+    assert_eq!(
+        got.tentacle_version.as_deref(),
+        Some("8.1.0"),
+        "last known version kept"
+    );
+    // An older result arriving late does not overwrite a newer one.
+    s.record_health(
+        a.id,
+        &HealthUpdate {
+            at: 15_000,
+            ..h.clone()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        s.machine("a").await.unwrap().unwrap().status,
+        HealthStatus::Unavailable
+    );
+    assert!(matches!(
+        s.record_health(9_999, &h).await,
+        Err(StoreError::NotFound { .. })
+    ));
+
+    // Replace keeps the id and rewrites everything else.
+    let mut again = new_machine("A", &["Staging"], &["api"]);
+    again.thumbprint = thumb('e');
+    again.kind = EndpointKind::Polling;
+    again.uri = "poll://new/".into();
+    let replaced = s.replace_machine(&again).await.unwrap();
+    assert_eq!(replaced.id, a.id);
+    assert_eq!(replaced.created_at, a.created_at);
+    assert_eq!(replaced.name, "A");
+    assert_eq!(replaced.kind, EndpointKind::Polling);
+    assert_eq!(replaced.uri, "poll://new/");
+    assert_eq!(replaced.thumbprint, thumb('E'));
+    assert_eq!(replaced.environments, ["Staging"]);
+    assert_eq!(replaced.roles, ["api"]);
+    assert_eq!(replaced.status, HealthStatus::Unknown);
+    assert_eq!(replaced.last_health_at, None);
+    assert_eq!(s.machine("a").await.unwrap(), Some(replaced));
+    assert_eq!(
+        names(&s.machines_by_thumbprint(&thumb('A')).await.unwrap()),
+        ["b"]
+    );
+    assert!(matches!(
+        s.replace_machine(&new_machine("zz", &[], &[])).await,
+        Err(StoreError::NotFound {
+            kind: "machine",
+            ..
+        })
+    ));
+    assert!(matches!(
+        s.replace_machine(&new_machine("b", &["Nope"], &[])).await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert_eq!(
+        s.machine("b").await.unwrap(),
+        Some(b.clone()),
+        "a refused replace changes nothing"
+    );
+
+    // Delete.
+    s.delete_machine("B").await.unwrap();
+    assert!(s.machine("b").await.unwrap().is_none());
+    assert!(matches!(
+        s.delete_machine("b").await,
+        Err(StoreError::NotFound {
+            kind: "machine",
+            ..
+        })
+    ));
+    assert_eq!(
+        names(&s.list_machines(&MachineFilter::default()).await.unwrap()),
+        ["A", "c"]
+    );
+    // Its name can be used again, and its id is not.
+    let b2 = s.create_machine(&new_machine("b", &[], &[])).await.unwrap();
+    assert!(b2.id > c.id);
+}
+
+pub async fn tasks_are_numbered_listed_and_change_state(s: &dyn Store) {
+    let m1 = s
+        .create_machine(&new_machine("web01", &[], &[]))
+        .await
+        .unwrap();
+    let m2 = s
+        .create_machine(&new_machine("db01", &[], &[]))
+        .await
+        .unwrap();
+    let args = json!({"script": "echo hi", "syntax": "Bash"});
+    let t1 = s
+        .create_task(
+            "Script",
+            "Run a script",
+            &args,
+            &[m1.id, m2.id, m1.id],
+            1_000,
+        )
+        .await
+        .unwrap();
+    assert_eq!(t1.id, "ServerTasks-1");
+    assert_eq!(t1.kind, "Script");
+    assert_eq!(t1.description, "Run a script");
+    assert_eq!(t1.state, TaskState::Queued);
+    assert_eq!(t1.arguments, args);
+    assert_eq!(t1.created_at, 1_000);
+    assert_eq!(
+        (
+            t1.error.as_deref(),
+            t1.cancel_requested,
+            t1.started_at,
+            t1.completed_at
+        ),
+        (None, false, None, None)
+    );
+
+    let steps = s.task_steps(&t1.id).await.unwrap();
+    assert_eq!(steps.len(), 2, "one step per machine, duplicates dropped");
+    assert_eq!(steps[0].machine_name, "db01");
+    assert_eq!(steps[1].machine_name, "web01");
+    for step in &steps {
+        assert_eq!(step.task_id, t1.id);
+        assert_eq!(step.state, TaskState::Queued);
+        assert_eq!(step.ticket, ticket(&t1.id, step.machine_id));
+        assert_eq!(step.ticket, format!("ServerTasks-1-m{}", step.machine_id));
+        assert!(step.ticket.len() <= 128);
+        assert!(step
+            .ticket
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')));
+        assert_eq!(step.next_sequence, 0);
+        assert_eq!(step.exit_code, None);
+    }
+
+    let t2 = s
+        .create_task("Health", "Check health", &json!(null), &[m1.id], 2_000)
+        .await
+        .unwrap();
+    let t3 = s
+        .create_task("Health", "Check health", &json!({}), &[], 3_000)
+        .await
+        .unwrap();
+    assert_eq!(t2.id, "ServerTasks-2");
+    assert_eq!(t3.id, "ServerTasks-3");
+    assert!(s.task_steps(&t3.id).await.unwrap().is_empty());
+    assert!(s.task_steps("ServerTasks-99").await.unwrap().is_empty());
+    let err = s
+        .create_task("Script", "x", &json!({}), &[9_999], 4_000)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+
+    let ids = |ts: Vec<Task>| ts.into_iter().map(|t| t.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(s.list_tasks(10).await.unwrap()),
+        ["ServerTasks-3", "ServerTasks-2", "ServerTasks-1"]
+    );
+    assert_eq!(
+        ids(s.list_tasks(2).await.unwrap()),
+        ["ServerTasks-3", "ServerTasks-2"]
+    );
+    assert_eq!(s.task(&t1.id).await.unwrap(), Some(t1.clone()));
+    assert!(s.task("ServerTasks-99").await.unwrap().is_none());
+
+    // States.
+    s.set_task_state(&t1.id, TaskState::Executing, None, 1_100)
+        .await
+        .unwrap();
+    let got = s.task(&t1.id).await.unwrap().unwrap();
+    assert_eq!(
+        (got.state, got.started_at, got.completed_at),
+        (TaskState::Executing, Some(1_100), None)
+    );
+    s.set_task_state(&t1.id, TaskState::Failed, Some("web01 failed"), 1_500)
+        .await
+        .unwrap();
+    let got = s.task(&t1.id).await.unwrap().unwrap();
+    assert_eq!(got.state, TaskState::Failed);
+    assert_eq!(got.error.as_deref(), Some("web01 failed"));
+    assert_eq!(
+        (got.started_at, got.completed_at),
+        (Some(1_100), Some(1_500))
+    );
+    // Final states never change again.
+    assert!(matches!(
+        s.set_task_state(&t1.id, TaskState::Executing, None, 1_600)
+            .await,
+        Err(StoreError::Invalid(_))
+    ));
+    s.set_task_state(&t1.id, TaskState::Failed, None, 1_700)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.task(&t1.id).await.unwrap().unwrap().completed_at,
+        Some(1_500)
+    );
+    assert!(matches!(
+        s.set_task_state("ServerTasks-99", TaskState::Executing, None, 1)
+            .await,
+        Err(StoreError::NotFound { kind: "task", .. })
+    ));
+
+    s.set_task_state(&t2.id, TaskState::Executing, None, 2_100)
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(s.unfinished_tasks().await.unwrap()),
+        ["ServerTasks-3", "ServerTasks-2"]
+    );
+
+    // Cancellation.
+    s.request_cancel(&t2.id).await.unwrap();
+    assert!(s.task(&t2.id).await.unwrap().unwrap().cancel_requested);
+    assert!(!s.task(&t3.id).await.unwrap().unwrap().cancel_requested);
+    s.request_cancel(&t1.id).await.unwrap();
+    assert!(
+        !s.task(&t1.id).await.unwrap().unwrap().cancel_requested,
+        "finished: nothing to cancel"
+    );
+    assert!(matches!(
+        s.request_cancel("ServerTasks-99").await,
+        Err(StoreError::NotFound { .. })
+    ));
+    s.set_task_state(&t2.id, TaskState::Canceled, None, 2_200)
+        .await
+        .unwrap();
+    s.set_task_state(&t3.id, TaskState::Canceled, None, 3_100)
+        .await
+        .unwrap();
+    let t3 = s.task(&t3.id).await.unwrap().unwrap();
+    assert_eq!(
+        (t3.started_at, t3.completed_at),
+        (None, Some(3_100)),
+        "canceled before it started"
+    );
+    assert!(s.unfinished_tasks().await.unwrap().is_empty());
+
+    // Steps.
+    let mut step = s.task_steps(&t1.id).await.unwrap().remove(1);
+    step.state = TaskState::Failed;
+    step.exit_code = Some(3);
+    step.error = Some("exit code 3".into());
+    step.started_at = Some(1_200);
+    step.completed_at = Some(1_400);
+    step.next_sequence = 7;
+    s.update_step(&step).await.unwrap();
+    assert_eq!(s.task_steps(&t1.id).await.unwrap()[1], step);
+    step.machine_id = 9_999;
+    assert!(matches!(
+        s.update_step(&step).await,
+        Err(StoreError::NotFound { .. })
+    ));
+
+    // The history outlives the machine.
+    s.delete_machine("web01").await.unwrap();
+    assert_eq!(s.task_steps(&t1.id).await.unwrap()[1].machine_name, "web01");
+}
+
+pub async fn logs_append_once_advance_the_step_and_page(s: &dyn Store) {
+    let m1 = s
+        .create_machine(&new_machine("web01", &[], &[]))
+        .await
+        .unwrap();
+    let m2 = s
+        .create_machine(&new_machine("web02", &[], &[]))
+        .await
+        .unwrap();
+    let task = s
+        .create_task("Script", "x", &json!({}), &[m1.id, m2.id], 1)
+        .await
+        .unwrap();
+    let other = s
+        .create_task("Script", "y", &json!({}), &[m1.id], 2)
+        .await
+        .unwrap();
+
+    s.append_log(&task.id, &[server_line("starting")])
+        .await
+        .unwrap();
+    s.append_log(
+        &task.id,
+        &[tentacle_line(m1.id, 0, "a0"), tentacle_line(m1.id, 1, "a1")],
+    )
+    .await
+    .unwrap();
+    s.append_log(&other.id, &[tentacle_line(m1.id, 0, "other")])
+        .await
+        .unwrap();
+    // A resumed stream sends 1 again; 2 and web02's 0 are new.
+    s.append_log(
+        &task.id,
+        &[
+            tentacle_line(m1.id, 1, "a1 again"),
+            tentacle_line(m1.id, 2, "a2"),
+            tentacle_line(m2.id, 0, "b0"),
+        ],
+    )
+    .await
+    .unwrap();
+    s.append_log(&task.id, &[server_line("starting"), server_line("done")])
+        .await
+        .unwrap();
+    s.append_log(&task.id, &[]).await.unwrap();
+
+    let log = s.task_log(&task.id, 0, 100).await.unwrap();
+    let texts: Vec<&str> = log.iter().map(|l| l.text.as_str()).collect();
+    assert_eq!(
+        texts,
+        ["starting", "a0", "a1", "a2", "b0", "starting", "done"],
+        "server lines never collide"
+    );
+    assert!(log.windows(2).all(|w| w[0].id < w[1].id));
+    assert!(log.iter().all(|l| l.task_id == task.id));
+    assert_eq!(
+        (log[0].machine_id, log[0].sequence, log[0].stream.as_str()),
+        (None, None, "server")
+    );
+    assert_eq!(
+        (log[2].machine_id, log[2].sequence, log[2].timestamp),
+        (Some(m1.id), Some(1), 1_001)
+    );
+
+    let steps = s.task_steps(&task.id).await.unwrap();
+    assert_eq!(steps[0].next_sequence, 3, "web01 stored 0..=2");
+    assert_eq!(steps[1].next_sequence, 1, "web02 stored 0");
+    assert_eq!(s.task_steps(&other.id).await.unwrap()[0].next_sequence, 1);
+    // Lines that arrive out of order never move the resume point back.
+    s.append_log(&task.id, &[tentacle_line(m1.id, 0, "a0 again")])
+        .await
+        .unwrap();
+    assert_eq!(s.task_steps(&task.id).await.unwrap()[0].next_sequence, 3);
+    // Nor does a step saved from an older read.
+    let mut stale = steps[0].clone();
+    stale.next_sequence = 1;
+    stale.state = TaskState::Executing;
+    s.update_step(&stale).await.unwrap();
+    let now = &s.task_steps(&task.id).await.unwrap()[0];
+    assert_eq!((now.state, now.next_sequence), (TaskState::Executing, 3));
+
+    // Paging: ids after the last one seen, at most `limit`.
+    let page1 = s.task_log(&task.id, 0, 3).await.unwrap();
+    assert_eq!(page1.len(), 3);
+    let page2 = s.task_log(&task.id, page1[2].id, 3).await.unwrap();
+    let page3 = s.task_log(&task.id, page2[2].id, 3).await.unwrap();
+    assert_eq!(page3.len(), 1);
+    assert!(s
+        .task_log(&task.id, page3[0].id, 3)
+        .await
+        .unwrap()
+        .is_empty());
+    let all: Vec<_> = page1.into_iter().chain(page2).chain(page3).collect();
+    assert_eq!(all, log);
+    assert_eq!(s.task_log(&other.id, 0, 100).await.unwrap().len(), 1);
+
+    assert!(matches!(
+        s.append_log("ServerTasks-99", &[server_line("x")]).await,
+        Err(StoreError::NotFound { kind: "task", .. })
+    ));
+}
+
+pub async fn packages_are_unique_per_id_and_version_unless_replaced(store: &dyn Store) {
+    let (a, prev) = store
+        .put_package(&new_package("Acme.Web", "1.0.0", 'a'), false, 1)
+        .await
+        .unwrap();
+    assert!(prev.is_none());
+    store
+        .put_package(&new_package("Acme.Web", "1.1.0", 'b'), false, 2)
+        .await
+        .unwrap();
+    store
+        .put_package(&new_package("Other", "1.0.0", 'a'), false, 3)
+        .await
+        .unwrap();
+    // Same ID (any case) and version: refused, then replaced on request.
+    let err = store
+        .put_package(&new_package("acme.web", "1.0.0", 'c'), false, 4)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+    let (replaced, prev) = store
+        .put_package(&new_package("acme.web", "1.0.0", 'c'), true, 5)
+        .await
+        .unwrap();
+    assert_eq!(replaced.id, a.id);
+    assert_eq!(replaced.sha256, thumb('c'));
+    assert_eq!(prev.unwrap().sha256, "a".repeat(64));
+
+    let web = store.list_packages(Some("ACME.WEB")).await.unwrap();
+    let versions: Vec<&str> = web.iter().map(|p| p.version.as_str()).collect();
+    assert_eq!(versions, ["1.1.0", "1.0.0"], "by upload time");
+    assert_eq!(store.list_packages(None).await.unwrap().len(), 3);
+    assert_eq!(
+        store
+            .count_packages_with_sha256(&"a".repeat(64))
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(store.package("Acme.Web", "1.1.0").await.unwrap().is_some());
+    let gone = store.delete_package("Acme.Web", "1.1.0").await.unwrap();
+    assert_eq!(gone.version, "1.1.0");
+    assert!(store.package("Acme.Web", "1.1.0").await.unwrap().is_none());
+    let err = store.delete_package("Acme.Web", "1.1.0").await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound { .. }), "{err}");
+}
+
+pub async fn step_output_variables_and_step_log_round_trip(store: &dyn Store) {
+    store.create_environment("Test", "").await.unwrap();
+    let m = store
+        .create_machine(&new_machine("web-1", &["Test"], &[]))
+        .await
+        .unwrap();
+    let task = store
+        .create_task("Deploy", "d", &json!({}), &[m.id], 1)
+        .await
+        .unwrap();
+    let mut step = store.task_steps(&task.id).await.unwrap().remove(0);
+    assert!(step.output_variables.is_empty());
+    step.output_variables
+        .insert("Url".into(), "http://x/?a='b'".into());
+    store.update_step(&step).await.unwrap();
+    let again = store.task_steps(&task.id).await.unwrap().remove(0);
+    assert_eq!(again.output_variables, step.output_variables);
+
+    store
+        .append_log(
+            &task.id,
+            &[
+                server_line("server"),
+                tentacle_line(m.id, 0, "one"),
+                tentacle_line(m.id, 1, "two"),
+            ],
+        )
+        .await
+        .unwrap();
+    let lines = store.step_log(&task.id, m.id).await.unwrap();
+    let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
+    assert_eq!(texts, ["one", "two"]);
+}

@@ -1,0 +1,318 @@
+//! Rows as a database returns them, and the records they become.
+//!
+//! Each row struct derives `sqlx::FromRow`, which is generic over the row type,
+//! so every engine reads the same structs; each names its columns once
+//! ([`Row::COLUMNS`], for `SELECT` and `RETURNING`). Lists that hang off a row
+//! (a tenant's tags, a machine's roles) come as [`ListRow`]s, filled in by the
+//! engine.
+
+use std::collections::HashMap;
+
+use crate::text::TextEnum;
+use crate::{
+    ApiKey, EndpointKind, Environment, HealthStatus, Machine, MachinePolicy, Package, Result,
+    StoreError, Task, TaskLogLine, TaskState, TaskStep, Tenant, User,
+};
+
+/// A row that becomes one of the API's records.
+pub trait Row: Sized {
+    /// The record.
+    type Record;
+    /// The columns to select, in SQL.
+    const COLUMNS: &'static str;
+    /// The record; a database error when the row holds what this version cannot read.
+    fn into_record(self) -> Result<Self::Record>;
+}
+
+/// A row struct whose fields are the columns, and its [`Row`] impl. Without
+/// `by`, every field is the record's field of the same name; with `by f`, the
+/// function `f` makes the record.
+macro_rules! row {
+    (@columns $first:ident $(, $rest:ident)*) => {
+        concat!(stringify!($first) $(, ", ", stringify!($rest))*)
+    };
+    (@struct $(#[$attr:meta])* $row:ident { $($field:ident: $ty:ty),+ }) => {
+        $(#[$attr])*
+        #[derive(Debug, sqlx::FromRow)]
+        pub struct $row {
+            $(pub $field: $ty),+
+        }
+    };
+    ($(#[$attr:meta])* $row:ident => $record:ident { $($field:ident: $ty:ty),+ $(,)? }) => {
+        row!(@struct $(#[$attr])* $row { $($field: $ty),+ });
+
+        impl Row for $row {
+            type Record = $record;
+            const COLUMNS: &'static str = row!(@columns $($field),+);
+            fn into_record(self) -> Result<$record> {
+                Ok($record { $($field: self.$field),+ })
+            }
+        }
+    };
+    ($(#[$attr:meta])* $row:ident => $record:ident by $into:ident { $($field:ident: $ty:ty),+ $(,)? }) => {
+        row!(@struct $(#[$attr])* $row { $($field: $ty),+ });
+
+        impl Row for $row {
+            type Record = $record;
+            const COLUMNS: &'static str = row!(@columns $($field),+);
+            fn into_record(self) -> Result<$record> {
+                $into(self)
+            }
+        }
+    };
+}
+
+row! {
+    /// A `users` row (not its password hash).
+    UserRow => User { id: i64, username: String, display_name: String, is_admin: bool, created_at: i64 }
+}
+
+row! {
+    /// An `api_keys` row (never the key's hash).
+    ApiKeyRow => ApiKey {
+        id: i64, user_id: i64, purpose: String, prefix: String, created_at: i64,
+        last_used_at: Option<i64>, revoked: bool,
+    }
+}
+
+row! {
+    /// An `environments` row.
+    EnvironmentRow => Environment { id: i64, name: String, description: String, created_at: i64 }
+}
+
+row! {
+    /// A `machine_policies` row.
+    PolicyRow => MachinePolicy {
+        id: i64, name: String, health_check_interval_s: i64, health_check_timeout_s: i64,
+        polling_wait_s: i64,
+    }
+}
+
+row! {
+    /// A `packages` row.
+    PackageRow => Package {
+        id: i64, package_id: String, version: String, format: String, sha256: String, size: i64,
+        file_name: String, uploaded_at: i64,
+    }
+}
+
+row! {
+    /// A `task_log` row.
+    LogLineRow => TaskLogLine {
+        id: i64, task_id: String, machine_id: Option<i64>, sequence: Option<i64>, timestamp: i64,
+        stream: String, text: String,
+    }
+}
+
+/// A `users` row with its password hash (to sign in).
+#[derive(Debug, sqlx::FromRow)]
+pub struct UserWithHashRow {
+    #[sqlx(flatten)]
+    pub user: UserRow,
+    pub password_hash: Option<String>,
+}
+
+impl Row for UserWithHashRow {
+    type Record = (User, Option<String>);
+    const COLUMNS: &'static str = "id, username, display_name, is_admin, created_at, password_hash";
+    fn into_record(self) -> Result<Self::Record> {
+        Ok((self.user.into_record()?, self.password_hash))
+    }
+}
+
+row! {
+    /// A `tenants` row; its tags are [`ListRow`]s of `tenant_tags`.
+    TenantRow => Tenant by tenant { id: i64, name: String, created_at: i64 }
+}
+
+fn tenant(r: TenantRow) -> Result<Tenant> {
+    Ok(Tenant {
+        id: r.id,
+        name: r.name,
+        tags: Vec::new(),
+        created_at: r.created_at,
+    })
+}
+
+row! {
+    /// A `tasks` row; `arguments` is JSON text.
+    TaskRow => Task by task {
+        id: String, kind: String, description: String, state: String, arguments: String,
+        error: Option<String>, cancel_requested: bool, created_at: i64, started_at: Option<i64>,
+        completed_at: Option<i64>,
+    }
+}
+
+fn task(r: TaskRow) -> Result<Task> {
+    let arguments = serde_json::from_str(&r.arguments).map_err(|e| {
+        StoreError::Database(format!("reading the arguments of task {}: {e}", r.id))
+    })?;
+    Ok(Task {
+        state: TaskState::from_text(&r.state)?,
+        arguments,
+        id: r.id,
+        kind: r.kind,
+        description: r.description,
+        error: r.error,
+        cancel_requested: r.cancel_requested,
+        created_at: r.created_at,
+        started_at: r.started_at,
+        completed_at: r.completed_at,
+    })
+}
+
+row! {
+    /// A `task_steps` row; `output_variables` is a JSON object's text.
+    StepRow => TaskStep by step {
+        task_id: String, machine_id: i64, machine_name: String, state: String, ticket: String,
+        exit_code: Option<i32>, next_sequence: i64, error: Option<String>,
+        started_at: Option<i64>, completed_at: Option<i64>, output_variables: String,
+    }
+}
+
+fn step(r: StepRow) -> Result<TaskStep> {
+    let output_variables = serde_json::from_str(&r.output_variables).map_err(|e| {
+        StoreError::Database(format!(
+            "a task step's output variables are not valid JSON: {e}"
+        ))
+    })?;
+    Ok(TaskStep {
+        state: TaskState::from_text(&r.state)?,
+        output_variables,
+        task_id: r.task_id,
+        machine_id: r.machine_id,
+        machine_name: r.machine_name,
+        ticket: r.ticket,
+        exit_code: r.exit_code,
+        next_sequence: r.next_sequence,
+        error: r.error,
+        started_at: r.started_at,
+        completed_at: r.completed_at,
+    })
+}
+
+/// A `machines` row joined to its policy's name: select [`Row::COLUMNS`]
+/// [`MachineRow::FROM`]. Its lists come as [`ListRow`]s
+/// ([`crate::machines::MachineList`]).
+#[derive(Debug, sqlx::FromRow)]
+pub struct MachineRow {
+    pub id: i64,
+    pub name: String,
+    pub kind: String,
+    pub uri: String,
+    pub thumbprint: String,
+    pub policy: String,
+    pub worker_pool: Option<String>,
+    pub status: String,
+    pub status_reason: String,
+    pub last_health_at: Option<i64>,
+    pub tentacle_version: Option<String>,
+    pub tool_version: Option<String>,
+    pub created_at: i64,
+}
+
+impl MachineRow {
+    /// The tables the columns come from: `machines m` and `machine_policies p`.
+    pub const FROM: &'static str = "FROM machines m JOIN machine_policies p ON p.id = m.policy_id";
+}
+
+impl Row for MachineRow {
+    type Record = Machine;
+    const COLUMNS: &'static str =
+        "m.id, m.name, m.kind, m.uri, m.thumbprint, p.name AS policy, m.worker_pool, \
+         m.status, m.status_reason, m.last_health_at, m.tentacle_version, m.tool_version, m.created_at";
+
+    fn into_record(self) -> Result<Machine> {
+        Ok(Machine {
+            kind: EndpointKind::from_text(&self.kind)?,
+            status: HealthStatus::from_text(&self.status)?,
+            environments: Vec::new(),
+            roles: Vec::new(),
+            tenants: Vec::new(),
+            tenant_tags: Vec::new(),
+            id: self.id,
+            name: self.name,
+            uri: self.uri,
+            thumbprint: self.thumbprint,
+            policy: self.policy,
+            worker_pool: self.worker_pool,
+            status_reason: self.status_reason,
+            last_health_at: self.last_health_at,
+            tentacle_version: self.tentacle_version,
+            tool_version: self.tool_version,
+            created_at: self.created_at,
+        })
+    }
+}
+
+/// One value of a list that belongs to a row: a tenant's tag, a machine's role.
+/// Select the owner's id `AS owner` and the value `AS value`.
+#[derive(Debug, sqlx::FromRow)]
+pub struct ListRow {
+    pub owner: i64,
+    pub value: String,
+}
+
+impl Row for ListRow {
+    type Record = ListRow;
+    const COLUMNS: &'static str = "owner, value";
+    fn into_record(self) -> Result<ListRow> {
+        Ok(self)
+    }
+}
+
+/// The values by owner, each list in the order of the rows.
+pub fn group(rows: Vec<ListRow>) -> HashMap<i64, Vec<String>> {
+    let mut lists: HashMap<i64, Vec<String>> = HashMap::new();
+    for row in rows {
+        lists.entry(row.owner).or_default().push(row.value);
+    }
+    lists
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn columns_are_the_fields_in_order() {
+        assert_eq!(
+            UserRow::COLUMNS,
+            "id, username, display_name, is_admin, created_at"
+        );
+        assert!(UserWithHashRow::COLUMNS.starts_with(UserRow::COLUMNS));
+        assert_eq!(
+            ApiKeyRow::COLUMNS,
+            "id, user_id, purpose, prefix, created_at, last_used_at, revoked"
+        );
+        assert_eq!(
+            StepRow::COLUMNS,
+            "task_id, machine_id, machine_name, state, ticket, exit_code, next_sequence, error, \
+             started_at, completed_at, output_variables"
+        );
+        assert_eq!(TenantRow::COLUMNS, "id, name, created_at");
+    }
+
+    #[test]
+    fn rows_that_cannot_be_read_are_database_errors() {
+        let row = TaskRow {
+            id: "ServerTasks-1".into(),
+            kind: "Script".into(),
+            description: String::new(),
+            state: "Queued".into(),
+            arguments: "{".into(),
+            error: None,
+            cancel_requested: false,
+            created_at: 0,
+            started_at: None,
+            completed_at: None,
+        };
+        let err = row.into_record().err().map(|e| e.to_string());
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e
+                    .starts_with("database error: reading the arguments of task ServerTasks-1: ")),
+            "{err:?}"
+        );
+    }
+}
