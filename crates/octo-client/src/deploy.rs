@@ -1,6 +1,9 @@
-//! `octopus package ...`, `octopus deploy` and `octopus calamari upgrade`.
+//! `octopus package ...`, `octopus deploy` and `octopus calamari upgrade`, and
+//! the variables of deployments and scripts (`--variable NAME=VALUE`,
+//! `--sensitive-variable NAME[=VALUE]`).
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -85,6 +88,12 @@ pub struct DeployCliArgs {
     /// Variables from a JSON object file ({"Name": "value", ...}) or NAME=VALUE lines.
     #[arg(long, value_name = "FILE")]
     variables_file: Option<PathBuf>,
+    /// A secret variable (repeatable; wins over --variable): NAME=VALUE, or NAME
+    /// alone to take the value from this command's environment variable NAME,
+    /// which keeps it out of the process list (`ps`). Its value is never shown
+    /// and is masked in the log.
+    #[arg(long = "sensitive-variable", value_name = "NAME[=VALUE]")]
+    sensitive_variables: Vec<String>,
     /// Extracted versions of the package kept on each machine (default 3).
     #[arg(long)]
     retention: Option<u32>,
@@ -163,6 +172,57 @@ fn split_assignment(s: &str) -> anyhow::Result<(String, String)> {
     }
 }
 
+/// The plain and the sensitive variables of a deployment or script: `base`
+/// (from a variables file) with `--variable NAME=VALUE` over it, and
+/// `--sensitive-variable NAME=VALUE` or `NAME` (the value of the environment
+/// variable NAME, looked up with `env`). A sensitive variable takes its name
+/// out of the plain ones (ignoring case, as variable names are compared), so
+/// its value is never sent in the clear. Errors name the flag and never show a
+/// sensitive value.
+pub(crate) fn variables_from_args(
+    mut plain: BTreeMap<String, String>,
+    variables: &[String],
+    sensitive_variables: &[String],
+    env: impl Fn(&str) -> Option<OsString>,
+) -> anyhow::Result<(BTreeMap<String, String>, BTreeMap<String, String>)> {
+    for v in variables {
+        let (k, val) = split_assignment(v).map_err(|_| {
+            anyhow::anyhow!("--variable '{v}': expected NAME=VALUE with a name before the '='")
+        })?;
+        plain.insert(k, val);
+    }
+    let mut sensitive = BTreeMap::new();
+    for v in sensitive_variables {
+        let (name, value) = match v.split_once('=') {
+            Some((k, val)) => {
+                let k = k.trim();
+                if k.is_empty() {
+                    anyhow::bail!("--sensitive-variable: a value was given without a name; give NAME=VALUE, or NAME alone to take the value from the environment variable NAME");
+                }
+                (k.to_string(), val.to_string())
+            }
+            None => {
+                let k = v.trim();
+                if k.is_empty() {
+                    anyhow::bail!("--sensitive-variable: the name is empty; give NAME=VALUE, or NAME alone to take the value from the environment variable NAME");
+                }
+                let value = env(k).ok_or_else(|| {
+                    anyhow::anyhow!("--sensitive-variable {k}: the environment variable {k} is not set; export it first (`export {k}`), or give {k}=VALUE")
+                })?;
+                let value = value.into_string().map_err(|_| {
+                    anyhow::anyhow!(
+                        "--sensitive-variable {k}: the environment variable {k} is not valid UTF-8"
+                    )
+                })?;
+                (k.to_string(), value)
+            }
+        };
+        plain.retain(|p, _| !p.eq_ignore_ascii_case(&name));
+        sensitive.insert(name, value);
+    }
+    Ok((plain, sensitive))
+}
+
 fn package_rows(packages: &[Package]) -> String {
     let rows: Vec<_> = packages
         .iter()
@@ -221,7 +281,7 @@ impl Cx {
                     .file_name()
                     .and_then(|n| n.to_str())
                     .map(str::to_string);
-                let url = c_.url(
+                let url = c_.space_url(
                     &["packages"],
                     &[
                         ("package_id", id),
@@ -257,7 +317,7 @@ impl Cx {
             }
             PackageCommand::List { id } => {
                 let v: Value = c_
-                    .get(c_.url(&["packages"], &[("package_id", id)]))
+                    .get(c_.space_url(&["packages"], &[("package_id", id)]))
                     .await
                     .context("listing packages")?;
                 if self.output == Output::Json {
@@ -275,7 +335,7 @@ impl Cx {
             PackageCommand::Show { id, version } => {
                 let version = version.unwrap_or_else(|| "latest".into());
                 let v: Value = c_
-                    .get(c_.url(&["packages", &id, &version], &[]))
+                    .get(c_.space_url(&["packages", &id, &version], &[]))
                     .await
                     .with_context(|| format!("reading package {id} {version}"))?;
                 if self.output == Output::Json {
@@ -295,7 +355,7 @@ impl Cx {
                 Ok(ExitCode::SUCCESS)
             }
             PackageCommand::Delete { id, version } => {
-                c_.delete(c_.url(&["packages", &id, &version], &[]))
+                c_.delete(c_.space_url(&["packages", &id, &version], &[]))
                     .await
                     .with_context(|| format!("deleting package {id} {version}"))?;
                 say(self.output, &format!("Deleted package {id} {version}."));
@@ -305,19 +365,23 @@ impl Cx {
     }
 
     pub(super) async fn deploy(&self, a: DeployCliArgs) -> anyhow::Result<ExitCode> {
-        let mut variables = match &a.variables_file {
+        let from_file = match &a.variables_file {
             Some(f) => read_variables_file(f)?,
             None => BTreeMap::new(),
         };
-        for v in &a.variables {
-            let (k, val) = split_assignment(v).context("--variable takes NAME=VALUE")?;
-            variables.insert(k, val);
-        }
+        let (variables, sensitive) =
+            variables_from_args(from_file, &a.variables, &a.sensitive_variables, |name| {
+                std::env::var_os(name)
+            })?;
         let mut body = json!({
             "package_id": a.package,
             "environment": a.environment,
             "variables": variables,
         });
+        // Sent only when given, so that older servers still take the request.
+        if !sensitive.is_empty() {
+            body["sensitive_variables"] = json!(sensitive);
+        }
         for (k, v) in [
             ("version", &a.version),
             ("role", &a.role),
@@ -335,7 +399,7 @@ impl Cx {
         }
         let c_ = &self.client;
         let v: Value = c_
-            .post(c_.url(&["tasks", "deploy"], &[]), &body)
+            .post(c_.space_url(&["tasks", "deploy"], &[]), &body)
             .await
             .context("starting the deployment")?;
         let Some(detail) = self.started(v, a.no_wait, "deployment")? else {
@@ -359,7 +423,7 @@ impl Cx {
         }
         let c_ = &self.client;
         let v: Value = c_
-            .post(c_.url(&["tasks", "upgrade"], &[]), &body)
+            .post(c_.space_url(&["tasks", "upgrade"], &[]), &body)
             .await
             .context("starting the deployment tool upgrade")?;
         let Some(detail) = self.started(v, no_wait, "upgrade")? else {
@@ -394,5 +458,69 @@ mod tests {
         std::fs::write(&lines, "oops\n").unwrap();
         let e = format!("{:#}", read_variables_file(&lines).unwrap_err());
         assert!(e.contains("line 1"), "{e}");
+    }
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn sensitive_variables_come_from_flags_or_the_environment() {
+        let env = |name: &str| match name {
+            "DbPassword" => Some(OsString::from("s3cret from env")),
+            "Empty" => Some(OsString::new()),
+            _ => None,
+        };
+        let base = BTreeMap::from([
+            ("FromFile".to_string(), "1".to_string()),
+            ("apikey".to_string(), "plain".to_string()),
+        ]);
+        let (plain, secret) = variables_from_args(
+            base,
+            &strings(&["Greeting=Hello=World", " Spaced = x", "Blank="]),
+            &strings(&["DbPassword", "ApiKey=abc=def", "Empty"]),
+            env,
+        )
+        .unwrap();
+        assert_eq!(plain["Greeting"], "Hello=World");
+        assert_eq!(plain["Spaced"], " x");
+        assert_eq!(plain["Blank"], "");
+        assert_eq!(plain["FromFile"], "1");
+        // A sensitive variable takes its name out of the plain ones.
+        assert!(!plain.contains_key("apikey"), "{plain:?}");
+        assert_eq!(secret["DbPassword"], "s3cret from env");
+        assert_eq!(secret["ApiKey"], "abc=def");
+        assert_eq!(secret["Empty"], "");
+    }
+
+    #[test]
+    fn malformed_variables_name_the_flag_and_hide_secrets() {
+        let none = |_: &str| None;
+        for (plain, sensitive, want) in [
+            (
+                &["NoEquals"][..],
+                &[][..],
+                "--variable 'NoEquals': expected NAME=VALUE",
+            ),
+            (&["=x"], &[], "--variable '=x': expected NAME=VALUE"),
+            (
+                &[],
+                &["=hunter2"],
+                "--sensitive-variable: a value was given without a name",
+            ),
+            (&[], &["  "], "--sensitive-variable: the name is empty"),
+            (
+                &[],
+                &["Missing"],
+                "--sensitive-variable Missing: the environment variable Missing is not set",
+            ),
+        ] {
+            let e =
+                variables_from_args(BTreeMap::new(), &strings(plain), &strings(sensitive), none)
+                    .unwrap_err()
+                    .to_string();
+            assert!(e.starts_with(want), "{e}");
+            assert!(!e.contains("hunter2"), "a secret in an error: {e}");
+        }
     }
 }

@@ -8,7 +8,7 @@ use futures_util::StreamExt;
 use octo_api_types::{TaskLogLine, TaskStep};
 
 use super::http::{root_cause, ApiClient};
-use super::output::{out, out_json_line};
+use super::output::{self, cell, out, out_json_line};
 use super::sse::{SseEvent, SseParser};
 use super::{Output, TaskDetail};
 
@@ -33,7 +33,9 @@ impl Names {
     }
 
     /// `[web01] text`, `[web01]! text` for stderr, `[server] text` for the
-    /// server's own lines.
+    /// server's own lines. What a script printed is anyone's text: its control
+    /// characters are escaped (tabs kept, a line's closing CR dropped), so a
+    /// script cannot move the cursor, retitle the window or forge other lines.
     pub(crate) fn format(&self, line: &TaskLogLine) -> String {
         let who = match line.machine_id {
             None => "server".to_string(),
@@ -44,7 +46,8 @@ impl Names {
                 .unwrap_or_else(|| format!("machine {id}")),
         };
         let mark = if line.stream == "stderr" { "!" } else { "" };
-        format!("[{who}]{mark} {}", line.text)
+        let text = line.text.strip_suffix('\r').unwrap_or(&line.text);
+        format!("[{}]{mark} {}", cell(&who), output::line(text))
     }
 }
 
@@ -96,7 +99,7 @@ fn service_message_text(line: &TaskLogLine) -> Option<String> {
 /// How one connection to the stream ended.
 enum Outcome {
     /// The `end` event: the task is final.
-    Ended(TaskDetail),
+    Ended(Box<TaskDetail>),
     /// The server sent something this client cannot go on from.
     Broken(String),
     /// The connection ended first.
@@ -125,7 +128,7 @@ pub(crate) async fn follow(
     // A warning was printed and no connection has been made since.
     let mut outage = false;
     loop {
-        let url = client.url(
+        let url = client.space_url(
             &["tasks", &task_id, "log", "stream"],
             &[("after", Some(last_id.to_string()))],
         );
@@ -141,7 +144,7 @@ pub(crate) async fn follow(
                     eprintln!("Reconnected to the log stream of task {task_id}.");
                 }
                 match read(resp, &mut names, &mut last_id, output).await {
-                    Outcome::Ended(detail) => return Ok(detail),
+                    Outcome::Ended(detail) => return Ok(*detail),
                     Outcome::Broken(e) => anyhow::bail!(
                         "following the log of task {task_id}: {e}; see `octopus task show {task_id}`"
                     ),
@@ -208,7 +211,7 @@ async fn read(
             useful = true;
             match handle(&event, names, last_id, output) {
                 Ok(None) => {}
-                Ok(Some(detail)) => return Outcome::Ended(detail),
+                Ok(Some(detail)) => return Outcome::Ended(Box::new(detail)),
                 Err(e) => return Outcome::Broken(e),
             }
         }
@@ -291,5 +294,23 @@ mod service_message_tests {
         );
         assert_eq!(service_message_text(&line("stdout", "plain text")), None);
         assert_eq!(service_message_text(&line("stderr", &set.text)), None);
+    }
+
+    #[test]
+    fn log_lines_cannot_drive_the_terminal() {
+        let mut names = Names::default();
+        names.0.insert(1, "web\u{1b}[1m01".into());
+        let l = line(
+            "stderr",
+            "ok\u{1b}]0;owned\u{7}\rfake\n[server] done\u{9b}2J\u{7f}\tcol\r",
+        );
+        assert_eq!(
+            names.format(&l),
+            r"[web\e[1m01]! ok\e]0;owned\x07\rfake\n[server] done\x9b2J\x7f".to_string() + "\tcol"
+        );
+        assert_eq!(
+            names.format(&line("stdout", "plain\ttext")),
+            "[web\\e[1m01] plain\ttext"
+        );
     }
 }

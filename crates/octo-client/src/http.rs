@@ -1,5 +1,9 @@
 //! [`ApiClient`]: the one HTTP client every command uses, so that every command
-//! reports a refused key, an unreachable server or an API error the same way.
+//! reports a refused key, an unreachable server or an API error the same way,
+//! and the one place that builds the API's paths: [`ApiClient::space_url`] for
+//! routes of a space (`/api/spaces/{space}/...`, the space from `--space`) and
+//! [`ApiClient::system_url`] for the server's own (`/api/spaces`, `/api/users`,
+//! `/api/roles`, `/api/api-keys`).
 
 use std::fmt;
 use std::time::Duration;
@@ -7,6 +11,8 @@ use std::time::Duration;
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+
+use super::output::cell;
 
 /// Header carrying the API key (as the server's `api.rs` expects it).
 const API_KEY_HEADER: &str = "X-Octopus-ApiKey";
@@ -26,8 +32,9 @@ pub(crate) enum ClientError {
     /// The server took longer than [`CALL_TIMEOUT`].
     Timeout { base: String },
     /// 401: no key, or a key the server does not accept.
-    Unauthorized { key_given: bool },
-    /// Any other error status, with the server's `{"error"}` text.
+    Unauthorized { key: KeySource },
+    /// Any other error status, with the server's `{"error"}` text (its control
+    /// characters escaped: a name in it may be anyone's).
     Api {
         status: StatusCode,
         /// The route asked for (for "no such API route" answers).
@@ -75,13 +82,21 @@ impl fmt::Display for ClientError {
                 "the server at {base} did not answer within {}s; check that it is not overloaded (its log says more)",
                 CALL_TIMEOUT.as_secs()
             ),
-            Self::Unauthorized { key_given: true } => write!(
+            Self::Unauthorized { key: KeySource::Given } => write!(
                 f,
-                "the server refused the API key; pass --api-key or set OCTOPUS_API_KEY (the first admin key is in DATA/admin-api-key)"
+                "the server refused the API key (revoked, or its user disabled?); pass another with --api-key or OCTOPUS_API_KEY, or log in with `octopus login --username NAME`"
             ),
-            Self::Unauthorized { key_given: false } => write!(
+            Self::Unauthorized {
+                key: KeySource::Session { username },
+            } => write!(
                 f,
-                "no API key was given; pass --api-key or set OCTOPUS_API_KEY (the first admin key is in DATA/admin-api-key)"
+                "the server refused the session key of `octopus login` as '{}' (it expired after a time unused, or was revoked); log in again with `octopus login --username {}`, or pass --api-key",
+                cell(username),
+                cell(username)
+            ),
+            Self::Unauthorized { key: KeySource::None } => write!(
+                f,
+                "no API key was given; log in with `octopus login --username NAME`, or pass --api-key or set OCTOPUS_API_KEY (the first admin key is in DATA/admin-api-key)"
             ),
             Self::Api { status, path, message } => {
                 if *status == StatusCode::NOT_FOUND && message.starts_with("no such API route") {
@@ -93,6 +108,11 @@ impl fmt::Display for ClientError {
                     write!(
                         f,
                         "the server failed ({status}): {message}; its log says more"
+                    )
+                } else if *status == StatusCode::FORBIDDEN {
+                    write!(
+                        f,
+                        "{message} (`octopus whoami` shows what you may do; an administrator can grant more with `octopus team grant`)"
                     )
                 } else {
                     f.write_str(message)
@@ -107,37 +127,110 @@ impl fmt::Display for ClientError {
 
 impl std::error::Error for ClientError {}
 
-/// The server's address, the API key and one connection pool.
+/// Where the API key of the calls comes from (for what to say when it is refused).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum KeySource {
+    /// None at all.
+    None,
+    /// `--api-key` or `OCTOPUS_API_KEY`.
+    Given,
+    /// The session key that `octopus login` stored for this server.
+    Session { username: String },
+}
+
+/// The server's address, the API key, the space and one connection pool.
 #[derive(Debug, Clone)]
 pub(crate) struct ApiClient {
     /// The server's root, e.g. `http://127.0.0.1:8080/` (never ending in `/api`).
     base: Url,
     key: Option<String>,
+    key_source: KeySource,
+    /// The space of space routes (`--space`): a name or `Spaces-N`.
+    space: String,
     http: reqwest::Client,
 }
 
 impl ApiClient {
     /// A client for the server at `server` (`http://HOST:PORT`; a missing scheme
-    /// means http, a trailing `/api` is ignored).
-    pub(crate) fn new(server: &str, key: Option<String>) -> anyhow::Result<Self> {
+    /// means http, a trailing `/api` is ignored), working in `space`.
+    pub(crate) fn new(server: &str, key: Option<String>, space: &str) -> anyhow::Result<Self> {
         let base = parse_base(server)?;
+        let space = check_space(space)?;
         let http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_keepalive(Duration::from_secs(15))
             .user_agent(concat!("octopus-cli/", env!("CARGO_PKG_VERSION")))
             .build()?;
         let key = key.map(|k| k.trim().to_string()).filter(|k| !k.is_empty());
-        Ok(Self { base, key, http })
+        let key_source = if key.is_some() {
+            KeySource::Given
+        } else {
+            KeySource::None
+        };
+        Ok(Self {
+            base,
+            key,
+            key_source,
+            space,
+            http,
+        })
     }
 
-    /// The server's address as the user should see it.
+    /// Whether calls carry a key.
+    pub(crate) fn has_key(&self) -> bool {
+        self.key.is_some()
+    }
+
+    /// Where the key comes from.
+    pub(crate) fn key_source(&self) -> &KeySource {
+        &self.key_source
+    }
+
+    /// Calls with the session key `octopus login` stored for `username`.
+    pub(crate) fn use_session(&mut self, key: &str, username: &str) {
+        self.key = Some(key.trim().to_string()).filter(|k| !k.is_empty());
+        self.key_source = match self.key {
+            Some(_) => KeySource::Session {
+                username: username.to_string(),
+            },
+            None => KeySource::None,
+        };
+    }
+
+    /// The same client without a key (to log in).
+    pub(crate) fn without_key(&self) -> Self {
+        Self {
+            key: None,
+            key_source: KeySource::None,
+            ..self.clone()
+        }
+    }
+
+    /// The server's address as the user should see it (and the sessions file's key).
     pub(crate) fn base(&self) -> String {
         self.base.as_str().trim_end_matches('/').to_string()
     }
 
-    /// `BASE/api/<segments>?<query>`; segments are percent-encoded (names may hold
-    /// spaces or slashes), `None` query values are left out.
-    pub(crate) fn url(&self, segments: &[&str], query: &[(&str, Option<String>)]) -> Url {
+    /// The space that space routes go to, as given.
+    pub(crate) fn space(&self) -> &str {
+        &self.space
+    }
+
+    /// `BASE/api/spaces/<space>/<segments>?<query>`: a route of the `--space`
+    /// space (environments, machines, tasks, packages, teams, audit). See
+    /// [`Self::system_url`] for the encoding.
+    pub(crate) fn space_url(&self, segments: &[&str], query: &[(&str, Option<String>)]) -> Url {
+        let mut all = Vec::with_capacity(segments.len() + 2);
+        all.extend(["spaces", self.space.as_str()]);
+        all.extend_from_slice(segments);
+        self.system_url(&all, query)
+    }
+
+    /// `BASE/api/<segments>?<query>`: a route of the server itself (spaces,
+    /// users, roles, API keys, logging in), never in a space. Segments are
+    /// percent-encoded as one segment each (names may hold spaces, slashes,
+    /// `%`, anything), `None` query values are left out.
+    pub(crate) fn system_url(&self, segments: &[&str], query: &[(&str, Option<String>)]) -> Url {
         let mut url = self.base.clone();
         if let Ok(mut path) = url.path_segments_mut() {
             path.pop_if_empty().push("api").extend(segments);
@@ -167,6 +260,15 @@ impl ApiClient {
         body: &Value,
     ) -> Result<T, ClientError> {
         self.call(Method::POST, url, Some(body)).await
+    }
+
+    /// PUT a JSON body, answer as JSON (`null` when the answer is empty).
+    pub(crate) async fn put<T: DeserializeOwned>(
+        &self,
+        url: Url,
+        body: &Value,
+    ) -> Result<T, ClientError> {
+        self.call(Method::PUT, url, Some(body)).await
     }
 
     /// POST a file as the raw body (streamed, no overall time limit), answer as JSON.
@@ -253,7 +355,7 @@ impl ApiClient {
         }
         if status == StatusCode::UNAUTHORIZED {
             return Err(ClientError::Unauthorized {
-                key_given: self.key.is_some(),
+                key: self.key_source.clone(),
             });
         }
         let text = resp.text().await.unwrap_or_default();
@@ -271,7 +373,7 @@ impl ApiClient {
         Err(ClientError::Api {
             status,
             path: url.path().to_string(),
-            message,
+            message: cell(&message).into_owned(),
         })
     }
 
@@ -300,6 +402,18 @@ pub(crate) fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
         Some(i) => text[..i].to_lowercase(),
         None => text,
     }
+}
+
+/// `--space` as given, trimmed; refused when no URL path could carry it.
+fn check_space(space: &str) -> anyhow::Result<String> {
+    let s = space.trim();
+    if s.is_empty() {
+        anyhow::bail!("--space (or OCTOPUS_SPACE) is empty; give a space's name or id (Spaces-N), or leave it out for the Default space");
+    }
+    if s == "." || s == ".." {
+        anyhow::bail!("--space '{s}': a web address cannot carry this name; give the space's id instead (Spaces-N, from `octopus space list`)");
+    }
+    Ok(s.to_string())
 }
 
 /// `--server` as a base URL: `http://HOST:PORT/` (a missing scheme means http;
@@ -351,29 +465,91 @@ mod tests {
             "http://h:8080/api",
             "h:8080",
         ] {
-            let c = ApiClient::new(server, None).unwrap();
+            let c = ApiClient::new(server, None, "Default").unwrap();
             assert_eq!(c.base(), "http://h:8080");
             assert_eq!(
-                c.url(&["environments", "Prod East/1"], &[]).as_str(),
-                "http://h:8080/api/environments/Prod%20East%2F1"
+                c.space_url(&["environments", "Prod East/1"], &[]).as_str(),
+                "http://h:8080/api/spaces/Default/environments/Prod%20East%2F1"
+            );
+            assert_eq!(
+                c.system_url(&["users", "me"], &[]).as_str(),
+                "http://h:8080/api/users/me"
             );
         }
-        let c = ApiClient::new("http://h:8080/octopus/", None).unwrap();
+        let c = ApiClient::new("http://h:8080/octopus/", None, "Spaces-2").unwrap();
         assert_eq!(
-            c.url(
+            c.space_url(
                 &["machines"],
                 &[("environment", Some("A B".into())), ("role", None)]
             )
             .as_str(),
-            "http://h:8080/octopus/api/machines?environment=A+B"
+            "http://h:8080/octopus/api/spaces/Spaces-2/machines?environment=A+B"
+        );
+        assert_eq!(
+            c.system_url(&["api-keys"], &[("all", Some("true".into()))])
+                .as_str(),
+            "http://h:8080/octopus/api/api-keys?all=true"
         );
     }
 
     #[test]
+    fn the_space_is_one_encoded_path_segment() {
+        for (space, segment) in [
+            ("Default", "Default"),
+            ("  Team A  ", "Team%20A"),
+            ("Ops/Prod", "Ops%2FProd"),
+            ("a/../b", "a%2F..%2Fb"),
+            ("100%", "100%25"),
+            ("%2F", "%252F"),
+            ("Zürich", "Z%C3%BCrich"),
+            ("東京", "%E6%9D%B1%E4%BA%AC"),
+            ("a?b#c", "a%3Fb%23c"),
+            ("...", "..."),
+        ] {
+            let c = ApiClient::new("http://h:8080", None, space).unwrap();
+            assert_eq!(
+                c.space_url(&["teams", "x y"], &[]).as_str(),
+                format!("http://h:8080/api/spaces/{segment}/teams/x%20y"),
+                "{space:?}"
+            );
+            assert_eq!(c.space(), space.trim());
+            // System routes ignore the space.
+            assert_eq!(
+                c.system_url(&["spaces"], &[]).as_str(),
+                "http://h:8080/api/spaces"
+            );
+        }
+        for bad in ["", "  ", ".", ".."] {
+            let e = ApiClient::new("http://h:8080", None, bad).unwrap_err();
+            assert!(e.to_string().contains("--space"), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn session_keys_are_named_when_refused() {
+        let mut c = ApiClient::new("http://h:8080", None, "Default").unwrap();
+        assert!(!c.has_key());
+        assert_eq!(c.key_source(), &KeySource::None);
+        c.use_session("k1", "alice");
+        assert!(c.has_key());
+        let e = ClientError::Unauthorized {
+            key: c.key_source().clone(),
+        };
+        assert!(
+            e.to_string().contains("octopus login --username alice"),
+            "{e}"
+        );
+        let anon = c.without_key();
+        assert!(!anon.has_key());
+        let given = ApiClient::new("http://h:8080", Some(" k ".into()), "Default").unwrap();
+        assert_eq!(given.key_source(), &KeySource::Given);
+    }
+
+    #[test]
     fn bad_servers_are_named() {
-        let e = ApiClient::new("https://h:8080", None).unwrap_err();
+        let e = ApiClient::new("https://h:8080", None, "Default").unwrap_err();
         assert!(e.to_string().contains("http:// only"), "{e}");
-        let e = ApiClient::new("ftp://h", None).unwrap_err();
+        let e = ApiClient::new("ftp://h", None, "Default").unwrap_err();
         assert!(e.to_string().contains("'ftp' is not http"), "{e}");
     }
 }

@@ -1,10 +1,29 @@
-//! The client commands of `octopus` (`environment`, `machine`, `api-key`, `user`,
-//! `health-check`, `run-script`, `task`): calls to a running server's REST API.
+//! The client commands of `octopus`: calls to a running server's REST API.
 //!
-//! - [`http`]: [`ApiClient`], the one HTTP client, and its typed errors.
+//! - In a space (`--space NAME`, `OCTOPUS_SPACE`, default `Default`):
+//!   `environment`, `machine`, `health-check`, `run-script`, `package`,
+//!   `deploy`, `calamari`, `task`, `team`, `audit`.
+//! - The server's own: `space`, `user`, `role`, `api-key`, `login`, `logout`,
+//!   `whoami`.
+//!
+//! Modules:
+//! - [`http`]: [`ApiClient`], the one HTTP client, its typed errors, and the
+//!   one place API paths are built (`space_url` for routes of the `--space`
+//!   space, `/api/spaces/{space}/...`; `system_url` for the server's own).
 //! - [`follow`]: following a task's log stream until it ends, reconnecting.
 //! - [`sse`]: the `text/event-stream` parser.
-//! - [`output`]: tables, label/value blocks, times.
+//! - [`output`]: tables, label/value blocks, times, and escaping: nothing the
+//!   server sends reaches the terminal with its control characters.
+//! - [`deploy`]: packages, deployments, variables (`NAME=VALUE`, sensitive ones
+//!   from the environment).
+//! - [`security`]: spaces, users, teams, roles, the audit log, logging in.
+//! - [`session`]: the sessions file of `octopus login`
+//!   (`$XDG_CONFIG_HOME/octopus/sessions.json`, private, written atomically).
+//! - [`prompt`]: passwords from the terminal without echo, or from stdin.
+//! - [`when`]: `--since` times (RFC 3339, dates, ages such as `2h`).
+//!
+//! The API key of a call is `--api-key` or `OCTOPUS_API_KEY` when given, else
+//! the session key `octopus login` stored for the `--server`.
 //!
 //! Every command prints a table (or label/value lines) by default, or the
 //! server's JSON with `--output json`. Errors are one line on stderr, `error: `
@@ -17,7 +36,11 @@ mod deploy;
 mod follow;
 mod http;
 mod output;
+mod prompt;
+mod security;
+mod session;
 mod sse;
+mod when;
 
 use std::collections::HashSet;
 use std::io::Read;
@@ -27,14 +50,18 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{ArgGroup, Subcommand, ValueEnum};
 use octo_api_types::{ApiKey, Environment, Machine, Task, TaskLogLine, TaskState, TaskStep, User};
+
+pub use self::security::{
+    AuditCommand, LoginArgs, RoleCommand, SpaceCommand, TeamCommand, UserCommand, UserCreateArgs,
+};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use self::follow::{follow, print_line, Names};
 use self::http::{ApiClient, ClientError};
 use self::output::{
-    duration, fields, list, or_dash, out, out_json, out_json_line, table, time, time_opt,
+    duration, fields, list, note, or_dash, out, out_json, out_json_line, table, time, time_opt,
 };
 
 /// Exit code of `run-script`, `health-check` and `task log --follow` when the
@@ -67,8 +94,20 @@ pub struct ClientOpts {
         help_heading = "Client options"
     )]
     pub server: String,
-    /// API key to call the server with (client commands). The first admin key is
-    /// in DATA/admin-api-key; make more with `octopus api-key create`.
+    /// The space to work in (client commands): its name or id (Spaces-N).
+    /// Spaces, users, roles and API keys are the server's, in no space.
+    #[arg(
+        long,
+        global = true,
+        env = "OCTOPUS_SPACE",
+        default_value = "Default",
+        value_name = "NAME",
+        help_heading = "Client options"
+    )]
+    pub space: String,
+    /// API key to call the server with (client commands; default: the session of
+    /// `octopus login` for this server). The first admin key is in
+    /// DATA/admin-api-key; make more with `octopus api-key create`.
     #[arg(
         long,
         alias = "apiKey",
@@ -107,18 +146,59 @@ pub enum ClientCommand {
         after_help = "Examples:\n  octopus machine add-listening --name web01 --url https://web01:10933 --thumbprint 9F3C... --environment Production --role web\n  octopus machine list --environment Production --role web"
     )]
     Machine(MachineCommand),
-    /// Create, list and revoke API keys (of the caller; admins see everyone's).
+    /// Create, list and revoke API keys (the caller's; `list --all` shows everyone's).
     #[command(
         subcommand,
-        after_help = "Examples:\n  octopus api-key create --purpose \"CI pipeline\"\n  octopus api-key revoke 3"
+        after_help = "Examples:\n  octopus api-key create --purpose \"CI pipeline\"\n  octopus api-key list --all\n  octopus api-key revoke 3"
     )]
     ApiKey(ApiKeyCommand),
-    /// Manage users (administrators only).
+    /// List, show, create and delete spaces (each holds its own environments,
+    /// machines, packages, tasks, teams and audit log).
     #[command(
         subcommand,
-        after_help = "Example:\n  printf '%s\\n' \"$PASSWORD\" | octopus user create --username alice --password-stdin --admin"
+        after_help = "Examples:\n  octopus space create Platform --description \"Platform team's servers\"\n  octopus space list\n  octopus --space Platform machine list"
+    )]
+    Space(SpaceCommand),
+    /// Manage users: create, list, disable, enable, set passwords.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  printf '%s\\n' \"$PASSWORD\" | octopus user create --username alice --password-stdin --admin\n  octopus user list\n  octopus user disable alice\n  octopus user set-password"
     )]
     User(UserCommand),
+    /// Teams of the space: their members, and the roles they are granted.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  octopus team create Deployers\n  octopus team add-member Deployers alice\n  octopus team grant Deployers --role \"Deployment creator\" --environment Test\n  octopus team show Deployers"
+    )]
+    Team(TeamCommand),
+    /// Roles: named sets of permissions that teams are granted.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  octopus role list\n  octopus role show \"Deployment creator\"\n  octopus role create \"Script runner\" --permission TaskView --permission TaskCreate"
+    )]
+    Role(RoleCommand),
+    /// The space's audit log: who changed what, when, from where.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  octopus audit list --since 2h\n  octopus audit list --user alice --since 2026-12-01"
+    )]
+    Audit(AuditCommand),
+    /// Log in with a username and password; later commands to this server use the session.
+    #[command(
+        after_help = "Examples:\n  octopus login --username alice              # asks for the password, without echo\n  printf '%s\\n' \"$PASSWORD\" | octopus login --username alice --password-stdin\n\n\
+The session key is kept for this --server in $XDG_CONFIG_HOME/octopus/sessions.json\n\
+(~/.config/octopus/ by default), readable by you only. Commands use it when neither\n\
+--api-key nor OCTOPUS_API_KEY is given, until it expires or `octopus logout`."
+    )]
+    Login(LoginArgs),
+    /// End the session of `octopus login` for this server: revoke its key and forget it.
+    #[command(
+        after_help = "Examples:\n  octopus logout\n  octopus logout --server http://octopus.example:8080"
+    )]
+    Logout,
+    /// Show who the server takes you for, and what you may do in the space.
+    #[command(after_help = "Examples:\n  octopus whoami\n  octopus --space Platform whoami")]
+    Whoami,
     /// Check machines' health now, wait for the result and show it.
     #[command(
         after_help = "Examples:\n  octopus health-check --environment Production\n  octopus health-check --machine web01 --machine web02 --no-wait\n\n\
@@ -274,45 +354,20 @@ pub enum ApiKeyCommand {
         purpose: String,
     },
     /// List API keys (only their first characters; the server keeps no more).
-    #[command(after_help = "Example:\n  octopus api-key list")]
-    List,
+    #[command(
+        after_help = "Examples:\n  octopus api-key list\n  octopus api-key list --all   # everyone's (needs ApiKeyEdit)"
+    )]
+    List {
+        /// Everyone's keys, not only yours (needs the ApiKeyEdit permission).
+        #[arg(long)]
+        all: bool,
+    },
     /// Revoke an API key: it stops working at once.
     #[command(after_help = "Example:\n  octopus api-key revoke 3")]
     Revoke {
         /// The key's id, from `octopus api-key list`.
         id: i64,
     },
-}
-
-/// `octopus user ...`
-#[derive(Debug, Subcommand)]
-pub enum UserCommand {
-    /// Create a user. Without a password the user can only use API keys.
-    #[command(
-        after_help = "Example:\n  printf '%s\\n' \"$PASSWORD\" | octopus user create --username alice --password-stdin --display-name \"Alice Smith\""
-    )]
-    Create(UserCreateArgs),
-}
-
-/// Options of `user create`.
-#[derive(Debug, clap::Args)]
-pub struct UserCreateArgs {
-    /// The login name.
-    #[arg(long)]
-    username: String,
-    /// The password (at least 8 characters). Visible to other local users in the
-    /// process list: prefer --password-stdin.
-    #[arg(long, conflicts_with = "password_stdin")]
-    password: Option<String>,
-    /// Read the password from the first line of standard input.
-    #[arg(long)]
-    password_stdin: bool,
-    /// The name shown to people (default: the username).
-    #[arg(long)]
-    display_name: Option<String>,
-    /// Make the user an administrator.
-    #[arg(long)]
-    admin: bool,
 }
 
 /// Options of `health-check`.
@@ -385,6 +440,14 @@ pub struct RunScriptArgs {
     /// Only the environment's machines of this tenant.
     #[arg(long, requires = "environment", conflicts_with = "machines")]
     tenant: Option<String>,
+    /// An environment variable of the script, NAME=VALUE (repeatable).
+    #[arg(long = "variable", short = 'v', value_name = "NAME=VALUE")]
+    variables: Vec<String>,
+    /// A secret variable (repeatable): NAME=VALUE, or NAME alone to take the value
+    /// from this command's environment variable NAME, which keeps it out of the
+    /// process list (`ps`). Its value is never shown and is masked in the log.
+    #[arg(long = "sensitive-variable", value_name = "NAME[=VALUE]")]
+    sensitive_variables: Vec<String>,
     /// Print the task's id and return at once instead of following its output.
     #[arg(long)]
     no_wait: bool,
@@ -457,7 +520,11 @@ pub(crate) type TaskDetail = octo_api_types::TaskView;
 
 /// Runs a client command.
 pub async fn run(opts: ClientOpts, command: ClientCommand) -> anyhow::Result<ExitCode> {
-    let client = ApiClient::new(&opts.server, opts.api_key)?;
+    let mut client = ApiClient::new(&opts.server, opts.api_key, &opts.space)?;
+    // Logging in and out use the sessions file their own way.
+    if !client.has_key() && !matches!(command, ClientCommand::Login(_) | ClientCommand::Logout) {
+        use_stored_session(&mut client);
+    }
     let cx = Cx {
         client,
         output: opts.output,
@@ -466,13 +533,39 @@ pub async fn run(opts: ClientOpts, command: ClientCommand) -> anyhow::Result<Exi
         ClientCommand::Environment(c) => cx.environment(c).await,
         ClientCommand::Machine(c) => cx.machine(c).await,
         ClientCommand::ApiKey(c) => cx.api_key(c).await,
-        ClientCommand::User(UserCommand::Create(a)) => cx.user_create(a).await,
+        ClientCommand::Space(c) => cx.space(c).await,
+        ClientCommand::User(c) => cx.user(c).await,
+        ClientCommand::Team(c) => cx.team(c).await,
+        ClientCommand::Role(c) => cx.role(c).await,
+        ClientCommand::Audit(c) => cx.audit(c).await,
+        ClientCommand::Login(a) => cx.login(a).await,
+        ClientCommand::Logout => cx.logout().await,
+        ClientCommand::Whoami => cx.whoami().await,
         ClientCommand::HealthCheck(a) => cx.health_check(a).await,
         ClientCommand::RunScript(a) => cx.run_script(a).await,
         ClientCommand::Task(c) => cx.task(c).await,
         ClientCommand::Package(c) => cx.package(c).await,
         ClientCommand::Deploy(a) => cx.deploy(a).await,
         ClientCommand::Calamari(c) => cx.calamari(c).await,
+    }
+}
+
+/// Calls with the session key `octopus login` stored for the client's server,
+/// if any. A sessions file that cannot be read is reported and left alone.
+fn use_stored_session(client: &mut ApiClient) {
+    let Ok(path) = session::default_path() else {
+        return;
+    };
+    match session::load(&path) {
+        Ok(sessions) => {
+            if let Some(s) = sessions.sessions.get(&client.base()) {
+                if let Some(w) = session::loose_permissions(&path) {
+                    note(&w);
+                }
+                client.use_session(&s.api_key, &s.username);
+            }
+        }
+        Err(e) => note(&format!("warning: ignoring the sessions file: {e:#}")),
     }
 }
 
@@ -485,8 +578,13 @@ struct Cx {
 
 /// Decodes a successful answer into the type a table needs.
 fn decode<T: DeserializeOwned>(v: Value, what: &str) -> anyhow::Result<T> {
-    serde_json::from_value(v)
-        .with_context(|| format!("unexpected answer from the server for {what} (is it another version than this client?)"))
+    // The error may quote the server's text: escaped like everything else from it.
+    serde_json::from_value(v).map_err(|e| {
+        anyhow::anyhow!(
+            "unexpected answer from the server for {what} (is it another version than this client?): {}",
+            output::cell(&e.to_string())
+        )
+    })
 }
 
 /// Prints a message for people in table mode; nothing in JSON mode.
@@ -502,7 +600,7 @@ impl Cx {
         match c {
             EnvironmentCommand::List => {
                 let v: Value = c_
-                    .get(c_.url(&["environments"], &[]))
+                    .get(c_.space_url(&["environments"], &[]))
                     .await
                     .context("listing environments")?;
                 if self.output == Output::Json {
@@ -523,7 +621,7 @@ impl Cx {
             EnvironmentCommand::Create { name, description } => {
                 let body = json!({ "name": name, "description": description.unwrap_or_default() });
                 let v: Value = c_
-                    .post(c_.url(&["environments"], &[]), &body)
+                    .post(c_.space_url(&["environments"], &[]), &body)
                     .await
                     .with_context(|| format!("creating environment '{name}'"))?;
                 match self.output {
@@ -535,7 +633,7 @@ impl Cx {
                 }
             }
             EnvironmentCommand::Delete { name } => {
-                c_.delete(c_.url(&["environments", &name], &[]))
+                c_.delete(c_.space_url(&["environments", &name], &[]))
                     .await
                     .with_context(|| format!("deleting environment '{name}'"))?;
                 say(self.output, &format!("Deleted environment '{name}'."));
@@ -552,7 +650,7 @@ impl Cx {
                 role,
                 tenant,
             } => {
-                let url = c_.url(
+                let url = c_.space_url(
                     &["machines"],
                     &[
                         ("environment", environment),
@@ -590,7 +688,7 @@ impl Cx {
             }
             MachineCommand::Show { name } => {
                 let v: Value = c_
-                    .get(c_.url(&["machines", &name], &[]))
+                    .get(c_.space_url(&["machines", &name], &[]))
                     .await
                     .with_context(|| format!("reading machine '{name}'"))?;
                 match self.output {
@@ -599,7 +697,7 @@ impl Cx {
                 }
             }
             MachineCommand::Delete { name } => {
-                c_.delete(c_.url(&["machines", &name], &[]))
+                c_.delete(c_.space_url(&["machines", &name], &[]))
                     .await
                     .with_context(|| format!("deleting machine '{name}'"))?;
                 say(
@@ -630,7 +728,7 @@ impl Cx {
                     body["force"] = json!(true);
                 }
                 let v: Value = c_
-                    .post(c_.url(&["machines"], &[]), &body)
+                    .post(c_.space_url(&["machines"], &[]), &body)
                     .await
                     .with_context(|| format!("adding machine '{}'", a.name))?;
                 match self.output {
@@ -657,7 +755,10 @@ impl Cx {
         match c {
             ApiKeyCommand::Create { purpose } => {
                 let v: Value = c_
-                    .post(c_.url(&["api-keys"], &[]), &json!({ "purpose": purpose }))
+                    .post(
+                        c_.system_url(&["api-keys"], &[]),
+                        &json!({ "purpose": purpose }),
+                    )
                     .await
                     .context("creating an API key")?;
                 #[derive(Deserialize)]
@@ -671,31 +772,50 @@ impl Cx {
                         let created: Created = decode(v, "the new API key")?;
                         // The key alone on stdout, so `$(octopus api-key create ...)` captures it.
                         out(&created.api_key);
-                        eprintln!(
+                        note(&format!(
                             "Created API key {} ({}). It is shown only now: store it somewhere safe; the server keeps only its hash.",
                             created.key.id, created.key.purpose
-                        );
+                        ));
                     }
                 }
             }
-            ApiKeyCommand::List => {
+            ApiKeyCommand::List { all } => {
                 let v: Value = c_
-                    .get(c_.url(&["api-keys"], &[]))
+                    .get(c_.system_url(&["api-keys"], &[("all", all.then(|| "true".to_string()))]))
                     .await
-                    .context("listing API keys")?;
+                    .context(if all {
+                        "listing everyone's API keys"
+                    } else {
+                        "listing API keys"
+                    })?;
                 if self.output == Output::Json {
                     out_json(&v);
                     return Ok(ExitCode::SUCCESS);
                 }
                 let keys: Vec<ApiKey> = decode(v, "the API keys")?;
+                // Everyone's keys: their owners by name when the caller may see users.
+                let names: std::collections::HashMap<i64, String> = if all {
+                    match c_.get::<Value>(c_.system_url(&["users"], &[])).await {
+                        Ok(v) => serde_json::from_value::<Vec<User>>(v)
+                            .map(|us| us.into_iter().map(|u| (u.id, u.username)).collect())
+                            .unwrap_or_default(),
+                        Err(_) => Default::default(),
+                    }
+                } else {
+                    Default::default()
+                };
                 let rows: Vec<_> = keys
                     .iter()
                     .map(|k| {
                         vec![
                             k.id.to_string(),
                             format!("{}...", k.prefix),
-                            k.user_id.to_string(),
+                            names
+                                .get(&k.user_id)
+                                .cloned()
+                                .unwrap_or_else(|| k.user_id.to_string()),
                             if k.revoked { "revoked" } else { "active" }.into(),
+                            if k.session { "session" } else { "api key" }.into(),
                             time(k.created_at),
                             time_opt(k.last_used_at),
                             k.purpose.clone(),
@@ -706,8 +826,9 @@ impl Cx {
                     &[
                         "ID",
                         "KEY",
-                        "USER ID",
+                        if all { "USER" } else { "USER ID" },
                         "STATE",
+                        "KIND",
                         "CREATED (UTC)",
                         "LAST USED (UTC)",
                         "PURPOSE",
@@ -716,57 +837,13 @@ impl Cx {
                 ));
             }
             ApiKeyCommand::Revoke { id } => {
-                c_.delete(c_.url(&["api-keys", &id.to_string()], &[]))
+                c_.delete(c_.system_url(&["api-keys", &id.to_string()], &[]))
                     .await
                     .with_context(|| format!("revoking API key {id}"))?;
                 say(
                     self.output,
                     &format!("Revoked API key {id}; it no longer works."),
                 );
-            }
-        }
-        Ok(ExitCode::SUCCESS)
-    }
-
-    async fn user_create(&self, a: UserCreateArgs) -> anyhow::Result<ExitCode> {
-        let password = if a.password_stdin {
-            let mut text = String::new();
-            std::io::stdin()
-                .read_line(&mut text)
-                .context("reading the password from standard input")?;
-            let first = text.trim_end_matches(['\n', '\r']).to_string();
-            if first.is_empty() {
-                anyhow::bail!("--password-stdin: standard input held no password; pipe it in, e.g. `printf '%s\\n' \"$PASSWORD\" | octopus user create ...`");
-            }
-            Some(first)
-        } else {
-            a.password
-        };
-        let mut body = Map::new();
-        body.insert("username".into(), json!(a.username));
-        if let Some(p) = password {
-            body.insert("password".into(), json!(p));
-        }
-        if let Some(d) = &a.display_name {
-            body.insert("display_name".into(), json!(d));
-        }
-        body.insert("is_admin".into(), json!(a.admin));
-        let c_ = &self.client;
-        let v: Value = c_
-            .post(c_.url(&["users"], &[]), &Value::Object(body))
-            .await
-            .with_context(|| format!("creating user '{}'", a.username))?;
-        match self.output {
-            Output::Json => out_json(&v),
-            Output::Table => {
-                let u: User = decode(v, "the new user")?;
-                out(&format!(
-                    "Created {} '{}' ({}, id {}).",
-                    if u.is_admin { "administrator" } else { "user" },
-                    u.username,
-                    u.display_name,
-                    u.id
-                ));
             }
         }
         Ok(ExitCode::SUCCESS)
@@ -779,7 +856,7 @@ impl Cx {
             body["environment"] = json!(e);
         }
         let v: Value = c_
-            .post(c_.url(&["tasks", "health"], &[]), &body)
+            .post(c_.space_url(&["tasks", "health"], &[]), &body)
             .await
             .context("starting a health check")?;
         let Some(detail) = self.started(v, a.no_wait, "health check")? else {
@@ -795,7 +872,7 @@ impl Cx {
             .map(|s| s.machine_name.to_lowercase())
             .collect();
         let v: Value = c_
-            .get(c_.url(&["machines"], &[]))
+            .get(c_.space_url(&["machines"], &[]))
             .await
             .context("reading the machines after the health check")?;
         let machines: Vec<Machine> = decode::<Vec<Machine>>(v, "the machines")?
@@ -870,9 +947,22 @@ impl Cx {
                 body[k] = json!(v);
             }
         }
+        let (variables, sensitive) = deploy::variables_from_args(
+            std::collections::BTreeMap::new(),
+            &a.variables,
+            &a.sensitive_variables,
+            |name| std::env::var_os(name),
+        )?;
+        // Sent only when given, so that older servers still take the request.
+        if !variables.is_empty() {
+            body["variables"] = json!(variables);
+        }
+        if !sensitive.is_empty() {
+            body["sensitive_variables"] = json!(sensitive);
+        }
         let c_ = &self.client;
         let v: Value = c_
-            .post(c_.url(&["tasks", "script"], &[]), &body)
+            .post(c_.space_url(&["tasks", "script"], &[]), &body)
             .await
             .context("starting the script")?;
         let Some(detail) = self.started(v, a.no_wait, "script")? else {
@@ -901,14 +991,14 @@ impl Cx {
             if self.output == Output::Table {
                 // The id alone on stdout, so `$(octopus run-script ... --no-wait)` captures it.
                 out(id);
-                eprintln!("Started {what} task {id} on {}; follow it with `octopus task log {id} --follow`.", machines.join(", "));
+                note(&format!("Started {what} task {id} on {}; follow it with `octopus task log {id} --follow`.", machines.join(", ")));
             }
             return Ok(None);
         }
-        eprintln!(
+        note(&format!(
             "Started {what} task {id} on {}; Ctrl-C stops following it, not the task.",
             machines.join(", ")
-        );
+        ));
         Ok(Some(detail))
     }
 
@@ -918,7 +1008,7 @@ impl Cx {
         tokio::select! {
             r = follow(&self.client, detail, after, self.output) => r.map(Some),
             _ = tokio::signal::ctrl_c() => {
-                eprintln!("\nStopped following task {id}; it goes on on the server. Cancel it with `octopus task cancel {id}`, or follow it again with `octopus task log {id} --follow`.");
+                note(&format!("\nStopped following task {id}; it goes on on the server. Cancel it with `octopus task cancel {id}`, or follow it again with `octopus task log {id} --follow`."));
                 Ok(None)
             }
         }
@@ -941,7 +1031,7 @@ impl Cx {
         match c {
             TaskCommand::List { limit } => {
                 let v: Value = c_
-                    .get(c_.url(&["tasks"], &[("limit", Some(limit.to_string()))]))
+                    .get(c_.space_url(&["tasks"], &[("limit", Some(limit.to_string()))]))
                     .await
                     .context("listing tasks")?;
                 if self.output == Output::Json {
@@ -998,7 +1088,7 @@ impl Cx {
                 names.learn(&detail.steps);
                 let mut after = 0i64;
                 loop {
-                    let url = c_.url(
+                    let url = c_.space_url(
                         &["tasks", &id, "log"],
                         &[
                             ("after", Some(after.to_string())),
@@ -1035,7 +1125,7 @@ impl Cx {
                 };
                 let v: Value = c_
                     .post(
-                        c_.url(&["tasks", &id, "guidance"], &[]),
+                        c_.space_url(&["tasks", &id, "guidance"], &[]),
                         &json!({ "machine": machine, "action": action }),
                     )
                     .await
@@ -1050,7 +1140,7 @@ impl Cx {
             }
             TaskCommand::Cancel { id } => {
                 let v: Value = c_
-                    .post(c_.url(&["tasks", &id, "cancel"], &[]), &json!({}))
+                    .post(c_.space_url(&["tasks", &id, "cancel"], &[]), &json!({}))
                     .await
                     .with_context(|| format!("canceling task {id}"))?;
                 match self.output {
@@ -1070,7 +1160,7 @@ impl Cx {
 
     async fn get_task(&self, id: &str) -> anyhow::Result<Value> {
         let c_ = &self.client;
-        c_.get(c_.url(&["tasks", id], &[])).await.map_err(|e| {
+        c_.get(c_.space_url(&["tasks", id], &[])).await.map_err(|e| {
             let hint = if e.status() == Some(reqwest::StatusCode::NOT_FOUND)
                 && !matches!(&e, ClientError::Api { message, .. } if message.starts_with("no such API route"))
             {
@@ -1121,18 +1211,22 @@ fn task_exit(task: &Task) -> ExitCode {
     match task.state {
         TaskState::Success => ExitCode::SUCCESS,
         TaskState::Canceled => {
-            eprintln!("error: task {id} was canceled");
+            note(&format!("error: task {id} was canceled"));
             ExitCode::from(EXIT_CANCELED)
         }
         TaskState::Failed => {
             match &task.error {
-                Some(e) if !e.trim().is_empty() => eprintln!("error: task {id} failed: {e}"),
-                _ => eprintln!("error: task {id} failed; see `octopus task show {id}`"),
+                Some(e) if !e.trim().is_empty() => {
+                    eprintln!("error: task {id} failed: {}", output::cell(e));
+                }
+                _ => note(&format!(
+                    "error: task {id} failed; see `octopus task show {id}`"
+                )),
             }
             ExitCode::FAILURE
         }
         state @ (TaskState::Queued | TaskState::Executing) => {
-            eprintln!("error: task {id} is still {state:?} although the server said it ended; see `octopus task show {id}`");
+            note(&format!("error: task {id} is still {state:?} although the server said it ended; see `octopus task show {id}`"));
             ExitCode::FAILURE
         }
     }
@@ -1244,5 +1338,144 @@ fn shell_word(s: &str) -> String {
         s.to_string()
     } else {
         format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    /// The client part of `octopus`'s command line, as its binary builds it.
+    #[derive(Debug, Parser)]
+    #[command(name = "octopus")]
+    struct Cli {
+        #[command(subcommand)]
+        command: ClientCommand,
+        #[command(flatten)]
+        client: ClientOpts,
+    }
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("octopus").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_command_line_is_consistent_and_every_command_has_an_example() {
+        let cmd = Cli::command();
+        cmd.clone().debug_assert();
+        fn walk(c: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for sub in c.get_subcommands() {
+                let p = format!("{path} {}", sub.get_name());
+                let help = sub
+                    .get_after_help()
+                    .map(|h| h.to_string())
+                    .unwrap_or_default();
+                if !help.contains("Example") {
+                    missing.push(p.clone());
+                }
+                walk(sub, &p, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&cmd, "octopus", &mut missing);
+        // `calamari` is only a group; its one command has examples.
+        missing.retain(|p| p != "octopus calamari");
+        assert!(missing.is_empty(), "no example: {missing:?}");
+    }
+
+    #[test]
+    fn the_space_option_is_global_with_a_default() {
+        if std::env::var_os("OCTOPUS_SPACE").is_none() {
+            let cli = parse(&["team", "list"]).unwrap();
+            assert_eq!(cli.client.space, "Default");
+        }
+        let cli = parse(&["team", "list", "--space", "Platform Ops"]).unwrap();
+        assert_eq!(cli.client.space, "Platform Ops");
+        let cli = parse(&["--space", "Spaces-2", "machine", "list"]).unwrap();
+        assert_eq!(cli.client.space, "Spaces-2");
+    }
+
+    #[test]
+    fn new_commands_parse() {
+        for args in [
+            &["space", "create", "Platform", "--description", "d"][..],
+            &["space", "list"],
+            &["space", "show", "Platform"],
+            &["space", "delete", "Platform"],
+            &["user", "list"],
+            &["user", "show", "alice"],
+            &["user", "disable", "alice"],
+            &["user", "enable", "alice"],
+            &["user", "set-password"],
+            &["user", "set-password", "bob", "--password-stdin"],
+            &["team", "create", "Ops", "--system"],
+            &["team", "show", "Ops"],
+            &["team", "add-member", "Ops", "alice"],
+            &["team", "remove-member", "Ops", "alice"],
+            &[
+                "team",
+                "grant",
+                "Ops",
+                "--role",
+                "Viewer",
+                "--environment",
+                "Test",
+                "--environment",
+                "Prod",
+                "--tenant",
+                "T",
+            ],
+            &["team", "grant", "Ops", "--role", "Viewer", "--all-spaces"],
+            &["team", "revoke", "Ops", "12"],
+            &["team", "delete", "Ops"],
+            &["role", "list"],
+            &["role", "show", "Viewer"],
+            &[
+                "role",
+                "create",
+                "R",
+                "--permission",
+                "TaskView",
+                "--permission",
+                "TaskCreate,MachineView",
+            ],
+            &["login", "--username", "alice", "--password-stdin"],
+            &["logout"],
+            &["whoami"],
+            &[
+                "audit", "list", "--user", "alice", "--since", "2h", "--limit", "5",
+            ],
+            &["api-key", "list", "--all"],
+            &[
+                "run-script",
+                "--script",
+                "env",
+                "--machine",
+                "m",
+                "--variable",
+                "A=1",
+                "--sensitive-variable",
+                "B",
+            ],
+            &[
+                "deploy",
+                "--package",
+                "P",
+                "--environment",
+                "E",
+                "--sensitive-variable",
+                "S=x",
+            ],
+        ] {
+            parse(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        }
+        // Passwords are not command-line arguments.
+        assert!(parse(&["login", "--username", "a", "--password", "x"]).is_err());
+        assert!(parse(&["user", "set-password", "--password", "x"]).is_err());
+        // A role needs a permission; a grant needs a role.
+        assert!(parse(&["role", "create", "R"]).is_err());
+        assert!(parse(&["team", "grant", "Ops"]).is_err());
     }
 }

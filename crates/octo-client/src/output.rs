@@ -1,13 +1,35 @@
 //! Printing: aligned tables, label/value blocks, times, and a stdout that a closed
 //! pipe (`octopus task log X | head`) ends quietly instead of panicking.
+//!
+//! Terminal safety: text from the server (names, descriptions, log lines, error
+//! messages) is written by people this operator may not trust, so nothing printed
+//! for people carries its control characters to the terminal: [`table`] and
+//! [`fields`] escape every cell ([`cell`]), and [`out`] and [`note`] escape what
+//! is left but line breaks ([`text`]). ESC is shown as `\e`, tab, CR and LF as
+//! `\t`, `\r`, `\n`, other C0 and C1 controls and DEL as `\xNN`, and the
+//! bidirectional overrides (which reorder what is shown) as `\u{NNNN}`. JSON
+//! output stays exact JSON: serde escapes C0 controls, and [`out_json`] writes
+//! DEL and C1 controls as `\u00NN` escapes, which mean the same.
 
+use std::borrow::Cow;
 use std::io::Write;
 
 use serde::Serialize;
 
-/// Writes `text` and a newline to stdout. A closed pipe ends the process
-/// quietly (the reader has all it wanted); other write errors are reported.
+/// Writes `text` and a newline to stdout, control characters but line breaks
+/// and tabs escaped ([`text`]). A closed pipe ends the process quietly (the
+/// reader has all it wanted); other write errors are reported.
 pub(crate) fn out(text: &str) {
+    write_stdout(&self::text(text));
+}
+
+/// A message for people on stderr, escaped as [`out`] escapes.
+pub(crate) fn note(text: &str) {
+    eprintln!("{}", self::text(text));
+}
+
+/// Writes `text` and a newline to stdout as it is (see [`out`]).
+fn write_stdout(text: &str) {
     let mut stdout = std::io::stdout().lock();
     if let Err(e) = writeln!(stdout, "{text}").and_then(|()| stdout.flush()) {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
@@ -20,26 +42,102 @@ pub(crate) fn out(text: &str) {
 
 /// Pretty JSON of `value` on stdout.
 pub(crate) fn out_json<T: Serialize + ?Sized>(value: &T) {
-    out(&serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("\"{e}\"")));
+    write_stdout(&json_safe(
+        serde_json::to_string_pretty(value).unwrap_or_else(|e| json_error(&e)),
+    ));
 }
 
 /// One JSON document per line (for streams of events).
 pub(crate) fn out_json_line<T: Serialize + ?Sized>(value: &T) {
-    out(&serde_json::to_string(value).unwrap_or_else(|e| format!("\"{e}\"")));
+    write_stdout(&json_safe(
+        serde_json::to_string(value).unwrap_or_else(|e| json_error(&e)),
+    ));
+}
+
+fn json_error(e: &serde_json::Error) -> String {
+    serde_json::Value::String(e.to_string()).to_string()
+}
+
+/// JSON text with DEL and the C1 controls (which serde leaves as they are)
+/// written as `\u00NN`. Outside strings JSON has no such characters, so the
+/// document means exactly the same.
+pub(crate) fn json_safe(json: String) -> String {
+    if !json.chars().any(|c| ('\u{7f}'..='\u{9f}').contains(&c)) {
+        return json;
+    }
+    let mut s = String::with_capacity(json.len() + 16);
+    for c in json.chars() {
+        if ('\u{7f}'..='\u{9f}').contains(&c) {
+            s.push_str(&format!("\\u{:04x}", u32::from(c)));
+        } else {
+            s.push(c);
+        }
+    }
+    s
+}
+
+/// Whether `c` must not reach a terminal as it is.
+fn is_unsafe(c: char) -> bool {
+    c.is_control() // C0, DEL, C1
+        || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// `s` with its control characters escaped, but those in `keep`.
+fn escape<'a>(s: &'a str, keep: &[char]) -> Cow<'a, str> {
+    if !s.chars().any(|c| is_unsafe(c) && !keep.contains(&c)) {
+        return Cow::Borrowed(s);
+    }
+    let mut e = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if !is_unsafe(c) || keep.contains(&c) {
+            e.push(c);
+            continue;
+        }
+        match c {
+            '\u{1b}' => e.push_str("\\e"),
+            '\t' => e.push_str("\\t"),
+            '\n' => e.push_str("\\n"),
+            '\r' => e.push_str("\\r"),
+            c if u32::from(c) <= 0xff => e.push_str(&format!("\\x{:02x}", u32::from(c))),
+            c => e.push_str(&format!("\\u{{{:04x}}}", u32::from(c))),
+        }
+    }
+    Cow::Owned(e)
+}
+
+/// A value for one table cell or label: every control character escaped,
+/// line breaks and tabs too.
+pub(crate) fn cell(s: &str) -> Cow<'_, str> {
+    escape(s, &[])
+}
+
+/// One line of output (a log line): control characters escaped, tabs kept.
+pub(crate) fn line(s: &str) -> Cow<'_, str> {
+    escape(s, &['\t'])
+}
+
+/// Text of several lines: control characters escaped, line breaks and tabs kept.
+pub(crate) fn text(s: &str) -> Cow<'_, str> {
+    escape(s, &['\n', '\t'])
 }
 
 /// An aligned table: upper-case headers, columns two spaces apart, the last
-/// column not padded (so long reasons do not push trailing blanks).
+/// column not padded (so long reasons do not push trailing blanks). Cells are
+/// escaped ([`cell`]).
 pub(crate) fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| cell(c).into_owned()).collect())
+        .collect();
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
+    for row in &rows {
         for (i, cell) in row.iter().enumerate() {
             if let Some(w) = widths.get_mut(i) {
                 *w = (*w).max(cell.chars().count());
             }
         }
     }
-    let line = |cells: &mut dyn Iterator<Item = &str>| {
+    let render = |cells: &mut dyn Iterator<Item = &str>| {
         let mut s = String::new();
         for (i, cell) in cells.enumerate() {
             if i > 0 {
@@ -53,14 +151,14 @@ pub(crate) fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
         }
         s.trim_end().to_string()
     };
-    let mut lines = vec![line(&mut headers.iter().copied())];
-    for row in rows {
-        lines.push(line(&mut row.iter().map(String::as_str)));
+    let mut lines = vec![render(&mut headers.iter().copied())];
+    for row in &rows {
+        lines.push(render(&mut row.iter().map(String::as_str)));
     }
     lines.join("\n")
 }
 
-/// `Label:  value` lines with the values aligned.
+/// `Label:  value` lines with the values aligned and escaped ([`cell`]).
 pub(crate) fn fields(pairs: &[(&str, String)]) -> String {
     let width = pairs
         .iter()
@@ -69,7 +167,7 @@ pub(crate) fn fields(pairs: &[(&str, String)]) -> String {
         .unwrap_or(0);
     pairs
         .iter()
-        .map(|(label, value)| format!("{:<width$}  {value}", format!("{label}:")))
+        .map(|(label, value)| format!("{:<width$}  {}", format!("{label}:"), cell(value)))
         .map(|l| l.trim_end().to_string())
         .collect::<Vec<_>>()
         .join("\n")
@@ -142,6 +240,7 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -167,6 +266,44 @@ mod tests {
         assert_eq!(duration(850), "850ms");
         assert_eq!(duration(12_345), "12.3s");
         assert_eq!(duration(245_000), "4m05s");
+    }
+
+    #[test]
+    fn control_characters_never_reach_the_terminal() {
+        // ESC, CSI-style sequences, the C1 CSI, DEL, BEL, CR, LF, tab.
+        let hostile = "web\u{1b}[2J\u{1b}]0;pwned\u{7}\u{9b}31m\u{7f}\r\nx\ty";
+        assert_eq!(cell(hostile), r"web\e[2J\e]0;pwned\x07\x9b31m\x7f\r\nx\ty");
+        assert_eq!(
+            line(hostile),
+            "web\\e[2J\\e]0;pwned\\x07\\x9b31m\\x7f\\r\\nx\ty"
+        );
+        assert_eq!(
+            text(hostile),
+            "web\\e[2J\\e]0;pwned\\x07\\x9b31m\\x7f\\r\nx\ty"
+        );
+        // Bidirectional overrides reorder what is shown.
+        assert_eq!(cell("abc\u{202e}fed"), r"abc\u{202e}fed");
+        // Ordinary text, unicode and backslashes are left alone (and not copied).
+        for ok in ["Production", "Zürich 東京 🐙", r"DOMAIN\user", ""] {
+            assert!(matches!(cell(ok), Cow::Borrowed(_)), "{ok}");
+            assert_eq!(cell(ok), ok);
+        }
+        let t = table(
+            &["NAME", "DESCRIPTION"],
+            &[vec!["a\u{1b}[31m".into(), "two\nlines\tand tab".into()]],
+        );
+        assert_eq!(t, "NAME     DESCRIPTION\na\\e[31m  two\\nlines\\tand tab");
+        assert_eq!(fields(&[("Name", "x\u{1b}y".into())]), "Name:  x\\ey");
+    }
+
+    #[test]
+    fn json_stays_exact_json() {
+        let v = serde_json::json!({ "name": "a\u{1b}b\u{9b}c\u{7f}d\u{e9}" });
+        let safe = json_safe(serde_json::to_string(&v).unwrap());
+        assert!(!safe.chars().any(|c| c.is_control()), "{safe}");
+        let back: serde_json::Value = serde_json::from_str(&safe).unwrap();
+        assert_eq!(back, v);
+        assert_eq!(safe, r#"{"name":"a\u001bb\u009bc\u007fdé"}"#);
     }
 
     #[test]
