@@ -207,7 +207,7 @@ pub(crate) fn variables_from_args(
                     anyhow::bail!("--sensitive-variable: the name is empty; give NAME=VALUE, or NAME alone to take the value from the environment variable NAME");
                 }
                 let value = env(k).ok_or_else(|| {
-                    anyhow::anyhow!("--sensitive-variable {k}: the environment variable {k} is not set; export it first (`export {k}`), or give {k}=VALUE")
+                    anyhow::anyhow!("--sensitive-variable {k}: the environment variable {k} is not set; set it first (e.g. `read -rs {k} && export {k}` reads it without echo), or give {k}=VALUE")
                 })?;
                 let value = value.into_string().map_err(|_| {
                     anyhow::anyhow!(

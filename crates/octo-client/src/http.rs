@@ -82,9 +82,10 @@ impl fmt::Display for ClientError {
                 "the server at {base} did not answer within {}s; check that it is not overloaded (its log says more)",
                 CALL_TIMEOUT.as_secs()
             ),
+            // These two are matched whole by the end-to-end tests.
             Self::Unauthorized { key: KeySource::Given } => write!(
                 f,
-                "the server refused the API key (revoked, or its user disabled?); pass another with --api-key or OCTOPUS_API_KEY, or log in with `octopus login --username NAME`"
+                "the server refused the API key; pass --api-key or set OCTOPUS_API_KEY (the first admin key is in DATA/admin-api-key)"
             ),
             Self::Unauthorized {
                 key: KeySource::Session { username },
@@ -96,7 +97,7 @@ impl fmt::Display for ClientError {
             ),
             Self::Unauthorized { key: KeySource::None } => write!(
                 f,
-                "no API key was given; log in with `octopus login --username NAME`, or pass --api-key or set OCTOPUS_API_KEY (the first admin key is in DATA/admin-api-key)"
+                "no API key was given; pass --api-key or set OCTOPUS_API_KEY (the first admin key is in DATA/admin-api-key)"
             ),
             Self::Api { status, path, message } => {
                 if *status == StatusCode::NOT_FOUND && message.starts_with("no such API route") {
@@ -353,7 +354,9 @@ impl ApiClient {
         if status.is_success() {
             return Ok(resp);
         }
-        if status == StatusCode::UNAUTHORIZED {
+        // 401 is about the key, but for logging in, where it is about the
+        // password: the server's words then.
+        if status == StatusCode::UNAUTHORIZED && !url.path().ends_with("/users/login") {
             return Err(ClientError::Unauthorized {
                 key: self.key_source.clone(),
             });

@@ -100,6 +100,7 @@ pub struct ClientOpts {
         long,
         global = true,
         env = "OCTOPUS_SPACE",
+        hide_env_values = true,
         default_value = "Default",
         value_name = "NAME",
         help_heading = "Client options"
@@ -207,7 +208,10 @@ Exit status: 0 when the health-check task succeeded, 1 when it failed or on an e
     HealthCheck(HealthCheckArgs),
     /// Run a script on machines and print their output as it comes.
     #[command(
-        after_help = "Examples:\n  octopus run-script --script 'uname -a' --environment Production --role web\n  octopus run-script --file deploy.py --machine web01 --machine web02\n  octopus run-script --script 'sleep 600' --environment Test --no-wait\n\n\
+        after_help = "Examples:\n  octopus run-script --script 'uname -a' --environment Production --role web\n  octopus run-script --file deploy.py --machine web01 --machine web02\n  octopus run-script --script 'sleep 600' --environment Test --no-wait\n  read -rs DbPassword && export DbPassword\n  octopus run-script --file migrate.sh --machine db01 --variable Db=orders --sensitive-variable DbPassword\n\n\
+Variables reach the script as environment variables. --sensitive-variable NAME alone takes the\n\
+value from this command's environment variable NAME, so the secret is not in the process list;\n\
+sensitive values are never shown and are masked in the log.\n\n\
 Each output line is prefixed with its machine's name, `[web01] hello`; lines the script wrote\n\
 to stderr are marked `[web01]! oops`; the server's own lines are `[server] ...`. With --output\n\
 json each line is a JSON log line and the last line is the final task and steps.\n\n\
@@ -223,7 +227,10 @@ Exit status: 0 when the task succeeded on every machine, 1 when it failed or on 
     Package(deploy::PackageCommand),
     /// Deploy a package to the machines of an environment and follow it live.
     #[command(
-        after_help = "Examples:\n  octopus deploy --package Acme.Web --environment Production --role web\n  octopus deploy --package Acme.Web --version 1.2.3 --environment Test --variable Greeting=Hello --variables-file vars.json\n\n\
+        after_help = "Examples:\n  octopus deploy --package Acme.Web --environment Production --role web\n  octopus deploy --package Acme.Web --version 1.2.3 --environment Test --variable Greeting=Hello --variables-file vars.json\n  DbPassword=$(cat /run/secrets/db) octopus deploy --package Acme.Web --environment Production --sensitive-variable DbPassword\n\n\
+--sensitive-variable NAME alone takes the value from this command's environment variable NAME,\n\
+so the secret is not in the process list; sensitive values are never shown and are masked in\n\
+the log.\n\n\
 Each machine gets the deployment tool (pushed when missing or outdated) and the package\n\
 (\"found in cache\" when it has it), then extracts it, substitutes variables and runs the\n\
 package's PreDeploy/Deploy/PostDeploy scripts. Output as for run-script.\n\n\

@@ -53,13 +53,33 @@ impl Passwords {
         what: &str,
         usage: &str,
     ) -> anyhow::Result<Result<String, Interrupted>> {
+        self.read_inner(prompt, what, usage, false).await
+    }
+
+    /// As [`Self::read`], but an empty password (an empty line) is an answer.
+    pub(crate) async fn read_maybe_empty(
+        &mut self,
+        prompt: &str,
+        what: &str,
+        usage: &str,
+    ) -> anyhow::Result<Result<String, Interrupted>> {
+        self.read_inner(prompt, what, usage, true).await
+    }
+
+    async fn read_inner(
+        &mut self,
+        prompt: &str,
+        what: &str,
+        usage: &str,
+        allow_empty: bool,
+    ) -> anyhow::Result<Result<String, Interrupted>> {
         match self {
             Self::Terminal => {
                 let Some(p) = read_hidden(prompt).await? else {
                     return Ok(Err(Interrupted::CtrlC));
                 };
-                if p.is_empty() {
-                    anyhow::bail!("{what} is empty; nothing was changed");
+                if p.is_empty() && !allow_empty {
+                    anyhow::bail!("{what} is empty");
                 }
                 Ok(Ok(p))
             }
@@ -67,25 +87,38 @@ impl Passwords {
                 *line += 1;
                 let n = *line;
                 let mut stdin = std::io::stdin().lock();
-                Ok(Ok(next_line(&mut stdin, n, what, usage)?))
+                Ok(Ok(read_line(&mut stdin, n, what, usage, allow_empty)?))
             }
         }
     }
 }
 
-/// Line `n` (counting from 1) of `input`, without its line end: `what`.
+/// Line `n` (counting from 1) of `input`, without its line end: `what`,
+/// which must not be empty.
 pub(crate) fn next_line(
     input: &mut impl BufRead,
     n: usize,
     what: &str,
     usage: &str,
 ) -> anyhow::Result<String> {
+    read_line(input, n, what, usage, false)
+}
+
+/// Line `n` of `input`; an empty line is an error unless `allow_empty`, the
+/// end of input always is.
+fn read_line(
+    input: &mut impl BufRead,
+    n: usize,
+    what: &str,
+    usage: &str,
+    allow_empty: bool,
+) -> anyhow::Result<String> {
     let mut text = String::new();
     input
         .read_line(&mut text)
         .with_context(|| format!("reading {what} from standard input"))?;
     let got = text.trim_end_matches(['\n', '\r']);
-    if got.is_empty() {
+    if text.is_empty() || (got.is_empty() && !allow_empty) {
         let where_ = if text.is_empty() {
             "ended before"
         } else {
@@ -203,5 +236,11 @@ mod tests {
         // The last line need not end with a line break.
         let mut input = std::io::Cursor::new("last");
         assert_eq!(next_line(&mut input, 1, "it", USAGE).unwrap(), "last");
+        // Where an empty answer means "none", an empty line is one; the end of
+        // input is still not.
+        let mut input = std::io::Cursor::new("\r\nnew\n");
+        assert_eq!(read_line(&mut input, 1, "it", USAGE, true).unwrap(), "");
+        assert_eq!(read_line(&mut input, 2, "it", USAGE, true).unwrap(), "new");
+        assert!(read_line(&mut input, 3, "it", USAGE, true).is_err());
     }
 }

@@ -89,7 +89,8 @@ pub enum UserCommand {
         after_help = "Examples:\n  octopus user set-password                # yours: asks for the current and the new one\n  printf '%s\\n%s\\n' \"$OLD\" \"$NEW\" | octopus user set-password --password-stdin\n  printf '%s\\n' \"$NEW\" | octopus user set-password bob --password-stdin\n\n\
 On a terminal the passwords are asked for without echo (the new one twice). Otherwise, or\n\
 with --password-stdin, they are read from standard input: for your own password the current\n\
-one on the first line and the new one on the second; for another user's, the new one only."
+one on the first line (empty if you have none yet) and the new one on the second; for another\n\
+user's, the new one only."
     )]
     SetPassword {
         /// Whose password to set (default: yours, which needs the current one).
@@ -642,10 +643,14 @@ impl Cx {
                         .context("finding out who you are")?,
                     "who you are",
                 )?;
-                let usage = "give the current password on the first line of standard input and the new one on the second";
+                let usage = "give the current password on the first line of standard input (an empty line if you have none) and the new one on the second";
+                // Empty: the user has none yet (API keys only), and sets a first one.
                 let current = match pw
-                    .read(
-                        &format!("Current password of {}: ", me.user.username),
+                    .read_maybe_empty(
+                        &format!(
+                            "Current password of {} (Enter if you have none): ",
+                            me.user.username
+                        ),
                         "the current password",
                         usage,
                     )
@@ -658,7 +663,7 @@ impl Cx {
             }
         };
         let usage = if current.is_some() {
-            "give the current password on the first line of standard input and the new one on the second"
+            "give the current password on the first line of standard input (an empty line if you have none) and the new one on the second"
         } else {
             "give the new password on the first line of standard input"
         };
@@ -684,7 +689,7 @@ impl Cx {
             }
         }
         let mut body = json!({ "password": new });
-        if let Some(c) = current.as_ref() {
+        if let Some(c) = current.as_ref().filter(|c| !c.is_empty()) {
             body["current_password"] = json!(c);
         }
         let own = current.is_some();
@@ -1033,8 +1038,7 @@ impl Cx {
         let heading = if in_space {
             format!("Permissions in space '{space}'")
         } else {
-            "Permissions in the Default space (this server does not answer for other spaces here)"
-                .to_string()
+            "Permissions in the Default space (the server told no others)".to_string()
         };
         if names.is_empty() {
             out(&format!("{heading}: none."));

@@ -28,6 +28,8 @@ pub(crate) fn parse_since(s: &str, now: i64) -> Result<i64, String> {
         parse_date(t).map(|days| days * 86_400_000)
     } else if t.chars().all(|c| c.is_ascii_digit()) {
         Err("a number alone has no unit".to_string())
+    } else if !t.as_bytes().first().is_some_and(u8::is_ascii_digit) {
+        Err("not a time, a date or an age".to_string())
     } else {
         parse_rfc3339(t)
     };
