@@ -100,6 +100,16 @@ pub fn deploy(opts: &DeployOptions) -> Result<DeployOutcome, DeployError> {
         Some(path) => Variables::load(path)?,
         None => Variables::new(),
     };
+    // Secret values come only in the environment, never in a file.
+    if let Ok(json) = std::env::var(variables::SENSITIVE_VARIABLES_ENV) {
+        let secrets = Variables::parse(json.as_bytes()).map_err(|why| {
+            DeployError::other(format!(
+                "the secret variables in {} are not valid: {why}",
+                variables::SENSITIVE_VARIABLES_ENV
+            ))
+        })?;
+        vars.extend(secrets);
+    }
     let sha256 = hash_file(&opts.package)?;
     console::info(&format!(
         "Deploying {} {} to {} (calamari {})",

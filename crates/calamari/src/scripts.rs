@@ -137,6 +137,7 @@ fn run_script(
     let mut child = Command::new(program)
         .args(args)
         .current_dir(cwd)
+        .env_remove(crate::variables::SENSITIVE_VARIABLES_ENV)
         .envs(env)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

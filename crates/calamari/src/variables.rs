@@ -28,6 +28,11 @@ pub const SUBSTITUTE_TARGET_FILES: &str = "Octopus.Action.SubstituteInFiles.Targ
 /// under this prefix followed by the variable's name.
 pub const OUTPUT_PREFIX: &str = "Octopus.Action.Output.";
 
+/// The environment variable in which the server passes secret variables (a
+/// JSON object like the variables file): they are never written to a file.
+/// Scripts get the variables themselves, not this.
+pub const SENSITIVE_VARIABLES_ENV: &str = "OCTOPUS_SENSITIVE_VARIABLES";
+
 /// A set of variables, name to value, in name order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Variables {
@@ -74,6 +79,11 @@ impl Variables {
             }
         }
         Ok(Variables { values })
+    }
+
+    /// Adds (or replaces with) every variable of `other`.
+    pub fn extend(&mut self, other: Variables) {
+        self.values.extend(other.values);
     }
 
     /// Sets (or replaces) a variable.

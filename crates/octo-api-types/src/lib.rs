@@ -6,9 +6,12 @@
 //! - [`model`]: the records (users, API keys, environments, machines, tasks,
 //!   packages, log lines).
 //! - [`messages`]: request and reply bodies, and the API key header.
+//! - [`security`]: spaces, permissions, roles, teams, grants, the audit log.
 
 pub mod messages;
 pub mod model;
+pub mod security;
 
 pub use messages::*;
 pub use model::*;
+pub use security::*;

@@ -181,6 +181,14 @@ pub struct ScriptRequest {
     pub role: Option<String>,
     #[serde(default)]
     pub tenant: Option<String>,
+    /// Environment variables of the script, by name.
+    #[serde(default)]
+    pub variables: BTreeMap<String, String>,
+    /// Environment variables whose values are secret: encrypted at rest, never
+    /// shown (stored task arguments show them as "********"), masked in every
+    /// log line.
+    #[serde(default)]
+    pub sensitive_variables: BTreeMap<String, String>,
 }
 
 /// `POST /api/tasks/health` and `/api/tasks/upgrade`: exactly `machines` when
@@ -211,6 +219,10 @@ pub struct DeployRequest {
     /// Variables for substitution and scripts, by name.
     #[serde(default)]
     pub variables: BTreeMap<String, String>,
+    /// Variables whose values are secret: encrypted at rest, never shown,
+    /// masked in every log line.
+    #[serde(default)]
+    pub sensitive_variables: BTreeMap<String, String>,
     /// Extracted versions kept per package on each machine (default 3).
     #[serde(default)]
     pub retention: Option<u32>,

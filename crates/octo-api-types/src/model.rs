@@ -7,13 +7,24 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The id of the `Default` space (records without one belong to it).
+pub const DEFAULT_SPACE_ID: i64 = 1;
+
+fn default_space() -> i64 {
+    DEFAULT_SPACE_ID
+}
+
 /// A person (or automation) who can call the API.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct User {
     pub id: i64,
     pub username: String,
     pub display_name: String,
+    /// Holds the System administrator role in every space.
     pub is_admin: bool,
+    /// A disabled user cannot log in, and their API keys stop working.
+    #[serde(default)]
+    pub disabled: bool,
     pub created_at: i64,
 }
 
@@ -29,12 +40,18 @@ pub struct ApiKey {
     pub created_at: i64,
     pub last_used_at: Option<i64>,
     pub revoked: bool,
+    /// A login's session key: it expires after a time without use.
+    #[serde(default)]
+    pub session: bool,
 }
 
 /// An environment, e.g. "Production".
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Environment {
     pub id: i64,
+    /// The space it belongs to.
+    #[serde(default = "default_space")]
+    pub space_id: i64,
     pub name: String,
     pub description: String,
     pub created_at: i64,
@@ -44,6 +61,9 @@ pub struct Environment {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Tenant {
     pub id: i64,
+    /// The space it belongs to.
+    #[serde(default = "default_space")]
+    pub space_id: i64,
     pub name: String,
     pub tags: Vec<String>,
     pub created_at: i64,
@@ -53,6 +73,9 @@ pub struct Tenant {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MachinePolicy {
     pub id: i64,
+    /// The space it belongs to.
+    #[serde(default = "default_space")]
+    pub space_id: i64,
     pub name: String,
     /// Seconds between scheduled health checks.
     pub health_check_interval_s: i64,
@@ -84,10 +107,23 @@ pub enum HealthStatus {
     Unavailable,
 }
 
+impl EndpointKind {
+    /// "listening" or "polling".
+    pub fn name(self) -> &'static str {
+        match self {
+            EndpointKind::Listening => "listening",
+            EndpointKind::Polling => "polling",
+        }
+    }
+}
+
 /// A deployment target or worker.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Machine {
     pub id: i64,
+    /// The space it belongs to.
+    #[serde(default = "default_space")]
+    pub space_id: i64,
     pub name: String,
     pub kind: EndpointKind,
     pub uri: String,
@@ -135,6 +171,9 @@ impl TaskState {
 pub struct Task {
     /// "ServerTasks-<n>".
     pub id: String,
+    /// The space it runs in.
+    #[serde(default = "default_space")]
+    pub space_id: i64,
     /// "Health", "Script", ...
     pub kind: String,
     pub description: String,
@@ -148,6 +187,10 @@ pub struct Task {
     pub created_at: i64,
     pub started_at: Option<i64>,
     pub completed_at: Option<i64>,
+    /// The environments of its machines when it was created (what an
+    /// environment-scoped grant is checked against).
+    #[serde(default)]
+    pub environments: Vec<String>,
 }
 
 /// One machine's part of a task.
@@ -175,6 +218,9 @@ pub struct TaskStep {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Package {
     pub id: i64,
+    /// The space whose feed holds it.
+    #[serde(default = "default_space")]
+    pub space_id: i64,
     /// The package's ID, e.g. "Acme.Web" (unique with `version`, case-insensitive).
     pub package_id: String,
     /// Semantic version, e.g. "1.2.3".

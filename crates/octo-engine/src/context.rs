@@ -14,6 +14,7 @@ use tracing::{error, info};
 
 use crate::feed::PackageFiles;
 use crate::notify::{lock, Notifiers};
+use crate::secrets::Masker;
 use crate::tool::ToolBuild;
 
 /// The log and progress of one task: stores lines and step changes, and wakes
@@ -23,15 +24,29 @@ pub struct TaskLog {
     store: Arc<dyn Store>,
     notifiers: Arc<Notifiers>,
     task_id: Arc<str>,
+    /// The task's secret values: masked in every line stored.
+    masker: Arc<Masker>,
 }
 
 impl TaskLog {
-    pub(crate) fn new(store: Arc<dyn Store>, notifiers: Arc<Notifiers>, task_id: &str) -> Self {
+    pub(crate) fn new(
+        store: Arc<dyn Store>,
+        notifiers: Arc<Notifiers>,
+        task_id: &str,
+        masker: Arc<Masker>,
+    ) -> Self {
         Self {
             store,
             notifiers,
             task_id: task_id.into(),
+            masker,
         }
+    }
+
+    /// Masks `value` in every line stored from now on (an output variable a
+    /// script marked sensitive, say).
+    pub fn add_secret(&self, value: &str) {
+        self.masker.add(value);
     }
 
     /// The task's id.
@@ -39,19 +54,30 @@ impl TaskLog {
         &self.task_id
     }
 
-    /// Stores log lines and wakes readers.
+    /// Stores log lines, secrets masked, and wakes readers.
     pub async fn append(&self, lines: &[NewLogLine]) -> octo_store::Result<()> {
         if lines.is_empty() {
             return Ok(());
         }
-        self.store.append_log(&self.task_id, lines).await?;
+        if self.masker.is_empty() {
+            self.store.append_log(&self.task_id, lines).await?;
+        } else {
+            let masked: Vec<NewLogLine> = lines
+                .iter()
+                .map(|l| NewLogLine {
+                    text: self.masker.mask(&l.text),
+                    ..l.clone()
+                })
+                .collect();
+            self.store.append_log(&self.task_id, &masked).await?;
+        }
         self.notifiers.log_changed(&self.task_id);
         Ok(())
     }
 
     /// Writes a server line about the task (best effort: a failure is logged).
     pub async fn server(&self, text: impl Into<String>) {
-        let text = text.into();
+        let text = self.masker.mask(&text.into());
         info!("{}: {text}", self.task_id);
         let line = NewLogLine {
             machine_id: None,

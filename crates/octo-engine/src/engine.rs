@@ -13,14 +13,15 @@
 //! shutdown token; a task interrupted by shutdown keeps its stored state and is
 //! resumed by the next start ([`Engine::spawn_background`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use octo_api_types::{Guidance, ScriptRequest};
 use octo_store::{
-    now_ms, HealthStatus, MachineFilter, MachinePolicy, Store, Task, TaskState, TaskStep,
+    now_ms, HealthStatus, Machine, MachineFilter, MachinePolicy, NewTask, Store, Task, TaskState,
+    TaskStep,
 };
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
@@ -31,6 +32,7 @@ use tracing::{error, info, warn};
 use crate::context::{GuidanceBoard, StepContext, TaskLog};
 use crate::feed::PackageFiles;
 use crate::notify::{lock, Changes, Notifiers};
+use crate::secrets::{Masker, MasterKey};
 use crate::steps::{deploy, health, script, StepEnd};
 use crate::tool::ToolBuild;
 use crate::{kind, machine_list, DeployArgs, MAX_PARALLEL_STEPS};
@@ -49,6 +51,8 @@ pub struct EngineDeps {
     pub tool: Arc<Result<ToolBuild, String>>,
     /// Where the built-in feed keeps package files.
     pub packages: PackageFiles,
+    /// Decrypts the secret values of tasks.
+    pub master_key: Arc<MasterKey>,
 }
 
 /// The engine of one server (see the module documentation).
@@ -168,7 +172,36 @@ impl Engine {
     }
 
     fn log_of(&self, task_id: &str) -> TaskLog {
-        TaskLog::new(self.deps.store.clone(), self.notifiers.clone(), task_id)
+        self.log_with(task_id, Arc::new(Masker::default()))
+    }
+
+    fn log_with(&self, task_id: &str, masker: Arc<Masker>) -> TaskLog {
+        TaskLog::new(
+            self.deps.store.clone(),
+            self.notifiers.clone(),
+            task_id,
+            masker,
+        )
+    }
+
+    /// The task's secret values, decrypted, by name.
+    async fn secrets_of(&self, task_id: &str) -> Result<BTreeMap<String, String>, String> {
+        let stored = self
+            .deps
+            .store
+            .task_secrets(task_id)
+            .await
+            .map_err(|e| format!("reading the task's secret values: {e}"))?;
+        stored
+            .into_iter()
+            .map(|(name, cipher)| {
+                self.deps
+                    .master_key
+                    .decrypt(&cipher)
+                    .map(|v| (name.clone(), v))
+                    .map_err(|e| format!("secret variable {name}: {e}"))
+            })
+            .collect()
     }
 
     /// Records a step's end.
@@ -201,13 +234,13 @@ impl Engine {
     }
 
     /// The step runner of a task's kind, or why the task cannot run.
-    fn runner_of(task: &Task) -> Result<StepRunner, String> {
+    fn runner_of(task: &Task, secrets: &BTreeMap<String, String>) -> Result<StepRunner, String> {
         let unreadable = |e: serde_json::Error| format!("the task's arguments cannot be read: {e}");
         Ok(match task.kind.as_str() {
             kind::SCRIPT => {
                 let args: ScriptRequest =
                     serde_json::from_value(task.arguments.clone()).map_err(unreadable)?;
-                let spec = Arc::new(script::ScriptSpec::from(&args));
+                let spec = Arc::new(script::ScriptSpec::of_script(&args, secrets));
                 Arc::new(move |ctx, step| {
                     let spec = spec.clone();
                     Box::pin(async move { script::run_script_step(&ctx, step, &spec).await })
@@ -216,10 +249,12 @@ impl Engine {
             kind::DEPLOY => {
                 let args: DeployArgs =
                     serde_json::from_value(task.arguments.clone()).map_err(unreadable)?;
-                let args = Arc::new(args);
+                let args = Arc::new((args, secrets.clone()));
                 Arc::new(move |ctx, step| {
                     let args = args.clone();
-                    Box::pin(async move { deploy::run_deploy_step(&ctx, step, &args).await })
+                    Box::pin(
+                        async move { deploy::run_deploy_step(&ctx, step, &args.0, &args.1).await },
+                    )
                 })
             }
             kind::UPGRADE => Arc::new(|ctx, step| {
@@ -236,7 +271,14 @@ impl Engine {
     async fn run_task(self: &Arc<Self>, task: Task, cancel: CancellationToken) {
         let store = self.deps.store.clone();
         let id = task.id.clone();
-        let log = self.log_of(&id);
+        let secrets = self.secrets_of(&id).await;
+        let masker = Arc::new(Masker::new(
+            secrets
+                .iter()
+                .flat_map(|s| s.values().cloned())
+                .collect::<Vec<_>>(),
+        ));
+        let log = self.log_with(&id, masker);
         // Read again now that the cancel token is registered: a cancel request
         // that came in between is seen either here or through the token.
         let task = match store.task(&id).await {
@@ -269,7 +311,8 @@ impl Engine {
             log.server(format!("Task started: {}", task.description))
                 .await;
         }
-        let health = match Self::runner_of(&task) {
+        let runner = secrets.and_then(|s| Self::runner_of(&task, &s));
+        let health = match runner {
             Ok(runner) => match self.run_steps(&log, steps, &cancel, runner).await {
                 Some(health) => health,
                 // The server is stopping: leave the task as it is, to resume.
@@ -486,59 +529,87 @@ impl Engine {
             HEALTH_SCAN_INTERVAL,
         );
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last: Option<String> = None;
+        let mut last: Vec<String> = Vec::new();
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            if last.as_deref().is_some_and(|id| self.is_running(id)) {
+            if last.iter().any(|id| self.is_running(id)) {
                 continue;
             }
-            match self.scheduled_health_task().await {
-                Ok(Some(task)) => {
-                    last = Some(task.id.clone());
-                    self.start(task);
+            match self.scheduled_health_tasks().await {
+                Ok(tasks) => {
+                    last = tasks.iter().map(|t| t.id.clone()).collect();
+                    for task in tasks {
+                        self.start(task);
+                    }
                 }
-                Ok(None) => {}
                 Err(e) => warn!("scheduled health check: {e}"),
             }
         }
     }
 
-    async fn scheduled_health_task(&self) -> octo_store::Result<Option<Task>> {
+    /// One health task per space with machines due a check by their policy.
+    async fn scheduled_health_tasks(&self) -> octo_store::Result<Vec<Task>> {
         let store = &self.deps.store;
         let now = now_ms();
-        let mut policies: HashMap<String, Option<MachinePolicy>> = HashMap::new();
-        let mut due = Vec::new();
+        let mut policies: HashMap<(i64, String), Option<MachinePolicy>> = HashMap::new();
+        let mut due: BTreeMap<i64, Vec<Machine>> = BTreeMap::new();
         for m in store.list_machines(&MachineFilter::default()).await? {
-            if !policies.contains_key(&m.policy) {
-                policies.insert(m.policy.clone(), store.policy(&m.policy).await?);
+            let key = (m.space_id, m.policy.clone());
+            if !policies.contains_key(&key) {
+                let policy = store.policy(m.space_id, &m.policy).await?;
+                policies.insert(key.clone(), policy);
             }
             let interval_s = policies
-                .get(&m.policy)
+                .get(&key)
                 .and_then(|p| p.as_ref())
                 .map_or(3600, |p| p.health_check_interval_s.max(1));
             let is_due = m
                 .last_health_at
                 .is_none_or(|t| now.saturating_sub(t) >= interval_s.saturating_mul(1000));
             if is_due {
-                due.push(m);
+                due.entry(m.space_id).or_default().push(m);
             }
         }
-        if due.is_empty() {
-            return Ok(None);
+        let mut tasks = Vec::with_capacity(due.len());
+        for (space_id, machines) in due {
+            let names: Vec<String> = machines.iter().map(|m| m.name.clone()).collect();
+            let description = format!("Scheduled health check of {}", machine_list(&machines));
+            let task = store
+                .create_task(
+                    &NewTask {
+                        space_id,
+                        kind: kind::HEALTH.into(),
+                        description: description.clone(),
+                        arguments: serde_json::json!({ "machines": names, "scheduled": true }),
+                        machine_ids: machines.iter().map(|m| m.id).collect(),
+                        environments: environments_of(&machines),
+                        secrets: Vec::new(),
+                    },
+                    now,
+                )
+                .await?;
+            info!("created task {} ({description})", task.id);
+            tasks.push(task);
         }
-        let ids: Vec<i64> = due.iter().map(|m| m.id).collect();
-        let names: Vec<String> = due.iter().map(|m| m.name.clone()).collect();
-        let description = format!("Scheduled health check of {}", machine_list(&due));
-        let arguments = serde_json::json!({ "machines": names, "scheduled": true });
-        let task = store
-            .create_task(kind::HEALTH, &description, &arguments, &ids, now)
-            .await?;
-        info!("created task {} ({description})", task.id);
-        Ok(Some(task))
+        Ok(tasks)
     }
+}
+
+/// The environments of machines, each once, by name.
+pub fn environments_of(machines: &[Machine]) -> Vec<String> {
+    let mut envs: Vec<String> = Vec::new();
+    for m in machines {
+        for e in &m.environments {
+            if !envs.iter().any(|x| x.eq_ignore_ascii_case(e)) {
+                envs.push(e.clone());
+            }
+        }
+    }
+    envs.sort_by_key(|e| e.to_lowercase());
+    envs
 }
 
 /// "2 of 3 machines unavailable: a, b; 1 unhealthy: c".

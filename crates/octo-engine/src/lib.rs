@@ -15,6 +15,8 @@
 //!   `deploy` and tool upgrades, `transfer` of files to tentacles).
 //! - [`tool`]: the deployment tool (`calamari`) the server pushes.
 //! - [`feed`]: where the built-in feed keeps package files.
+//! - [`secrets`]: the master key that encrypts secret values, and the
+//!   masking of secrets in task logs.
 //!
 //! # Durability
 //!
@@ -28,6 +30,7 @@ pub mod engine;
 pub mod feed;
 pub mod notify;
 mod outputs;
+pub mod secrets;
 mod steps;
 pub mod tool;
 

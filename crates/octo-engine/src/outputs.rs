@@ -11,7 +11,7 @@ use octo_calamari::service_message::{self, ServiceMessage};
 use octo_store::{Store, TaskStep};
 
 /// What a sensitive value is replaced with.
-pub(crate) const MASK: &str = "********";
+pub(crate) use crate::secrets::MASK;
 
 /// Fills `step.output_variables` from the step's stored log (best effort: a
 /// store failure is logged and leaves them as they were).
@@ -39,19 +39,22 @@ pub(crate) async fn collect(store: &dyn Store, step: &mut TaskStep) {
     }
 }
 
-/// The line to store for `text`: a sensitive setVariable with its value masked,
-/// anything else unchanged (None).
-pub(crate) fn mask_sensitive(text: &str) -> Option<String> {
+/// For a sensitive setVariable line: its value (to mask from then on) and the
+/// line to store, with the value masked; None for any other line.
+pub(crate) fn sensitive_value(text: &str) -> Option<(String, String)> {
     match service_message::parse(text)? {
         ServiceMessage::SetVariable {
             name,
+            value,
             sensitive: true,
-            ..
-        } => Some(service_message::format(&ServiceMessage::SetVariable {
-            name,
-            value: MASK.into(),
-            sensitive: true,
-        })),
+        } => Some((
+            value,
+            service_message::format(&ServiceMessage::SetVariable {
+                name,
+                value: MASK.into(),
+                sensitive: true,
+            }),
+        )),
         _ => None,
     }
 }

@@ -43,6 +43,9 @@ pub struct RunArgs {
     /// --server-web-socket wss://HOST:PORT/PATH`).
     #[arg(long, value_name = "PATH", default_value = octo_comms::websocket::DEFAULT_PATH)]
     pub web_socket_path: String,
+    /// A login's session key expires after this many hours without use.
+    #[arg(long, value_name = "HOURS", default_value_t = 8.0)]
+    pub session_idle_hours: f64,
 }
 
 impl RunArgs {
@@ -102,6 +105,7 @@ impl Default for RunArgs {
             no_proxy: false,
             web_socket_listen_port: None,
             web_socket_path: octo_comms::websocket::DEFAULT_PATH.into(),
+            session_idle_hours: 8.0,
         }
     }
 }

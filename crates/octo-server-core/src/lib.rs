@@ -4,7 +4,9 @@
 //! - [`startup`]: `start`/`run`: data directory, comms identity, store,
 //!   first-start bootstrap, the API and the polling listener.
 //! - [`api`]: the REST API under `/api`, one module per area.
-//! - [`auth`]: API keys, passwords, the authentication middleware.
+//! - [`auth`]: API keys, session keys, passwords, the slowing of failed logins.
+//! - [`authz`]: who may do what, where: roles, grants, the checks every route
+//!   goes through.
 //! - [`state`]: [`AppState`], what every part shares (store, comms, engine, ...).
 //! - [`feed`]: the package feed's rules (IDs, versions, file names, formats).
 //! - [`config`]: [`RunArgs`], the server's options.
@@ -17,11 +19,12 @@
 
 pub mod api;
 pub mod auth;
+pub mod authz;
 pub mod config;
 pub mod feed;
 pub mod startup;
 pub mod state;
 
 pub use config::RunArgs;
-pub use startup::{run, show_thumbprint, start, RunningServer};
+pub use startup::{reset_admin, run, show_thumbprint, start, RunningServer};
 pub use state::AppState;

@@ -1,8 +1,10 @@
 //! `octopus server run`: the server process.
 //!
-//! Owns a data directory (locked, so a second server cannot share it) holding the
-//! comms certificate, the SQLite database and the first admin API key. Serves the
-//! REST API on `--listen` and accepts polling tentacles on the comms port.
+//! Owns a data directory (mode 0700, locked so that a second server cannot
+//! share it) holding the comms certificate, the SQLite database (0600), the
+//! master key that encrypts secret values (0600) and the first admin API key
+//! (0600). Serves the REST API on `--listen` and accepts polling tentacles on
+//! the comms port. `reset-admin` recovers access from the data directory.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,8 +13,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use octo_comms::{ServerComms, ServerCommsOptions};
+use octo_engine::secrets::MasterKey;
 use octo_engine::{Engine, EngineDeps, PackageFiles, ToolBuild};
-use octo_store::Store;
+use octo_store::{Store, ADMINISTRATORS_TEAM};
 use octo_store_sqlite::SqliteStore;
 use octo_tls::{Identity, Thumbprint, TrustStore};
 use tokio_util::sync::CancellationToken;
@@ -77,34 +80,176 @@ pub fn show_thumbprint(data: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn open_store(args: &RunArgs) -> anyhow::Result<SqliteStore> {
-    let path = match args.database_url.as_deref() {
-        None => args.data.join("octopus.db"),
+/// The database file of these options.
+fn database_path(data: &Path, database_url: Option<&str>) -> anyhow::Result<PathBuf> {
+    Ok(match database_url {
+        None => data.join("octopus.db"),
         Some(url) => match url.strip_prefix("sqlite://") {
             Some(p) => PathBuf::from(p),
             None => bail!(
                 "--database-url '{url}' is not supported: this build stores data in SQLite (sqlite://PATH); PostgreSQL support is planned"
             ),
         },
-    };
-    SqliteStore::open(&path)
-        .await
-        .with_context(|| format!("opening the database {}", path.display()))
+    })
 }
 
-/// First start: an admin user and an API key, printed once and written 0600.
+/// Opens the database, creating it (0600) only when there is none; an
+/// existing file, and its journal files, are made 0600.
+async fn open_store(data: &Path, database_url: Option<&str>) -> anyhow::Result<SqliteStore> {
+    let path = database_path(data, database_url)?;
+    match std::fs::metadata(&path) {
+        Ok(meta) if meta.len() == 0 => bail!(
+            "the database {} is empty (0 bytes): it is not a database this server made, and starting afresh would lose every machine, task and package; restore it from a backup, or remove it to start a new server",
+            path.display()
+        ),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            // Created 0600 here, so SQLite's -wal and -shm files get the same mode.
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .with_context(|| format!("creating the database {}", path.display()))?;
+        }
+        Err(e) => bail!(
+            "cannot read the database {}: {e}; check its owner and mode",
+            path.display()
+        ),
+    }
+    let store = SqliteStore::open(&path)
+        .await
+        .with_context(|| format!("opening the database {}", path.display()))?;
+    for suffix in ["", "-wal", "-shm"] {
+        let file = PathBuf::from(format!("{}{suffix}", path.display()));
+        restrict(&file, 0o600)?;
+    }
+    Ok(store)
+}
+
+/// Sets `path`'s mode when it exists (it is the server's alone).
+fn restrict(path: &Path, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("making {} mode {mode:o}", path.display())),
+    }
+}
+
+/// The setting that holds the master key's fingerprint.
+const MASTER_KEY_FINGERPRINT: &str = "master-key-fingerprint";
+
+/// The master key in `DATA/master-key`: created (0600) at first start, and
+/// otherwise required to match the database's values.
+async fn master_key(store: &dyn Store, data: &Path) -> anyhow::Result<(MasterKey, bool)> {
+    let path = data.join("master-key");
+    let recorded = store.setting(MASTER_KEY_FINGERPRINT).await?;
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let key = MasterKey::from_text(&text)
+                .with_context(|| format!("reading the master key {}", path.display()))?;
+            match recorded {
+                Some(fp) if fp != key.fingerprint() => bail!(
+                    "the master key {} (fingerprint {}) is not the one this database's secret values were encrypted with (fingerprint {fp}); restore the right master-key file from your backup",
+                    path.display(),
+                    key.fingerprint()
+                ),
+                Some(_) => {}
+                None => store.set_setting(MASTER_KEY_FINGERPRINT, key.fingerprint()).await?,
+            }
+            restrict(&path, 0o600)?;
+            Ok((key, false))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let secrets = store.count_task_secrets().await?;
+            if recorded.is_some() || secrets > 0 {
+                bail!(
+                    "the master key {} is missing, but this database holds {secrets} value(s) encrypted with it{}; restore the master-key file from your backup (without it those values cannot be read)",
+                    path.display(),
+                    recorded.map(|fp| format!(" (fingerprint {fp})")).unwrap_or_default()
+                );
+            }
+            let (key, text) = MasterKey::generate()?;
+            octo_agent::config::write_atomic(&path, format!("{text}\n").as_bytes(), 0o600)
+                .with_context(|| format!("writing {}", path.display()))?;
+            store
+                .set_setting(MASTER_KEY_FINGERPRINT, key.fingerprint())
+                .await?;
+            Ok((key, true))
+        }
+        Err(e) => Err(e).with_context(|| format!("reading the master key {}", path.display())),
+    }
+}
+
+/// First start: an admin user (a member of the built-in administrators'
+/// team) and an API key, printed once and written 0600.
 async fn bootstrap(store: &dyn Store, data: &Path) -> anyhow::Result<Option<String>> {
     if store.count_users().await? > 0 {
         return Ok(None);
     }
-    let admin = store
-        .create_user("admin", "Administrator", None, true)
-        .await?;
+    let admin = store.create_user("admin", "Administrator", None).await?;
+    make_administrator(store, admin.id).await?;
     let (key, _) = issue_api_key(store, admin.id, "admin (created at first start)").await?;
     let path = data.join("admin-api-key");
     octo_agent::config::write_atomic(&path, format!("{key}\n").as_bytes(), 0o600)
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(Some(key))
+}
+
+/// Puts a user in the built-in administrators' team.
+async fn make_administrator(store: &dyn Store, user_id: i64) -> anyhow::Result<()> {
+    let team = store
+        .list_teams(None)
+        .await?
+        .into_iter()
+        .find(|t| t.built_in && t.space_id.is_none() && t.name == ADMINISTRATORS_TEAM)
+        .context("the built-in team of administrators is missing from the database")?;
+    store.add_team_member(team.id, user_id).await?;
+    Ok(())
+}
+
+/// `octopus server reset-admin`: with local access to the data directory
+/// (the server may be running), makes `admin` (created if missing) an enabled
+/// System administrator and gives it a new API key, returned to print once.
+pub async fn reset_admin(data: &Path, database_url: Option<&str>) -> anyhow::Result<String> {
+    let path = database_path(data, database_url)?;
+    if !path.exists() {
+        bail!(
+            "there is no database at {}; start the server once with `octopus server run --data {}`",
+            path.display(),
+            data.display()
+        );
+    }
+    let store = open_store(data, database_url).await?;
+    let admin = match store.user_by_name("admin").await? {
+        Some((u, _)) => u,
+        None => store.create_user("admin", "Administrator", None).await?,
+    };
+    if admin.disabled {
+        store.set_user_disabled(admin.id, false).await?;
+    }
+    make_administrator(&store, admin.id).await?;
+    let (key, stored) = issue_api_key(&store, admin.id, "admin (reset-admin)").await?;
+    let event = octo_store::NewAuditEvent {
+        at: octo_store::now_ms(),
+        user_id: Some(admin.id),
+        username: "admin".into(),
+        source: "local (octopus server reset-admin)".into(),
+        action: "created".into(),
+        kind: "api key".into(),
+        object: format!("#{} {}", stored.id, stored.prefix),
+        space_id: None,
+        details: "System administrator access recovered".into(),
+    };
+    store.append_audit(&event).await?;
+    store.close().await;
+    Ok(key)
 }
 
 /// A started server.
@@ -120,6 +265,8 @@ pub struct RunningServer {
     pub thumbprint: Thumbprint,
     /// The first admin API key, when this start created it.
     pub admin_api_key: Option<String>,
+    /// This start created the master key (the operator must back it up).
+    pub master_key_created: bool,
     shutdown: CancellationToken,
     tasks: tokio::task::JoinSet<()>,
     _lock: DataLock,
@@ -138,8 +285,15 @@ impl RunningServer {
 
 /// Starts a server and returns once it listens.
 pub async fn start(args: &RunArgs) -> anyhow::Result<RunningServer> {
+    if !(args.session_idle_hours > 0.0 && args.session_idle_hours.is_finite()) {
+        bail!(
+            "--session-idle-hours must be a positive number of hours, not {}",
+            args.session_idle_hours
+        );
+    }
     std::fs::create_dir_all(&args.data)
         .with_context(|| format!("creating the data directory {}", args.data.display()))?;
+    restrict(&args.data, 0o700)?;
     let lock = DataLock::acquire(&args.data)?;
     let (cert, key) = cert_paths(&args.data);
     let identity = if cert.exists() {
@@ -149,8 +303,10 @@ pub async fn start(args: &RunArgs) -> anyhow::Result<RunningServer> {
         id.save(&cert, &key)?;
         id
     };
-    let store = open_store(args).await?;
+    let store = open_store(&args.data, args.database_url.as_deref()).await?;
     let admin_api_key = bootstrap(&store, &args.data).await?;
+    let (master_key, master_key_created) = master_key(&store, &args.data).await?;
+    let master_key = Arc::new(master_key);
     let store: Arc<dyn Store> = Arc::new(store);
 
     let polling_trust = TrustStore::new(
@@ -216,6 +372,7 @@ pub async fn start(args: &RunArgs) -> anyhow::Result<RunningServer> {
         comms: comms.clone(),
         tool: tool.clone(),
         packages: packages.clone(),
+        master_key: master_key.clone(),
     }));
     let state = AppState {
         store,
@@ -228,6 +385,10 @@ pub async fn start(args: &RunArgs) -> anyhow::Result<RunningServer> {
         tool,
         packages,
         engine,
+        master_key,
+        session_idle: Duration::from_secs_f64(args.session_idle_hours * 3600.0),
+        grant_cache: Arc::default(),
+        logins: Arc::default(),
     };
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
@@ -263,6 +424,7 @@ pub async fn start(args: &RunArgs) -> anyhow::Result<RunningServer> {
                         tracing::debug!("TCP_NODELAY on an API connection: {e}");
                     }
                 });
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
             let serve = axum::serve(api_listener, app)
                 .with_graceful_shutdown(async move { t.cancelled().await });
             if let Err(e) = serve.await {
@@ -288,6 +450,7 @@ pub async fn start(args: &RunArgs) -> anyhow::Result<RunningServer> {
         web_socket_port,
         thumbprint: identity.thumbprint(),
         admin_api_key,
+        master_key_created,
         shutdown,
         tasks,
         _lock: lock,
@@ -303,6 +466,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             args.data.join("admin-api-key").display()
         );
         println!("  {key}");
+    }
+    if server.master_key_created {
+        println!(
+            "Created the master key {}, which encrypts secret values in the database: back it up (with the database); without it they cannot be read.",
+            args.data.join("master-key").display()
+        );
     }
     let web_socket = server
         .web_socket_port

@@ -3,11 +3,17 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
+use octo_api_types::Space;
 use octo_comms::ServerComms;
+use octo_engine::secrets::MasterKey;
 use octo_engine::{Engine, PackageFiles, ToolBuild};
-use octo_store::{EndpointKind, MachineFilter, Store};
+use octo_store::{now_ms, EndpointKind, MachineFilter, NewAuditEvent, Store};
 use octo_tls::{Thumbprint, TrustStore};
+
+use crate::auth::LoginThrottle;
+use crate::authz::{Caller, GrantCache};
 
 /// Thumbprints of polling machines: who may connect to the comms port.
 pub async fn polling_thumbprints(store: &dyn Store) -> anyhow::Result<Vec<Thumbprint>> {
@@ -38,9 +44,50 @@ pub struct AppState {
     pub packages: PackageFiles,
     /// Runs tasks (health checks, scripts) and tells live log readers of changes.
     pub engine: Arc<Engine>,
+    /// Encrypts secret values at rest.
+    pub master_key: Arc<MasterKey>,
+    /// A login's session key expires after this long without use.
+    pub session_idle: Duration,
+    /// Callers' resolved grants, reused briefly.
+    pub grant_cache: Arc<GrantCache>,
+    /// Failed logins, by user and by address.
+    pub logins: Arc<LoginThrottle>,
 }
 
 impl AppState {
+    /// Records a change in the audit log (best effort: a failure is logged).
+    /// `object` names what changed; `details` must never hold a secret.
+    pub async fn audit(
+        &self,
+        caller: &Caller,
+        space: Option<&Space>,
+        action: &str,
+        kind: &str,
+        object: &str,
+        details: impl Into<String>,
+    ) {
+        let event = NewAuditEvent {
+            at: now_ms(),
+            user_id: Some(caller.user.id),
+            username: caller.user.username.clone(),
+            source: caller.source.clone(),
+            action: action.into(),
+            kind: kind.into(),
+            object: object.into(),
+            space_id: space.map(|s| s.id),
+            details: details.into(),
+        };
+        if let Err(e) = self.store.append_audit(&event).await {
+            tracing::error!("recording an audit event ({action} {kind} {object}): {e}");
+        }
+    }
+
+    /// Teams, members, grants or roles changed: callers' permissions are
+    /// resolved again.
+    pub fn permissions_changed(&self) {
+        self.grant_cache.clear();
+    }
+
     /// Re-reads which polling tentacles may connect (after machines change).
     pub async fn refresh_polling_trust(&self) -> anyhow::Result<()> {
         self.polling_trust

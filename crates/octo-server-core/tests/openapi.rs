@@ -7,33 +7,67 @@ use std::time::Duration;
 use octo_server_core::{start, RunArgs};
 use serde_json::Value;
 
-/// Every route of the API: (path, methods), and whether it needs the API key.
-const ROUTES: &[(&str, &[&str], bool)] = &[
-    ("/api", &["get"], false),
-    ("/api/openapi.json", &["get"], false),
-    ("/api/users/login", &["post"], false),
-    ("/api/server", &["get"], true),
-    ("/api/environments", &["get", "post"], true),
-    ("/api/environments/{name}", &["delete"], true),
-    ("/api/machines", &["get", "post"], true),
-    ("/api/machines/register", &["post"], true),
-    ("/api/machines/{name}", &["get", "delete"], true),
-    ("/api/api-keys", &["get", "post"], true),
-    ("/api/api-keys/{id}", &["delete"], true),
-    ("/api/users", &["post"], true),
-    ("/api/tasks", &["get"], true),
-    ("/api/tasks/script", &["post"], true),
-    ("/api/tasks/health", &["post"], true),
-    ("/api/tasks/{id}", &["get"], true),
-    ("/api/tasks/{id}/log", &["get"], true),
-    ("/api/tasks/{id}/log/stream", &["get"], true),
-    ("/api/tasks/{id}/cancel", &["post"], true),
-    ("/api/tasks/deploy", &["post"], true),
-    ("/api/tasks/upgrade", &["post"], true),
-    ("/api/tasks/{id}/guidance", &["post"], true),
-    ("/api/packages", &["get", "post"], true),
-    ("/api/packages/{id}/{version}", &["get", "delete"], true),
+/// Every route of the API: (path, methods), whether it needs the API key, and
+/// whether it works in a space (then it is also served, and documented, under
+/// `/api/spaces/{space}`).
+const ROUTES: &[(&str, &[&str], bool, bool)] = &[
+    ("/api", &["get"], false, false),
+    ("/api/openapi.json", &["get"], false, false),
+    ("/api/users/login", &["post"], false, false),
+    ("/api/server", &["get"], true, false),
+    ("/api/spaces", &["get", "post"], true, false),
+    ("/api/spaces/{space}", &["get", "delete"], true, false),
+    ("/api/environments", &["get", "post"], true, true),
+    ("/api/environments/{name}", &["delete"], true, true),
+    ("/api/machines", &["get", "post"], true, true),
+    ("/api/machines/register", &["post"], true, true),
+    ("/api/machines/{name}", &["get", "delete"], true, true),
+    ("/api/api-keys", &["get", "post"], true, false),
+    ("/api/api-keys/{id}", &["delete"], true, false),
+    ("/api/users", &["get", "post"], true, false),
+    ("/api/users/me", &["get"], true, false),
+    ("/api/users/logout", &["post"], true, false),
+    ("/api/users/{username}", &["get"], true, false),
+    ("/api/users/{username}/disable", &["post"], true, false),
+    ("/api/users/{username}/enable", &["post"], true, false),
+    ("/api/users/{username}/password", &["put"], true, false),
+    ("/api/teams", &["get", "post"], true, true),
+    ("/api/teams/{name}", &["get", "delete"], true, true),
+    ("/api/teams/{name}/members", &["post"], true, true),
+    (
+        "/api/teams/{name}/members/{username}",
+        &["delete"],
+        true,
+        true,
+    ),
+    ("/api/teams/{name}/grants", &["post"], true, true),
+    ("/api/teams/{name}/grants/{id}", &["delete"], true, true),
+    ("/api/roles", &["get", "post"], true, false),
+    ("/api/roles/{name}", &["get"], true, false),
+    ("/api/audit", &["get"], true, true),
+    ("/api/tasks", &["get"], true, true),
+    ("/api/tasks/script", &["post"], true, true),
+    ("/api/tasks/health", &["post"], true, true),
+    ("/api/tasks/{id}", &["get"], true, true),
+    ("/api/tasks/{id}/log", &["get"], true, true),
+    ("/api/tasks/{id}/log/stream", &["get"], true, true),
+    ("/api/tasks/{id}/cancel", &["post"], true, true),
+    ("/api/tasks/deploy", &["post"], true, true),
+    ("/api/tasks/upgrade", &["post"], true, true),
+    ("/api/tasks/{id}/guidance", &["post"], true, true),
+    ("/api/packages", &["get", "post"], true, true),
+    (
+        "/api/packages/{id}/{version}",
+        &["get", "delete"],
+        true,
+        true,
+    ),
 ];
+
+/// The path of a route in a space.
+fn in_space(path: &str) -> String {
+    format!("/api/spaces/{{space}}{}", &path["/api".len()..])
+}
 
 const METHODS: &[&str] = &[
     "get", "put", "post", "delete", "options", "head", "patch", "trace",
@@ -81,9 +115,16 @@ async fn openapi_document_describes_every_route() {
 
     // Exactly the routes, with their methods and security.
     let paths = doc["paths"].as_object().unwrap();
-    for (path, methods, authenticated) in ROUTES {
+    let mut expected: Vec<(String, &[&str], bool)> = Vec::new();
+    for (path, methods, authenticated, spaced) in ROUTES {
+        expected.push((path.to_string(), methods, *authenticated));
+        if *spaced {
+            expected.push((in_space(path), methods, *authenticated));
+        }
+    }
+    for (path, methods, authenticated) in &expected {
         let item = paths
-            .get(*path)
+            .get(path.as_str())
             .unwrap_or_else(|| panic!("{path} is missing from the document"));
         let documented: Vec<&str> = METHODS
             .iter()
@@ -93,16 +134,34 @@ async fn openapi_document_describes_every_route() {
         assert_eq!(&documented, methods, "methods of {path}");
         for m in *methods {
             let op = &item[*m];
-            assert!(op["responses"].as_object().is_some_and(|r| !r.is_empty()));
+            let responses = op["responses"].as_object().unwrap();
+            assert!(!responses.is_empty());
             let secured = op["security"]
                 .as_array()
                 .is_some_and(|s| s.iter().any(|r| r.get("api_key").is_some()));
             assert_eq!(secured, *authenticated, "security of {m} {path}");
+            if *authenticated {
+                // What it needs, and the answers when that is missing.
+                assert!(
+                    op["x-octopus-permission"].is_string(),
+                    "permission of {m} {path}"
+                );
+                assert!(responses.contains_key("401"), "401 of {m} {path}");
+                assert!(
+                    op["description"]
+                        .as_str()
+                        .is_some_and(|d| d.contains("Needs: ")),
+                    "description of {m} {path}"
+                );
+            }
+            if path.starts_with("/api/spaces/{space}/") {
+                assert_eq!(op["parameters"][0]["name"], "space", "{m} {path}");
+            }
         }
     }
     let mut extra: Vec<&String> = paths
         .keys()
-        .filter(|p| !ROUTES.iter().any(|(r, _, _)| r == p))
+        .filter(|p| !expected.iter().any(|(r, _, _)| r == *p))
         .collect();
     extra.sort();
     assert!(
@@ -112,11 +171,18 @@ async fn openapi_document_describes_every_route() {
 
     // Every documented route is really served: without a key, an authenticated
     // route answers 401, not the fallback's 404.
-    for (path, methods, authenticated) in ROUTES {
+    for (path, methods, authenticated) in &expected {
         if !authenticated {
             continue;
         }
-        let url = format!("{base}{}", path.replace("{name}", "x").replace("{id}", "1"));
+        let url = format!(
+            "{base}{}",
+            path.replace("{name}", "x")
+                .replace("{id}", "1")
+                .replace("{space}", "Default")
+                .replace("{username}", "u")
+                .replace("{version}", "1.0.0")
+        );
         let method: reqwest::Method = methods[0].to_uppercase().parse().unwrap();
         let status = http.request(method, &url).send().await.unwrap().status();
         assert_eq!(status, 401, "{} {url}", methods[0]);
@@ -136,6 +202,13 @@ async fn openapi_document_describes_every_route() {
         "MachineRequest",
         "ScriptRequest",
         "ErrorBody",
+        "Space",
+        "Team",
+        "Grant",
+        "Role",
+        "Permission",
+        "AuditEvent",
+        "WhoAmI",
     ] {
         assert!(schemas.contains_key(name), "schema {name} is missing");
     }

@@ -20,8 +20,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use octo_store::error::{
-    conflict, environment_in_use, environment_still_used, expect_rows, missing_policy,
-    missing_reference, not_found, Ctx, Op,
+    conflict, environment_in_use, environment_still_used, expect_rows, invalid, missing_policy,
+    missing_reference, name_list, not_found, shell_word, Ctx, Op,
 };
 use octo_store::input::{
     arguments_text, check_new_machine, check_new_tenant, distinct_ids, missing_machine,
@@ -30,14 +30,16 @@ use octo_store::input::{
 };
 use octo_store::machines::{ListValues, MachineList, MachineRefs, Machines};
 use octo_store::rows::{
-    group, ApiKeyRow, EnvironmentRow, ListRow, LogLineRow, MachineRow, PackageRow, PolicyRow,
-    StepRow, TaskRow, TenantRow, UserRow, UserWithHashRow,
+    group, ApiKeyRow, AuditRow, EnvironmentRow, GrantRow, ListRow, LogLineRow, MachineRow,
+    PackageRow, PolicyRow, RoleRow, SpaceRow, StepRow, TaskRow, TeamRow, TenantRow, UserRow,
+    UserWithHashRow, IS_SYSTEM_ADMINISTRATOR,
 };
 use octo_store::text::{TextEnum, UNFINISHED_STATES};
 use octo_store::{
-    now_ms, ticket, ApiKey, Environment, HealthUpdate, Machine, MachineFilter, MachinePolicy,
-    NewLogLine, NewMachine, NewPackage, Package, Result, Store, StoreError, Task, TaskLogLine,
-    TaskState, TaskStep, Tenant, User, DEFAULT_POLICY,
+    now_ms, ticket, ApiKey, AuditEvent, AuditFilter, Environment, Grant, HealthUpdate, Machine,
+    MachineFilter, MachinePolicy, NewAuditEvent, NewLogLine, NewMachine, NewPackage, NewTask,
+    Package, Result, Role, Space, Store, StoreError, Task, TaskLogLine, TaskState, TaskStep, Team,
+    Tenant, User, DEFAULT_POLICY,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
@@ -154,8 +156,8 @@ impl SqliteStore {
         };
         check_new_machine(m)?;
         let mut tx = self.write_tx(op).await?;
-        let sql = "SELECT id FROM machines WHERE name = ?";
-        let existing = query(sql, params![&m.name], op)
+        let sql = "SELECT id FROM machines WHERE space_id = ? AND name = ?";
+        let existing = query(sql, params![m.space_id, &m.name], op)
             .scalar::<i64>(&mut *tx)
             .await?;
         let id = match (existing, replace) {
@@ -163,7 +165,7 @@ impl SqliteStore {
             (None, true) => return Err(not_found("machine", &m.name)),
             (None, false) => {
                 let refs = resolve_refs(&mut tx, m).await?;
-                let params = machine_params(m, &refs).add(now_ms());
+                let params = machine_params(m, &refs).add(now_ms()).add(m.space_id);
                 let op = Op::new(op).unique(conflict("machine", &m.name));
                 let id = query(INSERT_MACHINE, params, op)
                     .value::<i64>(&mut *tx)
@@ -242,10 +244,10 @@ async fn query_machines(
     Ok(machines.into_vec())
 }
 
-/// Adds a machine's row: its fields, its policy, then `created_at`.
+/// Adds a machine's row: its fields, its policy, then `created_at` and its space.
 const INSERT_MACHINE: &str =
-    "INSERT INTO machines (name, kind, uri, thumbprint, policy_id, worker_pool, created_at) \
-     VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id";
+    "INSERT INTO machines (name, kind, uri, thumbprint, policy_id, worker_pool, created_at, space_id) \
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id";
 
 /// Rewrites a machine's row: its fields, its policy, then its id. A new
 /// registration: what was known about the old one's health no longer holds.
@@ -254,7 +256,8 @@ const REPLACE_MACHINE: &str =
      status = 'Unknown', status_reason = '', last_health_at = NULL, tentacle_version = NULL, \
      tool_version = NULL WHERE id = ?";
 
-/// The parameters [`INSERT_MACHINE`] and [`REPLACE_MACHINE`] start with.
+/// The parameters [`INSERT_MACHINE`] (then `created_at` and the space) and
+/// [`REPLACE_MACHINE`] (then the id) start with.
 fn machine_params<'q>(m: &'q NewMachine, refs: &MachineRefs) -> Params<'q> {
     params![
         &m.name,
@@ -269,30 +272,31 @@ fn machine_params<'q>(m: &'q NewMachine, refs: &MachineRefs) -> Params<'q> {
 /// What a new machine refers to, resolved to row ids.
 async fn resolve_refs(conn: &mut SqliteConnection, m: &NewMachine) -> Result<MachineRefs> {
     let policy = m.policy.as_deref().unwrap_or(DEFAULT_POLICY);
-    let sql = "SELECT id FROM machine_policies WHERE name = ?";
-    let policy_id = query(sql, params![policy], RESOLVE)
+    let sql = "SELECT id FROM machine_policies WHERE space_id = ? AND name = ?";
+    let policy_id = query(sql, params![m.space_id, policy], RESOLVE)
         .scalar::<i64>(&mut *conn)
         .await?
         .ok_or_else(|| missing_policy(policy))?;
     Ok(MachineRefs {
         policy_id,
-        environment_ids: ids_by_name(conn, "environment", &m.environments).await?,
-        tenant_ids: ids_by_name(conn, "tenant", &m.tenants).await?,
+        environment_ids: ids_by_name(conn, m.space_id, "environment", &m.environments).await?,
+        tenant_ids: ids_by_name(conn, m.space_id, "tenant", &m.tenants).await?,
     })
 }
 
 const RESOLVE: &str = "checking a machine's environments, tenants and policy";
 
-/// The row ids of the `kind`s (in table `<kind>s`) named, each once.
+/// The row ids of the `kind`s (in table `<kind>s`) of a space named, each once.
 async fn ids_by_name(
     conn: &mut SqliteConnection,
+    space_id: i64,
     kind: &str,
     names: &[String],
 ) -> Result<Vec<i64>> {
-    let sql = format!("SELECT id FROM {kind}s WHERE name = ?");
+    let sql = format!("SELECT id FROM {kind}s WHERE space_id = ? AND name = ?");
     let mut ids = Vec::with_capacity(names.len());
     for name in names {
-        let id = query(&sql, params![name], RESOLVE)
+        let id = query(&sql, params![space_id, name], RESOLVE)
             .scalar::<i64>(&mut *conn)
             .await?;
         ids.push(id.ok_or_else(|| missing_reference(kind, name))?);
@@ -357,21 +361,213 @@ async fn require_task(conn: &mut SqliteConnection, id: &str, op: &str) -> Result
     found.map(drop).ok_or_else(|| not_found("task", id))
 }
 
-/// The version of a package, by ID (any case) and exact version.
+/// The version of a package of a space, by ID (any case) and exact version.
 async fn package_version<'c>(
     ex: impl Ex<'c>,
+    space_id: i64,
     package_id: &str,
     version: &str,
     op: &str,
 ) -> Result<Option<Package>> {
-    let sql = select::<PackageRow>("FROM packages WHERE package_id = ? AND version = ?");
-    query(&sql, params![package_id, version], op)
+    let sql =
+        select::<PackageRow>("FROM packages WHERE space_id = ? AND package_id = ? AND version = ?");
+    query(&sql, params![space_id, package_id, version], op)
         .optional::<PackageRow>(ex)
         .await
 }
 
+/// The record of a space whose `column` is `key` in `table`.
+async fn by_space_key<'c, R: SqlRow>(
+    ex: impl Ex<'c>,
+    table: &str,
+    space_id: i64,
+    column: &str,
+    key: &str,
+    op: &str,
+) -> Result<Option<R::Record>> {
+    let sql = select::<R>(&format!("FROM {table} WHERE space_id = ? AND {column} = ?"));
+    query(&sql, params![space_id, key], op)
+        .optional::<R>(ex)
+        .await
+}
+
+/// A user by id, with whether they are an administrator.
+async fn user_by<'c>(ex: impl Ex<'c>, id: i64, op: &str) -> Result<Option<User>> {
+    let sql = select::<UserRow>("FROM users WHERE id = ?");
+    query(&sql, params![id], op).optional::<UserRow>(ex).await
+}
+
+/// Teams matching `where_sql` (on `teams t`), ordered by space then name,
+/// with their members and grants.
+async fn query_teams(
+    conn: &mut SqliteConnection,
+    where_sql: &str,
+    params: Params<'_>,
+) -> Result<Vec<Team>> {
+    const OP: &str = "loading teams";
+    let sql = select::<TeamRow>(&format!(
+        "{} {where_sql} ORDER BY t.space_id IS NOT NULL, s.name, t.name, t.id",
+        TeamRow::FROM
+    ));
+    let mut teams = query(&sql, params, OP).all::<TeamRow>(&mut *conn).await?;
+    if teams.is_empty() {
+        return Ok(teams);
+    }
+    let ids = json_array(&teams.iter().map(|t| t.id).collect::<Vec<_>>())?;
+    let sql = format!(
+        "SELECT tm.team_id AS owner, u.username AS value FROM team_members tm \
+         JOIN users u ON u.id = tm.user_id WHERE tm.team_id IN ({JSON_IDS}) \
+         ORDER BY tm.team_id, u.username"
+    );
+    let mut members = group(
+        query(&sql, params![&ids], OP)
+            .all::<ListRow>(&mut *conn)
+            .await?,
+    );
+    let mut grants = query_grants(
+        conn,
+        &format!("WHERE g.team_id IN ({JSON_IDS})"),
+        params![&ids],
+    )
+    .await?;
+    for t in &mut teams {
+        t.members = members.remove(&t.id).unwrap_or_default();
+        t.grants = grants.remove(&t.id).unwrap_or_default();
+    }
+    Ok(teams)
+}
+
+/// Grants matching `where_sql` (on `grants g`), by team, with their
+/// environments and tenants.
+async fn query_grants(
+    conn: &mut SqliteConnection,
+    where_sql: &str,
+    params: Params<'_>,
+) -> Result<HashMap<i64, Vec<Grant>>> {
+    const OP: &str = "loading grants";
+    let sql = select::<GrantRow>(&format!("{} {where_sql} ORDER BY g.id", GrantRow::FROM));
+    let rows = query(&sql, params, OP).all::<GrantRow>(&mut *conn).await?;
+    let mut by_team: HashMap<i64, Vec<Grant>> = HashMap::new();
+    if rows.is_empty() {
+        return Ok(by_team);
+    }
+    let ids = json_array(&rows.iter().map(|(_, g)| g.id).collect::<Vec<_>>())?;
+    let scopes = [
+        "SELECT ge.grant_id AS owner, e.name AS value FROM grant_environments ge \
+         JOIN environments e ON e.id = ge.environment_id",
+        "SELECT gt.grant_id AS owner, t.name AS value FROM grant_tenants gt \
+         JOIN tenants t ON t.id = gt.tenant_id",
+    ];
+    let mut lists = Vec::with_capacity(2);
+    for (i, base) in scopes.iter().enumerate() {
+        let column = if i == 0 { "ge" } else { "gt" };
+        let sql = format!(
+            "{base} WHERE {column}.grant_id IN ({JSON_IDS}) ORDER BY {column}.grant_id, value"
+        );
+        lists.push(group(
+            query(&sql, params![&ids], OP)
+                .all::<ListRow>(&mut *conn)
+                .await?,
+        ));
+    }
+    for (team_id, mut g) in rows {
+        g.environments = lists[0].remove(&g.id).unwrap_or_default();
+        g.tenants = lists[1].remove(&g.id).unwrap_or_default();
+        by_team.entry(team_id).or_default().push(g);
+    }
+    Ok(by_team)
+}
+
+/// Adds a space's default machine policy.
+async fn add_default_policy(conn: &mut SqliteConnection, space_id: i64, op: &str) -> Result<()> {
+    let sql = "INSERT INTO machine_policies (space_id, name, health_check_interval_s, \
+               health_check_timeout_s, polling_wait_s) VALUES (?, ?, 3600, 60, 120)";
+    query(sql, params![space_id, DEFAULT_POLICY], op)
+        .execute(&mut *conn)
+        .await
+        .map(drop)
+}
+
 #[async_trait::async_trait]
 impl Store for SqliteStore {
+    // Spaces.
+
+    async fn create_space(&self, name: &str, description: &str) -> Result<Space> {
+        const OP: &str = "adding a space";
+        require_name("space", name)?;
+        let mut tx = self.write_tx(OP).await?;
+        let sql = returning::<SpaceRow>(
+            "INSERT INTO spaces (name, description, is_default, created_at) VALUES (?, ?, FALSE, ?)",
+        );
+        let op = Op::new(OP).unique(conflict("space", name));
+        let space = query(&sql, params![name, description, now_ms()], op)
+            .one::<SpaceRow>(&mut *tx)
+            .await?;
+        add_default_policy(&mut tx, space.id, OP).await?;
+        tx.commit().await.ctx(OP)?;
+        Ok(space)
+    }
+
+    async fn list_spaces(&self) -> Result<Vec<Space>> {
+        let sql = select::<SpaceRow>("FROM spaces ORDER BY is_default DESC, name, id");
+        query(&sql, params![], "listing spaces")
+            .all::<SpaceRow>(&self.pool)
+            .await
+    }
+
+    async fn space_by_name(&self, name: &str) -> Result<Option<Space>> {
+        by_key::<SpaceRow>(&self.pool, "spaces", "name", name, "looking up a space").await
+    }
+
+    async fn space_by_id(&self, id: i64) -> Result<Option<Space>> {
+        let sql = select::<SpaceRow>("FROM spaces WHERE id = ?");
+        query(&sql, params![id], "looking up a space")
+            .optional::<SpaceRow>(&self.pool)
+            .await
+    }
+
+    async fn delete_space(&self, id: i64) -> Result<Space> {
+        const OP: &str = "deleting a space";
+        let mut tx = self.write_tx(OP).await?;
+        let sql = select::<SpaceRow>("FROM spaces WHERE id = ?");
+        let space = query(&sql, params![id], OP)
+            .optional::<SpaceRow>(&mut *tx)
+            .await?
+            .ok_or_else(|| not_found("space", format!("#{id}")))?;
+        if space.is_default {
+            return Err(invalid(format!(
+                "space '{}' is the default space (requests that name no space use it) and cannot be deleted",
+                space.name
+            )));
+        }
+        let machines = query(
+            "SELECT COUNT(*) FROM machines WHERE space_id = ?",
+            params![id],
+            OP,
+        )
+        .value::<i64>(&mut *tx)
+        .await?;
+        if machines > 0 {
+            return Err(invalid(format!(
+                "space '{}' holds {machines} machine(s); delete them first (`octopus machine list --space {}`)",
+                space.name,
+                shell_word(&space.name)
+            )));
+        }
+        // Grants first: their scopes refer to the space's environments and
+        // tenants, which may not go while a grant is narrowed to them.
+        query("DELETE FROM grants WHERE space_id = ?", params![id], OP)
+            .execute(&mut *tx)
+            .await?;
+        let sql = "DELETE FROM grants WHERE team_id IN (SELECT id FROM teams WHERE space_id = ?)";
+        query(sql, params![id], OP).execute(&mut *tx).await?;
+        query("DELETE FROM spaces WHERE id = ?", params![id], OP)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await.ctx(OP)?;
+        Ok(space)
+    }
+
     // Users and API keys.
 
     async fn create_user(
@@ -379,16 +575,20 @@ impl Store for SqliteStore {
         username: &str,
         display_name: &str,
         password_hash: Option<&str>,
-        is_admin: bool,
     ) -> Result<User> {
+        const OP: &str = "adding a user";
         require_name("user", username)?;
-        let sql = returning::<UserRow>(
-            "INSERT INTO users (username, display_name, password_hash, is_admin, created_at) \
-             VALUES (?, ?, ?, ?, ?)",
-        );
-        let params = params![username, display_name, password_hash, is_admin, now_ms()];
-        let op = Op::new("adding a user").unique(conflict("user", username));
-        query(&sql, params, op).one::<UserRow>(&self.pool).await
+        let mut tx = self.write_tx(OP).await?;
+        let sql = "INSERT INTO users (username, display_name, password_hash, created_at) \
+                   VALUES (?, ?, ?, ?) RETURNING id";
+        let params = params![username, display_name, password_hash, now_ms()];
+        let op = Op::new(OP).unique(conflict("user", username));
+        let id = query(sql, params, op).value::<i64>(&mut *tx).await?;
+        let user = user_by(&mut *tx, id, OP)
+            .await?
+            .ok_or_else(|| StoreError::Database(format!("{OP}: user '{username}' vanished")))?;
+        tx.commit().await.ctx(OP)?;
+        Ok(user)
     }
 
     async fn user_by_name(&self, username: &str) -> Result<Option<(User, Option<String>)>> {
@@ -396,9 +596,58 @@ impl Store for SqliteStore {
         by_key::<UserWithHashRow>(&self.pool, "users", "username", username, op).await
     }
 
+    async fn user_by_id(&self, id: i64) -> Result<Option<User>> {
+        user_by(&self.pool, id, "looking up a user").await
+    }
+
+    async fn list_users(&self) -> Result<Vec<User>> {
+        let sql = select::<UserRow>("FROM users ORDER BY username, id");
+        query(&sql, params![], "listing users")
+            .all::<UserRow>(&self.pool)
+            .await
+    }
+
+    async fn set_user_disabled(&self, id: i64, disabled: bool) -> Result<User> {
+        const OP: &str = "disabling or enabling a user";
+        let mut tx = self.write_tx(OP).await?;
+        let n = query(
+            "UPDATE users SET disabled = ? WHERE id = ?",
+            params![disabled, id],
+            OP,
+        )
+        .execute(&mut *tx)
+        .await?;
+        expect_rows(n, not_found("user", format!("#{id}")))?;
+        let user = user_by(&mut *tx, id, OP)
+            .await?
+            .ok_or_else(|| not_found("user", format!("#{id}")))?;
+        tx.commit().await.ctx(OP)?;
+        Ok(user)
+    }
+
+    async fn set_password_hash(&self, id: i64, password_hash: &str) -> Result<()> {
+        let sql = "UPDATE users SET password_hash = ? WHERE id = ?";
+        let n = query(sql, params![password_hash, id], "setting a password")
+            .execute(&self.pool)
+            .await?;
+        expect_rows(n, not_found("user", format!("#{id}")))
+    }
+
     async fn count_users(&self) -> Result<i64> {
         query("SELECT COUNT(*) FROM users", params![], "counting users")
             .value::<i64>(&self.pool)
+            .await
+    }
+
+    async fn holders_of(&self, role: &str) -> Result<Vec<User>> {
+        // The same test as IS_SYSTEM_ADMINISTRATOR, for any role.
+        let role_test = IS_SYSTEM_ADMINISTRATOR
+            .replace(&format!("'{}'", octo_store::SYSTEM_ADMINISTRATOR), "?");
+        let sql = select::<UserRow>(&format!(
+            "FROM users WHERE users.disabled = FALSE AND {role_test} ORDER BY users.username"
+        ));
+        query(&sql, params![role], "listing the holders of a role")
+            .all::<UserRow>(&self.pool)
             .await
     }
 
@@ -408,13 +657,14 @@ impl Store for SqliteStore {
         purpose: &str,
         key_sha256: &str,
         prefix: &str,
+        session: bool,
     ) -> Result<ApiKey> {
         let sql = returning::<ApiKeyRow>(
-            "INSERT INTO api_keys (user_id, purpose, key_sha256, prefix, created_at) \
-             VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO api_keys (user_id, purpose, key_sha256, prefix, created_at, session) \
+             VALUES (?, ?, ?, ?, ?, ?)",
         );
         let key_sha256 = key_sha256.to_ascii_lowercase();
-        let params = params![user_id, purpose, key_sha256, prefix, now_ms()];
+        let params = params![user_id, purpose, key_sha256, prefix, now_ms(), session];
         let op = Op::new("adding an API key")
             .unique(conflict("API key", prefix))
             .foreign_key(not_found("user", format!("#{user_id}")));
@@ -425,27 +675,36 @@ impl Store for SqliteStore {
         &self,
         key_sha256: &str,
         now: i64,
+        session_idle_ms: i64,
     ) -> Result<Option<(ApiKey, User)>> {
         const OP: &str = "checking an API key";
         let mut conn = self.pool.acquire().await.ctx(OP)?;
+        // A session key counts only when used within the idle time.
         let sql = returning::<ApiKeyRow>(
-            "UPDATE api_keys SET last_used_at = ? WHERE key_sha256 = ? AND revoked = FALSE",
+            "UPDATE api_keys SET last_used_at = ? WHERE key_sha256 = ? AND revoked = FALSE \
+             AND (session = FALSE OR COALESCE(last_used_at, created_at) >= ?)",
         );
-        let key = query(&sql, params![now, key_sha256.to_ascii_lowercase()], OP)
+        let idle_since = now.saturating_sub(session_idle_ms);
+        let params = params![now, key_sha256.to_ascii_lowercase(), idle_since];
+        let key = query(&sql, params, OP)
             .optional::<ApiKeyRow>(&mut *conn)
             .await?;
         let Some(key) = key else { return Ok(None) };
-        let sql = select::<UserRow>("FROM users WHERE id = ?");
-        let user = query(&sql, params![key.user_id], OP)
-            .optional::<UserRow>(&mut *conn)
-            .await?;
-        Ok(user.map(|u| (key, u)))
+        let user = user_by(&mut *conn, key.user_id, OP).await?;
+        Ok(user.filter(|u| !u.disabled).map(|u| (key, u)))
     }
 
     async fn list_api_keys(&self, user_id: Option<i64>) -> Result<Vec<ApiKey>> {
         let sql = select::<ApiKeyRow>("FROM api_keys WHERE ? IS NULL OR user_id = ? ORDER BY id");
         query(&sql, params![user_id, user_id], "listing API keys")
             .all::<ApiKeyRow>(&self.pool)
+            .await
+    }
+
+    async fn api_key(&self, id: i64) -> Result<Option<ApiKey>> {
+        let sql = select::<ApiKeyRow>("FROM api_keys WHERE id = ?");
+        query(&sql, params![id], "looking up an API key")
+            .optional::<ApiKeyRow>(&self.pool)
             .await
     }
 
@@ -457,37 +716,301 @@ impl Store for SqliteStore {
         expect_rows(n, not_found("API key", format!("#{id}")))
     }
 
-    // Environments and tenants.
+    // Roles, teams and grants.
 
-    async fn create_environment(&self, name: &str, description: &str) -> Result<Environment> {
-        require_name("environment", name)?;
-        let sql = returning::<EnvironmentRow>(
-            "INSERT INTO environments (name, description, created_at) VALUES (?, ?, ?)",
+    async fn create_role(&self, role: &Role) -> Result<Role> {
+        require_name("role", &role.name)?;
+        let names: Vec<&str> = role.permissions.iter().map(|p| p.name()).collect();
+        let sql = returning::<RoleRow>(
+            "INSERT INTO roles (name, description, permissions, created_at) VALUES (?, ?, ?, ?)",
         );
-        let op = Op::new("adding an environment").unique(conflict("environment", name));
-        query(&sql, params![name, description, now_ms()], op)
-            .one::<EnvironmentRow>(&self.pool)
+        let params = params![&role.name, &role.description, json_array(&names)?, now_ms()];
+        let op = Op::new("adding a role").unique(conflict("role", &role.name));
+        query(&sql, params, op).one::<RoleRow>(&self.pool).await
+    }
+
+    async fn list_roles(&self) -> Result<Vec<Role>> {
+        let sql = select::<RoleRow>("FROM roles ORDER BY name");
+        query(&sql, params![], "listing roles")
+            .all::<RoleRow>(&self.pool)
             .await
     }
 
-    async fn list_environments(&self) -> Result<Vec<Environment>> {
-        let sql = select::<EnvironmentRow>("FROM environments ORDER BY name, id");
-        query(&sql, params![], "listing environments")
+    async fn create_team(
+        &self,
+        space_id: Option<i64>,
+        name: &str,
+        description: &str,
+    ) -> Result<Team> {
+        const OP: &str = "adding a team";
+        require_name("team", name)?;
+        let mut tx = self.write_tx(OP).await?;
+        let sql =
+            "INSERT INTO teams (space_id, name, description, created_at) VALUES (?, ?, ?, ?) \
+                   RETURNING id";
+        let op = Op::new(OP)
+            .unique(conflict("team", name))
+            .foreign_key(not_found("space", format!("#{}", space_id.unwrap_or(0))));
+        let id = query(sql, params![space_id, name, description, now_ms()], op)
+            .value::<i64>(&mut *tx)
+            .await?;
+        let team = query_teams(&mut tx, "WHERE t.id = ?", params![id])
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| StoreError::Database(format!("{OP}: team '{name}' vanished")))?;
+        tx.commit().await.ctx(OP)?;
+        Ok(team)
+    }
+
+    async fn list_teams(&self, space_id: Option<i64>) -> Result<Vec<Team>> {
+        const OP: &str = "listing teams";
+        let mut tx = self.read_tx(OP).await?;
+        let teams = match space_id {
+            Some(id) => {
+                let sql = "WHERE t.space_id IS NULL OR t.space_id = ?";
+                query_teams(&mut tx, sql, params![id]).await?
+            }
+            None => query_teams(&mut tx, "", params![]).await?,
+        };
+        tx.commit().await.ctx(OP)?;
+        Ok(teams)
+    }
+
+    async fn team(&self, id: i64) -> Result<Option<Team>> {
+        const OP: &str = "looking up a team";
+        let mut tx = self.read_tx(OP).await?;
+        let team = query_teams(&mut tx, "WHERE t.id = ?", params![id])
+            .await?
+            .into_iter()
+            .next();
+        tx.commit().await.ctx(OP)?;
+        Ok(team)
+    }
+
+    async fn delete_team(&self, id: i64) -> Result<()> {
+        const OP: &str = "deleting a team";
+        let mut tx = self.write_tx(OP).await?;
+        let team = query_teams(&mut tx, "WHERE t.id = ?", params![id])
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| not_found("team", format!("#{id}")))?;
+        if team.built_in {
+            return Err(invalid(format!(
+                "team '{}' is built in and cannot be deleted; remove its members instead",
+                team.name
+            )));
+        }
+        query("DELETE FROM teams WHERE id = ?", params![id], OP)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await.ctx(OP)
+    }
+
+    async fn add_team_member(&self, team_id: i64, user_id: i64) -> Result<()> {
+        let sql =
+            "INSERT INTO team_members (team_id, user_id) VALUES (?, ?) ON CONFLICT DO NOTHING";
+        let op = Op::new("adding a team member")
+            .foreign_key(not_found("team or user", format!("#{team_id}/#{user_id}")));
+        query(sql, params![team_id, user_id], op)
+            .execute(&self.pool)
+            .await
+            .map(drop)
+    }
+
+    async fn remove_team_member(&self, team_id: i64, user_id: i64) -> Result<()> {
+        let sql = "DELETE FROM team_members WHERE team_id = ? AND user_id = ?";
+        let n = query(sql, params![team_id, user_id], "removing a team member")
+            .execute(&self.pool)
+            .await?;
+        expect_rows(n, not_found("team member", format!("#{user_id}")))
+    }
+
+    async fn add_grant(
+        &self,
+        team_id: i64,
+        role: &str,
+        space_id: Option<i64>,
+        environments: &[String],
+        tenants: &[String],
+    ) -> Result<Grant> {
+        const OP: &str = "giving a team a role";
+        require_name("role", role)?;
+        let mut tx = self.write_tx(OP).await?;
+        let (environment_ids, tenant_ids) = match space_id {
+            Some(space) => (
+                ids_by_name(&mut tx, space, "environment", environments).await?,
+                ids_by_name(&mut tx, space, "tenant", tenants).await?,
+            ),
+            None if environments.is_empty() && tenants.is_empty() => (Vec::new(), Vec::new()),
+            None => {
+                return Err(invalid(
+                    "a grant in every space cannot be narrowed to environments or tenants: \
+                     give it in one space",
+                ))
+            }
+        };
+        let sql = "INSERT INTO grants (team_id, role, space_id, created_at) VALUES (?, ?, ?, ?) \
+                   RETURNING id";
+        let op = Op::new(OP).foreign_key(not_found("team", format!("#{team_id}")));
+        let id = query(sql, params![team_id, role, space_id, now_ms()], op)
+            .value::<i64>(&mut *tx)
+            .await?;
+        for (table, column, ids) in [
+            ("grant_environments", "environment_id", &environment_ids),
+            ("grant_tenants", "tenant_id", &tenant_ids),
+        ] {
+            let sql = format!(
+                "INSERT INTO {table} (grant_id, {column}) SELECT ?, value FROM json_each(?) \
+                 WHERE true ON CONFLICT DO NOTHING"
+            );
+            query(&sql, params![id, json_array(ids)?], OP)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let grant = query_grants(&mut tx, "WHERE g.id = ?", params![id])
+            .await?
+            .remove(&team_id)
+            .and_then(|mut g| g.pop())
+            .ok_or_else(|| StoreError::Database(format!("{OP}: grant #{id} vanished")))?;
+        tx.commit().await.ctx(OP)?;
+        Ok(grant)
+    }
+
+    async fn remove_grant(&self, team_id: i64, grant_id: i64) -> Result<()> {
+        let sql = "DELETE FROM grants WHERE team_id = ? AND id = ?";
+        let n = query(sql, params![team_id, grant_id], "removing a grant")
+            .execute(&self.pool)
+            .await?;
+        expect_rows(n, not_found("grant", format!("#{grant_id}")))
+    }
+
+    async fn grants_of_user(&self, user_id: i64) -> Result<Vec<Grant>> {
+        const OP: &str = "loading a user's grants";
+        let mut tx = self.read_tx(OP).await?;
+        let sql = "WHERE g.team_id IN (SELECT team_id FROM team_members WHERE user_id = ?)";
+        let grants = query_grants(&mut tx, sql, params![user_id]).await?;
+        tx.commit().await.ctx(OP)?;
+        let mut all: Vec<Grant> = grants.into_values().flatten().collect();
+        all.sort_by_key(|g| g.id);
+        Ok(all)
+    }
+
+    // The audit log.
+
+    async fn append_audit(&self, e: &NewAuditEvent) -> Result<()> {
+        let sql = "INSERT INTO audit_events (at, user_id, username, source, action, kind, object, \
+                   space_id, space, details) \
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, (SELECT name FROM spaces WHERE id = ?), ?)";
+        let params = params![
+            e.at,
+            e.user_id,
+            &e.username,
+            &e.source,
+            &e.action,
+            &e.kind,
+            &e.object,
+            e.space_id,
+            e.space_id,
+            &e.details,
+        ];
+        query(sql, params, "recording an audit event")
+            .execute(&self.pool)
+            .await
+            .map(drop)
+    }
+
+    async fn list_audit(&self, f: &AuditFilter) -> Result<Vec<AuditEvent>> {
+        let sql = select::<AuditRow>(
+            "FROM audit_events WHERE \
+             ((? IS NULL AND (space_id IS NOT NULL OR ?)) OR space_id = ? OR (? AND space_id IS NULL)) \
+             AND (? IS NULL OR username = ? COLLATE NOCASE) AND (? IS NULL OR at >= ?) \
+             ORDER BY id DESC LIMIT ?",
+        );
+        let params = params![
+            f.space_id,
+            f.include_system,
+            f.space_id,
+            f.include_system,
+            &f.username,
+            &f.username,
+            f.since,
+            f.since,
+            f.limit,
+        ];
+        query(&sql, params, "listing audit events")
+            .all::<AuditRow>(&self.pool)
+            .await
+    }
+
+    // Settings.
+
+    async fn setting(&self, name: &str) -> Result<Option<String>> {
+        query(
+            "SELECT value FROM settings WHERE name = ?",
+            params![name],
+            "reading a setting",
+        )
+        .scalar::<String>(&self.pool)
+        .await
+    }
+
+    async fn set_setting(&self, name: &str, value: &str) -> Result<()> {
+        let sql = "INSERT INTO settings (name, value) VALUES (?, ?) \
+                   ON CONFLICT (name) DO UPDATE SET value = excluded.value";
+        query(sql, params![name, value], "saving a setting")
+            .execute(&self.pool)
+            .await
+            .map(drop)
+    }
+
+    // Environments and tenants.
+
+    async fn create_environment(
+        &self,
+        space_id: i64,
+        name: &str,
+        description: &str,
+    ) -> Result<Environment> {
+        require_name("environment", name)?;
+        let sql = returning::<EnvironmentRow>(
+            "INSERT INTO environments (space_id, name, description, sort_order, created_at) \
+             VALUES (?, ?, ?, (SELECT COALESCE(MAX(sort_order), 0) + 1 FROM environments \
+             WHERE space_id = ?), ?)",
+        );
+        let op = Op::new("adding an environment")
+            .unique(conflict("environment", name))
+            .foreign_key(not_found("space", format!("#{space_id}")));
+        query(
+            &sql,
+            params![space_id, name, description, space_id, now_ms()],
+            op,
+        )
+        .one::<EnvironmentRow>(&self.pool)
+        .await
+    }
+
+    async fn list_environments(&self, space_id: i64) -> Result<Vec<Environment>> {
+        let sql =
+            select::<EnvironmentRow>("FROM environments WHERE space_id = ? ORDER BY name, id");
+        query(&sql, params![space_id], "listing environments")
             .all::<EnvironmentRow>(&self.pool)
             .await
     }
 
-    async fn environment(&self, name: &str) -> Result<Option<Environment>> {
+    async fn environment(&self, space_id: i64, name: &str) -> Result<Option<Environment>> {
         let op = "looking up an environment";
-        by_key::<EnvironmentRow>(&self.pool, "environments", "name", name, op).await
+        by_space_key::<EnvironmentRow>(&self.pool, "environments", space_id, "name", name, op).await
     }
 
-    async fn delete_environment(&self, name: &str) -> Result<()> {
+    async fn delete_environment(&self, space_id: i64, name: &str) -> Result<()> {
         const OP: &str = "deleting an environment";
         let mut tx = self.write_tx(OP).await?;
-        let env = by_key::<EnvironmentRow>(&mut *tx, "environments", "name", name, OP)
-            .await?
-            .ok_or_else(|| not_found("environment", name))?;
+        let env =
+            by_space_key::<EnvironmentRow>(&mut *tx, "environments", space_id, "name", name, OP)
+                .await?
+                .ok_or_else(|| not_found("environment", name))?;
         let sql = "SELECT m.name FROM machine_environments me \
                    JOIN machines m ON m.id = me.machine_id \
                    WHERE me.environment_id = ? ORDER BY m.name";
@@ -497,6 +1020,20 @@ impl Store for SqliteStore {
         if !users.is_empty() {
             return Err(environment_in_use(&env.name, &users));
         }
+        let sql = "SELECT DISTINCT t.name FROM grant_environments ge JOIN grants g ON g.id = ge.grant_id \
+                   JOIN teams t ON t.id = g.team_id WHERE ge.environment_id = ? ORDER BY t.name";
+        let teams = query(sql, params![env.id], OP)
+            .scalars::<String>(&mut *tx)
+            .await?;
+        if !teams.is_empty() {
+            return Err(invalid(format!(
+                "environment '{}' narrows role grants of team(s) {}; revoke those grants first \
+                 (`octopus team show TEAM`, then `octopus team revoke TEAM GRANT_ID`), as deleting \
+                 it would widen them",
+                env.name,
+                name_list(&teams)
+            )));
+        }
         let op = Op::new(OP).foreign_key(environment_still_used(&env.name));
         query("DELETE FROM environments WHERE id = ?", params![env.id], op)
             .execute(&mut *tx)
@@ -504,13 +1041,15 @@ impl Store for SqliteStore {
         tx.commit().await.ctx(OP)
     }
 
-    async fn create_tenant(&self, name: &str, tags: &[String]) -> Result<Tenant> {
+    async fn create_tenant(&self, space_id: i64, name: &str, tags: &[String]) -> Result<Tenant> {
         const OP: &str = "adding a tenant";
         check_new_tenant(name, tags)?;
         let mut tx = self.write_tx(OP).await?;
-        let sql = returning::<TenantRow>("INSERT INTO tenants (name, created_at) VALUES (?, ?)");
+        let sql = returning::<TenantRow>(
+            "INSERT INTO tenants (space_id, name, created_at) VALUES (?, ?, ?)",
+        );
         let op = Op::new(OP).unique(conflict("tenant", name));
-        let mut tenant = query(&sql, params![name, now_ms()], op)
+        let mut tenant = query(&sql, params![space_id, name, now_ms()], op)
             .one::<TenantRow>(&mut *tx)
             .await?;
         let sql = "INSERT INTO tenant_tags (tenant_id, tag) VALUES (?, ?) ON CONFLICT DO NOTHING";
@@ -525,11 +1064,11 @@ impl Store for SqliteStore {
         Ok(tenant)
     }
 
-    async fn list_tenants(&self) -> Result<Vec<Tenant>> {
+    async fn list_tenants(&self, space_id: i64) -> Result<Vec<Tenant>> {
         const OP: &str = "listing tenants";
         let mut tx = self.read_tx(OP).await?;
-        let sql = select::<TenantRow>("FROM tenants ORDER BY name, id");
-        let mut tenants = query(&sql, params![], OP)
+        let sql = select::<TenantRow>("FROM tenants WHERE space_id = ? ORDER BY name, id");
+        let mut tenants = query(&sql, params![space_id], OP)
             .all::<TenantRow>(&mut *tx)
             .await?;
         let mut tags = tenant_tags(&mut tx, None).await?;
@@ -542,9 +1081,9 @@ impl Store for SqliteStore {
 
     // Machine policies.
 
-    async fn policy(&self, name: &str) -> Result<Option<MachinePolicy>> {
+    async fn policy(&self, space_id: i64, name: &str) -> Result<Option<MachinePolicy>> {
         let op = "looking up a machine policy";
-        by_key::<PolicyRow>(&self.pool, "machine_policies", "name", name, op).await
+        by_space_key::<PolicyRow>(&self.pool, "machine_policies", space_id, "name", name, op).await
     }
 
     // Machines.
@@ -557,9 +1096,13 @@ impl Store for SqliteStore {
         self.save_machine(m, true).await
     }
 
-    async fn machine(&self, name: &str) -> Result<Option<Machine>> {
+    async fn machine(&self, space_id: i64, name: &str) -> Result<Option<Machine>> {
         let ms = self
-            .read_machines("looking up a machine", "WHERE m.name = ?", params![name])
+            .read_machines(
+                "looking up a machine",
+                "WHERE m.space_id = ? AND m.name = ?",
+                params![space_id, name],
+            )
             .await?;
         Ok(ms.into_iter().next())
     }
@@ -571,11 +1114,15 @@ impl Store for SqliteStore {
         Ok(ms.into_iter().next())
     }
 
-    async fn machines_by_thumbprint(&self, thumbprint: &str) -> Result<Vec<Machine>> {
+    async fn machines_by_thumbprint(
+        &self,
+        space_id: Option<i64>,
+        thumbprint: &str,
+    ) -> Result<Vec<Machine>> {
         let op = "looking up machines by thumbprint";
-        let params = params![normal_thumbprint(thumbprint)];
-        self.read_machines(op, "WHERE m.thumbprint = ?", params)
-            .await
+        let params = params![normal_thumbprint(thumbprint), space_id, space_id];
+        let sql = "WHERE m.thumbprint = ? AND (? IS NULL OR m.space_id = ?)";
+        self.read_machines(op, sql, params).await
     }
 
     async fn list_machines(&self, filter: &MachineFilter) -> Result<Vec<Machine>> {
@@ -599,8 +1146,8 @@ impl Store for SqliteStore {
                  WHERE mt.machine_id = m.id AND t.name COLLATE NOCASE IN (SELECT value FROM json_each(?)))",
             ),
         ];
-        let mut sql = String::from("WHERE 1 = 1");
-        let mut params = params![];
+        let mut sql = String::from("WHERE (? IS NULL OR m.space_id = ?)");
+        let mut params = params![filter.space_id, filter.space_id];
         for (values, condition) in conditions {
             if !values.is_empty() {
                 sql.push_str(" AND ");
@@ -611,9 +1158,9 @@ impl Store for SqliteStore {
         self.read_machines("listing machines", &sql, params).await
     }
 
-    async fn delete_machine(&self, name: &str) -> Result<()> {
-        let sql = "DELETE FROM machines WHERE name = ?";
-        let n = query(sql, params![name], "deleting a machine")
+    async fn delete_machine(&self, space_id: i64, name: &str) -> Result<()> {
+        let sql = "DELETE FROM machines WHERE space_id = ? AND name = ?";
+        let n = query(sql, params![space_id, name], "deleting a machine")
             .execute(&self.pool)
             .await?;
         expect_rows(n, not_found("machine", name))
@@ -649,36 +1196,45 @@ impl Store for SqliteStore {
 
     // Tasks.
 
-    async fn create_task(
-        &self,
-        kind: &str,
-        description: &str,
-        arguments: &serde_json::Value,
-        machine_ids: &[i64],
-        now: i64,
-    ) -> Result<Task> {
+    async fn create_task(&self, t: &NewTask, now: i64) -> Result<Task> {
         const OP: &str = "adding a task";
-        let arguments = arguments_text(arguments)?;
+        let arguments = arguments_text(&t.arguments)?;
+        let environments = json_array(&t.environments)?;
         let mut tx = self.write_tx(OP).await?;
         let sql = "UPDATE counters SET value = value + 1 WHERE name = 'task' RETURNING value";
         let seq = query(sql, params![], OP).value::<i64>(&mut *tx).await?;
         let id = task_id(seq);
         let sql = returning::<TaskRow>(
-            "INSERT INTO tasks (id, seq, kind, description, state, arguments, created_at) \
-             VALUES (?, ?, ?, ?, 'Queued', ?, ?)",
+            "INSERT INTO tasks (id, seq, space_id, environments, kind, description, state, \
+             arguments, created_at) VALUES (?, ?, ?, ?, ?, ?, 'Queued', ?, ?)",
         );
-        let params = params![&id, seq, kind, description, &arguments, now];
+        let params = params![
+            &id,
+            seq,
+            t.space_id,
+            &environments,
+            &t.kind,
+            &t.description,
+            &arguments,
+            now
+        ];
         let task = query(&sql, params, OP).one::<TaskRow>(&mut *tx).await?;
         let name_sql = "SELECT name FROM machines WHERE id = ?";
         let step_sql = "INSERT INTO task_steps (task_id, machine_id, machine_name, state, ticket) \
                         VALUES (?, ?, ?, 'Queued', ?)";
-        for machine_id in distinct_ids(machine_ids) {
+        for machine_id in distinct_ids(&t.machine_ids) {
             let name = query(name_sql, params![machine_id], OP)
                 .scalar::<String>(&mut *tx)
                 .await?
                 .ok_or_else(|| missing_machine(machine_id))?;
             let params = params![&id, machine_id, name, ticket(&id, machine_id)];
             query(step_sql, params, OP).execute(&mut *tx).await?;
+        }
+        let sql = "INSERT INTO task_secrets (task_id, name, ciphertext) VALUES (?, ?, ?)";
+        for (name, ciphertext) in &t.secrets {
+            query(sql, params![&id, name, ciphertext], OP)
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await.ctx(OP)?;
         Ok(task)
@@ -688,9 +1244,11 @@ impl Store for SqliteStore {
         by_key::<TaskRow>(&self.pool, "tasks", "id", id, "looking up a task").await
     }
 
-    async fn list_tasks(&self, limit: i64) -> Result<Vec<Task>> {
-        let sql = select::<TaskRow>("FROM tasks ORDER BY seq DESC LIMIT ?");
-        query(&sql, params![limit], "listing tasks")
+    async fn list_tasks(&self, space_id: Option<i64>, limit: i64) -> Result<Vec<Task>> {
+        let sql = select::<TaskRow>(
+            "FROM tasks WHERE (? IS NULL OR space_id = ?) ORDER BY seq DESC LIMIT ?",
+        );
+        query(&sql, params![space_id, space_id, limit], "listing tasks")
             .all::<TaskRow>(&self.pool)
             .await
     }
@@ -823,6 +1381,23 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn task_secrets(&self, task_id: &str) -> Result<Vec<(String, String)>> {
+        let sql = "SELECT name, ciphertext FROM task_secrets WHERE task_id = ? ORDER BY name";
+        query(sql, params![task_id], "reading a task's secrets")
+            .all::<(String, String)>(&self.pool)
+            .await
+    }
+
+    async fn count_task_secrets(&self) -> Result<i64> {
+        query(
+            "SELECT COUNT(*) FROM task_secrets",
+            params![],
+            "counting secrets",
+        )
+        .value::<i64>(&self.pool)
+        .await
+    }
+
     // Packages.
 
     async fn put_package(
@@ -834,7 +1409,7 @@ impl Store for SqliteStore {
         const OP: &str = "adding a package";
         require_name("package", &p.package_id)?;
         let mut tx = self.write_tx(OP).await?;
-        let existing = package_version(&mut *tx, &p.package_id, &p.version, OP).await?;
+        let existing = package_version(&mut *tx, p.space_id, &p.package_id, &p.version, OP).await?;
         let package = match &existing {
             Some(_) if !replace => {
                 let name = format!("{} {}", p.package_id, p.version);
@@ -850,10 +1425,11 @@ impl Store for SqliteStore {
             }
             None => {
                 let sql = returning::<PackageRow>(
-                    "INSERT INTO packages (package_id, version, format, sha256, size, file_name, \
-                     uploaded_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO packages (space_id, package_id, version, format, sha256, size, \
+                     file_name, uploaded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 );
                 let params = params![
+                    p.space_id,
                     &p.package_id,
                     &p.version,
                     &p.format,
@@ -869,28 +1445,55 @@ impl Store for SqliteStore {
         Ok((package, existing))
     }
 
-    async fn package(&self, package_id: &str, version: &str) -> Result<Option<Package>> {
-        package_version(&self.pool, package_id, version, "reading a package").await
+    async fn package(
+        &self,
+        space_id: i64,
+        package_id: &str,
+        version: &str,
+    ) -> Result<Option<Package>> {
+        package_version(
+            &self.pool,
+            space_id,
+            package_id,
+            version,
+            "reading a package",
+        )
+        .await
     }
 
-    async fn list_packages(&self, package_id: Option<&str>) -> Result<Vec<Package>> {
+    async fn list_packages(&self, space_id: i64, package_id: Option<&str>) -> Result<Vec<Package>> {
         // With an ID, every row has the same one (compared without case), so the
         // order is by upload time.
         let sql = select::<PackageRow>(
-            "FROM packages WHERE ? IS NULL OR package_id = ? ORDER BY package_id, uploaded_at, id",
+            "FROM packages WHERE space_id = ? AND (? IS NULL OR package_id = ?) \
+             ORDER BY package_id, uploaded_at, id",
         );
-        query(&sql, params![package_id, package_id], "listing packages")
-            .all::<PackageRow>(&self.pool)
-            .await
+        query(
+            &sql,
+            params![space_id, package_id, package_id],
+            "listing packages",
+        )
+        .all::<PackageRow>(&self.pool)
+        .await
     }
 
-    async fn delete_package(&self, package_id: &str, version: &str) -> Result<Package> {
-        let sql =
-            returning::<PackageRow>("DELETE FROM packages WHERE package_id = ? AND version = ?");
-        query(&sql, params![package_id, version], "deleting a package")
-            .optional::<PackageRow>(&self.pool)
-            .await?
-            .ok_or_else(|| not_found("package", format!("{package_id} {version}")))
+    async fn delete_package(
+        &self,
+        space_id: i64,
+        package_id: &str,
+        version: &str,
+    ) -> Result<Package> {
+        let sql = returning::<PackageRow>(
+            "DELETE FROM packages WHERE space_id = ? AND package_id = ? AND version = ?",
+        );
+        query(
+            &sql,
+            params![space_id, package_id, version],
+            "deleting a package",
+        )
+        .optional::<PackageRow>(&self.pool)
+        .await?
+        .ok_or_else(|| not_found("package", format!("{package_id} {version}")))
     }
 
     async fn count_packages_with_sha256(&self, sha256: &str) -> Result<i64> {

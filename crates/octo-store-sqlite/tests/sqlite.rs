@@ -6,7 +6,7 @@
 
 use octo_store::{Store, TaskState, DEFAULT_POLICY};
 use octo_store_sqlite::SqliteStore;
-use octo_store_tests::fixtures::{new_machine, strings, tentacle_line};
+use octo_store_tests::fixtures::{new_machine, new_task, strings, tentacle_line};
 use serde_json::json;
 
 #[tokio::test]
@@ -16,14 +16,14 @@ async fn a_file_database_persists_across_reopen() {
     let (machine_id, task_id) = {
         let s = SqliteStore::open(&path).await.unwrap();
         assert!(path.exists(), "the file and its directory are created");
-        s.create_user("admin", "Admin", None, true).await.unwrap();
-        s.create_environment("Production", "").await.unwrap();
+        s.create_user("admin", "Admin", None).await.unwrap();
+        s.create_environment(1, "Production", "").await.unwrap();
         let m = s
             .create_machine(&new_machine("web01", &["Production"], &["web"]))
             .await
             .unwrap();
         let t = s
-            .create_task("Script", "x", &json!({"a": 1}), &[m.id], 1)
+            .create_task(&new_task("Script", "x", &json!({"a": 1}), &[m.id]), 1)
             .await
             .unwrap();
         s.append_log(&t.id, &[tentacle_line(m.id, 0, "hello")])
@@ -37,12 +37,12 @@ async fn a_file_database_persists_across_reopen() {
     for _ in 0..2 {
         let s = SqliteStore::open(&path).await.unwrap();
         assert_eq!(s.count_users().await.unwrap(), 1);
-        let m = s.machine("web01").await.unwrap().unwrap();
+        let m = s.machine(1, "web01").await.unwrap().unwrap();
         assert_eq!(
             (m.id, m.environments, m.roles),
             (machine_id, strings(&["Production"]), strings(&["web"]))
         );
-        assert!(s.policy(DEFAULT_POLICY).await.unwrap().is_some());
+        assert!(s.policy(1, DEFAULT_POLICY).await.unwrap().is_some());
         assert_eq!(
             s.task(&task_id).await.unwrap().unwrap().arguments,
             json!({"a": 1})
@@ -54,7 +54,7 @@ async fn a_file_database_persists_across_reopen() {
     // Task numbers carry on where they stopped.
     let s = SqliteStore::open(&path).await.unwrap();
     let t = s
-        .create_task("Health", "x", &json!({}), &[], 2)
+        .create_task(&new_task("Health", "x", &json!({}), &[]), 2)
         .await
         .unwrap();
     assert_eq!(t.id, "ServerTasks-2");
@@ -76,7 +76,10 @@ async fn concurrent_writers_on_a_file_database_all_succeed() {
         let s = s.clone();
         handles.push(tokio::spawn(async move {
             let t = s
-                .create_task("Script", &format!("task {i}"), &json!({}), &[m.id], i)
+                .create_task(
+                    &new_task("Script", &format!("task {i}"), &json!({}), &[m.id]),
+                    i,
+                )
                 .await
                 .unwrap();
             for chunk in 0..10 {

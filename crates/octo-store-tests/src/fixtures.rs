@@ -1,6 +1,6 @@
 //! Data the contract tests build their stores from, for engines' own tests too.
 
-use octo_store::{EndpointKind, Machine, NewLogLine, NewMachine, NewPackage};
+use octo_store::{EndpointKind, Machine, NewLogLine, NewMachine, NewPackage, NewTask, Store, User};
 
 /// Owned strings.
 pub fn strings(items: &[&str]) -> Vec<String> {
@@ -15,6 +15,7 @@ pub fn thumb(c: char) -> String {
 /// A listening machine in `environments` with `roles`, thumbprint `AAAA...`.
 pub fn new_machine(name: &str, environments: &[&str], roles: &[&str]) -> NewMachine {
     NewMachine {
+        space_id: 1,
         name: name.to_string(),
         kind: EndpointKind::Listening,
         uri: format!("https://{name}:10933/"),
@@ -58,6 +59,7 @@ pub fn server_line(text: &str) -> NewLogLine {
 /// A zip package of 10 bytes whose SHA-256 is `sha` 64 times.
 pub fn new_package(id: &str, version: &str, sha: char) -> NewPackage {
     NewPackage {
+        space_id: 1,
         package_id: id.into(),
         version: version.into(),
         format: "zip".into(),
@@ -65,4 +67,29 @@ pub fn new_package(id: &str, version: &str, sha: char) -> NewPackage {
         size: 10,
         file_name: format!("{id}.{version}.zip"),
     }
+}
+
+/// A task of the default space on `machine_ids`, without secrets.
+pub fn new_task(
+    kind: &str,
+    description: &str,
+    arguments: &serde_json::Value,
+    machine_ids: &[i64],
+) -> NewTask {
+    NewTask {
+        space_id: 1,
+        kind: kind.into(),
+        description: description.into(),
+        arguments: arguments.clone(),
+        machine_ids: machine_ids.to_vec(),
+        environments: Vec::new(),
+        secrets: Vec::new(),
+    }
+}
+
+/// The user, made a member of the built-in administrators' team (team 1).
+#[allow(clippy::unwrap_used)]
+pub async fn make_admin(s: &dyn Store, user: &User) -> User {
+    s.add_team_member(1, user.id).await.unwrap();
+    s.user_by_id(user.id).await.unwrap().unwrap()
 }

@@ -9,14 +9,16 @@
 #![allow(clippy::unwrap_used)]
 
 use octo_store::{
-    ticket, EndpointKind, HealthStatus, HealthUpdate, MachineFilter, Store, StoreError, Task,
-    TaskState, DEFAULT_POLICY,
+    ticket, AuditEvent, AuditFilter, EndpointKind, HealthStatus, HealthUpdate, MachineFilter,
+    NewAuditEvent, Permission, Role, Store, StoreError, Task, TaskState, DEFAULT_POLICY,
 };
 use serde_json::json;
 
 pub mod fixtures;
 
-use fixtures::{names, new_machine, new_package, server_line, strings, tentacle_line, thumb};
+use fixtures::{
+    names, new_machine, new_package, new_task, server_line, strings, tentacle_line, thumb,
+};
 
 /// One `#[tokio::test]` per contract test, each on a fresh store.
 ///
@@ -46,6 +48,12 @@ macro_rules! store_suite {
             logs_append_once_advance_the_step_and_page,
             packages_are_unique_per_id_and_version_unless_replaced,
             step_output_variables_and_step_log_round_trip,
+            spaces_partition_names_and_refuse_deletion_while_machines_remain,
+            disabled_users_and_idle_sessions_do_not_authenticate,
+            teams_hold_members_and_grants_narrowed_to_environments,
+            scoped_environments_cannot_be_deleted_from_under_a_grant,
+            audit_events_are_listed_newest_first_and_filtered,
+            settings_and_task_secrets_round_trip,
         );
     };
     (@each $factory:expr; $($test:ident,)+) => {
@@ -63,13 +71,15 @@ pub async fn users_round_trip_and_are_found_case_insensitively(s: &dyn Store) {
     assert_eq!(s.count_users().await.unwrap(), 0);
     let hash = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA";
     let admin = s
-        .create_user("Admin", "The Admin", Some(hash), true)
+        .create_user("Admin", "The Admin", Some(hash))
         .await
         .unwrap();
+    assert!(!admin.is_admin, "a new user holds no role");
+    let admin = fixtures::make_admin(s, &admin).await;
     assert!(admin.id > 0);
     assert!(admin.is_admin);
     assert_eq!(admin.display_name, "The Admin");
-    let robot = s.create_user("robot", "CI", None, false).await.unwrap();
+    let robot = s.create_user("robot", "CI", None).await.unwrap();
     assert!(!robot.is_admin);
     assert_eq!(s.count_users().await.unwrap(), 2);
 
@@ -80,33 +90,37 @@ pub async fn users_round_trip_and_are_found_case_insensitively(s: &dyn Store) {
     assert_eq!(no_hash, None);
     assert!(s.user_by_name("nobody").await.unwrap().is_none());
 
-    let err = s
-        .create_user("admin", "again", None, false)
-        .await
-        .unwrap_err();
+    let err = s.create_user("admin", "again", None).await.unwrap_err();
     assert!(
         matches!(err, StoreError::Conflict { kind: "user", .. }),
         "{err:?}"
     );
     assert!(matches!(
-        s.create_user(" ", "", None, false).await,
+        s.create_user(" ", "", None).await,
         Err(StoreError::Invalid(_))
     ));
 }
 
 pub async fn api_keys_authenticate_until_revoked(s: &dyn Store) {
-    let alice = s.create_user("alice", "Alice", None, true).await.unwrap();
-    let bob = s.create_user("bob", "Bob", None, false).await.unwrap();
+    let alice = s.create_user("alice", "Alice", None).await.unwrap();
+    let alice = fixtures::make_admin(s, &alice).await;
+    let bob = s.create_user("bob", "Bob", None).await.unwrap();
     let a1 = s
-        .create_api_key(alice.id, "admin (created at first start)", "AA11", "API-AA")
+        .create_api_key(
+            alice.id,
+            "admin (created at first start)",
+            "AA11",
+            "API-AA",
+            false,
+        )
         .await
         .unwrap();
     let a2 = s
-        .create_api_key(alice.id, "laptop", "bb22", "API-BB")
+        .create_api_key(alice.id, "laptop", "bb22", "API-BB", false)
         .await
         .unwrap();
     let b1 = s
-        .create_api_key(bob.id, "ci", "cc33", "API-CC")
+        .create_api_key(bob.id, "ci", "cc33", "API-CC", false)
         .await
         .unwrap();
     assert_eq!(a1.last_used_at, None);
@@ -115,7 +129,7 @@ pub async fn api_keys_authenticate_until_revoked(s: &dyn Store) {
 
     // The hash is matched whatever the case of its hex.
     let (key, user) = s
-        .authenticate_api_key("aa11", 42_000)
+        .authenticate_api_key("aa11", 42_000, i64::MAX)
         .await
         .unwrap()
         .unwrap();
@@ -123,12 +137,16 @@ pub async fn api_keys_authenticate_until_revoked(s: &dyn Store) {
     assert_eq!(key.last_used_at, Some(42_000));
     assert_eq!(user, alice);
     let (key, user) = s
-        .authenticate_api_key("CC33", 43_000)
+        .authenticate_api_key("CC33", 43_000, i64::MAX)
         .await
         .unwrap()
         .unwrap();
     assert_eq!((key.id, user.id), (b1.id, bob.id));
-    assert!(s.authenticate_api_key("ffff", 1).await.unwrap().is_none());
+    assert!(s
+        .authenticate_api_key("ffff", 1, i64::MAX)
+        .await
+        .unwrap()
+        .is_none());
 
     let mine = s.list_api_keys(Some(alice.id)).await.unwrap();
     assert_eq!(
@@ -140,7 +158,7 @@ pub async fn api_keys_authenticate_until_revoked(s: &dyn Store) {
 
     s.revoke_api_key(a1.id).await.unwrap();
     assert!(s
-        .authenticate_api_key("aa11", 50_000)
+        .authenticate_api_key("aa11", 50_000, i64::MAX)
         .await
         .unwrap()
         .is_none());
@@ -152,7 +170,7 @@ pub async fn api_keys_authenticate_until_revoked(s: &dyn Store) {
         "a refused key is not marked used"
     );
     assert!(s
-        .authenticate_api_key("bb22", 50_000)
+        .authenticate_api_key("bb22", 50_000, i64::MAX)
         .await
         .unwrap()
         .is_some());
@@ -162,11 +180,11 @@ pub async fn api_keys_authenticate_until_revoked(s: &dyn Store) {
         Err(StoreError::NotFound { .. })
     ));
     assert!(matches!(
-        s.create_api_key(9_999, "x", "dd44", "API-DD").await,
+        s.create_api_key(9_999, "x", "dd44", "API-DD", false).await,
         Err(StoreError::NotFound { kind: "user", .. })
     ));
     assert!(matches!(
-        s.create_api_key(bob.id, "x", "CC33", "API-CC").await,
+        s.create_api_key(bob.id, "x", "CC33", "API-CC", false).await,
         Err(StoreError::Conflict {
             kind: "API key",
             ..
@@ -175,12 +193,12 @@ pub async fn api_keys_authenticate_until_revoked(s: &dyn Store) {
 }
 
 pub async fn environments_crud_and_delete_in_use_is_refused(s: &dyn Store) {
-    let prod = s.create_environment("Production", "live").await.unwrap();
-    s.create_environment("dev", "").await.unwrap();
-    s.create_environment("Staging", "").await.unwrap();
+    let prod = s.create_environment(1, "Production", "live").await.unwrap();
+    s.create_environment(1, "dev", "").await.unwrap();
+    s.create_environment(1, "Staging", "").await.unwrap();
     assert_eq!(prod.description, "live");
     let listed: Vec<String> = s
-        .list_environments()
+        .list_environments(1)
         .await
         .unwrap()
         .into_iter()
@@ -191,10 +209,10 @@ pub async fn environments_crud_and_delete_in_use_is_refused(s: &dyn Store) {
         ["dev", "Production", "Staging"],
         "ordered by name, case-insensitively"
     );
-    assert_eq!(s.environment("PRODUCTION").await.unwrap(), Some(prod));
-    assert!(s.environment("qa").await.unwrap().is_none());
+    assert_eq!(s.environment(1, "PRODUCTION").await.unwrap(), Some(prod));
+    assert!(s.environment(1, "qa").await.unwrap().is_none());
     assert!(matches!(
-        s.create_environment("production", "").await,
+        s.create_environment(1, "production", "").await,
         Err(StoreError::Conflict {
             kind: "environment",
             ..
@@ -207,7 +225,7 @@ pub async fn environments_crud_and_delete_in_use_is_refused(s: &dyn Store) {
     s.create_machine(&new_machine("web02", &["production", "Staging"], &["web"]))
         .await
         .unwrap();
-    let err = s.delete_environment("production").await.unwrap_err();
+    let err = s.delete_environment(1, "production").await.unwrap_err();
     let StoreError::Invalid(message) = err else {
         panic!("expected Invalid, got {err:?}")
     };
@@ -215,25 +233,29 @@ pub async fn environments_crud_and_delete_in_use_is_refused(s: &dyn Store) {
         message,
         "environment 'Production' is used by 2 machine(s): web01, web02; move or delete them first"
     );
-    assert!(s.environment("Production").await.unwrap().is_some());
+    assert!(s.environment(1, "Production").await.unwrap().is_some());
 
-    s.delete_environment("dev").await.unwrap();
-    assert!(s.environment("dev").await.unwrap().is_none());
+    s.delete_environment(1, "dev").await.unwrap();
+    assert!(s.environment(1, "dev").await.unwrap().is_none());
     assert!(matches!(
-        s.delete_environment("dev").await,
+        s.delete_environment(1, "dev").await,
         Err(StoreError::NotFound { .. })
     ));
 
-    s.delete_machine("web01").await.unwrap();
-    s.delete_machine("web02").await.unwrap();
-    s.delete_environment("Production").await.unwrap();
-    s.delete_environment("staging").await.unwrap();
-    assert!(s.list_environments().await.unwrap().is_empty());
+    s.delete_machine(1, "web01").await.unwrap();
+    s.delete_machine(1, "web02").await.unwrap();
+    s.delete_environment(1, "Production").await.unwrap();
+    s.delete_environment(1, "staging").await.unwrap();
+    assert!(s.list_environments(1).await.unwrap().is_empty());
 }
 
 pub async fn tenants_keep_their_tags(s: &dyn Store) {
     let acme = s
-        .create_tenant("Acme", &strings(&["Tier/Gold", "Region/EU", "Tier/Gold"]))
+        .create_tenant(
+            1,
+            "Acme",
+            &strings(&["Tier/Gold", "Region/EU", "Tier/Gold"]),
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -241,20 +263,20 @@ pub async fn tenants_keep_their_tags(s: &dyn Store) {
         ["Region/EU", "Tier/Gold"],
         "sorted, duplicates dropped"
     );
-    s.create_tenant("beta", &[]).await.unwrap();
-    let tenants = s.list_tenants().await.unwrap();
+    s.create_tenant(1, "beta", &[]).await.unwrap();
+    let tenants = s.list_tenants(1).await.unwrap();
     assert_eq!(tenants.len(), 2);
     assert_eq!(tenants[0], acme);
     assert_eq!(tenants[1].name, "beta");
     assert!(tenants[1].tags.is_empty());
     assert!(matches!(
-        s.create_tenant("ACME", &[]).await,
+        s.create_tenant(1, "ACME", &[]).await,
         Err(StoreError::Conflict { kind: "tenant", .. })
     ));
 }
 
 pub async fn the_default_policy_exists(s: &dyn Store) {
-    let p = s.policy(DEFAULT_POLICY).await.unwrap().unwrap();
+    let p = s.policy(1, DEFAULT_POLICY).await.unwrap().unwrap();
     assert_eq!(p.name, DEFAULT_POLICY);
     assert_eq!(
         (
@@ -264,17 +286,17 @@ pub async fn the_default_policy_exists(s: &dyn Store) {
         ),
         (3600, 60, 120)
     );
-    assert!(s.policy("Nope").await.unwrap().is_none());
+    assert!(s.policy(1, "Nope").await.unwrap().is_none());
 }
 
 pub async fn machines_are_created_listed_and_filtered(s: &dyn Store) {
     for env in ["Production", "Staging", "Dev"] {
-        s.create_environment(env, "").await.unwrap();
+        s.create_environment(1, env, "").await.unwrap();
     }
-    s.create_tenant("Acme", &strings(&["Tier/Gold"]))
+    s.create_tenant(1, "Acme", &strings(&["Tier/Gold"]))
         .await
         .unwrap();
-    s.create_tenant("Globex", &[]).await.unwrap();
+    s.create_tenant(1, "Globex", &[]).await.unwrap();
 
     let mut web01 = new_machine("web01", &["Production"], &["web", "app"]);
     web01.tenants = strings(&["acme"]);
@@ -317,9 +339,9 @@ pub async fn machines_are_created_listed_and_filtered(s: &dyn Store) {
     assert_eq!(worker.worker_pool.as_deref(), Some("Default Worker Pool"));
     assert!(worker.environments.is_empty());
 
-    assert_eq!(s.machine("WEB01").await.unwrap(), Some(web01.clone()));
+    assert_eq!(s.machine(1, "WEB01").await.unwrap(), Some(web01.clone()));
     assert_eq!(s.machine_by_id(db01.id).await.unwrap(), Some(db01.clone()));
-    assert!(s.machine("web99").await.unwrap().is_none());
+    assert!(s.machine(1, "web99").await.unwrap().is_none());
     assert!(s.machine_by_id(9_999).await.unwrap().is_none());
 
     let all = s.list_machines(&MachineFilter::default()).await.unwrap();
@@ -327,6 +349,7 @@ pub async fn machines_are_created_listed_and_filtered(s: &dyn Store) {
     assert_eq!(all[1], web01, "listed machines are fully populated");
 
     let filter = |names: &[&str], envs: &[&str], roles: &[&str], tenants: &[&str]| MachineFilter {
+        space_id: Some(1),
         names: strings(names),
         environments: strings(envs),
         roles: strings(roles),
@@ -386,7 +409,7 @@ pub async fn machines_are_created_listed_and_filtered(s: &dyn Store) {
 }
 
 pub async fn machine_creation_is_checked(s: &dyn Store) {
-    s.create_environment("Production", "").await.unwrap();
+    s.create_environment(1, "Production", "").await.unwrap();
     s.create_machine(&new_machine("web01", &["Production"], &[]))
         .await
         .unwrap();
@@ -456,8 +479,8 @@ pub async fn machine_creation_is_checked(s: &dyn Store) {
 }
 
 pub async fn machines_by_thumbprint_replace_delete_and_health(s: &dyn Store) {
-    s.create_environment("Production", "").await.unwrap();
-    s.create_environment("Staging", "").await.unwrap();
+    s.create_environment(1, "Production", "").await.unwrap();
+    s.create_environment(1, "Staging", "").await.unwrap();
     let a = s
         .create_machine(&new_machine("a", &["Production"], &["web"]))
         .await
@@ -471,14 +494,19 @@ pub async fn machines_by_thumbprint_replace_delete_and_health(s: &dyn Store) {
     let c = s.create_machine(&c).await.unwrap();
 
     // A cloned image: two machines present the same certificate.
-    let same = s.machines_by_thumbprint(&thumb('a')).await.unwrap();
+    let same = s
+        .machines_by_thumbprint(Some(1), &thumb('a'))
+        .await
+        .unwrap();
     assert_eq!(names(&same), ["a", "b"]);
     assert_eq!(
-        s.machines_by_thumbprint(&thumb('C')).await.unwrap(),
+        s.machines_by_thumbprint(Some(1), &thumb('C'))
+            .await
+            .unwrap(),
         vec![c.clone()]
     );
     assert!(s
-        .machines_by_thumbprint(&thumb('D'))
+        .machines_by_thumbprint(Some(1), &thumb('D'))
         .await
         .unwrap()
         .is_empty());
@@ -492,7 +520,7 @@ pub async fn machines_by_thumbprint_replace_delete_and_health(s: &dyn Store) {
         tool_version: Some("1.2.3".into()),
     };
     s.record_health(a.id, &h).await.unwrap();
-    let got = s.machine("a").await.unwrap().unwrap();
+    let got = s.machine(1, "a").await.unwrap().unwrap();
     assert_eq!(got.status, HealthStatus::Healthy);
     assert_eq!(got.last_health_at, Some(10_000));
     assert_eq!(got.tentacle_version.as_deref(), Some("8.1.0"));
@@ -505,7 +533,7 @@ pub async fn machines_by_thumbprint_replace_delete_and_health(s: &dyn Store) {
         tool_version: None,
     };
     s.record_health(a.id, &down).await.unwrap();
-    let got = s.machine("a").await.unwrap().unwrap();
+    let got = s.machine(1, "a").await.unwrap().unwrap();
     assert_eq!(got.status, HealthStatus::Unavailable);
     assert_eq!(got.status_reason, "connection refused");
     assert_eq!(got.last_health_at, Some(20_000));
@@ -525,7 +553,7 @@ pub async fn machines_by_thumbprint_replace_delete_and_health(s: &dyn Store) {
     .await
     .unwrap();
     assert_eq!(
-        s.machine("a").await.unwrap().unwrap().status,
+        s.machine(1, "a").await.unwrap().unwrap().status,
         HealthStatus::Unavailable
     );
     assert!(matches!(
@@ -549,9 +577,13 @@ pub async fn machines_by_thumbprint_replace_delete_and_health(s: &dyn Store) {
     assert_eq!(replaced.roles, ["api"]);
     assert_eq!(replaced.status, HealthStatus::Unknown);
     assert_eq!(replaced.last_health_at, None);
-    assert_eq!(s.machine("a").await.unwrap(), Some(replaced));
+    assert_eq!(s.machine(1, "a").await.unwrap(), Some(replaced));
     assert_eq!(
-        names(&s.machines_by_thumbprint(&thumb('A')).await.unwrap()),
+        names(
+            &s.machines_by_thumbprint(Some(1), &thumb('A'))
+                .await
+                .unwrap()
+        ),
         ["b"]
     );
     assert!(matches!(
@@ -566,16 +598,16 @@ pub async fn machines_by_thumbprint_replace_delete_and_health(s: &dyn Store) {
         Err(StoreError::Invalid(_))
     ));
     assert_eq!(
-        s.machine("b").await.unwrap(),
+        s.machine(1, "b").await.unwrap(),
         Some(b.clone()),
         "a refused replace changes nothing"
     );
 
     // Delete.
-    s.delete_machine("B").await.unwrap();
-    assert!(s.machine("b").await.unwrap().is_none());
+    s.delete_machine(1, "B").await.unwrap();
+    assert!(s.machine(1, "b").await.unwrap().is_none());
     assert!(matches!(
-        s.delete_machine("b").await,
+        s.delete_machine(1, "b").await,
         Err(StoreError::NotFound {
             kind: "machine",
             ..
@@ -602,10 +634,7 @@ pub async fn tasks_are_numbered_listed_and_change_state(s: &dyn Store) {
     let args = json!({"script": "echo hi", "syntax": "Bash"});
     let t1 = s
         .create_task(
-            "Script",
-            "Run a script",
-            &args,
-            &[m1.id, m2.id, m1.id],
+            &new_task("Script", "Run a script", &args, &[m1.id, m2.id, m1.id]),
             1_000,
         )
         .await
@@ -645,11 +674,14 @@ pub async fn tasks_are_numbered_listed_and_change_state(s: &dyn Store) {
     }
 
     let t2 = s
-        .create_task("Health", "Check health", &json!(null), &[m1.id], 2_000)
+        .create_task(
+            &new_task("Health", "Check health", &json!(null), &[m1.id]),
+            2_000,
+        )
         .await
         .unwrap();
     let t3 = s
-        .create_task("Health", "Check health", &json!({}), &[], 3_000)
+        .create_task(&new_task("Health", "Check health", &json!({}), &[]), 3_000)
         .await
         .unwrap();
     assert_eq!(t2.id, "ServerTasks-2");
@@ -657,18 +689,18 @@ pub async fn tasks_are_numbered_listed_and_change_state(s: &dyn Store) {
     assert!(s.task_steps(&t3.id).await.unwrap().is_empty());
     assert!(s.task_steps("ServerTasks-99").await.unwrap().is_empty());
     let err = s
-        .create_task("Script", "x", &json!({}), &[9_999], 4_000)
+        .create_task(&new_task("Script", "x", &json!({}), &[9_999]), 4_000)
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
 
     let ids = |ts: Vec<Task>| ts.into_iter().map(|t| t.id).collect::<Vec<_>>();
     assert_eq!(
-        ids(s.list_tasks(10).await.unwrap()),
+        ids(s.list_tasks(None, 10).await.unwrap()),
         ["ServerTasks-3", "ServerTasks-2", "ServerTasks-1"]
     );
     assert_eq!(
-        ids(s.list_tasks(2).await.unwrap()),
+        ids(s.list_tasks(None, 2).await.unwrap()),
         ["ServerTasks-3", "ServerTasks-2"]
     );
     assert_eq!(s.task(&t1.id).await.unwrap(), Some(t1.clone()));
@@ -764,7 +796,7 @@ pub async fn tasks_are_numbered_listed_and_change_state(s: &dyn Store) {
     ));
 
     // The history outlives the machine.
-    s.delete_machine("web01").await.unwrap();
+    s.delete_machine(1, "web01").await.unwrap();
     assert_eq!(s.task_steps(&t1.id).await.unwrap()[1].machine_name, "web01");
 }
 
@@ -778,11 +810,11 @@ pub async fn logs_append_once_advance_the_step_and_page(s: &dyn Store) {
         .await
         .unwrap();
     let task = s
-        .create_task("Script", "x", &json!({}), &[m1.id, m2.id], 1)
+        .create_task(&new_task("Script", "x", &json!({}), &[m1.id, m2.id]), 1)
         .await
         .unwrap();
     let other = s
-        .create_task("Script", "y", &json!({}), &[m1.id], 2)
+        .create_task(&new_task("Script", "y", &json!({}), &[m1.id]), 2)
         .await
         .unwrap();
 
@@ -898,10 +930,10 @@ pub async fn packages_are_unique_per_id_and_version_unless_replaced(store: &dyn 
     assert_eq!(replaced.sha256, thumb('c'));
     assert_eq!(prev.unwrap().sha256, "a".repeat(64));
 
-    let web = store.list_packages(Some("ACME.WEB")).await.unwrap();
+    let web = store.list_packages(1, Some("ACME.WEB")).await.unwrap();
     let versions: Vec<&str> = web.iter().map(|p| p.version.as_str()).collect();
     assert_eq!(versions, ["1.1.0", "1.0.0"], "by upload time");
-    assert_eq!(store.list_packages(None).await.unwrap().len(), 3);
+    assert_eq!(store.list_packages(1, None).await.unwrap().len(), 3);
     assert_eq!(
         store
             .count_packages_with_sha256(&"a".repeat(64))
@@ -909,22 +941,33 @@ pub async fn packages_are_unique_per_id_and_version_unless_replaced(store: &dyn 
             .unwrap(),
         1
     );
-    assert!(store.package("Acme.Web", "1.1.0").await.unwrap().is_some());
-    let gone = store.delete_package("Acme.Web", "1.1.0").await.unwrap();
+    assert!(store
+        .package(1, "Acme.Web", "1.1.0")
+        .await
+        .unwrap()
+        .is_some());
+    let gone = store.delete_package(1, "Acme.Web", "1.1.0").await.unwrap();
     assert_eq!(gone.version, "1.1.0");
-    assert!(store.package("Acme.Web", "1.1.0").await.unwrap().is_none());
-    let err = store.delete_package("Acme.Web", "1.1.0").await.unwrap_err();
+    assert!(store
+        .package(1, "Acme.Web", "1.1.0")
+        .await
+        .unwrap()
+        .is_none());
+    let err = store
+        .delete_package(1, "Acme.Web", "1.1.0")
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::NotFound { .. }), "{err}");
 }
 
 pub async fn step_output_variables_and_step_log_round_trip(store: &dyn Store) {
-    store.create_environment("Test", "").await.unwrap();
+    store.create_environment(1, "Test", "").await.unwrap();
     let m = store
         .create_machine(&new_machine("web-1", &["Test"], &[]))
         .await
         .unwrap();
     let task = store
-        .create_task("Deploy", "d", &json!({}), &[m.id], 1)
+        .create_task(&new_task("Deploy", "d", &json!({}), &[m.id]), 1)
         .await
         .unwrap();
     let mut step = store.task_steps(&task.id).await.unwrap().remove(0);
@@ -949,4 +992,392 @@ pub async fn step_output_variables_and_step_log_round_trip(store: &dyn Store) {
     let lines = store.step_log(&task.id, m.id).await.unwrap();
     let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
     assert_eq!(texts, ["one", "two"]);
+}
+
+pub async fn spaces_partition_names_and_refuse_deletion_while_machines_remain(s: &dyn Store) {
+    let spaces = s.list_spaces().await.unwrap();
+    assert_eq!(spaces.len(), 1);
+    assert_eq!((spaces[0].id, spaces[0].name.as_str()), (1, "Default"));
+    assert!(spaces[0].is_default);
+    let ops = s.create_space("Ops", "the ops team").await.unwrap();
+    assert!(!ops.is_default);
+    assert!(matches!(
+        s.create_space("OPS", "").await,
+        Err(StoreError::Conflict { kind: "space", .. })
+    ));
+    assert_eq!(s.space_by_name("ops").await.unwrap().unwrap().id, ops.id);
+    assert_eq!(s.space_by_id(ops.id).await.unwrap().unwrap().name, "Ops");
+    // Each space has its own default policy.
+    let policy = s.policy(ops.id, DEFAULT_POLICY).await.unwrap().unwrap();
+    assert_eq!(policy.space_id, ops.id);
+    assert_ne!(
+        policy.id,
+        s.policy(1, DEFAULT_POLICY).await.unwrap().unwrap().id
+    );
+
+    // The same names in two spaces are two things.
+    s.create_environment(1, "Prod", "").await.unwrap();
+    let ops_prod = s.create_environment(ops.id, "Prod", "").await.unwrap();
+    assert_eq!(ops_prod.space_id, ops.id);
+    assert_eq!(s.list_environments(ops.id).await.unwrap().len(), 1);
+    let mut m = new_machine("web", &["Prod"], &["web"]);
+    s.create_machine(&m).await.unwrap();
+    m.space_id = ops.id;
+    let in_ops = s.create_machine(&m).await.unwrap();
+    assert_eq!(in_ops.space_id, ops.id);
+    assert_eq!(in_ops.environments, ["Prod"]);
+    assert_eq!(
+        s.machine(ops.id, "WEB").await.unwrap().unwrap().id,
+        in_ops.id
+    );
+    assert_eq!(
+        s.list_machines(&MachineFilter::space(ops.id))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        s.list_machines(&MachineFilter::default())
+            .await
+            .unwrap()
+            .len(),
+        2,
+        "no space: every space"
+    );
+    assert_eq!(
+        s.machines_by_thumbprint(None, &thumb('A'))
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(
+        s.machines_by_thumbprint(Some(ops.id), &thumb('A'))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    // An environment of another space cannot be named.
+    let mut other = new_machine("db", &["Prod"], &[]);
+    other.space_id = 9_999;
+    assert!(s.create_machine(&other).await.is_err());
+
+    // Packages and tasks are per space too.
+    let mut p = new_package("Acme", "1.0.0", 'a');
+    s.put_package(&p, false, 1).await.unwrap();
+    p.space_id = ops.id;
+    s.put_package(&p, false, 2).await.unwrap();
+    assert_eq!(s.list_packages(ops.id, None).await.unwrap().len(), 1);
+    assert_eq!(s.count_packages_with_sha256(&p.sha256).await.unwrap(), 2);
+    let mut t = new_task("Script", "x", &json!({}), &[in_ops.id]);
+    t.space_id = ops.id;
+    t.environments = strings(&["Prod"]);
+    let task = s.create_task(&t, 3).await.unwrap();
+    assert_eq!(task.space_id, ops.id);
+    assert_eq!(task.environments, ["Prod"]);
+    assert_eq!(s.list_tasks(Some(ops.id), 10).await.unwrap().len(), 1);
+    assert!(s.list_tasks(Some(1), 10).await.unwrap().is_empty());
+
+    // Deleting: refused while machines remain (saying how many), never the default.
+    let err = s.delete_space(ops.id).await.unwrap_err().to_string();
+    assert!(err.contains("1 machine"), "{err}");
+    assert!(matches!(
+        s.delete_space(1).await,
+        Err(StoreError::Invalid(_))
+    ));
+    s.delete_machine(ops.id, "web").await.unwrap();
+    let gone = s.delete_space(ops.id).await.unwrap();
+    assert_eq!(gone.name, "Ops");
+    assert!(s.space_by_id(ops.id).await.unwrap().is_none());
+    assert!(
+        s.task(&task.id).await.unwrap().is_none(),
+        "its tasks go with it"
+    );
+    assert_eq!(s.count_packages_with_sha256(&p.sha256).await.unwrap(), 1);
+    assert!(s.machine(1, "web").await.unwrap().is_some());
+}
+
+pub async fn disabled_users_and_idle_sessions_do_not_authenticate(s: &dyn Store) {
+    let u = s.create_user("carol", "Carol", None).await.unwrap();
+    assert!(!u.disabled);
+    s.create_api_key(u.id, "ci", "aa01", "API-A1", false)
+        .await
+        .unwrap();
+    let session = s
+        .create_api_key(u.id, "session", "aa02", "API-A2", true)
+        .await
+        .unwrap();
+    assert!(session.session);
+    let hour = 3_600_000;
+    // A session key used within the idle time stays valid, and its use counts.
+    let now = session.created_at + hour;
+    assert!(s
+        .authenticate_api_key("aa02", now, 2 * hour)
+        .await
+        .unwrap()
+        .is_some());
+    assert!(s
+        .authenticate_api_key("aa02", now + hour, 2 * hour)
+        .await
+        .unwrap()
+        .is_some());
+    // Idle for longer: refused; an ordinary key is not affected.
+    assert!(s
+        .authenticate_api_key("aa02", now + 4 * hour, 2 * hour)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(s
+        .authenticate_api_key("aa01", now + 4 * hour, 2 * hour)
+        .await
+        .unwrap()
+        .is_some());
+    // A disabled user's keys stop working; enabled again, they work.
+    let u = s.set_user_disabled(u.id, true).await.unwrap();
+    assert!(u.disabled);
+    assert!(s
+        .authenticate_api_key("aa01", now, hour)
+        .await
+        .unwrap()
+        .is_none());
+    s.set_user_disabled(u.id, false).await.unwrap();
+    assert!(s
+        .authenticate_api_key("aa01", now, hour)
+        .await
+        .unwrap()
+        .is_some());
+    assert_eq!(
+        s.api_key(session.id).await.unwrap().unwrap().prefix,
+        "API-A2"
+    );
+    assert!(matches!(
+        s.set_user_disabled(9_999, true).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    s.set_password_hash(u.id, "$argon2id$x").await.unwrap();
+    let (_, hash) = s.user_by_name("carol").await.unwrap().unwrap();
+    assert_eq!(hash.as_deref(), Some("$argon2id$x"));
+    assert_eq!(s.list_users().await.unwrap().len(), 1);
+    assert_eq!(s.user_by_id(u.id).await.unwrap().unwrap().username, "carol");
+}
+
+pub async fn teams_hold_members_and_grants_narrowed_to_environments(s: &dyn Store) {
+    // The built-in administrators' team exists from the start.
+    let teams = s.list_teams(None).await.unwrap();
+    assert_eq!(teams.len(), 1);
+    assert_eq!(teams[0].name, octo_store::ADMINISTRATORS_TEAM);
+    assert!(teams[0].built_in && teams[0].space_id.is_none());
+    assert_eq!(teams[0].grants.len(), 1);
+    assert_eq!(teams[0].grants[0].role, octo_store::SYSTEM_ADMINISTRATOR);
+    assert!(matches!(
+        s.delete_team(teams[0].id).await,
+        Err(StoreError::Invalid(_))
+    ));
+    let admin = s.create_user("root", "Root", None).await.unwrap();
+    let admin = fixtures::make_admin(s, &admin).await;
+    assert!(admin.is_admin);
+    assert_eq!(
+        s.holders_of(octo_store::SYSTEM_ADMINISTRATOR)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    s.set_user_disabled(admin.id, true).await.unwrap();
+    assert!(
+        s.holders_of(octo_store::SYSTEM_ADMINISTRATOR)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a disabled administrator holds nothing"
+    );
+
+    s.create_environment(1, "Test", "").await.unwrap();
+    s.create_environment(1, "Production", "").await.unwrap();
+    let dev = s.create_user("dev", "Dev", None).await.unwrap();
+    let team = s
+        .create_team(Some(1), "Testers", "deploy to Test")
+        .await
+        .unwrap();
+    assert_eq!(team.space.as_deref(), Some("Default"));
+    assert!(matches!(
+        s.create_team(Some(1), "testers", "").await,
+        Err(StoreError::Conflict { kind: "team", .. })
+    ));
+    // The same name outside any space is another team.
+    s.create_team(None, "Testers", "").await.unwrap();
+    s.add_team_member(team.id, dev.id).await.unwrap();
+    s.add_team_member(team.id, dev.id).await.unwrap();
+    let grant = s
+        .add_grant(
+            team.id,
+            "Project deployer",
+            Some(1),
+            &strings(&["test"]),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(grant.environments, ["Test"]);
+    assert_eq!(grant.space_id, Some(1));
+    assert!(matches!(
+        s.add_grant(
+            team.id,
+            "Project deployer",
+            Some(1),
+            &strings(&["Nope"]),
+            &[]
+        )
+        .await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert!(matches!(
+        s.add_grant(team.id, "Project deployer", None, &strings(&["Test"]), &[])
+            .await,
+        Err(StoreError::Invalid(_))
+    ));
+    let team = s.team(team.id).await.unwrap().unwrap();
+    assert_eq!(team.members, ["dev"]);
+    assert_eq!(team.grants, vec![grant.clone()]);
+    assert_eq!(s.grants_of_user(dev.id).await.unwrap(), vec![grant.clone()]);
+    assert!(!s.user_by_id(dev.id).await.unwrap().unwrap().is_admin);
+    assert_eq!(s.list_teams(Some(1)).await.unwrap().len(), 3);
+
+    s.remove_grant(team.id, grant.id).await.unwrap();
+    assert!(s.grants_of_user(dev.id).await.unwrap().is_empty());
+    s.remove_team_member(team.id, dev.id).await.unwrap();
+    assert!(matches!(
+        s.remove_team_member(team.id, dev.id).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    s.delete_team(team.id).await.unwrap();
+    assert!(s.team(team.id).await.unwrap().is_none());
+
+    let role = Role {
+        name: "Auditor".into(),
+        description: "reads the log".into(),
+        built_in: false,
+        permissions: vec![Permission::EventView, Permission::TaskView],
+    };
+    assert_eq!(s.create_role(&role).await.unwrap(), role);
+    assert_eq!(s.list_roles().await.unwrap(), vec![role.clone()]);
+    assert!(matches!(
+        s.create_role(&role).await,
+        Err(StoreError::Conflict { kind: "role", .. })
+    ));
+}
+
+pub async fn scoped_environments_cannot_be_deleted_from_under_a_grant(s: &dyn Store) {
+    s.create_environment(1, "Test", "").await.unwrap();
+    let team = s.create_team(Some(1), "Testers", "").await.unwrap();
+    let grant = s
+        .add_grant(
+            team.id,
+            "Environment viewer",
+            Some(1),
+            &strings(&["Test"]),
+            &[],
+        )
+        .await
+        .unwrap();
+    let err = s
+        .delete_environment(1, "Test")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("Testers"), "{err}");
+    s.remove_grant(team.id, grant.id).await.unwrap();
+    s.delete_environment(1, "Test").await.unwrap();
+}
+
+pub async fn audit_events_are_listed_newest_first_and_filtered(s: &dyn Store) {
+    let ops = s.create_space("Ops", "").await.unwrap();
+    let event = |at: i64, user: &str, space: Option<i64>, object: &str| NewAuditEvent {
+        at,
+        user_id: None,
+        username: user.into(),
+        source: "127.0.0.1".into(),
+        action: "created".into(),
+        kind: "environment".into(),
+        object: object.into(),
+        space_id: space,
+        details: String::new(),
+    };
+    s.append_audit(&event(10, "alice", Some(1), "a"))
+        .await
+        .unwrap();
+    s.append_audit(&event(20, "bob", Some(ops.id), "b"))
+        .await
+        .unwrap();
+    s.append_audit(&event(30, "alice", None, "c"))
+        .await
+        .unwrap();
+    let all = AuditFilter {
+        include_system: true,
+        limit: 100,
+        ..AuditFilter::default()
+    };
+    let objects =
+        |events: Vec<AuditEvent>| -> Vec<String> { events.into_iter().map(|e| e.object).collect() };
+    assert_eq!(objects(s.list_audit(&all).await.unwrap()), ["c", "b", "a"]);
+    let listed = s.list_audit(&all).await.unwrap();
+    assert_eq!(listed[1].space.as_deref(), Some("Ops"));
+    assert_eq!(listed[0].space, None);
+    let default_only = AuditFilter {
+        space_id: Some(1),
+        limit: 100,
+        ..AuditFilter::default()
+    };
+    assert_eq!(objects(s.list_audit(&default_only).await.unwrap()), ["a"]);
+    let default_and_system = AuditFilter {
+        include_system: true,
+        ..default_only.clone()
+    };
+    assert_eq!(
+        objects(s.list_audit(&default_and_system).await.unwrap()),
+        ["c", "a"]
+    );
+    let spaces_only = AuditFilter {
+        limit: 100,
+        ..AuditFilter::default()
+    };
+    assert_eq!(
+        objects(s.list_audit(&spaces_only).await.unwrap()),
+        ["b", "a"]
+    );
+    let alice_since = AuditFilter {
+        username: Some("ALICE".into()),
+        since: Some(15),
+        ..all.clone()
+    };
+    assert_eq!(objects(s.list_audit(&alice_since).await.unwrap()), ["c"]);
+    let one = AuditFilter { limit: 1, ..all };
+    assert_eq!(objects(s.list_audit(&one).await.unwrap()), ["c"]);
+}
+
+pub async fn settings_and_task_secrets_round_trip(s: &dyn Store) {
+    assert_eq!(s.setting("master-key").await.unwrap(), None);
+    s.set_setting("master-key", "one").await.unwrap();
+    s.set_setting("master-key", "two").await.unwrap();
+    assert_eq!(
+        s.setting("master-key").await.unwrap().as_deref(),
+        Some("two")
+    );
+    assert_eq!(s.count_task_secrets().await.unwrap(), 0);
+    let mut t = new_task("Script", "x", &json!({}), &[]);
+    t.secrets = vec![
+        ("B".into(), "cipher-b".into()),
+        ("A".into(), "cipher-a".into()),
+    ];
+    let task = s.create_task(&t, 1).await.unwrap();
+    assert_eq!(
+        s.task_secrets(&task.id).await.unwrap(),
+        vec![
+            ("A".to_string(), "cipher-a".to_string()),
+            ("B".into(), "cipher-b".into())
+        ]
+    );
+    assert_eq!(s.count_task_secrets().await.unwrap(), 2);
 }

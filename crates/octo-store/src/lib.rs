@@ -29,6 +29,7 @@ pub mod rows;
 pub mod text;
 
 pub use octo_api_types::model::*;
+pub use octo_api_types::security::*;
 
 /// What went wrong in the store, in words a person can act on.
 #[derive(Debug, thiserror::Error)]
@@ -74,12 +75,22 @@ pub fn ticket(task_id: &str, machine_id: i64) -> String {
     format!("{task_id}-m{machine_id}")
 }
 
-/// The policy every new machine gets unless told otherwise.
+/// The policy every new machine gets unless told otherwise (each space has one).
 pub const DEFAULT_POLICY: &str = "Default Machine Policy";
+
+/// The built-in role that may do everything (the server defines its permissions).
+pub const SYSTEM_ADMINISTRATOR: &str = "System administrator";
+
+/// The built-in team of System administrators in every space.
+pub const ADMINISTRATORS_TEAM: &str = "Octopus Administrators";
+
+pub use octo_api_types::DEFAULT_SPACE_ID;
 
 /// What is needed to add a machine.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NewMachine {
+    /// The space it joins.
+    pub space_id: i64,
     pub name: String,
     pub kind: EndpointKind,
     pub uri: String,
@@ -88,20 +99,31 @@ pub struct NewMachine {
     pub roles: Vec<String>,
     pub tenants: Vec<String>,
     pub tenant_tags: Vec<String>,
-    /// None: the default policy.
+    /// None: the space's default policy.
     pub policy: Option<String>,
     pub worker_pool: Option<String>,
 }
 
 /// Which machines a task targets. Empty lists match everything; non-empty lists
 /// must all match (a machine must be in one of `environments` AND have one of
-/// `roles` AND ...).
+/// `roles` AND ...). `space_id` None: every space.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MachineFilter {
+    pub space_id: Option<i64>,
     pub names: Vec<String>,
     pub environments: Vec<String>,
     pub roles: Vec<String>,
     pub tenants: Vec<String>,
+}
+
+impl MachineFilter {
+    /// Every machine of one space.
+    pub fn space(space_id: i64) -> Self {
+        MachineFilter {
+            space_id: Some(space_id),
+            ..MachineFilter::default()
+        }
+    }
 }
 
 /// Result of a health check, to record.
@@ -117,6 +139,7 @@ pub struct HealthUpdate {
 /// What is needed to add a package (the file is already stored by hash).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewPackage {
+    pub space_id: i64,
     pub package_id: String,
     pub version: String,
     pub format: String,
@@ -136,9 +159,64 @@ pub struct NewLogLine {
     pub text: String,
 }
 
+/// What is needed to create a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewTask {
+    pub space_id: i64,
+    /// "Health", "Script", ...
+    pub kind: String,
+    pub description: String,
+    /// What the task does, as shown (never a secret value).
+    pub arguments: serde_json::Value,
+    /// One Queued step per machine.
+    pub machine_ids: Vec<i64>,
+    /// The environments of the machines (for environment-scoped permissions).
+    pub environments: Vec<String>,
+    /// Secret values (variable name, ciphertext), stored apart from the arguments.
+    pub secrets: Vec<(String, String)>,
+}
+
+/// A change to record in the audit log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewAuditEvent {
+    pub at: i64,
+    pub user_id: Option<i64>,
+    pub username: String,
+    pub source: String,
+    pub action: String,
+    pub kind: String,
+    pub object: String,
+    pub space_id: Option<i64>,
+    pub details: String,
+}
+
+/// Which audit events to list, newest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditFilter {
+    /// Events of this space; None: events of every space.
+    pub space_id: Option<i64>,
+    /// Also events outside any space (users, roles, spaces).
+    pub include_system: bool,
+    /// Only this user's (by name).
+    pub username: Option<String>,
+    /// Only events at or after this time (Unix ms).
+    pub since: Option<i64>,
+    pub limit: i64,
+}
+
 /// Everything the server persists.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {
+    // Spaces.
+    /// Adds a space with its own default machine policy.
+    async fn create_space(&self, name: &str, description: &str) -> Result<Space>;
+    async fn list_spaces(&self) -> Result<Vec<Space>>;
+    async fn space_by_name(&self, name: &str) -> Result<Option<Space>>;
+    async fn space_by_id(&self, id: i64) -> Result<Option<Space>>;
+    /// Deletes a space and everything in it; refused (Invalid, saying how
+    /// many) while machines are in it, and for the default space.
+    async fn delete_space(&self, id: i64) -> Result<Space>;
+
     // Users and API keys.
     /// Adds a user; `password_hash` is an argon2 PHC string (None: API keys only).
     async fn create_user(
@@ -146,12 +224,17 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         username: &str,
         display_name: &str,
         password_hash: Option<&str>,
-        is_admin: bool,
     ) -> Result<User>;
     /// A user and their password hash, by username.
     async fn user_by_name(&self, username: &str) -> Result<Option<(User, Option<String>)>>;
+    async fn user_by_id(&self, id: i64) -> Result<Option<User>>;
+    async fn list_users(&self) -> Result<Vec<User>>;
+    async fn set_user_disabled(&self, id: i64, disabled: bool) -> Result<User>;
+    async fn set_password_hash(&self, id: i64, password_hash: &str) -> Result<()>;
     /// Number of users (0 means first start).
     async fn count_users(&self) -> Result<i64>;
+    /// Enabled users holding `role` in every space, unnarrowed.
+    async fn holders_of(&self, role: &str) -> Result<Vec<User>>;
     /// Adds an API key given its SHA-256 hex and display prefix.
     async fn create_api_key(
         &self,
@@ -159,59 +242,108 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         purpose: &str,
         key_sha256: &str,
         prefix: &str,
+        session: bool,
     ) -> Result<ApiKey>;
-    /// The (not revoked) key with this SHA-256 and its user; records the use time.
+    /// The key with this SHA-256 and its user, when the key is not revoked, its
+    /// user not disabled and, for a session key, it was used within
+    /// `session_idle_ms`; records the use time.
     async fn authenticate_api_key(
         &self,
         key_sha256: &str,
         now: i64,
+        session_idle_ms: i64,
     ) -> Result<Option<(ApiKey, User)>>;
     /// Keys of a user, or of everyone.
     async fn list_api_keys(&self, user_id: Option<i64>) -> Result<Vec<ApiKey>>;
+    async fn api_key(&self, id: i64) -> Result<Option<ApiKey>>;
     /// Revokes a key by id; NotFound when there is none.
     async fn revoke_api_key(&self, id: i64) -> Result<()>;
 
+    // Roles, teams and grants.
+    /// Adds a custom role.
+    async fn create_role(&self, role: &Role) -> Result<Role>;
+    /// The custom roles (the built-in ones are the server's).
+    async fn list_roles(&self) -> Result<Vec<Role>>;
+    /// Adds a team in a space, or outside any (`space_id` None).
+    async fn create_team(
+        &self,
+        space_id: Option<i64>,
+        name: &str,
+        description: &str,
+    ) -> Result<Team>;
+    /// Teams of a space and those outside any space (`space_id` None: every team).
+    async fn list_teams(&self, space_id: Option<i64>) -> Result<Vec<Team>>;
+    async fn team(&self, id: i64) -> Result<Option<Team>>;
+    /// Deletes a team; refused (Invalid) for a built-in team.
+    async fn delete_team(&self, id: i64) -> Result<()>;
+    async fn add_team_member(&self, team_id: i64, user_id: i64) -> Result<()>;
+    async fn remove_team_member(&self, team_id: i64, user_id: i64) -> Result<()>;
+    /// Gives a team a role in a space (None: every space), narrowed to the
+    /// named environments and tenants of that space (Invalid when one does not exist).
+    async fn add_grant(
+        &self,
+        team_id: i64,
+        role: &str,
+        space_id: Option<i64>,
+        environments: &[String],
+        tenants: &[String],
+    ) -> Result<Grant>;
+    async fn remove_grant(&self, team_id: i64, grant_id: i64) -> Result<()>;
+    /// The grants of every team a user is in.
+    async fn grants_of_user(&self, user_id: i64) -> Result<Vec<Grant>>;
+
+    // The audit log.
+    async fn append_audit(&self, event: &NewAuditEvent) -> Result<()>;
+    async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEvent>>;
+
+    // Settings.
+    async fn setting(&self, name: &str) -> Result<Option<String>>;
+    async fn set_setting(&self, name: &str, value: &str) -> Result<()>;
+
     // Environments and tenants.
-    async fn create_environment(&self, name: &str, description: &str) -> Result<Environment>;
-    async fn list_environments(&self) -> Result<Vec<Environment>>;
-    async fn environment(&self, name: &str) -> Result<Option<Environment>>;
-    /// Refused (Invalid) while machines are in it.
-    async fn delete_environment(&self, name: &str) -> Result<()>;
-    async fn create_tenant(&self, name: &str, tags: &[String]) -> Result<Tenant>;
-    async fn list_tenants(&self) -> Result<Vec<Tenant>>;
+    async fn create_environment(
+        &self,
+        space_id: i64,
+        name: &str,
+        description: &str,
+    ) -> Result<Environment>;
+    /// By name.
+    async fn list_environments(&self, space_id: i64) -> Result<Vec<Environment>>;
+    async fn environment(&self, space_id: i64, name: &str) -> Result<Option<Environment>>;
+    /// Refused (Invalid) while machines are in it or a grant is narrowed to it.
+    async fn delete_environment(&self, space_id: i64, name: &str) -> Result<()>;
+    async fn create_tenant(&self, space_id: i64, name: &str, tags: &[String]) -> Result<Tenant>;
+    async fn list_tenants(&self, space_id: i64) -> Result<Vec<Tenant>>;
 
     // Machine policies.
-    /// The policy by name (the default policy always exists after migrations).
-    async fn policy(&self, name: &str) -> Result<Option<MachinePolicy>>;
+    /// The policy by name (each space has its default policy).
+    async fn policy(&self, space_id: i64, name: &str) -> Result<Option<MachinePolicy>>;
 
     // Machines.
-    /// Adds a machine. Conflict when the name exists; Invalid when an environment,
-    /// tenant or the policy does not exist.
+    /// Adds a machine. Conflict when the name exists in the space; Invalid when
+    /// an environment, tenant or the policy does not exist there.
     async fn create_machine(&self, m: &NewMachine) -> Result<Machine>;
     /// Replaces the machine of the same name (register-with --force), keeping its id.
     async fn replace_machine(&self, m: &NewMachine) -> Result<Machine>;
-    async fn machine(&self, name: &str) -> Result<Option<Machine>>;
+    async fn machine(&self, space_id: i64, name: &str) -> Result<Option<Machine>>;
     async fn machine_by_id(&self, id: i64) -> Result<Option<Machine>>;
-    /// Machines presenting this thumbprint (more than one means a cloned image).
-    async fn machines_by_thumbprint(&self, thumbprint: &str) -> Result<Vec<Machine>>;
+    /// Machines presenting this thumbprint, in one space or in all.
+    async fn machines_by_thumbprint(
+        &self,
+        space_id: Option<i64>,
+        thumbprint: &str,
+    ) -> Result<Vec<Machine>>;
     async fn list_machines(&self, filter: &MachineFilter) -> Result<Vec<Machine>>;
-    async fn delete_machine(&self, name: &str) -> Result<()>;
+    async fn delete_machine(&self, space_id: i64, name: &str) -> Result<()>;
     async fn record_health(&self, machine_id: i64, h: &HealthUpdate) -> Result<()>;
 
     // Tasks.
     /// Creates a task with one Queued step per machine; tickets are derived from the
     /// task id and machine id.
-    async fn create_task(
-        &self,
-        kind: &str,
-        description: &str,
-        arguments: &serde_json::Value,
-        machine_ids: &[i64],
-        now: i64,
-    ) -> Result<Task>;
+    async fn create_task(&self, task: &NewTask, now: i64) -> Result<Task>;
     async fn task(&self, id: &str) -> Result<Option<Task>>;
-    /// Newest first.
-    async fn list_tasks(&self, limit: i64) -> Result<Vec<Task>>;
+    /// Newest first; in one space or in all.
+    async fn list_tasks(&self, space_id: Option<i64>, limit: i64) -> Result<Vec<Task>>;
     /// Tasks not in a final state (to resume after a restart).
     async fn unfinished_tasks(&self) -> Result<Vec<Task>>;
     async fn set_task_state(
@@ -231,10 +363,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn task_log(&self, task_id: &str, after_id: i64, limit: i64) -> Result<Vec<TaskLogLine>>;
     /// Every line one machine's part of a task produced, oldest first.
     async fn step_log(&self, task_id: &str, machine_id: i64) -> Result<Vec<TaskLogLine>>;
+    /// The encrypted secret values of a task (name, ciphertext).
+    async fn task_secrets(&self, task_id: &str) -> Result<Vec<(String, String)>>;
+    /// How many secret values are stored (any task).
+    async fn count_task_secrets(&self) -> Result<i64>;
 
     // Packages.
-    /// Adds a package; Conflict when that ID and version exist, unless `replace`
-    /// (then the row is updated in place and the previous row returned second).
+    /// Adds a package; Conflict when that ID and version exist in the space,
+    /// unless `replace` (then the row is updated in place and the previous row
+    /// returned second).
     async fn put_package(
         &self,
         p: &NewPackage,
@@ -242,11 +379,22 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         now: i64,
     ) -> Result<(Package, Option<Package>)>;
     /// One version of a package (ID case-insensitive, version exact).
-    async fn package(&self, package_id: &str, version: &str) -> Result<Option<Package>>;
+    async fn package(
+        &self,
+        space_id: i64,
+        package_id: &str,
+        version: &str,
+    ) -> Result<Option<Package>>;
     /// Every version of one package ID, or of all packages; by ID then upload time.
-    async fn list_packages(&self, package_id: Option<&str>) -> Result<Vec<Package>>;
+    async fn list_packages(&self, space_id: i64, package_id: Option<&str>) -> Result<Vec<Package>>;
     /// Deletes one version; NotFound when there is none. Returns the deleted row.
-    async fn delete_package(&self, package_id: &str, version: &str) -> Result<Package>;
-    /// How many package rows use a file (to know when the file can be removed).
+    async fn delete_package(
+        &self,
+        space_id: i64,
+        package_id: &str,
+        version: &str,
+    ) -> Result<Package>;
+    /// How many package rows use a file, in any space (to know when the file
+    /// can be removed).
     async fn count_packages_with_sha256(&self, sha256: &str) -> Result<i64>;
 }

@@ -169,6 +169,7 @@ mod tests {
     fn machines_get_the_lists_of_their_ids() {
         let machine = |id: i64| Machine {
             id,
+            space_id: 1,
             name: format!("m{id}"),
             kind: crate::EndpointKind::Listening,
             uri: String::new(),

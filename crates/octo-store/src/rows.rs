@@ -10,8 +10,9 @@ use std::collections::HashMap;
 
 use crate::text::TextEnum;
 use crate::{
-    ApiKey, EndpointKind, Environment, HealthStatus, Machine, MachinePolicy, Package, Result,
-    StoreError, Task, TaskLogLine, TaskState, TaskStep, Tenant, User,
+    ApiKey, AuditEvent, EndpointKind, Environment, Grant, HealthStatus, Machine, MachinePolicy,
+    Package, Permission, Result, Role, Space, StoreError, Task, TaskLogLine, TaskState, TaskStep,
+    Team, Tenant, User,
 };
 
 /// A row that becomes one of the API's records.
@@ -62,28 +63,82 @@ macro_rules! row {
     };
 }
 
-row! {
-    /// A `users` row (not its password hash).
-    UserRow => User { id: i64, username: String, display_name: String, is_admin: bool, created_at: i64 }
+/// Whether `users` holds the System administrator role in every space, with
+/// no environment or tenant narrowing it (SQL, true or false).
+macro_rules! is_system_administrator {
+    () => {
+        concat!(
+            "EXISTS (SELECT 1 FROM team_members tm JOIN grants g ON g.team_id = tm.team_id \
+             WHERE tm.user_id = users.id AND g.role = '",
+            "System administrator",
+            "' AND g.space_id IS NULL \
+             AND NOT EXISTS (SELECT 1 FROM grant_environments ge WHERE ge.grant_id = g.id) \
+             AND NOT EXISTS (SELECT 1 FROM grant_tenants gt WHERE gt.grant_id = g.id))"
+        )
+    };
+}
+
+/// The columns of [`UserRow`].
+macro_rules! user_columns {
+    () => {
+        concat!(
+            "users.id AS id, users.username AS username, users.display_name AS display_name, (",
+            is_system_administrator!(),
+            ") AS is_admin, users.disabled AS disabled, users.created_at AS created_at"
+        )
+    };
+}
+
+/// SQL: whether `users` (the table in the query) holds the System
+/// administrator role in every space, unnarrowed.
+pub const IS_SYSTEM_ADMINISTRATOR: &str = is_system_administrator!();
+
+/// A `users` row (not its password hash), with whether the user holds the
+/// System administrator role in every space: select [`Row::COLUMNS`] `FROM users`.
+#[derive(Debug, sqlx::FromRow)]
+pub struct UserRow {
+    pub id: i64,
+    pub username: String,
+    pub display_name: String,
+    pub is_admin: bool,
+    pub disabled: bool,
+    pub created_at: i64,
+}
+
+impl Row for UserRow {
+    type Record = User;
+    const COLUMNS: &'static str = user_columns!();
+    fn into_record(self) -> Result<User> {
+        Ok(User {
+            id: self.id,
+            username: self.username,
+            display_name: self.display_name,
+            is_admin: self.is_admin,
+            disabled: self.disabled,
+            created_at: self.created_at,
+        })
+    }
 }
 
 row! {
     /// An `api_keys` row (never the key's hash).
     ApiKeyRow => ApiKey {
         id: i64, user_id: i64, purpose: String, prefix: String, created_at: i64,
-        last_used_at: Option<i64>, revoked: bool,
+        last_used_at: Option<i64>, revoked: bool, session: bool,
     }
 }
 
 row! {
     /// An `environments` row.
-    EnvironmentRow => Environment { id: i64, name: String, description: String, created_at: i64 }
+    EnvironmentRow => Environment {
+        id: i64, space_id: i64, name: String, description: String, created_at: i64,
+    }
 }
 
 row! {
     /// A `machine_policies` row.
     PolicyRow => MachinePolicy {
-        id: i64, name: String, health_check_interval_s: i64, health_check_timeout_s: i64,
+        id: i64, space_id: i64, name: String, health_check_interval_s: i64, health_check_timeout_s: i64,
         polling_wait_s: i64,
     }
 }
@@ -91,7 +146,7 @@ row! {
 row! {
     /// A `packages` row.
     PackageRow => Package {
-        id: i64, package_id: String, version: String, format: String, sha256: String, size: i64,
+        id: i64, space_id: i64, package_id: String, version: String, format: String, sha256: String, size: i64,
         file_name: String, uploaded_at: i64,
     }
 }
@@ -114,7 +169,8 @@ pub struct UserWithHashRow {
 
 impl Row for UserWithHashRow {
     type Record = (User, Option<String>);
-    const COLUMNS: &'static str = "id, username, display_name, is_admin, created_at, password_hash";
+    const COLUMNS: &'static str =
+        concat!(user_columns!(), ", users.password_hash AS password_hash");
     fn into_record(self) -> Result<Self::Record> {
         Ok((self.user.into_record()?, self.password_hash))
     }
@@ -122,12 +178,13 @@ impl Row for UserWithHashRow {
 
 row! {
     /// A `tenants` row; its tags are [`ListRow`]s of `tenant_tags`.
-    TenantRow => Tenant by tenant { id: i64, name: String, created_at: i64 }
+    TenantRow => Tenant by tenant { id: i64, space_id: i64, name: String, created_at: i64 }
 }
 
 fn tenant(r: TenantRow) -> Result<Tenant> {
     Ok(Tenant {
         id: r.id,
+        space_id: r.space_id,
         name: r.name,
         tags: Vec::new(),
         created_at: r.created_at,
@@ -137,7 +194,7 @@ fn tenant(r: TenantRow) -> Result<Tenant> {
 row! {
     /// A `tasks` row; `arguments` is JSON text.
     TaskRow => Task by task {
-        id: String, kind: String, description: String, state: String, arguments: String,
+        id: String, space_id: i64, environments: String, kind: String, description: String, state: String, arguments: String,
         error: Option<String>, cancel_requested: bool, created_at: i64, started_at: Option<i64>,
         completed_at: Option<i64>,
     }
@@ -147,9 +204,14 @@ fn task(r: TaskRow) -> Result<Task> {
     let arguments = serde_json::from_str(&r.arguments).map_err(|e| {
         StoreError::Database(format!("reading the arguments of task {}: {e}", r.id))
     })?;
+    let environments = serde_json::from_str(&r.environments).map_err(|e| {
+        StoreError::Database(format!("reading the environments of task {}: {e}", r.id))
+    })?;
     Ok(Task {
         state: TaskState::from_text(&r.state)?,
         arguments,
+        environments,
+        space_id: r.space_id,
         id: r.id,
         kind: r.kind,
         description: r.description,
@@ -197,6 +259,7 @@ fn step(r: StepRow) -> Result<TaskStep> {
 #[derive(Debug, sqlx::FromRow)]
 pub struct MachineRow {
     pub id: i64,
+    pub space_id: i64,
     pub name: String,
     pub kind: String,
     pub uri: String,
@@ -219,7 +282,7 @@ impl MachineRow {
 impl Row for MachineRow {
     type Record = Machine;
     const COLUMNS: &'static str =
-        "m.id, m.name, m.kind, m.uri, m.thumbprint, p.name AS policy, m.worker_pool, \
+        "m.id, m.space_id, m.name, m.kind, m.uri, m.thumbprint, p.name AS policy, m.worker_pool, \
          m.status, m.status_reason, m.last_health_at, m.tentacle_version, m.tool_version, m.created_at";
 
     fn into_record(self) -> Result<Machine> {
@@ -231,6 +294,7 @@ impl Row for MachineRow {
             tenants: Vec::new(),
             tenant_tags: Vec::new(),
             id: self.id,
+            space_id: self.space_id,
             name: self.name,
             uri: self.uri,
             thumbprint: self.thumbprint,
@@ -242,6 +306,109 @@ impl Row for MachineRow {
             tool_version: self.tool_version,
             created_at: self.created_at,
         })
+    }
+}
+
+row! {
+    /// A `spaces` row.
+    SpaceRow => Space { id: i64, name: String, description: String, is_default: bool, created_at: i64 }
+}
+
+row! {
+    /// A `roles` row (a custom role); `permissions` is a JSON array of names.
+    RoleRow => Role by role { name: String, description: String, permissions: String }
+}
+
+fn role(r: RoleRow) -> Result<Role> {
+    let names: Vec<String> = serde_json::from_str(&r.permissions).map_err(|e| {
+        StoreError::Database(format!("reading the permissions of role '{}': {e}", r.name))
+    })?;
+    // A name this version does not know (written by a newer one) grants nothing.
+    let permissions = names.iter().filter_map(|n| Permission::parse(n)).collect();
+    Ok(Role {
+        name: r.name,
+        description: r.description,
+        built_in: false,
+        permissions,
+    })
+}
+
+row! {
+    /// An `audit_events` row.
+    AuditRow => AuditEvent {
+        id: i64, at: i64, user_id: Option<i64>, username: String, source: String, action: String,
+        kind: String, object: String, space_id: Option<i64>, space: Option<String>, details: String,
+    }
+}
+
+/// A `teams` row with its space's name: select [`Row::COLUMNS`] [`TeamRow::FROM`].
+/// Its members and grants are filled in by the engine.
+#[derive(Debug, sqlx::FromRow)]
+pub struct TeamRow {
+    pub id: i64,
+    pub space_id: Option<i64>,
+    pub space: Option<String>,
+    pub name: String,
+    pub description: String,
+    pub built_in: bool,
+}
+
+impl TeamRow {
+    /// The tables the columns come from: `teams t` and `spaces s`.
+    pub const FROM: &'static str = "FROM teams t LEFT JOIN spaces s ON s.id = t.space_id";
+}
+
+impl Row for TeamRow {
+    type Record = Team;
+    const COLUMNS: &'static str =
+        "t.id AS id, t.space_id AS space_id, s.name AS space, t.name AS name, \
+         t.description AS description, t.built_in AS built_in";
+    fn into_record(self) -> Result<Team> {
+        Ok(Team {
+            id: self.id,
+            name: self.name,
+            description: self.description,
+            space_id: self.space_id,
+            space: self.space,
+            built_in: self.built_in,
+            members: Vec::new(),
+            grants: Vec::new(),
+        })
+    }
+}
+
+/// A `grants` row with its space's name: select [`Row::COLUMNS`] [`GrantRow::FROM`].
+/// Its environments and tenants are filled in by the engine.
+#[derive(Debug, sqlx::FromRow)]
+pub struct GrantRow {
+    pub id: i64,
+    pub team_id: i64,
+    pub role: String,
+    pub space_id: Option<i64>,
+    pub space: Option<String>,
+}
+
+impl GrantRow {
+    /// The tables the columns come from: `grants g` and `spaces s`.
+    pub const FROM: &'static str = "FROM grants g LEFT JOIN spaces s ON s.id = g.space_id";
+}
+
+impl Row for GrantRow {
+    type Record = (i64, Grant);
+    const COLUMNS: &'static str =
+        "g.id AS id, g.team_id AS team_id, g.role AS role, g.space_id AS space_id, s.name AS space";
+    fn into_record(self) -> Result<(i64, Grant)> {
+        Ok((
+            self.team_id,
+            Grant {
+                id: self.id,
+                role: self.role,
+                space_id: self.space_id,
+                space: self.space,
+                environments: Vec::new(),
+                tenants: Vec::new(),
+            },
+        ))
     }
 }
 
@@ -261,6 +428,15 @@ impl Row for ListRow {
     }
 }
 
+/// A pair of text columns (a name and a value), selected by the query itself.
+impl Row for (String, String) {
+    type Record = (String, String);
+    const COLUMNS: &'static str = "name, value";
+    fn into_record(self) -> Result<(String, String)> {
+        Ok(self)
+    }
+}
+
 /// The values by owner, each list in the order of the rows.
 pub fn group(rows: Vec<ListRow>) -> HashMap<i64, Vec<String>> {
     let mut lists: HashMap<i64, Vec<String>> = HashMap::new();
@@ -276,27 +452,31 @@ mod tests {
 
     #[test]
     fn columns_are_the_fields_in_order() {
-        assert_eq!(
-            UserRow::COLUMNS,
-            "id, username, display_name, is_admin, created_at"
-        );
+        assert!(UserRow::COLUMNS.starts_with("users.id AS id, users.username AS username"));
         assert!(UserWithHashRow::COLUMNS.starts_with(UserRow::COLUMNS));
         assert_eq!(
             ApiKeyRow::COLUMNS,
-            "id, user_id, purpose, prefix, created_at, last_used_at, revoked"
+            "id, user_id, purpose, prefix, created_at, last_used_at, revoked, session"
         );
         assert_eq!(
             StepRow::COLUMNS,
             "task_id, machine_id, machine_name, state, ticket, exit_code, next_sequence, error, \
              started_at, completed_at, output_variables"
         );
-        assert_eq!(TenantRow::COLUMNS, "id, name, created_at");
+        assert_eq!(TenantRow::COLUMNS, "id, space_id, name, created_at");
+    }
+
+    #[test]
+    fn the_administrator_role_is_the_one_the_server_names() {
+        assert!(IS_SYSTEM_ADMINISTRATOR.contains(&format!("'{}'", crate::SYSTEM_ADMINISTRATOR)));
     }
 
     #[test]
     fn rows_that_cannot_be_read_are_database_errors() {
         let row = TaskRow {
             id: "ServerTasks-1".into(),
+            space_id: 1,
+            environments: "[]".into(),
             kind: "Script".into(),
             description: String::new(),
             state: "Queued".into(),

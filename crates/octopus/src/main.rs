@@ -73,6 +73,21 @@ enum ServerCommand {
         #[arg(long, default_value = "octopus-data")]
         data: PathBuf,
     },
+    /// Recover administration: give user `admin` (created if missing, enabled
+    /// again if disabled) the System administrator role and a new API key,
+    /// printed once. Needs local access to the data directory; the server may
+    /// be running.
+    #[command(
+        after_help = "Example:\n  sudo -u octopus octopus server reset-admin --data /var/lib/octopus\n  export OCTOPUS_API_KEY=API-..."
+    )]
+    ResetAdmin {
+        /// Data directory of the server.
+        #[arg(long, default_value = "octopus-data")]
+        data: PathBuf,
+        /// Database URL, when not the default SQLite file in the data directory.
+        #[arg(long)]
+        database_url: Option<String>,
+    },
 }
 
 /// Options of `octopus demo`.
@@ -114,6 +129,16 @@ async fn main() -> ExitCode {
         Command::Server(ServerCommand::ShowThumbprint { data }) => {
             server::show_thumbprint(&data).map(|()| ExitCode::SUCCESS)
         }
+        Command::Server(ServerCommand::ResetAdmin { data, database_url }) => server::reset_admin(
+            &data,
+            database_url.as_deref(),
+        )
+        .await
+        .map(|key| {
+            println!("User 'admin' is a System administrator again; its new API key (shown once):");
+            println!("  {key}");
+            ExitCode::SUCCESS
+        }),
         Command::Client(command) => client::run(cli.client, command).await,
     };
     result.unwrap_or_else(|e| {

@@ -54,6 +54,10 @@ pub struct DeployArgs {
     pub tenant: Option<String>,
     #[serde(default)]
     pub variables: BTreeMap<String, String>,
+    /// The names of the secret variables (their values are stored encrypted,
+    /// apart from the arguments).
+    #[serde(default)]
+    pub sensitive_variables: Vec<String>,
     /// Extracted versions kept per package on each machine.
     pub retention: u32,
     /// A failed machine waits for a person's decision (retry, ignore, fail).
@@ -66,6 +70,7 @@ impl DeployArgs {
     fn package(&self) -> Package {
         Package {
             id: 0,
+            space_id: 0,
             package_id: self.package_id.clone(),
             version: self.version.clone(),
             format: self.format.clone(),
@@ -184,6 +189,7 @@ pub(crate) async fn run_deploy_step(
     ctx: &StepContext,
     mut step: TaskStep,
     args: &DeployArgs,
+    secrets: &BTreeMap<String, String>,
 ) -> StepEnd {
     let mut resumed = step.state == TaskState::Executing;
     let (endpoint, tool) = match begin(ctx, &mut step).await {
@@ -205,7 +211,7 @@ pub(crate) async fn run_deploy_step(
         Prepared::Ready(path) => path,
         Prepared::Stop(end) => return end,
     };
-    let request = deploy_request(args, &tool, &remote);
+    let request = deploy_request(args, secrets, &tool, &remote);
     let mut attempt =
         u32::try_from(u64::try_from(step.next_sequence).unwrap_or(0) >> ATTEMPT_SHIFT).unwrap_or(0);
     loop {
@@ -281,7 +287,16 @@ async fn ask_for_guidance(
 }
 
 /// The StartScript request that runs `calamari deploy-package`.
-fn deploy_request(args: &DeployArgs, tool: &ToolBuild, remote_package: &str) -> StartScriptRequest {
+/// The environment variable that carries a deployment's secret values (a JSON
+/// object) to calamari: they never travel in a file.
+pub const SENSITIVE_VARIABLES_ENV: &str = "OCTOPUS_SENSITIVE_VARIABLES";
+
+fn deploy_request(
+    args: &DeployArgs,
+    secrets: &BTreeMap<String, String>,
+    tool: &ToolBuild,
+    remote_package: &str,
+) -> StartScriptRequest {
     let body = format!(
         "exec \"$TentacleHome\"/{tool} deploy-package --package \"$TentacleHome\"/{package} \
          --package-id {id} --package-version {version} --environment {env} \
@@ -294,6 +309,11 @@ fn deploy_request(args: &DeployArgs, tool: &ToolBuild, remote_package: &str) -> 
         retention = args.retention,
     );
     let variables = serde_json::to_vec_pretty(&args.variables).unwrap_or_else(|_| b"{}".to_vec());
+    let mut environment = std::collections::HashMap::new();
+    if !secrets.is_empty() {
+        let json = serde_json::to_string(secrets).unwrap_or_else(|_| "{}".into());
+        environment.insert(SENSITIVE_VARIABLES_ENV.to_string(), json);
+    }
     StartScriptRequest {
         script_body: body,
         syntax: ScriptSyntax::Bash as i32,
@@ -302,6 +322,7 @@ fn deploy_request(args: &DeployArgs, tool: &ToolBuild, remote_package: &str) -> 
             name: "variables.json".into(),
             contents: variables,
         }],
+        environment,
         ..StartScriptRequest::default()
     }
 }

@@ -177,7 +177,7 @@ fn tool_warning(installed: &str, server_tool: Option<&str>) -> String {
 
 /// Connects and asks for capabilities within the policy's timeout; Err names why not.
 async fn check(ctx: &StepContext, machine: &Machine) -> Result<CapabilitiesReply, String> {
-    let policy = match ctx.store.policy(&machine.policy).await {
+    let policy = match ctx.store.policy(machine.space_id, &machine.policy).await {
         Ok(p) => p,
         Err(e) => {
             tracing::warn!("reading machine policy '{}': {e}", machine.policy);

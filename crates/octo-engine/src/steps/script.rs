@@ -13,6 +13,7 @@
 //! CancelScript goes to the tentacle (safe even when the ticket is unknown there)
 //! and the log is read to the script's end.
 
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use octo_api_types::{Isolation, ScriptRequest, Syntax};
@@ -93,11 +94,21 @@ impl ScriptSpec {
     }
 }
 
-impl From<&ScriptRequest> for ScriptSpec {
-    fn from(args: &ScriptRequest) -> Self {
+impl ScriptSpec {
+    /// A script task's request: its variables, and its secret values (which
+    /// go to the tentacle only in the script's environment), as environment
+    /// variables.
+    pub(crate) fn of_script(args: &ScriptRequest, secrets: &BTreeMap<String, String>) -> Self {
+        let mut environment: HashMap<String, String> = args
+            .variables
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        environment.extend(secrets.iter().map(|(k, v)| (k.clone(), v.clone())));
         ScriptSpec {
             request: StartScriptRequest {
                 script_body: args.script.clone(),
+                environment,
                 syntax: match args.syntax {
                     Syntax::Bash => ScriptSyntax::Bash,
                     Syntax::Sh => ScriptSyntax::Sh,
@@ -619,6 +630,7 @@ impl Run<'_> {
     /// Adds a line unless it is stored already.
     fn push(&mut self, batch: &mut Vec<NewLogLine>, line: LogLine) {
         let lines = Lines {
+            log: &self.ctx.log,
             machine_id: self.step.machine_id,
             base: self.base,
             mask_outputs: self.spec.record_outputs,
@@ -676,7 +688,9 @@ impl Run<'_> {
 }
 
 /// How a run's tentacle lines are stored.
-struct Lines {
+struct Lines<'a> {
+    /// Learns the values of output variables marked sensitive.
+    log: &'a TaskLog,
     machine_id: i64,
     /// Added to tentacle sequences (see [`ScriptSpec::attempt`]).
     base: u64,
@@ -684,7 +698,7 @@ struct Lines {
     mask_outputs: bool,
 }
 
-impl Lines {
+impl Lines<'_> {
     /// Adds `line` to `batch` unless it is before `next_sequence` (stored
     /// already), and moves `next_sequence` past it.
     fn push(&self, next_sequence: &mut u64, batch: &mut Vec<NewLogLine>, line: LogLine) {
@@ -698,7 +712,13 @@ impl Lines {
             _ => "stdout",
         };
         let text = if self.mask_outputs && stream == "stdout" {
-            outputs::mask_sensitive(&line.text).unwrap_or(line.text)
+            match outputs::sensitive_value(&line.text) {
+                Some((value, masked)) => {
+                    self.log.add_secret(&value);
+                    masked
+                }
+                None => line.text,
+            }
         } else {
             line.text
         };
@@ -731,6 +751,7 @@ struct Cleanup {
 impl Cleanup {
     async fn run(mut self) {
         let lines = Lines {
+            log: &self.log,
             machine_id: self.machine_id,
             base: self.base,
             mask_outputs: self.mask_outputs,

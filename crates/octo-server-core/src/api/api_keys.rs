@@ -1,43 +1,64 @@
-//! `/api/api-keys`: a caller's own keys (an administrator's: everyone's).
+//! `/api/api-keys`: a caller's own keys; a holder of `ApiKeyEdit` sees and
+//! revokes everyone's. Nobody can revoke the last key of the last enabled
+//! System administrator.
 
-use axum::extract::{Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{delete, get};
-use axum::{Json, Router};
-use octo_api_types::{ApiKey, CreatedApiKey, ErrorBody, NewApiKey};
+use axum::Json;
+use octo_api_types::{ApiKey, CreatedApiKey, ErrorBody, NewApiKey, Permission};
+use octo_store::SYSTEM_ADMINISTRATOR;
+use serde::Deserialize;
+use utoipa::IntoParams;
 
-use super::{ApiJson, ApiResult};
-use crate::auth::{issue_api_key, Caller};
+use super::guard::{delete, get, post, Route};
+use super::{ApiError, ApiJson, ApiResult};
+use crate::auth::issue_api_key;
+use crate::authz::{Access, Caller};
 use crate::state::AppState;
 
 /// The API key routes.
-pub(super) fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/api/api-keys", get(list_api_keys).post(create_api_key))
-        .route("/api/api-keys/{id}", delete(revoke_api_key))
+pub(super) fn routes() -> Vec<Route> {
+    vec![
+        get("/api/api-keys", Access::Authenticated, list_api_keys),
+        post("/api/api-keys", Access::Authenticated, create_api_key),
+        delete("/api/api-keys/{id}", Access::Authenticated, revoke_api_key),
+    ]
 }
 
-/// The caller's API keys (an administrator's: everyone's).
+/// Query of `GET /api/api-keys`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct KeyQuery {
+    /// Everyone's keys (needs `ApiKeyEdit`, whose holders see everyone's anyway).
+    #[serde(default)]
+    all: bool,
+}
+
+/// The caller's API keys (a holder of `ApiKeyEdit`: everyone's).
 #[utoipa::path(
     get,
     path = "/api/api-keys",
     tag = "api-keys",
-    security(("api_key" = [])),
+    params(KeyQuery),
     responses(
         (status = 200, description = "The keys (never the keys themselves)", body = [ApiKey]),
-        (status = 401, description = "No valid API key", body = ErrorBody),
+        (status = 400, description = "Malformed query", body = ErrorBody),
+        (status = 403, description = "`all` without ApiKeyEdit", body = ErrorBody),
     )
 )]
 pub(crate) async fn list_api_keys(
     State(s): State<AppState>,
-    axum::Extension(caller): axum::Extension<Caller>,
+    Extension(caller): Extension<Caller>,
+    q: Result<Query<KeyQuery>, QueryRejection>,
 ) -> ApiResult<impl IntoResponse> {
-    let scope = if caller.0.is_admin {
-        None
-    } else {
-        Some(caller.0.id)
-    };
+    let Query(q) = q?;
+    let everyone = caller.grants.has_system(Permission::ApiKeyEdit);
+    if q.all && !everyone {
+        caller.require_system(Permission::ApiKeyEdit)?;
+    }
+    let scope = if everyone { None } else { Some(caller.user.id) };
     Ok(Json(s.store.list_api_keys(scope).await?))
 }
 
@@ -46,20 +67,27 @@ pub(crate) async fn list_api_keys(
     post,
     path = "/api/api-keys",
     tag = "api-keys",
-    security(("api_key" = [])),
     request_body = NewApiKey,
     responses(
         (status = 201, description = "Created; the only time the key is shown", body = CreatedApiKey),
         (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
-        (status = 401, description = "No valid API key", body = ErrorBody),
     )
 )]
 pub(crate) async fn create_api_key(
     State(s): State<AppState>,
-    axum::Extension(caller): axum::Extension<Caller>,
+    Extension(caller): Extension<Caller>,
     ApiJson(r): ApiJson<NewApiKey>,
 ) -> ApiResult<impl IntoResponse> {
-    let (key, stored) = issue_api_key(s.store.as_ref(), caller.0.id, &r.purpose).await?;
+    let (key, stored) = issue_api_key(s.store.as_ref(), caller.user.id, &r.purpose).await?;
+    s.audit(
+        &caller,
+        None,
+        "created",
+        "api key",
+        &format!("#{} {}", stored.id, stored.prefix),
+        r.purpose.clone(),
+    )
+    .await;
     // The only time the key is ever shown.
     Ok((
         StatusCode::CREATED,
@@ -70,23 +98,62 @@ pub(crate) async fn create_api_key(
     ))
 }
 
-/// Revokes an API key.
+/// Revokes an API key: one's own, or anyone's with `ApiKeyEdit`.
 #[utoipa::path(
     delete,
     path = "/api/api-keys/{id}",
     tag = "api-keys",
-    security(("api_key" = [])),
     params(("id" = i64, Path, description = "The key's id")),
     responses(
         (status = 204, description = "Revoked"),
         (status = 404, description = "No such key", body = ErrorBody),
-        (status = 401, description = "No valid API key", body = ErrorBody),
+        (status = 422, description = "The last key of the last System administrator", body = ErrorBody),
     )
 )]
 pub(crate) async fn revoke_api_key(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<i64>,
 ) -> ApiResult<impl IntoResponse> {
+    let not_found = || ApiError::not_found(format!("API key #{id} does not exist"));
+    let key = s.store.api_key(id).await?.ok_or_else(not_found)?;
+    // Other people's keys are not even there for the caller.
+    if key.user_id != caller.user.id && !caller.grants.has_system(Permission::ApiKeyEdit) {
+        return Err(not_found());
+    }
+    // The last working key of the last administrator: revoking it would lock
+    // everyone out (a password may still allow a login; say so).
+    if !key.revoked {
+        let admins = s.store.holders_of(SYSTEM_ADMINISTRATOR).await?;
+        if let [only] = admins.as_slice() {
+            if only.id == key.user_id {
+                let (_, password) = s.store.user_by_name(&only.username).await?.unzip();
+                let has_password = password.flatten().is_some();
+                let live = s
+                    .store
+                    .list_api_keys(Some(only.id))
+                    .await?
+                    .into_iter()
+                    .filter(|k| !k.revoked && !k.session)
+                    .count();
+                if !has_password && live <= 1 && !key.session {
+                    return Err(ApiError::unprocessable(format!(
+                        "API key #{id} is the last key of '{}', the last System administrator, who has no password: revoking it would leave nobody able to administer the server; create another key first (`octopus api-key create`), or recover with `octopus server reset-admin`",
+                        only.username
+                    )));
+                }
+            }
+        }
+    }
     s.store.revoke_api_key(id).await?;
+    s.audit(
+        &caller,
+        None,
+        "revoked",
+        "api key",
+        &format!("#{id} {}", key.prefix),
+        key.purpose.clone(),
+    )
+    .await;
     Ok(StatusCode::NO_CONTENT)
 }

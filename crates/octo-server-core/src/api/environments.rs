@@ -1,89 +1,155 @@
-//! `/api/environments`: list, create, delete.
+//! `/api/environments`: list, create, delete (in the request's space).
 
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{delete, get};
-use axum::{Json, Router};
-use octo_api_types::{Environment, ErrorBody, NewEnvironment};
+use axum::Json;
+use octo_api_types::{Environment, ErrorBody, NewEnvironment, Permission};
 
+use super::guard::{delete, get, post, Route};
 use super::{ApiError, ApiJson, ApiResult};
+use crate::authz::{Access, Caller, RequestSpace};
 use crate::state::AppState;
 
 /// The environment routes.
-pub(super) fn routes() -> Router<AppState> {
-    Router::new()
-        .route(
+pub(super) fn routes() -> Vec<Route> {
+    vec![
+        get(
             "/api/environments",
-            get(list_environments).post(create_environment),
-        )
-        .route("/api/environments/{name}", delete(delete_environment))
+            Access::Space(Permission::EnvironmentView),
+            list_environments,
+        ),
+        post(
+            "/api/environments",
+            Access::Space(Permission::EnvironmentCreate),
+            create_environment,
+        ),
+        delete(
+            "/api/environments/{name}",
+            Access::Space(Permission::EnvironmentDelete),
+            delete_environment,
+        ),
+    ]
 }
 
-/// All environments, by name.
+/// The space's environments the caller may see, by name.
 #[utoipa::path(
     get,
     path = "/api/environments",
     tag = "environments",
-    security(("api_key" = [])),
     responses(
         (status = 200, description = "The environments", body = [Environment]),
-        (status = 401, description = "No valid API key", body = ErrorBody),
     )
 )]
-pub(crate) async fn list_environments(State(s): State<AppState>) -> ApiResult<impl IntoResponse> {
-    Ok(Json(s.store.list_environments().await?))
+pub(crate) async fn list_environments(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(RequestSpace(space)): Extension<RequestSpace>,
+) -> ApiResult<Json<Vec<Environment>>> {
+    let all = s.store.list_environments(space.id).await?;
+    Ok(Json(
+        all.into_iter()
+            .filter(|e| {
+                caller.sees(
+                    Permission::EnvironmentView,
+                    &space,
+                    std::slice::from_ref(&e.name),
+                    &[],
+                )
+            })
+            .collect(),
+    ))
 }
 
-/// Adds an environment.
+/// Adds an environment to the space.
 #[utoipa::path(
     post,
     path = "/api/environments",
     tag = "environments",
-    security(("api_key" = [])),
     request_body = NewEnvironment,
     responses(
         (status = 201, description = "Created", body = Environment),
         (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
-        (status = 409, description = "An environment of that name exists", body = ErrorBody),
-        (status = 401, description = "No valid API key", body = ErrorBody),
+        (status = 409, description = "An environment of that name exists in the space", body = ErrorBody),
     )
 )]
 pub(crate) async fn create_environment(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(RequestSpace(space)): Extension<RequestSpace>,
     ApiJson(e): ApiJson<NewEnvironment>,
 ) -> ApiResult<impl IntoResponse> {
-    if e.name.trim().is_empty() {
+    let name = e.name.trim();
+    if name.is_empty() {
         return Err(ApiError::bad_request("field `name` must not be empty"));
     }
-    Ok((
-        StatusCode::CREATED,
-        Json(
-            s.store
-                .create_environment(e.name.trim(), &e.description)
-                .await?,
-        ),
-    ))
+    // A new environment is outside every environment-narrowed grant.
+    caller.require_throughout(Permission::EnvironmentCreate, &space)?;
+    let env = s
+        .store
+        .create_environment(space.id, name, &e.description)
+        .await?;
+    s.audit(
+        &caller,
+        Some(&space),
+        "created",
+        "environment",
+        &env.name,
+        "",
+    )
+    .await;
+    Ok((StatusCode::CREATED, Json(env)))
 }
 
-/// Deletes an environment (refused while machines are in it).
+/// Deletes an environment (refused while machines are in it or a grant is
+/// narrowed to it).
 #[utoipa::path(
     delete,
     path = "/api/environments/{name}",
     tag = "environments",
-    security(("api_key" = [])),
     params(("name" = String, Path, description = "The environment's name")),
     responses(
         (status = 204, description = "Deleted"),
         (status = 404, description = "No such environment", body = ErrorBody),
-        (status = 422, description = "Machines are in it", body = ErrorBody),
-        (status = 401, description = "No valid API key", body = ErrorBody),
+        (status = 422, description = "Machines are in it, or a grant is narrowed to it", body = ErrorBody),
     )
 )]
 pub(crate) async fn delete_environment(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(RequestSpace(space)): Extension<RequestSpace>,
     Path(name): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    s.store.delete_environment(&name).await?;
+    let env = s
+        .store
+        .environment(space.id, &name)
+        .await?
+        .filter(|e| {
+            caller.sees(
+                Permission::EnvironmentView,
+                &space,
+                std::slice::from_ref(&e.name),
+                &[],
+            )
+        })
+        .ok_or_else(|| ApiError::not_found(format!("environment '{name}' does not exist")))?;
+    let what = format!("environment '{}'", env.name);
+    caller.require_on(
+        Permission::EnvironmentDelete,
+        &space,
+        std::slice::from_ref(&env.name),
+        &[],
+        &what,
+    )?;
+    s.store.delete_environment(space.id, &env.name).await?;
+    s.audit(
+        &caller,
+        Some(&space),
+        "deleted",
+        "environment",
+        &env.name,
+        "",
+    )
+    .await;
     Ok(StatusCode::NO_CONTENT)
 }

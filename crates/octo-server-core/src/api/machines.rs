@@ -1,32 +1,55 @@
 //! `/api/machines`: list, show, add (listening), register (`tentacle
-//! register-with`), delete. One certificate, one machine: a thumbprint already
-//! used by another machine is refused. Adding or removing a polling machine
-//! updates the polling trust set at once.
+//! register-with`), delete, in the request's space. One certificate, one
+//! machine per space: a thumbprint already used by another machine of the
+//! space is refused (a cloned image); the same tentacle may be registered in
+//! several spaces. Adding or removing a polling machine updates the polling
+//! trust set at once.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
-use axum::{Json, Router};
-use octo_api_types::{ErrorBody, MachineRequest, RegisterReply};
+use axum::Json;
+use octo_api_types::{ErrorBody, MachineRequest, Permission, RegisterReply, Space};
 use octo_engine::endpoint_of;
 use octo_store::{EndpointKind, Machine, MachineFilter, NewMachine};
 use octo_tls::Thumbprint;
 use serde::Deserialize;
 use utoipa::IntoParams;
 
+use super::guard::{delete, get, post, Route};
 use super::{ApiError, ApiJson, ApiResult};
+use crate::authz::{Access, Caller, RequestSpace};
 use crate::state::AppState;
 
 /// The machine routes.
-pub(super) fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/api/machines", get(list_machines).post(create_machine))
-        .route("/api/machines/register", post(register))
-        .route(
+pub(super) fn routes() -> Vec<Route> {
+    vec![
+        get(
+            "/api/machines",
+            Access::Space(Permission::MachineView),
+            list_machines,
+        ),
+        post(
+            "/api/machines",
+            Access::Space(Permission::MachineCreate),
+            create_machine,
+        ),
+        post(
+            "/api/machines/register",
+            Access::Space(Permission::MachineCreate),
+            register,
+        ),
+        get(
             "/api/machines/{name}",
-            get(get_machine).delete(delete_machine),
-        )
+            Access::Space(Permission::MachineView),
+            get_machine,
+        ),
+        delete(
+            "/api/machines/{name}",
+            Access::Space(Permission::MachineDelete),
+            delete_machine,
+        ),
+    ]
 }
 
 /// Filters of `GET /api/machines`; all given ones must match.
@@ -41,29 +64,57 @@ pub(crate) struct MachineQuery {
     tenant: Option<String>,
 }
 
-/// Machines, by name, optionally filtered.
+/// Whether the caller may see the machine.
+pub(crate) fn sees_machine(caller: &Caller, space: &Space, m: &Machine) -> bool {
+    m.space_id == space.id
+        && caller.sees(Permission::MachineView, space, &m.environments, &m.tenants)
+}
+
+/// A machine of the space the caller may see, or 404 as if it did not exist.
+pub(crate) async fn visible_machine(
+    s: &AppState,
+    caller: &Caller,
+    space: &Space,
+    name: &str,
+) -> ApiResult<Machine> {
+    s.store
+        .machine(space.id, name)
+        .await?
+        .filter(|m| sees_machine(caller, space, m))
+        .ok_or_else(|| ApiError::not_found(format!("machine '{name}' does not exist")))
+}
+
+/// The space's machines the caller may see, by name, optionally filtered.
 #[utoipa::path(
     get,
     path = "/api/machines",
     tag = "machines",
-    security(("api_key" = [])),
     params(MachineQuery),
     responses(
         (status = 200, description = "The machines", body = [Machine]),
-        (status = 401, description = "No valid API key", body = ErrorBody),
     )
 )]
 pub(crate) async fn list_machines(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(RequestSpace(space)): Extension<RequestSpace>,
     Query(q): Query<MachineQuery>,
 ) -> ApiResult<impl IntoResponse> {
     let filter = MachineFilter {
+        space_id: Some(space.id),
         names: vec![],
         environments: q.environment.into_iter().collect(),
         roles: q.role.into_iter().collect(),
         tenants: q.tenant.into_iter().collect(),
     };
-    Ok(Json(s.store.list_machines(&filter).await?))
+    let machines: Vec<Machine> = s
+        .store
+        .list_machines(&filter)
+        .await?
+        .into_iter()
+        .filter(|m| sees_machine(&caller, &space, m))
+        .collect();
+    Ok(Json(machines))
 }
 
 /// One machine.
@@ -71,24 +122,19 @@ pub(crate) async fn list_machines(
     get,
     path = "/api/machines/{name}",
     tag = "machines",
-    security(("api_key" = [])),
     params(("name" = String, Path, description = "The machine's name")),
     responses(
         (status = 200, description = "The machine", body = Machine),
         (status = 404, description = "No such machine", body = ErrorBody),
-        (status = 401, description = "No valid API key", body = ErrorBody),
     )
 )]
 pub(crate) async fn get_machine(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(RequestSpace(space)): Extension<RequestSpace>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Machine>> {
-    s.store.machine(&name).await?.map(Json).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("machine '{name}' does not exist"),
-        )
-    })
+    Ok(Json(visible_machine(&s, &caller, &space, &name).await?))
 }
 
 /// Deletes a machine (a polling one is no longer trusted at once).
@@ -96,30 +142,45 @@ pub(crate) async fn get_machine(
     delete,
     path = "/api/machines/{name}",
     tag = "machines",
-    security(("api_key" = [])),
     params(("name" = String, Path, description = "The machine's name")),
     responses(
         (status = 204, description = "Deleted"),
         (status = 404, description = "No such machine", body = ErrorBody),
-        (status = 401, description = "No valid API key", body = ErrorBody),
     )
 )]
 pub(crate) async fn delete_machine(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(RequestSpace(space)): Extension<RequestSpace>,
     Path(name): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    let machine = s.store.machine(&name).await?;
-    s.store.delete_machine(&name).await?;
-    if let Some(m) = machine {
-        if let Ok(ep) = endpoint_of(&m) {
-            s.comms.forget(&ep);
-        }
+    let m = visible_machine(&s, &caller, &space, &name).await?;
+    let what = format!("machine '{}'", m.name);
+    caller.require_on(
+        Permission::MachineDelete,
+        &space,
+        &m.environments,
+        &m.tenants,
+        &what,
+    )?;
+    s.store.delete_machine(space.id, &m.name).await?;
+    if let Ok(ep) = endpoint_of(&m) {
+        s.comms.forget(&ep);
     }
     s.refresh_polling_trust().await?;
+    s.audit(
+        &caller,
+        Some(&space),
+        "deleted",
+        "machine",
+        &m.name,
+        format!("{} {}", m.uri, m.thumbprint),
+    )
+    .await;
     Ok(StatusCode::NO_CONTENT)
 }
 
-fn validate(r: &MachineRequest) -> ApiResult<NewMachine> {
+fn validate(space: &Space, r: &MachineRequest) -> ApiResult<NewMachine> {
     if r.name.trim().is_empty() {
         return Err(ApiError::bad_request("field `name` must not be empty"));
     }
@@ -150,6 +211,7 @@ fn validate(r: &MachineRequest) -> ApiResult<NewMachine> {
         ));
     }
     Ok(NewMachine {
+        space_id: space.id,
         name: r.name.trim().to_string(),
         kind,
         uri,
@@ -163,13 +225,27 @@ fn validate(r: &MachineRequest) -> ApiResult<NewMachine> {
     })
 }
 
-pub(crate) async fn save_machine(s: &AppState, r: &MachineRequest) -> ApiResult<Machine> {
-    let new = validate(r)?;
-    // One certificate, one machine: a second machine with the same thumbprint is
-    // almost always a cloned VM image, and requests would reach the wrong one.
+pub(crate) async fn save_machine(
+    s: &AppState,
+    caller: &Caller,
+    space: &Space,
+    r: &MachineRequest,
+) -> ApiResult<Machine> {
+    let new = validate(space, r)?;
+    let what = format!("machine '{}'", new.name);
+    caller.require_on(
+        Permission::MachineCreate,
+        space,
+        &new.environments,
+        &new.tenants,
+        &what,
+    )?;
+    // One certificate, one machine (in a space): a second machine with the same
+    // thumbprint is almost always a cloned VM image, and requests would reach
+    // the wrong one.
     let clash: Vec<String> = s
         .store
-        .machines_by_thumbprint(&new.thumbprint)
+        .machines_by_thumbprint(Some(space.id), &new.thumbprint)
         .await?
         .into_iter()
         .filter(|m| !m.name.eq_ignore_ascii_case(&new.name))
@@ -182,35 +258,59 @@ pub(crate) async fn save_machine(s: &AppState, r: &MachineRequest) -> ApiResult<
             new.thumbprint,
             clash.join(", ")
         );
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!(
-                "thumbprint {} is already used by machine {} (a cloned VM image?); run `tentacle new-certificate` on the new machine and register it again",
-                new.thumbprint,
-                clash.join(", ")
-            ),
-        ));
+        return Err(ApiError::conflict(format!(
+            "thumbprint {} is already used by machine {} (a cloned VM image?); run `tentacle new-certificate` on the new machine and register it again",
+            new.thumbprint,
+            clash.join(", ")
+        )));
     }
-    let existing = s.store.machine(&new.name).await?;
-    let machine = match (existing, r.force) {
+    let existing = s.store.machine(space.id, &new.name).await?;
+    let (machine, action) = match (existing, r.force) {
         (Some(old), true) => {
+            // Replacing a machine takes over its name, its tasks and (polling)
+            // its trust: it needs the right to change that machine as it is.
+            let what = format!("machine '{}' (to replace it)", old.name);
+            if !sees_machine(caller, space, &old) {
+                return Err(ApiError::conflict(format!(
+                    "machine '{}' already exists, and you may not see or replace it",
+                    new.name
+                )));
+            }
+            caller.require_on(
+                Permission::MachineEdit,
+                space,
+                &old.environments,
+                &old.tenants,
+                &what,
+            )?;
             if let Ok(ep) = endpoint_of(&old) {
                 s.comms.forget(&ep);
             }
-            s.store.replace_machine(&new).await?
+            (s.store.replace_machine(&new).await?, "replaced")
         }
         (Some(_), false) => {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                format!(
-                    "machine '{}' already exists; pass --force to replace it",
-                    new.name
-                ),
-            ))
+            return Err(ApiError::conflict(format!(
+                "machine '{}' already exists; pass --force to replace it",
+                new.name
+            )))
         }
-        (None, _) => s.store.create_machine(&new).await?,
+        (None, _) => (s.store.create_machine(&new).await?, "created"),
     };
     s.refresh_polling_trust().await?;
+    s.audit(
+        caller,
+        Some(space),
+        action,
+        "machine",
+        &machine.name,
+        format!(
+            "{} {} thumbprint {}",
+            machine.kind.name(),
+            machine.uri,
+            machine.thumbprint
+        ),
+    )
+    .await;
     Ok(machine)
 }
 
@@ -219,21 +319,22 @@ pub(crate) async fn save_machine(s: &AppState, r: &MachineRequest) -> ApiResult<
     post,
     path = "/api/machines",
     tag = "machines",
-    security(("api_key" = [])),
     request_body = MachineRequest,
     responses(
         (status = 201, description = "Created (or replaced, with `force`)", body = Machine),
         (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
         (status = 409, description = "The name exists (without `force`) or another machine has the thumbprint", body = ErrorBody),
         (status = 422, description = "An environment, tenant or the policy does not exist", body = ErrorBody),
-        (status = 401, description = "No valid API key", body = ErrorBody),
     )
 )]
 pub(crate) async fn create_machine(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(RequestSpace(space)): Extension<RequestSpace>,
     ApiJson(r): ApiJson<MachineRequest>,
 ) -> ApiResult<impl IntoResponse> {
-    Ok((StatusCode::CREATED, Json(save_machine(&s, &r).await?)))
+    let machine = save_machine(&s, &caller, &space, &r).await?;
+    Ok((StatusCode::CREATED, Json(machine)))
 }
 
 /// Registers a machine (`tentacle register-with`): as adding one, answering with the server's comms thumbprint and polling port.
@@ -241,24 +342,25 @@ pub(crate) async fn create_machine(
     post,
     path = "/api/machines/register",
     tag = "machines",
-    security(("api_key" = [])),
     request_body = MachineRequest,
     responses(
         (status = 201, description = "Registered; the answer carries the server's thumbprint to trust", body = RegisterReply),
         (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
         (status = 409, description = "The name exists (without `force`) or another machine has the thumbprint", body = ErrorBody),
         (status = 422, description = "An environment, tenant or the policy does not exist", body = ErrorBody),
-        (status = 401, description = "No valid API key", body = ErrorBody),
     )
 )]
 pub(crate) async fn register(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(RequestSpace(space)): Extension<RequestSpace>,
     ApiJson(r): ApiJson<MachineRequest>,
 ) -> ApiResult<impl IntoResponse> {
-    let machine = save_machine(&s, &r).await?;
+    let machine = save_machine(&s, &caller, &space, &r).await?;
     tracing::info!(
-        "registered machine '{}' ({}, thumbprint {})",
+        "registered machine '{}' in space '{}' ({}, thumbprint {})",
         machine.name,
+        space.name,
         machine.uri,
         machine.thumbprint
     );

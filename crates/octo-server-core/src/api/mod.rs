@@ -1,41 +1,107 @@
 //! The REST API under `/api`, JSON in and out, authenticated with the
-//! `X-Octopus-ApiKey` header ([`crate::auth`]).
+//! `X-Octopus-ApiKey` header and authorized by one gate ([`guard`], with the
+//! rules in [`crate::authz`]).
 //!
-//! One module per area: [`environments`], [`machines`], [`api_keys`],
-//! [`users`], [`tasks`] (and the live log, [`sse`]), [`packages`] (the
-//! built-in feed). Errors are [`ApiError`]s (see [`error`]).
+//! One module per area, each listing its routes with what they need
+//! ([`guard::Route`]): [`spaces`], [`environments`], [`machines`], [`tasks`]
+//! (and the live log, [`sse`]), [`packages`] (the built-in feed), [`users`],
+//! [`api_keys`], [`teams`], [`roles`], [`audit`]. Errors are [`ApiError`]s.
 //!
 //! `GET /api/openapi.json` (no key needed) is the OpenAPI 3 description of all
 //! of this, generated from the handlers' `#[utoipa::path]` annotations
-//! ([`ApiDoc`]); a new route must be added there and to `tests/openapi.rs`.
+//! ([`ApiDoc`]) and the route table (which adds to each operation the
+//! permission it needs, its 401 and 403 answers, and its copy under
+//! `/api/spaces/{space}`); a new route must be added there and to `tests/openapi.rs`.
 
 pub mod api_keys;
+pub mod audit;
 pub mod environments;
 pub mod error;
+pub mod guard;
 pub mod machines;
 pub mod packages;
+pub mod roles;
+pub mod spaces;
 pub mod sse;
 pub mod tasks;
+pub mod teams;
 pub mod users;
 
-use axum::routing::{get, post};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
 use axum::{Json, Router};
 use octo_api_types::{
-    ApiInfo, ApiKey, CancelReply, CreatedApiKey, DeployRequest, EndpointKind, Environment,
-    ErrorBody, Guidance, GuidanceRequest, HealthRequest, HealthStatus, Isolation, Login,
-    LoginReply, Machine, MachineRequest, NewApiKey, NewEnvironment, NewUser, Package, PushReply,
-    RegisterReply, ScriptRequest, ServerInfo, Syntax, Task, TaskLogLine, TaskState, TaskStep,
-    TaskView, User, API_KEY_HEADER,
+    ApiInfo, ApiKey, AuditEvent, CancelReply, CreatedApiKey, DeployRequest, EndpointKind,
+    Environment, ErrorBody, Grant, Guidance, GuidanceRequest, HealthRequest, HealthStatus,
+    Isolation, Login, LoginReply, Machine, MachineRequest, NewApiKey, NewEnvironment, NewGrant,
+    NewMember, NewRole, NewSpace, NewTeam, NewUser, Package, Permission, PushReply, RegisterReply,
+    Role, ScriptRequest, ServerInfo, SetPassword, Space, Syntax, Task, TaskLogLine, TaskState,
+    TaskStep, TaskView, Team, User, WhoAmI, API_KEY_HEADER,
 };
 use utoipa::openapi::security::{ApiKey as ApiKeyScheme, ApiKeyValue, SecurityScheme};
 use utoipa::OpenApi;
 
 pub use error::{ApiError, ApiJson, ApiResult};
+pub use guard::Route;
 
+use crate::authz::Access;
 use crate::state::AppState;
 
 /// Name of the API key security scheme in the OpenAPI document.
 pub(crate) const SECURITY_SCHEME: &str = "api_key";
+
+/// Every route of the API, with what it needs.
+pub fn routes() -> Vec<Route> {
+    use guard::get;
+    let mut all = vec![
+        get("/api", Access::Public, api_root),
+        get("/api/openapi.json", Access::Public, openapi_json),
+        get("/api/server", Access::Authenticated, server_info),
+    ];
+    for area in [
+        spaces::routes(),
+        environments::routes(),
+        machines::routes(),
+        tasks::routes(),
+        packages::routes(),
+        users::routes(),
+        api_keys::routes(),
+        teams::routes(),
+        roles::routes(),
+        audit::routes(),
+    ] {
+        all.extend(area);
+    }
+    all
+}
+
+/// The route table: what each route (method, path) needs.
+pub fn route_table() -> Vec<(axum::http::Method, &'static str, Access)> {
+    routes()
+        .into_iter()
+        .map(|r| (r.method, r.path, r.access))
+        .collect()
+}
+
+/// The API's routes, behind the gate.
+pub fn router(state: AppState) -> Router {
+    let mut inner = Router::new();
+    let mut table = guard::Table::new();
+    for r in routes() {
+        table.insert((r.method, r.path), r.access);
+        inner = inner.route(r.path, r.handler);
+    }
+    let inner = inner
+        .route_layer(axum::middleware::from_fn_with_state(
+            (state.clone(), Arc::new(table)),
+            guard::guard,
+        ))
+        .fallback(|| async { ApiError::not_found("no such API route; see /api/server") })
+        .with_state(state);
+    // Space paths are rewritten before routing.
+    Router::new().fallback_service(tower::ServiceExt::map_request(inner, guard::in_space))
+}
 
 /// The OpenAPI description of the REST API, served at `GET /api/openapi.json`.
 ///
@@ -47,12 +113,20 @@ pub(crate) const SECURITY_SCHEME: &str = "api_key";
         title = "Octopus server API",
         description = "REST API of the Octopus server. JSON in and out; errors are \
             `{\"error\": \"...\"}`. Every route but `GET /api`, `GET /api/openapi.json` and \
-            `POST /api/users/login` needs an API key in the `X-Octopus-ApiKey` header."
+            `POST /api/users/login` needs an API key (or a login's session key) in the \
+            `X-Octopus-ApiKey` header, and the permission each operation names \
+            (`x-octopus-permission`). Spaces: a route that works in a space is served at \
+            `/api/spaces/{space}/...` (the space's name or `Spaces-N`) and, without the prefix, \
+            in the `Default` space; something of another space answers 404."
     ),
     paths(
         api_root,
         openapi_json,
         server_info,
+        spaces::list_spaces,
+        spaces::create_space,
+        spaces::get_space,
+        spaces::delete_space,
         environments::list_environments,
         environments::create_environment,
         environments::delete_environment,
@@ -64,8 +138,27 @@ pub(crate) const SECURITY_SCHEME: &str = "api_key";
         api_keys::list_api_keys,
         api_keys::create_api_key,
         api_keys::revoke_api_key,
+        users::list_users,
         users::create_user,
+        users::get_user,
+        users::whoami,
+        users::disable_user,
+        users::enable_user,
+        users::set_password,
         users::login,
+        users::logout,
+        teams::list_teams,
+        teams::create_team,
+        teams::get_team,
+        teams::delete_team,
+        teams::add_member,
+        teams::remove_member,
+        teams::add_grant,
+        teams::remove_grant,
+        roles::list_roles,
+        roles::create_role,
+        roles::get_role,
+        audit::list_audit,
         tasks::list_tasks,
         tasks::create_script_task,
         tasks::create_health_task,
@@ -85,6 +178,8 @@ pub(crate) const SECURITY_SCHEME: &str = "api_key";
         ErrorBody,
         ApiInfo,
         ServerInfo,
+        Space,
+        NewSpace,
         NewEnvironment,
         Environment,
         MachineRequest,
@@ -97,8 +192,19 @@ pub(crate) const SECURITY_SCHEME: &str = "api_key";
         CreatedApiKey,
         NewUser,
         User,
+        WhoAmI,
+        SetPassword,
         Login,
         LoginReply,
+        Permission,
+        Role,
+        NewRole,
+        Team,
+        NewTeam,
+        NewMember,
+        Grant,
+        NewGrant,
+        AuditEvent,
         Task,
         TaskState,
         TaskStep,
@@ -115,25 +221,35 @@ pub(crate) const SECURITY_SCHEME: &str = "api_key";
         Package,
         PushReply,
     )),
-    modifiers(&SecurityAddon),
+    modifiers(&AccessDoc),
     tags(
         (name = "server", description = "The server itself"),
         (name = "environments", description = "Environments"),
         (name = "machines", description = "Deployment targets and workers"),
+        (name = "spaces", description = "Spaces: partitions of environments, machines, tasks, packages and teams"),
         (name = "api-keys", description = "API keys"),
-        (name = "users", description = "Users and login"),
+        (name = "users", description = "Users, passwords, login and logout"),
+        (name = "teams", description = "Teams: members and the roles granted to them"),
+        (name = "roles", description = "Roles: named sets of permissions"),
+        (name = "audit", description = "The audit log"),
         (name = "tasks", description = "Server tasks: health checks, scripts, deployments, tool upgrades"),
         (name = "packages", description = "The built-in package feed"),
     )
 )]
 pub struct ApiDoc;
 
-/// Declares the `X-Octopus-ApiKey` header scheme the authenticated paths refer to.
+/// Adds to the document what the route table knows: the API key scheme; on
+/// every operation that needs a caller, the key, the permission
+/// (`x-octopus-permission`) and the 401 and 403 answers; and a copy of every
+/// space route under `/api/spaces/{space}`.
 #[derive(Debug)]
-struct SecurityAddon;
+struct AccessDoc;
 
-impl utoipa::Modify for SecurityAddon {
+impl utoipa::Modify for AccessDoc {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::path::{HttpMethod, Operation, Parameter, ParameterIn};
+        use utoipa::openapi::{RefOr, Required, ResponseBuilder};
+
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             SECURITY_SCHEME,
@@ -142,30 +258,121 @@ impl utoipa::Modify for SecurityAddon {
                 "An API key (`octopus api-key create`) or a session key from `POST /api/users/login`.",
             ))),
         );
+        let error = |text: &str| {
+            RefOr::T(
+                ResponseBuilder::new()
+                    .description(text)
+                    .content(
+                        "application/json",
+                        utoipa::openapi::ContentBuilder::new()
+                            .schema(Some(utoipa::openapi::Ref::from_schema_name("ErrorBody")))
+                            .build(),
+                    )
+                    .build(),
+            )
+        };
+        let table = route_table();
+        let mut spaced: BTreeMap<String, utoipa::openapi::PathItem> = BTreeMap::new();
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            for (method, op) in [
+                (HttpMethod::Get, &mut item.get),
+                (HttpMethod::Post, &mut item.post),
+                (HttpMethod::Put, &mut item.put),
+                (HttpMethod::Delete, &mut item.delete),
+            ] {
+                let Some(op) = op.as_mut() else { continue };
+                let http = match method {
+                    HttpMethod::Get => axum::http::Method::GET,
+                    HttpMethod::Post => axum::http::Method::POST,
+                    HttpMethod::Put => axum::http::Method::PUT,
+                    _ => axum::http::Method::DELETE,
+                };
+                let Some(access) = table
+                    .iter()
+                    .find(|(m, p, _)| *m == http && p == path)
+                    .map(|(_, _, a)| *a)
+                else {
+                    continue;
+                };
+                document_access(op, access, &error);
+                if let Access::Space(_) = access {
+                    let mut copy: Operation = op.clone();
+                    if let Some(id) = &copy.operation_id {
+                        copy.operation_id = Some(format!("{id}_in_space"));
+                    }
+                    let mut space = Parameter::new("space");
+                    space.parameter_in = ParameterIn::Path;
+                    space.required = Required::True;
+                    space.description = Some(
+                        "The space: its name (any case) or `Spaces-N`. Without this prefix the route works in `Default`."
+                            .into(),
+                    );
+                    space.schema = Some(RefOr::T(
+                        utoipa::openapi::schema::ObjectBuilder::new()
+                            .schema_type(utoipa::openapi::schema::Type::String)
+                            .min_length(Some(1))
+                            .into(),
+                    ));
+                    let mut params = vec![space];
+                    params.extend(copy.parameters.take().unwrap_or_default());
+                    copy.parameters = Some(params);
+                    let key = format!(
+                        "/api/spaces/{{space}}{}",
+                        path.strip_prefix("/api").unwrap_or(path)
+                    );
+                    let entry = spaced.entry(key).or_default();
+                    match method {
+                        HttpMethod::Get => entry.get = Some(copy),
+                        HttpMethod::Post => entry.post = Some(copy),
+                        HttpMethod::Put => entry.put = Some(copy),
+                        _ => entry.delete = Some(copy),
+                    }
+                }
+            }
+        }
+        openapi.paths.paths.extend(spaced);
     }
 }
 
-/// The API's routes.
-pub fn router(state: AppState) -> Router {
-    let api = Router::new()
-        .route("/api/server", get(server_info))
-        .merge(environments::routes())
-        .merge(machines::routes())
-        .merge(api_keys::routes())
-        .merge(users::routes())
-        .merge(tasks::routes())
-        .merge(packages::routes())
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            crate::auth::authenticate,
-        ));
-    Router::new()
-        .route("/api", get(api_root))
-        .route("/api/openapi.json", get(openapi_json))
-        .route("/api/users/login", post(users::login))
-        .merge(api)
-        .fallback(|| async { ApiError::not_found("no such API route; see /api/server") })
-        .with_state(state)
+/// Security, permission and the 401/403 answers of one operation.
+fn document_access(
+    op: &mut utoipa::openapi::path::Operation,
+    access: Access,
+    error: &dyn Fn(&str) -> utoipa::openapi::RefOr<utoipa::openapi::Response>,
+) {
+    use utoipa::openapi::security::SecurityRequirement;
+    if access == Access::Public {
+        return;
+    }
+    op.security = Some(vec![SecurityRequirement::new::<&str, [&str; 0], &str>(
+        SECURITY_SCHEME,
+        [],
+    )]);
+    let needs = access.describe();
+    op.description = Some(match op.description.take() {
+        Some(d) if !d.is_empty() => format!("{d}\n\nNeeds: {needs}."),
+        _ => format!("Needs: {needs}."),
+    });
+    let extensions = op.extensions.get_or_insert_with(Default::default);
+    extensions.insert(
+        "x-octopus-permission".into(),
+        serde_json::Value::String(
+            access
+                .permission()
+                .map(|p| p.name().to_string())
+                .unwrap_or_else(|| "authenticated".into()),
+        ),
+    );
+    op.responses
+        .responses
+        .entry("401".into())
+        .or_insert_with(|| error("No valid API key or session"));
+    if access != Access::Authenticated {
+        op.responses
+            .responses
+            .entry("403".into())
+            .or_insert_with(|| error("The caller lacks the permission this needs"));
+    }
 }
 
 /// What is serving here (no key needed).
@@ -200,10 +407,8 @@ async fn openapi_json() -> Json<&'static utoipa::openapi::OpenApi> {
     get,
     path = "/api/server",
     tag = "server",
-    security(("api_key" = [])),
     responses(
         (status = 200, description = "About the server", body = ServerInfo),
-        (status = 401, description = "No valid API key", body = ErrorBody),
     )
 )]
 async fn server_info(axum::extract::State(s): axum::extract::State<AppState>) -> Json<ServerInfo> {

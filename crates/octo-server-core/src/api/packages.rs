@@ -18,11 +18,10 @@ use std::path::{Path, PathBuf};
 
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path as UrlPath, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use futures_util::StreamExt;
 use octo_store::{NewPackage, Package, Store, StoreError};
 use serde::Deserialize;
@@ -30,31 +29,47 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use utoipa::IntoParams;
 
-use octo_api_types::{ErrorBody, PushReply};
+use octo_api_types::{ErrorBody, Permission, PushReply};
 use octo_store::now_ms;
 
+use super::guard::{delete, get, post, Route};
 use super::ApiError;
+use crate::authz::{Access, Caller, RequestSpace};
 use crate::feed::{check_package_id, parse_file_name, parse_version, sniff_format};
 use crate::state::AppState;
 
-/// The feed's routes, merged into the authenticated API.
-pub(super) fn routes() -> Router<AppState> {
-    Router::new()
-        .route(
-            "/api/packages",
-            get(list_packages)
-                .post(push_package)
-                .layer(DefaultBodyLimit::disable()),
-        )
-        .route(
+/// The feed's routes.
+pub(super) fn routes() -> Vec<Route> {
+    use Permission as P;
+    let mut push = post(
+        "/api/packages",
+        Access::Space(P::BuiltInFeedPush),
+        push_package,
+    );
+    push.handler = push.handler.layer(DefaultBodyLimit::disable());
+    vec![
+        get("/api/packages", Access::Space(P::FeedView), list_packages),
+        push,
+        get(
             "/api/packages/{id}/{version}",
-            get(get_package).delete(delete_package),
-        )
+            Access::Space(P::FeedView),
+            get_package,
+        ),
+        delete(
+            "/api/packages/{id}/{version}",
+            Access::Space(P::BuiltInFeedAdminister),
+            delete_package,
+        ),
+    ]
 }
 
 /// The highest version of a package ID (semantic-version order).
-pub(crate) async fn latest(store: &dyn Store, package_id: &str) -> Result<Package, ApiError> {
-    let all = store.list_packages(Some(package_id)).await?;
+pub(crate) async fn latest(
+    store: &dyn Store,
+    space_id: i64,
+    package_id: &str,
+) -> Result<Package, ApiError> {
+    let all = store.list_packages(space_id, Some(package_id)).await?;
     all.into_iter()
         .filter_map(|p| parse_version(&p.version).ok().map(|v| (v, p)))
         .max_by(|a, b| a.0.cmp(&b.0))
@@ -69,14 +84,15 @@ pub(crate) async fn latest(store: &dyn Store, package_id: &str) -> Result<Packag
 /// One version ("latest" allowed), 404 naming what exists otherwise.
 pub(crate) async fn find(
     store: &dyn Store,
+    space_id: i64,
     package_id: &str,
     version: Option<&str>,
 ) -> Result<Package, ApiError> {
     match version.map(str::trim).filter(|v| !v.is_empty()) {
-        None | Some("latest") => latest(store, package_id).await,
+        None | Some("latest") => latest(store, space_id, package_id).await,
         Some(v) => {
             let wanted = parse_version(v).map_err(ApiError::bad_request)?;
-            let all = store.list_packages(Some(package_id)).await?;
+            let all = store.list_packages(space_id, Some(package_id)).await?;
             if let Some(p) = all
                 .iter()
                 .find(|p| parse_version(&p.version).is_ok_and(|pv| pv == wanted))
@@ -116,7 +132,6 @@ pub(crate) struct PushQuery {
     post,
     path = "/api/packages",
     tag = "packages",
-    security(("api_key" = [])),
     params(PushQuery),
     request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The package file"),
     responses(
@@ -124,11 +139,12 @@ pub(crate) struct PushQuery {
         (status = 200, description = "The same ID, version and content were there already", body = PushReply),
         (status = 400, description = "Not a zip or tar.gz, or no ID/version (the message says what to give)", body = ErrorBody),
         (status = 409, description = "That ID and version exist with other content; push with replace=true", body = ErrorBody),
-        (status = 401, description = "No valid API key", body = ErrorBody),
     )
 )]
 pub(crate) async fn push_package(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(RequestSpace(space)): Extension<RequestSpace>,
     q: Result<Query<PushQuery>, QueryRejection>,
     body: Body,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -157,6 +173,9 @@ pub(crate) async fn push_package(
         },
     };
     check_package_id(&package_id).map_err(ApiError::bad_request)?;
+    if q.replace {
+        caller.require_throughout(Permission::BuiltInFeedAdminister, &space)?;
+    }
     let dir = s.packages.dir().to_path_buf();
     tokio::fs::create_dir_all(&dir)
         .await
@@ -175,7 +194,7 @@ pub(crate) async fn push_package(
         .clone()
         .unwrap_or_else(|| format!("{package_id}.{version}.{format}"));
     // Same ID, version and content: nothing to do.
-    if let Some(existing) = s.store.package(&package_id, &version).await? {
+    if let Some(existing) = s.store.package(space.id, &package_id, &version).await? {
         if existing.sha256.eq_ignore_ascii_case(&sha256) {
             return Ok((
                 StatusCode::OK,
@@ -202,6 +221,7 @@ pub(crate) async fn push_package(
             .map_err(|e| anyhow::anyhow!("moving the package into {}: {e}", target.display()))?;
     }
     let new = NewPackage {
+        space_id: space.id,
         package_id: package_id.clone(),
         version: version.clone(),
         format: format.into(),
@@ -223,10 +243,25 @@ pub(crate) async fn push_package(
         remove_unused_file(&s, &old.sha256).await;
     }
     tracing::info!(
-        "package {} {} pushed ({size} bytes, SHA-256 {sha256})",
+        "package {} {} pushed to space '{}' ({size} bytes, SHA-256 {sha256})",
         package.package_id,
-        package.version
+        package.version,
+        space.name
     );
+    let action = if previous.is_some() {
+        "replaced"
+    } else {
+        "created"
+    };
+    s.audit(
+        &caller,
+        Some(&space),
+        action,
+        "package",
+        &format!("{} {}", package.package_id, package.version),
+        format!("{size} bytes, SHA-256 {sha256}"),
+    )
+    .await;
     Ok((
         StatusCode::CREATED,
         Json(PushReply {
@@ -321,19 +356,22 @@ pub(crate) struct ListQuery {
     get,
     path = "/api/packages",
     tag = "packages",
-    security(("api_key" = [])),
     params(ListQuery),
     responses(
         (status = 200, description = "The packages", body = [Package]),
-        (status = 401, description = "No valid API key", body = ErrorBody),
     )
 )]
 pub(crate) async fn list_packages(
     State(s): State<AppState>,
+    Extension(RequestSpace(space)): Extension<RequestSpace>,
     q: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<Vec<Package>>, ApiError> {
     let Query(q) = q?;
-    Ok(Json(s.store.list_packages(q.package_id.as_deref()).await?))
+    Ok(Json(
+        s.store
+            .list_packages(space.id, q.package_id.as_deref())
+            .await?,
+    ))
 }
 
 /// One version of a package (`latest` for the highest).
@@ -341,7 +379,6 @@ pub(crate) async fn list_packages(
     get,
     path = "/api/packages/{id}/{version}",
     tag = "packages",
-    security(("api_key" = [])),
     params(
         ("id" = String, Path, description = "Package ID"),
         ("version" = String, Path, description = "Version, or `latest`"),
@@ -349,15 +386,17 @@ pub(crate) async fn list_packages(
     responses(
         (status = 200, description = "The package", body = Package),
         (status = 404, description = "No such package or version (the message lists the versions)", body = ErrorBody),
-        (status = 401, description = "No valid API key", body = ErrorBody),
     )
 )]
 pub(crate) async fn get_package(
     State(s): State<AppState>,
+    Extension(RequestSpace(space)): Extension<RequestSpace>,
     p: Result<UrlPath<(String, String)>, PathRejection>,
 ) -> Result<Json<Package>, ApiError> {
     let UrlPath((id, version)) = p?;
-    Ok(Json(find(s.store.as_ref(), &id, Some(&version)).await?))
+    Ok(Json(
+        find(s.store.as_ref(), space.id, &id, Some(&version)).await?,
+    ))
 }
 
 /// Deletes one version of a package (its file too, when no other version uses it).
@@ -365,7 +404,6 @@ pub(crate) async fn get_package(
     delete,
     path = "/api/packages/{id}/{version}",
     tag = "packages",
-    security(("api_key" = [])),
     params(
         ("id" = String, Path, description = "Package ID"),
         ("version" = String, Path, description = "Version"),
@@ -373,19 +411,29 @@ pub(crate) async fn get_package(
     responses(
         (status = 200, description = "Deleted; the deleted package", body = Package),
         (status = 404, description = "No such package or version", body = ErrorBody),
-        (status = 401, description = "No valid API key", body = ErrorBody),
     )
 )]
 pub(crate) async fn delete_package(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(RequestSpace(space)): Extension<RequestSpace>,
     p: Result<UrlPath<(String, String)>, PathRejection>,
 ) -> Result<Json<Package>, ApiError> {
     let UrlPath((id, version)) = p?;
-    let found = find(s.store.as_ref(), &id, Some(&version)).await?;
+    let found = find(s.store.as_ref(), space.id, &id, Some(&version)).await?;
     let gone = s
         .store
-        .delete_package(&found.package_id, &found.version)
+        .delete_package(space.id, &found.package_id, &found.version)
         .await?;
+    s.audit(
+        &caller,
+        Some(&space),
+        "deleted",
+        "package",
+        &format!("{} {}", gone.package_id, gone.version),
+        "",
+    )
+    .await;
     remove_unused_file(&s, &gone.sha256).await;
     tracing::info!("package {} {} deleted", gone.package_id, gone.version);
     Ok(Json(gone))

@@ -28,8 +28,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use octo_api_types::TaskView;
 use octo_engine::{Changes, Engine};
 
-use super::tasks::{load_view, task_not_found};
+use super::tasks::{load_view, visible_task};
 use super::{ApiError, ApiResult};
+use crate::authz::{Caller, RequestSpace};
 use crate::state::AppState;
 
 /// Keep-alive comment interval.
@@ -46,6 +47,8 @@ pub(crate) struct StreamQuery {
 
 pub(crate) async fn stream_log(
     State(s): State<AppState>,
+    axum::extract::Extension(caller): axum::extract::Extension<Caller>,
+    axum::extract::Extension(RequestSpace(space)): axum::extract::Extension<RequestSpace>,
     id: Result<Path<String>, PathRejection>,
     q: Result<Query<StreamQuery>, QueryRejection>,
     headers: HeaderMap,
@@ -57,9 +60,7 @@ pub(crate) async fn stream_log(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<i64>().ok());
     let after = q.after.or(last_event_id).unwrap_or(0);
-    if s.store.task(&id).await?.is_none() {
-        return Err(task_not_found(&id));
-    }
+    visible_task(s.store.as_ref(), &caller, &space, &id).await?;
     let engine = s.engine.clone();
     let sub = Subscription {
         rx: Some(engine.subscribe(&id)),
@@ -67,8 +68,20 @@ pub(crate) async fn stream_log(
         task_id: id,
     };
     let (tx, rx) = mpsc::channel(BUFFER);
-    engine.spawn(produce(sub, s.store.clone(), after, tx));
+    let reader = Reader {
+        store: s.store.clone(),
+        caller,
+        space,
+    };
+    engine.spawn(produce(sub, reader, after, tx));
     Ok(Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
+}
+
+/// Who reads the stream, and from where.
+struct Reader {
+    store: Arc<dyn Store>,
+    caller: Caller,
+    space: octo_api_types::Space,
 }
 
 /// A receiver of the task's notifier, released when dropped.
@@ -108,7 +121,7 @@ struct Gone;
 
 async fn produce(
     mut sub: Subscription,
-    store: Arc<dyn Store>,
+    reader: Reader,
     mut after: i64,
     tx: mpsc::Sender<Result<Event, Infallible>>,
 ) {
@@ -117,48 +130,53 @@ async fn produce(
     let id = sub.task_id.clone();
     let mut sent_key: Option<StateKey> = None;
     let mut seen_state: Option<u64> = None;
-    let result: Result<(), Gone> = async {
-        let mut first = true;
-        loop {
-            let changes = *rx.borrow_and_update();
-            // The task's state comes first; after that, lines before state changes
-            // (a step's last lines before the event saying it finished).
-            if !first {
-                send_lines(store.as_ref(), &id, &mut after, &tx).await?;
-            }
-            if seen_state != Some(changes.state) {
-                seen_state = Some(changes.state);
-                let view = match load_view(store.as_ref(), &id).await {
-                    Ok(v) => v,
-                    Err(e) => {
-                        send(&tx, Event::default().event("error").data(e_message(&e))).await?;
+    let result: Result<(), Gone> =
+        async {
+            let mut first = true;
+            loop {
+                let changes = *rx.borrow_and_update();
+                // The task's state comes first; after that, lines before state changes
+                // (a step's last lines before the event saying it finished).
+                if !first {
+                    send_lines(reader.store.as_ref(), &id, &mut after, &tx).await?;
+                }
+                if seen_state != Some(changes.state) {
+                    seen_state = Some(changes.state);
+                    let view =
+                        match load_view(reader.store.as_ref(), &reader.caller, &reader.space, &id)
+                            .await
+                        {
+                            Ok(v) => v,
+                            Err(e) => {
+                                send(&tx, Event::default().event("error").data(e_message(&e)))
+                                    .await?;
+                                return Ok(());
+                            }
+                        };
+                    if view.task.state.is_final() {
+                        // Every line was stored before the final state: read the rest.
+                        send_lines(reader.store.as_ref(), &id, &mut after, &tx).await?;
+                        send(&tx, json_event("end", &view)).await?;
                         return Ok(());
                     }
-                };
-                if view.task.state.is_final() {
-                    // Every line was stored before the final state: read the rest.
-                    send_lines(store.as_ref(), &id, &mut after, &tx).await?;
-                    send(&tx, json_event("end", &view)).await?;
-                    return Ok(());
+                    let k = key(&view);
+                    if sent_key.as_ref() != Some(&k) {
+                        send(&tx, json_event("task", &view)).await?;
+                        sent_key = Some(k);
+                    }
                 }
-                let k = key(&view);
-                if sent_key.as_ref() != Some(&k) {
-                    send(&tx, json_event("task", &view)).await?;
-                    sent_key = Some(k);
+                if first {
+                    first = false;
+                    send_lines(reader.store.as_ref(), &id, &mut after, &tx).await?;
                 }
-            }
-            if first {
-                first = false;
-                send_lines(store.as_ref(), &id, &mut after, &tx).await?;
-            }
-            tokio::select! {
-                r = rx.changed() => if r.is_err() { return Ok(()) },
-                _ = tx.closed() => return Err(Gone),
-                _ = engine.stopping().cancelled() => return Err(Gone),
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() { return Ok(()) },
+                    _ = tx.closed() => return Err(Gone),
+                    _ = engine.stopping().cancelled() => return Err(Gone),
+                }
             }
         }
-    }
-    .await;
+        .await;
     let _ = result;
     sub.rx = Some(rx);
 }

@@ -1,51 +1,85 @@
 //! `/api/tasks`: create tasks (script runs, health checks, deployments, tool
-//! upgrades), list and read them, follow their logs ([`super::sse`]), cancel
-//! them, and guide deployments waiting under guided failure. The engine
-//! ([`octo_engine::Engine`]) runs them.
+//! upgrades) in the request's space, list and read them, follow their logs
+//! ([`super::sse`]), cancel them, and guide deployments waiting under guided
+//! failure. The engine ([`octo_engine::Engine`]) runs them.
 //!
-//! - `POST /api/tasks/script`: `{"script", "syntax", "isolation", "machines",
-//!   "environment", "role", "tenant"}` → 201 `{"task", "steps"}`.
-//! - `POST /api/tasks/health`: `{"machines"?, "environment"?}` → 201 `{"task", "steps"}`.
-//! - `GET /api/tasks?limit=N` → tasks, newest first.
-//! - `GET /api/tasks/{id}` → `{"task", "steps"}`.
-//! - `GET /api/tasks/{id}/log?after=ID&limit=N` → log lines with id > after.
-//! - `GET /api/tasks/{id}/log/stream?after=ID` → events `log`, `task`, `end`.
-//! - `POST /api/tasks/{id}/cancel` → 202 `{"task"}`.
+//! Who may: creating a task needs its permission on every machine it selects
+//! (a task that selects machines by environment or role is refused as a whole,
+//! naming those out of the caller's scope); a task is seen by whoever sees one
+//! of its environments, and changed (cancel, guidance) by whoever may act on
+//! all of them. Its variables show only to holders of `VariableView`; secret
+//! values never show: they are stored encrypted, apart from the task.
+
+use std::collections::BTreeMap;
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use octo_api_types::{
-    CancelReply, DeployRequest, ErrorBody, GuidanceRequest, HealthRequest, ScriptRequest, Task,
-    TaskLogLine, TaskView,
+    CancelReply, DeployRequest, ErrorBody, GuidanceRequest, HealthRequest, Permission,
+    ScriptRequest, Space, Task, TaskLogLine, TaskView,
 };
+use octo_engine::engine::environments_of;
+use octo_engine::secrets::MASK;
 use octo_engine::{kind, machine_list, DeployArgs};
-use octo_store::{now_ms, Machine, MachineFilter, Store, StoreError};
+use octo_store::{now_ms, Machine, MachineFilter, NewTask, Store, StoreError};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
+use super::guard::{get, post, Route};
+use super::machines::sees_machine;
 use super::{sse, ApiError, ApiJson, ApiResult};
+use crate::authz::{Access, Caller, RequestSpace};
 use crate::state::AppState;
 
 /// Extracted versions of a package kept per machine unless the request says otherwise.
 const DEFAULT_RETENTION: u32 = 3;
 
 /// The task routes.
-pub(super) fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/api/tasks", get(list_tasks))
-        .route("/api/tasks/script", post(create_script_task))
-        .route("/api/tasks/health", post(create_health_task))
-        .route("/api/tasks/deploy", post(create_deploy_task))
-        .route("/api/tasks/upgrade", post(create_upgrade_task))
-        .route("/api/tasks/{id}", get(get_task))
-        .route("/api/tasks/{id}/log", get(get_log))
-        .route("/api/tasks/{id}/log/stream", get(sse::stream_log))
-        .route("/api/tasks/{id}/cancel", post(cancel_task))
-        .route("/api/tasks/{id}/guidance", post(guide_task))
+pub(super) fn routes() -> Vec<Route> {
+    use Permission as P;
+    vec![
+        get("/api/tasks", Access::Space(P::TaskView), list_tasks),
+        post(
+            "/api/tasks/script",
+            Access::Space(P::TaskCreate),
+            create_script_task,
+        ),
+        post(
+            "/api/tasks/health",
+            Access::Space(P::TaskCreate),
+            create_health_task,
+        ),
+        post(
+            "/api/tasks/deploy",
+            Access::Space(P::DeploymentCreate),
+            create_deploy_task,
+        ),
+        post(
+            "/api/tasks/upgrade",
+            Access::Space(P::TaskCreate),
+            create_upgrade_task,
+        ),
+        get("/api/tasks/{id}", Access::Space(P::TaskView), get_task),
+        get("/api/tasks/{id}/log", Access::Space(P::TaskView), get_log),
+        get(
+            "/api/tasks/{id}/log/stream",
+            Access::Space(P::TaskView),
+            sse::stream_log,
+        ),
+        post(
+            "/api/tasks/{id}/cancel",
+            Access::Space(P::TaskCancel),
+            cancel_task,
+        ),
+        post(
+            "/api/tasks/{id}/guidance",
+            Access::Space(P::InterruptionSubmit),
+            guide_task,
+        ),
+    ]
 }
 
 /// Default and largest page sizes.
@@ -60,11 +94,105 @@ pub(crate) fn task_not_found(id: &str) -> ApiError {
     ))
 }
 
-/// The task and its steps; 404 when there is no such task.
-pub(crate) async fn load_view(store: &dyn Store, id: &str) -> ApiResult<TaskView> {
-    let task = store.task(id).await?.ok_or_else(|| task_not_found(id))?;
+/// Whether the caller may see the task.
+fn sees_task(caller: &Caller, space: &Space, t: &Task) -> bool {
+    t.space_id == space.id && caller.sees(Permission::TaskView, space, &t.environments, &[])
+}
+
+/// The task as the caller may see it: its variables only with `VariableView`.
+fn shown(caller: &Caller, space: &Space, mut task: Task) -> Task {
+    if !caller.sees(Permission::VariableView, space, &task.environments, &[]) {
+        if let Some(args) = task.arguments.as_object_mut() {
+            for field in ["variables", "sensitive_variables"] {
+                if args.contains_key(field) {
+                    args.insert(
+                        field.into(),
+                        serde_json::json!("(hidden: needs VariableView)"),
+                    );
+                }
+            }
+        }
+    }
+    task
+}
+
+/// A task of the space the caller may see, or 404 as if it did not exist.
+pub(crate) async fn visible_task(
+    store: &dyn Store,
+    caller: &Caller,
+    space: &Space,
+    id: &str,
+) -> ApiResult<Task> {
+    store
+        .task(id)
+        .await?
+        .filter(|t| sees_task(caller, space, t))
+        .map(|t| shown(caller, space, t))
+        .ok_or_else(|| task_not_found(id))
+}
+
+/// The task and its steps; 404 when there is no such task the caller may see.
+pub(crate) async fn load_view(
+    store: &dyn Store,
+    caller: &Caller,
+    space: &Space,
+    id: &str,
+) -> ApiResult<TaskView> {
+    let task = visible_task(store, caller, space, id).await?;
     let steps = store.task_steps(id).await?;
     Ok(TaskView { task, steps })
+}
+
+/// Variable names must be usable as environment variables, and a name is
+/// either secret or not.
+fn check_variables(
+    variables: &BTreeMap<String, String>,
+    sensitive: &BTreeMap<String, String>,
+) -> ApiResult<()> {
+    for (field, map) in [("variables", variables), ("sensitive_variables", sensitive)] {
+        for name in map.keys() {
+            if name.trim().is_empty() || name.contains(['=', '\0']) {
+                return Err(ApiError::bad_request(format!(
+                    "field `{field}`: variable name '{name}' must not be empty nor contain '=' or NUL"
+                )));
+            }
+        }
+        if let Some((name, _)) = map.iter().find(|(_, v)| v.contains('\0')) {
+            return Err(ApiError::bad_request(format!(
+                "field `{field}`: the value of '{name}' contains a NUL character"
+            )));
+        }
+    }
+    if let Some(name) = sensitive.keys().find(|k| variables.contains_key(*k)) {
+        return Err(ApiError::bad_request(format!(
+            "variable '{name}' is in both `variables` and `sensitive_variables`; give it once"
+        )));
+    }
+    Ok(())
+}
+
+/// The secret values, encrypted with the master key.
+fn encrypt_secrets(
+    s: &AppState,
+    sensitive: &BTreeMap<String, String>,
+) -> ApiResult<Vec<(String, String)>> {
+    sensitive
+        .iter()
+        .map(|(name, value)| {
+            s.master_key
+                .encrypt(value)
+                .map(|c| (name.clone(), c))
+                .map_err(|e| ApiError::internal(format!("encrypting variable {name}: {e}")))
+        })
+        .collect()
+}
+
+/// The names of secret variables, their values shown as set, not as values.
+fn masked(sensitive: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    sensitive
+        .keys()
+        .map(|k| (k.clone(), MASK.to_string()))
+        .collect()
 }
 
 /// Runs a script on machines.
@@ -72,32 +200,50 @@ pub(crate) async fn load_view(store: &dyn Store, id: &str) -> ApiResult<TaskView
     post,
     path = "/api/tasks/script",
     tag = "tasks",
-    security(("api_key" = [])),
     request_body = ScriptRequest,
     responses(
         (status = 201, description = "Created and started", body = TaskView),
         (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
         (status = 404, description = "A named machine does not exist", body = ErrorBody),
         (status = 422, description = "No machine matches (the message says why)", body = ErrorBody),
-        (status = 401, description = "No valid API key", body = ErrorBody),
     )
 )]
 pub(crate) async fn create_script_task(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(RequestSpace(space)): Extension<RequestSpace>,
     ApiJson(req): ApiJson<ScriptRequest>,
 ) -> ApiResult<impl IntoResponse> {
     if req.script.trim().is_empty() {
         return Err(ApiError::bad_request("field `script` must not be empty"));
     }
-    let filter = filter_of(&req.environment, &req.role, &req.tenant);
-    let machines = select_machines(s.store.as_ref(), &req.machines, &filter).await?;
-    let arguments = &req;
+    check_variables(&req.variables, &req.sensitive_variables)?;
+    let filter = filter_of(space.id, &req.environment, &req.role, &req.tenant);
+    let target = Target::select(&s, &caller, &space, &req.machines, &filter).await?;
+    target.require(&caller, &space, Permission::TaskCreate)?;
+    let secrets = encrypt_secrets(&s, &req.sensitive_variables)?;
+    let stored = ScriptRequest {
+        sensitive_variables: masked(&req.sensitive_variables),
+        ..req.clone()
+    };
     let description = format!(
         "Run a {} script on {}",
         req.syntax.as_str(),
-        machine_list(&machines)
+        machine_list(&target.machines)
     );
-    create_and_start(&s, kind::SCRIPT, &description, arguments, &machines).await
+    let details = variable_names(&req.variables, &req.sensitive_variables);
+    create_and_start(
+        &s,
+        &caller,
+        &space,
+        kind::SCRIPT,
+        &description,
+        &stored,
+        &target.machines,
+        secrets,
+        details,
+    )
+    .await
 }
 
 /// Checks the health of machines.
@@ -105,25 +251,36 @@ pub(crate) async fn create_script_task(
     post,
     path = "/api/tasks/health",
     tag = "tasks",
-    security(("api_key" = [])),
     request_body = HealthRequest,
     responses(
         (status = 201, description = "Created and started", body = TaskView),
         (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
         (status = 404, description = "A named machine does not exist", body = ErrorBody),
         (status = 422, description = "No machine matches (the message says why)", body = ErrorBody),
-        (status = 401, description = "No valid API key", body = ErrorBody),
     )
 )]
 pub(crate) async fn create_health_task(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(RequestSpace(space)): Extension<RequestSpace>,
     ApiJson(req): ApiJson<HealthRequest>,
 ) -> ApiResult<impl IntoResponse> {
-    let filter = filter_of(&req.environment, &None, &None);
-    let machines = select_machines(s.store.as_ref(), &req.machines, &filter).await?;
-    let arguments = &req;
-    let description = format!("Check the health of {}", machine_list(&machines));
-    create_and_start(&s, kind::HEALTH, &description, arguments, &machines).await
+    let filter = filter_of(space.id, &req.environment, &None, &None);
+    let target = Target::select(&s, &caller, &space, &req.machines, &filter).await?;
+    target.require(&caller, &space, Permission::TaskCreate)?;
+    let description = format!("Check the health of {}", machine_list(&target.machines));
+    create_and_start(
+        &s,
+        &caller,
+        &space,
+        kind::HEALTH,
+        &description,
+        &req,
+        &target.machines,
+        Vec::new(),
+        String::new(),
+    )
+    .await
 }
 
 /// Deploys a package.
@@ -131,18 +288,18 @@ pub(crate) async fn create_health_task(
     post,
     path = "/api/tasks/deploy",
     tag = "tasks",
-    security(("api_key" = [])),
     request_body = DeployRequest,
     responses(
         (status = 201, description = "Created and started", body = TaskView),
         (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
         (status = 404, description = "No such package or version (the message lists what exists)", body = ErrorBody),
         (status = 422, description = "No machine matches, or the server has no deployment tool (the message says why)", body = ErrorBody),
-        (status = 401, description = "No valid API key", body = ErrorBody),
     )
 )]
 pub(crate) async fn create_deploy_task(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(RequestSpace(space)): Extension<RequestSpace>,
     ApiJson(req): ApiJson<DeployRequest>,
 ) -> ApiResult<impl IntoResponse> {
     if req.environment.trim().is_empty() {
@@ -156,59 +313,79 @@ pub(crate) async fn create_deploy_task(
             "field `retention` must be at least 1 (the version just deployed is always kept)",
         ));
     }
-    if let Some(name) = req.variables.keys().find(|k| k.trim().is_empty()) {
-        return Err(ApiError::bad_request(format!(
-            "variable name '{name}' is empty"
-        )));
-    }
+    check_variables(&req.variables, &req.sensitive_variables)?;
     let package = super::packages::find(
         s.store.as_ref(),
+        space.id,
         req.package_id.trim(),
         req.version.as_deref(),
     )
     .await?;
     if let Err(why) = s.tool.as_ref() {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("this server cannot deploy: {why}"),
-        ));
+        return Err(ApiError::unprocessable(format!(
+            "this server cannot deploy: {why}"
+        )));
     }
     let file = s.packages.file_of(&package);
     if !file.is_file() {
-        return Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!(
-                "the file of package {} {} is missing from {}; push it again with `octopus package push --replace`",
-                package.package_id,
-                package.version,
-                file.display()
-            ),
-        ));
+        return Err(ApiError::internal(format!(
+            "the file of package {} {} is missing from {}; push it again with `octopus package push --replace`",
+            package.package_id,
+            package.version,
+            file.display()
+        )));
     }
-    let filter = filter_of(&Some(req.environment.clone()), &req.role, &req.tenant);
-    let machines = select_machines(s.store.as_ref(), &[], &filter).await?;
+    let environment = req.environment.trim().to_string();
+    caller.require_on(
+        Permission::DeploymentCreate,
+        &space,
+        std::slice::from_ref(&environment),
+        &[],
+        &format!("environment '{environment}'"),
+    )?;
+    let filter = filter_of(space.id, &Some(environment.clone()), &req.role, &req.tenant);
+    let target = Target::select(&s, &caller, &space, &[], &filter).await?;
+    target.require(&caller, &space, Permission::DeploymentCreate)?;
     let args = DeployArgs {
         package_id: package.package_id.clone(),
         version: package.version.clone(),
         sha256: package.sha256.clone(),
         format: package.format.clone(),
         size: package.size,
-        environment: req.environment.trim().to_string(),
+        environment,
         role: req.role.clone(),
         tenant: req.tenant.clone(),
         variables: req.variables.clone(),
+        sensitive_variables: req.sensitive_variables.keys().cloned().collect(),
         retention,
         guided_failure: req.guided_failure,
     };
-    let arguments = &args;
+    let secrets = encrypt_secrets(&s, &req.sensitive_variables)?;
     let description = format!(
         "Deploy {} {} to {} ({})",
         package.package_id,
         package.version,
         args.environment,
-        machine_list(&machines)
+        machine_list(&target.machines)
     );
-    create_and_start(&s, kind::DEPLOY, &description, arguments, &machines).await
+    let details = format!(
+        "package {} {}; {}",
+        package.package_id,
+        package.version,
+        variable_names(&req.variables, &req.sensitive_variables)
+    );
+    create_and_start(
+        &s,
+        &caller,
+        &space,
+        kind::DEPLOY,
+        &description,
+        &args,
+        &target.machines,
+        secrets,
+        details,
+    )
+    .await
 }
 
 /// Pushes the server's deployment tool to machines that do not have its version.
@@ -216,68 +393,121 @@ pub(crate) async fn create_deploy_task(
     post,
     path = "/api/tasks/upgrade",
     tag = "tasks",
-    security(("api_key" = [])),
     request_body = HealthRequest,
     responses(
         (status = 201, description = "Created and started", body = TaskView),
         (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
         (status = 404, description = "A named machine does not exist", body = ErrorBody),
         (status = 422, description = "No machine matches, or the server has no deployment tool", body = ErrorBody),
-        (status = 401, description = "No valid API key", body = ErrorBody),
     )
 )]
 pub(crate) async fn create_upgrade_task(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(RequestSpace(space)): Extension<RequestSpace>,
     ApiJson(req): ApiJson<HealthRequest>,
 ) -> ApiResult<impl IntoResponse> {
     let tool = match s.tool.as_ref() {
         Ok(t) => t.clone(),
         Err(why) => {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!("there is no deployment tool to push: {why}"),
-            ))
+            return Err(ApiError::unprocessable(format!(
+                "there is no deployment tool to push: {why}"
+            )))
         }
     };
-    let filter = filter_of(&req.environment, &None, &None);
-    let machines = select_machines(s.store.as_ref(), &req.machines, &filter).await?;
-    let arguments = &req;
+    let filter = filter_of(space.id, &req.environment, &None, &None);
+    let target = Target::select(&s, &caller, &space, &req.machines, &filter).await?;
+    target.require(&caller, &space, Permission::TaskCreate)?;
     let description = format!(
         "Upgrade the deployment tool to {} on {}",
         tool.version,
-        machine_list(&machines)
+        machine_list(&target.machines)
     );
-    create_and_start(&s, kind::UPGRADE, &description, arguments, &machines).await
+    create_and_start(
+        &s,
+        &caller,
+        &space,
+        kind::UPGRADE,
+        &description,
+        &req,
+        &target.machines,
+        Vec::new(),
+        String::new(),
+    )
+    .await
+}
+
+/// "variables A, B; secret variables C" (names only), for the audit log.
+fn variable_names(
+    variables: &BTreeMap<String, String>,
+    sensitive: &BTreeMap<String, String>,
+) -> String {
+    let names = |m: &BTreeMap<String, String>| m.keys().cloned().collect::<Vec<_>>().join(", ");
+    match (variables.is_empty(), sensitive.is_empty()) {
+        (true, true) => String::new(),
+        (false, true) => format!("variables {}", names(variables)),
+        (true, false) => format!("secret variables {}", names(sensitive)),
+        (false, false) => format!(
+            "variables {}; secret variables {}",
+            names(variables),
+            names(sensitive)
+        ),
+    }
 }
 
 /// Creates the task, starts it in the background, answers 201 with it.
-pub(crate) async fn create_and_start(
+#[allow(clippy::too_many_arguments)]
+async fn create_and_start(
     s: &AppState,
+    caller: &Caller,
+    space: &Space,
     kind: &str,
     description: &str,
     arguments: &impl serde::Serialize,
     machines: &[Machine],
+    secrets: Vec<(String, String)>,
+    details: String,
 ) -> ApiResult<(StatusCode, Json<TaskView>)> {
     let arguments = serde_json::to_value(arguments)
         .map_err(|e| ApiError::internal(format!("encoding the task's arguments: {e}")))?;
-    let ids: Vec<i64> = machines.iter().map(|m| m.id).collect();
-    let task = s
-        .store
-        .create_task(kind, description, &arguments, &ids, now_ms())
-        .await?;
+    let new = NewTask {
+        space_id: space.id,
+        kind: kind.into(),
+        description: description.into(),
+        arguments,
+        machine_ids: machines.iter().map(|m| m.id).collect(),
+        environments: environments_of(machines),
+        secrets,
+    };
+    let task = s.store.create_task(&new, now_ms()).await?;
     let steps = s.store.task_steps(&task.id).await?;
     tracing::info!("created task {} ({description})", task.id);
     s.engine.start(task.clone());
-    Ok((StatusCode::CREATED, Json(TaskView { task, steps })))
+    let details = if details.is_empty() {
+        description.to_string()
+    } else {
+        format!("{description}; {details}")
+    };
+    s.audit(caller, Some(space), "started", "task", &task.id, details)
+        .await;
+    Ok((
+        StatusCode::CREATED,
+        Json(TaskView {
+            task: shown(caller, space, task),
+            steps,
+        }),
+    ))
 }
 
-/// The machines in `environment`, with `role`, of `tenant` (each when given).
+/// The machines in `environment`, with `role`, of `tenant` (each when given), in a space.
 fn filter_of(
+    space_id: i64,
     environment: &Option<String>,
     role: &Option<String>,
     tenant: &Option<String>,
 ) -> MachineFilter {
     MachineFilter {
+        space_id: Some(space_id),
         names: vec![],
         environments: non_empty(environment),
         roles: non_empty(role),
@@ -293,99 +523,137 @@ fn non_empty(v: &Option<String>) -> Vec<String> {
         .collect()
 }
 
-/// The machines a task targets: exactly `names` when given (404 naming the first
-/// unknown one), otherwise those matching `filter` (422 saying why when none does).
-pub(crate) async fn select_machines(
-    store: &dyn Store,
-    names: &[String],
-    filter: &MachineFilter,
-) -> ApiResult<Vec<Machine>> {
-    let names: Vec<&str> = names
-        .iter()
-        .map(|n| n.trim())
-        .filter(|n| !n.is_empty())
-        .collect();
-    if !names.is_empty() {
-        let mut out: Vec<Machine> = Vec::with_capacity(names.len());
-        for name in names {
-            let m = store.machine(name).await?.ok_or_else(|| {
-                ApiError::not_found(format!(
-                    "machine '{name}' does not exist; `GET /api/machines` lists machines"
-                ))
-            })?;
-            if !out.iter().any(|o| o.id == m.id) {
-                out.push(m);
-            }
-        }
-        return Ok(out);
-    }
-    let machines = store.list_machines(filter).await?;
-    if machines.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            explain_no_match(store, filter).await?,
-        ));
-    }
-    Ok(machines)
+/// The machines a task targets.
+struct Target {
+    machines: Vec<Machine>,
 }
 
-/// Why no machine matches `filter`, criterion by criterion.
+impl Target {
+    /// Exactly `names` when given (404 naming the first unknown or unseen one),
+    /// otherwise those matching `filter` (422 saying why when none does).
+    async fn select(
+        s: &AppState,
+        caller: &Caller,
+        space: &Space,
+        names: &[String],
+        filter: &MachineFilter,
+    ) -> ApiResult<Target> {
+        let store = s.store.as_ref();
+        let names: Vec<&str> = names
+            .iter()
+            .map(|n| n.trim())
+            .filter(|n| !n.is_empty())
+            .collect();
+        if !names.is_empty() {
+            let mut out: Vec<Machine> = Vec::with_capacity(names.len());
+            for name in names {
+                let m = store
+                    .machine(space.id, name)
+                    .await?
+                    .filter(|m| sees_machine(caller, space, m))
+                    .ok_or_else(|| {
+                        ApiError::not_found(format!(
+                            "machine '{name}' does not exist; `GET /api/machines` lists machines"
+                        ))
+                    })?;
+                if !out.iter().any(|o| o.id == m.id) {
+                    out.push(m);
+                }
+            }
+            return Ok(Target { machines: out });
+        }
+        let machines = store.list_machines(filter).await?;
+        if machines.is_empty() {
+            return Err(ApiError::unprocessable(
+                explain_no_match(store, filter).await?,
+            ));
+        }
+        Ok(Target { machines })
+    }
+
+    /// `p` on every machine, or 403 naming those out of the caller's scope
+    /// (and counting those they may not even see). Nothing is queued then.
+    fn require(&self, caller: &Caller, space: &Space, p: Permission) -> ApiResult<()> {
+        let out: Vec<&Machine> = self
+            .machines
+            .iter()
+            .filter(|m| {
+                !caller.grants.covers(
+                    p,
+                    space.id,
+                    &m.environments,
+                    &m.tenants,
+                    crate::authz::Cover::All,
+                )
+            })
+            .collect();
+        if out.is_empty() {
+            return Ok(());
+        }
+        let (seen, unseen): (Vec<&&Machine>, Vec<&&Machine>) =
+            out.iter().partition(|m| sees_machine(caller, space, m));
+        let mut parts: Vec<String> = seen
+            .iter()
+            .map(|m| format!("{} ({})", m.name, m.environments.join(", ")))
+            .collect();
+        if !unseen.is_empty() {
+            parts.push(format!("{} machine(s) you cannot see", unseen.len()));
+        }
+        Err(ApiError::forbidden(format!(
+            "permission {p} is needed on every machine the task selects; out of your scope: {}. \
+             Nothing was started: narrow the task (--machine, --environment, --role) to machines you may use",
+            parts.join(", ")
+        )))
+    }
+}
+
+/// Why no machine matches `filter`, criterion by criterion (in its space).
 pub(crate) async fn explain_no_match(
     store: &dyn Store,
     filter: &MachineFilter,
 ) -> ApiResult<String> {
-    let total = store.list_machines(&MachineFilter::default()).await?.len();
+    let space_id = filter.space_id.unwrap_or(octo_store::DEFAULT_SPACE_ID);
+    let in_space = MachineFilter::space(space_id);
+    let total = store.list_machines(&in_space).await?.len();
     let mut criteria = Vec::new();
     let mut why = Vec::new();
     for env in &filter.environments {
         criteria.push(format!("environment '{env}'"));
-        if store.environment(env).await?.is_none() {
+        if store.environment(space_id, env).await?.is_none() {
             why.push(format!("environment '{env}' does not exist"));
             continue;
         }
-        let n = count(
-            store,
-            MachineFilter {
-                environments: vec![env.clone()],
-                ..MachineFilter::default()
-            },
-        )
-        .await?;
-        if n == 0 {
+        let f = MachineFilter {
+            environments: vec![env.clone()],
+            ..in_space.clone()
+        };
+        if count(store, f).await? == 0 {
             why.push(format!("environment '{env}' has no machines"));
         }
     }
     for role in &filter.roles {
         criteria.push(format!("role '{role}'"));
-        let n = count(
-            store,
-            MachineFilter {
-                roles: vec![role.clone()],
-                ..MachineFilter::default()
-            },
-        )
-        .await?;
-        if n == 0 {
+        let f = MachineFilter {
+            roles: vec![role.clone()],
+            ..in_space.clone()
+        };
+        if count(store, f).await? == 0 {
             why.push(format!("no machine has role '{role}'"));
         }
     }
     if !filter.tenants.is_empty() {
-        let tenants = store.list_tenants().await?;
+        let tenants = store.list_tenants(space_id).await?;
         for tenant in &filter.tenants {
             criteria.push(format!("tenant '{tenant}'"));
             if !tenants.iter().any(|t| t.name.eq_ignore_ascii_case(tenant)) {
                 why.push(format!("tenant '{tenant}' does not exist"));
                 continue;
             }
-            let n = count(
-                store,
-                MachineFilter {
-                    tenants: vec![tenant.clone()],
-                    ..MachineFilter::default()
-                },
-            )
-            .await?;
-            if n == 0 {
+            let f = MachineFilter {
+                tenants: vec![tenant.clone()],
+                ..in_space.clone()
+            };
+            if count(store, f).await? == 0 {
                 why.push(format!("no machine is connected to tenant '{tenant}'"));
             }
         }
@@ -426,21 +694,21 @@ pub(crate) struct ListQuery {
     limit: Option<i64>,
 }
 
-/// Tasks, newest first.
+/// The space's tasks the caller may see, newest first.
 #[utoipa::path(
     get,
     path = "/api/tasks",
     tag = "tasks",
-    security(("api_key" = [])),
     params(ListQuery),
     responses(
         (status = 200, description = "The tasks", body = [Task]),
         (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
-        (status = 401, description = "No valid API key", body = ErrorBody),
     )
 )]
 pub(crate) async fn list_tasks(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(RequestSpace(space)): Extension<RequestSpace>,
     q: Result<Query<ListQuery>, QueryRejection>,
 ) -> ApiResult<Json<Vec<Task>>> {
     let Query(q) = q?;
@@ -448,7 +716,17 @@ pub(crate) async fn list_tasks(
     if limit < 1 {
         return Err(ApiError::bad_request("`limit` must be at least 1"));
     }
-    Ok(Json(s.store.list_tasks(limit.min(MAX_TASK_LIMIT)).await?))
+    let tasks = s
+        .store
+        .list_tasks(Some(space.id), limit.min(MAX_TASK_LIMIT))
+        .await?;
+    Ok(Json(
+        tasks
+            .into_iter()
+            .filter(|t| sees_task(&caller, &space, t))
+            .map(|t| shown(&caller, &space, t))
+            .collect(),
+    ))
 }
 
 /// A task and its steps.
@@ -456,20 +734,22 @@ pub(crate) async fn list_tasks(
     get,
     path = "/api/tasks/{id}",
     tag = "tasks",
-    security(("api_key" = [])),
     params(("id" = String, Path, description = "The task's id, e.g. ServerTasks-42")),
     responses(
         (status = 200, description = "The task", body = TaskView),
         (status = 404, description = "No such task", body = ErrorBody),
-        (status = 401, description = "No valid API key", body = ErrorBody),
     )
 )]
 pub(crate) async fn get_task(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(RequestSpace(space)): Extension<RequestSpace>,
     id: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<TaskView>> {
     let Path(id) = id?;
-    Ok(Json(load_view(s.store.as_ref(), &id).await?))
+    Ok(Json(
+        load_view(s.store.as_ref(), &caller, &space, &id).await?,
+    ))
 }
 
 /// Paging of `GET /api/tasks/{id}/log`.
@@ -488,7 +768,6 @@ pub(crate) struct LogQuery {
     get,
     path = "/api/tasks/{id}/log",
     tag = "tasks",
-    security(("api_key" = [])),
     params(
         ("id" = String, Path, description = "The task's id, e.g. ServerTasks-42"),
         LogQuery,
@@ -497,11 +776,12 @@ pub(crate) struct LogQuery {
         (status = 200, description = "The lines", body = [TaskLogLine]),
         (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
         (status = 404, description = "No such task", body = ErrorBody),
-        (status = 401, description = "No valid API key", body = ErrorBody),
     )
 )]
 pub(crate) async fn get_log(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(RequestSpace(space)): Extension<RequestSpace>,
     id: Result<Path<String>, PathRejection>,
     q: Result<Query<LogQuery>, QueryRejection>,
 ) -> ApiResult<impl IntoResponse> {
@@ -511,9 +791,7 @@ pub(crate) async fn get_log(
     if limit < 1 {
         return Err(ApiError::bad_request("`limit` must be at least 1"));
     }
-    if s.store.task(&id).await?.is_none() {
-        return Err(task_not_found(&id));
-    }
+    visible_task(s.store.as_ref(), &caller, &space, &id).await?;
     let lines = s
         .store
         .task_log(&id, q.after.unwrap_or(0), limit.min(MAX_LOG_LIMIT))
@@ -526,32 +804,45 @@ pub(crate) async fn get_log(
     post,
     path = "/api/tasks/{id}/cancel",
     tag = "tasks",
-    security(("api_key" = [])),
     params(("id" = String, Path, description = "The task's id, e.g. ServerTasks-42")),
     responses(
         (status = 202, description = "Cancel requested", body = CancelReply),
         (status = 404, description = "No such task", body = ErrorBody),
-        (status = 401, description = "No valid API key", body = ErrorBody),
     )
 )]
 pub(crate) async fn cancel_task(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(RequestSpace(space)): Extension<RequestSpace>,
     id: Result<Path<String>, PathRejection>,
 ) -> ApiResult<impl IntoResponse> {
     let Path(id) = id?;
+    let task = visible_task(s.store.as_ref(), &caller, &space, &id).await?;
+    caller.require_on(
+        Permission::TaskCancel,
+        &space,
+        &task.environments,
+        &[],
+        &format!("task {id}"),
+    )?;
     match s.store.request_cancel(&id).await {
         Ok(()) => {}
         Err(StoreError::NotFound { .. }) => return Err(task_not_found(&id)),
         Err(e) => return Err(e.into()),
     }
     s.engine.cancel(&id);
-    let task = s
-        .store
-        .task(&id)
-        .await?
-        .ok_or_else(|| task_not_found(&id))?;
+    let task = visible_task(s.store.as_ref(), &caller, &space, &id).await?;
     if task.cancel_requested {
         tracing::info!("cancel requested for task {id}");
+        s.audit(
+            &caller,
+            Some(&space),
+            "canceled",
+            "task",
+            &id,
+            task.description.clone(),
+        )
+        .await;
     }
     Ok((StatusCode::ACCEPTED, Json(CancelReply { task })))
 }
@@ -568,7 +859,6 @@ pub(crate) async fn cancel_task(
     get,
     path = "/api/tasks/{id}/log/stream",
     tag = "tasks",
-    security(("api_key" = [])),
     params(
         ("id" = String, Path, description = "The task's id, e.g. ServerTasks-42"),
         ("after" = Option<i64>, Query, description = "Only lines with a greater id (default: `Last-Event-ID`, else 0)"),
@@ -578,7 +868,6 @@ pub(crate) async fn cancel_task(
         (status = 200, description = "Events `task` (data: TaskView), `log` (data: TaskLogLine, id: its id) and `end` (data: TaskView)", content_type = "text/event-stream", body = String),
         (status = 400, description = "Malformed request", body = ErrorBody),
         (status = 404, description = "No such task", body = ErrorBody),
-        (status = 401, description = "No valid API key", body = ErrorBody),
     )
 )]
 #[allow(dead_code)] // Documentation only; see `sse::stream_log`.
@@ -589,7 +878,6 @@ pub(crate) fn stream_log_doc() {}
     post,
     path = "/api/tasks/{id}/guidance",
     tag = "tasks",
-    security(("api_key" = [])),
     params(("id" = String, Path, description = "The task's id, e.g. ServerTasks-42")),
     request_body = GuidanceRequest,
     responses(
@@ -597,16 +885,24 @@ pub(crate) fn stream_log_doc() {}
         (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
         (status = 404, description = "No such task, or the machine is not part of it", body = ErrorBody),
         (status = 409, description = "The machine is not waiting for a decision", body = ErrorBody),
-        (status = 401, description = "No valid API key", body = ErrorBody),
     )
 )]
 pub(crate) async fn guide_task(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(RequestSpace(space)): Extension<RequestSpace>,
     id: Result<Path<String>, PathRejection>,
     ApiJson(req): ApiJson<GuidanceRequest>,
 ) -> ApiResult<impl IntoResponse> {
     let Path(id) = id?;
-    let view = load_view(s.store.as_ref(), &id).await?;
+    let view = load_view(s.store.as_ref(), &caller, &space, &id).await?;
+    caller.require_on(
+        Permission::InterruptionSubmit,
+        &space,
+        &view.task.environments,
+        &[],
+        &format!("task {id}"),
+    )?;
     let step = view
         .steps
         .iter()
@@ -624,18 +920,24 @@ pub(crate) async fn guide_task(
             ))
         })?;
     if !s.engine.guide(&id, step.machine_id, req.action) {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!(
-                "machine '{}' of task {id} is not waiting for a decision (its state: {:?}); only a failed machine of a deployment started with --guided-failure waits for one",
-                step.machine_name, step.state
-            ),
-        ));
+        return Err(ApiError::conflict(format!(
+            "machine '{}' of task {id} is not waiting for a decision (its state: {:?}); only a failed machine of a deployment started with --guided-failure waits for one",
+            step.machine_name, step.state
+        )));
     }
     tracing::info!(
         "guidance for {} in task {id}: {:?}",
         step.machine_name,
         req.action
     );
+    s.audit(
+        &caller,
+        Some(&space),
+        "guided",
+        "task",
+        &id,
+        format!("{}: {:?}", step.machine_name, req.action),
+    )
+    .await;
     Ok((StatusCode::ACCEPTED, Json(view)))
 }

@@ -1,0 +1,141 @@
+//! `/api/spaces`: the spaces a caller can see; create and delete (refused
+//! while a space holds machines, saying how many).
+
+use axum::extract::{Extension, Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+use octo_api_types::{ErrorBody, NewSpace, Permission, Space};
+
+use super::guard::{delete, get, post, space_not_found, Route};
+use super::{ApiError, ApiJson, ApiResult};
+use crate::authz::{Access, Caller};
+use crate::state::AppState;
+
+/// The space routes.
+pub(super) fn routes() -> Vec<Route> {
+    vec![
+        get("/api/spaces", Access::Authenticated, list_spaces),
+        post(
+            "/api/spaces",
+            Access::System(Permission::SpaceCreate),
+            create_space,
+        ),
+        get("/api/spaces/{space}", Access::Authenticated, get_space),
+        delete(
+            "/api/spaces/{space}",
+            Access::System(Permission::SpaceDelete),
+            delete_space,
+        ),
+    ]
+}
+
+/// A space by name or `Spaces-N` that the caller can see, or 404.
+async fn visible_space(s: &AppState, caller: &Caller, key: &str) -> ApiResult<Space> {
+    let by_id = key
+        .strip_prefix("Spaces-")
+        .and_then(|n| n.parse::<i64>().ok());
+    let found = match by_id {
+        Some(id) => s.store.space_by_id(id).await?,
+        None => s.store.space_by_name(key.trim()).await?,
+    };
+    found
+        .filter(|sp| caller.grants.reaches(sp.id))
+        .ok_or_else(|| space_not_found(key))
+}
+
+/// The spaces the caller has a role in (every space with `SpaceView`).
+#[utoipa::path(
+    get,
+    path = "/api/spaces",
+    tag = "spaces",
+    responses((status = 200, description = "The spaces", body = [Space]))
+)]
+pub(crate) async fn list_spaces(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Json<Vec<Space>>> {
+    let spaces = s.store.list_spaces().await?;
+    Ok(Json(
+        spaces
+            .into_iter()
+            .filter(|sp| caller.grants.reaches(sp.id))
+            .collect(),
+    ))
+}
+
+/// One space, by name or `Spaces-N`.
+#[utoipa::path(
+    get,
+    path = "/api/spaces/{space}",
+    tag = "spaces",
+    params(("space" = String, Path, description = "The space's name or `Spaces-N`")),
+    responses(
+        (status = 200, description = "The space", body = Space),
+        (status = 404, description = "No such space (or none the caller can see)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn get_space(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(space): Path<String>,
+) -> ApiResult<Json<Space>> {
+    Ok(Json(visible_space(&s, &caller, &space).await?))
+}
+
+/// Adds a space (with its own default machine policy).
+#[utoipa::path(
+    post,
+    path = "/api/spaces",
+    tag = "spaces",
+    request_body = NewSpace,
+    responses(
+        (status = 201, description = "Created", body = Space),
+        (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
+        (status = 409, description = "A space of that name exists", body = ErrorBody),
+    )
+)]
+pub(crate) async fn create_space(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    ApiJson(r): ApiJson<NewSpace>,
+) -> ApiResult<impl IntoResponse> {
+    let name = r.name.trim();
+    if name.is_empty() {
+        return Err(ApiError::bad_request("field `name` must not be empty"));
+    }
+    if name.starts_with("Spaces-") || name == "." || name == ".." || name.contains('/') {
+        return Err(ApiError::bad_request(
+            "field `name`: a space's name cannot start with `Spaces-`, contain '/', or be '.' or '..' (they name spaces in paths)",
+        ));
+    }
+    let space = s.store.create_space(name, &r.description).await?;
+    s.audit(&caller, None, "created", "space", &space.name, "")
+        .await;
+    Ok((StatusCode::CREATED, Json(space)))
+}
+
+/// Deletes a space and everything in it (refused while it holds machines).
+#[utoipa::path(
+    delete,
+    path = "/api/spaces/{space}",
+    tag = "spaces",
+    params(("space" = String, Path, description = "The space's name or `Spaces-N`")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such space", body = ErrorBody),
+        (status = 422, description = "It holds machines (the message says how many), or it is the default space", body = ErrorBody),
+    )
+)]
+pub(crate) async fn delete_space(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(space): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    let found = visible_space(&s, &caller, &space).await?;
+    let gone = s.store.delete_space(found.id).await?;
+    s.permissions_changed();
+    s.audit(&caller, None, "deleted", "space", &gone.name, "")
+        .await;
+    Ok(StatusCode::NO_CONTENT)
+}
