@@ -176,8 +176,9 @@ async fn check(state: &AppState, table: &Table, req: &mut Request) -> Result<(),
     if access != Access::Public {
         let source = source_of(req);
         let caller = authenticate(state, req.headers(), source).await?;
-        // A space the caller has nothing in is, to them, not there.
-        if named.is_some() && !caller.grants.reaches(space.id) {
+        // A space the caller has nothing in is, to them, not there (the
+        // default space, which every server has, excepted).
+        if named.is_some() && !space.is_default && !caller.grants.reaches(space.id) {
             return Err(space_not_found(&space.name));
         }
         caller.require(access, &space)?;
