@@ -105,7 +105,7 @@ enum Command {
     RegisterWith(Box<register::RegisterArgs>),
     /// Register this tentacle with a server as a worker in a worker pool.
     #[command(
-        after_help = "Example:\n  tentacle register-worker --server http://octopus:8080 --api-key API-XXXX --worker-pool Default"
+        after_help = "Examples:\n  tentacle register-worker --server http://octopus:8080 --api-key API-XXXX --worker-pool Default\n  tentacle register-worker --server http://octopus:8080 --api-key API-XXXX --worker-pool Builders --space \"Ops Team\""
     )]
     RegisterWorker {
         /// The worker pool.

@@ -1,4 +1,10 @@
 //! `tentacle register-with`: tell a server about this tentacle, and trust it back.
+//!
+//! With `--space NAME` the calls go to the server's routes of that space
+//! (`/api/spaces/{NAME}/...`); without it, to the Default space. The same
+//! tentacle may be registered in several spaces of one server; it trusts the
+//! server once, and `deregister-from` stops trusting it only when no space the
+//! key can see still has this tentacle.
 
 use anyhow::{bail, Context};
 use hyper::{Method, StatusCode};
@@ -25,7 +31,7 @@ fn address_host(address: &str) -> String {
 /// Options of `register-with`.
 #[derive(clap::Args, Debug)]
 #[command(
-    after_help = "Examples:\n  tentacle register-with --server http://octopus:8080 --api-key API-XXXX --environment Production --role web\n  tentacle register-with --server http://octopus:8080 --apiKey API-XXXX --env Test --role db --comms-style TentacleActive\n  tentacle register-with --server http://octopus:8080 --api-key API-XXXX --env Test --comms-style TentacleActive --server-web-socket wss://octopus.example:443/tentacle\n  tentacle register-with --server https://octopus.example:443 --server-thumbprint <THUMBPRINT> --api-key API-XXXX --env Test   (the API over the server's TLS port: the key stays private)"
+    after_help = "Examples:\n  tentacle register-with --server http://octopus:8080 --api-key API-XXXX --environment Production --role web\n  tentacle register-with --server http://octopus:8080 --api-key API-XXXX --space \"Ops Team\" --environment Production   (in space Ops Team; without --space: the Default space)\n  tentacle register-with --server http://octopus:8080 --apiKey API-XXXX --env Test --role db --comms-style TentacleActive\n  tentacle register-with --server http://octopus:8080 --api-key API-XXXX --env Test --comms-style TentacleActive --server-web-socket wss://octopus.example:443/tentacle\n  tentacle register-with --server https://octopus.example:443 --server-thumbprint <THUMBPRINT> --api-key API-XXXX --env Test   (the API over the server's TLS port: the key stays private)"
 )]
 pub(crate) struct RegisterArgs {
     /// The server's API address: http://HOST:PORT, or https://HOST:PORT for the
@@ -101,6 +107,9 @@ pub(crate) struct RegisterArgs {
     /// Replace a machine of the same name.
     #[arg(long)]
     force: bool,
+    /// The space to register in: its name (any case) or its id (Spaces-N). Default: the server's Default space.
+    #[arg(long, alias = "Space", value_name = "NAME")]
+    space: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,6 +150,7 @@ pub(crate) fn register(target: &Target, a: &RegisterArgs, kind: Kind) -> anyhow:
         }
         _ => {}
     }
+    let space = Space::new(a.space.as_deref())?;
     let mut cfg = target.load()?;
     let identity = load_identity(&cfg)?;
     let expected = a
@@ -222,7 +232,7 @@ pub(crate) fn register(target: &Target, a: &RegisterArgs, kind: Kind) -> anyhow:
             a.password.as_deref(),
         )
         .await?;
-        let result = post_registration(&api, &key, &body).await;
+        let result = post_registration(&api, &key, &space, &body).await;
         end_session(&api, &key, session).await;
         result
     })?;
@@ -243,6 +253,7 @@ pub(crate) fn register(target: &Target, a: &RegisterArgs, kind: Kind) -> anyhow:
             );
         }
     }
+    let in_space = space.in_space();
     if polling {
         let address = poll_address(a.server_comms_port.unwrap_or(reply.comms_port))?;
         cfg.polling_servers.retain(|p| p.address != address);
@@ -257,10 +268,10 @@ pub(crate) fn register(target: &Target, a: &RegisterArgs, kind: Kind) -> anyhow:
             connections: 1,
             connect_to,
         });
-        println!("Registered '{name}' with {server} as polling tentacle poll://{uri}/; it will poll {address}{via}.");
+        println!("Registered '{name}' with {server}{in_space} as polling tentacle poll://{uri}/; it will poll {address}{via}.");
     } else {
         cfg.trust(server_tp);
-        println!("Registered '{name}' with {server} as listening tentacle {uri}.");
+        println!("Registered '{name}' with {server}{in_space} as listening tentacle {uri}.");
     }
     target.save(&cfg)?;
     println!("This tentacle now trusts the server's thumbprint {server_tp}.");
@@ -329,35 +340,111 @@ async fn login(api: &ApiClient, username: &str, password: &str) -> anyhow::Resul
 async fn post_registration(
     api: &ApiClient,
     key: &str,
+    space: &Space,
     body: &serde_json::Value,
 ) -> anyhow::Result<Reply> {
     let server = api.base();
-    let (status, text) = api
-        .call(
-            Method::POST,
-            "/api/machines/register",
-            Some(key),
-            Some(body),
-        )
-        .await?;
+    let path = space.path("machines/register");
+    let (status, text) = api.call(Method::POST, &path, Some(key), Some(body)).await?;
     if !status.is_success() {
-        let msg = serde_json::from_str::<serde_json::Value>(&text)
-            .ok()
-            .and_then(|v| v["error"].as_str().map(str::to_string))
-            .unwrap_or(text);
+        let msg = error_text(text);
         if status == StatusCode::UNAUTHORIZED {
             bail!("the server at {server} refused the API key ({msg}); create one with `octopus api-key create`");
         }
-        bail!("the server at {server} refused the registration ({status}): {msg}");
+        if status == StatusCode::NOT_FOUND {
+            return Err(space.not_found(server, &msg));
+        }
+        let in_space = space.in_space();
+        bail!("the server at {server} refused the registration{in_space} ({status}): {msg}");
     }
-    serde_json::from_str(&text)
-        .with_context(|| format!("unexpected answer from {server}/api/machines/register"))
+    serde_json::from_str(&text).with_context(|| format!("unexpected answer from {server}{path}"))
+}
+
+/// The `error` of a JSON error answer, or the whole answer.
+fn error_text(text: String) -> String {
+    serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_string))
+        .unwrap_or(text)
+}
+
+/// The space (`--space`) of the server's space routes: `/api/spaces/{space}/...`,
+/// or, without `--space`, `/api/...` (the server's Default space).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Space(Option<String>);
+
+impl Space {
+    /// `--space` as given (trimmed); refused when no URL path could carry it.
+    fn new(space: Option<&str>) -> anyhow::Result<Self> {
+        let Some(s) = space.map(str::trim) else {
+            return Ok(Self(None));
+        };
+        if s.is_empty() {
+            bail!("--space is empty; give a space's name or id (Spaces-N), or leave it out for the Default space");
+        }
+        if s == "." || s == ".." {
+            bail!("--space '{s}': a web address cannot carry this name; give the space's id instead (Spaces-N, from `octopus space list`)");
+        }
+        Ok(Self(Some(s.to_string())))
+    }
+
+    /// The API path of `rest` (e.g. `machines/register`) in this space; the
+    /// space's name is percent-encoded as one path segment.
+    fn path(&self, rest: &str) -> String {
+        match &self.0 {
+            None => format!("/api/{rest}"),
+            Some(s) => format!("/api/spaces/{}/{rest}", encode(s)),
+        }
+    }
+
+    /// ` in space 'NAME'` for messages (empty for the Default space).
+    fn in_space(&self) -> String {
+        self.0
+            .as_deref()
+            .map(|s| format!(" in space '{s}'"))
+            .unwrap_or_default()
+    }
+
+    /// The error for a 404 from a space route: the space does not exist (or
+    /// the caller has no role in it), or the server predates spaces.
+    fn not_found(&self, server: &str, msg: &str) -> anyhow::Error {
+        let Some(space) = &self.0 else {
+            return anyhow::anyhow!("the server at {server} answered 404 Not Found: {msg}");
+        };
+        if msg.starts_with("no such API route") {
+            return anyhow::anyhow!(
+                "the server at {server} does not serve spaces (it answered: {msg}); leave out --space '{space}' to use its only space, or upgrade the server"
+            );
+        }
+        // The server's usual words say no more than this message; others are kept.
+        let said = if msg.starts_with("space '") {
+            String::new()
+        } else {
+            format!(" (the server said: {msg})")
+        };
+        anyhow::anyhow!(
+            "space '{space}' does not exist on the server at {server}, or the user of this key has no role in it{said}; `octopus space list` lists the spaces you can see, `octopus space create {}` creates it (with an administrator's key), and without --space the Default space is used",
+            shell_word(space)
+        )
+    }
+}
+
+/// `s` as one shell word (quoted when it needs to be).
+fn shell_word(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.,:@%+=/".contains(&b));
+    if plain {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }
 
 /// Options of `deregister-from`.
 #[derive(clap::Args, Debug)]
 #[command(
-    after_help = "Examples:\n  tentacle deregister-from --server http://octopus:8080 --api-key API-XXXX\n  tentacle deregister-from --server https://octopus.example:443 --api-key API-XXXX"
+    after_help = "Examples:\n  tentacle deregister-from --server http://octopus:8080 --api-key API-XXXX\n  tentacle deregister-from --server https://octopus.example:443 --api-key API-XXXX\n  tentacle deregister-from --server http://octopus:8080 --api-key API-XXXX --space \"Ops Team\"   (leaves that space; the server stays trusted while this tentacle is registered in another)"
 )]
 pub(crate) struct DeregisterArgs {
     /// The server's API address: http://HOST:PORT or https://HOST:PORT (its TLS port).
@@ -379,11 +466,17 @@ pub(crate) struct DeregisterArgs {
     /// The user's password (used for this call only, never stored).
     #[arg(long, requires = "username")]
     password: Option<String>,
+    /// The space to leave: its name (any case) or its id (Spaces-N). Default: the server's Default space.
+    #[arg(long, alias = "Space", value_name = "NAME")]
+    space: Option<String>,
 }
 
-/// Removes every machine with this tentacle's thumbprint from the server, and
-/// stops trusting (and polling) that server.
+/// Removes every machine with this tentacle's thumbprint from the space
+/// (`--space`, else the Default space) of the server, and stops trusting (and
+/// polling) that server unless this tentacle is still registered in another
+/// of its spaces (of those the key can see).
 pub(crate) fn deregister(target: &Target, a: &DeregisterArgs) -> anyhow::Result<()> {
+    let space = Space::new(a.space.as_deref())?;
     let mut cfg = target.load()?;
     let identity = load_identity(&cfg)?;
     let ours = identity.thumbprint().to_string();
@@ -393,7 +486,7 @@ pub(crate) fn deregister(target: &Target, a: &DeregisterArgs) -> anyhow::Result<
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (removed, server_tp) = rt.block_on(async {
+    let (removed, server_tp, elsewhere) = rt.block_on(async {
         let (key, session) = session_key(
             &api,
             a.api_key.as_deref(),
@@ -403,32 +496,44 @@ pub(crate) fn deregister(target: &Target, a: &DeregisterArgs) -> anyhow::Result<
         .await?;
         let result = async {
             let info = checked(&api, Method::GET, "/api/server", &key).await?;
-            let machines = checked(&api, Method::GET, "/api/machines", &key).await?;
+            let machines = checked(&api, Method::GET, &space.path("machines"), &key)
+                .await
+                .map_err(|e| match e.downcast_ref::<NotFound>() {
+                    Some(NotFound(msg)) => space.not_found(api.base(), msg),
+                    None => e,
+                })?;
             let mut removed = Vec::new();
             for m in machines.as_array().into_iter().flatten() {
-                if m["thumbprint"]
-                    .as_str()
-                    .is_some_and(|t| t.eq_ignore_ascii_case(&ours))
-                {
+                if is_ours(m, &ours) {
                     let name = m["name"].as_str().unwrap_or_default().to_string();
-                    let path = format!("/api/machines/{}", encode(&name));
+                    let path = space.path(&format!("machines/{}", encode(&name)));
                     checked(&api, Method::DELETE, &path, &key).await?;
                     removed.push(name);
                 }
             }
+            let elsewhere = registrations_in_spaces(&api, &key, &ours).await;
             Ok::<_, anyhow::Error>((
                 removed,
                 info["thumbprint"].as_str().unwrap_or_default().to_string(),
+                elsewhere,
             ))
         }
         .await;
         end_session(&api, &key, session).await;
         result
     })?;
+    let in_space = space.in_space();
     if removed.is_empty() {
-        println!("The server at {server} has no machine with this tentacle's thumbprint {ours}.");
+        println!("The server at {server} has no machine{in_space} with this tentacle's thumbprint {ours}.");
     } else {
-        println!("Removed {} from {server}.", removed.join(", "));
+        println!("Removed {} from {server}{in_space}.", removed.join(", "));
+    }
+    if !elsewhere.is_empty() {
+        println!(
+            "This tentacle is still registered with {server} as {}, so it keeps trusting (and polling) that server; `tentacle deregister-from --space NAME` leaves those spaces too.",
+            elsewhere.join(", ")
+        );
+        return Ok(());
     }
     if let Ok(tp) = parse_thumbprint(&server_tp) {
         let trusted = cfg.remove_trust(tp);
@@ -455,7 +560,62 @@ fn encode(s: &str) -> String {
         .collect()
 }
 
-/// The JSON body of a successful answer, or an error naming the server's reason.
+/// Whether a machine (JSON) has this thumbprint.
+fn is_ours(machine: &serde_json::Value, ours: &str) -> bool {
+    machine["thumbprint"]
+        .as_str()
+        .is_some_and(|t| t.eq_ignore_ascii_case(ours))
+}
+
+/// This tentacle's machines in the server's spaces the key can see, as
+/// `'NAME' in space 'SPACE'`. A server without spaces, or a space whose
+/// machines the key may not list, adds nothing (the latter with a note).
+async fn registrations_in_spaces(api: &ApiClient, key: &str, ours: &str) -> Vec<String> {
+    let Ok(spaces) = checked(api, Method::GET, "/api/spaces", key).await else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for s in spaces.as_array().into_iter().flatten() {
+        let (Some(id), Some(name)) = (s["id"].as_i64(), s["name"].as_str()) else {
+            continue;
+        };
+        let path = Space(Some(format!("Spaces-{id}"))).path("machines");
+        match checked(api, Method::GET, &path, key).await {
+            Ok(machines) => found.extend(
+                machines
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|m| is_ours(m, ours))
+                    .map(|m| {
+                        format!(
+                            "'{}' in space '{name}'",
+                            m["name"].as_str().unwrap_or_default()
+                        )
+                    }),
+            ),
+            Err(e) => eprintln!(
+                "note: could not check space '{name}' for other registrations of this tentacle: {e:#}"
+            ),
+        }
+    }
+    found
+}
+
+/// A 404 answer (the server's message), so callers can say what was not found.
+#[derive(Debug)]
+struct NotFound(String);
+
+impl std::fmt::Display for NotFound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl std::error::Error for NotFound {}
+
+/// The JSON body of a successful answer, or an error naming the server's reason
+/// (a 404's is a [`NotFound`] in the chain).
 async fn checked(
     api: &ApiClient,
     method: Method,
@@ -464,13 +624,70 @@ async fn checked(
 ) -> anyhow::Result<serde_json::Value> {
     let server = api.base();
     let (status, text) = api.call(method, path, Some(key), None).await?;
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
     if !status.is_success() {
-        let msg = v["error"].as_str().map(str::to_string).unwrap_or(text);
+        let msg = error_text(text);
         if status == StatusCode::UNAUTHORIZED {
             bail!("the server at {server} refused the API key ({msg})");
         }
+        if status == StatusCode::NOT_FOUND {
+            return Err(anyhow::Error::new(NotFound(msg.clone()))
+                .context(format!("the server at {server} answered {status}: {msg}")));
+        }
         bail!("the server at {server} answered {status}: {msg}");
     }
-    Ok(v)
+    Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn space_paths() {
+        let default = Space::new(None).unwrap();
+        assert_eq!(default.path("machines/register"), "/api/machines/register");
+        assert_eq!(default.in_space(), "");
+        for (given, path) in [
+            ("Ops", "/api/spaces/Ops/machines/register"),
+            (" Ops Team ", "/api/spaces/Ops%20Team/machines/register"),
+            ("Spaces-2", "/api/spaces/Spaces-2/machines/register"),
+            ("a/b?c#d%", "/api/spaces/a%2Fb%3Fc%23d%25/machines/register"),
+            ("é", "/api/spaces/%C3%A9/machines/register"),
+        ] {
+            let space = Space::new(Some(given)).unwrap();
+            assert_eq!(space.path("machines/register"), path, "{given:?}");
+        }
+        assert_eq!(
+            Space::new(Some("Ops Team")).unwrap().in_space(),
+            " in space 'Ops Team'"
+        );
+        for bad in ["", "  ", ".", ".."] {
+            assert!(Space::new(Some(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn not_found_names_the_space_and_what_to_do() {
+        let e = Space::new(Some("Ops Team"))
+            .unwrap()
+            .not_found("http://o:8080", "space 'Ops Team' does not exist")
+            .to_string();
+        assert!(e.contains("space 'Ops Team' does not exist on the server at http://o:8080"));
+        assert!(e.contains("`octopus space list`"));
+        assert!(e.contains("`octopus space create 'Ops Team'`"));
+        let old = Space::new(Some("Ops"))
+            .unwrap()
+            .not_found("http://o:8080", "no such API route; see /api/server")
+            .to_string();
+        assert!(old.contains("does not serve spaces"), "{old}");
+    }
+
+    #[test]
+    fn shell_words() {
+        assert_eq!(shell_word("Ops"), "Ops");
+        assert_eq!(shell_word("Ops Team"), "'Ops Team'");
+        assert_eq!(shell_word("it's"), "'it'\\''s'");
+        assert_eq!(shell_word(""), "''");
+    }
 }
