@@ -34,7 +34,9 @@ pub use error::{is_retryable, CommsError};
 pub use h2client::H2Channel;
 pub use proxy::{ProxyConfig, ProxyError, ProxySetting};
 pub use registry::PollingRegistry;
-pub use server::{Connection, Endpoint, ServerComms, ServerCommsOptions, WebSocketListenerOptions};
+pub use server::{
+    Connection, Endpoint, HttpOverTls, ServerComms, ServerCommsOptions, WebSocketListenerOptions,
+};
 pub use tentacle::{ConnectionInfo, Direction, PollingOptions, PollingTarget, TentacleComms};
 
 /// Sets the process's allocator up for bulk transfers. Call it first thing in

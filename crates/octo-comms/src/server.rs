@@ -706,6 +706,7 @@ impl ServerComms {
             if let Some((prefix, service)) = &options.http {
                 let path = req.uri().path();
                 if path == prefix || path.starts_with(&format!("{prefix}/")) {
+                    req.extensions_mut().insert(HttpOverTls { remote });
                     return service(req).await;
                 }
             }
@@ -779,6 +780,13 @@ impl Default for WebSocketListenerOptions {
     }
 }
 
+/// Marks an HTTP request that came over the TLS (WebSocket) port from a
+/// client without a certificate, with the client's address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpOverTls {
+    pub remote: SocketAddr,
+}
+
 impl WebSocketListenerOptions {
     /// Upgrades accepted on `path` ("/tentacle"; a missing leading '/' is added).
     pub fn new(path: &str) -> Self {
@@ -809,6 +817,7 @@ impl WebSocketListenerOptions {
         B::Error: Into<crate::BoxError>,
     {
         use tower::ServiceExt;
+        // "/" serves every path.
         let prefix = prefix.trim_end_matches('/').to_string();
         let call: HttpService = Arc::new(move |req| {
             let svc = service.clone();

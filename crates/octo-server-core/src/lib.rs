@@ -26,5 +26,5 @@ pub mod startup;
 pub mod state;
 
 pub use config::RunArgs;
-pub use startup::{reset_admin, run, show_thumbprint, start, RunningServer};
+pub use startup::{reset_admin, run, run_with, show_thumbprint, start, start_with, RunningServer};
 pub use state::AppState;

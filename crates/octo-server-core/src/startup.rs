@@ -285,6 +285,15 @@ impl RunningServer {
 
 /// Starts a server and returns once it listens.
 pub async fn start(args: &RunArgs) -> anyhow::Result<RunningServer> {
+    start_with(args, |_| None).await
+}
+
+/// As [`start`], also serving `extra`'s routes (the web portal) beside `/api`,
+/// on the API port and, for clients without a certificate, on the TLS port.
+pub async fn start_with(
+    args: &RunArgs,
+    extra: impl FnOnce(AppState) -> Option<axum::Router> + Send,
+) -> anyhow::Result<RunningServer> {
     if !(args.session_idle_hours > 0.0 && args.session_idle_hours.is_finite()) {
         bail!(
             "--session-idle-hours must be a positive number of hours, not {}",
@@ -390,6 +399,12 @@ pub async fn start(args: &RunArgs) -> anyhow::Result<RunningServer> {
         grant_cache: Arc::default(),
         logins: Arc::default(),
     };
+    // The API, and beside it whatever else this server serves (the portal).
+    let api = crate::api::router(state.clone());
+    let app = match extra(state.clone()) {
+        Some(extra) => api.merge(extra),
+        None => api,
+    };
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn({
@@ -402,7 +417,7 @@ pub async fn start(args: &RunArgs) -> anyhow::Result<RunningServer> {
     });
     if let Some((listener, options)) = web_socket_options {
         // Clients without a certificate may use the REST API over this TLS port.
-        let options = options.with_http("/api", crate::api::router(state.clone()));
+        let options = options.with_http("/", app.clone());
         let (c, t) = (comms.clone(), shutdown.clone());
         tasks.spawn(async move {
             if let Err(e) = c.run_web_socket_listener(listener, options, t).await {
@@ -414,7 +429,6 @@ pub async fn start(args: &RunArgs) -> anyhow::Result<RunningServer> {
     state.engine.spawn_background(shutdown.clone(), &mut tasks);
     tasks.spawn({
         let t = shutdown.clone();
-        let app = crate::api::router(state);
         async move {
             // TCP_NODELAY on every accepted API socket: without it, each server-sent
             // event after the first waits for a delayed ACK (up to 40 ms).
@@ -459,7 +473,15 @@ pub async fn start(args: &RunArgs) -> anyhow::Result<RunningServer> {
 
 /// `octopus server run`: start, then serve until SIGTERM or Ctrl-C.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let server = start(&args).await?;
+    run_with(args, |_| None).await
+}
+
+/// As [`run`], serving `extra` (the web portal) beside the API.
+pub async fn run_with(
+    args: RunArgs,
+    extra: impl FnOnce(AppState) -> Option<axum::Router> + Send,
+) -> anyhow::Result<()> {
+    let server = start_with(&args, extra).await?;
     if let Some(key) = &server.admin_api_key {
         println!(
             "First start: created user 'admin' and an API key for it (shown once, also in {}):",

@@ -123,9 +123,9 @@ async fn main() -> ExitCode {
         Command::Quickstart(args) => Box::pin(quickstart::run(args))
             .await
             .map(|()| ExitCode::SUCCESS),
-        Command::Server(ServerCommand::Run(args)) => {
-            server::run(args).await.map(|()| ExitCode::SUCCESS)
-        }
+        Command::Server(ServerCommand::Run(args)) => server::run_with(args, octo_portal::router)
+            .await
+            .map(|()| ExitCode::SUCCESS),
         Command::Server(ServerCommand::ShowThumbprint { data }) => {
             server::show_thumbprint(&data).map(|()| ExitCode::SUCCESS)
         }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use octo_server_core::{start, RunArgs};
+use octo_server_core::{start_with, RunArgs};
 
 /// Options of `octopus quickstart`.
 #[derive(Debug, clap::Args)]
@@ -127,10 +127,13 @@ pub(crate) async fn run(args: QuickstartArgs) -> anyhow::Result<()> {
     println!("Octopus quickstart in {}", dir.display());
 
     // 1. The server.
-    let server = start(&RunArgs {
-        calamari: Some(calamari),
-        ..RunArgs::loopback(&dir.join("server"))
-    })
+    let server = start_with(
+        &RunArgs {
+            calamari: Some(calamari),
+            ..RunArgs::loopback(&dir.join("server"))
+        },
+        octo_portal::router,
+    )
     .await?;
     let url = format!("http://{}", server.api_addr);
     let key = match &server.admin_api_key {

@@ -121,30 +121,7 @@ pub(crate) async fn revoke_api_key(
     if key.user_id != caller.user.id && !caller.grants.has_system(Permission::ApiKeyEdit) {
         return Err(not_found());
     }
-    // The last working key of the last administrator: revoking it would lock
-    // everyone out (a password may still allow a login; say so).
-    if !key.revoked {
-        let admins = s.store.holders_of(SYSTEM_ADMINISTRATOR).await?;
-        if let [only] = admins.as_slice() {
-            if only.id == key.user_id {
-                let (_, password) = s.store.user_by_name(&only.username).await?.unzip();
-                let has_password = password.flatten().is_some();
-                let live = s
-                    .store
-                    .list_api_keys(Some(only.id))
-                    .await?
-                    .into_iter()
-                    .filter(|k| !k.revoked && !k.session)
-                    .count();
-                if !has_password && live <= 1 && !key.session {
-                    return Err(ApiError::unprocessable(format!(
-                        "API key #{id} is the last key of '{}', the last System administrator, who has no password: revoking it would leave nobody able to administer the server; create another key first (`octopus api-key create`), or recover with `octopus server reset-admin`",
-                        only.username
-                    )));
-                }
-            }
-        }
-    }
+    refuse_last_admin_key(&s, &key).await?;
     s.store.revoke_api_key(id).await?;
     s.audit(
         &caller,
@@ -156,4 +133,36 @@ pub(crate) async fn revoke_api_key(
     )
     .await;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Refuses to revoke the last working key of the last administrator, who has
+/// no password: that would lock everyone out (a password may still allow a
+/// login; say so). Revoking a key and logging out with one both check this.
+pub(crate) async fn refuse_last_admin_key(s: &AppState, key: &ApiKey) -> ApiResult<()> {
+    if key.revoked || key.session {
+        return Ok(());
+    }
+    let admins = s.store.holders_of(SYSTEM_ADMINISTRATOR).await?;
+    let [only] = admins.as_slice() else {
+        return Ok(());
+    };
+    if only.id != key.user_id {
+        return Ok(());
+    }
+    let (_, password) = s.store.user_by_name(&only.username).await?.unzip();
+    let has_password = password.flatten().is_some();
+    let live = s
+        .store
+        .list_api_keys(Some(only.id))
+        .await?
+        .into_iter()
+        .filter(|k| !k.revoked && !k.session)
+        .count();
+    if !has_password && live <= 1 {
+        return Err(ApiError::unprocessable(format!(
+            "API key #{} is the last key of '{}', the last System administrator, who has no password: revoking it would leave nobody able to administer the server; create another key first (`octopus api-key create`), or recover with `octopus server reset-admin`",
+            key.id, only.username
+        )));
+    }
+    Ok(())
 }

@@ -64,18 +64,28 @@ pub(crate) type Table = HashMap<(Method, &'static str), Access>;
 /// The space a request named in its path (`/api/spaces/{space}/...`), before it
 /// is resolved.
 #[derive(Debug, Clone)]
-pub(crate) struct NamedSpace(pub String);
+pub struct NamedSpace(pub String);
+
+/// A request that came over the TLS port (from a client without a certificate).
+pub use octo_comms::HttpOverTls as OverTls;
 
 /// The caller's address, for the audit log and login throttling.
-pub(crate) fn source_of(req: &Request) -> String {
-    req.extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip().to_string())
-        .unwrap_or_else(|| "unknown".into())
+pub fn source_of(req: &Request) -> String {
+    if let Some(c) = req.extensions().get::<ConnectInfo<SocketAddr>>() {
+        return c.0.ip().to_string();
+    }
+    match req.extensions().get::<OverTls>() {
+        Some(t) => t.remote.ip().to_string(),
+        None => "unknown".into(),
+    }
 }
 
-/// The space a request names, or 404 as if it did not exist.
-async fn resolve_space(state: &AppState, named: Option<&NamedSpace>) -> Result<Space, ApiError> {
+/// The space a page or request names (its name, any case, or `Spaces-N`;
+/// None: the default space), or 404 as if it did not exist.
+pub async fn resolve_space(
+    state: &AppState,
+    named: Option<&NamedSpace>,
+) -> Result<Space, ApiError> {
     let Some(NamedSpace(name)) = named else {
         return state
             .store
@@ -93,7 +103,7 @@ async fn resolve_space(state: &AppState, named: Option<&NamedSpace>) -> Result<S
     found.ok_or_else(|| space_not_found(name))
 }
 
-pub(crate) fn space_not_found(name: &str) -> ApiError {
+pub fn space_not_found(name: &str) -> ApiError {
     ApiError::not_found(format!(
         "space '{name}' does not exist; `GET /api/spaces` lists the spaces you can see"
     ))
@@ -118,12 +128,27 @@ pub(crate) async fn authenticate(
         .map(str::trim)
         .filter(|k| !k.is_empty())
         .ok_or_else(unauthorized)?;
-    let idle_ms = i64::try_from(state.session_idle.as_millis()).unwrap_or(i64::MAX);
-    let (key, user) = state
-        .store
-        .authenticate_api_key(&hash_api_key(key), now_ms(), idle_ms)
+    authenticate_key(state, key, source)
         .await?
-        .ok_or_else(unauthorized)?;
+        .ok_or_else(unauthorized)
+}
+
+/// The caller a key (API key or session key) belongs to, with their grants;
+/// None when the key is not valid (unknown, revoked, expired, user disabled).
+/// The portal authenticates its session cookie with this too.
+pub async fn authenticate_key(
+    state: &AppState,
+    key: &str,
+    source: String,
+) -> Result<Option<Caller>, ApiError> {
+    let idle_ms = i64::try_from(state.session_idle.as_millis()).unwrap_or(i64::MAX);
+    let Some((key, user)) = state
+        .store
+        .authenticate_api_key(&hash_api_key(key.trim()), now_ms(), idle_ms)
+        .await?
+    else {
+        return Ok(None);
+    };
     let grants = match state.grant_cache.get(user.id) {
         Some(g) => g,
         None => {
@@ -134,12 +159,12 @@ pub(crate) async fn authenticate(
             resolved
         }
     };
-    Ok(Caller {
+    Ok(Some(Caller {
         user,
         key,
         grants,
         source,
-    })
+    }))
 }
 
 /// The gate (see the module documentation).

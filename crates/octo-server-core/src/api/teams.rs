@@ -188,6 +188,25 @@ pub(crate) async fn delete_team(
 ) -> ApiResult<impl IntoResponse> {
     let team = team_named(&s, &space, &name).await?;
     require_edit(&caller, &space, &team)?;
+    // Deleting a team takes its grants: refused, as taking the grant is, when
+    // its members are the only System administrators (without this, deleting
+    // the last administrator's own team locked everyone out; found by
+    // tests/accounts.rs).
+    if gives_administrator(&team) && !team.members.is_empty() {
+        let admins = s.store.holders_of(SYSTEM_ADMINISTRATOR).await?;
+        let outside = admins.iter().any(|a| {
+            !team
+                .members
+                .iter()
+                .any(|m| m.eq_ignore_ascii_case(&a.username))
+        });
+        if !outside {
+            return Err(ApiError::unprocessable(format!(
+                "team '{}' makes its members the only System administrators: deleting it would leave nobody able to administer the server; make another user an administrator first",
+                team.name
+            )));
+        }
+    }
     s.store.delete_team(team.id).await?;
     s.permissions_changed();
     let in_space = team.space_id.map(|_| &space);
