@@ -274,3 +274,49 @@ pub struct PushReply {
     /// "created", "replaced" or "unchanged" (same ID, version and content).
     pub outcome: String,
 }
+
+/// `PUT /api/machines/{name}`: a machine's settings (each given field is set).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MachineUpdate {
+    pub environments: Option<Vec<String>>,
+    pub roles: Option<Vec<String>>,
+    pub tenants: Option<Vec<String>>,
+    pub tenant_tags: Option<Vec<String>>,
+    pub policy: Option<String>,
+    pub disabled: Option<bool>,
+}
+
+/// `PUT /api/environments/{name}`: rename, describe, or move an environment
+/// (`position`: 0 is first).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnvironmentUpdate {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub position: Option<u32>,
+}
+
+/// `POST /api/machines/discover`: where a listening tentacle is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoverRequest {
+    /// `https://HOST:PORT/` (or `HOST:PORT`, or `HOST` for port 10933).
+    pub uri: String,
+}
+
+/// `POST /api/machines/discover`'s answer: what the tentacle presented.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DiscoverReply {
+    /// The endpoint, normalised: `https://HOST:PORT/`.
+    pub uri: String,
+    /// The thumbprint of the certificate the tentacle presented.
+    pub thumbprint: String,
+}
+
+/// A worker pool: the workers that name it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct WorkerPool {
+    pub name: String,
+    pub workers: u32,
+}

@@ -143,6 +143,9 @@ pub struct Machine {
     pub last_health_at: Option<i64>,
     pub tentacle_version: Option<String>,
     pub tool_version: Option<String>,
+    /// A disabled machine is kept but no task or health check reaches it.
+    #[serde(default)]
+    pub disabled: bool,
     pub created_at: i64,
 }
 

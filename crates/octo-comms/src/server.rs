@@ -275,6 +275,65 @@ impl ServerComms {
         }
     }
 
+    /// Discovers a listening tentacle: dials it (through the proxy, as a task
+    /// would), completes TLS without presenting a certificate (a tentacle
+    /// answers such a client only with its friendly page, so nothing is asked
+    /// of it), and returns its normalised endpoint (`https://HOST:PORT/`) and
+    /// the thumbprint of the certificate it presented, for a person to confirm
+    /// before it is trusted.
+    pub async fn discover(&self, url: &str) -> Result<(String, Thumbprint), CommsError> {
+        let placeholder = Thumbprint::of_der(b"discover");
+        let Endpoint::Listening { address, .. } = Endpoint::listening(url.trim(), placeholder)?
+        else {
+            return Err(CommsError::InvalidEndpoint {
+                endpoint: url.to_string(),
+                reason: "expected https://HOST:PORT/".into(),
+            });
+        };
+        let h2 = &self.inner.options.h2;
+        let (host, port) =
+            net::split_host_port(&address).ok_or_else(|| CommsError::InvalidEndpoint {
+                endpoint: address.clone(),
+                reason: "expected host:port".into(),
+            })?;
+        let name = net::server_name(host).map_err(|reason| CommsError::InvalidEndpoint {
+            endpoint: address.clone(),
+            reason,
+        })?;
+        let cfg = octo_tls::api_client_config(None).map_err(|e| CommsError::Tls {
+            address: address.clone(),
+            peer_role: Role::Tentacle,
+            reason: e.to_string(),
+        })?;
+        let dialled = proxy::connect(&self.inner.options.proxy, host, port, h2.connect_timeout)
+            .await
+            .map_err(|e| e.into_comms(&address, Role::Tentacle))?;
+        let tls = match tokio::time::timeout(
+            h2.handshake_timeout,
+            TlsConnector::from(cfg).connect(name, dialled.stream),
+        )
+        .await
+        {
+            Err(_) => {
+                return Err(CommsError::Tls {
+                    address,
+                    peer_role: Role::Tentacle,
+                    reason: format!("no answer within {} s", h2.handshake_timeout.as_secs()),
+                })
+            }
+            Ok(Err(e)) => return Err(self.classify(&address, &e)),
+            Ok(Ok(tls)) => tls,
+        };
+        let thumbprint =
+            octo_tls::peer_thumbprint(tls.get_ref().1).ok_or_else(|| CommsError::Handshake {
+                address: address.clone(),
+                peer_role: Role::Tentacle,
+                reason: "it presented no certificate".into(),
+            })?;
+        drop(tls);
+        Ok((format!("https://{address}/"), thumbprint))
+    }
+
     async fn dial(&self, address: &str, thumbprint: Thumbprint) -> Result<Connection, CommsError> {
         let h2 = &self.inner.options.h2;
         let (host, port) =

@@ -557,6 +557,9 @@ impl Engine {
         let mut policies: HashMap<(i64, String), Option<MachinePolicy>> = HashMap::new();
         let mut due: BTreeMap<i64, Vec<Machine>> = BTreeMap::new();
         for m in store.list_machines(&MachineFilter::default()).await? {
+            if m.disabled {
+                continue;
+            }
             let key = (m.space_id, m.policy.clone());
             if !policies.contains_key(&key) {
                 let policy = store.policy(m.space_id, &m.policy).await?;

@@ -348,6 +348,26 @@ impl Grants {
         })
     }
 
+    /// The environments in which the caller holds `p` in the space: None when
+    /// some grant holds it unnarrowed by environment (then all of them).
+    pub fn environments_with(&self, p: Permission, space_id: i64) -> Option<Vec<String>> {
+        let relevant: Vec<&Resolved> = self
+            .items
+            .iter()
+            .filter(|g| g.in_space(space_id) && g.permissions.contains(&p))
+            .collect();
+        if relevant.iter().any(|g| g.environments.is_empty()) {
+            return None;
+        }
+        let mut envs: Vec<String> = relevant
+            .iter()
+            .flat_map(|g| g.environments.iter().cloned())
+            .collect();
+        envs.sort();
+        envs.dedup();
+        Some(envs)
+    }
+
     /// Whether any grant reaches the space.
     pub fn reaches(&self, space_id: i64) -> bool {
         self.items.iter().any(|g| g.in_space(space_id)) || self.has_system(P::SpaceView)

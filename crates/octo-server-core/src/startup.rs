@@ -312,6 +312,11 @@ pub async fn start_with(
         id.save(&cert, &key)?;
         id
     };
+    // Secrets written at an earlier start are made 0600 again, as the database
+    // and the master key are (a restore or a `chmod -R` may have loosened
+    // them; found by tests/file_modes.rs).
+    restrict(&key, 0o600)?;
+    restrict(&args.data.join("admin-api-key"), 0o600)?;
     let store = open_store(&args.data, args.database_url.as_deref()).await?;
     let admin_api_key = bootstrap(&store, &args.data).await?;
     let (master_key, master_key_created) = master_key(&store, &args.data).await?;

@@ -37,9 +37,9 @@ use octo_store::rows::{
 use octo_store::text::{TextEnum, UNFINISHED_STATES};
 use octo_store::{
     now_ms, ticket, ApiKey, AuditEvent, AuditFilter, Environment, Grant, HealthUpdate, Machine,
-    MachineFilter, MachinePolicy, NewAuditEvent, NewLogLine, NewMachine, NewPackage, NewTask,
-    Package, Result, Role, Space, Store, StoreError, Task, TaskLogLine, TaskState, TaskStep, Team,
-    Tenant, User, DEFAULT_POLICY,
+    MachineFilter, MachinePolicy, MachineQuery, MachineUpdate, NewAuditEvent, NewLogLine,
+    NewMachine, NewPackage, NewTask, Package, Result, Role, Space, Store, StoreError, Task,
+    TaskLogLine, TaskQuery, TaskState, TaskStep, Team, Tenant, User, DEFAULT_POLICY,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
@@ -221,9 +221,19 @@ async fn query_machines(
     where_sql: &str,
     params: Params<'_>,
 ) -> Result<Vec<Machine>> {
+    query_machines_paged(conn, where_sql, params, "").await
+}
+
+/// As [`query_machines`], with `page` (e.g. `LIMIT 50 OFFSET 100`) after the order.
+async fn query_machines_paged(
+    conn: &mut SqliteConnection,
+    where_sql: &str,
+    params: Params<'_>,
+    page: &str,
+) -> Result<Vec<Machine>> {
     const OP: &str = "loading machines";
     let sql = select::<MachineRow>(&format!(
-        "{} {where_sql} ORDER BY m.name, m.id",
+        "{} {where_sql} ORDER BY m.name, m.id {page}",
         MachineRow::FROM
     ));
     let mut machines = Machines::new(
@@ -338,6 +348,70 @@ async fn write_links(
             .await?;
     }
     Ok(())
+}
+
+/// The WHERE clause (on `machines m`) and parameters of a machine filter:
+/// each non-empty list of it a condition, given the list as a JSON array.
+fn machine_conditions(filter: &MachineFilter) -> Result<(String, Params<'static>)> {
+    let conditions = [
+        (&filter.names, "m.name COLLATE NOCASE IN (SELECT value FROM json_each(?))"),
+        (
+            &filter.environments,
+            "EXISTS (SELECT 1 FROM machine_environments me JOIN environments e ON e.id = me.environment_id \
+             WHERE me.machine_id = m.id AND e.name COLLATE NOCASE IN (SELECT value FROM json_each(?)))",
+        ),
+        (
+            &filter.roles,
+            "EXISTS (SELECT 1 FROM machine_roles r \
+             WHERE r.machine_id = m.id AND r.role COLLATE NOCASE IN (SELECT value FROM json_each(?)))",
+        ),
+        (
+            &filter.tenants,
+            "EXISTS (SELECT 1 FROM machine_tenants mt JOIN tenants t ON t.id = mt.tenant_id \
+             WHERE mt.machine_id = m.id AND t.name COLLATE NOCASE IN (SELECT value FROM json_each(?)))",
+        ),
+    ];
+    let mut sql = String::from("WHERE (? IS NULL OR m.space_id = ?)");
+    let mut params = params![filter.space_id, filter.space_id];
+    for (values, condition) in conditions {
+        if !values.is_empty() {
+            sql.push_str(" AND ");
+            sql.push_str(condition);
+            params = params.add(json_array(values)?);
+        }
+    }
+    Ok((sql, params))
+}
+
+/// The WHERE clause and parameters of a page of machines.
+fn page_conditions(q: &MachineQuery) -> Result<(String, Params<'static>)> {
+    let (mut sql, mut params) = machine_conditions(&q.filter)?;
+    if let Some(text) = q.name_contains.as_deref().filter(|t| !t.is_empty()) {
+        // instr: no LIKE wildcards to escape.
+        sql.push_str(" AND instr(lower(m.name), lower(?)) > 0");
+        params = params.add(text.to_string());
+    }
+    if !q.health.is_empty() {
+        let any: Vec<&str> = q.health.iter().map(|h| h.sql()).collect();
+        sql.push_str(&format!(" AND ({})", any.join(" OR ")));
+    }
+    if let Some(kind) = q.kind {
+        sql.push_str(" AND m.kind = ?");
+        params = params.add(kind.text());
+    }
+    match q.workers {
+        Some(true) => sql.push_str(" AND m.worker_pool IS NOT NULL"),
+        Some(false) => sql.push_str(" AND m.worker_pool IS NULL"),
+        None => {}
+    }
+    if let Some(envs) = &q.visible_environments {
+        sql.push_str(
+            " AND EXISTS (SELECT 1 FROM machine_environments me JOIN environments e ON e.id = me.environment_id \
+             WHERE me.machine_id = m.id AND e.name COLLATE NOCASE IN (SELECT value FROM json_each(?)))",
+        );
+        params = params.add(json_array(envs)?);
+    }
+    Ok((sql, params))
 }
 
 /// Tags by tenant, of one tenant or of all.
@@ -992,8 +1066,9 @@ impl Store for SqliteStore {
     }
 
     async fn list_environments(&self, space_id: i64) -> Result<Vec<Environment>> {
-        let sql =
-            select::<EnvironmentRow>("FROM environments WHERE space_id = ? ORDER BY name, id");
+        let sql = select::<EnvironmentRow>(
+            "FROM environments WHERE space_id = ? ORDER BY sort_order, name, id",
+        );
         query(&sql, params![space_id], "listing environments")
             .all::<EnvironmentRow>(&self.pool)
             .await
@@ -1038,6 +1113,50 @@ impl Store for SqliteStore {
         query("DELETE FROM environments WHERE id = ?", params![env.id], op)
             .execute(&mut *tx)
             .await?;
+        tx.commit().await.ctx(OP)
+    }
+
+    async fn update_environment(
+        &self,
+        space_id: i64,
+        name: &str,
+        new_name: &str,
+        description: &str,
+    ) -> Result<Environment> {
+        require_name("environment", new_name)?;
+        let sql = returning::<EnvironmentRow>(
+            "UPDATE environments SET name = ?, description = ? WHERE space_id = ? AND name = ?",
+        );
+        let op = Op::new("changing an environment").unique(conflict("environment", new_name));
+        query(&sql, params![new_name, description, space_id, name], op)
+            .optional::<EnvironmentRow>(&self.pool)
+            .await?
+            .ok_or_else(|| not_found("environment", name))
+    }
+
+    async fn move_environment(&self, space_id: i64, name: &str, position: u32) -> Result<()> {
+        const OP: &str = "moving an environment";
+        let mut tx = self.write_tx(OP).await?;
+        let sql = "SELECT name FROM environments WHERE space_id = ? ORDER BY sort_order, name, id";
+        let mut names = query(sql, params![space_id], OP)
+            .scalars::<String>(&mut *tx)
+            .await?;
+        let at = names
+            .iter()
+            .position(|n| n.eq_ignore_ascii_case(name))
+            .ok_or_else(|| not_found("environment", name))?;
+        let moved = names.remove(at);
+        let to = usize::try_from(position)
+            .unwrap_or(usize::MAX)
+            .min(names.len());
+        names.insert(to, moved);
+        let sql = "UPDATE environments SET sort_order = ? WHERE space_id = ? AND name = ?";
+        for (i, n) in names.iter().enumerate() {
+            let order = i64::try_from(i).unwrap_or(i64::MAX);
+            query(sql, params![order, space_id, n], OP)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await.ctx(OP)
     }
 
@@ -1086,6 +1205,13 @@ impl Store for SqliteStore {
         by_space_key::<PolicyRow>(&self.pool, "machine_policies", space_id, "name", name, op).await
     }
 
+    async fn list_policies(&self, space_id: i64) -> Result<Vec<MachinePolicy>> {
+        let sql = select::<PolicyRow>("FROM machine_policies WHERE space_id = ? ORDER BY name, id");
+        query(&sql, params![space_id], "listing machine policies")
+            .all::<PolicyRow>(&self.pool)
+            .await
+    }
+
     // Machines.
 
     async fn create_machine(&self, m: &NewMachine) -> Result<Machine> {
@@ -1126,36 +1252,25 @@ impl Store for SqliteStore {
     }
 
     async fn list_machines(&self, filter: &MachineFilter) -> Result<Vec<Machine>> {
-        // Each non-empty list of the filter: a condition on `machines m`, given
-        // the list as a JSON array.
-        let conditions = [
-            (&filter.names, "m.name COLLATE NOCASE IN (SELECT value FROM json_each(?))"),
-            (
-                &filter.environments,
-                "EXISTS (SELECT 1 FROM machine_environments me JOIN environments e ON e.id = me.environment_id \
-                 WHERE me.machine_id = m.id AND e.name COLLATE NOCASE IN (SELECT value FROM json_each(?)))",
-            ),
-            (
-                &filter.roles,
-                "EXISTS (SELECT 1 FROM machine_roles r \
-                 WHERE r.machine_id = m.id AND r.role COLLATE NOCASE IN (SELECT value FROM json_each(?)))",
-            ),
-            (
-                &filter.tenants,
-                "EXISTS (SELECT 1 FROM machine_tenants mt JOIN tenants t ON t.id = mt.tenant_id \
-                 WHERE mt.machine_id = m.id AND t.name COLLATE NOCASE IN (SELECT value FROM json_each(?)))",
-            ),
-        ];
-        let mut sql = String::from("WHERE (? IS NULL OR m.space_id = ?)");
-        let mut params = params![filter.space_id, filter.space_id];
-        for (values, condition) in conditions {
-            if !values.is_empty() {
-                sql.push_str(" AND ");
-                sql.push_str(condition);
-                params = params.add(json_array(values)?);
-            }
-        }
+        let (sql, params) = machine_conditions(filter)?;
         self.read_machines("listing machines", &sql, params).await
+    }
+
+    async fn machine_page(&self, q: &MachineQuery) -> Result<(Vec<Machine>, i64)> {
+        const OP: &str = "listing a page of machines";
+        let mut tx = self.read_tx(OP).await?;
+        let (sql, params) = page_conditions(q)?;
+        let count_sql = format!("SELECT COUNT(*) FROM machines m {sql}");
+        let total = query(&count_sql, params, OP).value::<i64>(&mut *tx).await?;
+        let (sql, params) = page_conditions(q)?;
+        let page = format!(
+            "LIMIT {} OFFSET {}",
+            q.limit.clamp(0, 10_000),
+            q.offset.max(0)
+        );
+        let machines = query_machines_paged(&mut tx, &sql, params, &page).await?;
+        tx.commit().await.ctx(OP)?;
+        Ok((machines, total))
     }
 
     async fn delete_machine(&self, space_id: i64, name: &str) -> Result<()> {
@@ -1164,6 +1279,44 @@ impl Store for SqliteStore {
             .execute(&self.pool)
             .await?;
         expect_rows(n, not_found("machine", name))
+    }
+
+    async fn update_machine(&self, id: i64, u: &MachineUpdate) -> Result<Machine> {
+        const OP: &str = "changing a machine";
+        let mut tx = self.write_tx(OP).await?;
+        let current = query_machines(&mut tx, "WHERE m.id = ?", params![id])
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| not_found("machine", format!("#{id}")))?;
+        let new = NewMachine {
+            space_id: current.space_id,
+            name: current.name.clone(),
+            kind: current.kind,
+            uri: current.uri.clone(),
+            thumbprint: current.thumbprint.clone(),
+            environments: u.environments.clone().unwrap_or(current.environments),
+            roles: u.roles.clone().unwrap_or(current.roles),
+            tenants: u.tenants.clone().unwrap_or(current.tenants),
+            tenant_tags: u.tenant_tags.clone().unwrap_or(current.tenant_tags),
+            policy: Some(u.policy.clone().unwrap_or(current.policy)),
+            worker_pool: current.worker_pool.clone(),
+        };
+        check_new_machine(&new)?;
+        let refs = resolve_refs(&mut tx, &new).await?;
+        let sql = "UPDATE machines SET policy_id = ?, disabled = ? WHERE id = ?";
+        let disabled = u.disabled.unwrap_or(current.disabled);
+        query(sql, params![refs.policy_id, disabled, id], OP)
+            .execute(&mut *tx)
+            .await?;
+        write_links(&mut tx, id, &new, &refs).await?;
+        let machine = query_machines(&mut tx, "WHERE m.id = ?", params![id])
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| not_found("machine", format!("#{id}")))?;
+        tx.commit().await.ctx(OP)?;
+        Ok(machine)
     }
 
     async fn record_health(&self, machine_id: i64, h: &HealthUpdate) -> Result<()> {
@@ -1251,6 +1404,63 @@ impl Store for SqliteStore {
         query(&sql, params![space_id, space_id, limit], "listing tasks")
             .all::<TaskRow>(&self.pool)
             .await
+    }
+
+    async fn task_page(&self, q: &TaskQuery) -> Result<(Vec<Task>, i64)> {
+        const OP: &str = "listing a page of tasks";
+        let build = || -> Result<(String, Params<'static>)> {
+            let mut sql = String::from("WHERE (? IS NULL OR t.space_id = ?)");
+            let mut params = params![q.space_id, q.space_id];
+            if !q.states.is_empty() {
+                let states: Vec<&str> = q.states.iter().map(|s| s.text()).collect();
+                sql.push_str(" AND t.state IN (SELECT value FROM json_each(?))");
+                params = params.add(json_array(&states)?);
+            }
+            if let Some(kind) = q.kind.as_deref().filter(|k| !k.is_empty()) {
+                sql.push_str(" AND t.kind = ?");
+                params = params.add(kind.to_string());
+            }
+            if let Some(machine) = q.machine.as_deref().filter(|m| !m.is_empty()) {
+                sql.push_str(
+                    " AND EXISTS (SELECT 1 FROM task_steps st WHERE st.task_id = t.id \
+                     AND st.machine_name = ? COLLATE NOCASE)",
+                );
+                params = params.add(machine.to_string());
+            }
+            if let Some(env) = q.environment.as_deref().filter(|e| !e.is_empty()) {
+                sql.push_str(
+                    " AND EXISTS (SELECT 1 FROM json_each(t.environments) WHERE value = ? COLLATE NOCASE)",
+                );
+                params = params.add(env.to_string());
+            }
+            if let Some(envs) = &q.visible_environments {
+                sql.push_str(
+                    " AND EXISTS (SELECT 1 FROM json_each(t.environments) je \
+                     WHERE je.value COLLATE NOCASE IN (SELECT value FROM json_each(?)))",
+                );
+                params = params.add(json_array(envs)?);
+            }
+            Ok((sql, params))
+        };
+        let mut tx = self.read_tx(OP).await?;
+        let (sql, params) = build()?;
+        let total = query(&format!("SELECT COUNT(*) FROM tasks t {sql}"), params, OP)
+            .value::<i64>(&mut *tx)
+            .await?;
+        let (sql, params) = build()?;
+        let columns = <TaskRow as octo_store::rows::Row>::COLUMNS
+            .split(", ")
+            .map(|c| format!("t.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let page = format!(
+            "SELECT {columns} FROM tasks t {sql} ORDER BY t.seq DESC LIMIT {} OFFSET {}",
+            q.limit.clamp(0, 10_000),
+            q.offset.max(0)
+        );
+        let tasks = query(&page, params, OP).all::<TaskRow>(&mut *tx).await?;
+        tx.commit().await.ctx(OP)?;
+        Ok((tasks, total))
     }
 
     async fn unfinished_tasks(&self) -> Result<Vec<Task>> {

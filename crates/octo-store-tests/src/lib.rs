@@ -9,8 +9,9 @@
 #![allow(clippy::unwrap_used)]
 
 use octo_store::{
-    ticket, AuditEvent, AuditFilter, EndpointKind, HealthStatus, HealthUpdate, MachineFilter,
-    NewAuditEvent, Permission, Role, Store, StoreError, Task, TaskState, DEFAULT_POLICY,
+    ticket, AuditEvent, AuditFilter, EndpointKind, HealthFilter, HealthStatus, HealthUpdate,
+    MachineFilter, MachineQuery, MachineUpdate, NewAuditEvent, Permission, Role, Store, StoreError,
+    Task, TaskQuery, TaskState, DEFAULT_POLICY,
 };
 use serde_json::json;
 
@@ -54,6 +55,8 @@ macro_rules! store_suite {
             scoped_environments_cannot_be_deleted_from_under_a_grant,
             audit_events_are_listed_newest_first_and_filtered,
             settings_and_task_secrets_round_trip,
+            machines_come_in_filtered_pages,
+            machines_environments_and_tasks_change_and_page,
         );
     };
     (@each $factory:expr; $($test:ident,)+) => {
@@ -206,8 +209,8 @@ pub async fn environments_crud_and_delete_in_use_is_refused(s: &dyn Store) {
         .collect();
     assert_eq!(
         listed,
-        ["dev", "Production", "Staging"],
-        "ordered by name, case-insensitively"
+        ["Production", "dev", "Staging"],
+        "in the space's order: new ones last"
     );
     assert_eq!(s.environment(1, "PRODUCTION").await.unwrap(), Some(prod));
     assert!(s.environment(1, "qa").await.unwrap().is_none());
@@ -1380,4 +1383,254 @@ pub async fn settings_and_task_secrets_round_trip(s: &dyn Store) {
         ]
     );
     assert_eq!(s.count_task_secrets().await.unwrap(), 2);
+}
+
+pub async fn machines_come_in_filtered_pages(s: &dyn Store) {
+    s.create_environment(1, "Test", "").await.unwrap();
+    s.create_environment(1, "Prod", "").await.unwrap();
+    for i in 0..30 {
+        let env = if i % 3 == 0 { "Prod" } else { "Test" };
+        let mut m = new_machine(&format!("web-{i:02}"), &[env], &["web"]);
+        m.thumbprint = format!("{:064X}", i + 1);
+        if i % 5 == 0 {
+            m.kind = EndpointKind::Polling;
+            m.uri = format!("poll://sub{i}/");
+        }
+        let m = s.create_machine(&m).await.unwrap();
+        if i % 2 == 0 {
+            let h = HealthUpdate {
+                status: HealthStatus::Healthy,
+                reason: if i % 4 == 0 {
+                    "old tool".into()
+                } else {
+                    String::new()
+                },
+                at: 10,
+                tentacle_version: None,
+                tool_version: None,
+            };
+            s.record_health(m.id, &h).await.unwrap();
+        }
+    }
+    let mut worker = new_machine("builder", &[], &[]);
+    worker.worker_pool = Some("Builders".into());
+    worker.thumbprint = thumb('F');
+    s.create_machine(&worker).await.unwrap();
+    let q = |f: &dyn Fn(&mut MachineQuery)| {
+        let mut q = MachineQuery {
+            filter: MachineFilter::space(1),
+            limit: 10,
+            ..MachineQuery::default()
+        };
+        f(&mut q);
+        q
+    };
+    let (page, total) = s.machine_page(&q(&|_| {})).await.unwrap();
+    assert_eq!((page.len(), total), (10, 31));
+    assert_eq!(page[0].name, "builder", "by name");
+    let (page, _) = s.machine_page(&q(&|q| q.offset = 30)).await.unwrap();
+    assert_eq!(names(&page), ["web-29"]);
+    let (page, total) = s
+        .machine_page(&q(&|q| q.filter.environments = strings(&["prod"])))
+        .await
+        .unwrap();
+    assert_eq!((page.len(), total), (10, 10));
+    assert!(page.iter().all(|m| m.environments == ["Prod"]));
+    let (_, total) = s
+        .machine_page(&q(&|q| q.name_contains = Some("B-1".into())))
+        .await
+        .unwrap();
+    assert_eq!(total, 10, "web-10 .. web-19, ignoring case");
+    let (_, total) = s
+        .machine_page(&q(&|q| q.name_contains = Some("%".into())))
+        .await
+        .unwrap();
+    assert_eq!(total, 0, "no wildcard");
+    let (_, healthy) = s
+        .machine_page(&q(&|q| q.health = vec![HealthFilter::Healthy]))
+        .await
+        .unwrap();
+    let (_, warnings) = s
+        .machine_page(&q(&|q| q.health = vec![HealthFilter::HealthyWithWarnings]))
+        .await
+        .unwrap();
+    let (_, unknown) = s
+        .machine_page(&q(&|q| q.health = vec![HealthFilter::Unknown]))
+        .await
+        .unwrap();
+    assert_eq!((healthy, warnings, unknown), (7, 8, 16));
+    let (_, polling) = s
+        .machine_page(&q(&|q| q.kind = Some(EndpointKind::Polling)))
+        .await
+        .unwrap();
+    assert_eq!(polling, 6);
+    let (page, workers) = s
+        .machine_page(&q(&|q| q.workers = Some(true)))
+        .await
+        .unwrap();
+    assert_eq!(
+        (workers, page[0].worker_pool.as_deref()),
+        (1, Some("Builders"))
+    );
+    let (_, targets) = s
+        .machine_page(&q(&|q| q.workers = Some(false)))
+        .await
+        .unwrap();
+    assert_eq!(targets, 30);
+    let (_, visible) = s
+        .machine_page(&q(&|q| q.visible_environments = Some(strings(&["Prod"]))))
+        .await
+        .unwrap();
+    assert_eq!(visible, 10);
+    let (_, other) = s
+        .machine_page(&MachineQuery {
+            filter: MachineFilter::space(2),
+            limit: 10,
+            ..MachineQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(other, 0);
+}
+
+pub async fn machines_environments_and_tasks_change_and_page(s: &dyn Store) {
+    for e in ["Dev", "Test", "Prod"] {
+        s.create_environment(1, e, "").await.unwrap();
+    }
+    // Reorder, rename.
+    s.move_environment(1, "prod", 0).await.unwrap();
+    let order = |envs: Vec<octo_store::Environment>| -> Vec<String> {
+        envs.into_iter().map(|e| e.name).collect()
+    };
+    assert_eq!(
+        order(s.list_environments(1).await.unwrap()),
+        ["Prod", "Dev", "Test"]
+    );
+    s.move_environment(1, "Prod", 99).await.unwrap();
+    assert_eq!(
+        order(s.list_environments(1).await.unwrap()),
+        ["Dev", "Test", "Prod"]
+    );
+    let renamed = s
+        .update_environment(1, "test", "QA", "quality")
+        .await
+        .unwrap();
+    assert_eq!(
+        (renamed.name.as_str(), renamed.description.as_str()),
+        ("QA", "quality")
+    );
+    assert!(matches!(
+        s.update_environment(1, "QA", "dev", "").await,
+        Err(StoreError::Conflict { .. })
+    ));
+    assert!(matches!(
+        s.move_environment(1, "nope", 0).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    // A machine's settings.
+    let m = s
+        .create_machine(&new_machine("web", &["Dev"], &["web"]))
+        .await
+        .unwrap();
+    assert!(!m.disabled);
+    let u = MachineUpdate {
+        environments: Some(strings(&["QA", "Prod"])),
+        roles: Some(strings(&["api"])),
+        disabled: Some(true),
+        ..MachineUpdate::default()
+    };
+    let m = s.update_machine(m.id, &u).await.unwrap();
+    assert_eq!(m.environments, ["Prod", "QA"]);
+    assert_eq!(m.roles, ["api"]);
+    assert!(m.disabled);
+    assert_eq!(m.policy, DEFAULT_POLICY);
+    let bad = MachineUpdate {
+        environments: Some(strings(&["Nowhere"])),
+        ..MachineUpdate::default()
+    };
+    assert!(matches!(
+        s.update_machine(m.id, &bad).await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert_eq!(
+        s.machine(1, "web").await.unwrap().unwrap().environments,
+        ["Prod", "QA"]
+    );
+    assert_eq!(s.list_policies(1).await.unwrap().len(), 1);
+    // Tasks, filtered and paged.
+    let mut t = new_task("Script", "a", &json!({}), &[m.id]);
+    t.environments = strings(&["Prod"]);
+    let first = s.create_task(&t, 1).await.unwrap();
+    t.kind = "Health".into();
+    t.environments = strings(&["QA"]);
+    let second = s.create_task(&t, 2).await.unwrap();
+    s.set_task_state(&second.id, TaskState::Failed, Some("x"), 3)
+        .await
+        .unwrap();
+    let page = |f: &dyn Fn(&mut TaskQuery)| {
+        let mut q = TaskQuery {
+            space_id: Some(1),
+            limit: 10,
+            ..TaskQuery::default()
+        };
+        f(&mut q);
+        q
+    };
+    let ids = |r: (Vec<Task>, i64)| -> (Vec<String>, i64) {
+        (r.0.into_iter().map(|t| t.id).collect(), r.1)
+    };
+    assert_eq!(
+        ids(s.task_page(&page(&|_| {})).await.unwrap()),
+        (vec![second.id.clone(), first.id.clone()], 2)
+    );
+    assert_eq!(
+        ids(s
+            .task_page(&page(&|q| q.states = vec![TaskState::Failed]))
+            .await
+            .unwrap())
+        .1,
+        1
+    );
+    assert_eq!(
+        ids(s
+            .task_page(&page(&|q| q.kind = Some("Script".into())))
+            .await
+            .unwrap())
+        .0,
+        [first.id.clone()]
+    );
+    assert_eq!(
+        ids(s
+            .task_page(&page(&|q| q.machine = Some("WEB".into())))
+            .await
+            .unwrap())
+        .1,
+        2
+    );
+    assert_eq!(
+        ids(s
+            .task_page(&page(&|q| q.environment = Some("qa".into())))
+            .await
+            .unwrap())
+        .0,
+        [second.id.clone()]
+    );
+    assert_eq!(
+        ids(s
+            .task_page(&page(&|q| q.visible_environments = Some(strings(&["Prod"]))))
+            .await
+            .unwrap())
+        .0,
+        [first.id.clone()]
+    );
+    assert_eq!(
+        ids(s
+            .task_page(&page(&|q| {
+                q.limit = 1;
+                q.offset = 1;
+            }))
+            .await
+            .unwrap()),
+        (vec![first.id], 2)
+    );
 }

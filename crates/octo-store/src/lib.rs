@@ -126,6 +126,73 @@ impl MachineFilter {
     }
 }
 
+/// A machine's settings to change (each given field is set).
+pub use octo_api_types::MachineUpdate;
+
+/// Which tasks a page of tasks shows, newest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskQuery {
+    pub space_id: Option<i64>,
+    /// Only tasks in these states (empty: any).
+    pub states: Vec<TaskState>,
+    /// Only this kind ("Script", "Health", ...).
+    pub kind: Option<String>,
+    /// Only tasks with a step on the machine of this name.
+    pub machine: Option<String>,
+    /// Only tasks whose machines were in this environment.
+    pub environment: Option<String>,
+    /// Only tasks in one of these environments (what an environment-scoped
+    /// caller may see); None: no such limit.
+    pub visible_environments: Option<Vec<String>>,
+    pub offset: i64,
+    pub limit: i64,
+}
+
+/// What a page of machines shows (see `Store::machine_page`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineQuery {
+    /// Space, names, environments, roles, tenants (as for `list_machines`).
+    pub filter: MachineFilter,
+    /// Only names containing this (ignoring case).
+    pub name_contains: Option<String>,
+    /// Only these healths (empty: any).
+    pub health: Vec<HealthFilter>,
+    /// Only this kind of endpoint.
+    pub kind: Option<EndpointKind>,
+    /// Only workers (`Some(true)`), only deployment targets (`Some(false)`), or both.
+    pub workers: Option<bool>,
+    /// Only machines in one of these environments (what an environment-scoped
+    /// caller may see); None: no such limit.
+    pub visible_environments: Option<Vec<String>>,
+    /// Rows to skip, and at most how many to return.
+    pub offset: i64,
+    pub limit: i64,
+}
+
+/// A health as people tell them apart: Healthy with warnings is a Healthy
+/// machine with a reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HealthFilter {
+    Healthy,
+    HealthyWithWarnings,
+    Unhealthy,
+    Unavailable,
+    Unknown,
+}
+
+impl HealthFilter {
+    /// The SQL condition on `machines m`.
+    pub fn sql(self) -> &'static str {
+        match self {
+            HealthFilter::Healthy => "(m.status = 'Healthy' AND m.status_reason = '')",
+            HealthFilter::HealthyWithWarnings => "(m.status = 'Healthy' AND m.status_reason <> '')",
+            HealthFilter::Unhealthy => "m.status = 'Unhealthy'",
+            HealthFilter::Unavailable => "m.status = 'Unavailable'",
+            HealthFilter::Unknown => "m.status = 'Unknown'",
+        }
+    }
+}
+
 /// Result of a health check, to record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HealthUpdate {
@@ -307,17 +374,29 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         name: &str,
         description: &str,
     ) -> Result<Environment>;
-    /// By name.
+    /// In the space's order (new ones last).
     async fn list_environments(&self, space_id: i64) -> Result<Vec<Environment>>;
     async fn environment(&self, space_id: i64, name: &str) -> Result<Option<Environment>>;
     /// Refused (Invalid) while machines are in it or a grant is narrowed to it.
     async fn delete_environment(&self, space_id: i64, name: &str) -> Result<()>;
+    /// Renames and redescribes an environment (Conflict when the name is taken).
+    async fn update_environment(
+        &self,
+        space_id: i64,
+        name: &str,
+        new_name: &str,
+        description: &str,
+    ) -> Result<Environment>;
+    /// Moves an environment to `position` (0: first) in the space's order.
+    async fn move_environment(&self, space_id: i64, name: &str, position: u32) -> Result<()>;
     async fn create_tenant(&self, space_id: i64, name: &str, tags: &[String]) -> Result<Tenant>;
     async fn list_tenants(&self, space_id: i64) -> Result<Vec<Tenant>>;
 
     // Machine policies.
     /// The policy by name (each space has its default policy).
     async fn policy(&self, space_id: i64, name: &str) -> Result<Option<MachinePolicy>>;
+    /// The space's policies, by name.
+    async fn list_policies(&self, space_id: i64) -> Result<Vec<MachinePolicy>>;
 
     // Machines.
     /// Adds a machine. Conflict when the name exists in the space; Invalid when
@@ -334,7 +413,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         thumbprint: &str,
     ) -> Result<Vec<Machine>>;
     async fn list_machines(&self, filter: &MachineFilter) -> Result<Vec<Machine>>;
+    /// One page of the machines a query matches, by name, and how many match
+    /// in all.
+    async fn machine_page(&self, q: &MachineQuery) -> Result<(Vec<Machine>, i64)>;
     async fn delete_machine(&self, space_id: i64, name: &str) -> Result<()>;
+    /// Changes a machine's settings; Invalid when a named environment, tenant
+    /// or policy does not exist in its space.
+    async fn update_machine(&self, id: i64, u: &MachineUpdate) -> Result<Machine>;
     async fn record_health(&self, machine_id: i64, h: &HealthUpdate) -> Result<()>;
 
     // Tasks.
@@ -344,6 +429,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn task(&self, id: &str) -> Result<Option<Task>>;
     /// Newest first; in one space or in all.
     async fn list_tasks(&self, space_id: Option<i64>, limit: i64) -> Result<Vec<Task>>;
+    /// One page of the tasks a query matches, newest first, and how many match.
+    async fn task_page(&self, q: &TaskQuery) -> Result<(Vec<Task>, i64)>;
     /// Tasks not in a final state (to resume after a restart).
     async fn unfinished_tasks(&self) -> Result<Vec<Task>>;
     async fn set_task_state(

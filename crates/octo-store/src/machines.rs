@@ -185,6 +185,7 @@ mod tests {
             last_health_at: None,
             tentacle_version: None,
             tool_version: None,
+            disabled: false,
             created_at: 0,
         };
         let mut ms = Machines::new(vec![machine(2), machine(1)]);

@@ -6,10 +6,20 @@
 //! the space and the switcher, the navigation the user's permissions allow,
 //! and the CSRF token for its forms.
 
+pub mod api_keys;
+pub mod audit;
+pub mod console;
 pub mod dashboard;
+pub mod environments;
 pub mod login;
+pub mod packages;
+pub mod roles;
+pub mod spaces;
 pub mod targets;
 pub mod tasks;
+pub mod teams;
+pub mod users;
+pub mod workers;
 
 use askama::Template;
 use axum::extract::FromRequestParts;

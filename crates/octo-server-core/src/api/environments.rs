@@ -4,9 +4,9 @@ use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
-use octo_api_types::{Environment, ErrorBody, NewEnvironment, Permission};
+use octo_api_types::{Environment, EnvironmentUpdate, ErrorBody, NewEnvironment, Permission};
 
-use super::guard::{delete, get, post, Route};
+use super::guard::{delete, get, post, put, Route};
 use super::{ApiError, ApiJson, ApiResult};
 use crate::authz::{Access, Caller, RequestSpace};
 use crate::state::AppState;
@@ -29,7 +29,93 @@ pub(super) fn routes() -> Vec<Route> {
             Access::Space(Permission::EnvironmentDelete),
             delete_environment,
         ),
+        put(
+            "/api/environments/{name}",
+            Access::Space(Permission::EnvironmentEdit),
+            update_environment,
+        ),
     ]
+}
+
+/// Renames, redescribes or moves an environment (`position` 0: first).
+#[utoipa::path(
+    put,
+    path = "/api/environments/{name}",
+    tag = "environments",
+    params(("name" = String, Path, description = "The environment's name")),
+    request_body = EnvironmentUpdate,
+    responses(
+        (status = 200, description = "The environment now", body = Environment),
+        (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
+        (status = 404, description = "No such environment", body = ErrorBody),
+        (status = 409, description = "Another environment has the new name", body = ErrorBody),
+    )
+)]
+pub(crate) async fn update_environment(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(RequestSpace(space)): Extension<RequestSpace>,
+    Path(name): Path<String>,
+    ApiJson(u): ApiJson<EnvironmentUpdate>,
+) -> ApiResult<Json<Environment>> {
+    let env = s
+        .store
+        .environment(space.id, &name)
+        .await?
+        .filter(|e| {
+            caller.sees(
+                Permission::EnvironmentView,
+                &space,
+                std::slice::from_ref(&e.name),
+                &[],
+            )
+        })
+        .ok_or_else(|| ApiError::not_found(format!("environment '{name}' does not exist")))?;
+    let what = format!("environment '{}'", env.name);
+    caller.require_on(
+        Permission::EnvironmentEdit,
+        &space,
+        std::slice::from_ref(&env.name),
+        &[],
+        &what,
+    )?;
+    let new_name = match u.name.as_deref().map(str::trim) {
+        Some("") => return Err(ApiError::bad_request("field `name` must not be empty")),
+        Some(n) => n.to_string(),
+        None => env.name.clone(),
+    };
+    let description = u.description.clone().unwrap_or(env.description.clone());
+    let mut changed = Vec::new();
+    let updated = if new_name != env.name || description != env.description {
+        if new_name != env.name {
+            changed.push(format!("renamed to {new_name}"));
+        }
+        if description != env.description {
+            changed.push("description".to_string());
+        }
+        s.store
+            .update_environment(space.id, &env.name, &new_name, &description)
+            .await?
+    } else {
+        env.clone()
+    };
+    if let Some(position) = u.position {
+        s.store
+            .move_environment(space.id, &updated.name, position)
+            .await?;
+        changed.push(format!("moved to position {position}"));
+    }
+    s.permissions_changed();
+    s.audit(
+        &caller,
+        Some(&space),
+        "changed",
+        "environment",
+        &env.name,
+        changed.join("; "),
+    )
+    .await;
+    Ok(Json(updated))
 }
 
 /// The space's environments the caller may see, by name.

@@ -5,18 +5,25 @@
 //! several spaces. Adding or removing a polling machine updates the polling
 //! trust set at once.
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
-use octo_api_types::{ErrorBody, MachineRequest, Permission, RegisterReply, Space};
+use octo_api_types::{
+    DiscoverReply, DiscoverRequest, ErrorBody, MachineRequest, MachineUpdate, Permission,
+    RegisterReply, Space, WorkerPool,
+};
 use octo_engine::endpoint_of;
-use octo_store::{EndpointKind, Machine, MachineFilter, NewMachine};
+use octo_store::{
+    EndpointKind, HealthFilter, Machine, MachineFilter, MachineQuery as StoreMachineQuery,
+    NewMachine,
+};
 use octo_tls::Thumbprint;
 use serde::Deserialize;
 use utoipa::IntoParams;
 
-use super::guard::{delete, get, post, Route};
+use super::guard::{delete, get, post, put, Route};
 use super::{ApiError, ApiJson, ApiResult};
 use crate::authz::{Access, Caller, RequestSpace};
 use crate::state::AppState;
@@ -49,19 +56,279 @@ pub(super) fn routes() -> Vec<Route> {
             Access::Space(Permission::MachineDelete),
             delete_machine,
         ),
+        put(
+            "/api/machines/{name}",
+            Access::Space(Permission::MachineEdit),
+            update_machine,
+        ),
+        post(
+            "/api/machines/discover",
+            Access::Space(Permission::MachineCreate),
+            discover,
+        ),
+        get(
+            "/api/worker-pools",
+            Access::Space(Permission::MachineView),
+            worker_pools,
+        ),
     ]
 }
 
-/// Filters of `GET /api/machines`; all given ones must match.
-#[derive(Debug, Deserialize, Default, IntoParams)]
+/// Changes a machine's settings: environments, roles, tenants, tags, policy,
+/// disabled. Needs `MachineEdit` on the machine as it is and as it becomes.
+#[utoipa::path(
+    put,
+    path = "/api/machines/{name}",
+    tag = "machines",
+    params(("name" = String, Path, description = "The machine's name")),
+    request_body = MachineUpdate,
+    responses(
+        (status = 200, description = "The machine now", body = Machine),
+        (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
+        (status = 404, description = "No such machine", body = ErrorBody),
+        (status = 422, description = "An environment, tenant or the policy does not exist", body = ErrorBody),
+    )
+)]
+pub(crate) async fn update_machine(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(RequestSpace(space)): Extension<RequestSpace>,
+    Path(name): Path<String>,
+    ApiJson(u): ApiJson<MachineUpdate>,
+) -> ApiResult<Json<Machine>> {
+    let m = visible_machine(&s, &caller, &space, &name).await?;
+    let what = format!("machine '{}'", m.name);
+    caller.require_on(
+        Permission::MachineEdit,
+        &space,
+        &m.environments,
+        &m.tenants,
+        &what,
+    )?;
+    if let Some(envs) = &u.environments {
+        if envs.is_empty() && m.worker_pool.is_none() {
+            return Err(ApiError::bad_request(
+                "field `environments`: a deployment target needs at least one environment",
+            ));
+        }
+        let tenants = u.tenants.as_ref().unwrap_or(&m.tenants);
+        caller.require_on(Permission::MachineEdit, &space, envs, tenants, &what)?;
+    }
+    let updated = s.store.update_machine(m.id, &u).await?;
+    let mut changed = Vec::new();
+    if updated.environments != m.environments {
+        changed.push(format!("environments {}", updated.environments.join(", ")));
+    }
+    if updated.roles != m.roles {
+        changed.push(format!("roles {}", updated.roles.join(", ")));
+    }
+    if updated.tenants != m.tenants || updated.tenant_tags != m.tenant_tags {
+        changed.push("tenants".to_string());
+    }
+    if updated.policy != m.policy {
+        changed.push(format!("policy {}", updated.policy));
+    }
+    if updated.disabled != m.disabled {
+        changed.push(
+            if updated.disabled {
+                "disabled"
+            } else {
+                "enabled"
+            }
+            .to_string(),
+        );
+    }
+    s.audit(
+        &caller,
+        Some(&space),
+        "changed",
+        "machine",
+        &updated.name,
+        changed.join("; "),
+    )
+    .await;
+    Ok(Json(updated))
+}
+
+/// Contacts a listening tentacle and answers the thumbprint it presents, for
+/// a person to confirm before adding it (nothing is trusted by this).
+#[utoipa::path(
+    post,
+    path = "/api/machines/discover",
+    tag = "machines",
+    request_body = DiscoverRequest,
+    responses(
+        (status = 200, description = "What the tentacle presented", body = DiscoverReply),
+        (status = 400, description = "Not a listening endpoint", body = ErrorBody),
+        (status = 502, description = "The tentacle could not be reached (the message says why)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn discover(
+    State(s): State<AppState>,
+    ApiJson(r): ApiJson<DiscoverRequest>,
+) -> ApiResult<Json<DiscoverReply>> {
+    match s.comms.discover(&r.uri).await {
+        Ok((uri, thumbprint)) => Ok(Json(DiscoverReply {
+            uri,
+            thumbprint: thumbprint.to_string(),
+        })),
+        Err(e @ octo_comms::CommsError::InvalidEndpoint { .. }) => {
+            Err(ApiError::bad_request(format!("field `uri`: {e}")))
+        }
+        Err(e) => Err(ApiError::new(
+            axum::http::StatusCode::BAD_GATEWAY,
+            e.to_string(),
+        )),
+    }
+}
+
+/// The space's worker pools, with how many workers each has.
+#[utoipa::path(
+    get,
+    path = "/api/worker-pools",
+    tag = "machines",
+    responses((status = 200, description = "The pools, by name", body = [WorkerPool]))
+)]
+pub(crate) async fn worker_pools(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(RequestSpace(space)): Extension<RequestSpace>,
+) -> ApiResult<Json<Vec<WorkerPool>>> {
+    let machines = s
+        .store
+        .list_machines(&MachineFilter::space(space.id))
+        .await?;
+    let mut pools: std::collections::BTreeMap<String, u32> = std::collections::BTreeMap::new();
+    for m in machines.iter().filter(|m| sees_machine(&caller, &space, m)) {
+        if let Some(pool) = &m.worker_pool {
+            *pools.entry(pool.clone()).or_default() += 1;
+        }
+    }
+    Ok(Json(
+        pools
+            .into_iter()
+            .map(|(name, workers)| WorkerPool { name, workers })
+            .collect(),
+    ))
+}
+
+/// Filters of `GET /api/machines`; all given ones must match. With `skip` or
+/// `take`, one page comes back (by name; at most 1000), and the header
+/// `X-Total-Count` says how many match in all.
+#[derive(Debug, Clone, Deserialize, Default, IntoParams)]
 #[into_params(parameter_in = Query)]
-pub(crate) struct MachineQuery {
+pub struct MachineQuery {
     /// Only machines in this environment.
-    environment: Option<String>,
+    pub environment: Option<String>,
     /// Only machines with this role.
-    role: Option<String>,
+    pub role: Option<String>,
     /// Only machines connected to this tenant.
-    tenant: Option<String>,
+    pub tenant: Option<String>,
+    /// Only machines whose name contains this (ignoring case).
+    pub name: Option<String>,
+    /// Only these healths, comma-separated: healthy, warnings, unhealthy, unavailable, unknown.
+    pub health: Option<String>,
+    /// Only `listening` or `polling` machines.
+    pub style: Option<String>,
+    /// Only workers (`true`) or only deployment targets (`false`).
+    pub workers: Option<bool>,
+    /// Machines to skip (paging).
+    #[param(minimum = 0)]
+    pub skip: Option<i64>,
+    /// At most this many (paging; at most 1000).
+    #[param(minimum = 1, maximum = 1000)]
+    pub take: Option<i64>,
+}
+
+impl MachineQuery {
+    fn paged(&self) -> bool {
+        self.skip.is_some()
+            || self.take.is_some()
+            || self.name.is_some()
+            || self.health.is_some()
+            || self.style.is_some()
+            || self.workers.is_some()
+    }
+}
+
+/// The largest page.
+const MAX_TAKE: i64 = 1000;
+
+/// One page of the space's machines the caller may see, and how many match
+/// in all (the portal's list uses this too).
+pub async fn machine_page(
+    s: &AppState,
+    caller: &Caller,
+    space: &Space,
+    q: &MachineQuery,
+) -> ApiResult<(Vec<Machine>, i64)> {
+    let health = match q.health.as_deref().map(str::trim).filter(|h| !h.is_empty()) {
+        None => Vec::new(),
+        Some(list) => list
+            .split(',')
+            .map(|h| match h.trim().to_ascii_lowercase().as_str() {
+                "healthy" => Ok(HealthFilter::Healthy),
+                "warnings" | "healthywithwarnings" => Ok(HealthFilter::HealthyWithWarnings),
+                "unhealthy" => Ok(HealthFilter::Unhealthy),
+                "unavailable" => Ok(HealthFilter::Unavailable),
+                "unknown" => Ok(HealthFilter::Unknown),
+                other => Err(ApiError::bad_request(format!(
+                    "field `health`: '{other}' is not one of healthy, warnings, unhealthy, unavailable, unknown"
+                ))),
+            })
+            .collect::<ApiResult<Vec<_>>>()?,
+    };
+    let kind = match q.style.as_deref().map(|s| s.trim().to_ascii_lowercase()) {
+        None => None,
+        Some(s) if s.is_empty() => None,
+        Some(s) if s == "listening" || s == "tentaclepassive" => Some(EndpointKind::Listening),
+        Some(s) if s == "polling" || s == "tentacleactive" => Some(EndpointKind::Polling),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "field `style`: '{other}' is not listening or polling"
+            )))
+        }
+    };
+    let take = q.take.unwrap_or(50);
+    if !(1..=MAX_TAKE).contains(&take) {
+        return Err(ApiError::bad_request(format!(
+            "field `take` must be from 1 to {MAX_TAKE}"
+        )));
+    }
+    let skip = q.skip.unwrap_or(0);
+    if skip < 0 {
+        return Err(ApiError::bad_request("field `skip` must not be negative"));
+    }
+    let query = StoreMachineQuery {
+        filter: MachineFilter {
+            space_id: Some(space.id),
+            names: vec![],
+            environments: q
+                .environment
+                .iter()
+                .filter(|e| !e.is_empty())
+                .cloned()
+                .collect(),
+            roles: q.role.iter().filter(|e| !e.is_empty()).cloned().collect(),
+            tenants: q.tenant.iter().filter(|e| !e.is_empty()).cloned().collect(),
+        },
+        name_contains: q.name.clone().filter(|n| !n.trim().is_empty()),
+        health,
+        kind,
+        workers: q.workers,
+        visible_environments: caller
+            .grants
+            .environments_with(Permission::MachineView, space.id),
+        offset: skip,
+        limit: take,
+    };
+    let (page, total) = s.store.machine_page(&query).await?;
+    // Tenant narrowing is checked here (environments were, in the query).
+    let page = page
+        .into_iter()
+        .filter(|m| sees_machine(caller, space, m))
+        .collect();
+    Ok((page, total))
 }
 
 /// Whether the caller may see the machine.
@@ -91,15 +358,25 @@ pub(crate) async fn visible_machine(
     tag = "machines",
     params(MachineQuery),
     responses(
-        (status = 200, description = "The machines", body = [Machine]),
+        (status = 200, description = "The machines (with paging, header X-Total-Count: how many match in all)", body = [Machine]),
+        (status = 400, description = "Malformed query (the message names the field)", body = ErrorBody),
     )
 )]
 pub(crate) async fn list_machines(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
     Extension(RequestSpace(space)): Extension<RequestSpace>,
-    Query(q): Query<MachineQuery>,
-) -> ApiResult<impl IntoResponse> {
+    q: Result<Query<MachineQuery>, QueryRejection>,
+) -> ApiResult<axum::response::Response> {
+    let Query(q) = q?;
+    if q.paged() {
+        let (page, total) = machine_page(&s, &caller, &space, &q).await?;
+        let mut resp = Json(page).into_response();
+        if let Ok(v) = axum::http::HeaderValue::from_str(&total.to_string()) {
+            resp.headers_mut().insert("x-total-count", v);
+        }
+        return Ok(resp);
+    }
     let filter = MachineFilter {
         space_id: Some(space.id),
         names: vec![],
@@ -114,7 +391,7 @@ pub(crate) async fn list_machines(
         .into_iter()
         .filter(|m| sees_machine(&caller, &space, m))
         .collect();
-    Ok(Json(machines))
+    Ok(Json(machines).into_response())
 }
 
 /// One machine.

@@ -20,6 +20,7 @@ pub mod error;
 pub mod guard;
 pub mod machines;
 pub mod packages;
+pub mod policies;
 pub mod roles;
 pub mod spaces;
 pub mod sse;
@@ -32,12 +33,13 @@ use std::sync::Arc;
 
 use axum::{Json, Router};
 use octo_api_types::{
-    ApiInfo, ApiKey, AuditEvent, CancelReply, CreatedApiKey, DeployRequest, EndpointKind,
-    Environment, ErrorBody, Grant, Guidance, GuidanceRequest, HealthRequest, HealthStatus,
-    Isolation, Login, LoginReply, Machine, MachineRequest, NewApiKey, NewEnvironment, NewGrant,
-    NewMember, NewRole, NewSpace, NewTeam, NewUser, Package, Permission, PushReply, RegisterReply,
-    Role, ScriptRequest, ServerInfo, SetPassword, Space, Syntax, Task, TaskLogLine, TaskState,
-    TaskStep, TaskView, Team, User, WhoAmI, API_KEY_HEADER,
+    ApiInfo, ApiKey, AuditEvent, CancelReply, CreatedApiKey, DeployRequest, DiscoverReply,
+    DiscoverRequest, EndpointKind, Environment, EnvironmentUpdate, ErrorBody, Grant, Guidance,
+    GuidanceRequest, HealthRequest, HealthStatus, Isolation, Login, LoginReply, Machine,
+    MachinePolicy, MachineRequest, MachineUpdate, NewApiKey, NewEnvironment, NewGrant, NewMember,
+    NewRole, NewSpace, NewTeam, NewUser, Package, Permission, PushReply, RegisterReply, Role,
+    ScriptRequest, ServerInfo, SetPassword, Space, Syntax, Task, TaskLogLine, TaskState, TaskStep,
+    TaskView, Team, Tenant, User, WhoAmI, WorkerPool, API_KEY_HEADER,
 };
 use utoipa::openapi::security::{ApiKey as ApiKeyScheme, ApiKeyValue, SecurityScheme};
 use utoipa::OpenApi;
@@ -65,6 +67,7 @@ pub fn routes() -> Vec<Route> {
         machines::routes(),
         tasks::routes(),
         packages::routes(),
+        policies::routes(),
         users::routes(),
         api_keys::routes(),
         teams::routes(),
@@ -130,11 +133,17 @@ pub fn router(state: AppState) -> Router {
         environments::list_environments,
         environments::create_environment,
         environments::delete_environment,
+        environments::update_environment,
         machines::list_machines,
         machines::create_machine,
         machines::register,
         machines::get_machine,
         machines::delete_machine,
+        machines::update_machine,
+        machines::discover,
+        machines::worker_pools,
+        policies::list_tenants,
+        policies::list_policies,
         api_keys::list_api_keys,
         api_keys::create_api_key,
         api_keys::revoke_api_key,
@@ -183,6 +192,13 @@ pub fn router(state: AppState) -> Router {
         NewEnvironment,
         Environment,
         MachineRequest,
+        MachineUpdate,
+        DiscoverRequest,
+        DiscoverReply,
+        WorkerPool,
+        Tenant,
+        MachinePolicy,
+        EnvironmentUpdate,
         Machine,
         EndpointKind,
         HealthStatus,

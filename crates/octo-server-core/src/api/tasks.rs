@@ -19,12 +19,12 @@ use axum::response::IntoResponse;
 use axum::Json;
 use octo_api_types::{
     CancelReply, DeployRequest, ErrorBody, GuidanceRequest, HealthRequest, Permission,
-    ScriptRequest, Space, Task, TaskLogLine, TaskView,
+    ScriptRequest, Space, Task, TaskLogLine, TaskState, TaskView,
 };
 use octo_engine::engine::environments_of;
 use octo_engine::secrets::MASK;
 use octo_engine::{kind, machine_list, DeployArgs};
-use octo_store::{now_ms, Machine, MachineFilter, NewTask, Store, StoreError};
+use octo_store::{now_ms, Machine, MachineFilter, NewTask, Store, StoreError, TaskQuery};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
@@ -556,13 +556,25 @@ impl Target {
                             "machine '{name}' does not exist; `GET /api/machines` lists machines"
                         ))
                     })?;
+                if m.disabled {
+                    return Err(ApiError::unprocessable(format!(
+                        "machine '{}' is disabled: no task reaches it; enable it first",
+                        m.name
+                    )));
+                }
                 if !out.iter().any(|o| o.id == m.id) {
                     out.push(m);
                 }
             }
             return Ok(Target { machines: out });
         }
-        let machines = store.list_machines(filter).await?;
+        // Disabled machines are left out of what a filter selects.
+        let machines: Vec<Machine> = store
+            .list_machines(filter)
+            .await?
+            .into_iter()
+            .filter(|m| !m.disabled)
+            .collect();
         if machines.is_empty() {
             return Err(ApiError::unprocessable(
                 explain_no_match(store, filter).await?,
@@ -685,13 +697,87 @@ pub(crate) async fn count(store: &dyn Store, filter: MachineFilter) -> ApiResult
     Ok(store.list_machines(&filter).await?.len())
 }
 
-/// Paging of `GET /api/tasks`.
-#[derive(Debug, Deserialize, IntoParams)]
+/// Filters and paging of `GET /api/tasks` (the header `X-Total-Count` says
+/// how many match in all).
+#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
-pub(crate) struct ListQuery {
+pub struct ListQuery {
     /// At most this many tasks (default 50, at most 1000).
     #[param(minimum = 1)]
-    limit: Option<i64>,
+    pub limit: Option<i64>,
+    /// Tasks to skip (paging).
+    #[param(minimum = 0)]
+    pub skip: Option<i64>,
+    /// Only tasks in these states, comma-separated (Queued, Executing, Success, Failed, Canceled).
+    pub state: Option<String>,
+    /// Only this kind: Script, Health, Deploy, Upgrade.
+    pub kind: Option<String>,
+    /// Only tasks with a step on this machine.
+    pub machine: Option<String>,
+    /// Only tasks whose machines were in this environment.
+    pub environment: Option<String>,
+}
+
+/// One page of the space's tasks the caller may see, newest first, and how
+/// many match in all (the portal's list uses this too).
+pub async fn task_page(
+    s: &AppState,
+    caller: &Caller,
+    space: &Space,
+    q: &ListQuery,
+) -> ApiResult<(Vec<Task>, i64)> {
+    let limit = q.limit.unwrap_or(DEFAULT_TASK_LIMIT);
+    if limit < 1 {
+        return Err(ApiError::bad_request("`limit` must be at least 1"));
+    }
+    let skip = q.skip.unwrap_or(0);
+    if skip < 0 {
+        return Err(ApiError::bad_request("`skip` must not be negative"));
+    }
+    let states = match q.state.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
+        None => Vec::new(),
+        Some(list) => list
+            .split(',')
+            .map(|t| {
+                let t = t.trim();
+                [
+                    TaskState::Queued,
+                    TaskState::Executing,
+                    TaskState::Success,
+                    TaskState::Failed,
+                    TaskState::Canceled,
+                ]
+                .into_iter()
+                .find(|st| format!("{st:?}").eq_ignore_ascii_case(t))
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "field `state`: '{t}' is not one of Queued, Executing, Success, Failed, Canceled"
+                    ))
+                })
+            })
+            .collect::<ApiResult<Vec<_>>>()?,
+    };
+    let query = TaskQuery {
+        space_id: Some(space.id),
+        states,
+        kind: q.kind.clone(),
+        machine: q.machine.clone(),
+        environment: q.environment.clone(),
+        visible_environments: caller
+            .grants
+            .environments_with(Permission::TaskView, space.id),
+        offset: skip,
+        limit: limit.min(MAX_TASK_LIMIT),
+    };
+    let (tasks, total) = s.store.task_page(&query).await?;
+    Ok((
+        tasks
+            .into_iter()
+            .filter(|t| sees_task(caller, space, t))
+            .map(|t| shown(caller, space, t))
+            .collect(),
+        total,
+    ))
 }
 
 /// The space's tasks the caller may see, newest first.
@@ -701,7 +787,7 @@ pub(crate) struct ListQuery {
     tag = "tasks",
     params(ListQuery),
     responses(
-        (status = 200, description = "The tasks", body = [Task]),
+        (status = 200, description = "The tasks (header X-Total-Count: how many match in all)", body = [Task]),
         (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
     )
 )]
@@ -710,23 +796,14 @@ pub(crate) async fn list_tasks(
     Extension(caller): Extension<Caller>,
     Extension(RequestSpace(space)): Extension<RequestSpace>,
     q: Result<Query<ListQuery>, QueryRejection>,
-) -> ApiResult<Json<Vec<Task>>> {
+) -> ApiResult<axum::response::Response> {
     let Query(q) = q?;
-    let limit = q.limit.unwrap_or(DEFAULT_TASK_LIMIT);
-    if limit < 1 {
-        return Err(ApiError::bad_request("`limit` must be at least 1"));
+    let (tasks, total) = task_page(&s, &caller, &space, &q).await?;
+    let mut resp = Json(tasks).into_response();
+    if let Ok(v) = axum::http::HeaderValue::from_str(&total.to_string()) {
+        resp.headers_mut().insert("x-total-count", v);
     }
-    let tasks = s
-        .store
-        .list_tasks(Some(space.id), limit.min(MAX_TASK_LIMIT))
-        .await?;
-    Ok(Json(
-        tasks
-            .into_iter()
-            .filter(|t| sees_task(&caller, &space, t))
-            .map(|t| shown(&caller, &space, t))
-            .collect(),
-    ))
+    Ok(resp)
 }
 
 /// A task and its steps.
