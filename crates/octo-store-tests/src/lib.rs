@@ -1597,7 +1597,7 @@ pub async fn machines_environments_and_tasks_change_and_page(s: &dyn Store) {
             .await
             .unwrap())
         .0,
-        [first.id.clone()]
+        std::slice::from_ref(&first.id)
     );
     assert_eq!(
         ids(s
@@ -1613,7 +1613,7 @@ pub async fn machines_environments_and_tasks_change_and_page(s: &dyn Store) {
             .await
             .unwrap())
         .0,
-        [second.id.clone()]
+        std::slice::from_ref(&second.id)
     );
     assert_eq!(
         ids(s
@@ -1621,7 +1621,7 @@ pub async fn machines_environments_and_tasks_change_and_page(s: &dyn Store) {
             .await
             .unwrap())
         .0,
-        [first.id.clone()]
+        std::slice::from_ref(&first.id)
     );
     assert_eq!(
         ids(s

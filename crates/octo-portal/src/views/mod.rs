@@ -40,7 +40,17 @@ pub fn pages() -> Vec<Page> {
         login::pages(),
         dashboard::pages(),
         targets::pages(),
+        workers::pages(),
+        environments::pages(),
         tasks::pages(),
+        console::pages(),
+        packages::pages(),
+        spaces::pages(),
+        users::pages(),
+        teams::pages(),
+        roles::pages(),
+        api_keys::pages(),
+        audit::pages(),
     ] {
         all.extend(area);
     }
