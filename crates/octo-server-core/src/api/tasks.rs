@@ -214,14 +214,25 @@ pub(crate) async fn create_script_task(
     Extension(RequestSpace(space)): Extension<RequestSpace>,
     ApiJson(req): ApiJson<ScriptRequest>,
 ) -> ApiResult<impl IntoResponse> {
+    let view = start_script(&s, &caller, &space, req).await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// As `create_script_task`, for the portal too: checks, creates and starts the task.
+pub async fn start_script(
+    s: &AppState,
+    caller: &Caller,
+    space: &Space,
+    req: ScriptRequest,
+) -> ApiResult<TaskView> {
     if req.script.trim().is_empty() {
         return Err(ApiError::bad_request("field `script` must not be empty"));
     }
     check_variables(&req.variables, &req.sensitive_variables)?;
     let filter = filter_of(space.id, &req.environment, &req.role, &req.tenant);
-    let target = Target::select(&s, &caller, &space, &req.machines, &filter).await?;
-    target.require(&caller, &space, Permission::TaskCreate)?;
-    let secrets = encrypt_secrets(&s, &req.sensitive_variables)?;
+    let target = Target::select(s, caller, space, &req.machines, &filter).await?;
+    target.require(caller, space, Permission::TaskCreate)?;
+    let secrets = encrypt_secrets(s, &req.sensitive_variables)?;
     let stored = ScriptRequest {
         sensitive_variables: masked(&req.sensitive_variables),
         ..req.clone()
@@ -265,9 +276,20 @@ pub(crate) async fn create_health_task(
     Extension(RequestSpace(space)): Extension<RequestSpace>,
     ApiJson(req): ApiJson<HealthRequest>,
 ) -> ApiResult<impl IntoResponse> {
+    let view = start_health_check(&s, &caller, &space, req).await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// As `create_health_task`, for the portal too: checks, creates and starts the task.
+pub async fn start_health_check(
+    s: &AppState,
+    caller: &Caller,
+    space: &Space,
+    req: HealthRequest,
+) -> ApiResult<TaskView> {
     let filter = filter_of(space.id, &req.environment, &None, &None);
-    let target = Target::select(&s, &caller, &space, &req.machines, &filter).await?;
-    target.require(&caller, &space, Permission::TaskCreate)?;
+    let target = Target::select(s, caller, space, &req.machines, &filter).await?;
+    target.require(caller, space, Permission::TaskCreate)?;
     let description = format!("Check the health of {}", machine_list(&target.machines));
     create_and_start(
         &s,
@@ -302,6 +324,17 @@ pub(crate) async fn create_deploy_task(
     Extension(RequestSpace(space)): Extension<RequestSpace>,
     ApiJson(req): ApiJson<DeployRequest>,
 ) -> ApiResult<impl IntoResponse> {
+    let view = start_deployment(&s, &caller, &space, req).await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// As `create_deploy_task`, for the portal too: checks, creates and starts the task.
+pub async fn start_deployment(
+    s: &AppState,
+    caller: &Caller,
+    space: &Space,
+    req: DeployRequest,
+) -> ApiResult<TaskView> {
     if req.environment.trim().is_empty() {
         return Err(ApiError::bad_request(
             "field `environment` must name the environment to deploy to",
@@ -338,14 +371,14 @@ pub(crate) async fn create_deploy_task(
     let environment = req.environment.trim().to_string();
     caller.require_on(
         Permission::DeploymentCreate,
-        &space,
+        space,
         std::slice::from_ref(&environment),
         &[],
         &format!("environment '{environment}'"),
     )?;
     let filter = filter_of(space.id, &Some(environment.clone()), &req.role, &req.tenant);
-    let target = Target::select(&s, &caller, &space, &[], &filter).await?;
-    target.require(&caller, &space, Permission::DeploymentCreate)?;
+    let target = Target::select(s, caller, space, &[], &filter).await?;
+    target.require(caller, space, Permission::DeploymentCreate)?;
     let args = DeployArgs {
         package_id: package.package_id.clone(),
         version: package.version.clone(),
@@ -360,7 +393,7 @@ pub(crate) async fn create_deploy_task(
         retention,
         guided_failure: req.guided_failure,
     };
-    let secrets = encrypt_secrets(&s, &req.sensitive_variables)?;
+    let secrets = encrypt_secrets(s, &req.sensitive_variables)?;
     let description = format!(
         "Deploy {} {} to {} ({})",
         package.package_id,
@@ -407,6 +440,17 @@ pub(crate) async fn create_upgrade_task(
     Extension(RequestSpace(space)): Extension<RequestSpace>,
     ApiJson(req): ApiJson<HealthRequest>,
 ) -> ApiResult<impl IntoResponse> {
+    let view = start_tool_upgrade(&s, &caller, &space, req).await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// As `create_upgrade_task`, for the portal too: checks, creates and starts the task.
+pub async fn start_tool_upgrade(
+    s: &AppState,
+    caller: &Caller,
+    space: &Space,
+    req: HealthRequest,
+) -> ApiResult<TaskView> {
     let tool = match s.tool.as_ref() {
         Ok(t) => t.clone(),
         Err(why) => {
@@ -416,8 +460,8 @@ pub(crate) async fn create_upgrade_task(
         }
     };
     let filter = filter_of(space.id, &req.environment, &None, &None);
-    let target = Target::select(&s, &caller, &space, &req.machines, &filter).await?;
-    target.require(&caller, &space, Permission::TaskCreate)?;
+    let target = Target::select(s, caller, space, &req.machines, &filter).await?;
+    target.require(caller, space, Permission::TaskCreate)?;
     let description = format!(
         "Upgrade the deployment tool to {} on {}",
         tool.version,
@@ -467,7 +511,7 @@ async fn create_and_start(
     machines: &[Machine],
     secrets: Vec<(String, String)>,
     details: String,
-) -> ApiResult<(StatusCode, Json<TaskView>)> {
+) -> ApiResult<TaskView> {
     let arguments = serde_json::to_value(arguments)
         .map_err(|e| ApiError::internal(format!("encoding the task's arguments: {e}")))?;
     let new = NewTask {
@@ -490,13 +534,10 @@ async fn create_and_start(
     };
     s.audit(caller, Some(space), "started", "task", &task.id, details)
         .await;
-    Ok((
-        StatusCode::CREATED,
-        Json(TaskView {
-            task: shown(caller, space, task),
-            steps,
-        }),
-    ))
+    Ok(TaskView {
+        task: shown(caller, space, task),
+        steps,
+    })
 }
 
 /// The machines in `environment`, with `role`, of `tenant` (each when given), in a space.
