@@ -244,9 +244,9 @@ pub async fn start_script(
     );
     let details = variable_names(&req.variables, &req.sensitive_variables);
     create_and_start(
-        &s,
-        &caller,
-        &space,
+        s,
+        caller,
+        space,
         kind::SCRIPT,
         &description,
         &stored,
@@ -292,9 +292,9 @@ pub async fn start_health_check(
     target.require(caller, space, Permission::TaskCreate)?;
     let description = format!("Check the health of {}", machine_list(&target.machines));
     create_and_start(
-        &s,
-        &caller,
-        &space,
+        s,
+        caller,
+        space,
         kind::HEALTH,
         &description,
         &req,
@@ -408,9 +408,9 @@ pub async fn start_deployment(
         variable_names(&req.variables, &req.sensitive_variables)
     );
     create_and_start(
-        &s,
-        &caller,
-        &space,
+        s,
+        caller,
+        space,
         kind::DEPLOY,
         &description,
         &args,
@@ -468,9 +468,9 @@ pub async fn start_tool_upgrade(
         machine_list(&target.machines)
     );
     create_and_start(
-        &s,
-        &caller,
-        &space,
+        s,
+        caller,
+        space,
         kind::UPGRADE,
         &description,
         &req,
