@@ -143,6 +143,12 @@ pub struct Machine {
     pub last_health_at: Option<i64>,
     pub tentacle_version: Option<String>,
     pub tool_version: Option<String>,
+    /// Operating system, version and architecture, as the last health check found them.
+    #[serde(default)]
+    pub os: Option<String>,
+    /// Free bytes in the tentacle's home, as the last health check found them.
+    #[serde(default)]
+    pub free_bytes: Option<i64>,
     /// A disabled machine is kept but no task or health check reaches it.
     #[serde(default)]
     pub disabled: bool,

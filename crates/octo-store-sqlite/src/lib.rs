@@ -264,7 +264,7 @@ const INSERT_MACHINE: &str =
 const REPLACE_MACHINE: &str =
     "UPDATE machines SET name = ?, kind = ?, uri = ?, thumbprint = ?, policy_id = ?, worker_pool = ?, \
      status = 'Unknown', status_reason = '', last_health_at = NULL, tentacle_version = NULL, \
-     tool_version = NULL WHERE id = ?";
+     tool_version = NULL, os = NULL, free_bytes = NULL WHERE id = ?";
 
 /// The parameters [`INSERT_MACHINE`] (then `created_at` and the space) and
 /// [`REPLACE_MACHINE`] (then the id) start with.
@@ -1324,7 +1324,8 @@ impl Store for SqliteStore {
         // A result older than the one stored (a slow check finishing late) is ignored;
         // versions are kept when a check could not learn them.
         let sql = "UPDATE machines SET status = ?, status_reason = ?, last_health_at = ?, \
-                   tentacle_version = COALESCE(?, tentacle_version), tool_version = COALESCE(?, tool_version) \
+                   tentacle_version = COALESCE(?, tentacle_version), tool_version = COALESCE(?, tool_version), \
+                   os = COALESCE(?, os), free_bytes = COALESCE(?, free_bytes) \
                    WHERE id = ? AND (last_health_at IS NULL OR last_health_at <= ?)";
         let params = params![
             h.status.text(),
@@ -1332,6 +1333,8 @@ impl Store for SqliteStore {
             h.at,
             &h.tentacle_version,
             &h.tool_version,
+            &h.os,
+            h.free_bytes,
             machine_id,
             h.at,
         ];

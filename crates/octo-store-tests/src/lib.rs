@@ -521,6 +521,8 @@ pub async fn machines_by_thumbprint_replace_delete_and_health(s: &dyn Store) {
         at: 10_000,
         tentacle_version: Some("8.1.0".into()),
         tool_version: Some("1.2.3".into()),
+        os: Some("linux Debian 12 x86_64".into()),
+        free_bytes: Some(5 << 30),
     };
     s.record_health(a.id, &h).await.unwrap();
     let got = s.machine(1, "a").await.unwrap().unwrap();
@@ -528,12 +530,16 @@ pub async fn machines_by_thumbprint_replace_delete_and_health(s: &dyn Store) {
     assert_eq!(got.last_health_at, Some(10_000));
     assert_eq!(got.tentacle_version.as_deref(), Some("8.1.0"));
     assert_eq!(got.tool_version.as_deref(), Some("1.2.3"));
+    assert_eq!(got.os.as_deref(), Some("linux Debian 12 x86_64"));
+    assert_eq!(got.free_bytes, Some(5 << 30));
     let down = HealthUpdate {
         status: HealthStatus::Unavailable,
         reason: "connection refused".into(),
         at: 20_000,
         tentacle_version: None,
         tool_version: None,
+        os: None,
+        free_bytes: None,
     };
     s.record_health(a.id, &down).await.unwrap();
     let got = s.machine(1, "a").await.unwrap().unwrap();
@@ -1408,6 +1414,8 @@ pub async fn machines_come_in_filtered_pages(s: &dyn Store) {
                 at: 10,
                 tentacle_version: None,
                 tool_version: None,
+                os: None,
+                free_bytes: None,
             };
             s.record_health(m.id, &h).await.unwrap();
         }

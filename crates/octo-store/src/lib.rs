@@ -201,6 +201,10 @@ pub struct HealthUpdate {
     pub at: i64,
     pub tentacle_version: Option<String>,
     pub tool_version: Option<String>,
+    /// Operating system, version and architecture, when learned.
+    pub os: Option<String>,
+    /// Free bytes in the tentacle's home, when learned.
+    pub free_bytes: Option<i64>,
 }
 
 /// What is needed to add a package (the file is already stored by hash).

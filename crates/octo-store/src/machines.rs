@@ -185,6 +185,8 @@ mod tests {
             last_health_at: None,
             tentacle_version: None,
             tool_version: None,
+            os: None,
+            free_bytes: None,
             disabled: false,
             created_at: 0,
         };

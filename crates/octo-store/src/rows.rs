@@ -271,6 +271,8 @@ pub struct MachineRow {
     pub last_health_at: Option<i64>,
     pub tentacle_version: Option<String>,
     pub tool_version: Option<String>,
+    pub os: Option<String>,
+    pub free_bytes: Option<i64>,
     pub disabled: bool,
     pub created_at: i64,
 }
@@ -284,7 +286,8 @@ impl Row for MachineRow {
     type Record = Machine;
     const COLUMNS: &'static str =
         "m.id, m.space_id, m.name, m.kind, m.uri, m.thumbprint, p.name AS policy, m.worker_pool, \
-         m.status, m.status_reason, m.last_health_at, m.tentacle_version, m.tool_version, m.disabled, \
+         m.status, m.status_reason, m.last_health_at, m.tentacle_version, m.tool_version, m.os, m.free_bytes, \
+         m.disabled, \
          m.created_at";
 
     fn into_record(self) -> Result<Machine> {
@@ -306,6 +309,8 @@ impl Row for MachineRow {
             last_health_at: self.last_health_at,
             tentacle_version: self.tentacle_version,
             tool_version: self.tool_version,
+            os: self.os,
+            free_bytes: self.free_bytes,
             disabled: self.disabled,
             created_at: self.created_at,
         })

@@ -67,6 +67,8 @@ pub(crate) async fn run_step(ctx: &StepContext, mut step: TaskStep) -> StepEnd {
                     at,
                     tentacle_version: None,
                     tool_version: None,
+                    os: None,
+                    free_bytes: None,
                 },
                 format!("Unavailable: {reason}"),
             )
@@ -136,6 +138,10 @@ pub(crate) fn judge(
             at,
             tentacle_version: non_empty(&caps.tentacle_version),
             tool_version: non_empty(&caps.tool_version),
+            os: non_empty(
+                format!("{} {} {}", caps.os, caps.os_version, caps.arch).trim(),
+            ),
+            free_bytes: i64::try_from(caps.home_free_bytes).ok(),
         },
         line,
     )
