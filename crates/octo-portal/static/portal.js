@@ -147,6 +147,10 @@
         }
         if (cell("exit")) cell("exit").textContent = step.exit_code === null ? "" : String(step.exit_code);
         if (cell("error")) cell("error").textContent = step.error || "";
+        // Retry / Ignore / Fail show while the machine waits for a decision.
+        if (cell("guide")) {
+          cell("guide").hidden = !(step.state === "Executing" && (step.error || "").startsWith("waiting for guidance"));
+        }
       });
       const actions = document.getElementById("task-actions");
       if (actions && ["Success", "Failed", "Canceled"].includes(view.task.state)) actions.hidden = true;

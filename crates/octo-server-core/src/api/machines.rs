@@ -96,11 +96,23 @@ pub(crate) async fn update_machine(
     Path(name): Path<String>,
     ApiJson(u): ApiJson<MachineUpdate>,
 ) -> ApiResult<Json<Machine>> {
-    let m = visible_machine(&s, &caller, &space, &name).await?;
+    Ok(Json(change_machine(&s, &caller, &space, &name, &u).await?))
+}
+
+/// Changes a machine's settings (the portal's Settings too).
+pub async fn change_machine(
+    s: &AppState,
+    caller: &Caller,
+    space: &Space,
+    name: &str,
+    u: &MachineUpdate,
+) -> ApiResult<Machine> {
+    let (s, caller, space) = (s, caller, space);
+    let m = visible_machine(s, caller, space, name).await?;
     let what = format!("machine '{}'", m.name);
     caller.require_on(
         Permission::MachineEdit,
-        &space,
+        space,
         &m.environments,
         &m.tenants,
         &what,
@@ -112,9 +124,9 @@ pub(crate) async fn update_machine(
             ));
         }
         let tenants = u.tenants.as_ref().unwrap_or(&m.tenants);
-        caller.require_on(Permission::MachineEdit, &space, envs, tenants, &what)?;
+        caller.require_on(Permission::MachineEdit, space, envs, tenants, &what)?;
     }
-    let updated = s.store.update_machine(m.id, &u).await?;
+    let updated = s.store.update_machine(m.id, u).await?;
     let mut changed = Vec::new();
     if updated.environments != m.environments {
         changed.push(format!("environments {}", updated.environments.join(", ")));
@@ -139,15 +151,15 @@ pub(crate) async fn update_machine(
         );
     }
     s.audit(
-        &caller,
-        Some(&space),
+        caller,
+        Some(space),
         "changed",
         "machine",
         &updated.name,
         changed.join("; "),
     )
     .await;
-    Ok(Json(updated))
+    Ok(updated)
 }
 
 /// Contacts a listening tentacle and answers the thumbprint it presents, for
@@ -332,13 +344,13 @@ pub async fn machine_page(
 }
 
 /// Whether the caller may see the machine.
-pub(crate) fn sees_machine(caller: &Caller, space: &Space, m: &Machine) -> bool {
+pub fn sees_machine(caller: &Caller, space: &Space, m: &Machine) -> bool {
     m.space_id == space.id
         && caller.sees(Permission::MachineView, space, &m.environments, &m.tenants)
 }
 
 /// A machine of the space the caller may see, or 404 as if it did not exist.
-pub(crate) async fn visible_machine(
+pub async fn visible_machine(
     s: &AppState,
     caller: &Caller,
     space: &Space,
@@ -431,11 +443,23 @@ pub(crate) async fn delete_machine(
     Extension(RequestSpace(space)): Extension<RequestSpace>,
     Path(name): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    let m = visible_machine(&s, &caller, &space, &name).await?;
+    remove_machine(&s, &caller, &space, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Deletes a machine (the portal's Delete too).
+pub async fn remove_machine(
+    s: &AppState,
+    caller: &Caller,
+    space: &Space,
+    name: &str,
+) -> ApiResult<()> {
+    let (s, caller, space) = (s, caller, space);
+    let m = visible_machine(s, caller, space, name).await?;
     let what = format!("machine '{}'", m.name);
     caller.require_on(
         Permission::MachineDelete,
-        &space,
+        space,
         &m.environments,
         &m.tenants,
         &what,
@@ -446,15 +470,15 @@ pub(crate) async fn delete_machine(
     }
     s.refresh_polling_trust().await?;
     s.audit(
-        &caller,
-        Some(&space),
+        caller,
+        Some(space),
         "deleted",
         "machine",
         &m.name,
         format!("{} {}", m.uri, m.thumbprint),
     )
     .await;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(())
 }
 
 fn validate(space: &Space, r: &MachineRequest) -> ApiResult<NewMachine> {
@@ -502,7 +526,7 @@ fn validate(space: &Space, r: &MachineRequest) -> ApiResult<NewMachine> {
     })
 }
 
-pub(crate) async fn save_machine(
+pub async fn save_machine(
     s: &AppState,
     caller: &Caller,
     space: &Space,

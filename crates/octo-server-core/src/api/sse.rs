@@ -60,6 +60,18 @@ pub(crate) async fn stream_log(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<i64>().ok());
     let after = q.after.or(last_event_id).unwrap_or(0);
+    open_stream(&s, caller, space, id, after).await
+}
+
+/// The events of a task the caller may see, from after line `after` (the
+/// portal's live task page uses this too).
+pub async fn open_stream(
+    s: &AppState,
+    caller: Caller,
+    space: octo_api_types::Space,
+    id: String,
+    after: i64,
+) -> ApiResult<Sse<axum::response::sse::KeepAliveStream<ReceiverStream<Result<Event, Infallible>>>>> {
     visible_task(s.store.as_ref(), &caller, &space, &id).await?;
     let engine = s.engine.clone();
     let sub = Subscription {

@@ -117,7 +117,7 @@ fn shown(caller: &Caller, space: &Space, mut task: Task) -> Task {
 }
 
 /// A task of the space the caller may see, or 404 as if it did not exist.
-pub(crate) async fn visible_task(
+pub async fn visible_task(
     store: &dyn Store,
     caller: &Caller,
     space: &Space,
@@ -132,7 +132,7 @@ pub(crate) async fn visible_task(
 }
 
 /// The task and its steps; 404 when there is no such task the caller may see.
-pub(crate) async fn load_view(
+pub async fn load_view(
     store: &dyn Store,
     caller: &Caller,
     space: &Space,
@@ -935,34 +935,40 @@ pub(crate) async fn cancel_task(
     id: Result<Path<String>, PathRejection>,
 ) -> ApiResult<impl IntoResponse> {
     let Path(id) = id?;
-    let task = visible_task(s.store.as_ref(), &caller, &space, &id).await?;
+    let task = cancel(&s, &caller, &space, &id).await?;
+    Ok((StatusCode::ACCEPTED, Json(CancelReply { task })))
+}
+
+/// Asks a task to cancel (the portal's Cancel too).
+pub async fn cancel(s: &AppState, caller: &Caller, space: &Space, id: &str) -> ApiResult<Task> {
+    let task = visible_task(s.store.as_ref(), caller, space, id).await?;
     caller.require_on(
         Permission::TaskCancel,
-        &space,
+        space,
         &task.environments,
         &[],
         &format!("task {id}"),
     )?;
-    match s.store.request_cancel(&id).await {
+    match s.store.request_cancel(id).await {
         Ok(()) => {}
-        Err(StoreError::NotFound { .. }) => return Err(task_not_found(&id)),
+        Err(StoreError::NotFound { .. }) => return Err(task_not_found(id)),
         Err(e) => return Err(e.into()),
     }
-    s.engine.cancel(&id);
-    let task = visible_task(s.store.as_ref(), &caller, &space, &id).await?;
+    s.engine.cancel(id);
+    let task = visible_task(s.store.as_ref(), caller, space, id).await?;
     if task.cancel_requested {
         tracing::info!("cancel requested for task {id}");
         s.audit(
-            &caller,
-            Some(&space),
+            caller,
+            Some(space),
             "canceled",
             "task",
-            &id,
+            id,
             task.description.clone(),
         )
         .await;
     }
-    Ok((StatusCode::ACCEPTED, Json(CancelReply { task })))
+    Ok(task)
 }
 
 /// A task's log as server-sent events (`GET /api/tasks/{id}/log/stream`, served
@@ -1013,10 +1019,23 @@ pub(crate) async fn guide_task(
     ApiJson(req): ApiJson<GuidanceRequest>,
 ) -> ApiResult<impl IntoResponse> {
     let Path(id) = id?;
-    let view = load_view(s.store.as_ref(), &caller, &space, &id).await?;
+    let view = guide(&s, &caller, &space, &id, &req).await?;
+    Ok((StatusCode::ACCEPTED, Json(view)))
+}
+
+/// Delivers a decision to a machine waiting under guided failure (the
+/// portal's Retry / Ignore / Fail too).
+pub async fn guide(
+    s: &AppState,
+    caller: &Caller,
+    space: &Space,
+    id: &str,
+    req: &GuidanceRequest,
+) -> ApiResult<TaskView> {
+    let view = load_view(s.store.as_ref(), caller, space, id).await?;
     caller.require_on(
         Permission::InterruptionSubmit,
-        &space,
+        space,
         &view.task.environments,
         &[],
         &format!("task {id}"),
@@ -1037,7 +1056,7 @@ pub(crate) async fn guide_task(
                 names.join(", ")
             ))
         })?;
-    if !s.engine.guide(&id, step.machine_id, req.action) {
+    if !s.engine.guide(id, step.machine_id, req.action) {
         return Err(ApiError::conflict(format!(
             "machine '{}' of task {id} is not waiting for a decision (its state: {:?}); only a failed machine of a deployment started with --guided-failure waits for one",
             step.machine_name, step.state
@@ -1049,13 +1068,13 @@ pub(crate) async fn guide_task(
         req.action
     );
     s.audit(
-        &caller,
-        Some(&space),
+        caller,
+        Some(space),
         "guided",
         "task",
-        &id,
+        id,
         format!("{}: {:?}", step.machine_name, req.action),
     )
     .await;
-    Ok((StatusCode::ACCEPTED, Json(view)))
+    Ok(view)
 }
