@@ -18,8 +18,11 @@ need_apt() {
 # systemd provides systemd-analyze, which verifies generated units; python3 runs scripts;
 # tinyproxy is the real HTTP CONNECT proxy of the proxy tests; nginx with its stream module
 # is the TCP pass-through and SNI router of the WebSocket and SNI tests; iproute2 and
-# iptables build the network namespaces (NAT, dead paths) of crates/octopus/tests/nat.rs.
-need_apt curl systemd python3 tinyproxy iproute2 iptables nginx libnginx-mod-stream
+# iptables build the network namespaces (NAT, dead paths) of crates/octopus/tests/nat.rs;
+# chromium and chromium-driver are the real browser of the portal's tests
+# (crates/octo-portal/tests/browser_flows.rs), headless, over WebDriver.
+need_apt curl systemd python3 tinyproxy iproute2 iptables nginx libnginx-mod-stream \
+    chromium chromium-driver
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

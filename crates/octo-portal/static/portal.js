@@ -120,7 +120,8 @@
       n.textContent = String(lines.size);
       const t = document.createElement("time");
       t.dateTime = new Date(l.timestamp).toISOString();
-      t.textContent = new Date(l.timestamp).toLocaleTimeString();
+      // UTC, as the server writes the lines it renders.
+      t.textContent = new Date(l.timestamp).toISOString().slice(11, 19);
       const text = document.createElement("span");
       text.className = "text";
       text.textContent = l.text;

@@ -57,9 +57,17 @@ pub fn pages() -> Vec<Page> {
     all
 }
 
+/// What a path segment or query value keeps as is: letters, digits and the
+/// unreserved `-._~` (RFC 3986); everything else is percent-encoded.
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 /// A path segment, percent-encoded (for links built from names).
 pub fn enc(segment: &str) -> String {
-    percent_encoding::utf8_percent_encode(segment, percent_encoding::NON_ALPHANUMERIC).to_string()
+    percent_encoding::utf8_percent_encode(segment, SEGMENT).to_string()
 }
 
 /// What the navigation shows, from the caller's permissions in the space.
@@ -321,5 +329,13 @@ mod tests {
         assert_eq!(when(None), "never");
         assert_eq!(took(Some(1_000), Some(2_250)), "1.2 s");
         assert_eq!(took(Some(0), Some(185_000)), "3 min 5 s");
+    }
+
+    #[test]
+    fn names_in_links_are_encoded_but_readable() {
+        assert_eq!(enc("ServerTasks-12"), "ServerTasks-12");
+        assert_eq!(enc("web_1.example~x"), "web_1.example~x");
+        assert_eq!(enc("a b/c?d#e&f"), "a%20b%2Fc%3Fd%23e%26f");
+        assert_eq!(enc("<img src=x>"), "%3Cimg%20src%3Dx%3E");
     }
 }

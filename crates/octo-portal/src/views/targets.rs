@@ -30,7 +30,11 @@ use crate::gate::{get, post, Page};
 pub(crate) fn pages() -> Vec<Page> {
     use Permission as P;
     vec![
-        get("/spaces/{space}/targets", Access::Space(P::MachineView), list),
+        get(
+            "/spaces/{space}/targets",
+            Access::Space(P::MachineView),
+            list,
+        ),
         post(
             "/spaces/{space}/targets/check-health",
             Access::Space(P::TaskCreate),
@@ -41,7 +45,11 @@ pub(crate) fn pages() -> Vec<Page> {
             Access::Space(P::TaskCreate),
             upgrade_all,
         ),
-        get("/spaces/{space}/targets/new", Access::Space(P::MachineCreate), choose),
+        get(
+            "/spaces/{space}/targets/new",
+            Access::Space(P::MachineCreate),
+            choose,
+        ),
         get(
             "/spaces/{space}/targets/new/listening",
             Access::Space(P::MachineCreate),
@@ -67,7 +75,11 @@ pub(crate) fn pages() -> Vec<Page> {
             Access::Space(P::MachineCreate),
             polling_status,
         ),
-        get("/spaces/{space}/targets/{name}", Access::Space(P::MachineView), target),
+        get(
+            "/spaces/{space}/targets/{name}",
+            Access::Space(P::MachineView),
+            target,
+        ),
         post(
             "/spaces/{space}/targets/{name}/check-health",
             Access::Space(P::TaskCreate),
@@ -209,11 +221,7 @@ struct ListPage {
     message: Option<String>,
 }
 
-async fn list(
-    State(s): State<AppState>,
-    f: Frame,
-    Query(filters): Query<Filters>,
-) -> Response {
+async fn list(State(s): State<AppState>, f: Frame, Query(filters): Query<Filters>) -> Response {
     let f = f.titled("Deployment targets", "targets");
     list_page(&s, f, filters, None).await
 }
@@ -221,10 +229,11 @@ async fn list(
 async fn list_page(s: &AppState, f: Frame, filters: Filters, message: Option<String>) -> Response {
     let page = filters.page.unwrap_or(1).max(1);
     let skip = (page - 1) * PAGE;
-    let (machines, total) = match machine_page(s, &f.caller, &f.space, &filters.query(skip, PAGE)).await {
-        Ok(r) => r,
-        Err(e) => return api_error(&e),
-    };
+    let (machines, total) =
+        match machine_page(s, &f.caller, &f.space, &filters.query(skip, PAGE)).await {
+            Ok(r) => r,
+            Err(e) => return api_error(&e),
+        };
     let environments = match s.store.list_environments(f.space.id).await {
         Ok(e) => e.into_iter().map(|e| e.name).collect(),
         Err(e) => return api_error(&e.into()),
@@ -281,7 +290,13 @@ async fn check_health_all(
     let machines = if filters.any() {
         match names_shown(&s, &f, &filters).await {
             Ok(n) if n.is_empty() => {
-                return list_page(&s, f, filters, Some("No target matches these filters.".into())).await
+                return list_page(
+                    &s,
+                    f,
+                    filters,
+                    Some("No target matches these filters.".into()),
+                )
+                .await
             }
             Ok(n) => n,
             Err(r) => return r,
@@ -468,33 +483,18 @@ fn split_list(text: &str) -> Vec<String> {
         .collect()
 }
 
-fn listening_commands(windows: bool, thumbprint: &str) -> String {
-    if windows {
-        format!(
-            "tentacle.exe create-instance --instance Tentacle\n\
-             tentacle.exe new-certificate --instance Tentacle --if-blank\n\
-             tentacle.exe configure --instance Tentacle --port 10933 --noListen False\n\
-             tentacle.exe configure --instance Tentacle --trust {thumbprint}\n\
-             tentacle.exe service --instance Tentacle --install --start\n\
-             tentacle.exe show-thumbprint --instance Tentacle"
-        )
-    } else {
-        format!(
-            "tentacle create-instance --instance Tentacle\n\
-             tentacle new-certificate --instance Tentacle --if-blank\n\
-             tentacle configure --instance Tentacle --port 10933 --noListen False\n\
-             tentacle configure --instance Tentacle --trust {thumbprint}\n\
-             sudo tentacle service --instance Tentacle --install --start\n\
-             tentacle show-thumbprint --instance Tentacle"
-        )
-    }
+/// The commands that install a listening tentacle trusting this server.
+fn listening_commands(thumbprint: &str) -> String {
+    format!(
+        "tentacle create-instance --instance Tentacle\n\
+         tentacle new-certificate --instance Tentacle --if-blank\n\
+         tentacle configure --instance Tentacle --port 10933 --listen --trust {thumbprint}\n\
+         sudo tentacle service --instance Tentacle --install --start\n\
+         tentacle show-thumbprint --instance Tentacle"
+    )
 }
 
-async fn listening_form(
-    State(s): State<AppState>,
-    f: Frame,
-    Query(os): Query<Os>,
-) -> Response {
+async fn listening_form(State(s): State<AppState>, f: Frame, Query(os): Query<Os>) -> Response {
     let f = f.titled("Add a listening tentacle", "targets");
     let choices = match choices(&s, &f).await {
         Ok(c) => c,
@@ -503,7 +503,7 @@ async fn listening_form(
     let thumbprint = s.thumbprint.to_string();
     render(&ListeningPage {
         windows: os.windows(),
-        commands: listening_commands(os.windows(), &thumbprint),
+        commands: listening_commands(&thumbprint),
         thumbprint,
         form: ListeningForm {
             port: "10933".into(),
@@ -529,10 +529,13 @@ async fn listening_submit(
     };
     let thumbprint = s.thumbprint.to_string();
     let windows = form.os.eq_ignore_ascii_case("windows");
-    let again = |form: ListeningForm, discovered: Option<String>, error: Option<String>, status: StatusCode| {
+    let again = |form: ListeningForm,
+                 discovered: Option<String>,
+                 error: Option<String>,
+                 status: StatusCode| {
         let page = ListeningPage {
             windows,
-            commands: listening_commands(windows, &thumbprint),
+            commands: listening_commands(&thumbprint),
             thumbprint: thumbprint.clone(),
             form,
             discovered,
@@ -543,7 +546,12 @@ async fn listening_submit(
         (status, render(&page)).into_response()
     };
     if form.host.trim().is_empty() {
-        return again(form, None, Some("Give the tentacle's host name or IP address.".into()), StatusCode::BAD_REQUEST);
+        return again(
+            form,
+            None,
+            Some("Give the tentacle's host name or IP address.".into()),
+            StatusCode::BAD_REQUEST,
+        );
     }
     if form.step != "save" {
         // Discover: what does the tentacle present?
@@ -600,24 +608,22 @@ struct PollingPage {
 }
 
 /// The command that registers a polling tentacle with this server.
-fn polling_command(s: &AppState, f: &Frame, headers: &HeaderMap, windows: bool, key: &str) -> String {
+fn polling_command(s: &AppState, f: &Frame, headers: &HeaderMap, key: &str) -> String {
     let server = server_url(headers);
     let host = server
         .trim_start_matches("http://")
-        .split(':')
-        .next()
-        .unwrap_or("SERVER")
+        .rsplit_once(':')
+        .map_or("SERVER", |(h, _)| h)
         .to_string();
-    let exe = if windows { "tentacle.exe" } else { "tentacle" };
-    let sudo = if windows { "" } else { "sudo " };
     format!(
-        "{exe} create-instance --instance Tentacle\n\
-         {exe} new-certificate --instance Tentacle --if-blank\n\
-         {exe} configure --instance Tentacle --noListen True\n\
-         {exe} register-with --instance Tentacle --server {server} --apiKey {key} \\\n    \
+        "tentacle create-instance --instance Tentacle\n\
+         tentacle new-certificate --instance Tentacle --if-blank\n\
+         tentacle configure --instance Tentacle --no-listen\n\
+         tentacle register-with --instance Tentacle --server {server} --api-key {key} \\\n    \
          --space {space} --comms-style TentacleActive --server-comms-address {host}:{port} \\\n    \
          --server-thumbprint {tp} --environment ENVIRONMENT --role ROLE\n\
-         {sudo}{exe} service --instance Tentacle --install --start",
+         sudo tentacle service --instance Tentacle --install --start",
+        server = sh(&server),
         space = sh(&f.space.name),
         port = s.comms_port,
         tp = s.thumbprint,
@@ -632,7 +638,7 @@ async fn polling_page(
 ) -> Response {
     let f = f.titled("Add a polling tentacle", "targets");
     render(&PollingPage {
-        command: polling_command(&s, &f, &headers, os.windows(), "API-KEY"),
+        command: polling_command(&s, &f, &headers, "API-KEY"),
         windows: os.windows(),
         since: octo_store::now_ms(),
         key_made: false,
@@ -657,7 +663,8 @@ async fn polling_key(
     let f = f.titled("Add a polling tentacle", "targets");
     let windows = form.os.eq_ignore_ascii_case("windows");
     let purpose = format!("registering a polling tentacle in {}", f.space.name);
-    match octo_server_core::auth::issue_api_key(s.store.as_ref(), f.caller.user.id, &purpose).await {
+    match octo_server_core::auth::issue_api_key(s.store.as_ref(), f.caller.user.id, &purpose).await
+    {
         Ok((key, stored)) => {
             s.audit(
                 &f.caller,
@@ -669,7 +676,7 @@ async fn polling_key(
             )
             .await;
             render(&PollingPage {
-                command: polling_command(&s, &f, &headers, windows, &key),
+                command: polling_command(&s, &f, &headers, &key),
                 windows,
                 since: octo_store::now_ms(),
                 key_made: true,
@@ -688,12 +695,12 @@ pub(crate) struct Since {
 
 /// Whether a polling tentacle registered since the page opened, and whether it
 /// is connected (the page polls this).
-async fn polling_status(
-    State(s): State<AppState>,
-    f: Frame,
-    Query(q): Query<Since>,
-) -> Response {
-    let machines = match s.store.list_machines(&MachineFilter::space(f.space.id)).await {
+async fn polling_status(State(s): State<AppState>, f: Frame, Query(q): Query<Since>) -> Response {
+    let machines = match s
+        .store
+        .list_machines(&MachineFilter::space(f.space.id))
+        .await
+    {
         Ok(m) => m,
         Err(e) => return api_error(&e.into()),
     };
@@ -797,12 +804,25 @@ async fn target(
     target_page(&s, f, &name, added.added.is_some(), None).await
 }
 
-async fn target_page(s: &AppState, f: Frame, name: &str, added: bool, message: Option<String>) -> Response {
+async fn target_page(
+    s: &AppState,
+    f: Frame,
+    name: &str,
+    added: bool,
+    message: Option<String>,
+) -> Response {
     let m = match visible_machine(s, &f.caller, &f.space, name).await {
         Ok(m) => m,
         Err(e) => return api_error(&e),
     };
-    let f = f.titled(m.name.clone(), if m.worker_pool.is_some() { "workers" } else { "targets" });
+    let f = f.titled(
+        m.name.clone(),
+        if m.worker_pool.is_some() {
+            "workers"
+        } else {
+            "targets"
+        },
+    );
     let server_tool = s
         .tool
         .as_ref()
@@ -846,7 +866,11 @@ async fn target_page(s: &AppState, f: Frame, name: &str, added: bool, message: O
 }
 
 /// The machine's last health check: its task, when, and its lines about it.
-async fn last_health_check(s: &AppState, f: &Frame, m: &Machine) -> Option<(String, String, Vec<LogLine>)> {
+async fn last_health_check(
+    s: &AppState,
+    f: &Frame,
+    m: &Machine,
+) -> Option<(String, String, Vec<LogLine>)> {
     if !f.may(Permission::TaskView) {
         return None;
     }
@@ -854,13 +878,21 @@ async fn last_health_check(s: &AppState, f: &Frame, m: &Machine) -> Option<(Stri
         space_id: Some(f.space.id),
         kind: Some("Health".into()),
         machine: Some(m.name.clone()),
-        visible_environments: f.caller.grants.environments_with(Permission::TaskView, f.space.id),
+        visible_environments: f
+            .caller
+            .grants
+            .environments_with(Permission::TaskView, f.space.id),
         limit: 1,
         ..TaskQuery::default()
     };
     let (tasks, _) = s.store.task_page(&q).await.ok()?;
     let task = tasks.into_iter().next()?;
-    let lines = s.store.step_log(&task.id, m.id).await.ok().unwrap_or_default();
+    let lines = s
+        .store
+        .step_log(&task.id, m.id)
+        .await
+        .ok()
+        .unwrap_or_default();
     let server_lines = s
         .store
         .task_log(&task.id, 0, 1000)
