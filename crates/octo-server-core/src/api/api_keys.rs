@@ -54,12 +54,18 @@ pub(crate) async fn list_api_keys(
     q: Result<Query<KeyQuery>, QueryRejection>,
 ) -> ApiResult<impl IntoResponse> {
     let Query(q) = q?;
+    Ok(Json(keys_of(&s, &caller, q.all).await?))
+}
+
+/// As `GET /api/api-keys`, for the portal too: the caller's keys (a holder of
+/// `ApiKeyEdit`: everyone's); `all` without `ApiKeyEdit` is refused.
+pub async fn keys_of(s: &AppState, caller: &Caller, all: bool) -> ApiResult<Vec<ApiKey>> {
     let everyone = caller.grants.has_system(Permission::ApiKeyEdit);
-    if q.all && !everyone {
+    if all && !everyone {
         caller.require_system(Permission::ApiKeyEdit)?;
     }
     let scope = if everyone { None } else { Some(caller.user.id) };
-    Ok(Json(s.store.list_api_keys(scope).await?))
+    Ok(s.store.list_api_keys(scope).await?)
 }
 
 /// Creates an API key for the caller.
@@ -78,9 +84,16 @@ pub(crate) async fn create_api_key(
     Extension(caller): Extension<Caller>,
     ApiJson(r): ApiJson<NewApiKey>,
 ) -> ApiResult<impl IntoResponse> {
+    let created = new_api_key(&s, &caller, r).await?;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+/// As `POST /api/api-keys`, for the portal too: a key for the caller (the
+/// answer is the only time the key itself is ever shown).
+pub async fn new_api_key(s: &AppState, caller: &Caller, r: NewApiKey) -> ApiResult<CreatedApiKey> {
     let (key, stored) = issue_api_key(s.store.as_ref(), caller.user.id, &r.purpose).await?;
     s.audit(
-        &caller,
+        caller,
         None,
         "created",
         "api key",
@@ -89,13 +102,10 @@ pub(crate) async fn create_api_key(
     )
     .await;
     // The only time the key is ever shown.
-    Ok((
-        StatusCode::CREATED,
-        Json(CreatedApiKey {
-            api_key: key,
-            key: stored,
-        }),
-    ))
+    Ok(CreatedApiKey {
+        api_key: key,
+        key: stored,
+    })
 }
 
 /// Revokes an API key: one's own, or anyone's with `ApiKeyEdit`.
@@ -115,16 +125,24 @@ pub(crate) async fn revoke_api_key(
     Extension(caller): Extension<Caller>,
     Path(id): Path<i64>,
 ) -> ApiResult<impl IntoResponse> {
+    revoke_key(&s, &caller, id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// As `DELETE /api/api-keys/{id}`, for the portal too: one's own key, or
+/// anyone's with `ApiKeyEdit` (others' keys are not there for the caller);
+/// refused for the last key of the last System administrator.
+pub async fn revoke_key(s: &AppState, caller: &Caller, id: i64) -> ApiResult<ApiKey> {
     let not_found = || ApiError::not_found(format!("API key #{id} does not exist"));
     let key = s.store.api_key(id).await?.ok_or_else(not_found)?;
     // Other people's keys are not even there for the caller.
     if key.user_id != caller.user.id && !caller.grants.has_system(Permission::ApiKeyEdit) {
         return Err(not_found());
     }
-    refuse_last_admin_key(&s, &key).await?;
+    refuse_last_admin_key(s, &key).await?;
     s.store.revoke_api_key(id).await?;
     s.audit(
-        &caller,
+        caller,
         None,
         "revoked",
         "api key",
@@ -132,7 +150,10 @@ pub(crate) async fn revoke_api_key(
         key.purpose.clone(),
     )
     .await;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(ApiKey {
+        revoked: true,
+        ..key
+    })
 }
 
 /// Refuses to revoke the last working key of the last administrator, who has

@@ -39,10 +39,20 @@ pub(super) fn routes() -> Vec<Route> {
     tag = "roles",
     responses((status = 200, description = "The roles", body = [Role]))
 )]
-pub(crate) async fn list_roles(State(s): State<AppState>) -> ApiResult<Json<Vec<Role>>> {
+pub(crate) async fn list_roles(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Json<Vec<Role>>> {
+    Ok(Json(all_roles(&s, &caller).await?))
+}
+
+/// As `GET /api/roles`, for the portal too: built-in roles first, then custom
+/// ones (needs `UserRoleView`).
+pub async fn all_roles(s: &AppState, caller: &Caller) -> ApiResult<Vec<Role>> {
+    caller.require_system(Permission::UserRoleView)?;
     let mut roles = built_in_roles();
     roles.extend(s.store.list_roles().await?);
-    Ok(Json(roles))
+    Ok(roles)
 }
 
 /// One role and its permissions.
@@ -58,9 +68,10 @@ pub(crate) async fn list_roles(State(s): State<AppState>) -> ApiResult<Json<Vec<
 )]
 pub(crate) async fn get_role(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Role>> {
-    let roles = list_roles(State(s)).await?.0;
+    let roles = all_roles(&s, &caller).await?;
     roles
         .into_iter()
         .find(|r| r.name.eq_ignore_ascii_case(name.trim()))
@@ -85,6 +96,14 @@ pub(crate) async fn create_role(
     Extension(caller): Extension<Caller>,
     ApiJson(r): ApiJson<NewRole>,
 ) -> ApiResult<impl IntoResponse> {
+    let role = add_role(&s, &caller, r).await?;
+    Ok((StatusCode::CREATED, Json(role)))
+}
+
+/// As `POST /api/roles`, for the portal too: a custom role (a new name, at
+/// least one permission).
+pub async fn add_role(s: &AppState, caller: &Caller, r: NewRole) -> ApiResult<Role> {
+    caller.require_system(Permission::UserRoleEdit)?;
     let name = r.name.trim();
     if name.is_empty() {
         return Err(ApiError::bad_request("field `name` must not be empty"));
@@ -114,7 +133,7 @@ pub(crate) async fn create_role(
     s.permissions_changed();
     let names: Vec<&str> = role.permissions.iter().map(|p| p.name()).collect();
     s.audit(
-        &caller,
+        caller,
         None,
         "created",
         "role",
@@ -122,5 +141,5 @@ pub(crate) async fn create_role(
         names.join(", "),
     )
     .await;
-    Ok((StatusCode::CREATED, Json(role)))
+    Ok(role)
 }

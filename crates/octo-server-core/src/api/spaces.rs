@@ -55,13 +55,17 @@ pub(crate) async fn list_spaces(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
 ) -> ApiResult<Json<Vec<Space>>> {
+    Ok(Json(visible_spaces(&s, &caller).await?))
+}
+
+/// As `GET /api/spaces`, for the portal too: the spaces the caller has a role
+/// in (every space with `SpaceView`).
+pub async fn visible_spaces(s: &AppState, caller: &Caller) -> ApiResult<Vec<Space>> {
     let spaces = s.store.list_spaces().await?;
-    Ok(Json(
-        spaces
-            .into_iter()
-            .filter(|sp| caller.grants.reaches(sp.id))
-            .collect(),
-    ))
+    Ok(spaces
+        .into_iter()
+        .filter(|sp| caller.grants.reaches(sp.id))
+        .collect())
 }
 
 /// One space, by name or `Spaces-N`.
@@ -100,6 +104,13 @@ pub(crate) async fn create_space(
     Extension(caller): Extension<Caller>,
     ApiJson(r): ApiJson<NewSpace>,
 ) -> ApiResult<impl IntoResponse> {
+    let space = add_space(&s, &caller, r).await?;
+    Ok((StatusCode::CREATED, Json(space)))
+}
+
+/// As `POST /api/spaces`, for the portal too: checks the name and adds the space.
+pub async fn add_space(s: &AppState, caller: &Caller, r: NewSpace) -> ApiResult<Space> {
+    caller.require_system(Permission::SpaceCreate)?;
     let name = r.name.trim();
     if name.is_empty() {
         return Err(ApiError::bad_request("field `name` must not be empty"));
@@ -110,9 +121,9 @@ pub(crate) async fn create_space(
         ));
     }
     let space = s.store.create_space(name, &r.description).await?;
-    s.audit(&caller, None, "created", "space", &space.name, "")
+    s.audit(caller, None, "created", "space", &space.name, "")
         .await;
-    Ok((StatusCode::CREATED, Json(space)))
+    Ok(space)
 }
 
 /// Deletes a space and everything in it (refused while it holds machines).
@@ -132,10 +143,18 @@ pub(crate) async fn delete_space(
     Extension(caller): Extension<Caller>,
     Path(space): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    let found = visible_space(&s, &caller, &space).await?;
+    remove_space(&s, &caller, &space).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// As `DELETE /api/spaces/{space}`, for the portal too: deletes the space (by
+/// name or `Spaces-N`) and everything in it; refused while it holds machines.
+pub async fn remove_space(s: &AppState, caller: &Caller, space: &str) -> ApiResult<Space> {
+    caller.require_system(Permission::SpaceDelete)?;
+    let found = visible_space(s, caller, space).await?;
     let gone = s.store.delete_space(found.id).await?;
     s.permissions_changed();
-    s.audit(&caller, None, "deleted", "space", &gone.name, "")
+    s.audit(caller, None, "deleted", "space", &gone.name, "")
         .await;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(gone)
 }

@@ -99,9 +99,17 @@ impl Caller {
 )]
 pub(crate) async fn list_teams(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Extension(RequestSpace(space)): Extension<RequestSpace>,
 ) -> ApiResult<Json<Vec<Team>>> {
-    Ok(Json(s.store.list_teams(Some(space.id)).await?))
+    Ok(Json(space_teams(&s, &caller, &space).await?))
+}
+
+/// As `GET /api/teams`, for the portal too: the space's teams and those
+/// outside any space.
+pub async fn space_teams(s: &AppState, caller: &Caller, space: &Space) -> ApiResult<Vec<Team>> {
+    caller.require(Access::Space(Permission::TeamView), space)?;
+    Ok(s.store.list_teams(Some(space.id)).await?)
 }
 
 /// One team, with its members and grants.
@@ -117,10 +125,23 @@ pub(crate) async fn list_teams(
 )]
 pub(crate) async fn get_team(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Extension(RequestSpace(space)): Extension<RequestSpace>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Team>> {
-    Ok(Json(team_named(&s, &space, &name).await?))
+    Ok(Json(team_details(&s, &caller, &space, &name).await?))
+}
+
+/// As `GET /api/teams/{name}`, for the portal too: a team of the space (or
+/// outside any space) with its members and grants.
+pub async fn team_details(
+    s: &AppState,
+    caller: &Caller,
+    space: &Space,
+    name: &str,
+) -> ApiResult<Team> {
+    caller.require(Access::Space(Permission::TeamView), space)?;
+    team_named(s, space, name).await
 }
 
 /// Adds a team to the space (or, with `system`, outside any space).
@@ -141,6 +162,13 @@ pub(crate) async fn create_team(
     Extension(RequestSpace(space)): Extension<RequestSpace>,
     ApiJson(r): ApiJson<NewTeam>,
 ) -> ApiResult<impl IntoResponse> {
+    let team = add_team(&s, &caller, &space, r).await?;
+    Ok((StatusCode::CREATED, Json(team)))
+}
+
+/// As `POST /api/teams`, for the portal too: a team in the space (`TeamEdit`
+/// throughout it) or, with `system`, outside any space (`TeamEdit` in every space).
+pub async fn add_team(s: &AppState, caller: &Caller, space: &Space, r: NewTeam) -> ApiResult<Team> {
     let name = r.name.trim();
     if name.is_empty() {
         return Err(ApiError::bad_request("field `name` must not be empty"));
@@ -149,7 +177,7 @@ pub(crate) async fn create_team(
         caller.require_system_team_edit()?;
         None
     } else {
-        caller.require_throughout(Permission::TeamEdit, &space)?;
+        caller.require_throughout(Permission::TeamEdit, space)?;
         Some(space.id)
     };
     let team = s
@@ -157,15 +185,15 @@ pub(crate) async fn create_team(
         .create_team(team_space, name, &r.description)
         .await?;
     s.audit(
-        &caller,
-        team_space.map(|_| &space),
+        caller,
+        team_space.map(|_| space),
         "created",
         "team",
         &team.name,
         "",
     )
     .await;
-    Ok((StatusCode::CREATED, Json(team)))
+    Ok(team)
 }
 
 /// Deletes a team (not a built-in one).
@@ -186,8 +214,20 @@ pub(crate) async fn delete_team(
     Extension(RequestSpace(space)): Extension<RequestSpace>,
     Path(name): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    let team = team_named(&s, &space, &name).await?;
-    require_edit(&caller, &space, &team)?;
+    remove_team(&s, &caller, &space, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// As `DELETE /api/teams/{name}`, for the portal too: refused for a built-in
+/// team, and for one whose members are the only System administrators.
+pub async fn remove_team(
+    s: &AppState,
+    caller: &Caller,
+    space: &Space,
+    name: &str,
+) -> ApiResult<Team> {
+    let team = team_named(s, space, name).await?;
+    require_edit(caller, space, &team)?;
     // Deleting a team takes its grants: refused, as taking the grant is, when
     // its members are the only System administrators (without this, deleting
     // the last administrator's own team locked everyone out; found by
@@ -209,10 +249,10 @@ pub(crate) async fn delete_team(
     }
     s.store.delete_team(team.id).await?;
     s.permissions_changed();
-    let in_space = team.space_id.map(|_| &space);
-    s.audit(&caller, in_space, "deleted", "team", &team.name, "")
+    let in_space = team.space_id.map(|_| space);
+    s.audit(caller, in_space, "deleted", "team", &team.name, "")
         .await;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(team)
 }
 
 /// Adds a user to a team.
@@ -234,8 +274,20 @@ pub(crate) async fn add_member(
     Path(name): Path<String>,
     ApiJson(r): ApiJson<NewMember>,
 ) -> ApiResult<Json<Team>> {
-    let team = team_named(&s, &space, &name).await?;
-    require_edit(&caller, &space, &team)?;
+    Ok(Json(add_team_member(&s, &caller, &space, &name, r).await?))
+}
+
+/// As `POST /api/teams/{name}/members`, for the portal too: adds a user to a
+/// team; the team as it is now.
+pub async fn add_team_member(
+    s: &AppState,
+    caller: &Caller,
+    space: &Space,
+    name: &str,
+    r: NewMember,
+) -> ApiResult<Team> {
+    let team = team_named(s, space, name).await?;
+    require_edit(caller, space, &team)?;
     let (user, _) = s
         .store
         .user_by_name(r.username.trim())
@@ -243,9 +295,9 @@ pub(crate) async fn add_member(
         .ok_or_else(|| ApiError::not_found(format!("user '{}' does not exist", r.username)))?;
     s.store.add_team_member(team.id, user.id).await?;
     s.permissions_changed();
-    let in_space = team.space_id.map(|_| &space);
+    let in_space = team.space_id.map(|_| space);
     s.audit(
-        &caller,
+        caller,
         in_space,
         "changed",
         "team",
@@ -253,7 +305,7 @@ pub(crate) async fn add_member(
         format!("added member {}", user.username),
     )
     .await;
-    Ok(Json(s.store.team(team.id).await?.unwrap_or(team)))
+    Ok(s.store.team(team.id).await?.unwrap_or(team))
 }
 
 /// Removes a user from a team.
@@ -277,11 +329,25 @@ pub(crate) async fn remove_member(
     Extension(RequestSpace(space)): Extension<RequestSpace>,
     Path((name, username)): Path<(String, String)>,
 ) -> ApiResult<Json<Team>> {
-    let team = team_named(&s, &space, &name).await?;
-    require_edit(&caller, &space, &team)?;
+    Ok(Json(
+        remove_team_member(&s, &caller, &space, &name, &username).await?,
+    ))
+}
+
+/// As `DELETE /api/teams/{name}/members/{username}`, for the portal too:
+/// refused for the last enabled System administrator; the team as it is now.
+pub async fn remove_team_member(
+    s: &AppState,
+    caller: &Caller,
+    space: &Space,
+    name: &str,
+    username: &str,
+) -> ApiResult<Team> {
+    let team = team_named(s, space, name).await?;
+    require_edit(caller, space, &team)?;
     let (user, _) = s
         .store
-        .user_by_name(&username)
+        .user_by_name(username)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("user '{username}' does not exist")))?;
     if gives_administrator(&team) {
@@ -295,9 +361,9 @@ pub(crate) async fn remove_member(
     }
     s.store.remove_team_member(team.id, user.id).await?;
     s.permissions_changed();
-    let in_space = team.space_id.map(|_| &space);
+    let in_space = team.space_id.map(|_| space);
     s.audit(
-        &caller,
+        caller,
         in_space,
         "changed",
         "team",
@@ -305,7 +371,7 @@ pub(crate) async fn remove_member(
         format!("removed member {}", user.username),
     )
     .await;
-    Ok(Json(s.store.team(team.id).await?.unwrap_or(team)))
+    Ok(s.store.team(team.id).await?.unwrap_or(team))
 }
 
 /// Whether the team's grants make its members System administrators everywhere.
@@ -341,8 +407,21 @@ pub(crate) async fn add_grant(
     Path(name): Path<String>,
     ApiJson(r): ApiJson<NewGrant>,
 ) -> ApiResult<impl IntoResponse> {
-    let team = team_named(&s, &space, &name).await?;
-    require_edit(&caller, &space, &team)?;
+    let grant = grant_role(&s, &caller, &space, &name, r).await?;
+    Ok((StatusCode::CREATED, Json(grant)))
+}
+
+/// As `POST /api/teams/{name}/grants`, for the portal too: gives the team a
+/// role in the space (or every space), narrowed to environments and tenants.
+pub async fn grant_role(
+    s: &AppState,
+    caller: &Caller,
+    space: &Space,
+    name: &str,
+    r: NewGrant,
+) -> ApiResult<Grant> {
+    let team = team_named(s, space, name).await?;
+    require_edit(caller, space, &team)?;
     let role = r.role.trim();
     let known = built_in_role(role).map(|b| b.name.to_string()).or(s
         .store
@@ -371,9 +450,9 @@ pub(crate) async fn add_grant(
         .add_grant(team.id, &role, grant_space, &r.environments, &r.tenants)
         .await?;
     s.permissions_changed();
-    let in_space = team.space_id.map(|_| &space);
+    let in_space = team.space_id.map(|_| space);
     s.audit(
-        &caller,
+        caller,
         in_space,
         "changed",
         "team",
@@ -386,7 +465,7 @@ pub(crate) async fn add_grant(
         ),
     )
     .await;
-    Ok((StatusCode::CREATED, Json(grant)))
+    Ok(grant)
 }
 
 /// "in Default, environments Test" / "in every space".
@@ -425,8 +504,20 @@ pub(crate) async fn remove_grant(
     Extension(RequestSpace(space)): Extension<RequestSpace>,
     Path((name, id)): Path<(String, i64)>,
 ) -> ApiResult<Json<Team>> {
-    let team = team_named(&s, &space, &name).await?;
-    require_edit(&caller, &space, &team)?;
+    Ok(Json(revoke_grant(&s, &caller, &space, &name, id).await?))
+}
+
+/// As `DELETE /api/teams/{name}/grants/{id}`, for the portal too: refused when
+/// it makes the last System administrators one; the team as it is now.
+pub async fn revoke_grant(
+    s: &AppState,
+    caller: &Caller,
+    space: &Space,
+    name: &str,
+    id: i64,
+) -> ApiResult<Team> {
+    let team = team_named(s, space, name).await?;
+    require_edit(caller, space, &team)?;
     let grant = team
         .grants
         .iter()
@@ -457,9 +548,9 @@ pub(crate) async fn remove_grant(
     }
     s.store.remove_grant(team.id, id).await?;
     s.permissions_changed();
-    let in_space = team.space_id.map(|_| &space);
+    let in_space = team.space_id.map(|_| space);
     s.audit(
-        &caller,
+        caller,
         in_space,
         "changed",
         "team",
@@ -467,5 +558,5 @@ pub(crate) async fn remove_grant(
         format!("revoked {} (#{id}) {}", grant.role, scope_text(&grant)),
     )
     .await;
-    Ok(Json(s.store.team(team.id).await?.unwrap_or(remaining)))
+    Ok(s.store.team(team.id).await?.unwrap_or(remaining))
 }

@@ -93,6 +93,14 @@ pub(crate) async fn create_user(
     Extension(caller): Extension<Caller>,
     ApiJson(u): ApiJson<NewUser>,
 ) -> ApiResult<impl IntoResponse> {
+    let user = add_user(&s, &caller, u).await?;
+    Ok((StatusCode::CREATED, Json(user)))
+}
+
+/// As `POST /api/users`, for the portal too: checks the request (an
+/// administrator needs `AdministerSystem`) and adds the user.
+pub async fn add_user(s: &AppState, caller: &Caller, u: NewUser) -> ApiResult<User> {
+    caller.require_system(Permission::UserEdit)?;
     let username = u.username.trim();
     if username.is_empty() {
         return Err(ApiError::bad_request("field `username` must not be empty"));
@@ -118,7 +126,7 @@ pub(crate) async fn create_user(
         .create_user(username, &display, hash.as_deref())
         .await?;
     if u.is_admin {
-        let team = administrators_team(&s).await?;
+        let team = administrators_team(s).await?;
         s.store.add_team_member(team, user.id).await?;
         s.permissions_changed();
         user = s.store.user_by_id(user.id).await?.unwrap_or(user);
@@ -128,9 +136,9 @@ pub(crate) async fn create_user(
     } else {
         ""
     };
-    s.audit(&caller, None, "created", "user", &user.username, details)
+    s.audit(caller, None, "created", "user", &user.username, details)
         .await;
-    Ok((StatusCode::CREATED, Json(user)))
+    Ok(user)
 }
 
 /// The built-in administrators' team's id.
@@ -151,8 +159,17 @@ pub(crate) async fn administrators_team(s: &AppState) -> ApiResult<i64> {
     tag = "users",
     responses((status = 200, description = "The users", body = [User]))
 )]
-pub(crate) async fn list_users(State(s): State<AppState>) -> ApiResult<Json<Vec<User>>> {
-    Ok(Json(s.store.list_users().await?))
+pub(crate) async fn list_users(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Json<Vec<User>>> {
+    Ok(Json(all_users(&s, &caller).await?))
+}
+
+/// As `GET /api/users`, for the portal too: every user (needs `UserView`).
+pub async fn all_users(s: &AppState, caller: &Caller) -> ApiResult<Vec<User>> {
+    caller.require_system(Permission::UserView)?;
+    Ok(s.store.list_users().await?)
 }
 
 /// One user (the caller themselves, or anyone with `UserView`).
@@ -171,10 +188,16 @@ pub(crate) async fn get_user(
     Extension(caller): Extension<Caller>,
     Path(username): Path<String>,
 ) -> ApiResult<Json<User>> {
-    if !caller.user.username.eq_ignore_ascii_case(&username) {
+    Ok(Json(user_details(&s, &caller, &username).await?))
+}
+
+/// As `GET /api/users/{username}`, for the portal too: the caller themselves,
+/// or anyone with `UserView`.
+pub async fn user_details(s: &AppState, caller: &Caller, username: &str) -> ApiResult<User> {
+    if !caller.user.username.eq_ignore_ascii_case(username) {
         caller.require_system(Permission::UserView)?;
     }
-    Ok(Json(user_named(&s, &username).await?.0))
+    Ok(user_named(s, username).await?.0)
 }
 
 /// The caller: who they are, their grants, and their permissions in the
@@ -197,12 +220,15 @@ pub(crate) async fn whoami(
     }))
 }
 
-async fn set_disabled(
+/// As `POST /api/users/{username}/disable` and `.../enable`, for the portal
+/// too: refuses to disable the last enabled System administrator.
+pub async fn set_disabled(
     s: &AppState,
     caller: &Caller,
     username: &str,
     disabled: bool,
-) -> ApiResult<Json<User>> {
+) -> ApiResult<User> {
+    caller.require_system(Permission::UserEdit)?;
     let (user, _) = user_named(s, username).await?;
     if disabled && user.is_admin {
         let admins = s.store.holders_of(SYSTEM_ADMINISTRATOR).await?;
@@ -217,7 +243,7 @@ async fn set_disabled(
     let action = if disabled { "disabled" } else { "enabled" };
     s.audit(caller, None, action, "user", &user.username, "")
         .await;
-    Ok(Json(user))
+    Ok(user)
 }
 
 /// Disables a user: they cannot log in and their keys stop working.
@@ -237,7 +263,7 @@ pub(crate) async fn disable_user(
     Extension(caller): Extension<Caller>,
     Path(username): Path<String>,
 ) -> ApiResult<Json<User>> {
-    set_disabled(&s, &caller, &username, true).await
+    Ok(Json(set_disabled(&s, &caller, &username, true).await?))
 }
 
 /// Enables a disabled user again.
@@ -256,7 +282,7 @@ pub(crate) async fn enable_user(
     Extension(caller): Extension<Caller>,
     Path(username): Path<String>,
 ) -> ApiResult<Json<User>> {
-    set_disabled(&s, &caller, &username, false).await
+    Ok(Json(set_disabled(&s, &caller, &username, false).await?))
 }
 
 /// Sets a password: one's own (giving the current one, when there is one),
@@ -279,12 +305,24 @@ pub(crate) async fn set_password(
     Path(username): Path<String>,
     ApiJson(r): ApiJson<SetPassword>,
 ) -> ApiResult<impl IntoResponse> {
+    change_password(&s, &caller, &username, r).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// As `PUT /api/users/{username}/password`, for the portal too: one's own
+/// (with the current one, when there is one), or another's with `UserEdit`.
+pub async fn change_password(
+    s: &AppState,
+    caller: &Caller,
+    username: &str,
+    r: SetPassword,
+) -> ApiResult<()> {
     check_password("password", &r.password)?;
-    let own = caller.user.username.eq_ignore_ascii_case(&username);
+    let own = caller.user.username.eq_ignore_ascii_case(username);
     if !own {
         caller.require_system(Permission::UserEdit)?;
     }
-    let (user, current) = user_named(&s, &username).await?;
+    let (user, current) = user_named(s, username).await?;
     if own {
         if let Some(current) = current {
             let given = r.current_password.clone().ok_or_else(|| {
@@ -304,9 +342,9 @@ pub(crate) async fn set_password(
     }
     let hash = hash(&r.password).await?;
     s.store.set_password_hash(user.id, &hash).await?;
-    s.audit(&caller, None, "changed", "password", &user.username, "")
+    s.audit(caller, None, "changed", "password", &user.username, "")
         .await;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(())
 }
 
 /// Username and password in, a session key out. The session key is an API key
