@@ -1,10 +1,15 @@
-//! `/api/environments`: list, create, delete (in the request's space).
+//! `/api/environments`: list, create, change (rename, move), delete, in the
+//! request's space. Each handler is a thin wrapper of a service function
+//! (`visible_environments`, `add_environment`, `change_environment`,
+//! `remove_environment`) that the portal calls too.
 
 use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
-use octo_api_types::{Environment, EnvironmentUpdate, ErrorBody, NewEnvironment, Permission};
+use octo_api_types::{
+    Environment, EnvironmentUpdate, ErrorBody, NewEnvironment, Permission, Space,
+};
 
 use super::guard::{delete, get, post, put, Route};
 use super::{ApiError, ApiJson, ApiResult};
@@ -58,23 +63,47 @@ pub(crate) async fn update_environment(
     Path(name): Path<String>,
     ApiJson(u): ApiJson<EnvironmentUpdate>,
 ) -> ApiResult<Json<Environment>> {
-    let env = s
-        .store
-        .environment(space.id, &name)
+    Ok(Json(
+        change_environment(&s, &caller, &space, &name, &u).await?,
+    ))
+}
+
+/// An environment of the space the caller may see, or 404 as if it did not exist.
+async fn visible_environment(
+    s: &AppState,
+    caller: &Caller,
+    space: &Space,
+    name: &str,
+) -> ApiResult<Environment> {
+    s.store
+        .environment(space.id, name)
         .await?
         .filter(|e| {
             caller.sees(
                 Permission::EnvironmentView,
-                &space,
+                space,
                 std::slice::from_ref(&e.name),
                 &[],
             )
         })
-        .ok_or_else(|| ApiError::not_found(format!("environment '{name}' does not exist")))?;
+        .ok_or_else(|| ApiError::not_found(format!("environment '{name}' does not exist")))
+}
+
+/// As `PUT /api/environments/{name}`, for the portal too: renames,
+/// redescribes or moves an environment (`position` 0: first), checking the
+/// caller's `EnvironmentEdit` on it.
+pub async fn change_environment(
+    s: &AppState,
+    caller: &Caller,
+    space: &Space,
+    name: &str,
+    u: &EnvironmentUpdate,
+) -> ApiResult<Environment> {
+    let env = visible_environment(s, caller, space, name).await?;
     let what = format!("environment '{}'", env.name);
     caller.require_on(
         Permission::EnvironmentEdit,
-        &space,
+        space,
         std::slice::from_ref(&env.name),
         &[],
         &what,
@@ -107,15 +136,15 @@ pub(crate) async fn update_environment(
     }
     s.permissions_changed();
     s.audit(
-        &caller,
-        Some(&space),
+        caller,
+        Some(space),
         "changed",
         "environment",
         &env.name,
         changed.join("; "),
     )
     .await;
-    Ok(Json(updated))
+    Ok(updated)
 }
 
 /// The space's environments the caller may see, by name.
@@ -132,19 +161,28 @@ pub(crate) async fn list_environments(
     Extension(caller): Extension<Caller>,
     Extension(RequestSpace(space)): Extension<RequestSpace>,
 ) -> ApiResult<Json<Vec<Environment>>> {
+    Ok(Json(visible_environments(&s, &caller, &space).await?))
+}
+
+/// As `GET /api/environments`, for the portal too: the space's environments
+/// the caller may see, in the space's order.
+pub async fn visible_environments(
+    s: &AppState,
+    caller: &Caller,
+    space: &Space,
+) -> ApiResult<Vec<Environment>> {
     let all = s.store.list_environments(space.id).await?;
-    Ok(Json(
-        all.into_iter()
-            .filter(|e| {
-                caller.sees(
-                    Permission::EnvironmentView,
-                    &space,
-                    std::slice::from_ref(&e.name),
-                    &[],
-                )
-            })
-            .collect(),
-    ))
+    Ok(all
+        .into_iter()
+        .filter(|e| {
+            caller.sees(
+                Permission::EnvironmentView,
+                space,
+                std::slice::from_ref(&e.name),
+                &[],
+            )
+        })
+        .collect())
 }
 
 /// Adds an environment to the space.
@@ -165,26 +203,31 @@ pub(crate) async fn create_environment(
     Extension(RequestSpace(space)): Extension<RequestSpace>,
     ApiJson(e): ApiJson<NewEnvironment>,
 ) -> ApiResult<impl IntoResponse> {
+    let env = add_environment(&s, &caller, &space, &e).await?;
+    Ok((StatusCode::CREATED, Json(env)))
+}
+
+/// As `POST /api/environments`, for the portal too: adds an environment to
+/// the space (needs `EnvironmentCreate` for all of the space).
+pub async fn add_environment(
+    s: &AppState,
+    caller: &Caller,
+    space: &Space,
+    e: &NewEnvironment,
+) -> ApiResult<Environment> {
     let name = e.name.trim();
     if name.is_empty() {
         return Err(ApiError::bad_request("field `name` must not be empty"));
     }
     // A new environment is outside every environment-narrowed grant.
-    caller.require_throughout(Permission::EnvironmentCreate, &space)?;
+    caller.require_throughout(Permission::EnvironmentCreate, space)?;
     let env = s
         .store
         .create_environment(space.id, name, &e.description)
         .await?;
-    s.audit(
-        &caller,
-        Some(&space),
-        "created",
-        "environment",
-        &env.name,
-        "",
-    )
-    .await;
-    Ok((StatusCode::CREATED, Json(env)))
+    s.audit(caller, Some(space), "created", "environment", &env.name, "")
+        .await;
+    Ok(env)
 }
 
 /// Deletes an environment (refused while machines are in it or a grant is
@@ -206,36 +249,30 @@ pub(crate) async fn delete_environment(
     Extension(RequestSpace(space)): Extension<RequestSpace>,
     Path(name): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    let env = s
-        .store
-        .environment(space.id, &name)
-        .await?
-        .filter(|e| {
-            caller.sees(
-                Permission::EnvironmentView,
-                &space,
-                std::slice::from_ref(&e.name),
-                &[],
-            )
-        })
-        .ok_or_else(|| ApiError::not_found(format!("environment '{name}' does not exist")))?;
+    remove_environment(&s, &caller, &space, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// As `DELETE /api/environments/{name}`, for the portal too: deletes an
+/// environment (needs `EnvironmentDelete` on it; refused, naming them, while
+/// machines are in it or a grant is narrowed to it).
+pub async fn remove_environment(
+    s: &AppState,
+    caller: &Caller,
+    space: &Space,
+    name: &str,
+) -> ApiResult<()> {
+    let env = visible_environment(s, caller, space, name).await?;
     let what = format!("environment '{}'", env.name);
     caller.require_on(
         Permission::EnvironmentDelete,
-        &space,
+        space,
         std::slice::from_ref(&env.name),
         &[],
         &what,
     )?;
     s.store.delete_environment(space.id, &env.name).await?;
-    s.audit(
-        &caller,
-        Some(&space),
-        "deleted",
-        "environment",
-        &env.name,
-        "",
-    )
-    .await;
-    Ok(StatusCode::NO_CONTENT)
+    s.audit(caller, Some(space), "deleted", "environment", &env.name, "")
+        .await;
+    Ok(())
 }

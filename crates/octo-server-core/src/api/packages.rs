@@ -13,6 +13,9 @@
 //! `ID.VERSION.ext` (e.g. `Acme.Web.1.2.3-beta.1.tar.gz`); versions are semantic
 //! versions (`1.2` is read as `1.2.0`), and "latest" means the highest by
 //! semantic-version order.
+//!
+//! The handlers are thin wrappers of service functions the portal calls too:
+//! [`push`], [`packages_of`], [`find`], [`remove_package`].
 
 use std::path::{Path, PathBuf};
 
@@ -29,7 +32,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use utoipa::IntoParams;
 
-use octo_api_types::{ErrorBody, Permission, PushReply};
+use octo_api_types::{ErrorBody, Permission, PushReply, Space};
 use octo_store::now_ms;
 
 use super::guard::{delete, get, post, Route};
@@ -64,7 +67,7 @@ pub(super) fn routes() -> Vec<Route> {
 }
 
 /// The highest version of a package ID (semantic-version order).
-pub(crate) async fn latest(
+pub async fn latest(
     store: &dyn Store,
     space_id: i64,
     package_id: &str,
@@ -82,7 +85,7 @@ pub(crate) async fn latest(
 }
 
 /// One version ("latest" allowed), 404 naming what exists otherwise.
-pub(crate) async fn find(
+pub async fn find(
     store: &dyn Store,
     space_id: i64,
     package_id: &str,
@@ -113,18 +116,18 @@ pub(crate) async fn find(
 }
 
 /// Query of `POST /api/packages`.
-#[derive(Debug, Deserialize, IntoParams)]
+#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
-pub(crate) struct PushQuery {
+pub struct PushQuery {
     /// The package ID (default: from `file_name`).
-    package_id: Option<String>,
+    pub package_id: Option<String>,
     /// The version (default: from `file_name`).
-    version: Option<String>,
+    pub version: Option<String>,
     /// The name of the pushed file, e.g. `Acme.Web.1.2.3.zip`.
-    file_name: Option<String>,
+    pub file_name: Option<String>,
     /// Replace an existing ID and version whose content differs.
     #[serde(default)]
-    replace: bool,
+    pub replace: bool,
 }
 
 /// Pushes a package: the request body is the file (zip or tar.gz).
@@ -149,6 +152,20 @@ pub(crate) async fn push_package(
     body: Body,
 ) -> Result<impl IntoResponse, ApiError> {
     let Query(q) = q?;
+    let (status, reply) = push(&s, &caller, &space, &q, body).await?;
+    Ok((status, Json(reply)))
+}
+
+/// As `POST /api/packages`, for the portal too: streams `body` (the file) into
+/// the feed; answers 201 (created or replaced) or 200 (the same content was
+/// there already) with what was stored.
+pub async fn push(
+    s: &AppState,
+    caller: &Caller,
+    space: &Space,
+    q: &PushQuery,
+    body: Body,
+) -> Result<(StatusCode, PushReply), ApiError> {
     // Name first, so a bad request is refused before the upload.
     let from_name = q.file_name.as_deref().map(parse_file_name);
     let (package_id, version) = match (&q.package_id, &q.version) {
@@ -174,7 +191,7 @@ pub(crate) async fn push_package(
     };
     check_package_id(&package_id).map_err(ApiError::bad_request)?;
     if q.replace {
-        caller.require_throughout(Permission::BuiltInFeedAdminister, &space)?;
+        caller.require_throughout(Permission::BuiltInFeedAdminister, space)?;
     }
     let dir = s.packages.dir().to_path_buf();
     tokio::fs::create_dir_all(&dir)
@@ -198,10 +215,10 @@ pub(crate) async fn push_package(
         if existing.sha256.eq_ignore_ascii_case(&sha256) {
             return Ok((
                 StatusCode::OK,
-                Json(PushReply {
+                PushReply {
                     package: existing,
                     outcome: "unchanged".into(),
-                }),
+                },
             ));
         }
         if !q.replace {
@@ -240,7 +257,7 @@ pub(crate) async fn push_package(
         Err(e) => return Err(e.into()),
     };
     if let Some(old) = &previous {
-        remove_unused_file(&s, &old.sha256).await;
+        remove_unused_file(s, &old.sha256).await;
     }
     tracing::info!(
         "package {} {} pushed to space '{}' ({size} bytes, SHA-256 {sha256})",
@@ -254,8 +271,8 @@ pub(crate) async fn push_package(
         "created"
     };
     s.audit(
-        &caller,
-        Some(&space),
+        caller,
+        Some(space),
         action,
         "package",
         &format!("{} {}", package.package_id, package.version),
@@ -264,7 +281,7 @@ pub(crate) async fn push_package(
     .await;
     Ok((
         StatusCode::CREATED,
-        Json(PushReply {
+        PushReply {
             package,
             outcome: if previous.is_some() {
                 "replaced"
@@ -272,7 +289,7 @@ pub(crate) async fn push_package(
                 "created"
             }
             .into(),
-        }),
+        },
     ))
 }
 
@@ -368,10 +385,18 @@ pub(crate) async fn list_packages(
 ) -> Result<Json<Vec<Package>>, ApiError> {
     let Query(q) = q?;
     Ok(Json(
-        s.store
-            .list_packages(space.id, q.package_id.as_deref())
-            .await?,
+        packages_of(&s, &space, q.package_id.as_deref()).await?,
     ))
+}
+
+/// As `GET /api/packages`, for the portal too: the feed's packages, by ID then
+/// upload time (only versions of `package_id` when given).
+pub async fn packages_of(
+    s: &AppState,
+    space: &Space,
+    package_id: Option<&str>,
+) -> Result<Vec<Package>, ApiError> {
+    Ok(s.store.list_packages(space.id, package_id).await?)
 }
 
 /// One version of a package (`latest` for the highest).
@@ -420,21 +445,35 @@ pub(crate) async fn delete_package(
     p: Result<UrlPath<(String, String)>, PathRejection>,
 ) -> Result<Json<Package>, ApiError> {
     let UrlPath((id, version)) = p?;
-    let found = find(s.store.as_ref(), space.id, &id, Some(&version)).await?;
+    Ok(Json(
+        remove_package(&s, &caller, &space, &id, &version).await?,
+    ))
+}
+
+/// As `DELETE /api/packages/{id}/{version}`, for the portal too: deletes one
+/// version (its file too, when no other version uses it); answers it.
+pub async fn remove_package(
+    s: &AppState,
+    caller: &Caller,
+    space: &Space,
+    id: &str,
+    version: &str,
+) -> Result<Package, ApiError> {
+    let found = find(s.store.as_ref(), space.id, id, Some(version)).await?;
     let gone = s
         .store
         .delete_package(space.id, &found.package_id, &found.version)
         .await?;
     s.audit(
-        &caller,
-        Some(&space),
+        caller,
+        Some(space),
         "deleted",
         "package",
         &format!("{} {}", gone.package_id, gone.version),
         "",
     )
     .await;
-    remove_unused_file(&s, &gone.sha256).await;
+    remove_unused_file(s, &gone.sha256).await;
     tracing::info!("package {} {} deleted", gone.package_id, gone.version);
-    Ok(Json(gone))
+    Ok(gone)
 }
