@@ -11,6 +11,7 @@
 
 mod comms;
 mod deploy;
+mod portal;
 mod scripts;
 mod tasks;
 
@@ -38,6 +39,8 @@ enum Area {
     Tasks(tasks::Options),
     /// Deploy a 100 MiB package to a listening and a polling tentacle, cold and warm (and scp for comparison).
     Deploy(deploy::Options),
+    /// The portal's big lists: a page of 50 of 5,000 targets (first, last, filtered) and of the tasks list.
+    Portal(portal::Options),
     /// Internal: the tentacle side of `comms`, run as a child process.
     #[command(hide = true)]
     CommsChild(comms::ChildOptions),
@@ -68,6 +71,7 @@ fn main() -> anyhow::Result<()> {
         Area::Scripts(o) => rt.block_on(async { tokio::spawn(scripts::run(o)).await? }),
         Area::Tasks(o) => rt.block_on(async { tokio::spawn(tasks::run(o)).await? }),
         Area::Deploy(o) => rt.block_on(async { tokio::spawn(deploy::run(o)).await? }),
+        Area::Portal(o) => rt.block_on(async { tokio::spawn(portal::run(o)).await? }),
         Area::TasksChild(o) => rt.block_on(tasks::child(o)),
     }
 }

@@ -35,10 +35,16 @@ fn asset(body: &'static str, kind: &'static str) -> Response {
         .into_response()
 }
 
-/// Adds the security headers to a portal response.
+/// Adds the security headers to a portal response, and `Server-Timing` (how
+/// long the server took to answer, in ms: what the benchmark reads).
 pub async fn headers(req: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
     let mut resp = next.run(req).await;
+    let took = started.elapsed().as_secs_f64() * 1e3;
     let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&format!("app;dur={took:.2}")) {
+        h.insert("server-timing", v);
+    }
     h.insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(CSP),

@@ -138,9 +138,7 @@ pub(crate) fn judge(
             at,
             tentacle_version: non_empty(&caps.tentacle_version),
             tool_version: non_empty(&caps.tool_version),
-            os: non_empty(
-                format!("{} {} {}", caps.os, caps.os_version, caps.arch).trim(),
-            ),
+            os: non_empty(format!("{} {} {}", caps.os, caps.os_version, caps.arch).trim()),
             free_bytes: i64::try_from(caps.home_free_bytes).ok(),
         },
         line,

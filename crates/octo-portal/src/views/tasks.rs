@@ -8,7 +8,9 @@ use axum::extract::{Path, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum_extra::extract::Form;
-use octo_api_types::{Guidance, GuidanceRequest, Permission, Task, TaskLogLine, TaskState, TaskView};
+use octo_api_types::{
+    Guidance, GuidanceRequest, Permission, Task, TaskLogLine, TaskState, TaskView,
+};
 use octo_server_core::api::sse::open_stream;
 use octo_server_core::api::tasks::{cancel, guide, load_view, task_page, ListQuery};
 use octo_server_core::authz::Access;
@@ -22,14 +24,26 @@ pub(crate) fn pages() -> Vec<Page> {
     use Permission as P;
     vec![
         get("/spaces/{space}/tasks", Access::Space(P::TaskView), list),
-        get("/spaces/{space}/tasks/rows", Access::Space(P::TaskView), rows),
-        get("/spaces/{space}/tasks/{id}", Access::Space(P::TaskView), task),
+        get(
+            "/spaces/{space}/tasks/rows",
+            Access::Space(P::TaskView),
+            rows,
+        ),
+        get(
+            "/spaces/{space}/tasks/{id}",
+            Access::Space(P::TaskView),
+            task,
+        ),
         get(
             "/spaces/{space}/tasks/{id}/events",
             Access::Space(P::TaskView),
             events,
         ),
-        get("/spaces/{space}/tasks/{id}/raw", Access::Space(P::TaskView), raw),
+        get(
+            "/spaces/{space}/tasks/{id}/raw",
+            Access::Space(P::TaskView),
+            raw,
+        ),
         post(
             "/spaces/{space}/tasks/{id}/cancel",
             Access::Space(P::TaskCancel),
@@ -126,7 +140,9 @@ struct Row {
 
 impl Row {
     fn of(f: &Frame, t: &Task) -> Row {
-        let end = t.completed_at.or_else(|| t.started_at.map(|_| octo_store::now_ms()));
+        let end = t
+            .completed_at
+            .or_else(|| t.started_at.map(|_| octo_store::now_ms()));
         Row {
             id: t.id.clone(),
             href: f.href(&format!("/tasks/{}", enc(&t.id))),
@@ -165,7 +181,11 @@ struct ListPage {
 }
 
 /// One page of tasks: rows, total, the number of the first row.
-async fn page_of(s: &AppState, f: &Frame, filters: &Filters) -> Result<(Vec<Row>, i64, i64), Response> {
+async fn page_of(
+    s: &AppState,
+    f: &Frame,
+    filters: &Filters,
+) -> Result<(Vec<Row>, i64, i64), Response> {
     let page = filters.page.unwrap_or(1).max(1);
     let skip = (page - 1) * PAGE;
     let (tasks, total) = task_page(s, &f.caller, &f.space, &filters.query(skip))
@@ -305,7 +325,9 @@ fn sections_of(view: &TaskView, lines: Vec<TaskLogLine>) -> Vec<Section> {
         });
     }
     for (i, l) in lines.into_iter().enumerate() {
-        let key = l.machine_id.map_or_else(|| "server".to_string(), |m| m.to_string());
+        let key = l
+            .machine_id
+            .map_or_else(|| "server".to_string(), |m| m.to_string());
         let idx = sections.iter().position(|s| s.key == key).unwrap_or(0);
         let (time, iso) = clock(l.timestamp);
         let who = if idx == 0 {
@@ -331,7 +353,10 @@ async fn task_page_of(s: &AppState, f: Frame, id: &str, message: Option<String>)
         Ok(v) => v,
         Err(e) => return api_error(&e),
     };
-    let f = f.titled(format!("{} {}", view.task.id, view.task.description), "tasks");
+    let f = f.titled(
+        format!("{} {}", view.task.id, view.task.description),
+        "tasks",
+    );
     let lines = match s.store.task_log(id, 0, FIRST_LINES).await {
         Ok(l) => l,
         Err(e) => return api_error(&e.into()),
@@ -351,7 +376,10 @@ async fn task_page_of(s: &AppState, f: Frame, id: &str, message: Option<String>)
             exit: st.exit_code.map(|c| c.to_string()).unwrap_or_default(),
             error: st.error.clone().unwrap_or_default(),
             started: st.started_at.map(|t| clock(t).0).unwrap_or_default(),
-            took: took(st.started_at, st.completed_at.or(st.started_at.map(|_| now))),
+            took: took(
+                st.started_at,
+                st.completed_at.or(st.started_at.map(|_| now)),
+            ),
             waiting: st.state == TaskState::Executing
                 && st
                     .error
@@ -360,7 +388,11 @@ async fn task_page_of(s: &AppState, f: Frame, id: &str, message: Option<String>)
         })
         .collect();
     let env = &view.task.environments;
-    let may = |p: Permission| f.caller.require_on(p, &f.space, env, &[], "this task").is_ok();
+    let may = |p: Permission| {
+        f.caller
+            .require_on(p, &f.space, env, &[], "this task")
+            .is_ok()
+    };
     let final_state = view.task.state.is_final();
     let t = &view.task;
     let page = TaskPage {
@@ -440,10 +472,16 @@ async fn raw(
             out.push_str(&format!("{iso} {who} {} {}\n", l.stream, l.text));
         }
     }
-    let file = format!("attachment; filename=\"{}.log\"", id.replace(['"', '\\', '\r', '\n'], "_"));
+    let file = format!(
+        "attachment; filename=\"{}.log\"",
+        id.replace(['"', '\\', '\r', '\n'], "_")
+    );
     (
         [
-            (header::CONTENT_TYPE, "text/plain; charset=utf-8".to_string()),
+            (
+                header::CONTENT_TYPE,
+                "text/plain; charset=utf-8".to_string(),
+            ),
             (header::CONTENT_DISPOSITION, file),
         ],
         out,
@@ -458,7 +496,11 @@ async fn cancel_task(
 ) -> Response {
     match cancel(&s, &f.caller, &f.space, &id).await {
         Ok(_) => see_other(&f.href(&format!("/tasks/{}", enc(&id)))),
-        Err(e) if e.status().is_client_error() && e.status().as_u16() != 404 && e.status().as_u16() != 403 => {
+        Err(e)
+            if e.status().is_client_error()
+                && e.status().as_u16() != 404
+                && e.status().as_u16() != 403 =>
+        {
             task_page_of(&s, f, &id, Some(e.message)).await
         }
         Err(e) => api_error(&e),

@@ -71,7 +71,8 @@ pub async fn open_stream(
     space: octo_api_types::Space,
     id: String,
     after: i64,
-) -> ApiResult<Sse<axum::response::sse::KeepAliveStream<ReceiverStream<Result<Event, Infallible>>>>> {
+) -> ApiResult<Sse<axum::response::sse::KeepAliveStream<ReceiverStream<Result<Event, Infallible>>>>>
+{
     visible_task(s.store.as_ref(), &caller, &space, &id).await?;
     let engine = s.engine.clone();
     let sub = Subscription {
