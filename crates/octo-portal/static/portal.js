@@ -132,12 +132,23 @@
       section(l.machine_id).appendChild(li);
       if (stick && (!follow || follow.checked)) li.scrollIntoView({ block: "end" });
     };
+    // As the server writes them: "12:04:05" (UTC) and "1.2 s" / "3 min 4 s".
+    const clock = (ms) => new Date(ms).toISOString().slice(11, 19);
+    const took = (start, end) => {
+      if (start === null || start === undefined) return "";
+      const ms = Math.max(0, (end === null || end === undefined ? Date.now() : end) - start);
+      return ms < 60000
+        ? (ms / 1000).toFixed(1) + " s"
+        : Math.floor(ms / 60000) + " min " + Math.floor((ms % 60000) / 1000) + " s";
+    };
     const setState = (view) => {
       const st = document.getElementById("task-state");
       if (st) {
         st.textContent = view.task.state;
         st.className = "state " + view.task.state.toLowerCase();
       }
+      const tt = document.getElementById("task-took");
+      if (tt) tt.textContent = took(view.task.started_at, view.task.completed_at);
       view.steps.forEach((step) => {
         const row = document.querySelector(`tr[data-machine="${CSS.escape(String(step.machine_id))}"]`);
         if (!row) return;
@@ -147,6 +158,8 @@
           cell("state").className = "state " + step.state.toLowerCase();
         }
         if (cell("exit")) cell("exit").textContent = step.exit_code === null ? "" : String(step.exit_code);
+        if (cell("started")) cell("started").textContent = step.started_at ? clock(step.started_at) : "";
+        if (cell("took")) cell("took").textContent = took(step.started_at, step.completed_at);
         if (cell("error")) cell("error").textContent = step.error || "";
         // Retry / Ignore / Fail show while the machine waits for a decision.
         if (cell("guide")) {

@@ -132,6 +132,161 @@ async fn targets_health_discover_and_tasks() {
     web.screenshot("tasks").await;
 }
 
+/// Adds a polling tentacle from its page: the command, with a key made for
+/// it, works as printed, and the page notices the tentacle connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_tentacle_registers_with_the_printed_command() {
+    let mut lab = Lab::new().await;
+    let web = Chrome::start(&lab.base).await;
+    web.sign_in(&lab.admin.0, &lab.admin.1).await;
+    web.open(&format!("{D}/targets/new")).await;
+    web.click("#polling-linux").await;
+    web.wait_path(&format!("{D}/targets/new/polling")).await;
+    let before = web.text("#polling-command").await;
+    assert!(before.contains("--api-key API-KEY"), "{before}");
+    web.click("#make-key").await;
+    web.find("#key-notice").await;
+    let command = web.text("#polling-command").await;
+    assert!(
+        !command.contains("API-KEY"),
+        "no key in the command: {command}"
+    );
+    assert!(
+        command.contains(&lab.server.thumbprint.to_string()),
+        "{command}"
+    );
+    assert!(
+        command.contains(&format!(":{}", lab.server.comms_port)),
+        "{command}"
+    );
+    web.screenshot("add-polling-target").await;
+    web.mark().await;
+
+    // The commands as printed, for an instance of our own (not the service:
+    // the lab runs it).
+    let script: String = command
+        .replace("\\\n", " ")
+        .lines()
+        .filter(|l| !l.contains(" service "))
+        .map(|l| {
+            l.replace("--instance Tentacle", "--instance edge-1")
+                .replace(
+                    "--environment ENVIRONMENT",
+                    "--environment Test --name edge-1",
+                )
+                .replace("--role ROLE", "--role edge")
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    lab.shell(&script);
+    lab.run_agent("edge-1");
+    let done = web
+        .wait_text("#polling-wait", "connected", |t| {
+            t.contains("registered and connected")
+        })
+        .await;
+    assert!(done.contains("edge-1"), "{done}");
+    assert!(web.same_page().await, "the page reloaded");
+    web.click("#polling-wait a").await;
+    web.wait_path(&format!("{D}/targets/edge-1")).await;
+    let (s, m) = lab.api("GET", "/api/machines/edge-1", None).await;
+    assert_eq!(s, 200, "{m}");
+    assert_eq!(m["roles"], json!(["edge"]));
+}
+
+/// Runs a script from the console and sees its lines arrive while it runs;
+/// uploads a package (with its progress) and deploys it to both tentacles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_upload_and_deploy() {
+    let lab = Lab::new().await;
+    let web = Chrome::start(&lab.base).await;
+    web.sign_in(&lab.admin.0, &lab.admin.1).await;
+
+    // The script prints a line, then waits for this test's word to go on: the
+    // first line must be on the page while the task still runs.
+    let go = lab.dir.path().join("go");
+    web.open(&format!("{D}/console")).await;
+    web.select("#c-environment", "Test").await;
+    web.fill("#c-role", "web").await;
+    web.fill(
+        "#c-script",
+        &format!(
+            "echo first-line-from-$(hostname)\nwhile [ ! -e {go} ]; do sleep 0.05; done\necho second-line",
+            go = go.display()
+        ),
+    )
+    .await;
+    web.screenshot("console").await;
+    web.click("#run").await;
+    web.wait_path(&format!("{D}/tasks/ServerTasks-")).await;
+    web.mark().await;
+    web.wait_text("#log", "two first lines", |t| {
+        t.matches("first-line-from-").count() == 2
+    })
+    .await;
+    assert_eq!(web.text("#task-state").await, "Executing");
+    assert!(!web.text("#log").await.contains("second-line"));
+    std::fs::write(&go, b"go").unwrap();
+    web.wait_text("#task-state", "Success", |t| t == "Success")
+        .await;
+    web.wait_text("#log", "both second lines", |t| {
+        t.matches("second-line").count() == 2
+    })
+    .await;
+    assert!(web.same_page().await, "the task page reloaded");
+    // Line numbers link to their line.
+    let href = web
+        .find("#log li.line a.n")
+        .await
+        .attr("href")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(href.starts_with("#L"), "{href}");
+    web.screenshot("task-live").await;
+
+    // Upload a package from the packages page.
+    let pkg_dir = lab.dir.path().join("pkg");
+    std::fs::create_dir_all(pkg_dir.join("site")).unwrap();
+    std::fs::write(pkg_dir.join("site/index.html"), "<h1>Acme</h1>").unwrap();
+    let file = lab.dir.path().join("Acme.Web.1.2.3.tar.gz");
+    let status = std::process::Command::new("tar")
+        .arg("-czf")
+        .arg(&file)
+        .arg("-C")
+        .arg(pkg_dir.join("site"))
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    web.open(&format!("{D}/packages")).await;
+    web.find("#p-file")
+        .await
+        .send_keys(file.to_str().unwrap())
+        .await
+        .unwrap();
+    web.click("#upload").await;
+    web.wait_text("main", "the package listed", |t| {
+        t.contains("Acme.Web") && t.contains("1.2.3")
+    })
+    .await;
+    web.screenshot("packages").await;
+
+    // Deploy it to Test.
+    web.click("a[href*=\"/deploy\"]").await;
+    web.wait_path(&format!("{D}/deploy")).await;
+    web.select("#d-environment", "Test").await;
+    web.click("#deploy").await;
+    web.wait_path(&format!("{D}/tasks/ServerTasks-")).await;
+    web.wait_text("#task-state", "Success", |t| t == "Success")
+        .await;
+    let steps = web.text("#steps").await;
+    assert!(
+        steps.contains("web-1") && steps.contains("web-2"),
+        "{steps}"
+    );
+}
+
 /// A viewer sees no Run, Check health or Delete, and a request crafted from
 /// their session is refused; names with markup show as text; a form posted
 /// from another site without the token is refused.

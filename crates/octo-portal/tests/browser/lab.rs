@@ -243,6 +243,12 @@ impl Lab {
             .find(|w| w.len() == 64 && w.chars().all(|c| c.is_ascii_hexdigit()))
             .unwrap()
             .to_string();
+        self.run_agent(name);
+        (port, thumbprint)
+    }
+
+    /// Starts `tentacle run` for an instance already set up.
+    pub fn run_agent(&mut self, name: &str) {
         let log = std::fs::File::create(self.tdir.join(format!("{name}.out"))).unwrap();
         let child = self
             .tent(&["run", "--instance", name])
@@ -251,7 +257,23 @@ impl Lab {
             .spawn()
             .unwrap();
         self.agents.push(child);
-        (port, thumbprint)
+    }
+
+    /// Runs shell commands as a person would paste them: `tentacle` on the
+    /// PATH, the lab's tentacle configuration. Panics unless they succeed.
+    pub fn shell(&self, script: &str) -> String {
+        let bin_dir = binaries().0.parent().unwrap().to_path_buf();
+        let path = std::env::join_paths(std::iter::once(bin_dir).chain(std::env::split_paths(
+            &std::env::var_os("PATH").unwrap_or_default(),
+        )))
+        .unwrap();
+        run_ok(
+            Command::new("sh")
+                .arg("-ec")
+                .arg(script)
+                .env("PATH", path)
+                .env("TENTACLE_CONFIG_DIR", &self.tdir),
+        )
     }
 
     /// Checks the health of every machine; returns the finished task.

@@ -178,6 +178,11 @@ impl Chrome {
         e.send_keys(text).await.unwrap();
     }
 
+    /// Chooses the option with `value` in the select `css`.
+    pub async fn select(&self, css: &str, value: &str) {
+        self.find(css).await.select_by_value(value).await.unwrap();
+    }
+
     /// Clicks `css`.
     pub async fn click(&self, css: &str) {
         self.find(css).await.click().await.unwrap();
