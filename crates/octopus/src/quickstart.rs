@@ -8,6 +8,7 @@
 //! client commands, prints the results and where to look, then stops everything
 //! (or keeps running with `--keep`).
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -146,10 +147,21 @@ pub(crate) async fn run(args: QuickstartArgs) -> anyhow::Result<()> {
         "1. Server: API {url}, polling port {}, thumbprint {}",
         server.comms_port, server.thumbprint
     );
+    let login = portal_login(&dir.join("server"), &url, &key).await?;
+    println!(
+        "   Web portal: {url}/ (user {}, password {})",
+        login.0, login.1
+    );
 
     let result = scenario(&dir, &tentacle, &url, &key, &server).await;
     if args.keep && result.is_ok() {
         println!();
+        println!(
+            "Web portal: {url}/  user {}  password {}  (also in {})",
+            login.0,
+            login.1,
+            dir.join("server").join(LOGIN_FILE).display()
+        );
         println!("Running until Ctrl-C. Try:");
         println!("  export OCTOPUS_URL={url} OCTOPUS_API_KEY={key}");
         println!("  octopus machine list");
@@ -163,6 +175,53 @@ pub(crate) async fn run(args: QuickstartArgs) -> anyhow::Result<()> {
     server.stop().await;
     println!("Stopped the server and both tentacles.");
     outcome
+}
+
+/// Where the portal's quickstart login is kept (0600, in the server's data).
+const LOGIN_FILE: &str = "portal-login";
+
+/// A portal administrator `admin` with a new random password (created, or its
+/// password reset when `--dir` holds an earlier run's server); the login is
+/// also written to `LOGIN_FILE` (0600).
+async fn portal_login(data: &Path, url: &str, key: &str) -> anyhow::Result<(String, String)> {
+    use rand::distr::{Alphanumeric, SampleString};
+    use std::io::Write;
+    let user = "admin".to_string();
+    let password = Alphanumeric.sample_string(&mut rand::rng(), 20);
+    let http = reqwest::Client::new();
+    let resp = http
+        .post(format!("{url}/api/users"))
+        .header("X-Octopus-ApiKey", key)
+        .json(&serde_json::json!({"username": user, "password": password, "is_admin": true}))
+        .send()
+        .await
+        .context("creating the portal user")?;
+    let resp = if resp.status() == reqwest::StatusCode::CONFLICT {
+        http.put(format!("{url}/api/users/{user}/password"))
+            .header("X-Octopus-ApiKey", key)
+            .json(&serde_json::json!({"password": password}))
+            .send()
+            .await
+            .context("resetting the portal user's password")?
+    } else {
+        resp
+    };
+    if !resp.status().is_success() {
+        bail!(
+            "making the portal user: {} {}",
+            resp.status(),
+            resp.text().await.unwrap_or_default()
+        );
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(data.join(LOGIN_FILE))
+        .with_context(|| format!("writing {}", data.join(LOGIN_FILE).display()))?;
+    writeln!(f, "url={url}/\nuser={user}\npassword={password}")?;
+    Ok((user, password))
 }
 
 async fn scenario(

@@ -9,11 +9,10 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use octo_api_types::{EndpointKind, Machine, Permission};
-use octo_server_core::api::machines::{machine_page, sees_machine, MachineQuery};
+use octo_server_core::api::machines::{machine_page, pools_of, MachineQuery};
 use octo_server_core::api::ApiError;
 use octo_server_core::authz::Access;
 use octo_server_core::AppState;
-use octo_store::MachineFilter;
 use serde::Deserialize;
 
 use super::console::given;
@@ -187,23 +186,14 @@ async fn list(
 }
 
 /// The space's worker pools with how many workers (that the caller may see)
-/// each has, by name, counted as `GET /api/worker-pools` counts them.
+/// each has, by name, as `GET /api/worker-pools` counts them.
 async fn pools(s: &AppState, f: &Frame) -> Result<Vec<PoolRow>, ApiError> {
-    let machines = s
-        .store
-        .list_machines(&MachineFilter::space(f.space.id))
-        .await?;
-    let mut pools: std::collections::BTreeMap<String, u32> = std::collections::BTreeMap::new();
-    for m in machines
-        .iter()
-        .filter(|m| sees_machine(&f.caller, &f.space, m))
-    {
-        if let Some(pool) = &m.worker_pool {
-            *pools.entry(pool.clone()).or_default() += 1;
-        }
-    }
-    Ok(pools
+    Ok(pools_of(s, &f.caller, &f.space)
+        .await?
         .into_iter()
-        .map(|(name, workers)| PoolRow { name, workers })
+        .map(|p| PoolRow {
+            name: p.name,
+            workers: p.workers,
+        })
         .collect())
 }

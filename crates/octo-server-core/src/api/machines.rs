@@ -206,22 +206,26 @@ pub(crate) async fn worker_pools(
     Extension(caller): Extension<Caller>,
     Extension(RequestSpace(space)): Extension<RequestSpace>,
 ) -> ApiResult<Json<Vec<WorkerPool>>> {
+    Ok(Json(pools_of(&s, &caller, &space).await?))
+}
+
+/// The space's worker pools with how many workers (that the caller may see)
+/// each has, by name (the portal's workers page too).
+pub async fn pools_of(s: &AppState, caller: &Caller, space: &Space) -> ApiResult<Vec<WorkerPool>> {
     let machines = s
         .store
         .list_machines(&MachineFilter::space(space.id))
         .await?;
     let mut pools: std::collections::BTreeMap<String, u32> = std::collections::BTreeMap::new();
-    for m in machines.iter().filter(|m| sees_machine(&caller, &space, m)) {
+    for m in machines.iter().filter(|m| sees_machine(caller, space, m)) {
         if let Some(pool) = &m.worker_pool {
             *pools.entry(pool.clone()).or_default() += 1;
         }
     }
-    Ok(Json(
-        pools
-            .into_iter()
-            .map(|(name, workers)| WorkerPool { name, workers })
-            .collect(),
-    ))
+    Ok(pools
+        .into_iter()
+        .map(|(name, workers)| WorkerPool { name, workers })
+        .collect())
 }
 
 /// Filters of `GET /api/machines`; all given ones must match. With `skip` or

@@ -40,11 +40,12 @@ async fn visible_space(s: &AppState, caller: &Caller, key: &str) -> ApiResult<Sp
         None => s.store.space_by_name(key.trim()).await?,
     };
     found
-        .filter(|sp| caller.grants.reaches(sp.id))
+        .filter(|sp| sp.is_default || caller.grants.reaches(sp.id))
         .ok_or_else(|| space_not_found(key))
 }
 
-/// The spaces the caller has a role in (every space with `SpaceView`).
+/// The spaces the caller has a role in (every space with `SpaceView`), and
+/// the Default space, which every signed-in caller sees.
 #[utoipa::path(
     get,
     path = "/api/spaces",
@@ -59,12 +60,12 @@ pub(crate) async fn list_spaces(
 }
 
 /// As `GET /api/spaces`, for the portal too: the spaces the caller has a role
-/// in (every space with `SpaceView`).
+/// in (every space with `SpaceView`) and the Default space.
 pub async fn visible_spaces(s: &AppState, caller: &Caller) -> ApiResult<Vec<Space>> {
     let spaces = s.store.list_spaces().await?;
     Ok(spaces
         .into_iter()
-        .filter(|sp| caller.grants.reaches(sp.id))
+        .filter(|sp| sp.is_default || caller.grants.reaches(sp.id))
         .collect())
 }
 
