@@ -46,7 +46,15 @@ pub struct RunArgs {
     /// A login's session key expires after this many hours without use.
     #[arg(long, value_name = "HOURS", default_value_t = 8.0)]
     pub session_idle_hours: f64,
+    /// Most output one machine's part of a task stores, in MiB; past it, lines
+    /// are counted and dropped (the log says how many) and the script runs on.
+    #[arg(long, value_name = "MIB", default_value_t = DEFAULT_MAX_LOG_MIB_PER_STEP,
+          value_parser = clap::value_parser!(u64).range(1..=1024 * 1024))]
+    pub max_log_mib_per_step: u64,
 }
+
+/// The default of `--max-log-mib-per-step`.
+pub const DEFAULT_MAX_LOG_MIB_PER_STEP: u64 = 100;
 
 impl RunArgs {
     /// How listening tentacles are dialled.
@@ -106,6 +114,7 @@ impl Default for RunArgs {
             web_socket_listen_port: None,
             web_socket_path: octo_comms::websocket::DEFAULT_PATH.into(),
             session_idle_hours: 8.0,
+            max_log_mib_per_step: DEFAULT_MAX_LOG_MIB_PER_STEP,
         }
     }
 }
