@@ -181,12 +181,29 @@ fn beside_this_binary() -> Option<PathBuf> {
     found
 }
 
+/// Tries to run a snapshot written a moment ago at most this many times:
+/// a child that another thread forked while the copy was open for writing
+/// holds it until it execs, and running the copy then fails with ETXTBSY.
+const TEXT_BUSY_TRIES: u32 = 50;
+
 async fn run_version(path: &Path) -> Result<String, String> {
-    let run = tokio::process::Command::new(path)
-        .arg("version")
-        .kill_on_drop(true)
-        .output();
-    let out = match tokio::time::timeout(VERSION_TIMEOUT, run).await {
+    let mut tries = 0;
+    let out = loop {
+        tries += 1;
+        let run = tokio::process::Command::new(path)
+            .arg("version")
+            .kill_on_drop(true)
+            .output();
+        match tokio::time::timeout(VERSION_TIMEOUT, run).await {
+            Ok(Err(e))
+                if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < TEXT_BUSY_TRIES =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => break other,
+        }
+    };
+    let out = match out {
         Ok(Ok(out)) => out,
         Ok(Err(e)) => {
             return Err(format!(

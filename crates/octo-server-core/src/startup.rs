@@ -47,9 +47,17 @@ impl DataLock {
     /// whatever their data directories (a second server on the same database
     /// would resume the first one's running tasks).
     fn acquire_database(db: &Path) -> anyhow::Result<Self> {
-        let mut name = db.file_name().unwrap_or_default().to_os_string();
+        // Beside the real file: a symbolic link to it (or to its folder)
+        // locks the same lock file.
+        let real = std::fs::canonicalize(db).unwrap_or_else(|_| {
+            match (db.parent().and_then(|d| std::fs::canonicalize(d).ok()), db.file_name()) {
+                (Some(dir), Some(name)) => dir.join(name),
+                _ => db.to_path_buf(),
+            }
+        });
+        let mut name = real.file_name().unwrap_or_default().to_os_string();
         name.push(".lock");
-        Self::lock_file(&db.with_file_name(name), || {
+        Self::lock_file(&real.with_file_name(name), || {
             format!(
                 "the database {}; stop it, or give this one another --database-url (several servers on one database need PostgreSQL)",
                 db.display()

@@ -475,6 +475,20 @@ fn a_second_server_cannot_open_the_same_database_from_another_data_directory() {
             && err.contains(db.to_str().unwrap()),
         "{err}"
     );
+    // Nor through a symbolic link to it under another name.
+    let links = dir.path().join("links");
+    std::fs::create_dir_all(&links).unwrap();
+    let link = links.join("another-name.db");
+    std::os::unix::fs::symlink(&db, &link).unwrap();
+    let err = refused_start(
+        &dir.path().join("third"),
+        &["--database-url", &format!("sqlite://{}", link.display())],
+    );
+    assert!(
+        err.contains("another octopus server")
+            && err.contains(&format!("pid {}", server.child.id())),
+        "{err}"
+    );
     // The first server is undisturbed.
     let rt = tokio::runtime::Runtime::new().unwrap();
     let key = std::fs::read_to_string(first.join("admin-api-key")).unwrap();
