@@ -823,6 +823,91 @@ async fn packages_deploy_to_listening_and_polling_tentacles() {
     let (status, _) = lab.get("/api/packages/Acme.Web/1.9.0").await;
     assert_eq!(status, 404);
 
+    // Deleting a machine cancels the script running on it at once, listening
+    // and polling alike (its processes are gone), and the task says why.
+    let pids = lab.dir.path().join("pids");
+    std::fs::create_dir_all(&pids).unwrap();
+    let script = format!(
+        "echo $$ > '{}'/\"$TentacleInstanceName\"; echo started; sleep 300",
+        pids.display()
+    );
+    let (status, v) = lab
+        .post(
+            "/api/tasks/script",
+            json!({ "script": script, "machines": ["lis", "pol"] }),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+    let id = v["task"]["id"].as_str().unwrap().to_string();
+    let pid_of = async |name: &str| {
+        let file = pids.join(name);
+        timeout(T, async {
+            loop {
+                if let Some(pid) = std::fs::read_to_string(&file)
+                    .ok()
+                    .and_then(|t| t.trim().parse::<i32>().ok())
+                {
+                    return nix::unistd::Pid::from_raw(pid);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the script did not start on {name} within {T:?}"))
+    };
+    for (gone, other) in [("lis", Some("pol")), ("pol", None)] {
+        let pid = pid_of(gone).await;
+        let out = lab.octopus_ok(&["machine", "delete", gone]);
+        assert!(out.contains(&format!("Deleted machine '{gone}'")), "{out}");
+        let (_, now) = lab.get(&format!("/api/tasks/{id}")).await;
+        let s = step(&now, gone);
+        assert_eq!(s["state"], "Canceled", "{now}");
+        assert!(
+            s["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(&format!("machine {gone} was deleted by")),
+            "{s}"
+        );
+        if let Some(other) = other {
+            assert_eq!(step(&now, other)["state"], "Executing", "{now}");
+        }
+        // The script's shell is gone from the tentacle's machine.
+        timeout(T, async {
+            // (A zombie nobody reaped yet counts as gone: it runs nothing.)
+            let zombie = || {
+                std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .ok()
+                    .and_then(|s| s.rsplit_once(") ").map(|(_, r)| r.starts_with('Z')))
+                    .unwrap_or(false)
+            };
+            while nix::sys::signal::kill(pid, None).is_ok() && !zombie() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the script on {gone} (pid {pid}) still runs"));
+    }
+    let end = timeout(T, async {
+        loop {
+            let (_, t) = lab.get(&format!("/api/tasks/{id}")).await;
+            if t["task"]["state"] != "Executing" && t["task"]["state"] != "Queued" {
+                return t;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(end["task"]["state"], "Failed", "{end}");
+    let log = lab.log(&end).await.join("\n");
+    for gone in ["lis", "pol"] {
+        assert!(
+            log.contains(&format!("{gone}: canceling: machine {gone} was deleted by")),
+            "{log}"
+        );
+    }
+
     let mut lab = lab;
     timeout(T, lab.server.take().unwrap().stop()).await.unwrap();
 }

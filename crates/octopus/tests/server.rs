@@ -454,6 +454,10 @@ fn a_database_file_that_is_not_ours_is_never_taken_for_a_first_start() {
     // The earlier admin key was never replaced.
     assert_eq!(std::fs::read_to_string(&key_file).unwrap(), "API-EARLIER\n");
 
+    // A log limit of nothing is refused, naming the option.
+    let err = refused_start(&data, &["--max-log-mib-per-step", "0"]);
+    assert!(err.contains("--max-log-mib-per-step"), "{err}");
+
     // With no database file at all, this is a first start.
     std::fs::remove_file(&key_file).unwrap();
     let server = start(&data);
