@@ -196,7 +196,8 @@ async fn run_version(path: &Path) -> Result<String, String> {
             .output();
         match tokio::time::timeout(VERSION_TIMEOUT, run).await {
             Ok(Err(e))
-                if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < TEXT_BUSY_TRIES =>
+                if e.kind() == std::io::ErrorKind::ExecutableFileBusy
+                    && tries < TEXT_BUSY_TRIES =>
             {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }

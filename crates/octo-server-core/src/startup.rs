@@ -50,7 +50,10 @@ impl DataLock {
         // Beside the real file: a symbolic link to it (or to its folder)
         // locks the same lock file.
         let real = std::fs::canonicalize(db).unwrap_or_else(|_| {
-            match (db.parent().and_then(|d| std::fs::canonicalize(d).ok()), db.file_name()) {
+            match (
+                db.parent().and_then(|d| std::fs::canonicalize(d).ok()),
+                db.file_name(),
+            ) {
                 (Some(dir), Some(name)) => dir.join(name),
                 _ => db.to_path_buf(),
             }

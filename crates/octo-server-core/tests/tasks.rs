@@ -3,7 +3,7 @@
 //! transport on 127.0.0.1, one listening and one polling. Every wait is bounded
 //! by a timeout and waits for an event (mostly the task's server-sent events);
 //! nothing sleeps to synchronise (scripts sleep inside themselves).
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::print_stderr)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
