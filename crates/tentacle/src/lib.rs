@@ -339,7 +339,8 @@ pub(crate) fn load_identity(cfg: &TentacleConfig) -> anyhow::Result<Identity> {
     Ok(Identity::load(&t.certificate, &t.private_key)?)
 }
 
-fn main() {
+/// Runs the `tentacle` command line and exits.
+pub fn main() {
     octo_comms::tune_allocator();
     let cli = Cli::parse();
     if let Err(e) = dispatch(cli) {
