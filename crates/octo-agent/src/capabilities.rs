@@ -185,7 +185,7 @@ fn describe(ctx: &AgentContext) -> CapabilitiesReply {
     })
     .collect();
     CapabilitiesReply {
-        tentacle_version: crate::VERSION.to_string(),
+        tentacle_version: crate::version().to_string(),
         os: std::env::consts::OS.to_string(),
         os_version: os_version(),
         arch: std::env::consts::ARCH.to_string(),

@@ -16,4 +16,4 @@ pub mod instances;
 pub mod scripts;
 pub mod service_unit;
 
-pub use context::{AgentContext, VERSION};
+pub use context::{report_version, version, AgentContext, VERSION};

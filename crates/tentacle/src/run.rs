@@ -157,7 +157,7 @@ async fn agent(
     ));
     info!(
         "tentacle '{name}' {} started: {}; thumbprint {}",
-        octo_agent::VERSION,
+        octo_agent::version(),
         summary.join("; "),
         identity.thumbprint()
     );

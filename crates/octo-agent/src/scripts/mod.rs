@@ -482,7 +482,7 @@ fn persisted(ticket: &str, i: &Inner) -> Persisted {
         created_unix_ms: i.created_ms,
         started_unix_ms: i.started_ms,
         finished_unix_ms: i.finished_ms,
-        tentacle_version: crate::VERSION.to_string(),
+        tentacle_version: crate::version().to_string(),
     }
 }
 
@@ -871,7 +871,7 @@ impl Shared {
             created_unix_ms: now_ms(),
             started_unix_ms: None,
             finished_unix_ms: None,
-            tentacle_version: crate::VERSION.to_string(),
+            tentacle_version: crate::version().to_string(),
         });
         let leftovers = Selector {
             pgid: None,
@@ -1021,7 +1021,7 @@ async fn drive(
             "TentacleInstanceName".into(),
             ctx.instance_name.clone().into(),
         ),
-        ("TentacleVersion".into(), crate::VERSION.into()),
+        ("TentacleVersion".into(), crate::version().into()),
         ("TentacleScriptTicket".into(), script.ticket.clone().into()),
     ]);
     let child = process::command(job.interp, &script.dir, &job.arguments, &env).spawn();
