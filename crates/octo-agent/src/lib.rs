@@ -7,6 +7,7 @@
 //! - [`files`]: the file service (resumable, hash-verified uploads; downloads).
 //! - [`capabilities`]: versions, platform, free space.
 //! - [`service_unit`]: the systemd unit for an instance.
+//! - [`upgrade`]: replacing the tentacle's own binary (the upgrade service and its guards).
 
 pub mod capabilities;
 pub mod config;
@@ -15,5 +16,6 @@ pub mod files;
 pub mod instances;
 pub mod scripts;
 pub mod service_unit;
+pub mod upgrade;
 
 pub use context::{report_version, version, AgentContext, VERSION};

@@ -177,6 +177,21 @@ enum Command {
         #[arg(long, value_enum, default_value_t)]
         format: Format,
     },
+    /// Watches an upgrade of this tentacle until the server confirms it, and
+    /// puts the previous binary back if the new one does not come back
+    /// (started by the upgrade itself, from the previous binary).
+    #[command(hide = true)]
+    UpgradeGuard {
+        /// The upgrade record, HOME/Upgrade/state.json.
+        #[arg(long)]
+        state: PathBuf,
+        /// Start the guard in a session of its own and return.
+        #[arg(long)]
+        detach: bool,
+        /// Where the detached guard writes what it does.
+        #[arg(long, requires = "detach")]
+        log: Option<PathBuf>,
+    },
     /// Interactive setup: asks listening or polling, port or server, thumbprint.
     #[command(
         after_help = "Answers may be piped in, one per line, e.g.:\n  printf 'Web\\nlistening\\n10933\\n0.0.0.0\\nTHUMBPRINT\\n\\n' | tentacle setup"
@@ -540,6 +555,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Setup => setup::run(std::io::stdin().lock(), &mut std::io::stdout()),
+        Command::UpgradeGuard { state, detach, log } => {
+            if detach {
+                let log = log.unwrap_or_else(|| state.with_extension("guard.log"));
+                octo_agent::upgrade::detach_guard(&state, &log)
+                    .with_context(|| format!("starting the upgrade guard (log {})", log.display()))
+            } else {
+                octo_agent::upgrade::guard(&state).map_err(anyhow::Error::msg)
+            }
+        }
     }
 }
 

@@ -34,7 +34,10 @@ impl Agent {
             .status();
         let deadline = Instant::now() + T;
         while self.child.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < deadline, "the agent did not stop on SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not stop on SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -67,7 +70,12 @@ fn entrypoint(volume: &Path, run: usize, vars: &[(&str, &str)]) -> Agent {
     }
 }
 
-async fn api(server: &RunningServer, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+async fn api(
+    server: &RunningServer,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
     let mut req = reqwest::Client::new()
         .request(method, format!("http://{}{path}", server.api_addr))
         .header("X-Octopus-ApiKey", server.admin_api_key.as_deref().unwrap());
@@ -94,7 +102,11 @@ async fn machines_named(server: &RunningServer, name: &str, agent: &Agent) -> Ve
         if !found.is_empty() {
             return found;
         }
-        assert!(Instant::now() < deadline, "no machine '{name}' registered: {}", agent.stdout());
+        assert!(
+            Instant::now() < deadline,
+            "no machine '{name}' registered: {}",
+            agent.stdout()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -111,7 +123,13 @@ async fn healthy(server: &RunningServer, name: &str) {
     let id = v["task"]["id"].as_str().unwrap().to_string();
     let deadline = Instant::now() + T;
     loop {
-        let (_, v) = api(server, reqwest::Method::GET, &format!("/api/tasks/{id}"), None).await;
+        let (_, v) = api(
+            server,
+            reqwest::Method::GET,
+            &format!("/api/tasks/{id}"),
+            None,
+        )
+        .await;
         match v["task"]["state"].as_str().unwrap_or("") {
             "Success" => return,
             "Failed" | "Canceled" => panic!("health check of {name}: {v}"),
@@ -135,7 +153,13 @@ async fn restarting_the_entrypoint_registers_once() {
     .await
     .unwrap();
     for env in ["Test", "Prod"] {
-        let (s, v) = api(&server, reqwest::Method::POST, "/api/environments", Some(json!({"name": env}))).await;
+        let (s, v) = api(
+            &server,
+            reqwest::Method::POST,
+            "/api/environments",
+            Some(json!({"name": env})),
+        )
+        .await;
         assert_eq!(s, 201, "{v}");
     }
     let url = format!("http://{}", server.api_addr);
@@ -163,7 +187,11 @@ async fn restarting_the_entrypoint_registers_once() {
     assert_eq!(found[0]["kind"], "Polling");
     assert_eq!(found[0]["roles"], json!(["container-server", "web server"]));
     healthy(&server, "ctr-1").await;
-    assert!(first.stdout().contains("Creating instance 'Tentacle'"), "{}", first.stdout());
+    assert!(
+        first.stdout().contains("Creating instance 'Tentacle'"),
+        "{}",
+        first.stdout()
+    );
     tokio::task::block_in_place(|| first.stop());
 
     // Same container restarted on the same volume: nothing registered again.
@@ -190,10 +218,18 @@ async fn restarting_the_entrypoint_registers_once() {
             assert_eq!(m["id"], id);
             break;
         }
-        assert!(Instant::now() < deadline, "not re-registered: {m} {}", third.stdout());
+        assert!(
+            Instant::now() < deadline,
+            "not re-registered: {m} {}",
+            third.stdout()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(third.stdout().contains("settings changed"), "{}", third.stdout());
+    assert!(
+        third.stdout().contains("settings changed"),
+        "{}",
+        third.stdout()
+    );
     healthy(&server, "ctr-1").await;
     let (_, all) = api(&server, reqwest::Method::GET, "/api/machines", None).await;
     assert_eq!(all.as_array().unwrap().len(), 1, "{all}");
