@@ -818,6 +818,13 @@ pub fn guard(record: &Path) -> Result<(), String> {
                             nix::sys::signal::Signal::SIGKILL,
                         );
                     }
+                    // Recorded before it starts, so the restored tentacle
+                    // and the server never read a Pending record.
+                    rec.message = format!(
+                        "{why}; the guard put the previous binary ({}) back and is starting it again",
+                        rec.from_version
+                    );
+                    let _ = rec.save_file(record);
                     match relaunch(&rec, &home) {
                         Ok(pid) => {
                             rec.message = format!(

@@ -202,6 +202,26 @@ pub struct HealthRequest {
     pub environment: Option<String>,
 }
 
+/// `POST /api/tasks/tentacle-upgrade`: upgrade the tentacles of exactly
+/// `machines` when given, otherwise those in `environment` (one of the two is
+/// required) to the tentacle this server carries.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TentacleUpgradeRequest {
+    #[serde(default)]
+    pub machines: Vec<String>,
+    #[serde(default)]
+    pub environment: Option<String>,
+    /// How long each tentacle waits for its running scripts before it refuses
+    /// (1-3600 s; default 300). New scripts are refused meanwhile.
+    #[serde(default)]
+    pub wait_for_scripts_s: Option<u64>,
+    /// How long a restarted tentacle has to come back at the new version
+    /// before its previous binary is put back (5-3600 s; default 120).
+    #[serde(default)]
+    pub confirm_within_s: Option<u64>,
+}
+
 /// `POST /api/tasks/deploy`: deploy a package from the feed to the machines of
 /// an environment (narrowed by `role` and `tenant` when given).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

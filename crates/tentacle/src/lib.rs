@@ -432,7 +432,7 @@ pub fn main() {
 
 /// As [`main`], for a binary that reports `version` instead of this crate's
 /// (to servers, scripts and `tentacle version`): the upgrade tests build an
-/// older tentacle this way (`examples/tentacle_old.rs`).
+/// older tentacle this way (`src/bin/tentacle-old-for-tests.rs`).
 pub fn main_reporting(version: &'static str) {
     octo_agent::report_version(version);
     run_command_line(version);
