@@ -41,6 +41,10 @@ pub struct ServerInfo {
     pub web_socket_path: Option<String>,
     /// The deployment tool version this server pushes; null when it has none.
     pub tool_version: Option<String>,
+    /// The tentacle version this server upgrades tentacles to; null when it
+    /// carries no tentacle binary.
+    #[serde(default)]
+    pub tentacle_version: Option<String>,
 }
 
 /// `POST /api/environments`.

@@ -21,9 +21,9 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use octo_proto::v1::capabilities_client::CapabilitiesClient;
 use octo_proto::v1::file_service_client::FileServiceClient;
-use octo_proto::v1::upgrade_service_client::UpgradeServiceClient;
 use octo_proto::v1::script_service_client::ScriptServiceClient;
 use octo_proto::v1::session_client::SessionClient;
+use octo_proto::v1::upgrade_service_client::UpgradeServiceClient;
 use octo_proto::v1::{HelloReply, HelloRequest};
 use octo_tls::{
     ClientAuth, Identity, Role, Thumbprint, TlsSettings, TrustHint, TrustStore, UntrustedPeer,

@@ -118,7 +118,12 @@ async fn run_version(path: &Path) -> Result<String, String> {
     })?;
     let version = v["version"]
         .as_str()
-        .ok_or_else(|| format!("`{} version --format json` printed no version", path.display()))?
+        .ok_or_else(|| {
+            format!(
+                "`{} version --format json` printed no version",
+                path.display()
+            )
+        })?
         .to_string();
     semver::Version::parse(&version).map_err(|e| {
         format!(

@@ -242,8 +242,11 @@ async fn start(
     let remote = build.remote_path();
     let held = upload_state(conn, &remote).await?;
     if held.exists && held.sha256.eq_ignore_ascii_case(&build.sha256) {
-        ctx.say(format!("tentacle {} is on the machine already", build.version))
-            .await;
+        ctx.say(format!(
+            "tentacle {} is on the machine already",
+            build.version
+        ))
+        .await;
     } else {
         ctx.say(format!(
             "sending tentacle {} ({:.1} MiB)",
@@ -288,7 +291,10 @@ async fn start(
         Ok(Err(s)) => return Err(PhaseError::from_status("Upgrade", &s)),
         Err(_) => {
             return Err(PhaseError {
-                message: format!("the tentacle did not answer Upgrade within {} s", limit.as_secs()),
+                message: format!(
+                    "the tentacle did not answer Upgrade within {} s",
+                    limit.as_secs()
+                ),
                 retryable: true,
             })
         }

@@ -35,11 +35,11 @@ use axum::{Json, Router};
 use octo_api_types::{
     ApiInfo, ApiKey, AuditEvent, CancelReply, CreatedApiKey, DeployRequest, DiscoverReply,
     DiscoverRequest, EndpointKind, Environment, EnvironmentUpdate, ErrorBody, Grant, Guidance,
-    GuidanceRequest, HealthRequest, TentacleUpgradeRequest, HealthStatus, Isolation, Login, LoginReply, Machine,
+    GuidanceRequest, HealthRequest, HealthStatus, Isolation, Login, LoginReply, Machine,
     MachinePolicy, MachineRequest, MachineUpdate, NewApiKey, NewEnvironment, NewGrant, NewMember,
     NewRole, NewSpace, NewTeam, NewUser, Package, Permission, PushReply, RegisterReply, Role,
     ScriptRequest, ServerInfo, SetPassword, Space, Syntax, Task, TaskLogLine, TaskState, TaskStep,
-    TaskView, Team, Tenant, User, WhoAmI, WorkerPool, API_KEY_HEADER,
+    TaskView, Team, Tenant, TentacleUpgradeRequest, User, WhoAmI, WorkerPool, API_KEY_HEADER,
 };
 use utoipa::openapi::security::{ApiKey as ApiKeyScheme, ApiKeyValue, SecurityScheme};
 use utoipa::OpenApi;
@@ -437,5 +437,6 @@ async fn server_info(axum::extract::State(s): axum::extract::State<AppState>) ->
         web_socket_port: s.web_socket.as_ref().map(|(p, _)| *p),
         web_socket_path: s.web_socket.as_ref().map(|(_, path)| path.clone()),
         tool_version: s.tool.as_ref().as_ref().ok().map(|t| t.version.clone()),
+        tentacle_version: s.tentacle.as_ref().as_ref().ok().map(|t| t.version.clone()),
     })
 }
