@@ -7,9 +7,11 @@
 //! - [`files`]: the file service (resumable, hash-verified uploads; downloads).
 //! - [`capabilities`]: versions, platform, free space.
 //! - [`service_unit`]: the systemd unit for an instance.
+//! - [`cli_docs`]: man pages and shell completions of a command line.
 //! - [`upgrade`]: replacing the tentacle's own binary (the upgrade service and its guards).
 
 pub mod capabilities;
+pub mod cli_docs;
 pub mod config;
 pub mod context;
 pub mod files;

@@ -177,6 +177,13 @@ enum Command {
         #[arg(long, value_enum, default_value_t)]
         format: Format,
     },
+    /// Writes man pages (DIR/man) and shell completions (DIR/completions) of
+    /// this command line (used by scripts/package.sh).
+    #[command(hide = true)]
+    GenerateDocs {
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Watches an upgrade of this tentacle until the server confirms it, and
     /// puts the previous binary back if the new one does not come back
     /// (started by the upgrade itself, from the previous binary).
@@ -555,6 +562,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Setup => setup::run(std::io::stdin().lock(), &mut std::io::stdout()),
+        Command::GenerateDocs { out } => {
+            let cmd = Cli::command().version(octo_agent::version());
+            octo_agent::cli_docs::generate(cmd, &out)
+                .with_context(|| format!("writing the docs under {}", out.display()))
+        }
         Command::UpgradeGuard { state, detach, log } => {
             if detach {
                 let log = log.unwrap_or_else(|| state.with_extension("guard.log"));
