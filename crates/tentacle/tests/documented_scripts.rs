@@ -41,17 +41,20 @@ struct Ran {
     stderr: String,
 }
 
-/// One script's world: its registry, unit folder, paths and host name.
+/// One script's world: its registry, unit folder, paths, host name, and the
+/// tentacle binary it runs.
 struct World {
     dir: tempfile::TempDir,
     host: String,
+    bin: &'static str,
 }
 
 impl World {
-    fn new(host: &str) -> World {
+    fn new(host: &str, bin: &'static str) -> World {
         World {
             dir: tempfile::tempdir().unwrap(),
             host: host.into(),
+            bin,
         }
     }
 
@@ -97,8 +100,12 @@ impl World {
             config = self.config_file().display(),
             apps = apps.display(),
         );
-        let body = fixture(name).replace(DOCUMENTED_BIN, BIN);
-        assert!(!body.contains("/opt/octopus"), "{body}");
+        // Verbatim with the installed package; else with this build's binary.
+        let body = fixture(name).replace(DOCUMENTED_BIN, self.bin);
+        assert!(
+            self.bin == DOCUMENTED_BIN || !body.contains("/opt/octopus"),
+            "{body}"
+        );
         let mut c = Command::new("bash");
         c.arg("-c").arg(format!("{vars}{body}"));
         self.env(&mut c);
@@ -129,7 +136,7 @@ impl World {
     /// `tentacle run` for the default instance (what the service would run).
     fn run_agent(&self) -> Agent {
         let log = std::fs::File::create(self.dir.path().join("agent.log")).unwrap();
-        let mut c = Command::new(BIN);
+        let mut c = Command::new(self.bin);
         c.arg("run");
         self.env(&mut c);
         Agent(c.stdout(Stdio::null()).stderr(log).spawn().unwrap())
@@ -199,8 +206,13 @@ async fn health(server: &RunningServer, machine: &str) -> Value {
 
 /// Runs one documented script and the documented uninstall; checks what the
 /// server and the instance look like at each point.
-async fn script_as_written(server: &RunningServer, fixture_name: &str, host: &str) {
-    let world = World::new(host);
+async fn script_as_written(
+    server: &RunningServer,
+    fixture_name: &str,
+    host: &str,
+    bin: &'static str,
+) {
+    let world = World::new(host, bin);
     let ran = tokio::task::block_in_place(|| world.script(fixture_name, server));
     // Every line but the last succeeded; the last (`service --install --start`)
     // wrote the unit and says systemd cannot start it here.
@@ -321,6 +333,43 @@ async fn documented_scripts_run_as_written() {
         ),
         ("polling-worker.sh", "doc-polling-worker"),
     ] {
-        script_as_written(&server, fixture_name, host).await;
+        script_as_written(&server, fixture_name, host, BIN).await;
     }
+}
+
+/// The documented listening script and uninstall, verbatim, with the binary of
+/// the installed Debian package (`scripts/test-package.sh` installs it and runs
+/// this test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the octopus-tentacle package installed: scripts/test-package.sh runs it"]
+async fn installed_package_runs_the_documented_listening_script() {
+    assert!(
+        Path::new(DOCUMENTED_BIN).is_file(),
+        "{DOCUMENTED_BIN} is missing: install the package (scripts/test-package.sh)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&RunArgs {
+        data: dir.path().join("server"),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        comms_listen_port: 0,
+        comms_listen_address: "127.0.0.1".into(),
+        ..RunArgs::default()
+    })
+    .await
+    .unwrap();
+    let (s, v) = api(
+        &server,
+        reqwest::Method::POST,
+        "/api/environments",
+        Some(json!({"name": "Test"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    script_as_written(
+        &server,
+        "listening-target.sh",
+        "pkg-listening-target",
+        DOCUMENTED_BIN,
+    )
+    .await;
 }
