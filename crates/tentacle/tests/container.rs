@@ -9,7 +9,7 @@
 #![allow(clippy::zombie_processes)]
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use octo_server_core::{start, RunArgs, RunningServer};
