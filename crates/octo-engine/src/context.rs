@@ -149,6 +149,9 @@ pub struct StepContext {
     pub tentacle: Arc<Result<crate::TentacleBuild, String>>,
     /// Where package files are.
     pub packages: PackageFiles,
+    /// Most bytes of its machine's output a step stores (the rest is counted
+    /// and dropped).
+    pub max_log_bytes: u64,
     pub(crate) guidance: Arc<GuidanceBoard>,
 }
 

@@ -54,7 +54,7 @@ impl TentacleBuild {
         let version = run_version(&path).await?;
         let (sha256, size) = {
             let p = path.clone();
-            tokio::task::spawn_blocking(move || crate::tool::hash_file(&p))
+            tokio::task::spawn_blocking(move || hash_file(&p))
                 .await
                 .map_err(|e| format!("hashing {}: {e}", path.display()))?
                 .map_err(|e| format!("reading the tentacle binary {}: {e}", path.display()))?
@@ -66,6 +66,28 @@ impl TentacleBuild {
             size,
         })
     }
+}
+
+/// SHA-256 (upper-case hex) and size of a file. (Not snapshotted like the
+/// deployment tool: a binary replaced after the start is refused by the
+/// tentacle's hash check, not sent half-changed.)
+fn hash_file(path: &Path) -> std::io::Result<(String, u64)> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        size += n as u64;
+    }
+    let hex: String = h.finalize().iter().map(|b| format!("{b:02X}")).collect();
+    Ok((hex, size))
 }
 
 /// `tentacle` next to the running binary, or one level up (test binaries run

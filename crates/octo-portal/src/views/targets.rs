@@ -312,6 +312,7 @@ async fn check_health_all(
         Vec::new()
     };
     let req = HealthRequest {
+        max_parallel_steps: None,
         machines,
         environment: None,
     };
@@ -940,6 +941,7 @@ async fn check_health_one(
     Path((_, name)): Path<(String, String)>,
 ) -> Response {
     let req = HealthRequest {
+        max_parallel_steps: None,
         machines: vec![name.clone()],
         environment: None,
     };
@@ -955,6 +957,7 @@ async fn upgrade_one(
     Path((_, name)): Path<(String, String)>,
 ) -> Response {
     let req = HealthRequest {
+        max_parallel_steps: None,
         machines: vec![name.clone()],
         environment: None,
     };
