@@ -27,3 +27,6 @@ need_apt curl systemd python3 tinyproxy iproute2 iptables nginx libnginx-mod-str
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked --no-fail-fast
+# The tentacle's Debian package: built, installed, a documented script run with
+# /opt/octopus/tentacle/Tentacle, removed and purged (about 2 minutes).
+./scripts/test-package.sh

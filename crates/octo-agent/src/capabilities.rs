@@ -177,6 +177,7 @@ fn describe(ctx: &AgentContext) -> CapabilitiesReply {
         service_names::CAPABILITIES,
         service_names::SCRIPT,
         service_names::FILE,
+        service_names::UPGRADE,
     ]
     .into_iter()
     .map(|name| ServiceVersion {
@@ -185,7 +186,7 @@ fn describe(ctx: &AgentContext) -> CapabilitiesReply {
     })
     .collect();
     CapabilitiesReply {
-        tentacle_version: crate::VERSION.to_string(),
+        tentacle_version: crate::version().to_string(),
         os: std::env::consts::OS.to_string(),
         os_version: os_version(),
         arch: std::env::consts::ARCH.to_string(),
@@ -194,7 +195,25 @@ fn describe(ctx: &AgentContext) -> CapabilitiesReply {
         home_free_bytes: home_free_bytes(&ctx.home),
         tool_version: installed_tool_version(ctx).unwrap_or_default(),
         instance_name: ctx.instance_name.clone(),
+        boot_id: boot_id().to_string(),
     }
+}
+
+/// Random, fixed for the life of this process: a tentacle that restarted
+/// (e.g. after an upgrade) reports another one.
+pub fn boot_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let mut bytes = [0u8; 12];
+        if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).is_err() {
+            // Unique enough: this process and when it started.
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            return format!("{}-{nanos}", std::process::id());
+        }
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    })
 }
 
 #[tonic::async_trait]

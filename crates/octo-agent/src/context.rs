@@ -2,8 +2,23 @@
 
 use std::path::PathBuf;
 
-/// The tentacle's version, reported to servers and to scripts.
+/// The version this crate was built as.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+static REPORTED: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+/// The tentacle's version, reported to servers and to scripts: [`VERSION`]
+/// unless the binary said otherwise with [`report_version`].
+pub fn version() -> &'static str {
+    REPORTED.get().copied().unwrap_or(VERSION)
+}
+
+/// Sets the version [`version`] reports, once, before any service starts (a
+/// binary built as another release, e.g. the older tentacle of the upgrade
+/// tests). Later calls are ignored.
+pub fn report_version(version: &'static str) {
+    let _ = REPORTED.set(version);
+}
 
 /// Paths and names of one running tentacle instance.
 #[derive(Debug, Clone)]

@@ -7,13 +7,17 @@
 //! - [`files`]: the file service (resumable, hash-verified uploads; downloads).
 //! - [`capabilities`]: versions, platform, free space.
 //! - [`service_unit`]: the systemd unit for an instance.
+//! - [`cli_docs`]: man pages and shell completions of a command line.
+//! - [`upgrade`]: replacing the tentacle's own binary (the upgrade service and its guards).
 
 pub mod capabilities;
+pub mod cli_docs;
 pub mod config;
 pub mod context;
 pub mod files;
 pub mod instances;
 pub mod scripts;
 pub mod service_unit;
+pub mod upgrade;
 
-pub use context::{AgentContext, VERSION};
+pub use context::{report_version, version, AgentContext, VERSION};

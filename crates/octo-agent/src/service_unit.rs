@@ -15,6 +15,8 @@ pub struct UnitSpec {
     pub config_dir: Option<PathBuf>,
     /// Run as this user (and its group).
     pub user: Option<String>,
+    /// Another unit to start after (`service --dependOn`).
+    pub after: Option<String>,
 }
 
 /// The unit's name for an instance: `tentacle-<instance>.service` (lower case).
@@ -33,6 +35,18 @@ pub fn unit_dir() -> PathBuf {
 /// Is systemd the running init system here?
 pub fn systemd_running() -> bool {
     Path::new("/run/systemd/system").is_dir()
+}
+
+/// Whether systemd runs here and would load units from `dir` (one of its
+/// system unit folders): only then can `systemctl` enable and start them.
+pub fn systemd_manages(dir: &Path) -> bool {
+    const UNIT_DIRS: [&str; 4] = [
+        "/etc/systemd/system",
+        "/run/systemd/system",
+        "/usr/lib/systemd/system",
+        "/lib/systemd/system",
+    ];
+    systemd_running() && UNIT_DIRS.iter().any(|d| Path::new(d) == dir)
 }
 
 fn quote(arg: &str) -> String {
@@ -72,7 +86,12 @@ pub fn render(spec: &UnitSpec) -> String {
         "Description=Octopus Tentacle (instance {})\n",
         spec.instance
     ));
-    s.push_str("After=network-online.target\nWants=network-online.target\n\n");
+    s.push_str("After=network-online.target");
+    if let Some(after) = &spec.after {
+        s.push(' ');
+        s.push_str(&quote(after));
+    }
+    s.push_str("\nWants=network-online.target\n\n");
     s.push_str("[Service]\nType=simple\n");
     s.push_str(&format!("ExecStart={}\n", exec.join(" ")));
     if let Some(d) = &spec.config_dir {
@@ -106,7 +125,12 @@ mod tests {
             config: Some("/etc/my conf.toml".into()),
             config_dir: None,
             user: Some("octopus".into()),
+            after: Some("postgresql.service".into()),
         });
+        assert!(
+            u.contains("After=network-online.target postgresql.service\n"),
+            "{u}"
+        );
         assert!(u.contains("ExecStart=/usr/bin/tentacle run --instance \"Web 1\" --config \"/etc/my conf.toml\"\n"), "{u}");
         assert!(
             u.contains("Restart=always\n")

@@ -41,6 +41,10 @@ pub struct ServerInfo {
     pub web_socket_path: Option<String>,
     /// The deployment tool version this server pushes; null when it has none.
     pub tool_version: Option<String>,
+    /// The tentacle version this server upgrades tentacles to; null when it
+    /// carries no tentacle binary.
+    #[serde(default)]
+    pub tentacle_version: Option<String>,
 }
 
 /// `POST /api/environments`.
@@ -210,6 +214,26 @@ pub struct HealthRequest {
     /// still bounds every task together.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_parallel_steps: Option<u32>,
+}
+
+/// `POST /api/tasks/tentacle-upgrade`: upgrade the tentacles of exactly
+/// `machines` when given, otherwise those in `environment` (one of the two is
+/// required) to the tentacle this server carries.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TentacleUpgradeRequest {
+    #[serde(default)]
+    pub machines: Vec<String>,
+    #[serde(default)]
+    pub environment: Option<String>,
+    /// How long each tentacle waits for its running scripts before it refuses
+    /// (1-3600 s; default 300). New scripts are refused meanwhile.
+    #[serde(default)]
+    pub wait_for_scripts_s: Option<u64>,
+    /// How long a restarted tentacle has to come back at the new version
+    /// before its previous binary is put back (5-3600 s; default 120).
+    #[serde(default)]
+    pub confirm_within_s: Option<u64>,
 }
 
 /// `POST /api/tasks/deploy`: deploy a package from the feed to the machines of

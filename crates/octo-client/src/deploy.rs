@@ -129,6 +129,43 @@ pub enum CalamariCommand {
     },
 }
 
+/// `octopus tentacle ...`
+#[derive(Debug, Subcommand)]
+pub enum TentacleCommand {
+    /// Upgrade tentacles to the version the server carries: the binary goes
+    /// through the file service (hash verified), the tentacle waits for its
+    /// running scripts, swaps it in beside a copy of the old one and restarts;
+    /// a machine succeeds only when it comes back at the new version (otherwise
+    /// the old binary is put back and the machine fails saying why).
+    #[command(
+        after_help = "Examples:\n  octopus tentacle upgrade --machine web01 --machine web02\n  octopus tentacle upgrade --environment Production --wait-for-scripts 900"
+    )]
+    Upgrade {
+        /// This machine (repeatable).
+        #[arg(
+            long = "machine",
+            value_name = "NAME",
+            conflicts_with = "environment",
+            required_unless_present = "environment"
+        )]
+        machines: Vec<String>,
+        /// The machines of this environment.
+        #[arg(long, alias = "env")]
+        environment: Option<String>,
+        /// Seconds each tentacle waits for its running scripts before it
+        /// refuses the upgrade, naming them (default 300).
+        #[arg(long, value_name = "SECONDS")]
+        wait_for_scripts: Option<u64>,
+        /// Seconds a restarted tentacle has to come back at the new version
+        /// before the previous binary is put back (default 120).
+        #[arg(long, value_name = "SECONDS")]
+        confirm_within: Option<u64>,
+        /// Print the task's id and return at once.
+        #[arg(long)]
+        no_wait: bool,
+    },
+}
+
 /// Reads variables: a JSON object of strings, or NAME=VALUE lines (# comments).
 fn read_variables_file(path: &Path) -> anyhow::Result<BTreeMap<String, String>> {
     let text = std::fs::read_to_string(path)
@@ -433,6 +470,38 @@ impl Cx {
             .await
             .context("starting the deployment tool upgrade")?;
         let Some(detail) = self.started(v, no_wait, "upgrade")? else {
+            return Ok(ExitCode::SUCCESS);
+        };
+        let Some(end) = self.watch(&detail, 0).await? else {
+            return Ok(ExitCode::from(EXIT_INTERRUPTED));
+        };
+        Ok(self.finish(&end))
+    }
+
+    pub(super) async fn tentacle(&self, c: TentacleCommand) -> anyhow::Result<ExitCode> {
+        let TentacleCommand::Upgrade {
+            machines,
+            environment,
+            wait_for_scripts,
+            confirm_within,
+            no_wait,
+        } = c;
+        let mut body = json!({ "machines": machines });
+        if let Some(e) = &environment {
+            body["environment"] = json!(e);
+        }
+        if let Some(s) = wait_for_scripts {
+            body["wait_for_scripts_s"] = json!(s);
+        }
+        if let Some(s) = confirm_within {
+            body["confirm_within_s"] = json!(s);
+        }
+        let c_ = &self.client;
+        let v: Value = c_
+            .post(c_.space_url(&["tasks", "tentacle-upgrade"], &[]), &body)
+            .await
+            .context("starting the tentacle upgrade")?;
+        let Some(detail) = self.started(v, no_wait, "tentacle upgrade")? else {
             return Ok(ExitCode::SUCCESS);
         };
         let Some(end) = self.watch(&detail, 0).await? else {

@@ -2,7 +2,7 @@
 //!
 //! - In a space (`--space NAME`, `OCTOPUS_SPACE`, default `Default`):
 //!   `environment`, `machine`, `health-check`, `run-script`, `package`,
-//!   `deploy`, `calamari`, `task`, `team`, `audit`.
+//!   `deploy`, `calamari`, `tentacle`, `task`, `team`, `audit`.
 //! - The server's own: `space`, `user`, `role`, `api-key`, `login`, `logout`,
 //!   `whoami`.
 //!
@@ -241,6 +241,9 @@ canceled, 130 after Ctrl-C (which stops following, not the deployment)."
     /// The deployment tool (calamari) on the machines.
     #[command(subcommand)]
     Calamari(deploy::CalamariCommand),
+    /// The tentacles themselves: upgrade them to the server's version.
+    #[command(subcommand)]
+    Tentacle(deploy::TentacleCommand),
     /// List, show, follow and cancel server tasks (health checks, script runs).
     #[command(
         subcommand,
@@ -557,6 +560,7 @@ pub async fn run(opts: ClientOpts, command: ClientCommand) -> anyhow::Result<Exi
         ClientCommand::Package(c) => cx.package(c).await,
         ClientCommand::Deploy(a) => cx.deploy(a).await,
         ClientCommand::Calamari(c) => cx.calamari(c).await,
+        ClientCommand::Tentacle(c) => cx.tentacle(c).await,
     }
 }
 
@@ -1394,7 +1398,7 @@ mod tests {
         let mut missing = Vec::new();
         walk(&cmd, "octopus", &mut missing);
         // `calamari` is only a group; its one command has examples.
-        missing.retain(|p| p != "octopus calamari");
+        missing.retain(|p| p != "octopus calamari" && p != "octopus tentacle");
         assert!(missing.is_empty(), "no example: {missing:?}");
     }
 

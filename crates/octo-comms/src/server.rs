@@ -23,6 +23,7 @@ use octo_proto::v1::capabilities_client::CapabilitiesClient;
 use octo_proto::v1::file_service_client::FileServiceClient;
 use octo_proto::v1::script_service_client::ScriptServiceClient;
 use octo_proto::v1::session_client::SessionClient;
+use octo_proto::v1::upgrade_service_client::UpgradeServiceClient;
 use octo_proto::v1::{HelloReply, HelloRequest};
 use octo_tls::{
     ClientAuth, Identity, Role, Thumbprint, TlsSettings, TrustHint, TrustStore, UntrustedPeer,
@@ -1112,6 +1113,11 @@ impl Connection {
         FileServiceClient::with_origin(self.channel(), Self::origin())
             .max_decoding_message_size(16 << 20)
             .max_encoding_message_size(16 << 20)
+    }
+
+    /// Upgrade service client (the tentacle replacing its own binary).
+    pub fn upgrades(&self) -> UpgradeServiceClient<H2Channel> {
+        UpgradeServiceClient::with_origin(self.channel(), Self::origin())
     }
 }
 

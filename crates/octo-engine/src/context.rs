@@ -145,6 +145,8 @@ pub struct StepContext {
     pub shutdown: CancellationToken,
     /// The deployment tool this server pushes, or why there is none.
     pub tool: Arc<Result<ToolBuild, String>>,
+    /// The tentacle binary this server upgrades tentacles to, or why there is none.
+    pub tentacle: Arc<Result<crate::TentacleBuild, String>>,
     /// Where package files are.
     pub packages: PackageFiles,
     /// Most bytes of its machine's output a step stores (the rest is counted

@@ -36,9 +36,11 @@ use crate::context::{GuidanceBoard, StepContext, TaskLog};
 use crate::feed::PackageFiles;
 use crate::notify::{lock, Changes, Notifiers};
 use crate::secrets::{Masker, MasterKey};
-use crate::steps::{deploy, health, script, StepEnd};
+use crate::steps::{deploy, health, script, tentacle_upgrade, StepEnd};
 use crate::tool::ToolBuild;
-use crate::{kind, machine_list, max_parallel_steps_of, DeployArgs, StepLimits};
+use crate::{
+    kind, machine_list, max_parallel_steps_of, DeployArgs, StepLimits, TentacleUpgradeArgs,
+};
 
 /// How often the scheduler looks for machines due a health check.
 const HEALTH_SCAN_INTERVAL: Duration = Duration::from_secs(30);
@@ -83,6 +85,8 @@ pub struct EngineDeps {
     pub comms: octo_comms::ServerComms,
     /// The deployment tool this server pushes, or why there is none.
     pub tool: Arc<Result<ToolBuild, String>>,
+    /// The tentacle binary this server upgrades tentacles to, or why there is none.
+    pub tentacle: Arc<Result<crate::TentacleBuild, String>>,
     /// Where the built-in feed keeps package files.
     pub packages: PackageFiles,
     /// Decrypts the secret values of tasks.
@@ -350,6 +354,15 @@ impl Engine {
             kind::HEALTH => {
                 Arc::new(|ctx, step| Box::pin(async move { health::run_step(&ctx, step).await }))
             }
+            kind::TENTACLE_UPGRADE => {
+                let args: TentacleUpgradeArgs =
+                    serde_json::from_value(task.arguments.clone()).map_err(unreadable)?;
+                let args = Arc::new(args);
+                Arc::new(move |ctx, step| {
+                    let args = args.clone();
+                    Box::pin(async move { tentacle_upgrade::run_step(&ctx, step, &args).await })
+                })
+            }
             other => return Err(format!("task kind '{other}' is not known to this server")),
         })
     }
@@ -452,6 +465,7 @@ impl Engine {
                 cancel: running.cancel.clone(),
                 shutdown: self.shutdown.clone(),
                 tool: self.deps.tool.clone(),
+                tentacle: self.deps.tentacle.clone(),
                 packages: self.deps.packages.clone(),
                 max_log_bytes: self.deps.max_log_bytes_per_step,
                 guidance: self.guidance.clone(),
@@ -645,7 +659,7 @@ impl Engine {
                 continue;
             }
             match task.kind.as_str() {
-                kind::SCRIPT | kind::DEPLOY | kind::UPGRADE => {
+                kind::SCRIPT | kind::DEPLOY | kind::UPGRADE | kind::TENTACLE_UPGRADE => {
                     info!("resuming task {} ({})", task.id, task.description);
                     self.start(task);
                 }

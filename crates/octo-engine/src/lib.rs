@@ -12,8 +12,9 @@
 //! - [`context`]: [`StepContext`] and [`TaskLog`], what a step may use.
 //! - [`notify`]: per-task change counters that live log readers wait on.
 //! - `steps`: one machine's part of each kind of task (`script`, `health`,
-//!   `deploy` and tool upgrades, `transfer` of files to tentacles).
+//!   `deploy` and tool upgrades, `tentacle_upgrade`, `transfer` of files to tentacles).
 //! - [`tool`]: the deployment tool (`calamari`) the server pushes.
+//! - [`tentacle_build`]: the tentacle binary the server upgrades tentacles to.
 //! - [`feed`]: where the built-in feed keeps package files.
 //! - [`secrets`]: the master key that encrypts secret values, and the
 //!   masking of secrets in task logs.
@@ -32,6 +33,7 @@ pub mod notify;
 mod outputs;
 pub mod secrets;
 mod steps;
+pub mod tentacle_build;
 pub mod tool;
 
 use octo_store::{EndpointKind, Machine};
@@ -42,6 +44,8 @@ pub use engine::{Engine, EngineDeps};
 pub use feed::PackageFiles;
 pub use notify::Changes;
 pub use steps::deploy::DeployArgs;
+pub use steps::tentacle_upgrade::TentacleUpgradeArgs;
+pub use tentacle_build::TentacleBuild;
 pub use tool::ToolBuild;
 
 /// The default of [`StepLimits::per_task`] (`octopus server run --max-parallel-steps`).
@@ -92,6 +96,8 @@ pub mod kind {
     pub const DEPLOY: &str = "Deploy";
     /// Deployment tool upgrades.
     pub const UPGRADE: &str = "Upgrade";
+    /// Tentacle upgrades (the tentacle's own binary).
+    pub const TENTACLE_UPGRADE: &str = "TentacleUpgrade";
 }
 
 /// The comms endpoint of a stored machine.

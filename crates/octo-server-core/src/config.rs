@@ -26,6 +26,10 @@ pub struct RunArgs {
     /// beside this binary).
     #[arg(long, env = "OCTOPUS_CALAMARI")]
     pub calamari: Option<PathBuf>,
+    /// The tentacle binary that tentacles are upgraded to (default: `tentacle`
+    /// beside this binary).
+    #[arg(long, env = "OCTOPUS_TENTACLE")]
+    pub tentacle: Option<PathBuf>,
     /// HTTP CONNECT proxy for dialling listening tentacles,
     /// `http://[USER:PASSWORD@]HOST:PORT` (default: `HTTPS_PROXY`/`NO_PROXY` from the
     /// environment; TLS to the tentacle stays end to end through the tunnel).
@@ -125,6 +129,7 @@ impl Default for RunArgs {
             comms_listen_address: "0.0.0.0".into(),
             database_url: None,
             calamari: None,
+            tentacle: None,
             proxy: None,
             no_proxy: false,
             web_socket_listen_port: None,

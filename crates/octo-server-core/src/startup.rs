@@ -469,6 +469,17 @@ pub async fn start_with(
         Err(why) => tracing::warn!("deployments are not possible: {why}"),
     }
     let tool = Arc::new(tool);
+    let tentacle = octo_engine::TentacleBuild::locate(args.tentacle.as_deref()).await;
+    match &tentacle {
+        Ok(t) => info!(
+            "tentacle {} ({}, SHA-256 {}) for upgrades",
+            t.version,
+            t.path.display(),
+            t.sha256
+        ),
+        Err(why) => tracing::warn!("tentacle upgrades are not possible: {why}"),
+    }
+    let tentacle = Arc::new(tentacle);
     let packages = PackageFiles::in_data_dir(&args.data);
     match packages.remove_incoming() {
         Ok(0) => {}
@@ -485,6 +496,7 @@ pub async fn start_with(
         store: store.clone(),
         comms: comms.clone(),
         tool: tool.clone(),
+        tentacle: tentacle.clone(),
         packages: packages.clone(),
         master_key: master_key.clone(),
         limits: octo_engine::StepLimits {
@@ -502,6 +514,7 @@ pub async fn start_with(
         web_socket: web_socket_port.map(|p| (p, args.web_socket_path.trim().to_string())),
         data: args.data.clone(),
         tool,
+        tentacle,
         packages,
         engine,
         master_key,

@@ -40,6 +40,8 @@ pub struct AppState {
     pub data: PathBuf,
     /// The deployment tool this server pushes, or why there is none.
     pub tool: Arc<Result<ToolBuild, String>>,
+    /// The tentacle binary tentacles are upgraded to, or why there is none.
+    pub tentacle: Arc<Result<octo_engine::TentacleBuild, String>>,
     /// Where the built-in feed keeps package files.
     pub packages: PackageFiles,
     /// Runs tasks (health checks, scripts) and tells live log readers of changes.

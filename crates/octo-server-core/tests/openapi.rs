@@ -63,6 +63,7 @@ const ROUTES: &[(&str, &[&str], bool, bool)] = &[
     ("/api/tasks/{id}/cancel", &["post"], true, true),
     ("/api/tasks/deploy", &["post"], true, true),
     ("/api/tasks/upgrade", &["post"], true, true),
+    ("/api/tasks/tentacle-upgrade", &["post"], true, true),
     ("/api/tasks/{id}/guidance", &["post"], true, true),
     ("/api/packages", &["get", "post"], true, true),
     (

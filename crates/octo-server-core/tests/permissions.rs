@@ -243,6 +243,7 @@ const COVERED: &[(&str, &str)] = &[
     ("POST", "/api/tasks/health"),
     ("POST", "/api/tasks/deploy"),
     ("POST", "/api/tasks/upgrade"),
+    ("POST", "/api/tasks/tentacle-upgrade"),
     ("GET", "/api/tasks/{id}"),
     ("GET", "/api/tasks/{id}/log"),
     ("GET", "/api/tasks/{id}/log/stream"),
@@ -350,6 +351,8 @@ struct Fixture {
     logout_key: String,
     /// The server can deploy (has the deployment tool).
     tool: bool,
+    /// Whether the server carries a tentacle binary (upgrades possible).
+    tentacle_build: bool,
     /// `https://ADDR/` of a listening tentacle (for discovery).
     tentacle: String,
 }
@@ -360,6 +363,7 @@ fn cases(method: &Method, path: &str, f: &Fixture) -> Option<Vec<Case>> {
     use Need::{Anyone, Perm, Public};
     let i = f.i;
     let tool_or_none: &'static [u16] = if f.tool { &[201] } else { &[422] };
+    let tentacle_or_none: &'static [u16] = if f.tentacle_build { &[201] } else { &[422] };
     let c = match (method.as_str(), path) {
         ("GET", "/api") => vec![case("api root", M::GET, "/api".into(), Public, &[200])],
         ("GET", "/api/openapi.json") => vec![case(
@@ -543,6 +547,14 @@ fn cases(method: &Method, path: &str, f: &Fixture) -> Option<Vec<Case>> {
             path.into(),
             Perm(P::TaskCreate),
             tool_or_none,
+        )
+        .json(json!({ "machines": ["web"] }))],
+        ("POST", "/api/tasks/tentacle-upgrade") => vec![case(
+            "upgrade tentacle",
+            M::POST,
+            path.into(),
+            Perm(P::MachineEdit),
+            tentacle_or_none,
         )
         .json(json!({ "machines": ["web"] }))],
         ("GET", "/api/tasks/{id}") => vec![case(
@@ -817,7 +829,7 @@ async fn prepare(
     i: usize,
     s: &Subject,
     task: &str,
-    tool: bool,
+    (tool, tentacle_build): (bool, bool),
     tentacle: &str,
 ) -> (Fixture, Api) {
     let admin = &server.admin;
@@ -878,6 +890,7 @@ async fn prepare(
             logout_key,
             tool,
             tentacle: tentacle.to_string(),
+            tentacle_build,
         },
         api,
     )
@@ -951,7 +964,9 @@ async fn permission_matrix_of_every_built_in_role() {
         .as_str()
         .unwrap()
         .to_string();
-    let tool = !admin.get("/api/server").await.expect(200)["tool_version"].is_null();
+    let info = admin.get("/api/server").await.expect(200);
+    let tool = !info["tool_version"].is_null();
+    let tentacle_build = !info["tentacle_version"].is_null();
     // A listening tentacle to discover.
     let identity = octo_testkit::identity("discovered");
     let thumbprint = identity.thumbprint().to_string();
@@ -965,7 +980,15 @@ async fn permission_matrix_of_every_built_in_role() {
 
     let mut checked = 0;
     for (i, subject) in SUBJECTS.iter().enumerate() {
-        let (fixture, api) = prepare(&server, i, subject, &task, tool, &tentacle).await;
+        let (fixture, api) = prepare(
+            &server,
+            i,
+            subject,
+            &task,
+            (tool, tentacle_build),
+            &tentacle,
+        )
+        .await;
         let effective = subject.effective();
         let label = subject.label();
 
@@ -1042,6 +1065,7 @@ async fn permission_matrix_of_every_built_in_role() {
         own_key: 1,
         logout_key: "API-NOTAKEY".into(),
         tool,
+        tentacle_build,
         tentacle: tentacle.clone(),
     };
     for (method, path, _) in octo_server_core::api::route_table() {

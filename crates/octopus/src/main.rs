@@ -55,6 +55,13 @@ enum Command {
     Server(ServerCommand),
     #[command(flatten)]
     Client(client::ClientCommand),
+    /// Writes man pages (DIR/man) and shell completions (DIR/completions) of
+    /// this command line (used by scripts/package.sh).
+    #[command(hide = true)]
+    GenerateDocs {
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -119,6 +126,12 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
     let result = match cli.command {
+        Command::GenerateDocs { out } => {
+            use clap::CommandFactory;
+            octo_agent::cli_docs::generate(Cli::command(), &out)
+                .map(|()| ExitCode::SUCCESS)
+                .map_err(|e| anyhow::anyhow!("writing the docs under {}: {e}", out.display()))
+        }
         Command::Demo(args) => Box::pin(demo::run(args)).await.map(|()| ExitCode::SUCCESS),
         Command::Quickstart(args) => Box::pin(quickstart::run(args))
             .await

@@ -758,7 +758,7 @@ impl Ctx {
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: {}\r\nUser-Agent: tentacle-check-connectivity/{}\r\n\r\n",
             websocket::SUBPROTOCOL,
-            octo_agent::VERSION
+            octo_agent::version()
         );
         let exchange = async {
             tls.write_all(request.as_bytes()).await?;
@@ -796,7 +796,7 @@ impl Ctx {
                 subscription_id: format!("check-connectivity-{}", crate::new_subscription_id()),
                 thumbprint: self.identity.thumbprint().to_string(),
                 instance_name: format!("{} (check-connectivity)", self.instance),
-                tentacle_version: octo_agent::VERSION.to_string(),
+                tentacle_version: octo_agent::version().to_string(),
             },
         };
         let server = SessionServer::new(probe);

@@ -49,10 +49,10 @@ pub(crate) struct RegisterArgs {
     )]
     api_key: Option<String>,
     /// Log in as this user instead of using an API key (with --password).
-    #[arg(long, requires = "password")]
+    #[arg(long, short = 'u', alias = "user", requires = "password")]
     username: Option<String>,
     /// The user's password (used for this call only, never stored).
-    #[arg(long, requires = "username")]
+    #[arg(long, short = 'p', requires = "username")]
     password: Option<String>,
     /// Environments this machine belongs to (repeatable; required for deployment targets).
     #[arg(long = "environment", alias = "env")]
@@ -60,8 +60,8 @@ pub(crate) struct RegisterArgs {
     /// The worker pool (set by `register-worker`).
     #[arg(skip)]
     worker_pool: Option<String>,
-    /// Roles of this machine (repeatable).
-    #[arg(long = "role")]
+    /// Roles of this machine (repeatable; spaces allowed, e.g. "web server").
+    #[arg(long = "role", short = 'r')]
     roles: Vec<String>,
     /// Tenants (repeatable).
     #[arg(long = "tenant")]
@@ -76,8 +76,8 @@ pub(crate) struct RegisterArgs {
     #[arg(long)]
     policy: Option<String>,
     /// TentaclePassive (listening; the server dials this machine) or TentacleActive (polling).
-    #[arg(long, alias = "commsStyle", default_value = "TentaclePassive")]
-    comms_style: String,
+    #[arg(long, alias = "commsStyle", value_enum, default_value_t = CommsStyle::Passive)]
+    comms_style: CommsStyle,
     /// Host name the server should dial (listening; default: this host's name).
     #[arg(long, alias = "publicHostName")]
     public_hostname: Option<String>,
@@ -105,11 +105,31 @@ pub(crate) struct RegisterArgs {
     #[arg(long, alias = "serverThumbprint")]
     server_thumbprint: Option<String>,
     /// Replace a machine of the same name.
-    #[arg(long)]
+    #[arg(long, short = 'f')]
     force: bool,
     /// The space to register in: its name (any case) or its id (Spaces-N). Default: the server's Default space.
     #[arg(long, alias = "Space", value_name = "NAME")]
     space: Option<String>,
+}
+
+/// How the server and this tentacle connect (`--comms-style`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum CommsStyle {
+    /// Listening: the server dials this machine.
+    #[value(name = "TentaclePassive")]
+    Passive,
+    /// Polling: this machine dials the server.
+    #[value(name = "TentacleActive")]
+    Active,
+}
+
+impl CommsStyle {
+    fn as_str(self) -> &'static str {
+        match self {
+            CommsStyle::Passive => "TentaclePassive",
+            CommsStyle::Active => "TentacleActive",
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -177,11 +197,7 @@ pub(crate) fn register(target: &Target, a: &RegisterArgs, kind: Kind) -> anyhow:
         None => web_host.to_string(),
     };
     let name = a.name.clone().unwrap_or_else(hostname);
-    let polling = match a.comms_style.as_str() {
-        "TentaclePassive" => false,
-        "TentacleActive" => true,
-        other => bail!("--comms-style '{other}' is not TentaclePassive (listening) or TentacleActive (polling)"),
-    };
+    let polling = a.comms_style == CommsStyle::Active;
     if !polling && (a.server_web_socket.is_some() || a.connect_to.is_some()) {
         bail!("--server-web-socket and --connect-to are for polling tentacles: add --comms-style TentacleActive");
     }
@@ -210,7 +226,7 @@ pub(crate) fn register(target: &Target, a: &RegisterArgs, kind: Kind) -> anyhow:
     };
     let body = json!({
         "name": name,
-        "comms_style": a.comms_style,
+        "comms_style": a.comms_style.as_str(),
         "uri": uri,
         "thumbprint": identity.thumbprint().to_string(),
         "environments": a.environments,
@@ -461,11 +477,15 @@ pub(crate) struct DeregisterArgs {
     )]
     api_key: Option<String>,
     /// Log in as this user instead (with --password).
-    #[arg(long, requires = "password")]
+    #[arg(long, short = 'u', alias = "user", requires = "password")]
     username: Option<String>,
     /// The user's password (used for this call only, never stored).
-    #[arg(long, requires = "username")]
+    #[arg(long, short = 'p', requires = "username")]
     password: Option<String>,
+    /// Accepted for the original's scripts: every machine with this tentacle's
+    /// thumbprint in the space is removed, one or many.
+    #[arg(long, short = 'm')]
+    multiple: bool,
     /// The space to leave: its name (any case) or its id (Spaces-N). Default: the server's Default space.
     #[arg(long, alias = "Space", value_name = "NAME")]
     space: Option<String>,

@@ -9,11 +9,13 @@ use octo_agent::capabilities::CapabilitiesImpl;
 use octo_agent::config::{PollingServer, TentacleConfig};
 use octo_agent::files::FileServiceImpl;
 use octo_agent::scripts::ScriptServiceImpl;
+use octo_agent::upgrade::{self, Host, RestartMode, UpgradeServiceImpl};
 use octo_agent::AgentContext;
 use octo_comms::{Backoff, PollingOptions, PollingTarget, TentacleComms};
 use octo_proto::v1::capabilities_server::CapabilitiesServer;
 use octo_proto::v1::file_service_server::FileServiceServer;
 use octo_proto::v1::script_service_server::ScriptServiceServer;
+use octo_proto::v1::upgrade_service_server::UpgradeServiceServer;
 use octo_tls::{Thumbprint, TrustStore};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -29,13 +31,45 @@ pub(crate) fn run(target: &Target) -> anyhow::Result<()> {
     for dir in [&cfg.tentacle.home, &cfg.tentacle.applications] {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let _log_guard = init_logging(&cfg)?;
-    tokio::runtime::Builder::new_multi_thread()
+    let host = Arc::new(
+        Host::current(&cfg.tentacle.home).context("finding this process's binary and folder")?,
+    );
+    let log_guard = init_logging(&cfg)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .context("starting the async runtime")?
-        .block_on(agent(target, cfg, identity))
+        .context("starting the async runtime")?;
+    let ended = runtime.block_on(agent(target, cfg, identity, host.clone()))?;
+    // Nothing of the agent may outlive it into the restarted process.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    if ended == Ended::Stopped {
+        return Ok(());
+    }
+    info!(
+        "restarting ({})",
+        match &host.mode {
+            RestartMode::Systemd { unit } => format!("systemd unit {unit}"),
+            RestartMode::ReExec => format!("executing {} again", host.binary.display()),
+        }
+    );
+    drop(log_guard);
+    let why = upgrade::restart(&host);
+    if why.is_empty() {
+        // systemd restarts the unit.
+        return Ok(());
+    }
+    eprintln!("error: restarting the tentacle: {why}");
+    std::process::exit(upgrade::RESTART_EXIT_CODE);
+}
+
+/// How the agent ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    /// Asked to stop (SIGTERM, Ctrl-C).
+    Stopped,
+    /// Asked to restart (an upgrade swapped or restored its binary).
+    Restart,
 }
 
 /// Logs to stderr (journald keeps it under systemd) and to a daily-rolling file
@@ -78,7 +112,8 @@ async fn agent(
     target: &Target,
     cfg: TentacleConfig,
     identity: octo_tls::Identity,
-) -> anyhow::Result<()> {
+    host: Arc<Host>,
+) -> anyhow::Result<Ended> {
     let name = target.name.clone();
     if !cfg.listen.enabled && cfg.polling_servers.is_empty() {
         bail!(
@@ -93,18 +128,24 @@ async fn agent(
         home: cfg.tentacle.home.clone(),
         applications: cfg.tentacle.applications.clone(),
     };
+    upgrade::on_start(&ctx.home, &host);
+    let scripts = ScriptServiceImpl::new(ctx.clone());
     let routes =
         tonic::service::Routes::new(CapabilitiesServer::new(CapabilitiesImpl::new(ctx.clone())))
             .add_service(
                 // Scripts may carry extra files: allow requests up to 64 MiB.
-                ScriptServiceServer::new(ScriptServiceImpl::new(ctx.clone()))
-                    .max_decoding_message_size(64 << 20),
+                ScriptServiceServer::new(scripts.clone()).max_decoding_message_size(64 << 20),
             )
             .add_service(
-                FileServiceServer::new(FileServiceImpl::new(ctx))
+                FileServiceServer::new(FileServiceImpl::new(ctx.clone()))
                     .max_decoding_message_size(16 << 20)
                     .max_encoding_message_size(16 << 20),
-            );
+            )
+            .add_service(UpgradeServiceServer::new(UpgradeServiceImpl::new(
+                ctx,
+                scripts,
+                host.clone(),
+            )));
     let hint_name = name.clone();
     let trust = TrustStore::new(
         cfg.trusted_thumbprints(),
@@ -157,19 +198,22 @@ async fn agent(
     ));
     info!(
         "tentacle '{name}' {} started: {}; thumbprint {}",
-        octo_agent::VERSION,
+        octo_agent::version(),
         summary.join("; "),
         identity.thumbprint()
     );
 
-    wait_for_signal().await;
+    let ended = tokio::select! {
+        () = wait_for_signal() => Ended::Stopped,
+        () = host.restart.cancelled() => Ended::Restart,
+    };
     info!("stopping tentacle '{name}'");
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), async {
         while tasks.join_next().await.is_some() {}
     })
     .await;
-    Ok(())
+    Ok(ended)
 }
 
 async fn wait_for_signal() {

@@ -200,9 +200,46 @@ impl ScriptServiceImpl {
             opts,
             scripts: Mutex::new(HashMap::new()),
             locks: Arc::new(IsolationLocks::default()),
+            held: Mutex::new(None),
         });
         shared.recover();
         Self { shared }
+    }
+
+    /// Refuses new scripts until the returned hold is dropped: StartScript of
+    /// a ticket not known yet answers UNAVAILABLE with `why` (callers retry),
+    /// while scripts already known keep running and answering. Used while the
+    /// tentacle replaces its own binary.
+    pub fn hold_new_scripts(&self, why: String) -> ScriptHold {
+        *lock(&self.shared.held) = Some(why);
+        ScriptHold {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Tickets of the scripts not complete yet (pending or running).
+    pub fn active_tickets(&self) -> Vec<String> {
+        let mut active: Vec<String> = self
+            .shared
+            .map()
+            .values()
+            .filter(|s| !s.is_complete())
+            .map(|s| s.ticket.clone())
+            .collect();
+        active.sort();
+        active
+    }
+}
+
+/// New scripts are refused while this lives ([`ScriptServiceImpl::hold_new_scripts`]).
+#[derive(Debug)]
+pub struct ScriptHold {
+    shared: Arc<Shared>,
+}
+
+impl Drop for ScriptHold {
+    fn drop(&mut self) {
+        *lock(&self.shared.held) = None;
     }
 }
 
@@ -212,6 +249,8 @@ struct Shared {
     opts: ScriptOptions,
     scripts: Mutex<HashMap<String, Arc<Script>>>,
     locks: Arc<IsolationLocks>,
+    /// Why new scripts are refused now, if they are.
+    held: Mutex<Option<String>>,
 }
 
 /// One script, known by its ticket.
@@ -482,7 +521,7 @@ fn persisted(ticket: &str, i: &Inner) -> Persisted {
         created_unix_ms: i.created_ms,
         started_unix_ms: i.started_ms,
         finished_unix_ms: i.finished_ms,
-        tentacle_version: crate::VERSION.to_string(),
+        tentacle_version: crate::version().to_string(),
     }
 }
 
@@ -673,6 +712,9 @@ impl Shared {
             return Ok((s, None));
         }
         let ticket = req.ticket.clone();
+        if let Some(why) = lock(&self.held).clone() {
+            return Err(Status::unavailable(why));
+        }
         let job = validate(req)?;
         self.sweep_expired();
         let script = {
@@ -680,6 +722,11 @@ impl Shared {
             if let Some(s) = map.get(&ticket) {
                 s.touch(self.opts.abandoned_after);
                 return Ok((Arc::clone(s), None));
+            }
+            // Checked again under the map's lock, which `active_tickets` takes:
+            // a script either counts as active there or is refused here.
+            if let Some(why) = lock(&self.held).clone() {
+                return Err(Status::unavailable(why));
             }
             let dir = self.dir_of(&ticket);
             let script = Arc::new(Script::new(
@@ -871,7 +918,7 @@ impl Shared {
             created_unix_ms: now_ms(),
             started_unix_ms: None,
             finished_unix_ms: None,
-            tentacle_version: crate::VERSION.to_string(),
+            tentacle_version: crate::version().to_string(),
         });
         let leftovers = Selector {
             pgid: None,
@@ -1021,7 +1068,7 @@ async fn drive(
             "TentacleInstanceName".into(),
             ctx.instance_name.clone().into(),
         ),
-        ("TentacleVersion".into(), crate::VERSION.into()),
+        ("TentacleVersion".into(), crate::version().into()),
         ("TentacleScriptTicket".into(), script.ticket.clone().into()),
     ]);
     let child = process::command(job.interp, &script.dir, &job.arguments, &env).spawn();

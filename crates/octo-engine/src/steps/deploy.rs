@@ -84,7 +84,7 @@ impl DeployArgs {
 
 /// How the preparation of a step ended.
 #[allow(clippy::large_enum_variant)] // One per step, moved once.
-enum Prepared<T> {
+pub(crate) enum Prepared<T> {
     Ready(T),
     /// The step ended (failed, canceled) or the server stops.
     Stop(StepEnd),
@@ -120,7 +120,7 @@ async fn begin(
 /// Runs `work` on a connection to the machine until it succeeds, fails for
 /// good, is canceled (nothing was started on the machine yet: the step ends
 /// Canceled) or the server stops. Retryable failures are retried with backoff.
-async fn with_retries<T, F>(
+pub(crate) async fn with_retries<T, F>(
     ctx: &StepContext,
     step: &TaskStep,
     endpoint: &Endpoint,
@@ -357,7 +357,13 @@ pub(crate) async fn run_upgrade_step(ctx: &StepContext, mut step: TaskStep) -> S
         Prepared::Ready(c) => c,
         Prepared::Stop(end) => return end,
     };
-    let (update, line) = super::health::judge(&caps, now_ms(), Some(&tool.version));
+    let tentacle = ctx.tentacle.as_ref().as_ref().ok();
+    let (update, line) = super::health::judge(
+        &caps,
+        now_ms(),
+        Some(&tool.version),
+        tentacle.map(|t| t.version.as_str()),
+    );
     if let Err(e) = ctx.store.record_health(step.machine_id, &update).await {
         tracing::error!("recording the health of {}: {e}", step.machine_name);
     }

@@ -56,7 +56,13 @@ pub(crate) async fn run_step(ctx: &StepContext, mut step: TaskStep) -> StepEnd {
     let (update, line) = match checked {
         Ok(caps) => {
             let tool = ctx.tool.as_ref().as_ref().ok();
-            judge(&caps, at, tool.map(|t| t.version.as_str()))
+            let tentacle = ctx.tentacle.as_ref().as_ref().ok();
+            judge(
+                &caps,
+                at,
+                tool.map(|t| t.version.as_str()),
+                tentacle.map(|t| t.version.as_str()),
+            )
         }
         Err(reason) => {
             let reason = with_listening_hint(&machine, reason);
@@ -96,12 +102,14 @@ pub(crate) async fn run_step(ctx: &StepContext, mut step: TaskStep) -> StepEnd {
 
 /// What to record for a machine that answered, and the log line. A missing or
 /// outdated deployment tool (compared with `server_tool`, the version this
-/// server pushes) is a warning: the machine stays Healthy, and the reason says
-/// what happens next.
+/// server pushes), and a tentacle older than `server_tentacle` (the one this
+/// server carries), are warnings: the machine stays Healthy, and the reason
+/// says what to do.
 pub(crate) fn judge(
     caps: &CapabilitiesReply,
     at: i64,
     server_tool: Option<&str>,
+    server_tentacle: Option<&str>,
 ) -> (HealthUpdate, String) {
     let free_mib = caps.home_free_bytes >> 20;
     let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_string());
@@ -111,10 +119,14 @@ pub(crate) fn judge(
             format!("low disk space: {free_mib} MiB free"),
         )
     } else {
-        (
-            HealthStatus::Healthy,
+        let warnings: Vec<String> = [
+            tentacle_warning(&caps.tentacle_version, server_tentacle),
             tool_warning(&caps.tool_version, server_tool),
-        )
+        ]
+        .into_iter()
+        .filter(|w| !w.is_empty())
+        .collect();
+        (HealthStatus::Healthy, warnings.join("; "))
     };
     let mut line = format!(
         "{status:?} (tentacle {}, {} {} {}, {free_mib} MiB free",
@@ -155,6 +167,17 @@ fn with_listening_hint(machine: &Machine, reason: String) -> String {
         )
     } else {
         reason
+    }
+}
+
+/// "Tentacle upgrade available (X -> Y)" when the machine's tentacle is older
+/// than the one this server carries, else "".
+fn tentacle_warning(running: &str, carried: Option<&str>) -> String {
+    match carried {
+        Some(carried) if crate::tentacle_build::is_older(running, carried) => format!(
+            "Tentacle upgrade available ({running} -> {carried}); `octopus tentacle upgrade` installs it"
+        ),
+        _ => String::new(),
     }
 }
 

@@ -5,6 +5,7 @@
 pub(crate) mod deploy;
 pub(crate) mod health;
 pub(crate) mod script;
+pub(crate) mod tentacle_upgrade;
 mod transfer;
 
 use std::future::Future;

@@ -152,7 +152,7 @@ pub(crate) async fn transfer(
     Ok(remote)
 }
 
-async fn upload_state(
+pub(crate) async fn upload_state(
     conn: &Connection,
     path: &str,
 ) -> Result<octo_proto::v1::UploadStateReply, PhaseError> {
@@ -180,7 +180,7 @@ async fn upload_state(
 
 /// Uploads a local file from `resume_from` (the tentacle verifies the whole
 /// file's SHA-256 before it moves it into place).
-async fn upload_file(
+pub(crate) async fn upload_file(
     conn: &Connection,
     local: &Path,
     remote: &str,

@@ -18,7 +18,9 @@ use octo_api_types::{
 use octo_server_core::api::machines::{
     change_machine, machine_page, remove_machine, save_machine, visible_machine, MachineQuery,
 };
-use octo_server_core::api::tasks::{start_health_check, start_tool_upgrade};
+use octo_server_core::api::tasks::{
+    start_health_check, start_tentacle_upgrade, start_tool_upgrade,
+};
 use octo_server_core::authz::Access;
 use octo_server_core::AppState;
 use octo_store::{MachineFilter, TaskQuery};
@@ -89,6 +91,11 @@ pub(crate) fn pages() -> Vec<Page> {
             "/spaces/{space}/targets/{name}/upgrade-tool",
             Access::Space(P::TaskCreate),
             upgrade_one,
+        ),
+        post(
+            "/spaces/{space}/targets/{name}/upgrade-tentacle",
+            Access::Space(P::MachineEdit),
+            upgrade_tentacle_one,
         ),
         post(
             "/spaces/{space}/targets/{name}/settings",
@@ -755,6 +762,8 @@ struct TargetPage {
     checked: String,
     tool_outdated: bool,
     server_tool: String,
+    /// The server's tentacle version when this machine's is older, else "".
+    tentacle_upgrade: String,
     free_disk: String,
     last_check: Option<(String, String, Vec<LogLine>)>,
     choices: Choices,
@@ -835,6 +844,17 @@ async fn target_page(
             octo_engine::tool::compare(m.tool_version.as_deref().unwrap_or(""), &server_tool),
             octo_engine::tool::ToolStatus::Current
         );
+    let tentacle_upgrade = match s.tentacle.as_ref() {
+        Ok(t)
+            if octo_engine::tentacle_build::is_older(
+                m.tentacle_version.as_deref().unwrap_or(""),
+                &t.version,
+            ) =>
+        {
+            t.version.clone()
+        }
+        _ => String::new(),
+    };
     let last_check = last_health_check(s, &f, &m).await;
     let choices = match choices(s, &f).await {
         Ok(c) => c,
@@ -851,6 +871,7 @@ async fn target_page(
         checked: when(m.last_health_at),
         tool_outdated,
         server_tool,
+        tentacle_upgrade,
         free_disk: free_disk(m.free_bytes),
         last_check,
         choices,
@@ -941,6 +962,21 @@ async fn upgrade_one(
         environment: None,
     };
     match start_tool_upgrade(&s, &f.caller, &f.space, req).await {
+        Ok(view) => see_other(&f.href(&format!("/tasks/{}", enc(&view.task.id)))),
+        Err(e) => target_page(&s, f, &name, false, Some(e.message)).await,
+    }
+}
+
+async fn upgrade_tentacle_one(
+    State(s): State<AppState>,
+    f: Frame,
+    Path((_, name)): Path<(String, String)>,
+) -> Response {
+    let req = octo_api_types::TentacleUpgradeRequest {
+        machines: vec![name.clone()],
+        ..Default::default()
+    };
+    match start_tentacle_upgrade(&s, &f.caller, &f.space, req).await {
         Ok(view) => see_other(&f.href(&format!("/tasks/{}", enc(&view.task.id)))),
         Err(e) => target_page(&s, f, &name, false, Some(e.message)).await,
     }

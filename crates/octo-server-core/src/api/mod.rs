@@ -39,7 +39,7 @@ use octo_api_types::{
     MachinePolicy, MachineRequest, MachineUpdate, NewApiKey, NewEnvironment, NewGrant, NewMember,
     NewRole, NewSpace, NewTeam, NewUser, Package, Permission, PushReply, RegisterReply, Role,
     ScriptRequest, ServerInfo, SetPassword, Space, Syntax, Task, TaskLogLine, TaskState, TaskStep,
-    TaskView, Team, Tenant, User, WhoAmI, WorkerPool, API_KEY_HEADER,
+    TaskView, Team, Tenant, TentacleUpgradeRequest, User, WhoAmI, WorkerPool, API_KEY_HEADER,
 };
 use utoipa::openapi::security::{ApiKey as ApiKeyScheme, ApiKeyValue, SecurityScheme};
 use utoipa::OpenApi;
@@ -177,6 +177,7 @@ pub fn router(state: AppState) -> Router {
         tasks::cancel_task,
         tasks::create_deploy_task,
         tasks::create_upgrade_task,
+        tasks::create_tentacle_upgrade_task,
         tasks::guide_task,
         packages::push_package,
         packages::list_packages,
@@ -230,6 +231,7 @@ pub fn router(state: AppState) -> Router {
         Syntax,
         Isolation,
         HealthRequest,
+        TentacleUpgradeRequest,
         CancelReply,
         DeployRequest,
         GuidanceRequest,
@@ -435,5 +437,6 @@ async fn server_info(axum::extract::State(s): axum::extract::State<AppState>) ->
         web_socket_port: s.web_socket.as_ref().map(|(p, _)| *p),
         web_socket_path: s.web_socket.as_ref().map(|(_, path)| path.clone()),
         tool_version: s.tool.as_ref().as_ref().ok().map(|t| t.version.clone()),
+        tentacle_version: s.tentacle.as_ref().as_ref().ok().map(|t| t.version.clone()),
     })
 }

@@ -19,7 +19,7 @@ use axum::response::IntoResponse;
 use axum::Json;
 use octo_api_types::{
     CancelReply, DeployRequest, ErrorBody, GuidanceRequest, HealthRequest, Permission,
-    ScriptRequest, Space, Task, TaskLogLine, TaskState, TaskView,
+    ScriptRequest, Space, Task, TaskLogLine, TaskState, TaskView, TentacleUpgradeRequest,
 };
 use octo_engine::engine::environments_of;
 use octo_engine::secrets::MASK;
@@ -61,6 +61,12 @@ pub(super) fn routes() -> Vec<Route> {
             "/api/tasks/upgrade",
             Access::Space(P::TaskCreate),
             create_upgrade_task,
+        ),
+        // Replaces the agent's own binary: as much as editing the machine.
+        post(
+            "/api/tasks/tentacle-upgrade",
+            Access::Space(P::MachineEdit),
+            create_tentacle_upgrade_task,
         ),
         get("/api/tasks/{id}", Access::Space(P::TaskView), get_task),
         get("/api/tasks/{id}/log", Access::Space(P::TaskView), get_log),
@@ -485,6 +491,90 @@ pub async fn start_tool_upgrade(
         &target.machines,
         Vec::new(),
         String::new(),
+    )
+    .await
+}
+
+/// Upgrades tentacles to the tentacle binary this server carries.
+#[utoipa::path(
+    post,
+    path = "/api/tasks/tentacle-upgrade",
+    tag = "tasks",
+    request_body = TentacleUpgradeRequest,
+    responses(
+        (status = 201, description = "Created and started", body = TaskView),
+        (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
+        (status = 404, description = "A named machine does not exist", body = ErrorBody),
+        (status = 422, description = "No machine matches, or the server carries no tentacle binary", body = ErrorBody),
+    )
+)]
+pub(crate) async fn create_tentacle_upgrade_task(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(RequestSpace(space)): Extension<RequestSpace>,
+    ApiJson(req): ApiJson<TentacleUpgradeRequest>,
+) -> ApiResult<impl IntoResponse> {
+    let view = start_tentacle_upgrade(&s, &caller, &space, req).await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// As `create_tentacle_upgrade_task`, for the portal too: checks, creates and
+/// starts the task.
+pub async fn start_tentacle_upgrade(
+    s: &AppState,
+    caller: &Caller,
+    space: &Space,
+    req: TentacleUpgradeRequest,
+) -> ApiResult<TaskView> {
+    let build = match s.tentacle.as_ref() {
+        Ok(t) => t.clone(),
+        Err(why) => {
+            return Err(ApiError::unprocessable(format!(
+                "this server carries no tentacle binary to upgrade to: {why}"
+            )))
+        }
+    };
+    if req.machines.is_empty() && req.environment.is_none() {
+        return Err(ApiError::bad_request(
+            "machines or environment: say which tentacles to upgrade",
+        ));
+    }
+    let wait_for_scripts_s = req.wait_for_scripts_s.unwrap_or(300);
+    if !(1..=3600).contains(&wait_for_scripts_s) {
+        return Err(ApiError::bad_request(
+            "wait_for_scripts_s: must be 1 to 3600 seconds",
+        ));
+    }
+    let confirm_within_s = req.confirm_within_s.unwrap_or(120);
+    if !(5..=3600).contains(&confirm_within_s) {
+        return Err(ApiError::bad_request(
+            "confirm_within_s: must be 5 to 3600 seconds",
+        ));
+    }
+    let filter = filter_of(space.id, &req.environment, &None, &None);
+    let target = Target::select(s, caller, space, &req.machines, &filter).await?;
+    target.require(caller, space, Permission::MachineEdit)?;
+    let description = format!(
+        "Upgrade the tentacle to {} on {}",
+        build.version,
+        machine_list(&target.machines)
+    );
+    let args = octo_engine::TentacleUpgradeArgs {
+        version: build.version.clone(),
+        wait_for_scripts_s,
+        confirm_within_s,
+    };
+    create_and_start(
+        s,
+        caller,
+        space,
+        kind::TENTACLE_UPGRADE,
+        &description,
+        &args,
+        None,
+        &target.machines,
+        Vec::new(),
+        format!("tentacle {} (SHA-256 {})", build.version, build.sha256),
     )
     .await
 }

@@ -6,6 +6,8 @@
 
 mod api;
 mod check;
+mod compat;
+mod container;
 mod register;
 mod run;
 mod setup;
@@ -13,7 +15,7 @@ mod setup;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use octo_agent::config::{PollingServer, ProxySection, TentacleConfig, DEFAULT_SERVER_COMMS_PORT};
 use octo_agent::instances::{Instance, Registry, DEFAULT_INSTANCE};
 use octo_agent::service_unit;
@@ -72,7 +74,7 @@ enum Command {
     #[command(after_help = "Example:\n  tentacle new-certificate --instance Web --if-blank")]
     NewCertificate {
         /// Keep an existing certificate.
-        #[arg(long, alias = "if-blank", alias = "ifBlank")]
+        #[arg(long, short = 'b', alias = "ifBlank")]
         if_blank: bool,
     },
     /// Use an existing certificate: a PEM file with certificate and key, or PKCS#12/PFX.
@@ -81,17 +83,56 @@ enum Command {
     )]
     ImportCertificate {
         /// The file to import.
-        #[arg(long, alias = "fromFile")]
+        #[arg(long, short = 'f', alias = "fromFile")]
         from_file: PathBuf,
         /// PKCS#12 password.
-        #[arg(long, alias = "pw")]
+        #[arg(long, alias = "pw", alias = "pfx-password", alias = "pfxPassword")]
         password: Option<String>,
     },
     /// Print this instance's certificate thumbprint (servers must trust it).
-    #[command(after_help = "Example:\n  tentacle show-thumbprint --instance Web --format json")]
+    #[command(
+        after_help = "Examples:\n  tentacle show-thumbprint --instance Web --format json\n  tentacle show-thumbprint --export-file /tmp/thumbprint.txt"
+    )]
     ShowThumbprint {
         #[arg(long, value_enum, default_value_t)]
         format: Format,
+        /// Also write the thumbprint to this file.
+        #[arg(long, short = 'e', alias = "exportFile", value_name = "FILE")]
+        export_file: Option<PathBuf>,
+        /// Accepted for the original's scripts (the output is the thumbprint alone anyway).
+        #[arg(long, alias = "thumbprintOnly", hide = true)]
+        thumbprint_only: bool,
+    },
+    /// Replace a trusted server's thumbprint everywhere it is used (listening trust and polled servers).
+    #[command(
+        after_help = "Example:\n  tentacle update-trust --oldThumbprint 3FAF...8C8D --newThumbprint 5FAE...C8F0"
+    )]
+    UpdateTrust {
+        /// The thumbprint to replace.
+        #[arg(long, alias = "oldThumbprint")]
+        old_thumbprint: String,
+        /// The thumbprint to trust instead.
+        #[arg(long, alias = "newThumbprint")]
+        new_thumbprint: String,
+    },
+    /// Stop trusting and polling every server except those listed (their polling addresses).
+    #[command(
+        after_help = "Example:\n  tentacle clear-trusted-servers --keep \"https://polling-lb.example:10943\""
+    )]
+    ClearTrustedServers {
+        /// Comma-separated polling addresses to keep (HOST:PORT or https://HOST:PORT).
+        #[arg(long, value_delimiter = ',')]
+        keep: Vec<String>,
+    },
+    /// Start the services of instances that are installed but not running (a watchdog calls this).
+    #[command(
+        name = "checkservices",
+        after_help = "Examples:\n  tentacle checkservices --instances \"*\"\n  tentacle checkservices --instances Web,Db"
+    )]
+    CheckServices {
+        /// Comma-separated instance names, or * for every instance.
+        #[arg(long, default_value = "*")]
+        instances: String,
     },
     /// Change directories, listening and trusted servers.
     Configure(ConfigureArgs),
@@ -114,14 +155,15 @@ enum Command {
         #[command(flatten)]
         args: Box<register::RegisterArgs>,
     },
-    /// Remove this tentacle from a server, and stop trusting and polling it.
+    /// Remove this tentacle from a server, and stop trusting and polling it (`deregister-worker` too).
+    #[command(alias = "deregister-worker")]
     DeregisterFrom(register::DeregisterArgs),
     /// Run the agent in the foreground (what the service runs).
     #[command(
         alias = "agent",
-        after_help = "Example:\n  tentacle run --instance Web"
+        after_help = "Examples:\n  tentacle run --instance Web\n  tentacle agent --from-env     (a container's entrypoint: configure and register from ServerUrl, ServerApiKey, ... once, then run)"
     )]
-    Run,
+    Run(RunArgs),
     /// Check each configured path to the servers step by step (DNS, proxy, TCP, TLS, trust, RPC) and say what fixes a failure.
     CheckConnectivity(check::CheckArgs),
     /// Print the instance's configuration.
@@ -135,6 +177,28 @@ enum Command {
         #[arg(long, value_enum, default_value_t)]
         format: Format,
     },
+    /// Writes man pages (DIR/man) and shell completions (DIR/completions) of
+    /// this command line (used by scripts/package.sh).
+    #[command(hide = true)]
+    GenerateDocs {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Watches an upgrade of this tentacle until the server confirms it, and
+    /// puts the previous binary back if the new one does not come back
+    /// (started by the upgrade itself, from the previous binary).
+    #[command(hide = true)]
+    UpgradeGuard {
+        /// The upgrade record, HOME/Upgrade/state.json.
+        #[arg(long)]
+        state: PathBuf,
+        /// Start the guard in a session of its own and return.
+        #[arg(long)]
+        detach: bool,
+        /// Where the detached guard writes what it does.
+        #[arg(long, requires = "detach")]
+        log: Option<PathBuf>,
+    },
     /// Interactive setup: asks listening or polling, port or server, thumbprint.
     #[command(
         after_help = "Answers may be piped in, one per line, e.g.:\n  printf 'Web\\nlistening\\n10933\\n0.0.0.0\\nTHUMBPRINT\\n\\n' | tentacle setup"
@@ -142,16 +206,30 @@ enum Command {
     Setup,
 }
 
+/// Options of `run` (alias `agent`).
+#[derive(Args, Debug, Default)]
+struct RunArgs {
+    /// Configure the instance from the original container's environment variables
+    /// (ServerUrl, ServerApiKey or ServerUsername/ServerPassword, Space,
+    /// TargetEnvironment, TargetRole, TargetWorkerPool, ...), creating it when
+    /// missing and registering it once, then run. See docs/container.md.
+    #[arg(long)]
+    from_env: bool,
+    /// Wait this many milliseconds before starting.
+    #[arg(long, value_name = "MS")]
+    wait: Option<u64>,
+}
+
 #[derive(Args, Debug, Default)]
 #[command(
-    after_help = "Example:\n  tentacle configure --instance Web --port 10933 --trust 0123...CDEF\n  tentacle configure --instance Web --noListen"
+    after_help = "Examples:\n  tentacle configure --instance Web --port 10933 --trust 0123...CDEF\n  tentacle configure --instance Web --no-listen           (polling only)\n  tentacle configure --port 10933 --noListen False --reset-trust --app /home/Octopus/Applications/"
 )]
 struct ConfigureArgs {
     /// Home directory.
-    #[arg(long)]
+    #[arg(long, alias = "homedir")]
     home: Option<PathBuf>,
     /// Applications directory.
-    #[arg(long)]
+    #[arg(long, alias = "appdir")]
     app: Option<PathBuf>,
     /// Listening port (0 picks a free port at each start).
     #[arg(long)]
@@ -159,9 +237,18 @@ struct ConfigureArgs {
     /// Address to listen on.
     #[arg(long, alias = "listenIpAddress", alias = "listen-ip-address")]
     listen_ip: Option<String>,
-    /// Stop listening (polling only).
-    #[arg(long, alias = "noListen", conflicts_with = "listen")]
-    no_listen: bool,
+    /// Stop listening (polling only); `--no-listen false` listens again. The
+    /// original's `--noListen True|False` is the same option.
+    #[arg(
+        long,
+        alias = "noListen",
+        conflicts_with = "listen",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_parser = compat::parse_bool,
+        value_name = "True|False"
+    )]
+    no_listen: Option<bool>,
     /// Listen again.
     #[arg(long)]
     listen: bool,
@@ -258,12 +345,15 @@ impl std::fmt::Debug for PollingProxyArgs {
 
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Example:\n  tentacle service --instance Web --install --start --username octopus"
+    after_help = "Without systemd (e.g. in a container) nothing can be started or stopped as a service: --install still writes the unit, --stop and --uninstall do what can be done, and --start/--restart fail saying to run the agent with `tentacle run`.\n\nExamples:\n  tentacle service --instance Web --install --start --username octopus\n  tentacle service --instance Web --stop --uninstall"
 )]
 struct ServiceArgs {
     /// Write and enable the systemd unit.
     #[arg(long)]
     install: bool,
+    /// Write the unit again (after moving the binary or changing --username).
+    #[arg(long)]
+    reconfigure: bool,
     /// Stop, disable and remove the unit.
     #[arg(long, conflicts_with = "install")]
     uninstall: bool,
@@ -276,9 +366,12 @@ struct ServiceArgs {
     /// Restart the service.
     #[arg(long)]
     restart: bool,
-    /// Run the service as this user.
-    #[arg(long)]
+    /// Run the service as this user (default root).
+    #[arg(long, alias = "user", env = "OCTOPUS_SERVICE_USERNAME")]
     username: Option<String>,
+    /// Start the service after this systemd unit (e.g. a mount or a database).
+    #[arg(long, alias = "dependOn", value_name = "UNIT")]
+    depend_on: Option<String>,
 }
 
 /// The instance a command acts on.
@@ -339,13 +432,46 @@ pub(crate) fn load_identity(cfg: &TentacleConfig) -> anyhow::Result<Identity> {
     Ok(Identity::load(&t.certificate, &t.private_key)?)
 }
 
-fn main() {
+/// Runs the `tentacle` command line and exits.
+pub fn main() {
+    run_command_line(octo_agent::VERSION);
+}
+
+/// As [`main`], for a binary that reports `version` instead of this crate's
+/// (to servers, scripts and `tentacle version`): the upgrade tests build an
+/// older tentacle this way (`src/bin/tentacle-old-for-tests.rs`).
+pub fn main_reporting(version: &'static str) {
+    octo_agent::report_version(version);
+    run_command_line(version);
+}
+
+fn run_command_line(version: &'static str) {
     octo_comms::tune_allocator();
-    let cli = Cli::parse();
+    let command = last_wins(Cli::command().version(version));
+    let args = compat::normalise(std::env::args_os().collect(), &command);
+    let cli = command
+        .try_get_matches_from(args)
+        .and_then(|m| Cli::from_arg_matches(&m))
+        .unwrap_or_else(|e| e.exit());
     if let Err(e) = dispatch(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// Every option given twice keeps its last value, as in the original (its
+/// documented archive worker script passes `--space` twice); options that
+/// collect values (`--role`, `--environment`, `--trust`) still collect.
+fn last_wins(cmd: clap::Command) -> clap::Command {
+    let names: Vec<String> = cmd
+        .get_subcommands()
+        .map(|c| c.get_name().to_string())
+        .collect();
+    let mut cmd = cmd.args_override_self(true);
+    for name in names {
+        cmd = cmd.mut_subcommand(name, last_wins);
+    }
+    cmd
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
@@ -367,14 +493,41 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             &from_file,
             password.as_deref(),
         ),
-        Command::ShowThumbprint { format } => {
-            show_thumbprint(&Target::resolve(&cli.instance, config)?, format)
+        Command::ShowThumbprint {
+            format,
+            export_file,
+            thumbprint_only: _,
+        } => show_thumbprint(
+            &Target::resolve(&cli.instance, config)?,
+            format,
+            export_file.as_deref(),
+        ),
+        Command::UpdateTrust {
+            old_thumbprint,
+            new_thumbprint,
+        } => update_trust(
+            &Target::resolve(&cli.instance, config)?,
+            &old_thumbprint,
+            &new_thumbprint,
+        ),
+        Command::ClearTrustedServers { keep } => {
+            clear_trusted_servers(&Target::resolve(&cli.instance, config)?, &keep)
         }
+        Command::CheckServices { instances } => check_services(&instances),
         Command::Configure(a) => configure(&Target::resolve(&cli.instance, config)?, a),
         Command::PollServer(a) => poll_server(&Target::resolve(&cli.instance, config)?, a),
         Command::PollingProxy(a) => polling_proxy(&Target::resolve(&cli.instance, config)?, a),
         Command::Service(a) => service(&Target::resolve(&cli.instance, config)?, &a),
-        Command::Run => run::run(&Target::resolve(&cli.instance, config)?),
+        Command::Run(a) => {
+            if let Some(ms) = a.wait {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+            }
+            if a.from_env {
+                let target = container::prepare(&cli.instance, config)?;
+                return run::run(&target);
+            }
+            run::run(&Target::resolve(&cli.instance, config)?)
+        }
         Command::RegisterWith(a) => register::register(
             &Target::resolve(&cli.instance, config)?,
             &a,
@@ -400,15 +553,29 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Version { format } => {
             match format {
-                Format::Text => println!("tentacle {}", octo_agent::VERSION),
+                Format::Text => println!("tentacle {}", octo_agent::version()),
                 Format::Json => println!(
                     "{}",
-                    serde_json::json!({ "version": octo_agent::VERSION, "protocol": octo_proto::PROTOCOL_VERSION })
+                    serde_json::json!({ "version": octo_agent::version(), "protocol": octo_proto::PROTOCOL_VERSION })
                 ),
             }
             Ok(())
         }
         Command::Setup => setup::run(std::io::stdin().lock(), &mut std::io::stdout()),
+        Command::GenerateDocs { out } => {
+            let cmd = Cli::command().version(octo_agent::version());
+            octo_agent::cli_docs::generate(cmd, &out)
+                .with_context(|| format!("writing the docs under {}", out.display()))
+        }
+        Command::UpgradeGuard { state, detach, log } => {
+            if detach {
+                let log = log.unwrap_or_else(|| state.with_extension("guard.log"));
+                octo_agent::upgrade::detach_guard(&state, &log)
+                    .with_context(|| format!("starting the upgrade guard (log {})", log.display()))
+            } else {
+                octo_agent::upgrade::guard(&state).map_err(anyhow::Error::msg)
+            }
+        }
     }
 }
 
@@ -423,9 +590,16 @@ pub(crate) fn create_instance(
     let config_path = config
         .map(Path::to_path_buf)
         .unwrap_or_else(|| registry.default_config(name));
-    let home = home.unwrap_or_else(|| registry.default_home(name));
-    let home = absolute(&home)?;
     let config_path = absolute(&config_path)?;
+    // As the original: with --config and no --home, the home is the config's folder.
+    let home = match (home, config) {
+        (Some(h), _) => h,
+        (None, Some(_)) => config_path
+            .parent()
+            .map_or_else(|| registry.default_home(name), Path::to_path_buf),
+        (None, None) => registry.default_home(name),
+    };
+    let home = absolute(&home)?;
     if let Ok(existing) = registry.get(name) {
         bail!(
             "a tentacle instance named '{name}' already exists (configuration {}); use it, or remove it first with `tentacle delete-instance --instance {name}`",
@@ -552,9 +726,13 @@ fn import_certificate(target: &Target, file: &Path, password: Option<&str>) -> a
     Ok(())
 }
 
-fn show_thumbprint(target: &Target, format: Format) -> anyhow::Result<()> {
+fn show_thumbprint(target: &Target, format: Format, export: Option<&Path>) -> anyhow::Result<()> {
     let cfg = target.load()?;
     let identity = load_identity(&cfg)?;
+    if let Some(file) = export {
+        std::fs::write(file, identity.thumbprint().to_string())
+            .with_context(|| format!("writing the thumbprint to {}", file.display()))?;
+    }
     match format {
         Format::Text => println!("{}", identity.thumbprint()),
         Format::Json => println!(
@@ -604,11 +782,11 @@ fn configure(target: &Target, a: ConfigureArgs) -> anyhow::Result<()> {
         changes.push(format!("listen address = {ip}"));
         cfg.listen.address = ip;
     }
-    if a.no_listen {
+    if a.no_listen == Some(true) {
         cfg.listen.enabled = false;
         changes.push("listening off".into());
     }
-    if a.listen {
+    if a.listen || a.no_listen == Some(false) {
         cfg.listen.enabled = true;
         changes.push("listening on".into());
     }
@@ -641,6 +819,127 @@ fn configure(target: &Target, a: ConfigureArgs) -> anyhow::Result<()> {
         println!(
             "A running agent applies trust changes within seconds; restart it for other changes."
         );
+    }
+    Ok(())
+}
+
+/// `update-trust`: wherever `old` is trusted (listening trust, polled
+/// servers), trust `new` instead.
+fn update_trust(target: &Target, old: &str, new: &str) -> anyhow::Result<()> {
+    let (old, new) = (parse_thumbprint(old)?, parse_thumbprint(new)?);
+    let mut cfg = target.load()?;
+    let mut changed = 0;
+    if cfg.remove_trust(old) {
+        cfg.trust(new);
+        changed += 1;
+    }
+    for p in &mut cfg.polling_servers {
+        if p.thumbprint.parse::<Thumbprint>().ok() == Some(old) {
+            p.thumbprint = new.to_string();
+            changed += 1;
+        }
+    }
+    if changed == 0 {
+        bail!(
+            "instance '{}' does not trust {old}; `tentacle show-configuration --instance {}` shows what it trusts",
+            target.name,
+            target.name
+        );
+    }
+    target.save(&cfg)?;
+    println!(
+        "Instance '{}' now trusts {new} instead of {old} ({changed} place(s)). A running agent applies it within seconds.",
+        target.name
+    );
+    Ok(())
+}
+
+/// `clear-trusted-servers --keep A,B`: stops trusting and polling every server
+/// whose polling address is not kept (listening trust has no address, so it
+/// goes too).
+fn clear_trusted_servers(target: &Target, keep: &[String]) -> anyhow::Result<()> {
+    let keep: Vec<String> = keep
+        .iter()
+        .map(|k| k.trim())
+        .filter(|k| !k.is_empty())
+        .map(|k| polling_address(Some(k), None).or_else(|_| polling_address(None, Some(k))))
+        .collect::<Result<_, _>>()?;
+    let mut cfg = target.load()?;
+    let before = (cfg.trusted_servers.len(), cfg.polling_servers.len());
+    cfg.polling_servers.retain(|p| keep.contains(&p.address));
+    let missing: Vec<&String> = keep
+        .iter()
+        .filter(|k| !cfg.polling_servers.iter().any(|p| &p.address == *k))
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "instance '{}' does not poll {}; nothing changed (`tentacle show-configuration` lists the polled servers)",
+            target.name,
+            missing
+                .iter()
+                .map(|m| m.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    cfg.trusted_servers.clear();
+    target.save(&cfg)?;
+    println!(
+        "Instance '{}' no longer trusts {} listening server(s) nor polls {} server(s); it keeps polling {}.",
+        target.name,
+        before.0,
+        before.1 - cfg.polling_servers.len(),
+        if keep.is_empty() {
+            "nothing".to_string()
+        } else {
+            keep.join(", ")
+        }
+    );
+    Ok(())
+}
+
+/// `checkservices --instances A,B|*`: starts the installed services of those
+/// instances that are not running.
+fn check_services(instances: &str) -> anyhow::Result<()> {
+    let registered = Registry::locate().list()?;
+    let wanted: Vec<String> = if instances.trim() == "*" {
+        registered.iter().map(|i| i.name.clone()).collect()
+    } else {
+        instances
+            .split(',')
+            .map(|n| n.trim().to_string())
+            .filter(|n| !n.is_empty())
+            .collect()
+    };
+    if !service_unit::systemd_running() {
+        bail!("systemd is not running on this machine, so there are no services to check; run each instance with `tentacle run --instance NAME`");
+    }
+    for name in &wanted {
+        let Some(inst) = registered
+            .iter()
+            .find(|i| i.name.eq_ignore_ascii_case(name))
+        else {
+            bail!("there is no tentacle instance named '{name}'; `tentacle list-instances` lists them");
+        };
+        let unit = service_unit::unit_name(&inst.name);
+        if !service_unit::unit_dir().join(&unit).exists() {
+            println!(
+                "Instance '{}' is not installed as a service; skipped.",
+                inst.name
+            );
+            continue;
+        }
+        let active = std::process::Command::new("systemctl")
+            .args(["is-active", "--quiet", &unit])
+            .status()
+            .with_context(|| format!("running systemctl is-active {unit}"))?
+            .success();
+        if active {
+            println!("{unit} is running.");
+        } else {
+            systemctl(&["start", &unit])?;
+            println!("{unit} was not running; started it.");
+        }
     }
     Ok(())
 }
@@ -868,53 +1167,44 @@ fn systemctl(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `tentacle service`, in the original's order within one call: restart,
+/// stop, uninstall, install (or reconfigure), start.
 fn service(target: &Target, a: &ServiceArgs) -> anyhow::Result<()> {
-    if !(a.install || a.uninstall || a.start || a.stop || a.restart) {
-        bail!("say what to do: --install, --uninstall, --start, --stop or --restart (see `tentacle service --help`)");
+    if !(a.install || a.reconfigure || a.uninstall || a.start || a.stop || a.restart) {
+        bail!("say what to do: --install, --reconfigure, --uninstall, --start, --stop or --restart (see `tentacle service --help`)");
     }
     let unit = service_unit::unit_name(&target.name);
-    let path = service_unit::unit_dir().join(&unit);
-    let systemd = service_unit::systemd_running();
-    if a.install {
-        let cfg = target.load()?;
-        load_identity(&cfg)?; // a service that cannot start is no use
-        if let Some(u) = &a.username {
-            if nix::unistd::User::from_name(u).ok().flatten().is_none() {
-                bail!("there is no user '{u}' on this machine; create it first (e.g. `useradd --system {u}`)");
-            }
+    let dir = service_unit::unit_dir();
+    let path = dir.join(&unit);
+    let systemd = service_unit::systemd_manages(&dir);
+    let name = &target.name;
+    let no_systemd = |verb: &str| {
+        anyhow::anyhow!(
+            "systemd is not running on this machine, so the service cannot {verb}; run the agent in the foreground instead: `tentacle run --instance {name}` (in a container: `tentacle agent --from-env`)"
+        )
+    };
+    if a.restart {
+        if !systemd {
+            return Err(no_systemd("restart"));
         }
-        let spec = service_unit::UnitSpec {
-            instance: target.name.clone(),
-            binary: std::env::current_exe().context("finding the tentacle binary")?,
-            config: target
-                .explicit_config
-                .then(|| absolute(&target.config_path))
-                .transpose()?,
-            config_dir: std::env::var_os("TENTACLE_CONFIG_DIR")
-                .filter(|d| !d.is_empty())
-                .map(PathBuf::from),
-            user: a.username.clone(),
-        };
-        octo_agent::config::write_atomic(&path, service_unit::render(&spec).as_bytes(), 0o644)
-            .with_context(|| format!("writing {}", path.display()))?;
-        println!("Wrote {}", path.display());
+        systemctl(&["restart", &unit])?;
+        println!("Restarted {unit}.");
+    }
+    if a.stop {
         if systemd {
-            systemctl(&["daemon-reload"])?;
-            systemctl(&["enable", "--now", &unit])?;
-            println!("Enabled and started {unit}. Logs: journalctl -u {unit}");
+            if path.exists() {
+                systemctl(&["stop", &unit])?;
+                println!("Stopped {unit}.");
+            } else {
+                println!("{unit} is not installed; nothing to stop.");
+            }
         } else {
-            println!(
-                "systemd is not running on this machine, so the unit was written but not enabled."
-            );
-            println!(
-                "Start the agent by hand with: tentacle run --instance {}",
-                target.name
-            );
+            println!("systemd is not running on this machine, so no service of instance '{name}' runs; nothing to stop.");
         }
     }
     if a.uninstall {
-        if systemd {
-            let _ = systemctl(&["disable", "--now", &unit]);
+        if systemd && path.exists() {
+            systemctl(&["disable", "--now", &unit])?;
         }
         match std::fs::remove_file(&path) {
             Ok(()) => println!("Removed {}", path.display()),
@@ -927,22 +1217,54 @@ fn service(target: &Target, a: &ServiceArgs) -> anyhow::Result<()> {
             systemctl(&["daemon-reload"])?;
         }
     }
-    for (flag, verb) in [
-        (a.stop, "stop"),
-        (a.start && !a.install, "start"),
-        (a.restart, "restart"),
-    ] {
-        if !flag {
-            continue;
+    if a.install || a.reconfigure {
+        let cfg = target.load()?;
+        load_identity(&cfg)?; // a service that cannot start is no use
+        if let Some(u) = &a.username {
+            if nix::unistd::User::from_name(u).ok().flatten().is_none() {
+                bail!("there is no user '{u}' on this machine; create it first (e.g. `useradd --system {u}`)");
+            }
         }
-        if !systemd {
-            bail!(
-                "systemd is not running on this machine, so `--{verb}` cannot work; run the agent in the foreground with `tentacle run --instance {}`",
-                target.name
+        let spec = service_unit::UnitSpec {
+            instance: target.name.clone(),
+            binary: this_binary()?,
+            config: target
+                .explicit_config
+                .then(|| absolute(&target.config_path))
+                .transpose()?,
+            config_dir: std::env::var_os("TENTACLE_CONFIG_DIR")
+                .filter(|d| !d.is_empty())
+                .map(PathBuf::from),
+            user: a.username.clone(),
+            after: a.depend_on.clone(),
+        };
+        octo_agent::config::write_atomic(&path, service_unit::render(&spec).as_bytes(), 0o644)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("Wrote {}", path.display());
+        if systemd {
+            systemctl(&["daemon-reload"])?;
+            systemctl(&["enable", &unit])?;
+            println!("Enabled {unit}. Logs: journalctl -u {unit}");
+        } else {
+            println!(
+                "systemd is not running on this machine, so the unit was written but not enabled."
             );
+            println!("Start the agent by hand with: tentacle run --instance {name}");
         }
-        systemctl(&[verb, &unit])?;
-        println!("{verb}: {unit}");
+    }
+    if a.start {
+        if !systemd {
+            return Err(no_systemd("start"));
+        }
+        systemctl(&["start", &unit])?;
+        println!("Started {unit}.");
     }
     Ok(())
+}
+
+/// The path of the running `tentacle` binary as the service should run it:
+/// the path it was started by when that names it (a symlink such as
+/// /usr/bin/tentacle is resolved, so the unit names the installed file).
+fn this_binary() -> anyhow::Result<PathBuf> {
+    std::env::current_exe().context("finding the tentacle binary")
 }
