@@ -1,8 +1,10 @@
 //! The server's store.
 //!
-//! [`Store`] is everything the server persists, as one async trait. Each database
-//! engine is a crate of its own that implements it (`octo-store-sqlite`, the
-//! embedded default; PostgreSQL can sit beside it), with its own migrations, and
+//! [`Store`] is everything the server persists, as one async trait. It is
+//! implemented once, in SQL, for every [`sql::Engine`] ([`sql`]); each
+//! database engine is a crate of its own that supplies its connections, the
+//! few pieces of SQL that differ ([`sql::Dialect`]) and its migrations
+//! (`octo-store-sqlite`, the embedded default; `octo-store-postgres`), and
 //! every engine runs the same contract suite (`octo-store-tests`). Queries are
 //! built at run time (no compile-time checked macros: those bind a build to one
 //! database).
@@ -12,10 +14,10 @@
 //! and compared case-insensitively; lists come back ordered by name (or, for tasks,
 //! newest first).
 //!
-//! For engines, what does not depend on the database: [`error`] (messages and
-//! database failures as [`StoreError`]s), [`input`] (validation and the rules
-//! of tasks and logs), [`text`] (enums as stored text), [`rows`] (row structs
-//! that derive `sqlx::FromRow` for any engine, and the records they become) and
+//! Beside [`sql`], what does not depend on the database: [`error`] (messages
+//! and database failures as [`StoreError`]s), [`input`] (validation and the
+//! rules of tasks and logs), [`text`] (enums as stored text), [`rows`] (row
+//! structs read from any engine's rows, and the records they become) and
 //! [`machines`] (a machine's lists).
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -26,6 +28,7 @@ pub mod error;
 pub mod input;
 pub mod machines;
 pub mod rows;
+pub mod sql;
 pub mod text;
 
 pub use octo_api_types::model::*;
@@ -278,6 +281,10 @@ pub struct AuditFilter {
 /// Everything the server persists.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Closes the store's connections, waiting for those in use to be
+    /// returned (before a process that opened it for one command exits).
+    async fn close(&self);
+
     // Spaces.
     /// Adds a space with its own default machine policy.
     async fn create_space(&self, name: &str, description: &str) -> Result<Space>;
