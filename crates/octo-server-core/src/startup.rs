@@ -3,8 +3,10 @@
 //! Owns a data directory (mode 0700, locked so that a second server cannot
 //! share it) holding the comms certificate, the SQLite database (0600), the
 //! master key that encrypts secret values (0600) and the first admin API key
-//! (0600). Serves the REST API on `--listen` and accepts polling tentacles on
-//! the comms port. `reset-admin` recovers access from the data directory.
+//! (0600). With `--database-url postgres://...` the database is PostgreSQL
+//! instead, and everything else stays in the data directory. Serves the REST
+//! API on `--listen` and accepts polling tentacles on the comms port.
+//! `reset-admin` recovers access from the data directory.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,7 +17,8 @@ use anyhow::{bail, Context};
 use octo_comms::{ServerComms, ServerCommsOptions};
 use octo_engine::secrets::MasterKey;
 use octo_engine::{Engine, EngineDeps, PackageFiles, ToolBuild};
-use octo_store::{Store, ADMINISTRATORS_TEAM};
+use octo_store::{Store, StoreError, ADMINISTRATORS_TEAM};
+use octo_store_postgres::PgStore;
 use octo_store_sqlite::SqliteStore;
 use octo_tls::{Identity, Thumbprint, TrustStore};
 use tokio_util::sync::CancellationToken;
@@ -34,29 +37,63 @@ pub struct DataLock {
 impl DataLock {
     fn acquire(data: &Path) -> anyhow::Result<Self> {
         let path = data.join(".lock");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
+        match exclusive_lock(&path)? {
+            Ok(lock) => Ok(Self { _lock: lock }),
+            Err(pid) => bail!(
+                "another octopus server (pid {pid}) is using the data directory {}; stop it, or give this one another --data",
+                data.display()
+            ),
+        }
+    }
+}
+
+/// Takes `path` (created 0600 when missing) exclusively for this process, writing
+/// its pid there; when another process holds it, that process's pid.
+fn exclusive_lock(path: &Path) -> anyhow::Result<Result<nix::fcntl::Flock<std::fs::File>, String>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    Ok(
         match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
             Ok(mut lock) => {
                 use std::io::{Seek, Write};
                 let _ = lock.set_len(0);
                 let _ = lock.seek(std::io::SeekFrom::Start(0));
                 let _ = writeln!(lock, "{}", std::process::id());
-                Ok(Self { _lock: lock })
+                Ok(lock)
             }
-            Err((_, _)) => {
-                let pid = std::fs::read_to_string(&path).unwrap_or_default();
-                bail!(
-                    "another octopus server (pid {}) is using the data directory {}; stop it, or give this one another --data",
-                    pid.trim(),
-                    data.display()
-                )
-            }
+            Err((_, _)) => Err(std::fs::read_to_string(path)
+                .unwrap_or_default()
+                .trim()
+                .to_string()),
+        },
+    )
+}
+
+/// The one node an SQLite database serves: held while a server runs on it, so
+/// that a second server (node) on the same file, from another data directory,
+/// is refused rather than sharing a database SQLite cannot share between hosts.
+#[derive(Debug)]
+struct SqliteNodeLock {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl SqliteNodeLock {
+    fn acquire(database: &Path) -> anyhow::Result<Self> {
+        let mut name = database.as_os_str().to_owned();
+        name.push(".node-lock");
+        match exclusive_lock(Path::new(&name))? {
+            Ok(lock) => Ok(Self { _lock: lock }),
+            Err(pid) => bail!(
+                "the SQLite database {} is already used by another server node (pid {pid}); SQLite serves one node only: to run several nodes, put every node on one PostgreSQL database with --database-url postgres://USER:PASSWORD@HOST:PORT/DATABASE",
+                database.display()
+            ),
         }
     }
 }
@@ -80,24 +117,55 @@ pub fn show_thumbprint(data: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The database file of these options.
-fn database_path(data: &Path, database_url: Option<&str>) -> anyhow::Result<PathBuf> {
-    Ok(match database_url {
-        None => data.join("octopus.db"),
-        Some(url) => match url.strip_prefix("sqlite://") {
-            Some(p) => PathBuf::from(p),
-            None => bail!(
-                "--database-url '{url}' is not supported: this build stores data in SQLite (sqlite://PATH); PostgreSQL support is planned"
-            ),
-        },
+/// Where the data is kept: the engine picked by the URL's scheme.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Database {
+    /// An SQLite file (the default: `DATA/octopus.db`).
+    Sqlite(PathBuf),
+    /// A PostgreSQL database, by URL.
+    Postgres(String),
+}
+
+/// The database of these options.
+fn database(data: &Path, database_url: Option<&str>) -> anyhow::Result<Database> {
+    let Some(url) = database_url.map(str::trim) else {
+        return Ok(Database::Sqlite(data.join("octopus.db")));
+    };
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        if path.is_empty() {
+            bail!("--database-url sqlite:// names no file; write sqlite:///PATH/octopus.db, or leave it out for DATA/octopus.db");
+        }
+        return Ok(Database::Sqlite(PathBuf::from(path)));
+    }
+    let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+    if matches!(scheme.as_deref(), Some("postgres" | "postgresql")) {
+        return Ok(Database::Postgres(url.to_string()));
+    }
+    bail!(
+        "--database-url {} is not supported: use postgres://USER:PASSWORD@HOST:PORT/DATABASE for PostgreSQL, or sqlite://PATH (the default is SQLite in the data directory)",
+        octo_store_postgres::redacted(url)
+    )
+}
+
+/// Opens the store the options name: PostgreSQL, or SQLite (see [`open_sqlite`]).
+async fn open_store(data: &Path, database_url: Option<&str>) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match database(data, database_url)? {
+        Database::Sqlite(path) => Arc::new(open_sqlite(&path).await?),
+        Database::Postgres(url) => {
+            let store = PgStore::connect(&url).await?;
+            info!(
+                "store: PostgreSQL at {}",
+                octo_store_postgres::redacted(&url)
+            );
+            Arc::new(store)
+        }
     })
 }
 
-/// Opens the database, creating it (0600) only when there is none; an
+/// Opens an SQLite database, creating it (0600) only when there is none; an
 /// existing file, and its journal files, are made 0600.
-async fn open_store(data: &Path, database_url: Option<&str>) -> anyhow::Result<SqliteStore> {
-    let path = database_path(data, database_url)?;
-    match std::fs::metadata(&path) {
+async fn open_sqlite(path: &Path) -> anyhow::Result<SqliteStore> {
+    match std::fs::metadata(path) {
         Ok(meta) if meta.len() == 0 => bail!(
             "the database {} is empty (0 bytes): it is not a database this server made, and starting afresh would lose every machine, task and package; restore it from a backup, or remove it to start a new server",
             path.display()
@@ -114,7 +182,7 @@ async fn open_store(data: &Path, database_url: Option<&str>) -> anyhow::Result<S
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
-                .open(&path)
+                .open(path)
                 .with_context(|| format!("creating the database {}", path.display()))?;
         }
         Err(e) => bail!(
@@ -122,7 +190,7 @@ async fn open_store(data: &Path, database_url: Option<&str>) -> anyhow::Result<S
             path.display()
         ),
     }
-    let store = SqliteStore::open(&path)
+    let store = SqliteStore::open(path)
         .await
         .with_context(|| format!("opening the database {}", path.display()))?;
     for suffix in ["", "-wal", "-shm"] {
@@ -170,7 +238,7 @@ async fn master_key(store: &dyn Store, data: &Path) -> anyhow::Result<(MasterKey
             let secrets = store.count_task_secrets().await?;
             if recorded.is_some() || secrets > 0 {
                 bail!(
-                    "the master key {} is missing, but this database holds {secrets} value(s) encrypted with it{}; restore the master-key file from your backup (without it those values cannot be read)",
+                    "the master key {} is missing, but this database holds {secrets} value(s) encrypted with it{}; restore the master-key file from your backup (without it those values cannot be read); a new node of a cluster needs the first node's master-key, server.crt and server.key in its data directory",
                     path.display(),
                     recorded.map(|fp| format!(" (fingerprint {fp})")).unwrap_or_default()
                 );
@@ -188,12 +256,18 @@ async fn master_key(store: &dyn Store, data: &Path) -> anyhow::Result<(MasterKey
 }
 
 /// First start: an admin user (a member of the built-in administrators'
-/// team) and an API key, printed once and written 0600.
+/// team) and an API key, printed once and written 0600. On a database that
+/// another server (node) set up first, nothing.
 async fn bootstrap(store: &dyn Store, data: &Path) -> anyhow::Result<Option<String>> {
     if store.count_users().await? > 0 {
         return Ok(None);
     }
-    let admin = store.create_user("admin", "Administrator", None).await?;
+    let admin = match store.create_user("admin", "Administrator", None).await {
+        Ok(admin) => admin,
+        // Another node starting on the same database at the same time made it.
+        Err(StoreError::Conflict { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
     make_administrator(store, admin.id).await?;
     let (key, _) = issue_api_key(store, admin.id, "admin (created at first start)").await?;
     let path = data.join("admin-api-key");
@@ -218,13 +292,14 @@ async fn make_administrator(store: &dyn Store, user_id: i64) -> anyhow::Result<(
 /// (the server may be running), makes `admin` (created if missing) an enabled
 /// System administrator and gives it a new API key, returned to print once.
 pub async fn reset_admin(data: &Path, database_url: Option<&str>) -> anyhow::Result<String> {
-    let path = database_path(data, database_url)?;
-    if !path.exists() {
-        bail!(
-            "there is no database at {}; start the server once with `octopus server run --data {}`",
-            path.display(),
-            data.display()
-        );
+    if let Database::Sqlite(path) = database(data, database_url)? {
+        if !path.exists() {
+            bail!(
+                "there is no database at {}; start the server once with `octopus server run --data {}`",
+                path.display(),
+                data.display()
+            );
+        }
     }
     let store = open_store(data, database_url).await?;
     let admin = match store.user_by_name("admin").await? {
@@ -234,8 +309,8 @@ pub async fn reset_admin(data: &Path, database_url: Option<&str>) -> anyhow::Res
     if admin.disabled {
         store.set_user_disabled(admin.id, false).await?;
     }
-    make_administrator(&store, admin.id).await?;
-    let (key, stored) = issue_api_key(&store, admin.id, "admin (reset-admin)").await?;
+    make_administrator(store.as_ref(), admin.id).await?;
+    let (key, stored) = issue_api_key(store.as_ref(), admin.id, "admin (reset-admin)").await?;
     let event = octo_store::NewAuditEvent {
         at: octo_store::now_ms(),
         user_id: Some(admin.id),
@@ -270,6 +345,7 @@ pub struct RunningServer {
     shutdown: CancellationToken,
     tasks: tokio::task::JoinSet<()>,
     _lock: DataLock,
+    _sqlite_lock: Option<SqliteNodeLock>,
 }
 
 impl RunningServer {
@@ -300,6 +376,10 @@ pub async fn start_with(
             args.session_idle_hours
         );
     }
+    let node_name = args.node_name()?;
+    if args.task_cap == 0 {
+        bail!("--task-cap must be at least 1 (tasks this node runs at once)");
+    }
     std::fs::create_dir_all(&args.data)
         .with_context(|| format!("creating the data directory {}", args.data.display()))?;
     restrict(&args.data, 0o700)?;
@@ -317,11 +397,14 @@ pub async fn start_with(
     // them; found by tests/file_modes.rs).
     restrict(&key, 0o600)?;
     restrict(&args.data.join("admin-api-key"), 0o600)?;
+    let sqlite_lock = match database(&args.data, args.database_url.as_deref())? {
+        Database::Sqlite(path) => Some(SqliteNodeLock::acquire(&path)?),
+        Database::Postgres(_) => None,
+    };
     let store = open_store(&args.data, args.database_url.as_deref()).await?;
-    let admin_api_key = bootstrap(&store, &args.data).await?;
-    let (master_key, master_key_created) = master_key(&store, &args.data).await?;
+    let admin_api_key = bootstrap(store.as_ref(), &args.data).await?;
+    let (master_key, master_key_created) = master_key(store.as_ref(), &args.data).await?;
     let master_key = Arc::new(master_key);
-    let store: Arc<dyn Store> = Arc::new(store);
 
     let polling_trust = TrustStore::new(
         polling_thumbprints(store.as_ref()).await?,
@@ -387,6 +470,8 @@ pub async fn start_with(
         tool: tool.clone(),
         packages: packages.clone(),
         master_key: master_key.clone(),
+        task_cap: args.task_cap,
+        node_name: node_name.clone(),
     }));
     let state = AppState {
         store,
@@ -403,7 +488,14 @@ pub async fn start_with(
         session_idle: Duration::from_secs_f64(args.session_idle_hours * 3600.0),
         grant_cache: Arc::default(),
         logins: Arc::default(),
+        node_name: node_name.clone(),
     };
+    // This node's first heartbeat before anything is served: `octopus node
+    // list` and `/api/nodes/ping` know it from the start.
+    let started_at = octo_store::now_ms();
+    heartbeat(&state, started_at)
+        .await
+        .with_context(|| format!("recording node '{node_name}' in the database"))?;
     // The API, and beside it whatever else this server serves (the portal).
     let api = crate::api::router(state.clone());
     let app = match extra(state.clone()) {
@@ -432,6 +524,7 @@ pub async fn start_with(
     }
     // Task engine: resume unfinished tasks, scheduled health checks.
     state.engine.spawn_background(shutdown.clone(), &mut tasks);
+    tasks.spawn(heartbeats(state.clone(), started_at, shutdown.clone()));
     tasks.spawn({
         let t = shutdown.clone();
         async move {
@@ -460,7 +553,7 @@ pub async fn start_with(
         })
         .unwrap_or_default();
     info!(
-        "octopus server ready: API http://{api_addr}/api, comms port {comms_port}{web_socket}, thumbprint {}",
+        "octopus server ready: node {node_name}, API http://{api_addr}/api, comms port {comms_port}{web_socket}, thumbprint {}",
         identity.thumbprint()
     );
     Ok(RunningServer {
@@ -473,7 +566,66 @@ pub async fn start_with(
         shutdown,
         tasks,
         _lock: lock,
+        _sqlite_lock: sqlite_lock,
     })
+}
+
+/// Records this node's heartbeat with what its engine runs, and hands the
+/// engine the drain flag an operator may have set (through any node).
+async fn heartbeat(state: &AppState, started_at: i64) -> anyhow::Result<()> {
+    // The drain flag first, so that the load written below is the load after
+    // it applied (`octopus node drain --wait` relies on that).
+    if let Some(node) = state.store.node(&state.node_name).await? {
+        apply_drain(state, node.draining);
+    }
+    let load = state.engine.load();
+    let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    let node = state
+        .store
+        .node_heartbeat(&octo_store::NodeBeat {
+            name: state.node_name.clone(),
+            started_at,
+            at: octo_store::now_ms(),
+            task_cap: count(load.cap),
+            running_tasks: count(load.tasks),
+            running_steps: count(load.steps),
+        })
+        .await?;
+    apply_drain(state, node.draining);
+    Ok(())
+}
+
+/// Hands the engine the drain flag, saying so when it changes.
+fn apply_drain(state: &AppState, draining: bool) {
+    if state.engine.load().draining != draining {
+        info!(
+            "node {}: {}",
+            state.node_name,
+            if draining {
+                "draining (running tasks go on; new ones wait)"
+            } else {
+                "undrained (takes tasks again)"
+            }
+        );
+    }
+    state.engine.set_draining(draining);
+}
+
+/// Heartbeats every [`octo_api_types::NODE_HEARTBEAT_MS`] until `shutdown`; a
+/// failed one is logged and the next tried on time.
+async fn heartbeats(state: AppState, started_at: i64, shutdown: CancellationToken) {
+    let period = Duration::from_millis(octo_api_types::NODE_HEARTBEAT_MS.unsigned_abs());
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = heartbeat(&state, started_at).await {
+            tracing::warn!("node {}: heartbeat: {e:#}", state.node_name);
+        }
+    }
 }
 
 /// `octopus server run`: start, then serve until SIGTERM or Ctrl-C.

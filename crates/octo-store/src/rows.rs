@@ -11,8 +11,8 @@ use crate::sql::{Col, Column, Columns};
 use crate::text::TextEnum;
 use crate::{
     ApiKey, AuditEvent, EndpointKind, Environment, Grant, HealthStatus, Machine, MachinePolicy,
-    Package, Permission, Result, Role, Space, StoreError, Task, TaskLogLine, TaskState, TaskStep,
-    Team, Tenant, User,
+    Node, NodeState, Package, Permission, Result, Role, Space, StoreError, Task, TaskLogLine,
+    TaskState, TaskStep, Team, Tenant, User,
 };
 
 /// A row that becomes one of the API's records.
@@ -354,6 +354,28 @@ fn role(r: RoleRow) -> Result<Role> {
         description: r.description,
         built_in: false,
         permissions,
+    })
+}
+
+row! {
+    /// A `nodes` row; its state is worked out from the time now.
+    NodeRow => Node by node {
+        name: String, started_at: i64, last_seen: i64, draining: bool, task_cap: i64,
+        running_tasks: i64, running_steps: i64,
+    }
+}
+
+#[allow(clippy::unnecessary_wraps)] // The row macro's conversions return Result.
+fn node(r: NodeRow) -> Result<Node> {
+    Ok(Node {
+        state: NodeState::at(crate::now_ms(), r.last_seen, r.draining),
+        name: r.name,
+        started_at: r.started_at,
+        last_seen: r.last_seen,
+        draining: r.draining,
+        task_cap: r.task_cap,
+        running_tasks: r.running_tasks,
+        running_steps: r.running_steps,
     })
 }
 

@@ -23,7 +23,7 @@ use crate::input::{
 };
 use crate::machines::{ListValues, MachineList, MachineRefs, Machines};
 use crate::rows::{
-    group, ApiKeyRow, AuditRow, EnvironmentRow, GrantRow, ListRow, LogLineRow, MachineRow,
+    group, ApiKeyRow, AuditRow, EnvironmentRow, GrantRow, ListRow, LogLineRow, MachineRow, NodeRow,
     PackageRow, PolicyRow, RoleRow, Row, SpaceRow, StepRow, TaskRow, TeamRow, TenantRow, UserRow,
     UserWithHashRow, IS_SYSTEM_ADMINISTRATOR,
 };
@@ -32,8 +32,9 @@ use crate::text::{TextEnum, UNFINISHED_STATES};
 use crate::{
     now_ms, params, ticket, ApiKey, AuditEvent, AuditFilter, Environment, Grant, HealthUpdate,
     Machine, MachineFilter, MachinePolicy, MachineQuery, MachineUpdate, NewAuditEvent, NewLogLine,
-    NewMachine, NewPackage, NewTask, Package, Result, Role, Space, Store, StoreError, Task,
-    TaskLogLine, TaskQuery, TaskState, TaskStep, Team, Tenant, User, DEFAULT_POLICY,
+    NewMachine, NewPackage, NewTask, Node, NodeBeat, Package, Result, Role, Space, Store,
+    StoreError, Task, TaskLogLine, TaskQuery, TaskState, TaskStep, Team, Tenant, User,
+    DEFAULT_POLICY,
 };
 
 /// A write transaction (see the module's documentation).
@@ -975,6 +976,82 @@ impl<E: Engine> Store for E {
         query(&sql, params, "listing audit events")
             .all::<AuditRow>(self)
             .await
+    }
+
+    // Server nodes.
+
+    async fn node_heartbeat(&self, b: &NodeBeat) -> Result<Node> {
+        require_name("node", &b.name)?;
+        let sql = returning::<NodeRow>(
+            "INSERT INTO nodes (name, started_at, last_seen, task_cap, running_tasks, running_steps) \
+             VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (name) DO UPDATE SET started_at = excluded.started_at, \
+             last_seen = excluded.last_seen, task_cap = excluded.task_cap, \
+             running_tasks = excluded.running_tasks, running_steps = excluded.running_steps",
+        );
+        let params = params![
+            &b.name,
+            b.started_at,
+            b.at,
+            b.task_cap,
+            b.running_tasks,
+            b.running_steps
+        ];
+        query(&sql, params, "recording a node's heartbeat")
+            .one::<NodeRow>(self)
+            .await
+    }
+
+    async fn list_nodes(&self) -> Result<Vec<Node>> {
+        let sql = select::<NodeRow>("FROM nodes ORDER BY name");
+        query(&sql, params![], "listing nodes")
+            .all::<NodeRow>(self)
+            .await
+    }
+
+    async fn node(&self, name: &str) -> Result<Option<Node>> {
+        let sql = select::<NodeRow>("FROM nodes WHERE name = ?");
+        query(&sql, params![name], "reading a node")
+            .optional::<NodeRow>(self)
+            .await
+    }
+
+    async fn set_node_draining(&self, name: &str, draining: bool) -> Result<Node> {
+        let sql = returning::<NodeRow>("UPDATE nodes SET draining = ? WHERE name = ?");
+        query(&sql, params![draining, name], "draining a node")
+            .optional::<NodeRow>(self)
+            .await?
+            .ok_or_else(|| not_found("node", name))
+    }
+
+    async fn claim_task(&self, task_id: &str, node: &str, now: i64) -> Result<bool> {
+        let sql =
+            "UPDATE tasks SET node = ? WHERE id = ? AND (node IS NULL OR node = ? OR NOT EXISTS \
+                   (SELECT 1 FROM nodes n WHERE n.name = tasks.node AND n.last_seen >= ?))";
+        let offline_before = now.saturating_sub(crate::NODE_OFFLINE_AFTER_MS);
+        query(
+            sql,
+            params![node, task_id, node, offline_before],
+            "taking a task for a node",
+        )
+        .execute(self)
+        .await
+        .map(|changed| changed == 1)
+    }
+
+    async fn lease(&self, name: &str, holder: &str, now: i64, ttl_ms: i64) -> Result<bool> {
+        let sql = "INSERT INTO leases (name, holder, until) VALUES (?, ?, ?) \
+                   ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until = excluded.until \
+                   WHERE leases.holder = excluded.holder OR leases.until < ?";
+        let until = now.saturating_add(ttl_ms);
+        query(
+            sql,
+            params![name, holder, until, now],
+            "taking a cluster-wide lease",
+        )
+        .execute(self)
+        .await
+        .map(|changed| changed == 1)
     }
 
     // Settings.
