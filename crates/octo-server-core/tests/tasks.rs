@@ -40,7 +40,7 @@ struct Server {
     _tmp: tempfile::TempDir,
 }
 
-async fn start_at(data: &Path, comms_port: u16) -> RunningServer {
+async fn start_at(data: &Path, comms_port: u16, task_cap: usize) -> RunningServer {
     timeout(
         T,
         start(&RunArgs {
@@ -48,6 +48,7 @@ async fn start_at(data: &Path, comms_port: u16) -> RunningServer {
             listen: "127.0.0.1:0".parse().unwrap(),
             comms_listen_port: comms_port,
             comms_listen_address: "127.0.0.1".into(),
+            task_cap,
             ..RunArgs::default()
         }),
     )
@@ -58,10 +59,14 @@ async fn start_at(data: &Path, comms_port: u16) -> RunningServer {
 
 impl Server {
     async fn new() -> Self {
+        Self::with_task_cap(octo_server_core::config::DEFAULT_TASK_CAP).await
+    }
+
+    async fn with_task_cap(task_cap: usize) -> Self {
         kit::init_tracing();
         let tmp = tempfile::tempdir().unwrap();
         let data = tmp.path().join("data");
-        let running = start_at(&data, 0).await;
+        let running = start_at(&data, 0, task_cap).await;
         let s = Server {
             base: format!("http://{}", running.api_addr),
             key: running.admin_api_key.clone().unwrap(),
@@ -81,7 +86,12 @@ impl Server {
     async fn restart(&mut self) {
         let running = self.running.take().unwrap();
         timeout(T, running.stop()).await.unwrap();
-        let running = start_at(&self.data, self.comms_port).await;
+        let running = start_at(
+            &self.data,
+            self.comms_port,
+            octo_server_core::config::DEFAULT_TASK_CAP,
+        )
+        .await;
         assert_eq!(running.comms_port, self.comms_port);
         assert_eq!(running.thumbprint, self.thumbprint);
         assert!(running.admin_api_key.is_none());
@@ -806,4 +816,56 @@ async fn cancel_before_the_script_started_never_starts_it() {
         text.contains("canceled before the script started"),
         "{text}"
     );
+}
+
+// ---------------------------------------------------------------------------
+// The node's task cap.
+
+/// A node runs at most its task cap at once: a second task waits, Queued,
+/// saying why in its log, while the node's record shows one running task and
+/// step; it starts when the first ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_beyond_the_cap_wait_queued_until_one_ends() {
+    let server = Server::with_task_cap(1).await;
+    let lis = Tentacle::listening("lis", server.thumbprint).await;
+    server
+        .add_listening("lis", lis.addr.unwrap(), lis.thumbprint())
+        .await;
+    let gate = server.data.with_file_name("gate");
+    let script = format!(
+        "echo first; for i in $(seq 1 1200); do [ -f '{}' ] && break; sleep 0.1; done; echo done",
+        gate.display()
+    );
+    let first = server.script(&script, &["lis"]).await;
+    server.events(&first, 0).await.until_line("first").await;
+    let second = server.script("echo second", &["lis"]).await;
+    let mut events = server.events(&second, 0).await;
+    events
+        .until(|e, d| {
+            e == "log"
+                && d["text"]
+                    .as_str()
+                    .is_some_and(|t| t.contains("this node runs its cap of 1 tasks"))
+        })
+        .await;
+    let (_, t) = server.get(&format!("/api/tasks/{second}")).await;
+    assert_eq!(t["task"]["state"], "Queued", "{t}");
+    // The next heartbeat records what runs (5 s apart): one task, one step.
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let (status, nodes) = server.get("/api/nodes").await;
+        assert_eq!(status, 200, "{nodes}");
+        let node = &nodes[0];
+        assert_eq!(node["task_cap"], 1, "{nodes}");
+        if node["running_tasks"] == 1 && node["running_steps"] == 1 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{nodes}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    std::fs::write(&gate, "").unwrap();
+    let (_, end) = events.until(|e, _| e == "end").await;
+    assert_eq!(end["task"]["state"], "Success", "{end}");
+    let (_, t) = server.get(&format!("/api/tasks/{first}")).await;
+    assert_eq!(t["task"]["state"], "Success", "{t}");
 }
