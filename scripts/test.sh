@@ -28,4 +28,4 @@ need_apt curl systemd python3 tinyproxy iproute2 iptables nginx libnginx-mod-str
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo test --workspace --locked
+cargo test --workspace --locked --no-fail-fast

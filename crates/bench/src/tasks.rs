@@ -46,6 +46,9 @@ pub struct Options {
     /// Fan-out tasks (the median is reported).
     #[arg(long, default_value_t = 5)]
     fanout_runs: usize,
+    /// The server's `--max-parallel-steps` (machines of one task at once).
+    #[arg(long, default_value_t = octo_engine::DEFAULT_MAX_PARALLEL_STEPS)]
+    max_parallel_steps: usize,
 }
 
 #[derive(clap::Args, Debug)]
@@ -56,18 +59,22 @@ pub struct ChildOptions {
     server_thumbprint: Thumbprint,
     #[arg(long)]
     count: usize,
+    /// Reconnect as a real tentacle does (1 s .. 60 s, full jitter) rather
+    /// than quickly (50 ms .. 1 s).
+    #[arg(long)]
+    real_backoff: bool,
 }
 
-fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
+pub(crate) fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i].as_secs_f64() * 1e3
 }
 
-fn round2(x: f64) -> f64 {
+pub(crate) fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
-fn round3(x: f64) -> f64 {
+pub(crate) fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
@@ -143,7 +150,7 @@ impl Api {
     }
 
     /// Runs a script task and returns (elapsed from the POST to `end`, end).
-    async fn run_script(&self, body: Value) -> anyhow::Result<(Duration, Value)> {
+    pub(crate) async fn run_script(&self, body: Value) -> anyhow::Result<(Duration, Value)> {
         let t = Instant::now();
         let id = self.create("/api/tasks/script", body).await?;
         let end = self.wait_end(&id).await?;
@@ -195,7 +202,11 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         bail!("--tentacles, --runs and --fanout-runs must be at least 1");
     }
     let tmp = tempfile::tempdir()?;
-    let server = start(&RunArgs::loopback(&tmp.path().join("data"))).await?;
+    let server = start(&RunArgs {
+        max_parallel_steps: o.max_parallel_steps,
+        ..RunArgs::loopback(&tmp.path().join("data"))
+    })
+    .await?;
     let api = Api {
         base: format!("http://{}", server.api_addr),
         key: server.admin_api_key.clone().context("admin key")?,
@@ -326,7 +337,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
             "fanout_runs_s": fanout.iter().map(|&x| round3(x)).collect::<Vec<_>>(),
             "fanout_machines": o.tentacles,
             "tentacles_per_process": o.tentacles,
-            "max_parallel_steps": octo_engine::MAX_PARALLEL_STEPS,
+            "max_parallel_steps": o.max_parallel_steps,
             "comms_style": "TentacleActive",
         })
     );
@@ -376,7 +387,11 @@ pub async fn child(o: ChildOptions) -> anyhow::Result<()> {
                 subscription_id: format!("bench-{i}"),
             };
             let (c, t) = (comms.clone(), shutdown.clone());
-            let backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+            let backoff = if o.real_backoff {
+                Backoff::default()
+            } else {
+                Backoff::new(Duration::from_millis(50), Duration::from_secs(1))
+            };
             tokio::spawn(async move { c.run_polling(target, 1, backoff, t).await });
         }
     }

@@ -342,13 +342,28 @@ pub struct RunningServer {
     pub admin_api_key: Option<String>,
     /// This start created the master key (the operator must back it up).
     pub master_key_created: bool,
+    comms: CommsHandle,
     shutdown: CancellationToken,
     tasks: tokio::task::JoinSet<()>,
     _lock: DataLock,
     _sqlite_lock: Option<SqliteNodeLock>,
 }
 
+/// The server's comms, held by [`RunningServer`] for what it reports.
+struct CommsHandle(ServerComms);
+
+impl std::fmt::Debug for CommsHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ServerComms")
+    }
+}
+
 impl RunningServer {
+    /// How many polling tentacles are connected now (benchmarks, tests).
+    pub fn polling_connections(&self) -> usize {
+        self.comms.0.polling().len()
+    }
+
     /// Stops accepting, closes connections, waits (bounded) for tasks to end.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
@@ -417,6 +432,7 @@ pub async fn start_with(
         polling_trust.clone(),
         ServerCommsOptions {
             proxy: args.proxy_setting()?,
+            max_concurrent_handshakes: args.max_concurrent_handshakes,
             ..ServerCommsOptions::default()
         },
     );
@@ -472,6 +488,10 @@ pub async fn start_with(
         master_key: master_key.clone(),
         task_cap: args.task_cap,
         node_name: node_name.clone(),
+        limits: octo_engine::StepLimits {
+            per_task: args.max_parallel_steps,
+            per_node: args.max_running_steps,
+        },
     }));
     let state = AppState {
         store,
@@ -563,6 +583,7 @@ pub async fn start_with(
         thumbprint: identity.thumbprint(),
         admin_api_key,
         master_key_created,
+        comms: CommsHandle(comms),
         shutdown,
         tasks,
         _lock: lock,
