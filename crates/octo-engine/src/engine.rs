@@ -3,6 +3,9 @@
 //! The engine knows, in memory only:
 //! - which tasks run here and their cancel tokens (a task runs at most once: a
 //!   second `start` of a running task is ignored);
+//! - which steps run here, by machine, each with a cancel token of its own (a
+//!   child of its task's), so that deleting a machine cancels its steps
+//!   ([`Engine::stop_machine`]);
 //! - per task with live log readers, a `watch` channel of change counters
 //!   ([`Notifiers`]);
 //! - the steps waiting for a person's decision ([`GuidanceBoard`]).
@@ -45,6 +48,37 @@ const HEALTH_SCAN_INTERVAL: Duration = Duration::from_secs(30);
 const HEALTH_LEASE: &str = "scheduled-health-checks";
 /// How long a stopping server waits for its tasks to notice.
 const STOP_WAIT: Duration = Duration::from_secs(8);
+/// How long a step stopped by [`Engine::stop_machine`] and abandoned (its
+/// machine could not be told in time) may take to be recorded.
+const ABANDON_WAIT: Duration = Duration::from_secs(5);
+
+/// A step running here, for cancelling one machine's steps.
+#[derive(Debug, Clone)]
+struct RunningStep {
+    machine_name: String,
+    /// The step's own cancel token (a child of its task's).
+    cancel: CancellationToken,
+    /// Ends the step at once, recorded Canceled, without waiting for its machine.
+    abandon: CancellationToken,
+    /// Why it was canceled, when not by its task.
+    reason: Arc<Mutex<Option<String>>>,
+    /// Cancelled once the step's end is recorded.
+    done: CancellationToken,
+}
+
+/// Takes a step out of the running set and marks it done when dropped.
+struct StepRegistration {
+    engine: Arc<Engine>,
+    key: (String, i64),
+    done: CancellationToken,
+}
+
+impl Drop for StepRegistration {
+    fn drop(&mut self) {
+        lock(&self.engine.steps).remove(&self.key);
+        self.done.cancel();
+    }
+}
 
 /// What the engine's steps work with.
 #[derive(Debug, Clone)]
@@ -63,6 +97,9 @@ pub struct EngineDeps {
     pub node_name: String,
     /// How many steps run at once, per task and on this node.
     pub limits: StepLimits,
+    /// Most bytes of its machine's output one step stores; the rest is
+    /// counted and dropped, and the log says how much.
+    pub max_log_bytes_per_step: u64,
 }
 
 /// What this engine (node) runs, and what it may take on.
@@ -88,16 +125,16 @@ impl Drop for Admitted {
 }
 
 /// A running step, counted in [`Load::steps`] until dropped.
-struct RunningStep(Arc<AtomicUsize>);
+struct CountedStep(Arc<AtomicUsize>);
 
-impl RunningStep {
-    fn new(count: &Arc<AtomicUsize>) -> RunningStep {
+impl CountedStep {
+    fn new(count: &Arc<AtomicUsize>) -> CountedStep {
         count.fetch_add(1, Ordering::Relaxed);
-        RunningStep(count.clone())
+        CountedStep(count.clone())
     }
 }
 
-impl Drop for RunningStep {
+impl Drop for CountedStep {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
@@ -115,11 +152,13 @@ pub struct Engine {
     created_at: i64,
     /// Tasks running here, with their cancel tokens.
     running: Mutex<HashMap<String, CancellationToken>>,
+    /// Steps running here, by task and machine id.
+    steps: Mutex<HashMap<(String, i64), RunningStep>>,
     notifiers: Arc<Notifiers>,
     guidance: Arc<GuidanceBoard>,
-    /// The cap, the drain flag and the running tasks (steps are in `steps`).
+    /// The cap, the drain flag and the running tasks (steps are in `step_count`).
     load: watch::Sender<Load>,
-    steps: Arc<AtomicUsize>,
+    step_count: Arc<AtomicUsize>,
     /// Steps running on this node, every task together (`limits.per_node`).
     node_slots: Arc<Semaphore>,
 }
@@ -142,13 +181,14 @@ impl Engine {
         };
         Engine {
             load: watch::Sender::new(load),
-            steps: Arc::default(),
+            step_count: Arc::default(),
             node_slots: Arc::new(Semaphore::new(deps.limits.per_node.max(1))),
             deps,
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             created_at: now_ms(),
             running: Mutex::new(HashMap::new()),
+            steps: Mutex::new(HashMap::new()),
             notifiers: Arc::new(Notifiers::default()),
             guidance: Arc::new(GuidanceBoard::default()),
         }
@@ -157,7 +197,7 @@ impl Engine {
     /// What runs here now, and the cap and drain flag.
     pub fn load(&self) -> Load {
         let mut load = *self.load.borrow();
-        load.steps = self.steps.load(Ordering::Relaxed);
+        load.steps = self.step_count.load(Ordering::Relaxed);
         load
     }
 
@@ -278,6 +318,48 @@ impl Engine {
             token.cancel();
         }
         self.notifiers.state_changed(task_id);
+    }
+
+    /// Cancels every step of machine `machine_id` running here (all tasks),
+    /// writing "MACHINE: canceling: `reason`" to each task's log and recording
+    /// `reason` as the step's error. Waits up to `grace` for the steps to stop
+    /// on their machine (a script is cancelled there, as a task cancel does);
+    /// steps that have not stopped by then are recorded Canceled at once,
+    /// saying the script may still run. Answers how many steps were canceled.
+    pub async fn stop_machine(&self, machine_id: i64, reason: &str, grace: Duration) -> usize {
+        let steps: Vec<(String, RunningStep)> = lock(&self.steps)
+            .iter()
+            .filter(|((_, m), _)| *m == machine_id)
+            .map(|((t, _), s)| (t.clone(), s.clone()))
+            .collect();
+        for (task_id, step) in &steps {
+            *lock(&step.reason) = Some(reason.to_string());
+            self.log_of(task_id)
+                .server(format!("{}: canceling: {reason}", step.machine_name))
+                .await;
+            step.cancel.cancel();
+            self.notifiers.state_changed(task_id);
+        }
+        let all_done = || async {
+            for (_, step) in &steps {
+                step.done.cancelled().await;
+            }
+        };
+        if tokio::time::timeout(grace, all_done()).await.is_err() {
+            for (_, step) in &steps {
+                step.abandon.cancel();
+            }
+            if tokio::time::timeout(ABANDON_WAIT, all_done())
+                .await
+                .is_err()
+            {
+                warn!(
+                    "steps of machine #{machine_id} were not recorded canceled within {} s",
+                    ABANDON_WAIT.as_secs()
+                );
+            }
+        }
+        steps.len()
     }
 
     /// Delivers a decision to a step waiting under guided failure; false when
@@ -486,18 +568,43 @@ impl Engine {
         for step in steps.into_iter().filter(|s| !s.state.is_final()) {
             let (eng, slots, run) = (self.clone(), slots.clone(), run.clone());
             let node_slots = self.node_slots.clone();
+            let running = RunningStep {
+                machine_name: step.machine_name.clone(),
+                cancel: cancel.child_token(),
+                abandon: CancellationToken::new(),
+                reason: Arc::default(),
+                done: CancellationToken::new(),
+            };
+            let key = (step.task_id.clone(), step.machine_id);
+            lock(&self.steps).insert(key.clone(), running.clone());
+            let registration = StepRegistration {
+                engine: self.clone(),
+                key,
+                done: running.done.clone(),
+            };
             let ctx = StepContext {
                 machine_name: step.machine_name.clone(),
                 log: log.clone(),
                 store: self.deps.store.clone(),
                 comms: self.deps.comms.clone(),
-                cancel: cancel.clone(),
+                cancel: running.cancel.clone(),
                 shutdown: self.shutdown.clone(),
                 tool: self.deps.tool.clone(),
                 packages: self.deps.packages.clone(),
+                max_log_bytes: self.deps.max_log_bytes_per_step,
                 guidance: self.guidance.clone(),
             };
             set.spawn(async move {
+                let registration = registration;
+                let because = |error: Option<String>| -> Option<String> {
+                    match lock(&running.reason).clone() {
+                        Some(r) => Some(match error {
+                            Some(e) if !e.is_empty() => format!("canceled: {r} ({e})"),
+                            _ => format!("canceled: {r}"),
+                        }),
+                        None => error,
+                    }
+                };
                 // A slot of the task's, then one of the node's (always in
                 // this order, so tasks cannot hold each other's).
                 let both = async {
@@ -512,13 +619,29 @@ impl Engine {
                     // step already executing (resumed) must be cancelled on the
                     // tentacle, which its runner does.
                     _ = ctx.cancel.cancelled(), if step.state == TaskState::Queued => {
-                        eng.finish_step(&ctx.log, step, TaskState::Canceled, Some("canceled before it started".into())).await;
+                        let why = because(Some("canceled before it started".into()));
+                        eng.finish_step(&ctx.log, step, TaskState::Canceled, why).await;
                         return None;
                     }
                 };
                 let log = ctx.log.clone();
-                let _running = RunningStep::new(&eng.steps);
-                match run(ctx, step).await {
+                let _counted = CountedStep::new(&eng.step_count);
+                let name = step.machine_name.clone();
+                let (task_id, machine_id) = (step.task_id.clone(), step.machine_id);
+                let end = tokio::select! {
+                    end = run(ctx, step.clone()) => end,
+                    // Stopped for its machine's sake and not done in time: the
+                    // step ends now (the runner is dropped), as stored so far.
+                    _ = running.abandon.cancelled() => {
+                        let stored = eng.deps.store.task_steps(&task_id).await.ok()
+                            .and_then(|all| all.into_iter().find(|s| s.machine_id == machine_id))
+                            .unwrap_or(step);
+                        let why = format!("the cancel could not be delivered in time; the script may still be running on {name}");
+                        log.server(format!("{name}: {why}")).await;
+                        StepEnd::finished(stored, TaskState::Canceled, Some(why))
+                    }
+                };
+                match end {
                     StepEnd::Finished {
                         step,
                         state,
@@ -526,8 +649,10 @@ impl Engine {
                         health,
                         afterwards,
                     } => {
-                        let name = step.machine_name.clone();
+                        let error = if state == TaskState::Canceled { because(error) } else { error };
                         eng.finish_step(&log, step, state, error).await;
+                        // Recorded: whoever stops this machine may go on.
+                        drop(registration);
                         if let Some(work) = afterwards {
                             work.await;
                         }

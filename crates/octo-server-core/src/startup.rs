@@ -28,72 +28,76 @@ use crate::auth::issue_api_key;
 use crate::config::RunArgs;
 use crate::state::{polling_thumbprints, AppState};
 
-/// Holds the data directory's lock for the life of the server.
+/// An exclusive advisory lock (`flock`) on a file, held for the life of the
+/// server; the file holds the holder's pid, for the message of the next one.
 #[derive(Debug)]
 pub struct DataLock {
     _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
 impl DataLock {
+    /// Locks `DATA/.lock`: one server per data directory.
     fn acquire(data: &Path) -> anyhow::Result<Self> {
-        let path = data.join(".lock");
-        match exclusive_lock(&path)? {
-            Ok(lock) => Ok(Self { _lock: lock }),
-            Err(pid) => bail!(
-                "another octopus server (pid {pid}) is using the data directory {}; stop it, or give this one another --data",
+        Self::lock_file(&data.join(".lock"), || {
+            format!(
+                "the data directory {}; stop it, or give this one another --data",
                 data.display()
-            ),
-        }
+            )
+        })
     }
-}
 
-/// Takes `path` (created 0600 when missing) exclusively for this process, writing
-/// its pid there; when another process holds it, that process's pid.
-fn exclusive_lock(path: &Path) -> anyhow::Result<Result<nix::fcntl::Flock<std::fs::File>, String>> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    Ok(
+    /// Locks `DB.lock` beside the database file: one server per database,
+    /// whatever their data directories (a second server on the same database
+    /// would resume the first one's running tasks).
+    fn acquire_database(db: &Path) -> anyhow::Result<Self> {
+        // Beside the real file: a symbolic link to it (or to its folder)
+        // locks the same lock file.
+        let real = std::fs::canonicalize(db).unwrap_or_else(|_| {
+            match (
+                db.parent().and_then(|d| std::fs::canonicalize(d).ok()),
+                db.file_name(),
+            ) {
+                (Some(dir), Some(name)) => dir.join(name),
+                _ => db.to_path_buf(),
+            }
+        });
+        let mut name = real.file_name().unwrap_or_default().to_os_string();
+        name.push(".lock");
+        Self::lock_file(&real.with_file_name(name), || {
+            format!(
+                "the SQLite database {}; stop it, or give this one another --database-url. SQLite serves one node only: to run several nodes, put every node on one PostgreSQL database with --database-url postgres://USER:PASSWORD@HOST:PORT/DATABASE",
+                db.display()
+            )
+        })
+    }
+
+    fn lock_file(path: &Path, what: impl Fn() -> String) -> anyhow::Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("opening the lock file {}", path.display()))?;
         match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
             Ok(mut lock) => {
                 use std::io::{Seek, Write};
                 let _ = lock.set_len(0);
                 let _ = lock.seek(std::io::SeekFrom::Start(0));
                 let _ = writeln!(lock, "{}", std::process::id());
-                Ok(lock)
+                Ok(Self { _lock: lock })
             }
-            Err((_, _)) => Err(std::fs::read_to_string(path)
-                .unwrap_or_default()
-                .trim()
-                .to_string()),
-        },
-    )
-}
-
-/// The one node an SQLite database serves: held while a server runs on it, so
-/// that a second server (node) on the same file, from another data directory,
-/// is refused rather than sharing a database SQLite cannot share between hosts.
-#[derive(Debug)]
-struct SqliteNodeLock {
-    _lock: nix::fcntl::Flock<std::fs::File>,
-}
-
-impl SqliteNodeLock {
-    fn acquire(database: &Path) -> anyhow::Result<Self> {
-        let mut name = database.as_os_str().to_owned();
-        name.push(".node-lock");
-        match exclusive_lock(Path::new(&name))? {
-            Ok(lock) => Ok(Self { _lock: lock }),
-            Err(pid) => bail!(
-                "the SQLite database {} is already used by another server node (pid {pid}); SQLite serves one node only: to run several nodes, put every node on one PostgreSQL database with --database-url postgres://USER:PASSWORD@HOST:PORT/DATABASE",
-                database.display()
-            ),
+            Err((_, errno)) if errno == nix::errno::Errno::EWOULDBLOCK => {
+                let pid = std::fs::read_to_string(path).unwrap_or_default();
+                bail!(
+                    "another octopus server (pid {}) is using {}",
+                    pid.trim(),
+                    what()
+                )
+            }
+            Err((_, errno)) => bail!("cannot lock {}: {errno}", path.display()),
         }
     }
 }
@@ -162,15 +166,36 @@ async fn open_store(data: &Path, database_url: Option<&str>) -> anyhow::Result<A
     })
 }
 
-/// Opens an SQLite database, creating it (0600) only when there is none; an
-/// existing file, and its journal files, are made 0600.
+/// What to do about a database file the server cannot use.
+const DATABASE_ADVICE: &str = "restore it from a backup (with its -wal file, if any), or point --database-url at the right file; a new server starts only where there is no database file at all";
+
+/// Opens an SQLite database, creating it (0600) only when there is no file at
+/// all: an empty, unreadable or foreign file is refused, naming it, and never
+/// taken for a first start. An existing file, and its journal files, are made 0600.
 async fn open_sqlite(path: &Path) -> anyhow::Result<SqliteStore> {
-    match std::fs::metadata(path) {
-        Ok(meta) if meta.len() == 0 => bail!(
-            "the database {} is empty (0 bytes): it is not a database this server made, and starting afresh would lose every machine, task and package; restore it from a backup, or remove it to start a new server",
-            path.display()
+    let shown = path.display();
+    let store = match std::fs::metadata(path) {
+        Ok(meta) if !meta.is_file() => bail!(
+            "the database {shown} is not a file; {DATABASE_ADVICE}"
         ),
-        Ok(_) => {}
+        Ok(meta) if meta.len() == 0 => bail!(
+            "the database {shown} is empty (0 bytes): it is not a database this server made, and starting afresh would lose every machine, task and package; {DATABASE_ADVICE} (to start a new server here, remove the empty file)"
+        ),
+        Ok(_) => {
+            if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open(&path) {
+                bail!(
+                    "cannot open the database {shown} for reading and writing: {e}; make it readable and writable by the user the server runs as (uid {}), or {DATABASE_ADVICE}",
+                    nix::unistd::getuid()
+                );
+            }
+            SqliteStore::open_existing(&path)
+                .await
+                .map_err(|e| match e {
+                    // Its message names the file and what is wrong with it.
+                    octo_store::StoreError::Database(m) => anyhow::anyhow!("{m}; {DATABASE_ADVICE}"),
+                    e => anyhow::anyhow!("{e}; {DATABASE_ADVICE}"),
+                })?
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir)
@@ -183,16 +208,13 @@ async fn open_sqlite(path: &Path) -> anyhow::Result<SqliteStore> {
                 .create_new(true)
                 .mode(0o600)
                 .open(path)
-                .with_context(|| format!("creating the database {}", path.display()))?;
+                .with_context(|| format!("creating the database {shown}"))?;
+            SqliteStore::open(path).await?
         }
         Err(e) => bail!(
-            "cannot read the database {}: {e}; check its owner and mode",
-            path.display()
+            "cannot read the database {shown}: {e}; check the owner and mode of its folder"
         ),
-    }
-    let store = SqliteStore::open(path)
-        .await
-        .with_context(|| format!("opening the database {}", path.display()))?;
+    };
     for suffix in ["", "-wal", "-shm"] {
         let file = PathBuf::from(format!("{}{suffix}", path.display()));
         restrict(&file, 0o600)?;
@@ -346,7 +368,7 @@ pub struct RunningServer {
     shutdown: CancellationToken,
     tasks: tokio::task::JoinSet<()>,
     _lock: DataLock,
-    _sqlite_lock: Option<SqliteNodeLock>,
+    _db_lock: Option<DataLock>,
 }
 
 /// The server's comms, held by [`RunningServer`] for what it reports.
@@ -395,6 +417,12 @@ pub async fn start_with(
     if args.task_cap == 0 {
         bail!("--task-cap must be at least 1 (tasks this node runs at once)");
     }
+    if !(1..=1024 * 1024).contains(&args.max_log_mib_per_step) {
+        bail!(
+            "--max-log-mib-per-step must be between 1 and 1048576 (MiB), not {}",
+            args.max_log_mib_per_step
+        );
+    }
     std::fs::create_dir_all(&args.data)
         .with_context(|| format!("creating the data directory {}", args.data.display()))?;
     restrict(&args.data, 0o700)?;
@@ -412,8 +440,17 @@ pub async fn start_with(
     // them; found by tests/file_modes.rs).
     restrict(&key, 0o600)?;
     restrict(&args.data.join("admin-api-key"), 0o600)?;
-    let sqlite_lock = match database(&args.data, args.database_url.as_deref())? {
-        Database::Sqlite(path) => Some(SqliteNodeLock::acquire(&path)?),
+    // The database is locked too, whatever the data directory: another
+    // server's --database-url may name this one's (PostgreSQL is shared by
+    // design, and needs no lock).
+    let db_lock = match database(&args.data, args.database_url.as_deref())? {
+        Database::Sqlite(db) => {
+            if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            Some(DataLock::acquire_database(&db)?)
+        }
         Database::Postgres(_) => None,
     };
     let store = open_store(&args.data, args.database_url.as_deref()).await?;
@@ -468,11 +505,14 @@ pub async fn start_with(
         None => None,
     };
 
-    let tool = ToolBuild::locate(args.calamari.as_deref()).await;
+    // A snapshot in the data directory: replacing the original later (an
+    // upgrade of the server's package) cannot change what pushes send.
+    let tool = ToolBuild::locate(args.calamari.as_deref(), &args.data.join("tools")).await;
     match &tool {
         Ok(t) => info!(
-            "deployment tool {} ({}, SHA-256 {})",
+            "deployment tool {} (from {}, copied to {}, SHA-256 {})",
             t.version,
+            t.source.display(),
             t.path.display(),
             t.sha256
         ),
@@ -480,6 +520,17 @@ pub async fn start_with(
     }
     let tool = Arc::new(tool);
     let packages = PackageFiles::in_data_dir(&args.data);
+    match packages.remove_incoming() {
+        Ok(0) => {}
+        Ok(n) => info!(
+            "removed {n} incomplete package upload(s) from {}",
+            packages.dir().display()
+        ),
+        Err(e) => bail!(
+            "cannot clean incomplete uploads in {}: {e}; check the folder's owner and mode",
+            packages.dir().display()
+        ),
+    }
     let engine = Arc::new(Engine::new(EngineDeps {
         store: store.clone(),
         comms: comms.clone(),
@@ -492,6 +543,7 @@ pub async fn start_with(
             per_task: args.max_parallel_steps,
             per_node: args.max_running_steps,
         },
+        max_log_bytes_per_step: args.max_log_mib_per_step.saturating_mul(1024 * 1024),
     }));
     let state = AppState {
         store,
@@ -587,7 +639,7 @@ pub async fn start_with(
         shutdown,
         tasks,
         _lock: lock,
-        _sqlite_lock: sqlite_lock,
+        _db_lock: db_lock,
     })
 }
 

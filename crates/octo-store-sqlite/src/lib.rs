@@ -52,6 +52,14 @@ fn nocase(expr: &str) -> String {
     format!("{expr} COLLATE NOCASE")
 }
 
+/// What SQLite said, without sqlx's wrapping ("file is not a database").
+fn sqlite_message(e: &sqlx::Error) -> String {
+    match e.as_database_error() {
+        Some(d) => d.message().to_string(),
+        None => e.to_string(),
+    }
+}
+
 /// The store on an SQLite database.
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
@@ -84,6 +92,54 @@ impl SqliteStore {
         let store = Self::migrated(pool, &path.display().to_string()).await?;
         tracing::debug!(path = %path.display(), "store opened");
         Ok(store)
+    }
+
+    /// Opens the existing database at `path`, which must be one this store made
+    /// (it holds the record of applied migrations), and brings its schema up to
+    /// date. Never creates a file: a missing file, a file that is not SQLite, and
+    /// an SQLite database of something else are refused, naming the file, so a
+    /// damaged or wrong file is never taken for a new, empty database.
+    pub async fn open_existing(path: &Path) -> Result<Self> {
+        let shown = path.display();
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(false)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(POOL_SIZE)
+            .connect_with(options)
+            .await
+            .map_err(|e| {
+                StoreError::Database(format!(
+                    "the database {shown} cannot be opened: {}",
+                    sqlite_message(&e)
+                ))
+            })?;
+        let ours: std::result::Result<i64, sqlx::Error> = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+        )
+        .fetch_one(&pool)
+        .await;
+        match ours {
+            Ok(1) => {}
+            Ok(_) => {
+                pool.close().await;
+                return Err(StoreError::Database(format!(
+                    "the database {shown} is an SQLite database, but not one this server made (it has no record of the server's schema)"
+                )));
+            }
+            Err(e) => {
+                pool.close().await;
+                return Err(StoreError::Database(format!(
+                    "the database {shown} cannot be read: reading the database's schema: {}",
+                    sqlite_message(&e)
+                )));
+            }
+        }
+        Self::migrated(pool, &shown.to_string()).await
     }
 
     /// A fresh database in memory, for tests. The pool has one connection, never
