@@ -182,13 +182,13 @@ async fn open_sqlite(path: &Path) -> anyhow::Result<SqliteStore> {
             "the database {shown} is empty (0 bytes): it is not a database this server made, and starting afresh would lose every machine, task and package; {DATABASE_ADVICE} (to start a new server here, remove the empty file)"
         ),
         Ok(_) => {
-            if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open(&path) {
+            if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open(path) {
                 bail!(
                     "cannot open the database {shown} for reading and writing: {e}; make it readable and writable by the user the server runs as (uid {}), or {DATABASE_ADVICE}",
                     nix::unistd::getuid()
                 );
             }
-            SqliteStore::open_existing(&path)
+            SqliteStore::open_existing(path)
                 .await
                 .map_err(|e| match e {
                     // Its message names the file and what is wrong with it.
