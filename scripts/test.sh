@@ -20,9 +20,11 @@ need_apt() {
 # is the TCP pass-through and SNI router of the WebSocket and SNI tests; iproute2 and
 # iptables build the network namespaces (NAT, dead paths) of crates/octopus/tests/nat.rs;
 # chromium and chromium-driver are the real browser of the portal's tests
-# (crates/octo-portal/tests/browser_flows.rs), headless, over WebDriver.
+# (crates/octo-portal/tests/browser_flows.rs), headless, over WebDriver; postgresql is the
+# server's second store engine: tests start a throwaway cluster from /usr/lib/postgresql/*/bin
+# (octo_testkit::postgres), so the packaged service itself is never used.
 need_apt curl systemd python3 tinyproxy iproute2 iptables nginx libnginx-mod-stream \
-    chromium chromium-driver
+    chromium chromium-driver postgresql
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -260,3 +260,53 @@ pub struct TaskLogLine {
     pub stream: String,
     pub text: String,
 }
+
+/// How often a server node writes its heartbeat (milliseconds).
+pub const NODE_HEARTBEAT_MS: i64 = 5_000;
+/// A node whose last heartbeat is older than this is [`NodeState::Offline`]
+/// (milliseconds: six missed heartbeats).
+pub const NODE_OFFLINE_AFTER_MS: i64 = 30_000;
+
+/// What a server node is doing, from its heartbeats and its drain flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub enum NodeState {
+    /// Heartbeating and taking new tasks.
+    Running,
+    /// Heartbeating, finishing what it runs, taking no new tasks.
+    Draining,
+    /// No heartbeat for [`NODE_OFFLINE_AFTER_MS`].
+    Offline,
+}
+
+impl NodeState {
+    /// The state of a node last seen at `last_seen` (Unix ms), at `now`.
+    pub fn at(now: i64, last_seen: i64, draining: bool) -> NodeState {
+        if now.saturating_sub(last_seen) > NODE_OFFLINE_AFTER_MS {
+            NodeState::Offline
+        } else if draining {
+            NodeState::Draining
+        } else {
+            NodeState::Running
+        }
+    }
+}
+
+/// A server node of the cluster (`GET /api/nodes`), as its last heartbeat left it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Node {
+    /// The node's name (`octopus server run --node-name`; default: the host name).
+    pub name: String,
+    pub state: NodeState,
+    /// When the node last started (Unix milliseconds).
+    pub started_at: i64,
+    /// Its last heartbeat (Unix milliseconds).
+    pub last_seen: i64,
+    /// Set by `octopus node drain`, cleared by `undrain`; kept across restarts.
+    pub draining: bool,
+    /// At most this many tasks run on the node at once (`--task-cap`).
+    pub task_cap: i64,
+    /// Tasks running on the node at its last heartbeat.
+    pub running_tasks: i64,
+    /// Machine steps running on the node at its last heartbeat.
+    pub running_steps: i64,
+}

@@ -35,6 +35,7 @@
 mod deploy;
 mod follow;
 mod http;
+mod nodes;
 mod output;
 mod prompt;
 mod security;
@@ -184,6 +185,12 @@ pub enum ClientCommand {
         after_help = "Examples:\n  octopus audit list --since 2h\n  octopus audit list --user alice --since 2026-12-01"
     )]
     Audit(AuditCommand),
+    /// The server nodes sharing the database: list, drain, undrain.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  octopus node list\n  octopus node drain node-2 --wait\n  octopus node undrain node-2"
+    )]
+    Node(nodes::NodeCommand),
     /// Log in with a username and password; later commands to this server use the session.
     #[command(
         after_help = "Examples:\n  octopus login --username alice              # asks for the password, without echo\n  printf '%s\\n' \"$PASSWORD\" | octopus login --username alice --password-stdin\n\n\
@@ -551,6 +558,7 @@ pub async fn run(opts: ClientOpts, command: ClientCommand) -> anyhow::Result<Exi
         ClientCommand::Team(c) => cx.team(c).await,
         ClientCommand::Role(c) => cx.role(c).await,
         ClientCommand::Audit(c) => cx.audit(c).await,
+        ClientCommand::Node(c) => cx.node(c).await,
         ClientCommand::Login(a) => cx.login(a).await,
         ClientCommand::Logout => cx.logout().await,
         ClientCommand::Whoami => cx.whoami().await,

@@ -18,6 +18,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -44,6 +45,9 @@ use crate::{
 
 /// How often the scheduler looks for machines due a health check.
 const HEALTH_SCAN_INTERVAL: Duration = Duration::from_secs(30);
+/// The cluster-wide lease of the health-check scheduler: held by one node,
+/// renewed every scan, taken over once it runs out.
+const HEALTH_LEASE: &str = "scheduled-health-checks";
 /// How long a stopping server waits for its tasks to notice.
 const STOP_WAIT: Duration = Duration::from_secs(8);
 /// How long a step stopped by [`Engine::stop_machine`] and abandoned (its
@@ -91,11 +95,53 @@ pub struct EngineDeps {
     pub packages: PackageFiles,
     /// Decrypts the secret values of tasks.
     pub master_key: Arc<MasterKey>,
+    /// At most this many tasks run here at once (more wait, Queued); at least 1.
+    pub task_cap: usize,
+    /// This node's name: the tasks it takes are recorded as its own.
+    pub node_name: String,
     /// How many steps run at once, per task and on this node.
     pub limits: StepLimits,
     /// Most bytes of its machine's output one step stores; the rest is
     /// counted and dropped, and the log says how much.
     pub max_log_bytes_per_step: u64,
+}
+
+/// What this engine (node) runs, and what it may take on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Load {
+    /// The task cap.
+    pub cap: usize,
+    /// An operator drained the node: tasks not yet started wait.
+    pub draining: bool,
+    /// Tasks running (past admission).
+    pub tasks: usize,
+    /// Machine steps running.
+    pub steps: usize,
+}
+
+/// A task's place under the cap, given back when dropped.
+struct Admitted(watch::Sender<Load>);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.send_modify(|l| l.tasks = l.tasks.saturating_sub(1));
+    }
+}
+
+/// A running step, counted in [`Load::steps`] until dropped.
+struct CountedStep(Arc<AtomicUsize>);
+
+impl CountedStep {
+    fn new(count: &Arc<AtomicUsize>) -> CountedStep {
+        count.fetch_add(1, Ordering::Relaxed);
+        CountedStep(count.clone())
+    }
+}
+
+impl Drop for CountedStep {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The engine of one server (see the module documentation).
@@ -114,6 +160,9 @@ pub struct Engine {
     steps: Mutex<HashMap<(String, i64), RunningStep>>,
     notifiers: Arc<Notifiers>,
     guidance: Arc<GuidanceBoard>,
+    /// The cap, the drain flag and the running tasks (steps are in `step_count`).
+    load: watch::Sender<Load>,
+    step_count: Arc<AtomicUsize>,
     /// Steps running on this node, every task together (`limits.per_node`).
     node_slots: Arc<Semaphore>,
 }
@@ -128,7 +177,15 @@ type StepRunner = Arc<
 impl Engine {
     /// A new engine; background work starts with [`Engine::spawn_background`].
     pub fn new(deps: EngineDeps) -> Engine {
+        let load = Load {
+            cap: deps.task_cap.max(1),
+            draining: false,
+            tasks: 0,
+            steps: 0,
+        };
         Engine {
+            load: watch::Sender::new(load),
+            step_count: Arc::default(),
             node_slots: Arc::new(Semaphore::new(deps.limits.per_node.max(1))),
             deps,
             shutdown: CancellationToken::new(),
@@ -138,6 +195,69 @@ impl Engine {
             steps: Mutex::new(HashMap::new()),
             notifiers: Arc::new(Notifiers::default()),
             guidance: Arc::new(GuidanceBoard::default()),
+        }
+    }
+
+    /// What runs here now, and the cap and drain flag.
+    pub fn load(&self) -> Load {
+        let mut load = *self.load.borrow();
+        load.steps = self.step_count.load(Ordering::Relaxed);
+        load
+    }
+
+    /// Drains this node (tasks not yet started wait; running ones go on) or
+    /// undrains it (waiting tasks start, up to the cap).
+    pub fn set_draining(&self, draining: bool) {
+        self.load.send_if_modified(|l| {
+            let changed = l.draining != draining;
+            l.draining = draining;
+            changed
+        });
+    }
+
+    /// Waits for a place under the cap on an undrained node; a resumed task
+    /// (one this node ran before it restarted) or a canceled one goes on at
+    /// once. None when the server stops first (the task stays as it is).
+    async fn admit(
+        &self,
+        resumed: bool,
+        cancel: &CancellationToken,
+        log: &TaskLog,
+    ) -> Option<Admitted> {
+        let mut changes = self.load.subscribe();
+        let mut told = false;
+        loop {
+            changes.borrow_and_update();
+            let mut taken = false;
+            let mut why = String::new();
+            self.load.send_if_modified(|l| {
+                if resumed || cancel.is_cancelled() || (!l.draining && l.tasks < l.cap) {
+                    l.tasks += 1;
+                    taken = true;
+                } else if l.draining {
+                    why =
+                        "this node is draining (`octopus node undrain` lets it start tasks again)"
+                            .into();
+                } else {
+                    why = format!(
+                        "this node runs its cap of {} tasks; the task starts when one ends",
+                        l.cap
+                    );
+                }
+                taken
+            });
+            if taken {
+                return Some(Admitted(self.load.clone()));
+            }
+            if !told {
+                told = true;
+                log.server(format!("Waiting: {why}")).await;
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return None,
+                _ = cancel.cancelled() => {}
+                r = changes.changed() => if r.is_err() { return None },
+            }
         }
     }
 
@@ -389,6 +509,12 @@ impl Engine {
         if task.state.is_final() {
             return;
         }
+        // Another live node may run it (created there, or taken over there).
+        match store.claim_task(&id, &self.deps.node_name, now_ms()).await {
+            Ok(true) => {}
+            Ok(false) => return info!("task {id} runs on another node"),
+            Err(e) => return error!("taking task {id} for this node: {e}"),
+        }
         if task.cancel_requested {
             cancel.cancel();
         }
@@ -397,6 +523,18 @@ impl Engine {
             Err(e) => return error!("loading the steps of task {id}: {e}"),
         };
         let resumed = task.state == TaskState::Executing;
+        if !resumed {
+            // The drain flag as the database has it now: a drain through
+            // another node applies before this node's next heartbeat.
+            match store.node(&self.deps.node_name).await {
+                Ok(Some(node)) => self.set_draining(node.draining),
+                Ok(None) => {}
+                Err(e) => warn!("reading node {}: {e}", self.deps.node_name),
+            }
+        }
+        let Some(_admitted) = self.admit(resumed, &cancel, &log).await else {
+            return;
+        };
         if !resumed {
             self.set_task_state(&id, TaskState::Executing, None).await;
         }
@@ -501,6 +639,7 @@ impl Engine {
                     }
                 };
                 let log = ctx.log.clone();
+                let _counted = CountedStep::new(&eng.step_count);
                 let name = step.machine_name.clone();
                 let (task_id, machine_id) = (step.task_id.clone(), step.machine_id);
                 let end = tokio::select! {
@@ -658,6 +797,20 @@ impl Engine {
             if task.created_at >= self.created_at || self.is_running(&task.id) {
                 continue;
             }
+            // Only this node's tasks, those of none, or those of an offline node.
+            match self
+                .deps
+                .store
+                .claim_task(&task.id, &self.deps.node_name, now_ms())
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    error!("taking task {} for this node: {e}", task.id);
+                    continue;
+                }
+            }
             match task.kind.as_str() {
                 kind::SCRIPT | kind::DEPLOY | kind::UPGRADE | kind::TENTACLE_UPGRADE => {
                     info!("resuming task {} ({})", task.id, task.description);
@@ -689,8 +842,24 @@ impl Engine {
                 _ = self.shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            if last.iter().any(|id| self.is_running(id)) {
+            if last.iter().any(|id| self.is_running(id)) || self.load.borrow().draining {
                 continue;
+            }
+            // One node of a cluster schedules (a lease, not an election: a node
+            // that stops renewing it loses it once it runs out).
+            let ttl = i64::try_from(HEALTH_SCAN_INTERVAL.as_millis() * 2).unwrap_or(i64::MAX);
+            match self
+                .deps
+                .store
+                .lease(HEALTH_LEASE, &self.deps.node_name, now_ms(), ttl)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    warn!("scheduled health check: taking the scheduler's lease: {e}");
+                    continue;
+                }
             }
             match self.scheduled_health_tasks().await {
                 Ok(tasks) => {

@@ -40,7 +40,7 @@ use octo_store::{EndpointKind, Machine};
 use octo_tls::Thumbprint;
 
 pub use context::{StepContext, TaskLog};
-pub use engine::{Engine, EngineDeps};
+pub use engine::{Engine, EngineDeps, Load};
 pub use feed::PackageFiles;
 pub use notify::Changes;
 pub use steps::deploy::DeployArgs;

@@ -4,6 +4,12 @@ use clap::builder::TypedValueParser;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+/// Tasks a node runs at once unless `--task-cap` says otherwise.
+pub const DEFAULT_TASK_CAP: usize = 20;
+
+/// The longest node name (`--node-name`).
+const MAX_NODE_NAME: usize = 100;
+
 /// Options of `octopus server run`.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -19,9 +25,17 @@ pub struct RunArgs {
     /// Address the comms port binds.
     #[arg(long, default_value = "0.0.0.0")]
     pub comms_listen_address: String,
-    /// Database URL; default: SQLite in the data directory (sqlite://DATA/octopus.db).
-    #[arg(long)]
+    /// Database URL: postgres://USER:PASSWORD@HOST:PORT/DATABASE (every node of a
+    /// cluster points at the same one), or sqlite://PATH (one node only); default:
+    /// SQLite in the data directory (sqlite://DATA/octopus.db).
+    #[arg(long, env = "OCTOPUS_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+    /// This server's name among the nodes sharing its database (default: the host name).
+    #[arg(long, value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// At most this many tasks run on this node at once; more wait, queued.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_TASK_CAP)]
+    pub task_cap: usize,
     /// The deployment tool binary to push to tentacles (default: `calamari`
     /// beside this binary).
     #[arg(long, env = "OCTOPUS_CALAMARI")]
@@ -106,6 +120,32 @@ fn redact_url(url: &str) -> String {
 }
 
 impl RunArgs {
+    /// This node's name: `--node-name`, or the host name; checked.
+    pub fn node_name(&self) -> anyhow::Result<String> {
+        let name = match &self.node_name {
+            Some(n) => n.trim().to_string(),
+            None => nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "the host name cannot be read; name this node with --node-name NAME"
+                    )
+                })?,
+        };
+        if name.is_empty()
+            || name.chars().count() > MAX_NODE_NAME
+            || name.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
+            anyhow::bail!(
+                "--node-name must be 1 to {MAX_NODE_NAME} characters without spaces or control characters (such as node-1), not {name:?}"
+            );
+        }
+        Ok(name)
+    }
+
     /// A server on 127.0.0.1 with free ports (API and comms), data in `data`:
     /// for tests, benchmarks and `octopus quickstart`.
     pub fn loopback(data: &std::path::Path) -> RunArgs {
@@ -128,6 +168,8 @@ impl Default for RunArgs {
             comms_listen_port: 10943,
             comms_listen_address: "0.0.0.0".into(),
             database_url: None,
+            node_name: None,
+            task_cap: DEFAULT_TASK_CAP,
             calamari: None,
             tentacle: None,
             proxy: None,

@@ -3,8 +3,10 @@
 //! Owns a data directory (mode 0700, locked so that a second server cannot
 //! share it) holding the comms certificate, the SQLite database (0600), the
 //! master key that encrypts secret values (0600) and the first admin API key
-//! (0600). Serves the REST API on `--listen` and accepts polling tentacles on
-//! the comms port. `reset-admin` recovers access from the data directory.
+//! (0600). With `--database-url postgres://...` the database is PostgreSQL
+//! instead, and everything else stays in the data directory. Serves the REST
+//! API on `--listen` and accepts polling tentacles on the comms port.
+//! `reset-admin` recovers access from the data directory.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,7 +17,8 @@ use anyhow::{bail, Context};
 use octo_comms::{ServerComms, ServerCommsOptions};
 use octo_engine::secrets::MasterKey;
 use octo_engine::{Engine, EngineDeps, PackageFiles, ToolBuild};
-use octo_store::{Store, ADMINISTRATORS_TEAM};
+use octo_store::{Store, StoreError, ADMINISTRATORS_TEAM};
+use octo_store_postgres::PgStore;
 use octo_store_sqlite::SqliteStore;
 use octo_tls::{Identity, Thumbprint, TrustStore};
 use tokio_util::sync::CancellationToken;
@@ -62,7 +65,7 @@ impl DataLock {
         name.push(".lock");
         Self::lock_file(&real.with_file_name(name), || {
             format!(
-                "the database {}; stop it, or give this one another --database-url (several servers on one database need PostgreSQL)",
+                "the SQLite database {}; stop it, or give this one another --database-url. SQLite serves one node only: to run several nodes, put every node on one PostgreSQL database with --database-url postgres://USER:PASSWORD@HOST:PORT/DATABASE",
                 db.display()
             )
         })
@@ -118,29 +121,60 @@ pub fn show_thumbprint(data: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The database file of these options.
-fn database_path(data: &Path, database_url: Option<&str>) -> anyhow::Result<PathBuf> {
-    Ok(match database_url {
-        None => data.join("octopus.db"),
-        Some(url) => match url.strip_prefix("sqlite://") {
-            Some(p) => PathBuf::from(p),
-            None => bail!(
-                "--database-url '{url}' is not supported: this build stores data in SQLite (sqlite://PATH); PostgreSQL support is planned"
-            ),
-        },
+/// Where the data is kept: the engine picked by the URL's scheme.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Database {
+    /// An SQLite file (the default: `DATA/octopus.db`).
+    Sqlite(PathBuf),
+    /// A PostgreSQL database, by URL.
+    Postgres(String),
+}
+
+/// The database of these options.
+fn database(data: &Path, database_url: Option<&str>) -> anyhow::Result<Database> {
+    let Some(url) = database_url.map(str::trim) else {
+        return Ok(Database::Sqlite(data.join("octopus.db")));
+    };
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        if path.is_empty() {
+            bail!("--database-url sqlite:// names no file; write sqlite:///PATH/octopus.db, or leave it out for DATA/octopus.db");
+        }
+        return Ok(Database::Sqlite(PathBuf::from(path)));
+    }
+    let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+    if matches!(scheme.as_deref(), Some("postgres" | "postgresql")) {
+        return Ok(Database::Postgres(url.to_string()));
+    }
+    bail!(
+        "--database-url {} is not supported: use postgres://USER:PASSWORD@HOST:PORT/DATABASE for PostgreSQL, or sqlite://PATH (the default is SQLite in the data directory)",
+        octo_store_postgres::redacted(url)
+    )
+}
+
+/// Opens the store the options name: PostgreSQL, or SQLite (see [`open_sqlite`]).
+async fn open_store(data: &Path, database_url: Option<&str>) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match database(data, database_url)? {
+        Database::Sqlite(path) => Arc::new(open_sqlite(&path).await?),
+        Database::Postgres(url) => {
+            let store = PgStore::connect(&url).await?;
+            info!(
+                "store: PostgreSQL at {}",
+                octo_store_postgres::redacted(&url)
+            );
+            Arc::new(store)
+        }
     })
 }
 
 /// What to do about a database file the server cannot use.
 const DATABASE_ADVICE: &str = "restore it from a backup (with its -wal file, if any), or point --database-url at the right file; a new server starts only where there is no database file at all";
 
-/// Opens the database, creating it (0600) only when there is no file at all:
-/// an empty, unreadable or foreign file is refused, naming it, and never taken
-/// for a first start. An existing file, and its journal files, are made 0600.
-async fn open_store(data: &Path, database_url: Option<&str>) -> anyhow::Result<SqliteStore> {
-    let path = database_path(data, database_url)?;
+/// Opens an SQLite database, creating it (0600) only when there is no file at
+/// all: an empty, unreadable or foreign file is refused, naming it, and never
+/// taken for a first start. An existing file, and its journal files, are made 0600.
+async fn open_sqlite(path: &Path) -> anyhow::Result<SqliteStore> {
     let shown = path.display();
-    let store = match std::fs::metadata(&path) {
+    let store = match std::fs::metadata(path) {
         Ok(meta) if !meta.is_file() => bail!(
             "the database {shown} is not a file; {DATABASE_ADVICE}"
         ),
@@ -148,13 +182,13 @@ async fn open_store(data: &Path, database_url: Option<&str>) -> anyhow::Result<S
             "the database {shown} is empty (0 bytes): it is not a database this server made, and starting afresh would lose every machine, task and package; {DATABASE_ADVICE} (to start a new server here, remove the empty file)"
         ),
         Ok(_) => {
-            if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open(&path) {
+            if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open(path) {
                 bail!(
                     "cannot open the database {shown} for reading and writing: {e}; make it readable and writable by the user the server runs as (uid {}), or {DATABASE_ADVICE}",
                     nix::unistd::getuid()
                 );
             }
-            SqliteStore::open_existing(&path)
+            SqliteStore::open_existing(path)
                 .await
                 .map_err(|e| match e {
                     // Its message names the file and what is wrong with it.
@@ -173,9 +207,9 @@ async fn open_store(data: &Path, database_url: Option<&str>) -> anyhow::Result<S
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
-                .open(&path)
+                .open(path)
                 .with_context(|| format!("creating the database {shown}"))?;
-            SqliteStore::open(&path).await?
+            SqliteStore::open(path).await?
         }
         Err(e) => bail!(
             "cannot read the database {shown}: {e}; check the owner and mode of its folder"
@@ -226,7 +260,7 @@ async fn master_key(store: &dyn Store, data: &Path) -> anyhow::Result<(MasterKey
             let secrets = store.count_task_secrets().await?;
             if recorded.is_some() || secrets > 0 {
                 bail!(
-                    "the master key {} is missing, but this database holds {secrets} value(s) encrypted with it{}; restore the master-key file from your backup (without it those values cannot be read)",
+                    "the master key {} is missing, but this database holds {secrets} value(s) encrypted with it{}; restore the master-key file from your backup (without it those values cannot be read); a new node of a cluster needs the first node's master-key, server.crt and server.key in its data directory",
                     path.display(),
                     recorded.map(|fp| format!(" (fingerprint {fp})")).unwrap_or_default()
                 );
@@ -244,12 +278,18 @@ async fn master_key(store: &dyn Store, data: &Path) -> anyhow::Result<(MasterKey
 }
 
 /// First start: an admin user (a member of the built-in administrators'
-/// team) and an API key, printed once and written 0600.
+/// team) and an API key, printed once and written 0600. On a database that
+/// another server (node) set up first, nothing.
 async fn bootstrap(store: &dyn Store, data: &Path) -> anyhow::Result<Option<String>> {
     if store.count_users().await? > 0 {
         return Ok(None);
     }
-    let admin = store.create_user("admin", "Administrator", None).await?;
+    let admin = match store.create_user("admin", "Administrator", None).await {
+        Ok(admin) => admin,
+        // Another node starting on the same database at the same time made it.
+        Err(StoreError::Conflict { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
     make_administrator(store, admin.id).await?;
     let (key, _) = issue_api_key(store, admin.id, "admin (created at first start)").await?;
     let path = data.join("admin-api-key");
@@ -274,13 +314,14 @@ async fn make_administrator(store: &dyn Store, user_id: i64) -> anyhow::Result<(
 /// (the server may be running), makes `admin` (created if missing) an enabled
 /// System administrator and gives it a new API key, returned to print once.
 pub async fn reset_admin(data: &Path, database_url: Option<&str>) -> anyhow::Result<String> {
-    let path = database_path(data, database_url)?;
-    if !path.exists() {
-        bail!(
-            "there is no database at {}; start the server once with `octopus server run --data {}`",
-            path.display(),
-            data.display()
-        );
+    if let Database::Sqlite(path) = database(data, database_url)? {
+        if !path.exists() {
+            bail!(
+                "there is no database at {}; start the server once with `octopus server run --data {}`",
+                path.display(),
+                data.display()
+            );
+        }
     }
     let store = open_store(data, database_url).await?;
     let admin = match store.user_by_name("admin").await? {
@@ -290,8 +331,8 @@ pub async fn reset_admin(data: &Path, database_url: Option<&str>) -> anyhow::Res
     if admin.disabled {
         store.set_user_disabled(admin.id, false).await?;
     }
-    make_administrator(&store, admin.id).await?;
-    let (key, stored) = issue_api_key(&store, admin.id, "admin (reset-admin)").await?;
+    make_administrator(store.as_ref(), admin.id).await?;
+    let (key, stored) = issue_api_key(store.as_ref(), admin.id, "admin (reset-admin)").await?;
     let event = octo_store::NewAuditEvent {
         at: octo_store::now_ms(),
         user_id: Some(admin.id),
@@ -327,7 +368,7 @@ pub struct RunningServer {
     shutdown: CancellationToken,
     tasks: tokio::task::JoinSet<()>,
     _lock: DataLock,
-    _db_lock: DataLock,
+    _db_lock: Option<DataLock>,
 }
 
 /// The server's comms, held by [`RunningServer`] for what it reports.
@@ -372,6 +413,10 @@ pub async fn start_with(
             args.session_idle_hours
         );
     }
+    let node_name = args.node_name()?;
+    if args.task_cap == 0 {
+        bail!("--task-cap must be at least 1 (tasks this node runs at once)");
+    }
     if !(1..=1024 * 1024).contains(&args.max_log_mib_per_step) {
         bail!(
             "--max-log-mib-per-step must be between 1 and 1048576 (MiB), not {}",
@@ -396,17 +441,22 @@ pub async fn start_with(
     restrict(&key, 0o600)?;
     restrict(&args.data.join("admin-api-key"), 0o600)?;
     // The database is locked too, whatever the data directory: another
-    // server's --database-url may name this one's.
-    let db = database_path(&args.data, args.database_url.as_deref())?;
-    if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let db_lock = DataLock::acquire_database(&db)?;
+    // server's --database-url may name this one's (PostgreSQL is shared by
+    // design, and needs no lock).
+    let db_lock = match database(&args.data, args.database_url.as_deref())? {
+        Database::Sqlite(db) => {
+            if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            Some(DataLock::acquire_database(&db)?)
+        }
+        Database::Postgres(_) => None,
+    };
     let store = open_store(&args.data, args.database_url.as_deref()).await?;
-    let admin_api_key = bootstrap(&store, &args.data).await?;
-    let (master_key, master_key_created) = master_key(&store, &args.data).await?;
+    let admin_api_key = bootstrap(store.as_ref(), &args.data).await?;
+    let (master_key, master_key_created) = master_key(store.as_ref(), &args.data).await?;
     let master_key = Arc::new(master_key);
-    let store: Arc<dyn Store> = Arc::new(store);
 
     let polling_trust = TrustStore::new(
         polling_thumbprints(store.as_ref()).await?,
@@ -499,6 +549,8 @@ pub async fn start_with(
         tentacle: tentacle.clone(),
         packages: packages.clone(),
         master_key: master_key.clone(),
+        task_cap: args.task_cap,
+        node_name: node_name.clone(),
         limits: octo_engine::StepLimits {
             per_task: args.max_parallel_steps,
             per_node: args.max_running_steps,
@@ -521,7 +573,14 @@ pub async fn start_with(
         session_idle: Duration::from_secs_f64(args.session_idle_hours * 3600.0),
         grant_cache: Arc::default(),
         logins: Arc::default(),
+        node_name: node_name.clone(),
     };
+    // This node's first heartbeat before anything is served: `octopus node
+    // list` and `/api/nodes/ping` know it from the start.
+    let started_at = octo_store::now_ms();
+    heartbeat(&state, started_at)
+        .await
+        .with_context(|| format!("recording node '{node_name}' in the database"))?;
     // The API, and beside it whatever else this server serves (the portal).
     let api = crate::api::router(state.clone());
     let app = match extra(state.clone()) {
@@ -550,6 +609,7 @@ pub async fn start_with(
     }
     // Task engine: resume unfinished tasks, scheduled health checks.
     state.engine.spawn_background(shutdown.clone(), &mut tasks);
+    tasks.spawn(heartbeats(state.clone(), started_at, shutdown.clone()));
     tasks.spawn({
         let t = shutdown.clone();
         async move {
@@ -578,7 +638,7 @@ pub async fn start_with(
         })
         .unwrap_or_default();
     info!(
-        "octopus server ready: API http://{api_addr}/api, comms port {comms_port}{web_socket}, thumbprint {}",
+        "octopus server ready: node {node_name}, API http://{api_addr}/api, comms port {comms_port}{web_socket}, thumbprint {}",
         identity.thumbprint()
     );
     Ok(RunningServer {
@@ -594,6 +654,64 @@ pub async fn start_with(
         _lock: lock,
         _db_lock: db_lock,
     })
+}
+
+/// Records this node's heartbeat with what its engine runs, and hands the
+/// engine the drain flag an operator may have set (through any node).
+async fn heartbeat(state: &AppState, started_at: i64) -> anyhow::Result<()> {
+    // The drain flag first, so that the load written below is the load after
+    // it applied (`octopus node drain --wait` relies on that).
+    if let Some(node) = state.store.node(&state.node_name).await? {
+        apply_drain(state, node.draining);
+    }
+    let load = state.engine.load();
+    let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    let node = state
+        .store
+        .node_heartbeat(&octo_store::NodeBeat {
+            name: state.node_name.clone(),
+            started_at,
+            at: octo_store::now_ms(),
+            task_cap: count(load.cap),
+            running_tasks: count(load.tasks),
+            running_steps: count(load.steps),
+        })
+        .await?;
+    apply_drain(state, node.draining);
+    Ok(())
+}
+
+/// Hands the engine the drain flag, saying so when it changes.
+fn apply_drain(state: &AppState, draining: bool) {
+    if state.engine.load().draining != draining {
+        info!(
+            "node {}: {}",
+            state.node_name,
+            if draining {
+                "draining (running tasks go on; new ones wait)"
+            } else {
+                "undrained (takes tasks again)"
+            }
+        );
+    }
+    state.engine.set_draining(draining);
+}
+
+/// Heartbeats every [`octo_api_types::NODE_HEARTBEAT_MS`] until `shutdown`; a
+/// failed one is logged and the next tried on time.
+async fn heartbeats(state: AppState, started_at: i64, shutdown: CancellationToken) {
+    let period = Duration::from_millis(octo_api_types::NODE_HEARTBEAT_MS.unsigned_abs());
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = heartbeat(&state, started_at).await {
+            tracing::warn!("node {}: heartbeat: {e:#}", state.node_name);
+        }
+    }
 }
 
 /// `octopus server run`: start, then serve until SIGTERM or Ctrl-C.

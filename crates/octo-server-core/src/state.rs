@@ -54,6 +54,8 @@ pub struct AppState {
     pub grant_cache: Arc<GrantCache>,
     /// Failed logins, by user and by address.
     pub logins: Arc<LoginThrottle>,
+    /// This server's name among the nodes sharing its database.
+    pub node_name: String,
 }
 
 impl AppState {

@@ -66,6 +66,10 @@ const ROUTES: &[(&str, &[&str], bool, bool)] = &[
     ("/api/tasks/tentacle-upgrade", &["post"], true, true),
     ("/api/tasks/{id}/guidance", &["post"], true, true),
     ("/api/packages", &["get", "post"], true, true),
+    ("/api/nodes", &["get"], true, false),
+    ("/api/nodes/ping", &["get"], false, false),
+    ("/api/nodes/{name}/drain", &["post"], true, false),
+    ("/api/nodes/{name}/undrain", &["post"], true, false),
     (
         "/api/packages/{id}/{version}",
         &["get", "delete"],

@@ -838,6 +838,62 @@ async fn cancel_before_the_script_started_never_starts_it() {
 }
 
 // ---------------------------------------------------------------------------
+// The node's task cap.
+
+/// A node runs at most its task cap at once: a second task waits, Queued,
+/// saying why in its log, while the node's record shows one running task and
+/// step; it starts when the first ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_beyond_the_cap_wait_queued_until_one_ends() {
+    let server = Server::with(RunArgs {
+        task_cap: 1,
+        ..RunArgs::default()
+    })
+    .await;
+    let lis = Tentacle::listening("lis", server.thumbprint).await;
+    server
+        .add_listening("lis", lis.addr.unwrap(), lis.thumbprint())
+        .await;
+    let gate = server.data.with_file_name("gate");
+    let script = format!(
+        "echo first; for i in $(seq 1 1200); do [ -f '{}' ] && break; sleep 0.1; done; echo done",
+        gate.display()
+    );
+    let first = server.script(&script, &["lis"]).await;
+    server.events(&first, 0).await.until_line("first").await;
+    let second = server.script("echo second", &["lis"]).await;
+    let mut events = server.events(&second, 0).await;
+    events
+        .until(|e, d| {
+            e == "log"
+                && d["text"]
+                    .as_str()
+                    .is_some_and(|t| t.contains("this node runs its cap of 1 tasks"))
+        })
+        .await;
+    let (_, t) = server.get(&format!("/api/tasks/{second}")).await;
+    assert_eq!(t["task"]["state"], "Queued", "{t}");
+    // The next heartbeat records what runs (5 s apart): one task, one step.
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let (status, nodes) = server.get("/api/nodes").await;
+        assert_eq!(status, 200, "{nodes}");
+        let node = &nodes[0];
+        assert_eq!(node["task_cap"], 1, "{nodes}");
+        if node["running_tasks"] == 1 && node["running_steps"] == 1 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{nodes}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    std::fs::write(&gate, "").unwrap();
+    let (_, end) = events.until(|e, _| e == "end").await;
+    assert_eq!(end["task"]["state"], "Success", "{end}");
+    let (_, t) = server.get(&format!("/api/tasks/{first}")).await;
+    assert_eq!(t["task"]["state"], "Success", "{t}");
+}
+
+// ---------------------------------------------------------------------------
 // How many steps run at once.
 
 /// Fails (exit 3) if another step holds the lock directory `$D/lock` while

@@ -10,8 +10,8 @@
 
 use octo_store::{
     ticket, AuditEvent, AuditFilter, EndpointKind, HealthFilter, HealthStatus, HealthUpdate,
-    MachineFilter, MachineQuery, MachineUpdate, NewAuditEvent, Permission, Role, Store, StoreError,
-    Task, TaskQuery, TaskState, DEFAULT_POLICY,
+    MachineFilter, MachineQuery, MachineUpdate, NewAuditEvent, NodeBeat, NodeState, Permission,
+    Role, Store, StoreError, Task, TaskQuery, TaskState, DEFAULT_POLICY,
 };
 use serde_json::json;
 
@@ -57,6 +57,8 @@ macro_rules! store_suite {
             settings_and_task_secrets_round_trip,
             machines_come_in_filtered_pages,
             machines_environments_and_tasks_change_and_page,
+            nodes_heartbeat_and_keep_their_drain_flag,
+            tasks_are_claimed_by_one_live_node_and_leases_by_one_holder,
         );
     };
     (@each $factory:expr; $($test:ident,)+) => {
@@ -1654,4 +1656,124 @@ pub async fn machines_environments_and_tasks_change_and_page(s: &dyn Store) {
             .unwrap()),
         (vec![first.id], 2)
     );
+}
+
+/// Nodes: the first heartbeat makes the row, later ones update it; the drain
+/// flag is the operator's (a heartbeat, even a restart's, keeps it); names
+/// compare without regard to case; an old heartbeat reads as Offline.
+pub async fn nodes_heartbeat_and_keep_their_drain_flag(store: &dyn Store) {
+    assert!(store.list_nodes().await.unwrap().is_empty());
+    let now = octo_store::now_ms();
+    let beat = |name: &str, at: i64, steps: i64| NodeBeat {
+        name: name.into(),
+        started_at: now,
+        at,
+        task_cap: 5,
+        running_tasks: 1,
+        running_steps: steps,
+    };
+    let a = store.node_heartbeat(&beat("node-a", now, 2)).await.unwrap();
+    assert_eq!(
+        (
+            a.name.as_str(),
+            a.state,
+            a.draining,
+            a.task_cap,
+            a.running_steps
+        ),
+        ("node-a", NodeState::Running, false, 5, 2)
+    );
+    store.node_heartbeat(&beat("node-b", now, 0)).await.unwrap();
+    let drained = store.set_node_draining("NODE-A", true).await.unwrap();
+    assert_eq!(
+        (drained.state, drained.draining),
+        (NodeState::Draining, true)
+    );
+    // The next heartbeat (a restart: a new start time) keeps the flag and tells the node.
+    let mut again = beat("node-a", now + 1, 0);
+    again.started_at = now + 1;
+    again.task_cap = 2;
+    let a = store.node_heartbeat(&again).await.unwrap();
+    assert!(a.draining);
+    assert_eq!((a.started_at, a.task_cap, a.running_steps), (now + 1, 2, 0));
+    let names: Vec<_> = store
+        .list_nodes()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|n| n.name)
+        .collect();
+    assert_eq!(names, ["node-a", "node-b"]);
+    let a = store.set_node_draining("node-a", false).await.unwrap();
+    assert_eq!(a.state, NodeState::Running);
+    // A node whose last heartbeat is old is offline.
+    let old = now - octo_store::NODE_OFFLINE_AFTER_MS - 1_000;
+    let c = store.node_heartbeat(&beat("node-c", old, 0)).await.unwrap();
+    assert_eq!(c.state, NodeState::Offline);
+    assert_eq!(store.node("Node-C").await.unwrap().unwrap().last_seen, old);
+    assert!(store.node("node-d").await.unwrap().is_none());
+    assert!(matches!(
+        store.set_node_draining("node-d", true).await,
+        Err(StoreError::NotFound { kind: "node", .. })
+    ));
+    assert!(matches!(
+        store.node_heartbeat(&beat(" ", now, 0)).await,
+        Err(StoreError::Invalid(_))
+    ));
+}
+
+/// A task is taken by one node; another takes it only once that node is
+/// offline. A lease is held by one holder until it runs out.
+pub async fn tasks_are_claimed_by_one_live_node_and_leases_by_one_holder(store: &dyn Store) {
+    store.create_environment(1, "Production", "").await.unwrap();
+    let m = store
+        .create_machine(&new_machine("web01", &["Production"], &["web"]))
+        .await
+        .unwrap();
+    let now = octo_store::now_ms();
+    let task = store
+        .create_task(&new_task("script", "echo", &json!({}), &[m.id]), now)
+        .await
+        .unwrap();
+    let beat = |name: &str, at: i64| NodeBeat {
+        name: name.into(),
+        started_at: at,
+        at,
+        task_cap: 5,
+        running_tasks: 0,
+        running_steps: 0,
+    };
+    store.node_heartbeat(&beat("node-a", now)).await.unwrap();
+    store.node_heartbeat(&beat("node-b", now)).await.unwrap();
+    assert!(store.claim_task(&task.id, "node-a", now).await.unwrap());
+    assert!(store.claim_task(&task.id, "NODE-A", now).await.unwrap());
+    assert!(!store.claim_task(&task.id, "node-b", now).await.unwrap());
+    // Node a stops heartbeating: once offline, node b may take its task over.
+    let later = now + octo_store::NODE_OFFLINE_AFTER_MS + 1_000;
+    store.node_heartbeat(&beat("node-b", later)).await.unwrap();
+    assert!(store.claim_task(&task.id, "node-b", later).await.unwrap());
+    assert!(!store.claim_task(&task.id, "node-a", later).await.unwrap());
+    assert!(!store
+        .claim_task("ServerTasks-999", "node-a", later)
+        .await
+        .unwrap());
+
+    assert!(store.lease("health", "node-a", now, 60_000).await.unwrap());
+    assert!(store
+        .lease("health", "node-a", now + 10, 60_000)
+        .await
+        .unwrap());
+    assert!(!store
+        .lease("health", "node-b", now + 20, 60_000)
+        .await
+        .unwrap());
+    assert!(store.lease("other", "node-b", now, 60_000).await.unwrap());
+    assert!(store
+        .lease("health", "node-b", now + 70_000, 60_000)
+        .await
+        .unwrap());
+    assert!(!store
+        .lease("health", "node-a", now + 70_001, 60_000)
+        .await
+        .unwrap());
 }

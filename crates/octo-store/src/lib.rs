@@ -1,8 +1,10 @@
 //! The server's store.
 //!
-//! [`Store`] is everything the server persists, as one async trait. Each database
-//! engine is a crate of its own that implements it (`octo-store-sqlite`, the
-//! embedded default; PostgreSQL can sit beside it), with its own migrations, and
+//! [`Store`] is everything the server persists, as one async trait. It is
+//! implemented once, in SQL, for every [`sql::Engine`] ([`sql`]); each
+//! database engine is a crate of its own that supplies its connections, the
+//! few pieces of SQL that differ ([`sql::Dialect`]) and its migrations
+//! (`octo-store-sqlite`, the embedded default; `octo-store-postgres`), and
 //! every engine runs the same contract suite (`octo-store-tests`). Queries are
 //! built at run time (no compile-time checked macros: those bind a build to one
 //! database).
@@ -12,10 +14,10 @@
 //! and compared case-insensitively; lists come back ordered by name (or, for tasks,
 //! newest first).
 //!
-//! For engines, what does not depend on the database: [`error`] (messages and
-//! database failures as [`StoreError`]s), [`input`] (validation and the rules
-//! of tasks and logs), [`text`] (enums as stored text), [`rows`] (row structs
-//! that derive `sqlx::FromRow` for any engine, and the records they become) and
+//! Beside [`sql`], what does not depend on the database: [`error`] (messages
+//! and database failures as [`StoreError`]s), [`input`] (validation and the
+//! rules of tasks and logs), [`text`] (enums as stored text), [`rows`] (row
+//! structs read from any engine's rows, and the records they become) and
 //! [`machines`] (a machine's lists).
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -26,6 +28,7 @@ pub mod error;
 pub mod input;
 pub mod machines;
 pub mod rows;
+pub mod sql;
 pub mod text;
 
 pub use octo_api_types::model::*;
@@ -247,6 +250,19 @@ pub struct NewTask {
     pub secrets: Vec<(String, String)>,
 }
 
+/// One heartbeat of a server node: who it is and what it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeBeat {
+    pub name: String,
+    /// When the node started (Unix ms).
+    pub started_at: i64,
+    /// Now (Unix ms).
+    pub at: i64,
+    pub task_cap: i64,
+    pub running_tasks: i64,
+    pub running_steps: i64,
+}
+
 /// A change to record in the audit log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewAuditEvent {
@@ -278,6 +294,10 @@ pub struct AuditFilter {
 /// Everything the server persists.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Closes the store's connections, waiting for those in use to be
+    /// returned (before a process that opened it for one command exits).
+    async fn close(&self);
+
     // Spaces.
     /// Adds a space with its own default machine policy.
     async fn create_space(&self, name: &str, description: &str) -> Result<Space>;
@@ -366,6 +386,25 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     // The audit log.
     async fn append_audit(&self, event: &NewAuditEvent) -> Result<()>;
     async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEvent>>;
+
+    // Server nodes.
+    /// Records a node's heartbeat (its row is made at the first): last seen,
+    /// start time, cap and load; keeps its drain flag. The row as it is now, so
+    /// the node learns whether an operator drained it.
+    async fn node_heartbeat(&self, beat: &NodeBeat) -> Result<Node>;
+    /// Every node that ever heartbeat, by name.
+    async fn list_nodes(&self) -> Result<Vec<Node>>;
+    async fn node(&self, name: &str) -> Result<Option<Node>>;
+    /// Sets or clears a node's drain flag (NotFound when no node has that name).
+    async fn set_node_draining(&self, name: &str, draining: bool) -> Result<Node>;
+    /// Takes an unfinished task for node `node`: true when no node had it, `node`
+    /// had it already, or the node that had it is offline (no heartbeat for
+    /// [`NODE_OFFLINE_AFTER_MS`] before `now`); false when another live node runs it.
+    async fn claim_task(&self, task_id: &str, node: &str, now: i64) -> Result<bool>;
+    /// Takes or renews the cluster-wide lease `name` for `holder` until
+    /// `now + ttl_ms`: true when `holder` holds it now (no one held it, it held
+    /// it, or the other holder's lease ran out).
+    async fn lease(&self, name: &str, holder: &str, now: i64, ttl_ms: i64) -> Result<bool>;
 
     // Settings.
     async fn setting(&self, name: &str) -> Result<Option<String>>;

@@ -1,18 +1,18 @@
 //! Rows as a database returns them, and the records they become.
 //!
-//! Each row struct derives `sqlx::FromRow`, which is generic over the row type,
-//! so every engine reads the same structs; each names its columns once
-//! ([`Row::COLUMNS`], for `SELECT` and `RETURNING`). Lists that hang off a row
-//! (a tenant's tags, a machine's roles) come as [`ListRow`]s, filled in by the
-//! engine.
+//! Each row struct reads itself from any engine's row ([`Columns`], by
+//! column name) and names its columns once ([`Row::COLUMNS`], for `SELECT`
+//! and `RETURNING`). Lists that hang off a row (a tenant's tags, a machine's
+//! roles) come as [`ListRow`]s, filled in by the store.
 
 use std::collections::HashMap;
 
+use crate::sql::{Col, Column, Columns};
 use crate::text::TextEnum;
 use crate::{
     ApiKey, AuditEvent, EndpointKind, Environment, Grant, HealthStatus, Machine, MachinePolicy,
-    Package, Permission, Result, Role, Space, StoreError, Task, TaskLogLine, TaskState, TaskStep,
-    Team, Tenant, User,
+    Node, NodeState, Package, Permission, Result, Role, Space, StoreError, Task, TaskLogLine,
+    TaskState, TaskStep, Team, Tenant, User,
 };
 
 /// A row that becomes one of the API's records.
@@ -21,6 +21,8 @@ pub trait Row: Sized {
     type Record;
     /// The columns to select, in SQL.
     const COLUMNS: &'static str;
+    /// The row, from an engine's row (its columns by name).
+    fn from_columns(row: &dyn Columns) -> Result<Self>;
     /// The record; a database error when the row holds what this version cannot read.
     fn into_record(self) -> Result<Self::Record>;
 }
@@ -34,9 +36,14 @@ macro_rules! row {
     };
     (@struct $(#[$attr:meta])* $row:ident { $($field:ident: $ty:ty),+ }) => {
         $(#[$attr])*
-        #[derive(Debug, sqlx::FromRow)]
+        #[derive(Debug)]
         pub struct $row {
             $(pub $field: $ty),+
+        }
+    };
+    (@read $row:ident { $($field:ident),+ }) => {
+        fn from_columns(row: &dyn Columns) -> Result<Self> {
+            Ok($row { $($field: Column::column(row, Col::Name(stringify!($field)))?),+ })
         }
     };
     ($(#[$attr:meta])* $row:ident => $record:ident { $($field:ident: $ty:ty),+ $(,)? }) => {
@@ -45,6 +52,7 @@ macro_rules! row {
         impl Row for $row {
             type Record = $record;
             const COLUMNS: &'static str = row!(@columns $($field),+);
+            row!(@read $row { $($field),+ });
             fn into_record(self) -> Result<$record> {
                 Ok($record { $($field: self.$field),+ })
             }
@@ -56,6 +64,7 @@ macro_rules! row {
         impl Row for $row {
             type Record = $record;
             const COLUMNS: &'static str = row!(@columns $($field),+);
+            row!(@read $row { $($field),+ });
             fn into_record(self) -> Result<$record> {
                 $into(self)
             }
@@ -95,7 +104,7 @@ pub const IS_SYSTEM_ADMINISTRATOR: &str = is_system_administrator!();
 
 /// A `users` row (not its password hash), with whether the user holds the
 /// System administrator role in every space: select [`Row::COLUMNS`] `FROM users`.
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug)]
 pub struct UserRow {
     pub id: i64,
     pub username: String,
@@ -108,6 +117,7 @@ pub struct UserRow {
 impl Row for UserRow {
     type Record = User;
     const COLUMNS: &'static str = user_columns!();
+    row!(@read UserRow { id, username, display_name, is_admin, disabled, created_at });
     fn into_record(self) -> Result<User> {
         Ok(User {
             id: self.id,
@@ -160,9 +170,8 @@ row! {
 }
 
 /// A `users` row with its password hash (to sign in).
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug)]
 pub struct UserWithHashRow {
-    #[sqlx(flatten)]
     pub user: UserRow,
     pub password_hash: Option<String>,
 }
@@ -171,6 +180,12 @@ impl Row for UserWithHashRow {
     type Record = (User, Option<String>);
     const COLUMNS: &'static str =
         concat!(user_columns!(), ", users.password_hash AS password_hash");
+    fn from_columns(row: &dyn Columns) -> Result<Self> {
+        Ok(UserWithHashRow {
+            user: UserRow::from_columns(row)?,
+            password_hash: Column::column(row, Col::Name("password_hash"))?,
+        })
+    }
     fn into_record(self) -> Result<Self::Record> {
         Ok((self.user.into_record()?, self.password_hash))
     }
@@ -256,7 +271,7 @@ fn step(r: StepRow) -> Result<TaskStep> {
 /// A `machines` row joined to its policy's name: select [`Row::COLUMNS`]
 /// [`MachineRow::FROM`]. Its lists come as [`ListRow`]s
 /// ([`crate::machines::MachineList`]).
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug)]
 pub struct MachineRow {
     pub id: i64,
     pub space_id: i64,
@@ -289,6 +304,7 @@ impl Row for MachineRow {
          m.status, m.status_reason, m.last_health_at, m.tentacle_version, m.tool_version, m.os, m.free_bytes, \
          m.disabled, \
          m.created_at";
+    row!(@read MachineRow { id, space_id, name, kind, uri, thumbprint, policy, worker_pool, status, status_reason, last_health_at, tentacle_version, tool_version, os, free_bytes, disabled, created_at });
 
     fn into_record(self) -> Result<Machine> {
         Ok(Machine {
@@ -342,6 +358,28 @@ fn role(r: RoleRow) -> Result<Role> {
 }
 
 row! {
+    /// A `nodes` row; its state is worked out from the time now.
+    NodeRow => Node by node {
+        name: String, started_at: i64, last_seen: i64, draining: bool, task_cap: i64,
+        running_tasks: i64, running_steps: i64,
+    }
+}
+
+#[allow(clippy::unnecessary_wraps)] // The row macro's conversions return Result.
+fn node(r: NodeRow) -> Result<Node> {
+    Ok(Node {
+        state: NodeState::at(crate::now_ms(), r.last_seen, r.draining),
+        name: r.name,
+        started_at: r.started_at,
+        last_seen: r.last_seen,
+        draining: r.draining,
+        task_cap: r.task_cap,
+        running_tasks: r.running_tasks,
+        running_steps: r.running_steps,
+    })
+}
+
+row! {
     /// An `audit_events` row.
     AuditRow => AuditEvent {
         id: i64, at: i64, user_id: Option<i64>, username: String, source: String, action: String,
@@ -351,7 +389,7 @@ row! {
 
 /// A `teams` row with its space's name: select [`Row::COLUMNS`] [`TeamRow::FROM`].
 /// Its members and grants are filled in by the engine.
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug)]
 pub struct TeamRow {
     pub id: i64,
     pub space_id: Option<i64>,
@@ -371,6 +409,7 @@ impl Row for TeamRow {
     const COLUMNS: &'static str =
         "t.id AS id, t.space_id AS space_id, s.name AS space, t.name AS name, \
          t.description AS description, t.built_in AS built_in";
+    row!(@read TeamRow { id, space_id, space, name, description, built_in });
     fn into_record(self) -> Result<Team> {
         Ok(Team {
             id: self.id,
@@ -387,7 +426,7 @@ impl Row for TeamRow {
 
 /// A `grants` row with its space's name: select [`Row::COLUMNS`] [`GrantRow::FROM`].
 /// Its environments and tenants are filled in by the engine.
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug)]
 pub struct GrantRow {
     pub id: i64,
     pub team_id: i64,
@@ -405,6 +444,7 @@ impl Row for GrantRow {
     type Record = (i64, Grant);
     const COLUMNS: &'static str =
         "g.id AS id, g.team_id AS team_id, g.role AS role, g.space_id AS space_id, s.name AS space";
+    row!(@read GrantRow { id, team_id, role, space_id, space });
     fn into_record(self) -> Result<(i64, Grant)> {
         Ok((
             self.team_id,
@@ -422,7 +462,7 @@ impl Row for GrantRow {
 
 /// One value of a list that belongs to a row: a tenant's tag, a machine's role.
 /// Select the owner's id `AS owner` and the value `AS value`.
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug)]
 pub struct ListRow {
     pub owner: i64,
     pub value: String,
@@ -431,6 +471,7 @@ pub struct ListRow {
 impl Row for ListRow {
     type Record = ListRow;
     const COLUMNS: &'static str = "owner, value";
+    row!(@read ListRow { owner, value });
     fn into_record(self) -> Result<ListRow> {
         Ok(self)
     }
@@ -440,6 +481,12 @@ impl Row for ListRow {
 impl Row for (String, String) {
     type Record = (String, String);
     const COLUMNS: &'static str = "name, value";
+    fn from_columns(row: &dyn Columns) -> Result<Self> {
+        Ok((
+            Column::column(row, Col::Index(0))?,
+            Column::column(row, Col::Index(1))?,
+        ))
+    }
     fn into_record(self) -> Result<(String, String)> {
         Ok(self)
     }

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod netns;
 pub mod nginx;
+pub mod postgres;
 pub mod proxy;
 pub mod raw;
 pub mod services;

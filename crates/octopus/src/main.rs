@@ -70,7 +70,7 @@ enum ServerCommand {
     #[command(
         after_help = "Example:\n  octopus server run --data /var/lib/octopus --listen 0.0.0.0:8080 --comms-listen-port 10943"
     )]
-    Run(server::RunArgs),
+    Run(Box<server::RunArgs>),
     /// Print the server's comms thumbprint, which tentacles must trust.
     #[command(
         after_help = "Example:\n  tentacle configure --trust $(octopus server show-thumbprint --data /var/lib/octopus)"
@@ -136,7 +136,7 @@ async fn main() -> ExitCode {
         Command::Quickstart(args) => Box::pin(quickstart::run(args))
             .await
             .map(|()| ExitCode::SUCCESS),
-        Command::Server(ServerCommand::Run(args)) => server::run_with(args, octo_portal::router)
+        Command::Server(ServerCommand::Run(args)) => server::run_with(*args, octo_portal::router)
             .await
             .map(|()| ExitCode::SUCCESS),
         Command::Server(ServerCommand::ShowThumbprint { data }) => {

@@ -97,7 +97,9 @@ fn run_ok(cmd: &mut Command) -> String {
 }
 
 impl Lab {
-    async fn new() -> Lab {
+    /// A lab whose server keeps its data in `database_url` (None: SQLite in
+    /// its data directory).
+    async fn new(database_url: Option<String>) -> Lab {
         let (tentacle, calamari) = binaries().clone();
         let dir = tempfile::tempdir().unwrap();
         let tool = dir.path().join("installed-calamari");
@@ -110,6 +112,7 @@ impl Lab {
                 comms_listen_port: 0,
                 comms_listen_address: "127.0.0.1".into(),
                 calamari: Some(tool.clone()),
+                database_url,
                 ..RunArgs::default()
             }),
         )
@@ -376,7 +379,19 @@ fn step<'a>(end: &'a Value, machine: &str) -> &'a Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn packages_deploy_to_listening_and_polling_tentacles() {
-    let lab = Lab::new().await;
+    packages_deploy(Lab::new(None).await).await;
+}
+
+/// The same, with the server's store on PostgreSQL (a database of its own in
+/// this test process's throwaway cluster): machines, health checks, the feed,
+/// deployments, their logs and retention, as on SQLite.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packages_deploy_on_postgresql() {
+    let url = octo_testkit::postgres::shared().create_database();
+    packages_deploy(Lab::new(Some(url)).await).await;
+}
+
+async fn packages_deploy(lab: Lab) {
     let tool_version = {
         let out = Command::new(&binaries().1).arg("version").output().unwrap();
         String::from_utf8(out.stdout).unwrap().trim().to_string()

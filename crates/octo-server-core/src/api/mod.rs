@@ -19,6 +19,7 @@ pub mod environments;
 pub mod error;
 pub mod guard;
 pub mod machines;
+pub mod nodes;
 pub mod packages;
 pub mod policies;
 pub mod roles;
@@ -37,9 +38,10 @@ use octo_api_types::{
     DiscoverRequest, EndpointKind, Environment, EnvironmentUpdate, ErrorBody, Grant, Guidance,
     GuidanceRequest, HealthRequest, HealthStatus, Isolation, Login, LoginReply, Machine,
     MachinePolicy, MachineRequest, MachineUpdate, NewApiKey, NewEnvironment, NewGrant, NewMember,
-    NewRole, NewSpace, NewTeam, NewUser, Package, Permission, PushReply, RegisterReply, Role,
-    ScriptRequest, ServerInfo, SetPassword, Space, Syntax, Task, TaskLogLine, TaskState, TaskStep,
-    TaskView, Team, Tenant, TentacleUpgradeRequest, User, WhoAmI, WorkerPool, API_KEY_HEADER,
+    NewRole, NewSpace, NewTeam, NewUser, Node, NodeState, Package, Permission, PushReply,
+    RegisterReply, Role, ScriptRequest, ServerInfo, SetPassword, Space, Syntax, Task, TaskLogLine,
+    TaskState, TaskStep, TaskView, Team, Tenant, TentacleUpgradeRequest, User, WhoAmI, WorkerPool,
+    API_KEY_HEADER,
 };
 use utoipa::openapi::security::{ApiKey as ApiKeyScheme, ApiKeyValue, SecurityScheme};
 use utoipa::OpenApi;
@@ -73,6 +75,7 @@ pub fn routes() -> Vec<Route> {
         teams::routes(),
         roles::routes(),
         audit::routes(),
+        nodes::routes(),
     ] {
         all.extend(area);
     }
@@ -183,6 +186,10 @@ pub fn router(state: AppState) -> Router {
         packages::list_packages,
         packages::get_package,
         packages::delete_package,
+        nodes::list_nodes,
+        nodes::ping,
+        nodes::drain_node,
+        nodes::undrain_node,
     ),
     components(schemas(
         ErrorBody,
@@ -224,6 +231,8 @@ pub fn router(state: AppState) -> Router {
         AuditEvent,
         Task,
         TaskState,
+        Node,
+        NodeState,
         TaskStep,
         TaskView,
         TaskLogLine,
@@ -249,6 +258,7 @@ pub fn router(state: AppState) -> Router {
         (name = "users", description = "Users, passwords, login and logout"),
         (name = "teams", description = "Teams: members and the roles granted to them"),
         (name = "roles", description = "Roles: named sets of permissions"),
+        (name = "nodes", description = "Server nodes sharing the database: heartbeats, drain, ping"),
         (name = "audit", description = "The audit log"),
         (name = "tasks", description = "Server tasks: health checks, scripts, deployments, tool upgrades"),
         (name = "packages", description = "The built-in package feed"),

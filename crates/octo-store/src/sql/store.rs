@@ -1,0 +1,1774 @@
+//! [`Store`] on every [`Engine`]: the store's logic and its SQL, written once.
+//!
+//! Every write that is more than one statement runs in an [`Access::Write`]
+//! transaction; a read in it that decides what to write ends with
+//! [`Dialect::for_update`], so that on an engine with row locks (PostgreSQL)
+//! two writers cannot both act on what they read (SQLite's write
+//! transactions hold the whole database already). Several reads that must
+//! agree run in one [`Access::Read`] snapshot. Lists are passed as one
+//! parameter ([`Value::ids`], [`Value::texts`]) and expanded by the engine
+//! ([`Dialect::ids`], [`Dialect::texts`]), so a query has a fixed number of
+//! parameters whatever the list's length.
+
+use std::collections::HashMap;
+
+use crate::error::{
+    conflict, environment_in_use, environment_still_used, expect_rows, invalid, missing_policy,
+    missing_reference, name_list, not_found, shell_word, Ctx, Op,
+};
+use crate::input::{
+    arguments_text, check_new_machine, check_new_tenant, distinct_ids, missing_machine,
+    next_sequences, normal_thumbprint, output_variables_text, require_name, task_id,
+    task_transition,
+};
+use crate::machines::{ListValues, MachineList, MachineRefs, Machines};
+use crate::rows::{
+    group, ApiKeyRow, AuditRow, EnvironmentRow, GrantRow, ListRow, LogLineRow, MachineRow, NodeRow,
+    PackageRow, PolicyRow, RoleRow, Row, SpaceRow, StepRow, TaskRow, TeamRow, TenantRow, UserRow,
+    UserWithHashRow, IS_SYSTEM_ADMINISTRATOR,
+};
+use crate::sql::{query, returning, select, Access, Dialect, Engine, On, Params, Tx, Value};
+use crate::text::{TextEnum, UNFINISHED_STATES};
+use crate::{
+    now_ms, params, ticket, ApiKey, AuditEvent, AuditFilter, Environment, Grant, HealthUpdate,
+    Machine, MachineFilter, MachinePolicy, MachineQuery, MachineUpdate, NewAuditEvent, NewLogLine,
+    NewMachine, NewPackage, NewTask, Node, NodeBeat, Package, Result, Role, Space, Store,
+    StoreError, Task, TaskLogLine, TaskQuery, TaskState, TaskStep, Team, Tenant, User,
+    DEFAULT_POLICY,
+};
+
+/// A write transaction (see the module's documentation).
+async fn write_tx(e: &dyn Engine, op: &str) -> Result<Box<dyn Tx>> {
+    e.begin(Access::Write).await.ctx(op)
+}
+
+/// A read transaction: one consistent snapshot for several queries.
+async fn read_tx(e: &dyn Engine, op: &str) -> Result<Box<dyn Tx>> {
+    e.begin(Access::Read).await.ctx(op)
+}
+
+/// Machines matching `where_sql`, read in one snapshot.
+async fn read_machines(
+    e: &dyn Engine,
+    op: &str,
+    where_sql: &str,
+    params: Params<'_>,
+) -> Result<Vec<Machine>> {
+    let mut tx = read_tx(e, op).await?;
+    let machines = query_machines(&mut tx, e.dialect(), where_sql, params).await?;
+    tx.commit().await.ctx(op)?;
+    Ok(machines)
+}
+
+/// Adds a machine, or with `replace` rewrites the one of the same name.
+async fn save_machine(e: &dyn Engine, m: &NewMachine, replace: bool) -> Result<Machine> {
+    let op = if replace {
+        "replacing a machine"
+    } else {
+        "adding a machine"
+    };
+    check_new_machine(m)?;
+    let d = e.dialect();
+    let mut tx = write_tx(e, op).await?;
+    let sql = format!(
+        "SELECT id FROM machines WHERE space_id = ? AND name = ?{}",
+        d.for_update
+    );
+    let existing = query(&sql, params![m.space_id, &m.name], op)
+        .scalar::<i64>(&mut *tx)
+        .await?;
+    let id = match (existing, replace) {
+        (Some(_), false) => return Err(conflict("machine", &m.name)),
+        (None, true) => return Err(not_found("machine", &m.name)),
+        (None, false) => {
+            let refs = resolve_refs(&mut tx, m).await?;
+            let params = machine_params(m, &refs).and(now_ms()).and(m.space_id);
+            let op = Op::new(op).unique(conflict("machine", &m.name));
+            let id = query(INSERT_MACHINE, params, op)
+                .value::<i64>(&mut *tx)
+                .await?;
+            write_links(&mut tx, d, id, m, &refs).await?;
+            id
+        }
+        (Some(id), true) => {
+            let refs = resolve_refs(&mut tx, m).await?;
+            let op = Op::new(op).unique(conflict("machine", &m.name));
+            query(REPLACE_MACHINE, machine_params(m, &refs).and(id), op)
+                .execute(&mut *tx)
+                .await?;
+            write_links(&mut tx, d, id, m, &refs).await?;
+            id
+        }
+    };
+    let machine = query_machines(&mut tx, d, "WHERE m.id = ?", params![id])
+        .await?
+        .into_iter()
+        .next()
+        .ok_or_else(|| StoreError::Database(format!("{op}: machine '{}' vanished", m.name)))?;
+    tx.commit().await.ctx(op)?;
+    Ok(machine)
+}
+
+// Queries of more than one statement, and query shapes used more than once.
+
+/// The record whose `column` is `key` in `table` (both constants of this module).
+async fn by_key<R: Row>(
+    on: impl Into<On<'_>>,
+    table: &str,
+    column: &str,
+    key: &str,
+    op: &str,
+) -> Result<Option<R::Record>> {
+    let sql = select::<R>(&format!("FROM {table} WHERE {column} = ?"));
+    query(&sql, params![key], op).optional::<R>(on).await
+}
+
+/// A list as the JSON array text a column keeps (a task's environments, a
+/// role's permissions).
+fn json_text<T: serde::Serialize>(items: &[T]) -> Result<String> {
+    serde_json::to_string(items).map_err(|e| StoreError::Database(format!("encoding a list: {e}")))
+}
+
+/// The ids of a [`Value::Ids`] parameter, as a subquery.
+fn id_list(d: &Dialect) -> String {
+    format!("SELECT value FROM {}", d.ids)
+}
+
+/// The texts of a [`Value::Texts`] parameter, as a subquery.
+fn text_list(d: &Dialect) -> String {
+    format!("SELECT value FROM {}", d.texts)
+}
+
+/// Machines matching `where_sql` (on `machines m`), ordered by name, with their
+/// environments, roles, tenants and tenant tags (five queries, however many).
+async fn query_machines(
+    conn: &mut Box<dyn Tx>,
+    d: &Dialect,
+    where_sql: &str,
+    params: Params<'_>,
+) -> Result<Vec<Machine>> {
+    query_machines_paged(conn, d, where_sql, params, "").await
+}
+
+/// As [`query_machines`], with `page` (e.g. `LIMIT 50 OFFSET 100`) after the order.
+async fn query_machines_paged(
+    conn: &mut Box<dyn Tx>,
+    d: &Dialect,
+    where_sql: &str,
+    params: Params<'_>,
+    page: &str,
+) -> Result<Vec<Machine>> {
+    const OP: &str = "loading machines";
+    let sql = select::<MachineRow>(&format!(
+        "{} {where_sql} ORDER BY m.name, m.id {page}",
+        MachineRow::FROM
+    ));
+    let mut machines = Machines::new(
+        query(&sql, params, OP)
+            .all::<MachineRow>(&mut *conn)
+            .await?,
+    );
+    if machines.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids = machines.ids();
+    for list in MachineList::ALL {
+        let params = params![Value::ids(&ids)];
+        let rows = query(&list.select(&id_list(d)), params, OP)
+            .all::<ListRow>(&mut *conn)
+            .await?;
+        machines.fill(list, rows);
+    }
+    Ok(machines.into_vec())
+}
+
+/// Adds a machine's row: its fields, its policy, then `created_at` and its space.
+const INSERT_MACHINE: &str =
+    "INSERT INTO machines (name, kind, uri, thumbprint, policy_id, worker_pool, created_at, space_id) \
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id";
+
+/// Rewrites a machine's row: its fields, its policy, then its id. A new
+/// registration: what was known about the old one's health no longer holds.
+const REPLACE_MACHINE: &str =
+    "UPDATE machines SET name = ?, kind = ?, uri = ?, thumbprint = ?, policy_id = ?, worker_pool = ?, \
+     status = 'Unknown', status_reason = '', last_health_at = NULL, tentacle_version = NULL, \
+     tool_version = NULL, os = NULL, free_bytes = NULL WHERE id = ?";
+
+/// The parameters [`INSERT_MACHINE`] (then `created_at` and the space) and
+/// [`REPLACE_MACHINE`] (then the id) start with.
+fn machine_params<'q>(m: &'q NewMachine, refs: &MachineRefs) -> Params<'q> {
+    params![
+        &m.name,
+        m.kind.text(),
+        &m.uri,
+        normal_thumbprint(&m.thumbprint),
+        refs.policy_id,
+        &m.worker_pool,
+    ]
+}
+
+/// What a new machine refers to, resolved to row ids.
+async fn resolve_refs(conn: &mut Box<dyn Tx>, m: &NewMachine) -> Result<MachineRefs> {
+    let policy = m.policy.as_deref().unwrap_or(DEFAULT_POLICY);
+    let sql = "SELECT id FROM machine_policies WHERE space_id = ? AND name = ?";
+    let policy_id = query(sql, params![m.space_id, policy], RESOLVE)
+        .scalar::<i64>(&mut *conn)
+        .await?
+        .ok_or_else(|| missing_policy(policy))?;
+    Ok(MachineRefs {
+        policy_id,
+        environment_ids: ids_by_name(conn, m.space_id, "environment", &m.environments).await?,
+        tenant_ids: ids_by_name(conn, m.space_id, "tenant", &m.tenants).await?,
+    })
+}
+
+const RESOLVE: &str = "checking a machine's environments, tenants and policy";
+
+/// The row ids of the `kind`s (in table `<kind>s`) of a space named, each once.
+async fn ids_by_name(
+    conn: &mut Box<dyn Tx>,
+    space_id: i64,
+    kind: &str,
+    names: &[String],
+) -> Result<Vec<i64>> {
+    let sql = format!("SELECT id FROM {kind}s WHERE space_id = ? AND name = ?");
+    let mut ids = Vec::with_capacity(names.len());
+    for name in names {
+        let id = query(&sql, params![space_id, name], RESOLVE)
+            .scalar::<i64>(&mut *conn)
+            .await?;
+        ids.push(id.ok_or_else(|| missing_reference(kind, name))?);
+    }
+    Ok(distinct_ids(&ids))
+}
+
+/// Writes a machine's rows in the join tables (after clearing them), each list
+/// in one statement.
+async fn write_links(
+    conn: &mut Box<dyn Tx>,
+    d: &Dialect,
+    machine_id: i64,
+    m: &NewMachine,
+    refs: &MachineRefs,
+) -> Result<()> {
+    const CLEAR: &str = "saving a machine's environments, roles and tenants";
+    const SAVE: &str = "saving the machine's environments, roles and tenants";
+    for list in MachineList::ALL {
+        let sql = format!("DELETE FROM {} WHERE machine_id = ?", list.table());
+        query(&sql, params![machine_id], CLEAR)
+            .execute(&mut *conn)
+            .await?;
+    }
+    for list in MachineList::ALL {
+        let (values, from) = match list.values(m, refs) {
+            ListValues::Ids(ids) => (Value::ids(ids), d.ids),
+            ListValues::Texts(texts) => (Value::texts(texts), d.texts),
+        };
+        // WHERE true: an INSERT ... SELECT with ON CONFLICT needs a WHERE (SQLite's
+        // parser would take ON for a join's).
+        let sql = format!(
+            "INSERT INTO {} (machine_id, {}) SELECT ?, value FROM {from} WHERE true \
+             ON CONFLICT DO NOTHING",
+            list.table(),
+            list.column()
+        );
+        query(&sql, params![machine_id, values], SAVE)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// `expr` is one of a [`Value::Texts`] parameter's texts, ignoring case.
+fn nocase_in(d: &Dialect, expr: &str) -> String {
+    format!("{} IN ({})", (d.nocase)(expr), text_list(d))
+}
+
+/// A machine is in one of the environments of a [`Value::Texts`] parameter.
+fn in_environments(d: &Dialect) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM machine_environments me JOIN environments e ON e.id = me.environment_id \
+         WHERE me.machine_id = m.id AND {})",
+        nocase_in(d, "e.name")
+    )
+}
+
+/// The WHERE clause (on `machines m`) and parameters of a machine filter:
+/// each non-empty list of it a condition, given the list as one parameter.
+fn machine_conditions(d: &Dialect, filter: &MachineFilter) -> (String, Params<'static>) {
+    let conditions = [
+        (&filter.names, nocase_in(d, "m.name")),
+        (&filter.environments, in_environments(d)),
+        (
+            &filter.roles,
+            format!(
+                "EXISTS (SELECT 1 FROM machine_roles r WHERE r.machine_id = m.id AND {})",
+                nocase_in(d, "r.role")
+            ),
+        ),
+        (
+            &filter.tenants,
+            format!(
+                "EXISTS (SELECT 1 FROM machine_tenants mt JOIN tenants t ON t.id = mt.tenant_id \
+                 WHERE mt.machine_id = m.id AND {})",
+                nocase_in(d, "t.name")
+            ),
+        ),
+    ];
+    let mut sql = String::from("WHERE (? IS NULL OR m.space_id = ?)");
+    let mut params = params![filter.space_id, filter.space_id];
+    for (values, condition) in conditions {
+        if !values.is_empty() {
+            sql.push_str(" AND ");
+            sql.push_str(&condition);
+            params = params.and(Value::texts(values));
+        }
+    }
+    (sql, params)
+}
+
+/// The WHERE clause and parameters of a page of machines.
+fn page_conditions(d: &Dialect, q: &MachineQuery) -> (String, Params<'static>) {
+    let (mut sql, mut params) = machine_conditions(d, &q.filter);
+    if let Some(text) = q.name_contains.as_deref().filter(|t| !t.is_empty()) {
+        // A position, not LIKE: no wildcards to escape.
+        sql.push_str(&format!(" AND {}(lower(m.name), lower(?)) > 0", d.find));
+        params = params.and(text.to_string());
+    }
+    if !q.health.is_empty() {
+        let any: Vec<&str> = q.health.iter().map(|h| h.sql()).collect();
+        sql.push_str(&format!(" AND ({})", any.join(" OR ")));
+    }
+    if let Some(kind) = q.kind {
+        sql.push_str(" AND m.kind = ?");
+        params = params.and(kind.text());
+    }
+    match q.workers {
+        Some(true) => sql.push_str(" AND m.worker_pool IS NOT NULL"),
+        Some(false) => sql.push_str(" AND m.worker_pool IS NULL"),
+        None => {}
+    }
+    if let Some(envs) = &q.visible_environments {
+        sql.push_str(" AND ");
+        sql.push_str(&in_environments(d));
+        params = params.and(Value::texts(envs));
+    }
+    (sql, params)
+}
+
+/// Tags by tenant, of one tenant or of all.
+async fn tenant_tags(
+    conn: &mut Box<dyn Tx>,
+    tenant_id: Option<i64>,
+) -> Result<HashMap<i64, Vec<String>>> {
+    let sql = "SELECT tenant_id AS owner, tag AS value FROM tenant_tags \
+               WHERE ? IS NULL OR tenant_id = ? ORDER BY tenant_id, tag";
+    let rows = query(sql, params![tenant_id, tenant_id], "loading tenant tags")
+        .all::<ListRow>(&mut *conn)
+        .await?;
+    Ok(group(rows))
+}
+
+/// NotFound unless task `id` exists. In a write transaction: the task's row
+/// stays locked until it ends, so that writes to one task (its log lines,
+/// whose ids must grow in the order they are committed) happen one at a time.
+async fn require_task(conn: &mut Box<dyn Tx>, d: &Dialect, id: &str, op: &str) -> Result<()> {
+    let sql = format!("SELECT id FROM tasks WHERE id = ?{}", d.for_update);
+    let found = query(&sql, params![id], op)
+        .scalar::<String>(&mut *conn)
+        .await?;
+    found.map(drop).ok_or_else(|| not_found("task", id))
+}
+
+/// The version of a package of a space, by ID (any case) and exact version;
+/// `lock` ends the query ([`Dialect::for_update`] or nothing).
+async fn package_version(
+    on: impl Into<On<'_>>,
+    (space_id, package_id, version): (i64, &str, &str),
+    lock: &str,
+    op: &str,
+) -> Result<Option<Package>> {
+    let sql = select::<PackageRow>(&format!(
+        "FROM packages WHERE space_id = ? AND package_id = ? AND version = ?{lock}"
+    ));
+    query(&sql, params![space_id, package_id, version], op)
+        .optional::<PackageRow>(on)
+        .await
+}
+
+/// The record of a space whose `column` is `key` in `table`.
+async fn by_space_key<R: Row>(
+    on: impl Into<On<'_>>,
+    table: &str,
+    space_id: i64,
+    column: &str,
+    key: &str,
+    op: &str,
+) -> Result<Option<R::Record>> {
+    let sql = select::<R>(&format!("FROM {table} WHERE space_id = ? AND {column} = ?"));
+    query(&sql, params![space_id, key], op)
+        .optional::<R>(on)
+        .await
+}
+
+/// A user by id, with whether they are an administrator.
+async fn user_by(on: impl Into<On<'_>>, id: i64, op: &str) -> Result<Option<User>> {
+    let sql = select::<UserRow>("FROM users WHERE id = ?");
+    query(&sql, params![id], op).optional::<UserRow>(on).await
+}
+
+/// Teams matching `where_sql` (on `teams t`), ordered by space then name,
+/// with their members and grants.
+async fn query_teams(
+    conn: &mut Box<dyn Tx>,
+    d: &Dialect,
+    where_sql: &str,
+    params: Params<'_>,
+) -> Result<Vec<Team>> {
+    const OP: &str = "loading teams";
+    let sql = select::<TeamRow>(&format!(
+        "{} {where_sql} ORDER BY t.space_id IS NOT NULL, s.name, t.name, t.id",
+        TeamRow::FROM
+    ));
+    let mut teams = query(&sql, params, OP).all::<TeamRow>(&mut *conn).await?;
+    if teams.is_empty() {
+        return Ok(teams);
+    }
+    let ids = teams.iter().map(|t| t.id).collect::<Vec<_>>();
+    let sql = format!(
+        "SELECT tm.team_id AS owner, u.username AS value FROM team_members tm \
+         JOIN users u ON u.id = tm.user_id WHERE tm.team_id IN ({}) \
+         ORDER BY tm.team_id, u.username",
+        id_list(d)
+    );
+    let mut members = group(
+        query(&sql, params![Value::ids(&ids)], OP)
+            .all::<ListRow>(&mut *conn)
+            .await?,
+    );
+    let mut grants = query_grants(
+        conn,
+        d,
+        &format!("WHERE g.team_id IN ({})", id_list(d)),
+        params![Value::ids(&ids)],
+    )
+    .await?;
+    for t in &mut teams {
+        t.members = members.remove(&t.id).unwrap_or_default();
+        t.grants = grants.remove(&t.id).unwrap_or_default();
+    }
+    Ok(teams)
+}
+
+/// Grants matching `where_sql` (on `grants g`), by team, with their
+/// environments and tenants.
+async fn query_grants(
+    conn: &mut Box<dyn Tx>,
+    d: &Dialect,
+    where_sql: &str,
+    params: Params<'_>,
+) -> Result<HashMap<i64, Vec<Grant>>> {
+    const OP: &str = "loading grants";
+    let sql = select::<GrantRow>(&format!("{} {where_sql} ORDER BY g.id", GrantRow::FROM));
+    let rows = query(&sql, params, OP).all::<GrantRow>(&mut *conn).await?;
+    let mut by_team: HashMap<i64, Vec<Grant>> = HashMap::new();
+    if rows.is_empty() {
+        return Ok(by_team);
+    }
+    let ids = rows.iter().map(|(_, g)| g.id).collect::<Vec<_>>();
+    let scopes = [
+        "SELECT ge.grant_id AS owner, e.name AS value FROM grant_environments ge \
+         JOIN environments e ON e.id = ge.environment_id",
+        "SELECT gt.grant_id AS owner, t.name AS value FROM grant_tenants gt \
+         JOIN tenants t ON t.id = gt.tenant_id",
+    ];
+    let mut lists = Vec::with_capacity(2);
+    for (i, base) in scopes.iter().enumerate() {
+        let column = if i == 0 { "ge" } else { "gt" };
+        let sql = format!(
+            "{base} WHERE {column}.grant_id IN ({}) ORDER BY {column}.grant_id, value",
+            id_list(d)
+        );
+        lists.push(group(
+            query(&sql, params![Value::ids(&ids)], OP)
+                .all::<ListRow>(&mut *conn)
+                .await?,
+        ));
+    }
+    for (team_id, mut g) in rows {
+        g.environments = lists[0].remove(&g.id).unwrap_or_default();
+        g.tenants = lists[1].remove(&g.id).unwrap_or_default();
+        by_team.entry(team_id).or_default().push(g);
+    }
+    Ok(by_team)
+}
+
+/// Adds a space's default machine policy.
+async fn add_default_policy(conn: &mut Box<dyn Tx>, space_id: i64, op: &str) -> Result<()> {
+    let sql = "INSERT INTO machine_policies (space_id, name, health_check_interval_s, \
+               health_check_timeout_s, polling_wait_s) VALUES (?, ?, 3600, 60, 120)";
+    query(sql, params![space_id, DEFAULT_POLICY], op)
+        .execute(&mut *conn)
+        .await
+        .map(drop)
+}
+
+#[async_trait::async_trait]
+impl<E: Engine> Store for E {
+    async fn close(&self) {
+        self.close_pool().await;
+    }
+
+    // Spaces.
+
+    async fn create_space(&self, name: &str, description: &str) -> Result<Space> {
+        const OP: &str = "adding a space";
+        require_name("space", name)?;
+        let mut tx = write_tx(self, OP).await?;
+        let sql = returning::<SpaceRow>(
+            "INSERT INTO spaces (name, description, is_default, created_at) VALUES (?, ?, FALSE, ?)",
+        );
+        let op = Op::new(OP).unique(conflict("space", name));
+        let space = query(&sql, params![name, description, now_ms()], op)
+            .one::<SpaceRow>(&mut *tx)
+            .await?;
+        add_default_policy(&mut tx, space.id, OP).await?;
+        tx.commit().await.ctx(OP)?;
+        Ok(space)
+    }
+
+    async fn list_spaces(&self) -> Result<Vec<Space>> {
+        let sql = select::<SpaceRow>("FROM spaces ORDER BY is_default DESC, name, id");
+        query(&sql, params![], "listing spaces")
+            .all::<SpaceRow>(self)
+            .await
+    }
+
+    async fn space_by_name(&self, name: &str) -> Result<Option<Space>> {
+        by_key::<SpaceRow>(self, "spaces", "name", name, "looking up a space").await
+    }
+
+    async fn space_by_id(&self, id: i64) -> Result<Option<Space>> {
+        let sql = select::<SpaceRow>("FROM spaces WHERE id = ?");
+        query(&sql, params![id], "looking up a space")
+            .optional::<SpaceRow>(self)
+            .await
+    }
+
+    async fn delete_space(&self, id: i64) -> Result<Space> {
+        const OP: &str = "deleting a space";
+        let mut tx = write_tx(self, OP).await?;
+        let sql = select::<SpaceRow>(&format!(
+            "FROM spaces WHERE id = ?{}",
+            self.dialect().for_update
+        ));
+        let space = query(&sql, params![id], OP)
+            .optional::<SpaceRow>(&mut *tx)
+            .await?
+            .ok_or_else(|| not_found("space", format!("#{id}")))?;
+        if space.is_default {
+            return Err(invalid(format!(
+                "space '{}' is the default space (requests that name no space use it) and cannot be deleted",
+                space.name
+            )));
+        }
+        let machines = query(
+            "SELECT COUNT(*) FROM machines WHERE space_id = ?",
+            params![id],
+            OP,
+        )
+        .value::<i64>(&mut *tx)
+        .await?;
+        if machines > 0 {
+            return Err(invalid(format!(
+                "space '{}' holds {machines} machine(s); delete them first (`octopus machine list --space {}`)",
+                space.name,
+                shell_word(&space.name)
+            )));
+        }
+        // Grants first: their scopes refer to the space's environments and
+        // tenants, which may not go while a grant is narrowed to them.
+        query("DELETE FROM grants WHERE space_id = ?", params![id], OP)
+            .execute(&mut *tx)
+            .await?;
+        let sql = "DELETE FROM grants WHERE team_id IN (SELECT id FROM teams WHERE space_id = ?)";
+        query(sql, params![id], OP).execute(&mut *tx).await?;
+        query("DELETE FROM spaces WHERE id = ?", params![id], OP)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await.ctx(OP)?;
+        Ok(space)
+    }
+
+    // Users and API keys.
+
+    async fn create_user(
+        &self,
+        username: &str,
+        display_name: &str,
+        password_hash: Option<&str>,
+    ) -> Result<User> {
+        const OP: &str = "adding a user";
+        require_name("user", username)?;
+        let mut tx = write_tx(self, OP).await?;
+        let sql = "INSERT INTO users (username, display_name, password_hash, created_at) \
+                   VALUES (?, ?, ?, ?) RETURNING id";
+        let params = params![username, display_name, password_hash, now_ms()];
+        let op = Op::new(OP).unique(conflict("user", username));
+        let id = query(sql, params, op).value::<i64>(&mut *tx).await?;
+        let user = user_by(&mut *tx, id, OP)
+            .await?
+            .ok_or_else(|| StoreError::Database(format!("{OP}: user '{username}' vanished")))?;
+        tx.commit().await.ctx(OP)?;
+        Ok(user)
+    }
+
+    async fn user_by_name(&self, username: &str) -> Result<Option<(User, Option<String>)>> {
+        let op = "looking up a user";
+        by_key::<UserWithHashRow>(self, "users", "username", username, op).await
+    }
+
+    async fn user_by_id(&self, id: i64) -> Result<Option<User>> {
+        user_by(self, id, "looking up a user").await
+    }
+
+    async fn list_users(&self) -> Result<Vec<User>> {
+        let sql = select::<UserRow>("FROM users ORDER BY username, id");
+        query(&sql, params![], "listing users")
+            .all::<UserRow>(self)
+            .await
+    }
+
+    async fn set_user_disabled(&self, id: i64, disabled: bool) -> Result<User> {
+        const OP: &str = "disabling or enabling a user";
+        let mut tx = write_tx(self, OP).await?;
+        let n = query(
+            "UPDATE users SET disabled = ? WHERE id = ?",
+            params![disabled, id],
+            OP,
+        )
+        .execute(&mut *tx)
+        .await?;
+        expect_rows(n, not_found("user", format!("#{id}")))?;
+        let user = user_by(&mut *tx, id, OP)
+            .await?
+            .ok_or_else(|| not_found("user", format!("#{id}")))?;
+        tx.commit().await.ctx(OP)?;
+        Ok(user)
+    }
+
+    async fn set_password_hash(&self, id: i64, password_hash: &str) -> Result<()> {
+        let sql = "UPDATE users SET password_hash = ? WHERE id = ?";
+        let n = query(sql, params![password_hash, id], "setting a password")
+            .execute(self)
+            .await?;
+        expect_rows(n, not_found("user", format!("#{id}")))
+    }
+
+    async fn count_users(&self) -> Result<i64> {
+        query("SELECT COUNT(*) FROM users", params![], "counting users")
+            .value::<i64>(self)
+            .await
+    }
+
+    async fn holders_of(&self, role: &str) -> Result<Vec<User>> {
+        // The same test as IS_SYSTEM_ADMINISTRATOR, for any role.
+        let role_test =
+            IS_SYSTEM_ADMINISTRATOR.replace(&format!("'{}'", crate::SYSTEM_ADMINISTRATOR), "?");
+        let sql = select::<UserRow>(&format!(
+            "FROM users WHERE users.disabled = FALSE AND {role_test} ORDER BY users.username"
+        ));
+        query(&sql, params![role], "listing the holders of a role")
+            .all::<UserRow>(self)
+            .await
+    }
+
+    async fn create_api_key(
+        &self,
+        user_id: i64,
+        purpose: &str,
+        key_sha256: &str,
+        prefix: &str,
+        session: bool,
+    ) -> Result<ApiKey> {
+        let sql = returning::<ApiKeyRow>(
+            "INSERT INTO api_keys (user_id, purpose, key_sha256, prefix, created_at, session) \
+             VALUES (?, ?, ?, ?, ?, ?)",
+        );
+        let key_sha256 = key_sha256.to_ascii_lowercase();
+        let params = params![user_id, purpose, key_sha256, prefix, now_ms(), session];
+        let op = Op::new("adding an API key")
+            .unique(conflict("API key", prefix))
+            .foreign_key(not_found("user", format!("#{user_id}")));
+        query(&sql, params, op).one::<ApiKeyRow>(self).await
+    }
+
+    async fn authenticate_api_key(
+        &self,
+        key_sha256: &str,
+        now: i64,
+        session_idle_ms: i64,
+    ) -> Result<Option<(ApiKey, User)>> {
+        const OP: &str = "checking an API key";
+        let mut conn = self.begin(Access::Single).await.ctx(OP)?;
+        // A session key counts only when used within the idle time.
+        let sql = returning::<ApiKeyRow>(
+            "UPDATE api_keys SET last_used_at = ? WHERE key_sha256 = ? AND revoked = FALSE \
+             AND (session = FALSE OR COALESCE(last_used_at, created_at) >= ?)",
+        );
+        let idle_since = now.saturating_sub(session_idle_ms);
+        let params = params![now, key_sha256.to_ascii_lowercase(), idle_since];
+        let key = query(&sql, params, OP)
+            .optional::<ApiKeyRow>(&mut *conn)
+            .await?;
+        let Some(key) = key else { return Ok(None) };
+        let user = user_by(&mut *conn, key.user_id, OP).await?;
+        Ok(user.filter(|u| !u.disabled).map(|u| (key, u)))
+    }
+
+    async fn list_api_keys(&self, user_id: Option<i64>) -> Result<Vec<ApiKey>> {
+        let sql = select::<ApiKeyRow>("FROM api_keys WHERE ? IS NULL OR user_id = ? ORDER BY id");
+        query(&sql, params![user_id, user_id], "listing API keys")
+            .all::<ApiKeyRow>(self)
+            .await
+    }
+
+    async fn api_key(&self, id: i64) -> Result<Option<ApiKey>> {
+        let sql = select::<ApiKeyRow>("FROM api_keys WHERE id = ?");
+        query(&sql, params![id], "looking up an API key")
+            .optional::<ApiKeyRow>(self)
+            .await
+    }
+
+    async fn revoke_api_key(&self, id: i64) -> Result<()> {
+        let sql = "UPDATE api_keys SET revoked = TRUE WHERE id = ?";
+        let n = query(sql, params![id], "revoking an API key")
+            .execute(self)
+            .await?;
+        expect_rows(n, not_found("API key", format!("#{id}")))
+    }
+
+    // Roles, teams and grants.
+
+    async fn create_role(&self, role: &Role) -> Result<Role> {
+        require_name("role", &role.name)?;
+        let names: Vec<&str> = role.permissions.iter().map(|p| p.name()).collect();
+        let sql = returning::<RoleRow>(
+            "INSERT INTO roles (name, description, permissions, created_at) VALUES (?, ?, ?, ?)",
+        );
+        let params = params![&role.name, &role.description, json_text(&names)?, now_ms()];
+        let op = Op::new("adding a role").unique(conflict("role", &role.name));
+        query(&sql, params, op).one::<RoleRow>(self).await
+    }
+
+    async fn list_roles(&self) -> Result<Vec<Role>> {
+        let sql = select::<RoleRow>("FROM roles ORDER BY name");
+        query(&sql, params![], "listing roles")
+            .all::<RoleRow>(self)
+            .await
+    }
+
+    async fn create_team(
+        &self,
+        space_id: Option<i64>,
+        name: &str,
+        description: &str,
+    ) -> Result<Team> {
+        const OP: &str = "adding a team";
+        require_name("team", name)?;
+        let mut tx = write_tx(self, OP).await?;
+        let sql =
+            "INSERT INTO teams (space_id, name, description, created_at) VALUES (?, ?, ?, ?) \
+                   RETURNING id";
+        let op = Op::new(OP)
+            .unique(conflict("team", name))
+            .foreign_key(not_found("space", format!("#{}", space_id.unwrap_or(0))));
+        let id = query(sql, params![space_id, name, description, now_ms()], op)
+            .value::<i64>(&mut *tx)
+            .await?;
+        let team = query_teams(&mut tx, self.dialect(), "WHERE t.id = ?", params![id])
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| StoreError::Database(format!("{OP}: team '{name}' vanished")))?;
+        tx.commit().await.ctx(OP)?;
+        Ok(team)
+    }
+
+    async fn list_teams(&self, space_id: Option<i64>) -> Result<Vec<Team>> {
+        const OP: &str = "listing teams";
+        let mut tx = read_tx(self, OP).await?;
+        let teams = match space_id {
+            Some(id) => {
+                let sql = "WHERE t.space_id IS NULL OR t.space_id = ?";
+                query_teams(&mut tx, self.dialect(), sql, params![id]).await?
+            }
+            None => query_teams(&mut tx, self.dialect(), "", params![]).await?,
+        };
+        tx.commit().await.ctx(OP)?;
+        Ok(teams)
+    }
+
+    async fn team(&self, id: i64) -> Result<Option<Team>> {
+        const OP: &str = "looking up a team";
+        let mut tx = read_tx(self, OP).await?;
+        let team = query_teams(&mut tx, self.dialect(), "WHERE t.id = ?", params![id])
+            .await?
+            .into_iter()
+            .next();
+        tx.commit().await.ctx(OP)?;
+        Ok(team)
+    }
+
+    async fn delete_team(&self, id: i64) -> Result<()> {
+        const OP: &str = "deleting a team";
+        let mut tx = write_tx(self, OP).await?;
+        let team = query_teams(&mut tx, self.dialect(), "WHERE t.id = ?", params![id])
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| not_found("team", format!("#{id}")))?;
+        if team.built_in {
+            return Err(invalid(format!(
+                "team '{}' is built in and cannot be deleted; remove its members instead",
+                team.name
+            )));
+        }
+        query("DELETE FROM teams WHERE id = ?", params![id], OP)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await.ctx(OP)
+    }
+
+    async fn add_team_member(&self, team_id: i64, user_id: i64) -> Result<()> {
+        let sql =
+            "INSERT INTO team_members (team_id, user_id) VALUES (?, ?) ON CONFLICT DO NOTHING";
+        let op = Op::new("adding a team member")
+            .foreign_key(not_found("team or user", format!("#{team_id}/#{user_id}")));
+        query(sql, params![team_id, user_id], op)
+            .execute(self)
+            .await
+            .map(drop)
+    }
+
+    async fn remove_team_member(&self, team_id: i64, user_id: i64) -> Result<()> {
+        let sql = "DELETE FROM team_members WHERE team_id = ? AND user_id = ?";
+        let n = query(sql, params![team_id, user_id], "removing a team member")
+            .execute(self)
+            .await?;
+        expect_rows(n, not_found("team member", format!("#{user_id}")))
+    }
+
+    async fn add_grant(
+        &self,
+        team_id: i64,
+        role: &str,
+        space_id: Option<i64>,
+        environments: &[String],
+        tenants: &[String],
+    ) -> Result<Grant> {
+        const OP: &str = "giving a team a role";
+        require_name("role", role)?;
+        let mut tx = write_tx(self, OP).await?;
+        let (environment_ids, tenant_ids) = match space_id {
+            Some(space) => (
+                ids_by_name(&mut tx, space, "environment", environments).await?,
+                ids_by_name(&mut tx, space, "tenant", tenants).await?,
+            ),
+            None if environments.is_empty() && tenants.is_empty() => (Vec::new(), Vec::new()),
+            None => {
+                return Err(invalid(
+                    "a grant in every space cannot be narrowed to environments or tenants: \
+                     give it in one space",
+                ))
+            }
+        };
+        let sql = "INSERT INTO grants (team_id, role, space_id, created_at) VALUES (?, ?, ?, ?) \
+                   RETURNING id";
+        let op = Op::new(OP).foreign_key(not_found("team", format!("#{team_id}")));
+        let id = query(sql, params![team_id, role, space_id, now_ms()], op)
+            .value::<i64>(&mut *tx)
+            .await?;
+        for (table, column, ids) in [
+            ("grant_environments", "environment_id", &environment_ids),
+            ("grant_tenants", "tenant_id", &tenant_ids),
+        ] {
+            let sql = format!(
+                "INSERT INTO {table} (grant_id, {column}) SELECT ?, value FROM {} \
+                 WHERE true ON CONFLICT DO NOTHING",
+                self.dialect().ids
+            );
+            query(&sql, params![id, Value::ids(ids)], OP)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let grant = query_grants(&mut tx, self.dialect(), "WHERE g.id = ?", params![id])
+            .await?
+            .remove(&team_id)
+            .and_then(|mut g| g.pop())
+            .ok_or_else(|| StoreError::Database(format!("{OP}: grant #{id} vanished")))?;
+        tx.commit().await.ctx(OP)?;
+        Ok(grant)
+    }
+
+    async fn remove_grant(&self, team_id: i64, grant_id: i64) -> Result<()> {
+        let sql = "DELETE FROM grants WHERE team_id = ? AND id = ?";
+        let n = query(sql, params![team_id, grant_id], "removing a grant")
+            .execute(self)
+            .await?;
+        expect_rows(n, not_found("grant", format!("#{grant_id}")))
+    }
+
+    async fn grants_of_user(&self, user_id: i64) -> Result<Vec<Grant>> {
+        const OP: &str = "loading a user's grants";
+        let mut tx = read_tx(self, OP).await?;
+        let sql = "WHERE g.team_id IN (SELECT team_id FROM team_members WHERE user_id = ?)";
+        let grants = query_grants(&mut tx, self.dialect(), sql, params![user_id]).await?;
+        tx.commit().await.ctx(OP)?;
+        let mut all: Vec<Grant> = grants.into_values().flatten().collect();
+        all.sort_by_key(|g| g.id);
+        Ok(all)
+    }
+
+    // The audit log.
+
+    async fn append_audit(&self, e: &NewAuditEvent) -> Result<()> {
+        let sql = "INSERT INTO audit_events (at, user_id, username, source, action, kind, object, \
+                   space_id, space, details) \
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, (SELECT name FROM spaces WHERE id = ?), ?)";
+        let params = params![
+            e.at,
+            e.user_id,
+            &e.username,
+            &e.source,
+            &e.action,
+            &e.kind,
+            &e.object,
+            e.space_id,
+            e.space_id,
+            &e.details,
+        ];
+        query(sql, params, "recording an audit event")
+            .execute(self)
+            .await
+            .map(drop)
+    }
+
+    async fn list_audit(&self, f: &AuditFilter) -> Result<Vec<AuditEvent>> {
+        let sql = select::<AuditRow>(&format!(
+            "FROM audit_events WHERE \
+             ((? IS NULL AND (space_id IS NOT NULL OR ?)) OR space_id = ? OR (? AND space_id IS NULL)) \
+             AND (? IS NULL OR {} = ?) AND (? IS NULL OR at >= ?) \
+             ORDER BY id DESC LIMIT ?",
+            (self.dialect().nocase)("username")
+        ));
+        let params = params![
+            f.space_id,
+            f.include_system,
+            f.space_id,
+            f.include_system,
+            &f.username,
+            &f.username,
+            f.since,
+            f.since,
+            f.limit,
+        ];
+        query(&sql, params, "listing audit events")
+            .all::<AuditRow>(self)
+            .await
+    }
+
+    // Server nodes.
+
+    async fn node_heartbeat(&self, b: &NodeBeat) -> Result<Node> {
+        require_name("node", &b.name)?;
+        let sql = returning::<NodeRow>(
+            "INSERT INTO nodes (name, started_at, last_seen, task_cap, running_tasks, running_steps) \
+             VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (name) DO UPDATE SET started_at = excluded.started_at, \
+             last_seen = excluded.last_seen, task_cap = excluded.task_cap, \
+             running_tasks = excluded.running_tasks, running_steps = excluded.running_steps",
+        );
+        let params = params![
+            &b.name,
+            b.started_at,
+            b.at,
+            b.task_cap,
+            b.running_tasks,
+            b.running_steps
+        ];
+        query(&sql, params, "recording a node's heartbeat")
+            .one::<NodeRow>(self)
+            .await
+    }
+
+    async fn list_nodes(&self) -> Result<Vec<Node>> {
+        let sql = select::<NodeRow>("FROM nodes ORDER BY name");
+        query(&sql, params![], "listing nodes")
+            .all::<NodeRow>(self)
+            .await
+    }
+
+    async fn node(&self, name: &str) -> Result<Option<Node>> {
+        let sql = select::<NodeRow>("FROM nodes WHERE name = ?");
+        query(&sql, params![name], "reading a node")
+            .optional::<NodeRow>(self)
+            .await
+    }
+
+    async fn set_node_draining(&self, name: &str, draining: bool) -> Result<Node> {
+        let sql = returning::<NodeRow>("UPDATE nodes SET draining = ? WHERE name = ?");
+        query(&sql, params![draining, name], "draining a node")
+            .optional::<NodeRow>(self)
+            .await?
+            .ok_or_else(|| not_found("node", name))
+    }
+
+    async fn claim_task(&self, task_id: &str, node: &str, now: i64) -> Result<bool> {
+        let sql =
+            "UPDATE tasks SET node = ? WHERE id = ? AND (node IS NULL OR node = ? OR NOT EXISTS \
+                   (SELECT 1 FROM nodes n WHERE n.name = tasks.node AND n.last_seen >= ?))";
+        let offline_before = now.saturating_sub(crate::NODE_OFFLINE_AFTER_MS);
+        query(
+            sql,
+            params![node, task_id, node, offline_before],
+            "taking a task for a node",
+        )
+        .execute(self)
+        .await
+        .map(|changed| changed == 1)
+    }
+
+    async fn lease(&self, name: &str, holder: &str, now: i64, ttl_ms: i64) -> Result<bool> {
+        let sql = "INSERT INTO leases (name, holder, until) VALUES (?, ?, ?) \
+                   ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until = excluded.until \
+                   WHERE leases.holder = excluded.holder OR leases.until < ?";
+        let until = now.saturating_add(ttl_ms);
+        query(
+            sql,
+            params![name, holder, until, now],
+            "taking a cluster-wide lease",
+        )
+        .execute(self)
+        .await
+        .map(|changed| changed == 1)
+    }
+
+    // Settings.
+
+    async fn setting(&self, name: &str) -> Result<Option<String>> {
+        query(
+            "SELECT value FROM settings WHERE name = ?",
+            params![name],
+            "reading a setting",
+        )
+        .scalar::<String>(self)
+        .await
+    }
+
+    async fn set_setting(&self, name: &str, value: &str) -> Result<()> {
+        let sql = "INSERT INTO settings (name, value) VALUES (?, ?) \
+                   ON CONFLICT (name) DO UPDATE SET value = excluded.value";
+        query(sql, params![name, value], "saving a setting")
+            .execute(self)
+            .await
+            .map(drop)
+    }
+
+    // Environments and tenants.
+
+    async fn create_environment(
+        &self,
+        space_id: i64,
+        name: &str,
+        description: &str,
+    ) -> Result<Environment> {
+        require_name("environment", name)?;
+        let sql = returning::<EnvironmentRow>(
+            "INSERT INTO environments (space_id, name, description, sort_order, created_at) \
+             VALUES (?, ?, ?, (SELECT COALESCE(MAX(sort_order), 0) + 1 FROM environments \
+             WHERE space_id = ?), ?)",
+        );
+        let op = Op::new("adding an environment")
+            .unique(conflict("environment", name))
+            .foreign_key(not_found("space", format!("#{space_id}")));
+        query(
+            &sql,
+            params![space_id, name, description, space_id, now_ms()],
+            op,
+        )
+        .one::<EnvironmentRow>(self)
+        .await
+    }
+
+    async fn list_environments(&self, space_id: i64) -> Result<Vec<Environment>> {
+        let sql = select::<EnvironmentRow>(
+            "FROM environments WHERE space_id = ? ORDER BY sort_order, name, id",
+        );
+        query(&sql, params![space_id], "listing environments")
+            .all::<EnvironmentRow>(self)
+            .await
+    }
+
+    async fn environment(&self, space_id: i64, name: &str) -> Result<Option<Environment>> {
+        let op = "looking up an environment";
+        by_space_key::<EnvironmentRow>(self, "environments", space_id, "name", name, op).await
+    }
+
+    async fn delete_environment(&self, space_id: i64, name: &str) -> Result<()> {
+        const OP: &str = "deleting an environment";
+        let mut tx = write_tx(self, OP).await?;
+        let env =
+            by_space_key::<EnvironmentRow>(&mut *tx, "environments", space_id, "name", name, OP)
+                .await?
+                .ok_or_else(|| not_found("environment", name))?;
+        let sql = "SELECT m.name FROM machine_environments me \
+                   JOIN machines m ON m.id = me.machine_id \
+                   WHERE me.environment_id = ? ORDER BY m.name";
+        let users = query(sql, params![env.id], OP)
+            .scalars::<String>(&mut *tx)
+            .await?;
+        if !users.is_empty() {
+            return Err(environment_in_use(&env.name, &users));
+        }
+        let sql = "SELECT DISTINCT t.name FROM grant_environments ge JOIN grants g ON g.id = ge.grant_id \
+                   JOIN teams t ON t.id = g.team_id WHERE ge.environment_id = ? ORDER BY t.name";
+        let teams = query(sql, params![env.id], OP)
+            .scalars::<String>(&mut *tx)
+            .await?;
+        if !teams.is_empty() {
+            return Err(invalid(format!(
+                "environment '{}' narrows role grants of team(s) {}; revoke those grants first \
+                 (`octopus team show TEAM`, then `octopus team revoke TEAM GRANT_ID`), as deleting \
+                 it would widen them",
+                env.name,
+                name_list(&teams)
+            )));
+        }
+        let op = Op::new(OP).foreign_key(environment_still_used(&env.name));
+        query("DELETE FROM environments WHERE id = ?", params![env.id], op)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await.ctx(OP)
+    }
+
+    async fn update_environment(
+        &self,
+        space_id: i64,
+        name: &str,
+        new_name: &str,
+        description: &str,
+    ) -> Result<Environment> {
+        require_name("environment", new_name)?;
+        let sql = returning::<EnvironmentRow>(
+            "UPDATE environments SET name = ?, description = ? WHERE space_id = ? AND name = ?",
+        );
+        let op = Op::new("changing an environment").unique(conflict("environment", new_name));
+        query(&sql, params![new_name, description, space_id, name], op)
+            .optional::<EnvironmentRow>(self)
+            .await?
+            .ok_or_else(|| not_found("environment", name))
+    }
+
+    async fn move_environment(&self, space_id: i64, name: &str, position: u32) -> Result<()> {
+        const OP: &str = "moving an environment";
+        let mut tx = write_tx(self, OP).await?;
+        let sql = format!(
+            "SELECT name FROM environments WHERE space_id = ? ORDER BY sort_order, name, id{}",
+            self.dialect().for_update
+        );
+        let mut names = query(&sql, params![space_id], OP)
+            .scalars::<String>(&mut *tx)
+            .await?;
+        let at = names
+            .iter()
+            .position(|n| n.eq_ignore_ascii_case(name))
+            .ok_or_else(|| not_found("environment", name))?;
+        let moved = names.remove(at);
+        let to = usize::try_from(position)
+            .unwrap_or(usize::MAX)
+            .min(names.len());
+        names.insert(to, moved);
+        let sql = "UPDATE environments SET sort_order = ? WHERE space_id = ? AND name = ?";
+        for (i, n) in names.iter().enumerate() {
+            let order = i64::try_from(i).unwrap_or(i64::MAX);
+            query(sql, params![order, space_id, n], OP)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await.ctx(OP)
+    }
+
+    async fn create_tenant(&self, space_id: i64, name: &str, tags: &[String]) -> Result<Tenant> {
+        const OP: &str = "adding a tenant";
+        check_new_tenant(name, tags)?;
+        let mut tx = write_tx(self, OP).await?;
+        let sql = returning::<TenantRow>(
+            "INSERT INTO tenants (space_id, name, created_at) VALUES (?, ?, ?)",
+        );
+        let op = Op::new(OP).unique(conflict("tenant", name));
+        let mut tenant = query(&sql, params![space_id, name, now_ms()], op)
+            .one::<TenantRow>(&mut *tx)
+            .await?;
+        let sql = "INSERT INTO tenant_tags (tenant_id, tag) VALUES (?, ?) ON CONFLICT DO NOTHING";
+        for tag in tags {
+            query(sql, params![tenant.id, tag], OP)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let mut tags = tenant_tags(&mut tx, Some(tenant.id)).await?;
+        tenant.tags = tags.remove(&tenant.id).unwrap_or_default();
+        tx.commit().await.ctx(OP)?;
+        Ok(tenant)
+    }
+
+    async fn list_tenants(&self, space_id: i64) -> Result<Vec<Tenant>> {
+        const OP: &str = "listing tenants";
+        let mut tx = read_tx(self, OP).await?;
+        let sql = select::<TenantRow>("FROM tenants WHERE space_id = ? ORDER BY name, id");
+        let mut tenants = query(&sql, params![space_id], OP)
+            .all::<TenantRow>(&mut *tx)
+            .await?;
+        let mut tags = tenant_tags(&mut tx, None).await?;
+        tx.commit().await.ctx(OP)?;
+        for t in &mut tenants {
+            t.tags = tags.remove(&t.id).unwrap_or_default();
+        }
+        Ok(tenants)
+    }
+
+    // Machine policies.
+
+    async fn policy(&self, space_id: i64, name: &str) -> Result<Option<MachinePolicy>> {
+        let op = "looking up a machine policy";
+        by_space_key::<PolicyRow>(self, "machine_policies", space_id, "name", name, op).await
+    }
+
+    async fn list_policies(&self, space_id: i64) -> Result<Vec<MachinePolicy>> {
+        let sql = select::<PolicyRow>("FROM machine_policies WHERE space_id = ? ORDER BY name, id");
+        query(&sql, params![space_id], "listing machine policies")
+            .all::<PolicyRow>(self)
+            .await
+    }
+
+    // Machines.
+
+    async fn create_machine(&self, m: &NewMachine) -> Result<Machine> {
+        save_machine(self, m, false).await
+    }
+
+    async fn replace_machine(&self, m: &NewMachine) -> Result<Machine> {
+        save_machine(self, m, true).await
+    }
+
+    async fn machine(&self, space_id: i64, name: &str) -> Result<Option<Machine>> {
+        let sql = "WHERE m.space_id = ? AND m.name = ?";
+        let op = "looking up a machine";
+        let ms = read_machines(self, op, sql, params![space_id, name]).await?;
+        Ok(ms.into_iter().next())
+    }
+
+    async fn machine_by_id(&self, id: i64) -> Result<Option<Machine>> {
+        let ms = read_machines(self, "looking up a machine", "WHERE m.id = ?", params![id]).await?;
+        Ok(ms.into_iter().next())
+    }
+
+    async fn machines_by_thumbprint(
+        &self,
+        space_id: Option<i64>,
+        thumbprint: &str,
+    ) -> Result<Vec<Machine>> {
+        let op = "looking up machines by thumbprint";
+        let params = params![normal_thumbprint(thumbprint), space_id, space_id];
+        let sql = "WHERE m.thumbprint = ? AND (? IS NULL OR m.space_id = ?)";
+        read_machines(self, op, sql, params).await
+    }
+
+    async fn list_machines(&self, filter: &MachineFilter) -> Result<Vec<Machine>> {
+        let (sql, params) = machine_conditions(self.dialect(), filter);
+        read_machines(self, "listing machines", &sql, params).await
+    }
+
+    async fn machine_page(&self, q: &MachineQuery) -> Result<(Vec<Machine>, i64)> {
+        const OP: &str = "listing a page of machines";
+        let mut tx = read_tx(self, OP).await?;
+        let (sql, params) = page_conditions(self.dialect(), q);
+        let count_sql = format!("SELECT COUNT(*) FROM machines m {sql}");
+        let total = query(&count_sql, params, OP).value::<i64>(&mut *tx).await?;
+        let (sql, params) = page_conditions(self.dialect(), q);
+        let page = format!(
+            "LIMIT {} OFFSET {}",
+            q.limit.clamp(0, 10_000),
+            q.offset.max(0)
+        );
+        let machines = query_machines_paged(&mut tx, self.dialect(), &sql, params, &page).await?;
+        tx.commit().await.ctx(OP)?;
+        Ok((machines, total))
+    }
+
+    async fn delete_machine(&self, space_id: i64, name: &str) -> Result<()> {
+        let sql = "DELETE FROM machines WHERE space_id = ? AND name = ?";
+        let n = query(sql, params![space_id, name], "deleting a machine")
+            .execute(self)
+            .await?;
+        expect_rows(n, not_found("machine", name))
+    }
+
+    async fn update_machine(&self, id: i64, u: &MachineUpdate) -> Result<Machine> {
+        const OP: &str = "changing a machine";
+        let mut tx = write_tx(self, OP).await?;
+        // Locked: two changes at once must not each keep what the other set.
+        let sql = format!(
+            "SELECT id FROM machines WHERE id = ?{}",
+            self.dialect().for_update
+        );
+        query(&sql, params![id], OP)
+            .scalar::<i64>(&mut *tx)
+            .await?
+            .ok_or_else(|| not_found("machine", format!("#{id}")))?;
+        let current = query_machines(&mut tx, self.dialect(), "WHERE m.id = ?", params![id])
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| not_found("machine", format!("#{id}")))?;
+        let new = NewMachine {
+            space_id: current.space_id,
+            name: current.name.clone(),
+            kind: current.kind,
+            uri: current.uri.clone(),
+            thumbprint: current.thumbprint.clone(),
+            environments: u.environments.clone().unwrap_or(current.environments),
+            roles: u.roles.clone().unwrap_or(current.roles),
+            tenants: u.tenants.clone().unwrap_or(current.tenants),
+            tenant_tags: u.tenant_tags.clone().unwrap_or(current.tenant_tags),
+            policy: Some(u.policy.clone().unwrap_or(current.policy)),
+            worker_pool: current.worker_pool.clone(),
+        };
+        check_new_machine(&new)?;
+        let refs = resolve_refs(&mut tx, &new).await?;
+        let sql = "UPDATE machines SET policy_id = ?, disabled = ? WHERE id = ?";
+        let disabled = u.disabled.unwrap_or(current.disabled);
+        query(sql, params![refs.policy_id, disabled, id], OP)
+            .execute(&mut *tx)
+            .await?;
+        write_links(&mut tx, self.dialect(), id, &new, &refs).await?;
+        let machine = query_machines(&mut tx, self.dialect(), "WHERE m.id = ?", params![id])
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| not_found("machine", format!("#{id}")))?;
+        tx.commit().await.ctx(OP)?;
+        Ok(machine)
+    }
+
+    async fn record_health(&self, machine_id: i64, h: &HealthUpdate) -> Result<()> {
+        const OP: &str = "recording a health check";
+        // A result older than the one stored (a slow check finishing late) is ignored;
+        // versions are kept when a check could not learn them.
+        let sql = "UPDATE machines SET status = ?, status_reason = ?, last_health_at = ?, \
+                   tentacle_version = COALESCE(?, tentacle_version), tool_version = COALESCE(?, tool_version), \
+                   os = COALESCE(?, os), free_bytes = COALESCE(?, free_bytes) \
+                   WHERE id = ? AND (last_health_at IS NULL OR last_health_at <= ?)";
+        let params = params![
+            h.status.text(),
+            &h.reason,
+            h.at,
+            &h.tentacle_version,
+            &h.tool_version,
+            &h.os,
+            h.free_bytes,
+            machine_id,
+            h.at,
+        ];
+        if query(sql, params, OP).execute(self).await? > 0 {
+            return Ok(());
+        }
+        let sql = "SELECT id FROM machines WHERE id = ?";
+        let exists = query(sql, params![machine_id], OP)
+            .scalar::<i64>(self)
+            .await?;
+        exists
+            .map(drop)
+            .ok_or_else(|| not_found("machine", format!("#{machine_id}")))
+    }
+
+    // Tasks.
+
+    async fn create_task(&self, t: &NewTask, now: i64) -> Result<Task> {
+        const OP: &str = "adding a task";
+        let arguments = arguments_text(&t.arguments)?;
+        let environments = json_text(&t.environments)?;
+        let mut tx = write_tx(self, OP).await?;
+        let sql = "UPDATE counters SET value = value + 1 WHERE name = 'task' RETURNING value";
+        let seq = query(sql, params![], OP).value::<i64>(&mut *tx).await?;
+        let id = task_id(seq);
+        let sql = returning::<TaskRow>(
+            "INSERT INTO tasks (id, seq, space_id, environments, kind, description, state, \
+             arguments, created_at) VALUES (?, ?, ?, ?, ?, ?, 'Queued', ?, ?)",
+        );
+        let params = params![
+            &id,
+            seq,
+            t.space_id,
+            &environments,
+            &t.kind,
+            &t.description,
+            &arguments,
+            now
+        ];
+        let task = query(&sql, params, OP).one::<TaskRow>(&mut *tx).await?;
+        let name_sql = "SELECT name FROM machines WHERE id = ?";
+        let step_sql = "INSERT INTO task_steps (task_id, machine_id, machine_name, state, ticket) \
+                        VALUES (?, ?, ?, 'Queued', ?)";
+        for machine_id in distinct_ids(&t.machine_ids) {
+            let name = query(name_sql, params![machine_id], OP)
+                .scalar::<String>(&mut *tx)
+                .await?
+                .ok_or_else(|| missing_machine(machine_id))?;
+            let params = params![&id, machine_id, name, ticket(&id, machine_id)];
+            query(step_sql, params, OP).execute(&mut *tx).await?;
+        }
+        let sql = "INSERT INTO task_secrets (task_id, name, ciphertext) VALUES (?, ?, ?)";
+        for (name, ciphertext) in &t.secrets {
+            query(sql, params![&id, name, ciphertext], OP)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await.ctx(OP)?;
+        Ok(task)
+    }
+
+    async fn task(&self, id: &str) -> Result<Option<Task>> {
+        by_key::<TaskRow>(self, "tasks", "id", id, "looking up a task").await
+    }
+
+    async fn list_tasks(&self, space_id: Option<i64>, limit: i64) -> Result<Vec<Task>> {
+        let sql = select::<TaskRow>(
+            "FROM tasks WHERE (? IS NULL OR space_id = ?) ORDER BY seq DESC LIMIT ?",
+        );
+        query(&sql, params![space_id, space_id, limit], "listing tasks")
+            .all::<TaskRow>(self)
+            .await
+    }
+
+    async fn task_page(&self, q: &TaskQuery) -> Result<(Vec<Task>, i64)> {
+        const OP: &str = "listing a page of tasks";
+        let d = self.dialect();
+        let environments = (d.json_rows)("t.environments", "je");
+        let build = || -> (String, Params<'static>) {
+            let mut sql = String::from("WHERE (? IS NULL OR t.space_id = ?)");
+            let mut params = params![q.space_id, q.space_id];
+            if !q.states.is_empty() {
+                let states: Vec<&str> = q.states.iter().map(|s| s.text()).collect();
+                sql.push_str(&format!(" AND t.state IN ({})", text_list(d)));
+                params = params.and(Value::texts(&states));
+            }
+            if let Some(kind) = q.kind.as_deref().filter(|k| !k.is_empty()) {
+                sql.push_str(" AND t.kind = ?");
+                params = params.and(kind.to_string());
+            }
+            if let Some(machine) = q.machine.as_deref().filter(|m| !m.is_empty()) {
+                sql.push_str(&format!(
+                    " AND EXISTS (SELECT 1 FROM task_steps st WHERE st.task_id = t.id \
+                     AND {} = ?)",
+                    (d.nocase)("st.machine_name")
+                ));
+                params = params.and(machine.to_string());
+            }
+            if let Some(env) = q.environment.as_deref().filter(|e| !e.is_empty()) {
+                sql.push_str(&format!(
+                    " AND EXISTS (SELECT 1 FROM {environments} WHERE {} = ?)",
+                    (d.nocase)("je.value")
+                ));
+                params = params.and(env.to_string());
+            }
+            if let Some(envs) = &q.visible_environments {
+                sql.push_str(&format!(
+                    " AND EXISTS (SELECT 1 FROM {environments} WHERE {})",
+                    nocase_in(d, "je.value")
+                ));
+                params = params.and(Value::texts(envs));
+            }
+            (sql, params)
+        };
+        let mut tx = read_tx(self, OP).await?;
+        let (sql, params) = build();
+        let total = query(&format!("SELECT COUNT(*) FROM tasks t {sql}"), params, OP)
+            .value::<i64>(&mut *tx)
+            .await?;
+        let (sql, params) = build();
+        let columns = <TaskRow as Row>::COLUMNS
+            .split(", ")
+            .map(|c| format!("t.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let page = format!(
+            "SELECT {columns} FROM tasks t {sql} ORDER BY t.seq DESC LIMIT {} OFFSET {}",
+            q.limit.clamp(0, 10_000),
+            q.offset.max(0)
+        );
+        let tasks = query(&page, params, OP).all::<TaskRow>(&mut *tx).await?;
+        tx.commit().await.ctx(OP)?;
+        Ok((tasks, total))
+    }
+
+    async fn unfinished_tasks(&self) -> Result<Vec<Task>> {
+        let sql = select::<TaskRow>(&format!(
+            "FROM tasks WHERE state IN {UNFINISHED_STATES} ORDER BY seq DESC"
+        ));
+        query(&sql, params![], "listing unfinished tasks")
+            .all::<TaskRow>(self)
+            .await
+    }
+
+    async fn set_task_state(
+        &self,
+        id: &str,
+        state: TaskState,
+        error: Option<&str>,
+        now: i64,
+    ) -> Result<()> {
+        const OP: &str = "changing a task's state";
+        let mut tx = write_tx(self, OP).await?;
+        let sql = format!(
+            "SELECT state FROM tasks WHERE id = ?{}",
+            self.dialect().for_update
+        );
+        let current = query(&sql, params![id], OP)
+            .scalar::<String>(&mut *tx)
+            .await?
+            .ok_or_else(|| not_found("task", id))?;
+        if !task_transition(id, TaskState::from_text(&current)?, state)? {
+            return Ok(());
+        }
+        // started_at is set once, when it starts executing; completed_at when it ends.
+        let sql = "UPDATE tasks SET state = ?, error = COALESCE(?, error), \
+                   started_at = COALESCE(started_at, ?), completed_at = ? WHERE id = ?";
+        let started = (state == TaskState::Executing).then_some(now);
+        let completed = state.is_final().then_some(now);
+        let params = params![state.text(), error, started, completed, id];
+        query(sql, params, OP).execute(&mut *tx).await?;
+        tx.commit().await.ctx(OP)
+    }
+
+    async fn request_cancel(&self, id: &str) -> Result<()> {
+        const OP: &str = "requesting a task's cancellation";
+        let mut tx = write_tx(self, OP).await?;
+        require_task(&mut tx, self.dialect(), id, OP).await?;
+        // A finished task has nothing left to cancel.
+        let sql = format!(
+            "UPDATE tasks SET cancel_requested = TRUE WHERE id = ? AND state IN {UNFINISHED_STATES}"
+        );
+        query(&sql, params![id], OP).execute(&mut *tx).await?;
+        tx.commit().await.ctx(OP)
+    }
+
+    async fn task_steps(&self, task_id: &str) -> Result<Vec<TaskStep>> {
+        let sql = select::<StepRow>(&format!(
+            "FROM task_steps WHERE task_id = ? ORDER BY {}, machine_id",
+            (self.dialect().nocase)("machine_name")
+        ));
+        query(&sql, params![task_id], "listing a task's steps")
+            .all::<StepRow>(self)
+            .await
+    }
+
+    async fn update_step(&self, step: &TaskStep) -> Result<()> {
+        // next_sequence only moves forward: append_log may have advanced it since
+        // the caller read the step.
+        let sql = format!(
+            "UPDATE task_steps SET state = ?, exit_code = ?, next_sequence = {}(next_sequence, ?), \
+             error = ?, started_at = ?, completed_at = ?, output_variables = ? \
+             WHERE task_id = ? AND machine_id = ?",
+            self.dialect().greatest
+        );
+        let params = params![
+            step.state.text(),
+            step.exit_code,
+            step.next_sequence,
+            &step.error,
+            step.started_at,
+            step.completed_at,
+            output_variables_text(&step.output_variables),
+            &step.task_id,
+            step.machine_id,
+        ];
+        let n = query(&sql, params, "updating a task step")
+            .execute(self)
+            .await?;
+        let step_name = format!("{} on machine #{}", step.task_id, step.machine_id);
+        expect_rows(n, not_found("task step", step_name))
+    }
+
+    async fn append_log(&self, task_id: &str, lines: &[NewLogLine]) -> Result<()> {
+        const OP: &str = "appending to a task's log";
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let mut tx = write_tx(self, OP).await?;
+        require_task(&mut tx, self.dialect(), task_id, OP).await?;
+        let sql = "INSERT INTO task_log (task_id, machine_id, sequence, timestamp, stream, text) \
+                   VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING";
+        for l in lines {
+            let params = params![
+                task_id,
+                l.machine_id,
+                l.sequence,
+                l.timestamp,
+                &l.stream,
+                &l.text
+            ];
+            query(sql, params, OP).execute(&mut *tx).await?;
+        }
+        let sql = format!(
+            "UPDATE task_steps SET next_sequence = {}(next_sequence, ?) \
+             WHERE task_id = ? AND machine_id = ?",
+            self.dialect().greatest
+        );
+        for (machine_id, next) in next_sequences(lines) {
+            query(&sql, params![next, task_id, machine_id], OP)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await.ctx(OP)
+    }
+
+    async fn task_log(&self, task_id: &str, after_id: i64, limit: i64) -> Result<Vec<TaskLogLine>> {
+        let sql =
+            select::<LogLineRow>("FROM task_log WHERE task_id = ? AND id > ? ORDER BY id LIMIT ?");
+        let params = params![task_id, after_id, limit];
+        query(&sql, params, "reading a task's log")
+            .all::<LogLineRow>(self)
+            .await
+    }
+
+    async fn step_log(&self, task_id: &str, machine_id: i64) -> Result<Vec<TaskLogLine>> {
+        let sql =
+            select::<LogLineRow>("FROM task_log WHERE task_id = ? AND machine_id = ? ORDER BY id");
+        let op = "reading a machine's part of a task's log";
+        query(&sql, params![task_id, machine_id], op)
+            .all::<LogLineRow>(self)
+            .await
+    }
+
+    async fn task_secrets(&self, task_id: &str) -> Result<Vec<(String, String)>> {
+        let sql = "SELECT name, ciphertext FROM task_secrets WHERE task_id = ? ORDER BY name";
+        query(sql, params![task_id], "reading a task's secrets")
+            .all::<(String, String)>(self)
+            .await
+    }
+
+    async fn count_task_secrets(&self) -> Result<i64> {
+        query(
+            "SELECT COUNT(*) FROM task_secrets",
+            params![],
+            "counting secrets",
+        )
+        .value::<i64>(self)
+        .await
+    }
+
+    // Packages.
+
+    async fn put_package(
+        &self,
+        p: &NewPackage,
+        replace: bool,
+        now: i64,
+    ) -> Result<(Package, Option<Package>)> {
+        const OP: &str = "adding a package";
+        require_name("package", &p.package_id)?;
+        let mut tx = write_tx(self, OP).await?;
+        let key = (p.space_id, p.package_id.as_str(), p.version.as_str());
+        let lock = self.dialect().for_update;
+        let existing = package_version(&mut *tx, key, lock, OP).await?;
+        let package = match &existing {
+            Some(_) if !replace => {
+                let name = format!("{} {}", p.package_id, p.version);
+                return Err(conflict("package", name));
+            }
+            Some(old) => {
+                let sql = returning::<PackageRow>(
+                    "UPDATE packages SET format = ?, sha256 = ?, size = ?, file_name = ?, \
+                     uploaded_at = ? WHERE id = ?",
+                );
+                let params = params![&p.format, &p.sha256, p.size, &p.file_name, now, old.id];
+                query(&sql, params, OP).one::<PackageRow>(&mut *tx).await?
+            }
+            None => {
+                let sql = returning::<PackageRow>(
+                    "INSERT INTO packages (space_id, package_id, version, format, sha256, size, \
+                     file_name, uploaded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                );
+                let params = params![
+                    p.space_id,
+                    &p.package_id,
+                    &p.version,
+                    &p.format,
+                    &p.sha256,
+                    p.size,
+                    &p.file_name,
+                    now,
+                ];
+                let name = format!("{} {}", p.package_id, p.version);
+                let op = Op::new(OP).unique(conflict("package", name));
+                query(&sql, params, op).one::<PackageRow>(&mut *tx).await?
+            }
+        };
+        tx.commit().await.ctx(OP)?;
+        Ok((package, existing))
+    }
+
+    async fn package(
+        &self,
+        space_id: i64,
+        package_id: &str,
+        version: &str,
+    ) -> Result<Option<Package>> {
+        let key = (space_id, package_id, version);
+        package_version(self, key, "", "reading a package").await
+    }
+
+    async fn list_packages(&self, space_id: i64, package_id: Option<&str>) -> Result<Vec<Package>> {
+        // With an ID, every row has the same one (compared without case), so the
+        // order is by upload time.
+        let sql = select::<PackageRow>(
+            "FROM packages WHERE space_id = ? AND (? IS NULL OR package_id = ?) \
+             ORDER BY package_id, uploaded_at, id",
+        );
+        query(
+            &sql,
+            params![space_id, package_id, package_id],
+            "listing packages",
+        )
+        .all::<PackageRow>(self)
+        .await
+    }
+
+    async fn delete_package(
+        &self,
+        space_id: i64,
+        package_id: &str,
+        version: &str,
+    ) -> Result<Package> {
+        let sql = returning::<PackageRow>(
+            "DELETE FROM packages WHERE space_id = ? AND package_id = ? AND version = ?",
+        );
+        query(
+            &sql,
+            params![space_id, package_id, version],
+            "deleting a package",
+        )
+        .optional::<PackageRow>(self)
+        .await?
+        .ok_or_else(|| not_found("package", format!("{package_id} {version}")))
+    }
+
+    async fn count_packages_with_sha256(&self, sha256: &str) -> Result<i64> {
+        let sql = "SELECT COUNT(*) FROM packages WHERE sha256 = ?";
+        query(sql, params![sha256], "counting packages")
+            .scalar::<i64>(self)
+            .await
+            .map(Option::unwrap_or_default)
+    }
+}
