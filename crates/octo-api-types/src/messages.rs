@@ -320,3 +320,21 @@ pub struct WorkerPool {
     pub name: String,
     pub workers: u32,
 }
+
+/// One server-sent event of `GET /api/tasks/{id}/log/stream`, as its fields:
+/// `event` names it, `data` is its JSON, `id` (on `log` events) is the line's
+/// id, which a client sends back as `Last-Event-ID` to resume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "event", rename_all = "lowercase")]
+pub enum TaskStreamEvent {
+    /// First, and whenever the task or one of its steps changes state.
+    Task { data: TaskView },
+    /// One log line, in order: stored ones first, then live ones.
+    Log {
+        /// The line's id (as text, as server-sent events carry it).
+        id: String,
+        data: crate::model::TaskLogLine,
+    },
+    /// Last, once the task is final and its last line was sent; the stream ends.
+    End { data: TaskView },
+}

@@ -5,6 +5,7 @@ use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
+use octo_api_types::Validate;
 use octo_api_types::{ErrorBody, NewSpace, Permission, Space};
 
 use super::guard::{delete, get, post, space_not_found, Route};
@@ -111,6 +112,7 @@ pub(crate) async fn create_space(
 
 /// As `POST /api/spaces`, for the portal too: checks the name and adds the space.
 pub async fn add_space(s: &AppState, caller: &Caller, r: NewSpace) -> ApiResult<Space> {
+    r.validate()?;
     caller.require_system(Permission::SpaceCreate)?;
     let name = r.name.trim();
     if name.is_empty() {

@@ -10,6 +10,7 @@ use axum::extract::{ConnectInfo, Extension, Path, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
+use octo_api_types::Validate;
 use octo_api_types::{
     ErrorBody, Login, LoginReply, NewUser, Permission, SetPassword, User, WhoAmI,
 };
@@ -100,6 +101,7 @@ pub(crate) async fn create_user(
 /// As `POST /api/users`, for the portal too: checks the request (an
 /// administrator needs `AdministerSystem`) and adds the user.
 pub async fn add_user(s: &AppState, caller: &Caller, u: NewUser) -> ApiResult<User> {
+    u.validate()?;
     caller.require_system(Permission::UserEdit)?;
     let username = u.username.trim();
     if username.is_empty() {
@@ -317,6 +319,7 @@ pub async fn change_password(
     username: &str,
     r: SetPassword,
 ) -> ApiResult<()> {
+    r.validate()?;
     check_password("password", &r.password)?;
     let own = caller.user.username.eq_ignore_ascii_case(username);
     if !own {
@@ -396,6 +399,7 @@ pub async fn do_login(
     source: &str,
 ) -> Result<LoginReply, (ApiError, Option<u64>)> {
     let plain = |e: ApiError| (e, None);
+    l.validate().map_err(|e| plain(e.into()))?;
     if let Some((wait, why)) = s.logins.wait(&l.username, source) {
         let secs = wait.as_secs().max(1);
         return Err((

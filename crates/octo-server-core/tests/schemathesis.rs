@@ -1,0 +1,110 @@
+//! The API against a schema-driven fuzzer: `schemathesis` (PyPI, installed by
+//! `./scripts/test.sh` into `target/schemathesis-venv`) reads the live server's
+//! `GET /api/openapi.json`, sends generated valid and invalid requests to every
+//! operation, and checks every answer: no 5xx, every status and content type
+//! documented, every body matching its schema, invalid input refused, every
+//! error the JSON error body. No failure is allowed.
+//!
+//! Bounded: a few examples per operation and a time budget (`FUZZ_SECONDS`),
+//! and the process is killed if it runs past twice that.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use octo_server_core::{start, RunArgs};
+use tokio::io::AsyncReadExt;
+
+/// The fuzzer's time budget (its `--max-time`).
+const FUZZ_SECONDS: u64 = 150;
+
+/// Where `./scripts/test.sh` installs schemathesis.
+fn schemathesis() -> PathBuf {
+    if let Some(p) = std::env::var_os("SCHEMATHESIS") {
+        return PathBuf::from(p);
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../target/schemathesis-venv/bin/schemathesis")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_finds_nothing() {
+    let bin = schemathesis();
+    assert!(
+        bin.exists(),
+        "{} is missing: ./scripts/test.sh installs it (python3 -m venv target/schemathesis-venv && target/schemathesis-venv/bin/pip install 'schemathesis==4.*')",
+        bin.display()
+    );
+    octo_testkit::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&RunArgs::loopback(&dir.path().join("data")))
+        .await
+        .unwrap();
+    let base = format!("http://{}", server.api_addr);
+    let key = server.admin_api_key.clone().unwrap();
+    let reports = dir.path().join("reports");
+    let started = Instant::now();
+    let mut child = tokio::process::Command::new(&bin)
+        .args(["--no-color", "run"])
+        .arg(format!("{base}/api/openapi.json"))
+        .args(["--checks", "all"])
+        .args(["--max-examples", "8"])
+        .args(["--max-time", &FUZZ_SECONDS.to_string()])
+        .args(["--workers", "2"])
+        .args(["--request-timeout", "10"])
+        .args(["--seed", "14"])
+        .args(["--generation-database", "none"])
+        .arg("--header")
+        .arg(format!("{}: {key}", octo_api_types::API_KEY_HEADER))
+        // The fuzzer's own key and user stay usable: revoking every key, logging
+        // out and disabling or re-passwording users are checked by the
+        // security tests, not fuzzed away under the fuzzer's feet.
+        .args(["--exclude-path", "/api/api-keys/{id}"])
+        .args(["--exclude-path", "/api/users/logout"])
+        .args([
+            "--exclude-path-regex",
+            "^/api/users/\\{username\\}/(disable|password)$",
+        ])
+        .arg("--report-dir")
+        .arg(&reports)
+        .env("SCHEMATHESIS_HOOKS", "")
+        .env("NO_COLOR", "1")
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let read_out = tokio::spawn(async move {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s).await;
+        s
+    });
+    let read_err = tokio::spawn(async move {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s).await;
+        s
+    });
+    let bound = Duration::from_secs(FUZZ_SECONDS * 2 + 60);
+    let status = match tokio::time::timeout(bound, child.wait()).await {
+        Ok(s) => s.unwrap(),
+        Err(_) => {
+            let _ = child.kill().await;
+            panic!("schemathesis ran past {} s", bound.as_secs());
+        }
+    };
+    let out = read_out.await.unwrap();
+    let err = read_err.await.unwrap();
+    eprintln!(
+        "schemathesis ran {:.0} s\n{out}\n{err}",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        status.success(),
+        "schemathesis found failures ({status}); its output is above"
+    );
+    server.stop().await;
+}
