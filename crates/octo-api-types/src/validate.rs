@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+
 use crate::messages::{
     DeployRequest, DiscoverRequest, EnvironmentUpdate, GuidanceRequest, HealthRequest, Login,
     MachineRequest, MachineUpdate, NewApiKey, NewEnvironment, NewUser, ScriptRequest,
@@ -18,9 +19,9 @@ use crate::security::{NewGrant, NewMember, NewRole, NewSpace, NewTeam, SetPasswo
 
 /// The longest name (of anything), in characters.
 pub const MAX_NAME_CHARS: usize = 200;
-/// The longest name that becomes a folder on a tentacle, in bytes (the file
-/// system's limit is 255; a suffix such as `_12` is sometimes added).
-pub const MAX_FOLDER_NAME_BYTES: usize = 200;
+/// The longest name that becomes a folder on a tentacle, in characters: 63
+/// characters are at most 252 bytes in UTF-8, within every file system's 255.
+pub const MAX_FOLDER_NAME_CHARS: usize = 63;
 /// The longest description, in characters.
 pub const MAX_DESCRIPTION_CHARS: usize = 4000;
 /// The longest URI, in characters.
@@ -31,6 +32,54 @@ pub const MAX_PASSWORD_BYTES: usize = 1024;
 pub const MAX_ITEMS: usize = 1000;
 /// The longest variable value, in bytes (1 MiB).
 pub const MAX_VALUE_BYTES: usize = 1 << 20;
+
+/// A string schema of the OpenAPI document, for a rule of this module.
+macro_rules! string_schema {
+    ($ty:ident, $description:expr, $min:expr, $max:expr, $pattern:expr) => {
+        impl utoipa::PartialSchema for $ty {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::schema::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::String)
+                    .description(Some($description))
+                    .min_length(($min > 0).then_some($min))
+                    .max_length(Some($max))
+                    .pattern(Some($pattern))
+                    .into()
+            }
+        }
+
+        impl utoipa::ToSchema for $ty {
+            fn name() -> std::borrow::Cow<'static, str> {
+                std::borrow::Cow::Borrowed(stringify!($ty))
+            }
+        }
+    };
+}
+
+/// The schema of a [`name`] in the OpenAPI document (the type itself is
+/// not used in requests: fields are `String`s that name this as their schema).
+#[derive(Debug, Clone)]
+pub struct Name(pub String);
+
+string_schema!(Name, "A name: at most 200 characters, not only spaces (spaces around it are trimmed), no control characters (U+0000-U+001F, U+007F-U+009F).", 1, 200, r"^[^\u0000-\u001F\u007F-\u009F]*[^\u0000-\u0020\u007F-\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000][^\u0000-\u001F\u007F-\u009F]*$");
+
+/// The schema of an [`environment_name`] in the OpenAPI document.
+#[derive(Debug, Clone)]
+pub struct EnvironmentName(pub String);
+
+string_schema!(EnvironmentName, "An environment's name, which becomes a folder on every tentacle deployed to: at most 63 characters, a character other than `.` and spaces, no `/`, `\\` or control characters, not starting with `.calamari-`.", 1, 63, r"^[^\u0000-\u001F\u007F-\u009F/\\]*[^\u0000-\u0020\u007F-\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000/\\.][^\u0000-\u001F\u007F-\u009F/\\]*$");
+
+/// The schema of free [`text`] (a description) in the OpenAPI document.
+#[derive(Debug, Clone)]
+pub struct Text(pub String);
+
+string_schema!(Text, "Free text: at most 4000 characters; line breaks and tabs but no other control characters.", 0, 4000, r"^[^\u0000-\u0008\u000B\u000C\u000E-\u001F\u007F-\u009F]*$");
+
+/// The schema of a [`package_id`] in the OpenAPI document.
+#[derive(Debug, Clone)]
+pub struct PackageId(pub String);
+
+string_schema!(PackageId, "A package ID: letters, digits, `.`, `-` and `_`, at most 100, not starting with `.`, without `..`.", 1, 100, r"^[A-Za-z0-9_-](\.?[A-Za-z0-9_-])*\.?$");
 
 /// A field of a request that breaks a rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,8 +130,8 @@ fn control_rule(at: usize, c: char) -> String {
     )
 }
 
-/// A name: something in it, at most [`MAX_NAME_CHARS`] characters, no control
-/// characters, no spaces around it.
+/// A name: something but spaces in it (spaces around it are trimmed where it
+/// is stored), at most [`MAX_NAME_CHARS`] characters, no control characters.
 pub fn name(field: &str, value: &str) -> Checked {
     if value.trim().is_empty() {
         return Err(Invalid::new(field, "must not be empty"));
@@ -102,28 +151,27 @@ pub fn optional_name(field: &str, value: &str) -> Checked {
     if let Some((at, c)) = first_control(value) {
         return Err(Invalid::new(field, control_rule(at, c)));
     }
-    if value.trim() != value {
-        return Err(Invalid::new(field, "must not start or end with spaces"));
-    }
     Ok(())
 }
 
 /// A name that becomes one folder on every tentacle it is deployed to
-/// (`Applications/ENVIRONMENT/PACKAGE/VERSION`): a [`name`] that is not `.` or
-/// `..`, holds no `/` or `\`, does not start with `.calamari-` (the deployment
-/// tool's own), and is at most [`MAX_FOLDER_NAME_BYTES`] bytes.
+/// (`Applications/ENVIRONMENT/PACKAGE/VERSION`): a [`name`] of at most
+/// [`MAX_FOLDER_NAME_CHARS`] characters, with a character other than `.` and
+/// spaces (so never `.` or `..`), without `/` or `\`, not starting with
+/// `.calamari-` (the deployment tool's own).
 pub fn folder_name(field: &str, value: &str) -> Checked {
     name(field, value)?;
-    let why = if value == "." || value == ".." {
-        Some("cannot be `.` or `..`".to_string())
+    let chars = value.chars().count();
+    let trimmed = value.trim();
+    let why = if !trimmed.chars().any(|c| c != '.' && !c.is_whitespace()) {
+        Some("must have a character other than `.` and spaces (`.` and `..` are not folder names)".to_string())
     } else if value.contains('/') || value.contains('\\') {
         Some("cannot contain `/` or `\\`".to_string())
-    } else if value.starts_with(".calamari-") {
+    } else if trimmed.starts_with(".calamari-") {
         Some("cannot start with `.calamari-` (reserved by the deployment tool)".to_string())
-    } else if value.len() > MAX_FOLDER_NAME_BYTES {
+    } else if chars > MAX_FOLDER_NAME_CHARS {
         Some(format!(
-            "is {} bytes long in UTF-8; at most {MAX_FOLDER_NAME_BYTES} are allowed",
-            value.len()
+            "is {chars} characters long; at most {MAX_FOLDER_NAME_CHARS} are allowed"
         ))
     } else {
         None
@@ -430,6 +478,9 @@ impl Validate for EnvironmentUpdate {
         if let Some(d) = &self.description {
             text("description", d)?;
         }
+        if self.position.is_some_and(|p| p > 1_000_000) {
+            return Err(Invalid::new("position", "must be from 0 to 1000000"));
+        }
         Ok(())
     }
 }
@@ -610,7 +661,7 @@ mod tests {
         assert!(name("name", "line\nbreak").is_err());
         assert!(name("name", "\u{9b}c1").is_err());
         assert!(name("name", "  ").unwrap_err().rule.contains("empty"));
-        assert!(name("name", " padded").unwrap_err().rule.contains("spaces"));
+        assert!(name("name", " padded ").is_ok());
         let long = "x".repeat(MAX_NAME_CHARS + 1);
         assert!(name("name", &long)
             .unwrap_err()
@@ -633,16 +684,16 @@ mod tests {
             ("a\\b", "`\\`"),
             ("..", "`..`"),
             (".", "`.`"),
+            (". .", "`.`"),
             (".calamari-staging", "reserved"),
         ] {
             let e = environment_name("name", bad).unwrap_err();
             assert!(e.rule.contains(why), "{bad}: {e}");
             assert!(e.rule.contains("folder name"), "{bad}: {e}");
         }
-        assert!(environment_name("name", &"é".repeat(150))
-            .unwrap_err()
-            .rule
-            .contains("bytes"));
+        assert!(environment_name("name", &"é".repeat(63)).is_ok());
+        let e = environment_name("name", &"é".repeat(64)).unwrap_err();
+        assert!(e.rule.contains("64 characters"), "{e}");
     }
 
     #[test]

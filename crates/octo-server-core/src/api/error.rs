@@ -16,6 +16,8 @@ use octo_store::StoreError;
 pub struct ApiError {
     status: StatusCode,
     pub message: String,
+    /// The `Allow` header of a 405.
+    allow: Option<String>,
 }
 
 impl ApiError {
@@ -23,6 +25,7 @@ impl ApiError {
         Self {
             status,
             message: message.into(),
+            allow: None,
         }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -48,6 +51,17 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
     }
 
+    /// 405: `method` is not served at `path`; `allowed` (comma-separated)
+    /// becomes the `Allow` header.
+    pub fn method_not_allowed(method: &axum::http::Method, path: &str, allowed: &str) -> Self {
+        let shown = if allowed.is_empty() { "none" } else { allowed };
+        Self {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            message: format!("method {method} is not allowed on {path}; allowed: {shown}"),
+            allow: Some(allowed.to_string()),
+        }
+    }
+
     /// The status this error answers with.
     pub fn status(&self) -> StatusCode {
         self.status
@@ -68,13 +82,17 @@ impl From<axum::extract::rejection::PathRejection> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
+        let mut resp = (
             self.status,
             Json(ErrorBody {
                 error: self.message,
             }),
         )
-            .into_response()
+            .into_response();
+        if let Some(allow) = self.allow.and_then(|a| axum::http::HeaderValue::from_str(&a).ok()) {
+            resp.headers_mut().insert(axum::http::header::ALLOW, allow);
+        }
+        resp
     }
 }
 
@@ -128,6 +146,12 @@ where
             Ok(Json(v)) => {
                 v.validate()?;
                 Ok(Self(v))
+            }
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("the request body is too large: {}", rejection.body_text()),
+                ))
             }
             Err(rejection) => Err(ApiError::bad_request(format!(
                 "malformed request: {}",

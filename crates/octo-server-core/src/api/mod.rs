@@ -187,6 +187,10 @@ pub fn router(state: AppState) -> Router {
     ),
     components(schemas(
         ErrorBody,
+        octo_api_types::validate::Name,
+        octo_api_types::validate::EnvironmentName,
+        octo_api_types::validate::Text,
+        octo_api_types::validate::PackageId,
         ApiInfo,
         ServerInfo,
         Space,
