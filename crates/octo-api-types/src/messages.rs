@@ -26,9 +26,9 @@ where
         }
         _ => None,
     };
-    whole
-        .map(Some)
-        .ok_or_else(|| D::Error::custom(format!("{n} is not a whole number from 0 to {}", u32::MAX)))
+    whole.map(Some).ok_or_else(|| {
+        D::Error::custom(format!("{n} is not a whole number from 0 to {}", u32::MAX))
+    })
 }
 
 /// Header carrying the API key.

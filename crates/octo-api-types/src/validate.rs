@@ -10,7 +10,6 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-
 use crate::messages::{
     DeployRequest, DiscoverRequest, EnvironmentUpdate, GuidanceRequest, HealthRequest, Login,
     MachineRequest, MachineUpdate, NewApiKey, NewEnvironment, NewUser, ScriptRequest,
@@ -73,7 +72,13 @@ string_schema!(EnvironmentName, "An environment's name, which becomes a folder o
 #[derive(Debug, Clone)]
 pub struct Text(pub String);
 
-string_schema!(Text, "Free text: at most 4000 characters; line breaks and tabs but no other control characters.", 0, 4000, r"^[^\u0000-\u0008\u000B\u000C\u000E-\u001F\u007F-\u009F]*$");
+string_schema!(
+    Text,
+    "Free text: at most 4000 characters; line breaks and tabs but no other control characters.",
+    0,
+    4000,
+    r"^[^\u0000-\u0008\u000B\u000C\u000E-\u001F\u007F-\u009F]*$"
+);
 
 /// The schema of a [`package_id`] in the OpenAPI document.
 #[derive(Debug, Clone)]
@@ -164,7 +169,10 @@ pub fn folder_name(field: &str, value: &str) -> Checked {
     let chars = value.chars().count();
     let trimmed = value.trim();
     let why = if !trimmed.chars().any(|c| c != '.' && !c.is_whitespace()) {
-        Some("must have a character other than `.` and spaces (`.` and `..` are not folder names)".to_string())
+        Some(
+            "must have a character other than `.` and spaces (`.` and `..` are not folder names)"
+                .to_string(),
+        )
     } else if value.contains('/') || value.contains('\\') {
         Some("cannot contain `/` or `\\`".to_string())
     } else if trimmed.starts_with(".calamari-") {

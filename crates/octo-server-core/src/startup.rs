@@ -122,14 +122,36 @@ async fn open_store(data: &Path, database_url: Option<&str>) -> anyhow::Result<S
             path.display()
         ),
     }
+    // The store's own message names the file and what failed; a damaged file
+    // is said so once, with what to do.
     let store = SqliteStore::open(&path)
         .await
-        .with_context(|| format!("opening the database {}", path.display()))?;
+        .map_err(|e| damaged_database(&path, e))?;
     for suffix in ["", "-wal", "-shm"] {
         let file = PathBuf::from(format!("{}{suffix}", path.display()));
         restrict(&file, 0o600)?;
     }
     Ok(store)
+}
+
+/// The error of a database that could not be opened: a file SQLite says is
+/// damaged or not a database gets one plain sentence naming it and what to do.
+fn damaged_database(path: &Path, e: octo_store::StoreError) -> anyhow::Error {
+    let text = e.to_string();
+    // SQLITE_CORRUPT (11) and SQLITE_NOTADB (26).
+    let damaged = text.contains("(code: 11)") || text.contains("(code: 26)");
+    if !damaged {
+        return anyhow::Error::new(e);
+    }
+    let cause = text
+        .rsplit("error returned from database: ")
+        .next()
+        .unwrap_or(&text)
+        .trim();
+    anyhow::anyhow!(
+        "the database {} is damaged or is not a database this server made (SQLite says: {cause}); the server did not change it. Restore it from a backup, or move it away to start a new server",
+        path.display()
+    )
 }
 
 /// Sets `path`'s mode when it exists (it is the server's alone).

@@ -14,10 +14,15 @@ use serde_json::json;
 /// `reply` is a 400 whose JSON error names `field` and says `rule`.
 fn refused(reply: &common::Reply, field: &str, rule: &str) {
     assert_eq!(reply.status, 400, "{reply:?}");
-    let error = reply.body["error"].as_str().unwrap_or_else(|| panic!("{reply:?}"));
+    let error = reply.body["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{reply:?}"));
     assert!(error.contains(&format!("field `{field}`")), "{error}");
     assert!(error.contains(rule), "{error}");
-    assert!(!error.contains('\u{1b}') && !error.contains('\0'), "{error:?}");
+    assert!(
+        !error.contains('\u{1b}') && !error.contains('\0'),
+        "{error:?}"
+    );
 }
 
 #[tokio::test]
@@ -26,9 +31,13 @@ async fn names_and_numbers_are_checked_at_the_api() {
     let api = &s.admin;
 
     // Control characters, 1 MB names, folder-breaking environment names.
-    let r = api.post("/api/environments", json!({"name": "evil\u{1b}[31m"})).await;
+    let r = api
+        .post("/api/environments", json!({"name": "evil\u{1b}[31m"}))
+        .await;
     refused(&r, "name", "control character U+001B");
-    let r = api.post("/api/environments", json!({"name": "nul\0"})).await;
+    let r = api
+        .post("/api/environments", json!({"name": "nul\0"}))
+        .await;
     refused(&r, "name", "U+0000");
     let big = "x".repeat(1 << 20);
     let r = api.post("/api/environments", json!({"name": big})).await;
@@ -45,7 +54,10 @@ async fn names_and_numbers_are_checked_at_the_api() {
         .await;
     refused(&r, "name", "`/`");
     for (field, body) in [
-        ("description", json!({"name": "T", "description": "bell\u{7}"})),
+        (
+            "description",
+            json!({"name": "T", "description": "bell\u{7}"}),
+        ),
         ("name", json!({"name": "  "})),
     ] {
         refused(&api.post("/api/environments", body).await, field, "");
@@ -53,13 +65,24 @@ async fn names_and_numbers_are_checked_at_the_api() {
 
     // Machines: every list item, and the listening URI's port.
     let mut m = listening("web\u{9b}", &["Production"], &[]);
-    refused(&api.post("/api/machines", m.clone()).await, "name", "U+009B");
+    refused(
+        &api.post("/api/machines", m.clone()).await,
+        "name",
+        "U+009B",
+    );
     m["name"] = json!("web");
     m["roles"] = json!(["ok", "bad\u{1b}"]);
-    refused(&api.post("/api/machines", m.clone()).await, "roles[1]", "U+001B");
+    refused(
+        &api.post("/api/machines", m.clone()).await,
+        "roles[1]",
+        "U+001B",
+    );
     m["roles"] = json!([]);
     for (uri, rule) in [
-        ("https://127.0.0.1:99999/", "port '99999' is not a number from 1 to 65535"),
+        (
+            "https://127.0.0.1:99999/",
+            "port '99999' is not a number from 1 to 65535",
+        ),
         ("https://127.0.0.1:0/", "port '0'"),
         ("https://::1:10933/", "brackets"),
         ("https://host name:1/", "spaces"),
@@ -75,22 +98,26 @@ async fn names_and_numbers_are_checked_at_the_api() {
 
     // Other bodies: users, teams, spaces, keys.
     refused(
-        &api.post("/api/users", json!({"username": "a\u{1b}b"})).await,
+        &api.post("/api/users", json!({"username": "a\u{1b}b"}))
+            .await,
         "username",
         "U+001B",
     );
     refused(
-        &api.post("/api/teams", json!({"name": "t", "description": "\u{0}"})).await,
+        &api.post("/api/teams", json!({"name": "t", "description": "\u{0}"}))
+            .await,
         "description",
         "U+0000",
     );
     refused(
-        &api.post("/api/spaces", json!({"name": "s".repeat(201)})).await,
+        &api.post("/api/spaces", json!({"name": "s".repeat(201)}))
+            .await,
         "name",
         "201 characters",
     );
     refused(
-        &api.post("/api/api-keys", json!({"purpose": "p\u{1b}"})).await,
+        &api.post("/api/api-keys", json!({"purpose": "p\u{1b}"}))
+            .await,
         "purpose",
         "U+001B",
     );
@@ -103,7 +130,10 @@ async fn names_and_numbers_are_checked_at_the_api() {
         )
         .await;
     refused(&r, "variables.PATH", "`PATH` is reserved");
-    assert!(r.body["error"].as_str().unwrap().contains("every program"), "{r:?}");
+    assert!(
+        r.body["error"].as_str().unwrap().contains("every program"),
+        "{r:?}"
+    );
     let r = api
         .script(
             None,
@@ -153,11 +183,21 @@ async fn every_error_is_the_json_error_body() {
     json_error(&r, 400, "abc");
     json_error(&api.delete("/api/teams/x/grants/nope").await, 400, "nope");
     // Unknown routes, and methods a route does not serve.
-    json_error(&api.get("/api/no-such-thing").await, 404, "no such API route");
-    json_error(&s.anonymous().get("/api/no/such/thing").await, 404, "no such API route");
+    json_error(
+        &api.get("/api/no-such-thing").await,
+        404,
+        "no such API route",
+    );
+    json_error(
+        &s.anonymous().get("/api/no/such/thing").await,
+        404,
+        "no such API route",
+    );
     for method in ["TRACE", "PATCH", "OPTIONS"] {
         let m = Method::from_bytes(method.as_bytes()).unwrap();
-        let r = api.call(m.clone(), "/api/machines", common::Body::None).await;
+        let r = api
+            .call(m.clone(), "/api/machines", common::Body::None)
+            .await;
         json_error(&r, 405, &format!("method {method} is not allowed"));
         assert_eq!(r.headers["allow"], "GET,HEAD,POST", "{r:?}");
         let r = api
@@ -165,7 +205,9 @@ async fn every_error_is_the_json_error_body() {
             .await;
         json_error(&r, 405, "allowed: GET,HEAD,POST");
     }
-    let r = api.call(Method::DELETE, "/api/server", common::Body::None).await;
+    let r = api
+        .call(Method::DELETE, "/api/server", common::Body::None)
+        .await;
     json_error(&r, 405, "allowed: GET,HEAD");
     // Malformed JSON, a wrong content type, a body too large.
     let r = api
@@ -180,6 +222,8 @@ async fn every_error_is_the_json_error_body() {
         .post("/api/environments", json!({"name": "x", "extra": 1}))
         .await;
     json_error(&r, 400, "extra");
+    let r = api.post("/api/environments", json!(["x", ""])).await;
+    json_error(&r, 400, "must be a JSON object");
     let r = api
         .post(
             "/api/environments",
@@ -206,21 +250,31 @@ async fn the_openapi_document_says_every_status_and_the_stream_events() {
     ] {
         let responses = op(path, method)["responses"].clone();
         for status in ["400", "401", "403", "500"] {
-            assert!(responses.get(status).is_some(), "{status} of {method} {path}");
+            assert!(
+                responses.get(status).is_some(),
+                "{status} of {method} {path}"
+            );
         }
     }
     let with_body = op("/api/environments", "post")["responses"].clone();
     assert!(with_body.get("413").is_some());
-    assert!(op("/api/spaces/{space}/machines", "get")["responses"].get("404").is_some());
-    assert!(doc["paths"]["/api/packages/{id}/{version}"]["get"]["responses"]["400"]["description"]
-        .as_str()
-        .unwrap()
-        .contains("semantic version"));
+    assert!(op("/api/spaces/{space}/machines", "get")["responses"]
+        .get("404")
+        .is_some());
+    assert!(
+        doc["paths"]["/api/packages/{id}/{version}"]["get"]["responses"]["400"]["description"]
+            .as_str()
+            .unwrap()
+            .contains("semantic version")
+    );
     // The log stream: its events, not a string.
     let stream = op("/api/tasks/{id}/log/stream", "get");
     let schema = &stream["responses"]["200"]["content"]["text/event-stream"]["schema"];
     assert_eq!(schema["type"], "array", "{schema}");
-    assert_eq!(schema["items"]["$ref"], "#/components/schemas/TaskStreamEvent");
+    assert_eq!(
+        schema["items"]["$ref"],
+        "#/components/schemas/TaskStreamEvent"
+    );
     let events = doc["components"]["schemas"]["TaskStreamEvent"].to_string();
     for needle in ["\"task\"", "\"log\"", "\"end\"", "TaskView", "TaskLogLine"] {
         assert!(events.contains(needle), "{needle} in {events}");
@@ -228,7 +282,10 @@ async fn the_openapi_document_says_every_status_and_the_stream_events() {
     // The input rules, as schemas.
     let name = &doc["components"]["schemas"]["Name"];
     assert_eq!(name["maxLength"], 200, "{name}");
-    assert!(name["pattern"].as_str().unwrap().contains("\\u001F"), "{name}");
+    assert!(
+        name["pattern"].as_str().unwrap().contains("\\u001F"),
+        "{name}"
+    );
     let env = &doc["components"]["schemas"]["NewEnvironment"]["properties"]["name"];
     assert_eq!(env["$ref"], "#/components/schemas/EnvironmentName", "{env}");
     s.stop().await;

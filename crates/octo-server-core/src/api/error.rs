@@ -3,7 +3,6 @@
 //! field), 401 without valid credentials (saying nothing else), 403 when the
 //! caller may not, 404/409 for missing or duplicate things.
 
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -89,7 +88,10 @@ impl IntoResponse for ApiError {
             }),
         )
             .into_response();
-        if let Some(allow) = self.allow.and_then(|a| axum::http::HeaderValue::from_str(&a).ok()) {
+        if let Some(allow) = self
+            .allow
+            .and_then(|a| axum::http::HeaderValue::from_str(&a).ok())
+        {
             resp.headers_mut().insert(axum::http::header::ALLOW, allow);
         }
         resp
@@ -135,28 +137,48 @@ pub struct ApiJson<T>(pub T);
 
 impl<S, T> FromRequest<S> for ApiJson<T>
 where
-    Json<T>: FromRequest<S, Rejection = JsonRejection>,
-    T: Validate,
+    T: serde::de::DeserializeOwned + Validate,
     S: Send + Sync,
 {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
+        let malformed = |why: &str| ApiError::bad_request(format!("malformed request: {why}"));
+        let json = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|ct| ct.split(';').next())
+            .map(|ct| ct.trim().to_ascii_lowercase())
+            .is_some_and(|ct| {
+                ct == "application/json"
+                    || (ct.starts_with("application/") && ct.ends_with("+json"))
+            });
+        if !json {
+            return Err(malformed(
+                "expected a JSON body with `Content-Type: application/json`",
+            ));
+        }
+        let bytes = match axum::body::Bytes::from_request(req, state).await {
+            Ok(b) => b,
+            Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("the request body is too large: {}", r.body_text()),
+                ))
+            }
+            Err(r) => return Err(malformed(&r.body_text())),
+        };
+        // serde would also read a struct from an array of its fields.
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(malformed("the body must be a JSON object (`{...}`)"));
+        }
+        match Json::<T>::from_bytes(&bytes) {
             Ok(Json(v)) => {
                 v.validate()?;
                 Ok(Self(v))
             }
-            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("the request body is too large: {}", rejection.body_text()),
-                ))
-            }
-            Err(rejection) => Err(ApiError::bad_request(format!(
-                "malformed request: {}",
-                rejection.body_text()
-            ))),
+            Err(rejection) => Err(malformed(&rejection.body_text())),
         }
     }
 }
