@@ -17,7 +17,7 @@ use octo_server_core::{start, RunArgs};
 use tokio::io::AsyncReadExt;
 
 /// The fuzzer's time budget (its `--max-time`).
-const FUZZ_SECONDS: u64 = 150;
+const FUZZ_SECONDS: u64 = 120;
 
 /// Where `./scripts/test.sh` installs schemathesis.
 fn schemathesis() -> PathBuf {

@@ -9,6 +9,7 @@ mod check;
 mod register;
 mod run;
 mod setup;
+mod terminal;
 
 use std::path::{Path, PathBuf};
 
@@ -343,7 +344,8 @@ fn main() {
     octo_comms::tune_allocator();
     let cli = Cli::parse();
     if let Err(e) = dispatch(cli) {
-        eprintln!("error: {e:#}");
+        // Errors carry a server's words and configured names: escaped.
+        eprintln!("error: {}", terminal::safe(&format!("{e:#}")));
         std::process::exit(1);
     }
 }
