@@ -42,4 +42,4 @@ need_venv schemathesis 'schemathesis==4.32.5'
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo test --workspace --locked
+cargo test --workspace --locked --no-fail-fast
