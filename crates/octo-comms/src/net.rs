@@ -141,6 +141,8 @@ pub fn server_name(host: &str) -> Result<ServerName<'static>, String> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     #[test]

@@ -7,7 +7,7 @@
 //!
 //! Bounded: a few examples per operation and a time budget (`FUZZ_SECONDS`),
 //! and the process is killed if it runs past twice that.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::print_stderr)]
 
 use std::path::PathBuf;
 use std::process::Stdio;
