@@ -777,6 +777,7 @@ mod tests {
             sensitive_variables: BTreeMap::from([("HOME".into(), "/".into())]),
             retention: Some(3),
             guided_failure: false,
+            max_parallel_steps: None,
         };
         assert_eq!(d.validate().unwrap_err().field, "sensitive_variables.HOME");
         let d = DeployRequest {

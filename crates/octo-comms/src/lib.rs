@@ -36,6 +36,7 @@ pub use proxy::{ProxyConfig, ProxyError, ProxySetting};
 pub use registry::PollingRegistry;
 pub use server::{
     Connection, Endpoint, HttpOverTls, ServerComms, ServerCommsOptions, WebSocketListenerOptions,
+    DEFAULT_MAX_CONCURRENT_HANDSHAKES,
 };
 pub use tentacle::{ConnectionInfo, Direction, PollingOptions, PollingTarget, TentacleComms};
 

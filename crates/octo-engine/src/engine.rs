@@ -35,7 +35,7 @@ use crate::notify::{lock, Changes, Notifiers};
 use crate::secrets::{Masker, MasterKey};
 use crate::steps::{deploy, health, script, StepEnd};
 use crate::tool::ToolBuild;
-use crate::{kind, machine_list, DeployArgs, MAX_PARALLEL_STEPS};
+use crate::{kind, machine_list, max_parallel_steps_of, DeployArgs, StepLimits};
 
 /// How often the scheduler looks for machines due a health check.
 const HEALTH_SCAN_INTERVAL: Duration = Duration::from_secs(30);
@@ -53,6 +53,8 @@ pub struct EngineDeps {
     pub packages: PackageFiles,
     /// Decrypts the secret values of tasks.
     pub master_key: Arc<MasterKey>,
+    /// How many steps run at once, per task and on this node.
+    pub limits: StepLimits,
 }
 
 /// The engine of one server (see the module documentation).
@@ -69,6 +71,8 @@ pub struct Engine {
     running: Mutex<HashMap<String, CancellationToken>>,
     notifiers: Arc<Notifiers>,
     guidance: Arc<GuidanceBoard>,
+    /// Steps running on this node, every task together (`limits.per_node`).
+    node_slots: Arc<Semaphore>,
 }
 
 /// What runs one step of a task.
@@ -82,6 +86,7 @@ impl Engine {
     /// A new engine; background work starts with [`Engine::spawn_background`].
     pub fn new(deps: EngineDeps) -> Engine {
         Engine {
+            node_slots: Arc::new(Semaphore::new(deps.limits.per_node.max(1))),
             deps,
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -312,8 +317,9 @@ impl Engine {
                 .await;
         }
         let runner = secrets.and_then(|s| Self::runner_of(&task, &s));
+        let per_task = max_parallel_steps_of(&task.arguments).unwrap_or(self.deps.limits.per_task);
         let health = match runner {
-            Ok(runner) => match self.run_steps(&log, steps, &cancel, runner).await {
+            Ok(runner) => match self.run_steps(&log, steps, &cancel, runner, per_task).await {
                 Some(health) => health,
                 // The server is stopping: leave the task as it is, to resume.
                 None => return,
@@ -326,8 +332,8 @@ impl Engine {
         self.finish_task(&log, &task, &cancel, &health).await;
     }
 
-    /// Runs every unfinished step, at most [`MAX_PARALLEL_STEPS`] at once, and
-    /// records how each ended. Returns the health results the steps reported,
+    /// Runs every unfinished step, at most `per_task` at once (and within the
+    /// node's limit, shared by every task), and records how each ended. Returns the health results the steps reported,
     /// or None when the server stopped.
     async fn run_steps(
         self: &Arc<Self>,
@@ -335,11 +341,13 @@ impl Engine {
         steps: Vec<TaskStep>,
         cancel: &CancellationToken,
         run: StepRunner,
+        per_task: usize,
     ) -> Option<Vec<(String, HealthStatus)>> {
-        let slots = Arc::new(Semaphore::new(MAX_PARALLEL_STEPS));
+        let slots = Arc::new(Semaphore::new(per_task.max(1)));
         let mut set = JoinSet::new();
         for step in steps.into_iter().filter(|s| !s.state.is_final()) {
             let (eng, slots, run) = (self.clone(), slots.clone(), run.clone());
+            let node_slots = self.node_slots.clone();
             let ctx = StepContext {
                 machine_name: step.machine_name.clone(),
                 log: log.clone(),
@@ -352,8 +360,15 @@ impl Engine {
                 guidance: self.guidance.clone(),
             };
             set.spawn(async move {
+                // A slot of the task's, then one of the node's (always in
+                // this order, so tasks cannot hold each other's).
+                let both = async {
+                    let task_slot = slots.acquire_owned().await.ok()?;
+                    let node_slot = node_slots.acquire_owned().await.ok()?;
+                    Some((task_slot, node_slot))
+                };
                 let _slot = tokio::select! {
-                    slot = slots.acquire_owned() => slot.ok(),
+                    slot = both => slot,
                     _ = ctx.shutdown.cancelled() => return None,
                     // A queued step never starts once cancel was requested; a
                     // step already executing (resumed) must be cancelled on the

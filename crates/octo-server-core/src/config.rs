@@ -1,5 +1,6 @@
 //! The server's options (`octopus server run`).
 
+use clap::builder::TypedValueParser;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -53,6 +54,21 @@ pub struct RunArgs {
     /// A login's session key expires after this many hours without use.
     #[arg(long, value_name = "HOURS", default_value_t = 8.0)]
     pub session_idle_hours: f64,
+    /// Machines of one task that run at once, unless the task asks otherwise
+    /// (its `max_parallel_steps`; `octopus run-script --max-parallel-steps`).
+    #[arg(long, value_name = "N", default_value_t = octo_engine::DEFAULT_MAX_PARALLEL_STEPS,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(octo_engine::MAX_PARALLEL_STEPS_ALLOWED)).map(|n| n as usize))]
+    pub max_parallel_steps: usize,
+    /// Machine steps of every task together that run at once on this server;
+    /// more wait (Queued) for a free slot.
+    #[arg(long, value_name = "N", default_value_t = octo_engine::DEFAULT_MAX_RUNNING_STEPS,
+          value_parser = clap::value_parser!(u32).range(1..=100_000).map(|n| n as usize))]
+    pub max_running_steps: usize,
+    /// Polling tentacles' TLS handshakes that run at once; more wait their turn
+    /// (a reconnect storm after a restart queues rather than fails).
+    #[arg(long, value_name = "N", default_value_t = octo_comms::DEFAULT_MAX_CONCURRENT_HANDSHAKES,
+          value_parser = clap::value_parser!(u32).range(1..=100_000).map(|n| n as usize))]
+    pub max_concurrent_handshakes: usize,
 }
 
 /// The environment variable that may carry the server's proxy URL.
@@ -171,6 +187,9 @@ impl Default for RunArgs {
             web_socket_listen_port: None,
             web_socket_path: octo_comms::websocket::DEFAULT_PATH.into(),
             session_idle_hours: 8.0,
+            max_parallel_steps: octo_engine::DEFAULT_MAX_PARALLEL_STEPS,
+            max_running_steps: octo_engine::DEFAULT_MAX_RUNNING_STEPS,
+            max_concurrent_handshakes: octo_comms::DEFAULT_MAX_CONCURRENT_HANDSHAKES,
         }
     }
 }

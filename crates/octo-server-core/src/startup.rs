@@ -371,6 +371,7 @@ pub async fn start_with(
         polling_trust.clone(),
         ServerCommsOptions {
             proxy: args.proxy_setting()?,
+            max_concurrent_handshakes: args.max_concurrent_handshakes,
             ..ServerCommsOptions::default()
         },
     );
@@ -424,6 +425,10 @@ pub async fn start_with(
         tool: tool.clone(),
         packages: packages.clone(),
         master_key: master_key.clone(),
+        limits: octo_engine::StepLimits {
+            per_task: args.max_parallel_steps,
+            per_node: args.max_running_steps,
+        },
     }));
     let state = AppState {
         store,

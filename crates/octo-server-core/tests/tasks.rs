@@ -41,6 +41,10 @@ struct Server {
 }
 
 async fn start_at(data: &Path, comms_port: u16) -> RunningServer {
+    start_with(data, comms_port, RunArgs::default()).await
+}
+
+async fn start_with(data: &Path, comms_port: u16, base: RunArgs) -> RunningServer {
     timeout(
         T,
         start(&RunArgs {
@@ -48,7 +52,7 @@ async fn start_at(data: &Path, comms_port: u16) -> RunningServer {
             listen: "127.0.0.1:0".parse().unwrap(),
             comms_listen_port: comms_port,
             comms_listen_address: "127.0.0.1".into(),
-            ..RunArgs::default()
+            ..base
         }),
     )
     .await
@@ -58,10 +62,15 @@ async fn start_at(data: &Path, comms_port: u16) -> RunningServer {
 
 impl Server {
     async fn new() -> Self {
+        Self::with(RunArgs::default()).await
+    }
+
+    /// A server with `args`' options (its addresses and data are the test's).
+    async fn with(args: RunArgs) -> Self {
         kit::init_tracing();
         let tmp = tempfile::tempdir().unwrap();
         let data = tmp.path().join("data");
-        let running = start_at(&data, 0).await;
+        let running = start_with(&data, 0, args).await;
         let s = Server {
             base: format!("http://{}", running.api_addr),
             key: running.admin_api_key.clone().unwrap(),
@@ -372,7 +381,10 @@ impl Tentacle {
 
 /// A server with a listening tentacle "lis" and a polling tentacle "pol".
 async fn two_machines() -> (Server, Tentacle, Tentacle, i64, i64) {
-    let server = Server::new().await;
+    two_machines_on(Server::new().await).await
+}
+
+async fn two_machines_on(server: Server) -> (Server, Tentacle, Tentacle, i64, i64) {
     let lis = Tentacle::listening("lis", server.thumbprint).await;
     let lis_id = server
         .add_listening("lis", lis.addr.unwrap(), lis.thumbprint())
@@ -806,4 +818,105 @@ async fn cancel_before_the_script_started_never_starts_it() {
         text.contains("canceled before the script started"),
         "{text}"
     );
+}
+
+// ---------------------------------------------------------------------------
+// How many steps run at once.
+
+/// Fails (exit 3) if another step holds the lock directory `$D/lock` while
+/// this one does: steps that never overlap all succeed.
+const ALONE: &str = "mkdir \"$D/lock\" || { echo overlap; exit 3; }; sleep 0.3; rmdir \"$D/lock\"";
+
+/// Succeeds only when both machines' steps run at the same time: each leaves a
+/// mark and waits (bounded, 30 s) to see the other's.
+const TOGETHER: &str = "mktemp -p \"$D\" mark.XXXXXX >/dev/null; for _ in $(seq 300); do [ \"$(ls \"$D\" | grep -c '^mark')\" -ge 2 ] && exit 0; sleep 0.1; done; echo alone; exit 4";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_parallel_steps_of_a_task_is_kept_and_checked() {
+    let (server, _lis, _pol, _, _) = two_machines().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    // The default (20) lets both machines run together...
+    let id = server
+        .create(
+            "/api/tasks/script",
+            json!({ "script": TOGETHER, "environment": "Test", "variables": { "D": d } }),
+        )
+        .await;
+    let end = server.wait_end(&id).await;
+    assert_eq!(end["task"]["state"], "Success", "{end}");
+    // ...and 1 runs them one after the other.
+    let (status, created) = server
+        .post(
+            "/api/tasks/script",
+            json!({ "script": ALONE, "environment": "Test", "variables": { "D": d }, "max_parallel_steps": 1 }),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["task"]["arguments"]["max_parallel_steps"], 1);
+    let id = created["task"]["id"].as_str().unwrap().to_string();
+    let end = server.wait_end(&id).await;
+    assert_eq!(end["task"]["state"], "Success", "{end}");
+    assert_eq!(end["steps"].as_array().unwrap().len(), 2);
+    // Health checks and deployments take it too; nonsense is refused naming the field.
+    let id = server
+        .create(
+            "/api/tasks/health",
+            json!({ "environment": "Test", "max_parallel_steps": 1 }),
+        )
+        .await;
+    let end = server.wait_end(&id).await;
+    assert_eq!(end["task"]["state"], "Success", "{end}");
+    for bad in [json!(0), json!(10001), json!(-1), json!("two")] {
+        for path in ["/api/tasks/script", "/api/tasks/health"] {
+            let (status, v) = server
+                .post(
+                    path,
+                    json!({ "script": "true", "environment": "Test", "max_parallel_steps": bad })
+                        .as_object()
+                        .unwrap()
+                        .iter()
+                        .filter(|(k, _)| path.ends_with("script") || k.as_str() != "script")
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect::<serde_json::Map<_, _>>()
+                        .into(),
+                )
+                .await;
+            assert_eq!(status, 400, "{path} {bad}: {v}");
+            assert!(
+                v.to_string().contains("max_parallel_steps"),
+                "{path} {bad}: {v}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_running_steps_bounds_every_task_of_the_node_together() {
+    let server = Server::with(RunArgs {
+        max_running_steps: 1,
+        ..RunArgs::default()
+    })
+    .await;
+    let (server, _lis, _pol, _, _) = two_machines_on(server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    // Two tasks, one machine each, started together: with one slot on the
+    // node, their steps never overlap (each script fails if they do).
+    let a = server
+        .create(
+            "/api/tasks/script",
+            json!({ "script": ALONE, "machines": ["lis"], "variables": { "D": d } }),
+        )
+        .await;
+    let b = server
+        .create(
+            "/api/tasks/script",
+            json!({ "script": ALONE, "machines": ["pol"], "variables": { "D": d } }),
+        )
+        .await;
+    for id in [a, b] {
+        let end = server.wait_end(&id).await;
+        assert_eq!(end["task"]["state"], "Success", "{end}");
+    }
 }

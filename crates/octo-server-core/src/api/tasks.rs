@@ -213,6 +213,7 @@ pub async fn start_script(
     req: ScriptRequest,
 ) -> ApiResult<TaskView> {
     req.validate()?;
+    parallelism(req.max_parallel_steps)?;
     if req.script.trim().is_empty() {
         return Err(ApiError::bad_request("field `script` must not be empty"));
     }
@@ -238,6 +239,7 @@ pub async fn start_script(
         kind::SCRIPT,
         &description,
         &stored,
+        req.max_parallel_steps,
         &target.machines,
         secrets,
         details,
@@ -276,6 +278,7 @@ pub async fn start_health_check(
     req: HealthRequest,
 ) -> ApiResult<TaskView> {
     req.validate()?;
+    parallelism(req.max_parallel_steps)?;
     let filter = filter_of(space.id, &req.environment, &None, &None);
     let target = Target::select(s, caller, space, &req.machines, &filter).await?;
     target.require(caller, space, Permission::TaskCreate)?;
@@ -287,6 +290,7 @@ pub async fn start_health_check(
         kind::HEALTH,
         &description,
         &req,
+        req.max_parallel_steps,
         &target.machines,
         Vec::new(),
         String::new(),
@@ -325,6 +329,7 @@ pub async fn start_deployment(
     req: DeployRequest,
 ) -> ApiResult<TaskView> {
     req.validate()?;
+    parallelism(req.max_parallel_steps)?;
     if req.environment.trim().is_empty() {
         return Err(ApiError::bad_request(
             "field `environment` must name the environment to deploy to",
@@ -404,6 +409,7 @@ pub async fn start_deployment(
         kind::DEPLOY,
         &description,
         &args,
+        req.max_parallel_steps,
         &target.machines,
         secrets,
         details,
@@ -442,6 +448,7 @@ pub async fn start_tool_upgrade(
     req: HealthRequest,
 ) -> ApiResult<TaskView> {
     req.validate()?;
+    parallelism(req.max_parallel_steps)?;
     let tool = match s.tool.as_ref() {
         Ok(t) => t.clone(),
         Err(why) => {
@@ -465,6 +472,7 @@ pub async fn start_tool_upgrade(
         kind::UPGRADE,
         &description,
         &req,
+        req.max_parallel_steps,
         &target.machines,
         Vec::new(),
         String::new(),
@@ -490,6 +498,19 @@ fn variable_names(
     }
 }
 
+/// A task's `max_parallel_steps`, checked (400 naming the field).
+fn parallelism(n: Option<u32>) -> ApiResult<Option<u32>> {
+    match n {
+        Some(n) if !(1..=octo_engine::MAX_PARALLEL_STEPS_ALLOWED).contains(&n) => {
+            Err(ApiError::bad_request(format!(
+                "max_parallel_steps must be from 1 to {} (machines of the task that run at once), not {n}",
+                octo_engine::MAX_PARALLEL_STEPS_ALLOWED
+            )))
+        }
+        n => Ok(n),
+    }
+}
+
 /// Creates the task, starts it in the background, answers 201 with it.
 #[allow(clippy::too_many_arguments)]
 async fn create_and_start(
@@ -499,12 +520,16 @@ async fn create_and_start(
     kind: &str,
     description: &str,
     arguments: &impl serde::Serialize,
+    max_parallel_steps: Option<u32>,
     machines: &[Machine],
     secrets: Vec<(String, String)>,
     details: String,
 ) -> ApiResult<TaskView> {
-    let arguments = serde_json::to_value(arguments)
+    let mut arguments = serde_json::to_value(arguments)
         .map_err(|e| ApiError::internal(format!("encoding the task's arguments: {e}")))?;
+    if let (Some(n), Some(map)) = (max_parallel_steps, arguments.as_object_mut()) {
+        map.insert("max_parallel_steps".into(), n.into());
+    }
     let new = NewTask {
         space_id: space.id,
         kind: kind.into(),
