@@ -256,6 +256,16 @@ async fn the_openapi_document_says_every_status_and_the_stream_events() {
             );
         }
     }
+    // Routes open to every signed-in caller that check a permission inside.
+    for (path, method) in [
+        ("/api/users/{username}", "get"),
+        ("/api/users/{username}/password", "put"),
+    ] {
+        assert!(
+            op(path, method)["responses"].get("403").is_some(),
+            "403 of {method} {path}"
+        );
+    }
     let with_body = op("/api/environments", "post")["responses"].clone();
     assert!(with_body.get("413").is_some());
     assert!(op("/api/spaces/{space}/machines", "get")["responses"]

@@ -182,6 +182,7 @@ pub async fn all_users(s: &AppState, caller: &Caller) -> ApiResult<Vec<User>> {
     params(("username" = String, Path, description = "The user's login name")),
     responses(
         (status = 200, description = "The user", body = User),
+        (status = 403, description = "Another user, without `UserView`", body = ErrorBody),
         (status = 404, description = "No such user", body = ErrorBody),
     )
 )]
@@ -298,6 +299,7 @@ pub(crate) async fn enable_user(
     responses(
         (status = 204, description = "Set"),
         (status = 400, description = "Too short, or the current password is missing or wrong", body = ErrorBody),
+        (status = 403, description = "Another user's, without `UserEdit`", body = ErrorBody),
         (status = 404, description = "No such user", body = ErrorBody),
     )
 )]
