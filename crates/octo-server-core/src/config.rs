@@ -69,10 +69,18 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = octo_comms::DEFAULT_MAX_CONCURRENT_HANDSHAKES,
           value_parser = clap::value_parser!(u32).range(1..=100_000).map(|n| n as usize))]
     pub max_concurrent_handshakes: usize,
+    /// Most output one machine's part of a task stores, in MiB; past it, lines
+    /// are counted and dropped (the log says how many) and the script runs on.
+    #[arg(long, value_name = "MIB", default_value_t = DEFAULT_MAX_LOG_MIB_PER_STEP,
+          value_parser = clap::value_parser!(u64).range(1..=1024 * 1024))]
+    pub max_log_mib_per_step: u64,
 }
 
 /// The environment variable that may carry the server's proxy URL.
 pub const PROXY_ENV: &str = "OCTOPUS_PROXY";
+
+/// The default of `--max-log-mib-per-step`.
+pub const DEFAULT_MAX_LOG_MIB_PER_STEP: u64 = 100;
 
 impl RunArgs {
     /// How listening tentacles are dialled: --no-proxy, else --proxy, else
@@ -190,6 +198,7 @@ impl Default for RunArgs {
             max_parallel_steps: octo_engine::DEFAULT_MAX_PARALLEL_STEPS,
             max_running_steps: octo_engine::DEFAULT_MAX_RUNNING_STEPS,
             max_concurrent_handshakes: octo_comms::DEFAULT_MAX_CONCURRENT_HANDSHAKES,
+            max_log_mib_per_step: DEFAULT_MAX_LOG_MIB_PER_STEP,
         }
     }
 }

@@ -402,16 +402,19 @@ pub async fn do_login(
 ) -> Result<LoginReply, (ApiError, Option<u64>)> {
     let plain = |e: ApiError| (e, None);
     l.validate().map_err(|e| plain(e.into()))?;
-    if let Some((wait, why)) = s.logins.wait(&l.username, source) {
-        let secs = wait.as_secs().max(1);
-        return Err((
-            ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                format!("too many failed logins {why}; try again in {secs} s"),
-            ),
-            Some(secs),
-        ));
-    }
+    let attempt = match s.logins.begin(&l.username, source) {
+        Ok(a) => a,
+        Err((wait, why)) => {
+            let secs = wait.as_secs().max(1);
+            return Err((
+                ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!("too many failed logins {why}; try again in {secs} s"),
+                ),
+                Some(secs),
+            ));
+        }
+    };
     let refused = || ApiError::new(StatusCode::UNAUTHORIZED, "wrong username or password");
     let found = s
         .store
@@ -421,7 +424,7 @@ pub async fn do_login(
     let (user, hash) = match found {
         Some((user, Some(hash))) if !user.disabled => (user, hash),
         _ => {
-            s.logins.failed(&l.username, source);
+            attempt.failed();
             tracing::warn!("failed login for '{}' from {source}", l.username);
             return Err(plain(refused()));
         }
@@ -431,11 +434,11 @@ pub async fn do_login(
         .await
         .map_err(|e| plain(anyhow::anyhow!(e).into()))?;
     if !ok {
-        s.logins.failed(&l.username, source);
+        attempt.failed();
         tracing::warn!("failed login for '{}' from {source}", l.username);
         return Err(plain(refused()));
     }
-    s.logins.succeeded(&l.username);
+    attempt.succeeded();
     let purpose = format!("session of {} (login at {})", user.username, now_ms());
     let (key, stored) = issue_session(s.store.as_ref(), user.id, &purpose)
         .await
