@@ -26,6 +26,22 @@ need_apt() {
 need_apt curl systemd python3 tinyproxy iproute2 iptables nginx libnginx-mod-stream \
     chromium chromium-driver postgresql
 
+# PyPI tools, pinned, in a venv under target/ (reinstalled when the pin changes):
+# schemathesis fuzzes the live server's API from its OpenAPI document
+# (crates/octo-server-core/tests/schemathesis.rs).
+need_venv() {
+    local venv="target/$1-venv" spec="$2"
+    if [ "$(cat "$venv/.spec" 2>/dev/null)" != "$spec" ]; then
+        echo "installing $spec into $venv"
+        rm -rf "$venv"
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install -q --disable-pip-version-check "$spec"
+        echo "$spec" >"$venv/.spec"
+    fi
+}
+need_apt python3-venv
+need_venv schemathesis 'schemathesis==4.32.5'
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked --no-fail-fast

@@ -989,3 +989,63 @@ async fn restart_marks_running_scripts_and_keeps_logs() {
     assert!(!c.work_dir("finished").exists());
     assert!(!c.work_dir("interrupted").exists());
 }
+
+/// A small tmpfs mounted at a path until dropped (the test runs as root, as
+/// the test command does).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(at)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs at {} failed (this test needs root, as ./scripts/test.sh runs): {}",
+            at.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_is_named_with_where_and_how_much_is_free() {
+    let (t, _tmp) = Tentacle::new(ScriptOptions::default()).await;
+    let work = t.home.join("Work");
+    let _mount = Tmpfs::mount(&work, "64k");
+    // Fill it: the script's files cannot be written.
+    let filler = vec![0u8; 256 * 1024];
+    let _ = std::fs::write(work.join("filler"), &filler);
+    let mut req = bash("full-disk", "echo never");
+    req.files = vec![ScriptFile {
+        name: "big.bin".into(),
+        contents: vec![1u8; 128 * 1024],
+    }];
+    t.start(req).await;
+    let (lines, status) = t.finish("full-disk", 0).await;
+    assert_eq!(status.exit_code, COULD_NOT_START, "{status:?}");
+    let text = service_text(&lines);
+    assert!(text.contains("no space left on the device"), "{text}");
+    assert!(text.contains("free in"), "{text}");
+    assert!(text.contains(&work.display().to_string()), "{text}");
+    assert!(!text.contains("shell"), "{text}");
+}

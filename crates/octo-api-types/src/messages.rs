@@ -8,6 +8,29 @@ use utoipa::ToSchema;
 
 use crate::model::{ApiKey, Machine, Package, Task, TaskStep, User};
 
+/// An optional count, written `3` or `3.0` (JSON has one number type: a
+/// whole number may come with a fractional part of zero).
+fn optional_whole_number<'de, D>(d: D) -> Result<Option<u32>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    use serde::de::Error;
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    let whole = match (n.as_u64(), n.as_f64()) {
+        (Some(u), _) => u32::try_from(u).ok(),
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        (None, Some(f)) if f.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(&f) => {
+            Some(f as u32)
+        }
+        _ => None,
+    };
+    whole.map(Some).ok_or_else(|| {
+        D::Error::custom(format!("{n} is not a whole number from 0 to {}", u32::MAX))
+    })
+}
+
 /// Header carrying the API key.
 pub const API_KEY_HEADER: &str = "X-Octopus-ApiKey";
 
@@ -51,8 +74,10 @@ pub struct ServerInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewEnvironment {
+    #[schema(value_type = crate::validate::EnvironmentName)]
     pub name: String,
     #[serde(default)]
+    #[schema(value_type = crate::validate::Text)]
     pub description: String,
 }
 
@@ -60,6 +85,7 @@ pub struct NewEnvironment {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MachineRequest {
+    #[schema(value_type = crate::validate::Name)]
     pub name: String,
     /// "TentaclePassive" (listening) or "TentacleActive" (polling).
     pub comms_style: String,
@@ -67,14 +93,20 @@ pub struct MachineRequest {
     pub uri: String,
     pub thumbprint: String,
     #[serde(default)]
+    #[schema(value_type = Vec<crate::validate::Name>)]
     pub environments: Vec<String>,
     #[serde(default)]
+    #[schema(value_type = Vec<crate::validate::Name>)]
     pub roles: Vec<String>,
     #[serde(default)]
+    #[schema(value_type = Vec<crate::validate::Name>)]
     pub tenants: Vec<String>,
     #[serde(default)]
+    #[schema(value_type = Vec<crate::validate::Name>)]
     pub tenant_tags: Vec<String>,
+    #[schema(value_type = Option<crate::validate::Name>)]
     pub policy: Option<String>,
+    #[schema(value_type = Option<crate::validate::Name>)]
     pub worker_pool: Option<String>,
     /// Replace a machine of the same name.
     #[serde(default)]
@@ -110,6 +142,7 @@ pub struct CreatedApiKey {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewUser {
+    #[schema(value_type = crate::validate::Name)]
     pub username: String,
     pub password: Option<String>,
     #[serde(default)]
@@ -122,6 +155,7 @@ pub struct NewUser {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Login {
+    #[schema(value_type = crate::validate::Name)]
     pub username: String,
     pub password: String,
 }
@@ -178,12 +212,16 @@ pub struct ScriptRequest {
     #[serde(default)]
     pub isolation: Isolation,
     #[serde(default)]
+    #[schema(value_type = Vec<crate::validate::Name>)]
     pub machines: Vec<String>,
     #[serde(default)]
+    #[schema(value_type = Option<crate::validate::Name>)]
     pub environment: Option<String>,
     #[serde(default)]
+    #[schema(value_type = Option<crate::validate::Name>)]
     pub role: Option<String>,
     #[serde(default)]
+    #[schema(value_type = Option<crate::validate::Name>)]
     pub tenant: Option<String>,
     /// Environment variables of the script, by name.
     #[serde(default)]
@@ -206,8 +244,10 @@ pub struct ScriptRequest {
 #[serde(deny_unknown_fields)]
 pub struct HealthRequest {
     #[serde(default)]
+    #[schema(value_type = Vec<crate::validate::Name>)]
     pub machines: Vec<String>,
     #[serde(default)]
+    #[schema(value_type = Option<crate::validate::Name>)]
     pub environment: Option<String>,
     /// Machines of this task that run at once (1 to 10000; default: the
     /// server's `--max-parallel-steps`). The node's `--max-running-steps`
@@ -241,14 +281,18 @@ pub struct TentacleUpgradeRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeployRequest {
+    #[schema(value_type = crate::validate::PackageId)]
     pub package_id: String,
     /// Default: the highest version in the feed.
     #[serde(default)]
     pub version: Option<String>,
+    #[schema(value_type = crate::validate::Name)]
     pub environment: String,
     #[serde(default)]
+    #[schema(value_type = Option<crate::validate::Name>)]
     pub role: Option<String>,
     #[serde(default)]
+    #[schema(value_type = Option<crate::validate::Name>)]
     pub tenant: Option<String>,
     /// Variables for substitution and scripts, by name.
     #[serde(default)]
@@ -258,7 +302,8 @@ pub struct DeployRequest {
     #[serde(default)]
     pub sensitive_variables: BTreeMap<String, String>,
     /// Extracted versions kept per package on each machine (default 3).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "optional_whole_number")]
+    #[schema(minimum = 1, maximum = 1000)]
     pub retention: Option<u32>,
     /// A machine whose deployment fails waits for a decision
     /// (`POST /api/tasks/{id}/guidance`) instead of failing.
@@ -289,6 +334,7 @@ pub enum Guidance {
 #[serde(deny_unknown_fields)]
 pub struct GuidanceRequest {
     /// The machine's name.
+    #[schema(value_type = crate::validate::Name)]
     pub machine: String,
     pub action: Guidance,
 }
@@ -318,10 +364,15 @@ pub struct PushReply {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MachineUpdate {
+    #[schema(value_type = Option<Vec<crate::validate::Name>>)]
     pub environments: Option<Vec<String>>,
+    #[schema(value_type = Option<Vec<crate::validate::Name>>)]
     pub roles: Option<Vec<String>>,
+    #[schema(value_type = Option<Vec<crate::validate::Name>>)]
     pub tenants: Option<Vec<String>>,
+    #[schema(value_type = Option<Vec<crate::validate::Name>>)]
     pub tenant_tags: Option<Vec<String>>,
+    #[schema(value_type = Option<crate::validate::Name>)]
     pub policy: Option<String>,
     pub disabled: Option<bool>,
 }
@@ -331,8 +382,12 @@ pub struct MachineUpdate {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EnvironmentUpdate {
+    #[schema(value_type = Option<crate::validate::EnvironmentName>)]
     pub name: Option<String>,
+    #[schema(value_type = Option<crate::validate::Text>)]
     pub description: Option<String>,
+    #[serde(default, deserialize_with = "optional_whole_number")]
+    #[schema(minimum = 0, maximum = 1000000)]
     pub position: Option<u32>,
 }
 
@@ -358,4 +413,22 @@ pub struct DiscoverReply {
 pub struct WorkerPool {
     pub name: String,
     pub workers: u32,
+}
+
+/// One server-sent event of `GET /api/tasks/{id}/log/stream`, as its fields:
+/// `event` names it, `data` is its JSON, `id` (on `log` events) is the line's
+/// id, which a client sends back as `Last-Event-ID` to resume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "event", rename_all = "lowercase")]
+pub enum TaskStreamEvent {
+    /// First, and whenever the task or one of its steps changes state.
+    Task { data: TaskView },
+    /// One log line, in order: stored ones first, then live ones.
+    Log {
+        /// The line's id (as text, as server-sent events carry it).
+        id: String,
+        data: crate::model::TaskLogLine,
+    },
+    /// Last, once the task is final and its last line was sent; the stream ends.
+    End { data: TaskView },
 }

@@ -21,8 +21,10 @@ pub struct Space {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewSpace {
+    #[schema(value_type = crate::validate::Name)]
     pub name: String,
     #[serde(default)]
+    #[schema(value_type = crate::validate::Text)]
     pub description: String,
 }
 
@@ -214,8 +216,10 @@ pub struct Role {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewRole {
+    #[schema(value_type = crate::validate::Name)]
     pub name: String,
     #[serde(default)]
+    #[schema(value_type = crate::validate::Text)]
     pub description: String,
     pub permissions: Vec<Permission>,
 }
@@ -238,10 +242,13 @@ pub struct Grant {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewGrant {
+    #[schema(value_type = crate::validate::Name)]
     pub role: String,
     #[serde(default)]
+    #[schema(value_type = Vec<crate::validate::Name>)]
     pub environments: Vec<String>,
     #[serde(default)]
+    #[schema(value_type = Vec<crate::validate::Name>)]
     pub tenants: Vec<String>,
     #[serde(default)]
     pub all_spaces: bool,
@@ -268,8 +275,10 @@ pub struct Team {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewTeam {
+    #[schema(value_type = crate::validate::Name)]
     pub name: String,
     #[serde(default)]
+    #[schema(value_type = crate::validate::Text)]
     pub description: String,
     #[serde(default)]
     pub system: bool,
@@ -279,6 +288,7 @@ pub struct NewTeam {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewMember {
+    #[schema(value_type = crate::validate::Name)]
     pub username: String,
 }
 

@@ -141,7 +141,7 @@ pub(crate) async fn follow(
             Err(e) => e.to_string(),
             Ok(resp) => {
                 if std::mem::take(&mut outage) {
-                    eprintln!("Reconnected to the log stream of task {task_id}.");
+                    output::note(&format!("Reconnected to the log stream of task {task_id}."));
                 }
                 match read(resp, &mut names, &mut last_id, output).await {
                     Outcome::Ended(detail) => return Ok(*detail),
@@ -159,7 +159,9 @@ pub(crate) async fn follow(
             }
         };
         let since = *failing_since.get_or_insert_with(|| {
-            eprintln!("warning: lost the log stream of task {task_id} ({cause}); reconnecting");
+            output::note(&format!(
+                "warning: lost the log stream of task {task_id} ({cause}); reconnecting"
+            ));
             outage = true;
             Instant::now()
         });
@@ -232,11 +234,15 @@ fn handle(
                 print_line(names, &line, output);
             }
             Ok(_) => {} // Already printed (a resumed stream overlapping).
-            Err(e) => eprintln!("warning: ignoring a malformed log event from the server: {e}"),
+            Err(e) => output::note(&format!(
+                "warning: ignoring a malformed log event from the server: {e}"
+            )),
         },
         "task" => match serde_json::from_str::<TaskDetail>(&event.data) {
             Ok(detail) => names.learn(&detail.steps),
-            Err(e) => eprintln!("warning: ignoring a malformed task event from the server: {e}"),
+            Err(e) => output::note(&format!(
+                "warning: ignoring a malformed task event from the server: {e}"
+            )),
         },
         "end" => {
             return serde_json::from_str::<TaskDetail>(&event.data)

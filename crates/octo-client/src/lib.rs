@@ -52,6 +52,14 @@ use anyhow::Context;
 use clap::{ArgGroup, Subcommand, ValueEnum};
 use octo_api_types::{ApiKey, Environment, Machine, Task, TaskLogLine, TaskState, TaskStep, User};
 
+/// `s` made safe for a terminal: its control characters (ESC, NUL, C1, the
+/// bidirectional overrides...) escaped, line breaks and tabs kept. Every line
+/// the client prints for people goes through this or a stricter form; the
+/// binary's own error line must too (error messages carry the server's text).
+pub fn terminal_text(s: &str) -> std::borrow::Cow<'_, str> {
+    output::text(s)
+}
+
 pub use self::security::{
     AuditCommand, LoginArgs, RoleCommand, SpaceCommand, TeamCommand, UserCommand, UserCreateArgs,
 };

@@ -81,6 +81,54 @@ pub fn split_host_port(address: &str) -> Option<(&str, u16)> {
     Some((host, port))
 }
 
+/// `HOST[:PORT]` (`[IPV6][:PORT]`) of a URI, checked: a host that is a DNS
+/// name or an IP address, and a port from 1 to 65535 (`default` when none is
+/// given). The error says what is wrong and what is expected.
+pub fn parse_authority(authority: &str, default: u16) -> Result<(String, u16), String> {
+    const EXPECTED: &str = "expected https://HOST:PORT/";
+    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
+        let (host, after) = rest
+            .split_once(']')
+            .ok_or_else(|| format!("'[' without ']' around an IPv6 address; {EXPECTED}"))?;
+        if host.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(format!("'{host}' is not an IPv6 address"));
+        }
+        match after {
+            "" => (host, None),
+            _ => match after.strip_prefix(':') {
+                Some(port) => (host, Some(port)),
+                None => return Err(format!("unexpected text after ']'; {EXPECTED}")),
+            },
+        }
+    } else {
+        match authority.split_once(':') {
+            Some((_, rest)) if rest.contains(':') => {
+                return Err(format!(
+                    "an IPv6 address needs brackets, e.g. https://[::1]:10933/; {EXPECTED}"
+                ))
+            }
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("the host is missing; {EXPECTED}"));
+    }
+    server_name(host)?;
+    let port = match port {
+        None => default,
+        Some(p) => match p.parse::<u16>() {
+            Ok(n) if n > 0 => n,
+            _ => {
+                return Err(format!(
+                    "port '{p}' is not a number from 1 to 65535; {EXPECTED}"
+                ))
+            }
+        },
+    };
+    Ok((host.to_string(), port))
+}
+
 /// The TLS server name for a host: a DNS name (sent as SNI, so proxies that route
 /// by SNI work) or an IP address (rustls sends no SNI for those). The pinning
 /// verifier ignores the name either way.
@@ -93,7 +141,45 @@ pub fn server_name(host: &str) -> Result<ServerName<'static>, String> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
+
+    #[test]
+    fn authorities_are_checked() {
+        assert_eq!(
+            parse_authority("a.example", 10933).unwrap(),
+            ("a.example".into(), 10933)
+        );
+        assert_eq!(
+            parse_authority("127.0.0.1:1", 10933).unwrap(),
+            ("127.0.0.1".into(), 1)
+        );
+        assert_eq!(
+            parse_authority("[::1]:65535", 10933).unwrap(),
+            ("::1".into(), 65535)
+        );
+        assert_eq!(parse_authority("[::1]", 7).unwrap(), ("::1".into(), 7));
+        for (bad, why) in [
+            (
+                "127.0.0.1:99999",
+                "port '99999' is not a number from 1 to 65535",
+            ),
+            ("127.0.0.1:0", "port '0'"),
+            ("127.0.0.1:", "port ''"),
+            ("h:x", "port 'x'"),
+            ("::1", "brackets"),
+            ("[::1", "without ']'"),
+            ("[nope]:1", "not an IPv6"),
+            ("[::1]x", "after ']'"),
+            (":10933", "host is missing"),
+            ("", "host is missing"),
+            ("a b:1", "not a valid host name"),
+        ] {
+            let e = parse_authority(bad, 10933).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn host_port() {

@@ -26,7 +26,23 @@ struct Inner {
     by_subscription: Mutex<HashMap<String, Vec<Connection>>>,
     changed: Notify,
     next: AtomicUsize,
+    /// Polling connections refused for an untrusted certificate, latest last.
+    refused: Mutex<Vec<Refusal>>,
 }
+
+/// Polling connections refused for presenting one untrusted thumbprint.
+#[derive(Debug, Clone)]
+struct Refusal {
+    thumbprint: Thumbprint,
+    remote: String,
+    count: u64,
+    last: Instant,
+}
+
+/// Distinct refused thumbprints remembered.
+const REFUSALS_KEPT: usize = 32;
+/// How long a refusal is worth mentioning.
+const REFUSAL_RECENT: Duration = Duration::from_secs(15 * 60);
 
 impl std::fmt::Debug for PollingRegistry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -87,6 +103,47 @@ impl PollingRegistry {
         });
     }
 
+    /// Notes that a polling connection from `remote` was refused because the
+    /// certificate it presented (`thumbprint`) is not trusted: a request that
+    /// then waits in vain for a tentacle says so ([`Self::wait_for`]).
+    pub fn record_refusal(&self, thumbprint: Thumbprint, remote: String) {
+        let mut refused = self.inner.refused.lock().unwrap_or_else(|p| p.into_inner());
+        let count = match refused.iter().position(|r| r.thumbprint == thumbprint) {
+            Some(i) => refused.remove(i).count,
+            None => 0,
+        };
+        refused.push(Refusal {
+            thumbprint,
+            remote,
+            count: count.saturating_add(1),
+            last: Instant::now(),
+        });
+        if refused.len() > REFUSALS_KEPT {
+            refused.remove(0);
+        }
+        drop(refused);
+        self.inner.changed.notify_waiters();
+    }
+
+    /// The thumbprints refused recently, latest first.
+    pub fn refused_thumbprints(&self) -> Vec<Thumbprint> {
+        self.recent_refusals()
+            .iter()
+            .map(|r| r.thumbprint)
+            .collect()
+    }
+
+    /// The recent refusals, latest first.
+    fn recent_refusals(&self) -> Vec<Refusal> {
+        let refused = self.inner.refused.lock().unwrap_or_else(|p| p.into_inner());
+        refused
+            .iter()
+            .rev()
+            .filter(|r| r.last.elapsed() <= REFUSAL_RECENT)
+            .cloned()
+            .collect()
+    }
+
     /// A live connection of `subscription_id` presenting `thumbprint`, if any.
     pub fn find(&self, subscription_id: &str, thumbprint: &Thumbprint) -> Option<Connection> {
         let map = self.map();
@@ -142,11 +199,32 @@ impl PollingRegistry {
             .get(subscription_id)
             .and_then(|l| l.iter().find(|c| c.peer_thumbprint() != *thumbprint))
         else {
-            return String::new();
+            drop(map);
+            return self.refusal_detail(thumbprint);
         };
         format!(
             " (a connection for this subscription presents thumbprint {} instead: the tentacle's certificate changed or two machines share a subscription; re-register it)",
             other.peer_thumbprint()
+        )
+    }
+
+    /// What the recent refusals say about a tentacle that did not connect: the
+    /// server refused a certificate, which is likely this tentacle's new one.
+    fn refusal_detail(&self, thumbprint: &Thumbprint) -> String {
+        let refused = self.recent_refusals();
+        let Some(latest) = refused.first() else {
+            return String::new();
+        };
+        let others = match refused.len() {
+            1 => String::new(),
+            n => format!(" (and {} other untrusted certificate(s))", n - 1),
+        };
+        format!(
+            "; meanwhile this server refused a polling tentacle's certificate: it presented thumbprint {} (from {}, {} time(s), last {} s ago){others}, not the expected {thumbprint}. If that is this tentacle, its certificate changed: register it again (`tentacle register-with ... --force`) or trust the new thumbprint",
+            latest.thumbprint,
+            latest.remote,
+            latest.count,
+            latest.last.elapsed().as_secs()
         )
     }
 

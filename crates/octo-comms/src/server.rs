@@ -75,14 +75,12 @@ impl Endpoint {
             None => url,
         };
         let authority = rest.split('/').next().unwrap_or_default();
-        let address = if net::split_host_port(authority).is_some() {
-            authority.to_string()
-        } else if !authority.is_empty() && !authority.ends_with(':') {
-            format!("{authority}:10933")
+        let (host, port) = net::parse_authority(authority, 10933).map_err(|why| invalid(&why))?;
+        let address = if host.contains(':') {
+            format!("[{host}]:{port}")
         } else {
-            return Err(invalid("expected https://HOST:PORT/"));
+            format!("{host}:{port}")
         };
-        net::split_host_port(&address).ok_or_else(|| invalid("expected https://HOST:PORT/"))?;
         Ok(Endpoint::Listening {
             address,
             thumbprint,
@@ -585,6 +583,9 @@ impl ServerComms {
             Ok(Err((e, tcp))) => {
                 if let Some(u) = UntrustedPeer::find(&e) {
                     warn!("refused polling connection from {remote}: {u}");
+                    self.inner
+                        .registry
+                        .record_refusal(u.presented, remote.ip().to_string());
                 } else {
                     debug!("TLS handshake from {remote} failed: {e}");
                 }
@@ -745,6 +746,9 @@ impl ServerComms {
             Ok(Err((e, tcp))) => {
                 if let Some(u) = UntrustedPeer::find(&e) {
                     warn!("refused polling connection (WebSocket port) from {remote}: {u}");
+                    self.inner
+                        .registry
+                        .record_refusal(u.presented, remote.ip().to_string());
                 } else {
                     debug!("TLS handshake from {remote} failed: {e}");
                 }

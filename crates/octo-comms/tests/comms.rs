@@ -811,3 +811,38 @@ async fn refusal_is_typed_every_time() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_refused_certificate_is_named_when_its_tentacle_does_not_connect() {
+    kit::init_tracing();
+    let options = ServerCommsOptions {
+        polling_wait: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let server_id = kit::identity("server");
+    let (old, new) = (kit::identity("tentacle"), kit::identity("tentacle-new"));
+    let (server, addr, _sg) =
+        kit::server_with(server_id.clone(), &[old.thumbprint()], options, None).await;
+    // The tentacle made a new certificate: the server refuses it.
+    let (_t, _tg) = kit::polling_tentacle(new.clone(), &[server_id.thumbprint()], addr, "sub-r", 1);
+    assert!(
+        server
+            .polling()
+            .wait_until(|r| r.refused_thumbprints().contains(&new.thumbprint()), T)
+            .await,
+        "the refusal is recorded"
+    );
+    let ep = Endpoint::polling("poll://sub-r/", old.thumbprint()).unwrap();
+    let err = timeout(T, server.connect(&ep)).await.unwrap().unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("refused a polling tentacle's certificate"),
+        "{msg}"
+    );
+    assert!(msg.contains(&new.thumbprint().to_string()), "{msg}");
+    assert!(
+        msg.contains(&format!("not the expected {}", old.thumbprint())),
+        "{msg}"
+    );
+    assert!(msg.contains("127.0.0.1"), "{msg}");
+}

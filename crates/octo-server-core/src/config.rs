@@ -45,10 +45,17 @@ pub struct RunArgs {
     #[arg(long, env = "OCTOPUS_TENTACLE")]
     pub tentacle: Option<PathBuf>,
     /// HTTP CONNECT proxy for dialling listening tentacles,
-    /// `http://[USER:PASSWORD@]HOST:PORT` (default: `HTTPS_PROXY`/`NO_PROXY` from the
-    /// environment; TLS to the tentacle stays end to end through the tunnel).
-    #[arg(long, value_name = "URL", conflicts_with = "no_proxy")]
+    /// `http://[USER:PASSWORD@]HOST:PORT` (default: --proxy-file, else the
+    /// `OCTOPUS_PROXY` environment variable, else `HTTPS_PROXY`/`NO_PROXY`; TLS to
+    /// the tentacle stays end to end through the tunnel). A password given here is
+    /// visible to every user of the machine (`ps`): prefer --proxy-file or
+    /// `OCTOPUS_PROXY`.
+    #[arg(long, value_name = "URL", conflicts_with_all = ["no_proxy", "proxy_file"])]
     pub proxy: Option<String>,
+    /// A file whose first line is the proxy URL (as --proxy), so that a password
+    /// stays out of the command line; keep it readable by the server's user only.
+    #[arg(long, value_name = "FILE", conflicts_with = "no_proxy")]
+    pub proxy_file: Option<PathBuf>,
     /// Dial listening tentacles directly, ignoring proxy environment variables.
     #[arg(long)]
     pub no_proxy: bool,
@@ -87,21 +94,78 @@ pub struct RunArgs {
     pub max_log_mib_per_step: u64,
 }
 
+/// The environment variable that may carry the server's proxy URL.
+pub const PROXY_ENV: &str = "OCTOPUS_PROXY";
+
 /// The default of `--max-log-mib-per-step`.
 pub const DEFAULT_MAX_LOG_MIB_PER_STEP: u64 = 100;
 
 impl RunArgs {
-    /// How listening tentacles are dialled.
+    /// How listening tentacles are dialled: --no-proxy, else --proxy, else
+    /// --proxy-file, else [`PROXY_ENV`], else `HTTPS_PROXY`/`NO_PROXY`. Warns
+    /// (one log line) when --proxy carries a password, which `ps` shows.
     pub fn proxy_setting(&self) -> anyhow::Result<octo_comms::ProxySetting> {
+        self.proxy_setting_with(|name| std::env::var(name).ok())
+    }
+
+    /// As [`Self::proxy_setting`], with the environment given.
+    pub fn proxy_setting_with(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> anyhow::Result<octo_comms::ProxySetting> {
         use octo_comms::ProxySetting;
-        Ok(match (&self.proxy, self.no_proxy) {
-            (_, true) => ProxySetting::Direct,
-            (Some(url), false) => ProxySetting::Explicit(
-                octo_comms::proxy::parse_proxy_url(url)
-                    .map_err(|e| anyhow::anyhow!("--proxy {}: {e}", redact_url(url)))?,
-            ),
-            (None, false) => ProxySetting::FromEnvironment,
-        })
+        if self.no_proxy {
+            return Ok(ProxySetting::Direct);
+        }
+        let parse = |url: &str, from: &str| {
+            octo_comms::proxy::parse_proxy_url(url)
+                .map_err(|e| anyhow::anyhow!("{from} {}: {e}", redact_url(url)))
+        };
+        if let Some(url) = &self.proxy {
+            let config = parse(url, "--proxy")?;
+            if config.password.is_some() {
+                tracing::warn!(
+                    "--proxy carries a password, which every user of this machine can read on the command line (`ps`); give the URL with --proxy-file FILE or the {PROXY_ENV} environment variable instead"
+                );
+            }
+            return Ok(ProxySetting::Explicit(config));
+        }
+        if let Some(path) = &self.proxy_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                anyhow::anyhow!("--proxy-file {}: cannot read it: {e}", path.display())
+            })?;
+            let url = text.lines().map(str::trim).find(|l| !l.is_empty()).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--proxy-file {}: the file is empty; write the proxy URL (http://[USER:PASSWORD@]HOST:PORT) on its first line",
+                    path.display()
+                )
+            })?;
+            let config = parse(url, &format!("--proxy-file {}:", path.display()))?;
+            warn_if_readable_by_others(path, config.password.is_some());
+            return Ok(ProxySetting::Explicit(config));
+        }
+        if let Some(url) = env(PROXY_ENV).filter(|u| !u.trim().is_empty()) {
+            return Ok(ProxySetting::Explicit(parse(url.trim(), PROXY_ENV)?));
+        }
+        Ok(ProxySetting::FromEnvironment)
+    }
+}
+
+/// A proxy file holding a password should be the server user's alone.
+fn warn_if_readable_by_others(path: &std::path::Path, has_password: bool) {
+    use std::os::unix::fs::PermissionsExt;
+    if !has_password {
+        return;
+    }
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                "--proxy-file {} holds a password and is readable by other users (mode {mode:o}); run `chmod 600 {}`",
+                path.display(),
+                path.display()
+            );
+        }
     }
 }
 
@@ -173,6 +237,7 @@ impl Default for RunArgs {
             calamari: None,
             tentacle: None,
             proxy: None,
+            proxy_file: None,
             no_proxy: false,
             web_socket_listen_port: None,
             web_socket_path: octo_comms::websocket::DEFAULT_PATH.into(),
@@ -220,5 +285,64 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("socks5") && !e.contains("secret"), "{e}");
+    }
+
+    #[test]
+    fn the_proxy_comes_from_a_file_or_the_environment_too() {
+        use octo_comms::ProxySetting;
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("proxy");
+        std::fs::write(&file, "\n  http://u:secret@file-proxy:3128  \n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let env = |name: &str| (name == PROXY_ENV).then(|| "http://env-proxy:8080".to_string());
+        let no_env = |_: &str| None;
+        let host = |s: ProxySetting| match s {
+            ProxySetting::Explicit(c) => (c.host, c.port, c.password),
+            other => panic!("{other:?}"),
+        };
+        let from_file = RunArgs {
+            proxy_file: Some(file.clone()),
+            ..RunArgs::default()
+        };
+        assert_eq!(
+            host(from_file.proxy_setting_with(env).unwrap()),
+            ("file-proxy".into(), 3128, Some("secret".into()))
+        );
+        assert_eq!(
+            host(RunArgs::default().proxy_setting_with(env).unwrap()),
+            ("env-proxy".into(), 8080, None)
+        );
+        assert_eq!(
+            RunArgs::default().proxy_setting_with(no_env).unwrap(),
+            ProxySetting::FromEnvironment
+        );
+        let direct = RunArgs {
+            no_proxy: true,
+            ..RunArgs::default()
+        };
+        assert_eq!(
+            direct.proxy_setting_with(env).unwrap(),
+            ProxySetting::Direct
+        );
+        // Errors name the file and never show the password.
+        std::fs::write(&file, "socks5://u:secret@p:1\n").unwrap();
+        let e = from_file
+            .proxy_setting_with(no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--proxy-file") && !e.contains("secret"), "{e}");
+        std::fs::write(&file, "\n\n").unwrap();
+        let e = from_file
+            .proxy_setting_with(no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("empty"), "{e}");
+        let missing = RunArgs {
+            proxy_file: Some(dir.path().join("nope")),
+            ..RunArgs::default()
+        };
+        let e = missing.proxy_setting_with(no_env).unwrap_err().to_string();
+        assert!(e.contains("cannot read it"), "{e}");
     }
 }

@@ -4,15 +4,24 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use octo_api_types::validate;
+
 use crate::error::invalid;
 use crate::{NewLogLine, NewMachine, Result, StoreError, TaskState};
 
-/// A name must have something in it.
+/// A name must have something in it, and follow the API's rules for names
+/// ([`octo_api_types::validate`]: no control characters, not too long; an
+/// environment's is also a folder name on the tentacles).
 pub fn require_name(kind: &str, name: &str) -> Result<()> {
     if name.trim().is_empty() {
         return Err(invalid(format!("a {kind} name cannot be empty")));
     }
-    Ok(())
+    let checked = if kind == "environment" {
+        validate::environment_name("name", name.trim())
+    } else {
+        validate::optional_name("name", name.trim())
+    };
+    checked.map_err(|e| invalid(format!("a {kind} name {}", e.rule)))
 }
 
 /// A new machine needs a name, a URI and a thumbprint, and none of its lists
@@ -37,6 +46,9 @@ pub fn check_new_machine(m: &NewMachine) -> Result<()> {
                 m.name
             )));
         }
+        for item in items.iter() {
+            require_name(what, item)?;
+        }
     }
     Ok(())
 }
@@ -46,6 +58,9 @@ pub fn check_new_tenant(name: &str, tags: &[String]) -> Result<()> {
     require_name("tenant", name)?;
     if tags.iter().any(|t| t.trim().is_empty()) {
         return Err(invalid(format!("tenant '{name}': a tag cannot be empty")));
+    }
+    for tag in tags {
+        require_name("tenant tag", tag)?;
     }
     Ok(())
 }
@@ -165,6 +180,15 @@ mod tests {
     fn inputs_are_checked_and_normalised() {
         assert!(require_name("user", " ").is_err());
         assert!(check_new_tenant("Acme", &["".into()]).is_err());
+        assert!(check_new_tenant("Acme", &["a\u{1b}b".into()]).is_err());
+        let e = require_name("machine", "m\0").unwrap_err().to_string();
+        assert!(
+            e.contains("a machine name contains the control character U+0000"),
+            "{e}"
+        );
+        assert!(require_name("role", &"r".repeat(201)).is_err());
+        assert!(require_name("environment", "a/b").is_err());
+        assert!(require_name("role", "a/b").is_ok());
         assert_eq!(normal_thumbprint(" ab12 "), "AB12");
         assert_eq!(task_id(7), "ServerTasks-7");
         assert_eq!(distinct_ids(&[3, 1, 3, 2, 1]), [3, 1, 2]);

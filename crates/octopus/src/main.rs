@@ -157,7 +157,8 @@ async fn main() -> ExitCode {
     result.unwrap_or_else(|e| {
         #[allow(clippy::print_stderr)]
         {
-            eprintln!("error: {e:#}");
+            // Errors carry the server's text: no control character reaches the terminal.
+            eprintln!("error: {}", octo_client::terminal_text(&format!("{e:#}")));
         }
         ExitCode::FAILURE
     })

@@ -7,7 +7,7 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 
-use common::{run, start, Server};
+use common::{names, run, start, Server};
 
 /// `octopus` as `user` logged in (the session in `config`), nothing else
 /// from the environment.
@@ -271,17 +271,24 @@ fn users_teams_roles_login_and_the_audit_log() {
 fn names_from_the_server_never_reach_the_terminal_raw() {
     let s = start();
     let hostile = "evil\u{1b}[31mred\u{7}";
-    s.cli(&["environment", "create", hostile]).ok();
-    let out = s.cli(&["environment", "list"]).ok().stdout;
-    assert!(!out.contains('\u{1b}') && !out.contains('\u{7}'), "{out:?}");
+    // The server refuses control characters in names, naming the field and the rule.
+    let refused = s.cli(&["environment", "create", hostile]).error();
     assert!(
-        out.contains("evil\\e[31mred"),
-        "escaped, still readable: {out:?}"
+        refused.contains("field `name`") && refused.contains("U+001B"),
+        "{refused:?}"
     );
-    // JSON stays exact JSON: the name comes back whole.
-    let json = s
-        .cli(&["--output", "json", "environment", "list"])
-        .ok()
-        .json();
-    assert_eq!(json[0]["name"], hostile);
+    assert!(!refused.contains('\u{1b}'), "{refused:?}");
+    assert!(names(
+        &s.cli(&["--output", "json", "environment", "list"])
+            .ok()
+            .json()
+    )
+    .is_empty());
+    // An error that quotes what was asked for reaches the terminal escaped.
+    let err = s.cli(&["machine", "show", hostile]).error();
+    assert!(!err.contains('\u{1b}') && !err.contains('\u{7}'), "{err:?}");
+    assert!(
+        err.contains("evil\\e[31mred"),
+        "escaped, still readable: {err:?}"
+    );
 }

@@ -11,6 +11,7 @@ mod container;
 mod register;
 mod run;
 mod setup;
+mod terminal;
 
 use std::path::{Path, PathBuf};
 
@@ -454,7 +455,8 @@ fn run_command_line(version: &'static str) {
         .and_then(|m| Cli::from_arg_matches(&m))
         .unwrap_or_else(|e| e.exit());
     if let Err(e) = dispatch(cli) {
-        eprintln!("error: {e:#}");
+        // Errors carry a server's words and configured names: escaped.
+        eprintln!("error: {}", terminal::safe(&format!("{e:#}")));
         std::process::exit(1);
     }
 }

@@ -320,7 +320,7 @@ async fn end_session(api: &ApiClient, key: &str, session: Option<i64>) {
     if let Some(id) = session {
         let path = format!("/api/api-keys/{id}");
         if let Err(e) = api.call(Method::DELETE, &path, Some(key), None).await {
-            eprintln!("warning: could not revoke this command's session key (id {id}): {e:#}; revoke it with `octopus api-key revoke {id}`");
+            eprintln!("{}", crate::terminal::safe(&format!("warning: could not revoke this command's session key (id {id}): {e:#}; revoke it with `octopus api-key revoke {id}`")));
         }
     }
 }
@@ -546,12 +546,15 @@ pub(crate) fn deregister(target: &Target, a: &DeregisterArgs) -> anyhow::Result<
     if removed.is_empty() {
         println!("The server at {server} has no machine{in_space} with this tentacle's thumbprint {ours}.");
     } else {
-        println!("Removed {} from {server}{in_space}.", removed.join(", "));
+        println!(
+            "Removed {} from {server}{in_space}.",
+            crate::terminal::safe(&removed.join(", "))
+        );
     }
     if !elsewhere.is_empty() {
         println!(
             "This tentacle is still registered with {server} as {}, so it keeps trusting (and polling) that server; `tentacle deregister-from --space NAME` leaves those spaces too.",
-            elsewhere.join(", ")
+            crate::terminal::safe(&elsewhere.join(", "))
         );
         return Ok(());
     }
@@ -615,7 +618,10 @@ async fn registrations_in_spaces(api: &ApiClient, key: &str, ours: &str) -> Vec<
                     }),
             ),
             Err(e) => eprintln!(
-                "note: could not check space '{name}' for other registrations of this tentacle: {e:#}"
+                "{}",
+                crate::terminal::safe(&format!(
+                    "note: could not check space '{name}' for other registrations of this tentacle: {e:#}"
+                ))
             ),
         }
     }

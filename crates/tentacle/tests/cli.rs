@@ -565,3 +565,12 @@ fn version_and_help() {
         );
     }
 }
+
+#[test]
+fn errors_reach_the_terminal_escaped() {
+    let env = Env::new();
+    // The error names the instance asked for: its escape sequence is shown, not run.
+    let err = env.fails(&["show-configuration", "--instance", "evil\u{1b}[31mred\u{7}"]);
+    assert!(!err.contains('\u{1b}') && !err.contains('\u{7}'), "{err:?}");
+    assert!(err.contains("evil\\e[31mred\\x07"), "{err:?}");
+}

@@ -961,7 +961,7 @@ struct PrepareError {
 fn prepare(dir: &Path, snapshot: &Persisted, job: &Job) -> Result<File, PrepareError> {
     let fail = |dir_created: bool, what: &Path, e: std::io::Error| PrepareError {
         dir_created,
-        message: format!("cannot write {}: {e}", what.display()),
+        message: write_failure(what, &e),
     };
     if let Some(root) = dir.parent() {
         DirBuilder::new()
@@ -994,6 +994,50 @@ fn prepare(dir: &Path, snapshot: &Persisted, job: &Job) -> Result<File, PrepareE
         .append(true)
         .open(&log)
         .map_err(|e| fail(true, &log, e))
+}
+
+/// Why `path` could not be written, in words a person can act on: a full disk
+/// (or quota) says so, with where and how much is free.
+fn write_failure(path: &Path, e: &std::io::Error) -> String {
+    use nix::errno::Errno;
+    let errno = e.raw_os_error().map(Errno::from_raw);
+    if !matches!(errno, Some(Errno::ENOSPC | Errno::EDQUOT)) {
+        return format!("cannot write {}: {e}", path.display());
+    }
+    let what = if errno == Some(Errno::EDQUOT) {
+        "the disk quota is exhausted"
+    } else {
+        "no space left on the device"
+    };
+    let place = path.ancestors().find(|p| p.is_dir()).unwrap_or(path);
+    let free = match crate::files::free_bytes(place) {
+        Ok(n) => format!("{} free", human_bytes(n)),
+        Err(_) => "free space unknown".to_string(),
+    };
+    format!(
+        "{what}: cannot write {} ({free} in {}); free some space on that file system (old deployments under Applications, logs, caches) and try again",
+        path.display(),
+        place.display()
+    )
+}
+
+/// `n` bytes for people: "512 bytes", "3.2 MiB".
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} bytes");
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let mut v = n as f64 / 1024.0;
+    let mut unit = UNITS[0];
+    for u in &UNITS[1..] {
+        if v < 1024.0 {
+            break;
+        }
+        v /= 1024.0;
+        unit = u;
+    }
+    format!("{v:.1} {unit}")
 }
 
 /// Runs a script from pending to complete.

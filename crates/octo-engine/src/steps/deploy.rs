@@ -299,7 +299,7 @@ fn deploy_request(
 ) -> StartScriptRequest {
     let body = format!(
         "exec \"$TentacleHome\"/{tool} deploy-package --package \"$TentacleHome\"/{package} \
-         --package-id {id} --package-version {version} --environment {env} \
+         --package-id={id} --package-version={version} --environment={env} \
          --variables variables.json --retention {retention}\n",
         tool = sh_quote(&tool.remote_path()),
         package = sh_quote(remote_package),

@@ -310,6 +310,8 @@ struct Run<'a> {
     end: Option<(TaskState, Option<String>)>,
     /// The connection the script completed on, for the cleanup afterwards.
     completed_on: Option<Connection>,
+    /// The tentacle's last service line (why a script could not start).
+    last_service: Option<String>,
     /// What the step may still store of the output.
     budget: LogBudget,
     /// When the resume point was last saved while lines were dropped.
@@ -375,6 +377,7 @@ pub(crate) async fn run_step(
         base,
         end: None,
         completed_on: None,
+        last_service: None,
         budget,
         saved_at: Instant::now(),
     };
@@ -762,6 +765,9 @@ impl Run<'_> {
 
     /// Adds a line unless it is stored already.
     fn push(&mut self, batch: &mut Vec<NewLogLine>, line: LogLine) {
+        if line.stream == LogStream::Service as i32 && line.sequence >= self.next_sequence {
+            self.last_service = Some(line.text.clone());
+        }
         let lines = Lines {
             log: &self.ctx.log,
             machine_id: self.step.machine_id,
@@ -813,7 +819,10 @@ impl Run<'_> {
             // Cancelled, or cancelled before the start ever reached the tentacle.
             (TaskState::Canceled, None)
         } else {
-            (TaskState::Failed, Some(describe_exit(code)))
+            (
+                TaskState::Failed,
+                Some(describe_exit(code, self.last_service.as_deref())),
+            )
         };
         self.log(match &error {
             None => format!("{} finished ({state:?}, exit code {code})", self.spec.label),
@@ -958,11 +967,23 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// "exit code 3", with the meaning of the reserved negative codes.
-fn describe_exit(code: i32) -> String {
+/// "exit code 3", with the meaning of the reserved negative codes; a script
+/// that could not start says why in the tentacle's words (its last service
+/// line: a full disk, a missing interpreter, ...).
+fn describe_exit(code: i32, last_service: Option<&str>) -> String {
+    let could_not_start;
     let meaning = match code {
         exit_codes::COULD_NOT_START => {
-            " (the script could not be started: shell missing or work directory not writable)"
+            could_not_start = match last_service.map(str::trim).filter(|l| !l.is_empty()) {
+                Some(line) => {
+                    let why = line
+                        .rsplit_once("; exit code ")
+                        .map_or(line, |(why, _)| why);
+                    format!(" (the script could not be started: {why})")
+                }
+                None => " (the script could not be started; the tentacle's log says why)".into(),
+            };
+            could_not_start.as_str()
         }
         exit_codes::CANCELLED => " (the script was cancelled)",
         exit_codes::MUTEX_TIMEOUT => " (the isolation mutex could not be acquired in time)",
@@ -976,4 +997,21 @@ fn describe_exit(code: i32) -> String {
         _ => "",
     };
     format!("exit code {code}{meaning}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_script_that_could_not_start_says_why_in_the_tentacles_words() {
+        let full = "could not prepare the work directory /h/Work/t: no space left on the device: cannot write /h/Work/t/a (12 KiB free in /h/Work); free some space; exit code -11";
+        let said = describe_exit(exit_codes::COULD_NOT_START, Some(full));
+        assert!(said.contains("no space left on the device"), "{said}");
+        assert!(!said.contains("shell missing"), "{said}");
+        assert!(!said.ends_with("exit code -11)"), "{said}");
+        let unknown = describe_exit(exit_codes::COULD_NOT_START, None);
+        assert!(unknown.contains("the tentacle's log says why"), "{unknown}");
+        assert_eq!(describe_exit(3, Some("anything")), "exit code 3");
+    }
 }

@@ -7,6 +7,7 @@ use axum::extract::{Extension, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
+use octo_api_types::Validate;
 use octo_api_types::{ApiKey, CreatedApiKey, ErrorBody, NewApiKey, Permission};
 use octo_store::SYSTEM_ADMINISTRATOR;
 use serde::Deserialize;
@@ -91,6 +92,7 @@ pub(crate) async fn create_api_key(
 /// As `POST /api/api-keys`, for the portal too: a key for the caller (the
 /// answer is the only time the key itself is ever shown).
 pub async fn new_api_key(s: &AppState, caller: &Caller, r: NewApiKey) -> ApiResult<CreatedApiKey> {
+    r.validate()?;
     let (key, stored) = issue_api_key(s.store.as_ref(), caller.user.id, &r.purpose).await?;
     s.audit(
         caller,

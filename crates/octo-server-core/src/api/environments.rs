@@ -7,6 +7,7 @@ use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
+use octo_api_types::Validate;
 use octo_api_types::{
     Environment, EnvironmentUpdate, ErrorBody, NewEnvironment, Permission, Space,
 };
@@ -99,6 +100,7 @@ pub async fn change_environment(
     name: &str,
     u: &EnvironmentUpdate,
 ) -> ApiResult<Environment> {
+    u.validate()?;
     let env = visible_environment(s, caller, space, name).await?;
     let what = format!("environment '{}'", env.name);
     caller.require_on(
@@ -215,6 +217,7 @@ pub async fn add_environment(
     space: &Space,
     e: &NewEnvironment,
 ) -> ApiResult<Environment> {
+    e.validate()?;
     let name = e.name.trim();
     if name.is_empty() {
         return Err(ApiError::bad_request("field `name` must not be empty"));

@@ -80,7 +80,7 @@ pub fn source_of(req: &Request) -> String {
     }
 }
 
-/// The space a page or request names (its name, any case, or `Spaces-N`;
+/// The space a page or request names (its name, any case, `Spaces-N` or its id;
 /// None: the default space), or 404 as if it did not exist.
 pub async fn resolve_space(
     state: &AppState,
@@ -99,6 +99,12 @@ pub async fn resolve_space(
     let found = match by_id {
         Some(id) => state.store.space_by_id(id).await?,
         None => state.store.space_by_name(name.trim()).await?,
+    };
+    // A bare number is the space's id (as `Space.id` shows it), unless a
+    // space is named so.
+    let found = match (found, name.trim().parse::<i64>()) {
+        (None, Ok(id)) if by_id.is_none() => state.store.space_by_id(id).await?,
+        (found, _) => found,
     };
     found.ok_or_else(|| space_not_found(name))
 }
@@ -190,11 +196,14 @@ async fn check(state: &AppState, table: &Table, req: &mut Request) -> Result<(),
         req.method().clone()
     };
     let Some(access) = table.get(&(method, path)).copied() else {
-        tracing::error!("{} {path} has no access rule; refused", req.method());
-        return Err(ApiError::internal(format!(
-            "{} {path} has no access rule, so it is refused",
-            req.method()
-        )));
+        // A method the route does not serve (TRACE, PATCH, OPTIONS...): axum
+        // lets it reach the route's layers, so it is refused here, with what is
+        // allowed. A route without any rule would be a bug: refused all the same.
+        let allowed = allowed_methods(table, path);
+        if allowed.is_empty() {
+            tracing::error!("{} {path} has no access rule; refused", req.method());
+        }
+        return Err(ApiError::method_not_allowed(req.method(), path, &allowed));
     };
     let named = req.extensions().get::<NamedSpace>().cloned();
     let space = resolve_space(state, named.as_ref()).await?;
@@ -211,6 +220,20 @@ async fn check(state: &AppState, table: &Table, req: &mut Request) -> Result<(),
     }
     req.extensions_mut().insert(RequestSpace(space));
     Ok(())
+}
+
+/// The methods the route table has for `path`, as an `Allow` header lists them.
+fn allowed_methods(table: &Table, path: &str) -> String {
+    let mut methods: Vec<&str> = table
+        .keys()
+        .filter(|(_, p)| *p == path)
+        .map(|(m, _)| m.as_str())
+        .collect();
+    if methods.contains(&"GET") {
+        methods.push("HEAD");
+    }
+    methods.sort_unstable();
+    methods.join(",")
 }
 
 /// Serves `/api/spaces/{space}/REST` as `/api/REST` in that space: rewrites

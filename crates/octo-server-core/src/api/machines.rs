@@ -10,6 +10,7 @@ use axum::extract::{Extension, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
+use octo_api_types::Validate;
 use octo_api_types::{
     DiscoverReply, DiscoverRequest, ErrorBody, MachineRequest, MachineUpdate, Permission,
     RegisterReply, Space, WorkerPool,
@@ -107,6 +108,7 @@ pub async fn change_machine(
     name: &str,
     u: &MachineUpdate,
 ) -> ApiResult<Machine> {
+    u.validate()?;
     let (s, caller, space) = (s, caller, space);
     let m = visible_machine(s, caller, space, name).await?;
     let what = format!("machine '{}'", m.name);
@@ -553,6 +555,7 @@ pub async fn save_machine(
     space: &Space,
     r: &MachineRequest,
 ) -> ApiResult<Machine> {
+    r.validate()?;
     let new = validate(space, r)?;
     let what = format!("machine '{}'", new.name);
     caller.require_on(

@@ -40,8 +40,8 @@ use octo_api_types::{
     MachinePolicy, MachineRequest, MachineUpdate, NewApiKey, NewEnvironment, NewGrant, NewMember,
     NewRole, NewSpace, NewTeam, NewUser, Node, NodeState, Package, Permission, PushReply,
     RegisterReply, Role, ScriptRequest, ServerInfo, SetPassword, Space, Syntax, Task, TaskLogLine,
-    TaskState, TaskStep, TaskView, Team, Tenant, TentacleUpgradeRequest, User, WhoAmI, WorkerPool,
-    API_KEY_HEADER,
+    TaskState, TaskStep, TaskStreamEvent, TaskView, Team, Tenant, TentacleUpgradeRequest, User,
+    WhoAmI, WorkerPool, API_KEY_HEADER,
 };
 use utoipa::openapi::security::{ApiKey as ApiKeyScheme, ApiKeyValue, SecurityScheme};
 use utoipa::OpenApi;
@@ -105,8 +105,10 @@ pub fn router(state: AppState) -> Router {
         ))
         .fallback(|| async { ApiError::not_found("no such API route; see /api/server") })
         .with_state(state);
-    // Space paths are rewritten before routing.
-    Router::new().fallback_service(tower::ServiceExt::map_request(inner, guard::in_space))
+    // Space paths are rewritten before routing; every error answer is JSON.
+    let service = tower::ServiceExt::map_request(inner, guard::in_space);
+    let service = tower::Layer::layer(&axum::middleware::from_fn(error::json_errors), service);
+    Router::new().fallback_service(service)
 }
 
 /// The OpenAPI description of the REST API, served at `GET /api/openapi.json`.
@@ -193,6 +195,10 @@ pub fn router(state: AppState) -> Router {
     ),
     components(schemas(
         ErrorBody,
+        octo_api_types::validate::Name,
+        octo_api_types::validate::EnvironmentName,
+        octo_api_types::validate::Text,
+        octo_api_types::validate::PackageId,
         ApiInfo,
         ServerInfo,
         Space,
@@ -236,6 +242,7 @@ pub fn router(state: AppState) -> Router {
         TaskStep,
         TaskView,
         TaskLogLine,
+        TaskStreamEvent,
         ScriptRequest,
         Syntax,
         Isolation,
@@ -315,6 +322,7 @@ impl utoipa::Modify for AccessDoc {
                     HttpMethod::Put => axum::http::Method::PUT,
                     _ => axum::http::Method::DELETE,
                 };
+                document_common(op, &error);
                 let Some(access) = table
                     .iter()
                     .find(|(m, p, _)| *m == http && p == path)
@@ -341,6 +349,10 @@ impl utoipa::Modify for AccessDoc {
                             .min_length(Some(1))
                             .into(),
                     ));
+                    copy.responses
+                        .responses
+                        .entry("404".into())
+                        .or_insert_with(|| error("No such space (or none the caller can see), or no such thing in it"));
                     let mut params = vec![space];
                     params.extend(copy.parameters.take().unwrap_or_default());
                     copy.parameters = Some(params);
@@ -360,6 +372,31 @@ impl utoipa::Modify for AccessDoc {
         }
         openapi.paths.paths.extend(spaced);
     }
+}
+
+/// The answers any operation may give, whatever it does: 400 when it takes
+/// parameters or a body (they are checked; the message names the field and the
+/// rule), 413 for a body over the limit, 500 when the server fails (a database
+/// error: the server's log says more).
+fn document_common(
+    op: &mut utoipa::openapi::path::Operation,
+    error: &dyn Fn(&str) -> utoipa::openapi::RefOr<utoipa::openapi::Response>,
+) {
+    let responses = &mut op.responses.responses;
+    let has_parameters = op.parameters.as_ref().is_some_and(|p| !p.is_empty());
+    if op.request_body.is_some() || has_parameters {
+        responses.entry("400".into()).or_insert_with(|| {
+            error("Malformed request: a parameter or the body breaks a rule (the message names the field and the rule)")
+        });
+    }
+    if op.request_body.is_some() {
+        responses
+            .entry("413".into())
+            .or_insert_with(|| error("The request body is larger than the server accepts"));
+    }
+    responses
+        .entry("500".into())
+        .or_insert_with(|| error("The server failed (its log says why)"));
 }
 
 /// Security, permission and the 401/403 answers of one operation.

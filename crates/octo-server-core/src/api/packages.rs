@@ -515,6 +515,7 @@ pub(crate) struct ListQuery {
     params(ListQuery),
     responses(
         (status = 200, description = "The packages", body = [Package]),
+        (status = 400, description = "Malformed query (the message names the field)", body = ErrorBody),
     )
 )]
 pub(crate) async fn list_packages(
@@ -549,6 +550,7 @@ pub async fn packages_of(
     ),
     responses(
         (status = 200, description = "The package", body = Package),
+        (status = 400, description = "The ID is not a package ID or the version not a semantic version (the message says which)", body = ErrorBody),
         (status = 404, description = "No such package or version (the message lists the versions)", body = ErrorBody),
     )
 )]
@@ -574,6 +576,7 @@ pub(crate) async fn get_package(
     ),
     responses(
         (status = 200, description = "Deleted; the deleted package", body = Package),
+        (status = 400, description = "The ID is not a package ID or the version not a semantic version (the message says which)", body = ErrorBody),
         (status = 404, description = "No such package or version", body = ErrorBody),
     )
 )]

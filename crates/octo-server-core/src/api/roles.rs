@@ -4,6 +4,7 @@ use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
+use octo_api_types::Validate;
 use octo_api_types::{ErrorBody, NewRole, Permission, Role};
 
 use super::guard::{get, post, Route};
@@ -103,6 +104,7 @@ pub(crate) async fn create_role(
 /// As `POST /api/roles`, for the portal too: a custom role (a new name, at
 /// least one permission).
 pub async fn add_role(s: &AppState, caller: &Caller, r: NewRole) -> ApiResult<Role> {
+    r.validate()?;
     caller.require_system(Permission::UserRoleEdit)?;
     let name = r.name.trim();
     if name.is_empty() {

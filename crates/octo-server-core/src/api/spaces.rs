@@ -5,6 +5,7 @@ use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
+use octo_api_types::Validate;
 use octo_api_types::{ErrorBody, NewSpace, Permission, Space};
 
 use super::guard::{delete, get, post, space_not_found, Route};
@@ -30,14 +31,13 @@ pub(super) fn routes() -> Vec<Route> {
     ]
 }
 
-/// A space by name or `Spaces-N` that the caller can see, or 404.
+/// A space by name, `Spaces-N` or id that the caller can see, or 404.
 async fn visible_space(s: &AppState, caller: &Caller, key: &str) -> ApiResult<Space> {
-    let by_id = key
-        .strip_prefix("Spaces-")
-        .and_then(|n| n.parse::<i64>().ok());
-    let found = match by_id {
-        Some(id) => s.store.space_by_id(id).await?,
-        None => s.store.space_by_name(key.trim()).await?,
+    let named = super::guard::NamedSpace(key.to_string());
+    let found = match super::guard::resolve_space(s, Some(&named)).await {
+        Ok(space) => Some(space),
+        Err(e) if e.status() == axum::http::StatusCode::NOT_FOUND => None,
+        Err(e) => return Err(e),
     };
     found
         .filter(|sp| sp.is_default || caller.grants.reaches(sp.id))
@@ -111,6 +111,7 @@ pub(crate) async fn create_space(
 
 /// As `POST /api/spaces`, for the portal too: checks the name and adds the space.
 pub async fn add_space(s: &AppState, caller: &Caller, r: NewSpace) -> ApiResult<Space> {
+    r.validate()?;
     caller.require_system(Permission::SpaceCreate)?;
     let name = r.name.trim();
     if name.is_empty() {

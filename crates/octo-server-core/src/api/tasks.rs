@@ -19,7 +19,8 @@ use axum::response::IntoResponse;
 use axum::Json;
 use octo_api_types::{
     CancelReply, DeployRequest, ErrorBody, GuidanceRequest, HealthRequest, Permission,
-    ScriptRequest, Space, Task, TaskLogLine, TaskState, TaskView, TentacleUpgradeRequest,
+    ScriptRequest, Space, Task, TaskLogLine, TaskState, TaskStreamEvent, TaskView,
+    TentacleUpgradeRequest, Validate,
 };
 use octo_engine::engine::environments_of;
 use octo_engine::secrets::MASK;
@@ -155,20 +156,7 @@ fn check_variables(
     variables: &BTreeMap<String, String>,
     sensitive: &BTreeMap<String, String>,
 ) -> ApiResult<()> {
-    for (field, map) in [("variables", variables), ("sensitive_variables", sensitive)] {
-        for name in map.keys() {
-            if name.trim().is_empty() || name.contains(['=', '\0']) {
-                return Err(ApiError::bad_request(format!(
-                    "field `{field}`: variable name '{name}' must not be empty nor contain '=' or NUL"
-                )));
-            }
-        }
-        if let Some((name, _)) = map.iter().find(|(_, v)| v.contains('\0')) {
-            return Err(ApiError::bad_request(format!(
-                "field `{field}`: the value of '{name}' contains a NUL character"
-            )));
-        }
-    }
+    // Names and values were checked by `Validate`; a name given twice is not.
     if let Some(name) = sensitive.keys().find(|k| variables.contains_key(*k)) {
         return Err(ApiError::bad_request(format!(
             "variable '{name}' is in both `variables` and `sensitive_variables`; give it once"
@@ -231,6 +219,7 @@ pub async fn start_script(
     space: &Space,
     req: ScriptRequest,
 ) -> ApiResult<TaskView> {
+    req.validate()?;
     parallelism(req.max_parallel_steps)?;
     if req.script.trim().is_empty() {
         return Err(ApiError::bad_request("field `script` must not be empty"));
@@ -295,6 +284,7 @@ pub async fn start_health_check(
     space: &Space,
     req: HealthRequest,
 ) -> ApiResult<TaskView> {
+    req.validate()?;
     parallelism(req.max_parallel_steps)?;
     let filter = filter_of(space.id, &req.environment, &None, &None);
     let target = Target::select(s, caller, space, &req.machines, &filter).await?;
@@ -345,6 +335,7 @@ pub async fn start_deployment(
     space: &Space,
     req: DeployRequest,
 ) -> ApiResult<TaskView> {
+    req.validate()?;
     parallelism(req.max_parallel_steps)?;
     if req.environment.trim().is_empty() {
         return Err(ApiError::bad_request(
@@ -463,6 +454,7 @@ pub async fn start_tool_upgrade(
     space: &Space,
     req: HealthRequest,
 ) -> ApiResult<TaskView> {
+    req.validate()?;
     parallelism(req.max_parallel_steps)?;
     let tool = match s.tool.as_ref() {
         Ok(t) => t.clone(),
@@ -1104,7 +1096,7 @@ pub async fn cancel(s: &AppState, caller: &Caller, space: &Space, id: &str) -> A
         ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this line id (when `after` is not given)"),
     ),
     responses(
-        (status = 200, description = "Events `task` (data: TaskView), `log` (data: TaskLogLine, id: its id) and `end` (data: TaskView)", content_type = "text/event-stream", body = String),
+        (status = 200, description = "A stream of server-sent events (`text/event-stream`), each one of `TaskStreamEvent`: `task` (data: a TaskView) first and on every change of state, `log` (id: the line's id; data: a TaskLogLine) per line, `end` (data: the final TaskView) last. Comment lines keep the stream alive.", content_type = "text/event-stream", body = [TaskStreamEvent]),
         (status = 400, description = "Malformed request", body = ErrorBody),
         (status = 404, description = "No such task", body = ErrorBody),
     )
@@ -1147,6 +1139,7 @@ pub async fn guide(
     id: &str,
     req: &GuidanceRequest,
 ) -> ApiResult<TaskView> {
+    req.validate()?;
     let view = load_view(s.store.as_ref(), caller, space, id).await?;
     caller.require_on(
         Permission::InterruptionSubmit,

@@ -10,6 +10,7 @@ use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
+use octo_api_types::Validate;
 use octo_api_types::{ErrorBody, Grant, NewGrant, NewMember, NewTeam, Permission, Space, Team};
 use octo_store::SYSTEM_ADMINISTRATOR;
 
@@ -169,6 +170,7 @@ pub(crate) async fn create_team(
 /// As `POST /api/teams`, for the portal too: a team in the space (`TeamEdit`
 /// throughout it) or, with `system`, outside any space (`TeamEdit` in every space).
 pub async fn add_team(s: &AppState, caller: &Caller, space: &Space, r: NewTeam) -> ApiResult<Team> {
+    r.validate()?;
     let name = r.name.trim();
     if name.is_empty() {
         return Err(ApiError::bad_request("field `name` must not be empty"));
@@ -286,6 +288,7 @@ pub async fn add_team_member(
     name: &str,
     r: NewMember,
 ) -> ApiResult<Team> {
+    r.validate()?;
     let team = team_named(s, space, name).await?;
     require_edit(caller, space, &team)?;
     let (user, _) = s
@@ -420,6 +423,7 @@ pub async fn grant_role(
     name: &str,
     r: NewGrant,
 ) -> ApiResult<Grant> {
+    r.validate()?;
     let team = team_named(s, space, name).await?;
     require_edit(caller, space, &team)?;
     let role = r.role.trim();

@@ -10,6 +10,7 @@ use axum::extract::{ConnectInfo, Extension, Path, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
+use octo_api_types::Validate;
 use octo_api_types::{
     ErrorBody, Login, LoginReply, NewUser, Permission, SetPassword, User, WhoAmI,
 };
@@ -100,6 +101,7 @@ pub(crate) async fn create_user(
 /// As `POST /api/users`, for the portal too: checks the request (an
 /// administrator needs `AdministerSystem`) and adds the user.
 pub async fn add_user(s: &AppState, caller: &Caller, u: NewUser) -> ApiResult<User> {
+    u.validate()?;
     caller.require_system(Permission::UserEdit)?;
     let username = u.username.trim();
     if username.is_empty() {
@@ -180,6 +182,7 @@ pub async fn all_users(s: &AppState, caller: &Caller) -> ApiResult<Vec<User>> {
     params(("username" = String, Path, description = "The user's login name")),
     responses(
         (status = 200, description = "The user", body = User),
+        (status = 403, description = "Another user, without `UserView`", body = ErrorBody),
         (status = 404, description = "No such user", body = ErrorBody),
     )
 )]
@@ -296,6 +299,7 @@ pub(crate) async fn enable_user(
     responses(
         (status = 204, description = "Set"),
         (status = 400, description = "Too short, or the current password is missing or wrong", body = ErrorBody),
+        (status = 403, description = "Another user's, without `UserEdit`", body = ErrorBody),
         (status = 404, description = "No such user", body = ErrorBody),
     )
 )]
@@ -317,6 +321,7 @@ pub async fn change_password(
     username: &str,
     r: SetPassword,
 ) -> ApiResult<()> {
+    r.validate()?;
     check_password("password", &r.password)?;
     let own = caller.user.username.eq_ignore_ascii_case(username);
     if !own {
@@ -396,6 +401,7 @@ pub async fn do_login(
     source: &str,
 ) -> Result<LoginReply, (ApiError, Option<u64>)> {
     let plain = |e: ApiError| (e, None);
+    l.validate().map_err(|e| plain(e.into()))?;
     let attempt = match s.logins.begin(&l.username, source) {
         Ok(a) => a,
         Err((wait, why)) => {
