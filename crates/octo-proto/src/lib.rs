@@ -44,4 +44,5 @@ pub mod service_names {
     pub const CAPABILITIES: &str = "octopus.tentacle.v1.Capabilities";
     pub const SCRIPT: &str = "octopus.tentacle.v1.ScriptService";
     pub const FILE: &str = "octopus.tentacle.v1.FileService";
+    pub const CERTIFICATES: &str = "octopus.tentacle.v1.Certificates";
 }

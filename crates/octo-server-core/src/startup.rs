@@ -392,7 +392,6 @@ pub async fn start_with(
         store,
         comms: comms.clone(),
         polling_trust,
-        thumbprint: identity.thumbprint(),
         comms_port,
         web_socket: web_socket_port.map(|p| (p, args.web_socket_path.trim().to_string())),
         data: args.data.clone(),
@@ -430,6 +429,12 @@ pub async fn start_with(
             }
         });
     }
+    // Certificate rotation: offers from tentacles, connections with new certificates.
+    tasks.spawn(crate::rotation::run(
+        state.clone(),
+        comms.events(),
+        shutdown.clone(),
+    ));
     // Task engine: resume unfinished tasks, scheduled health checks.
     state.engine.spawn_background(shutdown.clone(), &mut tasks);
     tasks.spawn({

@@ -1251,6 +1251,39 @@ impl Store for SqliteStore {
         self.read_machines(op, sql, params).await
     }
 
+    async fn offer_machine_thumbprint(&self, current: &str, next: &str) -> Result<Vec<Machine>> {
+        const OP: &str = "recording a machine's next certificate";
+        let (current, next) = (normal_thumbprint(current), normal_thumbprint(next));
+        let mut tx = self.write_tx(OP).await?;
+        let sql = "WHERE (m.thumbprint = ? OR m.next_thumbprint = ?) AND m.thumbprint <> ?";
+        let others = query_machines(&mut tx, sql, params![&next, &next, &current]).await?;
+        if let Some(other) = others.first() {
+            return Err(StoreError::Invalid(format!(
+                "thumbprint {next} belongs to machine '{}', another tentacle: a certificate cannot be shared (cloned machine image?)",
+                other.name
+            )));
+        }
+        let sql = "UPDATE machines SET next_thumbprint = ? WHERE thumbprint = ?";
+        query(sql, params![&next, &current], OP)
+            .execute(&mut *tx)
+            .await?;
+        let machines = query_machines(&mut tx, "WHERE m.thumbprint = ?", params![&current]).await?;
+        tx.commit().await.ctx(OP)?;
+        Ok(machines)
+    }
+
+    async fn promote_machine_thumbprint(&self, next: &str) -> Result<Vec<Machine>> {
+        const OP: &str = "making a machine's next certificate its own";
+        let next = normal_thumbprint(next);
+        let mut tx = self.write_tx(OP).await?;
+        let before = query_machines(&mut tx, "WHERE m.next_thumbprint = ?", params![&next]).await?;
+        let sql = "UPDATE machines SET thumbprint = next_thumbprint, next_thumbprint = NULL \
+                   WHERE next_thumbprint = ?";
+        query(sql, params![&next], OP).execute(&mut *tx).await?;
+        tx.commit().await.ctx(OP)?;
+        Ok(before)
+    }
+
     async fn list_machines(&self, filter: &MachineFilter) -> Result<Vec<Machine>> {
         let (sql, params) = machine_conditions(filter)?;
         self.read_machines("listing machines", &sql, params).await

@@ -500,7 +500,7 @@ async fn listening_form(State(s): State<AppState>, f: Frame, Query(os): Query<Os
         Ok(c) => c,
         Err(r) => return r,
     };
-    let thumbprint = s.thumbprint.to_string();
+    let thumbprint = s.thumbprint().to_string();
     render(&ListeningPage {
         windows: os.windows(),
         commands: listening_commands(&thumbprint),
@@ -527,7 +527,7 @@ async fn listening_submit(
         Ok(c) => c,
         Err(r) => return r,
     };
-    let thumbprint = s.thumbprint.to_string();
+    let thumbprint = s.thumbprint().to_string();
     let windows = form.os.eq_ignore_ascii_case("windows");
     let again = |form: ListeningForm,
                  discovered: Option<String>,
@@ -626,7 +626,7 @@ fn polling_command(s: &AppState, f: &Frame, headers: &HeaderMap, key: &str) -> S
         server = sh(&server),
         space = sh(&f.space.name),
         port = s.comms_port,
-        tp = s.thumbprint,
+        tp = s.thumbprint(),
     )
 }
 

@@ -430,7 +430,7 @@ async fn openapi_json() -> Json<&'static utoipa::openapi::OpenApi> {
 async fn server_info(axum::extract::State(s): axum::extract::State<AppState>) -> Json<ServerInfo> {
     Json(ServerInfo {
         version: env!("CARGO_PKG_VERSION").into(),
-        thumbprint: s.thumbprint.to_string(),
+        thumbprint: s.thumbprint().to_string(),
         comms_port: s.comms_port,
         web_socket_port: s.web_socket.as_ref().map(|(p, _)| *p),
         web_socket_path: s.web_socket.as_ref().map(|(_, path)| path.clone()),
