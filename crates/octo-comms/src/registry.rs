@@ -112,10 +112,12 @@ impl PollingRegistry {
         accepted: &[Thumbprint],
         timeout: Duration,
     ) -> Result<Connection, CommsError> {
-        let thumbprint = accepted.first().ok_or_else(|| CommsError::InvalidEndpoint {
-            endpoint: format!("poll://{subscription_id}/"),
-            reason: "no thumbprint to accept".into(),
-        })?;
+        let thumbprint = accepted
+            .first()
+            .ok_or_else(|| CommsError::InvalidEndpoint {
+                endpoint: format!("poll://{subscription_id}/"),
+                reason: "no thumbprint to accept".into(),
+            })?;
         let deadline = Instant::now() + timeout;
         loop {
             let notified = self.inner.changed.notified();

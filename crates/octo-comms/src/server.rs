@@ -285,10 +285,17 @@ impl ServerComms {
             let mut stream = match stream {
                 Ok(s) => s.into_inner(),
                 Err(status) if status.code() == tonic::Code::Unimplemented => {
-                    return debug!("{} does not offer certificate rotation (an older tentacle)", conn.inner.label);
+                    return debug!(
+                        "{} does not offer certificate rotation (an older tentacle)",
+                        conn.inner.label
+                    );
                 }
                 Err(status) => {
-                    return debug!("watching {} for certificate rotation: {}", conn.inner.label, status.message());
+                    return debug!(
+                        "watching {} for certificate rotation: {}",
+                        conn.inner.label,
+                        status.message()
+                    );
                 }
             };
             loop {
@@ -452,11 +459,7 @@ impl ServerComms {
         Ok((format!("https://{address}/"), thumbprint))
     }
 
-    async fn dial(
-        &self,
-        address: &str,
-        accepted: &[Thumbprint],
-    ) -> Result<Connection, CommsError> {
+    async fn dial(&self, address: &str, accepted: &[Thumbprint]) -> Result<Connection, CommsError> {
         let h2 = &self.inner.options.h2;
         let (host, port) =
             net::split_host_port(address).ok_or_else(|| CommsError::InvalidEndpoint {

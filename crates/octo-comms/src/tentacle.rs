@@ -343,7 +343,14 @@ impl TentacleComms {
             debug!(thumbprint = %info.peer_thumbprint, "server connected from {remote}");
         }
         let result = self
-            .serve(tls, info, page::Listener::Tentacle, None, presented, shutdown)
+            .serve(
+                tls,
+                info,
+                page::Listener::Tentacle,
+                None,
+                presented,
+                shutdown,
+            )
             .await;
         if let Err(e) = result {
             debug!("connection from {remote} ended: {e}");
@@ -490,13 +497,12 @@ impl TentacleComms {
         } else {
             TlsSettings::default()
         };
-        let cfg = octo_tls::client_config_live(&self.identity, trust, Role::Server, &settings).map_err(
-            |e| CommsError::Tls {
+        let cfg = octo_tls::client_config_live(&self.identity, trust, Role::Server, &settings)
+            .map_err(|e| CommsError::Tls {
                 address: target.address.clone(),
                 peer_role: Role::Server,
                 reason: e.to_string(),
-            },
-        )?;
+            })?;
         let connector = TlsConnector::from(cfg);
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..connections.max(1) {

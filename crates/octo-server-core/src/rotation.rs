@@ -6,8 +6,19 @@
 //! and when a connection presenting the new certificate arrives the machines take
 //! it as their own and the old one is forgotten (the polling trust drops it once
 //! the old connections have drained). Every step is in the audit log.
+//!
+//! Server-led ([`rotate_server_certificate`]): a new comms certificate is staged
+//! (`DATA/server-next.pem`), every machine the server reaches is asked to trust it
+//! beside the current one, then the server presents it. What each machine learned
+//! is reported, with the command that fixes the others by hand.
 
+use std::path::Path;
 use std::time::Duration;
+
+use octo_api_types::{CertificateRotationReport, MachineRotation};
+use octo_proto::v1::TrustServerRequest;
+use octo_store::MachineFilter;
+use octo_tls::Identity;
 
 use octo_comms::{CommsEvent, Connection};
 use octo_proto::v1::AcceptRotationRequest;
@@ -185,7 +196,11 @@ async fn offer(state: &AppState, conn: &Connection, next: Thumbprint) {
 /// A connection presenting a machine's next certificate: the rotation is done.
 async fn connected(state: &AppState, conn: &Connection) {
     let tp = conn.peer_thumbprint();
-    let promoted = match state.store.promote_machine_thumbprint(&tp.to_string()).await {
+    let promoted = match state
+        .store
+        .promote_machine_thumbprint(&tp.to_string())
+        .await
+    {
         Ok(p) => p,
         Err(e) => return warn!("completing the certificate rotation to {tp}: {e}"),
     };
@@ -233,6 +248,167 @@ async fn connected(state: &AppState, conn: &Connection) {
             warn!("updating the polling trust: {e:#}");
         }
     });
+}
+
+/// The staged comms certificate (certificate and key, 0600) while a server-led
+/// rotation runs.
+pub fn staged_path(data: &Path) -> std::path::PathBuf {
+    data.join("server-next.pem")
+}
+
+/// At start: finishes or abandons a server-led rotation a crash interrupted.
+/// The switch writes the key file, then the certificate file, then removes the
+/// staged file; a crash between the two writes leaves a key that does not match
+/// the certificate, which the staged file repairs.
+pub fn recover(data: &Path) -> anyhow::Result<()> {
+    let staged = staged_path(data);
+    if !staged.exists() {
+        return Ok(());
+    }
+    let (cert, key) = crate::startup::cert_paths(data);
+    let next = Identity::load(&staged, &staged)?;
+    match Identity::load(&cert, &key) {
+        Ok(current) if current.thumbprint() == next.thumbprint() => {
+            info!(
+                "the certificate rotation to {} had finished",
+                next.thumbprint()
+            );
+        }
+        Ok(current) => warn!(
+            "abandoning a certificate rotation to {} that never switched; the server keeps {}",
+            next.thumbprint(),
+            current.thumbprint()
+        ),
+        Err(octo_tls::IdentityError::KeyMismatch { .. }) => {
+            next.save(&cert, &key)?;
+            warn!(
+                "finished a certificate rotation to {} that a stop interrupted",
+                next.thumbprint()
+            );
+        }
+        Err(e) => return Err(e.into()),
+    }
+    std::fs::remove_file(&staged)
+        .map_err(|e| anyhow::anyhow!("removing {}: {e}", staged.display()))?;
+    Ok(())
+}
+
+/// How long one tentacle may take to answer `TrustServer` (or be dialled).
+const ASK_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// `octopus server rotate-certificate`: see the module's docs.
+pub async fn rotate_server_certificate(
+    state: &AppState,
+) -> anyhow::Result<CertificateRotationReport> {
+    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _one = ONE_AT_A_TIME.lock().await;
+    let previous = state.comms.identity();
+    let next = Identity::generate("Octopus Server")?;
+    let staged = staged_path(&state.data);
+    next.save(&staged, &staged)?;
+
+    let machines = state.store.list_machines(&MachineFilter::default()).await?;
+    let spaces: std::collections::HashMap<i64, String> = state
+        .store
+        .list_spaces()
+        .await?
+        .into_iter()
+        .map(|s| (s.id, s.name))
+        .collect();
+    let asks = machines.iter().map(|m| {
+        let state = state.clone();
+        let (old, new) = (previous.thumbprint(), next.thumbprint());
+        async move {
+            let result = async {
+                if m.disabled {
+                    return Err("the machine is disabled".to_string());
+                }
+                let endpoint = octo_engine::endpoint_of(m).map_err(|e| e.to_string())?;
+                let conn = match &endpoint {
+                    octo_comms::Endpoint::Polling {
+                        subscription_id, ..
+                    } => state
+                        .comms
+                        .polling()
+                        .find(subscription_id, &endpoint.accepted())
+                        .ok_or_else(|| "the polling tentacle is not connected".to_string())?,
+                    octo_comms::Endpoint::Listening { .. } => {
+                        tokio::time::timeout(ASK_TIMEOUT, state.comms.connect(&endpoint))
+                            .await
+                            .map_err(|_| format!("not reached within {ASK_TIMEOUT:?}"))?
+                            .map_err(|e| e.to_string())?
+                    }
+                };
+                let mut client = conn.certificates();
+                let call = client.trust_server(TrustServerRequest {
+                    current_thumbprint: old.to_string(),
+                    next_thumbprint: new.to_string(),
+                });
+                match tokio::time::timeout(ASK_TIMEOUT, call).await {
+                    Err(_) => Err(format!("no answer within {ASK_TIMEOUT:?}")),
+                    Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
+                        Err("the tentacle is too old to learn a new server certificate".to_string())
+                    }
+                    Ok(Err(status)) => Err(status.message().to_string()),
+                    Ok(Ok(_)) => Ok(()),
+                }
+            }
+            .await;
+            (m, result)
+        }
+    });
+    let results = futures_util::future::join_all(asks).await;
+
+    // Switch: key, then certificate (see `recover`), then forget the staged file.
+    let (cert, key) = crate::startup::cert_paths(&state.data);
+    next.save(&key, &key)?;
+    next.save(&cert, &key)?;
+    std::fs::remove_file(&staged)
+        .map_err(|e| anyhow::anyhow!("removing {}: {e}", staged.display()))?;
+    state.comms.switch_identity(next.clone());
+    info!(
+        "now presenting comms certificate {} (was {})",
+        next.thumbprint(),
+        previous.thumbprint()
+    );
+
+    let new = next.thumbprint();
+    let report = CertificateRotationReport {
+        previous_thumbprint: previous.thumbprint().to_string(),
+        thumbprint: new.to_string(),
+        machines: results
+            .into_iter()
+            .map(|(m, r)| {
+                let kind = match m.kind {
+                    EndpointKind::Listening => "Listening",
+                    EndpointKind::Polling => "Polling",
+                };
+                let (learned, reason, fix) = match r {
+                    Ok(()) => (true, String::new(), String::new()),
+                    Err(reason) => (
+                        false,
+                        reason,
+                        match m.kind {
+                            EndpointKind::Listening => format!("tentacle configure --trust {new}"),
+                            EndpointKind::Polling => format!(
+                                "tentacle configure --trust {new}; tentacle poll-server --server-comms-address HOST:{} --server-thumbprint {new}",
+                                state.comms_port
+                            ),
+                        },
+                    ),
+                };
+                MachineRotation {
+                    space: spaces.get(&m.space_id).cloned().unwrap_or_default(),
+                    name: m.name.clone(),
+                    kind: kind.into(),
+                    learned,
+                    reason,
+                    fix,
+                }
+            })
+            .collect(),
+    };
+    Ok(report)
 }
 
 #[cfg(test)]

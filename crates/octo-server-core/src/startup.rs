@@ -305,6 +305,7 @@ pub async fn start_with(
     restrict(&args.data, 0o700)?;
     let lock = DataLock::acquire(&args.data)?;
     let (cert, key) = cert_paths(&args.data);
+    crate::rotation::recover(&args.data)?;
     let identity = if cert.exists() {
         Identity::load(&cert, &key)?
     } else {

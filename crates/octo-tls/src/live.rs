@@ -84,7 +84,10 @@ mod tests {
         let b = Identity::generate("b").unwrap();
         let live = LiveIdentity::new(a.clone());
         assert_eq!(live.thumbprint(), a.thumbprint());
-        assert_eq!(live.certified_key().end_entity_cert().unwrap(), a.cert_der());
+        assert_eq!(
+            live.certified_key().end_entity_cert().unwrap(),
+            a.cert_der()
+        );
         let waiter = tokio::spawn({
             let live = live.clone();
             let tp = a.thumbprint();
@@ -99,6 +102,9 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(live.current().thumbprint(), b.thumbprint());
-        assert_eq!(live.certified_key().end_entity_cert().unwrap(), b.cert_der());
+        assert_eq!(
+            live.certified_key().end_entity_cert().unwrap(),
+            b.cert_der()
+        );
     }
 }

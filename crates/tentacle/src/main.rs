@@ -95,9 +95,7 @@ enum Command {
         format: Format,
     },
     /// Replace this instance's certificate without registering again: the running agent offers the new one to every server it trusts and switches once they accept.
-    #[command(
-        after_help = "Example:\n  tentacle rotate-certificate --instance Web --wait 120"
-    )]
+    #[command(after_help = "Example:\n  tentacle rotate-certificate --instance Web --wait 120")]
     RotateCertificate {
         /// Seconds to wait for the agent to switch (it carries on after).
         #[arg(long, default_value_t = 60)]

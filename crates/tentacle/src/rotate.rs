@@ -59,7 +59,9 @@ pub(crate) fn rotate_certificate(target: &Target, wait: u64, force: bool) -> any
     let name = &target.name;
     let state = update_state(&home, |state| {
         match state {
-            Some(s) if !s.switched() && s.previous_thumbprint == current.thumbprint().to_string() => {
+            Some(s)
+                if !s.switched() && s.previous_thumbprint == current.thumbprint().to_string() =>
+            {
                 println!(
                     "A rotation to {} is staged already (since {}); carrying on with it.",
                     s.next_thumbprint,
@@ -103,7 +105,10 @@ pub(crate) fn rotate_certificate(target: &Target, wait: u64, force: bool) -> any
     let mut shown = state.accepted_by.clone();
     loop {
         let Some(s) = RotationState::load(&home).map_err(anyhow::Error::msg)? else {
-            bail!("the rotation state {} disappeared", RotationState::path(&home).display());
+            bail!(
+                "the rotation state {} disappeared",
+                RotationState::path(&home).display()
+            );
         };
         for a in s.accepted_by.difference(&shown) {
             println!("  accepted by the server with thumbprint {a}");
@@ -146,7 +151,11 @@ pub(crate) fn ago(ms: u64) -> String {
 pub(crate) fn describe(cfg: &TentacleConfig) -> Option<(String, serde_json::Value)> {
     let s = RotationState::load(&cfg.tentacle.home).ok().flatten()?;
     let trusted = cfg.trusted_thumbprints();
-    let waiting: Vec<String> = s.waiting_for(&trusted).iter().map(ToString::to_string).collect();
+    let waiting: Vec<String> = s
+        .waiting_for(&trusted)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     let text = if s.switched() {
         format!(
             "rotated from {} {} ({} server(s) accepted)",
@@ -160,7 +169,11 @@ pub(crate) fn describe(cfg: &TentacleConfig) -> Option<(String, serde_json::Valu
             s.next_thumbprint,
             ago(s.started_at_ms),
             s.accepted_by.len(),
-            if waiting.is_empty() { "none".to_string() } else { waiting.join(", ") }
+            if waiting.is_empty() {
+                "none".to_string()
+            } else {
+                waiting.join(", ")
+            }
         )
     };
     let json = serde_json::json!({
@@ -222,7 +235,10 @@ impl AgentRotation {
             return Ok(());
         };
         let Some(next) = state.next() else {
-            bail!("the staged thumbprint {} is not a thumbprint", state.next_thumbprint);
+            bail!(
+                "the staged thumbprint {} is not a thumbprint",
+                state.next_thumbprint
+            );
         };
         if state.switched() {
             self.staged.send_replace(None);
@@ -239,7 +255,10 @@ impl AgentRotation {
             *s = Some(next);
             changed
         }) {
-            info!("offering certificate {next} to every connected server (rotation from {})", state.previous_thumbprint);
+            info!(
+                "offering certificate {next} to every connected server (rotation from {})",
+                state.previous_thumbprint
+            );
         }
         if state.should_switch(&self.trust.snapshot()) {
             self.switch(comms)?;
@@ -278,7 +297,10 @@ impl AgentRotation {
             // Replaced by hand (`new-certificate`, `import-certificate`): theirs wins.
             return Ok(());
         }
-        let (old_cert, old_key) = (cfg.tentacle.certificate.clone(), cfg.tentacle.private_key.clone());
+        let (old_cert, old_key) = (
+            cfg.tentacle.certificate.clone(),
+            cfg.tentacle.private_key.clone(),
+        );
         cfg.tentacle.certificate = state.next_certificate.clone();
         cfg.tentacle.private_key = state.next_private_key.clone();
         cfg.save(&self.config_path)?;
@@ -318,7 +340,9 @@ impl TentacleRotation for AgentRotation {
             if s.switched() {
                 return Ok(s.clone());
             }
-            if s.record_acceptance(&next, &server).map_err(anyhow::Error::msg)? {
+            if s.record_acceptance(&next, &server)
+                .map_err(anyhow::Error::msg)?
+            {
                 info!(
                     "the server {} accepted certificate {next}",
                     server.first().map(ToString::to_string).unwrap_or_default()

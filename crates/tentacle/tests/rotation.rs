@@ -155,8 +155,11 @@ async fn server(env: &Env) -> (RunningServer, Api) {
 
 /// One tentacle of each kind, registered and running.
 async fn tentacles(env: &Env, api: &Api) -> Vec<Agent> {
-    // Listening: started first to learn its port, then registered (the agent
-    // picks up the server's trust from its configuration while it runs).
+    // Listening, on a port of its own (it keeps it across restarts).
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port().to_string()
+    };
     env.ok(&["create-instance", "--instance", "L"]);
     env.ok(&["new-certificate", "--instance", "L"]);
     env.ok(&[
@@ -164,21 +167,10 @@ async fn tentacles(env: &Env, api: &Api) -> Vec<Agent> {
         "--instance",
         "L",
         "--port",
-        "0",
+        &port,
         "--listen-ip",
         "127.0.0.1",
     ]);
-    let (listening, started) = run_agent(env, "L");
-    let i = started.find("listening on ").unwrap() + "listening on ".len();
-    let port = started[i..]
-        .split(';')
-        .next()
-        .unwrap()
-        .trim()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .to_string();
     let register = |instance: &str, name: &str, extra: &[&str]| {
         let mut args = vec![
             "register-with",
@@ -199,14 +191,25 @@ async fn tentacles(env: &Env, api: &Api) -> Vec<Agent> {
     register(
         "L",
         "rot-listen",
-        &["--public-hostname", "127.0.0.1", "--tentacle-comms-port", &port],
+        &[
+            "--public-hostname",
+            "127.0.0.1",
+            "--tentacle-comms-port",
+            &port,
+        ],
     );
     env.ok(&["create-instance", "--instance", "P"]);
     env.ok(&["new-certificate", "--instance", "P"]);
     env.ok(&["configure", "--instance", "P", "--no-listen"]);
     register("P", "rot-poll", &["--comms-style", "TentacleActive"]);
+    let (listening, _) = run_agent(env, "L");
     let (polling, _) = run_agent(env, "P");
-    // Both answer a health check (the listening one once it trusts the server).
+    healthy(api).await;
+    vec![listening, polling]
+}
+
+/// Waits until a health check of every machine in Test succeeds.
+async fn healthy(api: &Api) {
     let deadline = Instant::now() + T;
     loop {
         let id = api
@@ -219,7 +222,6 @@ async fn tentacles(env: &Env, api: &Api) -> Vec<Agent> {
         assert!(Instant::now() < deadline, "never healthy: {task}");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    vec![listening, polling]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,7 +256,11 @@ async fn tentacles_rotate_their_certificates_without_registering_again() {
         ]))
         .unwrap();
         assert_eq!(shown["thumbprint"], new.as_str(), "{shown}");
-        assert_eq!(shown["rotation"]["previous_thumbprint"], old.as_str(), "{shown}");
+        assert_eq!(
+            shown["rotation"]["previous_thumbprint"],
+            old.as_str(),
+            "{shown}"
+        );
         assert_eq!(shown["rotation"]["switched"], true, "{shown}");
         // The server accepted it before the switch: recorded beside the old one
         // (or already taken as the machine's own, if the tentacle reconnected).
@@ -266,9 +272,16 @@ async fn tentacles_rotate_their_certificates_without_registering_again() {
     }
 
     let task = api.finished(&script).await;
-    assert_eq!(task["state"], "Success", "the script during the rotations: {task}");
+    assert_eq!(
+        task["state"], "Success",
+        "the script during the rotations: {task}"
+    );
     let (_, log) = api
-        .call(reqwest::Method::GET, &format!("/api/tasks/{script}/log"), None)
+        .call(
+            reqwest::Method::GET,
+            &format!("/api/tasks/{script}/log"),
+            None,
+        )
         .await;
     let text = log.to_string();
     assert_eq!(text.matches("finished").count(), 2, "{text}");
@@ -304,6 +317,111 @@ async fn tentacles_rotate_their_certificates_without_registering_again() {
                     .count()
             })
             .unwrap_or_default();
-        assert!(events >= 2, "offer and completion of {machine} audited: {text}");
+        assert!(
+            events >= 2,
+            "offer and completion of {machine} audited: {text}"
+        );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_rotates_its_certificate_and_names_who_did_not_learn_it() {
+    let env = Env {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let (server, api) = server(&env).await;
+    let agents = tentacles(&env, &api).await;
+    // A third tentacle, registered but not running: it cannot learn anything.
+    let (status, _) = api
+        .call(
+            reqwest::Method::POST,
+            "/api/environments",
+            Some(json!({"name": "Other"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    env.ok(&["create-instance", "--instance", "Q"]);
+    env.ok(&["new-certificate", "--instance", "Q"]);
+    env.ok(&[
+        "register-with",
+        "--instance",
+        "Q",
+        "--server",
+        &api.url,
+        "--api-key",
+        &api.key,
+        "--environment",
+        "Other",
+        "--name",
+        "rot-off",
+        "--public-hostname",
+        "127.0.0.1",
+        "--tentacle-comms-port",
+        "9",
+    ]);
+    let old = server.thumbprint.to_string();
+
+    let (status, report) = api
+        .call(
+            reqwest::Method::POST,
+            "/api/server/rotate-certificate",
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, 200, "{report}");
+    let new = report["thumbprint"].as_str().unwrap().to_string();
+    assert_eq!(report["previous_thumbprint"], old.as_str());
+    assert_ne!(new, old);
+    let by_name = |name: &str| {
+        report["machines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .unwrap_or_else(|| panic!("{name} in {report}"))
+            .clone()
+    };
+    for name in ["rot-listen", "rot-poll"] {
+        assert_eq!(by_name(name)["learned"], true, "{report}");
+    }
+    let off = by_name("rot-off");
+    assert_eq!(off["learned"], false, "{report}");
+    assert!(
+        off["fix"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("tentacle configure --trust {new}")),
+        "{off}"
+    );
+    let (_, info) = api.call(reqwest::Method::GET, "/api/server", None).await;
+    assert_eq!(info["thumbprint"], new.as_str());
+    let data = env.dir.path().join("server");
+    let stored =
+        octo_tls::Identity::load(&data.join("server.crt"), &data.join("server.key")).unwrap();
+    assert_eq!(stored.thumbprint().to_string(), new);
+    assert!(!data.join("server-next.pem").exists());
+
+    // The tentacles learned it in their configuration: restarted, they reach
+    // (and are reached by) the server presenting only the new certificate.
+    let shown = env.ok(&["show-configuration", "--instance", "P", "--format", "json"]);
+    assert!(shown.contains(&new), "{shown}");
+    drop(agents);
+    let _l = run_agent(&env, "L");
+    let _p = run_agent(&env, "P");
+    healthy(&api).await;
+
+    let (_, audit) = api.call(reqwest::Method::GET, "/api/audit", None).await;
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "Rotate certificate"
+                && e["kind"] == "Server"
+                && e["details"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("not: rot-off")),
+        "{audit}"
+    );
 }

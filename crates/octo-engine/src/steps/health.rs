@@ -201,14 +201,13 @@ async fn check(ctx: &StepContext, machine: &Machine) -> Result<CapabilitiesReply
     let endpoint = endpoint_of(machine).map_err(|e| e.to_string())?;
     let conn = match &endpoint {
         Endpoint::Polling {
-            subscription_id,
-            thumbprint,
+            subscription_id, ..
         } => ctx
             .comms
             .polling()
             .wait_for(
                 subscription_id,
-                thumbprint,
+                &endpoint.accepted(),
                 Duration::from_secs(polling_wait_s.unsigned_abs()),
             )
             .await

@@ -732,11 +732,13 @@ async fn polling_status(State(s): State<AppState>, f: Frame, Query(q): Query<Sin
 }
 
 fn polling_connected(s: &AppState, m: &Machine) -> bool {
-    let Ok(tp) = m.thumbprint.parse::<octo_tls::Thumbprint>() else {
-        return false;
-    };
+    // Its certificate, or the one it is rotating to.
+    let accepted: Vec<octo_tls::Thumbprint> = std::iter::once(m.thumbprint.as_str())
+        .chain(m.next_thumbprint.as_deref())
+        .filter_map(|t| t.parse().ok())
+        .collect();
     let id = m.uri.trim_start_matches("poll://").trim_end_matches('/');
-    s.comms.polling().find(id, &tp).is_some()
+    s.comms.polling().find(id, &accepted).is_some()
 }
 
 /// One log line of the last health check.
