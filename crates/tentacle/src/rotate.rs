@@ -244,6 +244,11 @@ impl AgentRotation {
             self.staged.send_replace(None);
             return self.point_config_at(&state, comms);
         }
+        if comms.thumbprint() == next {
+            // The configuration was switched, the state not (a stop between).
+            self.staged.send_replace(None);
+            return self.mark_switched();
+        }
         if comms.thumbprint().to_string() != state.previous_thumbprint {
             // Staged for another certificate than the one presented (replaced
             // by hand meanwhile): nothing to offer.
@@ -267,20 +272,31 @@ impl AgentRotation {
     }
 
     /// Presents the staged certificate from now on.
+    /// The configuration names the new certificate before the state says
+    /// "switched", so whoever sees the switch (the command, `show-thumbprint`)
+    /// finds the new certificate configured; a stop between the two is
+    /// finished by [`Self::sync`] at the next start.
     fn switch(&self, comms: &TentacleComms) -> anyhow::Result<()> {
-        let state = update_state(&self.home, |state| {
+        let state = RotationState::load(&self.home)
+            .map_err(anyhow::Error::msg)?
+            .context("no rotation staged")?;
+        let next = Identity::load(&state.next_certificate, &state.next_private_key)
+            .context("loading the staged certificate")?;
+        self.point_config_at(&state, comms)?;
+        self.mark_switched()?;
+        self.staged.send_replace(None);
+        comms.switch_identity(next);
+        Ok(())
+    }
+
+    fn mark_switched(&self) -> anyhow::Result<()> {
+        update_state(&self.home, |state| {
             let s = state.as_mut().context("no rotation staged")?;
             if s.switched_at_ms.is_none() {
                 s.switched_at_ms = Some(now_ms());
             }
-            Ok(s.clone())
-        })?;
-        let next = Identity::load(&state.next_certificate, &state.next_private_key)
-            .context("loading the staged certificate")?;
-        self.point_config_at(&state, comms)?;
-        self.staged.send_replace(None);
-        comms.switch_identity(next);
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Makes the configuration file name the new certificate (unless someone

@@ -102,7 +102,7 @@ impl Api {
     async fn task(&self, path: &str, body: Value) -> String {
         let (status, task) = self.call(reqwest::Method::POST, path, Some(body)).await;
         assert!(status == 201 || status == 200, "{status} {task}");
-        task["id"].as_str().unwrap().to_string()
+        task["task"]["id"].as_str().unwrap().to_string()
     }
 
     /// Waits for a task to finish; its state and error.
@@ -112,7 +112,10 @@ impl Api {
             let (_, task) = self
                 .call(reqwest::Method::GET, &format!("/api/tasks/{id}"), None)
                 .await;
-            let state = task["state"].as_str().unwrap_or_default().to_string();
+            let state = task["task"]["state"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
             if !matches!(state.as_str(), "Queued" | "Executing" | "Cancelling") {
                 return task;
             }
@@ -216,7 +219,7 @@ async fn healthy(api: &Api) {
             .task("/api/tasks/health", json!({"environment": "Test"}))
             .await;
         let task = api.finished(&id).await;
-        if task["state"] == "Success" {
+        if task["task"]["state"] == "Success" {
             break;
         }
         assert!(Instant::now() < deadline, "never healthy: {task}");
@@ -273,7 +276,7 @@ async fn tentacles_rotate_their_certificates_without_registering_again() {
 
     let task = api.finished(&script).await;
     assert_eq!(
-        task["state"], "Success",
+        task["task"]["state"], "Success",
         "the script during the rotations: {task}"
     );
     let (_, log) = api
@@ -283,8 +286,13 @@ async fn tentacles_rotate_their_certificates_without_registering_again() {
             None,
         )
         .await;
-    let text = log.to_string();
-    assert_eq!(text.matches("finished").count(), 2, "{text}");
+    let finished = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["stream"] == "stdout" && l["text"] == "finished")
+        .count();
+    assert_eq!(finished, 2, "both scripts ran to their end: {log}");
 
     // A health check afterwards: both reached with their new certificates, and
     // the server forgot the old ones.
@@ -292,7 +300,7 @@ async fn tentacles_rotate_their_certificates_without_registering_again() {
         .task("/api/tasks/health", json!({"environment": "Test"}))
         .await;
     let task = api.finished(&health).await;
-    assert_eq!(task["state"], "Success", "{task}");
+    assert_eq!(task["task"]["state"], "Success", "{task}");
     for (instance, machine) in [("L", "rot-listen"), ("P", "rot-poll")] {
         let new = env.thumbprint(instance);
         let deadline = Instant::now() + T;
