@@ -77,6 +77,15 @@ pub fn show_thumbprint(data: &Path) -> anyhow::Result<()> {
     }
     let id = Identity::load(&cert, &key)?;
     println!("{}", id.thumbprint());
+    // A server-led rotation under way (`octopus server rotate-certificate`):
+    // said on stderr, so stdout stays the one thumbprint scripts read.
+    let staged = crate::rotation::staged_path(data);
+    if let Ok(next) = Identity::load(&staged, &staged) {
+        eprintln!(
+            "rotating to {}: tentacles are being asked to trust it; the server switches when they have answered",
+            next.thumbprint()
+        );
+    }
     Ok(())
 }
 
