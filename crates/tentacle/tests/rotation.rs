@@ -301,6 +301,20 @@ async fn tentacles_rotate_their_certificates_without_registering_again() {
         .await;
     let task = api.finished(&health).await;
     assert_eq!(task["task"]["state"], "Success", "{task}");
+    let (_, log) = api
+        .call(
+            reqwest::Method::GET,
+            &format!("/api/tasks/{health}/log"),
+            None,
+        )
+        .await;
+    for instance in ["L", "P"] {
+        let new = env.thumbprint(instance);
+        assert!(
+            log.to_string().contains(&format!("certificate {new}")),
+            "the health check shows {instance}'s new certificate: {log}"
+        );
+    }
     for (instance, machine) in [("L", "rot-listen"), ("P", "rot-poll")] {
         let new = env.thumbprint(instance);
         let deadline = Instant::now() + T;
