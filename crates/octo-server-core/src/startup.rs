@@ -81,6 +81,7 @@ pub fn show_thumbprint(data: &Path) -> anyhow::Result<()> {
     // said on stderr, so stdout stays the one thumbprint scripts read.
     let staged = crate::rotation::staged_path(data);
     if let Ok(next) = Identity::load(&staged, &staged) {
+        #[allow(clippy::print_stderr)] // a note beside the command's output
         eprintln!(
             "rotating to {}: tentacles are being asked to trust it; the server switches when they have answered",
             next.thumbprint()
