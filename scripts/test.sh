@@ -35,4 +35,4 @@ target/py-venv/bin/python -c 'import grpc, grpc_reflection, google.protobuf' 2>/
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo test --workspace --locked
+cargo test --workspace --locked --no-fail-fast

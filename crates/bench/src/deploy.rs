@@ -131,10 +131,10 @@ fn round3(x: f64) -> f64 {
 }
 
 /// A private sshd on loopback, stopped when dropped.
-struct Sshd {
+pub(crate) struct Sshd {
     child: std::process::Child,
-    port: u16,
-    key: PathBuf,
+    pub(crate) port: u16,
+    pub(crate) key: PathBuf,
 }
 
 impl Drop for Sshd {
@@ -144,7 +144,7 @@ impl Drop for Sshd {
     }
 }
 
-fn start_sshd(dir: &Path) -> anyhow::Result<Option<Sshd>> {
+pub(crate) fn start_sshd(dir: &Path) -> anyhow::Result<Option<Sshd>> {
     let sshd = Path::new("/usr/sbin/sshd");
     if !sshd.exists() {
         return Ok(None);

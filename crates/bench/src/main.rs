@@ -11,6 +11,7 @@
 
 mod comms;
 mod deploy;
+mod fleet;
 mod portal;
 mod scripts;
 mod tasks;
@@ -39,6 +40,8 @@ enum Area {
     Tasks(tasks::Options),
     /// Deploy a 100 MiB package to a listening and a polling tentacle, cold and warm (and scp for comparison).
     Deploy(deploy::Options),
+    /// One node and 5,000 polling tentacles: fan-outs, health, restart storm, RSS, list page, CLI vs ssh.
+    Fleet(fleet::Options),
     /// The portal's big lists: a page of 50 of 5,000 targets (first, last, filtered) and of the tasks list.
     Portal(portal::Options),
     /// Internal: the tentacle side of `comms`, run as a child process.
@@ -51,13 +54,23 @@ enum Area {
 
 fn main() -> anyhow::Result<()> {
     octo_comms::tune_allocator();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        use tracing_subscriber::Layer;
+        let shown = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
+        // Printed as the environment asks; the comms' warnings counted apart
+        // (`bench fleet`'s reconnect errors), whatever is printed.
+        tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_filter(shown),
+            )
+            .with(fleet::CommsProblems.with_filter(tracing_subscriber::filter::LevelFilter::WARN))
+            .init();
+    }
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -71,6 +84,7 @@ fn main() -> anyhow::Result<()> {
         Area::Scripts(o) => rt.block_on(async { tokio::spawn(scripts::run(o)).await? }),
         Area::Tasks(o) => rt.block_on(async { tokio::spawn(tasks::run(o)).await? }),
         Area::Deploy(o) => rt.block_on(async { tokio::spawn(deploy::run(o)).await? }),
+        Area::Fleet(o) => rt.block_on(async { tokio::spawn(fleet::run(o)).await? }),
         Area::Portal(o) => rt.block_on(async { tokio::spawn(portal::run(o)).await? }),
         Area::TasksChild(o) => rt.block_on(tasks::child(o)),
     }

@@ -56,18 +56,22 @@ pub struct ChildOptions {
     server_thumbprint: Thumbprint,
     #[arg(long)]
     count: usize,
+    /// Reconnect as a real tentacle does (1 s .. 60 s, full jitter) rather
+    /// than quickly (50 ms .. 1 s).
+    #[arg(long)]
+    real_backoff: bool,
 }
 
-fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
+pub(crate) fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i].as_secs_f64() * 1e3
 }
 
-fn round2(x: f64) -> f64 {
+pub(crate) fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
-fn round3(x: f64) -> f64 {
+pub(crate) fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
@@ -143,7 +147,7 @@ impl Api {
     }
 
     /// Runs a script task and returns (elapsed from the POST to `end`, end).
-    async fn run_script(&self, body: Value) -> anyhow::Result<(Duration, Value)> {
+    pub(crate) async fn run_script(&self, body: Value) -> anyhow::Result<(Duration, Value)> {
         let t = Instant::now();
         let id = self.create("/api/tasks/script", body).await?;
         let end = self.wait_end(&id).await?;
@@ -376,7 +380,11 @@ pub async fn child(o: ChildOptions) -> anyhow::Result<()> {
                 subscription_id: format!("bench-{i}"),
             };
             let (c, t) = (comms.clone(), shutdown.clone());
-            let backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+            let backoff = if o.real_backoff {
+                Backoff::default()
+            } else {
+                Backoff::new(Duration::from_millis(50), Duration::from_secs(1))
+            };
             tokio::spawn(async move { c.run_polling(target, 1, backoff, t).await });
         }
     }

@@ -211,6 +211,20 @@ const MAX_FORM: usize = 1 << 20;
 
 /// The CSRF token, from the header (scripts, uploads) or the form's field.
 async fn check_csrf(req: Request, key: &str) -> Result<Request, Response> {
+    // A browser that says the request comes from another site: refused even
+    // with a token (defence in depth; the token alone already stops forms of
+    // other sites, and some browsers send no such header).
+    let cross_site = req
+        .headers()
+        .get("sec-fetch-site")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("cross-site"));
+    if cross_site {
+        return Err(views::error_page(
+            StatusCode::FORBIDDEN,
+            "This request was sent from another site, so it is refused. Use the portal's own pages.",
+        ));
+    }
     let refused = || {
         views::error_page(
             StatusCode::FORBIDDEN,

@@ -110,9 +110,21 @@ async fn the_gate_signs_in_checks_tokens_and_signs_out() {
     assert_eq!(home.status, 200);
     assert!(home.body.contains("Dashboard"));
 
-    // A form without the CSRF token is refused, with it accepted.
+    // A form without the CSRF token is refused, with it accepted; with it but
+    // marked by the browser as sent from another site, refused too.
     let out = b.post_form("/logout", &[]).await;
     assert_eq!(out.status, 403, "{}", out.body);
+    let token = b.get("/spaces/Default/").await.csrf();
+    let cross = b
+        .http
+        .post(format!("{}/logout", p.base))
+        .header("sec-fetch-site", "cross-site")
+        .form(&[("csrf", token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cross.status(), 403);
+    assert!(cross.text().await.unwrap().contains("another site"));
     let out = b.submit("/spaces/Default/", "/logout", &[]).await;
     assert_eq!(out.status, 303);
     assert_eq!(out.location.as_deref(), Some("/login"));

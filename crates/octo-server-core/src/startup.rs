@@ -277,12 +277,27 @@ pub struct RunningServer {
     pub admin_api_key: Option<String>,
     /// This start created the master key (the operator must back it up).
     pub master_key_created: bool,
+    comms: CommsHandle,
     shutdown: CancellationToken,
     tasks: tokio::task::JoinSet<()>,
     _lock: DataLock,
 }
 
+/// The server's comms, held by [`RunningServer`] for what it reports.
+struct CommsHandle(ServerComms);
+
+impl std::fmt::Debug for CommsHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ServerComms")
+    }
+}
+
 impl RunningServer {
+    /// How many polling tentacles are connected now (benchmarks, tests).
+    pub fn polling_connections(&self) -> usize {
+        self.comms.0.polling().len()
+    }
+
     /// Stops accepting, closes connections, waits (bounded) for tasks to end.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
@@ -486,6 +501,7 @@ pub async fn start_with(
         thumbprint: identity.thumbprint(),
         admin_api_key,
         master_key_created,
+        comms: CommsHandle(comms),
         shutdown,
         tasks,
         _lock: lock,

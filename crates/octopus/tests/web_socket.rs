@@ -1,6 +1,6 @@
 //! `octopus server run --web-socket-listen-port/--web-socket-path`: the real
 //! binary opens its WebSocket polling port (TLS), says where in its ready line,
-//! serves the page and the API there to `curl -k`, and refuses a bad path.
+//! serves the portal and the API there to `curl -k`, and refuses a bad path.
 //! Every wait is bounded.
 #![allow(clippy::unwrap_used)]
 
@@ -84,9 +84,12 @@ fn server_run_opens_the_web_socket_port_with_its_path() {
     let (port, rest) = ws.split_once('/').unwrap();
     assert!(rest.starts_with("octopus/tentacle,"), "{ready}");
     let port: u16 = port.parse().unwrap();
+    // The portal answers there too: its front page sends a stranger to sign in.
     let (status, body) = curl(&format!("https://127.0.0.1:{port}/"));
+    assert_eq!(status, "303", "{body}");
+    let (status, body) = curl(&format!("https://127.0.0.1:{port}/login"));
     assert_eq!(status, "200", "{body}");
-    assert!(body.contains("WebSocket polling endpoint"), "{body}");
+    assert!(body.contains("Sign in"), "{body}");
     let (status, body) = curl(&format!("https://127.0.0.1:{port}/api"));
     assert_eq!(status, "200", "{body}");
     assert!(body.contains('{'), "{body}");

@@ -601,7 +601,15 @@ pub async fn save_machine(
         }
         (None, _) => (s.store.create_machine(&new).await?, "created"),
     };
-    s.refresh_polling_trust().await?;
+    // A new polling machine adds its thumbprint to the trusted set; a
+    // replacement may drop one, so the set is read again.
+    match (action, machine.kind, machine.thumbprint.parse()) {
+        ("created", EndpointKind::Polling, Ok(tp)) => {
+            s.polling_trust.trust(tp);
+        }
+        ("created", EndpointKind::Listening, _) => {}
+        _ => s.refresh_polling_trust().await?,
+    }
     s.audit(
         caller,
         Some(space),

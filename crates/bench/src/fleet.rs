@@ -1,0 +1,390 @@
+//! `bench fleet`: one server node and a fleet of polling tentacles.
+//!
+//! The server runs in this process (SQLite in a temporary data directory). A
+//! child process (hidden subcommand `tasks-child`) hosts `--tentacles` polling
+//! tentacles (5,000 by default), each with the real comms and agent services,
+//! its own certificate and its own polling connection, reconnecting as a real
+//! tentacle does (1 s .. 60 s, full jitter). Machines are spread over five
+//! environments (`Fleet-0` .. `Fleet-4`), all with role `fleet`.
+//!
+//! Figures: registration rate; the first connection of the whole fleet; the
+//! server's RSS with the fleet idle and connected (this process: the server
+//! and this benchmark's small client); a health check of every machine;
+//! one script task (`true`) on 1,000 machines (one environment) and on all;
+//! a one-machine task's round trip; a page of 50 machines of one environment
+//! (`GET /api/machines?environment=..&take=50`); the server restarted on the
+//! same data and ports, until every tentacle is connected again, counting
+//! the accept and handshake warnings the server logs meanwhile; and the
+//! `octopus run-script` process against `ssh` through a ControlMaster
+//! connection to a private sshd, interleaved.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use futures_util::StreamExt;
+use octo_server_core::{start, RunArgs, RunningServer};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+use crate::tasks::{percentile_ms, round2, round3, Api};
+
+/// Bound on the fleet's (re)connection.
+const CONNECT_WAIT: Duration = Duration::from_secs(300);
+
+#[derive(clap::Args, Debug)]
+pub struct Options {
+    /// Polling tentacles (machines).
+    #[arg(long, default_value_t = 5000)]
+    tentacles: usize,
+    /// Timed one-machine round trips (after 20 warm-up ones).
+    #[arg(long, default_value_t = 200)]
+    runs: usize,
+    /// Runs of each fan-out (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    fanout_runs: usize,
+    /// Interleaved runs of the CLI and of ssh.
+    #[arg(long, default_value_t = 30)]
+    cli_runs: usize,
+}
+
+/// Counts the warnings and errors the server's comms log while armed (the
+/// reconnect storm's "accept or handshake errors").
+pub struct CommsProblems;
+
+static ARMED: AtomicBool = AtomicBool::new(false);
+static PROBLEMS: AtomicUsize = AtomicUsize::new(0);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CommsProblems {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        let m = event.metadata();
+        if ARMED.load(Ordering::Relaxed)
+            && *m.level() <= tracing::Level::WARN
+            && m.target().starts_with("octo_comms")
+        {
+            PROBLEMS.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+async fn wait_connected(server: &RunningServer, n: usize) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    while server.polling_connections() < n {
+        if t.elapsed() > CONNECT_WAIT {
+            bail!(
+                "only {} of {n} tentacles connected after {CONNECT_WAIT:?}",
+                server.polling_connections()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(t.elapsed())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub async fn run(o: Options) -> anyhow::Result<()> {
+    crate::raise_fd_limit();
+    if o.tentacles < 1000 {
+        bail!("--tentacles must be at least 1000 (fanout_1000_s uses one environment of a fifth of them)");
+    }
+    let octopus = crate::release_binary("octo-server", "octopus")?;
+    let tmp = tempfile::tempdir()?;
+    let data = tmp.path().join("data");
+    let args = RunArgs::loopback(&data);
+    let server = start(&args).await?;
+    // The restart reuses the ports the tentacles know.
+    let args = RunArgs {
+        listen: server.api_addr,
+        comms_listen_port: server.comms_port,
+        ..args
+    };
+    let api = Api {
+        base: format!("http://{}", server.api_addr),
+        key: server.admin_api_key.clone().context("admin key")?,
+        http: reqwest::Client::new(),
+    };
+    for e in 0..5 {
+        api.post_ok("/api/environments", json!({ "name": format!("Fleet-{e}") }))
+            .await?;
+    }
+
+    let exe = std::env::current_exe()?;
+    let mut child = tokio::process::Command::new(exe)
+        .args([
+            "tasks-child",
+            "--server",
+            &format!("127.0.0.1:{}", server.comms_port),
+            "--server-thumbprint",
+            &server.thumbprint.to_string(),
+            "--count",
+            &o.tentacles.to_string(),
+            "--real-backoff",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut stdin = child.stdin.take().context("child stdin")?;
+    let mut lines = BufReader::new(child.stdout.take().context("child stdout")?).lines();
+    let hello: Value =
+        serde_json::from_str(&lines.next_line().await?.context("child said nothing")?)?;
+    let thumbprints: Vec<String> = hello["thumbprints"]
+        .as_array()
+        .context("thumbprints")?
+        .iter()
+        .filter_map(|t| t.as_str().map(str::to_string))
+        .collect();
+    if thumbprints.len() != o.tentacles {
+        bail!("child made {} tentacles", thumbprints.len());
+    }
+
+    // Registration, 16 at a time.
+    let t = Instant::now();
+    let mut pending = futures_util::stream::FuturesUnordered::new();
+    for (i, tp) in thumbprints.iter().enumerate() {
+        let body = json!({
+            "name": format!("t{i}"),
+            "comms_style": "TentacleActive",
+            "uri": format!("poll://bench-{i}/"),
+            "thumbprint": tp,
+            "environments": [format!("Fleet-{}", i % 5)],
+            "roles": ["fleet"],
+        });
+        pending.push(api.post_ok("/api/machines", body));
+        if pending.len() >= 16 {
+            pending.next().await.context("a registration")??;
+        }
+    }
+    while let Some(r) = pending.next().await {
+        r?;
+    }
+    drop(pending);
+    let register_per_s = o.tentacles as f64 / t.elapsed().as_secs_f64();
+    println!(
+        "registered {} machines in {:.1} s ({register_per_s:.0}/s)",
+        o.tentacles,
+        t.elapsed().as_secs_f64()
+    );
+
+    stdin.write_all(b"go\n").await?;
+    let first_connect = wait_connected(&server, o.tentacles).await?;
+    println!(
+        "{} tentacles connected in {:.1} s",
+        o.tentacles,
+        first_connect.as_secs_f64()
+    );
+    // Idle a moment (handshakes' garbage freed), then the RSS.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss = rss_mib();
+    println!("RSS with {} idle connections: {rss:.0} MiB", o.tentacles);
+
+    // Health of every machine.
+    let t = Instant::now();
+    let id = api.create("/api/tasks/health", json!({})).await?;
+    let end = api.wait_end(&id).await?;
+    let health_s = t.elapsed().as_secs_f64();
+    if end["task"]["state"] != "Success" {
+        bail!("health check ended {}", end["task"]["state"]);
+    }
+    println!("health check of {}: {health_s:.2} s", o.tentacles);
+
+    // Fan-outs.
+    let mut fan_1000 = Vec::new();
+    let mut fan_all = Vec::new();
+    for _ in 0..o.fanout_runs {
+        let (d, end) = api
+            .run_script(json!({ "script": "true", "environment": "Fleet-0" }))
+            .await?;
+        let steps = end["steps"].as_array().map_or(0, Vec::len);
+        println!("fan-out to {steps}: {:.3} s", d.as_secs_f64());
+        fan_1000.push(d.as_secs_f64());
+        let (d, end) = api
+            .run_script(json!({ "script": "true", "role": "fleet" }))
+            .await?;
+        let steps = end["steps"].as_array().map_or(0, Vec::len);
+        println!("fan-out to {steps}: {:.3} s", d.as_secs_f64());
+        fan_all.push(d.as_secs_f64());
+    }
+
+    // One-machine round trip.
+    let one = json!({ "script": "true", "machines": ["t0"] });
+    for _ in 0..20 {
+        api.run_script(one.clone()).await?;
+    }
+    let mut rtt = Vec::with_capacity(o.runs);
+    for _ in 0..o.runs {
+        rtt.push(api.run_script(one.clone()).await?.0);
+    }
+    rtt.sort();
+    let rtt_p50 = percentile_ms(&rtt, 0.5);
+    println!("task round trip p50 {rtt_p50:.2} ms");
+
+    // A page of the machine list.
+    let mut list = Vec::new();
+    for i in 0..220 {
+        let t = Instant::now();
+        let resp = api
+            .http
+            .get(format!(
+                "{}/api/machines?environment=Fleet-{}&skip=100&take=50",
+                api.base,
+                i % 5
+            ))
+            .header("X-Octopus-ApiKey", &api.key)
+            .send()
+            .await?;
+        if resp.status() != 200 {
+            bail!("machine list: {}", resp.status());
+        }
+        let body: Value = resp.json().await?;
+        if body.as_array().map_or(0, Vec::len) != 50 {
+            bail!("machine list: not 50 machines");
+        }
+        if i >= 20 {
+            list.push(t.elapsed());
+        }
+    }
+    list.sort();
+    let list_p50 = percentile_ms(&list, 0.5);
+    println!("machine list page p50 {list_p50:.2} ms");
+
+    // The CLI against ssh.
+    let cli_ratio = cli_vs_ssh(&octopus, &api, o.cli_runs, tmp.path()).await?;
+
+    // Restart: until every tentacle is connected again.
+    server.stop().await;
+    let t = Instant::now();
+    PROBLEMS.store(0, Ordering::Relaxed);
+    ARMED.store(true, Ordering::Relaxed);
+    let server = start(&args).await?;
+    let reconnect = wait_connected(&server, o.tentacles).await?;
+    let reconnect_s = t.elapsed().as_secs_f64();
+    ARMED.store(false, Ordering::Relaxed);
+    let problems = PROBLEMS.load(Ordering::Relaxed);
+    println!(
+        "restart: all {} reconnected {:.1} s after the new start ({reconnect_s:.1} s in all), {problems} comms warnings",
+        o.tentacles,
+        reconnect.as_secs_f64()
+    );
+
+    drop(stdin);
+    let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+    server.stop().await;
+    let mut out = json!({
+        "bench": "fleet",
+        "tentacles": o.tentacles,
+        "register_per_s": register_per_s.round(),
+        "first_connect_s": round2(first_connect.as_secs_f64()),
+        "server_rss_5000_mib": rss.round(),
+        "health_5000_s": round2(health_s),
+        "fanout_1000_s": round3(median(fan_1000)),
+        "fanout_5000_s": round3(median(fan_all)),
+        "task_rtt_p50_ms": round2(rtt_p50),
+        "machine_list_5000_p50_ms": round2(list_p50),
+        "reconnect_5000_s": round2(reconnect_s),
+        "reconnect_errors": problems,
+        "max_parallel_steps": octo_engine::MAX_PARALLEL_STEPS,
+    });
+    if let Some(r) = cli_ratio {
+        out["cli_over_ssh_mux"] = json!(round2(r));
+    }
+    println!("{out}");
+    Ok(())
+}
+
+/// Median time of `octopus run-script --machine t0 --script true` over the
+/// median of `ssh HOST true` through a ControlMaster connection, interleaved.
+/// None (and said) when sshd is not installed.
+async fn cli_vs_ssh(
+    octopus: &Path,
+    api: &Api,
+    runs: usize,
+    dir: &Path,
+) -> anyhow::Result<Option<f64>> {
+    let Some(sshd) = crate::deploy::start_sshd(&dir.join("ssh"))? else {
+        println!("cli_over_ssh_mux: skipped (no /usr/sbin/sshd; install openssh-server)");
+        return Ok(None);
+    };
+    let sock = dir.join("ssh/ctl.sock");
+    let ssh = |extra: &[&str]| {
+        let mut c = std::process::Command::new("ssh");
+        c.args([
+            "-q",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "ControlMaster=auto",
+            "-o",
+            "ControlPersist=60",
+        ])
+        .arg("-o")
+        .arg(format!("ControlPath={}", sock.display()))
+        .arg("-i")
+        .arg(&sshd.key)
+        .arg("-p")
+        .arg(sshd.port.to_string())
+        .args(extra);
+        c
+    };
+    // The master connection, kept open.
+    let status = ssh(&["root@127.0.0.1", "true"]).status()?;
+    if !status.success() {
+        bail!("ssh to the private sshd failed ({status})");
+    }
+    let cli = || {
+        let mut c = std::process::Command::new(octopus);
+        c.args([
+            "--server",
+            &api.base,
+            "--api-key",
+            &api.key,
+            "run-script",
+            "--machine",
+            "t0",
+            "--script",
+            "true",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        c
+    };
+    let time = |mut c: std::process::Command| -> anyhow::Result<f64> {
+        let t = Instant::now();
+        let status = c.status()?;
+        if !status.success() {
+            bail!("{c:?} failed ({status})");
+        }
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    };
+    // Warm both.
+    for _ in 0..3 {
+        time(cli())?;
+        time(ssh(&["root@127.0.0.1", "true"]))?;
+    }
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        a.push(time(cli())?);
+        b.push(time(ssh(&["root@127.0.0.1", "true"]))?);
+    }
+    let _ = ssh(&["-O", "exit", "root@127.0.0.1"]).status();
+    let (cli_ms, ssh_ms) = (median(a), median(b));
+    println!("octopus run-script: median {cli_ms:.2} ms; ssh over ControlMaster: {ssh_ms:.2} ms");
+    Ok(Some(cli_ms / ssh_ms))
+}
