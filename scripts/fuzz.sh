@@ -43,7 +43,7 @@ libfuzzer)
         -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1
     ;;
 stable)
-    cargo run --release --locked --bin stable-driver -- "$target" "$seconds" \
+    cargo run --release --locked --features stable-driver --bin stable-driver -- "$target" "$seconds" \
         "seeds/$target" "corpus/$target"
     ;;
 *)

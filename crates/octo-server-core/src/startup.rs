@@ -66,6 +66,7 @@ pub fn cert_paths(data: &Path) -> (PathBuf, PathBuf) {
 }
 
 /// `octopus server show-thumbprint`.
+#[allow(clippy::print_stderr)] // a rotation note beside the thumbprint
 pub fn show_thumbprint(data: &Path) -> anyhow::Result<()> {
     let (cert, key) = cert_paths(data);
     if !cert.exists() {
@@ -81,7 +82,6 @@ pub fn show_thumbprint(data: &Path) -> anyhow::Result<()> {
     // said on stderr, so stdout stays the one thumbprint scripts read.
     let staged = crate::rotation::staged_path(data);
     if let Ok(next) = Identity::load(&staged, &staged) {
-        #[allow(clippy::print_stderr)] // a note beside the command's output
         eprintln!(
             "rotating to {}: tentacles are being asked to trust it; the server switches when they have answered",
             next.thumbprint()

@@ -102,7 +102,7 @@ pub(crate) fn rotate_certificate(target: &Target, wait: u64, force: bool) -> any
         if force { " (--force: at once)" } else { "" }
     );
     let deadline = Instant::now() + Duration::from_secs(wait);
-    let mut shown = state.accepted_by.clone();
+    let mut shown = state.accepted_by;
     loop {
         let Some(s) = RotationState::load(&home).map_err(anyhow::Error::msg)? else {
             bail!(
