@@ -48,6 +48,12 @@ pub struct Options {
     /// Interleaved runs of the CLI and of ssh.
     #[arg(long, default_value_t = 30)]
     cli_runs: usize,
+    /// The server's `--max-parallel-steps` (machines of one task at once).
+    #[arg(long, default_value_t = octo_engine::DEFAULT_MAX_PARALLEL_STEPS)]
+    max_parallel_steps: usize,
+    /// The server's `--max-running-steps` (steps of every task at once).
+    #[arg(long, default_value_t = octo_engine::DEFAULT_MAX_RUNNING_STEPS)]
+    max_running_steps: usize,
 }
 
 /// Counts the warnings and errors the server's comms log while armed (the
@@ -105,7 +111,11 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     let octopus = crate::release_binary("octo-server", "octopus")?;
     let tmp = tempfile::tempdir()?;
     let data = tmp.path().join("data");
-    let args = RunArgs::loopback(&data);
+    let args = RunArgs {
+        max_parallel_steps: o.max_parallel_steps,
+        max_running_steps: o.max_running_steps,
+        ..RunArgs::loopback(&data)
+    };
     let server = start(&args).await?;
     // The restart reuses the ports the tentacles know.
     let args = RunArgs {
@@ -298,7 +308,8 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         "machine_list_5000_p50_ms": round2(list_p50),
         "reconnect_5000_s": round2(reconnect_s),
         "reconnect_errors": problems,
-        "max_parallel_steps": octo_engine::MAX_PARALLEL_STEPS,
+        "max_parallel_steps": o.max_parallel_steps,
+        "max_running_steps": o.max_running_steps,
     });
     if let Some(r) = cli_ratio {
         out["cli_over_ssh_mux"] = json!(round2(r));

@@ -46,6 +46,9 @@ pub struct Options {
     /// Fan-out tasks (the median is reported).
     #[arg(long, default_value_t = 5)]
     fanout_runs: usize,
+    /// The server's `--max-parallel-steps` (machines of one task at once).
+    #[arg(long, default_value_t = octo_engine::DEFAULT_MAX_PARALLEL_STEPS)]
+    max_parallel_steps: usize,
 }
 
 #[derive(clap::Args, Debug)]
@@ -199,7 +202,11 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         bail!("--tentacles, --runs and --fanout-runs must be at least 1");
     }
     let tmp = tempfile::tempdir()?;
-    let server = start(&RunArgs::loopback(&tmp.path().join("data"))).await?;
+    let server = start(&RunArgs {
+        max_parallel_steps: o.max_parallel_steps,
+        ..RunArgs::loopback(&tmp.path().join("data"))
+    })
+    .await?;
     let api = Api {
         base: format!("http://{}", server.api_addr),
         key: server.admin_api_key.clone().context("admin key")?,
@@ -330,7 +337,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
             "fanout_runs_s": fanout.iter().map(|&x| round3(x)).collect::<Vec<_>>(),
             "fanout_machines": o.tentacles,
             "tentacles_per_process": o.tentacles,
-            "max_parallel_steps": octo_engine::MAX_PARALLEL_STEPS,
+            "max_parallel_steps": o.max_parallel_steps,
             "comms_style": "TentacleActive",
         })
     );

@@ -128,6 +128,55 @@ fn extracts_a_tar_gz_with_hard_links() {
 }
 
 #[test]
+fn the_check_only_sandbox_accepts_what_extracts_and_writes_nothing() {
+    use octo_calamari::extract::{check_tar_gz, check_zip};
+    let home = Home::new();
+    let mut items = tree_items();
+    let zip_pkg = home.package_path("a.zip");
+    zip(&zip_pkg, &items);
+    items.push(hard_link("bin/run2", "bin/run"));
+    let tgz_pkg = home.package_path("a.tar.gz");
+    tar_gz(&tgz_pkg, &items);
+    let before: Vec<_> = fs::read_dir(home.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    let limits = octo_calamari::Limits::default();
+    let z = fs::read(&zip_pkg).unwrap();
+    let zc = check_zip(std::io::Cursor::new(&z), z.len() as u64, limits).unwrap();
+    let t = fs::read(&tgz_pkg).unwrap();
+    let tc = check_tar_gz(&t[..], t.len() as u64, limits).unwrap();
+    // The hard link is one more file; the folders and links are the same.
+    assert_eq!(
+        (tc.files, tc.dirs, tc.symlinks),
+        (zc.files + 1, zc.dirs, zc.symlinks)
+    );
+    assert!(zc.files > 0 && zc.dirs > 0 && zc.symlinks > 0, "{zc:?}");
+    assert_eq!(
+        (tc.bytes, zc.bytes),
+        (file_bytes(&items), file_bytes(&items))
+    );
+    let after: Vec<_> = fs::read_dir(home.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(before, after, "nothing written");
+}
+
+/// Bytes of the regular files among `items` (what extracting them writes).
+fn file_bytes(items: &[Item]) -> u64 {
+    items
+        .iter()
+        .map(|i| match i {
+            Item::File(_, _, data) => data.len() as u64,
+            _ => 0,
+        })
+        .sum()
+}
+
+#[test]
 fn substitutes_variables_in_the_target_files_only() {
     let home = Home::new();
     let pkg = home.package_path("p.zip");

@@ -66,7 +66,37 @@ fn assert_refused(home: &Home, package: &Path, reason: &str, extra: &[&str]) -> 
     assert_eq!(last["success"], false);
     assert_eq!(last["extracted_to"], serde_json::Value::Null);
     assert!(last["error"].as_str().unwrap().contains(reason));
+    // The check the server's feed runs at push time refuses it for the same reason.
+    let checked = check_only(package, extra).expect_err("the check-only sandbox accepted it");
+    assert!(
+        checked.contains(reason),
+        "check only: wanted {reason:?} in {checked}"
+    );
     out.stderr
+}
+
+/// What the feed's check (no root, nothing written) says of `package`, with the
+/// limits of `extra`'s flags.
+fn check_only(package: &Path, extra: &[&str]) -> Result<(), String> {
+    use octo_calamari::extract::{check_tar_gz, check_zip, Format};
+    let mut limits = octo_calamari::Limits::default();
+    for pair in extra.chunks(2) {
+        let value: u64 = pair[1].parse().unwrap();
+        match pair[0] {
+            "--max-entries" => limits.max_entries = value,
+            "--max-extracted-bytes" => limits.max_extracted_bytes = value,
+            "--max-ratio" => limits.max_ratio = value,
+            other => panic!("unknown flag {other}"),
+        }
+    }
+    let bytes = fs::read(package).unwrap();
+    let len = bytes.len() as u64;
+    let result = match Format::of_magic(&bytes[..bytes.len().min(4)]) {
+        Some(Format::Zip) => check_zip(std::io::Cursor::new(bytes), len, limits),
+        Some(Format::TarGz) => check_tar_gz(&bytes[..], len, limits),
+        None => return Err("unknown package format".into()),
+    };
+    result.map(|_| ()).map_err(|e| e.to_string())
 }
 
 /// A path outside the package folder that a malicious entry targets; must not exist

@@ -22,8 +22,9 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 
-/// Bound on any single wait.
-const T: Duration = Duration::from_secs(60);
+/// Bound on any single wait: generous, as `files_beyond_4_gib` hashes 4.5 GiB
+/// three times at once (about 5 s each alone, over a minute on a loaded machine).
+const T: Duration = Duration::from_secs(240);
 const CHUNK: usize = 256 << 10;
 const MIB: u64 = 1 << 20;
 

@@ -217,6 +217,11 @@ pub struct ScriptRequest {
     /// log line.
     #[serde(default)]
     pub sensitive_variables: BTreeMap<String, String>,
+    /// Machines of this task that run at once (1 to 10000; default: the
+    /// server's `--max-parallel-steps`). The node's `--max-running-steps`
+    /// still bounds every task together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_parallel_steps: Option<u32>,
 }
 
 /// `POST /api/tasks/health` and `/api/tasks/upgrade`: exactly `machines` when
@@ -228,6 +233,11 @@ pub struct HealthRequest {
     pub machines: Vec<String>,
     #[serde(default)]
     pub environment: Option<String>,
+    /// Machines of this task that run at once (1 to 10000; default: the
+    /// server's `--max-parallel-steps`). The node's `--max-running-steps`
+    /// still bounds every task together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_parallel_steps: Option<u32>,
 }
 
 /// `POST /api/tasks/deploy`: deploy a package from the feed to the machines of
@@ -258,6 +268,11 @@ pub struct DeployRequest {
     /// (`POST /api/tasks/{id}/guidance`) instead of failing.
     #[serde(default)]
     pub guided_failure: bool,
+    /// Machines of this task that run at once (1 to 10000; default: the
+    /// server's `--max-parallel-steps`). The node's `--max-running-steps`
+    /// still bounds every task together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_parallel_steps: Option<u32>,
 }
 
 /// A person's decision for a machine whose deployment failed under guided failure.

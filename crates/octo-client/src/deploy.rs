@@ -101,6 +101,9 @@ pub struct DeployCliArgs {
     /// instead of failing: retry it, ignore the failure, or fail it.
     #[arg(long)]
     guided_failure: bool,
+    /// Machines that run it at once (default: the server's --max-parallel-steps).
+    #[arg(long, value_name = "N")]
+    max_parallel_steps: Option<u32>,
     /// Print the task's id and return at once instead of following its output.
     #[arg(long)]
     no_wait: bool,
@@ -396,6 +399,9 @@ impl Cx {
         }
         if a.guided_failure {
             body["guided_failure"] = json!(true);
+        }
+        if let Some(n) = a.max_parallel_steps {
+            body["max_parallel_steps"] = json!(n);
         }
         let c_ = &self.client;
         let v: Value = c_

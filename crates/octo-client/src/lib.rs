@@ -455,6 +455,9 @@ pub struct RunScriptArgs {
     /// process list (`ps`). Its value is never shown and is masked in the log.
     #[arg(long = "sensitive-variable", value_name = "NAME[=VALUE]")]
     sensitive_variables: Vec<String>,
+    /// Machines that run it at once (default: the server's --max-parallel-steps).
+    #[arg(long, value_name = "N")]
+    max_parallel_steps: Option<u32>,
     /// Print the task's id and return at once instead of following its output.
     #[arg(long)]
     no_wait: bool,
@@ -1033,6 +1036,9 @@ impl Cx {
         }
         if !sensitive.is_empty() {
             body["sensitive_variables"] = json!(sensitive);
+        }
+        if let Some(n) = a.max_parallel_steps {
+            body["max_parallel_steps"] = json!(n);
         }
         let c_ = &self.client;
         let v: Value = c_

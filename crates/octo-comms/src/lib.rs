@@ -38,6 +38,7 @@ pub use registry::PollingRegistry;
 pub use rotation::{CommsEvent, TentacleRotation};
 pub use server::{
     Connection, Endpoint, HttpOverTls, ServerComms, ServerCommsOptions, WebSocketListenerOptions,
+    DEFAULT_MAX_CONCURRENT_HANDSHAKES,
 };
 pub use tentacle::{ConnectionInfo, Direction, PollingOptions, PollingTarget, TentacleComms};
 

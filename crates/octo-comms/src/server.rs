@@ -168,7 +168,15 @@ pub struct ServerCommsOptions {
     /// How listening tentacles are dialled: directly or through an HTTP
     /// CONNECT proxy (default: `HTTPS_PROXY`/`NO_PROXY` from the environment).
     pub proxy: ProxySetting,
+    /// Incoming polling connections whose TLS and HTTP/2 handshakes run at once
+    /// (TCP and WebSocket together). More wait their turn, so a reconnect storm
+    /// after a restart queues rather than starves every handshake of CPU until
+    /// they all time out.
+    pub max_concurrent_handshakes: usize,
 }
+
+/// The default of [`ServerCommsOptions::max_concurrent_handshakes`].
+pub const DEFAULT_MAX_CONCURRENT_HANDSHAKES: usize = 128;
 
 impl Default for ServerCommsOptions {
     fn default() -> Self {
@@ -176,6 +184,7 @@ impl Default for ServerCommsOptions {
             polling_wait: Duration::from_secs(120),
             h2: H2Settings::default(),
             proxy: ProxySetting::default(),
+            max_concurrent_handshakes: DEFAULT_MAX_CONCURRENT_HANDSHAKES,
         }
     }
 }
@@ -196,6 +205,9 @@ struct ServerInner {
     listening: Mutex<HashMap<(String, Vec<Thumbprint>), ListeningSlot>>,
     events: Mutex<Option<tokio::sync::mpsc::UnboundedSender<CommsEvent>>>,
     tentacle_hint: TrustHint,
+    /// Bounds the polling handshakes in progress (see
+    /// [`ServerCommsOptions::max_concurrent_handshakes`]).
+    handshakes: Arc<tokio::sync::Semaphore>,
     options: ServerCommsOptions,
 }
 
@@ -224,6 +236,9 @@ impl ServerComms {
                 listening: Mutex::new(HashMap::new()),
                 events: Mutex::new(None),
                 tentacle_hint,
+                handshakes: Arc::new(tokio::sync::Semaphore::new(
+                    options.max_concurrent_handshakes.max(1),
+                )),
                 options,
             }),
         }
@@ -689,6 +704,11 @@ impl ServerComms {
         if let Err(e) = net::tune(&tcp) {
             debug!("socket options on connection from {remote}: {e}");
         }
+        // Queued here, the connection waits in the kernel's buffers; its
+        // handshake timeout starts when its turn comes.
+        let Some(turn) = self.handshake_turn(&shutdown).await else {
+            return;
+        };
         let accept = acceptor
             .accept_with(tcp, |c| net::tune_tls(c))
             .into_fallible();
@@ -706,6 +726,7 @@ impl ServerComms {
             Ok(Ok(tls)) => tls,
         };
         let Some(thumbprint) = octo_tls::peer_thumbprint(tls.get_ref().1) else {
+            drop(turn);
             // No certificate: a browser or curl. Show the page and nothing else.
             let svc = hyper::service::service_fn(|_req| async {
                 Ok::<_, std::convert::Infallible>(page::response(page::Listener::ServerPolling))
@@ -720,6 +741,19 @@ impl ServerComms {
         };
         self.register_polling(tls, remote, thumbprint, shutdown)
             .await;
+        drop(turn);
+    }
+
+    /// Waits for a free handshake slot (None when the server stops first).
+    async fn handshake_turn(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let slots = self.inner.handshakes.clone();
+        tokio::select! {
+            p = slots.acquire_owned() => p.ok(),
+            _ = shutdown.cancelled() => None,
+        }
     }
 
     /// A polling tentacle's stream, TLS done and its thumbprint trusted (over
@@ -833,6 +867,11 @@ impl ServerComms {
         if let Err(e) = net::tune(&tcp) {
             debug!("socket options on connection from {remote}: {e}");
         }
+        // Queued here, the connection waits in the kernel's buffers; its
+        // handshake timeout starts when its turn comes.
+        let Some(turn) = self.handshake_turn(&shutdown).await else {
+            return;
+        };
         let accept = acceptor
             .accept_with(tcp, |c| net::tune_tls(c))
             .into_fallible();
@@ -849,6 +888,9 @@ impl ServerComms {
             }
             Ok(Ok(tls)) => tls,
         };
+        // The WebSocket upgrade and HTTP/2 inside it follow at the client's
+        // pace; only the TLS handshake (the CPU-bound part) holds a slot.
+        drop(turn);
         let thumbprint = octo_tls::peer_thumbprint(tls.get_ref().1);
         let this = self.clone();
         let upgrades = shutdown.clone();

@@ -147,6 +147,9 @@ pub struct StepContext {
     pub tool: Arc<Result<ToolBuild, String>>,
     /// Where package files are.
     pub packages: PackageFiles,
+    /// Most bytes of its machine's output a step stores (the rest is counted
+    /// and dropped).
+    pub max_log_bytes: u64,
     pub(crate) guidance: Arc<GuidanceBoard>,
 }
 

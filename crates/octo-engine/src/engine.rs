@@ -3,6 +3,9 @@
 //! The engine knows, in memory only:
 //! - which tasks run here and their cancel tokens (a task runs at most once: a
 //!   second `start` of a running task is ignored);
+//! - which steps run here, by machine, each with a cancel token of its own (a
+//!   child of its task's), so that deleting a machine cancels its steps
+//!   ([`Engine::stop_machine`]);
 //! - per task with live log readers, a `watch` channel of change counters
 //!   ([`Notifiers`]);
 //! - the steps waiting for a person's decision ([`GuidanceBoard`]).
@@ -35,12 +38,43 @@ use crate::notify::{lock, Changes, Notifiers};
 use crate::secrets::{Masker, MasterKey};
 use crate::steps::{deploy, health, script, StepEnd};
 use crate::tool::ToolBuild;
-use crate::{kind, machine_list, DeployArgs, MAX_PARALLEL_STEPS};
+use crate::{kind, machine_list, max_parallel_steps_of, DeployArgs, StepLimits};
 
 /// How often the scheduler looks for machines due a health check.
 const HEALTH_SCAN_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a stopping server waits for its tasks to notice.
 const STOP_WAIT: Duration = Duration::from_secs(8);
+/// How long a step stopped by [`Engine::stop_machine`] and abandoned (its
+/// machine could not be told in time) may take to be recorded.
+const ABANDON_WAIT: Duration = Duration::from_secs(5);
+
+/// A step running here, for cancelling one machine's steps.
+#[derive(Debug, Clone)]
+struct RunningStep {
+    machine_name: String,
+    /// The step's own cancel token (a child of its task's).
+    cancel: CancellationToken,
+    /// Ends the step at once, recorded Canceled, without waiting for its machine.
+    abandon: CancellationToken,
+    /// Why it was canceled, when not by its task.
+    reason: Arc<Mutex<Option<String>>>,
+    /// Cancelled once the step's end is recorded.
+    done: CancellationToken,
+}
+
+/// Takes a step out of the running set and marks it done when dropped.
+struct StepRegistration {
+    engine: Arc<Engine>,
+    key: (String, i64),
+    done: CancellationToken,
+}
+
+impl Drop for StepRegistration {
+    fn drop(&mut self) {
+        lock(&self.engine.steps).remove(&self.key);
+        self.done.cancel();
+    }
+}
 
 /// What the engine's steps work with.
 #[derive(Debug, Clone)]
@@ -53,6 +87,11 @@ pub struct EngineDeps {
     pub packages: PackageFiles,
     /// Decrypts the secret values of tasks.
     pub master_key: Arc<MasterKey>,
+    /// How many steps run at once, per task and on this node.
+    pub limits: StepLimits,
+    /// Most bytes of its machine's output one step stores; the rest is
+    /// counted and dropped, and the log says how much.
+    pub max_log_bytes_per_step: u64,
 }
 
 /// The engine of one server (see the module documentation).
@@ -67,8 +106,12 @@ pub struct Engine {
     created_at: i64,
     /// Tasks running here, with their cancel tokens.
     running: Mutex<HashMap<String, CancellationToken>>,
+    /// Steps running here, by task and machine id.
+    steps: Mutex<HashMap<(String, i64), RunningStep>>,
     notifiers: Arc<Notifiers>,
     guidance: Arc<GuidanceBoard>,
+    /// Steps running on this node, every task together (`limits.per_node`).
+    node_slots: Arc<Semaphore>,
 }
 
 /// What runs one step of a task.
@@ -82,11 +125,13 @@ impl Engine {
     /// A new engine; background work starts with [`Engine::spawn_background`].
     pub fn new(deps: EngineDeps) -> Engine {
         Engine {
+            node_slots: Arc::new(Semaphore::new(deps.limits.per_node.max(1))),
             deps,
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             created_at: now_ms(),
             running: Mutex::new(HashMap::new()),
+            steps: Mutex::new(HashMap::new()),
             notifiers: Arc::new(Notifiers::default()),
             guidance: Arc::new(GuidanceBoard::default()),
         }
@@ -153,6 +198,48 @@ impl Engine {
             token.cancel();
         }
         self.notifiers.state_changed(task_id);
+    }
+
+    /// Cancels every step of machine `machine_id` running here (all tasks),
+    /// writing "MACHINE: canceling: `reason`" to each task's log and recording
+    /// `reason` as the step's error. Waits up to `grace` for the steps to stop
+    /// on their machine (a script is cancelled there, as a task cancel does);
+    /// steps that have not stopped by then are recorded Canceled at once,
+    /// saying the script may still run. Answers how many steps were canceled.
+    pub async fn stop_machine(&self, machine_id: i64, reason: &str, grace: Duration) -> usize {
+        let steps: Vec<(String, RunningStep)> = lock(&self.steps)
+            .iter()
+            .filter(|((_, m), _)| *m == machine_id)
+            .map(|((t, _), s)| (t.clone(), s.clone()))
+            .collect();
+        for (task_id, step) in &steps {
+            *lock(&step.reason) = Some(reason.to_string());
+            self.log_of(task_id)
+                .server(format!("{}: canceling: {reason}", step.machine_name))
+                .await;
+            step.cancel.cancel();
+            self.notifiers.state_changed(task_id);
+        }
+        let all_done = || async {
+            for (_, step) in &steps {
+                step.done.cancelled().await;
+            }
+        };
+        if tokio::time::timeout(grace, all_done()).await.is_err() {
+            for (_, step) in &steps {
+                step.abandon.cancel();
+            }
+            if tokio::time::timeout(ABANDON_WAIT, all_done())
+                .await
+                .is_err()
+            {
+                warn!(
+                    "steps of machine #{machine_id} were not recorded canceled within {} s",
+                    ABANDON_WAIT.as_secs()
+                );
+            }
+        }
+        steps.len()
     }
 
     /// Delivers a decision to a step waiting under guided failure; false when
@@ -312,8 +399,9 @@ impl Engine {
                 .await;
         }
         let runner = secrets.and_then(|s| Self::runner_of(&task, &s));
+        let per_task = max_parallel_steps_of(&task.arguments).unwrap_or(self.deps.limits.per_task);
         let health = match runner {
-            Ok(runner) => match self.run_steps(&log, steps, &cancel, runner).await {
+            Ok(runner) => match self.run_steps(&log, steps, &cancel, runner, per_task).await {
                 Some(health) => health,
                 // The server is stopping: leave the task as it is, to resume.
                 None => return,
@@ -326,8 +414,8 @@ impl Engine {
         self.finish_task(&log, &task, &cancel, &health).await;
     }
 
-    /// Runs every unfinished step, at most [`MAX_PARALLEL_STEPS`] at once, and
-    /// records how each ended. Returns the health results the steps reported,
+    /// Runs every unfinished step, at most `per_task` at once (and within the
+    /// node's limit, shared by every task), and records how each ended. Returns the health results the steps reported,
     /// or None when the server stopped.
     async fn run_steps(
         self: &Arc<Self>,
@@ -335,36 +423,86 @@ impl Engine {
         steps: Vec<TaskStep>,
         cancel: &CancellationToken,
         run: StepRunner,
+        per_task: usize,
     ) -> Option<Vec<(String, HealthStatus)>> {
-        let slots = Arc::new(Semaphore::new(MAX_PARALLEL_STEPS));
+        let slots = Arc::new(Semaphore::new(per_task.max(1)));
         let mut set = JoinSet::new();
         for step in steps.into_iter().filter(|s| !s.state.is_final()) {
             let (eng, slots, run) = (self.clone(), slots.clone(), run.clone());
+            let node_slots = self.node_slots.clone();
+            let running = RunningStep {
+                machine_name: step.machine_name.clone(),
+                cancel: cancel.child_token(),
+                abandon: CancellationToken::new(),
+                reason: Arc::default(),
+                done: CancellationToken::new(),
+            };
+            let key = (step.task_id.clone(), step.machine_id);
+            lock(&self.steps).insert(key.clone(), running.clone());
+            let registration = StepRegistration {
+                engine: self.clone(),
+                key,
+                done: running.done.clone(),
+            };
             let ctx = StepContext {
                 machine_name: step.machine_name.clone(),
                 log: log.clone(),
                 store: self.deps.store.clone(),
                 comms: self.deps.comms.clone(),
-                cancel: cancel.clone(),
+                cancel: running.cancel.clone(),
                 shutdown: self.shutdown.clone(),
                 tool: self.deps.tool.clone(),
                 packages: self.deps.packages.clone(),
+                max_log_bytes: self.deps.max_log_bytes_per_step,
                 guidance: self.guidance.clone(),
             };
             set.spawn(async move {
+                let registration = registration;
+                let because = |error: Option<String>| -> Option<String> {
+                    match lock(&running.reason).clone() {
+                        Some(r) => Some(match error {
+                            Some(e) if !e.is_empty() => format!("canceled: {r} ({e})"),
+                            _ => format!("canceled: {r}"),
+                        }),
+                        None => error,
+                    }
+                };
+                // A slot of the task's, then one of the node's (always in
+                // this order, so tasks cannot hold each other's).
+                let both = async {
+                    let task_slot = slots.acquire_owned().await.ok()?;
+                    let node_slot = node_slots.acquire_owned().await.ok()?;
+                    Some((task_slot, node_slot))
+                };
                 let _slot = tokio::select! {
-                    slot = slots.acquire_owned() => slot.ok(),
+                    slot = both => slot,
                     _ = ctx.shutdown.cancelled() => return None,
                     // A queued step never starts once cancel was requested; a
                     // step already executing (resumed) must be cancelled on the
                     // tentacle, which its runner does.
                     _ = ctx.cancel.cancelled(), if step.state == TaskState::Queued => {
-                        eng.finish_step(&ctx.log, step, TaskState::Canceled, Some("canceled before it started".into())).await;
+                        let why = because(Some("canceled before it started".into()));
+                        eng.finish_step(&ctx.log, step, TaskState::Canceled, why).await;
                         return None;
                     }
                 };
                 let log = ctx.log.clone();
-                match run(ctx, step).await {
+                let name = step.machine_name.clone();
+                let (task_id, machine_id) = (step.task_id.clone(), step.machine_id);
+                let end = tokio::select! {
+                    end = run(ctx, step.clone()) => end,
+                    // Stopped for its machine's sake and not done in time: the
+                    // step ends now (the runner is dropped), as stored so far.
+                    _ = running.abandon.cancelled() => {
+                        let stored = eng.deps.store.task_steps(&task_id).await.ok()
+                            .and_then(|all| all.into_iter().find(|s| s.machine_id == machine_id))
+                            .unwrap_or(step);
+                        let why = format!("the cancel could not be delivered in time; the script may still be running on {name}");
+                        log.server(format!("{name}: {why}")).await;
+                        StepEnd::finished(stored, TaskState::Canceled, Some(why))
+                    }
+                };
+                match end {
                     StepEnd::Finished {
                         step,
                         state,
@@ -372,8 +510,10 @@ impl Engine {
                         health,
                         afterwards,
                     } => {
-                        let name = step.machine_name.clone();
+                        let error = if state == TaskState::Canceled { because(error) } else { error };
                         eng.finish_step(&log, step, state, error).await;
+                        // Recorded: whoever stops this machine may go on.
+                        drop(registration);
                         if let Some(work) = afterwards {
                             work.await;
                         }

@@ -5,7 +5,7 @@
 //! unfinished step to the step runner of the task's kind with a
 //! [`StepContext`] (the step's log sink, the store, comms, cancellation and
 //! guided-failure decisions; never the engine itself), at most
-//! [`MAX_PARALLEL_STEPS`] at once, records each step's outcome, then the task's.
+//! [`StepLimits`] allow at once, records each step's outcome, then the task's.
 //!
 //! - [`engine`]: the engine (start, cancel, guidance, resume after a restart,
 //!   scheduled health checks).
@@ -44,8 +44,43 @@ pub use notify::Changes;
 pub use steps::deploy::DeployArgs;
 pub use tool::ToolBuild;
 
-/// Steps of one task that run at once.
-pub const MAX_PARALLEL_STEPS: usize = 20;
+/// The default of [`StepLimits::per_task`] (`octopus server run --max-parallel-steps`).
+pub const DEFAULT_MAX_PARALLEL_STEPS: usize = 20;
+/// The default of [`StepLimits::per_node`] (`octopus server run --max-running-steps`).
+pub const DEFAULT_MAX_RUNNING_STEPS: usize = 200;
+/// The most steps one task may ask to run at once (`max_parallel_steps` of a task).
+pub const MAX_PARALLEL_STEPS_ALLOWED: u32 = 10_000;
+
+/// How many machine steps run at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepLimits {
+    /// Steps of one task at once, unless the task asks otherwise (its stored
+    /// `max_parallel_steps` argument).
+    pub per_task: usize,
+    /// Steps of every task together on this server node: a task's steps past
+    /// it wait for a slot (Queued) rather than overload the node.
+    pub per_node: usize,
+}
+
+impl Default for StepLimits {
+    fn default() -> Self {
+        StepLimits {
+            per_task: DEFAULT_MAX_PARALLEL_STEPS,
+            per_node: DEFAULT_MAX_RUNNING_STEPS,
+        }
+    }
+}
+
+/// The per-task limit a task's stored arguments ask for, if any (a number from
+/// 1 to [`MAX_PARALLEL_STEPS_ALLOWED`]; anything else is ignored, as the API
+/// refuses it before it is stored).
+pub fn max_parallel_steps_of(arguments: &serde_json::Value) -> Option<usize> {
+    let n = arguments.get("max_parallel_steps")?.as_u64()?;
+    (1..=u64::from(MAX_PARALLEL_STEPS_ALLOWED))
+        .contains(&n)
+        .then(|| usize::try_from(n).ok())
+        .flatten()
+}
 
 /// Task kinds, as stored and shown.
 pub mod kind {

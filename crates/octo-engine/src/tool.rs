@@ -2,9 +2,13 @@
 //!
 //! The server does not embed the tool: it finds the `calamari` binary at start
 //! (`--calamari PATH`, else `OCTOPUS_CALAMARI`, else beside the `octopus`
-//! binary), asks it for its version (`calamari version`) and hashes it. A server
-//! without the tool still runs; deployments and upgrades then fail saying how to
-//! provide it.
+//! binary) and copies it, hashing the copy, to `DATA/tools/calamari-<sha256>`
+//! (folder 0700, file 0700): what it pushes later is that snapshot, so an
+//! upgrade that replaces the original file meanwhile cannot change the bytes
+//! under a push (their size and hash were announced to tentacles). It asks the
+//! snapshot for its version (`calamari version`). Older snapshots are removed.
+//! A server without the tool still runs; deployments and upgrades then fail
+//! saying how to provide it.
 //!
 //! On a tentacle the tool lives in `HOME/Tools/calamari/<version>/calamari`
 //! (mode 0755) and counts as installed only once `.complete` sits beside it,
@@ -26,8 +30,10 @@ const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
 /// The tool build this server pushes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ToolBuild {
-    /// Where the binary is on the server.
+    /// The server's snapshot of the binary (what it pushes).
     pub path: PathBuf,
+    /// Where the binary was found at start.
+    pub source: PathBuf,
     /// What `calamari version` printed, e.g. "0.1.0".
     pub version: String,
     /// SHA-256 of the binary, 64 upper-case hex (as tentacles report hashes).
@@ -46,9 +52,11 @@ impl ToolBuild {
         format!("Tools/calamari/{}/{COMPLETE_MARKER}", self.version)
     }
 
-    /// Finds, runs and hashes the tool. Err says what is wrong and how to fix it.
-    pub async fn locate(explicit: Option<&Path>) -> Result<ToolBuild, String> {
-        let path = match explicit {
+    /// Finds the tool, copies it into `snapshots` (created 0700) as
+    /// `calamari-<sha256>` while hashing the copy, and runs the copy for its
+    /// version. Err says what is wrong and how to fix it.
+    pub async fn locate(explicit: Option<&Path>, snapshots: &Path) -> Result<ToolBuild, String> {
+        let source = match explicit {
             Some(p) => {
                 if !p.is_file() {
                     return Err(format!(
@@ -65,21 +73,99 @@ impl ToolBuild {
                     .to_string()
             })?,
         };
-        let version = run_version(&path).await?;
-        let (sha256, size) = {
-            let p = path.clone();
-            tokio::task::spawn_blocking(move || hash_file(&p))
+        let (path, sha256, size) = {
+            let (from, dir) = (source.clone(), snapshots.to_path_buf());
+            tokio::task::spawn_blocking(move || snapshot(&from, &dir))
                 .await
-                .map_err(|e| format!("hashing {}: {e}", path.display()))?
-                .map_err(|e| format!("reading the deployment tool {}: {e}", path.display()))?
+                .map_err(|e| format!("copying {}: {e}", source.display()))??
         };
+        let version = run_version(&path).await?;
         Ok(ToolBuild {
             path,
+            source,
             version,
             sha256,
             size,
         })
     }
+}
+
+/// Copies `source` into `dir` as `calamari-<sha256>` (0700), hashing what was
+/// copied, and removes older snapshots; answers (path, SHA-256, size).
+fn snapshot(source: &Path, dir: &Path) -> Result<(PathBuf, String, u64), String> {
+    use std::fs;
+    use std::io::{Read, Write};
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .map_err(|e| format!("making {} mode 700: {e}", dir.display()))?;
+    let mut input = fs::File::open(source)
+        .map_err(|e| format!("reading the deployment tool {}: {e}", source.display()))?;
+    let partial = dir.join(format!(".{TOOL_FILE}-{}.partial", std::process::id()));
+    let written = (|| -> std::io::Result<(String, u64)> {
+        let mut out = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o700)
+            .open(&partial)?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 256 << 10];
+        let mut size = 0u64;
+        loop {
+            let n = input.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n])?;
+            size += n as u64;
+        }
+        out.sync_all()?;
+        Ok((hex_upper(&hasher.finalize()), size))
+    })();
+    let (sha256, size) = match written {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = fs::remove_file(&partial);
+            return Err(format!(
+                "copying the deployment tool {} to {}: {e}",
+                source.display(),
+                dir.display()
+            ));
+        }
+    };
+    let name = format!("{TOOL_FILE}-{}", sha256.to_ascii_lowercase());
+    let path = dir.join(&name);
+    fs::rename(&partial, &path).map_err(|e| {
+        let _ = fs::remove_file(&partial);
+        format!(
+            "moving the deployment tool's copy to {}: {e}",
+            path.display()
+        )
+    })?;
+    // Older snapshots (and copies a crash left) are of no use any more.
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let other = e.file_name();
+            let other = other.to_string_lossy();
+            let ours = other.starts_with(&format!("{TOOL_FILE}-"))
+                || (other.starts_with(&format!(".{TOOL_FILE}-")) && other.ends_with(".partial"));
+            if ours && other != name.as_str() {
+                if let Err(err) = fs::remove_file(e.path()) {
+                    tracing::warn!(
+                        "cannot remove the old tool copy {}: {err}",
+                        e.path().display()
+                    );
+                }
+            }
+        }
+    }
+    Ok((path, sha256, size))
 }
 
 /// `calamari` next to the running binary, or one level up (test binaries run
@@ -95,12 +181,30 @@ fn beside_this_binary() -> Option<PathBuf> {
     found
 }
 
+/// Tries to run a snapshot written a moment ago at most this many times:
+/// a child that another thread forked while the copy was open for writing
+/// holds it until it execs, and running the copy then fails with ETXTBSY.
+const TEXT_BUSY_TRIES: u32 = 50;
+
 async fn run_version(path: &Path) -> Result<String, String> {
-    let run = tokio::process::Command::new(path)
-        .arg("version")
-        .kill_on_drop(true)
-        .output();
-    let out = match tokio::time::timeout(VERSION_TIMEOUT, run).await {
+    let mut tries = 0;
+    let out = loop {
+        tries += 1;
+        let run = tokio::process::Command::new(path)
+            .arg("version")
+            .kill_on_drop(true)
+            .output();
+        match tokio::time::timeout(VERSION_TIMEOUT, run).await {
+            Ok(Err(e))
+                if e.kind() == std::io::ErrorKind::ExecutableFileBusy
+                    && tries < TEXT_BUSY_TRIES =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => break other,
+        }
+    };
+    let out = match out {
         Ok(Ok(out)) => out,
         Ok(Err(e)) => {
             return Err(format!(
@@ -132,24 +236,6 @@ async fn run_version(path: &Path) -> Result<String, String> {
         )
     })?;
     Ok(version)
-}
-
-/// SHA-256 (upper-case hex) and length of a file.
-pub(crate) fn hash_file(path: &Path) -> std::io::Result<(String, u64)> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 256 << 10];
-    let mut size = 0u64;
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        size += n as u64;
-    }
-    Ok((hex_upper(&hasher.finalize()), size))
 }
 
 pub(crate) fn hex_upper(bytes: &[u8]) -> String {

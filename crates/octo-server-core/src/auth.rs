@@ -86,6 +86,12 @@ pub fn verify_password(password: &str, phc: &str) -> bool {
 /// clears the user's count. Attempts that must wait are answered at once
 /// (429 with Retry-After): nothing sleeps, so one attacker never slows other
 /// users, and no password hashing is spent on them.
+///
+/// Attempts are counted from the moment they are let through
+/// ([`LoginThrottle::begin`]), not when their password check ends: only as
+/// many attempts may be checking a password at once as failures are still
+/// free (one, once attempts are slowed), so a burst of concurrent guesses
+/// cannot all slip in before the first failure is recorded.
 #[derive(Debug, Default)]
 pub struct LoginThrottle {
     failures: std::sync::Mutex<std::collections::HashMap<String, Failures>>,
@@ -102,6 +108,8 @@ const FORGET_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
 struct Failures {
     count: u32,
     last: std::time::Instant,
+    /// Attempts let through whose password check has not ended.
+    in_flight: u32,
 }
 
 impl Failures {
@@ -116,6 +124,91 @@ impl Failures {
     fn wait(&self) -> std::time::Duration {
         self.delay().saturating_sub(self.last.elapsed())
     }
+
+    /// Whether one more attempt may check a password now.
+    fn room(&self) -> bool {
+        let allowed = FREE_FAILURES.saturating_sub(self.count).max(1);
+        self.in_flight < allowed
+    }
+}
+
+/// A login attempt let through the throttle: counted in flight until it ends
+/// with [`LoginAttempt::failed`] or [`LoginAttempt::succeeded`] (dropped
+/// without either, it counts for nothing).
+#[derive(Debug)]
+pub struct LoginAttempt<'a> {
+    throttle: &'a LoginThrottle,
+    keys: [String; 2],
+    ended: bool,
+}
+
+impl LoginAttempt<'_> {
+    /// The password (or the user) was wrong.
+    pub fn failed(mut self) {
+        self.ended = true;
+        let mut failures = self
+            .throttle
+            .failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if failures.len() > 100_000 {
+            failures.retain(|_, f| f.last.elapsed() < FORGET_AFTER || f.in_flight > 0);
+        }
+        let now = std::time::Instant::now();
+        for key in &self.keys {
+            let f = failures.entry(key.clone()).or_insert(Failures {
+                count: 0,
+                last: now,
+                in_flight: 1,
+            });
+            f.in_flight = f.in_flight.saturating_sub(1);
+            if f.last.elapsed() > FORGET_AFTER {
+                f.count = 0;
+            }
+            f.count = f.count.saturating_add(1);
+            f.last = now;
+        }
+    }
+
+    /// The login succeeded: the user's failures are cleared (not the address's).
+    pub fn succeeded(mut self) {
+        self.ended = true;
+        let mut failures = self
+            .throttle
+            .failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let [user, addr] = &self.keys;
+        if let Some(f) = failures.get_mut(addr) {
+            f.in_flight = f.in_flight.saturating_sub(1);
+        }
+        if let Some(f) = failures.get_mut(user) {
+            f.in_flight = f.in_flight.saturating_sub(1);
+            if f.in_flight == 0 {
+                failures.remove(user);
+            } else {
+                f.count = 0;
+            }
+        }
+    }
+}
+
+impl Drop for LoginAttempt<'_> {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        let mut failures = self
+            .throttle
+            .failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for key in &self.keys {
+            if let Some(f) = failures.get_mut(key) {
+                f.in_flight = f.in_flight.saturating_sub(1);
+            }
+        }
+    }
 }
 
 impl LoginThrottle {
@@ -126,50 +219,51 @@ impl LoginThrottle {
         ]
     }
 
-    /// How long this attempt must wait (zero: go ahead), and why.
-    pub fn wait(
+    /// Lets an attempt check its password now, or answers how long it must
+    /// wait and why. Too many attempts checking at once wait a second.
+    pub fn begin(
         &self,
         username: &str,
         source: &str,
-    ) -> Option<(std::time::Duration, &'static str)> {
-        let failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let [user, addr] = Self::keys(username, source);
-        let by_user = failures.get(&user).map(|f| f.wait()).unwrap_or_default();
-        let by_addr = failures.get(&addr).map(|f| f.wait()).unwrap_or_default();
-        if by_user.is_zero() && by_addr.is_zero() {
-            None
-        } else if by_user >= by_addr {
-            Some((by_user, "for this user"))
-        } else {
-            Some((by_addr, "from your address"))
-        }
-    }
-
-    /// Counts a failed attempt.
-    pub fn failed(&self, username: &str, source: &str) {
+    ) -> Result<LoginAttempt<'_>, (std::time::Duration, &'static str)> {
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        if failures.len() > 100_000 {
-            failures.retain(|_, f| f.last.elapsed() < FORGET_AFTER);
+        let [user, addr] = Self::keys(username, source);
+        let of = |k: &str| failures.get(k).copied();
+        let (by_user, by_addr) = (of(&user), of(&addr));
+        let wait = |f: Option<Failures>| f.map(|f| f.wait()).unwrap_or_default();
+        let (wait_user, wait_addr) = (wait(by_user), wait(by_addr));
+        if !(wait_user.is_zero() && wait_addr.is_zero()) {
+            return Err(if wait_user >= wait_addr {
+                (wait_user, "for this user")
+            } else {
+                (wait_addr, "from your address")
+            });
+        }
+        let one_second = std::time::Duration::from_secs(1);
+        if by_user.is_some_and(|f| !f.room()) {
+            return Err((one_second, "for this user"));
+        }
+        if by_addr.is_some_and(|f| !f.room()) {
+            return Err((one_second, "from your address"));
         }
         let now = std::time::Instant::now();
-        for key in Self::keys(username, source) {
-            let f = failures.entry(key).or_insert(Failures {
-                count: 0,
-                last: now,
-            });
-            if f.last.elapsed() > FORGET_AFTER {
-                f.count = 0;
-            }
-            f.count = f.count.saturating_add(1);
-            f.last = now;
+        for key in [&user, &addr] {
+            // A new entry starts with no failures, and an old one's last
+            // failure time keeps its delay running.
+            failures
+                .entry(key.clone())
+                .or_insert(Failures {
+                    count: 0,
+                    last: now,
+                    in_flight: 0,
+                })
+                .in_flight += 1;
         }
-    }
-
-    /// A successful login clears the user's failures (not the address's).
-    pub fn succeeded(&self, username: &str) {
-        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let [user, _] = Self::keys(username, "");
-        failures.remove(&user);
+        Ok(LoginAttempt {
+            throttle: self,
+            keys: [user, addr],
+            ended: false,
+        })
     }
 }
 
@@ -182,22 +276,49 @@ mod tests {
     fn logins_slow_down_after_five_failures_per_user_and_per_address() {
         let t = LoginThrottle::default();
         for _ in 0..FREE_FAILURES {
-            assert!(t.wait("alice", "10.0.0.1").is_none());
-            t.failed("alice", "10.0.0.1");
+            t.begin("alice", "10.0.0.1").unwrap().failed();
         }
-        let (wait, why) = t.wait("ALICE", "10.0.0.2").unwrap();
+        let (wait, why) = t.begin("ALICE", "10.0.0.2").unwrap_err();
         assert!(wait > std::time::Duration::ZERO && wait <= std::time::Duration::from_secs(1));
         assert_eq!(why, "for this user");
         // Another user from the same address is slowed too (the address failed).
-        assert_eq!(t.wait("bob", "10.0.0.1").unwrap().1, "from your address");
+        assert_eq!(
+            t.begin("bob", "10.0.0.1").unwrap_err().1,
+            "from your address"
+        );
         // Another user elsewhere is not.
-        assert!(t.wait("bob", "10.0.0.9").is_none());
-        t.succeeded("alice");
-        assert!(t.wait("alice", "10.0.0.2").is_none());
+        t.begin("bob", "10.0.0.9").unwrap().succeeded();
         let f = Failures {
             count: 40,
             last: std::time::Instant::now(),
+            in_flight: 0,
         };
         assert_eq!(f.delay(), MAX_DELAY);
+    }
+
+    #[test]
+    fn concurrent_attempts_are_counted_before_they_end() {
+        let t = LoginThrottle::default();
+        // Five free failures: five attempts may check at once, not a sixth.
+        let running: Vec<_> = (0..FREE_FAILURES)
+            .map(|_| t.begin("carol", "10.0.0.1").unwrap())
+            .collect();
+        let (wait, why) = t.begin("carol", "10.0.0.7").unwrap_err();
+        assert_eq!((wait.as_secs(), why), (1, "for this user"));
+        assert_eq!(
+            t.begin("dave", "10.0.0.1").unwrap_err().1,
+            "from your address"
+        );
+        // One that ends without a verdict frees its place and counts nothing.
+        let mut running = running.into_iter();
+        drop(running.next());
+        let one_more = t.begin("carol", "10.0.0.1").unwrap();
+        for a in running {
+            a.failed();
+        }
+        // Four failures: one attempt in flight (one_more) fills the last free one.
+        assert!(t.begin("carol", "10.0.0.8").is_err());
+        one_more.succeeded();
+        t.begin("carol", "10.0.0.8").unwrap().succeeded();
     }
 }

@@ -1,5 +1,6 @@
 //! The server's options (`octopus server run`).
 
+use clap::builder::TypedValueParser;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -46,7 +47,30 @@ pub struct RunArgs {
     /// A login's session key expires after this many hours without use.
     #[arg(long, value_name = "HOURS", default_value_t = 8.0)]
     pub session_idle_hours: f64,
+    /// Machines of one task that run at once, unless the task asks otherwise
+    /// (its `max_parallel_steps`; `octopus run-script --max-parallel-steps`).
+    #[arg(long, value_name = "N", default_value_t = octo_engine::DEFAULT_MAX_PARALLEL_STEPS,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(octo_engine::MAX_PARALLEL_STEPS_ALLOWED)).map(|n| n as usize))]
+    pub max_parallel_steps: usize,
+    /// Machine steps of every task together that run at once on this server;
+    /// more wait (Queued) for a free slot.
+    #[arg(long, value_name = "N", default_value_t = octo_engine::DEFAULT_MAX_RUNNING_STEPS,
+          value_parser = clap::value_parser!(u32).range(1..=100_000).map(|n| n as usize))]
+    pub max_running_steps: usize,
+    /// Polling tentacles' TLS handshakes that run at once; more wait their turn
+    /// (a reconnect storm after a restart queues rather than fails).
+    #[arg(long, value_name = "N", default_value_t = octo_comms::DEFAULT_MAX_CONCURRENT_HANDSHAKES,
+          value_parser = clap::value_parser!(u32).range(1..=100_000).map(|n| n as usize))]
+    pub max_concurrent_handshakes: usize,
+    /// Most output one machine's part of a task stores, in MiB; past it, lines
+    /// are counted and dropped (the log says how many) and the script runs on.
+    #[arg(long, value_name = "MIB", default_value_t = DEFAULT_MAX_LOG_MIB_PER_STEP,
+          value_parser = clap::value_parser!(u64).range(1..=1024 * 1024))]
+    pub max_log_mib_per_step: u64,
 }
+
+/// The default of `--max-log-mib-per-step`.
+pub const DEFAULT_MAX_LOG_MIB_PER_STEP: u64 = 100;
 
 impl RunArgs {
     /// How listening tentacles are dialled.
@@ -106,6 +130,10 @@ impl Default for RunArgs {
             web_socket_listen_port: None,
             web_socket_path: octo_comms::websocket::DEFAULT_PATH.into(),
             session_idle_hours: 8.0,
+            max_parallel_steps: octo_engine::DEFAULT_MAX_PARALLEL_STEPS,
+            max_running_steps: octo_engine::DEFAULT_MAX_RUNNING_STEPS,
+            max_concurrent_handshakes: octo_comms::DEFAULT_MAX_CONCURRENT_HANDSHAKES,
+            max_log_mib_per_step: DEFAULT_MAX_LOG_MIB_PER_STEP,
         }
     }
 }

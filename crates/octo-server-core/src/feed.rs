@@ -1,8 +1,14 @@
 //! The built-in feed's rules, apart from HTTP: package IDs, versions (semantic,
-//! `1.2` read as `1.2.0`), the original's file naming `ID.VERSION.ext`, and the
-//! archive formats (zip or tar.gz, known by their first bytes).
+//! `1.2` read as `1.2.0`), the original's file naming `ID.VERSION.ext`, the
+//! archive formats (zip or tar.gz, known by their first bytes), and the check
+//! of a pushed archive: the whole of it, as calamari would extract it (its own
+//! check-only sandbox), so the feed never holds a package a deployment refuses.
 
 use std::path::Path;
+
+use bytes::Bytes;
+use octo_calamari::extract::{check_tar_gz, check_zip, Counts, Format};
+use octo_calamari::Limits;
 
 /// Reads a version leniently: semantic versions, and `1` / `1.2` padded with zeros.
 pub fn parse_version(text: &str) -> Result<semver::Version, String> {
@@ -78,15 +84,107 @@ pub fn check_package_id(id: &str) -> Result<(), String> {
     }
 }
 
-/// The format of an archive from its first bytes.
+/// The format of an archive from its first bytes (4 for a zip), as calamari
+/// decides it: "zip" or "tar.gz".
 pub fn sniff_format(head: &[u8]) -> Option<&'static str> {
-    if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
-        Some("zip")
-    } else if head.starts_with(&[0x1f, 0x8b]) {
-        Some("tar.gz")
-    } else {
-        None
+    Format::of_magic(head).map(|f| match f {
+        Format::Zip => "zip",
+        Format::TarGz => "tar.gz",
+    })
+}
+
+/// The first bytes of a refused file, for messages ("50 4b 05 06").
+pub fn first_bytes(head: &[u8]) -> String {
+    head.iter()
+        .take(4)
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Checks a tar.gz package while it streams in, on a blocking thread, exactly
+/// as calamari would extract it (see [`octo_calamari::extract::check_tar_gz`]):
+/// the bytes are fed in as they arrive, and the check reads them to the end.
+#[derive(Debug)]
+pub struct TarGzCheck {
+    tx: Option<tokio::sync::mpsc::Sender<Bytes>>,
+    done: tokio::task::JoinHandle<Result<Counts, String>>,
+}
+
+impl TarGzCheck {
+    /// Starts a check; `len` is the archive's size when announced (for the
+    /// ratio limit; without it, [`ratio_fault`] applies once the size is known).
+    pub fn start(len: Option<u64>) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let done = tokio::task::spawn_blocking(move || {
+            let reader = ChannelReader {
+                rx,
+                current: Bytes::new(),
+            };
+            check_tar_gz(reader, len.unwrap_or(u64::MAX), Limits::default())
+                .map_err(|e| e.to_string())
+        });
+        TarGzCheck { tx: Some(tx), done }
     }
+
+    /// Feeds the next bytes; false once the check has ended (refused, or it
+    /// read all it reads), after which [`TarGzCheck::finish`] tells which.
+    pub async fn feed(&mut self, bytes: Bytes) -> bool {
+        match &self.tx {
+            Some(tx) => tx.send(bytes).await.is_ok(),
+            None => false,
+        }
+    }
+
+    /// Ends the input and answers the check's verdict.
+    pub async fn finish(mut self) -> Result<Counts, String> {
+        self.tx = None;
+        match self.done.await {
+            Ok(verdict) => verdict,
+            Err(e) => Err(format!("the archive check failed: {e}")),
+        }
+    }
+}
+
+/// A `Read` over the chunks of a channel; EOF when the sender is gone.
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+    current: Bytes,
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(b) => self.current = b,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current[..n]);
+        let _ = self.current.split_to(n);
+        Ok(n)
+    }
+}
+
+/// Checks a zip package (complete, in `path`) as calamari would extract it:
+/// its central directory, every entry's CRC-32 and the entry list.
+pub fn check_zip_file(path: &Path, len: u64) -> Result<Counts, String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    check_zip(std::io::BufReader::new(file), len, Limits::default()).map_err(|e| e.to_string())
+}
+
+/// The ratio limit calamari applies (checked here once an archive's size is
+/// known when it was not announced): what would be extracted against `len`.
+pub fn ratio_fault(counts: &Counts, len: u64) -> Option<String> {
+    let limits = Limits::default();
+    let allowed = limits.max_ratio.saturating_mul(len.max(1));
+    (counts.bytes > octo_calamari::extract::RATIO_FREE_BYTES && counts.bytes > allowed).then(|| {
+        format!(
+            "the package would extract to more than {} times its size of {len} bytes (--max-ratio): a decompression bomb?",
+            limits.max_ratio
+        )
+    })
 }
 
 #[cfg(test)]
@@ -140,6 +238,8 @@ mod tests {
     #[test]
     fn formats_are_sniffed_from_the_first_bytes() {
         assert_eq!(sniff_format(b"PK\x03\x04rest"), Some("zip"));
+        // An empty zip (only its end record) has nothing to deploy.
+        assert_eq!(sniff_format(b"PK\x05\x06"), None);
         assert_eq!(sniff_format(&[0x1f, 0x8b, 8, 0]), Some("tar.gz"));
         assert_eq!(sniff_format(b"Rar!"), None);
     }

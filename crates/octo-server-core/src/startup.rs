@@ -25,22 +25,59 @@ use crate::auth::issue_api_key;
 use crate::config::RunArgs;
 use crate::state::{polling_thumbprints, AppState};
 
-/// Holds the data directory's lock for the life of the server.
+/// An exclusive advisory lock (`flock`) on a file, held for the life of the
+/// server; the file holds the holder's pid, for the message of the next one.
 #[derive(Debug)]
 pub struct DataLock {
     _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
 impl DataLock {
+    /// Locks `DATA/.lock`: one server per data directory.
     fn acquire(data: &Path) -> anyhow::Result<Self> {
-        let path = data.join(".lock");
+        Self::lock_file(&data.join(".lock"), || {
+            format!(
+                "the data directory {}; stop it, or give this one another --data",
+                data.display()
+            )
+        })
+    }
+
+    /// Locks `DB.lock` beside the database file: one server per database,
+    /// whatever their data directories (a second server on the same database
+    /// would resume the first one's running tasks).
+    fn acquire_database(db: &Path) -> anyhow::Result<Self> {
+        // Beside the real file: a symbolic link to it (or to its folder)
+        // locks the same lock file.
+        let real = std::fs::canonicalize(db).unwrap_or_else(|_| {
+            match (
+                db.parent().and_then(|d| std::fs::canonicalize(d).ok()),
+                db.file_name(),
+            ) {
+                (Some(dir), Some(name)) => dir.join(name),
+                _ => db.to_path_buf(),
+            }
+        });
+        let mut name = real.file_name().unwrap_or_default().to_os_string();
+        name.push(".lock");
+        Self::lock_file(&real.with_file_name(name), || {
+            format!(
+                "the database {}; stop it, or give this one another --database-url (several servers on one database need PostgreSQL)",
+                db.display()
+            )
+        })
+    }
+
+    fn lock_file(path: &Path, what: impl Fn() -> String) -> anyhow::Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .read(true)
             .write(true)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("opening the lock file {}", path.display()))?;
         match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
             Ok(mut lock) => {
                 use std::io::{Seek, Write};
@@ -49,14 +86,15 @@ impl DataLock {
                 let _ = writeln!(lock, "{}", std::process::id());
                 Ok(Self { _lock: lock })
             }
-            Err((_, _)) => {
-                let pid = std::fs::read_to_string(&path).unwrap_or_default();
+            Err((_, errno)) if errno == nix::errno::Errno::EWOULDBLOCK => {
+                let pid = std::fs::read_to_string(path).unwrap_or_default();
                 bail!(
-                    "another octopus server (pid {}) is using the data directory {}; stop it, or give this one another --data",
+                    "another octopus server (pid {}) is using {}",
                     pid.trim(),
-                    data.display()
+                    what()
                 )
             }
+            Err((_, errno)) => bail!("cannot lock {}: {errno}", path.display()),
         }
     }
 }
@@ -103,16 +141,37 @@ fn database_path(data: &Path, database_url: Option<&str>) -> anyhow::Result<Path
     })
 }
 
-/// Opens the database, creating it (0600) only when there is none; an
-/// existing file, and its journal files, are made 0600.
+/// What to do about a database file the server cannot use.
+const DATABASE_ADVICE: &str = "restore it from a backup (with its -wal file, if any), or point --database-url at the right file; a new server starts only where there is no database file at all";
+
+/// Opens the database, creating it (0600) only when there is no file at all:
+/// an empty, unreadable or foreign file is refused, naming it, and never taken
+/// for a first start. An existing file, and its journal files, are made 0600.
 async fn open_store(data: &Path, database_url: Option<&str>) -> anyhow::Result<SqliteStore> {
     let path = database_path(data, database_url)?;
-    match std::fs::metadata(&path) {
-        Ok(meta) if meta.len() == 0 => bail!(
-            "the database {} is empty (0 bytes): it is not a database this server made, and starting afresh would lose every machine, task and package; restore it from a backup, or remove it to start a new server",
-            path.display()
+    let shown = path.display();
+    let store = match std::fs::metadata(&path) {
+        Ok(meta) if !meta.is_file() => bail!(
+            "the database {shown} is not a file; {DATABASE_ADVICE}"
         ),
-        Ok(_) => {}
+        Ok(meta) if meta.len() == 0 => bail!(
+            "the database {shown} is empty (0 bytes): it is not a database this server made, and starting afresh would lose every machine, task and package; {DATABASE_ADVICE} (to start a new server here, remove the empty file)"
+        ),
+        Ok(_) => {
+            if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open(&path) {
+                bail!(
+                    "cannot open the database {shown} for reading and writing: {e}; make it readable and writable by the user the server runs as (uid {}), or {DATABASE_ADVICE}",
+                    nix::unistd::getuid()
+                );
+            }
+            SqliteStore::open_existing(&path)
+                .await
+                .map_err(|e| match e {
+                    // Its message names the file and what is wrong with it.
+                    octo_store::StoreError::Database(m) => anyhow::anyhow!("{m}; {DATABASE_ADVICE}"),
+                    e => anyhow::anyhow!("{e}; {DATABASE_ADVICE}"),
+                })?
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir)
@@ -125,16 +184,13 @@ async fn open_store(data: &Path, database_url: Option<&str>) -> anyhow::Result<S
                 .create_new(true)
                 .mode(0o600)
                 .open(&path)
-                .with_context(|| format!("creating the database {}", path.display()))?;
+                .with_context(|| format!("creating the database {shown}"))?;
+            SqliteStore::open(&path).await?
         }
         Err(e) => bail!(
-            "cannot read the database {}: {e}; check its owner and mode",
-            path.display()
+            "cannot read the database {shown}: {e}; check the owner and mode of its folder"
         ),
-    }
-    let store = SqliteStore::open(&path)
-        .await
-        .with_context(|| format!("opening the database {}", path.display()))?;
+    };
     for suffix in ["", "-wal", "-shm"] {
         let file = PathBuf::from(format!("{}{suffix}", path.display()));
         restrict(&file, 0o600)?;
@@ -281,6 +337,7 @@ pub struct RunningServer {
     shutdown: CancellationToken,
     tasks: tokio::task::JoinSet<()>,
     _lock: DataLock,
+    _db_lock: DataLock,
 }
 
 /// The server's comms, held by [`RunningServer`] for what it reports.
@@ -325,6 +382,12 @@ pub async fn start_with(
             args.session_idle_hours
         );
     }
+    if !(1..=1024 * 1024).contains(&args.max_log_mib_per_step) {
+        bail!(
+            "--max-log-mib-per-step must be between 1 and 1048576 (MiB), not {}",
+            args.max_log_mib_per_step
+        );
+    }
     std::fs::create_dir_all(&args.data)
         .with_context(|| format!("creating the data directory {}", args.data.display()))?;
     restrict(&args.data, 0o700)?;
@@ -343,6 +406,13 @@ pub async fn start_with(
     // them; found by tests/file_modes.rs).
     restrict(&key, 0o600)?;
     restrict(&args.data.join("admin-api-key"), 0o600)?;
+    // The database is locked too, whatever the data directory: another
+    // server's --database-url may name this one's.
+    let db = database_path(&args.data, args.database_url.as_deref())?;
+    if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let db_lock = DataLock::acquire_database(&db)?;
     let store = open_store(&args.data, args.database_url.as_deref()).await?;
     let admin_api_key = bootstrap(&store, &args.data).await?;
     let (master_key, master_key_created) = master_key(&store, &args.data).await?;
@@ -360,6 +430,7 @@ pub async fn start_with(
         polling_trust.clone(),
         ServerCommsOptions {
             proxy: args.proxy_setting()?,
+            max_concurrent_handshakes: args.max_concurrent_handshakes,
             ..ServerCommsOptions::default()
         },
     );
@@ -395,11 +466,14 @@ pub async fn start_with(
         None => None,
     };
 
-    let tool = ToolBuild::locate(args.calamari.as_deref()).await;
+    // A snapshot in the data directory: replacing the original later (an
+    // upgrade of the server's package) cannot change what pushes send.
+    let tool = ToolBuild::locate(args.calamari.as_deref(), &args.data.join("tools")).await;
     match &tool {
         Ok(t) => info!(
-            "deployment tool {} ({}, SHA-256 {})",
+            "deployment tool {} (from {}, copied to {}, SHA-256 {})",
             t.version,
+            t.source.display(),
             t.path.display(),
             t.sha256
         ),
@@ -407,12 +481,28 @@ pub async fn start_with(
     }
     let tool = Arc::new(tool);
     let packages = PackageFiles::in_data_dir(&args.data);
+    match packages.remove_incoming() {
+        Ok(0) => {}
+        Ok(n) => info!(
+            "removed {n} incomplete package upload(s) from {}",
+            packages.dir().display()
+        ),
+        Err(e) => bail!(
+            "cannot clean incomplete uploads in {}: {e}; check the folder's owner and mode",
+            packages.dir().display()
+        ),
+    }
     let engine = Arc::new(Engine::new(EngineDeps {
         store: store.clone(),
         comms: comms.clone(),
         tool: tool.clone(),
         packages: packages.clone(),
         master_key: master_key.clone(),
+        limits: octo_engine::StepLimits {
+            per_task: args.max_parallel_steps,
+            per_node: args.max_running_steps,
+        },
+        max_log_bytes_per_step: args.max_log_mib_per_step.saturating_mul(1024 * 1024),
     }));
     let state = AppState {
         store,
@@ -505,6 +595,7 @@ pub async fn start_with(
         shutdown,
         tasks,
         _lock: lock,
+        _db_lock: db_lock,
     })
 }
 

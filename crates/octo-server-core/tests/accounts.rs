@@ -3,7 +3,7 @@
 //! revoked or logged out), others' keys are not there for a non-admin, a
 //! machine one may not edit cannot be force-replaced, and failed logins slow
 //! further attempts per user and per source address.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::print_stderr)]
 
 mod common;
 
@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::{listening, Server, T};
 use serde_json::json;
+use tokio::time::timeout;
 
 const ADMINS: &str = "/api/teams/Octopus%20Administrators";
 
@@ -462,4 +463,98 @@ async fn a_session_is_an_ordinary_revocable_key() {
         )
         .await;
     assert_eq!(r.status, 400, "{}", r.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_wrong_passwords_is_slowed_and_the_server_stays_responsive() {
+    const STORM: usize = 200;
+    const FREE: usize = octo_server_core::auth::FREE_FAILURES as usize;
+    let server = Server::start().await;
+    server.create_user("sam", Some("sam-password")).await;
+    server.environment(None, "E").await;
+    for i in 0..20 {
+        server
+            .admin
+            .post("/api/machines", listening(&format!("m{i}"), &["E"], &[]))
+            .await
+            .expect(201);
+    }
+    let attacker = server.anonymous_from(addr("127.0.0.1"));
+    let login = |password: &str| json!({ "username": "sam", "password": password });
+
+    // The machine list, timed, while the storm runs.
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let admin = server.admin.clone();
+    let lister = tokio::spawn(async move {
+        let mut slowest = Duration::ZERO;
+        let mut answered = 0;
+        while !*stopped.borrow_and_update() {
+            let started = Instant::now();
+            admin.get("/api/machines").await.expect(200);
+            slowest = slowest.max(started.elapsed());
+            answered += 1;
+            let _ = timeout(Duration::from_millis(10), stopped.changed()).await;
+        }
+        (slowest, answered)
+    });
+
+    // Every attempt is sent at once.
+    let started = Instant::now();
+    let attempts: Vec<_> = (0..STORM)
+        .map(|_| {
+            let a = attacker.clone();
+            let body = login("wrong-password");
+            tokio::spawn(async move { a.post("/api/users/login", body).await })
+        })
+        .collect();
+    let (mut refused, mut slowed) = (0, 0);
+    let mut retry_after = 0u64;
+    for a in attempts {
+        let r = timeout(T, a).await.unwrap().unwrap();
+        match r.status {
+            401 => refused += 1,
+            429 => {
+                slowed += 1;
+                let secs: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+                retry_after = retry_after.max(secs);
+            }
+            other => panic!("unexpected {other}: {}", r.body),
+        }
+    }
+    let storm_took = started.elapsed();
+    stop.send(true).unwrap();
+    let (slowest, answered) = timeout(T, lister).await.unwrap().unwrap();
+    eprintln!(
+        "storm of {STORM}: {refused} checked (401), {slowed} slowed (429) in {storm_took:?}; machine list answered {answered} times, slowest {slowest:?}"
+    );
+    // Only the free failures ever reached the password check: concurrent
+    // attempts count before they end. (A storm outlasting the first wait may
+    // let one more through per doubled wait.)
+    assert!(
+        (FREE..=FREE + 2).contains(&refused),
+        "{refused} attempts were checked"
+    );
+    assert_eq!(refused + slowed, STORM);
+    assert!(answered > 0);
+    assert!(
+        slowest < Duration::from_secs(5),
+        "the machine list took {slowest:?} during the storm"
+    );
+
+    // After the wait the server names, the right password works (from the
+    // attacker's address too).
+    let deadline = Instant::now() + T;
+    let mut wait = Duration::from_secs(retry_after.max(1));
+    loop {
+        tokio::time::sleep(wait).await;
+        let r = attacker
+            .post("/api/users/login", login("sam-password"))
+            .await;
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 429, "{}", r.body);
+        assert!(Instant::now() < deadline, "still slowed after {T:?}");
+        wait = Duration::from_secs(r.headers["retry-after"].to_str().unwrap().parse().unwrap());
+    }
 }

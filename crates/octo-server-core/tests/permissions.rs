@@ -592,7 +592,7 @@ fn cases(method: &Method, path: &str, f: &Fixture) -> Option<Vec<Case>> {
             &[200],
         )],
         ("POST", "/api/packages") => vec![Case {
-            body: Body::Bytes(vec![0x1f, 0x8b, 0x08, 0x00, i as u8]),
+            body: Body::Bytes(common::tar_gz(&[i as u8])),
             ..case(
                 "push package",
                 M::POST,

@@ -3,7 +3,7 @@
 //! transport on 127.0.0.1, one listening and one polling. Every wait is bounded
 //! by a timeout and waits for an event (mostly the task's server-sent events);
 //! nothing sleeps to synchronise (scripts sleep inside themselves).
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::print_stderr)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -37,10 +37,11 @@ struct Server {
     http: reqwest::Client,
     comms_port: u16,
     thumbprint: Thumbprint,
+    max_log_mib: u64,
     _tmp: tempfile::TempDir,
 }
 
-async fn start_at(data: &Path, comms_port: u16) -> RunningServer {
+async fn start_with(data: &Path, comms_port: u16, base: RunArgs) -> RunningServer {
     timeout(
         T,
         start(&RunArgs {
@@ -48,7 +49,7 @@ async fn start_at(data: &Path, comms_port: u16) -> RunningServer {
             listen: "127.0.0.1:0".parse().unwrap(),
             comms_listen_port: comms_port,
             comms_listen_address: "127.0.0.1".into(),
-            ..RunArgs::default()
+            ..base
         }),
     )
     .await
@@ -58,10 +59,25 @@ async fn start_at(data: &Path, comms_port: u16) -> RunningServer {
 
 impl Server {
     async fn new() -> Self {
+        Self::with(RunArgs::default()).await
+    }
+
+    /// A server that stores at most `max_log_mib` of each step's output.
+    async fn with_log_limit(max_log_mib: u64) -> Self {
+        Self::with(RunArgs {
+            max_log_mib_per_step: max_log_mib,
+            ..RunArgs::default()
+        })
+        .await
+    }
+
+    /// A server with `args`' options (its addresses and data are the test's).
+    async fn with(args: RunArgs) -> Self {
         kit::init_tracing();
         let tmp = tempfile::tempdir().unwrap();
         let data = tmp.path().join("data");
-        let running = start_at(&data, 0).await;
+        let max_log_mib = args.max_log_mib_per_step;
+        let running = start_with(&data, 0, args).await;
         let s = Server {
             base: format!("http://{}", running.api_addr),
             key: running.admin_api_key.clone().unwrap(),
@@ -70,6 +86,7 @@ impl Server {
             running: Some(running),
             data,
             http: reqwest::Client::new(),
+            max_log_mib,
             _tmp: tmp,
         };
         let (status, body) = s.post("/api/environments", json!({ "name": "Test" })).await;
@@ -81,7 +98,11 @@ impl Server {
     async fn restart(&mut self) {
         let running = self.running.take().unwrap();
         timeout(T, running.stop()).await.unwrap();
-        let running = start_at(&self.data, self.comms_port).await;
+        let args = RunArgs {
+            max_log_mib_per_step: self.max_log_mib,
+            ..RunArgs::default()
+        };
+        let running = start_with(&self.data, self.comms_port, args).await;
         assert_eq!(running.comms_port, self.comms_port);
         assert_eq!(running.thumbprint, self.thumbprint);
         assert!(running.admin_api_key.is_none());
@@ -109,6 +130,11 @@ impl Server {
 
     async fn post(&self, path: &str, body: Value) -> (u16, Value) {
         self.send(self.http.post(format!("{}{path}", self.base)).json(&body))
+            .await
+    }
+
+    async fn delete(&self, path: &str) -> (u16, Value) {
+        self.send(self.http.delete(format!("{}{path}", self.base)))
             .await
     }
 
@@ -372,7 +398,10 @@ impl Tentacle {
 
 /// A server with a listening tentacle "lis" and a polling tentacle "pol".
 async fn two_machines() -> (Server, Tentacle, Tentacle, i64, i64) {
-    let server = Server::new().await;
+    two_machines_on(Server::new().await).await
+}
+
+async fn two_machines_on(server: Server) -> (Server, Tentacle, Tentacle, i64, i64) {
     let lis = Tentacle::listening("lis", server.thumbprint).await;
     let lis_id = server
         .add_listening("lis", lis.addr.unwrap(), lis.thumbprint())
@@ -806,4 +835,269 @@ async fn cancel_before_the_script_started_never_starts_it() {
         text.contains("canceled before the script started"),
         "{text}"
     );
+}
+
+// ---------------------------------------------------------------------------
+// How many steps run at once.
+
+/// Fails (exit 3) if another step holds the lock directory `$D/lock` while
+/// this one does: steps that never overlap all succeed.
+const ALONE: &str = "mkdir \"$D/lock\" || { echo overlap; exit 3; }; sleep 0.3; rmdir \"$D/lock\"";
+
+/// Succeeds only when both machines' steps run at the same time: each leaves a
+/// mark and waits (bounded, 30 s) to see the other's.
+const TOGETHER: &str = "mktemp -p \"$D\" mark.XXXXXX >/dev/null; for _ in $(seq 300); do [ \"$(ls \"$D\" | grep -c '^mark')\" -ge 2 ] && exit 0; sleep 0.1; done; echo alone; exit 4";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_parallel_steps_of_a_task_is_kept_and_checked() {
+    let (server, _lis, _pol, _, _) = two_machines().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    // The default (20) lets both machines run together...
+    let id = server
+        .create(
+            "/api/tasks/script",
+            json!({ "script": TOGETHER, "environment": "Test", "variables": { "D": d } }),
+        )
+        .await;
+    let end = server.wait_end(&id).await;
+    assert_eq!(end["task"]["state"], "Success", "{end}");
+    // ...and 1 runs them one after the other.
+    let (status, created) = server
+        .post(
+            "/api/tasks/script",
+            json!({ "script": ALONE, "environment": "Test", "variables": { "D": d }, "max_parallel_steps": 1 }),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["task"]["arguments"]["max_parallel_steps"], 1);
+    let id = created["task"]["id"].as_str().unwrap().to_string();
+    let end = server.wait_end(&id).await;
+    assert_eq!(end["task"]["state"], "Success", "{end}");
+    assert_eq!(end["steps"].as_array().unwrap().len(), 2);
+    // Health checks and deployments take it too; nonsense is refused naming the field.
+    let id = server
+        .create(
+            "/api/tasks/health",
+            json!({ "environment": "Test", "max_parallel_steps": 1 }),
+        )
+        .await;
+    let end = server.wait_end(&id).await;
+    assert_eq!(end["task"]["state"], "Success", "{end}");
+    for bad in [json!(0), json!(10001), json!(-1), json!("two")] {
+        for path in ["/api/tasks/script", "/api/tasks/health"] {
+            let (status, v) = server
+                .post(
+                    path,
+                    json!({ "script": "true", "environment": "Test", "max_parallel_steps": bad })
+                        .as_object()
+                        .unwrap()
+                        .iter()
+                        .filter(|(k, _)| path.ends_with("script") || k.as_str() != "script")
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect::<serde_json::Map<_, _>>()
+                        .into(),
+                )
+                .await;
+            assert_eq!(status, 400, "{path} {bad}: {v}");
+            assert!(
+                v.to_string().contains("max_parallel_steps"),
+                "{path} {bad}: {v}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_running_steps_bounds_every_task_of_the_node_together() {
+    let server = Server::with(RunArgs {
+        max_running_steps: 1,
+        ..RunArgs::default()
+    })
+    .await;
+    let (server, _lis, _pol, _, _) = two_machines_on(server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    // Two tasks, one machine each, started together: with one slot on the
+    // node, their steps never overlap (each script fails if they do).
+    let a = server
+        .create(
+            "/api/tasks/script",
+            json!({ "script": ALONE, "machines": ["lis"], "variables": { "D": d } }),
+        )
+        .await;
+    let b = server
+        .create(
+            "/api/tasks/script",
+            json!({ "script": ALONE, "machines": ["pol"], "variables": { "D": d } }),
+        )
+        .await;
+    for id in [a, b] {
+        let end = server.wait_end(&id).await;
+        assert_eq!(end["task"]["state"], "Success", "{end}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Hardening: bounded logs, deleted machines.
+
+/// Bytes of the database files (the database and its WAL).
+fn database_bytes(data: &Path) -> u64 {
+    ["octopus.db", "octopus.db-wal"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(data.join(f)).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steps_stored_log_is_bounded_and_the_script_runs_on() {
+    const LINE: usize = 199;
+    const LINES: usize = 15_000;
+    let server = Server::with_log_limit(1).await;
+    let lis = Tentacle::listening("lis", server.thumbprint).await;
+    let lis_id = server
+        .add_listening("lis", lis.addr.unwrap(), lis.thumbprint())
+        .await;
+    let marker = lis._home.path().join("ran-on");
+    let before = database_bytes(&server.data);
+    // About 2.8 MiB of output, then proof that the script went on.
+    let script = format!(
+        "line=$(head -c {LINE} /dev/zero | tr '\\0' x); yes \"$line\" | head -n {LINES}; touch '{}'",
+        marker.display()
+    );
+    let id = server.script(&script, &["lis"]).await;
+    let end = server.wait_end(&id).await;
+    assert_eq!(end["task"]["state"], "Success", "{end}");
+    assert_eq!(end["steps"][0]["exit_code"], 0, "{end}");
+    assert_eq!(end["steps"][0]["next_sequence"], LINES, "{end}");
+    assert!(marker.exists(), "the script ran to its end");
+
+    // 1 MiB of lines stored, the rest counted.
+    let stored = (1024 * 1024) / LINE;
+    let log = server.log(&id).await;
+    let lines = stdout_of(&log, lis_id);
+    assert_eq!(lines.len(), stored);
+    assert!(lines.iter().all(|l| l.len() == LINE));
+    let text = server_text(&log);
+    assert_eq!(
+        text.matches("this step's log reached its limit of 1.0 MiB (--max-log-mib-per-step)")
+            .count(),
+        1,
+        "{text}"
+    );
+    let dropped = LINES - stored;
+    let summary = format!(
+        "lis: {dropped} lines ({:.1} MiB) of output past this step's log limit of 1.0 MiB were dropped, not stored",
+        (dropped * LINE) as f64 / (1024.0 * 1024.0)
+    );
+    assert_eq!(
+        text.matches(&summary).count(),
+        1,
+        "wanted {summary:?} in {text}"
+    );
+    let after = database_bytes(&server.data);
+    eprintln!(
+        "log limit 1 MiB: {LINES} lines of {LINE} bytes printed ({:.1} MiB), {stored} stored, {dropped} dropped; database {before} -> {after} bytes",
+        (LINES * LINE) as f64 / (1024.0 * 1024.0)
+    );
+}
+
+/// The task's steps, by machine name.
+async fn steps_of(server: &Server, task_id: &str) -> std::collections::HashMap<String, Value> {
+    let (status, v) = server.get(&format!("/api/tasks/{task_id}")).await;
+    assert_eq!(status, 200, "{v}");
+    v["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["machine_name"].as_str().unwrap().to_string(), s.clone()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_machine_cancels_its_running_steps_and_says_why() {
+    let (server, _lis, _pol, _, _) = two_machines().await;
+    let id = server
+        .script("echo started; sleep 300", &["lis", "pol"])
+        .await;
+    let mut events = server.events(&id, 0).await;
+    let mut started = 0;
+    events
+        .until(|e, d| {
+            if e == "log" && d["text"] == "started" {
+                started += 1;
+            }
+            started == 2
+        })
+        .await;
+
+    // Listening, then polling: each is canceled on its machine at once (the
+    // cancel exit code is the tentacle's), the other goes on.
+    for (gone, other) in [("lis", Some("pol")), ("pol", None)] {
+        let began = std::time::Instant::now();
+        let (status, v) = server.delete(&format!("/api/machines/{gone}")).await;
+        assert_eq!(status, 204, "{v}");
+        let took = began.elapsed();
+        let steps = steps_of(&server, &id).await;
+        let step = &steps[gone];
+        assert_eq!(step["state"], "Canceled", "{step}");
+        assert_eq!(
+            step["exit_code"],
+            octo_proto::exit_codes::CANCELLED,
+            "{step}"
+        );
+        assert!(
+            step["error"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("machine {gone} was deleted by admin")),
+            "{step}"
+        );
+        if let Some(other) = other {
+            assert_eq!(steps[other]["state"], "Executing", "{}", steps[other]);
+        }
+        let text = server_text(&server.log(&id).await);
+        assert!(
+            text.contains(&format!(
+                "{gone}: canceling: machine {gone} was deleted by admin"
+            )),
+            "{text}"
+        );
+        eprintln!("deleting {gone} with a running script took {took:?}");
+    }
+    let (_, end) = events.until(|e, _| e == "end").await;
+    assert_eq!(end["task"]["state"], "Failed", "{end}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_an_unreachable_machine_records_its_step_canceled_anyway() {
+    let server = Server::new().await;
+    let mut gone = Tentacle::listening("gone", server.thumbprint).await;
+    server
+        .add_listening("gone", gone.addr.unwrap(), gone.thumbprint())
+        .await;
+    let id = server.script("echo started; sleep 300", &["gone"]).await;
+    let mut events = server.events(&id, 0).await;
+    events.until_line("started").await;
+    // The machine stops answering; its script runs on.
+    gone.stop().await;
+    let began = std::time::Instant::now();
+    let (status, v) = server.delete("/api/machines/gone").await;
+    assert_eq!(status, 204, "{v}");
+    let took = began.elapsed();
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    let steps = steps_of(&server, &id).await;
+    let step = &steps["gone"];
+    assert_eq!(step["state"], "Canceled", "{step}");
+    assert!(step["exit_code"].is_null(), "{step}");
+    let error = step["error"].as_str().unwrap();
+    assert!(
+        error.contains("machine gone was deleted by admin")
+            && error.contains("the script may still be running on gone"),
+        "{error}"
+    );
+    let (_, end) = events.until(|e, _| e == "end").await;
+    assert_eq!(end["task"]["state"], "Failed", "{end}");
+    eprintln!("deleting an unreachable machine with a running script took {took:?}");
 }

@@ -59,6 +59,14 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections in the pool of a file database.
 const POOL_SIZE: u32 = 4;
 
+/// What SQLite said, without sqlx's wrapping ("file is not a database").
+fn sqlite_message(e: &sqlx::Error) -> String {
+    match e.as_database_error() {
+        Some(d) => d.message().to_string(),
+        None => e.to_string(),
+    }
+}
+
 /// [`Store`] on an SQLite database.
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
@@ -91,6 +99,55 @@ impl SqliteStore {
         let store = Self::migrated(pool, &path.display().to_string()).await?;
         tracing::debug!(path = %path.display(), "store opened");
         Ok(store)
+    }
+
+    /// Opens the existing database at `path`, which must be one this store made
+    /// (it holds the record of applied migrations), and brings its schema up to
+    /// date. Never creates a file: a missing file, a file that is not SQLite, and
+    /// an SQLite database of something else are refused, naming the file, so a
+    /// damaged or wrong file is never taken for a new, empty database.
+    pub async fn open_existing(path: &Path) -> Result<Self> {
+        let shown = path.display();
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(false)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(POOL_SIZE)
+            .connect_with(options)
+            .await
+            .map_err(|e| {
+                StoreError::Database(format!(
+                    "the database {shown} cannot be opened: {}",
+                    sqlite_message(&e)
+                ))
+            })?;
+        let ours: Result<i64> = query(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+            params![],
+            "reading the database's schema",
+        )
+        .value::<i64>(&pool)
+        .await;
+        match ours {
+            Ok(1) => {}
+            Ok(_) => {
+                pool.close().await;
+                return Err(StoreError::Database(format!(
+                    "the database {shown} is an SQLite database, but not one this server made (it has no record of the server's schema)"
+                )));
+            }
+            Err(e) => {
+                pool.close().await;
+                return Err(StoreError::Database(format!(
+                    "the database {shown} cannot be read: {e}"
+                )));
+            }
+        }
+        Self::migrated(pool, &shown.to_string()).await
     }
 
     /// A fresh database in memory, for tests. The pool has one connection, never
@@ -1625,6 +1682,28 @@ impl Store for SqliteStore {
         query(&sql, params![task_id, machine_id], op)
             .all::<LogLineRow>(&self.pool)
             .await
+    }
+
+    async fn step_log_size(&self, task_id: &str, machine_id: i64) -> Result<(i64, i64)> {
+        let op = "measuring a machine's part of a task's log";
+        let mut tx = self.read_tx(op).await?;
+        let lines = query(
+            "SELECT COUNT(*) FROM task_log WHERE task_id = ? AND machine_id = ?",
+            params![task_id, machine_id],
+            op,
+        )
+        .value::<i64>(&mut *tx)
+        .await?;
+        let bytes = query(
+            "SELECT COALESCE(SUM(LENGTH(CAST(text AS BLOB))), 0) FROM task_log \
+             WHERE task_id = ? AND machine_id = ?",
+            params![task_id, machine_id],
+            op,
+        )
+        .value::<i64>(&mut *tx)
+        .await?;
+        tx.commit().await.ctx(op)?;
+        Ok((lines, bytes))
     }
 
     async fn task_secrets(&self, task_id: &str) -> Result<Vec<(String, String)>> {

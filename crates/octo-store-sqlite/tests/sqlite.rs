@@ -105,3 +105,75 @@ async fn concurrent_writers_on_a_file_database_all_succeed() {
     ids.dedup();
     assert_eq!(ids.len(), 8, "every task got its own number");
 }
+
+#[tokio::test]
+async fn open_existing_refuses_anything_but_this_stores_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let refused = |e: octo_store::StoreError, path: &std::path::Path| {
+        let e = e.to_string();
+        assert!(e.contains(path.to_str().unwrap()), "names the file: {e}");
+        e
+    };
+    // No file: nothing is created.
+    let missing = dir.path().join("missing.db");
+    let e = refused(
+        SqliteStore::open_existing(&missing).await.unwrap_err(),
+        &missing,
+    );
+    assert!(e.contains("cannot be opened"), "{e}");
+    assert!(!missing.exists(), "no file created");
+    // Not SQLite at all.
+    let garbage = dir.path().join("garbage.db");
+    std::fs::write(
+        &garbage,
+        b"this is not a database, just some text ".repeat(200),
+    )
+    .unwrap();
+    let e = refused(
+        SqliteStore::open_existing(&garbage).await.unwrap_err(),
+        &garbage,
+    );
+    assert!(e.contains("not a database"), "{e}");
+    // SQLite, but somebody else's: no schema of ours is added to it.
+    let foreign = dir.path().join("foreign.db");
+    {
+        use sqlx::ConnectOptions;
+        let mut c = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&foreign)
+            .create_if_missing(true)
+            .connect()
+            .await
+            .unwrap();
+        sqlx::query("CREATE TABLE notes (text TEXT)")
+            .execute(&mut c)
+            .await
+            .unwrap();
+    }
+    let e = refused(
+        SqliteStore::open_existing(&foreign).await.unwrap_err(),
+        &foreign,
+    );
+    assert!(e.contains("not one this server made"), "{e}");
+    {
+        use sqlx::ConnectOptions;
+        let mut c = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&foreign)
+            .connect()
+            .await
+            .unwrap();
+        let tables: Vec<(String,)> =
+            sqlx::query_as("SELECT name FROM sqlite_master WHERE type = 'table'")
+                .fetch_all(&mut c)
+                .await
+                .unwrap();
+        assert_eq!(tables, [("notes".to_string(),)], "left as it was");
+    }
+    // Ours: opened, data intact.
+    let ours = dir.path().join("ours.db");
+    let s = SqliteStore::open(&ours).await.unwrap();
+    s.create_user("admin", "Admin", None).await.unwrap();
+    s.close().await;
+    let s = SqliteStore::open_existing(&ours).await.unwrap();
+    assert_eq!(s.count_users().await.unwrap(), 1);
+    s.close().await;
+}

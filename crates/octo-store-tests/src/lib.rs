@@ -1001,6 +1001,19 @@ pub async fn step_output_variables_and_step_log_round_trip(store: &dyn Store) {
     let lines = store.step_log(&task.id, m.id).await.unwrap();
     let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
     assert_eq!(texts, ["one", "two"]);
+    // Its size counts the machine's lines only, in UTF-8 bytes.
+    store
+        .append_log(&task.id, &[tentacle_line(m.id, 2, "drei \u{fc}")])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.step_log_size(&task.id, m.id).await.unwrap(),
+        (3, 3 + 3 + 7)
+    );
+    assert_eq!(
+        store.step_log_size(&task.id, m.id + 1).await.unwrap(),
+        (0, 0)
+    );
 }
 
 pub async fn spaces_partition_names_and_refuse_deletion_while_machines_remain(s: &dyn Store) {

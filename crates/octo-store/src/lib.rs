@@ -463,6 +463,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn task_log(&self, task_id: &str, after_id: i64, limit: i64) -> Result<Vec<TaskLogLine>>;
     /// Every line one machine's part of a task produced, oldest first.
     async fn step_log(&self, task_id: &str, machine_id: i64) -> Result<Vec<TaskLogLine>>;
+    /// How many lines one machine's part of a task stored, and their text's
+    /// bytes (UTF-8), for the per-step log limit. (Engines should answer it
+    /// without reading the lines; this default does read them.)
+    async fn step_log_size(&self, task_id: &str, machine_id: i64) -> Result<(i64, i64)> {
+        let lines = self.step_log(task_id, machine_id).await?;
+        let bytes = lines.iter().map(|l| l.text.len() as i64).sum();
+        Ok((lines.len() as i64, bytes))
+    }
     /// The encrypted secret values of a task (name, ciphertext).
     async fn task_secrets(&self, task_id: &str) -> Result<Vec<(String, String)>>;
     /// How many secret values are stored (any task).

@@ -71,6 +71,8 @@ struct Lab {
     http: reqwest::Client,
     tdir: PathBuf,
     agents: Vec<Child>,
+    /// The tool the server was started with (a copy of the workspace's).
+    tool: PathBuf,
     dir: tempfile::TempDir,
 }
 
@@ -98,6 +100,8 @@ impl Lab {
     async fn new() -> Lab {
         let (tentacle, calamari) = binaries().clone();
         let dir = tempfile::tempdir().unwrap();
+        let tool = dir.path().join("installed-calamari");
+        std::fs::copy(&calamari, &tool).unwrap();
         let server = timeout(
             T,
             start(&RunArgs {
@@ -105,7 +109,7 @@ impl Lab {
                 listen: "127.0.0.1:0".parse().unwrap(),
                 comms_listen_port: 0,
                 comms_listen_address: "127.0.0.1".into(),
-                calamari: Some(calamari),
+                calamari: Some(tool.clone()),
                 ..RunArgs::default()
             }),
         )
@@ -119,6 +123,7 @@ impl Lab {
             tdir: dir.path().join("tentacles"),
             agents: Vec::new(),
             server: Some(server),
+            tool,
             dir,
         };
         lab.octopus_ok(&["environment", "create", "Test"]);
@@ -382,6 +387,27 @@ async fn packages_deploy_to_listening_and_polling_tentacles() {
     assert_eq!(info["tool_version"], tool_version.as_str(), "{info}");
     assert!(info["web_socket_port"].is_null(), "{info}");
 
+    // It pushes the copy it took at start (content-addressed, private), so
+    // replacing the tool it was started with (an upgrade of the server's
+    // package) changes nothing until it restarts.
+    let original = std::fs::read(&binaries().1).unwrap();
+    let sha: String = {
+        use sha2::Digest;
+        sha2::Sha256::digest(&original)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    let tools = lab.dir.path().join("server").join("tools");
+    let snapshot = tools.join(format!("calamari-{sha}"));
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!((mode(&tools), mode(&snapshot)), (0o700, 0o700));
+        assert_eq!(std::fs::read_dir(&tools).unwrap().count(), 1);
+    }
+    std::fs::write(&lab.tool, b"#!/bin/sh\necho 0.0.1\n").unwrap();
+
     // Before any deployment the tool is missing: healthy, with a warning.
     let (code, _, _) = lab.follow(&["health-check", "--environment", "Test"]);
     assert_eq!(code, 0);
@@ -465,6 +491,10 @@ async fn packages_deploy_to_listening_and_polling_tentacles() {
         let home = lab.home(name);
         let tool = home.join("Tools/calamari").join(&tool_version);
         assert!(tool.join(".complete").is_file());
+        assert!(
+            std::fs::read(tool.join("calamari")).unwrap() == original,
+            "{name} got the tool as it was at the server's start"
+        );
         let app = home.join("Applications/Test/Acme.Web/1.0.0");
         let config = std::fs::read_to_string(app.join("config/app.json")).unwrap();
         assert_eq!(
@@ -615,19 +645,19 @@ async fn packages_deploy_to_listening_and_polling_tentacles() {
     let log = lab.log(&end).await.join("\n");
     assert!(log.contains("failing on purpose"), "{log}");
 
-    // A package whose entry escapes its folder is refused; nothing is written.
+    // A package whose entry escapes its folder is refused by the feed already
+    // (calamari, which refuses it too, is tested with it on its own).
     let evil = lab.package_path("Evil.1.0.0.tar.gz");
     write_evil_tar_gz(&evil, "../../../../escaped.txt");
-    lab.octopus_ok(&["package", "push", evil.to_str().unwrap()]);
-    let (code, end, _) = lab.follow(&["deploy", "--package", "Evil", "--environment", "Test"]);
-    assert_eq!(code, 1);
-    let log = lab.log(&end).await.join("\n");
-    assert!(log.contains("escaped.txt"), "{log}");
-    for name in ["lis", "pol"] {
-        let home = lab.home(name);
-        assert!(!home.join("Applications/Test/Evil/1.0.0").exists());
-        assert!(!home.join("escaped.txt").exists() && !lab.tdir.join("escaped.txt").exists());
-    }
+    let refused = lab.octopus(&["package", "push", evil.to_str().unwrap()]);
+    assert_eq!(refused.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("entry \"../../../../escaped.txt\": a path containing `..`"),
+        "{err}"
+    );
+    let (status, _) = lab.get("/api/packages/Evil/1.0.0").await;
+    assert_eq!(status, 404);
 
     // A package file changed on the server after the push fails the tentacle's
     // hash check: refused, not deployed.
@@ -792,6 +822,91 @@ async fn packages_deploy_to_listening_and_polling_tentacles() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
     let (status, _) = lab.get("/api/packages/Acme.Web/1.9.0").await;
     assert_eq!(status, 404);
+
+    // Deleting a machine cancels the script running on it at once, listening
+    // and polling alike (its processes are gone), and the task says why.
+    let pids = lab.dir.path().join("pids");
+    std::fs::create_dir_all(&pids).unwrap();
+    let script = format!(
+        "echo $$ > '{}'/\"$TentacleInstanceName\"; echo started; sleep 300",
+        pids.display()
+    );
+    let (status, v) = lab
+        .post(
+            "/api/tasks/script",
+            json!({ "script": script, "machines": ["lis", "pol"] }),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+    let id = v["task"]["id"].as_str().unwrap().to_string();
+    let pid_of = async |name: &str| {
+        let file = pids.join(name);
+        timeout(T, async {
+            loop {
+                if let Some(pid) = std::fs::read_to_string(&file)
+                    .ok()
+                    .and_then(|t| t.trim().parse::<i32>().ok())
+                {
+                    return nix::unistd::Pid::from_raw(pid);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the script did not start on {name} within {T:?}"))
+    };
+    for (gone, other) in [("lis", Some("pol")), ("pol", None)] {
+        let pid = pid_of(gone).await;
+        let out = lab.octopus_ok(&["machine", "delete", gone]);
+        assert!(out.contains(&format!("Deleted machine '{gone}'")), "{out}");
+        let (_, now) = lab.get(&format!("/api/tasks/{id}")).await;
+        let s = step(&now, gone);
+        assert_eq!(s["state"], "Canceled", "{now}");
+        assert!(
+            s["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(&format!("machine {gone} was deleted by")),
+            "{s}"
+        );
+        if let Some(other) = other {
+            assert_eq!(step(&now, other)["state"], "Executing", "{now}");
+        }
+        // The script's shell is gone from the tentacle's machine.
+        timeout(T, async {
+            // (A zombie nobody reaped yet counts as gone: it runs nothing.)
+            let zombie = || {
+                std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .ok()
+                    .and_then(|s| s.rsplit_once(") ").map(|(_, r)| r.starts_with('Z')))
+                    .unwrap_or(false)
+            };
+            while nix::sys::signal::kill(pid, None).is_ok() && !zombie() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the script on {gone} (pid {pid}) still runs"));
+    }
+    let end = timeout(T, async {
+        loop {
+            let (_, t) = lab.get(&format!("/api/tasks/{id}")).await;
+            if t["task"]["state"] != "Executing" && t["task"]["state"] != "Queued" {
+                return t;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(end["task"]["state"], "Failed", "{end}");
+    let log = lab.log(&end).await.join("\n");
+    for gone in ["lis", "pol"] {
+        assert!(
+            log.contains(&format!("{gone}: canceling: machine {gone} was deleted by")),
+            "{log}"
+        );
+    }
 
     let mut lab = lab;
     timeout(T, lab.server.take().unwrap().stop()).await.unwrap();

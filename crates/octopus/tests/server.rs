@@ -25,6 +25,10 @@ impl Drop for Server {
 }
 
 fn start(data: &std::path::Path) -> Server {
+    start_with(data, &[])
+}
+
+fn start_with(data: &std::path::Path, extra: &[&str]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_octopus"))
         .args([
             "server",
@@ -38,6 +42,7 @@ fn start(data: &std::path::Path) -> Server {
             "--comms-listen-address",
             "127.0.0.1",
         ])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -342,4 +347,170 @@ async fn first_start_lock_auth_and_machines() {
     .await
     .unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// Runs `octopus server run --data DATA ARGS` expecting a refusal: answers its
+/// stderr. A server that starts instead is killed and the test fails.
+fn refused_start(data: &std::path::Path, extra: &[&str]) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_octopus"))
+        .args([
+            "server",
+            "run",
+            "--data",
+            data.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--comms-listen-port",
+            "0",
+            "--comms-listen-address",
+            "127.0.0.1",
+        ])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        let mut err = String::new();
+        let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut err);
+        let mut out = String::new();
+        let _ = std::io::Read::read_to_string(&mut BufReader::new(stdout), &mut out);
+        let _ = tx.send((child.wait().unwrap(), out, err));
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok((status, out, err)) => {
+            assert!(!status.success(), "the server started: {out}{err}");
+            assert!(!out.contains("First start"), "{out}");
+            err
+        }
+        Err(_) => {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            panic!("the server did not refuse to start within 60 s");
+        }
+    }
+}
+
+#[test]
+fn a_database_file_that_is_not_ours_is_never_taken_for_a_first_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    // What an earlier server left: its admin key, which must survive.
+    let key_file = data.join("admin-api-key");
+    std::fs::write(&key_file, "API-EARLIER\n").unwrap();
+    let db = data.join("octopus.db");
+    let db_shown = db.to_str().unwrap().to_string();
+
+    // Empty (a full disk, a careless `> octopus.db`).
+    std::fs::write(&db, b"").unwrap();
+    let err = refused_start(&data, &[]);
+    assert!(
+        err.contains(&db_shown)
+            && err.contains("is empty")
+            && err.contains("restore it from a backup"),
+        "{err}"
+    );
+    assert_eq!(std::fs::metadata(&db).unwrap().len(), 0, "left as it was");
+
+    // Not a database at all.
+    std::fs::write(&db, b"definitely not SQLite ".repeat(300)).unwrap();
+    let err = refused_start(&data, &[]);
+    assert!(
+        err.contains(&db_shown) && err.contains("not a database") && err.contains("restore"),
+        "{err}"
+    );
+    // The message says it once, not twice.
+    assert_eq!(err.matches(&db_shown).count(), 1, "{err}");
+
+    // Not a file.
+    std::fs::remove_file(&db).unwrap();
+    std::fs::create_dir(&db).unwrap();
+    let err = refused_start(&data, &[]);
+    assert!(
+        err.contains(&db_shown) && err.contains("not a file"),
+        "{err}"
+    );
+    std::fs::remove_dir(&db).unwrap();
+
+    // Unreadable (not for root, whom modes do not stop).
+    if !nix::unistd::geteuid().is_root() {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(&db, b"SQLite format 3\0").unwrap();
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o000)).unwrap();
+        let err = refused_start(&data, &[]);
+        assert!(
+            err.contains(&db_shown)
+                && err.contains("for reading and writing")
+                && err.contains("Permission denied"),
+            "{err}"
+        );
+        std::fs::remove_file(&db).unwrap();
+    }
+
+    // The earlier admin key was never replaced.
+    assert_eq!(std::fs::read_to_string(&key_file).unwrap(), "API-EARLIER\n");
+
+    // A log limit of nothing is refused, naming the option.
+    let err = refused_start(&data, &["--max-log-mib-per-step", "0"]);
+    assert!(err.contains("--max-log-mib-per-step"), "{err}");
+
+    // With no database file at all, this is a first start.
+    std::fs::remove_file(&key_file).unwrap();
+    let server = start(&data);
+    assert!(server.printed_key.is_some(), "a first start prints the key");
+}
+
+#[test]
+fn a_second_server_cannot_open_the_same_database_from_another_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("first");
+    let second = dir.path().join("second");
+    let mut server = start(&first);
+    let db = first.join("octopus.db");
+    let url = format!("sqlite://{}", db.display());
+    let err = refused_start(&second, &["--database-url", &url]);
+    assert!(
+        err.contains("another octopus server")
+            && err.contains(&format!("pid {}", server.child.id()))
+            && err.contains(db.to_str().unwrap()),
+        "{err}"
+    );
+    // Nor through a symbolic link to it under another name.
+    let links = dir.path().join("links");
+    std::fs::create_dir_all(&links).unwrap();
+    let link = links.join("another-name.db");
+    std::os::unix::fs::symlink(&db, &link).unwrap();
+    let err = refused_start(
+        &dir.path().join("third"),
+        &["--database-url", &format!("sqlite://{}", link.display())],
+    );
+    assert!(
+        err.contains("another octopus server")
+            && err.contains(&format!("pid {}", server.child.id())),
+        "{err}"
+    );
+    // The first server is undisturbed.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let key = std::fs::read_to_string(first.join("admin-api-key")).unwrap();
+    let (status, _) = rt.block_on(call(
+        reqwest::Method::GET,
+        &format!("{}/api/machines", server.api),
+        Some(key.trim()),
+        None,
+    ));
+    assert_eq!(status, 200);
+    // Once it is gone (even killed), the database is free again (with the
+    // master key its secrets need).
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    std::fs::copy(first.join("master-key"), second.join("master-key")).unwrap();
+    let second_server = start_with(&second, &["--database-url", &url]);
+    assert!(
+        second_server.printed_key.is_none(),
+        "the database is not new"
+    );
 }

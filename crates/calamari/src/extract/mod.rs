@@ -124,6 +124,48 @@ pub struct Extracted {
     pub counts: Counts,
 }
 
+impl Format {
+    /// The format of an archive whose first bytes are `magic` (at least 4 for a
+    /// zip), as [`detect_format`] decides it.
+    pub fn of_magic(magic: &[u8]) -> Option<Format> {
+        if magic.starts_with(b"PK\x03\x04") {
+            Some(Format::Zip)
+        } else if magic.starts_with(&[0x1f, 0x8b]) {
+            Some(Format::TarGz)
+        } else {
+            None
+        }
+    }
+}
+
+/// Checks a tar.gz archive read from `archive` as [`extract_package`] would
+/// extract it, writing nothing: the gzip stream and its checksums, the tar
+/// structure, and every entry against the sandbox's rules (names, links,
+/// entry types, limits; `archive_len` is the archive's size for the ratio
+/// limit, `u64::MAX` when not known yet). Reads the archive to its end.
+pub fn check_tar_gz(
+    archive: impl Read,
+    archive_len: u64,
+    limits: Limits,
+) -> Result<Counts, ExtractError> {
+    let mut sb = sandbox::Sandbox::check_only(limits, archive_len);
+    tar::extract(archive, &mut sb)?;
+    sb.finish()
+}
+
+/// Checks a zip archive as [`extract_package`] would extract it, writing
+/// nothing: its central directory, every entry's data and CRC-32, and every
+/// entry against the sandbox's rules (see [`check_tar_gz`]).
+pub fn check_zip(
+    archive: impl Read + io::Seek,
+    archive_len: u64,
+    limits: Limits,
+) -> Result<Counts, ExtractError> {
+    let mut sb = sandbox::Sandbox::check_only(limits, archive_len);
+    zip::extract(archive, &mut sb)?;
+    sb.finish()
+}
+
 /// Detects the format of `package` by its first bytes.
 pub fn detect_format(package: &Path) -> Result<Format, ExtractError> {
     let mut file =
@@ -138,10 +180,8 @@ pub fn detect_format(package: &Path) -> Result<Format, ExtractError> {
             Err(e) => return Err(ExtractError::io("reading the package", package, e)),
         }
     }
-    if got >= 4 && magic == *b"PK\x03\x04" {
-        Ok(Format::Zip)
-    } else if got >= 2 && magic[..2] == [0x1f, 0x8b] {
-        Ok(Format::TarGz)
+    if let Some(format) = Format::of_magic(&magic[..got]) {
+        Ok(format)
     } else {
         Err(ExtractError::refused(
             None,

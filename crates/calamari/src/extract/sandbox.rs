@@ -22,11 +22,16 @@
 //!   sticky); folders always keep owner `rwx` so the tree can be removed later; folder
 //!   modes are applied last, deepest first, so a read-only folder does not stop its own
 //!   entries from being written.
+//!
+//! A sandbox without a root ([`Sandbox::check_only`]) writes nothing: it keeps what
+//! the entries would have created in memory (which, for a fresh, empty root, is
+//! exactly what the checks on disk see) and reads file contents to the end, so the
+//! server's feed refuses at push time what calamari would refuse at deployment.
 
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::{self, ErrorKind as IoKind, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -78,7 +83,8 @@ impl Meter {
 /// Writes entries under `root`, enforcing the rules in the module docs.
 #[derive(Debug)]
 pub struct Sandbox {
-    root: PathBuf,
+    /// Where entries are written; None: nowhere, only checked.
+    root: Option<PathBuf>,
     limits: Limits,
     archive_len: u64,
     meter: Rc<Meter>,
@@ -101,7 +107,15 @@ impl Sandbox {
     /// bytes.
     pub fn new(root: &Path, limits: Limits, archive_len: u64) -> Self {
         Sandbox {
-            root: root.to_owned(),
+            root: Some(root.to_owned()),
+            ..Self::check_only(limits, archive_len)
+        }
+    }
+
+    /// A sandbox that writes nothing and refuses what [`Sandbox::new`] would.
+    pub fn check_only(limits: Limits, archive_len: u64) -> Self {
+        Sandbox {
+            root: None,
             limits,
             archive_len,
             meter: Rc::default(),
@@ -152,7 +166,19 @@ impl Sandbox {
     /// Creates a folder (an explicit folder entry) with `mode`.
     pub fn dir(&mut self, rel: &Path, mode: u32) -> Result<(), ExtractError> {
         self.prepare_parents(rel)?;
-        let path = self.root.join(rel);
+        let Some(root) = &self.root else {
+            if self.regular.contains(rel) || self.symlinks.contains(rel) {
+                return Err(ExtractError::refused(
+                    Some(&display(rel)),
+                    "a folder entry has the same name as an earlier file or link entry",
+                ));
+            }
+            if self.dirs.insert(rel.to_owned()) {
+                self.counts.dirs += 1;
+            }
+            return Ok(());
+        };
+        let path = root.join(rel);
         match fs::symlink_metadata(&path) {
             Ok(meta) if meta.is_dir() => {}
             Ok(_) => {
@@ -176,7 +202,14 @@ impl Sandbox {
     /// Creates a regular file with `mode`, streaming its content from `data`.
     pub fn file(&mut self, rel: &Path, mode: u32, data: &mut dyn Read) -> Result<(), ExtractError> {
         self.prepare_parents(rel)?;
-        let path = self.root.join(rel);
+        let Some(root) = &self.root else {
+            self.refuse_taken(rel)?;
+            self.copy(rel, data, &mut io::sink())?;
+            self.regular.insert(rel.to_owned());
+            self.counts.files += 1;
+            return Ok(());
+        };
+        let path = root.join(rel);
         let mut file = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -206,9 +239,13 @@ impl Sandbox {
         }
         let stepped = self.check_link_target(rel, target)?;
         self.prepare_parents(rel)?;
-        let path = self.root.join(rel);
-        std::os::unix::fs::symlink(OsStr::from_bytes(target), &path)
-            .map_err(|e| self.create_error(rel, &path, e))?;
+        if let Some(root) = &self.root {
+            let path = root.join(rel);
+            std::os::unix::fs::symlink(OsStr::from_bytes(target), &path)
+                .map_err(|e| self.create_error(rel, &path, e))?;
+        } else {
+            self.refuse_taken(rel)?;
+        }
         for prefix in stepped {
             self.stepped_out_of
                 .entry(prefix)
@@ -251,9 +288,13 @@ impl Sandbox {
             ));
         }
         self.prepare_parents(rel)?;
-        let path = self.root.join(rel);
-        fs::hard_link(self.root.join(&target_rel), &path)
-            .map_err(|e| self.create_error(rel, &path, e))?;
+        if let Some(root) = &self.root {
+            let path = root.join(rel);
+            fs::hard_link(root.join(&target_rel), &path)
+                .map_err(|e| self.create_error(rel, &path, e))?;
+        } else {
+            self.refuse_taken(rel)?;
+        }
         self.regular.insert(rel.to_owned());
         self.counts.files += 1;
         Ok(())
@@ -261,10 +302,13 @@ impl Sandbox {
 
     /// Applies folder modes (deepest first) and answers the counts.
     pub fn finish(mut self) -> Result<Counts, ExtractError> {
+        let Some(root) = &self.root else {
+            return Ok(self.counts);
+        };
         self.dir_modes
             .sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
         for (rel, mode) in &self.dir_modes {
-            let path = self.root.join(rel);
+            let path = root.join(rel);
             fs::set_permissions(&path, fs::Permissions::from_mode((mode & 0o777) | 0o700))
                 .map_err(|e| ExtractError::io("setting folder permissions", &path, e))?;
         }
@@ -291,7 +335,19 @@ impl Sandbox {
                     ),
                 ));
             }
-            let path = self.root.join(&current);
+            let Some(root) = &self.root else {
+                if self.regular.contains(&current) {
+                    return Err(ExtractError::refused(
+                        Some(&display(rel)),
+                        format!("its path goes through the file {:?}", display(&current)),
+                    ));
+                }
+                self.count_entry(&display(&current))?;
+                self.counts.dirs += 1;
+                self.dirs.insert(current.clone());
+                continue;
+            };
+            let path = root.join(&current);
             match fs::symlink_metadata(&path) {
                 Ok(meta) if meta.is_dir() => {}
                 Ok(meta) => {
@@ -381,7 +437,7 @@ impl Sandbox {
         &mut self,
         rel: &Path,
         data: &mut dyn Read,
-        out: &mut File,
+        out: &mut dyn Write,
     ) -> Result<(), ExtractError> {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -398,8 +454,13 @@ impl Sandbox {
             };
             let total = self.counts.bytes.saturating_add(n as u64);
             self.check_size(rel, total)?;
-            out.write_all(&buf[..n])
-                .map_err(|e| ExtractError::io("writing", &self.root.join(rel), e))?;
+            out.write_all(&buf[..n]).map_err(|e| {
+                let path = self
+                    .root
+                    .as_ref()
+                    .map_or_else(|| rel.to_owned(), |r| r.join(rel));
+                ExtractError::io("writing", &path, e)
+            })?;
             self.counts.bytes = total;
             self.meter.written.set(total);
         }
@@ -426,6 +487,18 @@ impl Sandbox {
                     "the package would extract to more than {} times its size of {} bytes (--max-ratio): a decompression bomb?",
                     self.limits.max_ratio, self.archive_len
                 ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Without a root: refuses a second entry of a name already taken (what
+    /// `O_EXCL` does on disk).
+    fn refuse_taken(&self, rel: &Path) -> Result<(), ExtractError> {
+        if self.regular.contains(rel) || self.symlinks.contains(rel) || self.dirs.contains(rel) {
+            return Err(ExtractError::refused(
+                Some(&display(rel)),
+                "the name appears more than once in the archive",
             ));
         }
         Ok(())

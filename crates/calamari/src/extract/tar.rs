@@ -14,7 +14,6 @@
 //! few KiB of gzip could make calamari allocate gigabytes.
 
 use std::cell::Cell;
-use std::fs::File;
 use std::io::{self, BufReader, Read};
 use std::rc::Rc;
 
@@ -79,7 +78,7 @@ impl<R: Read> Read for Metered<R> {
     }
 }
 
-pub(super) fn extract(file: File, sb: &mut Sandbox) -> Result<(), ExtractError> {
+pub(super) fn extract(file: impl Read, sb: &mut Sandbox) -> Result<(), ExtractError> {
     let tripped = Rc::new(Cell::new(None));
     let corrupt = |name: Option<&str>, e: io::Error| match tripped.get() {
         Some(why) => ExtractError::refused(

@@ -4,8 +4,7 @@
 //! from the name (a trailing `/` is a folder). `\` counts as a separator, as archives
 //! made on Windows use it. Encrypted entries are refused.
 
-use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Seek};
 
 use super::sandbox::{display, normalise, Sandbox, MAX_LINK_TARGET};
 use super::ExtractError;
@@ -15,7 +14,7 @@ const S_IFDIR: u32 = 0o040_000;
 const S_IFREG: u32 = 0o100_000;
 const S_IFLNK: u32 = 0o120_000;
 
-pub(super) fn extract(file: File, sb: &mut Sandbox) -> Result<(), ExtractError> {
+pub(super) fn extract(file: impl Read + Seek, sb: &mut Sandbox) -> Result<(), ExtractError> {
     let mut archive = ::zip::ZipArchive::new(BufReader::new(file))
         .map_err(|e| ExtractError::refused(None, format!("not a readable zip archive: {e}")))?;
     // The central directory says how many entries there are: refuse early.

@@ -12,6 +12,13 @@
 //! Cancel: a step that never sent StartScript ends Canceled at once; otherwise
 //! CancelScript goes to the tentacle (safe even when the ticket is unknown there)
 //! and the log is read to the script's end.
+//!
+//! Log limit: a step stores at most `StepContext::max_log_bytes` of its
+//! machine's output (all its runs together, counted from the store when a run
+//! starts). Past it, lines are counted and dropped (service messages still get
+//! [`SERVICE_MESSAGE_ALLOWANCE`] more, so output variables survive); the log
+//! says so once when it starts and once, with the count, when the run ends. The
+//! script runs on: the limit is about the server's disk, not the script.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -44,6 +51,121 @@ const GIVE_UP_AFTER: Duration = Duration::from_secs(600);
 const CANCEL_GIVE_UP_AFTER: Duration = Duration::from_secs(60);
 /// Bound on single unary calls (StartScript, CancelScript, CompleteScript).
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Service messages (`##octopus[...]`, output variables) stored past the log
+/// limit, at most.
+pub(crate) const SERVICE_MESSAGE_ALLOWANCE: u64 = 1024 * 1024;
+/// While lines are dropped, the resume point is saved at most this often (so
+/// a restarted server does not fetch them again).
+const DROPPED_SAVE_EVERY: Duration = Duration::from_secs(1);
+
+/// What a step may still store of its machine's output.
+#[derive(Debug, Clone)]
+pub(crate) struct LogBudget {
+    /// Bytes of line text the step may store.
+    limit: u64,
+    /// Bytes stored (before this run, and by it).
+    stored: u64,
+    /// Bytes of service messages stored past the limit.
+    extra: u64,
+    dropped_lines: u64,
+    dropped_bytes: u64,
+    /// Lines dropped since the resume point was last saved.
+    unsaved: bool,
+    /// The first drop is still to be told in the log.
+    announce: bool,
+}
+
+impl LogBudget {
+    /// The budget of `step` under `limit` bytes, counting what the store holds.
+    pub(crate) async fn of(ctx: &StepContext, step: &TaskStep) -> Self {
+        let stored = match ctx
+            .store
+            .step_log_size(&step.task_id, step.machine_id)
+            .await
+        {
+            Ok((_, bytes)) => u64::try_from(bytes).unwrap_or(0),
+            Err(e) => {
+                tracing::warn!(
+                    "measuring the stored log of {} in task {}: {e}; counting from zero",
+                    step.machine_name,
+                    step.task_id
+                );
+                0
+            }
+        };
+        LogBudget {
+            limit: ctx.max_log_bytes,
+            stored,
+            extra: 0,
+            dropped_lines: 0,
+            dropped_bytes: 0,
+            unsaved: false,
+            // A resumed step past its limit said so before.
+            announce: stored < ctx.max_log_bytes,
+        }
+    }
+
+    /// Whether to store a line; counts it either way.
+    fn admit(&mut self, text: &str) -> bool {
+        let len = text.len() as u64;
+        let dropping = self.dropped_lines > 0;
+        if !dropping && self.stored.saturating_add(len) <= self.limit {
+            self.stored += len;
+            return true;
+        }
+        if text.starts_with("##octopus[")
+            && self.extra.saturating_add(len) <= SERVICE_MESSAGE_ALLOWANCE
+        {
+            self.extra += len;
+            return true;
+        }
+        self.dropped_lines += 1;
+        self.dropped_bytes = self.dropped_bytes.saturating_add(len);
+        self.unsaved = true;
+        false
+    }
+
+    /// The line that says the limit was reached, once.
+    fn take_announcement(&mut self) -> Option<String> {
+        if !(self.announce && self.dropped_lines > 0) {
+            return None;
+        }
+        self.announce = false;
+        Some(format!(
+            "this step's log reached its limit of {} (--max-log-mib-per-step): further output is counted but not stored; the script runs on",
+            mib(self.limit)
+        ))
+    }
+
+    /// The line that says how much was dropped since `since` (this budget
+    /// earlier), when anything was.
+    fn summary(&self, since: Option<&LogBudget>) -> Option<String> {
+        let (lines, bytes) = since.map_or((0, 0), |b| (b.dropped_lines, b.dropped_bytes));
+        let lines = self.dropped_lines.saturating_sub(lines);
+        let bytes = self.dropped_bytes.saturating_sub(bytes);
+        (lines > 0).then(|| {
+            format!(
+                "{lines} {}line{} ({}) of output past this step's log limit of {} {} dropped, not stored",
+                if since.is_some() { "more " } else { "" },
+                if lines == 1 { "" } else { "s" },
+                mib(bytes),
+                mib(self.limit),
+                if lines == 1 { "was" } else { "were" },
+            )
+        })
+    }
+}
+
+/// "1.5 MiB", or bytes below 1 MiB.
+fn mib(bytes: u64) -> String {
+    if bytes < 1024 * 1024 {
+        format!("{bytes} bytes")
+    } else {
+        #[allow(clippy::cast_precision_loss)]
+        let m = bytes as f64 / (1024.0 * 1024.0);
+        format!("{m:.1} MiB")
+    }
+}
 
 /// How one attempt ended.
 enum Attempt {
@@ -188,6 +310,10 @@ struct Run<'a> {
     end: Option<(TaskState, Option<String>)>,
     /// The connection the script completed on, for the cleanup afterwards.
     completed_on: Option<Connection>,
+    /// What the step may still store of the output.
+    budget: LogBudget,
+    /// When the resume point was last saved while lines were dropped.
+    saved_at: Instant,
 }
 
 /// One machine's part of a script task.
@@ -235,6 +361,7 @@ pub(crate) async fn run_step(
         ctx.say(format!("starting {label} ({endpoint})")).await;
     }
     let ticket = spec.ticket(&step);
+    let budget = LogBudget::of(ctx, &step).await;
     let mut run = Run {
         ctx,
         step,
@@ -248,11 +375,16 @@ pub(crate) async fn run_step(
         base,
         end: None,
         completed_on: None,
+        budget,
+        saved_at: Instant::now(),
     };
     Box::pin(run.run()).await;
     let Some((state, error)) = run.end.take() else {
         return ScriptEnd::Interrupted;
     };
+    if let Some(text) = run.budget.summary(None) {
+        ctx.say(text).await;
+    }
     if state == TaskState::Failed && spec.hold_failure {
         return ScriptEnd::Held {
             step: run.step,
@@ -270,6 +402,7 @@ pub(crate) async fn run_step(
             next_sequence: run.next_sequence,
             base: run.base,
             mask_outputs: spec.record_outputs,
+            budget: run.budget.clone(),
         };
         Box::pin(cleanup.run()) as Afterwards
     });
@@ -635,7 +768,7 @@ impl Run<'_> {
             base: self.base,
             mask_outputs: self.spec.record_outputs,
         };
-        lines.push(&mut self.next_sequence, batch, line);
+        lines.push(&mut self.next_sequence, &mut self.budget, batch, line);
     }
 
     /// Stores the batch. Err(end) when the store failed (the step is then Failed).
@@ -645,17 +778,26 @@ impl Run<'_> {
         flush_at: &mut Option<Instant>,
     ) -> Result<(), Attempt> {
         *flush_at = None;
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let lines = std::mem::take(batch);
-        match self.ctx.log.append(&lines).await {
-            Ok(()) => Ok(()),
-            Err(e) => {
+        if !batch.is_empty() {
+            let lines = std::mem::take(batch);
+            if let Err(e) = self.ctx.log.append(&lines).await {
                 self.fail(format!("storing the log failed: {e}")).await;
-                Err(Attempt::Done)
+                return Err(Attempt::Done);
             }
         }
+        if let Some(text) = self.budget.take_announcement() {
+            self.log(text).await;
+        }
+        // Dropped lines do not move the stored resume point: save it now and
+        // then, so a restarted server does not fetch them again.
+        if self.budget.unsaved && self.saved_at.elapsed() >= DROPPED_SAVE_EVERY {
+            self.budget.unsaved = false;
+            self.saved_at = Instant::now();
+            self.step.next_sequence =
+                i64::try_from(self.base.saturating_add(self.next_sequence)).unwrap_or(i64::MAX);
+            self.ctx.save(&self.step).await;
+        }
+        Ok(())
     }
 
     /// Records the script's end; the cleanup on the tentacle follows once the
@@ -700,12 +842,22 @@ struct Lines<'a> {
 
 impl Lines<'_> {
     /// Adds `line` to `batch` unless it is before `next_sequence` (stored
-    /// already), and moves `next_sequence` past it.
-    fn push(&self, next_sequence: &mut u64, batch: &mut Vec<NewLogLine>, line: LogLine) {
+    /// already) or past the budget (counted there), and moves `next_sequence`
+    /// past it.
+    fn push(
+        &self,
+        next_sequence: &mut u64,
+        budget: &mut LogBudget,
+        batch: &mut Vec<NewLogLine>,
+        line: LogLine,
+    ) {
         if line.sequence < *next_sequence {
             return;
         }
         *next_sequence = line.sequence.saturating_add(1);
+        if !budget.admit(&line.text) {
+            return;
+        }
         let stream = match LogStream::try_from(line.stream) {
             Ok(LogStream::Stderr) => "stderr",
             Ok(LogStream::Service) => "service",
@@ -746,10 +898,12 @@ struct Cleanup {
     next_sequence: u64,
     base: u64,
     mask_outputs: bool,
+    budget: LogBudget,
 }
 
 impl Cleanup {
     async fn run(mut self) {
+        let before = self.budget.clone();
         let lines = Lines {
             log: &self.log,
             machine_id: self.machine_id,
@@ -780,14 +934,19 @@ impl Cleanup {
             };
             let mut batch = Vec::new();
             for line in reply.logs {
-                lines.push(&mut self.next_sequence, &mut batch, line);
+                lines.push(&mut self.next_sequence, &mut self.budget, &mut batch, line);
             }
             if let Err(e) = self.log.append(&batch).await {
                 return tracing::error!("storing the log of {}: {e}", self.log.task_id());
             }
             if !(reply.more_logs && reply.state == ScriptState::Complete as i32) {
-                return;
+                break;
             }
+        }
+        if let Some(text) = self.budget.summary(Some(&before)) {
+            self.log
+                .server(format!("{}: {text}", self.machine_name))
+                .await;
         }
     }
 }

@@ -324,6 +324,7 @@ fn request(fields: &Fields, entered: &Entered) -> Result<ScriptRequest, ApiError
         ));
     }
     Ok(ScriptRequest {
+        max_parallel_steps: None,
         script: entered.script.clone(),
         syntax,
         isolation: Default::default(),

@@ -335,6 +335,7 @@ fn deploy_request(fields: &Fields, e: &Entered) -> Result<DeployRequest, ApiErro
         })?),
     };
     Ok(DeployRequest {
+        max_parallel_steps: None,
         package_id: e.package.trim().to_string(),
         version: given(&e.version).filter(|v| !v.eq_ignore_ascii_case("latest")),
         environment: e.environment.trim().to_string(),

@@ -305,6 +305,7 @@ async fn check_health_all(
         Vec::new()
     };
     let req = HealthRequest {
+        max_parallel_steps: None,
         machines,
         environment: None,
     };
@@ -921,6 +922,7 @@ async fn check_health_one(
     Path((_, name)): Path<(String, String)>,
 ) -> Response {
     let req = HealthRequest {
+        max_parallel_steps: None,
         machines: vec![name.clone()],
         environment: None,
     };
@@ -936,6 +938,7 @@ async fn upgrade_one(
     Path((_, name)): Path<(String, String)>,
 ) -> Response {
     let req = HealthRequest {
+        max_parallel_steps: None,
         machines: vec![name.clone()],
         environment: None,
     };

@@ -469,21 +469,38 @@ pub async fn remove_machine(
         &what,
     )?;
     s.store.delete_machine(space.id, &m.name).await?;
+    // Its running steps are canceled while the machine can still be reached
+    // (a polling one is trusted until the trust is refreshed below), so the
+    // scripts are stopped on it; bounded, then recorded canceled anyway.
+    let reason = format!("machine {} was deleted by {}", m.name, caller.user.username);
+    let canceled = s
+        .engine
+        .stop_machine(m.id, &reason, DELETE_CANCEL_GRACE)
+        .await;
     if let Ok(ep) = endpoint_of(&m) {
         s.comms.forget(&ep);
     }
     s.refresh_polling_trust().await?;
+    let steps = match canceled {
+        0 => String::new(),
+        1 => "; its running step was canceled".into(),
+        n => format!("; its {n} running steps were canceled"),
+    };
     s.audit(
         caller,
         Some(space),
         "deleted",
         "machine",
         &m.name,
-        format!("{} {}", m.uri, m.thumbprint),
+        format!("{} {}{steps}", m.uri, m.thumbprint),
     )
     .await;
     Ok(())
 }
+
+/// How long deleting a machine waits for its running scripts to be canceled
+/// on it before recording them canceled anyway.
+const DELETE_CANCEL_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn validate(space: &Space, r: &MachineRequest) -> ApiResult<NewMachine> {
     if r.name.trim().is_empty() {

@@ -1,13 +1,20 @@
 //! The built-in package feed's routes: `POST/GET/DELETE /api/packages...`
 //! (its rules are in [`crate::feed`], its file layout in [`octo_engine::PackageFiles`]).
 //!
-//! A pushed file is streamed to `DATA/packages/.incoming-*` while it is hashed,
-//! checked (zip or tar.gz by its first bytes), then renamed to
+//! A pushed file is streamed to `DATA/packages/.incoming-*` (0600) while it is
+//! hashed and checked whole, as calamari would extract it: a tar.gz as it
+//! streams in (gzip checksums, tar structure, every entry), a zip once complete
+//! (central directory, every entry's CRC-32, every entry); any fault is refused
+//! with 400 naming it, and the file is deleted. Only then is it renamed to
 //! `DATA/packages/<sha256>`: identical content is stored once, and a file is
 //! only ever visible under its final name complete. The store holds ID, version,
 //! format, size, SHA-256 and upload time; the same ID and version with different
 //! content is refused (409) unless `replace=true`. A file is deleted when no
-//! package row uses its hash any more.
+//! package row uses its hash any more. Placing a file, recording its row and
+//! deleting unused files happen under the feed's lock ([`PackageFiles::lock`]),
+//! so a lost race (409) leaves no file behind and a delete never removes a
+//! file a push is about to record. An interrupted push leaves its
+//! `.incoming-*` file only when the server itself dies; the next start removes it.
 //!
 //! IDs and versions come from the query, else from the original's file naming
 //! `ID.VERSION.ext` (e.g. `Acme.Web.1.2.3-beta.1.tar.gz`); versions are semantic
@@ -25,7 +32,9 @@ use axum::extract::{DefaultBodyLimit, Extension, Path as UrlPath, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
+use bytes::Bytes;
 use futures_util::StreamExt;
+use octo_engine::feed::INCOMING_PREFIX;
 use octo_store::{NewPackage, Package, Store, StoreError};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -38,7 +47,10 @@ use octo_store::now_ms;
 use super::guard::{delete, get, post, Route};
 use super::ApiError;
 use crate::authz::{Access, Caller, RequestSpace};
-use crate::feed::{check_package_id, parse_file_name, parse_version, sniff_format};
+use crate::feed::{
+    check_package_id, check_zip_file, first_bytes, parse_file_name, parse_version, ratio_fault,
+    sniff_format, TarGzCheck,
+};
 use crate::state::AppState;
 
 /// The feed's routes.
@@ -140,7 +152,7 @@ pub struct PushQuery {
     responses(
         (status = 201, description = "Stored (created or replaced)", body = PushReply),
         (status = 200, description = "The same ID, version and content were there already", body = PushReply),
-        (status = 400, description = "Not a zip or tar.gz, or no ID/version (the message says what to give)", body = ErrorBody),
+        (status = 400, description = "Not a zip or tar.gz, a corrupt or truncated archive, an entry calamari would refuse (absolute, `..`, links out, devices, limits), or no ID/version (the message says which)", body = ErrorBody),
         (status = 409, description = "That ID and version exist with other content; push with replace=true", body = ErrorBody),
     )
 )]
@@ -198,18 +210,19 @@ pub async fn push(
         .await
         .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
     // Removed on every way out but the rename into place.
-    let incoming = Incoming(dir.join(format!(".incoming-{}", crate::auth::new_api_key())));
-    let (sha256, size, head) = receive(body, &incoming.0).await?;
-    let Some(format) = sniff_format(&head) else {
-        return Err(ApiError::bad_request(format!(
-            "the pushed file ({size} bytes) is neither a zip nor a tar.gz archive"
-        )));
-    };
+    let incoming = Incoming(dir.join(format!("{INCOMING_PREFIX}{}", crate::auth::new_api_key())));
+    let Received {
+        sha256,
+        size,
+        format,
+    } = receive(body, &incoming.0).await?;
     let version = version.to_string();
     let file_name = q
         .file_name
         .clone()
         .unwrap_or_else(|| format!("{package_id}.{version}.{format}"));
+    // From here to the row, one push or delete at a time (see the module docs).
+    let _feed = s.packages.lock().await;
     // Same ID, version and content: nothing to do.
     if let Some(existing) = s.store.package(space.id, &package_id, &version).await? {
         if existing.sha256.eq_ignore_ascii_case(&sha256) {
@@ -248,13 +261,17 @@ pub async fn push(
     };
     let (package, previous) = match s.store.put_package(&new, q.replace, now_ms()).await {
         Ok(r) => r,
-        Err(StoreError::Conflict { .. }) => {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                format!("package {package_id} {version} was pushed by someone else meanwhile; push again with --replace to replace it"),
-            ))
+        Err(e) => {
+            // The file placed above serves no row now (unless another does).
+            remove_unused_file(s, &sha256).await;
+            return Err(match e {
+                StoreError::Conflict { .. } => ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!("package {package_id} {version} was pushed by someone else meanwhile; push again with --replace to replace it"),
+                ),
+                e => e.into(),
+            });
         }
-        Err(e) => return Err(e.into()),
     };
     if let Some(old) = &previous {
         remove_unused_file(s, &old.sha256).await;
@@ -307,40 +324,162 @@ impl Drop for Incoming {
     }
 }
 
-/// Streams the body to `path`, hashing it; returns (sha256 lower hex, size, first bytes).
-async fn receive(body: Body, path: &Path) -> Result<(String, u64, Vec<u8>), ApiError> {
-    let mut file = tokio::fs::File::create(path)
+/// A pushed file, received whole and checked.
+struct Received {
+    /// Lower-case hex.
+    sha256: String,
+    size: u64,
+    /// "zip" or "tar.gz".
+    format: &'static str,
+}
+
+/// How the check of a pushed file stands while it streams in.
+enum Check {
+    /// Fewer than 4 bytes so far: the format is not known yet.
+    Undecided(Vec<Bytes>),
+    /// A tar.gz, checked as it streams.
+    TarGz(TarGzCheck),
+    /// A zip, checked once complete.
+    Zip,
+    /// A tar.gz whose check read all it reads before the body ended (what
+    /// follows is stored but, as calamari ignores it, not checked).
+    Checked(octo_calamari::extract::Counts),
+    /// Refused (why); the rest of the body is read and dropped, so the client
+    /// gets the answer rather than a broken connection.
+    Refused(String),
+}
+
+/// Streams the body to `path` (0600), hashing it and checking it whole (see
+/// the module docs); a fault is a 400 naming it.
+async fn receive(body: Body, path: &Path) -> Result<Received, ApiError> {
+    use axum::body::HttpBody;
+    let announced = body.size_hint().exact();
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
         .await
         .map_err(|e| anyhow::anyhow!("creating {}: {e}", path.display()))?;
     let mut hasher = Sha256::new();
     let mut size = 0u64;
-    let mut head = Vec::with_capacity(8);
+    let mut check = Check::Undecided(Vec::new());
     let mut stream = body.into_data_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| {
-            ApiError::bad_request(format!(
-                "the upload was interrupted after {size} bytes: {e}"
-            ))
-        })?;
-        if head.len() < 8 {
-            let take = (8 - head.len()).min(chunk.len());
-            head.extend_from_slice(&chunk[..take]);
+    let mut ended = false;
+    while !ended {
+        let chunk = match stream.next().await {
+            Some(chunk) => chunk.map_err(|e| {
+                ApiError::bad_request(format!(
+                    "the upload was interrupted after {size} bytes: {e}"
+                ))
+            })?,
+            None => {
+                ended = true;
+                Bytes::new()
+            }
+        };
+        size += chunk.len() as u64;
+        if matches!(check, Check::Refused(_)) {
+            continue;
         }
         hasher.update(&chunk);
-        size += chunk.len() as u64;
         file.write_all(&chunk)
             .await
             .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+        // Decide the format on the first 4 bytes (or at the end, when shorter).
+        if let Check::Undecided(pending) = &mut check {
+            if !chunk.is_empty() {
+                pending.push(chunk.clone());
+            }
+            let head: Vec<u8> = pending
+                .iter()
+                .flat_map(|b| b.iter().copied())
+                .take(4)
+                .collect();
+            if head.len() < 4 && !ended {
+                continue;
+            }
+            let pending = std::mem::take(pending);
+            check = match sniff_format(&head) {
+                Some("zip") => Check::Zip,
+                Some(_) => {
+                    let mut c = TarGzCheck::start(announced);
+                    for b in pending {
+                        c.feed(b).await;
+                    }
+                    Check::TarGz(c)
+                }
+                None => Check::Refused(format!(
+                    "it is neither a zip nor a tar.gz archive (first bytes: {})",
+                    if head.is_empty() {
+                        "none".to_string()
+                    } else {
+                        first_bytes(&head)
+                    }
+                )),
+            };
+            continue;
+        }
+        let early_end = match &mut check {
+            Check::TarGz(c) => !chunk.is_empty() && !c.feed(chunk).await,
+            _ => false,
+        };
+        if early_end {
+            // The check ended early: a fault (refuse now) or it read all it reads.
+            if let Check::TarGz(c) = std::mem::replace(&mut check, Check::Zip) {
+                check = match c.finish().await {
+                    Err(why) => Check::Refused(why),
+                    Ok(counts) => Check::Checked(counts),
+                };
+            }
+        }
+    }
+    let (format, counts) = match check {
+        Check::Refused(why) => return Err(refused(size, &why)),
+        Check::Undecided(_) => return Err(refused(size, "it is empty")),
+        Check::TarGz(c) => (
+            "tar.gz",
+            c.finish()
+                .await
+                .map_err(|why: String| refused(size, &why))?,
+        ),
+        Check::Checked(counts) => ("tar.gz", counts),
+        Check::Zip => {
+            file.flush()
+                .await
+                .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+            let p = path.to_path_buf();
+            let verdict = tokio::task::spawn_blocking(move || check_zip_file(&p, size))
+                .await
+                .map_err(|e| anyhow::anyhow!("checking the zip: {e}"))?;
+            ("zip", verdict.map_err(|why: String| refused(size, &why))?)
+        }
+    };
+    if announced.is_none() {
+        if let Some(why) = ratio_fault(&counts, size) {
+            return Err(refused(size, &why));
+        }
     }
     file.sync_all()
         .await
         .map_err(|e| anyhow::anyhow!("flushing {}: {e}", path.display()))?;
-    let sha: String = hasher
+    let sha256: String = hasher
         .finalize()
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    Ok((sha, size, head))
+    Ok(Received {
+        sha256,
+        size,
+        format,
+    })
+}
+
+/// The 400 for a pushed file that is not a package calamari would deploy.
+fn refused(size: u64, why: &str) -> ApiError {
+    ApiError::bad_request(format!(
+        "the pushed file ({size} bytes) is not a package that can be deployed: {why}"
+    ))
 }
 
 /// Deletes a stored file once no package uses it (best effort, logged).
@@ -460,6 +599,7 @@ pub async fn remove_package(
     version: &str,
 ) -> Result<Package, ApiError> {
     let found = find(s.store.as_ref(), space.id, id, Some(version)).await?;
+    let _feed = s.packages.lock().await;
     let gone = s
         .store
         .delete_package(space.id, &found.package_id, &found.version)

@@ -225,6 +225,7 @@ pub async fn start_script(
     space: &Space,
     req: ScriptRequest,
 ) -> ApiResult<TaskView> {
+    parallelism(req.max_parallel_steps)?;
     if req.script.trim().is_empty() {
         return Err(ApiError::bad_request("field `script` must not be empty"));
     }
@@ -250,6 +251,7 @@ pub async fn start_script(
         kind::SCRIPT,
         &description,
         &stored,
+        req.max_parallel_steps,
         &target.machines,
         secrets,
         details,
@@ -287,6 +289,7 @@ pub async fn start_health_check(
     space: &Space,
     req: HealthRequest,
 ) -> ApiResult<TaskView> {
+    parallelism(req.max_parallel_steps)?;
     let filter = filter_of(space.id, &req.environment, &None, &None);
     let target = Target::select(s, caller, space, &req.machines, &filter).await?;
     target.require(caller, space, Permission::TaskCreate)?;
@@ -298,6 +301,7 @@ pub async fn start_health_check(
         kind::HEALTH,
         &description,
         &req,
+        req.max_parallel_steps,
         &target.machines,
         Vec::new(),
         String::new(),
@@ -335,6 +339,7 @@ pub async fn start_deployment(
     space: &Space,
     req: DeployRequest,
 ) -> ApiResult<TaskView> {
+    parallelism(req.max_parallel_steps)?;
     if req.environment.trim().is_empty() {
         return Err(ApiError::bad_request(
             "field `environment` must name the environment to deploy to",
@@ -414,6 +419,7 @@ pub async fn start_deployment(
         kind::DEPLOY,
         &description,
         &args,
+        req.max_parallel_steps,
         &target.machines,
         secrets,
         details,
@@ -451,6 +457,7 @@ pub async fn start_tool_upgrade(
     space: &Space,
     req: HealthRequest,
 ) -> ApiResult<TaskView> {
+    parallelism(req.max_parallel_steps)?;
     let tool = match s.tool.as_ref() {
         Ok(t) => t.clone(),
         Err(why) => {
@@ -474,6 +481,7 @@ pub async fn start_tool_upgrade(
         kind::UPGRADE,
         &description,
         &req,
+        req.max_parallel_steps,
         &target.machines,
         Vec::new(),
         String::new(),
@@ -499,6 +507,19 @@ fn variable_names(
     }
 }
 
+/// A task's `max_parallel_steps`, checked (400 naming the field).
+fn parallelism(n: Option<u32>) -> ApiResult<Option<u32>> {
+    match n {
+        Some(n) if !(1..=octo_engine::MAX_PARALLEL_STEPS_ALLOWED).contains(&n) => {
+            Err(ApiError::bad_request(format!(
+                "max_parallel_steps must be from 1 to {} (machines of the task that run at once), not {n}",
+                octo_engine::MAX_PARALLEL_STEPS_ALLOWED
+            )))
+        }
+        n => Ok(n),
+    }
+}
+
 /// Creates the task, starts it in the background, answers 201 with it.
 #[allow(clippy::too_many_arguments)]
 async fn create_and_start(
@@ -508,12 +529,16 @@ async fn create_and_start(
     kind: &str,
     description: &str,
     arguments: &impl serde::Serialize,
+    max_parallel_steps: Option<u32>,
     machines: &[Machine],
     secrets: Vec<(String, String)>,
     details: String,
 ) -> ApiResult<TaskView> {
-    let arguments = serde_json::to_value(arguments)
+    let mut arguments = serde_json::to_value(arguments)
         .map_err(|e| ApiError::internal(format!("encoding the task's arguments: {e}")))?;
+    if let (Some(n), Some(map)) = (max_parallel_steps, arguments.as_object_mut()) {
+        map.insert("max_parallel_steps".into(), n.into());
+    }
     let new = NewTask {
         space_id: space.id,
         kind: kind.into(),

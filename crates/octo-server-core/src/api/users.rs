@@ -396,16 +396,19 @@ pub async fn do_login(
     source: &str,
 ) -> Result<LoginReply, (ApiError, Option<u64>)> {
     let plain = |e: ApiError| (e, None);
-    if let Some((wait, why)) = s.logins.wait(&l.username, source) {
-        let secs = wait.as_secs().max(1);
-        return Err((
-            ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                format!("too many failed logins {why}; try again in {secs} s"),
-            ),
-            Some(secs),
-        ));
-    }
+    let attempt = match s.logins.begin(&l.username, source) {
+        Ok(a) => a,
+        Err((wait, why)) => {
+            let secs = wait.as_secs().max(1);
+            return Err((
+                ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!("too many failed logins {why}; try again in {secs} s"),
+                ),
+                Some(secs),
+            ));
+        }
+    };
     let refused = || ApiError::new(StatusCode::UNAUTHORIZED, "wrong username or password");
     let found = s
         .store
@@ -415,7 +418,7 @@ pub async fn do_login(
     let (user, hash) = match found {
         Some((user, Some(hash))) if !user.disabled => (user, hash),
         _ => {
-            s.logins.failed(&l.username, source);
+            attempt.failed();
             tracing::warn!("failed login for '{}' from {source}", l.username);
             return Err(plain(refused()));
         }
@@ -425,11 +428,11 @@ pub async fn do_login(
         .await
         .map_err(|e| plain(anyhow::anyhow!(e).into()))?;
     if !ok {
-        s.logins.failed(&l.username, source);
+        attempt.failed();
         tracing::warn!("failed login for '{}' from {source}", l.username);
         return Err(plain(refused()));
     }
-    s.logins.succeeded(&l.username);
+    attempt.succeeded();
     let purpose = format!("session of {} (login at {})", user.username, now_ms());
     let (key, stored) = issue_session(s.store.as_ref(), user.id, &purpose)
         .await

@@ -379,11 +379,10 @@ impl Api {
         self.call(Method::DELETE, path, Body::None).await
     }
 
-    /// Pushes bytes as package `id` `version` in `space` (None: Default). The
-    /// bytes get a gzip header so that the feed takes them for a tar.gz.
+    /// Pushes bytes as package `id` `version` in `space` (None: Default): a
+    /// tar.gz holding them as one file.
     pub async fn push(&self, space: Option<&str>, id: &str, version: &str, bytes: &[u8]) -> Reply {
-        let mut file = vec![0x1f, 0x8b, 0x08, 0x00];
-        file.extend_from_slice(bytes);
+        let file = tar_gz(bytes);
         self.call(
             Method::POST,
             &format!(
@@ -412,4 +411,19 @@ impl Api {
         self.post(&format!("{}/tasks/script", space_prefix(space)), body)
             .await
     }
+}
+
+/// A tar.gz package holding `content` as `content.txt`.
+pub fn tar_gz(content: &[u8]) -> Vec<u8> {
+    let mut header = tar::Header::new_gnu();
+    header.set_path("content.txt").unwrap();
+    header.set_size(content.len() as u64);
+    header.set_mode(0o644);
+    header.set_cksum();
+    let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
+        Vec::new(),
+        flate2::Compression::fast(),
+    ));
+    builder.append(&header, content).unwrap();
+    builder.into_inner().unwrap().finish().unwrap()
 }
