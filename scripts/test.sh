@@ -42,6 +42,15 @@ need_venv() {
 need_apt python3-venv
 need_venv schemathesis 'schemathesis==4.32.5'
 
+# PyPI tools, in a venv under target/ (python3-venv from apt): grpcio, grpcio-reflection and
+# protobuf are the standard gRPC client of crates/tentacle/tests/grpc_clients.rs.
+need_apt python3-venv
+if [ ! -x target/py-venv/bin/python ]; then
+    python3 -m venv target/py-venv
+fi
+target/py-venv/bin/python -c 'import grpc, grpc_reflection, google.protobuf' 2>/dev/null ||
+    target/py-venv/bin/pip install -q grpcio grpcio-reflection protobuf
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked --no-fail-fast

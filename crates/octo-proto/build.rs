@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "octopus/tentacle/v1/script.proto",
         "octopus/tentacle/v1/file.proto",
         "octopus/tentacle/v1/upgrade.proto",
+        "octopus/tentacle/v1/certificates.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", root.join(f).display());

@@ -87,6 +87,10 @@ pub struct PollingServer {
     /// server name, SNI): for SNI routers and names DNS does not resolve here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect_to: Option<String>,
+    /// A certificate the server is rotating to (`octopus server
+    /// rotate-certificate`), trusted on these connections beside `thumbprint`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotating_to: Option<String>,
 }
 
 impl PollingServer {
@@ -99,6 +103,9 @@ impl PollingServer {
     pub fn problem(&self) -> Option<String> {
         if let Err(e) = self.thumbprint.parse::<Thumbprint>() {
             return Some(e.to_string());
+        }
+        if let Some(Err(e)) = self.rotating_to.as_deref().map(str::parse::<Thumbprint>) {
+            return Some(format!("rotating_to: {e}"));
         }
         if self.is_web_socket() {
             if let Err(e) = octo_comms::websocket::WebSocketUrl::parse(&self.address) {
@@ -355,6 +362,11 @@ impl TentacleConfig {
             .iter()
             .map(|t| t.thumbprint.as_str())
             .chain(self.polling_servers.iter().map(|p| p.thumbprint.as_str()))
+            .chain(
+                self.polling_servers
+                    .iter()
+                    .filter_map(|p| p.rotating_to.as_deref()),
+            )
             .filter_map(|t| t.parse().ok())
             .collect();
         out.sort();
@@ -450,6 +462,7 @@ mod tests {
             subscription_id: "abc".into(),
             connections: 2,
             connect_to: None,
+            rotating_to: None,
         });
         cfg.polling_servers.push(PollingServer {
             address: "wss://octopus.example:443/tentacle".into(),
@@ -457,6 +470,7 @@ mod tests {
             subscription_id: "def".into(),
             connections: 1,
             connect_to: Some("10.0.0.1:8443".into()),
+            rotating_to: None,
         });
         assert!(!cfg.polling_servers[0].is_web_socket() && cfg.polling_servers[1].is_web_socket());
         cfg.save(&path).expect("save");

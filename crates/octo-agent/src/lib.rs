@@ -16,6 +16,7 @@ pub mod config;
 pub mod context;
 pub mod files;
 pub mod instances;
+pub mod rotation;
 pub mod scripts;
 pub mod service_unit;
 pub mod upgrade;

@@ -70,6 +70,34 @@ pub struct ServerInfo {
     pub tentacle_version: Option<String>,
 }
 
+/// `POST /api/server/rotate-certificate`'s answer: what each machine learned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CertificateRotationReport {
+    /// The comms certificate replaced.
+    pub previous_thumbprint: String,
+    /// The comms certificate the server presents from now on.
+    pub thumbprint: String,
+    /// Every machine, in every space, and whether it trusts the new certificate.
+    pub machines: Vec<MachineRotation>,
+}
+
+/// One machine in a [`CertificateRotationReport`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MachineRotation {
+    /// Its space's name.
+    pub space: String,
+    pub name: String,
+    /// "Listening" or "Polling".
+    pub kind: String,
+    /// The tentacle trusts the new certificate.
+    pub learned: bool,
+    /// Why it did not learn it (empty when it did).
+    pub reason: String,
+    /// The command that makes it trust the new certificate by hand (empty when
+    /// it learned it).
+    pub fix: String,
+}
+
 /// `POST /api/environments`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -129,6 +129,10 @@ pub struct Machine {
     pub uri: String,
     /// SHA-256 thumbprint the tentacle must present, 64 upper-case hex.
     pub thumbprint: String,
+    /// A certificate the tentacle is rotating to (`tentacle rotate-certificate`),
+    /// accepted beside `thumbprint` until the tentacle presents it.
+    #[serde(default)]
+    pub next_thumbprint: Option<String>,
     /// Environment names (empty for workers).
     pub environments: Vec<String>,
     pub roles: Vec<String>,

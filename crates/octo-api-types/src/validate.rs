@@ -13,6 +13,7 @@ use std::fmt;
 use crate::messages::{
     DeployRequest, DiscoverRequest, EnvironmentUpdate, GuidanceRequest, HealthRequest, Login,
     MachineRequest, MachineUpdate, NewApiKey, NewEnvironment, NewUser, ScriptRequest,
+    TentacleUpgradeRequest,
 };
 use crate::security::{NewGrant, NewMember, NewRole, NewSpace, NewTeam, SetPassword};
 
@@ -568,6 +569,13 @@ impl Validate for ScriptRequest {
 }
 
 impl Validate for HealthRequest {
+    fn validate(&self) -> Checked {
+        list("machines", &self.machines, name)?;
+        some_name("environment", self.environment.as_ref())
+    }
+}
+
+impl Validate for TentacleUpgradeRequest {
     fn validate(&self) -> Checked {
         list("machines", &self.machines, name)?;
         some_name("environment", self.environment.as_ref())

@@ -580,6 +580,73 @@ pub async fn run(opts: ClientOpts, command: ClientCommand) -> anyhow::Result<Exi
     }
 }
 
+/// `octopus server rotate-certificate`: asks the server to replace its comms
+/// certificate and prints what each machine learned, with the fix for the others.
+/// Exits 0 when every machine learned it, 1 otherwise (the server has switched
+/// either way).
+pub async fn rotate_server_certificate(opts: ClientOpts) -> anyhow::Result<ExitCode> {
+    let mut client = ApiClient::new(&opts.server, opts.api_key, &opts.space)?;
+    if !client.has_key() {
+        use_stored_session(&mut client);
+    }
+    let report: octo_api_types::CertificateRotationReport = client
+        .post(
+            client.system_url(&["server", "rotate-certificate"], &[]),
+            &json!({}),
+        )
+        .await
+        .context("rotating the server's comms certificate")?;
+    let missed: Vec<&octo_api_types::MachineRotation> =
+        report.machines.iter().filter(|m| !m.learned).collect();
+    match opts.output {
+        Output::Json => out_json(&report),
+        Output::Table => {
+            out(&format!(
+                "The server now presents comms certificate {} (was {}).",
+                report.thumbprint, report.previous_thumbprint
+            ));
+            let rows: Vec<Vec<String>> = report
+                .machines
+                .iter()
+                .map(|m| {
+                    vec![
+                        m.space.clone(),
+                        m.name.clone(),
+                        m.kind.clone(),
+                        if m.learned { "yes".into() } else { "NO".into() },
+                        m.reason.clone(),
+                    ]
+                })
+                .collect();
+            if !rows.is_empty() {
+                out(&table(
+                    &["SPACE", "MACHINE", "KIND", "LEARNED", "WHY NOT"],
+                    &rows,
+                ));
+            }
+            if missed.is_empty() {
+                out(&format!(
+                    "Every machine trusts the new certificate. Once none needs the old one, tentacles may drop it: `tentacle configure --remove-trust {}`.",
+                    report.previous_thumbprint
+                ));
+            } else {
+                out(&format!(
+                    "{} machine(s) did not learn it and will refuse the server until fixed by hand on the tentacle:",
+                    missed.len()
+                ));
+                for m in &missed {
+                    out(&format!("  {} ({}): {}", m.name, m.space, m.fix));
+                }
+            }
+        }
+    }
+    Ok(if missed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 /// Calls with the session key `octopus login` stored for the client's server,
 /// if any. A sessions file that cannot be read is reported and left alone.
 fn use_stored_session(client: &mut ApiClient) {
@@ -1336,12 +1403,20 @@ fn machine_fields(m: &Machine) -> String {
         ("Kind", format!("{:?}", m.kind)),
         ("URI", m.uri.clone()),
         ("Thumbprint", m.thumbprint.clone()),
+    ];
+    if let Some(next) = &m.next_thumbprint {
+        f.push((
+            "Rotating to",
+            format!("{next} (both accepted until the tentacle presents it)"),
+        ));
+    }
+    f.extend([
         ("Environments", list(&m.environments)),
         ("Roles", list(&m.roles)),
         ("Tenants", list(&m.tenants)),
         ("Tenant tags", list(&m.tenant_tags)),
         ("Policy", m.policy.clone()),
-    ];
+    ]);
     if let Some(p) = &m.worker_pool {
         f.push(("Worker pool", p.clone()));
     }

@@ -25,6 +25,7 @@ pub mod net;
 pub mod page;
 pub mod proxy;
 pub mod registry;
+pub mod rotation;
 pub mod server;
 pub mod tentacle;
 pub mod websocket;
@@ -34,6 +35,7 @@ pub use error::{is_retryable, CommsError};
 pub use h2client::H2Channel;
 pub use proxy::{ProxyConfig, ProxyError, ProxySetting};
 pub use registry::PollingRegistry;
+pub use rotation::{CommsEvent, TentacleRotation};
 pub use server::{
     Connection, Endpoint, HttpOverTls, ServerComms, ServerCommsOptions, WebSocketListenerOptions,
     DEFAULT_MAX_CONCURRENT_HANDSHAKES,

@@ -144,13 +144,14 @@ impl PollingRegistry {
             .collect()
     }
 
-    /// A live connection of `subscription_id` presenting `thumbprint`, if any.
-    pub fn find(&self, subscription_id: &str, thumbprint: &Thumbprint) -> Option<Connection> {
+    /// A live connection of `subscription_id` presenting one of `accepted`, if
+    /// any (never one the tentacle asked to go away).
+    pub fn find(&self, subscription_id: &str, accepted: &[Thumbprint]) -> Option<Connection> {
         let map = self.map();
         let live: Vec<&Connection> = map
             .get(subscription_id)?
             .iter()
-            .filter(|c| !c.is_closed() && c.peer_thumbprint() == *thumbprint)
+            .filter(|c| c.is_usable() && accepted.contains(&c.peer_thumbprint()))
             .collect();
         if live.is_empty() {
             return None;
@@ -159,26 +160,33 @@ impl PollingRegistry {
         Some(live[i].clone())
     }
 
-    /// Waits up to `timeout` for `subscription_id` to connect presenting
-    /// `thumbprint`; returns at once when it is connected already.
+    /// Waits up to `timeout` for `subscription_id` to connect presenting one
+    /// of `accepted` (the first is the endpoint's own); returns at once when it
+    /// is connected already.
     pub async fn wait_for(
         &self,
         subscription_id: &str,
-        thumbprint: &Thumbprint,
+        accepted: &[Thumbprint],
         timeout: Duration,
     ) -> Result<Connection, CommsError> {
+        let thumbprint = accepted
+            .first()
+            .ok_or_else(|| CommsError::InvalidEndpoint {
+                endpoint: format!("poll://{subscription_id}/"),
+                reason: "no thumbprint to accept".into(),
+            })?;
         let deadline = Instant::now() + timeout;
         loop {
             let notified = self.inner.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(c) = self.find(subscription_id, thumbprint) {
+            if let Some(c) = self.find(subscription_id, accepted) {
                 return Ok(c);
             }
             tokio::select! {
                 _ = notified => {}
                 _ = tokio::time::sleep_until(deadline) => {
-                    let detail = self.mismatch_detail(subscription_id, thumbprint);
+                    let detail = self.mismatch_detail(subscription_id, accepted);
                     if !detail.is_empty() {
                         warn!("polling tentacle poll://{subscription_id}/{detail}");
                     }
@@ -193,14 +201,17 @@ impl PollingRegistry {
         }
     }
 
-    fn mismatch_detail(&self, subscription_id: &str, thumbprint: &Thumbprint) -> String {
+    fn mismatch_detail(&self, subscription_id: &str, accepted: &[Thumbprint]) -> String {
         let map = self.map();
         let Some(other) = map
             .get(subscription_id)
-            .and_then(|l| l.iter().find(|c| c.peer_thumbprint() != *thumbprint))
+            .and_then(|l| l.iter().find(|c| !accepted.contains(&c.peer_thumbprint())))
         else {
             drop(map);
-            return self.refusal_detail(thumbprint);
+            return accepted
+                .first()
+                .map(|t| self.refusal_detail(t))
+                .unwrap_or_default();
         };
         format!(
             " (a connection for this subscription presents thumbprint {} instead: the tentacle's certificate changed or two machines share a subscription; re-register it)",
@@ -248,6 +259,16 @@ impl PollingRegistry {
                 _ = tokio::time::sleep_until(deadline) => return pred(self),
             }
         }
+    }
+
+    /// Live connections presenting `thumbprint`, of any subscription.
+    pub fn presenting(&self, thumbprint: &Thumbprint) -> Vec<Connection> {
+        self.map()
+            .values()
+            .flatten()
+            .filter(|c| !c.is_closed() && c.peer_thumbprint() == *thumbprint)
+            .cloned()
+            .collect()
     }
 
     /// Every live connection.

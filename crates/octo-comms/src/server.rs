@@ -20,13 +20,15 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use octo_proto::v1::capabilities_client::CapabilitiesClient;
+use octo_proto::v1::certificates_client::CertificatesClient;
 use octo_proto::v1::file_service_client::FileServiceClient;
 use octo_proto::v1::script_service_client::ScriptServiceClient;
 use octo_proto::v1::session_client::SessionClient;
 use octo_proto::v1::upgrade_service_client::UpgradeServiceClient;
 use octo_proto::v1::{HelloReply, HelloRequest};
 use octo_tls::{
-    ClientAuth, Identity, Role, Thumbprint, TlsSettings, TrustHint, TrustStore, UntrustedPeer,
+    ClientAuth, Identity, LiveIdentity, Role, Thumbprint, TlsSettings, TrustHint, TrustStore,
+    UntrustedPeer,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -37,6 +39,7 @@ use tracing::{debug, info, warn};
 use crate::h2client::{self, H2Channel};
 use crate::proxy::{self, ProxySetting};
 use crate::registry::PollingRegistry;
+use crate::rotation::CommsEvent;
 use crate::{net, page, websocket, CommsError, H2Settings};
 
 /// How the server reaches one tentacle.
@@ -48,6 +51,8 @@ pub enum Endpoint {
         address: String,
         /// The thumbprint the tentacle must present.
         thumbprint: Thumbprint,
+        /// A certificate the tentacle is rotating to, accepted too.
+        next: Option<Thumbprint>,
     },
     /// The tentacle polls; requests wait for a connection of this subscription.
     Polling {
@@ -55,6 +60,8 @@ pub enum Endpoint {
         subscription_id: String,
         /// The thumbprint the tentacle must present.
         thumbprint: Thumbprint,
+        /// A certificate the tentacle is rotating to, accepted too.
+        next: Option<Thumbprint>,
     },
 }
 
@@ -84,6 +91,7 @@ impl Endpoint {
         Ok(Endpoint::Listening {
             address,
             thumbprint,
+            next: None,
         })
     }
 
@@ -102,7 +110,30 @@ impl Endpoint {
         Ok(Endpoint::Polling {
             subscription_id: id.to_string(),
             thumbprint,
+            next: None,
         })
+    }
+
+    /// Also accepts `next` (a certificate the tentacle is rotating to).
+    pub fn with_next(mut self, next: Option<Thumbprint>) -> Self {
+        let next = next.filter(|n| *n != self.thumbprint());
+        match &mut self {
+            Endpoint::Listening { next: n, .. } | Endpoint::Polling { next: n, .. } => *n = next,
+        }
+        self
+    }
+
+    /// Every thumbprint the tentacle may present: its own, and the one it is
+    /// rotating to.
+    pub fn accepted(&self) -> Vec<Thumbprint> {
+        match self {
+            Endpoint::Listening {
+                thumbprint, next, ..
+            }
+            | Endpoint::Polling {
+                thumbprint, next, ..
+            } => std::iter::once(*thumbprint).chain(*next).collect(),
+        }
     }
 
     /// The thumbprint the tentacle must present.
@@ -167,10 +198,11 @@ pub struct ServerComms {
 type ListeningSlot = Arc<tokio::sync::Mutex<Option<Connection>>>;
 
 struct ServerInner {
-    identity: Identity,
+    identity: LiveIdentity,
     polling_trust: TrustStore,
     registry: PollingRegistry,
-    listening: Mutex<HashMap<(String, Thumbprint), ListeningSlot>>,
+    listening: Mutex<HashMap<(String, Vec<Thumbprint>), ListeningSlot>>,
+    events: Mutex<Option<tokio::sync::mpsc::UnboundedSender<CommsEvent>>>,
     tentacle_hint: TrustHint,
     /// Bounds the polling handshakes in progress (see
     /// [`ServerCommsOptions::max_concurrent_handshakes`]).
@@ -197,10 +229,11 @@ impl ServerComms {
         });
         Self {
             inner: Arc::new(ServerInner {
-                identity,
+                identity: LiveIdentity::new(identity),
                 polling_trust,
                 registry: PollingRegistry::default(),
                 listening: Mutex::new(HashMap::new()),
+                events: Mutex::new(None),
                 tentacle_hint,
                 handshakes: Arc::new(tokio::sync::Semaphore::new(
                     options.max_concurrent_handshakes.max(1),
@@ -210,9 +243,105 @@ impl ServerComms {
         }
     }
 
-    /// This server's thumbprint, which tentacles must trust.
+    /// This server's thumbprint, which tentacles must trust (of the certificate
+    /// new handshakes present).
     pub fn thumbprint(&self) -> Thumbprint {
         self.inner.identity.thumbprint()
+    }
+
+    /// The identity new handshakes present.
+    pub fn identity(&self) -> Identity {
+        self.inner.identity.current()
+    }
+
+    /// Presents `identity` in every handshake from now on (dials, the polling
+    /// and WebSocket ports). Established connections keep theirs. Returns
+    /// false when it is the current one already.
+    pub fn switch_identity(&self, identity: Identity) -> bool {
+        self.inner.identity.replace(identity)
+    }
+
+    /// From now on every new connection (after `Session/Hello`) and every
+    /// rotation offer a tentacle makes is sent here; a receiver taken earlier
+    /// gets nothing more. Without a receiver, offers are not watched.
+    pub fn events(&self) -> tokio::sync::mpsc::UnboundedReceiver<CommsEvent> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        *self.inner.events.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        rx
+    }
+
+    fn event_sender(&self) -> Option<tokio::sync::mpsc::UnboundedSender<CommsEvent>> {
+        self.inner
+            .events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .filter(|tx| !tx.is_closed())
+    }
+
+    /// Tells the listener of [`Self::events`] about a new connection, and
+    /// watches it for rotation offers.
+    fn announce(&self, conn: &Connection, subscription_id: Option<String>) {
+        let Some(tx) = self.event_sender() else {
+            return;
+        };
+        let _ = tx.send(CommsEvent::Connected {
+            conn: conn.clone(),
+            subscription_id: subscription_id.clone(),
+        });
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            let mut client = conn.certificates();
+            let stream = tokio::select! {
+                _ = conn.closed() => return,
+                r = client.watch_rotation(octo_proto::v1::WatchRotationRequest {}) => r,
+            };
+            let mut stream = match stream {
+                Ok(s) => s.into_inner(),
+                Err(status) if status.code() == tonic::Code::Unimplemented => {
+                    return debug!(
+                        "{} does not offer certificate rotation (an older tentacle)",
+                        conn.inner.label
+                    );
+                }
+                Err(status) => {
+                    return debug!(
+                        "watching {} for certificate rotation: {}",
+                        conn.inner.label,
+                        status.message()
+                    );
+                }
+            };
+            loop {
+                let offer = tokio::select! {
+                    _ = conn.closed() => return,
+                    m = stream.message() => m,
+                };
+                match offer {
+                    Ok(Some(offer)) => match offer.next_thumbprint.parse::<Thumbprint>() {
+                        Ok(next) => {
+                            let _ = tx.send(CommsEvent::Offer {
+                                conn: conn.clone(),
+                                subscription_id: subscription_id.clone(),
+                                next,
+                            });
+                        }
+                        Err(e) => warn!(
+                            "{} offered an unusable next certificate thumbprint: {e}",
+                            conn.inner.label
+                        ),
+                    },
+                    Ok(None) => return,
+                    Err(status) => {
+                        return debug!(
+                            "rotation watch on {} ended: {}",
+                            conn.inner.label,
+                            status.message()
+                        )
+                    }
+                }
+            }
+        });
     }
 
     /// Thumbprints of polling tentacles allowed to connect.
@@ -231,34 +360,34 @@ impl ServerComms {
     pub async fn connect(&self, endpoint: &Endpoint) -> Result<Connection, CommsError> {
         match endpoint {
             Endpoint::Polling {
-                subscription_id,
-                thumbprint,
+                subscription_id, ..
             } => {
                 self.inner
                     .registry
-                    .wait_for(subscription_id, thumbprint, self.inner.options.polling_wait)
+                    .wait_for(
+                        subscription_id,
+                        &endpoint.accepted(),
+                        self.inner.options.polling_wait,
+                    )
                     .await
             }
-            Endpoint::Listening {
-                address,
-                thumbprint,
-            } => {
+            Endpoint::Listening { address, .. } => {
                 let slot = {
                     let mut map = self
                         .inner
                         .listening
                         .lock()
                         .unwrap_or_else(|p| p.into_inner());
-                    map.entry((address.clone(), *thumbprint))
+                    map.entry((address.clone(), endpoint.accepted()))
                         .or_default()
                         .clone()
                 };
                 // One dial at a time per endpoint; callers arriving meanwhile share it.
                 let mut slot = slot.lock().await;
-                if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
+                if let Some(c) = slot.as_ref().filter(|c| c.is_usable()) {
                     return Ok(c.clone());
                 }
-                let conn = self.dial(address, *thumbprint).await?;
+                let conn = self.dial(address, &endpoint.accepted()).await?;
                 *slot = Some(conn.clone());
                 Ok(conn)
             }
@@ -268,17 +397,13 @@ impl ServerComms {
     /// Closes any cached connection to a listening endpoint (e.g. the machine
     /// was deleted or its thumbprint changed).
     pub fn forget(&self, endpoint: &Endpoint) {
-        if let Endpoint::Listening {
-            address,
-            thumbprint,
-        } = endpoint
-        {
+        if let Endpoint::Listening { address, .. } = endpoint {
             let slot = self
                 .inner
                 .listening
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .remove(&(address.clone(), *thumbprint));
+                .remove(&(address.clone(), endpoint.accepted()));
             if let Some(slot) = slot {
                 if let Ok(guard) = slot.try_lock() {
                     if let Some(c) = guard.as_ref() {
@@ -348,7 +473,7 @@ impl ServerComms {
         Ok((format!("https://{address}/"), thumbprint))
     }
 
-    async fn dial(&self, address: &str, thumbprint: Thumbprint) -> Result<Connection, CommsError> {
+    async fn dial(&self, address: &str, accepted: &[Thumbprint]) -> Result<Connection, CommsError> {
         let h2 = &self.inner.options.h2;
         let (host, port) =
             net::split_host_port(address).ok_or_else(|| CommsError::InvalidEndpoint {
@@ -359,8 +484,8 @@ impl ServerComms {
             endpoint: address.to_string(),
             reason,
         })?;
-        let trust = TrustStore::pinned(thumbprint, self.inner.tentacle_hint.clone());
-        let cfg = octo_tls::client_config(
+        let trust = TrustStore::new(accepted.iter().copied(), self.inner.tentacle_hint.clone());
+        let cfg = octo_tls::client_config_live(
             &self.inner.identity,
             trust.clone(),
             Role::Tentacle,
@@ -396,10 +521,18 @@ impl ServerComms {
             Ok(Err(e)) => return Err(self.classify(address, &e)),
             Ok(Ok(tls)) => tls,
         };
+        let Some(thumbprint) = octo_tls::peer_thumbprint(tls.get_ref().1) else {
+            return Err(CommsError::Handshake {
+                address: address.to_string(),
+                peer_role: Role::Tentacle,
+                reason: "it presented no certificate".into(),
+            });
+        };
         let io = self.read_first(tls, address).await?;
         let conn =
             Connection::handshake(io, remote, thumbprint, address.to_string(), h2, None).await?;
         self.hello(&conn, address).await?;
+        self.announce(&conn, None);
         Ok(conn)
     }
 
@@ -525,7 +658,7 @@ impl ServerComms {
         let settings = TlsSettings {
             alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
         };
-        let cfg = octo_tls::server_config(
+        let cfg = octo_tls::server_config_live(
             &self.inner.identity,
             self.inner.polling_trust.clone(),
             Role::Tentacle,
@@ -664,7 +797,10 @@ impl ServerComms {
             shutdown.cancelled().await;
             closer.close();
         });
-        self.inner.registry.register(hello.subscription_id, conn);
+        self.inner
+            .registry
+            .register(hello.subscription_id.clone(), conn.clone());
+        self.announce(&conn, Some(hello.subscription_id));
     }
 
     /// Accepts polling tentacles over WebSocket on `listener` until `shutdown`:
@@ -683,7 +819,7 @@ impl ServerComms {
         let settings = TlsSettings {
             alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
         };
-        let cfg = octo_tls::server_config(
+        let cfg = octo_tls::server_config_live(
             &self.inner.identity,
             self.inner.polling_trust.clone(),
             Role::Tentacle,
@@ -1056,6 +1192,21 @@ impl Connection {
         self.inner.closed.is_cancelled()
     }
 
+    /// Whether new calls may start on it: it has not ended, and the tentacle
+    /// has not asked it to go away (HTTP/2 GOAWAY, e.g. after rotating its
+    /// certificate; calls in flight still finish).
+    pub fn is_usable(&self) -> bool {
+        if self.is_closed() {
+            return false;
+        }
+        let mut sender = self.inner.sender.clone();
+        let waker = futures_util::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        // A fresh clone has no pending open: this only checks the connection's
+        // error state (set by GOAWAY or a failure) and stream id space.
+        !matches!(sender.poll_ready(&mut cx), std::task::Poll::Ready(Err(_)))
+    }
+
     /// Resolves when the connection ends.
     pub async fn closed(&self) {
         self.inner.closed.cancelled().await;
@@ -1100,6 +1251,11 @@ impl Connection {
     /// Session service client.
     pub fn session(&self) -> SessionClient<H2Channel> {
         SessionClient::with_origin(self.channel(), Self::origin())
+    }
+
+    /// Certificates service client (rotation).
+    pub fn certificates(&self) -> CertificatesClient<H2Channel> {
+        CertificatesClient::with_origin(self.channel(), Self::origin())
     }
 
     /// Capabilities service client.

@@ -16,7 +16,9 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use octo_proto::v1::session_server::{Session, SessionServer};
 use octo_proto::v1::{HelloReply, HelloRequest};
-use octo_tls::{ClientAuth, Identity, Role, Thumbprint, TlsSettings, TrustStore, UntrustedPeer};
+use octo_tls::{
+    ClientAuth, Identity, LiveIdentity, Role, Thumbprint, TlsSettings, TrustStore, UntrustedPeer,
+};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -55,7 +57,7 @@ pub struct ConnectionInfo {
 /// Everything a tentacle's connections share.
 #[derive(Clone)]
 pub struct TentacleComms {
-    identity: Identity,
+    identity: LiveIdentity,
     trust: TrustStore,
     routes: Routes,
     instance_name: String,
@@ -72,6 +74,10 @@ impl std::fmt::Debug for TentacleComms {
             .finish_non_exhaustive()
     }
 }
+
+/// How long a connection made with a certificate the tentacle has rotated away
+/// from may still finish its calls (HTTP/2 GOAWAY) before it is closed.
+pub const ROTATION_DRAIN: Duration = Duration::from_secs(300);
 
 /// A server this tentacle polls.
 #[derive(Debug, Clone)]
@@ -96,6 +102,9 @@ pub struct PollingOptions {
     /// Accept only this server thumbprint on these connections (and only while
     /// the tentacle's trust store trusts it). None: any trusted thumbprint.
     pub server_thumbprint: Option<Thumbprint>,
+    /// With `server_thumbprint`: a certificate that server is rotating to,
+    /// accepted too.
+    pub rotating_to: Option<Thumbprint>,
 }
 
 /// A polling target, parsed: what is dialled, the TLS name, the transport.
@@ -162,17 +171,20 @@ impl TentacleComms {
     /// `routes` holds the tentacle's services; the session handshake and gRPC
     /// reflection are added here. `trust` holds the server thumbprints trusted.
     pub fn new(identity: Identity, trust: TrustStore, routes: Routes, instance_name: &str) -> Self {
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(octo_proto::FILE_DESCRIPTOR_SET)
-            .build_v1();
+        let identity = LiveIdentity::new(identity);
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(octo_proto::FILE_DESCRIPTOR_SET)
+        };
         let mut routes = routes.add_service(SessionServer::new(SessionService {
-            thumbprint: identity.thumbprint(),
+            identity: identity.clone(),
             instance_name: instance_name.to_string(),
         }));
-        if let Ok(reflection) = reflection {
-            routes = routes.add_service(reflection);
-        } else {
-            warn!("gRPC reflection unavailable: the embedded descriptor set did not load");
+        // Both reflection versions: v1, and v1alpha, which many clients still
+        // use (Python's grpcio-reflection, older grpcurl).
+        match (reflection().build_v1(), reflection().build_v1alpha()) {
+            (Ok(v1), Ok(v1alpha)) => routes = routes.add_service(v1).add_service(v1alpha),
+            _ => warn!("gRPC reflection unavailable: the embedded descriptor set did not load"),
         }
         Self {
             identity,
@@ -182,6 +194,28 @@ impl TentacleComms {
             h2: H2Settings::default(),
             proxy: Arc::default(),
         }
+    }
+
+    /// Serves the `Certificates` service (certificate rotation) from `rotation`.
+    pub fn with_rotation(mut self, rotation: Arc<dyn crate::rotation::TentacleRotation>) -> Self {
+        self.routes = self
+            .routes
+            .add_service(crate::rotation::service(rotation, self.identity.clone()));
+        self
+    }
+
+    /// Presents `identity` in every handshake from now on; every connection
+    /// made with the previous one is closed gracefully (HTTP/2 GOAWAY: calls in
+    /// flight may finish for up to [`ROTATION_DRAIN`]), and polling connections
+    /// are dialled again at once. Returns false when it is the current one.
+    pub fn switch_identity(&self, identity: Identity) -> bool {
+        let from = self.identity.thumbprint();
+        let to = identity.thumbprint();
+        let switched = self.identity.replace(identity);
+        if switched {
+            info!("now presenting certificate {to} (was {from}); connections made with the old one close once their calls finish");
+        }
+        switched
     }
 
     /// How polling connections reach servers: directly or through an HTTP
@@ -213,7 +247,7 @@ impl TentacleComms {
         &self.trust
     }
 
-    /// This tentacle's thumbprint.
+    /// This tentacle's thumbprint (of the certificate new handshakes present).
     pub fn thumbprint(&self) -> Thumbprint {
         self.identity.thumbprint()
     }
@@ -229,7 +263,7 @@ impl TentacleComms {
         let settings = TlsSettings {
             alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
         };
-        let cfg = octo_tls::server_config(
+        let cfg = octo_tls::server_config_live(
             &self.identity,
             self.trust.clone(),
             Role::Server,
@@ -276,6 +310,9 @@ impl TentacleComms {
         if let Err(e) = net::tune(&tcp) {
             debug!("socket options on connection from {remote}: {e}");
         }
+        // Taken before the handshake: a switch during it closes this connection
+        // too, at worst needlessly, never leaving an old one open.
+        let presented = self.identity.thumbprint();
         let accept = acceptor
             .accept_with(tcp, |c| net::tune_tls(c))
             .into_fallible();
@@ -306,7 +343,14 @@ impl TentacleComms {
             debug!(thumbprint = %info.peer_thumbprint, "server connected from {remote}");
         }
         let result = self
-            .serve(tls, info, page::Listener::Tentacle, None, shutdown)
+            .serve(
+                tls,
+                info,
+                page::Listener::Tentacle,
+                None,
+                presented,
+                shutdown,
+            )
             .await;
         if let Err(e) = result {
             debug!("connection from {remote} ended: {e}");
@@ -322,6 +366,7 @@ impl TentacleComms {
         info: Option<ConnectionInfo>,
         listener: page::Listener,
         served_one: Option<Arc<AtomicBool>>,
+        presented: Thumbprint,
         shutdown: CancellationToken,
     ) -> Result<(), BoxError>
     where
@@ -344,6 +389,7 @@ impl TentacleComms {
                 None => std::future::pending().await,
             }
         };
+        let moved = self.identity.moved_from(presented);
         let h2 = &self.h2;
         let result = if info.is_some() {
             // A trusted peer speaks gRPC, so HTTP/2 only. hyper's HTTP/2 server
@@ -359,12 +405,12 @@ impl TentacleComms {
                 .max_frame_size(h2.max_frame_size)
                 .max_concurrent_streams(h2.max_concurrent_streams);
             let conn = builder.serve_connection(TokioIo::new(io), svc);
-            drive(conn, revoked, &kill, &shutdown).await
+            drive(conn, revoked, moved, &kill, &shutdown).await
         } else {
             // No certificate: a browser or curl, HTTP/1.1 or HTTP/2; the page only.
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             let conn = builder.serve_connection(TokioIo::new(io), svc);
-            drive(conn, revoked, &kill, &shutdown).await
+            drive(conn, revoked, moved, &kill, &shutdown).await
         };
         match result {
             Drive::Ended(r) => {
@@ -389,6 +435,15 @@ impl TentacleComms {
                 Ok(())
             }
             Drive::Shutdown => Ok(()),
+            Drive::Rotated => {
+                if let Some(i) = &info {
+                    info!(
+                        "closing the connection from {} gracefully: it was made with certificate {presented}, which this tentacle no longer presents",
+                        i.remote_addr
+                    );
+                }
+                Ok(())
+            }
         }
     }
 
@@ -427,7 +482,10 @@ impl TentacleComms {
         let trust = match options.server_thumbprint {
             Some(tp) => {
                 let store = self.trust.clone();
-                TrustStore::pinned(tp, Arc::new(move |t: &Thumbprint| store.hint(t)))
+                TrustStore::new(
+                    std::iter::once(tp).chain(options.rotating_to),
+                    Arc::new(move |t: &Thumbprint| store.hint(t)),
+                )
             }
             None => self.trust.clone(),
         };
@@ -439,13 +497,12 @@ impl TentacleComms {
         } else {
             TlsSettings::default()
         };
-        let cfg = octo_tls::client_config(&self.identity, trust, Role::Server, &settings).map_err(
-            |e| CommsError::Tls {
+        let cfg = octo_tls::client_config_live(&self.identity, trust, Role::Server, &settings)
+            .map_err(|e| CommsError::Tls {
                 address: target.address.clone(),
                 peer_role: Role::Server,
                 reason: e.to_string(),
-            },
-        )?;
+            })?;
         let connector = TlsConnector::from(cfg);
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..connections.max(1) {
@@ -499,6 +556,7 @@ impl TentacleComms {
     ) -> bool {
         let address = &route.label;
         let proxy = self.proxy();
+        let presented = self.identity.thumbprint();
         let dialled = tokio::select! {
             _ = shutdown.cancelled() => return false,
             r = proxy::connect(&proxy, &route.dial_host, route.dial_port, self.h2.connect_timeout) => match r {
@@ -543,16 +601,23 @@ impl TentacleComms {
         };
         let served_one = Arc::new(AtomicBool::new(false));
         let listener = page::Listener::Tentacle;
-        let result = match &route.web_socket {
+        // Served in a task of its own: when this tentacle's certificate changes
+        // the connection drains there while this loop dials again at once.
+        let mut served = match &route.web_socket {
             None => {
-                self.serve(
-                    tls,
-                    Some(info),
-                    listener,
-                    Some(served_one.clone()),
-                    shutdown,
-                )
-                .await
+                let (this, served_one, shutdown) =
+                    (self.clone(), served_one.clone(), shutdown.clone());
+                tokio::spawn(async move {
+                    this.serve(
+                        tls,
+                        Some(info),
+                        listener,
+                        Some(served_one),
+                        presented,
+                        shutdown,
+                    )
+                    .await
+                })
             }
             Some(url) => {
                 let upgrade = tokio::select! {
@@ -603,8 +668,26 @@ impl TentacleComms {
                     Ok(Ok(ws)) => ws,
                 };
                 debug!("WebSocket to {address} open");
-                self.serve(ws, Some(info), listener, Some(served_one.clone()), shutdown)
+                let (this, served_one, shutdown) =
+                    (self.clone(), served_one.clone(), shutdown.clone());
+                tokio::spawn(async move {
+                    this.serve(
+                        ws,
+                        Some(info),
+                        listener,
+                        Some(served_one),
+                        presented,
+                        shutdown,
+                    )
                     .await
+                })
+            }
+        };
+        let result = tokio::select! {
+            r = &mut served => r.unwrap_or_else(|e| Err(Box::new(e) as BoxError)),
+            _ = self.identity.moved_from(presented) => {
+                info!("dialling {address} again with the new certificate; the old connection finishes its calls");
+                return true;
             }
         };
         let good = served_one.load(Ordering::Relaxed);
@@ -666,13 +749,18 @@ enum Drive {
     Revoked,
     /// We are shutting down; the connection was closed gracefully (bounded).
     Shutdown,
+    /// Our certificate changed: the connection was told to go away and has
+    /// drained (or was closed after [`ROTATION_DRAIN`]).
+    Rotated,
 }
 
 /// Drives a served connection until it ends, its peer's trust is revoked (kill
-/// it at once), or shutdown (close gracefully, at most 5 s).
+/// it at once), shutdown (close gracefully, at most 5 s), or our certificate
+/// changes (`moved`: GOAWAY, calls in flight finish within [`ROTATION_DRAIN`]).
 async fn drive<C>(
     conn: C,
     revoked: impl std::future::Future<Output = ()>,
+    moved: impl std::future::Future<Output = ()>,
     kill: &CancellationToken,
     shutdown: &CancellationToken,
 ) -> Drive
@@ -680,8 +768,20 @@ where
     C: hyper_util::server::graceful::GracefulConnection,
     C::Error: Into<BoxError>,
 {
-    tokio::pin!(conn);
+    let mut conn = std::pin::pin!(conn);
     tokio::select! {
+        _ = moved => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = tokio::time::sleep(ROTATION_DRAIN) => kill.cancel(),
+                _ = shutdown.cancelled() => {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), conn.as_mut()).await;
+                    kill.cancel();
+                }
+            }
+            Drive::Rotated
+        }
         r = conn.as_mut() => Drive::Ended(r.map_err(Into::into)),
         _ = revoked => {
             kill.cancel();
@@ -737,7 +837,7 @@ async fn dispatch(
 /// Answers the session handshake from the connection's facts.
 #[derive(Debug)]
 struct SessionService {
-    thumbprint: Thumbprint,
+    identity: LiveIdentity,
     instance_name: String,
 }
 
@@ -755,7 +855,7 @@ impl Session for SessionService {
         Ok(tonic::Response::new(HelloReply {
             protocol_version: octo_proto::PROTOCOL_VERSION,
             subscription_id,
-            thumbprint: self.thumbprint.to_string(),
+            thumbprint: self.identity.thumbprint().to_string(),
             instance_name: self.instance_name.clone(),
             tentacle_version: env!("CARGO_PKG_VERSION").to_string(),
         }))

@@ -55,6 +55,7 @@ fn tentacle(
     let options = PollingOptions {
         connect_to: connect_to.map(|a| a.to_string()),
         server_thumbprint: Some(server),
+        rotating_to: None,
     };
     let (c, t) = (comms.clone(), token.clone());
     let backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(500));

@@ -111,10 +111,12 @@ pub fn endpoint_of(m: &Machine) -> Result<octo_comms::Endpoint, octo_comms::Comm
                 reason: e.to_string(),
             },
         )?;
-    match m.kind {
-        EndpointKind::Listening => octo_comms::Endpoint::listening(&m.uri, tp),
-        EndpointKind::Polling => octo_comms::Endpoint::polling(&m.uri, tp),
+    let next = m.next_thumbprint.as_deref().and_then(|t| t.parse().ok());
+    Ok(match m.kind {
+        EndpointKind::Listening => octo_comms::Endpoint::listening(&m.uri, tp)?,
+        EndpointKind::Polling => octo_comms::Endpoint::polling(&m.uri, tp)?,
     }
+    .with_next(next))
 }
 
 /// "machine web-1" / "3 machines (a, b, c)" / "12 machines".

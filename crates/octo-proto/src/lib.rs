@@ -45,4 +45,5 @@ pub mod service_names {
     pub const SCRIPT: &str = "octopus.tentacle.v1.ScriptService";
     pub const FILE: &str = "octopus.tentacle.v1.FileService";
     pub const UPGRADE: &str = "octopus.tentacle.v1.UpgradeService";
+    pub const CERTIFICATES: &str = "octopus.tentacle.v1.Certificates";
 }

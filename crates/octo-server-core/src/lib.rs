@@ -22,6 +22,7 @@ pub mod auth;
 pub mod authz;
 pub mod config;
 pub mod feed;
+pub mod rotation;
 pub mod startup;
 pub mod state;
 

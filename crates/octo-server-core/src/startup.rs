@@ -107,6 +107,7 @@ pub fn cert_paths(data: &Path) -> (PathBuf, PathBuf) {
 }
 
 /// `octopus server show-thumbprint`.
+#[allow(clippy::print_stderr)] // a rotation note beside the thumbprint
 pub fn show_thumbprint(data: &Path) -> anyhow::Result<()> {
     let (cert, key) = cert_paths(data);
     if !cert.exists() {
@@ -118,6 +119,15 @@ pub fn show_thumbprint(data: &Path) -> anyhow::Result<()> {
     }
     let id = Identity::load(&cert, &key)?;
     println!("{}", id.thumbprint());
+    // A server-led rotation under way (`octopus server rotate-certificate`):
+    // said on stderr, so stdout stays the one thumbprint scripts read.
+    let staged = crate::rotation::staged_path(data);
+    if let Ok(next) = Identity::load(&staged, &staged) {
+        eprintln!(
+            "rotating to {}: tentacles are being asked to trust it; the server switches when they have answered",
+            next.thumbprint()
+        );
+    }
     Ok(())
 }
 
@@ -428,6 +438,7 @@ pub async fn start_with(
     restrict(&args.data, 0o700)?;
     let lock = DataLock::acquire(&args.data)?;
     let (cert, key) = cert_paths(&args.data);
+    crate::rotation::recover(&args.data)?;
     let identity = if cert.exists() {
         Identity::load(&cert, &key)?
     } else {
@@ -561,7 +572,6 @@ pub async fn start_with(
         store,
         comms: comms.clone(),
         polling_trust,
-        thumbprint: identity.thumbprint(),
         comms_port,
         web_socket: web_socket_port.map(|p| (p, args.web_socket_path.trim().to_string())),
         data: args.data.clone(),
@@ -607,6 +617,12 @@ pub async fn start_with(
             }
         });
     }
+    // Certificate rotation: offers from tentacles, connections with new certificates.
+    tasks.spawn(crate::rotation::run(
+        state.clone(),
+        comms.events(),
+        shutdown.clone(),
+    ));
     // Task engine: resume unfinished tasks, scheduled health checks.
     state.engine.spawn_background(shutdown.clone(), &mut tasks);
     tasks.spawn(heartbeats(state.clone(), started_at, shutdown.clone()));

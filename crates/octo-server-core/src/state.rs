@@ -22,7 +22,8 @@ pub async fn polling_thumbprints(store: &dyn Store) -> anyhow::Result<Vec<Thumbp
         .await?
         .into_iter()
         .filter(|m| m.kind == EndpointKind::Polling)
-        .filter_map(|m| m.thumbprint.parse().ok())
+        .flat_map(|m| [Some(m.thumbprint), m.next_thumbprint])
+        .filter_map(|t| t?.parse().ok())
         .collect())
 }
 
@@ -32,7 +33,6 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub comms: ServerComms,
     pub polling_trust: TrustStore,
-    pub thumbprint: Thumbprint,
     pub comms_port: u16,
     /// The TLS port for WebSocket polling (and the API over TLS), when on, and its path.
     pub web_socket: Option<(u16, String)>,
@@ -59,6 +59,12 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// The comms certificate's thumbprint (which tentacles must trust), as
+    /// presented in new handshakes.
+    pub fn thumbprint(&self) -> Thumbprint {
+        self.comms.thumbprint()
+    }
+
     /// Records a change in the audit log (best effort: a failure is logged).
     /// `object` names what changed; `details` must never hold a secret.
     pub async fn audit(

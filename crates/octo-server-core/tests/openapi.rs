@@ -15,6 +15,7 @@ const ROUTES: &[(&str, &[&str], bool, bool)] = &[
     ("/api/openapi.json", &["get"], false, false),
     ("/api/users/login", &["post"], false, false),
     ("/api/server", &["get"], true, false),
+    ("/api/server/rotate-certificate", &["post"], true, false),
     ("/api/spaces", &["get", "post"], true, false),
     ("/api/spaces/{space}", &["get", "delete"], true, false),
     ("/api/environments", &["get", "post"], true, true),

@@ -455,6 +455,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         space_id: Option<i64>,
         thumbprint: &str,
     ) -> Result<Vec<Machine>>;
+    /// Certificate rotation: every machine, in any space, whose thumbprint is
+    /// `current` accepts `next` beside it from now on. Invalid when `next` is
+    /// the thumbprint (or the next one) of a machine of another tentacle.
+    /// Returns the machines as they are now (none: no machine has `current`).
+    async fn offer_machine_thumbprint(&self, current: &str, next: &str) -> Result<Vec<Machine>>;
+    /// Certificate rotation done: every machine accepting `next` beside its
+    /// thumbprint now has `next` as its thumbprint. Returns them as they were
+    /// (with their old thumbprints).
+    async fn promote_machine_thumbprint(&self, next: &str) -> Result<Vec<Machine>>;
     async fn list_machines(&self, filter: &MachineFilter) -> Result<Vec<Machine>>;
     /// One page of the machines a query matches, by name, and how many match
     /// in all.

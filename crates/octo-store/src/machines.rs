@@ -174,6 +174,7 @@ mod tests {
             kind: crate::EndpointKind::Listening,
             uri: String::new(),
             thumbprint: String::new(),
+            next_thumbprint: None,
             environments: Vec::new(),
             roles: Vec::new(),
             tenants: Vec::new(),

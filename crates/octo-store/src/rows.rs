@@ -279,6 +279,7 @@ pub struct MachineRow {
     pub kind: String,
     pub uri: String,
     pub thumbprint: String,
+    pub next_thumbprint: Option<String>,
     pub policy: String,
     pub worker_pool: Option<String>,
     pub status: String,
@@ -300,11 +301,11 @@ impl MachineRow {
 impl Row for MachineRow {
     type Record = Machine;
     const COLUMNS: &'static str =
-        "m.id, m.space_id, m.name, m.kind, m.uri, m.thumbprint, p.name AS policy, m.worker_pool, \
+        "m.id, m.space_id, m.name, m.kind, m.uri, m.thumbprint, m.next_thumbprint, p.name AS policy, m.worker_pool, \
          m.status, m.status_reason, m.last_health_at, m.tentacle_version, m.tool_version, m.os, m.free_bytes, \
          m.disabled, \
          m.created_at";
-    row!(@read MachineRow { id, space_id, name, kind, uri, thumbprint, policy, worker_pool, status, status_reason, last_health_at, tentacle_version, tool_version, os, free_bytes, disabled, created_at });
+    row!(@read MachineRow { id, space_id, name, kind, uri, thumbprint, next_thumbprint, policy, worker_pool, status, status_reason, last_health_at, tentacle_version, tool_version, os, free_bytes, disabled, created_at });
 
     fn into_record(self) -> Result<Machine> {
         Ok(Machine {
@@ -319,6 +320,7 @@ impl Row for MachineRow {
             name: self.name,
             uri: self.uri,
             thumbprint: self.thumbprint,
+            next_thumbprint: self.next_thumbprint,
             policy: self.policy,
             worker_pool: self.worker_pool,
             status_reason: self.status_reason,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use rustls::{ClientConfig, ServerConfig};
 
 use crate::verify::{PinnedClientVerifier, PinnedServerVerifier, Pinning};
-use crate::{Identity, IdentityError, Role, TrustStore};
+use crate::{Identity, IdentityError, LiveIdentity, Role, TrustStore};
 
 /// Whether a TLS server lets clients connect without a certificate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +47,24 @@ pub fn server_config(
     auth: ClientAuth,
     settings: &TlsSettings,
 ) -> Result<Arc<ServerConfig>, IdentityError> {
+    server_config_live(
+        &LiveIdentity::new(identity.clone()),
+        trust,
+        peer_role,
+        auth,
+        settings,
+    )
+}
+
+/// [`server_config`] presenting whatever identity `identity` holds at each
+/// handshake (certificate rotation).
+pub fn server_config_live(
+    identity: &LiveIdentity,
+    trust: TrustStore,
+    peer_role: Role,
+    auth: ClientAuth,
+    settings: &TlsSettings,
+) -> Result<Arc<ServerConfig>, IdentityError> {
     let provider = crate::provider();
     let verifier = PinnedClientVerifier {
         pinning: Pinning {
@@ -60,9 +78,7 @@ pub fn server_config(
         .with_protocol_versions(VERSIONS)
         .map_err(|e| IdentityError::Generate(format!("TLS configuration: {e}")))?
         .with_client_cert_verifier(Arc::new(verifier))
-        .with_cert_resolver(Arc::new(AlwaysResolvesServerCert(
-            identity.certified_key()?,
-        )));
+        .with_cert_resolver(Arc::new(AlwaysResolvesServerCert(identity.clone())));
     cfg.alpn_protocols = settings.alpn.clone();
     // No resumption: a resumed session would skip the thumbprint check.
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
@@ -74,6 +90,22 @@ pub fn server_config(
 /// polling tentacle dialling the server). `peer_role` names what is dialled.
 pub fn client_config(
     identity: &Identity,
+    trust: TrustStore,
+    peer_role: Role,
+    settings: &TlsSettings,
+) -> Result<Arc<ClientConfig>, IdentityError> {
+    client_config_live(
+        &LiveIdentity::new(identity.clone()),
+        trust,
+        peer_role,
+        settings,
+    )
+}
+
+/// [`client_config`] presenting whatever identity `identity` holds at each
+/// handshake (certificate rotation).
+pub fn client_config_live(
+    identity: &LiveIdentity,
     trust: TrustStore,
     peer_role: Role,
     settings: &TlsSettings,
@@ -92,9 +124,7 @@ pub fn client_config(
         .map_err(|e| IdentityError::Generate(format!("TLS configuration: {e}")))?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_client_cert_resolver(Arc::new(AlwaysResolvesClientCert(
-            identity.certified_key()?,
-        )));
+        .with_client_cert_resolver(Arc::new(AlwaysResolvesClientCert(identity.clone())));
     cfg.alpn_protocols = settings.alpn.clone();
     cfg.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(cfg))
@@ -128,9 +158,9 @@ pub fn api_client_config(trust: Option<TrustStore>) -> Result<Arc<ClientConfig>,
     Ok(Arc::new(cfg))
 }
 
-/// Presents our one certificate whatever the server asks.
+/// Presents our current certificate whatever the server asks.
 #[derive(Debug)]
-struct AlwaysResolvesClientCert(Arc<rustls::sign::CertifiedKey>);
+struct AlwaysResolvesClientCert(LiveIdentity);
 
 impl rustls::client::ResolvesClientCert for AlwaysResolvesClientCert {
     fn resolve(
@@ -138,7 +168,7 @@ impl rustls::client::ResolvesClientCert for AlwaysResolvesClientCert {
         _root_hint_subjects: &[&[u8]],
         _sigschemes: &[rustls::SignatureScheme],
     ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        Some(self.0.clone())
+        Some(self.0.certified_key())
     }
 
     fn has_certs(&self) -> bool {
@@ -146,15 +176,15 @@ impl rustls::client::ResolvesClientCert for AlwaysResolvesClientCert {
     }
 }
 
-/// Presents our one certificate to every client.
+/// Presents our current certificate to every client.
 #[derive(Debug)]
-struct AlwaysResolvesServerCert(Arc<rustls::sign::CertifiedKey>);
+struct AlwaysResolvesServerCert(LiveIdentity);
 
 impl rustls::server::ResolvesServerCert for AlwaysResolvesServerCert {
     fn resolve(
         &self,
         _hello: rustls::server::ClientHello<'_>,
     ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        Some(self.0.clone())
+        Some(self.0.certified_key())
     }
 }

@@ -24,6 +24,14 @@ use crate::Thumbprint;
 /// What to tell a person whose identity files are missing.
 const CREATE_HINT: &str = "run `tentacle new-certificate` to create a new certificate, or `tentacle import-certificate --from-file FILE` to import an existing one";
 
+/// The DNS name every generated certificate carries as its subjectAltName
+/// (proto/README.md). Peers are pinned by thumbprint, never by name; the name is
+/// there for standard TLS clients (gRPC-core's `grpcio`, `grpcurl`), which check a
+/// host name: they set this one as the target-name override, which is also the SNI
+/// they send. `.invalid` (RFC 2606) never resolves, so nobody mistakes it for an
+/// address.
+pub const CERTIFICATE_DNS_NAME: &str = "octopus.invalid";
+
 /// Mode of the private key file: readable and writable by the owner only.
 const KEY_FILE_MODE: u32 = 0o600;
 /// Mode of the certificate file: public information.
@@ -190,15 +198,16 @@ fn io_err(path: &Path, action: &str, source: io::Error) -> IdentityError {
 }
 
 impl Identity {
-    /// New ECDSA P-256 key pair and self-signed certificate with the given common name,
-    /// valid from one day ago (to tolerate clock skew) for 100 years, with a random
-    /// 128-bit serial number.
+    /// New ECDSA P-256 key pair and self-signed certificate with the given common name
+    /// and the DNS subjectAltName [`CERTIFICATE_DNS_NAME`], valid from one day ago (to
+    /// tolerate clock skew) for 100 years, with a random 128-bit serial number.
     pub fn generate(common_name: &str) -> Result<Self, IdentityError> {
         let gen_err = |e: rcgen::Error| IdentityError::Generate(e.to_string());
         let key_pair =
             rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(gen_err)?;
 
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(gen_err)?;
+        let mut params = rcgen::CertificateParams::new(vec![CERTIFICATE_DNS_NAME.to_owned()])
+            .map_err(gen_err)?;
         let mut name = rcgen::DistinguishedName::new();
         name.push(rcgen::DnType::CommonName, common_name);
         params.distinguished_name = name;
@@ -344,6 +353,10 @@ impl Identity {
     /// `ResolvesClientCert` or `with_single_cert`-style configuration.
     pub fn certified_key(&self) -> Result<Arc<CertifiedKey>, IdentityError> {
         Ok(Arc::clone(&self.certified))
+    }
+
+    pub(crate) fn certified_arc(&self) -> Arc<CertifiedKey> {
+        Arc::clone(&self.certified)
     }
 
     fn from_pem_at(
@@ -778,6 +791,11 @@ mod tests {
         assert!(contains(key.secret_pkcs8_der(), P256_OID));
         assert!(contains(id.cert_der(), P256_OID));
         assert!(contains(id.cert_der(), b"Tentacle test"));
+        // subjectAltName (2.5.29.17) holding dNSName [2] CERTIFICATE_DNS_NAME.
+        assert!(contains(id.cert_der(), &[0x06, 0x03, 0x55, 0x1d, 0x11]));
+        let mut dns = vec![0x82, CERTIFICATE_DNS_NAME.len() as u8];
+        dns.extend_from_slice(CERTIFICATE_DNS_NAME.as_bytes());
+        assert!(contains(id.cert_der(), &dns));
 
         let ck = id.certified_key().unwrap();
         assert_eq!(ck.end_entity_cert().unwrap(), id.cert_der());

@@ -13,12 +13,17 @@
 
 pub mod config;
 pub mod identity;
+mod live;
 mod thumbprint;
 mod trust;
 mod verify;
 
-pub use config::{api_client_config, client_config, server_config, ClientAuth, TlsSettings};
-pub use identity::{Identity, IdentityError};
+pub use config::{
+    api_client_config, client_config, client_config_live, server_config, server_config_live,
+    ClientAuth, TlsSettings,
+};
+pub use identity::{Identity, IdentityError, CERTIFICATE_DNS_NAME};
+pub use live::LiveIdentity;
 pub use thumbprint::{Thumbprint, ThumbprintParseError};
 pub use trust::{TrustHint, TrustStore};
 pub use verify::{peer_thumbprint, rejected_by_peer, Role, UntrustedPeer};

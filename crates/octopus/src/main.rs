@@ -80,6 +80,13 @@ enum ServerCommand {
         #[arg(long, default_value = "octopus-data")]
         data: PathBuf,
     },
+    /// Replace the server's comms certificate: every tentacle it reaches learns to
+    /// trust the new one, then the server presents it; prints which machines did
+    /// not learn it and how to fix them by hand. Needs AdministerSystem.
+    #[command(
+        after_help = "Example:\n  OCTOPUS_URL=http://octopus:8080 OCTOPUS_API_KEY=API-... octopus server rotate-certificate"
+    )]
+    RotateCertificate,
     /// Recover administration: give user `admin` (created if missing, enabled
     /// again if disabled) the System administrator role and a new API key,
     /// printed once. Needs local access to the data directory; the server may
@@ -139,6 +146,9 @@ async fn main() -> ExitCode {
         Command::Server(ServerCommand::Run(args)) => server::run_with(*args, octo_portal::router)
             .await
             .map(|()| ExitCode::SUCCESS),
+        Command::Server(ServerCommand::RotateCertificate) => {
+            client::rotate_server_certificate(cli.client).await
+        }
         Command::Server(ServerCommand::ShowThumbprint { data }) => {
             server::show_thumbprint(&data).map(|()| ExitCode::SUCCESS)
         }

@@ -9,6 +9,7 @@ mod check;
 mod compat;
 mod container;
 mod register;
+mod rotate;
 mod run;
 mod setup;
 mod terminal;
@@ -134,6 +135,16 @@ enum Command {
         /// Comma-separated instance names, or * for every instance.
         #[arg(long, default_value = "*")]
         instances: String,
+    },
+    /// Replace this instance's certificate without registering again: the running agent offers the new one to every server it trusts and switches once they accept.
+    #[command(after_help = "Example:\n  tentacle rotate-certificate --instance Web --wait 120")]
+    RotateCertificate {
+        /// Seconds to wait for the agent to switch (it carries on after).
+        #[arg(long, default_value_t = 60)]
+        wait: u64,
+        /// Switch without waiting for every server to accept.
+        #[arg(long)]
+        force: bool,
     },
     /// Change directories, listening and trusted servers.
     Configure(ConfigureArgs),
@@ -516,6 +527,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             clear_trusted_servers(&Target::resolve(&cli.instance, config)?, &keep)
         }
         Command::CheckServices { instances } => check_services(&instances),
+        Command::RotateCertificate { wait, force } => {
+            rotate::rotate_certificate(&Target::resolve(&cli.instance, config)?, wait, force)
+        }
         Command::Configure(a) => configure(&Target::resolve(&cli.instance, config)?, a),
         Command::PollServer(a) => poll_server(&Target::resolve(&cli.instance, config)?, a),
         Command::PollingProxy(a) => polling_proxy(&Target::resolve(&cli.instance, config)?, a),
@@ -735,11 +749,22 @@ fn show_thumbprint(target: &Target, format: Format, export: Option<&Path>) -> an
         std::fs::write(file, identity.thumbprint().to_string())
             .with_context(|| format!("writing the thumbprint to {}", file.display()))?;
     }
+    // A rotation goes to stderr in text: stdout stays the bare thumbprint scripts read.
+    let rotation = rotate::describe(&cfg);
     match format {
-        Format::Text => println!("{}", identity.thumbprint()),
+        Format::Text => {
+            println!("{}", identity.thumbprint());
+            if let Some((text, _)) = &rotation {
+                eprintln!("certificate rotation: {text}");
+            }
+        }
         Format::Json => println!(
             "{}",
-            serde_json::json!({ "instance": target.name, "thumbprint": identity.thumbprint().to_string() })
+            serde_json::json!({
+                "instance": target.name,
+                "thumbprint": identity.thumbprint().to_string(),
+                "rotation": rotation.map(|(_, json)| json),
+            })
         ),
     }
     Ok(())
@@ -1049,6 +1074,7 @@ fn poll_server(target: &Target, a: PollServerArgs) -> anyhow::Result<()> {
         subscription_id: subscription_id.clone(),
         connections: a.connections,
         connect_to: connect_to.clone(),
+        rotating_to: None,
     });
     target.save(&cfg)?;
     let via = connect_to

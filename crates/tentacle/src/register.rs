@@ -283,6 +283,7 @@ pub(crate) fn register(target: &Target, a: &RegisterArgs, kind: Kind) -> anyhow:
             subscription_id: uri.clone(),
             connections: 1,
             connect_to,
+            rotating_to: None,
         });
         println!("Registered '{name}' with {server}{in_space} as polling tentacle poll://{uri}/; it will poll {address}{via}.");
     } else {

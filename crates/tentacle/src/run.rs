@@ -153,8 +153,13 @@ async fn agent(
             format!("trust it with `tentacle configure --instance {hint_name} --trust {t}`")
         }),
     );
+    let rotation =
+        crate::rotate::AgentRotation::new(&cfg.tentacle.home, &target.config_path, trust.clone());
     let comms = TentacleComms::new(identity.clone(), trust.clone(), routes, &name)
-        .with_proxy(cfg.polling_proxy_setting());
+        .with_proxy(cfg.polling_proxy_setting())
+        .with_rotation(rotation.clone());
+    rotation.attach(comms.clone());
+    rotation.sync().await;
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
 
@@ -194,6 +199,11 @@ async fn agent(
         trust,
         comms.clone(),
         pollers,
+        shutdown.clone(),
+    ));
+    tasks.spawn(watch_rotation(
+        cfg.tentacle.home.clone(),
+        rotation,
         shutdown.clone(),
     ));
     info!(
@@ -295,6 +305,7 @@ impl Pollers {
                 connect_to: p.connect_to.clone(),
                 // Each server's connections accept that server's certificate only.
                 server_thumbprint: p.thumbprint.parse().ok(),
+                rotating_to: p.rotating_to.as_deref().and_then(|t| t.parse().ok()),
             };
             let (c, t, n) = (self.comms.clone(), token.clone(), p.connections);
             let handle = tokio::spawn(async move {
@@ -313,6 +324,33 @@ impl Pollers {
     async fn join(self) {
         for (_, (_, handle)) in self.running {
             let _ = handle.await;
+        }
+    }
+}
+
+/// Acts on `tentacle rotate-certificate`: reads the rotation state when its
+/// file changes (and at least every 30 s, for a switch that became due).
+async fn watch_rotation(
+    home: std::path::PathBuf,
+    rotation: Arc<crate::rotate::AgentRotation>,
+    shutdown: CancellationToken,
+) {
+    let path = octo_agent::rotation::RotationState::path(&home);
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut last = modified(&path);
+    let mut since_sync = Duration::ZERO;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        since_sync += Duration::from_millis(500);
+        let now = modified(&path);
+        if now != last || since_sync >= Duration::from_secs(30) {
+            last = now;
+            since_sync = Duration::ZERO;
+            rotation.sync().await;
         }
     }
 }

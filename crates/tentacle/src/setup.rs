@@ -138,6 +138,7 @@ pub(crate) fn run<R: BufRead, W: Write>(input: R, out: &mut W) -> anyhow::Result
                 subscription_id,
                 connections: 1,
                 connect_to: None,
+                rotating_to: None,
             });
         }
     }

@@ -54,15 +54,17 @@ pub(crate) async fn run_step(ctx: &StepContext, mut step: TaskStep) -> StepEnd {
     };
     let at = now_ms();
     let (update, line) = match checked {
-        Ok(caps) => {
+        Ok((caps, presented)) => {
             let tool = ctx.tool.as_ref().as_ref().ok();
             let tentacle = ctx.tentacle.as_ref().as_ref().ok();
-            judge(
+            let (update, line) = judge(
                 &caps,
                 at,
                 tool.map(|t| t.version.as_str()),
                 tentacle.map(|t| t.version.as_str()),
-            )
+            );
+            // The certificate it presented (after a rotation: the new one).
+            (update, format!("{line}; certificate {presented}"))
         }
         Err(reason) => {
             let reason = with_listening_hint(&machine, reason);
@@ -202,8 +204,12 @@ fn tool_warning(installed: &str, server_tool: Option<&str>) -> String {
     }
 }
 
-/// Connects and asks for capabilities within the policy's timeout; Err names why not.
-async fn check(ctx: &StepContext, machine: &Machine) -> Result<CapabilitiesReply, String> {
+/// Connects and asks for capabilities within the policy's timeout; the reply and
+/// the thumbprint the tentacle presented. Err names why not.
+async fn check(
+    ctx: &StepContext,
+    machine: &Machine,
+) -> Result<(CapabilitiesReply, octo_tls::Thumbprint), String> {
     let policy = match ctx.store.policy(machine.space_id, &machine.policy).await {
         Ok(p) => p,
         Err(e) => {
@@ -224,14 +230,13 @@ async fn check(ctx: &StepContext, machine: &Machine) -> Result<CapabilitiesReply
     let endpoint = endpoint_of(machine).map_err(|e| e.to_string())?;
     let conn = match &endpoint {
         Endpoint::Polling {
-            subscription_id,
-            thumbprint,
+            subscription_id, ..
         } => ctx
             .comms
             .polling()
             .wait_for(
                 subscription_id,
-                thumbprint,
+                &endpoint.accepted(),
                 Duration::from_secs(polling_wait_s.unsigned_abs()),
             )
             .await
@@ -250,7 +255,7 @@ async fn check(ctx: &StepContext, machine: &Machine) -> Result<CapabilitiesReply
     let mut client = conn.capabilities();
     let call = client.get_capabilities(GetCapabilitiesRequest {});
     match tokio::time::timeout_at(deadline, call).await {
-        Ok(Ok(reply)) => Ok(reply.into_inner()),
+        Ok(Ok(reply)) => Ok((reply.into_inner(), conn.peer_thumbprint())),
         Ok(Err(status)) => Err(format!(
             "connected to {endpoint}, but GetCapabilities failed: {} ({:?})",
             status.message(),

@@ -508,7 +508,7 @@ async fn listening_form(State(s): State<AppState>, f: Frame, Query(os): Query<Os
         Ok(c) => c,
         Err(r) => return r,
     };
-    let thumbprint = s.thumbprint.to_string();
+    let thumbprint = s.thumbprint().to_string();
     render(&ListeningPage {
         windows: os.windows(),
         commands: listening_commands(&thumbprint),
@@ -535,7 +535,7 @@ async fn listening_submit(
         Ok(c) => c,
         Err(r) => return r,
     };
-    let thumbprint = s.thumbprint.to_string();
+    let thumbprint = s.thumbprint().to_string();
     let windows = form.os.eq_ignore_ascii_case("windows");
     let again = |form: ListeningForm,
                  discovered: Option<String>,
@@ -634,7 +634,7 @@ fn polling_command(s: &AppState, f: &Frame, headers: &HeaderMap, key: &str) -> S
         server = sh(&server),
         space = sh(&f.space.name),
         port = s.comms_port,
-        tp = s.thumbprint,
+        tp = s.thumbprint(),
     )
 }
 
@@ -740,11 +740,13 @@ async fn polling_status(State(s): State<AppState>, f: Frame, Query(q): Query<Sin
 }
 
 fn polling_connected(s: &AppState, m: &Machine) -> bool {
-    let Ok(tp) = m.thumbprint.parse::<octo_tls::Thumbprint>() else {
-        return false;
-    };
+    // Its certificate, or the one it is rotating to.
+    let accepted: Vec<octo_tls::Thumbprint> = std::iter::once(m.thumbprint.as_str())
+        .chain(m.next_thumbprint.as_deref())
+        .filter_map(|t| t.parse().ok())
+        .collect();
     let id = m.uri.trim_start_matches("poll://").trim_end_matches('/');
-    s.comms.polling().find(id, &tp).is_some()
+    s.comms.polling().find(id, &accepted).is_some()
 }
 
 /// One log line of the last health check.

@@ -701,7 +701,7 @@ pub(crate) async fn register(
         StatusCode::CREATED,
         Json(RegisterReply {
             machine,
-            server_thumbprint: s.thumbprint.to_string(),
+            server_thumbprint: s.thumbprint().to_string(),
             comms_port: s.comms_port,
         }),
     ))

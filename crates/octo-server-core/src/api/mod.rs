@@ -34,14 +34,14 @@ use std::sync::Arc;
 
 use axum::{Json, Router};
 use octo_api_types::{
-    ApiInfo, ApiKey, AuditEvent, CancelReply, CreatedApiKey, DeployRequest, DiscoverReply,
-    DiscoverRequest, EndpointKind, Environment, EnvironmentUpdate, ErrorBody, Grant, Guidance,
-    GuidanceRequest, HealthRequest, HealthStatus, Isolation, Login, LoginReply, Machine,
-    MachinePolicy, MachineRequest, MachineUpdate, NewApiKey, NewEnvironment, NewGrant, NewMember,
-    NewRole, NewSpace, NewTeam, NewUser, Node, NodeState, Package, Permission, PushReply,
-    RegisterReply, Role, ScriptRequest, ServerInfo, SetPassword, Space, Syntax, Task, TaskLogLine,
-    TaskState, TaskStep, TaskStreamEvent, TaskView, Team, Tenant, TentacleUpgradeRequest, User,
-    WhoAmI, WorkerPool, API_KEY_HEADER,
+    ApiInfo, ApiKey, AuditEvent, CancelReply, CertificateRotationReport, CreatedApiKey,
+    DeployRequest, DiscoverReply, DiscoverRequest, EndpointKind, Environment, EnvironmentUpdate,
+    ErrorBody, Grant, Guidance, GuidanceRequest, HealthRequest, HealthStatus, Isolation, Login,
+    LoginReply, Machine, MachinePolicy, MachineRequest, MachineRotation, MachineUpdate, NewApiKey,
+    NewEnvironment, NewGrant, NewMember, NewRole, NewSpace, NewTeam, NewUser, Node, NodeState,
+    Package, Permission, PushReply, RegisterReply, Role, ScriptRequest, ServerInfo, SetPassword,
+    Space, Syntax, Task, TaskLogLine, TaskState, TaskStep, TaskStreamEvent, TaskView, Team, Tenant,
+    TentacleUpgradeRequest, User, WhoAmI, WorkerPool, API_KEY_HEADER,
 };
 use utoipa::openapi::security::{ApiKey as ApiKeyScheme, ApiKeyValue, SecurityScheme};
 use utoipa::OpenApi;
@@ -62,6 +62,11 @@ pub fn routes() -> Vec<Route> {
         get("/api", Access::Public, api_root),
         get("/api/openapi.json", Access::Public, openapi_json),
         get("/api/server", Access::Authenticated, server_info),
+        guard::post(
+            "/api/server/rotate-certificate",
+            Access::System(Permission::AdministerSystem),
+            rotate_certificate,
+        ),
     ];
     for area in [
         spaces::routes(),
@@ -131,6 +136,7 @@ pub fn router(state: AppState) -> Router {
         api_root,
         openapi_json,
         server_info,
+        rotate_certificate,
         spaces::list_spaces,
         spaces::create_space,
         spaces::get_space,
@@ -201,6 +207,8 @@ pub fn router(state: AppState) -> Router {
         octo_api_types::validate::PackageId,
         ApiInfo,
         ServerInfo,
+        CertificateRotationReport,
+        MachineRotation,
         Space,
         NewSpace,
         NewEnvironment,
@@ -467,6 +475,58 @@ async fn openapi_json() -> Json<&'static utoipa::openapi::OpenApi> {
     Json(&DOC)
 }
 
+/// Replaces the server's comms certificate: every tentacle the server reaches
+/// (listening ones dialled, polling ones connected now) is asked to trust the
+/// new one beside the old, then the server presents it. The answer says which
+/// machines learned it, and the command that fixes each of the others.
+#[utoipa::path(
+    post,
+    path = "/api/server/rotate-certificate",
+    tag = "server",
+    responses(
+        (status = 200, description = "Rotated; what each machine learned", body = CertificateRotationReport),
+        (status = 401, description = "No or an unknown API key", body = ErrorBody),
+        (status = 403, description = "The caller lacks AdministerSystem", body = ErrorBody),
+        (status = 500, description = "The new certificate could not be made or stored", body = ErrorBody),
+    )
+)]
+async fn rotate_certificate(
+    axum::extract::State(s): axum::extract::State<AppState>,
+    axum::Extension(caller): axum::Extension<crate::authz::Caller>,
+) -> ApiResult<Json<CertificateRotationReport>> {
+    caller.require_system(Permission::AdministerSystem)?;
+    let report = crate::rotation::rotate_server_certificate(&s)
+        .await
+        .map_err(|e| ApiError::internal(format!("rotating the comms certificate: {e:#}")))?;
+    let missed: Vec<&str> = report
+        .machines
+        .iter()
+        .filter(|m| !m.learned)
+        .map(|m| m.name.as_str())
+        .collect();
+    s.audit(
+        &caller,
+        None,
+        "Rotate certificate",
+        "Server",
+        "comms certificate",
+        format!(
+            "from {} to {}; {} of {} machine(s) learned it{}",
+            report.previous_thumbprint,
+            report.thumbprint,
+            report.machines.len() - missed.len(),
+            report.machines.len(),
+            if missed.is_empty() {
+                String::new()
+            } else {
+                format!("; not: {}", missed.join(", "))
+            }
+        ),
+    )
+    .await;
+    Ok(Json(report))
+}
+
 /// The server's version, comms thumbprint and polling port.
 #[utoipa::path(
     get,
@@ -479,7 +539,7 @@ async fn openapi_json() -> Json<&'static utoipa::openapi::OpenApi> {
 async fn server_info(axum::extract::State(s): axum::extract::State<AppState>) -> Json<ServerInfo> {
     Json(ServerInfo {
         version: env!("CARGO_PKG_VERSION").into(),
-        thumbprint: s.thumbprint.to_string(),
+        thumbprint: s.thumbprint().to_string(),
         comms_port: s.comms_port,
         web_socket_port: s.web_socket.as_ref().map(|(p, _)| *p),
         web_socket_path: s.web_socket.as_ref().map(|(_, path)| path.clone()),

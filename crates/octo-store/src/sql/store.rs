@@ -1284,6 +1284,43 @@ impl<E: Engine> Store for E {
         read_machines(self, op, sql, params).await
     }
 
+    async fn offer_machine_thumbprint(&self, current: &str, next: &str) -> Result<Vec<Machine>> {
+        const OP: &str = "recording a machine's next certificate";
+        let (current, next) = (normal_thumbprint(current), normal_thumbprint(next));
+        let d = self.dialect();
+        let mut tx = write_tx(self, OP).await?;
+        let sql = "WHERE (m.thumbprint = ? OR m.next_thumbprint = ?) AND m.thumbprint <> ?";
+        let others = query_machines(&mut tx, d, sql, params![&next, &next, &current]).await?;
+        if let Some(other) = others.first() {
+            return Err(StoreError::Invalid(format!(
+                "thumbprint {next} belongs to machine '{}', another tentacle: a certificate cannot be shared (cloned machine image?)",
+                other.name
+            )));
+        }
+        let sql = "UPDATE machines SET next_thumbprint = ? WHERE thumbprint = ?";
+        query(sql, params![&next, &current], OP)
+            .execute(&mut *tx)
+            .await?;
+        let machines =
+            query_machines(&mut tx, d, "WHERE m.thumbprint = ?", params![&current]).await?;
+        tx.commit().await.ctx(OP)?;
+        Ok(machines)
+    }
+
+    async fn promote_machine_thumbprint(&self, next: &str) -> Result<Vec<Machine>> {
+        const OP: &str = "making a machine's next certificate its own";
+        let next = normal_thumbprint(next);
+        let d = self.dialect();
+        let mut tx = write_tx(self, OP).await?;
+        let before =
+            query_machines(&mut tx, d, "WHERE m.next_thumbprint = ?", params![&next]).await?;
+        let sql = "UPDATE machines SET thumbprint = next_thumbprint, next_thumbprint = NULL \
+                   WHERE next_thumbprint = ?";
+        query(sql, params![&next], OP).execute(&mut *tx).await?;
+        tx.commit().await.ctx(OP)?;
+        Ok(before)
+    }
+
     async fn list_machines(&self, filter: &MachineFilter) -> Result<Vec<Machine>> {
         let (sql, params) = machine_conditions(self.dialect(), filter);
         read_machines(self, "listing machines", &sql, params).await
