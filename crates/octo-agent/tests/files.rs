@@ -627,6 +627,7 @@ async fn capabilities_describe_the_tentacle() {
         octo_proto::service_names::CAPABILITIES,
         octo_proto::service_names::SCRIPT,
         octo_proto::service_names::FILE,
+        octo_proto::service_names::UPGRADE,
     ]
     .iter()
     .map(|n| (n.to_string(), 1))

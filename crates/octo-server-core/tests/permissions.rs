@@ -220,6 +220,11 @@ const COVERED: &[(&str, &str)] = &[
     ("GET", "/api"),
     ("GET", "/api/openapi.json"),
     ("GET", "/api/server"),
+    ("POST", "/api/server/rotate-certificate"),
+    ("GET", "/api/nodes"),
+    ("GET", "/api/nodes/ping"),
+    ("POST", "/api/nodes/{name}/drain"),
+    ("POST", "/api/nodes/{name}/undrain"),
     ("GET", "/api/spaces"),
     ("POST", "/api/spaces"),
     ("GET", "/api/spaces/{space}"),
@@ -374,6 +379,40 @@ fn cases(method: &Method, path: &str, f: &Fixture) -> Option<Vec<Case>> {
             &[200],
         )],
         ("GET", "/api/server") => vec![case("server", M::GET, path.into(), Anyone, &[200])],
+        // A rotation is real: the server's certificate changes (no tentacle of
+        // this test depends on it) and the answer reports each machine.
+        ("POST", "/api/server/rotate-certificate") => vec![case(
+            "rotate the server's certificate",
+            M::POST,
+            path.into(),
+            Perm(P::AdministerSystem),
+            &[200],
+        )],
+        ("GET", "/api/nodes") => vec![case(
+            "nodes",
+            M::GET,
+            path.into(),
+            Perm(P::AdministerSystem),
+            &[200],
+        )],
+        ("GET", "/api/nodes/ping") => {
+            vec![case("node ping", M::GET, path.into(), Public, &[200])]
+        }
+        // Another node's name: draining this one would stop the cases after it.
+        ("POST", "/api/nodes/{name}/drain") => vec![case(
+            "drain a node",
+            M::POST,
+            "/api/nodes/no-such-node/drain".into(),
+            Perm(P::AdministerSystem),
+            &[404],
+        )],
+        ("POST", "/api/nodes/{name}/undrain") => vec![case(
+            "undrain a node",
+            M::POST,
+            "/api/nodes/no-such-node/undrain".into(),
+            Perm(P::AdministerSystem),
+            &[404],
+        )],
         ("GET", "/api/spaces") => vec![case("spaces", M::GET, path.into(), Anyone, &[200])],
         ("POST", "/api/spaces") => vec![case(
             "create space",

@@ -91,12 +91,14 @@ async fn schemathesis_finds_nothing() {
         // dials the address it is given and answers 502 when nothing is there
         // (tests/permissions.rs covers it). Nor may it take itself off the
         // administrators' team or take a grant away from it (it did: every
-        // later answer was a 403).
+        // later answer was a 403). Nor drain the node under test (it did: the
+        // node then refuses new work and its ping answers 418, as documented;
+        // tests/nodes.rs covers draining).
         .args(["--exclude-path", "/api/api-keys/{id}"])
         .args(["--exclude-path", "/api/users/logout"])
         .args([
             "--exclude-path-regex",
-            "^/api/users/\\{username\\}/(disable|password)$|/machines/discover$|/teams/\\{name\\}/(members/\\{username\\}|grants/\\{id\\})$",
+            "^/api/users/\\{username\\}/(disable|password)$|/machines/discover$|^/api/nodes/\\{name\\}/drain$|/teams/\\{name\\}/(members/\\{username\\}|grants/\\{id\\})$",
         ])
         .args(["--report", "ndjson"])
         .arg("--report-dir")
