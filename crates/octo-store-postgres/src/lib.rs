@@ -20,8 +20,8 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-use octo_store::sql::{Access, Col, Columns, Dialect, Engine, Params, Tx, Value};
-use octo_store::{Result, StoreError};
+use octo_store::sql::{Access, Col, Columns, Dialect, Engine, Params, Tx, Value, CLUSTER_CHANNEL};
+use octo_store::{ClusterEvent, Result, StoreError};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::types::PgCiText;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow};
@@ -193,7 +193,66 @@ impl Engine for PgStore {
     async fn close_pool(&self) {
         self.pool.close().await;
     }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    async fn listen(&self) -> Result<Option<tokio::sync::mpsc::Receiver<ClusterEvent>>> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool)
+            .await
+            .map_err(|e| {
+                StoreError::Database(format!(
+                    "connecting to {} to listen for the other nodes: {e}",
+                    self.name
+                ))
+            })?;
+        listener.listen(CLUSTER_CHANNEL).await.map_err(|e| {
+            StoreError::Database(format!("LISTEN {CLUSTER_CHANNEL} on {}: {e}", self.name))
+        })?;
+        let (tx, rx) = tokio::sync::mpsc::channel(EVENTS_BUFFERED);
+        let name = self.name.clone();
+        tokio::spawn(async move {
+            loop {
+                let event = match listener.try_recv().await {
+                    Ok(Some(n)) => match serde_json::from_str::<ClusterEvent>(n.payload()) {
+                        Ok(event) => event,
+                        Err(e) => {
+                            tracing::warn!(
+                                "ignoring a cluster event this node cannot read ({e}): {}",
+                                n.payload()
+                            );
+                            continue;
+                        }
+                    },
+                    // The connection was lost; the next call makes it again,
+                    // and what was published meanwhile is gone.
+                    Ok(None) => {
+                        tracing::warn!("the connection listening for other nodes' events to {name} was lost; reconnecting");
+                        ClusterEvent::Resync
+                    }
+                    Err(e) => {
+                        if tx.is_closed() {
+                            return;
+                        }
+                        tracing::warn!(
+                            "listening for other nodes' events on {name}: {e}; retrying in 1 s"
+                        );
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        ClusterEvent::Resync
+                    }
+                };
+                if tx.send(event).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Some(rx))
+    }
 }
+
+/// Events read ahead of the node handling them.
+const EVENTS_BUFFERED: usize = 4096;
 
 /// A pooled connection, in a transaction or not.
 enum Conn {

@@ -59,6 +59,7 @@ macro_rules! store_suite {
             machines_environments_and_tasks_change_and_page,
             nodes_heartbeat_and_keep_their_drain_flag,
             tasks_are_claimed_by_one_live_node_and_leases_by_one_holder,
+            polling_presence_and_step_assignment_follow_live_nodes,
         );
     };
     (@each $factory:expr; $($test:ident,)+) => {
@@ -1776,4 +1777,115 @@ pub async fn tasks_are_claimed_by_one_live_node_and_leases_by_one_holder(store: 
         .lease("health", "node-a", now + 70_001, 60_000)
         .await
         .unwrap());
+}
+
+/// Where polling tentacles are connected counts only for live nodes, latest
+/// first; a step handed to a node is listed for it until it ends. On a store
+/// that nodes share, a published event reaches a listener.
+pub async fn polling_presence_and_step_assignment_follow_live_nodes(store: &dyn Store) {
+    let now = octo_store::now_ms();
+    let beat = |name: &str, at: i64| NodeBeat {
+        name: name.into(),
+        started_at: at,
+        at,
+        task_cap: 5,
+        running_tasks: 0,
+        running_steps: 0,
+    };
+    store.node_heartbeat(&beat("node-a", now)).await.unwrap();
+    store.node_heartbeat(&beat("node-b", now)).await.unwrap();
+    let old = now - octo_store::NODE_OFFLINE_AFTER_MS - 1_000;
+    store.node_heartbeat(&beat("node-c", old)).await.unwrap();
+    for (node, at) in [("node-a", now - 10), ("node-b", now), ("node-c", now + 5)] {
+        store
+            .set_polling_presence(node, "SUB-1", true, at)
+            .await
+            .unwrap();
+    }
+    // node-c is offline: not a place to send work.
+    assert_eq!(
+        store.polling_nodes("SUB-1", now).await.unwrap(),
+        ["node-b", "node-a"]
+    );
+    store
+        .set_polling_presence("node-b", "SUB-1", false, now)
+        .await
+        .unwrap();
+    assert_eq!(store.polling_nodes("SUB-1", now).await.unwrap(), ["node-a"]);
+    store
+        .set_polling_presence("node-a", "SUB-2", true, now)
+        .await
+        .unwrap();
+    store.clear_polling_presence("NODE-A").await.unwrap();
+    assert!(store.polling_nodes("SUB-1", now).await.unwrap().is_empty());
+    assert!(store.polling_nodes("SUB-2", now).await.unwrap().is_empty());
+
+    store.create_environment(1, "Production", "").await.unwrap();
+    let m1 = store
+        .create_machine(&new_machine("web01", &["Production"], &["web"]))
+        .await
+        .unwrap();
+    let m2 = store
+        .create_machine(&new_machine("web02", &["Production"], &["web"]))
+        .await
+        .unwrap();
+    let task = store
+        .create_task(
+            &new_task("script", "echo", &json!({}), &[m1.id, m2.id]),
+            now,
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.step_node(&task.id, m1.id).await.unwrap(), None);
+    store
+        .assign_step(&task.id, m1.id, Some("node-b"))
+        .await
+        .unwrap();
+    store
+        .assign_step(&task.id, m2.id, Some("node-b"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.step_node(&task.id, m1.id).await.unwrap().as_deref(),
+        Some("node-b")
+    );
+    let refs =
+        |v: Vec<octo_store::StepRef>| -> Vec<i64> { v.into_iter().map(|r| r.machine_id).collect() };
+    assert_eq!(
+        refs(store.steps_assigned_to("node-b").await.unwrap()),
+        [m1.id, m2.id]
+    );
+    // A finished step is no longer work for its node.
+    let mut done = store
+        .task_steps(&task.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|s| s.machine_id == m2.id)
+        .unwrap();
+    done.state = TaskState::Success;
+    done.completed_at = Some(now);
+    store.update_step(&done).await.unwrap();
+    assert_eq!(
+        refs(store.steps_assigned_to("node-b").await.unwrap()),
+        [m1.id]
+    );
+    store.assign_step(&task.id, m1.id, None).await.unwrap();
+    assert!(store.steps_assigned_to("node-b").await.unwrap().is_empty());
+
+    // Events: on a shared store a listener hears what is published.
+    let listener = store.listen().await.unwrap();
+    assert_eq!(listener.is_some(), store.shared());
+    let event = octo_store::ClusterEvent::StepAssigned {
+        task_id: task.id.clone(),
+        machine_id: m1.id,
+        node: "node-a".into(),
+    };
+    store.publish(&event).await.unwrap();
+    if let Some(mut rx) = listener {
+        let got = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+            .await
+            .expect("the event within 10 s");
+        assert_eq!(got, Some(event));
+    }
 }

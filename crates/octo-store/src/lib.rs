@@ -263,6 +263,52 @@ pub struct NodeBeat {
     pub running_steps: i64,
 }
 
+/// One step of a task, by task and machine.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct StepRef {
+    pub task_id: String,
+    pub machine_id: i64,
+}
+
+/// What one node tells the others through the store (PostgreSQL's
+/// LISTEN/NOTIFY; a store that only one node uses has no one to tell).
+/// Every event is a hint to look at the store, which holds the truth: a node
+/// that missed events (its listening connection dropped) is told
+/// [`ClusterEvent::Resync`] and reads the store again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event")]
+pub enum ClusterEvent {
+    /// A task's node handed one of its steps to `node` (which holds the
+    /// step's polling tentacle).
+    StepAssigned {
+        task_id: String,
+        machine_id: i64,
+        node: String,
+    },
+    /// A step's end was recorded.
+    StepFinished { task_id: String, machine_id: i64 },
+    /// Someone asked for a task to be canceled.
+    TaskCancel { task_id: String },
+    /// A task's state changed (started, finished).
+    TaskChanged { task_id: String },
+    /// Log lines of a task were stored.
+    LogAppended { task_id: String },
+    /// A polling tentacle connected to or left `node`.
+    Presence {
+        subscription_id: String,
+        node: String,
+    },
+    /// A person decided for a step waiting under guided failure (delivered by
+    /// the node where the step waits).
+    Guidance {
+        task_id: String,
+        machine_id: i64,
+        guidance: octo_api_types::Guidance,
+    },
+    /// Events may have been missed: read the store again.
+    Resync,
+}
+
 /// A change to record in the audit log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewAuditEvent {
@@ -544,4 +590,39 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// How many package rows use a file, in any space (to know when the file
     /// can be removed).
     async fn count_packages_with_sha256(&self, sha256: &str) -> Result<i64>;
+
+    // Cluster work (several nodes on one database).
+    /// Whether several nodes may share this store (PostgreSQL): a node then
+    /// hands steps to the node holding their polling tentacle, listens for
+    /// [`ClusterEvent`]s and takes over the work of nodes gone offline.
+    fn shared(&self) -> bool {
+        false
+    }
+    /// Tells every node listening (this one too) about `event`; nothing on a
+    /// store no other node shares.
+    async fn publish(&self, event: &ClusterEvent) -> Result<()>;
+    /// The events every node publishes from now on (on a dedicated
+    /// connection; [`ClusterEvent::Resync`] after it was lost and made
+    /// again). None on a store no other node shares.
+    async fn listen(&self) -> Result<Option<tokio::sync::mpsc::Receiver<ClusterEvent>>>;
+    /// Records that `node` holds (`present`) or no longer holds connections
+    /// of polling subscription `subscription_id`.
+    async fn set_polling_presence(
+        &self,
+        node: &str,
+        subscription_id: &str,
+        present: bool,
+        now: i64,
+    ) -> Result<()>;
+    /// Forgets every polling connection recorded for `node` (at its start).
+    async fn clear_polling_presence(&self, node: &str) -> Result<()>;
+    /// The live nodes (a heartbeat within [`NODE_OFFLINE_AFTER_MS`] before
+    /// `now`) holding connections of `subscription_id`, latest connected first.
+    async fn polling_nodes(&self, subscription_id: &str, now: i64) -> Result<Vec<String>>;
+    /// Records which node runs a step (None: the task's own node).
+    async fn assign_step(&self, task_id: &str, machine_id: i64, node: Option<&str>) -> Result<()>;
+    /// The node a step was handed to, if any.
+    async fn step_node(&self, task_id: &str, machine_id: i64) -> Result<Option<String>>;
+    /// The unfinished steps handed to `node`, oldest task first.
+    async fn steps_assigned_to(&self, node: &str) -> Result<Vec<StepRef>>;
 }

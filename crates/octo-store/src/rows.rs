@@ -11,8 +11,8 @@ use crate::sql::{Col, Column, Columns};
 use crate::text::TextEnum;
 use crate::{
     ApiKey, AuditEvent, EndpointKind, Environment, Grant, HealthStatus, Machine, MachinePolicy,
-    Node, NodeState, Package, Permission, Result, Role, Space, StoreError, Task, TaskLogLine,
-    TaskState, TaskStep, Team, Tenant, User,
+    Node, NodeState, Package, Permission, Result, Role, Space, StepRef, StoreError, Task,
+    TaskLogLine, TaskState, TaskStep, Team, Tenant, User,
 };
 
 /// A row that becomes one of the API's records.
@@ -379,6 +379,11 @@ fn node(r: NodeRow) -> Result<Node> {
         running_tasks: r.running_tasks,
         running_steps: r.running_steps,
     })
+}
+
+row! {
+    /// A step's key, from `task_steps`.
+    StepRefRow => StepRef { task_id: String, machine_id: i64 }
 }
 
 row! {

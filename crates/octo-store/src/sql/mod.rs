@@ -249,7 +249,21 @@ pub trait Engine: Send + Sync + fmt::Debug + 'static {
     async fn begin(&self, access: Access) -> std::result::Result<Box<dyn Tx>, sqlx::Error>;
     /// Closes the pool, waiting for connections to be returned.
     async fn close_pool(&self);
+    /// Whether several nodes may share the database (see [`crate::Store::shared`]).
+    fn shared(&self) -> bool {
+        false
+    }
+    /// The events of [`CLUSTER_CHANNEL`], on a connection of their own
+    /// (see [`crate::Store::listen`]); None where nobody else publishes.
+    async fn listen(
+        &self,
+    ) -> crate::Result<Option<tokio::sync::mpsc::Receiver<crate::ClusterEvent>>> {
+        Ok(None)
+    }
 }
+
+/// The channel nodes publish [`crate::ClusterEvent`]s on (as JSON).
+pub const CLUSTER_CHANNEL: &str = "octopus_cluster";
 
 /// The SQL that differs between engines. Everything else the store runs is
 /// the same text on every engine.

@@ -24,17 +24,17 @@ use crate::input::{
 use crate::machines::{ListValues, MachineList, MachineRefs, Machines};
 use crate::rows::{
     group, ApiKeyRow, AuditRow, EnvironmentRow, GrantRow, ListRow, LogLineRow, MachineRow, NodeRow,
-    PackageRow, PolicyRow, RoleRow, Row, SpaceRow, StepRow, TaskRow, TeamRow, TenantRow, UserRow,
-    UserWithHashRow, IS_SYSTEM_ADMINISTRATOR,
+    PackageRow, PolicyRow, RoleRow, Row, SpaceRow, StepRefRow, StepRow, TaskRow, TeamRow,
+    TenantRow, UserRow, UserWithHashRow, IS_SYSTEM_ADMINISTRATOR,
 };
 use crate::sql::{query, returning, select, Access, Dialect, Engine, On, Params, Tx, Value};
 use crate::text::{TextEnum, UNFINISHED_STATES};
 use crate::{
-    now_ms, params, ticket, ApiKey, AuditEvent, AuditFilter, Environment, Grant, HealthUpdate,
-    Machine, MachineFilter, MachinePolicy, MachineQuery, MachineUpdate, NewAuditEvent, NewLogLine,
-    NewMachine, NewPackage, NewTask, Node, NodeBeat, Package, Result, Role, Space, Store,
-    StoreError, Task, TaskLogLine, TaskQuery, TaskState, TaskStep, Team, Tenant, User,
-    DEFAULT_POLICY,
+    now_ms, params, ticket, ApiKey, AuditEvent, AuditFilter, ClusterEvent, Environment, Grant,
+    HealthUpdate, Machine, MachineFilter, MachinePolicy, MachineQuery, MachineUpdate,
+    NewAuditEvent, NewLogLine, NewMachine, NewPackage, NewTask, Node, NodeBeat, Package, Result,
+    Role, Space, StepRef, Store, StoreError, Task, TaskLogLine, TaskQuery, TaskState, TaskStep,
+    Team, Tenant, User, DEFAULT_POLICY,
 };
 
 /// A write transaction (see the module's documentation).
@@ -1807,5 +1807,112 @@ impl<E: Engine> Store for E {
             .scalar::<i64>(self)
             .await
             .map(Option::unwrap_or_default)
+    }
+
+    // Cluster work.
+
+    fn shared(&self) -> bool {
+        Engine::shared(self)
+    }
+
+    async fn publish(&self, event: &ClusterEvent) -> Result<()> {
+        if !Engine::shared(self) {
+            return Ok(());
+        }
+        let payload = serde_json::to_string(event)
+            .map_err(|e| StoreError::Database(format!("encoding a cluster event: {e}")))?;
+        query(
+            "SELECT pg_notify(CAST(? AS text), CAST(? AS text))",
+            params![super::CLUSTER_CHANNEL, &payload],
+            "telling the other nodes",
+        )
+        .execute(self)
+        .await
+        .map(drop)
+    }
+
+    async fn listen(&self) -> Result<Option<tokio::sync::mpsc::Receiver<ClusterEvent>>> {
+        Engine::listen(self).await
+    }
+
+    async fn set_polling_presence(
+        &self,
+        node: &str,
+        subscription_id: &str,
+        present: bool,
+        now: i64,
+    ) -> Result<()> {
+        const OP: &str = "recording where a polling tentacle is connected";
+        if present {
+            let sql =
+                "INSERT INTO polling_presence (subscription_id, node, since) VALUES (?, ?, ?) \
+                       ON CONFLICT (subscription_id, node) DO UPDATE SET since = excluded.since";
+            query(sql, params![subscription_id, node, now], OP)
+                .execute(self)
+                .await
+                .map(drop)
+        } else {
+            let sql = "DELETE FROM polling_presence WHERE subscription_id = ? AND node = ?";
+            query(sql, params![subscription_id, node], OP)
+                .execute(self)
+                .await
+                .map(drop)
+        }
+    }
+
+    async fn clear_polling_presence(&self, node: &str) -> Result<()> {
+        query(
+            "DELETE FROM polling_presence WHERE node = ?",
+            params![node],
+            "forgetting a node's polling tentacles",
+        )
+        .execute(self)
+        .await
+        .map(drop)
+    }
+
+    async fn polling_nodes(&self, subscription_id: &str, now: i64) -> Result<Vec<String>> {
+        let sql = "SELECT p.node FROM polling_presence p JOIN nodes n ON n.name = p.node \
+                   WHERE p.subscription_id = ? AND n.last_seen >= ? ORDER BY p.since DESC, p.node";
+        let live_since = now.saturating_sub(crate::NODE_OFFLINE_AFTER_MS);
+        query(
+            sql,
+            params![subscription_id, live_since],
+            "finding the node of a polling tentacle",
+        )
+        .scalars::<String>(self)
+        .await
+    }
+
+    async fn assign_step(&self, task_id: &str, machine_id: i64, node: Option<&str>) -> Result<()> {
+        query(
+            "UPDATE task_steps SET node = ? WHERE task_id = ? AND machine_id = ?",
+            params![node, task_id, machine_id],
+            "handing a step to a node",
+        )
+        .execute(self)
+        .await
+        .map(drop)
+    }
+
+    async fn step_node(&self, task_id: &str, machine_id: i64) -> Result<Option<String>> {
+        query(
+            "SELECT node FROM task_steps WHERE task_id = ? AND machine_id = ?",
+            params![task_id, machine_id],
+            "reading which node runs a step",
+        )
+        .scalar::<Option<String>>(self)
+        .await
+        .map(Option::flatten)
+    }
+
+    async fn steps_assigned_to(&self, node: &str) -> Result<Vec<StepRef>> {
+        let sql = select::<StepRefRow>(&format!(
+            "FROM task_steps WHERE node = ? AND state IN {UNFINISHED_STATES} \
+             ORDER BY task_id, machine_id"
+        ));
+        query(&sql, params![node], "listing the steps handed to a node")
+            .all::<StepRefRow>(self)
+            .await
     }
 }
