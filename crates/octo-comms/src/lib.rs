@@ -34,7 +34,7 @@ pub use backoff::Backoff;
 pub use error::{is_retryable, CommsError};
 pub use h2client::H2Channel;
 pub use proxy::{ProxyConfig, ProxyError, ProxySetting};
-pub use registry::PollingRegistry;
+pub use registry::{PollingRegistry, Presence};
 pub use rotation::{CommsEvent, TentacleRotation};
 pub use server::{
     Connection, Endpoint, HttpOverTls, ServerComms, ServerCommsOptions, WebSocketListenerOptions,

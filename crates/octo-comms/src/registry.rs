@@ -21,13 +21,38 @@ pub struct PollingRegistry {
     inner: Arc<Inner>,
 }
 
-#[derive(Default)]
 struct Inner {
     by_subscription: Mutex<HashMap<String, Vec<Connection>>>,
+    /// A subscription's first connection arrived, or its last one closed.
+    presence: tokio::sync::broadcast::Sender<Presence>,
     changed: Notify,
     next: AtomicUsize,
     /// Polling connections refused for an untrusted certificate, latest last.
     refused: Mutex<Vec<Refusal>>,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        Inner {
+            by_subscription: Mutex::default(),
+            presence: tokio::sync::broadcast::channel(PRESENCE_BUFFERED).0,
+            changed: Notify::default(),
+            next: AtomicUsize::default(),
+            refused: Mutex::default(),
+        }
+    }
+}
+
+/// Presence changes kept for slow receivers (past it they are told they lagged).
+const PRESENCE_BUFFERED: usize = 4096;
+
+/// A polling subscription came (its first connection here) or went (its last).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presence {
+    /// The subscription.
+    pub subscription_id: String,
+    /// Connected here now.
+    pub present: bool,
 }
 
 /// Polling connections refused for presenting one untrusted thumbprint.
@@ -82,22 +107,38 @@ impl PollingRegistry {
             "polling tentacle connected from {}",
             conn.remote_addr()
         );
-        self.map()
-            .entry(subscription_id.clone())
-            .or_default()
-            .push(conn.clone());
+        let first = {
+            let mut map = self.map();
+            let list = map.entry(subscription_id.clone()).or_default();
+            list.push(conn.clone());
+            list.len() == 1
+        };
+        if first {
+            let _ = self.inner.presence.send(Presence {
+                subscription_id: subscription_id.clone(),
+                present: true,
+            });
+        }
         self.inner.changed.notify_waiters();
         let this = self.clone();
         tokio::spawn(async move {
             conn.closed().await;
             let mut map = this.map();
+            let mut last = false;
             if let Some(list) = map.get_mut(&subscription_id) {
                 list.retain(|c| c.id() != conn.id());
                 if list.is_empty() {
                     map.remove(&subscription_id);
+                    last = true;
                 }
             }
             drop(map);
+            if last {
+                let _ = this.inner.presence.send(Presence {
+                    subscription_id: subscription_id.clone(),
+                    present: false,
+                });
+            }
             info!(subscription = %subscription_id, "polling tentacle disconnected ({})", conn.remote_addr());
             this.inner.changed.notify_waiters();
         });
@@ -288,6 +329,25 @@ impl PollingRegistry {
             .collect();
         out.sort_by(|a, b| a.subscription_id.cmp(&b.subscription_id));
         out
+    }
+
+    /// Subscriptions coming and going from now on ([`Presence`]); a receiver
+    /// that falls more than a few thousand behind is told it lagged, and
+    /// should read [`Self::subscriptions`] again.
+    pub fn presence(&self) -> tokio::sync::broadcast::Receiver<Presence> {
+        self.inner.presence.subscribe()
+    }
+
+    /// The subscriptions connected now.
+    pub fn subscriptions(&self) -> Vec<String> {
+        self.map().keys().cloned().collect()
+    }
+
+    /// Whether `subscription_id` has a live connection here.
+    pub fn is_connected(&self, subscription_id: &str) -> bool {
+        self.map()
+            .get(subscription_id)
+            .is_some_and(|l| l.iter().any(|c| !c.is_closed()))
     }
 
     /// Number of live connections.

@@ -24,8 +24,8 @@ use std::time::Duration;
 
 use octo_api_types::{Guidance, ScriptRequest};
 use octo_store::{
-    now_ms, HealthStatus, Machine, MachineFilter, MachinePolicy, NewTask, Store, Task, TaskState,
-    TaskStep,
+    now_ms, ClusterEvent, HealthStatus, Machine, MachineFilter, MachinePolicy, NewTask, Store,
+    Task, TaskState, TaskStep,
 };
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
@@ -39,6 +39,8 @@ use crate::notify::{lock, Changes, Notifiers};
 use crate::secrets::{Masker, MasterKey};
 use crate::steps::{deploy, health, script, tentacle_upgrade, StepEnd};
 use crate::tool::ToolBuild;
+mod cluster;
+
 use crate::{
     kind, machine_list, max_parallel_steps_of, DeployArgs, StepLimits, TentacleUpgradeArgs,
 };
@@ -79,6 +81,23 @@ impl Drop for StepRegistration {
     fn drop(&mut self) {
         lock(&self.engine.steps).remove(&self.key);
         self.done.cancel();
+    }
+}
+
+/// A step registered as running here.
+struct Registered {
+    running: RunningStep,
+    registration: StepRegistration,
+}
+
+/// A canceled step's error, saying why when it was canceled for its machine's sake.
+fn because(running: &RunningStep, error: Option<String>) -> Option<String> {
+    match lock(&running.reason).clone() {
+        Some(r) => Some(match error {
+            Some(e) if !e.is_empty() => format!("canceled: {r} ({e})"),
+            _ => format!("canceled: {r}"),
+        }),
+        None => error,
     }
 }
 
@@ -165,6 +184,8 @@ pub struct Engine {
     step_count: Arc<AtomicUsize>,
     /// Steps running on this node, every task together (`limits.per_node`).
     node_slots: Arc<Semaphore>,
+    /// Work across nodes (a store several nodes share; idle otherwise).
+    cluster: cluster::Cluster,
 }
 
 /// What runs one step of a task.
@@ -195,6 +216,7 @@ impl Engine {
             steps: Mutex::new(HashMap::new()),
             notifiers: Arc::new(Notifiers::default()),
             guidance: Arc::new(GuidanceBoard::default()),
+            cluster: cluster::Cluster::default(),
         }
     }
 
@@ -321,6 +343,7 @@ impl Engine {
         if let Some(token) = lock(&self.running).get(task_id) {
             token.cancel();
         }
+        self.cluster.cancel_handed(task_id);
         self.notifiers.state_changed(task_id);
     }
 
@@ -430,6 +453,11 @@ impl Engine {
             step.started_at = step.completed_at;
         }
         log.save_step(&step).await;
+        self.publish(ClusterEvent::StepFinished {
+            task_id: step.task_id.clone(),
+            machine_id: step.machine_id,
+        })
+        .await;
     }
 
     async fn set_task_state(&self, task_id: &str, state: TaskState, error: Option<&str>) {
@@ -442,6 +470,10 @@ impl Engine {
             error!("setting task {task_id} {state:?}: {e}");
         }
         self.notifiers.state_changed(task_id);
+        self.publish(ClusterEvent::TaskChanged {
+            task_id: task_id.to_string(),
+        })
+        .await;
     }
 
     /// The step runner of a task's kind, or why the task cannot run.
@@ -508,6 +540,28 @@ impl Engine {
         };
         if task.state.is_final() {
             return;
+        }
+        // On a cluster, a draining node leaves a new task to the others.
+        if store.shared() && task.state == TaskState::Queued {
+            if let Ok(Some(node)) = store.node(&self.deps.node_name).await {
+                self.set_draining(node.draining);
+            }
+            if self.load.borrow().draining {
+                log.server(format!(
+                    "Waiting: node {} is draining; another node takes the task (`octopus node undrain` lets this one take tasks again)",
+                    self.deps.node_name
+                ))
+                .await;
+                // Taken over from nobody, it may have been claimed here: give it back.
+                if let Err(e) = store.release_task(&id, &self.deps.node_name).await {
+                    warn!("giving task {id} back: {e}");
+                }
+                self.publish(ClusterEvent::TaskQueued {
+                    task_id: id.clone(),
+                })
+                .await;
+                return;
+            }
         }
         // Another live node may run it (created there, or taken over there).
         match store.claim_task(&id, &self.deps.node_name, now_ms()).await {
@@ -579,101 +633,32 @@ impl Engine {
         let slots = Arc::new(Semaphore::new(per_task.max(1)));
         let mut set = JoinSet::new();
         for step in steps.into_iter().filter(|s| !s.state.is_final()) {
-            let (eng, slots, run) = (self.clone(), slots.clone(), run.clone());
-            let node_slots = self.node_slots.clone();
-            let running = RunningStep {
-                machine_name: step.machine_name.clone(),
-                cancel: cancel.child_token(),
-                abandon: CancellationToken::new(),
-                reason: Arc::default(),
-                done: CancellationToken::new(),
-            };
-            let key = (step.task_id.clone(), step.machine_id);
-            lock(&self.steps).insert(key.clone(), running.clone());
-            let registration = StepRegistration {
-                engine: self.clone(),
-                key,
-                done: running.done.clone(),
-            };
-            let ctx = StepContext {
-                machine_name: step.machine_name.clone(),
-                log: log.clone(),
-                store: self.deps.store.clone(),
-                comms: self.deps.comms.clone(),
-                cancel: running.cancel.clone(),
-                shutdown: self.shutdown.clone(),
-                tool: self.deps.tool.clone(),
-                tentacle: self.deps.tentacle.clone(),
-                packages: self.deps.packages.clone(),
-                max_log_bytes: self.deps.max_log_bytes_per_step,
-                guidance: self.guidance.clone(),
-            };
+            let (eng, slots, run, log) = (self.clone(), slots.clone(), run.clone(), log.clone());
+            let registered = self.register_step(&step, cancel.child_token());
             set.spawn(async move {
-                let registration = registration;
-                let because = |error: Option<String>| -> Option<String> {
-                    match lock(&running.reason).clone() {
-                        Some(r) => Some(match error {
-                            Some(e) if !e.is_empty() => format!("canceled: {r} ({e})"),
-                            _ => format!("canceled: {r}"),
-                        }),
-                        None => error,
-                    }
-                };
                 // A slot of the task's, then one of the node's (always in
                 // this order, so tasks cannot hold each other's).
-                let both = async {
-                    let task_slot = slots.acquire_owned().await.ok()?;
-                    let node_slot = node_slots.acquire_owned().await.ok()?;
-                    Some((task_slot, node_slot))
-                };
-                let _slot = tokio::select! {
-                    slot = both => slot,
-                    _ = ctx.shutdown.cancelled() => return None,
-                    // A queued step never starts once cancel was requested; a
-                    // step already executing (resumed) must be cancelled on the
-                    // tentacle, which its runner does.
-                    _ = ctx.cancel.cancelled(), if step.state == TaskState::Queued => {
-                        let why = because(Some("canceled before it started".into()));
-                        eng.finish_step(&ctx.log, step, TaskState::Canceled, why).await;
+                let task_slot = tokio::select! {
+                    slot = slots.acquire_owned() => slot.ok()?,
+                    _ = eng.shutdown.cancelled() => return None,
+                    _ = registered.running.cancel.cancelled(), if step.state == TaskState::Queued => {
+                        eng.cancel_queued(&log, &registered.running, step).await;
                         return None;
                     }
                 };
-                let log = ctx.log.clone();
-                let _counted = CountedStep::new(&eng.step_count);
-                let name = step.machine_name.clone();
-                let (task_id, machine_id) = (step.task_id.clone(), step.machine_id);
-                let end = tokio::select! {
-                    end = run(ctx, step.clone()) => end,
-                    // Stopped for its machine's sake and not done in time: the
-                    // step ends now (the runner is dropped), as stored so far.
-                    _ = running.abandon.cancelled() => {
-                        let stored = eng.deps.store.task_steps(&task_id).await.ok()
-                            .and_then(|all| all.into_iter().find(|s| s.machine_id == machine_id))
-                            .unwrap_or(step);
-                        let why = format!("the cancel could not be delivered in time; the script may still be running on {name}");
-                        log.server(format!("{name}: {why}")).await;
-                        StepEnd::finished(stored, TaskState::Canceled, Some(why))
+                // On a cluster, the node holding the step's polling tentacle runs it.
+                let step = if eng.deps.store.shared() {
+                    match eng.place(&log, step, &registered.running).await {
+                        cluster::Placement::Here(step) => step,
+                        cluster::Placement::Finished(health) => return health,
+                        cluster::Placement::Stopping => return None,
                     }
+                } else {
+                    step
                 };
-                match end {
-                    StepEnd::Finished {
-                        step,
-                        state,
-                        error,
-                        health,
-                        afterwards,
-                    } => {
-                        let error = if state == TaskState::Canceled { because(error) } else { error };
-                        eng.finish_step(&log, step, state, error).await;
-                        // Recorded: whoever stops this machine may go on.
-                        drop(registration);
-                        if let Some(work) = afterwards {
-                            work.await;
-                        }
-                        health.map(|h| (name, h))
-                    }
-                    StepEnd::Interrupted => None,
-                }
+                let health = eng.run_here(log, step, registered, run).await;
+                drop(task_slot);
+                health
             });
         }
         let mut health = Vec::new();
@@ -688,6 +673,113 @@ impl Engine {
             return None;
         }
         Some(health)
+    }
+
+    /// Registers a step as running here (for [`Engine::stop_machine`]), with
+    /// its cancel token.
+    fn register_step(self: &Arc<Self>, step: &TaskStep, cancel: CancellationToken) -> Registered {
+        let running = RunningStep {
+            machine_name: step.machine_name.clone(),
+            cancel,
+            abandon: CancellationToken::new(),
+            reason: Arc::default(),
+            done: CancellationToken::new(),
+        };
+        let key = (step.task_id.clone(), step.machine_id);
+        lock(&self.steps).insert(key.clone(), running.clone());
+        let registration = StepRegistration {
+            engine: self.clone(),
+            key,
+            done: running.done.clone(),
+        };
+        Registered {
+            running,
+            registration,
+        }
+    }
+
+    /// Records a step that never started Canceled.
+    async fn cancel_queued(&self, log: &TaskLog, running: &RunningStep, step: TaskStep) {
+        let why = because(running, Some("canceled before it started".into()));
+        self.finish_step(log, step, TaskState::Canceled, why).await;
+    }
+
+    /// Runs one step on this node, within the node's limit, and records how
+    /// it ended; the health it reported, if any.
+    async fn run_here(
+        self: &Arc<Self>,
+        log: TaskLog,
+        step: TaskStep,
+        registered: Registered,
+        run: StepRunner,
+    ) -> Option<(String, HealthStatus)> {
+        let Registered {
+            running,
+            registration,
+        } = registered;
+        let ctx = StepContext {
+            machine_name: step.machine_name.clone(),
+            log: log.clone(),
+            store: self.deps.store.clone(),
+            comms: self.deps.comms.clone(),
+            cancel: running.cancel.clone(),
+            shutdown: self.shutdown.clone(),
+            tool: self.deps.tool.clone(),
+            tentacle: self.deps.tentacle.clone(),
+            packages: self.deps.packages.clone(),
+            max_log_bytes: self.deps.max_log_bytes_per_step,
+            guidance: self.guidance.clone(),
+        };
+        let _slot = tokio::select! {
+            slot = self.node_slots.clone().acquire_owned() => slot.ok()?,
+            _ = ctx.shutdown.cancelled() => return None,
+            // A queued step never starts once cancel was requested; a
+            // step already executing (resumed) must be cancelled on the
+            // tentacle, which its runner does.
+            _ = ctx.cancel.cancelled(), if step.state == TaskState::Queued => {
+                self.cancel_queued(&log, &running, step).await;
+                return None;
+            }
+        };
+        let _counted = CountedStep::new(&self.step_count);
+        let name = step.machine_name.clone();
+        let (task_id, machine_id) = (step.task_id.clone(), step.machine_id);
+        let end = tokio::select! {
+            end = run(ctx, step.clone()) => end,
+            // Stopped for its machine's sake and not done in time: the
+            // step ends now (the runner is dropped), as stored so far.
+            _ = running.abandon.cancelled() => {
+                let stored = self.deps.store.task_step(&task_id, machine_id).await.ok()
+                    .flatten()
+                    .unwrap_or(step);
+                let why = format!("the cancel could not be delivered in time; the script may still be running on {name}");
+                log.server(format!("{name}: {why}")).await;
+                StepEnd::finished(stored, TaskState::Canceled, Some(why))
+            }
+        };
+        match end {
+            StepEnd::Finished {
+                step,
+                state,
+                error,
+                health,
+                afterwards,
+            } => {
+                let error = if state == TaskState::Canceled {
+                    because(&running, error)
+                } else {
+                    error
+                };
+                self.finish_step(&log, step, state, error).await;
+                // Recorded: whoever stops this machine may go on.
+                drop(registration);
+                if let Some(work) = afterwards {
+                    work.await;
+                }
+                health.map(|h| (name, h))
+            }
+            StepEnd::Interrupted => None,
+        }
     }
 
     /// Marks every unfinished step of a task Failed with `why`.
@@ -779,6 +871,7 @@ impl Engine {
             let engine = self.clone();
             async move { engine.schedule_health_checks().await }
         });
+        self.tracker.spawn(self.clone().run_cluster());
     }
 
     /// Resumes the unfinished script, deployment and upgrade tasks of a previous run; fails its health

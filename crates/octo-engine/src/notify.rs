@@ -20,6 +20,8 @@ pub struct Changes {
 #[derive(Debug, Default)]
 pub struct Notifiers {
     map: Mutex<HashMap<String, watch::Sender<Changes>>>,
+    /// On a cluster: the tasks whose log grew here, for the other nodes' readers.
+    forward: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<String>>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -51,9 +53,22 @@ impl Notifiers {
         }
     }
 
-    /// Log lines of the task were stored.
+    /// Log lines of the task were stored (here: the other nodes of a cluster are told).
     pub fn log_changed(&self, task_id: &str) {
         self.changed(task_id, |c| c.log += 1);
+        if let Some(tx) = self.forward.get() {
+            let _ = tx.send(task_id.to_string());
+        }
+    }
+
+    /// Another node stored log lines of the task.
+    pub fn remote_log_changed(&self, task_id: &str) {
+        self.changed(task_id, |c| c.log += 1);
+    }
+
+    /// From now on, the ids of tasks whose log grew here go to `tx`.
+    pub(crate) fn forward_to(&self, tx: tokio::sync::mpsc::UnboundedSender<String>) {
+        let _ = self.forward.set(tx);
     }
 
     /// The task or one of its steps changed.

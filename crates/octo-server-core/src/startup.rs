@@ -625,6 +625,9 @@ pub async fn start_with(
     ));
     // Task engine: resume unfinished tasks, scheduled health checks.
     state.engine.spawn_background(shutdown.clone(), &mut tasks);
+    if state.store.shared() {
+        tasks.spawn(follow_trust(state.clone(), shutdown.clone()));
+    }
     tasks.spawn(heartbeats(state.clone(), started_at, shutdown.clone()));
     tasks.spawn({
         let t = shutdown.clone();
@@ -670,6 +673,29 @@ pub async fn start_with(
         _lock: lock,
         _db_lock: db_lock,
     })
+}
+
+/// On a cluster: reads the polling trust again when another node changed
+/// machines (or events may have been missed).
+async fn follow_trust(state: AppState, shutdown: CancellationToken) {
+    use octo_store::ClusterEvent;
+    use tokio::sync::broadcast::error::RecvError;
+    let mut events = state.engine.cluster_events();
+    loop {
+        let reload = tokio::select! {
+            () = shutdown.cancelled() => return,
+            ev = events.recv() => match ev {
+                Ok(ClusterEvent::TrustChanged | ClusterEvent::Resync) | Err(RecvError::Lagged(_)) => true,
+                Ok(_) => false,
+                Err(RecvError::Closed) => return,
+            },
+        };
+        if reload {
+            if let Err(e) = state.reload_polling_trust().await {
+                tracing::warn!("reading the polling tentacles' trust again: {e:#}");
+            }
+        }
+    }
 }
 
 /// Records this node's heartbeat with what its engine runs, and hands the

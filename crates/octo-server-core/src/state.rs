@@ -98,8 +98,18 @@ impl AppState {
         self.grant_cache.clear();
     }
 
-    /// Re-reads which polling tentacles may connect (after machines change).
+    /// Re-reads which polling tentacles may connect (after machines change),
+    /// and has the other nodes of a cluster do the same.
     pub async fn refresh_polling_trust(&self) -> anyhow::Result<()> {
+        self.reload_polling_trust().await?;
+        self.engine
+            .publish(octo_store::ClusterEvent::TrustChanged)
+            .await;
+        Ok(())
+    }
+
+    /// Re-reads which polling tentacles may connect, on this node only.
+    pub async fn reload_polling_trust(&self) -> anyhow::Result<()> {
         self.polling_trust
             .replace(polling_thumbprints(self.store.as_ref()).await?);
         Ok(())

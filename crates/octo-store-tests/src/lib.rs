@@ -1872,6 +1872,35 @@ pub async fn polling_presence_and_step_assignment_follow_live_nodes(store: &dyn 
     );
     store.assign_step(&task.id, m1.id, None).await.unwrap();
     assert!(store.steps_assigned_to("node-b").await.unwrap().is_empty());
+    assert_eq!(
+        store
+            .task_step(&task.id, m2.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
+        TaskState::Success
+    );
+    assert!(store.task_step(&task.id, 999_999).await.unwrap().is_none());
+
+    // Adoptable: unclaimed and old enough, or claimed by an offline node.
+    let ids = |v: Vec<octo_store::Task>| -> Vec<String> { v.into_iter().map(|t| t.id).collect() };
+    assert!(ids(store.adoptable_tasks(now, now - 1).await.unwrap()).is_empty());
+    assert_eq!(
+        ids(store.adoptable_tasks(now, now + 1).await.unwrap()),
+        std::slice::from_ref(&task.id)
+    );
+    assert!(store.claim_task(&task.id, "node-b", now).await.unwrap());
+    assert!(store
+        .adoptable_tasks(now, now + 1)
+        .await
+        .unwrap()
+        .is_empty());
+    let later = now + octo_store::NODE_OFFLINE_AFTER_MS + 1_000;
+    assert_eq!(
+        ids(store.adoptable_tasks(later, now + 1).await.unwrap()),
+        std::slice::from_ref(&task.id)
+    );
 
     // Events: on a shared store a listener hears what is published.
     let listener = store.listen().await.unwrap();

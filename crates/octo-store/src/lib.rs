@@ -287,6 +287,8 @@ pub enum ClusterEvent {
     },
     /// A step's end was recorded.
     StepFinished { task_id: String, machine_id: i64 },
+    /// A task waits for a node to take it (its node is draining).
+    TaskQueued { task_id: String },
     /// Someone asked for a task to be canceled.
     TaskCancel { task_id: String },
     /// A task's state changed (started, finished).
@@ -305,6 +307,9 @@ pub enum ClusterEvent {
         machine_id: i64,
         guidance: octo_api_types::Guidance,
     },
+    /// Machines changed such that the polling tentacles allowed to connect
+    /// may differ: every node reads its trust again.
+    TrustChanged,
     /// Events may have been missed: read the store again.
     Resync,
 }
@@ -625,4 +630,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn step_node(&self, task_id: &str, machine_id: i64) -> Result<Option<String>>;
     /// The unfinished steps handed to `node`, oldest task first.
     async fn steps_assigned_to(&self, node: &str) -> Result<Vec<StepRef>>;
+    /// Gives a task back that `node` took but will not run (it is draining):
+    /// no node has it then.
+    async fn release_task(&self, task_id: &str, node: &str) -> Result<()>;
+    /// One step of a task.
+    async fn task_step(&self, task_id: &str, machine_id: i64) -> Result<Option<TaskStep>>;
+    /// Unfinished tasks no live node runs, oldest first: those of a node with
+    /// no heartbeat within [`NODE_OFFLINE_AFTER_MS`] before `now`, and those
+    /// no node took that were created before `unclaimed_before`.
+    async fn adoptable_tasks(&self, now: i64, unclaimed_before: i64) -> Result<Vec<Task>>;
 }

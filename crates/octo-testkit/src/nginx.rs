@@ -50,6 +50,24 @@ impl Nginx {
         })
     }
 
+    /// A round-robin TCP balancer: each connection goes to the next of
+    /// `upstreams` in turn, skipping one that refuses connections (for 5 s
+    /// after it failed once), as a load balancer in front of server nodes.
+    pub fn round_robin(upstreams: &[SocketAddr]) -> Self {
+        let mut group = String::from("    upstream nodes {\n");
+        for u in upstreams {
+            group.push_str(&format!(
+                "        server {u} max_fails=1 fail_timeout=5s;\n"
+            ));
+        }
+        group.push_str("    }\n");
+        Self::start(&move |port| {
+            format!(
+                "{group}    server {{\n        listen 127.0.0.1:{port};\n        proxy_connect_timeout 2s;\n        proxy_pass nodes;\n    }}\n"
+            )
+        })
+    }
+
     /// Routing by the TLS server name the client sends (SNI), read with
     /// `ssl_preread` without terminating TLS: connections naming `routes[i].0`
     /// go to `routes[i].1`; others to `default`, or are closed when None.

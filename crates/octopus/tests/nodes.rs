@@ -234,7 +234,8 @@ fn nodes_on_postgresql_heartbeat_drain_and_answer_ping() {
     assert_eq!(ping(&a.api).0, 200);
     assert_eq!(node(&nodes(&b.api, &key), "node-b")["state"], "Draining");
 
-    // A task submitted to the draining node waits, queued, saying why.
+    // A task submitted to the draining node is left to a node that is not:
+    // node a takes it at once (told through the database), and says so.
     cli(&a.api, &key, &["environment", "create", "Test"]).ok();
     cli(
         &a.api,
@@ -253,18 +254,40 @@ fn nodes_on_postgresql_heartbeat_drain_and_answer_ping() {
         ],
     )
     .ok();
-    let id = cli(
-        &b.api,
-        &key,
-        &["health-check", "--machine", "gone", "--no-wait"],
-    )
-    .ok()
-    .stdout
-    .trim()
-    .to_string();
+    let health = |api: &str| {
+        cli(
+            api,
+            &key,
+            &["health-check", "--machine", "gone", "--no-wait"],
+        )
+        .ok()
+        .stdout
+        .trim()
+        .to_string()
+    };
+    let finished = |id: &str| {
+        let t = cli(&a.api, &key, &["--output", "json", "task", "show", id])
+            .ok()
+            .json();
+        (t["task"]["state"] != "Queued" && t["task"]["state"] != "Executing").then_some(())
+    };
+    let id = health(&b.api);
+    let log = eventually("node a takes the task node b left", || {
+        let log = cli(&b.api, &key, &["task", "log", &id]).ok().stdout;
+        log.contains("Task finished").then_some(log)
+    });
+    assert!(
+        log.contains("node node-b is draining; another node takes the task"),
+        "{log}"
+    );
+    assert!(log.contains("Node node-a takes the task"), "{log}");
+
+    // With every node draining, a task waits, queued, saying why.
+    cli(&b.api, &key, &["node", "drain", "node-a"]).ok();
+    let id = health(&b.api);
     let waiting = eventually("the queued task's log says it waits", || {
         let log = cli(&b.api, &key, &["task", "log", &id]).ok().stdout;
-        log.contains("this node is draining").then_some(log)
+        log.contains("is draining").then_some(log)
     });
     assert!(!waiting.contains("Task started"), "{waiting}");
     let task = cli(&a.api, &key, &["--output", "json", "task", "show", &id])
@@ -272,19 +295,17 @@ fn nodes_on_postgresql_heartbeat_drain_and_answer_ping() {
         .json();
     assert_eq!(task["task"]["state"], "Queued", "{task}");
 
-    // Undrained, it takes the task and finishes it; then drain --wait returns
-    // once a heartbeat shows it runs nothing.
+    // Undrained, node b takes the waiting task and finishes it; then drain
+    // --wait returns once a heartbeat shows it runs nothing.
     let out = cli(&a.api, &key, &["node", "undrain", "NODE-B"])
         .ok()
         .stdout;
     assert!(out.contains("Node node-b takes tasks again"), "{out}");
     assert_eq!(ping(&b.api).0, 200);
-    eventually("the task ran on node b after undrain", || {
-        let t = cli(&a.api, &key, &["--output", "json", "task", "show", &id])
-            .ok()
-            .json();
-        (t["task"]["state"] != "Queued" && t["task"]["state"] != "Executing").then_some(())
-    });
+    eventually("the task ran on node b after undrain", || finished(&id));
+    let log = cli(&b.api, &key, &["task", "log", &id]).ok().stdout;
+    assert!(log.contains("Node node-b takes the task"), "{log}");
+    cli(&b.api, &key, &["node", "undrain", "node-a"]).ok();
     let out = cli(
         &a.api,
         &key,

@@ -626,6 +626,10 @@ pub async fn save_machine(
     match (action, machine.kind, machine.thumbprint.parse()) {
         ("created", EndpointKind::Polling, Ok(tp)) => {
             s.polling_trust.trust(tp);
+            // The other nodes of a cluster read theirs again.
+            s.engine
+                .publish(octo_store::ClusterEvent::TrustChanged)
+                .await;
         }
         ("created", EndpointKind::Listening, _) => {}
         _ => s.refresh_polling_trust().await?,

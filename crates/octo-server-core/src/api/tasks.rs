@@ -1062,6 +1062,18 @@ pub async fn cancel(s: &AppState, caller: &Caller, space: &Space, id: &str) -> A
         Err(e) => return Err(e.into()),
     }
     s.engine.cancel(id);
+    // On a cluster, the nodes running its steps are told too.
+    if s.store.shared() {
+        if let Err(e) = s
+            .store
+            .publish(&octo_store::ClusterEvent::TaskCancel {
+                task_id: id.to_string(),
+            })
+            .await
+        {
+            tracing::warn!("telling the other nodes to cancel task {id}: {e} (they see the request at their next look at the task)");
+        }
+    }
     let task = visible_task(s.store.as_ref(), caller, space, id).await?;
     if task.cancel_requested {
         tracing::info!("cancel requested for task {id}");
@@ -1164,11 +1176,23 @@ pub async fn guide(
                 names.join(", ")
             ))
         })?;
-    if !s.engine.guide(id, step.machine_id, req.action) {
+    // On a cluster the step may wait on another node: it is told there.
+    let elsewhere = s.store.shared() && step.state == TaskState::Executing;
+    let here = s.engine.guide(id, step.machine_id, req.action);
+    if !here && !elsewhere {
         return Err(ApiError::conflict(format!(
             "machine '{}' of task {id} is not waiting for a decision (its state: {:?}); only a failed machine of a deployment started with --guided-failure waits for one",
             step.machine_name, step.state
         )));
+    }
+    if !here {
+        s.store
+            .publish(&octo_store::ClusterEvent::Guidance {
+                task_id: id.to_string(),
+                machine_id: step.machine_id,
+                guidance: req.action,
+            })
+            .await?;
     }
     tracing::info!(
         "guidance for {} in task {id}: {:?}",

@@ -1915,4 +1915,39 @@ impl<E: Engine> Store for E {
             .all::<StepRefRow>(self)
             .await
     }
+
+    async fn release_task(&self, task_id: &str, node: &str) -> Result<()> {
+        query(
+            "UPDATE tasks SET node = NULL WHERE id = ? AND node = ?",
+            params![task_id, node],
+            "giving a task back",
+        )
+        .execute(self)
+        .await
+        .map(drop)
+    }
+
+    async fn task_step(&self, task_id: &str, machine_id: i64) -> Result<Option<TaskStep>> {
+        let sql = select::<StepRow>("FROM task_steps WHERE task_id = ? AND machine_id = ?");
+        query(&sql, params![task_id, machine_id], "reading a task's step")
+            .optional::<StepRow>(self)
+            .await
+    }
+
+    async fn adoptable_tasks(&self, now: i64, unclaimed_before: i64) -> Result<Vec<Task>> {
+        let sql = select::<TaskRow>(&format!(
+            "FROM tasks WHERE state IN {UNFINISHED_STATES} AND \
+             ((node IS NULL AND created_at < ?) OR (node IS NOT NULL AND NOT EXISTS \
+             (SELECT 1 FROM nodes n WHERE n.name = tasks.node AND n.last_seen >= ?))) \
+             ORDER BY seq"
+        ));
+        let live_since = now.saturating_sub(crate::NODE_OFFLINE_AFTER_MS);
+        query(
+            &sql,
+            params![unclaimed_before, live_since],
+            "listing the tasks no live node runs",
+        )
+        .all::<TaskRow>(self)
+        .await
+    }
 }

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+pub mod live;
+
 /// Longest any one CLI invocation may take.
 pub const CLI_TIMEOUT: Duration = Duration::from_secs(90);
 

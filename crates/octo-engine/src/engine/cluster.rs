@@ -1,0 +1,658 @@
+//! Work across the nodes of a cluster: several servers on one database that
+//! they share (PostgreSQL). Idle on a store no other node shares.
+//!
+//! - **Polling steps go where the tentacle is.** Each node records in the
+//!   store which polling subscriptions are connected to it (`polling_presence`).
+//!   A task's node runs a step itself when the step's machine listens or its
+//!   polling tentacle is connected here; when the tentacle is connected to
+//!   another live node, it hands the step to that node (`task_steps.node`,
+//!   then [`ClusterEvent::StepAssigned`]) and waits for the step's end
+//!   ([`ClusterEvent::StepFinished`], checked against the store). So a polling
+//!   tentacle needs to reach one node, whichever a load balancer picked.
+//! - **Nothing is lost with a node.** Every [`SCAN_INTERVAL`] a node takes over
+//!   the unfinished tasks of nodes gone offline (no heartbeat for
+//!   `NODE_OFFLINE_AFTER_MS`) and of none, resuming each step from its stored
+//!   log sequence as a restarted server does; a task's node whose helper node
+//!   went offline places the step again. A node also runs the steps handed to
+//!   it that it missed an event for.
+//! - **Readers anywhere.** Log growth and state changes are published, so a
+//!   reader following a task through any node is woken as lines are stored;
+//!   cancel requests and guided-failure decisions reach the node running the step.
+//!
+//! Events are hints: the store holds the truth, and a node that may have
+//! missed events ([`ClusterEvent::Resync`]) scans again.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use octo_store::{now_ms, ClusterEvent, EndpointKind, HealthStatus, StepRef, TaskState, TaskStep};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::{lock, Engine, RunningStep};
+use crate::context::TaskLog;
+use crate::kind;
+use crate::secrets::Masker;
+
+/// How often a node looks for work it missed and for tasks of offline nodes.
+const SCAN_INTERVAL: Duration = Duration::from_secs(5);
+/// A task no node took after this long is taken by any node scanning.
+const ADOPT_UNCLAIMED_AFTER_MS: i64 = 10_000;
+/// How long a step whose polling tentacle is connected nowhere waits for it
+/// to connect to some node before its own node waits for it (as a single
+/// server does, for the machine policy's polling wait).
+const PLACE_WAIT: Duration = Duration::from_secs(30);
+/// How old the list of live nodes may be.
+const LIVE_NODES_FRESH: Duration = Duration::from_secs(2);
+/// Events kept for steps waiting on other nodes.
+const EVENTS_KEPT: usize = 4096;
+
+/// What a node knows about the cluster (empty on an unshared store).
+#[derive(Debug)]
+pub(super) struct Cluster {
+    /// Steps run here for another node's task, by task: a cancel token of
+    /// the task's and the machines.
+    handed: Mutex<HashMap<String, (CancellationToken, HashSet<i64>)>>,
+    /// The events the store's listener delivers, for steps waiting on them.
+    events: broadcast::Sender<ClusterEvent>,
+    /// The live nodes (lowercase names), and when that was read.
+    live: Mutex<(Option<Instant>, HashSet<String>)>,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Cluster {
+            handed: Mutex::default(),
+            events: broadcast::channel(EVENTS_KEPT).0,
+            live: Mutex::default(),
+        }
+    }
+}
+
+impl Cluster {
+    /// Cancels the steps run here for another node's task `task_id`.
+    pub(super) fn cancel_handed(&self, task_id: &str) {
+        if let Some((token, _)) = lock(&self.handed).get(task_id) {
+            token.cancel();
+        }
+    }
+
+    /// Notes a handed step as running here; None when it runs here already.
+    fn hand_in(&self, r: &StepRef) -> Option<CancellationToken> {
+        let mut handed = lock(&self.handed);
+        let (token, machines) = handed.entry(r.task_id.clone()).or_default();
+        machines.insert(r.machine_id).then(|| token.clone())
+    }
+
+    fn hand_out(&self, r: &StepRef) {
+        let mut handed = lock(&self.handed);
+        if let Some((_, machines)) = handed.get_mut(&r.task_id) {
+            machines.remove(&r.machine_id);
+            if machines.is_empty() {
+                handed.remove(&r.task_id);
+            }
+        }
+    }
+
+    fn is_handed_here(&self, task_id: &str, machine_id: i64) -> bool {
+        lock(&self.handed)
+            .get(task_id)
+            .is_some_and(|(_, m)| m.contains(&machine_id))
+    }
+}
+
+/// Where a step of a task runs.
+pub(super) enum Placement {
+    /// On this node.
+    Here(TaskStep),
+    /// Another node ran it to its end (recorded), with the machine's health.
+    Finished(Option<(String, HealthStatus)>),
+    /// The server stops.
+    Stopping,
+}
+
+/// How a step handed to another node went.
+enum Handed {
+    Finished(TaskStep),
+    /// That node went offline before the step ended.
+    NodeLost,
+    Stopping,
+}
+
+/// The polling subscription of `poll://SUBSCRIPTION/`.
+fn subscription_of(uri: &str) -> Option<&str> {
+    uri.strip_prefix("poll://")
+        .map(|rest| rest.trim_end_matches('/'))
+        .filter(|s| !s.is_empty())
+}
+
+impl Engine {
+    /// The other nodes' events (and this node's own), as this node receives
+    /// them; nothing on a store no other node shares.
+    pub fn cluster_events(&self) -> broadcast::Receiver<ClusterEvent> {
+        self.cluster.events.subscribe()
+    }
+
+    /// Tells the other nodes (nothing on an unshared store; a failure is logged).
+    pub async fn publish(&self, event: ClusterEvent) {
+        if !self.deps.store.shared() {
+            return;
+        }
+        if let Err(e) = self.deps.store.publish(&event).await {
+            warn!("telling the other nodes {event:?}: {e}");
+        }
+    }
+
+    /// Decides where a step runs, and when another node runs it, waits for
+    /// its end there.
+    pub(super) async fn place(
+        self: &Arc<Self>,
+        log: &TaskLog,
+        step: TaskStep,
+        running: &RunningStep,
+    ) -> Placement {
+        let store = self.deps.store.clone();
+        let me = self.deps.node_name.clone();
+        let mut waited = false;
+        loop {
+            if self.shutdown.is_cancelled() {
+                return Placement::Stopping;
+            }
+            // Handed to this node by the task's previous node, and still
+            // running here: this node took the task over meanwhile.
+            if self.cluster.is_handed_here(&step.task_id, step.machine_id) {
+                return match self.wait_for_step(&step, &me).await {
+                    Handed::Finished(s) => Placement::Finished(self.health_of(&s).await),
+                    Handed::NodeLost | Handed::Stopping => Placement::Stopping,
+                };
+            }
+            let machine = match store.machine_by_id(step.machine_id).await {
+                Ok(m) => m,
+                Err(e) => {
+                    warn!(
+                        "placing step {} of task {}: {e}",
+                        step.machine_name, step.task_id
+                    );
+                    None
+                }
+            };
+            let subscription = machine
+                .filter(|m| m.kind == EndpointKind::Polling)
+                .and_then(|m| subscription_of(&m.uri).map(str::to_string));
+            let Some(subscription) = subscription else {
+                return self.here(step).await;
+            };
+            let polling = self.deps.comms.polling().clone();
+            if polling.is_connected(&subscription) {
+                return self.here(step).await;
+            }
+            let mut events = self.cluster.events.subscribe();
+            let nodes = store
+                .polling_nodes(&subscription, now_ms())
+                .await
+                .unwrap_or_else(|e| {
+                    warn!("finding the node of poll://{subscription}/: {e}");
+                    Vec::new()
+                });
+            if let Some(node) = nodes.into_iter().find(|n| !n.eq_ignore_ascii_case(&me)) {
+                match self.hand_to(log, &step, &node).await {
+                    Handed::Finished(s) => {
+                        return Placement::Finished(self.health_of(&s).await);
+                    }
+                    Handed::NodeLost => {
+                        log.server(format!(
+                            "{}: node {node} went offline while it ran the step; placing it again",
+                            step.machine_name
+                        ))
+                        .await;
+                        continue;
+                    }
+                    Handed::Stopping => return Placement::Stopping,
+                }
+            }
+            if waited {
+                return self.here(step).await;
+            }
+            waited = true;
+            // Connected nowhere yet: wait for it to connect to any node.
+            let here = polling.wait_until(|r| r.is_connected(&subscription), PLACE_WAIT);
+            let elsewhere = async {
+                loop {
+                    match events.recv().await {
+                        Ok(ClusterEvent::Presence {
+                            subscription_id, ..
+                        }) if subscription_id == subscription => return,
+                        Ok(ClusterEvent::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                            return
+                        }
+                        Ok(_) => {}
+                        Err(broadcast::error::RecvError::Closed) => {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                }
+            };
+            tokio::select! {
+                _ = here => {}
+                () = elsewhere => {}
+                () = self.shutdown.cancelled() => return Placement::Stopping,
+                () = running.cancel.cancelled() => return self.here(step).await,
+            }
+        }
+    }
+
+    /// The step runs here: any earlier hand-over is undone first.
+    async fn here(&self, step: TaskStep) -> Placement {
+        if let Err(e) = self
+            .deps
+            .store
+            .assign_step(&step.task_id, step.machine_id, None)
+            .await
+        {
+            warn!(
+                "taking step {} of task {} back: {e}",
+                step.machine_name, step.task_id
+            );
+        }
+        Placement::Here(step)
+    }
+
+    /// The machine's health as last recorded (what a health step on another
+    /// node found).
+    async fn health_of(&self, step: &TaskStep) -> Option<(String, HealthStatus)> {
+        match self.deps.store.machine_by_id(step.machine_id).await {
+            Ok(Some(m)) => Some((step.machine_name.clone(), m.status)),
+            Ok(None) => None,
+            Err(e) => {
+                warn!("reading the health of {}: {e}", step.machine_name);
+                None
+            }
+        }
+    }
+
+    /// Hands a step to `node` and waits for its end there.
+    async fn hand_to(&self, log: &TaskLog, step: &TaskStep, node: &str) -> Handed {
+        let store = &self.deps.store;
+        if let Err(e) = store
+            .assign_step(&step.task_id, step.machine_id, Some(node))
+            .await
+        {
+            error!(
+                "handing step {} of task {} to node {node}: {e}",
+                step.machine_name, step.task_id
+            );
+            return Handed::NodeLost;
+        }
+        self.publish(ClusterEvent::StepAssigned {
+            task_id: step.task_id.clone(),
+            machine_id: step.machine_id,
+            node: node.to_string(),
+        })
+        .await;
+        log.server(format!(
+            "{}: its polling tentacle is connected to node {node}, which runs this step",
+            step.machine_name
+        ))
+        .await;
+        self.wait_for_step(step, node).await
+    }
+
+    /// Waits for a step that `node` runs to end (recorded in the store).
+    async fn wait_for_step(&self, step: &TaskStep, node: &str) -> Handed {
+        let store = &self.deps.store;
+        let mut events = self.cluster.events.subscribe();
+        let mut tick = tokio::time::interval(SCAN_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            match store.task_step(&step.task_id, step.machine_id).await {
+                Ok(Some(s)) if s.state.is_final() => return Handed::Finished(s),
+                Ok(Some(_)) => {}
+                Ok(None) => return Handed::Finished(step.clone()),
+                Err(e) => warn!(
+                    "reading step {} of task {}: {e}",
+                    step.machine_name, step.task_id
+                ),
+            }
+            if !node.eq_ignore_ascii_case(&self.deps.node_name) && !self.node_live(node).await {
+                return Handed::NodeLost;
+            }
+            loop {
+                tokio::select! {
+                    ev = events.recv() => match ev {
+                        Ok(ClusterEvent::StepFinished { task_id, machine_id })
+                            if task_id == step.task_id && machine_id == step.machine_id => break,
+                        Ok(ClusterEvent::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => break,
+                        Ok(_) => {}
+                        Err(broadcast::error::RecvError::Closed) => return Handed::Stopping,
+                    },
+                    _ = tick.tick() => break,
+                    () = self.shutdown.cancelled() => return Handed::Stopping,
+                }
+            }
+        }
+    }
+
+    /// Whether `node` heartbeat recently (read at most every [`LIVE_NODES_FRESH`]).
+    async fn node_live(&self, node: &str) -> bool {
+        let fresh = {
+            let live = lock(&self.cluster.live);
+            live.0.is_some_and(|at| at.elapsed() < LIVE_NODES_FRESH)
+        };
+        if !fresh {
+            match self.deps.store.list_nodes().await {
+                Ok(nodes) => {
+                    let names = nodes
+                        .into_iter()
+                        .filter(|n| n.state != octo_store::NodeState::Offline)
+                        .map(|n| n.name.to_ascii_lowercase())
+                        .collect();
+                    *lock(&self.cluster.live) = (Some(Instant::now()), names);
+                }
+                // Not knowing is not "offline": keep waiting.
+                Err(e) => {
+                    warn!("listing the nodes: {e}");
+                    return true;
+                }
+            }
+        }
+        lock(&self.cluster.live)
+            .1
+            .contains(&node.to_ascii_lowercase())
+    }
+
+    /// Runs a step another node handed to this one (once, however often it is told).
+    fn run_handed(self: &Arc<Self>, r: StepRef) {
+        if self.shutdown.is_cancelled()
+            || lock(&self.steps).contains_key(&(r.task_id.clone(), r.machine_id))
+        {
+            return;
+        }
+        let Some(cancel) = self.cluster.hand_in(&r) else {
+            return;
+        };
+        let this = self.clone();
+        self.tracker.spawn(async move {
+            this.run_handed_step(&r, cancel).await;
+            this.cluster.hand_out(&r);
+        });
+    }
+
+    async fn run_handed_step(self: &Arc<Self>, r: &StepRef, cancel: CancellationToken) {
+        let store = self.deps.store.clone();
+        let task = match store.task(&r.task_id).await {
+            Ok(Some(t)) if !t.state.is_final() => t,
+            Ok(_) => return,
+            Err(e) => return error!("loading task {} to run a step handed here: {e}", r.task_id),
+        };
+        let step = match store.task_step(&r.task_id, r.machine_id).await {
+            Ok(Some(s)) if !s.state.is_final() => s,
+            Ok(_) => return,
+            Err(e) => return error!("loading a step of task {} handed here: {e}", r.task_id),
+        };
+        match store.step_node(&r.task_id, r.machine_id).await {
+            Ok(Some(n)) if n.eq_ignore_ascii_case(&self.deps.node_name) => {}
+            Ok(_) => return,
+            Err(e) => return error!("reading which node runs a step of task {}: {e}", r.task_id),
+        }
+        if task.cancel_requested {
+            cancel.cancel();
+        }
+        info!(
+            "running step {} of task {} for its node",
+            step.machine_name, task.id
+        );
+        let secrets = self.secrets_of(&task.id).await;
+        let masker = Arc::new(Masker::new(
+            secrets
+                .iter()
+                .flat_map(|s| s.values().cloned())
+                .collect::<Vec<_>>(),
+        ));
+        let log = self.log_with(&task.id, masker);
+        match secrets.and_then(|s| Self::runner_of(&task, &s)) {
+            Ok(runner) => {
+                let registered = self.register_step(&step, cancel.child_token());
+                self.run_here(log, step, registered, runner).await;
+            }
+            Err(why) => {
+                self.finish_step(&log, step, TaskState::Failed, Some(why))
+                    .await;
+            }
+        }
+    }
+
+    /// The cluster's background work: records this node's polling tentacles,
+    /// forwards log growth, handles the other nodes' events and scans for
+    /// missed work and tasks of offline nodes. Returns at once on an unshared store.
+    pub(super) async fn run_cluster(self: Arc<Self>) {
+        let store = self.deps.store.clone();
+        if !store.shared() {
+            return;
+        }
+        let mut events = match store.listen().await {
+            Ok(rx) => rx,
+            Err(e) => {
+                error!("node {}: {e}; other nodes' events will not reach this node at once (it scans every {} s)", self.deps.node_name, SCAN_INTERVAL.as_secs());
+                None
+            }
+        };
+        self.tracker.spawn(self.clone().record_presence());
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.notifiers.forward_to(tx);
+        self.tracker.spawn(self.clone().forward_logs(rx));
+        let mut tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + SCAN_INTERVAL, SCAN_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                ev = async {
+                    match events.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => match ev {
+                    Some(ev) => self.on_event(ev).await,
+                    None => {
+                        error!("node {}: the store stopped delivering other nodes' events; scanning every {} s", self.deps.node_name, SCAN_INTERVAL.as_secs());
+                        events = None;
+                    }
+                },
+                _ = tick.tick() => self.scan().await,
+            }
+        }
+    }
+
+    async fn on_event(self: &Arc<Self>, ev: ClusterEvent) {
+        match &ev {
+            ClusterEvent::StepAssigned {
+                task_id,
+                machine_id,
+                node,
+            } if node.eq_ignore_ascii_case(&self.deps.node_name) => self.run_handed(StepRef {
+                task_id: task_id.clone(),
+                machine_id: *machine_id,
+            }),
+            ClusterEvent::StepAssigned { .. }
+            | ClusterEvent::Presence { .. }
+            | ClusterEvent::TrustChanged => {}
+            ClusterEvent::StepFinished { task_id, .. } | ClusterEvent::TaskChanged { task_id } => {
+                self.notifiers.state_changed(task_id);
+            }
+            ClusterEvent::LogAppended { task_id } => self.notifiers.remote_log_changed(task_id),
+            ClusterEvent::TaskCancel { task_id } => self.cancel(task_id),
+            ClusterEvent::TaskQueued { task_id } => self.adopt(Some(task_id)).await,
+            ClusterEvent::Guidance {
+                task_id,
+                machine_id,
+                guidance,
+            } => {
+                if self.guidance.deliver(task_id, *machine_id, *guidance) {
+                    info!("delivered a decision for task {task_id} from another node");
+                }
+            }
+            ClusterEvent::Resync => self.scan().await,
+        }
+        let _ = self.cluster.events.send(ev);
+    }
+
+    /// Runs the steps handed here that are not running, and takes over the
+    /// tasks no live node runs.
+    async fn scan(self: &Arc<Self>) {
+        match self
+            .deps
+            .store
+            .steps_assigned_to(&self.deps.node_name)
+            .await
+        {
+            Ok(refs) => {
+                for r in refs {
+                    self.run_handed(r);
+                }
+            }
+            Err(e) => warn!("listing the steps handed to this node: {e}"),
+        }
+        self.adopt(None).await;
+    }
+
+    /// Takes over the tasks no live node runs (or only `only`, queued by a
+    /// draining node), unless this node is draining.
+    async fn adopt(self: &Arc<Self>, only: Option<&str>) {
+        if self.load.borrow().draining || self.shutdown.is_cancelled() {
+            return;
+        }
+        let now = now_ms();
+        let unclaimed_before = if only.is_some() {
+            i64::MAX
+        } else {
+            now - ADOPT_UNCLAIMED_AFTER_MS
+        };
+        let tasks = match self.deps.store.adoptable_tasks(now, unclaimed_before).await {
+            Ok(t) => t,
+            Err(e) => return warn!("listing the tasks no live node runs: {e}"),
+        };
+        for task in tasks {
+            if only.is_some_and(|id| id != task.id) || self.is_running(&task.id) {
+                continue;
+            }
+            match self
+                .deps
+                .store
+                .claim_task(&task.id, &self.deps.node_name, now)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    warn!("taking over task {}: {e}", task.id);
+                    continue;
+                }
+            }
+            if task.state == TaskState::Executing && task.kind == kind::HEALTH {
+                // Its results would be stale: as after a restart.
+                let why = "the node running it went offline";
+                let log = self.log_of(&task.id);
+                log.server(format!("Task failed: {why}")).await;
+                self.fail_unfinished(&log, why).await;
+                self.set_task_state(&task.id, TaskState::Failed, Some(why))
+                    .await;
+                continue;
+            }
+            info!(
+                "node {} takes over task {} ({})",
+                self.deps.node_name, task.id, task.description
+            );
+            let why = if task.state == TaskState::Executing {
+                "the node running it went offline"
+            } else {
+                "no other node took it"
+            };
+            self.log_of(&task.id)
+                .server(format!(
+                    "Node {} takes the task: {why}",
+                    self.deps.node_name
+                ))
+                .await;
+            self.start(task);
+        }
+    }
+
+    /// Keeps this node's polling tentacles recorded in the store.
+    async fn record_presence(self: Arc<Self>) {
+        let store = self.deps.store.clone();
+        let me = self.deps.node_name.clone();
+        let polling = self.deps.comms.polling().clone();
+        let mut changes = polling.presence();
+        let resync = || async {
+            if let Err(e) = store.clear_polling_presence(&me).await {
+                warn!("forgetting this node's polling tentacles: {e}");
+            }
+            for sub in polling.subscriptions() {
+                if let Err(e) = store.set_polling_presence(&me, &sub, true, now_ms()).await {
+                    warn!("recording poll://{sub}/ on this node: {e}");
+                }
+            }
+        };
+        resync().await;
+        loop {
+            let change = tokio::select! {
+                () = self.shutdown.cancelled() => break,
+                c = changes.recv() => c,
+            };
+            match change {
+                Ok(p) => {
+                    if let Err(e) = store
+                        .set_polling_presence(&me, &p.subscription_id, p.present, now_ms())
+                        .await
+                    {
+                        warn!("recording poll://{}/ on this node: {e}", p.subscription_id);
+                    }
+                    self.publish(ClusterEvent::Presence {
+                        subscription_id: p.subscription_id,
+                        node: me.clone(),
+                    })
+                    .await;
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => resync().await,
+                Err(broadcast::error::RecvError::Closed) => break,
+            }
+        }
+        // A stopping node holds no tentacle: the others stop handing it steps.
+        if let Err(e) = store.clear_polling_presence(&me).await {
+            warn!("forgetting this node's polling tentacles: {e}");
+        }
+    }
+
+    /// Tells the other nodes whose logs grew here, each task once per round
+    /// trip to the store however many lines came meanwhile.
+    async fn forward_logs(self: Arc<Self>, mut rx: tokio::sync::mpsc::UnboundedReceiver<String>) {
+        loop {
+            let first = tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                id = rx.recv() => match id { Some(id) => id, None => return },
+            };
+            let mut tasks = HashSet::from([first]);
+            while let Ok(id) = rx.try_recv() {
+                tasks.insert(id);
+            }
+            for task_id in tasks {
+                self.publish(ClusterEvent::LogAppended { task_id }).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subscription_of;
+
+    #[test]
+    fn subscriptions_come_from_polling_uris_only() {
+        assert_eq!(subscription_of("poll://ABC123/"), Some("ABC123"));
+        assert_eq!(subscription_of("poll://ABC123"), Some("ABC123"));
+        assert_eq!(subscription_of("poll:///"), None);
+        assert_eq!(subscription_of("https://host:10933/"), None);
+    }
+}

@@ -1,0 +1,273 @@
+//! Two server nodes (real `octopus server run` processes) on one PostgreSQL
+//! database, behind real nginx balancers (`stream`, round robin) in front of
+//! their comms ports and their API ports. A polling tentacle (the real agent
+//! services, in this process) reaches the nodes only through the comms
+//! balancer, so it is connected to one node, whichever nginx picked:
+//!
+//! - a task submitted on the other node runs on the node holding the
+//!   tentacle, and a reader following the task through the other node sees
+//!   every line as it is stored;
+//! - the node holding the tentacle is killed (SIGKILL) in the middle of a
+//!   script it runs: the tentacle reconnects through the balancer to the
+//!   surviving node, which takes the task over once the dead node is offline
+//!   and resumes it from its stored log sequence: no line lost or repeated.
+//!
+//! Every wait is bounded; nothing sleeps to synchronise (the scripts sleep
+//! inside themselves).
+#![allow(clippy::unwrap_used)]
+// `ServerProcess` waits for its child in `Drop`, which the lint cannot see.
+#![allow(clippy::zombie_processes)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use common::live::{free_port, stdout_lines, Api, ServerProcess};
+use octo_agent::capabilities::CapabilitiesImpl;
+use octo_agent::scripts::ScriptServiceImpl;
+use octo_agent::AgentContext;
+use octo_comms::{Backoff, PollingTarget, TentacleComms};
+use octo_proto::v1::capabilities_server::CapabilitiesServer;
+use octo_proto::v1::script_service_server::ScriptServiceServer;
+use octo_testkit as kit;
+use octo_testkit::nginx::Nginx;
+use octo_tls::TrustStore;
+use serde_json::{json, Value};
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+
+/// Bound on a wait that includes a node going offline (no heartbeat for 30 s,
+/// then the next scan of a surviving node, 5 s apart).
+const TAKEOVER: Duration = Duration::from_secs(120);
+/// Lines the long script prints.
+const LINES: usize = 40;
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn api_addr(p: &ServerProcess) -> SocketAddr {
+    p.base.trim_start_matches("http://").parse().unwrap()
+}
+
+/// Starts node `name` on `url` with its data in `data`.
+fn node(data: &Path, comms_port: u16, url: &str, name: &str) -> ServerProcess {
+    ServerProcess::start_with(
+        data,
+        comms_port,
+        &["--database-url", url, "--node-name", name],
+    )
+}
+
+/// Reads a task's server-sent events through `api` until its end event
+/// (bounded by `within`): the stdout lines the stream delivered, in order,
+/// and the end event.
+async fn follow(api: &Api, id: &str, within: Duration) -> (Vec<String>, Value) {
+    let mut events = api.events(id).await;
+    let mut lines = Vec::new();
+    let end = timeout(within, async {
+        loop {
+            let (name, data) = events.next().await.expect("the event stream ended early");
+            if name == "log" && data["stream"] == "stdout" {
+                lines.push(data["text"].as_str().unwrap().to_string());
+            }
+            if name == "end" {
+                return data;
+            }
+        }
+    })
+    .await
+    .expect("the task did not end in time");
+    (lines, end)
+}
+
+fn server_lines(log: &[Value]) -> Vec<String> {
+    log.iter()
+        .filter(|l| l["stream"] == "server")
+        .map(|l| l["text"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_polling_tentacle_reaches_one_node_and_its_steps_survive_that_node() {
+    kit::init_tracing();
+    let url = kit::postgres::shared().create_database();
+    let tmp = tempfile::tempdir().unwrap();
+    let (da, db) = (tmp.path().join("a"), tmp.path().join("b"));
+    let (ca, cb) = (free_port(), free_port());
+    let a = node(&da, ca, &url, "node-a");
+    // Nodes share the comms certificate and the master key.
+    std::fs::create_dir_all(&db).unwrap();
+    for f in ["master-key", "server.crt", "server.key"] {
+        std::fs::copy(da.join(f), db.join(f)).unwrap();
+    }
+    let b = node(&db, cb, &url, "node-b");
+    assert_eq!(a.thumbprint, b.thumbprint);
+    let comms_lb = Nginx::round_robin(&[loopback(ca), loopback(cb)]);
+    let api_lb = Nginx::round_robin(&[api_addr(&a), api_addr(&b)]);
+    let key = std::fs::read_to_string(da.join("admin-api-key"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let api_of = |base: String| Api {
+        base,
+        key: key.clone(),
+        http: reqwest::Client::new(),
+    };
+    let through_lb = api_of(format!("http://{}", api_lb.addr()));
+    let identity = kit::identity("pol");
+
+    let (status, v) = through_lb
+        .post("/api/environments", json!({ "name": "Test" }))
+        .await;
+    assert_eq!(status, 201, "{v}");
+    let (status, v) = through_lb
+        .post(
+            "/api/machines",
+            json!({
+                "name": "pol",
+                "comms_style": "TentacleActive",
+                "uri": "poll://sub-pol/",
+                "thumbprint": identity.thumbprint().to_string(),
+                "environments": ["Test"],
+                "roles": ["web"],
+            }),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+
+    // A polling tentacle with the real services, reaching only the balancer.
+    let ctx = AgentContext {
+        instance_name: "pol".into(),
+        home: tmp.path().join("home"),
+        applications: tmp.path().join("apps"),
+    };
+    std::fs::create_dir_all(&ctx.home).unwrap();
+    std::fs::create_dir_all(&ctx.applications).unwrap();
+    let routes =
+        tonic::service::Routes::new(CapabilitiesServer::new(CapabilitiesImpl::new(ctx.clone())))
+            .add_service(ScriptServiceServer::new(ScriptServiceImpl::new(
+                ctx.clone(),
+            )));
+    let comms = TentacleComms::new(
+        identity.clone(),
+        TrustStore::new([a.thumbprint], kit::hint("tentacle")),
+        routes,
+        "pol",
+    );
+    let token = CancellationToken::new();
+    let polling = tokio::spawn({
+        let target = PollingTarget {
+            address: comms_lb.addr().to_string(),
+            subscription_id: "sub-pol".into(),
+        };
+        let backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(300));
+        let t = token.clone();
+        async move {
+            let _ = comms.run_polling(target, 1, backoff, t).await;
+        }
+    });
+
+    // Connected (a health check through either node succeeds), nginx names
+    // the node it relayed the tentacle's live connection to: the last one.
+    let (status, v) = through_lb
+        .post("/api/tasks/health", json!({ "machines": ["pol"] }))
+        .await;
+    assert_eq!(status, 201, "{v}");
+    let health = v["task"]["id"].as_str().unwrap().to_string();
+    let (_, end) = follow(&through_lb, &health, Duration::from_secs(60)).await;
+    assert_eq!(end["task"]["state"], "Success", "{end}");
+    let port = comms_lb
+        .upstreams()
+        .last()
+        .expect("nginx relayed the tentacle")
+        .port();
+    let (holder, holder_name, other, other_name) = if port == ca {
+        (a, "node-a", b, "node-b")
+    } else {
+        (b, "node-b", a, "node-a")
+    };
+    let at_holder = api_of(holder.base.clone());
+    let at_other = api_of(other.base.clone());
+
+    // 1. Submitted on the node the tentacle is not connected to: the node
+    // holding it runs the step; the reader on the other node sees every line.
+    let (status, v) = at_other
+        .post(
+            "/api/tasks/script",
+            json!({
+                "script": "for i in $(seq 1 10); do echo \"hello $i\"; sleep 0.02; done",
+                "machines": ["pol"],
+            }),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+    let id = v["task"]["id"].as_str().unwrap().to_string();
+    let (live, end) = follow(&at_other, &id, Duration::from_secs(60)).await;
+    assert_eq!(end["task"]["state"], "Success", "{end}");
+    let expected: Vec<String> = (1..=10).map(|i| format!("hello {i}")).collect();
+    assert_eq!(live, expected, "the lines as the other node streamed them");
+    let log = at_other.log(&id).await;
+    assert_eq!(stdout_lines(&log), expected);
+    let handed = format!(
+        "pol: its polling tentacle is connected to node {holder_name}, which runs this step"
+    );
+    assert!(
+        server_lines(&log).iter().any(|l| l == &handed),
+        "{:?}",
+        server_lines(&log)
+    );
+
+    // 2. SIGKILL of the node running a script (submitted there, so it is
+    // both the task's node and the step's).
+    let script = format!("for i in $(seq 1 {LINES}); do echo \"line $i\"; sleep 0.05; done");
+    let (status, v) = at_holder
+        .post(
+            "/api/tasks/script",
+            json!({ "script": script, "machines": ["pol"] }),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+    let id = v["task"]["id"].as_str().unwrap().to_string();
+    {
+        let mut events = at_other.events(&id).await;
+        events
+            .until(|e, d| e == "log" && d["text"] == "line 5")
+            .await;
+    }
+    let stored = stdout_lines(&at_other.log(&id).await);
+    assert!(
+        stored.len() < LINES,
+        "the script ended before the kill: {stored:?}"
+    );
+    holder.kill9();
+
+    let (_, end) = follow(&at_other, &id, TAKEOVER).await;
+    assert_eq!(end["task"]["state"], "Success", "{end}");
+    let log = at_other.log(&id).await;
+    let expected: Vec<String> = (1..=LINES).map(|i| format!("line {i}")).collect();
+    assert_eq!(stdout_lines(&log), expected);
+    let lines = server_lines(&log);
+    assert!(
+        lines.iter().any(|l| l.starts_with(&format!(
+            "Node {other_name} takes the task: the node running it went offline"
+        ))),
+        "{lines:?}"
+    );
+    // The balancer still answers, through the surviving node.
+    let (status, v) = through_lb.get(&format!("/api/tasks/{id}")).await;
+    assert_eq!(
+        (status, &v["task"]["state"]),
+        (200, &json!("Success")),
+        "{v}"
+    );
+
+    token.cancel();
+    timeout(Duration::from_secs(30), polling)
+        .await
+        .unwrap()
+        .unwrap();
+    drop(other);
+}
