@@ -49,12 +49,22 @@ pub struct Options {
     /// The server's `--max-parallel-steps` (machines of one task at once).
     #[arg(long, default_value_t = octo_engine::DEFAULT_MAX_PARALLEL_STEPS)]
     max_parallel_steps: usize,
+    /// Store on this PostgreSQL database (`postgres://...`; give an empty
+    /// database) rather than SQLite in a temporary directory.
+    #[arg(long)]
+    database_url: Option<String>,
+    /// Server nodes on that database (1 or 2). With 2, the tentacles poll
+    /// the nodes alternately and every task is submitted to the first node,
+    /// so the steps of the second node's tentacles are handed to it.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    nodes: u8,
 }
 
 #[derive(clap::Args, Debug)]
 pub struct ChildOptions {
-    #[arg(long)]
-    server: String,
+    /// Where the tentacles poll: tentacle i polls the (i mod n)-th address.
+    #[arg(long, required = true)]
+    server: Vec<String>,
     #[arg(long)]
     server_thumbprint: Thumbprint,
     #[arg(long)]
@@ -201,12 +211,32 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     if o.tentacles == 0 || o.runs == 0 || o.fanout_runs == 0 {
         bail!("--tentacles, --runs and --fanout-runs must be at least 1");
     }
+    if o.nodes > 1 && o.database_url.is_none() {
+        bail!("--nodes 2 needs --database-url (nodes share a PostgreSQL database)");
+    }
     let tmp = tempfile::tempdir()?;
-    let server = start(&RunArgs {
+    let args = |data: &str, node: &str| RunArgs {
         max_parallel_steps: o.max_parallel_steps,
-        ..RunArgs::loopback(&tmp.path().join("data"))
-    })
-    .await?;
+        database_url: o.database_url.clone(),
+        node_name: Some(node.to_string()),
+        ..RunArgs::loopback(&tmp.path().join(data))
+    };
+    let server = start(&args("data", "bench-a")).await?;
+    // A second node shares the first one's keys (as an operator copies them).
+    let second = if o.nodes > 1 {
+        let dir = tmp.path().join("data-b");
+        std::fs::create_dir_all(&dir)?;
+        for f in ["master-key", "server.crt", "server.key"] {
+            std::fs::copy(tmp.path().join("data").join(f), dir.join(f))?;
+        }
+        Some(start(&args("data-b", "bench-b")).await?)
+    } else {
+        None
+    };
+    let mut servers = vec![format!("127.0.0.1:{}", server.comms_port)];
+    if let Some(b) = &second {
+        servers.push(format!("127.0.0.1:{}", b.comms_port));
+    }
     let api = Api {
         base: format!("http://{}", server.api_addr),
         key: server.admin_api_key.clone().context("admin key")?,
@@ -217,10 +247,9 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
 
     let exe = std::env::current_exe()?;
     let mut child = tokio::process::Command::new(exe)
+        .arg("tasks-child")
+        .args(servers.iter().flat_map(|a| ["--server", a.as_str()]))
         .args([
-            "tasks-child",
-            "--server",
-            &format!("127.0.0.1:{}", server.comms_port),
             "--server-thumbprint",
             &server.thumbprint.to_string(),
             "--count",
@@ -300,6 +329,26 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         "task round trip (POST to `end`, one polling machine): p50 {p50:.2} ms, p99 {p99:.2} ms ({} runs after {} warm-up)",
         o.runs, o.warmup
     );
+    // With two nodes: a machine polling the second node, its task submitted
+    // to the first (the step is handed over).
+    let mut handed_p50 = None;
+    if second.is_some() && o.tentacles > 1 {
+        let other = json!({ "script": "true", "machines": ["t1"] });
+        for _ in 0..o.warmup {
+            api.run_script(other.clone()).await?;
+        }
+        let mut handed = Vec::with_capacity(o.runs);
+        for _ in 0..o.runs {
+            handed.push(api.run_script(other.clone()).await?.0);
+        }
+        handed.sort();
+        let p = percentile_ms(&handed, 0.5);
+        println!(
+            "task round trip, step handed to the second node: p50 {p:.2} ms, p99 {:.2} ms",
+            percentile_ms(&handed, 0.99)
+        );
+        handed_p50 = Some(round2(p));
+    }
 
     // Fan-out: every machine of the environment.
     let all = json!({ "script": "true", "environment": ENVIRONMENT });
@@ -325,10 +374,16 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     drop(stdin);
     let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
     server.stop().await;
+    if let Some(b) = second {
+        b.stop().await;
+    }
     println!(
         "{}",
         json!({
             "bench": "tasks",
+            "store": if o.database_url.is_some() { "postgresql" } else { "sqlite" },
+            "nodes": o.nodes,
+            "task_rtt_handed_p50_ms": handed_p50,
             "task_rtt_p50_ms": round2(p50),
             "task_rtt_p99_ms": round2(p99),
             "runs": o.runs,
@@ -383,7 +438,7 @@ pub async fn child(o: ChildOptions) -> anyhow::Result<()> {
         }
         for (i, (_, comms)) in tentacles.iter().enumerate() {
             let target = PollingTarget {
-                address: o.server.clone(),
+                address: o.server[i % o.server.len()].clone(),
                 subscription_id: format!("bench-{i}"),
             };
             let (c, t) = (comms.clone(), shutdown.clone());

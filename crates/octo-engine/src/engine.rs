@@ -84,6 +84,14 @@ impl Drop for StepRegistration {
     }
 }
 
+/// How a step run here went.
+enum Ran {
+    /// It ended (recorded), with the health it reported; or the server stops.
+    Done(Option<(String, HealthStatus)>),
+    /// It stopped because its polling tentacle moved to another node: place it again.
+    Moved,
+}
+
 /// A step registered as running here.
 struct Registered {
     running: RunningStep,
@@ -634,7 +642,8 @@ impl Engine {
         let mut set = JoinSet::new();
         for step in steps.into_iter().filter(|s| !s.state.is_final()) {
             let (eng, slots, run, log) = (self.clone(), slots.clone(), run.clone(), log.clone());
-            let registered = self.register_step(&step, cancel.child_token());
+            let task_cancel = cancel.clone();
+            let mut registered = self.register_step(&step, cancel.child_token());
             set.spawn(async move {
                 // A slot of the task's, then one of the node's (always in
                 // this order, so tasks cannot hold each other's).
@@ -646,19 +655,39 @@ impl Engine {
                         return None;
                     }
                 };
-                // On a cluster, the node holding the step's polling tentacle runs it.
-                let step = if eng.deps.store.shared() {
-                    match eng.place(&log, step, &registered.running).await {
-                        cluster::Placement::Here(step) => step,
-                        cluster::Placement::Finished(health) => return health,
-                        cluster::Placement::Stopping => return None,
+                let mut step = step;
+                loop {
+                    // On a cluster, the node holding the step's polling tentacle runs it.
+                    let here = if eng.deps.store.shared() {
+                        match eng.place(&log, step, &registered.running).await {
+                            cluster::Placement::Here(step) => step,
+                            cluster::Placement::Finished(health) => return health,
+                            cluster::Placement::Stopping => return None,
+                        }
+                    } else {
+                        step
+                    };
+                    let key = (here.task_id.clone(), here.machine_id, here.clone());
+                    match eng.run_here(log.clone(), here, registered, run.clone()).await {
+                        Ran::Done(health) => {
+                            drop(task_slot);
+                            return health;
+                        }
+                        // Its tentacle went to another node: place it again,
+                        // as stored now.
+                        Ran::Moved => {
+                            step = match eng.deps.store.task_step(&key.0, key.1).await {
+                                Ok(Some(s)) => s,
+                                Ok(None) => return None,
+                                Err(e) => {
+                                    warn!("reading step {} of task {}: {e}", key.2.machine_name, key.0);
+                                    key.2
+                                }
+                            };
+                            registered = eng.register_step(&step, task_cancel.child_token());
+                        }
                     }
-                } else {
-                    step
-                };
-                let health = eng.run_here(log, step, registered, run).await;
-                drop(task_slot);
-                health
+                }
             });
         }
         let mut health = Vec::new();
@@ -712,18 +741,22 @@ impl Engine {
         step: TaskStep,
         registered: Registered,
         run: StepRunner,
-    ) -> Option<(String, HealthStatus)> {
+    ) -> Ran {
         let Registered {
             running,
             registration,
         } = registered;
+        // Stops the step (as a server's shutdown does: it is resumed later
+        // from what is stored) when its tentacle moves to another node.
+        let stop = self.shutdown.child_token();
+        let subscription = self.moving_subscription(&step).await;
         let ctx = StepContext {
             machine_name: step.machine_name.clone(),
             log: log.clone(),
             store: self.deps.store.clone(),
             comms: self.deps.comms.clone(),
             cancel: running.cancel.clone(),
-            shutdown: self.shutdown.clone(),
+            shutdown: stop.clone(),
             tool: self.deps.tool.clone(),
             tentacle: self.deps.tentacle.clone(),
             packages: self.deps.packages.clone(),
@@ -731,30 +764,43 @@ impl Engine {
             guidance: self.guidance.clone(),
         };
         let _slot = tokio::select! {
-            slot = self.node_slots.clone().acquire_owned() => slot.ok()?,
-            _ = ctx.shutdown.cancelled() => return None,
+            slot = self.node_slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => return Ran::Done(None),
+            },
+            _ = ctx.shutdown.cancelled() => return Ran::Done(None),
             // A queued step never starts once cancel was requested; a
             // step already executing (resumed) must be cancelled on the
             // tentacle, which its runner does.
             _ = ctx.cancel.cancelled(), if step.state == TaskState::Queued => {
                 self.cancel_queued(&log, &running, step).await;
-                return None;
+                return Ran::Done(None);
             }
         };
         let _counted = CountedStep::new(&self.step_count);
         let name = step.machine_name.clone();
         let (task_id, machine_id) = (step.task_id.clone(), step.machine_id);
-        let end = tokio::select! {
-            end = run(ctx, step.clone()) => end,
-            // Stopped for its machine's sake and not done in time: the
-            // step ends now (the runner is dropped), as stored so far.
-            _ = running.abandon.cancelled() => {
-                let stored = self.deps.store.task_step(&task_id, machine_id).await.ok()
-                    .flatten()
-                    .unwrap_or(step);
-                let why = format!("the cancel could not be delivered in time; the script may still be running on {name}");
-                log.server(format!("{name}: {why}")).await;
-                StepEnd::finished(stored, TaskState::Canceled, Some(why))
+        let running_step = run(ctx, step.clone());
+        tokio::pin!(running_step);
+        let mut moved = false;
+        let end = loop {
+            tokio::select! {
+                end = &mut running_step => break end,
+                node = self.moved_elsewhere(subscription.as_deref().unwrap_or_default()), if subscription.is_some() && !moved => {
+                    moved = true;
+                    log.server(format!("{name}: its polling tentacle is now connected to node {node}; the step goes on there")).await;
+                    stop.cancel();
+                }
+                // Stopped for its machine's sake and not done in time: the
+                // step ends now (the runner is dropped), as stored so far.
+                _ = running.abandon.cancelled() => {
+                    let stored = self.deps.store.task_step(&task_id, machine_id).await.ok()
+                        .flatten()
+                        .unwrap_or(step);
+                    let why = format!("the cancel could not be delivered in time; the script may still be running on {name}");
+                    log.server(format!("{name}: {why}")).await;
+                    break StepEnd::finished(stored, TaskState::Canceled, Some(why));
+                }
             }
         };
         match end {
@@ -776,9 +822,10 @@ impl Engine {
                 if let Some(work) = afterwards {
                     work.await;
                 }
-                health.map(|h| (name, h))
+                Ran::Done(health.map(|h| (name, h)))
             }
-            StepEnd::Interrupted => None,
+            StepEnd::Interrupted if moved && !self.shutdown.is_cancelled() => Ran::Moved,
+            StepEnd::Interrupted => Ran::Done(None),
         }
     }
 

@@ -7,6 +7,8 @@
 //! - a task submitted on the other node runs on the node holding the
 //!   tentacle, and a reader following the task through the other node sees
 //!   every line as it is stored;
+//! - the tentacle moves to the other node in the middle of a script: the
+//!   step goes on there from its stored log sequence;
 //! - the node holding the tentacle is killed (SIGKILL) in the middle of a
 //!   script it runs: the tentacle reconnects through the balancer to the
 //!   surviving node, which takes the task over once the dead node is offline
@@ -157,40 +159,54 @@ async fn a_polling_tentacle_reaches_one_node_and_its_steps_survive_that_node() {
         routes,
         "pol",
     );
-    let token = CancellationToken::new();
-    let polling = tokio::spawn({
+    // Polls `address` until the returned token is cancelled.
+    let poll = |address: String| {
+        let token = CancellationToken::new();
         let target = PollingTarget {
-            address: comms_lb.addr().to_string(),
+            address,
             subscription_id: "sub-pol".into(),
         };
         let backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(300));
-        let t = token.clone();
-        async move {
-            let _ = comms.run_polling(target, 1, backoff, t).await;
-        }
-    });
-
+        let (c, t) = (comms.clone(), token.clone());
+        let handle = tokio::spawn(async move {
+            let _ = c.run_polling(target, 1, backoff, t).await;
+        });
+        (token, handle)
+    };
+    let stop = |(token, handle): (CancellationToken, tokio::task::JoinHandle<()>)| async move {
+        token.cancel();
+        timeout(Duration::from_secs(30), handle)
+            .await
+            .unwrap()
+            .unwrap();
+    };
     // Connected (a health check through either node succeeds), nginx names
     // the node it relayed the tentacle's live connection to: the last one.
-    let (status, v) = through_lb
-        .post("/api/tasks/health", json!({ "machines": ["pol"] }))
-        .await;
-    assert_eq!(status, 201, "{v}");
-    let health = v["task"]["id"].as_str().unwrap().to_string();
-    let (_, end) = follow(&through_lb, &health, Duration::from_secs(60)).await;
-    assert_eq!(end["task"]["state"], "Success", "{end}");
-    let port = comms_lb
-        .upstreams()
-        .last()
-        .expect("nginx relayed the tentacle")
-        .port();
-    let (holder, holder_name, other, other_name) = if port == ca {
-        (a, "node-a", b, "node-b")
-    } else {
-        (b, "node-b", a, "node-a")
+    let holder_port = || async {
+        let (status, v) = through_lb
+            .post("/api/tasks/health", json!({ "machines": ["pol"] }))
+            .await;
+        assert_eq!(status, 201, "{v}");
+        let health = v["task"]["id"].as_str().unwrap().to_string();
+        let (_, end) = follow(&through_lb, &health, Duration::from_secs(60)).await;
+        assert_eq!(end["task"]["state"], "Success", "{end}");
+        comms_lb
+            .upstreams()
+            .last()
+            .expect("nginx relayed the tentacle")
+            .port()
     };
-    let at_holder = api_of(holder.base.clone());
-    let at_other = api_of(other.base.clone());
+    let mut polling = poll(comms_lb.addr().to_string());
+    let (holder_name, other_name, other_comms) = if holder_port().await == ca {
+        ("node-a", "node-b", cb)
+    } else {
+        ("node-b", "node-a", ca)
+    };
+    let (at_holder, at_other) = if holder_name == "node-a" {
+        (api_of(a.base.clone()), api_of(b.base.clone()))
+    } else {
+        (api_of(b.base.clone()), api_of(a.base.clone()))
+    };
 
     // 1. Submitted on the node the tentacle is not connected to: the node
     // holding it runs the step; the reader on the other node sees every line.
@@ -220,7 +236,54 @@ async fn a_polling_tentacle_reaches_one_node_and_its_steps_survive_that_node() {
         server_lines(&log)
     );
 
-    // 2. SIGKILL of the node running a script (submitted there, so it is
+    // 2. The tentacle moves to the other node in the middle of a script
+    // (its connection ends; it connects straight to the other node, as a
+    // balancer may send it there): the step goes on there, from its stored
+    // log sequence.
+    let script = format!("for i in $(seq 1 {LINES}); do echo \"move $i\"; sleep 0.05; done");
+    let (status, v) = at_other
+        .post(
+            "/api/tasks/script",
+            json!({ "script": script, "machines": ["pol"] }),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+    let id = v["task"]["id"].as_str().unwrap().to_string();
+    at_other
+        .events(&id)
+        .await
+        .until(|e, d| e == "log" && d["text"] == "move 3")
+        .await;
+    stop(polling).await;
+    polling = poll(loopback(other_comms).to_string());
+    let (_, end) = follow(&at_other, &id, Duration::from_secs(60)).await;
+    assert_eq!(end["task"]["state"], "Success", "{end}");
+    let log = at_other.log(&id).await;
+    let expected: Vec<String> = (1..=LINES).map(|i| format!("move {i}")).collect();
+    assert_eq!(stdout_lines(&log), expected);
+    let moved = format!(
+        "pol: its polling tentacle is now connected to node {other_name}; the step goes on there"
+    );
+    assert!(
+        server_lines(&log).iter().any(|l| l == &moved),
+        "{:?}",
+        server_lines(&log)
+    );
+
+    // Back behind the balancer, wherever it sends the tentacle now.
+    stop(polling).await;
+    let polling = poll(comms_lb.addr().to_string());
+    let port = holder_port().await;
+    let (holder, survivor, survivor_name) = if port == ca {
+        (a, b, "node-b")
+    } else {
+        (b, a, "node-a")
+    };
+    let at_holder = api_of(holder.base.clone());
+    let at_survivor = api_of(survivor.base.clone());
+    drop(at_other);
+
+    // 3. SIGKILL of the node running a script (submitted there, so it is
     // both the task's node and the step's).
     let script = format!("for i in $(seq 1 {LINES}); do echo \"line $i\"; sleep 0.05; done");
     let (status, v) = at_holder
@@ -231,43 +294,35 @@ async fn a_polling_tentacle_reaches_one_node_and_its_steps_survive_that_node() {
         .await;
     assert_eq!(status, 201, "{v}");
     let id = v["task"]["id"].as_str().unwrap().to_string();
-    {
-        let mut events = at_other.events(&id).await;
-        events
-            .until(|e, d| e == "log" && d["text"] == "line 5")
-            .await;
-    }
-    let stored = stdout_lines(&at_other.log(&id).await);
+    at_survivor
+        .events(&id)
+        .await
+        .until(|e, d| e == "log" && d["text"] == "line 5")
+        .await;
+    let stored = stdout_lines(&at_survivor.log(&id).await);
     assert!(
         stored.len() < LINES,
         "the script ended before the kill: {stored:?}"
     );
     holder.kill9();
 
-    let (_, end) = follow(&at_other, &id, TAKEOVER).await;
+    let (_, end) = follow(&at_survivor, &id, TAKEOVER).await;
     assert_eq!(end["task"]["state"], "Success", "{end}");
-    let log = at_other.log(&id).await;
+    let log = at_survivor.log(&id).await;
     let expected: Vec<String> = (1..=LINES).map(|i| format!("line {i}")).collect();
     assert_eq!(stdout_lines(&log), expected);
     let lines = server_lines(&log);
     assert!(
         lines.iter().any(|l| l.starts_with(&format!(
-            "Node {other_name} takes the task: the node running it went offline"
+            "Node {survivor_name} takes the task: the node running it went offline"
         ))),
         "{lines:?}"
     );
     // The balancer still answers, through the surviving node.
     let (status, v) = through_lb.get(&format!("/api/tasks/{id}")).await;
-    assert_eq!(
-        (status, &v["task"]["state"]),
-        (200, &json!("Success")),
-        "{v}"
-    );
+    assert_eq!((status, &v["task"]["state"]), (200, &json!("Success")), "{v}");
 
-    token.cancel();
-    timeout(Duration::from_secs(30), polling)
-        .await
-        .unwrap()
-        .unwrap();
-    drop(other);
+    stop(polling).await;
+    drop(at_holder);
+    drop(survivor);
 }

@@ -31,7 +31,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::{lock, Engine, RunningStep};
+use super::{lock, Engine, Ran, RunningStep};
 use crate::context::TaskLog;
 use crate::kind;
 use crate::secrets::Masker;
@@ -118,6 +118,8 @@ enum Handed {
     Finished(TaskStep),
     /// That node went offline before the step ended.
     NodeLost,
+    /// That node gave the step back (its tentacle moved on).
+    Returned,
     Stopping,
 }
 
@@ -163,10 +165,11 @@ impl Engine {
             // Handed to this node by the task's previous node, and still
             // running here: this node took the task over meanwhile.
             if self.cluster.is_handed_here(&step.task_id, step.machine_id) {
-                return match self.wait_for_step(&step, &me).await {
-                    Handed::Finished(s) => Placement::Finished(self.health_of(&s).await),
-                    Handed::NodeLost | Handed::Stopping => Placement::Stopping,
-                };
+                match self.wait_for_step(&step, &me).await {
+                    Handed::Finished(s) => return Placement::Finished(self.health_of(&s).await),
+                    Handed::Returned => continue,
+                    Handed::NodeLost | Handed::Stopping => return Placement::Stopping,
+                }
             }
             let machine = match store.machine_by_id(step.machine_id).await {
                 Ok(m) => m,
@@ -209,6 +212,7 @@ impl Engine {
                         .await;
                         continue;
                     }
+                    Handed::Returned => continue,
                     Handed::Stopping => return Placement::Stopping,
                 }
             }
@@ -318,6 +322,14 @@ impl Engine {
             if !node.eq_ignore_ascii_case(&self.deps.node_name) && !self.node_live(node).await {
                 return Handed::NodeLost;
             }
+            match store.step_node(&step.task_id, step.machine_id).await {
+                Ok(Some(n)) if n.eq_ignore_ascii_case(node) => {}
+                Ok(_) => return Handed::Returned,
+                Err(e) => warn!(
+                    "reading which node runs step {} of task {}: {e}",
+                    step.machine_name, step.task_id
+                ),
+            }
             loop {
                 tokio::select! {
                     ev = events.recv() => match ev {
@@ -330,6 +342,55 @@ impl Engine {
                     _ = tick.tick() => break,
                     () = self.shutdown.cancelled() => return Handed::Stopping,
                 }
+            }
+        }
+    }
+
+    /// The polling subscription a step's tentacle may move away with (on a
+    /// cluster, for a polling machine; None otherwise).
+    pub(super) async fn moving_subscription(&self, step: &TaskStep) -> Option<String> {
+        if !self.deps.store.shared() {
+            return None;
+        }
+        match self.deps.store.machine_by_id(step.machine_id).await {
+            Ok(Some(m)) if m.kind == EndpointKind::Polling => {
+                subscription_of(&m.uri).map(str::to_string)
+            }
+            Ok(_) => None,
+            Err(e) => {
+                warn!("reading machine {}: {e}", step.machine_name);
+                None
+            }
+        }
+    }
+
+    /// Returns (with the node's name) once the tentacle of `subscription`
+    /// is connected to another live node and no longer to this one.
+    pub(super) async fn moved_elsewhere(&self, subscription: &str) -> String {
+        let mut events = self.cluster.events.subscribe();
+        let polling = self.deps.comms.polling().clone();
+        let me = self.deps.node_name.clone();
+        loop {
+            let check = match events.recv().await {
+                Ok(ClusterEvent::Presence {
+                    subscription_id, ..
+                }) => subscription_id == subscription,
+                Ok(ClusterEvent::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => true,
+                Ok(_) => false,
+                Err(broadcast::error::RecvError::Closed) => {
+                    return std::future::pending().await;
+                }
+            };
+            if !check || polling.is_connected(subscription) {
+                continue;
+            }
+            match self.deps.store.polling_nodes(subscription, now_ms()).await {
+                Ok(nodes) => {
+                    if let Some(n) = nodes.into_iter().find(|n| !n.eq_ignore_ascii_case(&me)) {
+                        return n;
+                    }
+                }
+                Err(e) => warn!("finding the node of poll://{subscription}/: {e}"),
             }
         }
     }
@@ -414,7 +475,18 @@ impl Engine {
         match secrets.and_then(|s| Self::runner_of(&task, &s)) {
             Ok(runner) => {
                 let registered = self.register_step(&step, cancel.child_token());
-                self.run_here(log, step, registered, runner).await;
+                let name = step.machine_name.clone();
+                if let Ran::Moved = self.run_here(log, step, registered, runner).await {
+                    // Back to the task's node, which places it again.
+                    if let Err(e) = store.assign_step(&r.task_id, r.machine_id, None).await {
+                        error!("giving step {name} of task {} back: {e}", r.task_id);
+                    }
+                    self.publish(ClusterEvent::StepFinished {
+                        task_id: r.task_id.clone(),
+                        machine_id: r.machine_id,
+                    })
+                    .await;
+                }
             }
             Err(why) => {
                 self.finish_step(&log, step, TaskState::Failed, Some(why))
