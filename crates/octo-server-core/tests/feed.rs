@@ -403,10 +403,17 @@ async fn a_package_downloads_byte_identical_from_the_database() {
     let (got, _) = download(&server, "Acme.Web", "latest").await;
     assert_eq!(got, zip);
     // More than one chunk (1 MiB): a big, incompressible file.
-    let noise: Vec<u8> = (0..(2_500_000u32))
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let noise: Vec<u8> = (0..2_500_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
         .collect();
     let big = zip_of(&[("big.bin", &noise)]);
+    assert!(big.len() > 2 << 20, "{} bytes", big.len());
     push_raw(&server, "Acme.Big", "1.0.0", big.clone())
         .await
         .expect(201);

@@ -6,6 +6,8 @@
 //! cargo test --release -p octo-server-core --test feed_throughput -- --ignored --nocapture
 //! ```
 #![allow(clippy::unwrap_used)]
+// A measurement: its result is what it prints.
+#![allow(clippy::print_stdout)]
 
 use std::io::Write;
 use std::time::{Duration, Instant};
