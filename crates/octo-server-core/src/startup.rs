@@ -541,15 +541,34 @@ pub async fn start_with(
         Err(why) => tracing::warn!("tentacle upgrades are not possible: {why}"),
     }
     let tentacle = Arc::new(tentacle);
-    let packages = PackageFiles::in_data_dir(&args.data);
-    match packages.remove_incoming() {
-        Ok(0) => {}
-        Ok(n) => info!(
-            "removed {n} incomplete package upload(s) from {}",
+    let packages = PackageFiles::new(&args.data, store.clone(), &node_name);
+    match packages.remove_incoming().await {
+        Ok((0, 0)) => {}
+        Ok((files, uploads)) => info!(
+            "removed {files} incomplete package upload file(s) from {} and {uploads} abandoned upload(s) from the database",
             packages.dir().display()
         ),
         Err(e) => bail!(
-            "cannot clean incomplete uploads in {}: {e}; check the folder's owner and mode",
+            "cannot clean incomplete package uploads in {} or the database: {e}; check the folder's owner and mode",
+            packages.dir().display()
+        ),
+    }
+    // A data directory from before package content lived in the database.
+    match packages.import_files().await {
+        Ok(done) => {
+            if done.imported + done.removed + done.failed > 0 {
+                info!(
+                    "package files in {}: {} imported into the database, {} unused deleted, {} kept as cache, {} failed (see above)",
+                    packages.dir().display(),
+                    done.imported,
+                    done.removed,
+                    done.cached,
+                    done.failed
+                );
+            }
+        }
+        Err(e) => bail!(
+            "cannot import the package files of {} into the database: {e}",
             packages.dir().display()
         ),
     }

@@ -358,3 +358,177 @@ async fn a_push_cut_midway_leaves_no_file_and_a_start_cleans_what_a_dead_server_
     assert!(!stale.exists(), "removed at start");
     timeout(T, running.stop()).await.unwrap();
 }
+
+/// Downloads a package's file whole (status 200 checked).
+async fn download(
+    server: &Server,
+    id: &str,
+    version: &str,
+) -> (Vec<u8>, reqwest::header::HeaderMap) {
+    let resp = timeout(
+        T,
+        server
+            .admin
+            .http
+            .get(format!(
+                "{}/api/packages/{id}/{version}/download",
+                server.base
+            ))
+            .header("X-Octopus-ApiKey", server.admin.key.clone().unwrap())
+            .send(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(resp.status().as_u16(), 200, "download of {id} {version}");
+    let headers = resp.headers().clone();
+    let bytes = timeout(T, resp.bytes()).await.unwrap().unwrap();
+    (bytes.to_vec(), headers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_package_downloads_byte_identical_from_the_database() {
+    let mut server = Server::start().await;
+    let zip = app_zip("1.0.0");
+    let pushed = push_raw(&server, "Acme.Web", "1.0.0", zip.clone())
+        .await
+        .expect(201);
+    let sha = pushed["package"]["sha256"].as_str().unwrap().to_string();
+    let (got, headers) = download(&server, "Acme.Web", "1.0.0").await;
+    assert_eq!(got, zip);
+    assert_eq!(headers["etag"], format!("\"{sha}\"").as_str());
+    assert_eq!(headers["content-length"], zip.len().to_string().as_str());
+    // Read from the database, not from this node's copy.
+    std::fs::remove_file(server.data.join("packages").join(&sha)).unwrap();
+    let (got, _) = download(&server, "Acme.Web", "latest").await;
+    assert_eq!(got, zip);
+    // More than one chunk (1 MiB): a big, incompressible file.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let noise: Vec<u8> = (0..2_500_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect();
+    let big = zip_of(&[("big.bin", &noise)]);
+    assert!(big.len() > 2 << 20, "{} bytes", big.len());
+    push_raw(&server, "Acme.Big", "1.0.0", big.clone())
+        .await
+        .expect(201);
+    assert_eq!(download(&server, "Acme.Big", "1.0.0").await.0, big);
+    // Deleted: the download is a 404 like the package.
+    server
+        .admin
+        .delete("/api/packages/Acme.Web/1.0.0")
+        .await
+        .expect(200);
+    let gone = server
+        .admin
+        .get("/api/packages/Acme.Web/1.0.0/download")
+        .await;
+    assert_eq!(gone.status, 404, "{}", gone.body);
+    server.stop().await;
+}
+
+fn zip_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    zip(entries)
+}
+
+/// A data directory from before package content lived in the database (files
+/// under DATA/packages, rows without content) is imported at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn package_files_of_an_older_server_are_imported_into_the_database_at_start() {
+    use octo_store::Store;
+    let mut server = Server::start().await;
+    let web = app_tar_gz("1.0.0");
+    let api = app_zip("2.0.0");
+    let unused = app_zip("3.0.0");
+    let web_sha = push_raw(&server, "Acme.Web", "1.0.0", web.clone())
+        .await
+        .expect(201)["package"]["sha256"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let api_sha = push_raw(&server, "Acme.Api", "2.0.0", api.clone())
+        .await
+        .expect(201)["package"]["sha256"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let data = server.data.clone();
+    server.stop().await;
+    // Make it an old feed: drop the content from the database, keep the rows
+    // and the files; one file is damaged (its name is not its hash), one
+    // belongs to no package.
+    let unused_sha = {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(&unused);
+        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    std::fs::write(data.join("packages").join(&unused_sha), &unused).unwrap();
+    {
+        let store = octo_store_sqlite::SqliteStore::open_existing(&data.join("octopus.db"))
+            .await
+            .unwrap();
+        for (id, version) in [("Acme.Web", "1.0.0"), ("Acme.Api", "2.0.0")] {
+            let p = store.delete_package(1, id, version).await.unwrap();
+            assert!(store
+                .delete_unused_package_content(&p.sha256)
+                .await
+                .unwrap());
+            let again = octo_store::NewPackage {
+                space_id: p.space_id,
+                package_id: p.package_id,
+                version: p.version,
+                format: p.format,
+                sha256: p.sha256,
+                size: p.size,
+                file_name: p.file_name,
+            };
+            store.put_package(&again, false, 1).await.unwrap();
+        }
+        assert!(store.package_content(&web_sha).await.unwrap().is_none());
+        store.close().await;
+    }
+    let api_file = data.join("packages").join(&api_sha);
+    std::fs::write(&api_file, b"not the package any more").unwrap();
+    assert_eq!(feed_files(&data).len(), 3);
+
+    let running = timeout(
+        T,
+        octo_server_core::start(&octo_server_core::RunArgs::loopback(&data)),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let base = format!("http://{}", running.api_addr);
+    server.admin = common::Api::new(&base, server.admin.key.clone());
+    server.base = base;
+    server.running = Some(running);
+    let restarted = &server;
+    // Imported and downloadable, from the database.
+    std::fs::remove_file(data.join("packages").join(&web_sha)).unwrap();
+    assert_eq!(download(restarted, "Acme.Web", "1.0.0").await.0, web);
+    // The unused file is gone; the damaged one is left for a person, and its
+    // package says what to do.
+    assert!(!data.join("packages").join(&unused_sha).exists());
+    assert!(api_file.exists());
+    let damaged = restarted
+        .admin
+        .get("/api/packages/Acme.Api/2.0.0/download")
+        .await;
+    assert_eq!(damaged.status, 500, "{}", damaged.body);
+    assert!(
+        damaged.error().contains("push it again"),
+        "{}",
+        damaged.error()
+    );
+    // Pushing it again restores it.
+    push_raw(restarted, "Acme.Api", "2.0.0", api.clone())
+        .await
+        .expect(200);
+    assert_eq!(download(restarted, "Acme.Api", "2.0.0").await.0, api);
+    server.stop().await;
+}

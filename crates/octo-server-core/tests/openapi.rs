@@ -67,6 +67,12 @@ const ROUTES: &[(&str, &[&str], bool, bool)] = &[
     ("/api/tasks/tentacle-upgrade", &["post"], true, true),
     ("/api/tasks/{id}/guidance", &["post"], true, true),
     ("/api/packages", &["get", "post"], true, true),
+    (
+        "/api/packages/{id}/{version}/download",
+        &["get"],
+        true,
+        true,
+    ),
     ("/api/nodes", &["get"], true, false),
     ("/api/nodes/ping", &["get"], false, false),
     ("/api/nodes/{name}/drain", &["post"], true, false),

@@ -257,6 +257,7 @@ const COVERED: &[(&str, &str)] = &[
     ("GET", "/api/packages"),
     ("POST", "/api/packages"),
     ("GET", "/api/packages/{id}/{version}"),
+    ("GET", "/api/packages/{id}/{version}/download"),
     ("DELETE", "/api/packages/{id}/{version}"),
     ("POST", "/api/users/login"),
     ("POST", "/api/users/logout"),
@@ -659,6 +660,16 @@ fn cases(method: &Method, path: &str, f: &Fixture) -> Option<Vec<Case>> {
             Perm(P::FeedView),
             &[200],
         )],
+        ("GET", "/api/packages/{id}/{version}/download") => vec![Case {
+            stream: true,
+            ..case(
+                "download package",
+                M::GET,
+                "/api/packages/Acme.Web/1.0.0/download".into(),
+                Perm(P::FeedView),
+                &[200],
+            )
+        }],
         ("DELETE", "/api/packages/{id}/{version}") => vec![case(
             "delete package",
             M::DELETE,

@@ -281,6 +281,7 @@ fn arguments(params: Params<'_>) -> std::result::Result<PgArguments, sqlx::Error
             Value::Bool(v) => args.add(v),
             Value::Ids(ids) => args.add(ids),
             Value::Texts(texts) => args.add(texts.into_iter().map(PgCiText).collect::<Vec<_>>()),
+            Value::Bytes(b) => args.add(b.as_ref()),
         };
         added.map_err(sqlx::Error::Encode)?;
     }
@@ -350,6 +351,9 @@ impl Columns for PgColumns {
         self.get(c)
     }
     fn bool(&self, c: Col<'_>) -> std::result::Result<Option<bool>, sqlx::Error> {
+        self.get(c)
+    }
+    fn bytes(&self, c: Col<'_>) -> std::result::Result<Option<Vec<u8>>, sqlx::Error> {
         self.get(c)
     }
 }

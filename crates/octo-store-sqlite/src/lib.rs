@@ -227,6 +227,8 @@ fn arguments<'q>(params: Params<'q>) -> std::result::Result<SqliteArguments<'q>,
             // A list is one JSON array, expanded by json_each.
             Value::Ids(ids) => args.add(json(&ids)?),
             Value::Texts(texts) => args.add(json(&texts)?),
+            Value::Bytes(std::borrow::Cow::Borrowed(b)) => args.add(b),
+            Value::Bytes(std::borrow::Cow::Owned(b)) => args.add(b),
         };
         added.map_err(sqlx::Error::Encode)?;
     }
@@ -294,6 +296,9 @@ impl Columns for SqliteColumns {
         self.get(c)
     }
     fn bool(&self, c: Col<'_>) -> std::result::Result<Option<bool>, sqlx::Error> {
+        self.get(c)
+    }
+    fn bytes(&self, c: Col<'_>) -> std::result::Result<Option<Vec<u8>>, sqlx::Error> {
         self.get(c)
     }
 }

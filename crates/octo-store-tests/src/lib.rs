@@ -16,6 +16,9 @@ use octo_store::{
 use serde_json::json;
 
 pub mod fixtures;
+mod package_content;
+
+pub use package_content::*;
 
 use fixtures::{
     names, new_machine, new_package, new_task, server_line, strings, tentacle_line, thumb,
@@ -60,6 +63,11 @@ macro_rules! store_suite {
             nodes_heartbeat_and_keep_their_drain_flag,
             tasks_are_claimed_by_one_live_node_and_leases_by_one_holder,
             polling_presence_and_step_assignment_follow_live_nodes,
+            // Package content (chunked, content-addressed).
+            package_content_is_invisible_until_complete_and_reads_back_by_chunks,
+            incomplete_or_malformed_package_content_is_refused,
+            package_content_is_deleted_only_when_no_package_uses_it,
+            abandoned_package_uploads_are_removed_by_node_or_age,
         );
     };
     (@each $factory:expr; $($test:ident,)+) => {

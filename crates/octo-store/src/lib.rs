@@ -210,6 +210,44 @@ pub struct HealthUpdate {
     pub free_bytes: Option<i64>,
 }
 
+/// Bytes per chunk of package content (1 MiB). Each chunk is one row and one
+/// statement: small enough that a read or write holds little in memory (a
+/// reader streams a few chunks at a time, whatever the package's size) and
+/// stays far below every limit (SQLite's 1 GB blobs, PostgreSQL's 1 GB
+/// fields, the drivers' message sizes), large enough that a 500 MB package
+/// is 500 rows and the per-statement round trip costs little next to the
+/// bytes. It matches the ~1 MiB messages the file service sends tentacles.
+/// Stored per content, so it may change without rewriting what is stored.
+pub const PACKAGE_CHUNK_SIZE: usize = 1 << 20;
+
+/// Complete package content in the store: `size` bytes whose SHA-256 is
+/// `sha256`, in chunks of `chunk_size` bytes (the last may be shorter).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackageContent {
+    /// Its row (what [`Store::package_chunks`] reads by).
+    pub id: i64,
+    /// Lower-case hex.
+    pub sha256: String,
+    pub size: i64,
+    pub chunk_size: i64,
+}
+
+impl PackageContent {
+    /// How many chunks it has.
+    pub fn chunks(&self) -> i64 {
+        chunks_of(self.size, self.chunk_size)
+    }
+}
+
+/// How many chunks of `chunk_size` bytes hold `size` bytes.
+pub fn chunks_of(size: i64, chunk_size: i64) -> i64 {
+    if size <= 0 || chunk_size <= 0 {
+        0
+    } else {
+        (size - 1) / chunk_size + 1
+    }
+}
+
 /// What is needed to add a package (the file is already stored by hash).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewPackage {
@@ -639,4 +677,48 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// no heartbeat within [`NODE_OFFLINE_AFTER_MS`] before `now`, and those
     /// no node took that were created before `unclaimed_before`.
     async fn adoptable_tasks(&self, now: i64, unclaimed_before: i64) -> Result<Vec<Task>>;
+
+    // Package content (chunked, content-addressed).
+    //
+    // Several nodes share the database and nothing else, so a package's bytes
+    // live here: one `package_contents` row per content (by SHA-256) and its
+    // chunks. Content is written pending (invisible to readers), chunk by
+    // chunk, and completed in one transaction once every chunk is there and
+    // the writer's hash matched; see `octo_engine::feed` for the writer.
+    /// Starts writing content on behalf of `node`: a pending row no reader
+    /// finds, whose chunks are `chunk_size` bytes. Answers its id.
+    async fn begin_package_content(&self, node: &str, chunk_size: i64, now: i64) -> Result<i64>;
+    /// Writes chunk `index` (from 0) of pending content `id`; every chunk but
+    /// the last must be the full chunk size. Invalid when `id` is not pending
+    /// (completed or dropped), the chunk is empty or longer than a chunk, or
+    /// `index` is written already.
+    async fn put_package_chunk(&self, id: i64, index: i64, data: &[u8]) -> Result<()>;
+    /// Completes pending content `id` as `sha256` (lower-case hex, what the
+    /// writer hashed) of `size` bytes, in one transaction: Invalid, and
+    /// nothing visible, unless its chunks are exactly `0..n`, full but the
+    /// last, summing to `size`. When complete content with that SHA-256
+    /// exists already (another push), the pending one is dropped and that one
+    /// answered.
+    async fn finish_package_content(
+        &self,
+        id: i64,
+        sha256: &str,
+        size: i64,
+    ) -> Result<PackageContent>;
+    /// Drops pending content `id` and its chunks (a failed push). Nothing to
+    /// do when it is gone; complete content is never dropped here.
+    async fn abandon_package_content(&self, id: i64) -> Result<()>;
+    /// Complete content by SHA-256 (any case); none while it is pending.
+    async fn package_content(&self, sha256: &str) -> Result<Option<PackageContent>>;
+    /// Chunks `from .. from + count` of content `id`, in order (fewer past
+    /// the end, none once the content is deleted).
+    async fn package_chunks(&self, id: i64, from: i64, count: i64) -> Result<Vec<Vec<u8>>>;
+    /// Deletes content `sha256` (and its chunks) when no package row uses
+    /// it (the rule of [`Store::count_packages_with_sha256`]); whether it did.
+    async fn delete_unused_package_content(&self, sha256: &str) -> Result<bool>;
+    /// Removes pending content `node` left (call it at the node's start: none
+    /// of its writes is running) and any node's started before
+    /// `started_before` (abandoned); answers how many.
+    async fn remove_pending_package_contents(&self, node: &str, started_before: i64)
+        -> Result<u64>;
 }

@@ -11,7 +11,8 @@ use crate::sql::{Col, Column, Columns};
 use crate::text::TextEnum;
 use crate::{
     ApiKey, AuditEvent, EndpointKind, Environment, Grant, HealthStatus, Machine, MachinePolicy,
-    Node, NodeState, Package, Permission, Result, Role, Space, StepRef, StoreError, Task,
+    Node, NodeState, Package, PackageContent, Permission, Result, Role, Space, StepRef,
+    StoreError, Task,
     TaskLogLine, TaskState, TaskStep, Team, Tenant, User,
 };
 
@@ -159,6 +160,11 @@ row! {
         id: i64, space_id: i64, package_id: String, version: String, format: String, sha256: String, size: i64,
         file_name: String, uploaded_at: i64,
     }
+}
+
+row! {
+    /// A complete `package_contents` row.
+    PackageContentRow => PackageContent { id: i64, sha256: String, size: i64, chunk_size: i64 }
 }
 
 row! {

@@ -197,7 +197,18 @@ pub(crate) async fn run_deploy_step(
         Err(end) => return end,
     };
     let package = args.package();
-    let local = ctx.packages.file_of(&package);
+    // This node's copy of the content (filled from the database when the
+    // package was pushed through another node), which transfers resume from.
+    let local = match ctx.packages.local_copy(&package.sha256).await {
+        Ok(path) => path,
+        Err(e) => {
+            let why = format!(
+                "cannot read package {} {}: {e}",
+                package.package_id, package.version
+            );
+            return StepEnd::failed(ctx, step, why).await;
+        }
+    };
     let prepared = with_retries(ctx, &step, &endpoint, |conn| {
         let (ctx, tool, local, package) =
             (ctx.clone(), tool.clone(), local.clone(), package.clone());

@@ -193,6 +193,7 @@ pub fn router(state: AppState) -> Router {
         packages::push_package,
         packages::list_packages,
         packages::get_package,
+        packages::download_package,
         packages::delete_package,
         nodes::list_nodes,
         nodes::ping,

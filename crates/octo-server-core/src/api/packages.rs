@@ -1,20 +1,27 @@
-//! The built-in package feed's routes: `POST/GET/DELETE /api/packages...`
-//! (its rules are in [`crate::feed`], its file layout in [`octo_engine::PackageFiles`]).
+//! The built-in package feed's routes: `POST/GET/DELETE /api/packages...` and
+//! `GET /api/packages/{id}/{version}/download` (its rules are in
+//! [`crate::feed`], where content lives in [`octo_engine::PackageFiles`]).
 //!
 //! A pushed file is streamed to `DATA/packages/.incoming-*` (0600) while it is
 //! hashed and checked whole, as calamari would extract it: a tar.gz as it
 //! streams in (gzip checksums, tar structure, every entry), a zip once complete
 //! (central directory, every entry's CRC-32, every entry); any fault is refused
-//! with 400 naming it, and the file is deleted. Only then is it renamed to
-//! `DATA/packages/<sha256>`: identical content is stored once, and a file is
-//! only ever visible under its final name complete. The store holds ID, version,
-//! format, size, SHA-256 and upload time; the same ID and version with different
-//! content is refused (409) unless `replace=true`. A file is deleted when no
-//! package row uses its hash any more. Placing a file, recording its row and
-//! deleting unused files happen under the feed's lock ([`PackageFiles::lock`]),
-//! so a lost race (409) leaves no file behind and a delete never removes a
-//! file a push is about to record. An interrupted push leaves its
-//! `.incoming-*` file only when the server itself dies; the next start removes it.
+//! with 400 naming it, and the file is deleted (the database never sees it).
+//! Then its content is streamed into the database chunk by chunk (unless the
+//! database has that content already), pending; the package row is recorded;
+//! and the content is completed, its SHA-256 checked against the one the
+//! push computed: only complete content is ever read, by any node. The row
+//! goes in before the content is completed so that a node deleting the last
+//! other package with this content meanwhile sees the row and keeps the
+//! content (see `Store::delete_unused_package_content`). The file is kept as
+//! this node's cache copy, `DATA/packages/<sha256>`. The store holds ID,
+//! version, format, size, SHA-256 and upload time; the same ID and version
+//! with different content is refused (409) unless `replace=true`. Content is
+//! deleted when no package row uses its hash any more. On one node, placing
+//! content, recording its row and deleting unused content happen under the
+//! feed's lock ([`PackageFiles::lock`](octo_engine::PackageFiles::lock)). An
+//! interrupted push leaves its `.incoming-*` file and pending upload only
+//! when the server itself dies; the next start removes them.
 //!
 //! IDs and versions come from the query, else from the original's file naming
 //! `ID.VERSION.ext` (e.g. `Acme.Web.1.2.3-beta.1.tar.gz`); versions are semantic
@@ -34,11 +41,11 @@ use axum::response::IntoResponse;
 use axum::Json;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use octo_engine::feed::INCOMING_PREFIX;
-use octo_store::{NewPackage, Package, Store, StoreError};
+use octo_engine::feed::{incoming_name, ChunkReader, ContentWriter};
+use octo_store::{NewPackage, Package, Store, StoreError, PACKAGE_CHUNK_SIZE};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use utoipa::IntoParams;
 
 use octo_api_types::{ErrorBody, Permission, PushReply, Space};
@@ -69,6 +76,11 @@ pub(super) fn routes() -> Vec<Route> {
             "/api/packages/{id}/{version}",
             Access::Space(P::FeedView),
             get_package,
+        ),
+        get(
+            "/api/packages/{id}/{version}/download",
+            Access::Space(P::FeedView),
+            download_package,
         ),
         delete(
             "/api/packages/{id}/{version}",
@@ -210,7 +222,7 @@ pub async fn push(
         .await
         .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
     // Removed on every way out but the rename into place.
-    let incoming = Incoming(dir.join(format!("{INCOMING_PREFIX}{}", crate::auth::new_api_key())));
+    let incoming = Incoming(dir.join(incoming_name()));
     let Received {
         sha256,
         size,
@@ -224,17 +236,22 @@ pub async fn push(
     // From here to the row, one push or delete at a time (see the module docs).
     let _feed = s.packages.lock().await;
     // Same ID, version and content: nothing to do.
+    let mut repair = None;
     if let Some(existing) = s.store.package(space.id, &package_id, &version).await? {
         if existing.sha256.eq_ignore_ascii_case(&sha256) {
-            return Ok((
-                StatusCode::OK,
-                PushReply {
-                    package: existing,
-                    outcome: "unchanged".into(),
-                },
-            ));
-        }
-        if !q.replace {
+            if s.packages.content(&sha256).await?.is_some() {
+                return Ok((
+                    StatusCode::OK,
+                    PushReply {
+                        package: existing,
+                        outcome: "unchanged".into(),
+                    },
+                ));
+            }
+            // A push that died between row and content, or a feed never
+            // imported: this push supplies the content.
+            repair = Some(existing);
+        } else if !q.replace {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 format!(
@@ -243,12 +260,6 @@ pub async fn push(
                 ),
             ));
         }
-    }
-    let target = dir.join(&sha256);
-    if !tokio::fs::try_exists(&target).await.unwrap_or(false) {
-        tokio::fs::rename(&incoming.0, &target)
-            .await
-            .map_err(|e| anyhow::anyhow!("moving the package into {}: {e}", target.display()))?;
     }
     let new = NewPackage {
         space_id: space.id,
@@ -259,22 +270,64 @@ pub async fn push(
         size: i64::try_from(size).unwrap_or(i64::MAX),
         file_name,
     };
-    let (package, previous) = match s.store.put_package(&new, q.replace, now_ms()).await {
-        Ok(r) => r,
-        Err(e) => {
-            // The file placed above serves no row now (unless another does).
-            remove_unused_file(s, &sha256).await;
-            return Err(match e {
-                StoreError::Conflict { .. } => ApiError::new(
-                    StatusCode::CONFLICT,
-                    format!("package {package_id} {version} was pushed by someone else meanwhile; push again with --replace to replace it"),
-                ),
-                e => e.into(),
-            });
+    // The content, written pending unless the database has it already.
+    let writer = if s.packages.content(&sha256).await?.is_some() {
+        None
+    } else {
+        Some(write_pending(s, &incoming.0).await?)
+    };
+    let repaired = repair.is_some();
+    let (package, previous) = if let Some(existing) = repair {
+        // The row is there; only its content was missing.
+        (existing, None)
+    } else {
+        match s.store.put_package(&new, q.replace, now_ms()).await {
+            Ok(r) => r,
+            // The pending content is dropped with its writer.
+            Err(StoreError::Conflict { .. }) => return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("package {package_id} {version} was pushed by someone else meanwhile; push again with --replace to replace it"),
+            )),
+            Err(e) => return Err(e.into()),
         }
     };
+    let completed = match writer {
+        Some(w) => w.finish(Some(&sha256), &incoming.0).await,
+        // The content was there before the row; a node that deleted it
+        // since (its last other user gone) did so before the row: write it.
+        None => s.packages.store_file(&incoming.0, Some(&sha256)).await,
+    };
+    if let Err(e) = completed {
+        return Err(ApiError::internal(format!(
+            "package {package_id} {version} is recorded but its content could not be stored in the database: {e}; push it again"
+        )));
+    }
+    // Kept as this node's cache copy.
+    let target = s.packages.by_sha256(&sha256);
+    if !tokio::fs::try_exists(&target).await.unwrap_or(false) {
+        if let Err(e) = tokio::fs::rename(&incoming.0, &target).await {
+            tracing::warn!(
+                "cannot keep the package as {}: {e} (it is read from the database instead)",
+                target.display()
+            );
+        }
+    }
+    if repaired {
+        tracing::info!(
+            "package {} {}: its missing content was restored by a push",
+            package.package_id,
+            package.version
+        );
+        return Ok((
+            StatusCode::OK,
+            PushReply {
+                package,
+                outcome: "unchanged".into(),
+            },
+        ));
+    }
     if let Some(old) = &previous {
-        remove_unused_file(s, &old.sha256).await;
+        s.packages.remove_if_unused(&old.sha256).await;
     }
     tracing::info!(
         "package {} {} pushed to space '{}' ({size} bytes, SHA-256 {sha256})",
@@ -482,20 +535,23 @@ fn refused(size: u64, why: &str) -> ApiError {
     ))
 }
 
-/// Deletes a stored file once no package uses it (best effort, logged).
-async fn remove_unused_file(s: &AppState, sha256: &str) {
-    match s.store.count_packages_with_sha256(sha256).await {
-        Ok(0) => {
-            let path = s.packages.by_sha256(sha256);
-            if let Err(e) = tokio::fs::remove_file(&path).await {
-                tracing::warn!(
-                    "cannot delete the unused package file {}: {e}",
-                    path.display()
-                );
-            }
+/// Streams a received file into the database as pending content (completed
+/// by the caller once the package row is recorded).
+async fn write_pending(s: &AppState, path: &Path) -> Result<ContentWriter, ApiError> {
+    let mut file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))?;
+    let mut writer = s.packages.writer().await?;
+    let mut buf = vec![0u8; PACKAGE_CHUNK_SIZE];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .await
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+        if n == 0 {
+            return Ok(writer);
         }
-        Ok(_) => {}
-        Err(e) => tracing::warn!("cannot tell whether package file {sha256} is still used: {e}"),
+        writer.write(&buf[..n]).await?;
     }
 }
 
@@ -565,6 +621,73 @@ pub(crate) async fn get_package(
     ))
 }
 
+/// The file of one version of a package (`latest` for the highest), streamed
+/// from the database: any node serves any package.
+#[utoipa::path(
+    get,
+    path = "/api/packages/{id}/{version}/download",
+    tag = "packages",
+    params(
+        ("id" = String, Path, description = "Package ID"),
+        ("version" = String, Path, description = "Version, or `latest`"),
+    ),
+    responses(
+        (status = 200, description = "The package file (its SHA-256 in `ETag`)", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 400, description = "The ID is not a package ID or the version not a semantic version (the message says which)", body = ErrorBody),
+        (status = 404, description = "No such package or version (the message lists the versions)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn download_package(
+    State(s): State<AppState>,
+    Extension(RequestSpace(space)): Extension<RequestSpace>,
+    p: Result<UrlPath<(String, String)>, PathRejection>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::http::header;
+    let UrlPath((id, version)) = p?;
+    let package = find(s.store.as_ref(), space.id, &id, Some(&version)).await?;
+    let Some(content) = s.packages.content(&package.sha256).await? else {
+        return Err(ApiError::internal(format!(
+            "the content of package {} {} (SHA-256 {}) is missing from the database; push it again with `octopus package push --replace`",
+            package.package_id, package.version, package.sha256
+        )));
+    };
+    let size = content.size;
+    let reader = ChunkReader::new(s.store.clone(), content, 0);
+    let shown = format!("{} {}", package.package_id, package.version);
+    let chunks = futures_util::stream::unfold(Some(reader), move |reader| {
+        let shown = shown.clone();
+        async move {
+            let mut reader = reader?;
+            match reader.next().await {
+                Ok(Some(chunk)) => Some((Ok(Bytes::from(chunk)), Some(reader))),
+                Ok(None) => None,
+                // The body ends broken (short of Content-Length): the client
+                // sees a failed download, never a wrong file.
+                Err(e) => {
+                    tracing::warn!("download of package {shown} failed: {e}");
+                    Some((Err(std::io::Error::other(e.to_string())), None))
+                }
+            }
+        }
+    });
+    let name: String = package
+        .file_name
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '+'))
+        .collect();
+    let response = axum::response::Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_LENGTH, size)
+        .header(header::ETAG, format!("\"{}\"", package.sha256))
+        .header(
+            header::CONTENT_DISPOSITION,
+            format!("attachment; filename=\"{name}\""),
+        )
+        .body(Body::from_stream(chunks))
+        .map_err(|e| anyhow::anyhow!("building the download of {id} {version}: {e}"))?;
+    Ok(response)
+}
+
 /// Deletes one version of a package (its file too, when no other version uses it).
 #[utoipa::path(
     delete,
@@ -616,7 +739,7 @@ pub async fn remove_package(
         "",
     )
     .await;
-    remove_unused_file(s, &gone.sha256).await;
+    s.packages.remove_if_unused(&gone.sha256).await;
     tracing::info!("package {} {} deleted", gone.package_id, gone.version);
     Ok(gone)
 }

@@ -361,13 +361,10 @@ pub async fn start_deployment(
             "this server cannot deploy: {why}"
         )));
     }
-    let file = s.packages.file_of(&package);
-    if !file.is_file() {
+    if s.packages.content(&package.sha256).await?.is_none() {
         return Err(ApiError::internal(format!(
-            "the file of package {} {} is missing from {}; push it again with `octopus package push --replace`",
-            package.package_id,
-            package.version,
-            file.display()
+            "the content of package {} {} (SHA-256 {}) is missing from the database; push it again with `octopus package push --replace`",
+            package.package_id, package.version, package.sha256
         )));
     }
     let environment = req.environment.trim().to_string();

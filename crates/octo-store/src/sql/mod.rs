@@ -44,6 +44,8 @@ pub enum Value<'q> {
     Ids(Vec<i64>),
     /// A list of texts, to expand with [`Dialect::texts`].
     Texts(Vec<String>),
+    /// Bytes (SQLite BLOB, PostgreSQL bytea): a chunk of package content.
+    Bytes(std::borrow::Cow<'q, [u8]>),
 }
 
 impl Value<'_> {
@@ -73,6 +75,12 @@ impl From<Option<i64>> for Value<'_> {
 impl From<Option<i32>> for Value<'_> {
     fn from(v: Option<i32>) -> Self {
         Value::I32(v)
+    }
+}
+
+impl<'q> From<&'q [u8]> for Value<'q> {
+    fn from(v: &'q [u8]) -> Self {
+        Value::Bytes(v.into())
     }
 }
 
@@ -168,6 +176,8 @@ pub trait Columns {
     fn text(&self, c: Col<'_>) -> std::result::Result<Option<String>, sqlx::Error>;
     /// A boolean column (SQLite: 0 or 1).
     fn bool(&self, c: Col<'_>) -> std::result::Result<Option<bool>, sqlx::Error>;
+    /// A bytes column (SQLite BLOB, PostgreSQL bytea).
+    fn bytes(&self, c: Col<'_>) -> std::result::Result<Option<Vec<u8>>, sqlx::Error>;
 }
 
 /// A value a column holds.
@@ -205,6 +215,7 @@ column!(i64, i64);
 column!(i32, i32);
 column!(String, text);
 column!(bool, bool);
+column!(Vec<u8>, bytes);
 
 /// How a connection is used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -24,7 +24,7 @@ use crate::input::{
 use crate::machines::{ListValues, MachineList, MachineRefs, Machines};
 use crate::rows::{
     group, ApiKeyRow, AuditRow, EnvironmentRow, GrantRow, ListRow, LogLineRow, MachineRow, NodeRow,
-    PackageRow, PolicyRow, RoleRow, Row, SpaceRow, StepRefRow, StepRow, TaskRow, TeamRow,
+    PackageContentRow, PackageRow, PolicyRow, RoleRow, Row, SpaceRow, StepRefRow, StepRow, TaskRow, TeamRow,
     TenantRow, UserRow, UserWithHashRow, IS_SYSTEM_ADMINISTRATOR,
 };
 use crate::sql::{query, returning, select, Access, Dialect, Engine, On, Params, Tx, Value};
@@ -32,7 +32,7 @@ use crate::text::{TextEnum, UNFINISHED_STATES};
 use crate::{
     now_ms, params, ticket, ApiKey, AuditEvent, AuditFilter, ClusterEvent, Environment, Grant,
     HealthUpdate, Machine, MachineFilter, MachinePolicy, MachineQuery, MachineUpdate,
-    NewAuditEvent, NewLogLine, NewMachine, NewPackage, NewTask, Node, NodeBeat, Package, Result,
+    NewAuditEvent, NewLogLine, NewMachine, NewPackage, NewTask, Node, NodeBeat, Package, PackageContent, Result,
     Role, Space, StepRef, Store, StoreError, Task, TaskLogLine, TaskQuery, TaskState, TaskStep,
     Team, Tenant, User, DEFAULT_POLICY,
 };
@@ -1950,4 +1950,266 @@ impl<E: Engine> Store for E {
         .all::<TaskRow>(self)
         .await
     }
+
+    // Package content (chunked, content-addressed).
+
+    async fn begin_package_content(&self, node: &str, chunk_size: i64, now: i64) -> Result<i64> {
+        if chunk_size <= 0 {
+            return Err(invalid(format!(
+                "a chunk size of {chunk_size} bytes cannot hold package content; give a positive size"
+            )));
+        }
+        require_name("node", node)?;
+        let sql = "INSERT INTO package_contents (sha256, size, chunk_size, node, started_at) \
+                   VALUES (NULL, 0, ?, ?, ?) RETURNING id";
+        query(
+            sql,
+            params![chunk_size, node, now],
+            "starting to write package content",
+        )
+        .value::<i64>(self)
+        .await
+    }
+
+    async fn put_package_chunk(&self, id: i64, index: i64, data: &[u8]) -> Result<()> {
+        const OP: &str = "writing a chunk of package content";
+        let mut tx = write_tx(self, OP).await?;
+        let chunk_size = pending_chunk_size(&mut *tx, self.dialect(), id, OP).await?;
+        let len = i64::try_from(data.len()).unwrap_or(i64::MAX);
+        if index < 0 || data.is_empty() || len > chunk_size {
+            return Err(invalid(format!(
+                "chunk {index} of package content {id} has {len} bytes; a chunk has 1 to \
+                 {chunk_size} bytes at an index from 0"
+            )));
+        }
+        let sql = "INSERT INTO package_chunks (content_id, idx, data) VALUES (?, ?, ?)";
+        let op = Op::new(OP).unique(invalid(format!(
+            "chunk {index} of package content {id} is written already"
+        )));
+        query(sql, params![id, index, data], op)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await.ctx(OP)
+    }
+
+    async fn finish_package_content(
+        &self,
+        id: i64,
+        sha256: &str,
+        size: i64,
+    ) -> Result<PackageContent> {
+        const OP: &str = "completing package content";
+        let sha256 = sha256.to_ascii_lowercase();
+        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(invalid(format!(
+                "'{sha256}' is not a SHA-256 (64 hex digits)"
+            )));
+        }
+        let d = self.dialect();
+        let mut tx = write_tx(self, OP).await?;
+        let chunk_size = pending_chunk_size(&mut *tx, d, id, OP).await?;
+        let n = crate::chunks_of(size, chunk_size);
+        let count = |extra: &'static str| {
+            format!("SELECT COUNT(*) FROM package_chunks WHERE content_id = ?{extra}")
+        };
+        let all = query(&count(""), params![id], OP)
+            .value::<i64>(&mut *tx)
+            .await?;
+        let in_range = query(&count(" AND idx < ?"), params![id, n], OP)
+            .value::<i64>(&mut *tx)
+            .await?;
+        let short = query(
+            &count(" AND idx < ? AND length(data) <> ?"),
+            params![id, n - 1, chunk_size],
+            OP,
+        )
+        .value::<i64>(&mut *tx)
+        .await?;
+        let total = query(
+            "SELECT COALESCE(SUM(length(data)), 0) FROM package_chunks WHERE content_id = ?",
+            params![id],
+            OP,
+        )
+        .value::<i64>(&mut *tx)
+        .await?;
+        if size < 0 || all != n || in_range != n || short != 0 || total != size {
+            return Err(invalid(format!(
+                "package content {id} is incomplete: {all} chunk(s) of {total} bytes written, \
+                 {n} chunk(s) of {size} bytes expected (every chunk but the last {chunk_size} bytes); \
+                 push the package again"
+            )));
+        }
+        let sql = select::<PackageContentRow>(&format!(
+            "FROM package_contents WHERE sha256 = ?{}",
+            d.for_update
+        ));
+        if let Some(existing) = query(&sql, params![&sha256], OP)
+            .optional::<PackageContentRow>(&mut *tx)
+            .await?
+        {
+            drop_content(&mut *tx, id, OP).await?;
+            tx.commit().await.ctx(OP)?;
+            return Ok(existing);
+        }
+        let sql = "UPDATE package_contents SET sha256 = ?, size = ? WHERE id = ?";
+        let op = Op::new(OP).unique(conflict("package content", sha256.clone()));
+        let done = match query(sql, params![&sha256, size, id], op)
+            .execute(&mut *tx)
+            .await
+        {
+            Ok(_) => tx.commit().await.ctx(OP),
+            Err(e) => Err(e),
+        };
+        match done {
+            Ok(()) => Ok(PackageContent {
+                id,
+                sha256,
+                size,
+                chunk_size,
+            }),
+            // Another writer completed the same content meanwhile: use it.
+            Err(StoreError::Conflict { .. }) => {
+                let existing = self.package_content(&sha256).await?;
+                self.abandon_package_content(id).await?;
+                existing.ok_or_else(|| {
+                    StoreError::Database(format!(
+                        "{OP}: content {sha256} was completed by another writer and is gone now; push again"
+                    ))
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn abandon_package_content(&self, id: i64) -> Result<()> {
+        const OP: &str = "dropping pending package content";
+        let mut tx = write_tx(self, OP).await?;
+        let sql = format!(
+            "SELECT id FROM package_contents WHERE id = ? AND sha256 IS NULL{}",
+            self.dialect().for_update
+        );
+        if query(&sql, params![id], OP)
+            .scalar::<i64>(&mut *tx)
+            .await?
+            .is_some()
+        {
+            drop_content(&mut *tx, id, OP).await?;
+        }
+        tx.commit().await.ctx(OP)
+    }
+
+    async fn package_content(&self, sha256: &str) -> Result<Option<PackageContent>> {
+        let sql = select::<PackageContentRow>("FROM package_contents WHERE sha256 = ?");
+        query(
+            &sql,
+            params![sha256.to_ascii_lowercase()],
+            "reading package content",
+        )
+        .optional::<PackageContentRow>(self)
+        .await
+    }
+
+    async fn package_chunks(&self, id: i64, from: i64, count: i64) -> Result<Vec<Vec<u8>>> {
+        let sql = "SELECT data FROM package_chunks WHERE content_id = ? AND idx >= ? AND idx < ? \
+                   AND EXISTS (SELECT 1 FROM package_contents c \
+                               WHERE c.id = content_id AND c.sha256 IS NOT NULL) \
+                   ORDER BY idx";
+        let until = from.saturating_add(count.max(0));
+        query(
+            sql,
+            params![id, from, until],
+            "reading chunks of package content",
+        )
+        .scalars::<Vec<u8>>(self)
+        .await
+    }
+
+    async fn delete_unused_package_content(&self, sha256: &str) -> Result<bool> {
+        const OP: &str = "deleting unused package content";
+        let sha256 = sha256.to_ascii_lowercase();
+        let mut tx = write_tx(self, OP).await?;
+        // Locked first: a push completing this content waits for the delete.
+        let sql = format!(
+            "SELECT id FROM package_contents WHERE sha256 = ?{}",
+            self.dialect().for_update
+        );
+        let Some(id) = query(&sql, params![&sha256], OP)
+            .scalar::<i64>(&mut *tx)
+            .await?
+        else {
+            return Ok(false);
+        };
+        let used = query(
+            "SELECT COUNT(*) FROM packages WHERE sha256 = ?",
+            params![&sha256],
+            OP,
+        )
+        .value::<i64>(&mut *tx)
+        .await?;
+        if used > 0 {
+            return Ok(false);
+        }
+        drop_content(&mut *tx, id, OP).await?;
+        tx.commit().await.ctx(OP)?;
+        Ok(true)
+    }
+
+    async fn remove_pending_package_contents(
+        &self,
+        node: &str,
+        started_before: i64,
+    ) -> Result<u64> {
+        const OP: &str = "removing abandoned package uploads";
+        const PENDING: &str =
+            "SELECT id FROM package_contents WHERE sha256 IS NULL AND (node = ? OR started_at < ?)";
+        let mut tx = write_tx(self, OP).await?;
+        let chunks = format!("DELETE FROM package_chunks WHERE content_id IN ({PENDING})");
+        query(&chunks, params![node, started_before], OP)
+            .execute(&mut *tx)
+            .await?;
+        let rows = format!("DELETE FROM package_contents WHERE id IN ({PENDING})");
+        let removed = query(&rows, params![node, started_before], OP)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await.ctx(OP)?;
+        Ok(removed)
+    }
+}
+
+/// The chunk size of pending content `id` (its row locked); Invalid when it
+/// is not pending.
+async fn pending_chunk_size(
+    tx: &mut (dyn Tx + 'static),
+    d: &Dialect,
+    id: i64,
+    op: &str,
+) -> Result<i64> {
+    let sql = format!(
+        "SELECT chunk_size FROM package_contents WHERE id = ? AND sha256 IS NULL{}",
+        d.for_update
+    );
+    query(&sql, params![id], op)
+        .scalar::<i64>(tx)
+        .await?
+        .ok_or_else(|| {
+            invalid(format!(
+                "package content {id} is not being written (it was completed, or dropped as \
+                 abandoned); push the package again"
+            ))
+        })
+}
+
+/// Deletes content `id` and its chunks.
+async fn drop_content(tx: &mut (dyn Tx + 'static), id: i64, op: &str) -> Result<()> {
+    query(
+        "DELETE FROM package_chunks WHERE content_id = ?",
+        params![id],
+        op,
+    )
+    .execute(&mut *tx)
+    .await?;
+    query("DELETE FROM package_contents WHERE id = ?", params![id], op)
+        .execute(tx)
+        .await?;
+    Ok(())
 }
