@@ -131,6 +131,7 @@ impl MachineFilter {
 
 /// A machine's settings to change (each given field is set).
 pub use octo_api_types::MachineUpdate;
+pub use octo_api_types::PolicySettings;
 
 /// Which tasks a page of tasks shows, newest first.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -544,4 +545,22 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// How many package rows use a file, in any space (to know when the file
     /// can be removed).
     async fn count_packages_with_sha256(&self, sha256: &str) -> Result<i64>;
+
+    // Machine policy settings (issue 17: the tentacle update behaviour).
+    /// Adds a machine policy to the space; settings left out take the
+    /// default policy's defaults (3600 s, 60 s, 120 s, Manual). Conflict when
+    /// the name is taken.
+    async fn create_policy(
+        &self,
+        space_id: i64,
+        name: &str,
+        settings: &PolicySettings,
+    ) -> Result<MachinePolicy>;
+    /// Changes the settings given of a policy; NotFound when there is none.
+    async fn update_policy(
+        &self,
+        space_id: i64,
+        name: &str,
+        settings: &PolicySettings,
+    ) -> Result<MachinePolicy>;
 }
