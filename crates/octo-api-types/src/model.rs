@@ -92,9 +92,7 @@ pub struct MachinePolicy {
 /// A machine policy's tentacle update behaviour (the original's "Tentacle
 /// update behaviour": "Update only when manually requested" or "Always keep
 /// up to date").
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema,
-)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum TentacleUpdate {
     /// Only `octopus tentacle upgrade` or the portal's Upgrade button upgrade
     /// the tentacle; a health check warns that an upgrade is available.

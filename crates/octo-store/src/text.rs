@@ -48,7 +48,11 @@ text_enum!(
     [Queued, Executing, Success, Failed, Canceled]
 );
 
-text_enum!(TentacleUpdate, "tentacle update behaviour", [Manual, Always]);
+text_enum!(
+    TentacleUpdate,
+    "tentacle update behaviour",
+    [Manual, Always]
+);
 
 /// The states that are not final, as an SQL list: `state IN` this.
 pub const UNFINISHED_STATES: &str = "('Queued', 'Executing')";

@@ -32,8 +32,8 @@ use crate::text::{TextEnum, UNFINISHED_STATES};
 use crate::{
     now_ms, params, ticket, ApiKey, AuditEvent, AuditFilter, Environment, Grant, HealthUpdate,
     Machine, MachineFilter, MachinePolicy, MachineQuery, MachineUpdate, NewAuditEvent, NewLogLine,
-    NewMachine, NewPackage, NewTask, Node, NodeBeat, Package, PolicySettings, Result, Role, Space, Store,
-    StoreError, Task, TaskLogLine, TaskQuery, TaskState, TaskStep, Team, Tenant, User,
+    NewMachine, NewPackage, NewTask, Node, NodeBeat, Package, PolicySettings, Result, Role, Space,
+    Store, StoreError, Task, TaskLogLine, TaskQuery, TaskState, TaskStep, Team, Tenant, User,
     DEFAULT_POLICY,
 };
 
