@@ -96,9 +96,14 @@ done
 # The RPMs: the files of the Debian package as extracted above (the assets
 # in each crate's [package.metadata.generate-rpm] name them), so both carry
 # the same binaries, man pages and completions.
+# The debug build's RPMs are compressed fast (gzip, not zstd at level 19).
 rpm_arch=$(uname -m)
+rpmopts=(--arch "$rpm_arch" --output "$out/")
+if [ "$profile" != release ]; then
+    rpmopts+=(--payload-compress gzip)
+fi
 for crate in tentacle octopus; do
     [ "$only" = tentacle ] && [ "$crate" = octopus ] && continue
-    "$rpm" -p "crates/$crate" --arch "$rpm_arch" --output "$out/"
+    "$rpm" -p "crates/$crate" "${rpmopts[@]}"
 done
 ls -la "$out"/*.deb "$out"/*.tar.gz "$out"/*.rpm
