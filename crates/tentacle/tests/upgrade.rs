@@ -131,7 +131,12 @@ impl Lab {
                     port.to_string(),
                 ]);
             }
-            None => reg.extend(["--comms-style".into(), "TentacleActive".into()]),
+            None => {
+                // Not listening: otherwise every polling tentacle holds port
+                // 10933, and two tests running at once collide there.
+                self.tentacle(&["configure", "--instance", name, "--no-listen"]);
+                reg.extend(["--comms-style".into(), "TentacleActive".into()]);
+            }
         }
         let reg: Vec<&str> = reg.iter().map(String::as_str).collect();
         self.tentacle(&reg);
