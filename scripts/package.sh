@@ -8,8 +8,14 @@
 #                                      man pages, completions
 #   octopus-tentacle-VERSION-linux-ARCH.tar.gz, octopus-server-...tar.gz
 #                                      the same files, for other distributions
-# Debian packages are made by cargo-deb (installed under target/tools when
-# missing). Usage: scripts/package.sh [--profile release|dev] [--only tentacle]
+#   octopus-tentacle-VERSION-1.ARCH.rpm, octopus-server-VERSION-1.ARCH.rpm
+#                                      the same files as the Debian packages
+#                                      (units in /usr/lib/systemd/system, zsh
+#                                      completions in site-functions), the
+#                                      PATH link made by their %post script
+# Debian packages are made by cargo-deb, RPMs by cargo-generate-rpm (both
+# installed under target/tools when missing), from the Debian package's files.
+# Usage: scripts/package.sh [--profile release|dev] [--only tentacle]
 #   --profile dev  packages the debug build (fast; what scripts/test.sh checks)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +41,11 @@ deb="$target/tools/bin/cargo-deb"
 if [ ! -x "$deb" ]; then
     echo "installing cargo-deb into $target/tools" >&2
     cargo install cargo-deb --locked --root "$target/tools"
+fi
+rpm="$target/tools/bin/cargo-generate-rpm"
+if [ ! -x "$rpm" ]; then
+    echo "installing cargo-generate-rpm into $target/tools" >&2
+    cargo install cargo-generate-rpm --locked --root "$target/tools"
 fi
 
 bins=(-p octo-tentacle --bin tentacle)
@@ -81,4 +92,18 @@ for pkg in octopus-tentacle octopus-server; do
     esac
     tar -C "$root" -czf "$out/$pkg-$version-linux-$arch.tar.gz" .
 done
-ls -la "$out"/*.deb "$out"/*.tar.gz
+
+# The RPMs: the files of the Debian package as extracted above (the assets
+# in each crate's [package.metadata.generate-rpm] name them), so both carry
+# the same binaries, man pages and completions.
+# The debug build's RPMs are compressed fast (gzip, not zstd at level 19).
+rpm_arch=$(uname -m)
+rpmopts=(--arch "$rpm_arch" --output "$out/")
+if [ "$profile" != release ]; then
+    rpmopts+=(--payload-compress gzip)
+fi
+for crate in tentacle octopus; do
+    [ "$only" = tentacle ] && [ "$crate" = octopus ] && continue
+    "$rpm" -p "crates/$crate" "${rpmopts[@]}"
+done
+ls -la "$out"/*.deb "$out"/*.tar.gz "$out"/*.rpm

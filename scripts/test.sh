@@ -54,6 +54,8 @@ target/py-venv/bin/python -c 'import grpc, grpc_reflection, google.protobuf' 2>/
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked --no-fail-fast
-# The tentacle's Debian package: built, installed, a documented script run with
-# /opt/octopus/tentacle/Tentacle, removed and purged (about 2 minutes).
+# The packages: the tentacle's Debian package built, installed, a documented script run
+# with /opt/octopus/tentacle/Tentacle, removed and purged; the server's installed, checked,
+# removed and purged; the RPMs read with Debian's rpm (about 2.5 minutes, after the
+# first install of cargo-deb and cargo-generate-rpm under target/tools).
 ./scripts/test-package.sh

@@ -654,7 +654,7 @@ impl UpgradeService for UpgradeServiceImpl {
 /// unit (outside the service's control group, which a restart empties),
 /// otherwise detached in a session of its own (through a launcher that exits
 /// at once, so no zombie is left with the tentacle).
-fn start_guard_process(
+pub fn start_guard_process(
     previous: &Path,
     record: &Path,
     home: &Path,

@@ -405,6 +405,60 @@ pub struct MachineUpdate {
     pub disabled: Option<bool>,
 }
 
+/// `POST /api/machine-policies`: a new machine policy; each setting left out
+/// takes the default policy's value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewPolicy {
+    #[schema(value_type = crate::validate::Name)]
+    pub name: String,
+    /// As in [`PolicySettings`].
+    #[serde(default, deserialize_with = "optional_whole_number")]
+    #[schema(minimum = 60, maximum = 2678400)]
+    pub health_check_interval_s: Option<u32>,
+    #[serde(default, deserialize_with = "optional_whole_number")]
+    #[schema(minimum = 1, maximum = 3600)]
+    pub health_check_timeout_s: Option<u32>,
+    #[serde(default, deserialize_with = "optional_whole_number")]
+    #[schema(minimum = 1, maximum = 3600)]
+    pub polling_wait_s: Option<u32>,
+    pub tentacle_update: Option<crate::model::TentacleUpdate>,
+}
+
+impl NewPolicy {
+    /// Its settings, apart from the name.
+    pub fn settings(&self) -> PolicySettings {
+        PolicySettings {
+            health_check_interval_s: self.health_check_interval_s,
+            health_check_timeout_s: self.health_check_timeout_s,
+            polling_wait_s: self.polling_wait_s,
+            tentacle_update: self.tentacle_update,
+        }
+    }
+}
+
+/// `PUT /api/machine-policies/{name}`: a policy's settings; those left out
+/// stay as they are.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySettings {
+    /// Seconds between scheduled health checks (60 to 2678400, 31 days).
+    #[serde(default, deserialize_with = "optional_whole_number")]
+    #[schema(minimum = 60, maximum = 2678400)]
+    pub health_check_interval_s: Option<u32>,
+    /// Seconds a health check may take per machine (1 to 3600).
+    #[serde(default, deserialize_with = "optional_whole_number")]
+    #[schema(minimum = 1, maximum = 3600)]
+    pub health_check_timeout_s: Option<u32>,
+    /// Seconds a request waits for a polling machine to connect (1 to 3600).
+    #[serde(default, deserialize_with = "optional_whole_number")]
+    #[schema(minimum = 1, maximum = 3600)]
+    pub polling_wait_s: Option<u32>,
+    /// `Manual` (upgrade only when asked) or `Always` (a health check that
+    /// finds an older tentacle upgrades it).
+    pub tentacle_update: Option<crate::model::TentacleUpdate>,
+}
+
 /// `PUT /api/environments/{name}`: rename, describe, or move an environment
 /// (`position`: 0 is first).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -83,6 +83,48 @@ pub struct MachinePolicy {
     pub health_check_timeout_s: i64,
     /// Seconds a request waits for a polling machine to connect.
     pub polling_wait_s: i64,
+    /// Whether a health check that finds a tentacle older than the server's
+    /// upgrades it (`Always`) or only warns (`Manual`, the default).
+    #[serde(default)]
+    pub tentacle_update: TentacleUpdate,
+}
+
+/// A machine policy's tentacle update behaviour (the original's "Tentacle
+/// update behaviour": "Update only when manually requested" or "Always keep
+/// up to date").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub enum TentacleUpdate {
+    /// Only `octopus tentacle upgrade` or the portal's Upgrade button upgrade
+    /// the tentacle; a health check warns that an upgrade is available.
+    #[default]
+    Manual,
+    /// A health check that finds the tentacle older than the one the server
+    /// carries starts a tentacle upgrade task for it.
+    Always,
+}
+
+impl TentacleUpdate {
+    /// "Manual" or "Always", as stored and shown.
+    pub fn name(self) -> &'static str {
+        match self {
+            TentacleUpdate::Manual => "Manual",
+            TentacleUpdate::Always => "Always",
+        }
+    }
+}
+
+impl std::str::FromStr for TentacleUpdate {
+    type Err = String;
+    /// "Manual" or "Always", ignoring case.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "manual" => Ok(TentacleUpdate::Manual),
+            "always" => Ok(TentacleUpdate::Always),
+            _ => Err(format!(
+                "'{s}' is not a tentacle update behaviour: Manual (upgrade only when asked) or Always (keep up to date)"
+            )),
+        }
+    }
 }
 
 /// How the server reaches a machine.

@@ -12,8 +12,8 @@ use std::fmt;
 
 use crate::messages::{
     DeployRequest, DiscoverRequest, EnvironmentUpdate, GuidanceRequest, HealthRequest, Login,
-    MachineRequest, MachineUpdate, NewApiKey, NewEnvironment, NewUser, ScriptRequest,
-    TentacleUpgradeRequest,
+    MachineRequest, MachineUpdate, NewApiKey, NewEnvironment, NewPolicy, NewUser, PolicySettings,
+    ScriptRequest, TentacleUpgradeRequest,
 };
 use crate::security::{NewGrant, NewMember, NewRole, NewSpace, NewTeam, SetPassword};
 
@@ -476,6 +476,39 @@ impl Validate for NewEnvironment {
     fn validate(&self) -> Checked {
         environment_name("name", &self.name)?;
         text("description", &self.description)
+    }
+}
+
+/// The limits of a machine policy's settings: field, least, most.
+pub const POLICY_LIMITS: [(&str, u32, u32); 3] = [
+    ("health_check_interval_s", 60, 2_678_400),
+    ("health_check_timeout_s", 1, 3600),
+    ("polling_wait_s", 1, 3600),
+];
+
+impl Validate for PolicySettings {
+    fn validate(&self) -> Checked {
+        let values = [
+            self.health_check_interval_s,
+            self.health_check_timeout_s,
+            self.polling_wait_s,
+        ];
+        for ((field, least, most), value) in POLICY_LIMITS.into_iter().zip(values) {
+            if let Some(v) = value.filter(|v| !(least..=most).contains(v)) {
+                return Err(Invalid::new(
+                    field,
+                    format!("must be from {least} to {most} seconds, not {v}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Validate for NewPolicy {
+    fn validate(&self) -> Checked {
+        name("name", &self.name)?;
+        self.settings().validate()
     }
 }
 

@@ -37,6 +37,7 @@ mod follow;
 mod http;
 mod nodes;
 mod output;
+mod policies;
 mod prompt;
 mod security;
 mod session;
@@ -199,6 +200,14 @@ pub enum ClientCommand {
         after_help = "Examples:\n  octopus node list\n  octopus node drain node-2 --wait\n  octopus node undrain node-2"
     )]
     Node(nodes::NodeCommand),
+    /// The space's machine policies: health check timing, and whether health
+    /// checks keep tentacles up to date (`--tentacle-update always`).
+    #[command(
+        subcommand,
+        visible_alias = "machine-policy",
+        after_help = "Examples:\n  octopus policy list\n  octopus policy update \"Default Machine Policy\" --tentacle-update always\n  octopus policy create \"Keep up to date\" --tentacle-update always --health-check-interval 900"
+    )]
+    Policy(policies::PolicyCommand),
     /// Log in with a username and password; later commands to this server use the session.
     #[command(
         after_help = "Examples:\n  octopus login --username alice              # asks for the password, without echo\n  printf '%s\\n' \"$PASSWORD\" | octopus login --username alice --password-stdin\n\n\
@@ -567,6 +576,7 @@ pub async fn run(opts: ClientOpts, command: ClientCommand) -> anyhow::Result<Exi
         ClientCommand::Role(c) => cx.role(c).await,
         ClientCommand::Audit(c) => cx.audit(c).await,
         ClientCommand::Node(c) => cx.node(c).await,
+        ClientCommand::Policy(c) => cx.policy(c).await,
         ClientCommand::Login(a) => cx.login(a).await,
         ClientCommand::Logout => cx.logout().await,
         ClientCommand::Whoami => cx.whoami().await,

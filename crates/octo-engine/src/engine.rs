@@ -194,6 +194,9 @@ pub struct Engine {
     node_slots: Arc<Semaphore>,
     /// Work across nodes (a store several nodes share; idle otherwise).
     cluster: cluster::Cluster,
+    /// Held while a finished health check decides on automatic tentacle
+    /// upgrades, so two checks never both start one for a machine.
+    auto_upgrades: tokio::sync::Mutex<()>,
 }
 
 /// What runs one step of a task.
@@ -225,6 +228,7 @@ impl Engine {
             notifiers: Arc::new(Notifiers::default()),
             guidance: Arc::new(GuidanceBoard::default()),
             cluster: cluster::Cluster::default(),
+            auto_upgrades: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -624,7 +628,57 @@ impl Engine {
                 Vec::new()
             }
         };
+        if task.kind == kind::HEALTH && !cancel.is_cancelled() {
+            self.upgrade_outdated(&log, &task).await;
+        }
         self.finish_task(&log, &task, &cancel, &health).await;
+    }
+
+    /// After health check `task`: one tentacle upgrade task for the machines
+    /// it found older than the server's tentacle whose machine policy says
+    /// Always (see [`crate::auto_upgrade`]); its log says which task started.
+    async fn upgrade_outdated(self: &Arc<Self>, log: &TaskLog, task: &Task) {
+        let Ok(build) = self.deps.tentacle.as_ref() else {
+            return;
+        };
+        let store = self.deps.store.as_ref();
+        let _one_at_a_time = self.auto_upgrades.lock().await;
+        let machines = match crate::auto_upgrade::due(store, &task.id, &build.version).await {
+            Ok(m) if m.is_empty() => return,
+            Ok(m) => m,
+            Err(e) => {
+                let why = format!("deciding on automatic tentacle upgrades: {e}");
+                warn!("task {}: {why}", task.id);
+                return log.server(why).await;
+            }
+        };
+        let created =
+            crate::auto_upgrade::create(store, task, &machines, &build.version, &build.sha256)
+                .await;
+        match created {
+            Ok(upgrade) => {
+                info!(
+                    "created task {} ({}), started by the system after health check {}",
+                    upgrade.id, upgrade.description, task.id
+                );
+                log.server(format!(
+                    "Started task {} to upgrade the tentacle to {} on {} (their machine policy keeps tentacles up to date)",
+                    upgrade.id,
+                    build.version,
+                    machine_list(&machines)
+                ))
+                .await;
+                self.start(upgrade);
+            }
+            Err(e) => {
+                let why = format!(
+                    "starting the automatic tentacle upgrade of {}: {e}",
+                    machine_list(&machines)
+                );
+                error!("task {}: {why}", task.id);
+                log.server(why).await;
+            }
+        }
     }
 
     /// Runs every unfinished step, at most `per_task` at once (and within the

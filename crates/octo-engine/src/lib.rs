@@ -26,6 +26,7 @@
 //! server restart resumes from there (StartScript is idempotent on the step's
 //! ticket; StreamLogs resumes from the sequence), so no line is lost or repeated.
 
+mod auto_upgrade;
 pub mod context;
 pub mod engine;
 pub mod feed;

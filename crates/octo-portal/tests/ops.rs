@@ -582,3 +582,32 @@ async fn a_viewer_sees_no_controls_and_is_refused() {
     assert_eq!(env_names(&p).await, ["Test"]);
     assert_eq!(task_count(&p).await, before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_target_form_says_which_policies_keep_tentacles_up_to_date() {
+    let p = Portal::start().await;
+    let (s, b) = p
+        .api(
+            "POST",
+            "/api/machine-policies",
+            Some(json!({"name": "Keep up", "tentacle_update": "Always"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    fake_machine(&p, "builder-1", &[], Some("Builders")).await;
+    let password = p.user("manager", Some("Space manager")).await;
+    let b = p.browser("manager", &password).await;
+    let page = b.get("/spaces/Default/targets/builder-1").await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(
+        page.body
+            .contains("<option value=\"Keep up\">Keep up (keeps tentacles up to date)</option>"),
+        "{}",
+        page.body
+    );
+    assert!(
+        page.body.contains(">Default Machine Policy</option>"),
+        "{}",
+        page.body
+    );
+}

@@ -243,6 +243,8 @@ const COVERED: &[(&str, &str)] = &[
     ("GET", "/api/worker-pools"),
     ("GET", "/api/tenants"),
     ("GET", "/api/machine-policies"),
+    ("POST", "/api/machine-policies"),
+    ("PUT", "/api/machine-policies/{name}"),
     ("GET", "/api/tasks"),
     ("POST", "/api/tasks/script"),
     ("POST", "/api/tasks/health"),
@@ -513,6 +515,22 @@ fn cases(method: &Method, path: &str, f: &Fixture) -> Option<Vec<Case>> {
             Perm(P::MachinePolicyView),
             &[200],
         )],
+        ("POST", "/api/machine-policies") => vec![case(
+            "add machine policy",
+            M::POST,
+            path.into(),
+            Perm(P::MachinePolicyEdit),
+            &[201],
+        )
+        .json(json!({ "name": format!("P-new-{i}"), "tentacle_update": "Always" }))],
+        ("PUT", "/api/machine-policies/{name}") => vec![case(
+            "edit machine policy",
+            M::PUT,
+            "/api/machine-policies/Default%20Machine%20Policy".into(),
+            Perm(P::MachinePolicyEdit),
+            &[200],
+        )
+        .json(json!({ "polling_wait_s": 100 + i }))],
         ("GET", "/api/machines") => vec![case(
             "machines",
             M::GET,

@@ -168,6 +168,99 @@ async fn names_and_numbers_are_checked_at_the_api() {
 }
 
 #[tokio::test]
+async fn machine_policies_are_added_and_changed_with_their_settings_checked() {
+    let s = Server::start().await;
+    let api = &s.admin;
+    let r = api
+        .post(
+            "/api/machine-policies",
+            json!({"name": "Keep up", "tentacle_update": "Always", "polling_wait_s": 30}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+    assert_eq!(r.body["tentacle_update"], "Always", "{r:?}");
+    assert_eq!(r.body["health_check_interval_s"], 3600, "{r:?}");
+    assert_eq!(r.body["polling_wait_s"], 30, "{r:?}");
+    let r = api
+        .post("/api/machine-policies", json!({"name": "keep UP"}))
+        .await;
+    assert_eq!(r.status, 409, "{r:?}");
+
+    // Each setting's range, named; an unknown behaviour, named.
+    for (field, body, rule) in [
+        ("name", json!({"name": " "}), "must not be empty"),
+        (
+            "health_check_interval_s",
+            json!({"name": "P", "health_check_interval_s": 5}),
+            "must be from 60 to 2678400 seconds, not 5",
+        ),
+        (
+            "health_check_timeout_s",
+            json!({"name": "P", "health_check_timeout_s": 0}),
+            "must be from 1 to 3600",
+        ),
+        (
+            "polling_wait_s",
+            json!({"name": "P", "polling_wait_s": 7200}),
+            "not 7200",
+        ),
+    ] {
+        refused(&api.post("/api/machine-policies", body).await, field, rule);
+    }
+    let r = api
+        .put(
+            "/api/machine-policies/Keep%20up",
+            json!({"tentacle_update": "Sometimes"}),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{r:?}");
+    let error = r.body["error"].as_str().unwrap();
+    assert!(
+        error.contains("tentacle_update") && error.contains("Always"),
+        "{error}"
+    );
+    refused(
+        &api.put(
+            "/api/machine-policies/Keep%20up",
+            json!({"health_check_interval_s": 59}),
+        )
+        .await,
+        "health_check_interval_s",
+        "from 60",
+    );
+    let r = api
+        .put(
+            "/api/machine-policies/Nope",
+            json!({"tentacle_update": "Always"}),
+        )
+        .await;
+    assert_eq!(r.status, 404, "{r:?}");
+
+    // A change keeps what is not given.
+    let r = api
+        .put(
+            "/api/machine-policies/Default%20Machine%20Policy",
+            json!({"tentacle_update": "Always"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let listed = api.get("/api/machine-policies").await.expect(200);
+    let default = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "Default Machine Policy")
+        .unwrap();
+    assert_eq!(default["tentacle_update"], "Always", "{listed}");
+    assert_eq!(default["polling_wait_s"], 120, "{listed}");
+    let audit = api.get("/api/audit").await.expect(200);
+    assert!(
+        audit.to_string().contains("tentacle updates Always"),
+        "{audit}"
+    );
+}
+
+#[tokio::test]
 async fn every_error_is_the_json_error_body() {
     let mut s = Server::start().await;
     let api = &s.admin;

@@ -11,7 +11,8 @@
 use octo_store::{
     ticket, AuditEvent, AuditFilter, EndpointKind, HealthFilter, HealthStatus, HealthUpdate,
     MachineFilter, MachineQuery, MachineUpdate, NewAuditEvent, NodeBeat, NodeState, Permission,
-    Role, Store, StoreError, Task, TaskQuery, TaskState, DEFAULT_POLICY,
+    PolicySettings, Role, Store, StoreError, Task, TaskQuery, TaskState, TentacleUpdate,
+    DEFAULT_POLICY,
 };
 use serde_json::json;
 
@@ -68,6 +69,7 @@ macro_rules! store_suite {
             incomplete_or_malformed_package_content_is_refused,
             package_content_is_deleted_only_when_no_package_uses_it,
             abandoned_package_uploads_are_removed_by_node_or_age,
+            policies_are_added_and_changed_with_their_tentacle_update,
         );
     };
     (@each $factory:expr; $($test:ident,)+) => {
@@ -301,6 +303,7 @@ pub async fn the_default_policy_exists(s: &dyn Store) {
         (3600, 60, 120)
     );
     assert!(s.policy(1, "Nope").await.unwrap().is_none());
+    assert_eq!(p.tentacle_update, TentacleUpdate::Manual);
 }
 
 pub async fn machines_are_created_listed_and_filtered(s: &dyn Store) {
@@ -1925,4 +1928,85 @@ pub async fn polling_presence_and_step_assignment_follow_live_nodes(store: &dyn 
             .expect("the event within 10 s");
         assert_eq!(got, Some(event));
     }
+}
+
+pub async fn policies_are_added_and_changed_with_their_tentacle_update(s: &dyn Store) {
+    // Left out: the default policy's settings.
+    let p = s
+        .create_policy(1, "Fast", &PolicySettings::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            p.name.as_str(),
+            p.health_check_interval_s,
+            p.health_check_timeout_s,
+            p.polling_wait_s,
+            p.tentacle_update
+        ),
+        ("Fast", 3600, 60, 120, TentacleUpdate::Manual)
+    );
+    assert!(matches!(
+        s.create_policy(1, "FAST", &PolicySettings::default()).await,
+        Err(StoreError::Conflict { .. })
+    ));
+    // Only what is given changes.
+    let changed = s
+        .update_policy(
+            1,
+            "fast",
+            &PolicySettings {
+                tentacle_update: Some(TentacleUpdate::Always),
+                polling_wait_s: Some(30),
+                ..PolicySettings::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(changed.id, p.id);
+    assert_eq!(
+        (
+            changed.health_check_interval_s,
+            changed.polling_wait_s,
+            changed.tentacle_update
+        ),
+        (3600, 30, TentacleUpdate::Always)
+    );
+    assert_eq!(s.policy(1, "Fast").await.unwrap().unwrap(), changed);
+    let given = s
+        .create_policy(
+            1,
+            "Slow",
+            &PolicySettings {
+                health_check_interval_s: Some(86_400),
+                health_check_timeout_s: Some(300),
+                polling_wait_s: Some(600),
+                tentacle_update: Some(TentacleUpdate::Always),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            given.health_check_interval_s,
+            given.health_check_timeout_s,
+            given.polling_wait_s,
+            given.tentacle_update
+        ),
+        (86_400, 300, 600, TentacleUpdate::Always)
+    );
+    let names: Vec<String> = s
+        .list_policies(1)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    assert_eq!(names, [DEFAULT_POLICY, "Fast", "Slow"]);
+    assert!(matches!(
+        s.update_policy(1, "Nope", &PolicySettings::default()).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    // Other spaces do not see it.
+    assert!(s.policy(2, "Fast").await.unwrap().is_none());
 }

@@ -131,6 +131,7 @@ impl MachineFilter {
 
 /// A machine's settings to change (each given field is set).
 pub use octo_api_types::MachineUpdate;
+pub use octo_api_types::PolicySettings;
 
 /// Which tasks a page of tasks shows, newest first.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -721,4 +722,22 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// `started_before` (abandoned); answers how many.
     async fn remove_pending_package_contents(&self, node: &str, started_before: i64)
         -> Result<u64>;
+
+    // Machine policy settings (issue 17: the tentacle update behaviour).
+    /// Adds a machine policy to the space; settings left out take the
+    /// default policy's defaults (3600 s, 60 s, 120 s, Manual). Conflict when
+    /// the name is taken.
+    async fn create_policy(
+        &self,
+        space_id: i64,
+        name: &str,
+        settings: &PolicySettings,
+    ) -> Result<MachinePolicy>;
+    /// Changes the settings given of a policy; NotFound when there is none.
+    async fn update_policy(
+        &self,
+        space_id: i64,
+        name: &str,
+        settings: &PolicySettings,
+    ) -> Result<MachinePolicy>;
 }

@@ -12,8 +12,7 @@ use crate::text::TextEnum;
 use crate::{
     ApiKey, AuditEvent, EndpointKind, Environment, Grant, HealthStatus, Machine, MachinePolicy,
     Node, NodeState, Package, PackageContent, Permission, Result, Role, Space, StepRef,
-    StoreError, Task,
-    TaskLogLine, TaskState, TaskStep, Team, Tenant, User,
+    StoreError, Task, TaskLogLine, TaskState, TaskStep, Team, Tenant, TentacleUpdate, User,
 };
 
 /// A row that becomes one of the API's records.
@@ -148,10 +147,22 @@ row! {
 
 row! {
     /// A `machine_policies` row.
-    PolicyRow => MachinePolicy {
+    PolicyRow => MachinePolicy by policy {
         id: i64, space_id: i64, name: String, health_check_interval_s: i64, health_check_timeout_s: i64,
-        polling_wait_s: i64,
+        polling_wait_s: i64, tentacle_update: String,
     }
+}
+
+fn policy(r: PolicyRow) -> Result<MachinePolicy> {
+    Ok(MachinePolicy {
+        id: r.id,
+        space_id: r.space_id,
+        name: r.name,
+        health_check_interval_s: r.health_check_interval_s,
+        health_check_timeout_s: r.health_check_timeout_s,
+        polling_wait_s: r.polling_wait_s,
+        tentacle_update: TentacleUpdate::from_text(&r.tentacle_update)?,
+    })
 }
 
 row! {

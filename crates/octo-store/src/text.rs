@@ -2,7 +2,7 @@
 //! ("Listening", "Healthy", "Queued", ...), as the schemas' CHECK constraints
 //! list them.
 
-use crate::{EndpointKind, HealthStatus, Result, StoreError, TaskState};
+use crate::{EndpointKind, HealthStatus, Result, StoreError, TaskState, TentacleUpdate};
 
 /// An enum stored as the name of its variant.
 pub trait TextEnum: Sized {
@@ -46,6 +46,12 @@ text_enum!(
     TaskState,
     "task state",
     [Queued, Executing, Success, Failed, Canceled]
+);
+
+text_enum!(
+    TentacleUpdate,
+    "tentacle update behaviour",
+    [Manual, Always]
 );
 
 /// The states that are not final, as an SQL list: `state IN` this.

@@ -76,6 +76,80 @@ fn environments_table_json_and_errors() {
 }
 
 #[test]
+fn machine_policies_list_create_update_show() {
+    let s = start();
+    let out = s.cli(&["policy", "list"]).ok();
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{out:#?}");
+    assert!(lines[0].starts_with("NAME "), "{out:#?}");
+    assert_eq!(
+        &lines[1][col(lines[0], "TENTACLE UPDATE")..],
+        "Manual",
+        "{out:#?}"
+    );
+
+    let out = s
+        .cli(&[
+            "policy",
+            "create",
+            "Keep up",
+            "--tentacle-update",
+            "always",
+            "--health-check-interval",
+            "900",
+        ])
+        .ok();
+    assert!(
+        out.stdout.starts_with("Created machine policy 'Keep up'."),
+        "{out:#?}"
+    );
+    assert!(
+        out.stdout
+            .contains("Always (health checks keep tentacles up to date)"),
+        "{out:#?}"
+    );
+    let out = s
+        .cli(&[
+            "--output",
+            "json",
+            "machine-policy",
+            "update",
+            "Default Machine Policy",
+            "--polling-wait",
+            "30",
+        ])
+        .ok();
+    let v = out.json();
+    assert_eq!(v["polling_wait_s"], 30, "{v}");
+    assert_eq!(v["tentacle_update"], "Manual", "{v}");
+    let out = s.cli(&["policy", "show", "keep up"]).ok();
+    assert!(out.stdout.contains("900 s"), "{out:#?}");
+
+    // The server's rule, naming the field; and nothing to change.
+    let err = s
+        .cli(&[
+            "policy",
+            "update",
+            "Keep up",
+            "--health-check-interval",
+            "5",
+        ])
+        .error();
+    assert!(
+        err.contains("changing machine policy 'Keep up'")
+            && err.contains("health_check_interval_s")
+            && err.contains("from 60"),
+        "{err}"
+    );
+    let err = s.cli(&["policy", "update", "Keep up"]).error();
+    assert!(err.contains("nothing to change"), "{err}");
+    let err = s.cli(&["policy", "show", "Nope"]).error();
+    assert!(err.contains("'Nope' does not exist"), "{err}");
+    let out = s.cli(&["--output", "json", "policy", "list"]).ok();
+    assert_eq!(names(&out.json()), ["Default Machine Policy", "Keep up"]);
+}
+
+#[test]
 fn machines_add_list_show_delete() {
     let s = start();
     s.cli(&["environment", "create", "Production"]).ok();

@@ -202,11 +202,11 @@ async fn a_polling_tentacle_reaches_one_node_and_its_steps_survive_that_node() {
     } else {
         ("node-b", "node-a", ca)
     };
-    let (at_holder, at_other) = if holder_name == "node-a" {
-        (api_of(a.base.clone()), api_of(b.base.clone()))
+    let at_other = api_of(if holder_name == "node-a" {
+        b.base.clone()
     } else {
-        (api_of(b.base.clone()), api_of(a.base.clone()))
-    };
+        a.base.clone()
+    });
 
     // 1. Submitted on the node the tentacle is not connected to: the node
     // holding it runs the step; the reader on the other node sees every line.

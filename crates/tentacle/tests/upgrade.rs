@@ -131,7 +131,12 @@ impl Lab {
                     port.to_string(),
                 ]);
             }
-            None => reg.extend(["--comms-style".into(), "TentacleActive".into()]),
+            None => {
+                // Not listening: otherwise every polling tentacle holds port
+                // 10933, and two tests running at once collide there.
+                self.tentacle(&["configure", "--instance", name, "--no-listen"]);
+                reg.extend(["--comms-style".into(), "TentacleActive".into()]);
+            }
         }
         let reg: Vec<&str> = reg.iter().map(String::as_str).collect();
         self.tentacle(&reg);
@@ -477,5 +482,150 @@ async fn a_new_tentacle_that_does_not_come_back_is_rolled_back_and_the_task_fail
         nix::unistd::Pid::from_raw(restored),
         nix::sys::signal::Signal::SIGKILL,
     );
+    lab.server.stop().await;
+}
+
+/// The id of the task that a health check's log says it started.
+fn started_by(log: &str) -> Option<String> {
+    let at = log.find("Started task ")? + "Started task ".len();
+    log[at..].split_whitespace().next().map(str::to_string)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_health_check_upgrades_the_tentacles_whose_machine_policy_says_always() {
+    let lab = Lab::start(Path::new(env!("CARGO_BIN_EXE_tentacle"))).await;
+    let (s, v) = lab
+        .api(
+            reqwest::Method::POST,
+            "/api/machine-policies",
+            Some(json!({"name": "Keep up", "tentacle_update": "Always"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    // auto-a (listening) and auto-b (polling) keep up to date; manual stays
+    // on the default policy (Manual).
+    let (auto_a, auto_b, manual) = tokio::task::block_in_place(|| {
+        (
+            lab.old_agent("auto-a", Some(free_port())),
+            lab.old_agent("auto-b", None),
+            lab.old_agent("manual", Some(free_port())),
+        )
+    });
+    for name in ["auto-a", "auto-b"] {
+        let (s, v) = lab
+            .api(
+                reqwest::Method::PUT,
+                &format!("/api/machines/{name}"),
+                Some(json!({"policy": "Keep up"})),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+    }
+
+    // auto-a is already being upgraded by hand (held by a running script).
+    let marker = lab.dir.path().join("script-started");
+    let script = lab
+        .task(
+            "/api/tasks/script",
+            json!({
+                "machines": ["auto-a"],
+                "script": format!("touch '{}'; sleep 120", marker.display()),
+            }),
+        )
+        .await;
+    let deadline = Instant::now() + T;
+    while !marker.exists() {
+        assert!(Instant::now() < deadline, "the script did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let by_hand = lab
+        .task(
+            "/api/tasks/tentacle-upgrade",
+            json!({ "machines": ["auto-a"], "wait_for_scripts_s": 120 }),
+        )
+        .await;
+
+    // The health check starts one upgrade task, for auto-b only: auto-a has
+    // an unfinished one, manual's policy says Manual.
+    let all = json!({ "machines": ["auto-a", "auto-b", "manual"] });
+    let health = lab.task("/api/tasks/health", all.clone()).await;
+    let (state, error, log) = lab.finished(&health).await;
+    assert_eq!(state, "Success", "{error}\n{log}");
+    assert_eq!(log.matches("Started task ").count(), 1, "{log}");
+    let auto = started_by(&log).unwrap();
+    assert!(
+        log.contains(&format!(
+            "Started task {auto} to upgrade the tentacle to {NEW} on machine auto-b (their machine policy keeps tentacles up to date)"
+        )),
+        "{log}"
+    );
+    let (_, v) = lab
+        .api(reqwest::Method::GET, &format!("/api/tasks/{auto}"), None)
+        .await;
+    assert_eq!(v["task"]["kind"], "TentacleUpgrade", "{v}");
+    let steps: Vec<&str> = v["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["machine_name"].as_str().unwrap())
+        .collect();
+    assert_eq!(steps, ["auto-b"], "{v}");
+
+    // Let the upgrade by hand go on; both upgrades succeed.
+    let (s, v) = lab
+        .api(
+            reqwest::Method::POST,
+            &format!("/api/tasks/{script}/cancel"),
+            None,
+        )
+        .await;
+    assert!(s == 200 || s == 202, "{s} {v}");
+    for id in [&auto, &by_hand] {
+        let (state, error, log) = lab.finished(id).await;
+        assert_eq!(
+            state,
+            "Success",
+            "{id}: {error}\n{log}\n--- auto-a\n{}\n--- auto-b\n{}",
+            auto_a.output(),
+            auto_b.output()
+        );
+    }
+    for (name, version) in [("auto-a", NEW), ("auto-b", NEW), ("manual", "0.0.1")] {
+        let m = lab.machine(name).await;
+        assert_eq!(m["tentacle_version"], version, "{m}");
+    }
+    assert_eq!(
+        bytes(&manual.binary),
+        bytes(Path::new(env!("CARGO_BIN_EXE_tentacle-old-for-tests")))
+    );
+
+    // The audit log says the system started it, after which health check.
+    let (_, audit) = lab
+        .api(reqwest::Method::GET, "/api/audit?limit=100", None)
+        .await;
+    let event = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["object"] == auto.as_str())
+        .unwrap_or_else(|| panic!("no audit event for {auto}: {audit}"));
+    assert_eq!(event["username"], "system", "{event}");
+    assert_eq!(event["action"], "started", "{event}");
+    assert_eq!(
+        event["source"],
+        format!("health check {health}").as_str(),
+        "{event}"
+    );
+
+    // Checked again: nothing older under Always, so no task; manual still warns.
+    let again = lab.task("/api/tasks/health", all).await;
+    let (state, error, log) = lab.finished(&again).await;
+    assert_eq!(state, "Success", "{error}\n{log}");
+    assert!(!log.contains("Started task"), "{log}");
+    assert!(
+        log.contains(&format!("Tentacle upgrade available (0.0.1 -> {NEW})")),
+        "{log}"
+    );
+    drop((auto_a, auto_b, manual));
     lab.server.stop().await;
 }

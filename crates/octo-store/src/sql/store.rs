@@ -32,7 +32,7 @@ use crate::text::{TextEnum, UNFINISHED_STATES};
 use crate::{
     now_ms, params, ticket, ApiKey, AuditEvent, AuditFilter, ClusterEvent, Environment, Grant,
     HealthUpdate, Machine, MachineFilter, MachinePolicy, MachineQuery, MachineUpdate,
-    NewAuditEvent, NewLogLine, NewMachine, NewPackage, NewTask, Node, NodeBeat, Package, PackageContent, Result,
+    NewAuditEvent, NewLogLine, NewMachine, NewPackage, NewTask, Node, NodeBeat, Package, PackageContent, PolicySettings, Result,
     Role, Space, StepRef, Store, StoreError, Task, TaskLogLine, TaskQuery, TaskState, TaskStep,
     Team, Tenant, User, DEFAULT_POLICY,
 };
@@ -2174,6 +2174,70 @@ impl<E: Engine> Store for E {
         tx.commit().await.ctx(OP)?;
         Ok(removed)
     }
+
+    // Machine policy settings.
+
+    async fn create_policy(
+        &self,
+        space_id: i64,
+        name: &str,
+        settings: &PolicySettings,
+    ) -> Result<MachinePolicy> {
+        require_name("machine policy", name)?;
+        let sql = returning::<PolicyRow>(
+            "INSERT INTO machine_policies (space_id, name, health_check_interval_s, \
+             health_check_timeout_s, polling_wait_s, tentacle_update) VALUES (?, ?, ?, ?, ?, ?)",
+        );
+        let op = Op::new("adding a machine policy").unique(conflict("machine policy", name));
+        let or = |v: Option<u32>, default: i64| v.map_or(default, i64::from);
+        let update = settings.tentacle_update.unwrap_or_default();
+        query(
+            &sql,
+            params![
+                space_id,
+                name,
+                or(settings.health_check_interval_s, 3600),
+                or(settings.health_check_timeout_s, 60),
+                or(settings.polling_wait_s, 120),
+                update.text()
+            ],
+            op,
+        )
+        .one::<PolicyRow>(self)
+        .await
+    }
+
+    async fn update_policy(
+        &self,
+        space_id: i64,
+        name: &str,
+        settings: &PolicySettings,
+    ) -> Result<MachinePolicy> {
+        let sql = returning::<PolicyRow>(
+            "UPDATE machine_policies SET \
+             health_check_interval_s = COALESCE(?, health_check_interval_s), \
+             health_check_timeout_s = COALESCE(?, health_check_timeout_s), \
+             polling_wait_s = COALESCE(?, polling_wait_s), \
+             tentacle_update = COALESCE(?, tentacle_update) \
+             WHERE space_id = ? AND name = ?",
+        );
+        let some = |v: Option<u32>| v.map(i64::from);
+        query(
+            &sql,
+            params![
+                some(settings.health_check_interval_s),
+                some(settings.health_check_timeout_s),
+                some(settings.polling_wait_s),
+                settings.tentacle_update.map(TextEnum::text),
+                space_id,
+                name
+            ],
+            "changing a machine policy",
+        )
+        .optional::<PolicyRow>(self)
+        .await?
+        .ok_or_else(|| not_found("machine policy", name))
+    }
 }
 
 /// The chunk size of pending content `id` (its row locked); Invalid when it
@@ -2212,4 +2276,5 @@ async fn drop_content(tx: &mut (dyn Tx + 'static), id: i64, op: &str) -> Result<
         .execute(tx)
         .await?;
     Ok(())
+
 }
