@@ -11,8 +11,8 @@ use crate::sql::{Col, Column, Columns};
 use crate::text::TextEnum;
 use crate::{
     ApiKey, AuditEvent, EndpointKind, Environment, Grant, HealthStatus, Machine, MachinePolicy,
-    Node, NodeState, Package, PackageContent, Permission, Result, Role, Space, StepRef,
-    StoreError, Task, TaskLogLine, TaskState, TaskStep, Team, Tenant, TentacleUpdate, User,
+    Node, NodeState, Package, PackageContent, Permission, Result, Role, Space, StepRef, StoreError,
+    Task, TaskLogLine, TaskState, TaskStep, Team, Tenant, TentacleUpdate, User,
 };
 
 /// A row that becomes one of the API's records.

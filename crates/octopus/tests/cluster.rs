@@ -85,6 +85,23 @@ async fn follow(api: &Api, id: &str, within: Duration) -> (Vec<String>, Value) {
     (lines, end)
 }
 
+/// Once the tentacle is connected (a health check through the balanced API
+/// succeeds), the port of the node nginx relayed its live connection to:
+/// the last one it relayed.
+async fn holder_port(api: &Api, lb: &Nginx) -> u16 {
+    let (status, v) = api
+        .post("/api/tasks/health", json!({ "machines": ["pol"] }))
+        .await;
+    assert_eq!(status, 201, "{v}");
+    let health = v["task"]["id"].as_str().unwrap().to_string();
+    let (_, end) = follow(api, &health, Duration::from_secs(60)).await;
+    assert_eq!(end["task"]["state"], "Success", "{end}");
+    lb.upstreams()
+        .last()
+        .expect("nginx relayed the tentacle")
+        .port()
+}
+
 fn server_lines(log: &[Value]) -> Vec<String> {
     log.iter()
         .filter(|l| l["stream"] == "server")
@@ -107,7 +124,7 @@ async fn a_polling_tentacle_reaches_one_node_and_its_steps_survive_that_node() {
     }
     let b = node(&db, cb, &url, "node-b");
     assert_eq!(a.thumbprint, b.thumbprint);
-    let comms_lb = Nginx::round_robin(&[loopback(ca), loopback(cb)]);
+    let mut comms_lb = Nginx::round_robin(&[loopback(ca), loopback(cb)]);
     let api_lb = Nginx::round_robin(&[api_addr(&a), api_addr(&b)]);
     let key = std::fs::read_to_string(da.join("admin-api-key"))
         .unwrap()
@@ -182,22 +199,9 @@ async fn a_polling_tentacle_reaches_one_node_and_its_steps_survive_that_node() {
     };
     // Connected (a health check through either node succeeds), nginx names
     // the node it relayed the tentacle's live connection to: the last one.
-    let holder_port = || async {
-        let (status, v) = through_lb
-            .post("/api/tasks/health", json!({ "machines": ["pol"] }))
-            .await;
-        assert_eq!(status, 201, "{v}");
-        let health = v["task"]["id"].as_str().unwrap().to_string();
-        let (_, end) = follow(&through_lb, &health, Duration::from_secs(60)).await;
-        assert_eq!(end["task"]["state"], "Success", "{end}");
-        comms_lb
-            .upstreams()
-            .last()
-            .expect("nginx relayed the tentacle")
-            .port()
-    };
     let mut polling = poll(comms_lb.addr().to_string());
-    let (holder_name, other_name, other_comms) = if holder_port().await == ca {
+    let (holder_name, other_name, other_comms) = if holder_port(&through_lb, &comms_lb).await == ca
+    {
         ("node-a", "node-b", cb)
     } else {
         ("node-b", "node-a", ca)
@@ -254,6 +258,8 @@ async fn a_polling_tentacle_reaches_one_node_and_its_steps_survive_that_node() {
         .await
         .until(|e, d| e == "log" && d["text"] == "move 3")
         .await;
+    // The balancer dies: the connection ends at once on both sides.
+    comms_lb.stop();
     stop(polling).await;
     polling = poll(loopback(other_comms).to_string());
     let (_, end) = follow(&at_other, &id, Duration::from_secs(60)).await;
@@ -270,10 +276,11 @@ async fn a_polling_tentacle_reaches_one_node_and_its_steps_survive_that_node() {
         server_lines(&log)
     );
 
-    // Back behind the balancer, wherever it sends the tentacle now.
+    // Behind a new balancer, wherever it sends the tentacle now.
+    let comms_lb = Nginx::round_robin(&[loopback(ca), loopback(cb)]);
     stop(polling).await;
     let polling = poll(comms_lb.addr().to_string());
-    let port = holder_port().await;
+    let port = holder_port(&through_lb, &comms_lb).await;
     let (holder, survivor, survivor_name) = if port == ca {
         (a, b, "node-b")
     } else {
@@ -320,7 +327,11 @@ async fn a_polling_tentacle_reaches_one_node_and_its_steps_survive_that_node() {
     );
     // The balancer still answers, through the surviving node.
     let (status, v) = through_lb.get(&format!("/api/tasks/{id}")).await;
-    assert_eq!((status, &v["task"]["state"]), (200, &json!("Success")), "{v}");
+    assert_eq!(
+        (status, &v["task"]["state"]),
+        (200, &json!("Success")),
+        "{v}"
+    );
 
     stop(polling).await;
     drop(at_holder);

@@ -24,17 +24,17 @@ use crate::input::{
 use crate::machines::{ListValues, MachineList, MachineRefs, Machines};
 use crate::rows::{
     group, ApiKeyRow, AuditRow, EnvironmentRow, GrantRow, ListRow, LogLineRow, MachineRow, NodeRow,
-    PackageContentRow, PackageRow, PolicyRow, RoleRow, Row, SpaceRow, StepRefRow, StepRow, TaskRow, TeamRow,
-    TenantRow, UserRow, UserWithHashRow, IS_SYSTEM_ADMINISTRATOR,
+    PackageContentRow, PackageRow, PolicyRow, RoleRow, Row, SpaceRow, StepRefRow, StepRow, TaskRow,
+    TeamRow, TenantRow, UserRow, UserWithHashRow, IS_SYSTEM_ADMINISTRATOR,
 };
 use crate::sql::{query, returning, select, Access, Dialect, Engine, On, Params, Tx, Value};
 use crate::text::{TextEnum, UNFINISHED_STATES};
 use crate::{
     now_ms, params, ticket, ApiKey, AuditEvent, AuditFilter, ClusterEvent, Environment, Grant,
     HealthUpdate, Machine, MachineFilter, MachinePolicy, MachineQuery, MachineUpdate,
-    NewAuditEvent, NewLogLine, NewMachine, NewPackage, NewTask, Node, NodeBeat, Package, PackageContent, PolicySettings, Result,
-    Role, Space, StepRef, Store, StoreError, Task, TaskLogLine, TaskQuery, TaskState, TaskStep,
-    Team, Tenant, User, DEFAULT_POLICY,
+    NewAuditEvent, NewLogLine, NewMachine, NewPackage, NewTask, Node, NodeBeat, Package,
+    PackageContent, PolicySettings, Result, Role, Space, StepRef, Store, StoreError, Task,
+    TaskLogLine, TaskQuery, TaskState, TaskStep, Team, Tenant, User, DEFAULT_POLICY,
 };
 
 /// A write transaction (see the module's documentation).
@@ -2276,5 +2276,4 @@ async fn drop_content(tx: &mut (dyn Tx + 'static), id: i64, op: &str) -> Result<
         .execute(tx)
         .await?;
     Ok(())
-
 }
