@@ -611,3 +611,44 @@ async fn the_target_form_says_which_policies_keep_tentacles_up_to_date() {
         page.body
     );
 }
+
+/// The target page's "Upgrade tentacle" form starts a tentacle upgrade task
+/// for that machine (the server carries a stand-in tentacle binary that
+/// reports version 9.9.9); a viewer's crafted post is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upgrade_tentacle_form_starts_an_upgrade_task() {
+    let p = Portal::start_configured(|args, dir| {
+        let fake = dir.join("tentacle");
+        std::fs::write(&fake, "#!/bin/sh\necho '{\"version\":\"9.9.9\"}'\n").unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        args.tentacle = Some(fake);
+    })
+    .await;
+    let (s, body) = p
+        .api("POST", "/api/environments", Some(json!({"name": "Test"})))
+        .await;
+    assert_eq!(s, 201, "{body}");
+    fake_machine(&p, "web-1", &["Test"], None).await;
+    let page = "/spaces/Default/targets/web-1";
+    let action = "/spaces/Default/targets/web-1/upgrade-tentacle";
+
+    let password = p.user("viewer", Some("Environment viewer")).await;
+    let viewer = p.browser("viewer", &password).await;
+    let before = task_count(&p).await;
+    assert_eq!(viewer.submit(page, action, &[]).await.status, 403);
+    assert_eq!(task_count(&p).await, before);
+
+    let password = p.user("manager", Some("Space manager")).await;
+    let b = p.browser("manager", &password).await;
+    let r = b.submit(page, action, &[]).await;
+    assert_eq!(r.status, 303, "{}", r.body);
+    let location = r.location.clone().unwrap();
+    let id = location.rsplit('/').next().unwrap().to_string();
+    assert!(location.starts_with("/spaces/Default/tasks/"), "{location}");
+    let (s, task) = p.api("GET", &format!("/api/tasks/{id}"), None).await;
+    assert_eq!(s, 200, "{task}");
+    assert_eq!(task["task"]["kind"], "TentacleUpgrade", "{task}");
+    assert_eq!(task["task"]["arguments"]["version"], "9.9.9", "{task}");
+    assert_eq!(task_count(&p).await, before + 1);
+}

@@ -22,17 +22,20 @@ pub struct Portal {
 
 impl Portal {
     pub async fn start() -> Portal {
+        Self::start_configured(|_, _| {}).await
+    }
+
+    /// A server whose arguments `configure` adjusts (given its temporary directory).
+    pub async fn start_configured(
+        configure: impl FnOnce(&mut RunArgs, &std::path::Path),
+    ) -> Portal {
         let dir = tempfile::tempdir().unwrap();
-        let server = tokio::time::timeout(
-            T,
-            start_with(
-                &RunArgs::loopback(&dir.path().join("data")),
-                octo_portal::router,
-            ),
-        )
-        .await
-        .unwrap()
-        .unwrap();
+        let mut args = RunArgs::loopback(&dir.path().join("data"));
+        configure(&mut args, dir.path());
+        let server = tokio::time::timeout(T, start_with(&args, octo_portal::router))
+            .await
+            .unwrap()
+            .unwrap();
         Portal {
             base: format!("http://{}", server.api_addr),
             key: server.admin_api_key.clone().unwrap(),
