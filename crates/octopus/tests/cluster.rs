@@ -26,16 +26,12 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use common::live::{free_port, stdout_lines, Api, ServerProcess};
-use octo_agent::capabilities::CapabilitiesImpl;
-use octo_agent::scripts::ScriptServiceImpl;
-use octo_agent::AgentContext;
-use octo_comms::{Backoff, PollingTarget, TentacleComms};
-use octo_proto::v1::capabilities_server::CapabilitiesServer;
-use octo_proto::v1::script_service_server::ScriptServiceServer;
+use common::live::{
+    free_port, in_process_tentacle, register_pol, stdout_lines, Api, ServerProcess,
+};
+use octo_comms::{Backoff, PollingTarget};
 use octo_testkit as kit;
 use octo_testkit::nginx::Nginx;
-use octo_tls::TrustStore;
 use serde_json::{json, Value};
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
@@ -138,44 +134,10 @@ async fn a_polling_tentacle_reaches_one_node_and_its_steps_survive_that_node() {
     let through_lb = api_of(format!("http://{}", api_lb.addr()));
     let identity = kit::identity("pol");
 
-    let (status, v) = through_lb
-        .post("/api/environments", json!({ "name": "Test" }))
-        .await;
-    assert_eq!(status, 201, "{v}");
-    let (status, v) = through_lb
-        .post(
-            "/api/machines",
-            json!({
-                "name": "pol",
-                "comms_style": "TentacleActive",
-                "uri": "poll://sub-pol/",
-                "thumbprint": identity.thumbprint().to_string(),
-                "environments": ["Test"],
-                "roles": ["web"],
-            }),
-        )
-        .await;
-    assert_eq!(status, 201, "{v}");
+    register_pol(&through_lb, &identity).await;
 
     // A polling tentacle with the real services, reaching only the balancer.
-    let ctx = AgentContext {
-        instance_name: "pol".into(),
-        home: tmp.path().join("home"),
-        applications: tmp.path().join("apps"),
-    };
-    std::fs::create_dir_all(&ctx.home).unwrap();
-    std::fs::create_dir_all(&ctx.applications).unwrap();
-    let routes =
-        tonic::service::Routes::new(CapabilitiesServer::new(CapabilitiesImpl::new(ctx.clone())))
-            .add_service(ScriptServiceServer::new(ScriptServiceImpl::new(
-                ctx.clone(),
-            )));
-    let comms = TentacleComms::new(
-        identity.clone(),
-        TrustStore::new([a.thumbprint], kit::hint("tentacle")),
-        routes,
-        "pol",
-    );
+    let comms = in_process_tentacle(tmp.path(), &identity, a.thumbprint);
     // Polls `address` until the returned token is cancelled.
     let poll = |address: String| {
         let token = CancellationToken::new();

@@ -14,15 +14,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::live::{free_port, stdout_lines, Api, ServerProcess, T};
-use octo_agent::capabilities::CapabilitiesImpl;
-use octo_agent::scripts::ScriptServiceImpl;
-use octo_agent::AgentContext;
-use octo_comms::{Backoff, PollingTarget, TentacleComms};
-use octo_proto::v1::capabilities_server::CapabilitiesServer;
-use octo_proto::v1::script_service_server::ScriptServiceServer;
+use common::live::{
+    free_port, in_process_tentacle, register_pol, stdout_lines, Api, ServerProcess, T,
+};
+use octo_comms::{Backoff, PollingTarget};
 use octo_testkit as kit;
-use octo_tls::TrustStore;
 use serde_json::json;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
@@ -48,25 +44,8 @@ async fn sigkill_mid_task_and_restart_resumes_without_losing_or_repeating_lines(
     };
 
     // A polling tentacle with the real services, in this process.
-    let ctx = AgentContext {
-        instance_name: "pol".into(),
-        home: tmp.path().join("home"),
-        applications: tmp.path().join("apps"),
-    };
-    std::fs::create_dir_all(&ctx.home).unwrap();
-    std::fs::create_dir_all(&ctx.applications).unwrap();
     let identity = kit::identity("pol");
-    let routes =
-        tonic::service::Routes::new(CapabilitiesServer::new(CapabilitiesImpl::new(ctx.clone())))
-            .add_service(ScriptServiceServer::new(ScriptServiceImpl::new(
-                ctx.clone(),
-            )));
-    let comms = TentacleComms::new(
-        identity.clone(),
-        TrustStore::new([server.thumbprint], kit::hint("tentacle")),
-        routes,
-        "pol",
-    );
+    let comms = in_process_tentacle(tmp.path(), &identity, server.thumbprint);
     let token = CancellationToken::new();
     let polling = tokio::spawn({
         let target = PollingTarget {
@@ -80,24 +59,7 @@ async fn sigkill_mid_task_and_restart_resumes_without_losing_or_repeating_lines(
         }
     });
 
-    let (status, v) = api
-        .post("/api/environments", json!({ "name": "Test" }))
-        .await;
-    assert_eq!(status, 201, "{v}");
-    let (status, v) = api
-        .post(
-            "/api/machines",
-            json!({
-                "name": "pol",
-                "comms_style": "TentacleActive",
-                "uri": "poll://sub-pol/",
-                "thumbprint": identity.thumbprint().to_string(),
-                "environments": ["Test"],
-                "roles": ["web"],
-            }),
-        )
-        .await;
-    assert_eq!(status, 201, "{v}");
+    register_pol(&api, &identity).await;
 
     let script = format!("for i in $(seq 1 {LINES}); do echo \"line $i\"; sleep 0.05; done");
     let (status, v) = api

@@ -11,8 +11,14 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use octo_tls::Thumbprint;
-use serde_json::Value;
+use octo_agent::capabilities::CapabilitiesImpl;
+use octo_agent::scripts::ScriptServiceImpl;
+use octo_agent::AgentContext;
+use octo_comms::TentacleComms;
+use octo_proto::v1::capabilities_server::CapabilitiesServer;
+use octo_proto::v1::script_service_server::ScriptServiceServer;
+use octo_tls::{Identity, Thumbprint, TrustStore};
+use serde_json::{json, Value};
 use tokio::time::timeout;
 
 /// Bound on any single wait.
@@ -235,4 +241,49 @@ pub fn stdout_lines(log: &[Value]) -> Vec<String> {
         .iter()
         .map(|l| l["text"].as_str().unwrap().to_string())
         .collect()
+}
+
+/// A tentacle with the real agent services (capabilities, scripts) in this
+/// process, its home under `dir`, trusting `server`: poll with
+/// [`TentacleComms::run_polling`].
+pub fn in_process_tentacle(dir: &Path, identity: &Identity, server: Thumbprint) -> TentacleComms {
+    let ctx = AgentContext {
+        instance_name: "pol".into(),
+        home: dir.join("home"),
+        applications: dir.join("apps"),
+    };
+    std::fs::create_dir_all(&ctx.home).unwrap();
+    std::fs::create_dir_all(&ctx.applications).unwrap();
+    let routes =
+        tonic::service::Routes::new(CapabilitiesServer::new(CapabilitiesImpl::new(ctx.clone())))
+            .add_service(ScriptServiceServer::new(ScriptServiceImpl::new(ctx)));
+    TentacleComms::new(
+        identity.clone(),
+        TrustStore::new([server], octo_testkit::hint("tentacle")),
+        routes,
+        "pol",
+    )
+}
+
+/// Registers polling machine `pol` (subscription `sub-pol`, presenting
+/// `identity`) in a new environment `Test`.
+pub async fn register_pol(api: &Api, identity: &Identity) {
+    let (status, v) = api
+        .post("/api/environments", json!({ "name": "Test" }))
+        .await;
+    assert_eq!(status, 201, "{v}");
+    let (status, v) = api
+        .post(
+            "/api/machines",
+            json!({
+                "name": "pol",
+                "comms_style": "TentacleActive",
+                "uri": "poll://sub-pol/",
+                "thumbprint": identity.thumbprint().to_string(),
+                "environments": ["Test"],
+                "roles": ["web"],
+            }),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
 }
