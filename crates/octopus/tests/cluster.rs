@@ -299,3 +299,120 @@ async fn a_polling_tentacle_reaches_one_node_and_its_steps_survive_that_node() {
     drop(at_holder);
     drop(survivor);
 }
+
+/// Three nodes behind the balancers: a task submitted to each node runs its
+/// step on the one node holding the tentacle, and a cancel asked through yet
+/// another node stops a script running there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_hand_steps_to_the_holder_and_a_cancel_reaches_it() {
+    kit::init_tracing();
+    let url = kit::postgres::shared().create_database();
+    let tmp = tempfile::tempdir().unwrap();
+    let names = ["node-a", "node-b", "node-c"];
+    let dirs: Vec<_> = names.iter().map(|n| tmp.path().join(n)).collect();
+    let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+    let first = node(&dirs[0], ports[0], &url, names[0]);
+    let mut nodes = vec![first];
+    for i in 1..3 {
+        std::fs::create_dir_all(&dirs[i]).unwrap();
+        for f in ["master-key", "server.crt", "server.key"] {
+            std::fs::copy(dirs[0].join(f), dirs[i].join(f)).unwrap();
+        }
+        nodes.push(node(&dirs[i], ports[i], &url, names[i]));
+    }
+    let comms_lb = Nginx::round_robin(&ports.iter().map(|&p| loopback(p)).collect::<Vec<_>>());
+    let api_lb = Nginx::round_robin(&nodes.iter().map(api_addr).collect::<Vec<_>>());
+    let key = std::fs::read_to_string(dirs[0].join("admin-api-key"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let api_of = |base: String| Api {
+        base,
+        key: key.clone(),
+        http: reqwest::Client::new(),
+    };
+    let through_lb = api_of(format!("http://{}", api_lb.addr()));
+    let identity = kit::identity("pol");
+    register_pol(&through_lb, &identity).await;
+    let comms = in_process_tentacle(tmp.path(), &identity, nodes[0].thumbprint);
+    let token = CancellationToken::new();
+    let polling = tokio::spawn({
+        let target = PollingTarget {
+            address: comms_lb.addr().to_string(),
+            subscription_id: "sub-pol".into(),
+        };
+        let backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(300));
+        let t = token.clone();
+        async move {
+            let _ = comms.run_polling(target, 1, backoff, t).await;
+        }
+    });
+    let port = holder_port(&through_lb, &comms_lb).await;
+    let holder = ports.iter().position(|&p| p == port).unwrap();
+
+    // A task submitted to each node: every one runs on the holder.
+    for (i, n) in nodes.iter().enumerate() {
+        let api = api_of(n.base.clone());
+        let (status, v) = api
+            .post(
+                "/api/tasks/script",
+                json!({ "script": format!("echo from {}", names[i]), "machines": ["pol"] }),
+            )
+            .await;
+        assert_eq!(status, 201, "{v}");
+        let id = v["task"]["id"].as_str().unwrap().to_string();
+        let (live, end) = follow(&api, &id, Duration::from_secs(60)).await;
+        assert_eq!(end["task"]["state"], "Success", "{end}");
+        assert_eq!(live, [format!("from {}", names[i])]);
+        let handed = server_lines(&api.log(&id).await).iter().any(|l| {
+            l == &format!(
+                "pol: its polling tentacle is connected to node {}, which runs this step",
+                names[holder]
+            )
+        });
+        assert_eq!(handed, i != holder, "task submitted to {}", names[i]);
+    }
+
+    // A long script submitted to one node that is not the holder, canceled
+    // through the third: the holder stops it, the task ends Canceled.
+    let (submit, cancel) = match holder {
+        0 => (1, 2),
+        1 => (2, 0),
+        _ => (0, 1),
+    };
+    let at_submit = api_of(nodes[submit].base.clone());
+    let at_cancel = api_of(nodes[cancel].base.clone());
+    let (status, v) = at_submit
+        .post(
+            "/api/tasks/script",
+            json!({
+                "script": "for i in $(seq 1 600); do echo \"tick $i\"; sleep 0.05; done",
+                "machines": ["pol"],
+            }),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+    let id = v["task"]["id"].as_str().unwrap().to_string();
+    at_cancel
+        .events(&id)
+        .await
+        .until(|e, d| e == "log" && d["text"] == "tick 3")
+        .await;
+    let (status, v) = at_cancel
+        .post(&format!("/api/tasks/{id}/cancel"), json!({}))
+        .await;
+    assert!(status == 200 || status == 202, "{status} {v}");
+    let (lines, end) = follow(&at_cancel, &id, Duration::from_secs(60)).await;
+    assert_eq!(end["task"]["state"], "Canceled", "{end}");
+    assert!(
+        lines.len() < 600,
+        "the script ran to its end: {} lines",
+        lines.len()
+    );
+
+    token.cancel();
+    timeout(Duration::from_secs(30), polling)
+        .await
+        .unwrap()
+        .unwrap();
+}
