@@ -14,7 +14,7 @@ use tracing::{error, info};
 
 use crate::feed::PackageFiles;
 use crate::notify::{lock, Notifiers};
-use crate::secrets::Masker;
+use crate::secrets::{Masker, MasterKey};
 use crate::tool::ToolBuild;
 
 /// The log and progress of one task: stores lines and step changes, and wakes
@@ -26,6 +26,10 @@ pub struct TaskLog {
     task_id: Arc<str>,
     /// The task's secret values: masked in every line stored.
     masker: Arc<Masker>,
+    /// Encrypts the values learned mid-run for the store.
+    master_key: Arc<MasterKey>,
+    /// Values learned mid-run not yet recorded in the store.
+    learned: Arc<Mutex<Vec<String>>>,
 }
 
 impl TaskLog {
@@ -34,19 +38,53 @@ impl TaskLog {
         notifiers: Arc<Notifiers>,
         task_id: &str,
         masker: Arc<Masker>,
+        master_key: Arc<MasterKey>,
     ) -> Self {
         Self {
             store,
             notifiers,
             task_id: task_id.into(),
             masker,
+            master_key,
+            learned: Arc::default(),
         }
     }
 
     /// Masks `value` in every line stored from now on (an output variable a
-    /// script marked sensitive, say).
+    /// script marked sensitive, say). A new value is recorded in the store,
+    /// encrypted, before the next lines are stored, so the task's other
+    /// writers (another node's steps, this task resumed elsewhere) mask it too.
     pub fn add_secret(&self, value: &str) {
-        self.masker.add(value);
+        if self.masker.add(value) {
+            lock(&self.learned).push(value.to_string());
+        }
+    }
+
+    /// Records the values learned since the last lines were stored and, on a
+    /// cluster, tells the other nodes (before the lines that follow are
+    /// stored, so that no reader sees a line another node did not mask).
+    async fn record_learned(&self) -> octo_store::Result<()> {
+        let learned = std::mem::take(&mut *lock(&self.learned));
+        if learned.is_empty() {
+            return Ok(());
+        }
+        for value in &learned {
+            let cipher = self.master_key.encrypt(value).map_err(|e| {
+                octo_store::StoreError::Invalid(format!(
+                    "encrypting a value to mask in the log of task {}: {e}",
+                    self.task_id
+                ))
+            })?;
+            self.store.add_task_mask(&self.task_id, &cipher).await?;
+        }
+        if self.store.shared() {
+            self.store
+                .publish(&octo_store::ClusterEvent::MasksChanged {
+                    task_id: self.task_id.to_string(),
+                })
+                .await?;
+        }
+        Ok(())
     }
 
     /// The task's id.
@@ -58,6 +96,14 @@ impl TaskLog {
     pub async fn append(&self, lines: &[NewLogLine]) -> octo_store::Result<()> {
         if lines.is_empty() {
             return Ok(());
+        }
+        if let Err(e) = self.record_learned().await {
+            // The lines are masked here all the same; only other writers of
+            // the task's log may not know the value.
+            error!(
+                "recording a value to mask in the log of task {}: {e}",
+                self.task_id
+            );
         }
         if self.masker.is_empty() {
             self.store.append_log(&self.task_id, lines).await?;

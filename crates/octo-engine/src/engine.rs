@@ -19,7 +19,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use octo_api_types::{Guidance, ScriptRequest};
@@ -149,6 +149,15 @@ pub struct Load {
 /// A task's place under the cap, given back when dropped.
 struct Admitted(watch::Sender<Load>);
 
+/// How a task's admission under the cap went.
+enum Admission {
+    In(Admitted),
+    /// The node runs its cap and the task is to go to a node with room.
+    Full,
+    /// The server stops first (the task stays as it is).
+    Stopped,
+}
+
 impl Drop for Admitted {
     fn drop(&mut self) {
         self.0.send_modify(|l| l.tasks = l.tasks.saturating_sub(1));
@@ -197,6 +206,8 @@ pub struct Engine {
     /// Held while a finished health check decides on automatic tentacle
     /// upgrades, so two checks never both start one for a machine.
     auto_upgrades: tokio::sync::Mutex<()>,
+    /// The maskers of the tasks whose lines are written here (see [`Engine::masker_for`]).
+    maskers: Mutex<HashMap<String, Weak<Masker>>>,
 }
 
 /// What runs one step of a task.
@@ -229,6 +240,7 @@ impl Engine {
             guidance: Arc::new(GuidanceBoard::default()),
             cluster: cluster::Cluster::default(),
             auto_upgrades: tokio::sync::Mutex::new(()),
+            maskers: Mutex::default(),
         }
     }
 
@@ -251,23 +263,28 @@ impl Engine {
 
     /// Waits for a place under the cap on an undrained node; a resumed task
     /// (one this node ran before it restarted) or a canceled one goes on at
-    /// once. None when the server stops first (the task stays as it is).
+    /// once. With `give_back` (a new task on a cluster) a node at its cap
+    /// does not wait: the task goes to a node with room ([`Admission::Full`]).
     async fn admit(
         &self,
         resumed: bool,
+        give_back: bool,
         cancel: &CancellationToken,
         log: &TaskLog,
-    ) -> Option<Admitted> {
+    ) -> Admission {
         let mut changes = self.load.subscribe();
         let mut told = false;
         loop {
             changes.borrow_and_update();
             let mut taken = false;
+            let mut full = false;
             let mut why = String::new();
             self.load.send_if_modified(|l| {
                 if resumed || cancel.is_cancelled() || (!l.draining && l.tasks < l.cap) {
                     l.tasks += 1;
                     taken = true;
+                } else if give_back && !l.draining {
+                    full = true;
                 } else if l.draining {
                     why =
                         "this node is draining (`octopus node undrain` lets it start tasks again)"
@@ -281,18 +298,31 @@ impl Engine {
                 taken
             });
             if taken {
-                return Some(Admitted(self.load.clone()));
+                return Admission::In(Admitted(self.load.clone()));
+            }
+            if full {
+                return Admission::Full;
             }
             if !told {
                 told = true;
                 log.server(format!("Waiting: {why}")).await;
             }
             tokio::select! {
-                _ = self.shutdown.cancelled() => return None,
+                _ = self.shutdown.cancelled() => return Admission::Stopped,
                 _ = cancel.cancelled() => {}
-                r = changes.changed() => if r.is_err() { return None },
+                r = changes.changed() => if r.is_err() { return Admission::Stopped },
             }
         }
+    }
+
+    /// Room for more tasks here: the cap less the tasks started here (those
+    /// still waiting to be admitted too); none on a draining node.
+    fn room(&self) -> usize {
+        let load = *self.load.borrow();
+        if load.draining {
+            return 0;
+        }
+        load.cap.saturating_sub(lock(&self.running).len())
     }
 
     /// Cancelled when the server stops.
@@ -343,6 +373,8 @@ impl Engine {
             let id = task.id.clone();
             Box::pin(this.run_task(task, cancel)).await;
             lock(&this.running).remove(&id);
+            // Room here counts started tasks: tell whoever waits for room.
+            this.load.send_modify(|_| {});
         });
     }
 
@@ -418,7 +450,10 @@ impl Engine {
     }
 
     fn log_of(&self, task_id: &str) -> TaskLog {
-        self.log_with(task_id, Arc::new(Masker::default()))
+        // The task's masker when it runs here (else its secrets are not in
+        // these server lines, which never print them).
+        let live = lock(&self.maskers).get(task_id).and_then(Weak::upgrade);
+        self.log_with(task_id, live.unwrap_or_default())
     }
 
     fn log_with(&self, task_id: &str, masker: Arc<Masker>) -> TaskLog {
@@ -427,7 +462,65 @@ impl Engine {
             self.notifiers.clone(),
             task_id,
             masker,
+            self.deps.master_key.clone(),
         )
+    }
+
+    /// The masker of a task's lines written here: its secret values and the
+    /// values its steps learned so far (recorded by any node). One per task
+    /// on this node, shared by the task's runs here, so a value one learns
+    /// is masked by all and [`ClusterEvent::MasksChanged`] reaches them.
+    async fn masker_for(
+        &self,
+        task_id: &str,
+        secrets: &Result<BTreeMap<String, String>, String>,
+    ) -> Arc<Masker> {
+        let live = lock(&self.maskers).get(task_id).and_then(Weak::upgrade);
+        let masker = match live {
+            Some(m) => m,
+            None => {
+                let m = Arc::new(Masker::default());
+                let mut maskers = lock(&self.maskers);
+                maskers.retain(|_, w| w.strong_count() > 0);
+                maskers
+                    .entry(task_id.to_string())
+                    .or_insert_with(|| Arc::downgrade(&m))
+                    .upgrade()
+                    .unwrap_or(m)
+            }
+        };
+        if let Ok(values) = secrets {
+            for v in values.values() {
+                masker.add(v);
+            }
+        }
+        self.load_masks(task_id, &masker).await;
+        masker
+    }
+
+    /// Adds the values the task's steps learned (as the store has them) to `masker`.
+    async fn load_masks(&self, task_id: &str, masker: &Masker) {
+        let stored = match self.deps.store.task_masks(task_id).await {
+            Ok(s) => s,
+            Err(e) => return error!("reading the values masked in task {task_id}'s log: {e}"),
+        };
+        for cipher in stored {
+            match self.deps.master_key.decrypt(&cipher) {
+                Ok(v) => {
+                    masker.add(&v);
+                }
+                Err(e) => error!("a value masked in task {task_id}'s log cannot be read: {e}"),
+            }
+        }
+    }
+
+    /// Another node recorded values to mask in a task's log: the task's
+    /// writers here mask them from now on.
+    pub(crate) async fn masks_changed(&self, task_id: &str) {
+        let live = lock(&self.maskers).get(task_id).and_then(Weak::upgrade);
+        if let Some(masker) = live {
+            self.load_masks(task_id, &masker).await;
+        }
     }
 
     /// The task's secret values, decrypted, by name.
@@ -536,12 +629,7 @@ impl Engine {
         let store = self.deps.store.clone();
         let id = task.id.clone();
         let secrets = self.secrets_of(&id).await;
-        let masker = Arc::new(Masker::new(
-            secrets
-                .iter()
-                .flat_map(|s| s.values().cloned())
-                .collect::<Vec<_>>(),
-        ));
+        let masker = self.masker_for(&id, &secrets).await;
         let log = self.log_with(&id, masker);
         // Read again now that the cancel token is registered: a cancel request
         // that came in between is seen either here or through the token.
@@ -598,8 +686,11 @@ impl Engine {
                 Err(e) => warn!("reading node {}: {e}", self.deps.node_name),
             }
         }
-        let Some(_admitted) = self.admit(resumed, &cancel, &log).await else {
-            return;
+        let give_back = store.shared() && !resumed;
+        let _admitted = match self.admit(resumed, give_back, &cancel, &log).await {
+            Admission::In(a) => a,
+            Admission::Stopped => return,
+            Admission::Full => return self.give_back_full(&log, &id).await,
         };
         if !resumed {
             self.set_task_state(&id, TaskState::Executing, None).await;

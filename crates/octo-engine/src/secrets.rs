@@ -156,16 +156,20 @@ impl Masker {
         m
     }
 
-    /// Masks `value` from now on (and each of its lines, for a value of several).
-    pub fn add(&self, value: &str) {
+    /// Masks `value` from now on (and each of its lines, for a value of
+    /// several); whether anything was new.
+    pub fn add(&self, value: &str) -> bool {
         let mut values = self.values.write().unwrap_or_else(|p| p.into_inner());
+        let mut added = false;
         for v in std::iter::once(value).chain(value.lines()) {
             let v = v.trim_end_matches('\r');
             if !v.is_empty() && !values.iter().any(|x| x == v) {
                 values.push(v.to_string());
+                added = true;
             }
         }
         values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+        added
     }
 
     /// Whether there is nothing to mask.

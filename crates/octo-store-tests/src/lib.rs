@@ -70,6 +70,8 @@ macro_rules! store_suite {
             package_content_is_deleted_only_when_no_package_uses_it,
             abandoned_package_uploads_are_removed_by_node_or_age,
             policies_are_added_and_changed_with_their_tentacle_update,
+            // Values to mask (sensitive output variables across nodes).
+            task_masks_are_kept_once_in_order_per_task,
         );
     };
     (@each $factory:expr; $($test:ident,)+) => {
@@ -1416,6 +1418,30 @@ pub async fn settings_and_task_secrets_round_trip(s: &dyn Store) {
         ]
     );
     assert_eq!(s.count_task_secrets().await.unwrap(), 2);
+}
+
+pub async fn task_masks_are_kept_once_in_order_per_task(s: &dyn Store) {
+    let one = s
+        .create_task(&new_task("Script", "one", &json!({}), &[]), 1)
+        .await
+        .unwrap();
+    let two = s
+        .create_task(&new_task("Script", "two", &json!({}), &[]), 2)
+        .await
+        .unwrap();
+    assert!(s.task_masks(&one.id).await.unwrap().is_empty());
+    s.add_task_mask(&one.id, "cipher-z").await.unwrap();
+    s.add_task_mask(&one.id, "cipher-a").await.unwrap();
+    // Learned again (a resumed step prints it again): kept once.
+    s.add_task_mask(&one.id, "cipher-z").await.unwrap();
+    s.add_task_mask(&two.id, "cipher-b").await.unwrap();
+    assert_eq!(
+        s.task_masks(&one.id).await.unwrap(),
+        vec!["cipher-z".to_string(), "cipher-a".into()]
+    );
+    assert_eq!(s.task_masks(&two.id).await.unwrap(), vec!["cipher-b"]);
+    // A task that does not exist cannot get masks.
+    assert!(s.add_task_mask("no-such-task", "cipher-c").await.is_err());
 }
 
 pub async fn machines_come_in_filtered_pages(s: &dyn Store) {

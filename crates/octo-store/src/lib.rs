@@ -326,7 +326,8 @@ pub enum ClusterEvent {
     },
     /// A step's end was recorded.
     StepFinished { task_id: String, machine_id: i64 },
-    /// A task waits for a node to take it (its node is draining).
+    /// A task waits for a node to take it (its node is draining, or runs its
+    /// task cap).
     TaskQueued { task_id: String },
     /// Someone asked for a task to be canceled.
     TaskCancel { task_id: String },
@@ -346,6 +347,20 @@ pub enum ClusterEvent {
         machine_id: i64,
         guidance: octo_api_types::Guidance,
     },
+    /// The node where that step waited delivered a [`ClusterEvent::Guidance`]
+    /// decision (the node that took the request answers once it sees this).
+    GuidanceDelivered { task_id: String, machine_id: i64 },
+    /// A machine was deleted (or must stop work) by a person: every node
+    /// cancels the machine's steps it runs, recording `reason`.
+    MachineStop {
+        machine_id: i64,
+        reason: String,
+        /// The node that asked (it stops its own steps itself).
+        node: String,
+    },
+    /// A step learned a value to mask (an output variable marked sensitive):
+    /// every node writing the task's log reads the task's masks again.
+    MasksChanged { task_id: String },
     /// Machines changed such that the polling tentacles allowed to connect
     /// may differ: every node reads its trust again.
     TrustChanged,
@@ -740,4 +755,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         name: &str,
         settings: &PolicySettings,
     ) -> Result<MachinePolicy>;
+
+    // Values to mask (issue 16: sensitive output variables across nodes).
+    /// Records a value that every line of task `task_id` stored from now on
+    /// masks (a sensitive output variable a step printed), encrypted by the
+    /// caller with the master key. Recording the same ciphertext twice keeps one.
+    async fn add_task_mask(&self, task_id: &str, ciphertext: &str) -> Result<()>;
+    /// The masks of task `task_id` (ciphertexts), oldest first.
+    async fn task_masks(&self, task_id: &str) -> Result<Vec<String>>;
 }

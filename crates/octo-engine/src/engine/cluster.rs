@@ -23,6 +23,7 @@
 //! missed events ([`ClusterEvent::Resync`]) scans again.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,7 +35,6 @@ use tracing::{error, info, warn};
 use super::{lock, Engine, Ran, RunningStep};
 use crate::context::TaskLog;
 use crate::kind;
-use crate::secrets::Masker;
 
 /// How often a node looks for work it missed and for tasks of offline nodes.
 const SCAN_INTERVAL: Duration = Duration::from_secs(5);
@@ -46,6 +46,12 @@ const ADOPT_UNCLAIMED_AFTER_MS: i64 = 10_000;
 const PLACE_WAIT: Duration = Duration::from_secs(30);
 /// How old the list of live nodes may be.
 const LIVE_NODES_FRESH: Duration = Duration::from_secs(2);
+/// How long a machine's steps on this node have to stop on their machine
+/// when another node deleted it (as that node gives its own).
+const MACHINE_STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long a node that passed a guided-failure decision on waits for the
+/// node where the step waits to confirm it.
+const GUIDANCE_CONFIRM_WAIT: Duration = Duration::from_secs(5);
 /// Events kept for steps waiting on other nodes.
 const EVENTS_KEPT: usize = 4096;
 
@@ -59,6 +65,9 @@ pub(super) struct Cluster {
     events: broadcast::Sender<ClusterEvent>,
     /// The live nodes (lowercase names), and when that was read.
     live: Mutex<(Option<Instant>, HashSet<String>)>,
+    /// New tasks may wait for a node with room (this node gave one back,
+    /// or had no room for one queued): when room appears here, look.
+    queued: AtomicBool,
 }
 
 impl Default for Cluster {
@@ -67,6 +76,7 @@ impl Default for Cluster {
             handed: Mutex::default(),
             events: broadcast::channel(EVENTS_KEPT).0,
             live: Mutex::default(),
+            queued: AtomicBool::new(false),
         }
     }
 }
@@ -101,6 +111,14 @@ impl Cluster {
             .get(task_id)
             .is_some_and(|(_, m)| m.contains(&machine_id))
     }
+}
+
+/// Which tasks a node takes over (see [`Engine::adopt`]).
+#[derive(Debug, Clone, Copy)]
+enum Adopt<'a> {
+    One(&'a str),
+    Queued,
+    Stale,
 }
 
 /// Where a step of a task runs.
@@ -145,6 +163,66 @@ impl Engine {
         if let Err(e) = self.deps.store.publish(&event).await {
             warn!("telling the other nodes {event:?}: {e}");
         }
+    }
+
+    /// As [`Engine::stop_machine`] (with that grace), and on a cluster the
+    /// other nodes stop the machine's steps they run too (a machine deleted
+    /// through this node may run steps handed to the node holding its tentacle).
+    pub async fn stop_machine_everywhere(
+        &self,
+        machine_id: i64,
+        reason: &str,
+        grace: Duration,
+    ) -> usize {
+        self.publish(ClusterEvent::MachineStop {
+            machine_id,
+            reason: reason.to_string(),
+            node: self.deps.node_name.clone(),
+        })
+        .await;
+        self.stop_machine(machine_id, reason, grace).await
+    }
+
+    /// Delivers a decision to a step waiting under guided failure, here or,
+    /// on a cluster, on the node where it waits (confirmed by that node
+    /// within [`GUIDANCE_CONFIRM_WAIT`]). False when no node has that step
+    /// waiting for a decision.
+    pub async fn guide_anywhere(
+        &self,
+        task_id: &str,
+        machine_id: i64,
+        guidance: octo_api_types::Guidance,
+    ) -> octo_store::Result<bool> {
+        if self.guide(task_id, machine_id, guidance) {
+            return Ok(true);
+        }
+        if !self.deps.store.shared() {
+            return Ok(false);
+        }
+        let mut events = self.cluster.events.subscribe();
+        self.deps
+            .store
+            .publish(&ClusterEvent::Guidance {
+                task_id: task_id.to_string(),
+                machine_id,
+                guidance,
+            })
+            .await?;
+        let confirmed = async {
+            loop {
+                match events.recv().await {
+                    Ok(ClusterEvent::GuidanceDelivered {
+                        task_id: t,
+                        machine_id: m,
+                    }) if t == task_id && m == machine_id => return true,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return false,
+                }
+            }
+        };
+        Ok(tokio::time::timeout(GUIDANCE_CONFIRM_WAIT, confirmed)
+            .await
+            .unwrap_or(false))
     }
 
     /// Decides where a step runs, and when another node runs it, waits for
@@ -465,12 +543,7 @@ impl Engine {
             step.machine_name, task.id
         );
         let secrets = self.secrets_of(&task.id).await;
-        let masker = Arc::new(Masker::new(
-            secrets
-                .iter()
-                .flat_map(|s| s.values().cloned())
-                .collect::<Vec<_>>(),
-        ));
+        let masker = self.masker_for(&task.id, &secrets).await;
         let log = self.log_with(&task.id, masker);
         match secrets.and_then(|s| Self::runner_of(&task, &s)) {
             Ok(runner) => {
@@ -517,9 +590,16 @@ impl Engine {
         let mut tick =
             tokio::time::interval_at(tokio::time::Instant::now() + SCAN_INTERVAL, SCAN_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut load = self.load.subscribe();
         loop {
             tokio::select! {
                 () = self.shutdown.cancelled() => return,
+                r = load.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    self.take_queued().await;
+                }
                 ev = async {
                     match events.as_mut() {
                         Some(rx) => rx.recv().await,
@@ -554,8 +634,9 @@ impl Engine {
                 self.notifiers.state_changed(task_id);
             }
             ClusterEvent::LogAppended { task_id } => self.notifiers.remote_log_changed(task_id),
+            ClusterEvent::MasksChanged { task_id } => self.masks_changed(task_id).await,
             ClusterEvent::TaskCancel { task_id } => self.cancel(task_id),
-            ClusterEvent::TaskQueued { task_id } => self.adopt(Some(task_id)).await,
+            ClusterEvent::TaskQueued { task_id } => self.adopt(Adopt::One(task_id)).await,
             ClusterEvent::Guidance {
                 task_id,
                 machine_id,
@@ -563,6 +644,27 @@ impl Engine {
             } => {
                 if self.guidance.deliver(task_id, *machine_id, *guidance) {
                     info!("delivered a decision for task {task_id} from another node");
+                    self.publish(ClusterEvent::GuidanceDelivered {
+                        task_id: task_id.clone(),
+                        machine_id: *machine_id,
+                    })
+                    .await;
+                }
+            }
+            ClusterEvent::GuidanceDelivered { .. } => {}
+            ClusterEvent::MachineStop {
+                machine_id,
+                reason,
+                node,
+            } => {
+                if !node.eq_ignore_ascii_case(&self.deps.node_name) {
+                    let (this, id, reason) = (self.clone(), *machine_id, reason.clone());
+                    self.tracker.spawn(async move {
+                        let n = this.stop_machine(id, &reason, MACHINE_STOP_GRACE).await;
+                        if n > 0 {
+                            info!("canceled {n} steps of machine #{id} here: {reason}");
+                        }
+                    });
                 }
             }
             ClusterEvent::Resync => self.scan().await,
@@ -586,27 +688,56 @@ impl Engine {
             }
             Err(e) => warn!("listing the steps handed to this node: {e}"),
         }
-        self.adopt(None).await;
+        self.adopt(Adopt::Stale).await;
     }
 
-    /// Takes over the tasks no live node runs (or only `only`, queued by a
-    /// draining node), unless this node is draining.
-    async fn adopt(self: &Arc<Self>, only: Option<&str>) {
+    /// A new task this node claimed while it runs its cap: given back for a
+    /// node with room (the first to have room takes it, this one included).
+    pub(super) async fn give_back_full(&self, log: &TaskLog, id: &str) {
+        let me = &self.deps.node_name;
+        log.server(format!(
+            "Waiting: node {me} runs its cap of {} tasks; the first node with room takes the task",
+            self.load.borrow().cap
+        ))
+        .await;
+        if let Err(e) = self.deps.store.release_task(id, me).await {
+            warn!("giving task {id} back: {e}");
+        }
+        self.cluster.queued.store(true, Ordering::Relaxed);
+        self.publish(ClusterEvent::TaskQueued {
+            task_id: id.to_string(),
+        })
+        .await;
+    }
+
+    /// Takes over the tasks no live node runs: `Adopt::One` (queued by a
+    /// node that is draining or full), `Adopt::Queued` (any unclaimed, as
+    /// room appeared here) or `Adopt::Stale` (a scan: those of offline
+    /// nodes, and those nobody took for a while). Never on a draining node;
+    /// new tasks only as far as this node has room under its cap.
+    async fn adopt(self: &Arc<Self>, what: Adopt<'_>) {
         if self.load.borrow().draining || self.shutdown.is_cancelled() {
             return;
         }
         let now = now_ms();
-        let unclaimed_before = if only.is_some() {
-            i64::MAX
-        } else {
-            now - ADOPT_UNCLAIMED_AFTER_MS
+        let (only, unclaimed_before) = match what {
+            Adopt::One(id) => (Some(id), i64::MAX),
+            Adopt::Queued => (None, i64::MAX),
+            Adopt::Stale => (None, now - ADOPT_UNCLAIMED_AFTER_MS),
         };
         let tasks = match self.deps.store.adoptable_tasks(now, unclaimed_before).await {
             Ok(t) => t,
             Err(e) => return warn!("listing the tasks no live node runs: {e}"),
         };
+        let mut room = self.room();
         for task in tasks {
             if only.is_some_and(|id| id != task.id) || self.is_running(&task.id) {
+                continue;
+            }
+            let new = task.state != TaskState::Executing;
+            if new && room == 0 {
+                // Taken by the first node with room (see `take_queued`).
+                self.cluster.queued.store(true, Ordering::Relaxed);
                 continue;
             }
             match self
@@ -636,10 +767,11 @@ impl Engine {
                 "node {} takes over task {} ({})",
                 self.deps.node_name, task.id, task.description
             );
-            let why = if task.state == TaskState::Executing {
-                "the node running it went offline"
+            let why = if new {
+                room = room.saturating_sub(1);
+                "no other node with room took it"
             } else {
-                "no other node took it"
+                "the node running it went offline"
             };
             self.log_of(&task.id)
                 .server(format!(
@@ -648,6 +780,14 @@ impl Engine {
                 ))
                 .await;
             self.start(task);
+        }
+    }
+
+    /// Room appeared here (a task ended, the node was undrained): takes
+    /// the tasks waiting for a node with room, when some may be waiting.
+    async fn take_queued(self: &Arc<Self>) {
+        if self.room() > 0 && self.cluster.queued.swap(false, Ordering::Relaxed) {
+            self.adopt(Adopt::Queued).await;
         }
     }
 

@@ -477,7 +477,7 @@ pub async fn remove_machine(
     let reason = format!("machine {} was deleted by {}", m.name, caller.user.username);
     let canceled = s
         .engine
-        .stop_machine(m.id, &reason, DELETE_CANCEL_GRACE)
+        .stop_machine_everywhere(m.id, &reason, DELETE_CANCEL_GRACE)
         .await;
     if let Ok(ep) = endpoint_of(&m) {
         s.comms.forget(&ep);

@@ -1173,23 +1173,17 @@ pub async fn guide(
                 names.join(", ")
             ))
         })?;
-    // On a cluster the step may wait on another node: it is told there.
-    let elsewhere = s.store.shared() && step.state == TaskState::Executing;
-    let here = s.engine.guide(id, step.machine_id, req.action);
-    if !here && !elsewhere {
+    // On a cluster the step may wait on another node: it is told there, and
+    // that node confirms.
+    let delivered = step.state == TaskState::Executing
+        && s.engine
+            .guide_anywhere(id, step.machine_id, req.action)
+            .await?;
+    if !delivered {
         return Err(ApiError::conflict(format!(
             "machine '{}' of task {id} is not waiting for a decision (its state: {:?}); only a failed machine of a deployment started with --guided-failure waits for one",
             step.machine_name, step.state
         )));
-    }
-    if !here {
-        s.store
-            .publish(&octo_store::ClusterEvent::Guidance {
-                task_id: id.to_string(),
-                machine_id: step.machine_id,
-                guidance: req.action,
-            })
-            .await?;
     }
     tracing::info!(
         "guidance for {} in task {id}: {:?}",

@@ -415,15 +415,22 @@ impl Api {
 
 /// A tar.gz package holding `content` as `content.txt`.
 pub fn tar_gz(content: &[u8]) -> Vec<u8> {
-    let mut header = tar::Header::new_gnu();
-    header.set_path("content.txt").unwrap();
-    header.set_size(content.len() as u64);
-    header.set_mode(0o644);
-    header.set_cksum();
+    tar_gz_files(&[("content.txt", content, 0o644)])
+}
+
+/// A tar.gz package holding these files (path, content, mode).
+pub fn tar_gz_files(files: &[(&str, &[u8], u32)]) -> Vec<u8> {
     let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
         Vec::new(),
         flate2::Compression::fast(),
     ));
-    builder.append(&header, content).unwrap();
+    for (path, content, mode) in files {
+        let mut header = tar::Header::new_gnu();
+        header.set_path(path).unwrap();
+        header.set_size(content.len() as u64);
+        header.set_mode(*mode);
+        header.set_cksum();
+        builder.append(&header, *content).unwrap();
+    }
     builder.into_inner().unwrap().finish().unwrap()
 }

@@ -2238,6 +2238,28 @@ impl<E: Engine> Store for E {
         .await?
         .ok_or_else(|| not_found("machine policy", name))
     }
+
+    async fn add_task_mask(&self, task_id: &str, ciphertext: &str) -> Result<()> {
+        query(
+            "INSERT INTO task_masks (task_id, ciphertext) VALUES (?, ?) \
+             ON CONFLICT (task_id, ciphertext) DO NOTHING",
+            params![task_id, ciphertext],
+            "recording a value to mask in a task's log",
+        )
+        .execute(self)
+        .await
+        .map(drop)
+    }
+
+    async fn task_masks(&self, task_id: &str) -> Result<Vec<String>> {
+        query(
+            "SELECT ciphertext FROM task_masks WHERE task_id = ? ORDER BY id",
+            params![task_id],
+            "reading the values masked in a task's log",
+        )
+        .scalars::<String>(self)
+        .await
+    }
 }
 
 /// The chunk size of pending content `id` (its row locked); Invalid when it
