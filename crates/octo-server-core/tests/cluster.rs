@@ -219,6 +219,43 @@ async fn script(api: &Api, machine: &str, script: &str) -> String {
     v["task"]["id"].as_str().unwrap().to_string()
 }
 
+/// Pushes package `id` 1.0.0 holding `deploy` as its Deploy.sh through
+/// `push_to`, then starts its deployment to Test through `deploy_on` with
+/// the request's `extra` fields; the task's id.
+async fn deploy(push_to: &Api, deploy_on: &Api, id: &str, deploy: &str, extra: Value) -> String {
+    let pkg = tar_gz_files(&[("Deploy.sh", deploy.as_bytes(), 0o755)]);
+    push_to
+        .call(
+            Method::POST,
+            &format!("/api/packages?package_id={id}&version=1.0.0"),
+            Body::Bytes(pkg),
+        )
+        .await
+        .expect(201);
+    let mut body = json!({ "package_id": id, "environment": "Test" });
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    let v = deploy_on.post("/api/tasks/deploy", body).await.expect(201);
+    v["task"]["id"].as_str().unwrap().to_string()
+}
+
+/// Waits until machine `machine`'s step of task `id` is in `state`.
+async fn until_step(api: &Api, id: &str, machine: &str, state: &str) {
+    eventually(
+        &format!("{machine}'s step of {id} to be {state}"),
+        || async {
+            let t = task(api, id).await;
+            let steps = t["steps"].as_array().unwrap().clone();
+            steps
+                .iter()
+                .any(|s| s["machine_name"] == machine && s["state"] == state)
+                .then_some(())
+        },
+    )
+    .await;
+}
+
 /// A script that waits (bounded) for `gate` to exist, then prints `done`.
 fn gated(first: &str, gate: &Path, done: &str) -> String {
     format!(
@@ -320,7 +357,7 @@ async fn caps_masks_guidance_and_deletes_hold_across_nodes() {
     // in the lines of pb's step, which node B (the task's node) runs.
     const TOKEN: &str = "tok-5ecret-4711";
     let gate = tmp.path().join("gate-mask");
-    let deploy = format!(
+    let deploy_sh = format!(
         "case \"$TentacleHome\" in\n\
          */tentacle-pa/*)\n\
            echo \"##octopus[setVariable name='Token' value='{TOKEN}' sensitive='True']\"\n\
@@ -331,33 +368,15 @@ async fn caps_masks_guidance_and_deletes_hold_across_nodes() {
          esac\n",
         gate.display()
     );
-    let pkg = tar_gz_files(&[("Deploy.sh", deploy.as_bytes(), 0o755)]);
-    a.api
-        .call(
-            Method::POST,
-            "/api/packages?package_id=Acme.Mask&version=1.0.0",
-            Body::Bytes(pkg),
-        )
-        .await
-        .expect(201);
-    let v = b
-        .api
-        .post(
-            "/api/tasks/deploy",
-            json!({ "package_id": "Acme.Mask", "environment": "Test", "max_parallel_steps": 2 }),
-        )
-        .await
-        .expect(201);
-    let id = v["task"]["id"].as_str().unwrap().to_string();
-    eventually("pa's step to end", || async {
-        let t = task(&b.api, &id).await;
-        let steps = t["steps"].as_array().unwrap().clone();
-        steps
-            .iter()
-            .any(|s| s["machine_name"] == "pa" && s["state"] == "Success")
-            .then_some(())
-    })
+    let id = deploy(
+        &a.api,
+        &b.api,
+        "Acme.Mask",
+        &deploy_sh,
+        json!({ "max_parallel_steps": 2 }),
+    )
     .await;
+    until_step(&b.api, &id, "pa", "Success").await;
     std::fs::write(&gate, "").unwrap();
     let end = ended(&b.api, &id).await;
     assert_eq!(end["task"]["state"], "Success", "{end}");
@@ -371,7 +390,7 @@ async fn caps_masks_guidance_and_deletes_hold_across_nodes() {
 
     // 3. Guided failure: pa's deployment waits for a gate, then fails once.
     let gate = tmp.path().join("gate-guide");
-    let deploy = format!(
+    let deploy_sh = format!(
         "case \"$TentacleHome\" in\n\
          */tentacle-pa/*)\n\
            for i in $(seq 1 1200); do [ -f '{}' ] && break; sleep 0.05; done\n\
@@ -380,33 +399,15 @@ async fn caps_masks_guidance_and_deletes_hold_across_nodes() {
          echo deployed\n",
         gate.display()
     );
-    let pkg = tar_gz_files(&[("Deploy.sh", deploy.as_bytes(), 0o755)]);
-    a.api
-        .call(
-            Method::POST,
-            "/api/packages?package_id=Acme.Guide&version=1.0.0",
-            Body::Bytes(pkg),
-        )
-        .await
-        .expect(201);
-    let v = b
-        .api
-        .post(
-            "/api/tasks/deploy",
-            json!({ "package_id": "Acme.Guide", "environment": "Test", "guided_failure": true }),
-        )
-        .await
-        .expect(201);
-    let id = v["task"]["id"].as_str().unwrap().to_string();
-    eventually("pa's deployment to run", || async {
-        let t = task(&b.api, &id).await;
-        let steps = t["steps"].as_array().unwrap().clone();
-        steps
-            .iter()
-            .any(|s| s["machine_name"] == "pa" && s["state"] == "Executing")
-            .then_some(())
-    })
+    let id = deploy(
+        &a.api,
+        &b.api,
+        "Acme.Guide",
+        &deploy_sh,
+        json!({ "guided_failure": true }),
+    )
     .await;
+    until_step(&b.api, &id, "pa", "Executing").await;
     // Not waiting for a decision (its script runs): nobody confirms.
     let guide = format!("/api/tasks/{id}/guidance");
     let refused = b
