@@ -11,6 +11,7 @@
 
 mod comms;
 mod deploy;
+mod feed;
 mod fleet;
 mod portal;
 mod scripts;
@@ -40,6 +41,8 @@ enum Area {
     Tasks(tasks::Options),
     /// Deploy a 100 MiB package to a listening and a polling tentacle, cold and warm (and scp for comparison).
     Deploy(deploy::Options),
+    /// Push and download of a 100 MiB package through the built-in feed (content in the database).
+    Feed(feed::Options),
     /// One node and 5,000 polling tentacles: fan-outs, health, restart storm, RSS, list page, CLI vs ssh.
     Fleet(fleet::Options),
     /// The portal's big lists: a page of 50 of 5,000 targets (first, last, filtered) and of the tasks list.
@@ -84,6 +87,7 @@ fn main() -> anyhow::Result<()> {
         Area::Scripts(o) => rt.block_on(async { tokio::spawn(scripts::run(o)).await? }),
         Area::Tasks(o) => rt.block_on(async { tokio::spawn(tasks::run(o)).await? }),
         Area::Deploy(o) => rt.block_on(async { tokio::spawn(deploy::run(o)).await? }),
+        Area::Feed(o) => rt.block_on(async { tokio::spawn(feed::run(o)).await? }),
         Area::Fleet(o) => rt.block_on(async { tokio::spawn(fleet::run(o)).await? }),
         Area::Portal(o) => rt.block_on(async { tokio::spawn(portal::run(o)).await? }),
         Area::TasksChild(o) => rt.block_on(tasks::child(o)),
