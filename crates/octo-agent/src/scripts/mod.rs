@@ -1132,11 +1132,7 @@ async fn drive(
     };
     let pid = child.id().and_then(|p| i32::try_from(p).ok());
     script.set_running(pid);
-    // Recorded beside the supervision, not before it: the output and the exit
-    // are read at once (the write takes the state as it is when it runs, so a
-    // late one never records an older stage).
-    let recorded = Arc::clone(script);
-    tokio::spawn(async move { recorded.persist().await });
+    script.persist().await;
     let code = match pid {
         Some(pid) => supervise(shared, script, child, pid).await,
         None => {
