@@ -12,10 +12,12 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use octo_agent::capabilities::CapabilitiesImpl;
+use octo_agent::files::FileServiceImpl;
 use octo_agent::scripts::ScriptServiceImpl;
 use octo_agent::AgentContext;
 use octo_comms::TentacleComms;
 use octo_proto::v1::capabilities_server::CapabilitiesServer;
+use octo_proto::v1::file_service_server::FileServiceServer;
 use octo_proto::v1::script_service_server::ScriptServiceServer;
 use octo_tls::{Identity, Thumbprint, TrustStore};
 use serde_json::{json, Value};
@@ -243,9 +245,9 @@ pub fn stdout_lines(log: &[Value]) -> Vec<String> {
         .collect()
 }
 
-/// A tentacle with the real agent services (capabilities, scripts) in this
-/// process, its home under `dir`, trusting `server`: poll with
-/// [`TentacleComms::run_polling`].
+/// A tentacle with the real agent services (capabilities, scripts, files) in
+/// this process, its home under `dir` (`dir/home`), trusting `server`: poll
+/// with [`TentacleComms::run_polling`].
 pub fn in_process_tentacle(dir: &Path, identity: &Identity, server: Thumbprint) -> TentacleComms {
     let ctx = AgentContext {
         instance_name: "pol".into(),
@@ -256,7 +258,14 @@ pub fn in_process_tentacle(dir: &Path, identity: &Identity, server: Thumbprint) 
     std::fs::create_dir_all(&ctx.applications).unwrap();
     let routes =
         tonic::service::Routes::new(CapabilitiesServer::new(CapabilitiesImpl::new(ctx.clone())))
-            .add_service(ScriptServiceServer::new(ScriptServiceImpl::new(ctx)));
+            .add_service(ScriptServiceServer::new(ScriptServiceImpl::new(
+                ctx.clone(),
+            )))
+            .add_service(
+                FileServiceServer::new(FileServiceImpl::new(ctx))
+                    .max_decoding_message_size(16 << 20)
+                    .max_encoding_message_size(16 << 20),
+            );
     TentacleComms::new(
         identity.clone(),
         TrustStore::new([server], octo_testkit::hint("tentacle")),
