@@ -31,10 +31,11 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::cluster::loopback;
 use common::cluster::{
     binaries, follow, holder_port, server_lines, Cluster, ListeningTentacle, Polling, TAKEOVER,
 };
-use common::live::{in_process_tentacle, register_pol, stdout_lines, Api, T};
+use common::live::{free_port, in_process_tentacle, register_pol, Api, T};
 use common::{run, Run};
 use octo_testkit as kit;
 use octo_testkit::throttle::Throttle;
@@ -218,26 +219,46 @@ const SLOW: u64 = 6 << 20;
 /// Size of the big package's filler.
 const BIG: usize = 24 << 20;
 
+/// The machines of the deployment test, each behind its own relay.
+const MACHINES: [&str; 2] = ["pol", "lis"];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_of_the_node_deploying_mid_transfer_to_a_polling_tentacle_loses_nothing() {
+async fn sigkill_of_the_node_deploying_mid_transfer_loses_nothing() {
     kit::init_tracing();
     let (_, calamari) = binaries().clone();
     let mut cluster = Cluster::start(2, &["--calamari", calamari.to_str().unwrap()]);
     let through_lb = cluster.through_lb();
     let identity = kit::identity("pol");
     register_pol(&through_lb, &identity).await;
-    // The tentacle reaches the balancer through a relay that can be slowed.
-    let relay = Throttle::start(cluster.comms_lb.addr()).await.unwrap();
+    // The polling tentacle reaches the balancer through a relay that can be
+    // slowed; the nodes reach the listening one through another.
+    let pol_relay = Throttle::start(cluster.comms_lb.addr()).await.unwrap();
     let comms = in_process_tentacle(cluster.tmp.path(), &identity, cluster.thumbprint());
-    let polling = Polling::start(&comms, relay.addr().to_string(), "sub-pol");
+    let polling = Polling::start(&comms, pol_relay.addr().to_string(), "sub-pol");
+    let lis_port = free_port();
+    let lis_relay = Throttle::start(loopback(lis_port)).await.unwrap();
+    let lis = ListeningTentacle::start_at(
+        &cluster.tmp.path().join("tentacles"),
+        "lis",
+        &through_lb,
+        &cluster.thumbprint().to_string(),
+        "Test",
+        lis_port,
+        lis_relay.addr().port(),
+    );
     let port = holder_port(&through_lb, &cluster.comms_lb, "pol").await;
     let holder = cluster.index_of_comms_port(port);
     let survivor = 1 - holder;
     let at_holder = cluster.api(holder);
     let at_survivor = cluster.api(survivor);
-    let home = cluster.tmp.path().join("home");
+    let pol_home = cluster.tmp.path().join("home");
+    // Where each machine keeps packages and extracts them.
+    let homes = [
+        (pol_home.clone(), cluster.tmp.path().join("apps")),
+        (lis.home.clone(), lis.home.join("Applications")),
+    ];
 
-    // A small deployment first, at full speed: the tentacle gets the
+    // A small deployment first, at full speed: the tentacles get the
     // deployment tool.
     let small = cluster.tmp.path().join("Small.App.1.0.0.tar.gz");
     write_package(&small, b"small");
@@ -247,36 +268,50 @@ async fn sigkill_of_the_node_deploying_mid_transfer_to_a_polling_tentacle_loses_
     assert_eq!(end["task"]["state"], "Success", "{end}");
 
     // The big one, pushed through the balancer, deployed through the node
-    // holding the tentacle (the task's node and the step's), at SLOW.
+    // holding the polling tentacle: the task's node, which runs both
+    // machines' steps (the listening one because the task is its own), at
+    // SLOW to each machine.
     let big = cluster.tmp.path().join("Big.App.1.0.0.tar.gz");
     let filler = noise(BIG, 7);
     write_package(&big, &filler);
     let bytes = std::fs::read(&big).unwrap();
     let sha = sha256_hex(&bytes);
     cli(&through_lb, &["package", "push", big.to_str().unwrap()]).ok();
-    relay.limit(Some(SLOW));
+    pol_relay.limit(Some(SLOW));
+    lis_relay.limit(Some(SLOW));
     let started = Instant::now();
     let id = deploy(&at_holder, "Big.App").await;
+    // Killed once both transfers have begun.
+    let mut uploading: Vec<&str> = Vec::new();
     at_survivor
         .events(&id)
         .await
         .until(|e, d| {
-            e == "log"
-                && d["text"]
-                    .as_str()
-                    .is_some_and(|t| t.starts_with("pol: uploading package Big.App 1.0.0"))
+            if e == "log" {
+                let text = d["text"].as_str().unwrap_or_default();
+                for m in MACHINES {
+                    if text.starts_with(&format!("{m}: uploading package Big.App 1.0.0"))
+                        && !uploading.contains(&m)
+                    {
+                        uploading.push(m);
+                    }
+                }
+            }
+            uploading.len() == MACHINES.len()
         })
         .await;
     cluster.kill9(holder);
     let killed_after = started.elapsed();
-    // What the dead node stored: the transfer had begun, not ended.
+    // What the dead node stored: the transfers had begun, not ended.
     let before = server_lines(&at_survivor.log(&id).await);
-    assert!(
-        !before
-            .iter()
-            .any(|l| l.starts_with("pol: package uploaded")),
-        "the transfer ended before the kill ({killed_after:?}): {before:?}"
-    );
+    for m in MACHINES {
+        assert!(
+            !before
+                .iter()
+                .any(|l| l.starts_with(&format!("{m}: package uploaded"))),
+            "{m}'s transfer ended before the kill ({killed_after:?}): {before:?}"
+        );
+    }
 
     let (_, end) = follow(&at_survivor, &id, TAKEOVER).await;
     assert_eq!(end["task"]["state"], "Success", "{end}");
@@ -289,42 +324,44 @@ async fn sigkill_of_the_node_deploying_mid_transfer_to_a_polling_tentacle_loses_
         ))),
         "{lines:?}"
     );
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.starts_with("pol: resuming the transfer of Big.App 1.0.0 at")),
-        "the survivor did not resume the transfer: {lines:?}"
-    );
-    // No line lost or repeated: the script's lines once each, in order.
+    // No line lost or repeated: each machine's script lines once each, in
+    // order (and its tentacle sequences strictly increasing).
+    let by = stdout_by_machine(&log);
     let expected: Vec<String> = (1..=DEPLOY_LINES)
         .map(|i| format!("deploy line {i}"))
         .collect();
-    let deployed: Vec<String> = stdout_lines(&log)
-        .into_iter()
-        .filter(|l| l.starts_with("deploy line "))
-        .collect();
-    assert_eq!(deployed, expected);
-    // The package on the tentacle is the one pushed, byte for byte.
-    let on_tentacle = std::fs::read(
-        home.join("Files")
-            .join(format!("Big.App@1.0.0@{sha}.tar.gz")),
-    )
-    .unwrap();
-    assert!(on_tentacle == bytes, "the transferred package differs");
-    let app = cluster
-        .tmp
-        .path()
-        .join("apps/Test/Big.App/1.0.0/data/filler.bin");
-    assert!(
-        std::fs::read(app).unwrap() == filler,
-        "the extracted filler differs"
-    );
-    assert_eq!(
-        std::fs::read_to_string(home.join("deployed.txt")).unwrap(),
-        "deployed 1.0.0\n"
-    );
+    for (m, (home, apps)) in MACHINES.iter().zip(&homes) {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with(&format!("{m}: resuming the transfer of Big.App 1.0.0 at"))),
+            "the survivor did not resume {m}'s transfer: {lines:?}"
+        );
+        let mid = machine_id(&at_survivor, m).await;
+        let deployed: Vec<String> = by[&mid]
+            .iter()
+            .filter(|l| l.starts_with("deploy line "))
+            .cloned()
+            .collect();
+        assert_eq!(deployed, expected, "{m}");
+        // The package on the tentacle is the one pushed, byte for byte.
+        let on_tentacle = std::fs::read(
+            home.join("Files")
+                .join(format!("Big.App@1.0.0@{sha}.tar.gz")),
+        )
+        .unwrap();
+        assert!(on_tentacle == bytes, "{m}: the transferred package differs");
+        let app = apps.join("Test/Big.App/1.0.0/data/filler.bin");
+        assert!(
+            std::fs::read(app).unwrap() == filler,
+            "{m}: the extracted filler differs"
+        );
+        assert_eq!(
+            std::fs::read_to_string(home.join("deployed.txt")).unwrap(),
+            "deployed 1.0.0\n"
+        );
+    }
 
-    relay.limit(None);
     polling.stop().await;
 }
 

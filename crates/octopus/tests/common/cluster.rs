@@ -261,27 +261,46 @@ pub struct ListeningTentacle {
 
 impl ListeningTentacle {
     pub fn start(dir: &Path, name: &str, api: &Api, thumbprint: &str, environment: &str) -> Self {
+        let port = free_port();
+        Self::start_at(dir, name, api, thumbprint, environment, port, port)
+    }
+
+    /// As [`ListeningTentacle::start`], listening on `port` but registered
+    /// as reached at `public_port` of 127.0.0.1 (a relay in front of it).
+    pub fn start_at(
+        dir: &Path,
+        name: &str,
+        api: &Api,
+        thumbprint: &str,
+        environment: &str,
+        port: u16,
+        public_port: u16,
+    ) -> Self {
         let (tentacle, _) = binaries().clone();
         let tent = |args: &[&str]| {
             let mut c = Command::new(&tentacle);
             c.args(args).env("TENTACLE_CONFIG_DIR", dir);
             c
         };
-        let port = free_port();
+        let ok = |args: &[&str]| {
+            let out = tent(args).output().unwrap();
+            assert!(out.status.success(), "tentacle {args:?}: {out:?}");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
         let port_text = port.to_string();
-        for args in [
-            vec!["create-instance", "--instance", name],
-            vec!["new-certificate", "--instance", name],
-            vec![
-                "configure",
-                "--instance",
-                name,
-                "--port",
-                &port_text,
-                "--listen-ip",
-                "127.0.0.1",
-            ],
-            vec![
+        ok(&["create-instance", "--instance", name]);
+        let made = ok(&["new-certificate", "--instance", name]);
+        ok(&[
+            "configure",
+            "--instance",
+            name,
+            "--port",
+            &port_text,
+            "--listen-ip",
+            "127.0.0.1",
+        ]);
+        if public_port == port {
+            ok(&[
                 "register-with",
                 "--instance",
                 name,
@@ -299,10 +318,39 @@ impl ListeningTentacle {
                 "web",
                 "--server-thumbprint",
                 thumbprint,
-            ],
-        ] {
-            let out = tent(&args).output().unwrap();
-            assert!(out.status.success(), "tentacle {args:?}: {out:?}");
+            ]);
+        } else {
+            let own = made
+                .lines()
+                .find_map(|l| l.strip_prefix("Thumbprint: "))
+                .unwrap_or_else(|| panic!("no thumbprint in {made}"))
+                .trim()
+                .to_string();
+            ok(&["configure", "--instance", name, "--trust", thumbprint]);
+            let url = format!("https://127.0.0.1:{public_port}/");
+            super::run(
+                &[],
+                &[
+                    "--server",
+                    &api.base,
+                    "--api-key",
+                    &api.key,
+                    "machine",
+                    "add-listening",
+                    "--name",
+                    name,
+                    "--url",
+                    &url,
+                    "--thumbprint",
+                    &own,
+                    "--environment",
+                    environment,
+                    "--role",
+                    "web",
+                ],
+                None,
+            )
+            .ok();
         }
         let process = Killed(
             tent(&["run", "--instance", name])
