@@ -28,7 +28,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::cluster::loopback;
@@ -169,16 +169,18 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
 
 /// Lines the deployment script of [`write_package`] prints.
 const DEPLOY_LINES: usize = 10;
+/// Lines the slow deployment script prints, 50 ms apart.
+const SLOW_LINES: usize = 40;
 
 /// A tar.gz (stored, not compressed: the filler would not shrink) whose
-/// Deploy.sh prints [`DEPLOY_LINES`] numbered lines, plus `filler` bytes of
-/// noise in `data/filler.bin`.
-fn write_package(path: &Path, filler: &[u8]) {
+/// Deploy.sh prints `lines` numbered lines `pause` seconds apart, plus
+/// `filler` bytes of noise in `data/filler.bin`.
+fn write_package(path: &Path, filler: &[u8], lines: usize, pause: &str) {
     let file = std::fs::File::create(path).unwrap();
     let gz = flate2::write::GzEncoder::new(file, flate2::Compression::none());
     let mut tar = tar::Builder::new(gz);
     let deploy = format!(
-        "for i in $(seq 1 {DEPLOY_LINES}); do echo \"deploy line $i\"; done\n\
+        "for i in $(seq 1 {lines}); do echo \"deploy line $i\"; sleep {pause}; done\n\
          echo \"deployed $Octopus_Action_Package_PackageVersion\" > \"$TentacleHome/deployed.txt\"\n"
     );
     for (name, body, mode) in [
@@ -222,63 +224,128 @@ const BIG: usize = 24 << 20;
 /// The machines of the deployment test, each behind its own relay.
 const MACHINES: [&str; 2] = ["pol", "lis"];
 
+/// Two nodes with calamari, a polling tentacle `pol` (through a relay to the
+/// comms balancer) and a listening one `lis` (the nodes dial it through a
+/// relay), both in environment Test with the deployment tool installed (a
+/// first small deployment).
+struct Lab {
+    cluster: Cluster,
+    pol_relay: Throttle,
+    lis_relay: Throttle,
+    _lis: ListeningTentacle,
+    polling: Polling,
+    /// The node holding the polling tentacle, and the other one.
+    holder: usize,
+    survivor: usize,
+    /// Where each machine of [`MACHINES`] keeps packages and extracts them.
+    homes: [(PathBuf, PathBuf); 2],
+}
+
+impl Lab {
+    async fn start() -> Lab {
+        let (_, calamari) = binaries().clone();
+        let cluster = Cluster::start(2, &["--calamari", calamari.to_str().unwrap()]);
+        let through_lb = cluster.through_lb();
+        let identity = kit::identity("pol");
+        register_pol(&through_lb, &identity).await;
+        let pol_relay = Throttle::start(cluster.comms_lb.addr()).await.unwrap();
+        let comms = in_process_tentacle(cluster.tmp.path(), &identity, cluster.thumbprint());
+        let polling = Polling::start(&comms, pol_relay.addr().to_string(), "sub-pol");
+        let lis_port = free_port();
+        let lis_relay = Throttle::start(loopback(lis_port)).await.unwrap();
+        let lis = ListeningTentacle::start_at(
+            &cluster.tmp.path().join("tentacles"),
+            "lis",
+            &through_lb,
+            &cluster.thumbprint().to_string(),
+            "Test",
+            lis_port,
+            lis_relay.addr().port(),
+        );
+        let port = holder_port(&through_lb, &cluster.comms_lb, "pol").await;
+        let holder = cluster.index_of_comms_port(port);
+        let homes = [
+            (
+                cluster.tmp.path().join("home"),
+                cluster.tmp.path().join("apps"),
+            ),
+            (lis.home.clone(), lis.home.join("Applications")),
+        ];
+        let small = cluster.tmp.path().join("Small.App.1.0.0.tar.gz");
+        write_package(&small, b"small", DEPLOY_LINES, "0");
+        cli(&through_lb, &["package", "push", small.to_str().unwrap()]).ok();
+        let at_holder = cluster.api(holder);
+        let id = deploy(&at_holder, "Small.App").await;
+        let (_, end) = follow(&at_holder, &id, Duration::from_secs(90)).await;
+        assert_eq!(end["task"]["state"], "Success", "{end}");
+        Lab {
+            cluster,
+            pol_relay,
+            lis_relay,
+            _lis: lis,
+            polling,
+            holder,
+            survivor: 1 - holder,
+            homes,
+        }
+    }
+
+    /// After the holder was killed during task `id`: the survivor ends it
+    /// Success, saying it took the task over; the log, which is returned,
+    /// holds each machine's `lines` script lines once each, in order.
+    async fn taken_over(&self, id: &str, lines: usize) -> Vec<Value> {
+        let at_survivor = self.cluster.api(self.survivor);
+        let (_, end) = follow(&at_survivor, id, TAKEOVER).await;
+        assert_eq!(end["task"]["state"], "Success", "{end}");
+        let log = at_survivor.log(id).await;
+        let said = server_lines(&log);
+        let survivor_name = &self.cluster.names[self.survivor];
+        assert!(
+            said.iter().any(|l| l.starts_with(&format!(
+                "Node {survivor_name} takes the task: the node running it went offline"
+            ))),
+            "{said:?}"
+        );
+        let by = stdout_by_machine(&log);
+        let expected: Vec<String> = (1..=lines).map(|i| format!("deploy line {i}")).collect();
+        for m in MACHINES {
+            let mid = machine_id(&at_survivor, m).await;
+            let deployed: Vec<String> = by[&mid]
+                .iter()
+                .filter(|l| l.starts_with("deploy line "))
+                .cloned()
+                .collect();
+            assert_eq!(deployed, expected, "{m}");
+            let finished = by[&mid]
+                .iter()
+                .filter(|l| l.starts_with("Deploy.sh finished (exit code 0"))
+                .count();
+            assert_eq!(finished, 1, "{m}: {:?}", by[&mid]);
+        }
+        log
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_the_node_deploying_mid_transfer_loses_nothing() {
     kit::init_tracing();
-    let (_, calamari) = binaries().clone();
-    let mut cluster = Cluster::start(2, &["--calamari", calamari.to_str().unwrap()]);
-    let through_lb = cluster.through_lb();
-    let identity = kit::identity("pol");
-    register_pol(&through_lb, &identity).await;
-    // The polling tentacle reaches the balancer through a relay that can be
-    // slowed; the nodes reach the listening one through another.
-    let pol_relay = Throttle::start(cluster.comms_lb.addr()).await.unwrap();
-    let comms = in_process_tentacle(cluster.tmp.path(), &identity, cluster.thumbprint());
-    let polling = Polling::start(&comms, pol_relay.addr().to_string(), "sub-pol");
-    let lis_port = free_port();
-    let lis_relay = Throttle::start(loopback(lis_port)).await.unwrap();
-    let lis = ListeningTentacle::start_at(
-        &cluster.tmp.path().join("tentacles"),
-        "lis",
-        &through_lb,
-        &cluster.thumbprint().to_string(),
-        "Test",
-        lis_port,
-        lis_relay.addr().port(),
-    );
-    let port = holder_port(&through_lb, &cluster.comms_lb, "pol").await;
-    let holder = cluster.index_of_comms_port(port);
-    let survivor = 1 - holder;
-    let at_holder = cluster.api(holder);
-    let at_survivor = cluster.api(survivor);
-    let pol_home = cluster.tmp.path().join("home");
-    // Where each machine keeps packages and extracts them.
-    let homes = [
-        (pol_home.clone(), cluster.tmp.path().join("apps")),
-        (lis.home.clone(), lis.home.join("Applications")),
-    ];
-
-    // A small deployment first, at full speed: the tentacles get the
-    // deployment tool.
-    let small = cluster.tmp.path().join("Small.App.1.0.0.tar.gz");
-    write_package(&small, b"small");
-    cli(&through_lb, &["package", "push", small.to_str().unwrap()]).ok();
-    let id = deploy(&at_holder, "Small.App").await;
-    let (_, end) = follow(&at_holder, &id, Duration::from_secs(90)).await;
-    assert_eq!(end["task"]["state"], "Success", "{end}");
+    let mut lab = Lab::start().await;
+    let through_lb = lab.cluster.through_lb();
+    let at_holder = lab.cluster.api(lab.holder);
+    let at_survivor = lab.cluster.api(lab.survivor);
 
     // The big one, pushed through the balancer, deployed through the node
     // holding the polling tentacle: the task's node, which runs both
     // machines' steps (the listening one because the task is its own), at
     // SLOW to each machine.
-    let big = cluster.tmp.path().join("Big.App.1.0.0.tar.gz");
+    let big = lab.cluster.tmp.path().join("Big.App.1.0.0.tar.gz");
     let filler = noise(BIG, 7);
-    write_package(&big, &filler);
+    write_package(&big, &filler, DEPLOY_LINES, "0");
     let bytes = std::fs::read(&big).unwrap();
     let sha = sha256_hex(&bytes);
     cli(&through_lb, &["package", "push", big.to_str().unwrap()]).ok();
-    pol_relay.limit(Some(SLOW));
-    lis_relay.limit(Some(SLOW));
+    lab.pol_relay.limit(Some(SLOW));
+    lab.lis_relay.limit(Some(SLOW));
     let started = Instant::now();
     let id = deploy(&at_holder, "Big.App").await;
     // Killed once both transfers have begun.
@@ -300,7 +367,7 @@ async fn sigkill_of_the_node_deploying_mid_transfer_loses_nothing() {
             uploading.len() == MACHINES.len()
         })
         .await;
-    cluster.kill9(holder);
+    lab.cluster.kill9(lab.holder);
     let killed_after = started.elapsed();
     // What the dead node stored: the transfers had begun, not ended.
     let before = server_lines(&at_survivor.log(&id).await);
@@ -313,37 +380,15 @@ async fn sigkill_of_the_node_deploying_mid_transfer_loses_nothing() {
         );
     }
 
-    let (_, end) = follow(&at_survivor, &id, TAKEOVER).await;
-    assert_eq!(end["task"]["state"], "Success", "{end}");
-    let log = at_survivor.log(&id).await;
+    let log = lab.taken_over(&id, DEPLOY_LINES).await;
     let lines = server_lines(&log);
-    let survivor_name = &cluster.names[survivor];
-    assert!(
-        lines.iter().any(|l| l.starts_with(&format!(
-            "Node {survivor_name} takes the task: the node running it went offline"
-        ))),
-        "{lines:?}"
-    );
-    // No line lost or repeated: each machine's script lines once each, in
-    // order (and its tentacle sequences strictly increasing).
-    let by = stdout_by_machine(&log);
-    let expected: Vec<String> = (1..=DEPLOY_LINES)
-        .map(|i| format!("deploy line {i}"))
-        .collect();
-    for (m, (home, apps)) in MACHINES.iter().zip(&homes) {
+    for (m, (home, apps)) in MACHINES.iter().zip(&lab.homes) {
         assert!(
             lines
                 .iter()
                 .any(|l| l.starts_with(&format!("{m}: resuming the transfer of Big.App 1.0.0 at"))),
             "the survivor did not resume {m}'s transfer: {lines:?}"
         );
-        let mid = machine_id(&at_survivor, m).await;
-        let deployed: Vec<String> = by[&mid]
-            .iter()
-            .filter(|l| l.starts_with("deploy line "))
-            .cloned()
-            .collect();
-        assert_eq!(deployed, expected, "{m}");
         // The package on the tentacle is the one pushed, byte for byte.
         let on_tentacle = std::fs::read(
             home.join("Files")
@@ -362,7 +407,61 @@ async fn sigkill_of_the_node_deploying_mid_transfer_loses_nothing() {
         );
     }
 
-    polling.stop().await;
+    lab.polling.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_the_node_deploying_mid_script_loses_nothing() {
+    kit::init_tracing();
+    let mut lab = Lab::start().await;
+    let through_lb = lab.cluster.through_lb();
+    let at_holder = lab.cluster.api(lab.holder);
+    let at_survivor = lab.cluster.api(lab.survivor);
+    let pkg = lab.cluster.tmp.path().join("Slow.App.1.0.0.tar.gz");
+    write_package(&pkg, b"slow", SLOW_LINES, "0.05");
+    cli(&through_lb, &["package", "push", pkg.to_str().unwrap()]).ok();
+    let id = deploy(&at_holder, "Slow.App").await;
+    // Killed once both machines' scripts have printed a few lines.
+    let mut ids = BTreeMap::new();
+    for m in MACHINES {
+        ids.insert(machine_id(&at_holder, m).await, 0usize);
+    }
+    at_survivor
+        .events(&id)
+        .await
+        .until(|e, d| {
+            if e == "log" && d["stream"] == "stdout" {
+                let text = d["text"].as_str().unwrap_or_default();
+                if let Some(n) = d["machine_id"].as_i64().and_then(|m| ids.get_mut(&m)) {
+                    *n += usize::from(text.starts_with("deploy line "));
+                }
+            }
+            ids.values().all(|&n| n >= 3)
+        })
+        .await;
+    lab.cluster.kill9(lab.holder);
+    let before = stdout_by_machine(&at_survivor.log(&id).await);
+    for (mid, lines) in &before {
+        let printed = lines
+            .iter()
+            .filter(|l| l.starts_with("deploy line "))
+            .count();
+        assert!(
+            printed < SLOW_LINES,
+            "machine {mid}'s script ended before the kill: {lines:?}"
+        );
+    }
+    let log = lab.taken_over(&id, SLOW_LINES).await;
+    // Resumed, not started again: the package was in the tentacles' cache.
+    let said = server_lines(&log);
+    for m in MACHINES {
+        assert!(
+            said.iter()
+                .any(|l| l.starts_with(&format!("{m}: package Slow.App 1.0.0 found in cache"))),
+            "{m}: {said:?}"
+        );
+    }
+    lab.polling.stop().await;
 }
 
 /// Scheduled health tasks (newest first) with a step on `machine`.
@@ -447,18 +546,34 @@ async fn scheduled_health_checks_run_once_per_period_across_nodes() {
         }
     };
     // A few periods with whichever node holds the lease.
-    let checks = watch("three scheduled checks", 3).await;
+    watch("three scheduled checks", 3).await;
     let first = lease_holder(&cluster);
     assert!(cluster.names.contains(&first), "lease held by '{first}'");
-    // The holder drained: it schedules no more and lets its lease run out;
-    // the other node takes it and goes on.
+    // The holder drained (it learns so at its next heartbeat, 5 s at most):
+    // it schedules no more and lets its lease run out; the other node takes
+    // it and goes on.
     let drained = cluster.names.iter().position(|n| *n == first).unwrap();
-    let other = cluster.api(1 - drained);
-    let out = cli(&other, &["node", "drain", &first]).ok().stdout;
+    let next = cluster.names[1 - drained].clone();
+    let out = cli(&cluster.api(1 - drained), &["node", "drain", &first])
+        .ok()
+        .stdout;
     assert!(out.contains("is draining"), "{out}");
-    let n = checks.iter().filter(|t| !unfinished(t)).count();
+    let deadline = Instant::now() + T;
+    while lease_holder(&cluster) != next {
+        assert!(
+            Instant::now() < deadline,
+            "{next} took no lease within {T:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let n = watch("the checks so far", 0)
+        .await
+        .iter()
+        .filter(|t| !unfinished(t))
+        .count();
     let checks = watch("three more scheduled checks", n + 3).await;
-    assert_eq!(lease_holder(&cluster), cluster.names[1 - drained]);
+    assert_eq!(lease_holder(&cluster), next);
+    assert!(checks.len() >= 6, "{checks:#?}");
 
     // Oldest first: each check began a period or more after the one before
     // (its machine's last check time is written when a check ends), and no
