@@ -7,12 +7,14 @@
 //!   agent services in this process, reaching the nodes only through the
 //!   balancer) in one task, submitted through either node: each machine's
 //!   part runs once;
-//! - the node deploying a large package to the polling tentacle is killed
-//!   (SIGKILL) in the middle of the transfer (a throttling relay between the
-//!   tentacle and the balancer makes the transfer last seconds): the
-//!   surviving node takes the task over, resumes the transfer from the bytes
-//!   the tentacle holds, and the deployment ends Success with the package
-//!   byte-identical on the tentacle and no line lost or repeated;
+//! - the node deploying a large package to both tentacles is killed
+//!   (SIGKILL) in the middle of the transfers (throttling relays in front of
+//!   each tentacle make them last seconds): the surviving node takes the
+//!   task over, resumes each transfer from the bytes the tentacle holds, and
+//!   the deployment ends Success with the package byte-identical on both
+//!   tentacles and no line lost or repeated;
+//! - the same, killed in the middle of the deployment scripts: they go on
+//!   from their stored log sequences (the package found in cache);
 //! - scheduled health checks run once per period across the nodes (the
 //!   scheduler's lease moves when its holder is drained), and a scheduled
 //!   check lasting longer than the lease is not started a second time by
