@@ -218,8 +218,9 @@ async fn deploy(api: &Api, package: &str) -> String {
     v["task"]["id"].as_str().unwrap().to_string()
 }
 
-/// Bytes per second the relay lets through during the big transfer.
-const SLOW: u64 = 6 << 20;
+/// Bytes per second the relays let through until the node sending the big
+/// package is killed.
+const SLOW: u64 = 1 << 20;
 /// Size of the big package's filler.
 const BIG: usize = 24 << 20;
 
@@ -348,39 +349,50 @@ async fn sigkill_of_the_node_deploying_mid_transfer_loses_nothing() {
     cli(&through_lb, &["package", "push", big.to_str().unwrap()]).ok();
     lab.pol_relay.limit(Some(SLOW));
     lab.lis_relay.limit(Some(SLOW));
-    let started = Instant::now();
     let id = deploy(&at_holder, "Big.App").await;
-    // Killed once both transfers have begun.
-    let mut uploading: Vec<&str> = Vec::new();
-    at_survivor
-        .events(&id)
-        .await
-        .until(|e, d| {
-            if e == "log" {
-                let text = d["text"].as_str().unwrap_or_default();
-                for m in MACHINES {
-                    if text.starts_with(&format!("{m}: uploading package Big.App 1.0.0"))
-                        && !uploading.contains(&m)
-                    {
-                        uploading.push(m);
-                    }
-                }
-            }
-            uploading.len() == MACHINES.len()
-        })
-        .await;
+    // Killed once each tentacle holds part of the package (its partial file
+    // has grown past a MiB), which at SLOW is seconds before the end.
+    let file = format!("Big.App@1.0.0@{sha}.tar.gz");
+    let deadline = Instant::now() + T;
+    loop {
+        let received: Vec<u64> = lab
+            .homes
+            .iter()
+            .map(|(home, _)| {
+                std::fs::metadata(home.join("Files").join(format!("{file}.partial")))
+                    .map_or(0, |m| m.len())
+            })
+            .collect();
+        if received.iter().all(|&n| n >= 1 << 20) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the transfers did not start within {T:?}: {received:?} bytes"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     lab.cluster.kill9(lab.holder);
-    let killed_after = started.elapsed();
-    // What the dead node stored: the transfers had begun, not ended.
+    // Mid-transfer on both sides: no tentacle holds the whole package and the
+    // dead node stored no end of a transfer.
+    for (m, (home, _)) in MACHINES.iter().zip(&lab.homes) {
+        assert!(
+            !home.join("Files").join(&file).exists(),
+            "{m} holds the whole package already"
+        );
+    }
     let before = server_lines(&at_survivor.log(&id).await);
     for m in MACHINES {
         assert!(
             !before
                 .iter()
                 .any(|l| l.starts_with(&format!("{m}: package uploaded"))),
-            "{m}'s transfer ended before the kill ({killed_after:?}): {before:?}"
+            "{m}'s transfer ended before the kill: {before:?}"
         );
     }
+    // The rest goes at full speed.
+    lab.pol_relay.limit(None);
+    lab.lis_relay.limit(None);
 
     let log = lab.taken_over(&id, DEPLOY_LINES).await;
     let lines = server_lines(&log);

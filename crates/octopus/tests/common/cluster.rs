@@ -61,7 +61,7 @@ impl Cluster {
             .map(|i| format!("node-{}", char::from(b'a' + u8::try_from(i).unwrap())))
             .collect();
         let dirs: Vec<PathBuf> = names.iter().map(|n| tmp.path().join(n)).collect();
-        let comms_ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+        let mut comms_ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
         let mut nodes = Vec::new();
         for i in 0..n {
             if i > 0 {
@@ -73,7 +73,21 @@ impl Cluster {
             }
             let mut args = vec!["--database-url", &url, "--node-name", &names[i]];
             args.extend_from_slice(extra);
-            nodes.push(ServerProcess::start_with(&dirs[i], comms_ports[i], &args));
+            // A free port may be taken by another test before the node binds
+            // it: then the node is started again on another.
+            let mut tries = 0;
+            let node = loop {
+                match ServerProcess::try_start_with(&dirs[i], comms_ports[i], &args) {
+                    Ok(node) => break node,
+                    Err(e) if tries < 2 => {
+                        eprintln!("{} did not start, trying another port: {e}", names[i]);
+                        tries += 1;
+                        comms_ports[i] = free_port();
+                    }
+                    Err(e) => panic!("{}: {e}", names[i]),
+                }
+            };
+            nodes.push(node);
         }
         assert!(nodes.iter().all(|p| p.thumbprint == nodes[0].thumbprint));
         let comms_lb =

@@ -49,6 +49,13 @@ impl ServerProcess {
 
     /// [`ServerProcess::start`] with more arguments (`--database-url ...`).
     pub fn start_with(data: &Path, comms_port: u16, extra: &[&str]) -> Self {
+        Self::try_start_with(data, comms_port, extra).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`ServerProcess::start_with`], or why the server did not start (it
+    /// exited before its ready line, e.g. its port was taken meanwhile; the
+    /// end of its log says).
+    pub fn try_start_with(data: &Path, comms_port: u16, extra: &[&str]) -> Result<Self, String> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_octopus"))
             .args([
                 "server",
@@ -76,9 +83,19 @@ impl ServerProcess {
             }
         });
         loop {
-            let line = rx
-                .recv_timeout(T)
-                .expect("the server printed no ready line in time");
+            let line = match rx.recv_timeout(T) {
+                Ok(line) => line,
+                Err(e) => {
+                    let _ = child.kill();
+                    let status = child.wait();
+                    let log =
+                        std::fs::read_to_string(data.with_extension("stderr")).unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                    return Err(format!(
+                        "the server printed no ready line in time ({e}; {status:?}); its log ends: {tail:?}"
+                    ));
+                }
+            };
             if let Some(rest) = line.strip_prefix("Octopus server ready: API http://") {
                 let base = format!("http://{}", rest.split("/api").next().unwrap());
                 let thumbprint = line.rsplit(' ').next().unwrap().parse().unwrap();
@@ -86,12 +103,12 @@ impl ServerProcess {
                     line.contains(&format!("comms port {comms_port},")),
                     "{line}"
                 );
-                return ServerProcess {
+                return Ok(ServerProcess {
                     child,
                     base,
                     thumbprint,
                     _stdout: reader,
-                };
+                });
             }
         }
     }
