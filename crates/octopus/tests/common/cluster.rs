@@ -80,7 +80,7 @@ impl Cluster {
                 match ServerProcess::try_start_with(&dirs[i], comms_ports[i], &args) {
                     Ok(node) => break node,
                     Err(e) if tries < 2 => {
-                        eprintln!("{} did not start, trying another port: {e}", names[i]);
+                        tracing::warn!("{} did not start, trying another port: {e}", names[i]);
                         tries += 1;
                         comms_ports[i] = free_port();
                     }
