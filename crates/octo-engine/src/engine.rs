@@ -16,7 +16,7 @@
 //! shutdown token; a task interrupted by shutdown keeps its stored state and is
 //! resumed by the next start ([`Engine::spawn_background`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -45,10 +45,11 @@ use crate::{
     kind, machine_list, max_parallel_steps_of, DeployArgs, StepLimits, TentacleUpgradeArgs,
 };
 
-/// How often the scheduler looks for machines due a health check.
-const HEALTH_SCAN_INTERVAL: Duration = Duration::from_secs(30);
+/// How often the scheduler looks for machines due a health check, unless
+/// [`EngineDeps::health_scan_interval`] says otherwise.
+pub const DEFAULT_HEALTH_SCAN_INTERVAL: Duration = Duration::from_secs(30);
 /// The cluster-wide lease of the health-check scheduler: held by one node,
-/// renewed every scan, taken over once it runs out.
+/// renewed every scan (for two scans), taken over once it runs out.
 const HEALTH_LEASE: &str = "scheduled-health-checks";
 /// How long a stopping server waits for its tasks to notice.
 const STOP_WAIT: Duration = Duration::from_secs(8);
@@ -131,6 +132,9 @@ pub struct EngineDeps {
     /// Most bytes of its machine's output one step stores; the rest is
     /// counted and dropped, and the log says how much.
     pub max_log_bytes_per_step: u64,
+    /// How often this node looks for machines due a scheduled health check
+    /// (while it holds the scheduler's lease, which lasts two of these).
+    pub health_scan_interval: Duration,
 }
 
 /// What this engine (node) runs, and what it may take on.
@@ -1113,13 +1117,15 @@ impl Engine {
         }
     }
 
-    /// Every [`HEALTH_SCAN_INTERVAL`], runs a health task for the machines due one
-    /// by their policy's interval (never two scheduled checks at once).
+    /// Every [`EngineDeps::health_scan_interval`], runs a health task for the
+    /// machines due one by their policy's interval (never two scheduled checks
+    /// of a machine at once, across the cluster).
     async fn schedule_health_checks(self: &Arc<Self>) {
-        let mut tick = tokio::time::interval_at(
-            tokio::time::Instant::now() + HEALTH_SCAN_INTERVAL,
-            HEALTH_SCAN_INTERVAL,
-        );
+        let every = self
+            .deps
+            .health_scan_interval
+            .max(Duration::from_millis(100));
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last: Vec<String> = Vec::new();
         loop {
@@ -1127,12 +1133,16 @@ impl Engine {
                 _ = self.shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            if last.iter().any(|id| self.is_running(id)) || self.load.borrow().draining {
+            if self.load.borrow().draining {
                 continue;
             }
             // One node of a cluster schedules (a lease, not an election: a node
-            // that stops renewing it loses it once it runs out).
-            let ttl = i64::try_from(HEALTH_SCAN_INTERVAL.as_millis() * 2).unwrap_or(i64::MAX);
+            // that stops renewing it loses it once it runs out). Renewed every
+            // scan, also while this node's last checks still run: a check that
+            // outlasts the lease must not let another node take it and check
+            // the same machines again (their last check time is written only
+            // when a check ends).
+            let ttl = i64::try_from(every.as_millis().saturating_mul(2)).unwrap_or(i64::MAX);
             match self
                 .deps
                 .store
@@ -1146,6 +1156,9 @@ impl Engine {
                     continue;
                 }
             }
+            if last.iter().any(|id| self.is_running(id)) {
+                continue;
+            }
             match self.scheduled_health_tasks().await {
                 Ok(tasks) => {
                     last = tasks.iter().map(|t| t.id.clone()).collect();
@@ -1158,14 +1171,32 @@ impl Engine {
         }
     }
 
+    /// The machines in a scheduled health check that has not ended, whichever
+    /// node runs it (the store is the cluster's truth: a node that held the
+    /// scheduler's lease before this one may still be checking them).
+    async fn machines_in_scheduled_checks(&self) -> octo_store::Result<HashSet<i64>> {
+        let store = &self.deps.store;
+        let mut busy = HashSet::new();
+        for task in store.unfinished_tasks().await? {
+            let scheduled = task.arguments.get("scheduled") == Some(&serde_json::Value::Bool(true));
+            if task.kind == kind::HEALTH && scheduled {
+                for step in store.task_steps(&task.id).await? {
+                    busy.insert(step.machine_id);
+                }
+            }
+        }
+        Ok(busy)
+    }
+
     /// One health task per space with machines due a check by their policy.
     async fn scheduled_health_tasks(&self) -> octo_store::Result<Vec<Task>> {
         let store = &self.deps.store;
         let now = now_ms();
         let mut policies: HashMap<(i64, String), Option<MachinePolicy>> = HashMap::new();
         let mut due: BTreeMap<i64, Vec<Machine>> = BTreeMap::new();
+        let busy = self.machines_in_scheduled_checks().await?;
         for m in store.list_machines(&MachineFilter::default()).await? {
-            if m.disabled {
+            if m.disabled || busy.contains(&m.id) {
                 continue;
             }
             let key = (m.space_id, m.policy.clone());

@@ -92,10 +92,20 @@ pub struct RunArgs {
     #[arg(long, value_name = "MIB", default_value_t = DEFAULT_MAX_LOG_MIB_PER_STEP,
           value_parser = clap::value_parser!(u64).range(1..=1024 * 1024))]
     pub max_log_mib_per_step: u64,
+    /// How often this node looks for machines due a scheduled health check,
+    /// in milliseconds (100 to 3600000; the scheduler's cluster-wide lease
+    /// lasts two scans). Hidden: for tests and tuning, not everyday use.
+    #[arg(long, value_name = "MS", hide = true,
+          default_value_t = DEFAULT_HEALTH_SCAN_INTERVAL_MS,
+          value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub health_scan_interval_ms: u64,
 }
 
 /// The environment variable that may carry the server's proxy URL.
 pub const PROXY_ENV: &str = "OCTOPUS_PROXY";
+
+/// The default of `--health-scan-interval-ms`.
+pub const DEFAULT_HEALTH_SCAN_INTERVAL_MS: u64 = 30_000;
 
 /// The default of `--max-log-mib-per-step`.
 pub const DEFAULT_MAX_LOG_MIB_PER_STEP: u64 = 100;
@@ -246,6 +256,7 @@ impl Default for RunArgs {
             max_running_steps: octo_engine::DEFAULT_MAX_RUNNING_STEPS,
             max_concurrent_handshakes: octo_comms::DEFAULT_MAX_CONCURRENT_HANDSHAKES,
             max_log_mib_per_step: DEFAULT_MAX_LOG_MIB_PER_STEP,
+            health_scan_interval_ms: DEFAULT_HEALTH_SCAN_INTERVAL_MS,
         }
     }
 }

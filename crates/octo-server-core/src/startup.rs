@@ -586,6 +586,7 @@ pub async fn start_with(
             per_node: args.max_running_steps,
         },
         max_log_bytes_per_step: args.max_log_mib_per_step.saturating_mul(1024 * 1024),
+        health_scan_interval: Duration::from_millis(args.health_scan_interval_ms),
     }));
     let state = AppState {
         store,

@@ -19,6 +19,7 @@ pub mod postgres;
 pub mod proxy;
 pub mod raw;
 pub mod services;
+pub mod throttle;
 pub mod tinyproxy;
 
 /// Logs to the test's captured output; `RUST_LOG` filters (default "info").

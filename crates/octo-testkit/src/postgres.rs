@@ -198,6 +198,33 @@ rm -rf "$dir""#;
         }
     }
 
+    /// Runs `sql` with `psql` in the database `url` names (one of this
+    /// cluster's, as [`Postgres::create_database`] gave it), as the
+    /// superuser: what it printed (unaligned, tuples only). Panics, with
+    /// psql's message, when it fails. For a test that must set what the API
+    /// refuses on purpose (e.g. a policy checking every 2 s).
+    pub fn psql(&self, url: &str, sql: &str) -> String {
+        let name = url.rsplit('/').next().unwrap_or_default();
+        let out = run_bounded(
+            Command::new(self.bin.join("psql"))
+                .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+                .args(["-U", SUPERUSER, "-d", name])
+                .args(["-v", "ON_ERROR_STOP=1", "-At", "-c", sql])
+                .env("PGPASSWORD", &self.password)
+                .env("PGCONNECT_TIMEOUT", "30"),
+        );
+        match out {
+            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
+            Ok(o) => panic!(
+                "psql in {name} failed ({}): {}{}",
+                o.status,
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => panic!("psql in {name}: {e}"),
+        }
+    }
+
     /// The server's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default()

@@ -9,88 +9,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::io::Write;
+use std::path::Path;
 use std::time::Duration;
 
-use common::{run, Run, BIN};
-
-/// Longest wait for a server to start.
-const SETTLE: Duration = Duration::from_secs(60);
-
-/// Builds (once) the `tentacle` and `calamari` binaries of this workspace.
-fn binaries() -> &'static (PathBuf, PathBuf) {
-    static BINS: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
-    BINS.get_or_init(|| {
-        let me = std::env::current_exe().unwrap();
-        let dir = me.parent().unwrap().parent().unwrap().to_path_buf();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-q", "-p", "octo-tentacle", "--bin", "tentacle"])
-            .args(["-p", "octo-calamari", "--bin", "calamari"]);
-        if dir.ends_with("release") {
-            cmd.arg("--release");
-        }
-        assert!(
-            cmd.status().unwrap().success(),
-            "building tentacle and calamari"
-        );
-        (dir.join("tentacle"), dir.join("calamari"))
-    })
-}
-
-/// A process killed when dropped.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A running node: its process, API URL and comms thumbprint.
-struct Node {
-    _child: Killed,
-    api: String,
-    thumbprint: String,
-}
-
-/// Starts `octopus server run` on loopback with free ports; waits (bounded)
-/// for its ready line.
-fn start(data: &Path, extra: &[&str]) -> Node {
-    let mut child = Command::new(BIN)
-        .args(["server", "run", "--data", data.to_str().unwrap()])
-        .args(["--listen", "127.0.0.1:0", "--comms-listen-port", "0"])
-        .args(["--comms-listen-address", "127.0.0.1"])
-        .args(extra)
-        .env_remove("OCTOPUS_DATABASE_URL")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let child = Killed(child);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
-    loop {
-        let line = rx.recv_timeout(SETTLE).expect("the server's ready line");
-        if let Some(rest) = line.strip_prefix("Octopus server ready: API http://") {
-            return Node {
-                _child: child,
-                api: format!("http://{}", rest.split("/api").next().unwrap()),
-                thumbprint: line.rsplit(' ').next().unwrap().to_string(),
-            };
-        }
-    }
-}
+use common::cluster::{binaries, Cluster, ListeningTentacle};
+use common::{run, Run};
 
 /// `octopus --server API --api-key KEY ARGS`.
 fn cli(api: &str, key: &str, args: &[&str]) -> Run {
@@ -163,43 +87,14 @@ fn write_package(path: &Path) {
 
 #[test]
 fn a_package_pushed_to_one_node_downloads_and_deploys_through_another() {
-    let (tentacle, calamari) = binaries().clone();
-    let url = octo_testkit::postgres::shared().create_database();
-    let dir = tempfile::tempdir().unwrap();
-    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
+    let (_, calamari) = binaries().clone();
     let tool = calamari.to_str().unwrap();
-    let a = start(
-        &da,
-        &[
-            "--database-url",
-            &url,
-            "--node-name",
-            "node-a",
-            "--calamari",
-            tool,
-        ],
-    );
-    let key = std::fs::read_to_string(da.join("admin-api-key"))
-        .unwrap()
-        .trim()
-        .to_string();
     // Nodes share the master key and the comms certificate, nothing else.
-    std::fs::create_dir_all(&db).unwrap();
-    for f in ["master-key", "server.crt", "server.key"] {
-        std::fs::copy(da.join(f), db.join(f)).unwrap();
-    }
-    let b = start(
-        &db,
-        &[
-            "--database-url",
-            &url,
-            "--node-name",
-            "node-b",
-            "--calamari",
-            tool,
-        ],
-    );
-    assert_eq!(a.thumbprint, b.thumbprint);
+    let cluster = Cluster::start(2, &["--calamari", tool]);
+    let (da, db) = (cluster.dir(0), cluster.dir(1));
+    let (a, b) = (cluster.api(0), cluster.api(1));
+    let key = cluster.key.clone();
+    let dir = &cluster.tmp;
 
     // Pushed to A.
     let pkg = dir.path().join("Acme.Web.1.0.0.tar.gz");
@@ -207,7 +102,7 @@ fn a_package_pushed_to_one_node_downloads_and_deploys_through_another() {
     let bytes = std::fs::read(&pkg).unwrap();
     assert!(bytes.len() > 3 << 20, "{} bytes", bytes.len());
     let sha = sha256_hex(&bytes);
-    let out = cli(&a.api, &key, &["package", "push", pkg.to_str().unwrap()]).ok();
+    let out = cli(&a.base, &key, &["package", "push", pkg.to_str().unwrap()]).ok();
     assert!(out.stdout.contains("Acme.Web 1.0.0 pushed"), "{out:?}");
     assert!(da.join("packages").join(&sha).is_file(), "A keeps its copy");
     assert!(
@@ -217,7 +112,7 @@ fn a_package_pushed_to_one_node_downloads_and_deploys_through_another() {
 
     // Downloaded from B, byte-identical.
     let (status, got) = get(
-        &format!("{}/api/packages/Acme.Web/1.0.0/download", b.api),
+        &format!("{}/api/packages/Acme.Web/1.0.0/download", b.base),
         &key,
     );
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&got));
@@ -228,63 +123,16 @@ fn a_package_pushed_to_one_node_downloads_and_deploys_through_another() {
     );
 
     // Deployed through B to a real listening tentacle (registered through A).
-    cli(&a.api, &key, &["environment", "create", "Test"]).ok();
-    let tdir = dir.path().join("tentacles");
-    let tent = |args: &[&str]| {
-        let mut c = Command::new(&tentacle);
-        c.args(args).env("TENTACLE_CONFIG_DIR", &tdir);
-        c
-    };
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
-    for args in [
-        vec!["create-instance", "--instance", "lis"],
-        vec!["new-certificate", "--instance", "lis"],
-        vec![
-            "configure",
-            "--instance",
-            "lis",
-            "--port",
-            &port,
-            "--listen-ip",
-            "127.0.0.1",
-        ],
-        vec![
-            "register-with",
-            "--instance",
-            "lis",
-            "--name",
-            "lis",
-            "--public-hostname",
-            "127.0.0.1",
-            "--server",
-            &a.api,
-            "--api-key",
-            &key,
-            "--environment",
-            "Test",
-            "--role",
-            "web",
-            "--server-thumbprint",
-            &a.thumbprint,
-        ],
-    ] {
-        let out = tent(&args).output().unwrap();
-        assert!(out.status.success(), "tentacle {args:?}: {out:?}");
-    }
-    let _agent = Killed(
-        tent(&["run", "--instance", "lis"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+    cli(&a.base, &key, &["environment", "create", "Test"]).ok();
+    let lis = ListeningTentacle::start(
+        &dir.path().join("tentacles"),
+        "lis",
+        &a,
+        &cluster.thumbprint().to_string(),
+        "Test",
     );
     let deployed = cli(
-        &b.api,
+        &b.base,
         &key,
         &[
             "--output",
@@ -300,7 +148,7 @@ fn a_package_pushed_to_one_node_downloads_and_deploys_through_another() {
     let end: serde_json::Value =
         serde_json::from_str(deployed.stdout.lines().last().unwrap()).unwrap();
     assert_eq!(end["task"]["state"], "Success", "{end}");
-    let home = tdir.join("lis").join("home");
+    let home = &lis.home;
     assert_eq!(
         std::fs::read_to_string(home.join("deployed.txt")).unwrap(),
         "deployed 1.0.0\n"
@@ -314,9 +162,9 @@ fn a_package_pushed_to_one_node_downloads_and_deploys_through_another() {
     assert!(std::fs::read(db.join("packages").join(&sha)).unwrap() == bytes);
 
     // Deleted through B: gone for A too (content and all).
-    cli(&b.api, &key, &["package", "delete", "Acme.Web", "1.0.0"]).ok();
+    cli(&b.base, &key, &["package", "delete", "Acme.Web", "1.0.0"]).ok();
     let (status, _) = get(
-        &format!("{}/api/packages/Acme.Web/1.0.0/download", a.api),
+        &format!("{}/api/packages/Acme.Web/1.0.0/download", a.base),
         &key,
     );
     assert_eq!(status, 404);

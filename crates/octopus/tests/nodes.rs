@@ -160,6 +160,12 @@ fn a_second_node_on_sqlite_is_refused_with_a_pointer_to_postgresql() {
     let (code, err) = refused(&dir.path().join("c"), &["--node-name", "two words"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("--node-name must be"), "{err}");
+    // So is the (hidden) health-check scan interval.
+    for bad in ["5", "3600001", "soon"] {
+        let (code, err) = refused(&dir.path().join("d"), &["--health-scan-interval-ms", bad]);
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains("--health-scan-interval-ms"), "{bad}: {err}");
+    }
 }
 
 #[test]

@@ -12,10 +12,12 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use octo_agent::capabilities::CapabilitiesImpl;
+use octo_agent::files::FileServiceImpl;
 use octo_agent::scripts::ScriptServiceImpl;
 use octo_agent::AgentContext;
 use octo_comms::TentacleComms;
 use octo_proto::v1::capabilities_server::CapabilitiesServer;
+use octo_proto::v1::file_service_server::FileServiceServer;
 use octo_proto::v1::script_service_server::ScriptServiceServer;
 use octo_tls::{Identity, Thumbprint, TrustStore};
 use serde_json::{json, Value};
@@ -47,6 +49,13 @@ impl ServerProcess {
 
     /// [`ServerProcess::start`] with more arguments (`--database-url ...`).
     pub fn start_with(data: &Path, comms_port: u16, extra: &[&str]) -> Self {
+        Self::try_start_with(data, comms_port, extra).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`ServerProcess::start_with`], or why the server did not start (it
+    /// exited before its ready line, e.g. its port was taken meanwhile; the
+    /// end of its log says).
+    pub fn try_start_with(data: &Path, comms_port: u16, extra: &[&str]) -> Result<Self, String> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_octopus"))
             .args([
                 "server",
@@ -74,9 +83,19 @@ impl ServerProcess {
             }
         });
         loop {
-            let line = rx
-                .recv_timeout(T)
-                .expect("the server printed no ready line in time");
+            let line = match rx.recv_timeout(T) {
+                Ok(line) => line,
+                Err(e) => {
+                    let _ = child.kill();
+                    let status = child.wait();
+                    let log =
+                        std::fs::read_to_string(data.with_extension("stderr")).unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                    return Err(format!(
+                        "the server printed no ready line in time ({e}; {status:?}); its log ends: {tail:?}"
+                    ));
+                }
+            };
             if let Some(rest) = line.strip_prefix("Octopus server ready: API http://") {
                 let base = format!("http://{}", rest.split("/api").next().unwrap());
                 let thumbprint = line.rsplit(' ').next().unwrap().parse().unwrap();
@@ -84,12 +103,12 @@ impl ServerProcess {
                     line.contains(&format!("comms port {comms_port},")),
                     "{line}"
                 );
-                return ServerProcess {
+                return Ok(ServerProcess {
                     child,
                     base,
                     thumbprint,
                     _stdout: reader,
-                };
+                });
             }
         }
     }
@@ -243,9 +262,9 @@ pub fn stdout_lines(log: &[Value]) -> Vec<String> {
         .collect()
 }
 
-/// A tentacle with the real agent services (capabilities, scripts) in this
-/// process, its home under `dir`, trusting `server`: poll with
-/// [`TentacleComms::run_polling`].
+/// A tentacle with the real agent services (capabilities, scripts, files) in
+/// this process, its home under `dir` (`dir/home`), trusting `server`: poll
+/// with [`TentacleComms::run_polling`].
 pub fn in_process_tentacle(dir: &Path, identity: &Identity, server: Thumbprint) -> TentacleComms {
     let ctx = AgentContext {
         instance_name: "pol".into(),
@@ -256,7 +275,14 @@ pub fn in_process_tentacle(dir: &Path, identity: &Identity, server: Thumbprint) 
     std::fs::create_dir_all(&ctx.applications).unwrap();
     let routes =
         tonic::service::Routes::new(CapabilitiesServer::new(CapabilitiesImpl::new(ctx.clone())))
-            .add_service(ScriptServiceServer::new(ScriptServiceImpl::new(ctx)));
+            .add_service(ScriptServiceServer::new(ScriptServiceImpl::new(
+                ctx.clone(),
+            )))
+            .add_service(
+                FileServiceServer::new(FileServiceImpl::new(ctx))
+                    .max_decoding_message_size(16 << 20)
+                    .max_encoding_message_size(16 << 20),
+            );
     TentacleComms::new(
         identity.clone(),
         TrustStore::new([server], octo_testkit::hint("tentacle")),

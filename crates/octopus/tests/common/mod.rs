@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+pub mod cluster;
 pub mod live;
 
 /// Longest any one CLI invocation may take.
