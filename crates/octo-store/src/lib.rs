@@ -740,4 +740,20 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         name: &str,
         settings: &PolicySettings,
     ) -> Result<MachinePolicy>;
+
+    // Fewer store round trips per step (issue 15).
+    /// Machine `id` as its row alone, in one query: its lists (environments,
+    /// roles, tenants, tenant tags) are left empty. What a step needs to reach
+    /// its machine; use [`Store::machine_by_id`] for the whole machine.
+    async fn machine_row(&self, id: i64) -> Result<Option<Machine>> {
+        self.machine_by_id(id).await.map(|m| {
+            m.map(|m| Machine {
+                environments: Vec::new(),
+                roles: Vec::new(),
+                tenants: Vec::new(),
+                tenant_tags: Vec::new(),
+                ..m
+            })
+        })
+    }
 }
