@@ -326,7 +326,7 @@ impl SqliteStore {
         options: Option<SqliteConnectOptions>,
         what: &str,
     ) -> Result<Self> {
-        if let Err(e) = MIGRATOR.run(&mut first).await {
+        if let Err(e) = MIGRATOR.run_direct(&mut first).await {
             let _ = first.close().await;
             return Err(StoreError::Database(format!(
                 "migrating the database ({what}): {e}"
@@ -479,5 +479,42 @@ impl Columns for SqliteColumns {
     }
     fn bytes(&self, c: Col<'_>) -> std::result::Result<Option<Vec<u8>>, sqlx::Error> {
         self.get(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spawnable<F: std::future::Future + Send + 'static>(f: F) -> F {
+        f
+    }
+
+    /// The server spawns what opens and uses the store: those futures must
+    /// be Send for any lifetime (sqlx's higher-ranked bounds can break that).
+    #[test]
+    fn store_futures_can_be_spawned() {
+        let path = std::path::PathBuf::from("unused.db");
+        drop(spawnable(async move {
+            let store = SqliteStore::open(&path).await?;
+            let mut tx = store
+                .begin(Access::Write)
+                .await
+                .map_err(|e| StoreError::Database(e.to_string()))?;
+            tx.execute("SELECT 1", Params::default())
+                .await
+                .map_err(|e| StoreError::Database(e.to_string()))?;
+            tx.commit()
+                .await
+                .map_err(|e| StoreError::Database(e.to_string()))?;
+            store.close().await;
+            Ok::<_, StoreError>(())
+        }));
+        drop(spawnable(async {
+            let store = SqliteStore::open_in_memory().await?;
+            SqliteStore::open_existing(std::path::Path::new("x")).await?;
+            store.close_pool().await;
+            Ok::<_, StoreError>(())
+        }));
     }
 }
