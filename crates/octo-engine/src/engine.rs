@@ -681,9 +681,11 @@ impl Engine {
             Err(e) => return error!("loading the steps of task {id}: {e}"),
         };
         let resumed = task.state == TaskState::Executing;
-        if !resumed {
+        if !resumed && store.shared() {
             // The drain flag as the database has it now: a drain through
-            // another node applies before this node's next heartbeat.
+            // another node applies before this node's next heartbeat (a
+            // store only this node uses is drained through it: the engine
+            // knows already).
             match store.node(&self.deps.node_name).await {
                 Ok(Some(node)) => self.set_draining(node.draining),
                 Ok(None) => {}

@@ -45,6 +45,7 @@ static DIALECT: Dialect = Dialect {
     greatest: "GREATEST",
     find: "strpos",
     for_update: " FOR UPDATE",
+    serial_writes: false,
 };
 
 fn json_rows(column: &str, alias: &str) -> String {
@@ -180,7 +181,9 @@ impl Engine for PgStore {
 
     async fn begin(&self, access: Access) -> std::result::Result<Box<dyn Tx>, sqlx::Error> {
         Ok(match access {
-            Access::Single => Box::new(Conn::Single(self.pool.acquire().await?)),
+            Access::Single | Access::SingleWrite => {
+                Box::new(Conn::Single(self.pool.acquire().await?))
+            }
             Access::Read => Box::new(Conn::Tx(
                 self.pool
                     .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")

@@ -5,6 +5,16 @@
 //! statement runs in a `BEGIN IMMEDIATE` transaction: it takes the write lock at
 //! the start (waiting for it under the busy timeout), so a transaction never fails
 //! half-way when it turns from reading to writing, and no row lock is needed.
+//! Writers of one store take turns in the process first ([`WriteTurn`]): a
+//! writer waiting in SQLite's busy handler sleeps (1, 2, 5, 10 ms ...) even
+//! when the lock is free again after 50 µs, which made many steps writing at
+//! once slow; waiting for an async turn wakes the next writer at once.
+//!
+//! The connections are the store's own ([`Conns`]), not an sqlx pool: sqlx's
+//! pool pings a connection's worker thread when it lends it and again, from a
+//! task of its own, when it is given back, so every store call cost two more
+//! thread hand-offs than its statements (a connection to a local file does
+//! not go away; a connection that failed is closed instead of lent again).
 //!
 //! The store's logic and SQL are `octo_store::sql`'s, for every engine; this
 //! crate is SQLite's connections ([`Engine`]), its [`Dialect`] (list
@@ -13,16 +23,16 @@
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use octo_store::sql::{Access, Col, Columns, Dialect, Engine, Params, Tx, Value};
 use octo_store::{Result, StoreError};
-use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
-    SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteRow, SqliteSynchronous,
+    SqliteArguments, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteRow,
+    SqliteSynchronous,
 };
-use sqlx::{Arguments, Decode, Row, Sqlite, Transaction, Type};
+use sqlx::{Arguments, ConnectOptions, Connection, Decode, Row, Sqlite, Type};
 
 /// The migrations, embedded at build time.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -42,6 +52,7 @@ static DIALECT: Dialect = Dialect {
     greatest: "MAX",
     find: "instr",
     for_update: "",
+    serial_writes: true,
 };
 
 fn json_rows(column: &str, alias: &str) -> String {
@@ -63,7 +74,162 @@ fn sqlite_message(e: &sqlx::Error) -> String {
 /// The store on an SQLite database.
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
-    pool: SqlitePool,
+    conns: Arc<Conns>,
+    /// Whose turn it is to write.
+    turn: WriteTurn,
+}
+
+/// The store's connections: at most `size`, opened when first needed and
+/// kept open until [`Conns::close`].
+#[derive(Debug)]
+struct Conns {
+    /// Connections not lent, each with whether it must roll back first (it was
+    /// given back in a transaction: its user was dropped half-way).
+    idle: std::sync::Mutex<Vec<(SqliteConnection, bool)>>,
+    /// One permit per connection that may be lent.
+    permits: tokio::sync::Semaphore,
+    size: u32,
+    /// How to open another connection; None in memory (the one connection
+    /// is the database).
+    options: Option<SqliteConnectOptions>,
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section is one push or pop: poisoning cannot leave the
+    // list inconsistent.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Conns {
+    fn new(first: SqliteConnection, size: u32, options: Option<SqliteConnectOptions>) -> Self {
+        Conns {
+            idle: std::sync::Mutex::new(vec![(first, false)]),
+            permits: tokio::sync::Semaphore::new(size as usize),
+            size,
+            options,
+        }
+    }
+
+    /// A connection, waiting for one to be given back when all are lent.
+    async fn get(self: &Arc<Self>) -> std::result::Result<Lent, sqlx::Error> {
+        let permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| sqlx::Error::PoolClosed)?;
+        permit.forget();
+        // From here the permit is the Lent's (given back when it drops).
+        let mut lent = Lent {
+            conn: None,
+            conns: self.clone(),
+            in_tx: false,
+            broken: false,
+        };
+        let idle = lock(&self.idle).pop();
+        let conn = match idle {
+            Some((c, false)) => {
+                lent.conn = Some(c);
+                return Ok(lent);
+            }
+            Some((mut c, true)) => {
+                if sqlx::query("ROLLBACK").execute(&mut c).await.is_err() {
+                    // Not in a transaction after all (it had ended): fine.
+                }
+                c
+            }
+            None => match &self.options {
+                Some(o) => o.connect().await?,
+                None => return Err(sqlx::Error::PoolClosed),
+            },
+        };
+        lent.conn = Some(conn);
+        Ok(lent)
+    }
+
+    /// Waits for every connection to be given back, then closes them all;
+    /// no connection is lent after this.
+    async fn close(&self) {
+        if let Ok(all) = self.permits.acquire_many(self.size).await {
+            all.forget();
+        }
+        self.permits.close();
+        let idle = std::mem::take(&mut *lock(&self.idle));
+        for (c, _) in idle {
+            if let Err(e) = c.close().await {
+                tracing::debug!("closing a database connection: {e}");
+            }
+        }
+    }
+}
+
+/// A lent connection, given back when dropped.
+#[derive(Debug)]
+struct Lent {
+    conn: Option<SqliteConnection>,
+    conns: Arc<Conns>,
+    /// In a transaction this store began (rolled back before the next use
+    /// unless committed).
+    in_tx: bool,
+    /// It failed other than with an SQL error: closed instead of given back.
+    broken: bool,
+}
+
+impl Lent {
+    fn connection(&mut self) -> std::result::Result<&mut SqliteConnection, sqlx::Error> {
+        self.conn.as_mut().ok_or(sqlx::Error::PoolClosed)
+    }
+
+    /// Runs a statement of the store's own (BEGIN, COMMIT).
+    async fn run(&mut self, sql: &'static str) -> std::result::Result<(), sqlx::Error> {
+        let done = sqlx::query(sql).execute(self.connection()?).await;
+        self.check(done).map(drop)
+    }
+
+    /// Notes a failure that leaves the connection unfit to lend again.
+    fn check<T>(
+        &mut self,
+        r: std::result::Result<T, sqlx::Error>,
+    ) -> std::result::Result<T, sqlx::Error> {
+        if let Err(e) = &r {
+            if !matches!(
+                e,
+                sqlx::Error::Database(_)
+                    | sqlx::Error::Encode(_)
+                    | sqlx::Error::ColumnNotFound(_)
+                    | sqlx::Error::ColumnDecode { .. }
+                    | sqlx::Error::Decode(_)
+            ) {
+                self.broken = true;
+            }
+        }
+        r
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.take() {
+            if !self.broken {
+                lock(&self.conns.idle).push((c, self.in_tx));
+            }
+            // A broken one is dropped (closed); the next `get` opens another.
+        }
+        self.conns.permits.add_permits(1);
+    }
+}
+
+/// The writers of one store, one at a time and in order of arrival (see the
+/// module's documentation). A writer that waits longer than the busy timeout
+/// goes on to SQLite's own lock, which then decides.
+#[derive(Clone, Debug, Default)]
+struct WriteTurn(Arc<tokio::sync::Mutex<()>>);
+
+impl WriteTurn {
+    async fn take(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        tokio::time::timeout(BUSY_TIMEOUT, self.0.clone().lock_owned())
+            .await
+            .ok()
+    }
 }
 
 impl SqliteStore {
@@ -82,14 +248,10 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(POOL_SIZE)
-            .connect_with(options)
-            .await
-            .map_err(|e| {
-                StoreError::Database(format!("opening the database {}: {e}", path.display()))
-            })?;
-        let store = Self::migrated(pool, &path.display().to_string()).await?;
+        let first = options.connect().await.map_err(|e| {
+            StoreError::Database(format!("opening the database {}: {e}", path.display()))
+        })?;
+        let store = Self::migrated(first, Some(options), &path.display().to_string()).await?;
         tracing::debug!(path = %path.display(), "store opened");
         Ok(store)
     }
@@ -108,69 +270,73 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(POOL_SIZE)
-            .connect_with(options)
-            .await
-            .map_err(|e| {
-                StoreError::Database(format!(
-                    "the database {shown} cannot be opened: {}",
-                    sqlite_message(&e)
-                ))
-            })?;
+        let mut first = options.connect().await.map_err(|e| {
+            StoreError::Database(format!(
+                "the database {shown} cannot be opened: {}",
+                sqlite_message(&e)
+            ))
+        })?;
         let ours: std::result::Result<i64, sqlx::Error> = sqlx::query_scalar(
             "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
         )
-        .fetch_one(&pool)
+        .fetch_one(&mut first)
         .await;
         match ours {
             Ok(1) => {}
             Ok(_) => {
-                pool.close().await;
+                let _ = first.close().await;
                 return Err(StoreError::Database(format!(
                     "the database {shown} is an SQLite database, but not one this server made (it has no record of the server's schema)"
                 )));
             }
             Err(e) => {
-                pool.close().await;
+                let _ = first.close().await;
                 return Err(StoreError::Database(format!(
                     "the database {shown} cannot be read: reading the database's schema: {}",
                     sqlite_message(&e)
                 )));
             }
         }
-        Self::migrated(pool, &shown.to_string()).await
+        Self::migrated(first, Some(options), &shown.to_string()).await
     }
 
-    /// A fresh database in memory, for tests. The pool has one connection, never
-    /// closed, so every query sees the same database.
+    /// A fresh database in memory, for tests. The store has one connection,
+    /// never closed, so every query sees the same database.
     pub async fn open_in_memory() -> Result<Self> {
         let options = SqliteConnectOptions::from_str("sqlite::memory:")
             .map_err(|e| StoreError::Database(format!("opening an in-memory database: {e}")))?
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .min_connections(1)
-            .idle_timeout(None)
-            .max_lifetime(None)
-            .connect_with(options)
+        let first = options
+            .connect()
             .await
             .map_err(|e| StoreError::Database(format!("opening an in-memory database: {e}")))?;
-        Self::migrated(pool, "in memory").await
+        Self::migrated(first, None, "in memory").await
     }
 
-    /// Closes the pool, waiting for connections to be returned.
+    /// Closes the connections, waiting for those in use to be given back.
     pub async fn close(&self) {
-        self.pool.close().await;
+        self.conns.close().await;
     }
 
-    async fn migrated(pool: SqlitePool, what: &str) -> Result<Self> {
-        MIGRATOR
-            .run(&pool)
-            .await
-            .map_err(|e| StoreError::Database(format!("migrating the database ({what}): {e}")))?;
-        Ok(Self { pool })
+    /// The store, its schema brought up to date through its first
+    /// connection; more are opened with `options` (None: that one only).
+    async fn migrated(
+        mut first: SqliteConnection,
+        options: Option<SqliteConnectOptions>,
+        what: &str,
+    ) -> Result<Self> {
+        if let Err(e) = MIGRATOR.run_direct(&mut first).await {
+            let _ = first.close().await;
+            return Err(StoreError::Database(format!(
+                "migrating the database ({what}): {e}"
+            )));
+        }
+        let size = if options.is_some() { POOL_SIZE } else { 1 };
+        Ok(Self {
+            conns: Arc::new(Conns::new(first, size, options)),
+            turn: WriteTurn::default(),
+        })
     }
 }
 
@@ -181,34 +347,42 @@ impl Engine for SqliteStore {
     }
 
     async fn begin(&self, access: Access) -> std::result::Result<Box<dyn Tx>, sqlx::Error> {
-        Ok(match access {
-            Access::Single => Box::new(Conn::Single(self.pool.acquire().await?)),
+        // A writer takes its turn first, then a connection: waiting writers
+        // hold none.
+        let turn = match access {
+            Access::SingleWrite | Access::Write => self.turn.take().await,
+            Access::Single | Access::Read => None,
+        };
+        let mut lent = self.conns.get().await?;
+        let begin = match access {
+            Access::Single | Access::SingleWrite => None,
             // A deferred transaction reads one snapshot (WAL).
-            Access::Read => Box::new(Conn::Tx(self.pool.begin().await?)),
+            Access::Read => Some("BEGIN"),
             // The write lock from the start.
-            Access::Write => Box::new(Conn::Tx(self.pool.begin_with("BEGIN IMMEDIATE").await?)),
-        })
+            Access::Write => Some("BEGIN IMMEDIATE"),
+        };
+        if let Some(begin) = begin {
+            // Marked first: a BEGIN dropped half-way is rolled back too.
+            lent.in_tx = true;
+            lent.run(begin).await?;
+        }
+        Ok(Box::new(Conn { lent, _turn: turn }))
     }
 
     async fn close_pool(&self) {
-        self.pool.close().await;
+        self.conns.close().await;
     }
 }
 
-/// A pooled connection, in a transaction or not.
-enum Conn {
-    Single(PoolConnection<Sqlite>),
-    Tx(Transaction<'static, Sqlite>),
+/// A lent connection, in a transaction or not, with the store's write turn
+/// while it writes (dropped after the connection is given back).
+struct Conn {
+    lent: Lent,
+    _turn: Option<Turn>,
 }
 
-impl Conn {
-    fn connection(&mut self) -> &mut sqlx::SqliteConnection {
-        match self {
-            Conn::Single(c) => c,
-            Conn::Tx(t) => t,
-        }
-    }
-}
+/// A writer's turn, held until its connection is dropped (after the commit).
+type Turn = tokio::sync::OwnedMutexGuard<()>;
 
 /// A list as one JSON array.
 fn json<T: serde::Serialize>(list: &[T]) -> std::result::Result<String, sqlx::Error> {
@@ -242,9 +416,11 @@ impl Tx for Conn {
         sql: &str,
         params: Params<'_>,
     ) -> std::result::Result<Vec<Box<dyn Columns + Send>>, sqlx::Error> {
-        let rows = sqlx::query_with(sql, arguments(params)?)
-            .fetch_all(self.connection())
-            .await?;
+        let args = arguments(params)?;
+        let rows = sqlx::query_with(sql, args)
+            .fetch_all(self.lent.connection()?)
+            .await;
+        let rows = self.lent.check(rows)?;
         Ok(rows
             .into_iter()
             .map(|r| Box::new(SqliteColumns(r)) as Box<dyn Columns + Send>)
@@ -256,17 +432,20 @@ impl Tx for Conn {
         sql: &str,
         params: Params<'_>,
     ) -> std::result::Result<u64, sqlx::Error> {
-        let done = sqlx::query_with(sql, arguments(params)?)
-            .execute(self.connection())
-            .await?;
-        Ok(done.rows_affected())
+        let args = arguments(params)?;
+        let done = sqlx::query_with(sql, args)
+            .execute(self.lent.connection()?)
+            .await;
+        Ok(self.lent.check(done)?.rows_affected())
     }
 
     async fn commit(self: Box<Self>) -> std::result::Result<(), sqlx::Error> {
-        match *self {
-            Conn::Single(_) => Ok(()),
-            Conn::Tx(t) => t.commit().await,
+        let mut conn = *self;
+        if conn.lent.in_tx {
+            conn.lent.run("COMMIT").await?;
+            conn.lent.in_tx = false;
         }
+        Ok(())
     }
 }
 
@@ -300,5 +479,42 @@ impl Columns for SqliteColumns {
     }
     fn bytes(&self, c: Col<'_>) -> std::result::Result<Option<Vec<u8>>, sqlx::Error> {
         self.get(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spawnable<F: std::future::Future + Send + 'static>(f: F) -> F {
+        f
+    }
+
+    /// The server spawns what opens and uses the store: those futures must
+    /// be Send for any lifetime (sqlx's higher-ranked bounds can break that).
+    #[test]
+    fn store_futures_can_be_spawned() {
+        let path = std::path::PathBuf::from("unused.db");
+        drop(spawnable(async move {
+            let store = SqliteStore::open(&path).await?;
+            let mut tx = store
+                .begin(Access::Write)
+                .await
+                .map_err(|e| StoreError::Database(e.to_string()))?;
+            tx.execute("SELECT 1", Params::default())
+                .await
+                .map_err(|e| StoreError::Database(e.to_string()))?;
+            tx.commit()
+                .await
+                .map_err(|e| StoreError::Database(e.to_string()))?;
+            store.close().await;
+            Ok::<_, StoreError>(())
+        }));
+        drop(spawnable(async {
+            let store = SqliteStore::open_in_memory().await?;
+            SqliteStore::open_existing(std::path::Path::new("x")).await?;
+            store.close_pool().await;
+            Ok::<_, StoreError>(())
+        }));
     }
 }

@@ -72,6 +72,9 @@ macro_rules! store_suite {
             policies_are_added_and_changed_with_their_tentacle_update,
             // Values to mask (sensitive output variables across nodes).
             task_masks_are_kept_once_in_order_per_task,
+            // Fewer round trips per step (issue 15).
+            machine_rows_reach_a_machine_without_its_lists,
+            large_log_batches_store_every_line_once_in_order,
         );
     };
     (@each $factory:expr; $($test:ident,)+) => {
@@ -2035,4 +2038,108 @@ pub async fn policies_are_added_and_changed_with_their_tentacle_update(s: &dyn S
     ));
     // Other spaces do not see it.
     assert!(s.policy(2, "Fast").await.unwrap().is_none());
+}
+
+// Fewer round trips per step (issue 15).
+
+pub async fn machine_rows_reach_a_machine_without_its_lists(s: &dyn Store) {
+    s.create_environment(1, "Production", "").await.unwrap();
+    s.create_tenant(1, "Acme", &[]).await.unwrap();
+    let mut m = new_machine("web01", &["Production"], &["web"]);
+    m.tenants = strings(&["Acme"]);
+    let m = s.create_machine(&m).await.unwrap();
+    assert_eq!(m.roles, ["web"]);
+    let row = s
+        .machine_row(m.id)
+        .await
+        .unwrap()
+        .expect("the machine's row");
+    assert_eq!(
+        (
+            row.id,
+            &row.name,
+            row.kind,
+            &row.uri,
+            &row.thumbprint,
+            &row.policy
+        ),
+        (m.id, &m.name, m.kind, &m.uri, &m.thumbprint, &m.policy)
+    );
+    assert!(
+        row.environments.is_empty()
+            && row.roles.is_empty()
+            && row.tenants.is_empty()
+            && row.tenant_tags.is_empty(),
+        "a machine's row carries no lists: {row:?}"
+    );
+    assert_eq!(
+        s.machine_by_id(m.id).await.unwrap(),
+        Some(m.clone()),
+        "the whole machine still has them"
+    );
+    assert!(s.machine_row(9_999).await.unwrap().is_none());
+}
+
+pub async fn large_log_batches_store_every_line_once_in_order(s: &dyn Store) {
+    let m = s
+        .create_machine(&new_machine("web01", &[], &[]))
+        .await
+        .unwrap();
+    let task = s
+        .create_task(&new_task("Script", "x", &json!({}), &[m.id]), 1)
+        .await
+        .unwrap();
+    // More lines than one statement stores, then the same again with more.
+    let lines: Vec<_> = (0..1_203)
+        .map(|i| tentacle_line(m.id, i, &format!("line {i}")))
+        .collect();
+    s.append_log(&task.id, &lines).await.unwrap();
+    let more: Vec<_> = (1_000..1_600)
+        .map(|i| tentacle_line(m.id, i, &format!("line {i}")))
+        .collect();
+    s.append_log(&task.id, &more).await.unwrap();
+    let stored = s.task_log(&task.id, 0, 10_000).await.unwrap();
+    let texts: Vec<String> = stored.iter().map(|l| l.text.clone()).collect();
+    let expected: Vec<String> = (0..1_600).map(|i| format!("line {i}")).collect();
+    assert_eq!(texts, expected, "every line once, in order");
+    assert!(stored.windows(2).all(|w| w[0].id < w[1].id));
+    assert_eq!(
+        s.task_steps(&task.id).await.unwrap()[0].next_sequence,
+        1_600
+    );
+    assert_eq!(
+        s.step_log_size(&task.id, m.id).await.unwrap().0,
+        1_600,
+        "the step's lines are counted"
+    );
+
+    // A missing task: nothing stored, whatever the lines.
+    for lines in [vec![server_line("x")], vec![tentacle_line(m.id, 0, "y")]] {
+        assert!(matches!(
+            s.append_log("ServerTasks-99", &lines).await,
+            Err(StoreError::NotFound { kind: "task", .. })
+        ));
+    }
+    // A task that ended cannot change state again; one that did not exist is not found.
+    s.set_task_state(&task.id, TaskState::Success, None, 5)
+        .await
+        .unwrap();
+    s.set_task_state(&task.id, TaskState::Success, None, 6)
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.set_task_state(&task.id, TaskState::Failed, Some("late"), 7)
+            .await,
+        Err(StoreError::Invalid(_))
+    ));
+    let done = s.task(&task.id).await.unwrap().unwrap();
+    assert_eq!(
+        (done.state, done.completed_at),
+        (TaskState::Success, Some(5))
+    );
+    assert!(matches!(
+        s.set_task_state("ServerTasks-99", TaskState::Executing, None, 8)
+            .await,
+        Err(StoreError::NotFound { kind: "task", .. })
+    ));
 }

@@ -763,4 +763,20 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn add_task_mask(&self, task_id: &str, ciphertext: &str) -> Result<()>;
     /// The masks of task `task_id` (ciphertexts), oldest first.
     async fn task_masks(&self, task_id: &str) -> Result<Vec<String>>;
+
+    // Fewer store round trips per step (issue 15).
+    /// Machine `id` as its row alone, in one query: its lists (environments,
+    /// roles, tenants, tenant tags) are left empty. What a step needs to reach
+    /// its machine; use [`Store::machine_by_id`] for the whole machine.
+    async fn machine_row(&self, id: i64) -> Result<Option<Machine>> {
+        self.machine_by_id(id).await.map(|m| {
+            m.map(|m| Machine {
+                environments: Vec::new(),
+                roles: Vec::new(),
+                tenants: Vec::new(),
+                tenant_tags: Vec::new(),
+                ..m
+            })
+        })
+    }
 }

@@ -61,7 +61,8 @@ pub(crate) async fn load_machine(
     ctx: &StepContext,
     step: &TaskStep,
 ) -> Result<(Machine, Endpoint), String> {
-    let why = match ctx.store.machine_by_id(step.machine_id).await {
+    // Its row alone: a step reaches its machine by endpoint, never by its lists.
+    let why = match ctx.store.machine_row(step.machine_id).await {
         Ok(Some(m)) => match endpoint_of(&m) {
             Ok(ep) => return Ok((m, ep)),
             Err(e) => e.to_string(),

@@ -77,12 +77,17 @@ pub(crate) struct LogBudget {
 
 impl LogBudget {
     /// The budget of `step` under `limit` bytes, counting what the store holds.
+    /// A step whose stored resume point is 0 holds no tentacle lines (storing
+    /// any moves it, in the same transaction): nothing to count then.
     pub(crate) async fn of(ctx: &StepContext, step: &TaskStep) -> Self {
-        let stored = match ctx
-            .store
-            .step_log_size(&step.task_id, step.machine_id)
-            .await
-        {
+        let measured = if step.next_sequence == 0 {
+            Ok((0, 0))
+        } else {
+            ctx.store
+                .step_log_size(&step.task_id, step.machine_id)
+                .await
+        };
+        let stored = match measured {
             Ok((_, bytes)) => u64::try_from(bytes).unwrap_or(0),
             Err(e) => {
                 tracing::warn!(

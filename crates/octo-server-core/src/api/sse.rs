@@ -9,7 +9,12 @@
 //!
 //! Live means pushed: the producer waits on the engine's notifier for the task,
 //! then reads whatever rows are new from the store. A slow reader therefore
-//! loses nothing; it reads more rows at once.
+//! loses nothing; it reads more rows at once. Lines are read only when the
+//! notifier counted new ones; the task is read again only when it counted a
+//! state change, and for a task whose reading is costly (thousands of steps)
+//! not more often than a few times its cost apart (changes meanwhile are
+//! shown together), so a large fan-out's stream does not re-read every step
+//! for every step that changes.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -39,6 +44,14 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 const PAGE: i64 = 1000;
 /// Events buffered towards a slow client before the producer waits.
 const BUFFER: usize = 256;
+/// A `task` event that took less than this to read and send is followed by
+/// the next at once; a costlier one (a task of thousands of steps) is
+/// followed by a pause of [`VIEW_PAUSE_FACTOR`] times its cost (at most
+/// [`VIEW_PAUSE_MAX`]), whatever changed meanwhile then shown at once, so
+/// that a stream spends at most about a fifth of its time re-reading the task.
+const VIEW_COST_FREE: Duration = Duration::from_millis(1);
+const VIEW_PAUSE_FACTOR: u32 = 4;
+const VIEW_PAUSE_MAX: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Deserialize)]
 pub(crate) struct StreamQuery {
@@ -143,18 +156,24 @@ async fn produce(
     let id = sub.task_id.clone();
     let mut sent_key: Option<StateKey> = None;
     let mut seen_state: Option<u64> = None;
+    // The log counter when lines were last read: no new count, no new line
+    // to read (a line stored is counted after it is stored).
+    let mut seen_log: Option<u64> = None;
     let result: Result<(), Gone> =
         async {
             let mut first = true;
+            let mut pause_until: Option<tokio::time::Instant> = None;
             loop {
                 let changes = *rx.borrow_and_update();
                 // The task's state comes first; after that, lines before state changes
                 // (a step's last lines before the event saying it finished).
-                if !first {
+                if !first && seen_log != Some(changes.log) {
+                    seen_log = Some(changes.log);
                     send_lines(reader.store.as_ref(), &id, &mut after, &tx).await?;
                 }
                 if seen_state != Some(changes.state) {
                     seen_state = Some(changes.state);
+                    let started = tokio::time::Instant::now();
                     let view =
                         match load_view(reader.store.as_ref(), &reader.caller, &reader.space, &id)
                             .await
@@ -177,15 +196,27 @@ async fn produce(
                         send(&tx, json_event("task", &view)).await?;
                         sent_key = Some(k);
                     }
+                    let cost = started.elapsed();
+                    pause_until = (cost >= VIEW_COST_FREE).then(|| {
+                        tokio::time::Instant::now() + (cost * VIEW_PAUSE_FACTOR).min(VIEW_PAUSE_MAX)
+                    });
                 }
                 if first {
                     first = false;
+                    seen_log = Some(changes.log);
                     send_lines(reader.store.as_ref(), &id, &mut after, &tx).await?;
                 }
                 tokio::select! {
                     r = rx.changed() => if r.is_err() { return Ok(()) },
                     _ = tx.closed() => return Err(Gone),
                     _ = engine.stopping().cancelled() => return Err(Gone),
+                }
+                if let Some(at) = pause_until.take() {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(at) => {}
+                        _ = tx.closed() => return Err(Gone),
+                        _ = engine.stopping().cancelled() => return Err(Gone),
+                    }
                 }
             }
         }

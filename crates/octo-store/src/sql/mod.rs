@@ -222,11 +222,31 @@ column!(Vec<u8>, bytes);
 pub enum Access {
     /// One statement, outside any transaction (it commits by itself).
     Single,
+    /// One statement that writes, outside any transaction (it commits by
+    /// itself). An engine whose writers take turns database-wide (SQLite)
+    /// queues it with its other writes rather than in the database's lock.
+    SingleWrite,
     /// Several reads that must see one consistent state (a snapshot).
     Read,
     /// A write of more than one statement, all or nothing. Reads in it that
     /// decide what to write lock what they read ([`Dialect::for_update`]).
     Write,
+}
+
+impl Access {
+    /// How one statement alone runs: [`Access::SingleWrite`] when it changes
+    /// rows (`INSERT`, `UPDATE` or `DELETE`, with `RETURNING` say).
+    fn of(sql: &str) -> Access {
+        let verb = sql.trim_start().get(..6).unwrap_or_default();
+        if ["INSERT", "UPDATE", "DELETE"]
+            .iter()
+            .any(|w| verb.eq_ignore_ascii_case(w))
+        {
+            Access::SingleWrite
+        } else {
+            Access::Single
+        }
+    }
 }
 
 /// A connection of an engine, in a transaction ([`Access::Read`],
@@ -300,6 +320,10 @@ pub struct Dialect {
     /// what to write: it locks the rows until the transaction ends (SQLite's
     /// write transactions hold the whole database already: nothing).
     pub for_update: &'static str,
+    /// Whether every write holds the whole database until it ends (SQLite):
+    /// one statement alone is then as good as a transaction that locks the
+    /// rows it touches, so the store may skip the transaction and the lock.
+    pub serial_writes: bool,
 }
 
 /// `SELECT` the columns of `R` and then `rest` ("FROM ... WHERE ...").
@@ -371,7 +395,7 @@ impl<'o> Query<'_, 'o> {
         let Query { sql, params, op } = self;
         let rows = match on {
             On::Tx(tx) => tx.fetch(sql, params).await,
-            On::Engine(e) => match e.begin(Access::Single).await {
+            On::Engine(e) => match e.begin(Access::of(sql)).await {
                 Ok(mut c) => c.fetch(sql, params).await,
                 Err(e) => Err(e),
             },
@@ -439,7 +463,7 @@ impl<'o> Query<'_, 'o> {
         let Query { sql, params, op } = self;
         let done = match on.into() {
             On::Tx(tx) => tx.execute(sql, params).await,
-            On::Engine(e) => match e.begin(Access::Single).await {
+            On::Engine(e) => match e.begin(Access::SingleWrite).await {
                 Ok(mut c) => c.execute(sql, params).await,
                 Err(e) => Err(e),
             },

@@ -369,6 +369,38 @@ async fn tenant_tags(
     Ok(group(rows))
 }
 
+/// Log lines stored by one `INSERT` at most (6 parameters each, far below
+/// either engine's limit on parameters).
+const LOG_ROWS_PER_INSERT: usize = 500;
+
+/// Stores `lines` (at most [`LOG_ROWS_PER_INSERT`]) of task `task_id` in one
+/// statement, in order; lines stored already (same machine and sequence) are
+/// skipped. NotFound when the task does not exist.
+async fn insert_log_lines(on: On<'_>, task_id: &str, lines: &[NewLogLine]) -> Result<()> {
+    let mut sql = String::with_capacity(96 + lines.len() * 22);
+    sql.push_str(
+        "INSERT INTO task_log (task_id, machine_id, sequence, timestamp, stream, text) VALUES ",
+    );
+    let mut params = Params::default();
+    for (i, l) in lines.iter().enumerate() {
+        sql.push_str(if i == 0 {
+            "(?, ?, ?, ?, ?, ?)"
+        } else {
+            ", (?, ?, ?, ?, ?, ?)"
+        });
+        params = params
+            .and(task_id)
+            .and(l.machine_id)
+            .and(l.sequence)
+            .and(l.timestamp)
+            .and(l.stream.as_str())
+            .and(l.text.as_str());
+    }
+    sql.push_str(" ON CONFLICT DO NOTHING");
+    let op = Op::new("appending to a task's log").foreign_key(not_found("task", task_id));
+    query(&sql, params, op).execute(on).await.map(drop)
+}
+
 /// NotFound unless task `id` exists. In a write transaction: the task's row
 /// stays locked until it ends, so that writes to one task (its log lines,
 /// whose ids must grow in the order they are committed) happen one at a time.
@@ -710,7 +742,8 @@ impl<E: Engine> Store for E {
         session_idle_ms: i64,
     ) -> Result<Option<(ApiKey, User)>> {
         const OP: &str = "checking an API key";
-        let mut conn = self.begin(Access::Single).await.ctx(OP)?;
+        // A write (last used), then a read on the same connection.
+        let mut conn = self.begin(Access::SingleWrite).await.ctx(OP)?;
         // A session key counts only when used within the idle time.
         let sql = returning::<ApiKeyRow>(
             "UPDATE api_keys SET last_used_at = ? WHERE key_sha256 = ? AND revoked = FALSE \
@@ -1454,16 +1487,15 @@ impl<E: Engine> Store for E {
             now
         ];
         let task = query(&sql, params, OP).one::<TaskRow>(&mut *tx).await?;
-        let name_sql = "SELECT name FROM machines WHERE id = ?";
+        // The machine's name from its row: no row, no step.
         let step_sql = "INSERT INTO task_steps (task_id, machine_id, machine_name, state, ticket) \
-                        VALUES (?, ?, ?, 'Queued', ?)";
+                        SELECT ?, id, name, 'Queued', ? FROM machines WHERE id = ?";
         for machine_id in distinct_ids(&t.machine_ids) {
-            let name = query(name_sql, params![machine_id], OP)
-                .scalar::<String>(&mut *tx)
-                .await?
-                .ok_or_else(|| missing_machine(machine_id))?;
-            let params = params![&id, machine_id, name, ticket(&id, machine_id)];
-            query(step_sql, params, OP).execute(&mut *tx).await?;
+            let params = params![&id, ticket(&id, machine_id), machine_id];
+            let added = query(step_sql, params, OP).execute(&mut *tx).await?;
+            if added != 1 {
+                return Err(missing_machine(machine_id));
+            }
         }
         let sql = "INSERT INTO task_secrets (task_id, name, ciphertext) VALUES (?, ?, ?)";
         for (name, ciphertext) in &t.secrets {
@@ -1566,26 +1598,26 @@ impl<E: Engine> Store for E {
         now: i64,
     ) -> Result<()> {
         const OP: &str = "changing a task's state";
-        let mut tx = write_tx(self, OP).await?;
-        let sql = format!(
-            "SELECT state FROM tasks WHERE id = ?{}",
-            self.dialect().for_update
-        );
-        let current = query(&sql, params![id], OP)
-            .scalar::<String>(&mut *tx)
-            .await?
-            .ok_or_else(|| not_found("task", id))?;
-        if !task_transition(id, TaskState::from_text(&current)?, state)? {
-            return Ok(());
-        }
+        // One statement while the task is unfinished (every change is allowed
+        // then); a final state never changes again, so when nothing changed,
+        // reading the state afterwards says why without a race.
         // started_at is set once, when it starts executing; completed_at when it ends.
-        let sql = "UPDATE tasks SET state = ?, error = COALESCE(?, error), \
-                   started_at = COALESCE(started_at, ?), completed_at = ? WHERE id = ?";
+        let sql = format!(
+            "UPDATE tasks SET state = ?, error = COALESCE(?, error), \
+             started_at = COALESCE(started_at, ?), completed_at = ? \
+             WHERE id = ? AND state IN {UNFINISHED_STATES}"
+        );
         let started = (state == TaskState::Executing).then_some(now);
         let completed = state.is_final().then_some(now);
         let params = params![state.text(), error, started, completed, id];
-        query(sql, params, OP).execute(&mut *tx).await?;
-        tx.commit().await.ctx(OP)
+        if query(&sql, params, OP).execute(self).await? == 1 {
+            return Ok(());
+        }
+        let current = query("SELECT state FROM tasks WHERE id = ?", params![id], OP)
+            .scalar::<String>(self)
+            .await?
+            .ok_or_else(|| not_found("task", id))?;
+        task_transition(id, TaskState::from_text(&current)?, state).map(drop)
     }
 
     async fn request_cancel(&self, id: &str) -> Result<()> {
@@ -1642,27 +1674,28 @@ impl<E: Engine> Store for E {
         if lines.is_empty() {
             return Ok(());
         }
+        let d = self.dialect();
+        let next = next_sequences(lines);
+        // Server lines alone, where writes hold the whole database: one
+        // statement, its own transaction (a missing task breaks the foreign key).
+        if d.serial_writes && next.is_empty() && lines.len() <= LOG_ROWS_PER_INSERT {
+            return insert_log_lines(self.into(), task_id, lines).await;
+        }
         let mut tx = write_tx(self, OP).await?;
-        require_task(&mut tx, self.dialect(), task_id, OP).await?;
-        let sql = "INSERT INTO task_log (task_id, machine_id, sequence, timestamp, stream, text) \
-                   VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING";
-        for l in lines {
-            let params = params![
-                task_id,
-                l.machine_id,
-                l.sequence,
-                l.timestamp,
-                &l.stream,
-                &l.text
-            ];
-            query(sql, params, OP).execute(&mut *tx).await?;
+        // Locks the task's row where rows lock (PostgreSQL), so that its
+        // lines' ids grow in the order they are committed.
+        if !d.serial_writes {
+            require_task(&mut tx, d, task_id, OP).await?;
+        }
+        for chunk in lines.chunks(LOG_ROWS_PER_INSERT) {
+            insert_log_lines((&mut tx).into(), task_id, chunk).await?;
         }
         let sql = format!(
             "UPDATE task_steps SET next_sequence = {}(next_sequence, ?) \
              WHERE task_id = ? AND machine_id = ?",
-            self.dialect().greatest
+            d.greatest
         );
-        for (machine_id, next) in next_sequences(lines) {
+        for (machine_id, next) in next {
             query(&sql, params![next, task_id, machine_id], OP)
                 .execute(&mut *tx)
                 .await?;
@@ -2259,6 +2292,13 @@ impl<E: Engine> Store for E {
         )
         .scalars::<String>(self)
         .await
+    }
+
+    async fn machine_row(&self, id: i64) -> Result<Option<Machine>> {
+        let sql = select::<MachineRow>(&format!("{} WHERE m.id = ?", MachineRow::FROM));
+        query(&sql, params![id], "looking up a machine")
+            .optional::<MachineRow>(self)
+            .await
     }
 }
 
