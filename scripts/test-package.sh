@@ -76,8 +76,8 @@ for f in /opt/octopus/server/octopus /opt/octopus/server/calamari /opt/octopus/s
     [ -x "$f" ] || fail "$f not installed"
 done
 [ "$(readlink /usr/bin/octopus)" = /opt/octopus/server/octopus ] || fail "octopus is not on the PATH"
-/opt/octopus/server/octopus --version | grep -q '^octopus ' || fail "/opt/octopus/server/octopus --version"
-octopus --version | grep -q '^octopus ' || fail "octopus --version (on the PATH)"
+grep -q '^octopus ' <<<"$(/opt/octopus/server/octopus --version)" || fail "/opt/octopus/server/octopus --version"
+grep -q '^octopus ' <<<"$(octopus --version)" || fail "octopus --version (on the PATH)"
 unit=/lib/systemd/system/octopus.service
 for f in /usr/share/man/man1/octopus.1.gz /usr/share/man/man1/octopus-server-run.1.gz \
     /usr/share/man/man1/octopus-policy.1.gz \
@@ -119,14 +119,17 @@ for pkg in octopus-tentacle octopus-server; do
     actual=$(rpm -qp --qf '[%{FILEMODES:perms} %{FILESIZES} %{FILENAMES}\n]' "$rpmfile" | sort)
     [ "$expected" = "$actual" ] ||
         fail "$rpmfile does not hold the files of $debfile: $(diff <(echo "$expected") <(echo "$actual"))"
-    rpm -qpl "$rpmfile" | grep -q '^/usr/share/man/man1/' || fail "$rpmfile: no man pages"
+    grep -q '^/usr/share/man/man1/' <<<"$(rpm -qpl "$rpmfile")" || fail "$rpmfile: no man pages"
 done
 tentacle_rpm=$(ls -t target/package/octopus-tentacle-"$version"-*.rpm | head -1)
-rpm -qpl "$tentacle_rpm" | grep -qx /opt/octopus/tentacle/Tentacle || fail "$tentacle_rpm: no /opt/octopus/tentacle/Tentacle"
-rpm -qpl "$tentacle_rpm" | grep -qx '/usr/lib/systemd/system/tentacle@.service' || fail "$tentacle_rpm: no unit"
-rpm -qp --scripts "$tentacle_rpm" | grep -q 'ln -sfn /opt/octopus/tentacle/Tentacle /usr/bin/tentacle' ||
+# Read whole before matching: `grep -q` on a pipe exits at its first match, and the
+# writer then dies of SIGPIPE, which `pipefail` reports as a failure.
+tentacle_files=$(rpm -qpl "$tentacle_rpm")
+grep -qx /opt/octopus/tentacle/Tentacle <<<"$tentacle_files" || fail "$tentacle_rpm: no /opt/octopus/tentacle/Tentacle"
+grep -qx '/usr/lib/systemd/system/tentacle@.service' <<<"$tentacle_files" || fail "$tentacle_rpm: no unit"
+grep -q 'ln -sfn /opt/octopus/tentacle/Tentacle /usr/bin/tentacle' <<<"$(rpm -qp --scripts "$tentacle_rpm")" ||
     fail "$tentacle_rpm: its %post does not put tentacle on the PATH"
 server_rpm=$(ls -t target/package/octopus-server-"$version"-*.rpm | head -1)
-rpm -qp --scripts "$server_rpm" | grep -q 'ln -sfn /opt/octopus/server/octopus /usr/bin/octopus' ||
+grep -q 'ln -sfn /opt/octopus/server/octopus /usr/bin/octopus' <<<"$(rpm -qp --scripts "$server_rpm")" ||
     fail "$server_rpm: its %post does not put octopus on the PATH"
 echo "package test: RPMs ok (metadata, the Debian packages' files and modes, scriptlets)"
