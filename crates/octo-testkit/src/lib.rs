@@ -22,6 +22,20 @@ pub mod services;
 pub mod throttle;
 pub mod tinyproxy;
 
+/// `len` incompressible bytes (xorshift64 from a seed): package contents whose
+/// size on the wire is their size.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ seed;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
 /// Logs to the test's captured output; `RUST_LOG` filters (default "info").
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()

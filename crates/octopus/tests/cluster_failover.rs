@@ -156,19 +156,6 @@ async fn a_listening_and_a_polling_tentacle_run_one_task_once_through_either_nod
     polling.stop().await;
 }
 
-/// Incompressible bytes (xorshift64, seeded).
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ seed;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 /// Lines the deployment script of [`write_package`] prints.
 const DEPLOY_LINES: usize = 10;
 /// Lines the slow deployment script prints, 50 ms apart.
@@ -342,7 +329,7 @@ async fn sigkill_of_the_node_deploying_mid_transfer_loses_nothing() {
     // machines' steps (the listening one because the task is its own), at
     // SLOW to each machine.
     let big = lab.cluster.tmp.path().join("Big.App.1.0.0.tar.gz");
-    let filler = noise(BIG, 7);
+    let filler = octo_testkit::noise(BIG, 7);
     write_package(&big, &filler, DEPLOY_LINES, "0");
     let bytes = std::fs::read(&big).unwrap();
     let sha = sha256_hex(&bytes);

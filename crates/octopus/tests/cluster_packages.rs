@@ -50,26 +50,13 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// Incompressible bytes (xorshift64).
-fn noise(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 /// A tar.gz of a small application whose Deploy.sh says where it ran, plus
 /// 3 MiB of incompressible filler so the content spans several chunks.
 fn write_package(path: &Path) {
     let file = std::fs::File::create(path).unwrap();
     let gz = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
     let mut tar = tar::Builder::new(gz);
-    let filler = noise(3_300_000);
+    let filler = octo_testkit::noise(3_300_000, 0);
     let deploy = b"echo \"deployed $Octopus_Action_Package_PackageVersion\" > \"$TentacleHome/deployed.txt\"\n";
     for (name, body, mode) in [
         ("Deploy.sh", &deploy[..], 0o755),
