@@ -321,7 +321,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
 /// Median time of `octopus run-script --machine t0 --script true` over the
 /// median of `ssh HOST true` through a ControlMaster connection, interleaved.
 /// None (and said) when sshd is not installed.
-async fn cli_vs_ssh(
+pub(crate) async fn cli_vs_ssh(
     octopus: &Path,
     api: &Api,
     runs: usize,
@@ -331,6 +331,12 @@ async fn cli_vs_ssh(
         println!("cli_over_ssh_mux: skipped (no /usr/sbin/sshd; install openssh-server)");
         return Ok(None);
     };
+    let (user, note) = crate::deploy::ssh_user();
+    if let Some(note) = note {
+        println!("{note}");
+    }
+    let host = format!("{user}@127.0.0.1");
+    let host = host.as_str();
     let sock = dir.join("ssh/ctl.sock");
     let ssh = |extra: &[&str]| {
         let mut c = std::process::Command::new("ssh");
@@ -355,7 +361,7 @@ async fn cli_vs_ssh(
         c
     };
     // The master connection, kept open.
-    let status = ssh(&["root@127.0.0.1", "true"]).status()?;
+    let status = ssh(&[host, "true"]).status()?;
     if !status.success() {
         bail!("ssh to the private sshd failed ({status})");
     }
@@ -387,15 +393,17 @@ async fn cli_vs_ssh(
     // Warm both.
     for _ in 0..3 {
         time(cli())?;
-        time(ssh(&["root@127.0.0.1", "true"]))?;
+        time(ssh(&[host, "true"]))?;
     }
     let (mut a, mut b) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         a.push(time(cli())?);
-        b.push(time(ssh(&["root@127.0.0.1", "true"]))?);
+        b.push(time(ssh(&[host, "true"]))?);
     }
-    let _ = ssh(&["-O", "exit", "root@127.0.0.1"]).status();
+    let _ = ssh(&["-O", "exit", host]).status();
     let (cli_ms, ssh_ms) = (median(a), median(b));
-    println!("octopus run-script: median {cli_ms:.2} ms; ssh over ControlMaster: {ssh_ms:.2} ms");
+    println!(
+        "octopus run-script: median {cli_ms:.2} ms; ssh over ControlMaster ({user}): {ssh_ms:.2} ms"
+    );
     Ok(Some(cli_ms / ssh_ms))
 }

@@ -94,8 +94,6 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// Builds `bin` of workspace package `package` in release mode and returns its
-/// path (beside this binary).
 /// Raises this process's open-file limit to its hard limit (thousands of
 /// connections in one process).
 pub(crate) fn raise_fd_limit() {
@@ -104,14 +102,20 @@ pub(crate) fn raise_fd_limit() {
     }
 }
 
+/// Builds `bin` of workspace package `package` in release mode and returns its
+/// path (beside this binary). With `BENCH_PREBUILT=1`, takes the one beside
+/// this binary as it is (to compare saved builds: copy `bench` and the
+/// binaries it runs into one directory per build).
 pub(crate) fn release_binary(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--release", "-q", "-p", package, "--bin", bin])
-        .status()
-        .with_context(|| format!("running cargo build for the {bin} binary"))?;
-    if !status.success() {
-        bail!("building the {bin} binary failed");
+    if std::env::var_os("BENCH_PREBUILT").is_none_or(|v| v != "1") {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--release", "-q", "-p", package, "--bin", bin])
+            .status()
+            .with_context(|| format!("running cargo build for the {bin} binary"))?;
+        if !status.success() {
+            bail!("building the {bin} binary failed");
+        }
     }
     let exe = std::env::current_exe()?;
     let path = exe.parent().context("bench binary directory")?.join(bin);

@@ -49,6 +49,11 @@ pub struct Options {
     /// The server's `--max-parallel-steps` (machines of one task at once).
     #[arg(long, default_value_t = octo_engine::DEFAULT_MAX_PARALLEL_STEPS)]
     max_parallel_steps: usize,
+    /// Also time the `octopus run-script` process against ssh through a
+    /// ControlMaster connection, interleaved, this many times each (as
+    /// `bench fleet` does; 0: not measured). Needs openssh-server.
+    #[arg(long, default_value_t = 0)]
+    cli_runs: usize,
     /// Store on this PostgreSQL database (`postgres://...`; give an empty
     /// database) rather than SQLite in a temporary directory.
     #[arg(long)]
@@ -371,6 +376,13 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     sorted.sort_by(f64::total_cmp);
     let median = sorted[sorted.len() / 2];
 
+    let cli_ratio = if o.cli_runs > 0 {
+        let octopus = crate::release_binary("octo-server", "octopus")?;
+        crate::fleet::cli_vs_ssh(&octopus, &api, o.cli_runs, tmp.path()).await?
+    } else {
+        None
+    };
+
     drop(stdin);
     let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
     server.stop().await;
@@ -394,6 +406,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
             "tentacles_per_process": o.tentacles,
             "max_parallel_steps": o.max_parallel_steps,
             "comms_style": "TentacleActive",
+            "cli_over_ssh_mux": cli_ratio.map(round2),
         })
     );
     Ok(())
