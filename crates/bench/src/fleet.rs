@@ -377,28 +377,18 @@ pub(crate) async fn cli_vs_ssh(
             "t0",
             "--script",
             "true",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        ]);
         c
-    };
-    let time = |mut c: std::process::Command| -> anyhow::Result<f64> {
-        let t = Instant::now();
-        let status = c.status()?;
-        if !status.success() {
-            bail!("{c:?} failed ({status})");
-        }
-        Ok(t.elapsed().as_secs_f64() * 1e3)
     };
     // Warm both.
     for _ in 0..3 {
-        time(cli())?;
-        time(ssh(&[host, "true"]))?;
+        timed(cli()).await?;
+        timed(ssh(&[host, "true"])).await?;
     }
     let (mut a, mut b) = (Vec::new(), Vec::new());
     for _ in 0..runs {
-        a.push(time(cli())?);
-        b.push(time(ssh(&[host, "true"]))?);
+        a.push(timed(cli()).await?);
+        b.push(timed(ssh(&[host, "true"])).await?);
     }
     let _ = ssh(&["-O", "exit", host]).status();
     let (cli_ms, ssh_ms) = (median(a), median(b));
@@ -406,4 +396,27 @@ pub(crate) async fn cli_vs_ssh(
         "octopus run-script: median {cli_ms:.2} ms; ssh over ControlMaster ({user}): {ssh_ms:.2} ms"
     );
     Ok(Some(cli_ms / ssh_ms))
+}
+
+/// Milliseconds `c` takes to run, on a blocking thread: the server answering
+/// the CLI runs in this process, and a runtime worker waiting for the CLI
+/// could hold the very task that serves it (the CLI then timed out after
+/// 60 s now and then). Standard error is kept for the error when `c` fails;
+/// standard output is discarded.
+async fn timed(mut c: std::process::Command) -> anyhow::Result<f64> {
+    tokio::task::spawn_blocking(move || {
+        c.stdout(Stdio::null()).stderr(Stdio::piped());
+        let t = Instant::now();
+        let out = c.output()?;
+        let elapsed = t.elapsed().as_secs_f64() * 1e3;
+        if !out.status.success() {
+            bail!(
+                "{c:?} failed ({}, after {elapsed:.1} ms): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(elapsed)
+    })
+    .await?
 }

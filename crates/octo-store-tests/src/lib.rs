@@ -190,11 +190,36 @@ pub async fn api_keys_authenticate_until_revoked(s: &dyn Store) {
         Some(42_000),
         "a refused key is not marked used"
     );
-    assert!(s
+    let (key, _) = s
         .authenticate_api_key("bb22", 50_000, i64::MAX)
         .await
         .unwrap()
-        .is_some());
+        .unwrap();
+    assert_eq!(key.last_used_at, Some(50_000));
+    // The use time is recorded again only once it is a grain old (a minute
+    // here): most requests only read.
+    let grain = octo_store::api_key_use_grain_ms(i64::MAX);
+    assert_eq!(grain, 60_000);
+    let (key, _) = s
+        .authenticate_api_key("bb22", 50_000 + grain, i64::MAX)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        key.last_used_at,
+        Some(50_000),
+        "within the grain: not written"
+    );
+    let stored = s.api_key(key.id).await.unwrap().unwrap();
+    assert_eq!(stored.last_used_at, Some(50_000));
+    let (key, _) = s
+        .authenticate_api_key("bb22", 50_001 + grain, i64::MAX)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(key.last_used_at, Some(50_001 + grain));
+    let stored = s.api_key(key.id).await.unwrap().unwrap();
+    assert_eq!(stored.last_used_at, Some(50_001 + grain));
 
     assert!(matches!(
         s.revoke_api_key(9_999).await,

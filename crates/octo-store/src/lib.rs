@@ -78,6 +78,14 @@ pub fn ticket(task_id: &str, machine_id: i64) -> String {
     format!("{task_id}-m{machine_id}")
 }
 
+/// How stale an API key's recorded use time may be before a use records it
+/// again: a minute, or a tenth of the session idle time when that is shorter
+/// (a session then ends at most a tenth of its idle time early). Recording
+/// every use made every API request a database write.
+pub fn api_key_use_grain_ms(session_idle_ms: i64) -> i64 {
+    (session_idle_ms / 10).clamp(0, 60_000)
+}
+
 /// The policy every new machine gets unless told otherwise (each space has one).
 pub const DEFAULT_POLICY: &str = "Default Machine Policy";
 
@@ -442,7 +450,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> Result<ApiKey>;
     /// The key with this SHA-256 and its user, when the key is not revoked, its
     /// user not disabled and, for a session key, it was used within
-    /// `session_idle_ms`; records the use time.
+    /// `session_idle_ms`; records the use time when the recorded one is older
+    /// than [`api_key_use_grain_ms`] (so most requests only read).
     async fn authenticate_api_key(
         &self,
         key_sha256: &str,

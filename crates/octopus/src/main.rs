@@ -127,12 +127,40 @@ fn init_tracing() {
         .try_init();
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     octo_comms::tune_allocator();
     let cli = Cli::parse();
     init_tracing();
-    let result = match cli.command {
+    // A client command is one user's requests in a row: a runtime on this
+    // thread alone starts faster (no worker threads) and does the same work.
+    // The server, demo and quickstart run many things at once.
+    let client = matches!(
+        cli.command,
+        Command::Client(_) | Command::Server(ServerCommand::RotateCertificate)
+    );
+    let runtime = if client {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    }
+    .enable_all()
+    .build();
+    let result = match runtime {
+        Ok(rt) => rt.block_on(run(cli)),
+        Err(e) => Err(anyhow::anyhow!("starting the async runtime: {e}")),
+    };
+    result.unwrap_or_else(|e| {
+        #[allow(clippy::print_stderr)]
+        {
+            // Errors carry the server's text: no control character reaches the terminal.
+            eprintln!("error: {}", octo_client::terminal_text(&format!("{e:#}")));
+        }
+        ExitCode::FAILURE
+    })
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
         Command::GenerateDocs { out } => {
             use clap::CommandFactory;
             octo_agent::cli_docs::generate(Cli::command(), &out)
@@ -163,13 +191,5 @@ async fn main() -> ExitCode {
             ExitCode::SUCCESS
         }),
         Command::Client(command) => client::run(cli.client, command).await,
-    };
-    result.unwrap_or_else(|e| {
-        #[allow(clippy::print_stderr)]
-        {
-            // Errors carry the server's text: no control character reaches the terminal.
-            eprintln!("error: {}", octo_client::terminal_text(&format!("{e:#}")));
-        }
-        ExitCode::FAILURE
-    })
+    }
 }

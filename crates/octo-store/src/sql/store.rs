@@ -742,21 +742,43 @@ impl<E: Engine> Store for E {
         session_idle_ms: i64,
     ) -> Result<Option<(ApiKey, User)>> {
         const OP: &str = "checking an API key";
-        // A write (last used), then a read on the same connection.
-        let mut conn = self.begin(Access::SingleWrite).await.ctx(OP)?;
-        // A session key counts only when used within the idle time.
-        let sql = returning::<ApiKeyRow>(
-            "UPDATE api_keys SET last_used_at = ? WHERE key_sha256 = ? AND revoked = FALSE \
+        // Reads only, in the common case: the use time is written when the
+        // recorded one is older than the grain (see `crate::api_key_use_grain_ms`),
+        // not on every request, which made every API call a write.
+        let sql = select::<ApiKeyRow>(
+            "FROM api_keys WHERE key_sha256 = ? AND revoked = FALSE \
              AND (session = FALSE OR COALESCE(last_used_at, created_at) >= ?)",
         );
         let idle_since = now.saturating_sub(session_idle_ms);
-        let params = params![now, key_sha256.to_ascii_lowercase(), idle_since];
-        let key = query(&sql, params, OP)
-            .optional::<ApiKeyRow>(&mut *conn)
+        let params = params![key_sha256.to_ascii_lowercase(), idle_since];
+        let Some(mut key) = query(&sql, params, OP).optional::<ApiKeyRow>(self).await? else {
+            return Ok(None);
+        };
+        let Some(user) = user_by(self, key.user_id, OP)
+            .await?
+            .filter(|u| !u.disabled)
+        else {
+            return Ok(None);
+        };
+        let grain = crate::api_key_use_grain_ms(session_idle_ms);
+        if key
+            .last_used_at
+            .is_none_or(|t| t < now.saturating_sub(grain))
+        {
+            // Revoked meanwhile: refused, and not marked used.
+            let n = query(
+                "UPDATE api_keys SET last_used_at = ? WHERE id = ? AND revoked = FALSE",
+                params![now, key.id],
+                OP,
+            )
+            .execute(self)
             .await?;
-        let Some(key) = key else { return Ok(None) };
-        let user = user_by(&mut *conn, key.user_id, OP).await?;
-        Ok(user.filter(|u| !u.disabled).map(|u| (key, u)))
+            if n == 0 {
+                return Ok(None);
+            }
+            key.last_used_at = Some(now);
+        }
+        Ok(Some((key, user)))
     }
 
     async fn list_api_keys(&self, user_id: Option<i64>) -> Result<Vec<ApiKey>> {
