@@ -478,6 +478,7 @@ impl Engine {
         &self,
         task_id: &str,
         secrets: &Result<BTreeMap<String, String>, String>,
+        masks: Option<Vec<String>>,
     ) -> Arc<Masker> {
         let live = lock(&self.maskers).get(task_id).and_then(Weak::upgrade);
         let masker = match live {
@@ -498,7 +499,10 @@ impl Engine {
                 masker.add(v);
             }
         }
-        self.load_masks(task_id, &masker).await;
+        match masks {
+            Some(stored) => self.add_masks(task_id, &masker, stored),
+            None => self.load_masks(task_id, &masker).await,
+        }
         masker
     }
 
@@ -508,6 +512,11 @@ impl Engine {
             Ok(s) => s,
             Err(e) => return error!("reading the values masked in task {task_id}'s log: {e}"),
         };
+        self.add_masks(task_id, masker, stored);
+    }
+
+    /// Adds stored masks (ciphertexts) to `masker`.
+    fn add_masks(&self, task_id: &str, masker: &Masker, stored: Vec<String>) {
         for cipher in stored {
             match self.deps.master_key.decrypt(&cipher) {
                 Ok(v) => {
@@ -527,14 +536,27 @@ impl Engine {
         }
     }
 
-    /// The task's secret values, decrypted, by name.
-    async fn secrets_of(&self, task_id: &str) -> Result<BTreeMap<String, String>, String> {
-        let stored = self
-            .deps
-            .store
-            .task_secrets(task_id)
-            .await
-            .map_err(|e| format!("reading the task's secret values: {e}"))?;
+    /// The task's secret values, decrypted, by name, and its masks as
+    /// stored (None when they could not be read: [`Engine::masker_for`]
+    /// then reads them again).
+    pub(crate) async fn secrets_of(
+        &self,
+        task_id: &str,
+    ) -> (
+        Result<BTreeMap<String, String>, String>,
+        Option<Vec<String>>,
+    ) {
+        match self.deps.store.task_secrets_and_masks(task_id).await {
+            Ok(read) => (self.decrypt_secrets(read.secrets), Some(read.masks)),
+            Err(e) => (Err(format!("reading the task's secret values: {e}")), None),
+        }
+    }
+
+    /// Secret values (name, ciphertext), decrypted, by name.
+    fn decrypt_secrets(
+        &self,
+        stored: Vec<(String, String)>,
+    ) -> Result<BTreeMap<String, String>, String> {
         stored
             .into_iter()
             .map(|(name, cipher)| {
@@ -632,8 +654,8 @@ impl Engine {
     async fn run_task(self: &Arc<Self>, task: Task, cancel: CancellationToken) {
         let store = self.deps.store.clone();
         let id = task.id.clone();
-        let secrets = self.secrets_of(&id).await;
-        let masker = self.masker_for(&id, &secrets).await;
+        let (secrets, masks) = self.secrets_of(&id).await;
+        let masker = self.masker_for(&id, &secrets, masks).await;
         let log = self.log_with(&id, masker);
         // Read again now that the cancel token is registered: a cancel request
         // that came in between is seen either here or through the token.

@@ -523,6 +523,42 @@ impl GrantCache {
     }
 }
 
+/// Spaces by id, reused briefly: every request resolves its space, and a
+/// space never changes once created (it is only ever deleted). A space
+/// deleted here is forgotten at once ([`SpaceCache::forget`]); one deleted
+/// through another node of a cluster is forgotten here within
+/// [`SPACE_CACHE_TTL`], as grants are.
+#[derive(Debug, Default)]
+pub struct SpaceCache {
+    entries: Mutex<HashMap<i64, (Instant, Space)>>,
+}
+
+/// How long a space read is reused.
+const SPACE_CACHE_TTL: Duration = Duration::from_secs(5);
+
+impl SpaceCache {
+    pub fn get(&self, id: i64) -> Option<Space> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries
+            .get(&id)
+            .filter(|(at, _)| at.elapsed() < SPACE_CACHE_TTL)
+            .map(|(_, s)| s.clone())
+    }
+
+    pub fn put(&self, space: &Space) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.insert(space.id, (Instant::now(), space.clone()));
+    }
+
+    /// The space was deleted.
+    pub fn forget(&self, id: i64) {
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

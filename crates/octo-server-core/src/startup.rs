@@ -602,6 +602,7 @@ pub async fn start_with(
         master_key,
         session_idle: Duration::from_secs_f64(args.session_idle_hours * 3600.0),
         grant_cache: Arc::default(),
+        space_cache: Arc::default(),
         logins: Arc::default(),
         node_name: node_name.clone(),
     };

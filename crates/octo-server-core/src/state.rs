@@ -13,7 +13,7 @@ use octo_store::{now_ms, EndpointKind, MachineFilter, NewAuditEvent, Store};
 use octo_tls::{Thumbprint, TrustStore};
 
 use crate::auth::LoginThrottle;
-use crate::authz::{Caller, GrantCache};
+use crate::authz::{Caller, GrantCache, SpaceCache};
 
 /// Thumbprints of polling machines: who may connect to the comms port.
 pub async fn polling_thumbprints(store: &dyn Store) -> anyhow::Result<Vec<Thumbprint>> {
@@ -52,6 +52,8 @@ pub struct AppState {
     pub session_idle: Duration,
     /// Callers' resolved grants, reused briefly.
     pub grant_cache: Arc<GrantCache>,
+    /// Spaces read by id, reused briefly.
+    pub space_cache: Arc<SpaceCache>,
     /// Failed logins, by user and by address.
     pub logins: Arc<LoginThrottle>,
     /// This server's name among the nodes sharing its database.

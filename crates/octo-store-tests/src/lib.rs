@@ -1468,6 +1468,34 @@ pub async fn task_masks_are_kept_once_in_order_per_task(s: &dyn Store) {
         vec!["cipher-z".to_string(), "cipher-a".into()]
     );
     assert_eq!(s.task_masks(&two.id).await.unwrap(), vec!["cipher-b"]);
+    // Read with the secrets, in one read: the same, each task its own.
+    let mut t = new_task("Script", "three", &json!({}), &[]);
+    t.secrets = vec![
+        ("Z".into(), "secret-z".into()),
+        ("B".into(), "secret-b".into()),
+    ];
+    let three = s.create_task(&t, 3).await.unwrap();
+    s.add_task_mask(&three.id, "cipher-y").await.unwrap();
+    s.add_task_mask(&three.id, "cipher-x").await.unwrap();
+    let both = s.task_secrets_and_masks(&three.id).await.unwrap();
+    assert_eq!(
+        both.secrets,
+        vec![
+            ("B".to_string(), "secret-b".to_string()),
+            ("Z".into(), "secret-z".into())
+        ]
+    );
+    assert_eq!(both.masks, vec!["cipher-y".to_string(), "cipher-x".into()]);
+    let of_one = s.task_secrets_and_masks(&one.id).await.unwrap();
+    assert!(of_one.secrets.is_empty());
+    assert_eq!(
+        of_one.masks,
+        vec!["cipher-z".to_string(), "cipher-a".into()]
+    );
+    assert_eq!(
+        s.task_secrets_and_masks("no-such-task").await.unwrap(),
+        octo_store::TaskSecretsAndMasks::default()
+    );
     // A task that does not exist cannot get masks.
     assert!(s.add_task_mask("no-such-task", "cipher-c").await.is_err());
 }

@@ -297,6 +297,14 @@ pub struct NewTask {
     pub secrets: Vec<(String, String)>,
 }
 
+/// A task's secret values (name, ciphertext), by name, and its masks
+/// (ciphertexts), oldest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TaskSecretsAndMasks {
+    pub secrets: Vec<(String, String)>,
+    pub masks: Vec<String>,
+}
+
 /// One heartbeat of a server node: who it is and what it runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeBeat {
@@ -772,6 +780,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn add_task_mask(&self, task_id: &str, ciphertext: &str) -> Result<()>;
     /// The masks of task `task_id` (ciphertexts), oldest first.
     async fn task_masks(&self, task_id: &str) -> Result<Vec<String>>;
+    /// What a task's run needs to mask its log, in one read: its secret
+    /// values (as [`Store::task_secrets`]) and its masks (as
+    /// [`Store::task_masks`]).
+    async fn task_secrets_and_masks(&self, task_id: &str) -> Result<TaskSecretsAndMasks>;
 
     // Fewer store round trips per step (issue 15).
     /// Machine `id` as its row alone, in one query: its lists (environments,

@@ -4,7 +4,7 @@
 
 #[cfg(doc)]
 use crate::rows::MachineRow;
-use crate::rows::{group, ListRow};
+use crate::rows::{group, ListRow, MachineListRow};
 use crate::{Machine, NewMachine};
 
 /// One of a machine's lists.
@@ -49,22 +49,45 @@ impl MachineList {
         }
     }
 
-    /// The query for this list of the machines whose ids `ids` yields (`ids` is
-    /// the engine's way of passing a list of ids, e.g. `SELECT value FROM
-    /// json_each(?)`): [`ListRow`]s, by machine then value.
-    pub fn select(self, ids: &str) -> String {
-        // The value, read from the join table `l` or the table it joins.
-        let (value, join) = match self {
+    /// Its number in [`MachineList::select_all`]'s `list` column.
+    fn number(self) -> i64 {
+        match self {
+            Self::Environments => 0,
+            Self::Roles => 1,
+            Self::Tenants => 2,
+            Self::TenantTags => 3,
+        }
+    }
+
+    /// The query for every list of the machines whose ids `ids` yields (`ids`
+    /// is the engine's way of passing a list of ids, e.g. `SELECT value FROM
+    /// json_each(?)`, repeated once a list: bind the ids four times):
+    /// [`MachineListRow`]s, by list, then machine, then value. One query
+    /// rather than one a list: each is a round trip to the database.
+    pub fn select_all(ids: &str) -> String {
+        let parts: Vec<String> = Self::ALL
+            .iter()
+            .map(|l| {
+                let (value, join) = l.value_and_join();
+                format!(
+                    "SELECT CAST({} AS BIGINT) AS list, l.machine_id AS owner, {value} AS value FROM {} l {join} \
+                     WHERE l.machine_id IN ({ids})",
+                    l.number(),
+                    l.table()
+                )
+            })
+            .collect();
+        format!("{} ORDER BY list, owner, value", parts.join(" UNION ALL "))
+    }
+
+    /// The value, read from the join table `l` or the table it joins.
+    fn value_and_join(self) -> (&'static str, &'static str) {
+        match self {
             Self::Environments => ("e.name", "JOIN environments e ON e.id = l.environment_id"),
             Self::Roles => ("l.role", ""),
             Self::Tenants => ("t.name", "JOIN tenants t ON t.id = l.tenant_id"),
             Self::TenantTags => ("l.tag", ""),
-        };
-        format!(
-            "SELECT l.machine_id AS owner, {value} AS value FROM {} l {join} \
-             WHERE l.machine_id IN ({ids}) ORDER BY l.machine_id, {value}",
-            self.table()
-        )
+        }
     }
 
     /// What a new machine's rows of this list hold: row ids for environments
@@ -130,13 +153,29 @@ impl Machines {
         self.machines.is_empty()
     }
 
-    /// Fills in `list` from its rows (see [`MachineList::select`]).
+    /// Fills in `list` from its rows (owner, value), in their order.
     pub fn fill(&mut self, list: MachineList, rows: Vec<ListRow>) {
         let mut values = group(rows);
         for m in &mut self.machines {
             if let Some(v) = values.remove(&m.id) {
                 *list.of(m) = v;
             }
+        }
+    }
+
+    /// Fills in every list from the rows of [`MachineList::select_all`].
+    pub fn fill_all(&mut self, rows: Vec<MachineListRow>) {
+        let mut by_list: [Vec<ListRow>; 4] = Default::default();
+        for r in rows {
+            if let Some(list) = MachineList::ALL.iter().position(|l| l.number() == r.list) {
+                by_list[list].push(ListRow {
+                    owner: r.owner,
+                    value: r.value,
+                });
+            }
+        }
+        for (list, rows) in MachineList::ALL.into_iter().zip(by_list) {
+            self.fill(list, rows);
         }
     }
 
@@ -151,18 +190,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn each_list_reads_names_from_its_join_table() {
-        assert_eq!(
-            MachineList::Environments.select("1"),
-            "SELECT l.machine_id AS owner, e.name AS value FROM machine_environments l \
-             JOIN environments e ON e.id = l.environment_id \
-             WHERE l.machine_id IN (1) ORDER BY l.machine_id, e.name"
-        );
-        assert_eq!(
-            MachineList::Roles.select("1"),
-            "SELECT l.machine_id AS owner, l.role AS value FROM machine_roles l  \
-             WHERE l.machine_id IN (1) ORDER BY l.machine_id, l.role"
-        );
+    fn every_list_is_read_by_one_query_from_its_join_table() {
+        let sql = MachineList::select_all("1");
+        assert_eq!(sql.matches("UNION ALL").count(), 3);
+        assert!(sql.starts_with(
+            "SELECT CAST(0 AS BIGINT) AS list, l.machine_id AS owner, e.name AS value FROM machine_environments l \
+             JOIN environments e ON e.id = l.environment_id WHERE l.machine_id IN (1) UNION ALL \
+             SELECT CAST(1 AS BIGINT) AS list, l.machine_id AS owner, l.role AS value FROM machine_roles l  \
+             WHERE l.machine_id IN (1) UNION ALL"
+        ));
+        assert!(sql.ends_with(" ORDER BY list, owner, value"));
     }
 
     #[test]

@@ -208,6 +208,41 @@ impl Row for UserWithHashRow {
     }
 }
 
+/// An `api_keys` row with its user's (`api_keys` joined with `users`): an
+/// API request's credentials in one read.
+#[derive(Debug)]
+pub struct ApiKeyWithUserRow {
+    pub key: ApiKeyRow,
+    pub user: UserRow,
+}
+
+impl Row for ApiKeyWithUserRow {
+    type Record = (ApiKey, User);
+    const COLUMNS: &'static str = concat!(
+        "api_keys.id AS key_id, api_keys.purpose AS key_purpose, api_keys.prefix AS key_prefix, \
+         api_keys.created_at AS key_created_at, api_keys.last_used_at AS key_last_used_at, \
+         api_keys.revoked AS key_revoked, api_keys.session AS key_session, ",
+        user_columns!()
+    );
+    fn from_columns(row: &dyn Columns) -> Result<Self> {
+        let user = UserRow::from_columns(row)?;
+        let key = ApiKeyRow {
+            id: Column::column(row, Col::Name("key_id"))?,
+            user_id: user.id,
+            purpose: Column::column(row, Col::Name("key_purpose"))?,
+            prefix: Column::column(row, Col::Name("key_prefix"))?,
+            created_at: Column::column(row, Col::Name("key_created_at"))?,
+            last_used_at: Column::column(row, Col::Name("key_last_used_at"))?,
+            revoked: Column::column(row, Col::Name("key_revoked"))?,
+            session: Column::column(row, Col::Name("key_session"))?,
+        };
+        Ok(ApiKeyWithUserRow { key, user })
+    }
+    fn into_record(self) -> Result<Self::Record> {
+        Ok((self.key.into_record()?, self.user.into_record()?))
+    }
+}
+
 row! {
     /// A `tenants` row; its tags are [`ListRow`]s of `tenant_tags`.
     TenantRow => Tenant by tenant { id: i64, space_id: i64, name: String, created_at: i64 }
@@ -497,6 +532,41 @@ impl Row for ListRow {
     const COLUMNS: &'static str = "owner, value";
     row!(@read ListRow { owner, value });
     fn into_record(self) -> Result<ListRow> {
+        Ok(self)
+    }
+}
+
+/// One value of one of a machine's lists (see
+/// [`crate::machines::MachineList::select_all`]).
+#[derive(Debug)]
+pub struct MachineListRow {
+    pub list: i64,
+    pub owner: i64,
+    pub value: String,
+}
+
+impl Row for MachineListRow {
+    type Record = MachineListRow;
+    const COLUMNS: &'static str = "list, owner, value";
+    row!(@read MachineListRow { list, owner, value });
+    fn into_record(self) -> Result<MachineListRow> {
+        Ok(self)
+    }
+}
+
+/// A task's secret value (with its name) or mask (without), as
+/// [`crate::Store::task_secrets_and_masks`] reads them.
+#[derive(Debug)]
+pub struct SecretOrMaskRow {
+    pub name: Option<String>,
+    pub ciphertext: String,
+}
+
+impl Row for SecretOrMaskRow {
+    type Record = SecretOrMaskRow;
+    const COLUMNS: &'static str = "name, ciphertext";
+    row!(@read SecretOrMaskRow { name, ciphertext });
+    fn into_record(self) -> Result<SecretOrMaskRow> {
         Ok(self)
     }
 }

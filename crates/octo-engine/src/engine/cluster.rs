@@ -542,8 +542,8 @@ impl Engine {
             "running step {} of task {} for its node",
             step.machine_name, task.id
         );
-        let secrets = self.secrets_of(&task.id).await;
-        let masker = self.masker_for(&task.id, &secrets).await;
+        let (secrets, masks) = self.secrets_of(&task.id).await;
+        let masker = self.masker_for(&task.id, &secrets, masks).await;
         let log = self.log_with(&task.id, masker);
         match secrets.and_then(|s| Self::runner_of(&task, &s)) {
             Ok(runner) => {

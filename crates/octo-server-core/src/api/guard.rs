@@ -87,9 +87,7 @@ pub async fn resolve_space(
     named: Option<&NamedSpace>,
 ) -> Result<Space, ApiError> {
     let Some(NamedSpace(name)) = named else {
-        return state
-            .store
-            .space_by_id(DEFAULT_SPACE_ID)
+        return space_by_id(state, DEFAULT_SPACE_ID)
             .await?
             .ok_or_else(|| ApiError::internal("the default space is missing from the database"));
     };
@@ -97,16 +95,28 @@ pub async fn resolve_space(
         .strip_prefix("Spaces-")
         .and_then(|n| n.parse::<i64>().ok());
     let found = match by_id {
-        Some(id) => state.store.space_by_id(id).await?,
+        Some(id) => space_by_id(state, id).await?,
         None => state.store.space_by_name(name.trim()).await?,
     };
     // A bare number is the space's id (as `Space.id` shows it), unless a
     // space is named so.
     let found = match (found, name.trim().parse::<i64>()) {
-        (None, Ok(id)) if by_id.is_none() => state.store.space_by_id(id).await?,
+        (None, Ok(id)) if by_id.is_none() => space_by_id(state, id).await?,
         (found, _) => found,
     };
     found.ok_or_else(|| space_not_found(name))
+}
+
+/// The space with this id, from the cache or the store.
+async fn space_by_id(state: &AppState, id: i64) -> Result<Option<Space>, ApiError> {
+    if let Some(space) = state.space_cache.get(id) {
+        return Ok(Some(space));
+    }
+    let found = state.store.space_by_id(id).await?;
+    if let Some(space) = &found {
+        state.space_cache.put(space);
+    }
+    Ok(found)
 }
 
 pub fn space_not_found(name: &str) -> ApiError {

@@ -155,6 +155,7 @@ pub async fn remove_space(s: &AppState, caller: &Caller, space: &str) -> ApiResu
     caller.require_system(Permission::SpaceDelete)?;
     let found = visible_space(s, caller, space).await?;
     let gone = s.store.delete_space(found.id).await?;
+    s.space_cache.forget(gone.id);
     s.permissions_changed();
     s.audit(caller, None, "deleted", "space", &gone.name, "")
         .await;

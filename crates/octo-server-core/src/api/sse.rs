@@ -86,20 +86,22 @@ pub async fn open_stream(
     after: i64,
 ) -> ApiResult<Sse<axum::response::sse::KeepAliveStream<ReceiverStream<Result<Event, Infallible>>>>>
 {
-    visible_task(s.store.as_ref(), &caller, &space, &id).await?;
+    // Subscribed before the task is read: a change after the read is counted.
     let engine = s.engine.clone();
     let sub = Subscription {
         rx: Some(engine.subscribe(&id)),
         engine: engine.clone(),
-        task_id: id,
+        task_id: id.clone(),
     };
+    let opened_at = sub.rx.as_ref().map(|rx| rx.borrow().state);
+    let task = visible_task(s.store.as_ref(), &caller, &space, &id).await?;
     let (tx, rx) = mpsc::channel(BUFFER);
     let reader = Reader {
         store: s.store.clone(),
         caller,
         space,
     };
-    engine.spawn(produce(sub, reader, after, tx));
+    engine.spawn(produce(sub, reader, (task, opened_at), after, tx));
     Ok(Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
 }
 
@@ -145,9 +147,14 @@ fn key(v: &TaskView) -> StateKey {
 /// The client went away or the server stops.
 struct Gone;
 
+/// `opened` is the task as read when the stream opened, and the state
+/// counter when it subscribed, before that read: the first `task` event
+/// shows it with its steps, the task read again only if a change was counted
+/// since.
 async fn produce(
     mut sub: Subscription,
     reader: Reader,
+    opened: (octo_store::Task, Option<u64>),
     mut after: i64,
     tx: mpsc::Sender<Result<Event, Infallible>>,
 ) {
@@ -159,68 +166,73 @@ async fn produce(
     // The log counter when lines were last read: no new count, no new line
     // to read (a line stored is counted after it is stored).
     let mut seen_log: Option<u64> = None;
-    let result: Result<(), Gone> =
-        async {
-            let mut first = true;
-            let mut pause_until: Option<tokio::time::Instant> = None;
-            loop {
-                let changes = *rx.borrow_and_update();
-                // The task's state comes first; after that, lines before state changes
-                // (a step's last lines before the event saying it finished).
-                if !first && seen_log != Some(changes.log) {
-                    seen_log = Some(changes.log);
-                    send_lines(reader.store.as_ref(), &id, &mut after, &tx).await?;
-                }
-                if seen_state != Some(changes.state) {
-                    seen_state = Some(changes.state);
-                    let started = tokio::time::Instant::now();
-                    let view =
-                        match load_view(reader.store.as_ref(), &reader.caller, &reader.space, &id)
-                            .await
-                        {
-                            Ok(v) => v,
-                            Err(e) => {
-                                send(&tx, Event::default().event("error").data(e_message(&e)))
-                                    .await?;
-                                return Ok(());
-                            }
-                        };
-                    if view.task.state.is_final() {
-                        // Every line was stored before the final state: read the rest.
-                        send_lines(reader.store.as_ref(), &id, &mut after, &tx).await?;
-                        send(&tx, json_event("end", &view)).await?;
+    let result: Result<(), Gone> = async {
+        let mut first = true;
+        let mut pause_until: Option<tokio::time::Instant> = None;
+        let mut opened = Some(opened);
+        loop {
+            let changes = *rx.borrow_and_update();
+            // The task's state comes first; after that, lines before state changes
+            // (a step's last lines before the event saying it finished).
+            if !first && seen_log != Some(changes.log) {
+                seen_log = Some(changes.log);
+                send_lines(reader.store.as_ref(), &id, &mut after, &tx).await?;
+            }
+            if seen_state != Some(changes.state) {
+                seen_state = Some(changes.state);
+                let started = tokio::time::Instant::now();
+                let read = match opened.take() {
+                    Some((task, Some(at))) if at == changes.state => {
+                        match reader.store.task_steps(&id).await {
+                            Ok(steps) => Ok(TaskView { task, steps }),
+                            Err(e) => Err(ApiError::from(e)),
+                        }
+                    }
+                    _ => load_view(reader.store.as_ref(), &reader.caller, &reader.space, &id).await,
+                };
+                let view = match read {
+                    Ok(v) => v,
+                    Err(e) => {
+                        send(&tx, Event::default().event("error").data(e_message(&e))).await?;
                         return Ok(());
                     }
-                    let k = key(&view);
-                    if sent_key.as_ref() != Some(&k) {
-                        send(&tx, json_event("task", &view)).await?;
-                        sent_key = Some(k);
-                    }
-                    let cost = started.elapsed();
-                    pause_until = (cost >= VIEW_COST_FREE).then(|| {
-                        tokio::time::Instant::now() + (cost * VIEW_PAUSE_FACTOR).min(VIEW_PAUSE_MAX)
-                    });
-                }
-                if first {
-                    first = false;
-                    seen_log = Some(changes.log);
+                };
+                if view.task.state.is_final() {
+                    // Every line was stored before the final state: read the rest.
                     send_lines(reader.store.as_ref(), &id, &mut after, &tx).await?;
+                    send(&tx, json_event("end", &view)).await?;
+                    return Ok(());
                 }
+                let k = key(&view);
+                if sent_key.as_ref() != Some(&k) {
+                    send(&tx, json_event("task", &view)).await?;
+                    sent_key = Some(k);
+                }
+                let cost = started.elapsed();
+                pause_until = (cost >= VIEW_COST_FREE).then(|| {
+                    tokio::time::Instant::now() + (cost * VIEW_PAUSE_FACTOR).min(VIEW_PAUSE_MAX)
+                });
+            }
+            if first {
+                first = false;
+                seen_log = Some(changes.log);
+                send_lines(reader.store.as_ref(), &id, &mut after, &tx).await?;
+            }
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return Ok(()) },
+                _ = tx.closed() => return Err(Gone),
+                _ = engine.stopping().cancelled() => return Err(Gone),
+            }
+            if let Some(at) = pause_until.take() {
                 tokio::select! {
-                    r = rx.changed() => if r.is_err() { return Ok(()) },
+                    _ = tokio::time::sleep_until(at) => {}
                     _ = tx.closed() => return Err(Gone),
                     _ = engine.stopping().cancelled() => return Err(Gone),
                 }
-                if let Some(at) = pause_until.take() {
-                    tokio::select! {
-                        _ = tokio::time::sleep_until(at) => {}
-                        _ = tx.closed() => return Err(Gone),
-                        _ = engine.stopping().cancelled() => return Err(Gone),
-                    }
-                }
             }
         }
-        .await;
+    }
+    .await;
     let _ = result;
     sub.rx = Some(rx);
 }

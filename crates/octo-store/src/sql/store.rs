@@ -23,9 +23,10 @@ use crate::input::{
 };
 use crate::machines::{ListValues, MachineList, MachineRefs, Machines};
 use crate::rows::{
-    group, ApiKeyRow, AuditRow, EnvironmentRow, GrantRow, ListRow, LogLineRow, MachineRow, NodeRow,
-    PackageContentRow, PackageRow, PolicyRow, RoleRow, Row, SpaceRow, StepRefRow, StepRow, TaskRow,
-    TeamRow, TenantRow, UserRow, UserWithHashRow, IS_SYSTEM_ADMINISTRATOR,
+    group, ApiKeyRow, ApiKeyWithUserRow, AuditRow, EnvironmentRow, GrantRow, ListRow, LogLineRow,
+    MachineListRow, MachineRow, NodeRow, PackageContentRow, PackageRow, PolicyRow, RoleRow, Row,
+    SecretOrMaskRow, SpaceRow, StepRefRow, StepRow, TaskRow, TeamRow, TenantRow, UserRow,
+    UserWithHashRow, IS_SYSTEM_ADMINISTRATOR,
 };
 use crate::sql::{query, returning, select, Access, Dialect, Engine, On, Params, Tx, Value};
 use crate::text::{TextEnum, UNFINISHED_STATES};
@@ -34,7 +35,8 @@ use crate::{
     HealthUpdate, Machine, MachineFilter, MachinePolicy, MachineQuery, MachineUpdate,
     NewAuditEvent, NewLogLine, NewMachine, NewPackage, NewTask, Node, NodeBeat, Package,
     PackageContent, PolicySettings, Result, Role, Space, StepRef, Store, StoreError, Task,
-    TaskLogLine, TaskQuery, TaskState, TaskStep, Team, Tenant, User, DEFAULT_POLICY,
+    TaskLogLine, TaskQuery, TaskSecretsAndMasks, TaskState, TaskStep, Team, Tenant, User,
+    DEFAULT_POLICY,
 };
 
 /// A write transaction (see the module's documentation).
@@ -140,7 +142,7 @@ fn text_list(d: &Dialect) -> String {
 }
 
 /// Machines matching `where_sql` (on `machines m`), ordered by name, with their
-/// environments, roles, tenants and tenant tags (five queries, however many).
+/// environments, roles, tenants and tenant tags (two queries, however many).
 async fn query_machines(
     conn: &mut Box<dyn Tx>,
     d: &Dialect,
@@ -172,13 +174,16 @@ async fn query_machines_paged(
         return Ok(Vec::new());
     }
     let ids = machines.ids();
-    for list in MachineList::ALL {
-        let params = params![Value::ids(&ids)];
-        let rows = query(&list.select(&id_list(d)), params, OP)
-            .all::<ListRow>(&mut *conn)
-            .await?;
-        machines.fill(list, rows);
-    }
+    let params = params![
+        Value::ids(&ids),
+        Value::ids(&ids),
+        Value::ids(&ids),
+        Value::ids(&ids)
+    ];
+    let rows = query(&MachineList::select_all(&id_list(d)), params, OP)
+        .all::<MachineListRow>(&mut *conn)
+        .await?;
+    machines.fill_all(rows);
     Ok(machines.into_vec())
 }
 
@@ -745,18 +750,18 @@ impl<E: Engine> Store for E {
         // Reads only, in the common case: the use time is written when the
         // recorded one is older than the grain (see `crate::api_key_use_grain_ms`),
         // not on every request, which made every API call a write.
-        let sql = select::<ApiKeyRow>(
-            "FROM api_keys WHERE key_sha256 = ? AND revoked = FALSE \
-             AND (session = FALSE OR COALESCE(last_used_at, created_at) >= ?)",
+        // The key and its user in one read (each read is a round trip).
+        let sql = select::<ApiKeyWithUserRow>(
+            "FROM api_keys JOIN users ON users.id = api_keys.user_id \
+             WHERE api_keys.key_sha256 = ? AND api_keys.revoked = FALSE AND users.disabled = FALSE \
+             AND (api_keys.session = FALSE \
+                  OR COALESCE(api_keys.last_used_at, api_keys.created_at) >= ?)",
         );
         let idle_since = now.saturating_sub(session_idle_ms);
         let params = params![key_sha256.to_ascii_lowercase(), idle_since];
-        let Some(mut key) = query(&sql, params, OP).optional::<ApiKeyRow>(self).await? else {
-            return Ok(None);
-        };
-        let Some(user) = user_by(self, key.user_id, OP)
+        let Some((mut key, user)) = query(&sql, params, OP)
+            .optional::<ApiKeyWithUserRow>(self)
             .await?
-            .filter(|u| !u.disabled)
         else {
             return Ok(None);
         };
@@ -2314,6 +2319,30 @@ impl<E: Engine> Store for E {
         )
         .scalars::<String>(self)
         .await
+    }
+
+    async fn task_secrets_and_masks(&self, task_id: &str) -> Result<TaskSecretsAndMasks> {
+        // Secrets (part 0) have a name; masks (part 1) have none.
+        let sql = "SELECT name, ciphertext FROM (\
+             SELECT 0 AS part, name, ciphertext, 0 AS n FROM task_secrets WHERE task_id = ? \
+             UNION ALL \
+             SELECT 1 AS part, NULL AS name, ciphertext, id AS n FROM task_masks WHERE task_id = ?\
+             ) AS both_parts ORDER BY part, name, n";
+        let rows = query(
+            sql,
+            params![task_id, task_id],
+            "reading a task's secrets and masks",
+        )
+        .all::<SecretOrMaskRow>(self)
+        .await?;
+        let mut out = TaskSecretsAndMasks::default();
+        for r in rows {
+            match r.name {
+                Some(name) => out.secrets.push((name, r.ciphertext)),
+                None => out.masks.push(r.ciphertext),
+            }
+        }
+        Ok(out)
     }
 
     async fn machine_row(&self, id: i64) -> Result<Option<Machine>> {
