@@ -360,6 +360,17 @@ impl Engine {
 
     /// Runs `task` in the background, unless it runs already or the server stops.
     pub fn start(self: &Arc<Self>, task: Task) {
+        self.launch(task, None);
+    }
+
+    /// As [`Engine::start`], for a task just created with `steps` (as the
+    /// store answered them): while it is still queued and nobody asked to
+    /// cancel it, its steps are not read again.
+    pub fn start_created(self: &Arc<Self>, task: Task, steps: Vec<TaskStep>) {
+        self.launch(task, Some(steps));
+    }
+
+    fn launch(self: &Arc<Self>, task: Task, steps: Option<Vec<TaskStep>>) {
         if self.shutdown.is_cancelled() {
             return;
         }
@@ -375,7 +386,7 @@ impl Engine {
         let this = self.clone();
         self.tracker.spawn(async move {
             let id = task.id.clone();
-            Box::pin(this.run_task(task, cancel)).await;
+            Box::pin(this.run_task(task, steps, cancel)).await;
             lock(&this.running).remove(&id);
             // Room here counts started tasks: tell whoever waits for room.
             this.load.send_modify(|_| {});
@@ -651,18 +662,28 @@ impl Engine {
     }
 
     /// Runs a task to its end (or until the server stops).
-    async fn run_task(self: &Arc<Self>, task: Task, cancel: CancellationToken) {
+    async fn run_task(
+        self: &Arc<Self>,
+        task: Task,
+        created_steps: Option<Vec<TaskStep>>,
+        cancel: CancellationToken,
+    ) {
         let store = self.deps.store.clone();
         let id = task.id.clone();
         let (secrets, masks) = self.secrets_of(&id).await;
         let masker = self.masker_for(&id, &secrets, masks).await;
         let log = self.log_with(&id, masker);
-        // Read again now that the cancel token is registered: a cancel request
-        // that came in between is seen either here or through the token.
-        let task = match store.task(&id).await {
+        // Taken for this node, unless another live node runs it (created
+        // there, or taken over there), and read again now that the cancel
+        // token is registered: a cancel request that came in between is seen
+        // either here or through the token.
+        let task = match store
+            .claim_task_row(&id, &self.deps.node_name, now_ms())
+            .await
+        {
             Ok(Some(t)) => t,
-            Ok(None) => return warn!("task {id} disappeared before it ran"),
-            Err(e) => return error!("loading task {id}: {e}"),
+            Ok(None) => return info!("task {id} runs on another node (or no longer exists)"),
+            Err(e) => return error!("taking task {id} for this node: {e}"),
         };
         if task.state.is_final() {
             return;
@@ -678,7 +699,7 @@ impl Engine {
                     self.deps.node_name
                 ))
                 .await;
-                // Taken over from nobody, it may have been claimed here: give it back.
+                // Taken above: give it back.
                 if let Err(e) = store.release_task(&id, &self.deps.node_name).await {
                     warn!("giving task {id} back: {e}");
                 }
@@ -689,18 +710,18 @@ impl Engine {
                 return;
             }
         }
-        // Another live node may run it (created there, or taken over there).
-        match store.claim_task(&id, &self.deps.node_name, now_ms()).await {
-            Ok(true) => {}
-            Ok(false) => return info!("task {id} runs on another node"),
-            Err(e) => return error!("taking task {id} for this node: {e}"),
-        }
         if task.cancel_requested {
             cancel.cancel();
         }
-        let steps = match store.task_steps(&id).await {
-            Ok(s) => s,
-            Err(e) => return error!("loading the steps of task {id}: {e}"),
+        // Steps as created hold while the task is queued and not canceled
+        // (only a cancel or a run changes them).
+        let fresh = task.state == TaskState::Queued && !task.cancel_requested;
+        let steps = match created_steps.filter(|_| fresh) {
+            Some(steps) => steps,
+            None => match store.task_steps(&id).await {
+                Ok(s) => s,
+                Err(e) => return error!("loading the steps of task {id}: {e}"),
+            },
         };
         let resumed = task.state == TaskState::Executing;
         if !resumed && store.shared() {
@@ -1033,8 +1054,13 @@ impl Engine {
             .iter()
             .filter(|s| s.state != TaskState::Success)
             .collect();
+        // Alone on its store, the engine hears of every cancel request
+        // (the API cancels the token after storing the request, and a request
+        // stored before the task ran was seen when it started); on a cluster,
+        // another node's request may still be on its way.
         let cancel_requested = cancel.is_cancelled()
-            || matches!(self.deps.store.task(id).await, Ok(Some(t)) if t.cancel_requested);
+            || (self.deps.store.shared()
+                && matches!(self.deps.store.task(id).await, Ok(Some(t)) if t.cancel_requested));
         let (state, error) = if cancel_requested {
             (TaskState::Canceled, Some("canceled on request".to_string()))
         } else if failed.is_empty() {

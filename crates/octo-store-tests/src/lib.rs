@@ -59,6 +59,7 @@ macro_rules! store_suite {
             scoped_environments_cannot_be_deleted_from_under_a_grant,
             audit_events_are_listed_newest_first_and_filtered,
             settings_and_task_secrets_round_trip,
+            tasks_are_created_with_their_steps_as_read,
             machines_come_in_filtered_pages,
             machines_environments_and_tasks_change_and_page,
             nodes_heartbeat_and_keep_their_drain_flag,
@@ -673,6 +674,34 @@ pub async fn machines_by_thumbprint_replace_delete_and_health(s: &dyn Store) {
     // Its name can be used again, and its id is not.
     let b2 = s.create_machine(&new_machine("b", &[], &[])).await.unwrap();
     assert!(b2.id > c.id);
+}
+
+pub async fn tasks_are_created_with_their_steps_as_read(s: &dyn Store) {
+    let mut ids = Vec::new();
+    for name in ["web01", "Cache01", "db01", "cache00"] {
+        let m = s
+            .create_machine(&new_machine(name, &[], &[]))
+            .await
+            .unwrap();
+        ids.push(m.id);
+    }
+    ids.push(ids[0]);
+    let args = json!({"script": "true"});
+    let (task, created) = s
+        .create_task_with_steps(&new_task("Script", "Run a script", &args, &ids), 900)
+        .await
+        .unwrap();
+    let names: Vec<&str> = created.iter().map(|s| s.machine_name.as_str()).collect();
+    assert_eq!(names, ["cache00", "Cache01", "db01", "web01"]);
+    assert_eq!(created, s.task_steps(&task.id).await.unwrap());
+    assert_eq!(Some(task.clone()), s.task(&task.id).await.unwrap());
+    assert!(created.iter().all(|st| st.state == TaskState::Queued
+        && st.ticket == ticket(&task.id, st.machine_id)
+        && st.task_id == task.id));
+    // A machine that does not exist: no task.
+    let gone = new_task("Script", "Run a script", &args, &[ids[0], 999_999]);
+    assert!(s.create_task_with_steps(&gone, 901).await.is_err());
+    assert_eq!(s.list_tasks(None, 10).await.unwrap().len(), 1);
 }
 
 pub async fn tasks_are_numbered_listed_and_change_state(s: &dyn Store) {
@@ -1851,6 +1880,31 @@ pub async fn tasks_are_claimed_by_one_live_node_and_leases_by_one_holder(store: 
         .claim_task("ServerTasks-999", "node-a", later)
         .await
         .unwrap());
+    // Taken with the row as it is then: its holder gets it, fresh; others none.
+    store.request_cancel(&task.id).await.unwrap();
+    let taken = store
+        .claim_task_row(&task.id, "node-b", later)
+        .await
+        .unwrap()
+        .expect("node b holds the task");
+    assert_eq!(
+        (taken.id.as_str(), taken.cancel_requested),
+        (task.id.as_str(), true)
+    );
+    assert_eq!(
+        store
+            .claim_task_row(&task.id, "node-a", later)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .claim_task_row("ServerTasks-999", "node-b", later)
+            .await
+            .unwrap(),
+        None
+    );
 
     assert!(store.lease("health", "node-a", now, 60_000).await.unwrap());
     assert!(store

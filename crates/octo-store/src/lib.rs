@@ -523,6 +523,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// had it already, or the node that had it is offline (no heartbeat for
     /// [`NODE_OFFLINE_AFTER_MS`] before `now`); false when another live node runs it.
     async fn claim_task(&self, task_id: &str, node: &str, now: i64) -> Result<bool>;
+    /// As [`Store::claim_task`], answering the task as it is once taken (in
+    /// the same round trip); None when another live node runs it or there is
+    /// no such task.
+    async fn claim_task_row(&self, task_id: &str, node: &str, now: i64) -> Result<Option<Task>>;
     /// Takes or renews the cluster-wide lease `name` for `holder` until
     /// `now + ttl_ms`: true when `holder` holds it now (no one held it, it held
     /// it, or the other holder's lease ran out).
@@ -599,7 +603,18 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     // Tasks.
     /// Creates a task with one Queued step per machine; tickets are derived from the
     /// task id and machine id.
-    async fn create_task(&self, task: &NewTask, now: i64) -> Result<Task>;
+    async fn create_task(&self, task: &NewTask, now: i64) -> Result<Task> {
+        self.create_task_with_steps(task, now).await.map(|(t, _)| t)
+    }
+    /// As [`Store::create_task`], with the steps as created (no read after),
+    /// by machine name ignoring ASCII case, then machine id: the order of
+    /// [`Store::task_steps`] (PostgreSQL may fold the case of other letters
+    /// there too, and so order names outside ASCII differently).
+    async fn create_task_with_steps(
+        &self,
+        task: &NewTask,
+        now: i64,
+    ) -> Result<(Task, Vec<TaskStep>)>;
     async fn task(&self, id: &str) -> Result<Option<Task>>;
     /// Newest first; in one space or in all.
     async fn list_tasks(&self, space_id: Option<i64>, limit: i64) -> Result<Vec<Task>>;

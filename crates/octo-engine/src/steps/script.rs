@@ -343,7 +343,18 @@ pub(crate) async fn run_step(
     spec: &ScriptSpec,
     resumed: bool,
 ) -> ScriptEnd {
-    let endpoint = match load_machine(ctx, &step).await {
+    // The machine is read while the step is stored as started (two round
+    // trips to the store at once, not one after the other).
+    let probe = step.clone();
+    let mark_started = async {
+        if !resumed {
+            step.state = TaskState::Executing;
+            step.started_at.get_or_insert_with(now_ms);
+            ctx.save(&step).await;
+        }
+    };
+    let (loaded, ()) = tokio::join!(load_machine(ctx, &probe), mark_started);
+    let endpoint = match loaded {
         Ok((_, endpoint)) => endpoint,
         Err(why) => {
             return ScriptEnd::Finished {
@@ -363,9 +374,6 @@ pub(crate) async fn run_step(
         ctx.say(format!("resuming {label} from log line {next_sequence}"))
             .await;
     } else {
-        step.state = TaskState::Executing;
-        step.started_at.get_or_insert_with(now_ms);
-        ctx.save(&step).await;
         ctx.say(format!("starting {label} ({endpoint})")).await;
     }
     let ticket = spec.ticket(&step);

@@ -198,8 +198,14 @@ async fn produce(
                     }
                 };
                 if view.task.state.is_final() {
-                    // Every line was stored before the final state: read the rest.
-                    send_lines(reader.store.as_ref(), &id, &mut after, &tx).await?;
+                    // Every line was stored before the final state: read the
+                    // rest, unless none was counted since the last read (known
+                    // only alone on the store: another node's lines may be
+                    // counted late).
+                    let counted = rx.borrow().log;
+                    if reader.store.shared() || seen_log != Some(counted) {
+                        send_lines(reader.store.as_ref(), &id, &mut after, &tx).await?;
+                    }
                     send(&tx, json_event("end", &view)).await?;
                     return Ok(());
                 }

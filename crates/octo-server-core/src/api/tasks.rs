@@ -627,10 +627,9 @@ async fn create_and_start(
         environments: environments_of(machines),
         secrets,
     };
-    let task = s.store.create_task(&new, now_ms()).await?;
-    let steps = s.store.task_steps(&task.id).await?;
+    let (task, steps) = s.store.create_task_with_steps(&new, now_ms()).await?;
     tracing::info!("created task {} ({description})", task.id);
-    s.engine.start(task.clone());
+    s.engine.start_created(task.clone(), steps.clone());
     let details = if details.is_empty() {
         description.to_string()
     } else {

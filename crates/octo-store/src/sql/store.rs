@@ -187,6 +187,12 @@ async fn query_machines_paged(
     Ok(machines.into_vec())
 }
 
+/// Takes a task for a node (then its id, the node again, and the last
+/// heartbeat of a node still online).
+const CLAIM_TASK: &str =
+    "UPDATE tasks SET node = ? WHERE id = ? AND (node IS NULL OR node = ? OR NOT EXISTS \
+     (SELECT 1 FROM nodes n WHERE n.name = tasks.node AND n.last_seen >= ?))";
+
 /// Adds a machine's row: its fields, its policy, then `created_at` and its space.
 const INSERT_MACHINE: &str =
     "INSERT INTO machines (name, kind, uri, thumbprint, policy_id, worker_pool, created_at, space_id) \
@@ -1085,18 +1091,26 @@ impl<E: Engine> Store for E {
     }
 
     async fn claim_task(&self, task_id: &str, node: &str, now: i64) -> Result<bool> {
-        let sql =
-            "UPDATE tasks SET node = ? WHERE id = ? AND (node IS NULL OR node = ? OR NOT EXISTS \
-                   (SELECT 1 FROM nodes n WHERE n.name = tasks.node AND n.last_seen >= ?))";
         let offline_before = now.saturating_sub(crate::NODE_OFFLINE_AFTER_MS);
         query(
-            sql,
+            CLAIM_TASK,
             params![node, task_id, node, offline_before],
             "taking a task for a node",
         )
         .execute(self)
         .await
         .map(|changed| changed == 1)
+    }
+
+    async fn claim_task_row(&self, task_id: &str, node: &str, now: i64) -> Result<Option<Task>> {
+        let offline_before = now.saturating_sub(crate::NODE_OFFLINE_AFTER_MS);
+        query(
+            &returning::<TaskRow>(CLAIM_TASK),
+            params![node, task_id, node, offline_before],
+            "taking a task for a node",
+        )
+        .optional::<TaskRow>(self)
+        .await
     }
 
     async fn lease(&self, name: &str, holder: &str, now: i64, ttl_ms: i64) -> Result<bool> {
@@ -1491,7 +1505,7 @@ impl<E: Engine> Store for E {
 
     // Tasks.
 
-    async fn create_task(&self, t: &NewTask, now: i64) -> Result<Task> {
+    async fn create_task_with_steps(&self, t: &NewTask, now: i64) -> Result<(Task, Vec<TaskStep>)> {
         const OP: &str = "adding a task";
         let arguments = arguments_text(&t.arguments)?;
         let environments = json_text(&t.environments)?;
@@ -1515,15 +1529,26 @@ impl<E: Engine> Store for E {
         ];
         let task = query(&sql, params, OP).one::<TaskRow>(&mut *tx).await?;
         // The machine's name from its row: no row, no step.
-        let step_sql = "INSERT INTO task_steps (task_id, machine_id, machine_name, state, ticket) \
-                        SELECT ?, id, name, 'Queued', ? FROM machines WHERE id = ?";
+        let step_sql = returning::<StepRow>(
+            "INSERT INTO task_steps (task_id, machine_id, machine_name, state, ticket) \
+             SELECT ?, id, name, 'Queued', ? FROM machines WHERE id = ?",
+        );
+        let mut steps = Vec::with_capacity(t.machine_ids.len());
         for machine_id in distinct_ids(&t.machine_ids) {
             let params = params![&id, ticket(&id, machine_id), machine_id];
-            let added = query(step_sql, params, OP).execute(&mut *tx).await?;
-            if added != 1 {
-                return Err(missing_machine(machine_id));
+            match query(&step_sql, params, OP)
+                .optional::<StepRow>(&mut *tx)
+                .await?
+            {
+                Some(step) => steps.push(step),
+                None => return Err(missing_machine(machine_id)),
             }
         }
+        // As `task_steps` orders them.
+        steps.sort_by(|a, b| {
+            let name = |s: &TaskStep| s.machine_name.to_ascii_lowercase();
+            name(a).cmp(&name(b)).then(a.machine_id.cmp(&b.machine_id))
+        });
         let sql = "INSERT INTO task_secrets (task_id, name, ciphertext) VALUES (?, ?, ?)";
         for (name, ciphertext) in &t.secrets {
             query(sql, params![&id, name, ciphertext], OP)
@@ -1531,7 +1556,7 @@ impl<E: Engine> Store for E {
                 .await?;
         }
         tx.commit().await.ctx(OP)?;
-        Ok(task)
+        Ok((task, steps))
     }
 
     async fn task(&self, id: &str) -> Result<Option<Task>> {
