@@ -949,8 +949,14 @@ async fn restart_marks_running_scripts_and_keeps_logs() {
     let state =
         std::fs::read_to_string(context(&root).work_root().join("interrupted/state.json")).unwrap();
     assert!(state.contains("\"running\""), "{state}");
+    // A completed script's directory moved aside for deletion, which the
+    // stop interrupted: the next start deletes it.
+    let aside = context(&root).work_root().join("collected~3");
+    std::fs::create_dir_all(aside.join("sub")).unwrap();
+    std::fs::write(aside.join("sub/output.log"), b"x").unwrap();
 
     let b = Tentacle::at(&root, ScriptOptions::default()).await;
+    assert!(!aside.exists(), "{} is left", aside.display());
     let s = b.status("interrupted", 0).await;
     assert_eq!(
         (s.state, s.exit_code),

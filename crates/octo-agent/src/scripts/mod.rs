@@ -136,6 +136,12 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 const MAX_WAIT: Duration = Duration::from_secs(300);
 /// Longest ticket.
 const MAX_TICKET: usize = 128;
+/// In the name of a completed script's work directory moved aside for
+/// deletion: `<ticket>~<n>` (never a ticket: tickets have no `~`).
+const REMOVED_MARK: &str = "~";
+/// Numbers the directories moved aside, so that a ticket used again never
+/// meets its previous directory still being deleted.
+static REMOVED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// Longest mutex name.
 const MAX_MUTEX_NAME: usize = 1024;
 
@@ -832,21 +838,54 @@ impl Shared {
                 }
                 i.removing = true;
             }
+            // Moved aside (one rename), its files deleted in the background:
+            // the ticket is free again, and CompleteScript answered, without
+            // waiting for the deletion. What a stop interrupts, the next start
+            // deletes (see `recover`).
             let dir = script.dir.clone();
-            let result = tokio::task::spawn_blocking(move || match fs::remove_dir_all(&dir) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-                _ => Ok(()),
+            let aside = shared.ctx.work_root().join(format!(
+                "{}{REMOVED_MARK}{}",
+                script.ticket,
+                REMOVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ));
+            let moved = tokio::task::spawn_blocking(move || {
+                match fs::rename(&dir, &aside) {
+                    Ok(()) => Ok(Some(aside)),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    // Not movable (another file system mounted there, say):
+                    // deleted in place, before the ticket is free.
+                    Err(_) => match fs::remove_dir_all(&dir) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                        _ => Ok(None),
+                    },
+                }
             })
             .await;
-            if let Ok(Err(e)) = result {
-                tracing::warn!(ticket = %script.ticket, dir = %script.dir.display(), "cannot remove the work directory: {e}");
-            }
-            let mut map = shared.map();
-            if map
-                .get(&script.ticket)
-                .is_some_and(|s| Arc::ptr_eq(s, &script))
+            let aside = match moved {
+                Ok(Ok(aside)) => aside,
+                Ok(Err(e)) => {
+                    tracing::warn!(ticket = %script.ticket, dir = %script.dir.display(), "cannot remove the work directory: {e}");
+                    None
+                }
+                Err(_) => None,
+            };
             {
-                map.remove(&script.ticket);
+                let mut map = shared.map();
+                if map
+                    .get(&script.ticket)
+                    .is_some_and(|s| Arc::ptr_eq(s, &script))
+                {
+                    map.remove(&script.ticket);
+                }
+            }
+            if let Some(aside) = aside {
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = fs::remove_dir_all(&aside) {
+                        if e.kind() != std::io::ErrorKind::NotFound {
+                            tracing::warn!(dir = %aside.display(), "cannot remove a completed script's work directory: {e}");
+                        }
+                    }
+                });
             }
         });
         let _ = task.await;
@@ -863,6 +902,13 @@ impl Shared {
                 continue;
             }
             let name = entry.file_name();
+            // A completed script's directory whose deletion a stop interrupted.
+            if name.to_string_lossy().contains(REMOVED_MARK) {
+                if let Err(e) = fs::remove_dir_all(entry.path()) {
+                    tracing::warn!(dir = %entry.path().display(), "cannot remove a completed script's work directory: {e}");
+                }
+                continue;
+            }
             let Some(ticket) = name.to_str().filter(|t| validate_ticket(t).is_ok()) else {
                 tracing::warn!(path = %entry.path().display(), "ignoring a directory in the work folder that is not named like a ticket");
                 continue;
