@@ -123,18 +123,48 @@ impl TaskLog {
 
     /// Writes a server line about the task (best effort: a failure is logged).
     pub async fn server(&self, text: impl Into<String>) {
-        let text = self.masker.mask(&text.into());
+        let line = self.server_line(&text.into());
+        if let Err(e) = self.append(&[line]).await {
+            error!("writing to the log of task {}: {e}", self.task_id);
+        }
+    }
+
+    /// A server line, masked (and shown in the server's own log).
+    fn server_line(&self, text: &str) -> NewLogLine {
+        let text = self.masker.mask(text);
         info!("{}: {text}", self.task_id);
-        let line = NewLogLine {
+        NewLogLine {
             machine_id: None,
             sequence: None,
             timestamp: now_ms(),
             stream: "server".into(),
             text,
-        };
-        if let Err(e) = self.append(&[line]).await {
-            error!("writing to the log of task {}: {e}", self.task_id);
         }
+    }
+
+    /// Writes a server line and the task's new state together (see
+    /// [`Store::set_task_state_logged`]), and wakes readers of both. The
+    /// caller tells the other nodes of a cluster.
+    pub(crate) async fn server_with_state(
+        &self,
+        text: String,
+        state: octo_store::TaskState,
+        error: Option<&str>,
+    ) -> octo_store::Result<()> {
+        if let Err(e) = self.record_learned().await {
+            error!(
+                "recording a value to mask in the log of task {}: {e}",
+                self.task_id
+            );
+        }
+        let line = self.server_line(&text);
+        let stored = self
+            .store
+            .set_task_state_logged(&self.task_id, state, error, now_ms(), &line)
+            .await;
+        self.notifiers.log_changed(&self.task_id);
+        self.notifiers.state_changed(&self.task_id);
+        stored
     }
 
     /// Stores a step as it is now and wakes readers (best effort: a failure is logged).

@@ -602,6 +602,25 @@ impl Engine {
         .await;
     }
 
+    /// As [`Engine::set_task_state`], with a server line written before the
+    /// state, in one commit where that saves one.
+    async fn set_task_state_logged(
+        &self,
+        log: &TaskLog,
+        state: TaskState,
+        error: Option<&str>,
+        text: String,
+    ) {
+        let task_id = log.task_id();
+        if let Err(e) = log.server_with_state(text, state, error).await {
+            error!("setting task {task_id} {state:?}: {e}");
+        }
+        self.publish(ClusterEvent::TaskChanged {
+            task_id: task_id.to_string(),
+        })
+        .await;
+    }
+
     async fn set_task_state(&self, task_id: &str, state: TaskState, error: Option<&str>) {
         if let Err(e) = self
             .deps
@@ -741,9 +760,6 @@ impl Engine {
             Admission::Stopped => return,
             Admission::Full => return self.give_back_full(&log, &id).await,
         };
-        if !resumed {
-            self.set_task_state(&id, TaskState::Executing, None).await;
-        }
         let todo = steps.iter().filter(|s| !s.state.is_final()).count();
         if resumed {
             log.server(format!(
@@ -752,7 +768,8 @@ impl Engine {
             ))
             .await;
         } else {
-            log.server(format!("Task started: {}", task.description))
+            let started = format!("Task started: {}", task.description);
+            self.set_task_state_logged(&log, TaskState::Executing, None, started)
                 .await;
         }
         let runner = secrets.and_then(|s| Self::runner_of(&task, &s));
@@ -1090,8 +1107,8 @@ impl Engine {
             (s, Some(e)) => format!("Task finished: {s:?}: {e}"),
             (s, None) => format!("Task finished: {s:?}"),
         };
-        log.server(summary).await;
-        self.set_task_state(id, state, error.as_deref()).await;
+        self.set_task_state_logged(log, state, error.as_deref(), summary)
+            .await;
     }
 
     /// Starts the engine's background work for a started server: resuming the

@@ -60,6 +60,7 @@ macro_rules! store_suite {
             audit_events_are_listed_newest_first_and_filtered,
             settings_and_task_secrets_round_trip,
             tasks_are_created_with_their_steps_as_read,
+            task_states_change_with_their_line,
             machines_come_in_filtered_pages,
             machines_environments_and_tasks_change_and_page,
             nodes_heartbeat_and_keep_their_drain_flag,
@@ -702,6 +703,77 @@ pub async fn tasks_are_created_with_their_steps_as_read(s: &dyn Store) {
     let gone = new_task("Script", "Run a script", &args, &[ids[0], 999_999]);
     assert!(s.create_task_with_steps(&gone, 901).await.is_err());
     assert_eq!(s.list_tasks(None, 10).await.unwrap().len(), 1);
+}
+
+pub async fn task_states_change_with_their_line(s: &dyn Store) {
+    let m = s
+        .create_machine(&new_machine("web01", &[], &[]))
+        .await
+        .unwrap();
+    let t = s
+        .create_task(&new_task("Script", "x", &json!({}), &[m.id]), 1)
+        .await
+        .unwrap();
+    let texts = |lines: Vec<octo_store::TaskLogLine>| -> Vec<String> {
+        lines.into_iter().map(|l| l.text).collect()
+    };
+    s.set_task_state_logged(
+        &t.id,
+        TaskState::Executing,
+        None,
+        5,
+        &server_line("Task started"),
+    )
+    .await
+    .unwrap();
+    let task = s.task(&t.id).await.unwrap().unwrap();
+    assert_eq!(
+        (task.state, task.started_at),
+        (TaskState::Executing, Some(5))
+    );
+    s.set_task_state_logged(
+        &t.id,
+        TaskState::Failed,
+        Some("boom"),
+        9,
+        &server_line("Task finished"),
+    )
+    .await
+    .unwrap();
+    let task = s.task(&t.id).await.unwrap().unwrap();
+    assert_eq!(
+        (task.state, task.error.as_deref(), task.completed_at),
+        (TaskState::Failed, Some("boom"), Some(9))
+    );
+    assert_eq!(
+        texts(s.task_log(&t.id, 0, 10).await.unwrap()),
+        ["Task started", "Task finished"]
+    );
+    // A final state never changes: the line is stored all the same, and the
+    // error says why.
+    assert!(matches!(
+        s.set_task_state_logged(&t.id, TaskState::Executing, None, 12, &server_line("late"))
+            .await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert_eq!(
+        s.task(&t.id).await.unwrap().unwrap().state,
+        TaskState::Failed
+    );
+    assert_eq!(
+        texts(s.task_log(&t.id, 0, 10).await.unwrap()),
+        ["Task started", "Task finished", "late"]
+    );
+    assert!(s
+        .set_task_state_logged(
+            "ServerTasks-99",
+            TaskState::Executing,
+            None,
+            1,
+            &server_line("x")
+        )
+        .await
+        .is_err());
 }
 
 pub async fn tasks_are_numbered_listed_and_change_state(s: &dyn Store) {

@@ -187,6 +187,25 @@ async fn query_machines_paged(
     Ok(machines.into_vec())
 }
 
+/// The statement that moves an unfinished task to `state`, and its
+/// parameters: `started_at` is set once, when it starts executing;
+/// `completed_at` when it ends.
+fn task_state_change<'q>(
+    id: &'q str,
+    state: TaskState,
+    error: Option<&'q str>,
+    now: i64,
+) -> (String, Params<'q>) {
+    let sql = format!(
+        "UPDATE tasks SET state = ?, error = COALESCE(?, error), \
+         started_at = COALESCE(started_at, ?), completed_at = ? \
+         WHERE id = ? AND state IN {UNFINISHED_STATES}"
+    );
+    let started = (state == TaskState::Executing).then_some(now);
+    let completed = state.is_final().then_some(now);
+    (sql, params![state.text(), error, started, completed, id])
+}
+
 /// Takes a task for a node (then its id, the node again, and the last
 /// heartbeat of a node still online).
 const CLAIM_TASK: &str =
@@ -1654,14 +1673,7 @@ impl<E: Engine> Store for E {
         // then); a final state never changes again, so when nothing changed,
         // reading the state afterwards says why without a race.
         // started_at is set once, when it starts executing; completed_at when it ends.
-        let sql = format!(
-            "UPDATE tasks SET state = ?, error = COALESCE(?, error), \
-             started_at = COALESCE(started_at, ?), completed_at = ? \
-             WHERE id = ? AND state IN {UNFINISHED_STATES}"
-        );
-        let started = (state == TaskState::Executing).then_some(now);
-        let completed = state.is_final().then_some(now);
-        let params = params![state.text(), error, started, completed, id];
+        let (sql, params) = task_state_change(id, state, error, now);
         if query(&sql, params, OP).execute(self).await? == 1 {
             return Ok(());
         }
@@ -1670,6 +1682,32 @@ impl<E: Engine> Store for E {
             .await?
             .ok_or_else(|| not_found("task", id))?;
         task_transition(id, TaskState::from_text(&current)?, state).map(drop)
+    }
+
+    async fn set_task_state_logged(
+        &self,
+        id: &str,
+        state: TaskState,
+        error: Option<&str>,
+        now: i64,
+        line: &NewLogLine,
+    ) -> Result<()> {
+        const OP: &str = "changing a task's state and logging it";
+        let line = std::slice::from_ref(line);
+        if !self.dialect().serial_writes {
+            let mut tx = write_tx(self, OP).await?;
+            // The update locks the task's row, as `append_log` does, so that
+            // its lines' ids grow in the order they are committed.
+            let (sql, params) = task_state_change(id, state, error, now);
+            if query(&sql, params, OP).execute(&mut *tx).await? == 1 {
+                insert_log_lines((&mut tx).into(), id, line).await?;
+                return tx.commit().await.ctx(OP);
+            }
+            // Nothing changed: undone, then done apart, which says why.
+            drop(tx);
+        }
+        self.append_log(id, line).await?;
+        self.set_task_state(id, state, error, now).await
     }
 
     async fn request_cancel(&self, id: &str) -> Result<()> {
