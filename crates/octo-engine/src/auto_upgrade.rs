@@ -101,33 +101,32 @@ pub(crate) async fn create(
         confirm_within_s: CONFIRM_WITHIN_S,
     };
     let now = now_ms();
-    let task = store
-        .create_task(
-            &NewTask {
-                space_id,
-                kind: kind::TENTACLE_UPGRADE.into(),
-                description: description.clone(),
-                arguments: serde_json::to_value(&args).unwrap_or_default(),
-                machine_ids: machines.iter().map(|m| m.id).collect(),
-                environments: environments_of(machines),
-                secrets: Vec::new(),
-            },
-            now,
-        )
-        .await?;
-    let event = NewAuditEvent {
+    let audit = NewAuditEvent {
         at: now,
         user_id: None,
         username: SYSTEM.into(),
         source: format!("health check {}", health_task.id),
         action: "started".into(),
         kind: "task".into(),
-        object: task.id.clone(),
+        // The new task's id, set when it is stored.
+        object: String::new(),
         space_id: Some(space_id),
         details: format!("{description}; tentacle {version} (SHA-256 {sha256})"),
     };
-    if let Err(e) = store.append_audit(&event).await {
-        tracing::error!("recording the automatic upgrade task {}: {e}", task.id);
-    }
+    let task = store
+        .create_task(
+            &NewTask {
+                space_id,
+                kind: kind::TENTACLE_UPGRADE.into(),
+                description,
+                arguments: serde_json::to_value(&args).unwrap_or_default(),
+                machine_ids: machines.iter().map(|m| m.id).collect(),
+                environments: environments_of(machines),
+                secrets: Vec::new(),
+                audit: Some(audit),
+            },
+            now,
+        )
+        .await?;
     Ok(task)
 }

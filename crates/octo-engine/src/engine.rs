@@ -88,9 +88,37 @@ impl Drop for StepRegistration {
 /// How a step run here went.
 enum Ran {
     /// It ended (recorded), with the health it reported; or the server stops.
-    Done(Option<(String, HealthStatus)>),
+    Done(Box<StepOutcome>),
     /// It stopped because its polling tentacle moved to another node: place it again.
     Moved,
+}
+
+/// How one of a task's steps ended, as far as this node knows.
+#[derive(Default)]
+struct StepOutcome {
+    /// The step as this node recorded it at its end; None when it did not
+    /// record it (the server stops, or another node ran the step).
+    recorded: Option<TaskStep>,
+    /// The health it reported (health checks).
+    health: Option<(String, HealthStatus)>,
+}
+
+impl StepOutcome {
+    fn recorded(step: TaskStep) -> Self {
+        Self {
+            recorded: Some(step),
+            health: None,
+        }
+    }
+}
+
+/// How the steps of a task ended.
+struct StepsRun {
+    health: Vec<(String, HealthStatus)>,
+    /// Each step this node recorded at its end.
+    recorded: Vec<TaskStep>,
+    /// Every step handed to the run ended here, recorded.
+    all_recorded: bool,
 }
 
 /// A step registered as running here.
@@ -587,7 +615,7 @@ impl Engine {
         mut step: TaskStep,
         state: TaskState,
         error: Option<String>,
-    ) {
+    ) -> TaskStep {
         step.state = state;
         step.error = error;
         step.completed_at = Some(now_ms());
@@ -600,6 +628,7 @@ impl Engine {
             machine_id: step.machine_id,
         })
         .await;
+        step
     }
 
     /// As [`Engine::set_task_state`], with a server line written before the
@@ -689,17 +718,18 @@ impl Engine {
     ) {
         let store = self.deps.store.clone();
         let id = task.id.clone();
-        let (secrets, masks) = self.secrets_of(&id).await;
-        let masker = self.masker_for(&id, &secrets, masks).await;
-        let log = self.log_with(&id, masker);
         // Taken for this node, unless another live node runs it (created
         // there, or taken over there), and read again now that the cancel
         // token is registered: a cancel request that came in between is seen
-        // either here or through the token.
-        let task = match store
-            .claim_task_row(&id, &self.deps.node_name, now_ms())
-            .await
-        {
+        // either here or through the token. The task's secrets (fixed when it
+        // was created) are read meanwhile.
+        let ((secrets, masks), claimed) = tokio::join!(
+            self.secrets_of(&id),
+            store.claim_task_row(&id, &self.deps.node_name, now_ms())
+        );
+        let masker = self.masker_for(&id, &secrets, masks).await;
+        let log = self.log_with(&id, masker);
+        let task = match claimed {
             Ok(Some(t)) => t,
             Ok(None) => return info!("task {id} runs on another node (or no longer exists)"),
             Err(e) => return error!("taking task {id} for this node: {e}"),
@@ -774,21 +804,33 @@ impl Engine {
         }
         let runner = secrets.and_then(|s| Self::runner_of(&task, &s));
         let per_task = max_parallel_steps_of(&task.arguments).unwrap_or(self.deps.limits.per_task);
-        let health = match runner {
+        // Alone on its store, this engine records every step's end itself:
+        // the task's end is then decided from what it recorded, without
+        // reading the steps again (on a cluster, another node may have run some).
+        let known = (!store.shared()).then(|| steps.clone());
+        let run = match runner {
             Ok(runner) => match self.run_steps(&log, steps, &cancel, runner, per_task).await {
-                Some(health) => health,
+                Some(run) => run,
                 // The server is stopping: leave the task as it is, to resume.
                 None => return,
             },
             Err(why) => {
                 self.fail_unfinished(&log, &why).await;
-                Vec::new()
+                StepsRun {
+                    health: Vec::new(),
+                    recorded: Vec::new(),
+                    all_recorded: false,
+                }
             }
         };
         if task.kind == kind::HEALTH && !cancel.is_cancelled() {
             self.upgrade_outdated(&log, &task).await;
         }
-        self.finish_task(&log, &task, &cancel, &health).await;
+        let ended = known
+            .filter(|_| run.all_recorded)
+            .and_then(|steps| as_recorded(steps, run.recorded));
+        self.finish_task(&log, &task, &cancel, &run.health, ended)
+            .await;
     }
 
     /// After health check `task`: one tentacle upgrade task for the machines
@@ -848,7 +890,7 @@ impl Engine {
         cancel: &CancellationToken,
         run: StepRunner,
         per_task: usize,
-    ) -> Option<Vec<(String, HealthStatus)>> {
+    ) -> Option<StepsRun> {
         let slots = Arc::new(Semaphore::new(per_task.max(1)));
         let mut set = JoinSet::new();
         for step in steps.into_iter().filter(|s| !s.state.is_final()) {
@@ -862,8 +904,8 @@ impl Engine {
                     slot = slots.acquire_owned() => slot.ok()?,
                     _ = eng.shutdown.cancelled() => return None,
                     _ = registered.running.cancel.cancelled(), if step.state == TaskState::Queued => {
-                        eng.cancel_queued(&log, &registered.running, step).await;
-                        return None;
+                        let recorded = eng.cancel_queued(&log, &registered.running, step).await;
+                        return Some(StepOutcome::recorded(recorded));
                     }
                 };
                 let mut step = step;
@@ -872,7 +914,9 @@ impl Engine {
                     let here = if eng.deps.store.shared() {
                         match eng.place(&log, step, &registered.running).await {
                             cluster::Placement::Here(step) => step,
-                            cluster::Placement::Finished(health) => return health,
+                            cluster::Placement::Finished(health) => {
+                                return Some(StepOutcome { recorded: None, health });
+                            }
                             cluster::Placement::Stopping => return None,
                         }
                     } else {
@@ -880,9 +924,9 @@ impl Engine {
                     };
                     let key = (here.task_id.clone(), here.machine_id, here.clone());
                     match eng.run_here(log.clone(), here, registered, run.clone()).await {
-                        Ran::Done(health) => {
+                        Ran::Done(outcome) => {
                             drop(task_slot);
-                            return health;
+                            return Some(*outcome);
                         }
                         // Its tentacle went to another node: place it again,
                         // as stored now.
@@ -901,18 +945,31 @@ impl Engine {
                 }
             });
         }
-        let mut health = Vec::new();
+        let mut run = StepsRun {
+            health: Vec::new(),
+            recorded: Vec::new(),
+            all_recorded: true,
+        };
         while let Some(r) = set.join_next().await {
             match r {
-                Ok(Some(h)) => health.push(h),
-                Ok(None) => {}
-                Err(e) => error!("a step of task {} failed: {e}", log.task_id()),
+                Ok(Some(outcome)) => {
+                    run.health.extend(outcome.health);
+                    match outcome.recorded {
+                        Some(step) => run.recorded.push(step),
+                        None => run.all_recorded = false,
+                    }
+                }
+                Ok(None) => run.all_recorded = false,
+                Err(e) => {
+                    run.all_recorded = false;
+                    error!("a step of task {} failed: {e}", log.task_id());
+                }
             }
         }
         if self.shutdown.is_cancelled() {
             return None;
         }
-        Some(health)
+        Some(run)
     }
 
     /// Registers a step as running here (for [`Engine::stop_machine`]), with
@@ -939,9 +996,14 @@ impl Engine {
     }
 
     /// Records a step that never started Canceled.
-    async fn cancel_queued(&self, log: &TaskLog, running: &RunningStep, step: TaskStep) {
+    async fn cancel_queued(
+        &self,
+        log: &TaskLog,
+        running: &RunningStep,
+        step: TaskStep,
+    ) -> TaskStep {
         let why = because(running, Some("canceled before it started".into()));
-        self.finish_step(log, step, TaskState::Canceled, why).await;
+        self.finish_step(log, step, TaskState::Canceled, why).await
     }
 
     /// Runs one step on this node, within the node's limit, and records how
@@ -977,15 +1039,15 @@ impl Engine {
         let _slot = tokio::select! {
             slot = self.node_slots.clone().acquire_owned() => match slot {
                 Ok(slot) => slot,
-                Err(_) => return Ran::Done(None),
+                Err(_) => return Ran::Done(Box::default()),
             },
-            _ = ctx.shutdown.cancelled() => return Ran::Done(None),
+            _ = ctx.shutdown.cancelled() => return Ran::Done(Box::default()),
             // A queued step never starts once cancel was requested; a
             // step already executing (resumed) must be cancelled on the
             // tentacle, which its runner does.
             _ = ctx.cancel.cancelled(), if step.state == TaskState::Queued => {
-                self.cancel_queued(&log, &running, step).await;
-                return Ran::Done(None);
+                let recorded = self.cancel_queued(&log, &running, step).await;
+                return Ran::Done(Box::new(StepOutcome::recorded(recorded)));
             }
         };
         let _counted = CountedStep::new(&self.step_count);
@@ -1027,16 +1089,19 @@ impl Engine {
                 } else {
                     error
                 };
-                self.finish_step(&log, step, state, error).await;
+                let recorded = self.finish_step(&log, step, state, error).await;
                 // Recorded: whoever stops this machine may go on.
                 drop(registration);
                 if let Some(work) = afterwards {
                     work.await;
                 }
-                Ran::Done(health.map(|h| (name, h)))
+                Ran::Done(Box::new(StepOutcome {
+                    recorded: Some(recorded),
+                    health: health.map(|h| (name, h)),
+                }))
             }
             StepEnd::Interrupted if moved && !self.shutdown.is_cancelled() => Ran::Moved,
-            StepEnd::Interrupted => Ran::Done(None),
+            StepEnd::Interrupted => Ran::Done(Box::default()),
         }
     }
 
@@ -1060,11 +1125,15 @@ impl Engine {
         task: &Task,
         cancel: &CancellationToken,
         health: &[(String, HealthStatus)],
+        ended: Option<Vec<TaskStep>>,
     ) {
         let id = &task.id;
-        let steps = match self.deps.store.task_steps(id).await {
-            Ok(s) => s,
-            Err(e) => return error!("loading the steps of task {id}: {e}"),
+        let steps = match ended {
+            Some(steps) => steps,
+            None => match self.deps.store.task_steps(id).await {
+                Ok(s) => s,
+                Err(e) => return error!("loading the steps of task {id}: {e}"),
+            },
         };
         let total = steps.len();
         let failed: Vec<&TaskStep> = steps
@@ -1296,6 +1365,7 @@ impl Engine {
                         machine_ids: machines.iter().map(|m| m.id).collect(),
                         environments: environments_of(&machines),
                         secrets: Vec::new(),
+                        audit: None,
                     },
                     now,
                 )
@@ -1322,6 +1392,23 @@ pub fn environments_of(machines: &[Machine]) -> Vec<String> {
 }
 
 /// "2 of 3 machines unavailable: a, b; 1 unhealthy: c".
+/// A task's steps (in their stored order) with each unfinished one replaced
+/// by the step as recorded at its end; None when one of them was not recorded.
+fn as_recorded(steps: Vec<TaskStep>, recorded: Vec<TaskStep>) -> Option<Vec<TaskStep>> {
+    let mut recorded: HashMap<i64, TaskStep> =
+        recorded.into_iter().map(|s| (s.machine_id, s)).collect();
+    steps
+        .into_iter()
+        .map(|s| {
+            if s.state.is_final() {
+                Some(s)
+            } else {
+                recorded.remove(&s.machine_id)
+            }
+        })
+        .collect()
+}
+
 fn health_summary(total: usize, health: &[(String, HealthStatus)], failed: &[&TaskStep]) -> String {
     let of = |status: HealthStatus| -> Vec<&str> {
         health

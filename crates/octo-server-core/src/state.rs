@@ -79,15 +79,9 @@ impl AppState {
         details: impl Into<String>,
     ) {
         let event = NewAuditEvent {
-            at: now_ms(),
-            user_id: Some(caller.user.id),
-            username: caller.user.username.clone(),
-            source: caller.source.clone(),
-            action: action.into(),
-            kind: kind.into(),
             object: object.into(),
-            space_id: space.map(|s| s.id),
             details: details.into(),
+            ..audit_event(caller, space, action, kind, now_ms())
         };
         if let Err(e) = self.store.append_audit(&event).await {
             tracing::error!("recording an audit event ({action} {kind} {object}): {e}");
@@ -115,5 +109,28 @@ impl AppState {
         self.polling_trust
             .replace(polling_thumbprints(self.store.as_ref()).await?);
         Ok(())
+    }
+}
+
+/// The audit event of `caller` doing `action` to a thing of `kind` at `at`,
+/// its object and details still empty: for what is recorded with the change
+/// itself, in its commit.
+pub fn audit_event(
+    caller: &Caller,
+    space: Option<&Space>,
+    action: &str,
+    kind: &str,
+    at: i64,
+) -> NewAuditEvent {
+    NewAuditEvent {
+        at,
+        user_id: Some(caller.user.id),
+        username: caller.user.username.clone(),
+        source: caller.source.clone(),
+        action: action.into(),
+        kind: kind.into(),
+        object: String::new(),
+        space_id: space.map(|s| s.id),
+        details: String::new(),
     }
 }

@@ -84,6 +84,7 @@ pub fn new_task(
         machine_ids: machine_ids.to_vec(),
         environments: Vec::new(),
         secrets: Vec::new(),
+        audit: None,
     }
 }
 

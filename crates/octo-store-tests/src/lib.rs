@@ -699,10 +699,39 @@ pub async fn tasks_are_created_with_their_steps_as_read(s: &dyn Store) {
     assert!(created.iter().all(|st| st.state == TaskState::Queued
         && st.ticket == ticket(&task.id, st.machine_id)
         && st.task_id == task.id));
-    // A machine that does not exist: no task.
-    let gone = new_task("Script", "Run a script", &args, &[ids[0], 999_999]);
+    // A machine that does not exist: no task, and no record of one.
+    let started = NewAuditEvent {
+        at: 901,
+        user_id: None,
+        username: "alice".into(),
+        source: "127.0.0.1".into(),
+        action: "started".into(),
+        kind: "task".into(),
+        object: "replaced by the task's id".into(),
+        space_id: Some(1),
+        details: "Run a script".into(),
+    };
+    let mut gone = new_task("Script", "Run a script", &args, &[ids[0], 999_999]);
+    gone.audit = Some(started.clone());
     assert!(s.create_task_with_steps(&gone, 901).await.is_err());
     assert_eq!(s.list_tasks(None, 10).await.unwrap().len(), 1);
+    let audit = AuditFilter {
+        include_system: true,
+        limit: 100,
+        ..AuditFilter::default()
+    };
+    assert!(s.list_audit(&audit).await.unwrap().is_empty());
+    // Recorded with the task, under its id.
+    let mut audited = new_task("Script", "Run a script", &args, &[ids[1]]);
+    audited.audit = Some(started);
+    let (task, _) = s.create_task_with_steps(&audited, 902).await.unwrap();
+    let events = s.list_audit(&audit).await.unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(
+        (events[0].object.as_str(), events[0].username.as_str()),
+        (task.id.as_str(), "alice")
+    );
+    assert_eq!(events[0].space.as_deref(), Some("Default"));
 }
 
 pub async fn task_states_change_with_their_line(s: &dyn Store) {
@@ -764,16 +793,25 @@ pub async fn task_states_change_with_their_line(s: &dyn Store) {
         texts(s.task_log(&t.id, 0, 10).await.unwrap()),
         ["Task started", "Task finished", "late"]
     );
-    assert!(s
+    // No such task: said so, and nothing stored.
+    let missing = s
         .set_task_state_logged(
             "ServerTasks-99",
             TaskState::Executing,
             None,
             1,
-            &server_line("x")
+            &server_line("x"),
         )
+        .await;
+    assert!(
+        matches!(&missing, Err(StoreError::NotFound { kind: "task", name }) if name == "ServerTasks-99"),
+        "{missing:?}"
+    );
+    assert!(s
+        .task_log("ServerTasks-99", 0, 10)
         .await
-        .is_err());
+        .unwrap()
+        .is_empty());
 }
 
 pub async fn tasks_are_numbered_listed_and_change_state(s: &dyn Store) {

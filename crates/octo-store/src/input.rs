@@ -118,13 +118,8 @@ pub fn next_sequences(lines: &[NewLogLine]) -> HashMap<i64, i64> {
 
 /// The machine ids of a new task, each once, in the order given.
 pub fn distinct_ids(ids: &[i64]) -> Vec<i64> {
-    let mut seen = Vec::with_capacity(ids.len());
-    for &id in ids {
-        if !seen.contains(&id) {
-            seen.push(id);
-        }
-    }
-    seen
+    let mut seen = std::collections::HashSet::with_capacity(ids.len());
+    ids.iter().copied().filter(|id| seen.insert(*id)).collect()
 }
 
 /// A new task names a machine that does not exist (any more).

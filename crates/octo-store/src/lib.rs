@@ -295,6 +295,10 @@ pub struct NewTask {
     pub environments: Vec<String>,
     /// Secret values (variable name, ciphertext), stored apart from the arguments.
     pub secrets: Vec<(String, String)>,
+    /// Who started the task, recorded in the audit log with it (in the same
+    /// commit: no task without its record); its `object` is replaced by the
+    /// new task's id.
+    pub audit: Option<NewAuditEvent>,
 }
 
 /// A task's secret values (name, ciphertext), by name, and its masks

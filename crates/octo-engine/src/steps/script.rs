@@ -322,6 +322,10 @@ struct Run<'a> {
     budget: LogBudget,
     /// When the resume point was last saved while lines were dropped.
     saved_at: Instant,
+    /// The step's first line ("starting ..."), not yet stored: it is stored
+    /// while StartScript travels (one store round trip off the way to the
+    /// script), or before any other line of the step.
+    announce: Option<String>,
 }
 
 /// One machine's part of a script task.
@@ -370,12 +374,13 @@ pub(crate) async fn run_step(
         .unwrap_or(0)
         .saturating_sub(base);
     let label = spec.label;
-    if resumed {
+    let announce = if resumed {
         ctx.say(format!("resuming {label} from log line {next_sequence}"))
             .await;
+        None
     } else {
-        ctx.say(format!("starting {label} ({endpoint})")).await;
-    }
+        Some(format!("starting {label} ({endpoint})"))
+    };
     let ticket = spec.ticket(&step);
     let budget = LogBudget::of(ctx, &step).await;
     let mut run = Run {
@@ -394,8 +399,10 @@ pub(crate) async fn run_step(
         last_service: None,
         budget,
         saved_at: Instant::now(),
+        announce,
     };
     Box::pin(run.run()).await;
+    run.flush_announce().await;
     let Some((state, error)) = run.end.take() else {
         return ScriptEnd::Interrupted;
     };
@@ -427,8 +434,16 @@ impl Run<'_> {
         &self.step.machine_name
     }
 
-    async fn log(&self, text: String) {
+    async fn log(&mut self, text: String) {
+        self.flush_announce().await;
         self.ctx.say(text).await;
+    }
+
+    /// Stores the step's first line if it is still pending.
+    async fn flush_announce(&mut self) {
+        if let Some(text) = self.announce.take() {
+            self.ctx.say(text).await;
+        }
     }
 
     /// Decides how the run ended (the engine records it).
@@ -496,6 +511,7 @@ impl Run<'_> {
                 );
                 return self.fail(why).await;
             }
+            self.flush_announce().await;
             let what = if was_connected {
                 format!("connection to {} lost", self.name())
             } else {
@@ -528,25 +544,35 @@ impl Run<'_> {
         let endpoint = self.endpoint.clone();
         let connect = async move { comms.connect(&endpoint).await };
         tokio::pin!(connect);
-        let connected = loop {
-            let cancel_noticed = self.cancel_since.is_some();
-            let cancel_deadline = self.cancel_since.map(|s| s + CANCEL_GIVE_UP_AFTER);
-            tokio::select! {
-                r = &mut connect => break r,
-                _ = shutdown.cancelled() => return Attempt::Shutdown,
-                _ = self.ctx.cancel.cancelled(), if !cancel_noticed => {
-                    if !self.start_attempted {
-                        self.log("canceled before the script started".into()).await;
-                        self.finish(TaskState::Canceled, None).await;
-                        return Attempt::Done;
+        let ready = futures_util::FutureExt::now_or_never(&mut connect);
+        if ready.is_none() {
+            // Not at once (a polling tentacle still to connect, a handshake):
+            // the step says it is starting meanwhile.
+            self.flush_announce().await;
+        }
+        let connected = if let Some(r) = ready {
+            r
+        } else {
+            loop {
+                let cancel_noticed = self.cancel_since.is_some();
+                let cancel_deadline = self.cancel_since.map(|s| s + CANCEL_GIVE_UP_AFTER);
+                tokio::select! {
+                    r = &mut connect => break r,
+                    _ = shutdown.cancelled() => return Attempt::Shutdown,
+                    _ = self.ctx.cancel.cancelled(), if !cancel_noticed => {
+                        if !self.start_attempted {
+                            self.log("canceled before the script started".into()).await;
+                            self.finish(TaskState::Canceled, None).await;
+                            return Attempt::Done;
+                        }
+                        self.cancel_since = Some(Instant::now());
                     }
-                    self.cancel_since = Some(Instant::now());
-                }
-                _ = sleep_until(cancel_deadline), if cancel_deadline.is_some() => {
-                    return Attempt::Retry {
-                        reason: format!("{} did not connect", self.name()),
-                        was_connected: false,
-                    };
+                    _ = sleep_until(cancel_deadline), if cancel_deadline.is_some() => {
+                        return Attempt::Retry {
+                            reason: format!("{} did not connect", self.name()),
+                            was_connected: false,
+                        };
+                    }
                 }
             }
         };
@@ -579,9 +605,24 @@ impl Run<'_> {
             self.start_attempted = true;
             let req = self.start_request();
             let mut client = conn.scripts();
-            let started = tokio::select! {
-                r = tokio::time::timeout(CALL_TIMEOUT, client.start_script(req)) => r,
-                _ = shutdown.cancelled() => return Attempt::Shutdown,
+            // The step's first line is stored while StartScript travels; the
+            // script's own lines are read only after both (they follow it).
+            let (ctx, announce) = (self.ctx, self.announce.take());
+            let (started, ()) = tokio::join!(
+                async {
+                    tokio::select! {
+                        r = tokio::time::timeout(CALL_TIMEOUT, client.start_script(req)) => Some(r),
+                        _ = shutdown.cancelled() => None,
+                    }
+                },
+                async {
+                    if let Some(text) = announce {
+                        ctx.say(text).await;
+                    }
+                }
+            );
+            let Some(started) = started else {
+                return Attempt::Shutdown;
             };
             match started {
                 Ok(Ok(_)) => {}

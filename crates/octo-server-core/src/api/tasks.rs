@@ -25,7 +25,9 @@ use octo_api_types::{
 use octo_engine::engine::environments_of;
 use octo_engine::secrets::MASK;
 use octo_engine::{kind, machine_list, DeployArgs};
-use octo_store::{now_ms, Machine, MachineFilter, NewTask, Store, StoreError, TaskQuery};
+use octo_store::{
+    now_ms, Machine, MachineFilter, NewAuditEvent, NewTask, Store, StoreError, TaskQuery,
+};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
@@ -145,9 +147,13 @@ pub async fn load_view(
     space: &Space,
     id: &str,
 ) -> ApiResult<TaskView> {
-    let task = visible_task(store, caller, space, id).await?;
-    let steps = store.task_steps(id).await?;
-    Ok(TaskView { task, steps })
+    // Both reads at once (one round trip's wait, not two); the steps are
+    // dropped unseen when the task is not the caller's to see.
+    let (task, steps) = tokio::join!(visible_task(store, caller, space, id), store.task_steps(id));
+    Ok(TaskView {
+        task: task?,
+        steps: steps?,
+    })
 }
 
 /// Variable names must be usable as environment variables, and a name is
@@ -618,6 +624,12 @@ async fn create_and_start(
     if let (Some(n), Some(map)) = (max_parallel_steps, arguments.as_object_mut()) {
         map.insert("max_parallel_steps".into(), n.into());
     }
+    let details = if details.is_empty() {
+        description.to_string()
+    } else {
+        format!("{description}; {details}")
+    };
+    let now = now_ms();
     let new = NewTask {
         space_id: space.id,
         kind: kind.into(),
@@ -626,17 +638,15 @@ async fn create_and_start(
         machine_ids: machines.iter().map(|m| m.id).collect(),
         environments: environments_of(machines),
         secrets,
+        // Recorded with the task, in its commit (the object is its id).
+        audit: Some(NewAuditEvent {
+            details,
+            ..crate::state::audit_event(caller, Some(space), "started", "task", now)
+        }),
     };
-    let (task, steps) = s.store.create_task_with_steps(&new, now_ms()).await?;
+    let (task, steps) = s.store.create_task_with_steps(&new, now).await?;
     tracing::info!("created task {} ({description})", task.id);
     s.engine.start_created(task.clone(), steps.clone());
-    let details = if details.is_empty() {
-        description.to_string()
-    } else {
-        format!("{description}; {details}")
-    };
-    s.audit(caller, Some(space), "started", "task", &task.id, details)
-        .await;
     Ok(TaskView {
         task: shown(caller, space, task),
         steps,

@@ -49,6 +49,65 @@ async fn read_tx(e: &dyn Engine, op: &str) -> Result<Box<dyn Tx>> {
     e.begin(Access::Read).await.ctx(op)
 }
 
+/// Statements of one transaction, run in order. Where writes hold the whole
+/// database (SQLite, whose connections each run on a thread of their own),
+/// they are sent together, in one call: one hand-off to that thread and
+/// back rather than one for each. Elsewhere (PostgreSQL, whose statements
+/// take one parameter list each) one after the other.
+#[derive(Default)]
+struct Batch<'q> {
+    statements: Vec<(String, Params<'q>)>,
+}
+
+impl<'q> Batch<'q> {
+    fn push(&mut self, sql: String, params: Params<'q>) {
+        self.statements.push((sql, params));
+    }
+
+    /// The rows the statements return, in order.
+    async fn rows(
+        self,
+        tx: &mut Box<dyn Tx>,
+        d: &Dialect,
+        op: &str,
+    ) -> Result<Vec<Box<dyn crate::sql::Columns + Send>>> {
+        let fail = |e: sqlx::Error| Op::new(op).fail(&e);
+        if d.serial_writes {
+            let mut sql = String::new();
+            let mut params = Params::default();
+            for (i, (statement, p)) in self.statements.into_iter().enumerate() {
+                if i > 0 {
+                    sql.push_str(";\n");
+                }
+                sql.push_str(&statement);
+                params.0.extend(p.0);
+            }
+            return tx.fetch(&sql, params).await.map_err(fail);
+        }
+        let mut rows = Vec::new();
+        for (sql, params) in self.statements {
+            rows.extend(tx.fetch(&sql, params).await.map_err(fail)?);
+        }
+        Ok(rows)
+    }
+}
+
+/// The task, then its steps, from the rows of a task's creation.
+fn task_and_steps(
+    rows: &[Box<dyn crate::sql::Columns + Send>],
+    op: &str,
+) -> Result<(Task, Vec<TaskStep>)> {
+    let mut rows = rows.iter();
+    let task = match rows.next() {
+        Some(row) => TaskRow::from_columns(row.as_ref()).and_then(Row::into_record)?,
+        None => return Err(StoreError::Database(format!("{op}: no row was returned"))),
+    };
+    let steps = rows
+        .map(|row| StepRow::from_columns(row.as_ref()).and_then(Row::into_record))
+        .collect::<Result<Vec<TaskStep>>>()?;
+    Ok((task, steps))
+}
+
 /// Machines matching `where_sql`, read in one snapshot.
 async fn read_machines(
     e: &dyn Engine,
@@ -204,6 +263,28 @@ fn task_state_change<'q>(
     let started = (state == TaskState::Executing).then_some(now);
     let completed = state.is_final().then_some(now);
     (sql, params![state.text(), error, started, completed, id])
+}
+
+/// One audit event (the space's name is kept with it, as it was then).
+const AUDIT_INSERT: &str =
+    "INSERT INTO audit_events (at, user_id, username, source, action, kind, object, \
+     space_id, space, details) \
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?, (SELECT name FROM spaces WHERE id = ?), ?)";
+
+/// The parameters of [`AUDIT_INSERT`] for `e`, about `object`.
+fn audit_params<'q>(e: &'q NewAuditEvent, object: &'q str) -> Params<'q> {
+    params![
+        e.at,
+        e.user_id,
+        &e.username,
+        &e.source,
+        &e.action,
+        &e.kind,
+        object,
+        e.space_id,
+        e.space_id,
+        &e.details,
+    ]
 }
 
 /// Takes a task for a node (then its id, the node again, and the last
@@ -407,6 +488,20 @@ const LOG_ROWS_PER_INSERT: usize = 500;
 /// statement, in order; lines stored already (same machine and sequence) are
 /// skipped. NotFound when the task does not exist.
 async fn insert_log_lines(on: On<'_>, task_id: &str, lines: &[NewLogLine]) -> Result<()> {
+    let (sql, params) = log_lines_insert(task_id, lines);
+    query(&sql, params, log_lines_op(task_id))
+        .execute(on)
+        .await
+        .map(drop)
+}
+
+/// How storing lines of task `task_id` fails.
+fn log_lines_op(task_id: &str) -> Op<'static> {
+    Op::new("appending to a task's log").foreign_key(not_found("task", task_id))
+}
+
+/// The statement that stores `lines` of task `task_id` (each once), and its parameters.
+fn log_lines_insert<'q>(task_id: &'q str, lines: &'q [NewLogLine]) -> (String, Params<'q>) {
     let mut sql = String::with_capacity(96 + lines.len() * 22);
     sql.push_str(
         "INSERT INTO task_log (task_id, machine_id, sequence, timestamp, stream, text) VALUES ",
@@ -427,8 +522,7 @@ async fn insert_log_lines(on: On<'_>, task_id: &str, lines: &[NewLogLine]) -> Re
             .and(l.text.as_str());
     }
     sql.push_str(" ON CONFLICT DO NOTHING");
-    let op = Op::new("appending to a task's log").foreign_key(not_found("task", task_id));
-    query(&sql, params, op).execute(on).await.map(drop)
+    (sql, params)
 }
 
 /// NotFound unless task `id` exists. In a write transaction: the task's row
@@ -1018,25 +1112,14 @@ impl<E: Engine> Store for E {
     // The audit log.
 
     async fn append_audit(&self, e: &NewAuditEvent) -> Result<()> {
-        let sql = "INSERT INTO audit_events (at, user_id, username, source, action, kind, object, \
-                   space_id, space, details) \
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, (SELECT name FROM spaces WHERE id = ?), ?)";
-        let params = params![
-            e.at,
-            e.user_id,
-            &e.username,
-            &e.source,
-            &e.action,
-            &e.kind,
-            &e.object,
-            e.space_id,
-            e.space_id,
-            &e.details,
-        ];
-        query(sql, params, "recording an audit event")
-            .execute(self)
-            .await
-            .map(drop)
+        query(
+            AUDIT_INSERT,
+            audit_params(e, &e.object),
+            "recording an audit event",
+        )
+        .execute(self)
+        .await
+        .map(drop)
     }
 
     async fn list_audit(&self, f: &AuditFilter) -> Result<Vec<AuditEvent>> {
@@ -1526,54 +1609,70 @@ impl<E: Engine> Store for E {
 
     async fn create_task_with_steps(&self, t: &NewTask, now: i64) -> Result<(Task, Vec<TaskStep>)> {
         const OP: &str = "adding a task";
+        let d = self.dialect();
         let arguments = arguments_text(&t.arguments)?;
         let environments = json_text(&t.environments)?;
         let mut tx = write_tx(self, OP).await?;
         let sql = "UPDATE counters SET value = value + 1 WHERE name = 'task' RETURNING value";
         let seq = query(sql, params![], OP).value::<i64>(&mut *tx).await?;
         let id = task_id(seq);
-        let sql = returning::<TaskRow>(
-            "INSERT INTO tasks (id, seq, space_id, environments, kind, description, state, \
-             arguments, created_at) VALUES (?, ?, ?, ?, ?, ?, 'Queued', ?, ?)",
+        // The rest together (one round trip where the engine allows it): the
+        // task, then its steps, each machine's name from its row (no row, no
+        // step; the ticket as `ticket` makes it), its secrets and its record.
+        let mut batch = Batch::default();
+        batch.push(
+            returning::<TaskRow>(
+                "INSERT INTO tasks (id, seq, space_id, environments, kind, description, state, \
+                 arguments, created_at) VALUES (?, ?, ?, ?, ?, ?, 'Queued', ?, ?)",
+            ),
+            params![
+                &id,
+                seq,
+                t.space_id,
+                &environments,
+                &t.kind,
+                &t.description,
+                &arguments,
+                now
+            ],
         );
-        let params = params![
-            &id,
-            seq,
-            t.space_id,
-            &environments,
-            &t.kind,
-            &t.description,
-            &arguments,
-            now
-        ];
-        let task = query(&sql, params, OP).one::<TaskRow>(&mut *tx).await?;
-        // The machine's name from its row: no row, no step.
-        let step_sql = returning::<StepRow>(
-            "INSERT INTO task_steps (task_id, machine_id, machine_name, state, ticket) \
-             SELECT ?, id, name, 'Queued', ? FROM machines WHERE id = ?",
-        );
-        let mut steps = Vec::with_capacity(t.machine_ids.len());
-        for machine_id in distinct_ids(&t.machine_ids) {
-            let params = params![&id, ticket(&id, machine_id), machine_id];
-            match query(&step_sql, params, OP)
-                .optional::<StepRow>(&mut *tx)
-                .await?
-            {
-                Some(step) => steps.push(step),
-                None => return Err(missing_machine(machine_id)),
-            }
+        let machine_ids = distinct_ids(&t.machine_ids);
+        if !machine_ids.is_empty() {
+            batch.push(
+                returning::<StepRow>(&format!(
+                    "INSERT INTO task_steps (task_id, machine_id, machine_name, state, ticket) \
+                     SELECT ?, id, name, 'Queued', ? || '-m' || id FROM machines WHERE id IN ({})",
+                    id_list(d)
+                )),
+                params![&id, &id, Value::ids(&machine_ids)],
+            );
         }
+        for (name, ciphertext) in &t.secrets {
+            batch.push(
+                "INSERT INTO task_secrets (task_id, name, ciphertext) VALUES (?, ?, ?)".into(),
+                params![&id, name, ciphertext],
+            );
+        }
+        if let Some(e) = &t.audit {
+            batch.push(AUDIT_INSERT.into(), audit_params(e, &id));
+        }
+        let (task, mut steps) = {
+            // Not held across an await (rows are not Sync).
+            let rows = batch.rows(&mut tx, d, OP).await?;
+            task_and_steps(&rows, OP)?
+        };
+        if let Some(missing) = machine_ids
+            .iter()
+            .find(|m| !steps.iter().any(|s| s.machine_id == **m))
+        {
+            return Err(missing_machine(*missing));
+        }
+        debug_assert!(steps.iter().all(|s| s.ticket == ticket(&id, s.machine_id)));
         // As `task_steps` orders them.
         steps.sort_by(|a, b| {
             let name = |s: &TaskStep| s.machine_name.to_ascii_lowercase();
             name(a).cmp(&name(b)).then(a.machine_id.cmp(&b.machine_id))
         });
-        let sql = "INSERT INTO task_secrets (task_id, name, ciphertext) VALUES (?, ?, ?)";
-        for (name, ciphertext) in &t.secrets {
-            query(sql, params![&id, name, ciphertext], OP)
-                .execute(&mut *tx)
-                .await?;
-        }
         tx.commit().await.ctx(OP)?;
         Ok((task, steps))
     }
@@ -1705,8 +1804,22 @@ impl<E: Engine> Store for E {
             }
             // Nothing changed: undone, then done apart, which says why.
             drop(tx);
+            self.append_log(id, line).await?;
+            return self.set_task_state(id, state, error, now).await;
         }
-        self.append_log(id, line).await?;
+        // Where writes hold the whole database (SQLite): both statements in
+        // one call, each its own commit as when made apart (a transaction's
+        // BEGIN and COMMIT would cost more than the commit they save), in
+        // one hand-off to the database's thread rather than two.
+        let (insert, mut params) = log_lines_insert(id, line);
+        let (update, update_params) = task_state_change(id, state, error, now);
+        params.0.extend(update_params.0);
+        let sql = format!("{insert}; {update}");
+        if query(&sql, params, log_lines_op(id)).execute(self).await? == 2 {
+            return Ok(());
+        }
+        // The line is stored (a server line never collides) and the state
+        // did not change: say why.
         self.set_task_state(id, state, error, now).await
     }
 
