@@ -42,6 +42,7 @@ static DIALECT: Dialect = Dialect {
     texts: "unnest(CAST(? AS citext[])) AS value",
     json_rows,
     nocase,
+    json_array_of,
     greatest: "GREATEST",
     find: "strpos",
     for_update: " FOR UPDATE",
@@ -50,6 +51,10 @@ static DIALECT: Dialect = Dialect {
 
 fn json_rows(column: &str, alias: &str) -> String {
     format!("jsonb_array_elements_text(CAST({column} AS jsonb)) AS {alias}(value)")
+}
+
+fn json_array_of(expr: &str) -> String {
+    format!("COALESCE(CAST(json_agg({expr} ORDER BY {expr}) AS text), '[]')")
 }
 
 fn nocase(expr: &str) -> String {

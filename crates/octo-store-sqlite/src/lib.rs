@@ -49,6 +49,7 @@ static DIALECT: Dialect = Dialect {
     texts: "json_each(?)",
     json_rows,
     nocase,
+    json_array_of,
     greatest: "MAX",
     find: "instr",
     for_update: "",
@@ -57,6 +58,10 @@ static DIALECT: Dialect = Dialect {
 
 fn json_rows(column: &str, alias: &str) -> String {
     format!("json_each({column}) {alias}")
+}
+
+fn json_array_of(expr: &str) -> String {
+    format!("json_group_array({expr} ORDER BY {expr})")
 }
 
 fn nocase(expr: &str) -> String {

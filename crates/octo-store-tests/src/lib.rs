@@ -76,6 +76,7 @@ macro_rules! store_suite {
             task_masks_are_kept_once_in_order_per_task,
             // Fewer round trips per step (issue 15).
             machine_rows_reach_a_machine_without_its_lists,
+            every_machine_read_gives_the_lists_in_the_same_order,
             large_log_batches_store_every_line_once_in_order,
         );
     };
@@ -2295,6 +2296,72 @@ pub async fn machine_rows_reach_a_machine_without_its_lists(s: &dyn Store) {
         "the whole machine still has them"
     );
     assert!(s.machine_row(9_999).await.unwrap().is_none());
+}
+
+/// A machine and its lists come in one statement: by name, by id, in a
+/// list and in a page alike, each list ordered ignoring case; a machine
+/// without lists has empty ones.
+pub async fn every_machine_read_gives_the_lists_in_the_same_order(s: &dyn Store) {
+    for env in ["beta", "Alpha", "gamma"] {
+        s.create_environment(1, env, "").await.unwrap();
+    }
+    s.create_tenant(1, "beta", &[]).await.unwrap();
+    s.create_tenant(1, "Acme", &[]).await.unwrap();
+    let mut new = new_machine("web01", &["gamma", "beta", "Alpha"], &["web", "Db", "app"]);
+    new.tenants = strings(&["beta", "Acme"]);
+    new.tenant_tags = strings(&["tier/Gold", "region/eu"]);
+    let made = s.create_machine(&new).await.unwrap();
+    s.create_machine(&new_machine("bare", &[], &[]))
+        .await
+        .unwrap();
+    let by_name = s.machine(1, "WEB01").await.unwrap().expect("by name");
+    assert_eq!(by_name.environments, ["Alpha", "beta", "gamma"]);
+    assert_eq!(by_name.roles, ["app", "Db", "web"]);
+    assert_eq!(by_name.tenants, ["Acme", "beta"]);
+    assert_eq!(by_name.tenant_tags, ["region/eu", "tier/Gold"]);
+    assert_eq!(made, by_name, "as created");
+    assert_eq!(
+        s.machine_by_id(made.id).await.unwrap().as_ref(),
+        Some(&by_name)
+    );
+    let listed = s
+        .list_machines(&MachineFilter {
+            space_id: Some(1),
+            ..MachineFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(names(&listed), ["bare", "web01"]);
+    assert_eq!(listed[1], by_name);
+    let bare = &listed[0];
+    assert!(
+        bare.environments.is_empty()
+            && bare.roles.is_empty()
+            && bare.tenants.is_empty()
+            && bare.tenant_tags.is_empty(),
+        "{bare:?}"
+    );
+    let (page, total) = s
+        .machine_page(&MachineQuery {
+            filter: MachineFilter {
+                space_id: Some(1),
+                roles: strings(&["DB"]),
+                ..MachineFilter::default()
+            },
+            name_contains: None,
+            health: Vec::new(),
+            kind: None,
+            workers: None,
+            visible_environments: None,
+            offset: 0,
+            limit: 50,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (page.as_slice(), total),
+        (std::slice::from_ref(&by_name), 1)
+    );
 }
 
 pub async fn large_log_batches_store_every_line_once_in_order(s: &dyn Store) {

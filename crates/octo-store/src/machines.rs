@@ -4,8 +4,7 @@
 
 #[cfg(doc)]
 use crate::rows::MachineRow;
-use crate::rows::{group, ListRow, MachineListRow};
-use crate::{Machine, NewMachine};
+use crate::{Machine, NewMachine, Result, StoreError};
 
 /// One of a machine's lists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,35 +48,47 @@ impl MachineList {
         }
     }
 
-    /// Its number in [`MachineList::select_all`]'s `list` column.
-    fn number(self) -> i64 {
+    /// The column that brings this list with a machine's row.
+    pub fn column_name(self) -> &'static str {
         match self {
-            Self::Environments => 0,
-            Self::Roles => 1,
-            Self::Tenants => 2,
-            Self::TenantTags => 3,
+            Self::Environments => "list_environments",
+            Self::Roles => "list_roles",
+            Self::Tenants => "list_tenants",
+            Self::TenantTags => "list_tenant_tags",
         }
     }
 
-    /// The query for every list of the machines whose ids `ids` yields (`ids`
-    /// is the engine's way of passing a list of ids, e.g. `SELECT value FROM
-    /// json_each(?)`, repeated once a list: bind the ids four times):
-    /// [`MachineListRow`]s, by list, then machine, then value. One query
-    /// rather than one a list: each is a round trip to the database.
-    pub fn select_all(ids: &str) -> String {
+    /// The columns that bring every list of machine `m` with its row (after
+    /// [`MachineRow`]'s): for each list, a JSON array of its values in order,
+    /// made by `json_array_of` (the engine's aggregate). One statement for
+    /// machines and their lists, so one round trip to the database and one
+    /// snapshot of it.
+    pub fn columns(json_array_of: fn(&str) -> String) -> String {
         let parts: Vec<String> = Self::ALL
             .iter()
             .map(|l| {
                 let (value, join) = l.value_and_join();
                 format!(
-                    "SELECT CAST({} AS BIGINT) AS list, l.machine_id AS owner, {value} AS value FROM {} l {join} \
-                     WHERE l.machine_id IN ({ids})",
-                    l.number(),
-                    l.table()
+                    "(SELECT {} FROM {} l {join} WHERE l.machine_id = m.id) AS {}",
+                    json_array_of(value),
+                    l.table(),
+                    l.column_name()
                 )
             })
             .collect();
-        format!("{} ORDER BY list, owner, value", parts.join(" UNION ALL "))
+        parts.join(", ")
+    }
+
+    /// Sets this list of `m` from `json`, as read from [`MachineList::column_name`].
+    pub fn set(self, m: &mut Machine, json: &str) -> Result<()> {
+        *self.of(m) = serde_json::from_str(json).map_err(|e| {
+            StoreError::Database(format!(
+                "reading the {} of machine '{}': {e}",
+                self.column_name(),
+                m.name
+            ))
+        })?;
+        Ok(())
     }
 
     /// The value, read from the join table `l` or the table it joins.
@@ -131,83 +142,31 @@ pub struct MachineRefs {
     pub tenant_ids: Vec<i64>,
 }
 
-/// Machines read from their rows, their lists to be filled in.
-#[derive(Debug)]
-pub struct Machines {
-    machines: Vec<Machine>,
-}
-
-impl Machines {
-    /// The machines as read from [`MachineRow`]s, in order, with empty lists.
-    pub fn new(machines: Vec<Machine>) -> Self {
-        Self { machines }
-    }
-
-    /// Their ids.
-    pub fn ids(&self) -> Vec<i64> {
-        self.machines.iter().map(|m| m.id).collect()
-    }
-
-    /// Whether there are none (then there are no lists to read).
-    pub fn is_empty(&self) -> bool {
-        self.machines.is_empty()
-    }
-
-    /// Fills in `list` from its rows (owner, value), in their order.
-    pub fn fill(&mut self, list: MachineList, rows: Vec<ListRow>) {
-        let mut values = group(rows);
-        for m in &mut self.machines {
-            if let Some(v) = values.remove(&m.id) {
-                *list.of(m) = v;
-            }
-        }
-    }
-
-    /// Fills in every list from the rows of [`MachineList::select_all`].
-    pub fn fill_all(&mut self, rows: Vec<MachineListRow>) {
-        let mut by_list: [Vec<ListRow>; 4] = Default::default();
-        for r in rows {
-            if let Some(list) = MachineList::ALL.iter().position(|l| l.number() == r.list) {
-                by_list[list].push(ListRow {
-                    owner: r.owner,
-                    value: r.value,
-                });
-            }
-        }
-        for (list, rows) in MachineList::ALL.into_iter().zip(by_list) {
-            self.fill(list, rows);
-        }
-    }
-
-    /// The machines.
-    pub fn into_vec(self) -> Vec<Machine> {
-        self.machines
-    }
-}
-
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
     #[test]
-    fn every_list_is_read_by_one_query_from_its_join_table() {
-        let sql = MachineList::select_all("1");
-        assert_eq!(sql.matches("UNION ALL").count(), 3);
-        assert!(sql.starts_with(
-            "SELECT CAST(0 AS BIGINT) AS list, l.machine_id AS owner, e.name AS value FROM machine_environments l \
-             JOIN environments e ON e.id = l.environment_id WHERE l.machine_id IN (1) UNION ALL \
-             SELECT CAST(1 AS BIGINT) AS list, l.machine_id AS owner, l.role AS value FROM machine_roles l  \
-             WHERE l.machine_id IN (1) UNION ALL"
-        ));
-        assert!(sql.ends_with(" ORDER BY list, owner, value"));
+    fn every_list_comes_with_the_machine_from_its_join_table() {
+        let sql = MachineList::columns(|e| format!("agg({e})"));
+        assert_eq!(
+            sql,
+            "(SELECT agg(e.name) FROM machine_environments l JOIN environments e ON e.id = l.environment_id \
+             WHERE l.machine_id = m.id) AS list_environments, \
+             (SELECT agg(l.role) FROM machine_roles l  WHERE l.machine_id = m.id) AS list_roles, \
+             (SELECT agg(t.name) FROM machine_tenants l JOIN tenants t ON t.id = l.tenant_id \
+             WHERE l.machine_id = m.id) AS list_tenants, \
+             (SELECT agg(l.tag) FROM machine_tenant_tags l  WHERE l.machine_id = m.id) AS list_tenant_tags"
+        );
     }
 
     #[test]
-    fn machines_get_the_lists_of_their_ids() {
-        let machine = |id: i64| Machine {
-            id,
+    fn lists_are_read_from_json_and_unreadable_ones_say_which() {
+        let mut m = Machine {
+            id: 1,
             space_id: 1,
-            name: format!("m{id}"),
+            name: "web01".into(),
             kind: crate::EndpointKind::Listening,
             uri: String::new(),
             thumbprint: String::new(),
@@ -228,22 +187,17 @@ mod tests {
             disabled: false,
             created_at: 0,
         };
-        let mut ms = Machines::new(vec![machine(2), machine(1)]);
-        assert_eq!(ms.ids(), [2, 1]);
-        let row = |owner: i64, value: &str| ListRow {
-            owner,
-            value: value.into(),
-        };
-        ms.fill(
-            MachineList::Roles,
-            vec![row(1, "db"), row(2, "app"), row(2, "web"), row(3, "gone")],
+        MachineList::Roles.set(&mut m, r#"["app","web"]"#).unwrap();
+        MachineList::Environments.set(&mut m, "[]").unwrap();
+        assert_eq!(m.roles, ["app", "web"]);
+        assert!(m.environments.is_empty());
+        let err = MachineList::Tenants
+            .set(&mut m, "[1")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("list_tenants") && err.contains("web01"),
+            "{err}"
         );
-        let ms = ms.into_vec();
-        assert_eq!(
-            (ms[0].id, &ms[0].roles),
-            (2, &vec!["app".to_string(), "web".into()])
-        );
-        assert_eq!(ms[1].roles, ["db"]);
-        assert!(ms[1].environments.is_empty());
     }
 }

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 
+use crate::machines::MachineList;
 use crate::sql::{Col, Column, Columns};
 use crate::text::TextEnum;
 use crate::{
@@ -321,8 +322,8 @@ fn step(r: StepRow) -> Result<TaskStep> {
 }
 
 /// A `machines` row joined to its policy's name: select [`Row::COLUMNS`]
-/// [`MachineRow::FROM`]. Its lists come as [`ListRow`]s
-/// ([`crate::machines::MachineList`]).
+/// [`MachineRow::FROM`]. Its lists come with it in a
+/// [`MachineWithListsRow`].
 #[derive(Debug)]
 pub struct MachineRow {
     pub id: i64,
@@ -536,21 +537,35 @@ impl Row for ListRow {
     }
 }
 
-/// One value of one of a machine's lists (see
-/// [`crate::machines::MachineList::select_all`]).
+/// A machine with its lists: [`MachineRow`]'s columns, then
+/// [`crate::machines::MachineList::columns`] (which depend on the engine, so
+/// that [`Row::COLUMNS`] holds only the first).
 #[derive(Debug)]
-pub struct MachineListRow {
-    pub list: i64,
-    pub owner: i64,
-    pub value: String,
+pub struct MachineWithListsRow {
+    pub machine: MachineRow,
+    /// The JSON array of each list, in the order of `MachineList::ALL`.
+    pub lists: [String; 4],
 }
 
-impl Row for MachineListRow {
-    type Record = MachineListRow;
-    const COLUMNS: &'static str = "list, owner, value";
-    row!(@read MachineListRow { list, owner, value });
-    fn into_record(self) -> Result<MachineListRow> {
-        Ok(self)
+impl Row for MachineWithListsRow {
+    type Record = Machine;
+    const COLUMNS: &'static str = MachineRow::COLUMNS;
+
+    fn from_columns(row: &dyn Columns) -> Result<Self> {
+        let machine = MachineRow::from_columns(row)?;
+        let mut lists: [String; 4] = Default::default();
+        for (list, json) in MachineList::ALL.iter().zip(lists.iter_mut()) {
+            *json = Column::column(row, Col::Name(list.column_name()))?;
+        }
+        Ok(Self { machine, lists })
+    }
+
+    fn into_record(self) -> Result<Machine> {
+        let mut machine = self.machine.into_record()?;
+        for (list, json) in MachineList::ALL.into_iter().zip(&self.lists) {
+            list.set(&mut machine, json)?;
+        }
+        Ok(machine)
     }
 }
 

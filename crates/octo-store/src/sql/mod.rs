@@ -311,6 +311,9 @@ pub struct Dialect {
     pub json_rows: fn(&str, &str) -> String,
     /// An expression compared and ordered without regard to (ASCII) case.
     pub nocase: fn(&str) -> String,
+    /// An aggregate: the JSON array (as text) of `expr` over the rows, in
+    /// the order of `expr` (its column's collation), `[]` when there is none.
+    pub json_array_of: fn(&str) -> String,
     /// The larger of two values: `greatest(a, b)`.
     pub greatest: &'static str,
     /// The position of a text in another from 1, 0 when absent:

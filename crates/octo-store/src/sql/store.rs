@@ -21,11 +21,11 @@ use crate::input::{
     next_sequences, normal_thumbprint, output_variables_text, require_name, task_id,
     task_transition,
 };
-use crate::machines::{ListValues, MachineList, MachineRefs, Machines};
+use crate::machines::{ListValues, MachineList, MachineRefs};
 use crate::rows::{
     group, ApiKeyRow, ApiKeyWithUserRow, AuditRow, EnvironmentRow, GrantRow, ListRow, LogLineRow,
-    MachineListRow, MachineRow, NodeRow, PackageContentRow, PackageRow, PolicyRow, RoleRow, Row,
-    SecretOrMaskRow, SpaceRow, StepRefRow, StepRow, TaskRow, TeamRow, TenantRow, UserRow,
+    MachineRow, MachineWithListsRow, NodeRow, PackageContentRow, PackageRow, PolicyRow, RoleRow,
+    Row, SecretOrMaskRow, SpaceRow, StepRefRow, StepRow, TaskRow, TeamRow, TenantRow, UserRow,
     UserWithHashRow, IS_SYSTEM_ADMINISTRATOR,
 };
 use crate::sql::{query, returning, select, Access, Dialect, Engine, On, Params, Tx, Value};
@@ -108,17 +108,19 @@ fn task_and_steps(
     Ok((task, steps))
 }
 
-/// Machines matching `where_sql`, read in one snapshot.
+/// Machines matching `where_sql` (one statement: one snapshot).
 async fn read_machines(
     e: &dyn Engine,
     op: &str,
     where_sql: &str,
     params: Params<'_>,
 ) -> Result<Vec<Machine>> {
-    let mut tx = read_tx(e, op).await?;
-    let machines = query_machines(&mut tx, e.dialect(), where_sql, params).await?;
-    tx.commit().await.ctx(op)?;
-    Ok(machines)
+    query_machines(On::Engine(e), e.dialect(), where_sql, params)
+        .await
+        .map_err(|err| match err {
+            StoreError::Database(m) => StoreError::Database(format!("{op}: {m}")),
+            other => other,
+        })
 }
 
 /// Adds a machine, or with `replace` rewrites the one of the same name.
@@ -201,49 +203,32 @@ fn text_list(d: &Dialect) -> String {
 }
 
 /// Machines matching `where_sql` (on `machines m`), ordered by name, with their
-/// environments, roles, tenants and tenant tags (two queries, however many).
+/// environments, roles, tenants and tenant tags (one statement, however many).
 async fn query_machines(
-    conn: &mut Box<dyn Tx>,
+    on: impl Into<On<'_>>,
     d: &Dialect,
     where_sql: &str,
     params: Params<'_>,
 ) -> Result<Vec<Machine>> {
-    query_machines_paged(conn, d, where_sql, params, "").await
+    query_machines_paged(on, d, where_sql, params, "").await
 }
 
 /// As [`query_machines`], with `page` (e.g. `LIMIT 50 OFFSET 100`) after the order.
 async fn query_machines_paged(
-    conn: &mut Box<dyn Tx>,
+    on: impl Into<On<'_>>,
     d: &Dialect,
     where_sql: &str,
     params: Params<'_>,
     page: &str,
 ) -> Result<Vec<Machine>> {
     const OP: &str = "loading machines";
-    let sql = select::<MachineRow>(&format!(
-        "{} {where_sql} ORDER BY m.name, m.id {page}",
+    let sql = format!(
+        "SELECT {}, {} {} {where_sql} ORDER BY m.name, m.id {page}",
+        MachineRow::COLUMNS,
+        MachineList::columns(d.json_array_of),
         MachineRow::FROM
-    ));
-    let mut machines = Machines::new(
-        query(&sql, params, OP)
-            .all::<MachineRow>(&mut *conn)
-            .await?,
     );
-    if machines.is_empty() {
-        return Ok(Vec::new());
-    }
-    let ids = machines.ids();
-    let params = params![
-        Value::ids(&ids),
-        Value::ids(&ids),
-        Value::ids(&ids),
-        Value::ids(&ids)
-    ];
-    let rows = query(&MachineList::select_all(&id_list(d)), params, OP)
-        .all::<MachineListRow>(&mut *conn)
-        .await?;
-    machines.fill_all(rows);
-    Ok(machines.into_vec())
+    query(&sql, params, OP).all::<MachineWithListsRow>(on).await
 }
 
 /// The statement that moves an unfinished task to `state`, and its
