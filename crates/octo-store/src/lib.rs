@@ -636,8 +636,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// A server line about the task (as [`Store::append_log`]), then its new
     /// state (as [`Store::set_task_state`]), in one commit where that saves
     /// one (PostgreSQL: a commit waits for its write-ahead log to reach the
-    /// disk); where writes hold the whole database (SQLite) one after the
-    /// other, each its own commit, which costs less there than a transaction.
+    /// disk); where writes hold the whole database (SQLite) as two statements
+    /// sent in one call, each its own commit, which costs less there than a
+    /// transaction.
     /// When the state cannot change, the line is stored all the same and
     /// the error says why, as `set_task_state`'s does.
     async fn set_task_state_logged(

@@ -2,8 +2,9 @@
 //!
 //! Each row struct reads itself from any engine's row ([`Columns`], by
 //! column name) and names its columns once ([`Row::COLUMNS`], for `SELECT`
-//! and `RETURNING`). Lists that hang off a row (a tenant's tags, a machine's
-//! roles) come as [`ListRow`]s, filled in by the store.
+//! and `RETURNING`). Lists that hang off a row (a tenant's tags, a team's
+//! members) come as [`ListRow`]s, filled in by the store; a machine's lists
+//! come with its row, as JSON arrays ([`MachineWithListsRow`]).
 
 use std::collections::HashMap;
 
