@@ -6,7 +6,7 @@
 //!
 //! Each ticket gets `HOME/Work/<ticket>/` (mode 0700) holding the script
 //! (`script.sh`, `script.py` or `script.ps1`), the request's extra files,
-//! `state.json` (stage, exit code, pid, times; written atomically) and `output.log`
+//! `state.json` (stage, exit code, pid, times; rewritten in place by one write) and `output.log`
 //! (one JSON object per line, appended as lines are read). Because the state is on
 //! disk, StartScript stays idempotent across a tentacle restart, and a restarted
 //! tentacle marks scripts that were pending or running as complete with
@@ -369,9 +369,9 @@ impl Script {
             }
             persisted(&self.ticket, &i)
         };
-        let dir = self.dir.clone();
-        let result = tokio::task::spawn_blocking(move || state::write(&dir, &snapshot)).await;
-        if let Ok(Err(e)) = result {
+        // One small write into the page cache, like the log's lines: done
+        // here rather than handed to a blocking thread and back.
+        if let Err(e) = state::write(&self.dir, &snapshot) {
             tracing::warn!(ticket = %self.ticket, "cannot write {STATE_FILE}: {e}");
         }
     }
