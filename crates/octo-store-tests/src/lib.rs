@@ -78,6 +78,7 @@ macro_rules! store_suite {
             machine_rows_reach_a_machine_without_its_lists,
             every_machine_read_gives_the_lists_in_the_same_order,
             large_log_batches_store_every_line_once_in_order,
+            a_task_with_its_log_reads_as_its_parts_do,
         );
     };
     (@each $factory:expr; $($test:ident,)+) => {
@@ -2426,4 +2427,72 @@ pub async fn large_log_batches_store_every_line_once_in_order(s: &dyn Store) {
             .await,
         Err(StoreError::NotFound { kind: "task", .. })
     ));
+}
+
+/// A task with its steps and lines after a given one, read together, is what
+/// the three reads give one by one: the steps in their order, the lines after
+/// `after_id` up to `limit`; a missing task is None.
+pub async fn a_task_with_its_log_reads_as_its_parts_do(s: &dyn Store) {
+    let mut ids = Vec::new();
+    for name in ["web02", "Db01", "web01"] {
+        ids.push(
+            s.create_machine(&new_machine(name, &[], &[]))
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    let task = s
+        .create_task(&new_task("Script", "x", &json!({}), &ids), 1)
+        .await
+        .unwrap();
+    let other = s
+        .create_task(&new_task("Script", "y", &json!({}), &ids[..1]), 1)
+        .await
+        .unwrap();
+    s.append_log(&other.id, &[server_line("not this task's")])
+        .await
+        .unwrap();
+    let lines: Vec<_> = (0..5)
+        .map(|i| tentacle_line(ids[0], i, &format!("line {i}")))
+        .collect();
+    s.append_log(&task.id, &lines).await.unwrap();
+
+    let whole = s
+        .task_with_log(&task.id, 0, 100)
+        .await
+        .unwrap()
+        .expect("the task");
+    assert_eq!(Some(&whole.task), s.task(&task.id).await.unwrap().as_ref());
+    assert_eq!(whole.steps, s.task_steps(&task.id).await.unwrap());
+    let names: Vec<&str> = whole
+        .steps
+        .iter()
+        .map(|st| st.machine_name.as_str())
+        .collect();
+    assert_eq!(names, ["Db01", "web01", "web02"], "ordered ignoring case");
+    assert_eq!(whole.lines, s.task_log(&task.id, 0, 100).await.unwrap());
+    assert_eq!(whole.lines.len(), 5, "only this task's lines");
+
+    // After a line, at most `limit`.
+    let part = s
+        .task_with_log(&task.id, whole.lines[1].id, 2)
+        .await
+        .unwrap()
+        .expect("the task");
+    assert_eq!(part.lines, whole.lines[2..4].to_vec());
+    assert_eq!(part.steps, whole.steps, "the steps whatever the lines");
+    // After the last line: the task and its steps, no line.
+    let none = s
+        .task_with_log(&task.id, whole.lines[4].id, 100)
+        .await
+        .unwrap()
+        .expect("the task");
+    assert!(none.lines.is_empty());
+    assert_eq!(none.task, whole.task);
+
+    assert_eq!(
+        s.task_with_log("ServerTasks-99", 0, 100).await.unwrap(),
+        None
+    );
 }

@@ -301,6 +301,15 @@ pub struct NewTask {
     pub audit: Option<NewAuditEvent>,
 }
 
+/// A task, its steps and the lines of its log after a given one (see
+/// [`Store::task_with_log`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskWithLog {
+    pub task: Task,
+    pub steps: Vec<TaskStep>,
+    pub lines: Vec<TaskLogLine>,
+}
+
 /// A task's secret values (name, ciphertext), by name, and its masks
 /// (ciphertexts), oldest first.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -657,6 +666,18 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn append_log(&self, task_id: &str, lines: &[NewLogLine]) -> Result<()>;
     /// Lines with id > `after_id`, oldest first, at most `limit`.
     async fn task_log(&self, task_id: &str, after_id: i64, limit: i64) -> Result<Vec<TaskLogLine>>;
+    /// The task, then its steps, then its lines with id > `after_id` (oldest
+    /// first, at most `limit`), read in that order: every line stored before
+    /// the task was read is among them (up to `limit`). What a task's live
+    /// view needs when its state changes. None when there is no such task.
+    /// Where one call carries several statements (SQLite) this is one call;
+    /// elsewhere the steps and the lines are read at once after the task.
+    async fn task_with_log(
+        &self,
+        id: &str,
+        after_id: i64,
+        limit: i64,
+    ) -> Result<Option<TaskWithLog>>;
     /// Every line one machine's part of a task produced, oldest first.
     async fn step_log(&self, task_id: &str, machine_id: i64) -> Result<Vec<TaskLogLine>>;
     /// How many lines one machine's part of a task stored, and their text's

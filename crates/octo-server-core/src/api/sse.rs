@@ -11,7 +11,8 @@
 //! then reads whatever rows are new from the store. A slow reader therefore
 //! loses nothing; it reads more rows at once. Lines are read only when the
 //! notifier counted new ones; the task is read again only when it counted a
-//! state change, and for a task whose reading is costly (thousands of steps)
+//! state change, with its steps and new lines in the same read (one store
+//! call on SQLite), and for a task whose reading is costly (thousands of steps)
 //! not more often than a few times its cost apart (changes meanwhile are
 //! shown together), so a large fan-out's stream does not re-read every step
 //! for every step that changes.
@@ -25,7 +26,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::IntoResponse;
-use octo_store::{Store, TaskState, TaskStep};
+use octo_store::{Store, TaskLogLine, TaskState, TaskStep};
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -33,7 +34,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use octo_api_types::TaskView;
 use octo_engine::{Changes, Engine};
 
-use super::tasks::{load_view, visible_task};
+use super::tasks::{load_view_with_log, visible_task};
 use super::{ApiError, ApiResult};
 use crate::authz::{Caller, RequestSpace};
 use crate::state::AppState;
@@ -93,15 +94,16 @@ pub async fn open_stream(
         engine: engine.clone(),
         task_id: id.clone(),
     };
-    let opened_at = sub.rx.as_ref().map(|rx| rx.borrow().state);
-    let task = visible_task(s.store.as_ref(), &caller, &space, &id).await?;
+    // Asked before the stream opens, so that a task the caller may not see
+    // is a 404 rather than an `error` event.
+    visible_task(s.store.as_ref(), &caller, &space, &id).await?;
     let (tx, rx) = mpsc::channel(BUFFER);
     let reader = Reader {
         store: s.store.clone(),
         caller,
         space,
     };
-    engine.spawn(produce(sub, reader, (task, opened_at), after, tx));
+    engine.spawn(produce(sub, reader, after, tx));
     Ok(Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
 }
 
@@ -147,14 +149,17 @@ fn key(v: &TaskView) -> StateKey {
 /// The client went away or the server stops.
 struct Gone;
 
-/// `opened` is the task as read when the stream opened, and the state
-/// counter when it subscribed, before that read: the first `task` event
-/// shows it with its steps, the task read again only if a change was counted
-/// since.
+/// Streams the task's events to `tx` until its end, or until the client
+/// goes away or the server stops.
+///
+/// At a state change the task, its steps and the lines after the last sent
+/// are one read (one store call on SQLite), the lines read after the task:
+/// every line stored before the state shown is sent before the `task` event
+/// showing it (the first `task` event excepted: it comes first). Between
+/// state changes only new lines are read, and only when some were counted.
 async fn produce(
     mut sub: Subscription,
     reader: Reader,
-    opened: (octo_store::Task, Option<u64>),
     mut after: i64,
     tx: mpsc::Sender<Result<Event, Infallible>>,
 ) {
@@ -169,58 +174,55 @@ async fn produce(
     let result: Result<(), Gone> = async {
         let mut first = true;
         let mut pause_until: Option<tokio::time::Instant> = None;
-        let mut opened = Some(opened);
         loop {
             let changes = *rx.borrow_and_update();
-            // The task's state comes first; after that, lines before state changes
-            // (a step's last lines before the event saying it finished).
-            if !first && seen_log != Some(changes.log) {
-                seen_log = Some(changes.log);
-                send_lines(reader.store.as_ref(), &id, &mut after, &tx).await?;
-            }
-            if seen_state != Some(changes.state) {
+            if first || seen_state != Some(changes.state) {
                 seen_state = Some(changes.state);
+                // Lines counted after `changes` was taken are read again
+                // at the next change of the counter, if this read missed them.
+                seen_log = Some(changes.log);
                 let started = tokio::time::Instant::now();
-                let read = match opened.take() {
-                    Some((task, Some(at))) if at == changes.state => {
-                        match reader.store.task_steps(&id).await {
-                            Ok(steps) => Ok(TaskView { task, steps }),
-                            Err(e) => Err(ApiError::from(e)),
-                        }
-                    }
-                    _ => load_view(reader.store.as_ref(), &reader.caller, &reader.space, &id).await,
-                };
-                let view = match read {
-                    Ok(v) => v,
+                let read = load_view_with_log(
+                    reader.store.as_ref(),
+                    &reader.caller,
+                    &reader.space,
+                    &id,
+                    after,
+                    PAGE,
+                )
+                .await;
+                let (view, lines) = match read {
+                    Ok(r) => r,
                     Err(e) => {
                         send(&tx, Event::default().event("error").data(e_message(&e))).await?;
                         return Ok(());
                     }
                 };
-                if view.task.state.is_final() {
-                    // Every line was stored before the final state: read the
-                    // rest, unless none was counted since the last read (known
-                    // only alone on the store: another node's lines may be
-                    // counted late).
-                    let counted = rx.borrow().log;
-                    if reader.store.shared() || seen_log != Some(counted) {
-                        send_lines(reader.store.as_ref(), &id, &mut after, &tx).await?;
-                    }
+                let done = view.task.state.is_final();
+                let k = key(&view);
+                let changed = sent_key.as_ref() != Some(&k);
+                if first && changed && !done {
+                    send(&tx, json_event("task", &view)).await?;
+                }
+                let full = page_full(lines.len());
+                send_read_lines(lines, &mut after, &tx).await?;
+                if full {
+                    send_lines(reader.store.as_ref(), &id, &mut after, &tx).await?;
+                }
+                if done {
                     send(&tx, json_event("end", &view)).await?;
                     return Ok(());
                 }
-                let k = key(&view);
-                if sent_key.as_ref() != Some(&k) {
+                if !first && changed {
                     send(&tx, json_event("task", &view)).await?;
-                    sent_key = Some(k);
                 }
+                sent_key = Some(k);
+                first = false;
                 let cost = started.elapsed();
                 pause_until = (cost >= VIEW_COST_FREE).then(|| {
                     tokio::time::Instant::now() + (cost * VIEW_PAUSE_FACTOR).min(VIEW_PAUSE_MAX)
                 });
-            }
-            if first {
-                first = false;
+            } else if seen_log != Some(changes.log) {
                 seen_log = Some(changes.log);
                 send_lines(reader.store.as_ref(), &id, &mut after, &tx).await?;
             }
@@ -261,15 +263,30 @@ async fn send_lines(
                 return Err(Gone);
             }
         };
-        let n = lines.len();
-        for line in lines {
-            *after = line.id;
-            send(tx, json_event("log", &line).id(line.id.to_string())).await?;
-        }
-        if i64::try_from(n).unwrap_or(i64::MAX) < PAGE {
+        let full = page_full(lines.len());
+        send_read_lines(lines, after, tx).await?;
+        if !full {
             return Ok(());
         }
     }
+}
+
+/// Whether a read of `n` lines filled its page (more may follow).
+fn page_full(n: usize) -> bool {
+    i64::try_from(n).unwrap_or(i64::MAX) >= PAGE
+}
+
+/// Sends lines read, moving `after` past each.
+async fn send_read_lines(
+    lines: Vec<TaskLogLine>,
+    after: &mut i64,
+    tx: &mpsc::Sender<Result<Event, Infallible>>,
+) -> Result<(), Gone> {
+    for line in lines {
+        *after = line.id;
+        send(tx, json_event("log", &line).id(line.id.to_string())).await?;
+    }
+    Ok(())
 }
 
 fn json_event<T: serde::Serialize>(name: &str, value: &T) -> Event {

@@ -156,6 +156,30 @@ pub async fn load_view(
     })
 }
 
+/// The task and its steps, and its lines after `after_id` (at most `limit`),
+/// read together (one store call on SQLite); 404 when there is no such task
+/// the caller may see (its steps and lines are then dropped unseen). Every
+/// line stored before the task was read is among the lines (up to `limit`).
+pub(crate) async fn load_view_with_log(
+    store: &dyn Store,
+    caller: &Caller,
+    space: &Space,
+    id: &str,
+    after_id: i64,
+    limit: i64,
+) -> ApiResult<(TaskView, Vec<octo_store::TaskLogLine>)> {
+    let read = store
+        .task_with_log(id, after_id, limit)
+        .await?
+        .filter(|r| sees_task(caller, space, &r.task))
+        .ok_or_else(|| task_not_found(id))?;
+    let view = TaskView {
+        task: shown(caller, space, read.task),
+        steps: read.steps,
+    };
+    Ok((view, read.lines))
+}
+
 /// Variable names must be usable as environment variables, and a name is
 /// either secret or not.
 fn check_variables(

@@ -28,15 +28,15 @@ use crate::rows::{
     Row, SecretOrMaskRow, SpaceRow, StepRefRow, StepRow, TaskRow, TeamRow, TenantRow, UserRow,
     UserWithHashRow, IS_SYSTEM_ADMINISTRATOR,
 };
-use crate::sql::{query, returning, select, Access, Dialect, Engine, On, Params, Tx, Value};
+use crate::sql::{query, returning, select, Access, Col, Dialect, Engine, On, Params, Tx, Value};
 use crate::text::{TextEnum, UNFINISHED_STATES};
 use crate::{
     now_ms, params, ticket, ApiKey, AuditEvent, AuditFilter, ClusterEvent, Environment, Grant,
     HealthUpdate, Machine, MachineFilter, MachinePolicy, MachineQuery, MachineUpdate,
     NewAuditEvent, NewLogLine, NewMachine, NewPackage, NewTask, Node, NodeBeat, Package,
     PackageContent, PolicySettings, Result, Role, Space, StepRef, Store, StoreError, Task,
-    TaskLogLine, TaskQuery, TaskSecretsAndMasks, TaskState, TaskStep, Team, Tenant, User,
-    DEFAULT_POLICY,
+    TaskLogLine, TaskQuery, TaskSecretsAndMasks, TaskState, TaskStep, TaskWithLog, Team, Tenant,
+    User, DEFAULT_POLICY,
 };
 
 /// A write transaction (see the module's documentation).
@@ -1898,6 +1898,63 @@ impl<E: Engine> Store for E {
         query(&sql, params, "reading a task's log")
             .all::<LogLineRow>(self)
             .await
+    }
+
+    async fn task_with_log(
+        &self,
+        id: &str,
+        after_id: i64,
+        limit: i64,
+    ) -> Result<Option<TaskWithLog>> {
+        const OP: &str = "reading a task with its steps and log";
+        let d = self.dialect();
+        let steps_sql = format!(
+            "FROM task_steps WHERE task_id = ? ORDER BY {}, machine_id",
+            (d.nocase)("machine_name")
+        );
+        let lines_sql = "FROM task_log WHERE task_id = ? AND id > ? ORDER BY id LIMIT ?";
+        if !d.serial_writes {
+            let Some(task) = self.task(id).await? else {
+                return Ok(None);
+            };
+            let (steps_sql, lines_sql) = (
+                select::<StepRow>(&steps_sql),
+                select::<LogLineRow>(lines_sql),
+            );
+            let (steps, lines) = tokio::try_join!(
+                query(&steps_sql, params![id], OP).all::<StepRow>(self),
+                query(&lines_sql, params![id, after_id, limit], OP).all::<LogLineRow>(self),
+            )?;
+            return Ok(Some(TaskWithLog { task, steps, lines }));
+        }
+        // One call of three statements, in order; each row says whose it is.
+        let sql = format!(
+            "SELECT 0 AS part, {} FROM tasks WHERE id = ?;\n\
+             SELECT 1 AS part, {} {steps_sql};\n\
+             SELECT 2 AS part, {} {lines_sql}",
+            TaskRow::COLUMNS,
+            StepRow::COLUMNS,
+            LogLineRow::COLUMNS,
+        );
+        let rows = match self.begin(Access::Single).await {
+            Ok(mut c) => c.fetch(&sql, params![id, id, id, after_id, limit]).await,
+            Err(e) => Err(e),
+        }
+        .map_err(|e| Op::new(OP).fail(&e))?;
+        let mut task = None;
+        let (mut steps, mut lines) = (Vec::new(), Vec::new());
+        for row in &rows {
+            let row = row.as_ref();
+            let part = row
+                .i64(Col::Name("part"))
+                .map_err(|e| Op::new(OP).fail(&e))?;
+            match part {
+                Some(0) => task = Some(TaskRow::from_columns(row).and_then(Row::into_record)?),
+                Some(1) => steps.push(StepRow::from_columns(row).and_then(Row::into_record)?),
+                _ => lines.push(LogLineRow::from_columns(row).and_then(Row::into_record)?),
+            }
+        }
+        Ok(task.map(|task| TaskWithLog { task, steps, lines }))
     }
 
     async fn step_log(&self, task_id: &str, machine_id: i64) -> Result<Vec<TaskLogLine>> {
