@@ -167,6 +167,27 @@ impl TaskLog {
         stored
     }
 
+    /// Stores a server line about a step and then the step as it is now, in
+    /// one call where that saves one (see [`Store::update_step_logged`]),
+    /// and wakes readers of both (best effort: a failure is logged).
+    pub async fn save_step_logged(&self, step: &TaskStep, text: &str) {
+        if let Err(e) = self.record_learned().await {
+            error!(
+                "recording a value to mask in the log of task {}: {e}",
+                self.task_id
+            );
+        }
+        let line = self.server_line(text);
+        if let Err(e) = self.store.update_step_logged(step, &line).await {
+            error!(
+                "saving step {} of task {}: {e}",
+                step.machine_name, step.task_id
+            );
+        }
+        self.notifiers.log_changed(&self.task_id);
+        self.notifiers.state_changed(&self.task_id);
+    }
+
     /// Stores a step as it is now and wakes readers (best effort: a failure is logged).
     pub async fn save_step(&self, step: &TaskStep) {
         if let Err(e) = self.store.update_step(step).await {

@@ -608,13 +608,15 @@ impl Engine {
             .collect()
     }
 
-    /// Records a step's end.
+    /// Records a step's end, after its last line (`line`, "MACHINE: ...")
+    /// when it has one still to store.
     async fn finish_step(
         &self,
         log: &TaskLog,
         mut step: TaskStep,
         state: TaskState,
         error: Option<String>,
+        line: Option<String>,
     ) -> TaskStep {
         step.state = state;
         step.error = error;
@@ -622,7 +624,10 @@ impl Engine {
         if step.started_at.is_none() {
             step.started_at = step.completed_at;
         }
-        log.save_step(&step).await;
+        match line {
+            Some(line) => log.save_step_logged(&step, &line).await,
+            None => log.save_step(&step).await,
+        }
         self.publish(ClusterEvent::StepFinished {
             task_id: step.task_id.clone(),
             machine_id: step.machine_id,
@@ -1003,7 +1008,8 @@ impl Engine {
         step: TaskStep,
     ) -> TaskStep {
         let why = because(running, Some("canceled before it started".into()));
-        self.finish_step(log, step, TaskState::Canceled, why).await
+        self.finish_step(log, step, TaskState::Canceled, why, None)
+            .await
     }
 
     /// Runs one step on this node, within the node's limit, and records how
@@ -1083,13 +1089,14 @@ impl Engine {
                 error,
                 health,
                 afterwards,
+                line,
             } => {
                 let error = if state == TaskState::Canceled {
                     because(&running, error)
                 } else {
                     error
                 };
-                let recorded = self.finish_step(&log, step, state, error).await;
+                let recorded = self.finish_step(&log, step, state, error, line).await;
                 // Recorded: whoever stops this machine may go on.
                 drop(registration);
                 if let Some(work) = afterwards {
@@ -1113,7 +1120,7 @@ impl Engine {
             Err(e) => return error!("loading the steps of task {task_id}: {e}"),
         };
         for step in steps.into_iter().filter(|s| !s.state.is_final()) {
-            self.finish_step(log, step, TaskState::Failed, Some(why.to_string()))
+            self.finish_step(log, step, TaskState::Failed, Some(why.to_string()), None)
                 .await;
         }
     }

@@ -79,6 +79,7 @@ macro_rules! store_suite {
             every_machine_read_gives_the_lists_in_the_same_order,
             large_log_batches_store_every_line_once_in_order,
             a_task_with_its_log_reads_as_its_parts_do,
+            a_step_is_saved_after_its_line,
         );
     };
     (@each $factory:expr; $($test:ident,)+) => {
@@ -2495,4 +2496,48 @@ pub async fn a_task_with_its_log_reads_as_its_parts_do(s: &dyn Store) {
         s.task_with_log("ServerTasks-99", 0, 100).await.unwrap(),
         None
     );
+}
+
+/// A step saved with its line: the line first, then the step; a step that
+/// does not exist is NotFound, its line stored all the same.
+pub async fn a_step_is_saved_after_its_line(s: &dyn Store) {
+    let m = s
+        .create_machine(&new_machine("web01", &[], &[]))
+        .await
+        .unwrap();
+    let task = s
+        .create_task(&new_task("Script", "x", &json!({}), &[m.id]), 1)
+        .await
+        .unwrap();
+    s.append_log(&task.id, &[tentacle_line(m.id, 0, "out")])
+        .await
+        .unwrap();
+    let mut step = s.task_steps(&task.id).await.unwrap().remove(0);
+    step.state = TaskState::Success;
+    step.exit_code = Some(0);
+    step.completed_at = Some(5);
+    s.update_step_logged(&step, &server_line("web01: finished"))
+        .await
+        .unwrap();
+    let saved = s.task_steps(&task.id).await.unwrap().remove(0);
+    assert_eq!(
+        (saved.state, saved.exit_code),
+        (TaskState::Success, Some(0))
+    );
+    assert_eq!(saved.next_sequence, 1, "the resume point never moves back");
+    let log = s.task_log(&task.id, 0, 10).await.unwrap();
+    let texts: Vec<&str> = log.iter().map(|l| l.text.as_str()).collect();
+    assert_eq!(texts, ["out", "web01: finished"]);
+
+    let mut missing = saved.clone();
+    missing.machine_id = m.id + 100;
+    assert!(matches!(
+        s.update_step_logged(&missing, &server_line("nowhere"))
+            .await,
+        Err(StoreError::NotFound {
+            kind: "task step",
+            ..
+        })
+    ));
+    assert_eq!(s.task_log(&task.id, 0, 10).await.unwrap().len(), 3);
 }

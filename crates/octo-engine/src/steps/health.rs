@@ -99,6 +99,7 @@ pub(crate) async fn run_step(ctx: &StepContext, mut step: TaskStep) -> StepEnd {
         error,
         health: Some(update.status),
         afterwards: None,
+        line: None,
     }
 }
 

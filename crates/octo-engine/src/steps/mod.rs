@@ -33,6 +33,9 @@ pub(crate) enum StepEnd {
         /// The machine's health, for a health check's summary.
         health: Option<HealthStatus>,
         afterwards: Option<Afterwards>,
+        /// The step's last line ("MACHINE: ..."), not stored yet: the engine
+        /// stores it with the step's end, in one call where that saves one.
+        line: Option<String>,
     },
     /// The server is stopping: the step stays as stored, to resume.
     Interrupted,
@@ -46,6 +49,7 @@ impl StepEnd {
             error,
             health: None,
             afterwards: None,
+            line: None,
         }
     }
 

@@ -264,6 +264,8 @@ pub(crate) enum ScriptEnd {
         error: Option<String>,
         /// Cleanup on the tentacle, to run once the outcome is recorded.
         afterwards: Option<Afterwards>,
+        /// The line saying how the script ended, stored with the step's end.
+        line: Option<String>,
     },
     /// Failed with `hold_failure`: the step stays Executing, `why` goes back to
     /// the caller (which asks a person what to do).
@@ -280,12 +282,14 @@ impl From<ScriptEnd> for StepEnd {
                 state,
                 error,
                 afterwards,
+                line,
             } => StepEnd::Finished {
                 step,
                 state,
                 error,
                 health: None,
                 afterwards,
+                line,
             },
             // Only deployments hold failures, and they ask for guidance first.
             ScriptEnd::Held { step, why } => StepEnd::finished(step, TaskState::Failed, Some(why)),
@@ -326,6 +330,8 @@ struct Run<'a> {
     /// while StartScript travels (one store round trip off the way to the
     /// script), or before any other line of the step.
     announce: Option<String>,
+    /// The line saying how the script ended, until the step's end stores it.
+    end_line: Option<String>,
 }
 
 /// One machine's part of a script task.
@@ -366,6 +372,7 @@ pub(crate) async fn run_step(
                 state: TaskState::Failed,
                 error: Some(why),
                 afterwards: None,
+                line: None,
             }
         }
     };
@@ -400,16 +407,20 @@ pub(crate) async fn run_step(
         budget,
         saved_at: Instant::now(),
         announce,
+        end_line: None,
     };
     Box::pin(run.run()).await;
     run.flush_announce().await;
     let Some((state, error)) = run.end.take() else {
+        run.flush_end_line().await;
         return ScriptEnd::Interrupted;
     };
     if let Some(text) = run.budget.summary(None) {
+        run.flush_end_line().await;
         ctx.say(text).await;
     }
     if state == TaskState::Failed && spec.hold_failure {
+        run.flush_end_line().await;
         return ScriptEnd::Held {
             step: run.step,
             why: error.unwrap_or_else(|| "failed".into()),
@@ -422,6 +433,7 @@ pub(crate) async fn run_step(
         }) as Afterwards
     });
     ScriptEnd::Finished {
+        line: run.end_line.take(),
         step: run.step,
         state,
         error,
@@ -436,6 +448,7 @@ impl Run<'_> {
 
     async fn log(&mut self, text: String) {
         self.flush_announce().await;
+        self.flush_end_line().await;
         self.ctx.say(text).await;
     }
 
@@ -443,6 +456,14 @@ impl Run<'_> {
     async fn flush_announce(&mut self) {
         if let Some(text) = self.announce.take() {
             self.ctx.say(text).await;
+        }
+    }
+
+    /// Stores the line saying how the script ended if it is still pending
+    /// (normally it goes with the step's end: [`ScriptEnd::Finished`]).
+    async fn flush_end_line(&mut self) {
+        if let Some(line) = self.end_line.take() {
+            self.ctx.log.server(line).await;
         }
     }
 
@@ -891,11 +912,14 @@ impl Run<'_> {
             };
             self.cleanup = Some(tokio::spawn(cleanup.run()));
         }
-        self.log(match &error {
+        // Stored with the step's end (one call where that saves one); a line
+        // that must come after it (the log budget's summary) stores it first.
+        self.flush_announce().await;
+        let text = match &error {
             None => format!("{} finished ({state:?}, exit code {code})", self.spec.label),
             Some(e) => format!("{} finished ({state:?}): {e}", self.spec.label),
-        })
-        .await;
+        };
+        self.end_line = Some(format!("{}: {text}", self.ctx.machine_name));
         self.finish(state, error).await;
         debug_assert_eq!(held, self.held(), "the cleanup decision matches the end");
     }

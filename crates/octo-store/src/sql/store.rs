@@ -92,6 +92,36 @@ impl<'q> Batch<'q> {
     }
 }
 
+/// The statement saving a step as it is now. Its resume point only moves
+/// forward: `append_log` may have advanced it since the caller read the step.
+fn step_update<'q>(d: &Dialect, step: &'q TaskStep) -> (String, Params<'q>) {
+    let sql = format!(
+        "UPDATE task_steps SET state = ?, exit_code = ?, next_sequence = {}(next_sequence, ?), \
+         error = ?, started_at = ?, completed_at = ?, output_variables = ? \
+         WHERE task_id = ? AND machine_id = ?",
+        d.greatest
+    );
+    let params = params![
+        step.state.text(),
+        step.exit_code,
+        step.next_sequence,
+        &step.error,
+        step.started_at,
+        step.completed_at,
+        output_variables_text(&step.output_variables),
+        &step.task_id,
+        step.machine_id,
+    ];
+    (sql, params)
+}
+
+fn step_not_found(step: &TaskStep) -> StoreError {
+    not_found(
+        "task step",
+        format!("{} on machine #{}", step.task_id, step.machine_id),
+    )
+}
+
 /// The task, then its steps, from the rows of a task's creation.
 fn task_and_steps(
     rows: &[Box<dyn crate::sql::Columns + Send>],
@@ -1831,30 +1861,31 @@ impl<E: Engine> Store for E {
     }
 
     async fn update_step(&self, step: &TaskStep) -> Result<()> {
-        // next_sequence only moves forward: append_log may have advanced it since
-        // the caller read the step.
-        let sql = format!(
-            "UPDATE task_steps SET state = ?, exit_code = ?, next_sequence = {}(next_sequence, ?), \
-             error = ?, started_at = ?, completed_at = ?, output_variables = ? \
-             WHERE task_id = ? AND machine_id = ?",
-            self.dialect().greatest
-        );
-        let params = params![
-            step.state.text(),
-            step.exit_code,
-            step.next_sequence,
-            &step.error,
-            step.started_at,
-            step.completed_at,
-            output_variables_text(&step.output_variables),
-            &step.task_id,
-            step.machine_id,
-        ];
+        let (sql, params) = step_update(self.dialect(), step);
         let n = query(&sql, params, "updating a task step")
             .execute(self)
             .await?;
-        let step_name = format!("{} on machine #{}", step.task_id, step.machine_id);
-        expect_rows(n, not_found("task step", step_name))
+        expect_rows(n, step_not_found(step))
+    }
+
+    async fn update_step_logged(&self, step: &TaskStep, line: &NewLogLine) -> Result<()> {
+        let line = std::slice::from_ref(line);
+        if !self.dialect().serial_writes {
+            self.append_log(&step.task_id, line).await?;
+            return self.update_step(step).await;
+        }
+        // As `set_task_state_logged`: one hand-off to the database's
+        // thread for both statements, each its own commit.
+        let (insert, mut params) = log_lines_insert(&step.task_id, line);
+        let (update, update_params) = step_update(self.dialect(), step);
+        params.0.extend(update_params.0);
+        let sql = format!("{insert}; {update}");
+        let n = query(&sql, params, log_lines_op(&step.task_id))
+            .execute(self)
+            .await?;
+        // The line is stored (a server line never collides): one row more
+        // says the step was there.
+        expect_rows(n.saturating_sub(1), step_not_found(step))
     }
 
     async fn append_log(&self, task_id: &str, lines: &[NewLogLine]) -> Result<()> {
