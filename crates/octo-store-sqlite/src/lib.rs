@@ -5,6 +5,8 @@
 //! statement runs in a `BEGIN IMMEDIATE` transaction: it takes the write lock at
 //! the start (waiting for it under the busy timeout), so a transaction never fails
 //! half-way when it turns from reading to writing, and no row lock is needed.
+//! A transaction's BEGIN is sent with its first statement that returns rows, in
+//! the same call (see `Conn`).
 //! Writers of one store take turns in the process first ([`WriteTurn`]): a
 //! writer waiting in SQLite's busy handler sleeps (1, 2, 5, 10 ms ...) even
 //! when the lock is free again after 50 µs, which made many steps writing at
@@ -366,12 +368,15 @@ impl Engine for SqliteStore {
             // The write lock from the start.
             Access::Write => Some("BEGIN IMMEDIATE"),
         };
-        if let Some(begin) = begin {
-            // Marked first: a BEGIN dropped half-way is rolled back too.
-            lent.in_tx = true;
-            lent.run(begin).await?;
-        }
-        Ok(Box::new(Conn { lent, _turn: turn }))
+        // Marked now: a transaction dropped at any point from here is rolled
+        // back before the connection is lent again (a ROLLBACK where none
+        // began fails harmlessly).
+        lent.in_tx = begin.is_some();
+        Ok(Box::new(Conn {
+            lent,
+            begin,
+            _turn: turn,
+        }))
     }
 
     async fn close_pool(&self) {
@@ -383,7 +388,22 @@ impl Engine for SqliteStore {
 /// while it writes (dropped after the connection is given back).
 struct Conn {
     lent: Lent,
+    /// The transaction's BEGIN, not sent yet: it goes in front of the first
+    /// statement, in the same call when that returns rows (one hand-off to the
+    /// connection's thread rather than two), alone before one that counts the
+    /// rows it changes.
+    begin: Option<&'static str>,
     _turn: Option<Turn>,
+}
+
+impl Conn {
+    /// `sql`, after the transaction's BEGIN if that is still to be sent.
+    fn with_begin<'s>(&mut self, sql: &'s str) -> std::borrow::Cow<'s, str> {
+        match self.begin.take() {
+            Some(begin) => format!("{begin}; {sql}").into(),
+            None => sql.into(),
+        }
+    }
 }
 
 /// A writer's turn, held until its connection is dropped (after the commit).
@@ -422,7 +442,8 @@ impl Tx for Conn {
         params: Params<'_>,
     ) -> std::result::Result<Vec<Box<dyn Columns + Send>>, sqlx::Error> {
         let args = arguments(params)?;
-        let rows = sqlx::query_with(sql, args)
+        let sql = self.with_begin(sql);
+        let rows = sqlx::query_with(&sql, args)
             .fetch_all(self.lent.connection()?)
             .await;
         let rows = self.lent.check(rows)?;
@@ -438,6 +459,11 @@ impl Tx for Conn {
         params: Params<'_>,
     ) -> std::result::Result<u64, sqlx::Error> {
         let args = arguments(params)?;
+        // Alone: a statement list's count of changed rows would include the
+        // BEGIN's, which SQLite reports as the connection's last count.
+        if let Some(begin) = self.begin.take() {
+            self.lent.run(begin).await?;
+        }
         let done = sqlx::query_with(sql, args)
             .execute(self.lent.connection()?)
             .await;
@@ -446,6 +472,10 @@ impl Tx for Conn {
 
     async fn commit(self: Box<Self>) -> std::result::Result<(), sqlx::Error> {
         let mut conn = *self;
+        if conn.begin.take().is_some() {
+            // No statement ran: no transaction began, nothing to commit.
+            conn.lent.in_tx = false;
+        }
         if conn.lent.in_tx {
             conn.lent.run("COMMIT").await?;
             conn.lent.in_tx = false;

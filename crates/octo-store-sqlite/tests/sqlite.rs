@@ -177,3 +177,124 @@ async fn open_existing_refuses_anything_but_this_stores_database() {
     assert_eq!(s.count_users().await.unwrap(), 1);
     s.close().await;
 }
+
+/// A transaction's BEGIN travels with its first statement: what it wrote is
+/// there after the commit, gone when it is dropped, and a transaction that
+/// ran nothing commits (nothing) and leaves its connection fit to lend.
+#[tokio::test]
+async fn a_transaction_begins_with_its_first_statement() {
+    use octo_store::params;
+    use octo_store::sql::{Access, Col, Engine, Params};
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("octopus.db"))
+        .await
+        .unwrap();
+    let count = |store: &SqliteStore| {
+        let store = store.clone();
+        async move {
+            let mut c = store.begin(Access::Single).await.unwrap();
+            let rows = c
+                .fetch(
+                    "SELECT value FROM counters WHERE name = 'task'",
+                    Params::default(),
+                )
+                .await
+                .unwrap();
+            rows[0].i64(Col::Index(0)).unwrap().unwrap()
+        }
+    };
+    let bump = "UPDATE counters SET value = value + ? WHERE name = 'task'";
+    assert_eq!(count(&store).await, 0);
+
+    let mut tx = store.begin(Access::Write).await.unwrap();
+    assert_eq!(tx.execute(bump, params![1_i64]).await.unwrap(), 1);
+    assert_eq!(tx.execute(bump, params![1_i64]).await.unwrap(), 1);
+    tx.commit().await.unwrap();
+    assert_eq!(count(&store).await, 2, "committed");
+    // First a statement that returns rows (the BEGIN goes with it), and the
+    // counts of changed rows after it are its own.
+    let mut tx = store.begin(Access::Write).await.unwrap();
+    let rows = tx
+        .fetch(
+            "UPDATE counters SET value = value + 0 WHERE name = 'task' RETURNING value",
+            Params::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1, "the BEGIN adds no row");
+    assert_eq!(tx.execute(bump, params![0_i64]).await.unwrap(), 1);
+    assert_eq!(
+        tx.execute(
+            "UPDATE counters SET value = 0 WHERE name = 'none'",
+            Params::default()
+        )
+        .await
+        .unwrap(),
+        0
+    );
+    tx.commit().await.unwrap();
+    assert_eq!(count(&store).await, 2);
+
+    let mut tx = store.begin(Access::Write).await.unwrap();
+    tx.execute(bump, params![10_i64]).await.unwrap();
+    drop(tx);
+    assert_eq!(count(&store).await, 2, "dropped: rolled back");
+    let mut tx = store.begin(Access::Write).await.unwrap();
+    tx.fetch(
+        "UPDATE counters SET value = value + 10 WHERE name = 'task' RETURNING value",
+        Params::default(),
+    )
+    .await
+    .unwrap();
+    drop(tx);
+    assert_eq!(
+        count(&store).await,
+        2,
+        "begun with a fetch, dropped: rolled back"
+    );
+
+    for access in [Access::Write, Access::Read] {
+        store.begin(access).await.unwrap().commit().await.unwrap();
+    }
+    // A failing first statement: its transaction never began, and the
+    // connections are lent again as usual.
+    for sql in [
+        "UPDATE no_such_table SET x = 1",
+        "SELECT x FROM no_such_table",
+    ] {
+        let mut tx = store.begin(Access::Write).await.unwrap();
+        assert!(tx.fetch(sql, Params::default()).await.is_err());
+        drop(tx);
+    }
+    let mut tx = store.begin(Access::Write).await.unwrap();
+    tx.execute(bump, params![1_i64]).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(count(&store).await, 3);
+    // A read transaction sees one snapshot from its first statement.
+    let mut read = store.begin(Access::Read).await.unwrap();
+    let before = read
+        .fetch(
+            "SELECT value FROM counters WHERE name = 'task'",
+            Params::default(),
+        )
+        .await
+        .unwrap()[0]
+        .i64(Col::Index(0))
+        .unwrap();
+    let mut tx = store.begin(Access::Write).await.unwrap();
+    tx.execute(bump, params![1_i64]).await.unwrap();
+    tx.commit().await.unwrap();
+    let again = read
+        .fetch(
+            "SELECT value FROM counters WHERE name = 'task'",
+            Params::default(),
+        )
+        .await
+        .unwrap()[0]
+        .i64(Col::Index(0))
+        .unwrap();
+    assert_eq!(before, again, "the snapshot taken at the first read");
+    read.commit().await.unwrap();
+    assert_eq!(count(&store).await, 4);
+}
