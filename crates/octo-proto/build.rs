@@ -3,7 +3,10 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read when the script runs, not when it was compiled: cargo reuses a
+    // compiled build script for a checkout elsewhere that shares the target
+    // directory (path packages hash relative to their workspace).
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let files = [
         "octopus/tentacle/v1/session.proto",
         "octopus/tentacle/v1/capabilities.proto",
