@@ -34,7 +34,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use octo_api_types::TaskView;
 use octo_engine::{Changes, Engine};
 
-use super::tasks::{load_view_with_log, visible_task};
+use super::tasks::load_view_with_log;
 use super::{ApiError, ApiResult};
 use crate::authz::{Caller, RequestSpace};
 use crate::state::AppState;
@@ -89,21 +89,24 @@ pub async fn open_stream(
 {
     // Subscribed before the task is read: a change after the read is counted.
     let engine = s.engine.clone();
+    let rx = engine.subscribe(&id);
+    let counted = *rx.borrow();
     let sub = Subscription {
-        rx: Some(engine.subscribe(&id)),
+        rx: Some(rx),
         engine: engine.clone(),
         task_id: id.clone(),
     };
-    // Asked before the stream opens, so that a task the caller may not see
-    // is a 404 rather than an `error` event.
-    visible_task(s.store.as_ref(), &caller, &space, &id).await?;
+    // Read before the stream opens, so that a task the caller may not see is
+    // a 404 rather than an `error` event; the first events show this read
+    // unless a change was counted since the subscription.
+    let read = load_view_with_log(s.store.as_ref(), &caller, &space, &id, after, PAGE).await?;
     let (tx, rx) = mpsc::channel(BUFFER);
     let reader = Reader {
         store: s.store.clone(),
         caller,
         space,
     };
-    engine.spawn(produce(sub, reader, after, tx));
+    engine.spawn(produce(sub, reader, Some((counted, read)), after, tx));
     Ok(Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
 }
 
@@ -157,9 +160,13 @@ struct Gone;
 /// every line stored before the state shown is sent before the `task` event
 /// showing it (the first `task` event excepted: it comes first). Between
 /// state changes only new lines are read, and only when some were counted.
+/// `opened` is the read made when the stream opened, with the notifier's
+/// counters just before it: the first events show it when nothing was
+/// counted since.
 async fn produce(
     mut sub: Subscription,
     reader: Reader,
+    mut opened: Option<(Changes, (TaskView, Vec<TaskLogLine>))>,
     mut after: i64,
     tx: mpsc::Sender<Result<Event, Infallible>>,
 ) {
@@ -182,15 +189,22 @@ async fn produce(
                 // at the next change of the counter, if this read missed them.
                 seen_log = Some(changes.log);
                 let started = tokio::time::Instant::now();
-                let read = load_view_with_log(
-                    reader.store.as_ref(),
-                    &reader.caller,
-                    &reader.space,
-                    &id,
-                    after,
-                    PAGE,
-                )
-                .await;
+                // The read made when the stream opened, if nothing was
+                // counted since the subscription before it.
+                let read = match opened.take() {
+                    Some((counted, read)) if counted == changes => Ok(read),
+                    _ => {
+                        load_view_with_log(
+                            reader.store.as_ref(),
+                            &reader.caller,
+                            &reader.space,
+                            &id,
+                            after,
+                            PAGE,
+                        )
+                        .await
+                    }
+                };
                 let (view, lines) = match read {
                     Ok(r) => r,
                     Err(e) => {
