@@ -184,7 +184,7 @@ async fn open_existing_refuses_anything_but_this_stores_database() {
 #[tokio::test]
 async fn a_transaction_begins_with_its_first_statement() {
     use octo_store::params;
-    use octo_store::sql::{Access, Col, Engine, Params};
+    use octo_store::sql::{Access, Engine, Params};
 
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(&dir.path().join("octopus.db"))
@@ -194,14 +194,7 @@ async fn a_transaction_begins_with_its_first_statement() {
         let store = store.clone();
         async move {
             let mut c = store.begin(Access::Single).await.unwrap();
-            let rows = c
-                .fetch(
-                    "SELECT value FROM counters WHERE name = 'task'",
-                    Params::default(),
-                )
-                .await
-                .unwrap();
-            rows[0].i64(Col::Index(0)).unwrap().unwrap()
+            task_counter(c.as_mut()).await
         }
     };
     let bump = "UPDATE counters SET value = value + ? WHERE name = 'task'";
@@ -273,28 +266,27 @@ async fn a_transaction_begins_with_its_first_statement() {
     assert_eq!(count(&store).await, 3);
     // A read transaction sees one snapshot from its first statement.
     let mut read = store.begin(Access::Read).await.unwrap();
-    let before = read
-        .fetch(
-            "SELECT value FROM counters WHERE name = 'task'",
-            Params::default(),
-        )
-        .await
-        .unwrap()[0]
-        .i64(Col::Index(0))
-        .unwrap();
+    let before = task_counter(read.as_mut()).await;
     let mut tx = store.begin(Access::Write).await.unwrap();
     tx.execute(bump, params![1_i64]).await.unwrap();
     tx.commit().await.unwrap();
-    let again = read
-        .fetch(
-            "SELECT value FROM counters WHERE name = 'task'",
-            Params::default(),
-        )
-        .await
-        .unwrap()[0]
-        .i64(Col::Index(0))
-        .unwrap();
+    let again = task_counter(read.as_mut()).await;
     assert_eq!(before, again, "the snapshot taken at the first read");
     read.commit().await.unwrap();
     assert_eq!(count(&store).await, 4);
+}
+
+/// The task counter's value, read on `on`.
+async fn task_counter(on: &mut (dyn octo_store::sql::Tx + 'static)) -> i64 {
+    let rows = on
+        .fetch(
+            "SELECT value FROM counters WHERE name = 'task'",
+            octo_store::sql::Params::default(),
+        )
+        .await
+        .unwrap();
+    rows[0]
+        .i64(octo_store::sql::Col::Index(0))
+        .unwrap()
+        .unwrap()
 }
