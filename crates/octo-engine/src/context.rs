@@ -87,6 +87,18 @@ impl TaskLog {
         Ok(())
     }
 
+    /// [`TaskLog::record_learned`] before lines are stored; a failure is
+    /// logged. The lines are masked here all the same; only other writers of
+    /// the task's log may not know the value.
+    async fn record_learned_or_say(&self) {
+        if let Err(e) = self.record_learned().await {
+            error!(
+                "recording a value to mask in the log of task {}: {e}",
+                self.task_id
+            );
+        }
+    }
+
     /// The task's id.
     pub fn task_id(&self) -> &str {
         &self.task_id
@@ -97,14 +109,7 @@ impl TaskLog {
         if lines.is_empty() {
             return Ok(());
         }
-        if let Err(e) = self.record_learned().await {
-            // The lines are masked here all the same; only other writers of
-            // the task's log may not know the value.
-            error!(
-                "recording a value to mask in the log of task {}: {e}",
-                self.task_id
-            );
-        }
+        self.record_learned_or_say().await;
         if self.masker.is_empty() {
             self.store.append_log(&self.task_id, lines).await?;
         } else {
@@ -151,12 +156,7 @@ impl TaskLog {
         state: octo_store::TaskState,
         error: Option<&str>,
     ) -> octo_store::Result<()> {
-        if let Err(e) = self.record_learned().await {
-            error!(
-                "recording a value to mask in the log of task {}: {e}",
-                self.task_id
-            );
-        }
+        self.record_learned_or_say().await;
         let line = self.server_line(&text);
         let stored = self
             .store
@@ -171,12 +171,7 @@ impl TaskLog {
     /// one call where that saves one (see [`Store::update_step_logged`]),
     /// and wakes readers of both (best effort: a failure is logged).
     pub async fn save_step_logged(&self, step: &TaskStep, text: &str) {
-        if let Err(e) = self.record_learned().await {
-            error!(
-                "recording a value to mask in the log of task {}: {e}",
-                self.task_id
-            );
-        }
+        self.record_learned_or_say().await;
         let line = self.server_line(text);
         if let Err(e) = self.store.update_step_logged(step, &line).await {
             error!(
