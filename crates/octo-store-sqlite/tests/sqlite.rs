@@ -290,3 +290,42 @@ async fn task_counter(on: &mut (dyn octo_store::sql::Tx + 'static)) -> i64 {
         .unwrap()
         .unwrap()
 }
+
+/// Each connection a tentacle opens asks whether it presents a machine's next
+/// certificate: that lookup (and the rotation's update) find the machine by
+/// index, not by reading every machine (issue 15: 5,000 polling tentacles
+/// reconnecting made 5,000 scans of 5,000 rows).
+#[tokio::test]
+async fn a_next_certificate_is_looked_up_by_index() {
+    use octo_store::params;
+    use octo_store::sql::{Access, Col, Engine};
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("octopus.db"))
+        .await
+        .unwrap();
+    let mut c = store.begin(Access::Single).await.unwrap();
+    for sql in [
+        "SELECT m.id FROM machines m WHERE m.next_thumbprint = ?",
+        "UPDATE machines SET thumbprint = next_thumbprint, next_thumbprint = NULL \
+         WHERE next_thumbprint = ?",
+    ] {
+        let rows = c
+            .fetch(&format!("EXPLAIN QUERY PLAN {sql}"), params!["AB"])
+            .await
+            .unwrap();
+        let plan: Vec<String> = rows
+            .iter()
+            .map(|r| r.text(Col::Index(3)).unwrap().unwrap_or_default())
+            .collect();
+        assert!(
+            plan.iter()
+                .any(|d| d.starts_with("SEARCH") && d.contains("INDEX machines_next_thumbprint (")),
+            "{sql}: {plan:?}"
+        );
+        assert!(
+            !plan.iter().any(|d| d.starts_with("SCAN")),
+            "{sql}: {plan:?}"
+        );
+    }
+}

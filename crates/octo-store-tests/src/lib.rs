@@ -80,6 +80,8 @@ macro_rules! store_suite {
             large_log_batches_store_every_line_once_in_order,
             a_task_with_its_log_reads_as_its_parts_do,
             a_step_is_saved_after_its_line,
+            // Every connection asks whether it ends a certificate rotation.
+            a_next_certificate_replaces_the_current_one_once,
         );
     };
     (@each $factory:expr; $($test:ident,)+) => {
@@ -2540,4 +2542,67 @@ pub async fn a_step_is_saved_after_its_line(s: &dyn Store) {
         })
     ));
     assert_eq!(s.task_log(&task.id, 0, 10).await.unwrap().len(), 3);
+}
+
+/// A tentacle's certificate rotation: the next certificate is accepted beside
+/// the current one, then replaces it when the tentacle presents it, once.
+/// Every connection asks; a thumbprint that is no machine's next one changes
+/// nothing.
+pub async fn a_next_certificate_replaces_the_current_one_once(s: &dyn Store) {
+    let mut a = new_machine("a", &[], &[]);
+    a.thumbprint = thumb('D');
+    let a = s.create_machine(&a).await.unwrap();
+    let mut b = new_machine("b", &[], &[]);
+    b.thumbprint = thumb('F');
+    let b = s.create_machine(&b).await.unwrap();
+
+    // Nothing offered yet: neither its future thumbprint nor a current one
+    // promotes anything.
+    for tp in [thumb('E'), thumb('D'), thumb('F')] {
+        assert!(s.promote_machine_thumbprint(&tp).await.unwrap().is_empty());
+    }
+    assert_eq!(s.machine_by_id(a.id).await.unwrap().unwrap(), a);
+
+    let offered = s
+        .offer_machine_thumbprint(&thumb('D'), &thumb('E'))
+        .await
+        .unwrap();
+    assert_eq!(names(&offered), ["a"]);
+    assert_eq!(offered[0].next_thumbprint, Some(thumb('E')));
+
+    // Another machine's connection promotes nothing; a's next one (in any
+    // case) promotes a, returned as it was.
+    assert!(s
+        .promote_machine_thumbprint(&thumb('F'))
+        .await
+        .unwrap()
+        .is_empty());
+    let promoted = s.promote_machine_thumbprint(&thumb('e')).await.unwrap();
+    assert_eq!(names(&promoted), ["a"]);
+    assert_eq!(
+        (
+            promoted[0].thumbprint.as_str(),
+            promoted[0].next_thumbprint.as_deref()
+        ),
+        (thumb('D').as_str(), Some(thumb('E').as_str()))
+    );
+    let now = s.machine_by_id(a.id).await.unwrap().unwrap();
+    assert_eq!((now.thumbprint, now.next_thumbprint), (thumb('E'), None));
+    assert_eq!(
+        names(&s.machines_by_thumbprint(None, &thumb('E')).await.unwrap()),
+        ["a"]
+    );
+    assert!(s
+        .machines_by_thumbprint(None, &thumb('D'))
+        .await
+        .unwrap()
+        .is_empty());
+
+    // Done once: its next connections promote nothing more.
+    assert!(s
+        .promote_machine_thumbprint(&thumb('E'))
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(s.machine_by_id(b.id).await.unwrap().unwrap(), b);
 }

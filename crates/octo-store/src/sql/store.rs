@@ -1502,9 +1502,18 @@ impl<E: Engine> Store for E {
         const OP: &str = "making a machine's next certificate its own";
         let next = normal_thumbprint(next);
         let d = self.dialect();
+        // Asked on every connection a tentacle opens, and almost always
+        // answered "none": that answer is a read (indexed), which takes no
+        // write lock; a rotation found is done in a write transaction.
+        const LOOKUP: &str = "WHERE m.next_thumbprint = ?";
+        if read_machines(self, OP, LOOKUP, params![&next])
+            .await?
+            .is_empty()
+        {
+            return Ok(Vec::new());
+        }
         let mut tx = write_tx(self, OP).await?;
-        let before =
-            query_machines(&mut tx, d, "WHERE m.next_thumbprint = ?", params![&next]).await?;
+        let before = query_machines(&mut tx, d, LOOKUP, params![&next]).await?;
         let sql = "UPDATE machines SET thumbprint = next_thumbprint, next_thumbprint = NULL \
                    WHERE next_thumbprint = ?";
         query(sql, params![&next], OP).execute(&mut *tx).await?;
