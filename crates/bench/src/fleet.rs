@@ -1,8 +1,9 @@
 //! `bench fleet`: one server node and a fleet of polling tentacles.
 //!
-//! The server runs in this process (SQLite in a temporary data directory). A
-//! child process (hidden subcommand `tasks-child`) hosts `--tentacles` polling
-//! tentacles (5,000 by default), each with the real comms and agent services,
+//! The server runs in this process (SQLite in a temporary data directory).
+//! Child processes (hidden subcommand `tasks-child`, at most
+//! `--tentacles-per-process` each) host `--tentacles` polling tentacles (5,000
+//! by default), each with the real comms and agent services,
 //! its own certificate and its own polling connection, reconnecting as a real
 //! tentacle does (1 s .. 60 s, full jitter). Machines are spread over five
 //! environments (`Fleet-0` .. `Fleet-4`), all with role `fleet`.
@@ -27,9 +28,8 @@ use anyhow::{bail, Context};
 use futures_util::StreamExt;
 use octo_server_core::{start, RunArgs, RunningServer};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use crate::tasks::{percentile_ms, round2, round3, Api};
+use crate::tasks::{percentile_ms, round2, round3, Api, ChildFleet};
 
 /// Bound on the fleet's (re)connection.
 const CONNECT_WAIT: Duration = Duration::from_secs(300);
@@ -54,6 +54,9 @@ pub struct Options {
     /// The server's `--max-running-steps` (steps of every task at once).
     #[arg(long, default_value_t = octo_engine::DEFAULT_MAX_RUNNING_STEPS)]
     max_running_steps: usize,
+    /// Most tentacles one child process hosts (see `tasks::ChildFleet`).
+    #[arg(long, default_value_t = crate::tasks::TENTACLES_PER_PROCESS)]
+    tentacles_per_process: usize,
 }
 
 /// Counts the warnings and errors the server's comms log while armed (the
@@ -133,35 +136,16 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
             .await?;
     }
 
-    let exe = std::env::current_exe()?;
-    let mut child = tokio::process::Command::new(exe)
-        .args([
-            "tasks-child",
-            "--server",
-            &format!("127.0.0.1:{}", server.comms_port),
-            "--server-thumbprint",
-            &server.thumbprint.to_string(),
-            "--count",
-            &o.tentacles.to_string(),
-            "--real-backoff",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut stdin = child.stdin.take().context("child stdin")?;
-    let mut lines = BufReader::new(child.stdout.take().context("child stdout")?).lines();
-    let hello: Value =
-        serde_json::from_str(&lines.next_line().await?.context("child said nothing")?)?;
-    let thumbprints: Vec<String> = hello["thumbprints"]
-        .as_array()
-        .context("thumbprints")?
-        .iter()
-        .filter_map(|t| t.as_str().map(str::to_string))
-        .collect();
-    if thumbprints.len() != o.tentacles {
-        bail!("child made {} tentacles", thumbprints.len());
-    }
+    let servers = [format!("127.0.0.1:{}", server.comms_port)];
+    let mut fleet = ChildFleet::spawn(
+        &servers,
+        &server.thumbprint,
+        o.tentacles,
+        o.tentacles_per_process,
+        true,
+    )
+    .await?;
+    let thumbprints = fleet.thumbprints.clone();
 
     // Registration, 16 at a time.
     let t = Instant::now();
@@ -191,7 +175,8 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         t.elapsed().as_secs_f64()
     );
 
-    stdin.write_all(b"go\n").await?;
+    fleet.go().await?;
+    println!("{}", fleet.describe());
     let first_connect = wait_connected(&server, o.tentacles).await?;
     println!(
         "{} tentacles connected in {:.1} s",
@@ -292,12 +277,13 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         reconnect.as_secs_f64()
     );
 
-    drop(stdin);
-    let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+    let per_process = fleet.per_process;
+    fleet.stop(Duration::from_secs(30)).await;
     server.stop().await;
     let mut out = json!({
         "bench": "fleet",
         "tentacles": o.tentacles,
+        "tentacles_per_process": per_process,
         "register_per_s": register_per_s.round(),
         "first_connect_s": round2(first_connect.as_secs_f64()),
         "server_rss_5000_mib": rss.round(),

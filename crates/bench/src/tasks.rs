@@ -1,8 +1,9 @@
 //! `bench tasks`: script tasks through the server's HTTP API, end to end.
 //!
 //! The server (`octo_server_core::start`, SQLite in a temporary data
-//! directory) runs in this process. A child process (this binary, hidden
-//! subcommand `tasks-child`) hosts the tentacles: each one a polling
+//! directory) runs in this process. Child processes (this binary, hidden
+//! subcommand `tasks-child`, at most `--tentacles-per-process` each; see
+//! [`ChildFleet`]) host the tentacles: each one a polling
 //! `TentacleComms` with the real `octo-agent` services (capabilities, scripts)
 //! and an `AgentContext` home of its own, all registered as polling machines in
 //! one environment.
@@ -46,6 +47,9 @@ pub struct Options {
     /// Fan-out tasks (the median is reported).
     #[arg(long, default_value_t = 5)]
     fanout_runs: usize,
+    /// Most tentacles one child process hosts (see [`ChildFleet`]).
+    #[arg(long, default_value_t = TENTACLES_PER_PROCESS)]
+    tentacles_per_process: usize,
     /// The server's `--max-parallel-steps` (machines of one task at once).
     #[arg(long, default_value_t = octo_engine::DEFAULT_MAX_PARALLEL_STEPS)]
     max_parallel_steps: usize,
@@ -74,6 +78,10 @@ pub struct ChildOptions {
     server_thumbprint: Thumbprint,
     #[arg(long)]
     count: usize,
+    /// The fleet-wide number of this process's first tentacle (`t{first}`,
+    /// subscription `bench-{first}`), when several processes host the fleet.
+    #[arg(long, default_value_t = 0)]
+    first: usize,
     /// Reconnect as a real tentacle does (1 s .. 60 s, full jitter) rather
     /// than quickly (50 ms .. 1 s).
     #[arg(long)]
@@ -250,36 +258,22 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     api.post_ok("/api/environments", json!({ "name": ENVIRONMENT }))
         .await?;
 
-    let exe = std::env::current_exe()?;
-    let mut child = tokio::process::Command::new(exe)
-        .arg("tasks-child")
-        .args(servers.iter().flat_map(|a| ["--server", a.as_str()]))
-        .args([
-            "--server-thumbprint",
-            &server.thumbprint.to_string(),
-            "--count",
-            &o.tentacles.to_string(),
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut stdin = child.stdin.take().context("child stdin")?;
-    let mut lines = BufReader::new(child.stdout.take().context("child stdout")?).lines();
-    let hello: Value =
-        serde_json::from_str(&lines.next_line().await?.context("child said nothing")?)?;
-    let thumbprints = hello["thumbprints"].as_array().context("thumbprints")?;
-    if thumbprints.len() != o.tentacles {
-        bail!("child made {} tentacles", thumbprints.len());
-    }
-    for (i, tp) in thumbprints.iter().enumerate() {
+    let mut fleet = ChildFleet::spawn(
+        &servers,
+        &server.thumbprint,
+        o.tentacles,
+        o.tentacles_per_process,
+        false,
+    )
+    .await?;
+    for (i, tp) in fleet.thumbprints.iter().enumerate() {
         api.post_ok(
             "/api/machines",
             json!({
                 "name": format!("t{i}"),
                 "comms_style": "TentacleActive",
                 "uri": format!("poll://bench-{i}/"),
-                "thumbprint": tp.as_str().context("thumbprint")?,
+                "thumbprint": tp,
                 "environments": [ENVIRONMENT],
                 "roles": ["bench"],
             }),
@@ -287,13 +281,12 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         .await?;
     }
     // Registered (so trusted): now the tentacles connect.
-    stdin.write_all(b"go\n").await?;
+    fleet.go().await?;
     println!(
-        "machine: {} cores; server pid {}, tentacle child pid {:?} ({} polling tentacles in it)",
+        "machine: {} cores; server pid {}, {}",
         std::thread::available_parallelism()?.get(),
         std::process::id(),
-        child.id(),
-        o.tentacles
+        fleet.describe()
     );
 
     // Every tentacle connected and answering: a health check of the environment.
@@ -383,8 +376,8 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         None
     };
 
-    drop(stdin);
-    let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+    let fleet_per_process = fleet.per_process;
+    fleet.stop(Duration::from_secs(10)).await;
     server.stop().await;
     if let Some(b) = second {
         b.stop().await;
@@ -403,13 +396,126 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
             "fanout_100_s": round3(median),
             "fanout_runs_s": fanout.iter().map(|&x| round3(x)).collect::<Vec<_>>(),
             "fanout_machines": o.tentacles,
-            "tentacles_per_process": o.tentacles,
+            "tentacles_per_process": fleet_per_process,
             "max_parallel_steps": o.max_parallel_steps,
             "comms_style": "TentacleActive",
             "cli_over_ssh_mux": cli_ratio.map(round2),
         })
     );
     Ok(())
+}
+
+/// Most tentacles one child process hosts by default. A real tentacle is a
+/// process of its own with a handful of descriptors; thousands of tentacles in
+/// one process give every script the kernel's work of closing thousands of
+/// descriptors at `exec` (and copying the descriptor table at the spawn), a
+/// cost no real machine has (BENCHMARKS: "The fleet in processes of 500").
+pub(crate) const TENTACLES_PER_PROCESS: usize = 500;
+
+/// The simulated fleet: `tasks-child` processes hosting `count` polling
+/// tentacles, at most `per_process` each, numbered `t0`.. across them.
+pub(crate) struct ChildFleet {
+    children: Vec<tokio::process::Child>,
+    stdins: Vec<tokio::process::ChildStdin>,
+    /// Every tentacle's thumbprint, `t0` first.
+    pub(crate) thumbprints: Vec<String>,
+    /// Tentacles in each process (the last may have fewer).
+    pub(crate) per_process: usize,
+}
+
+impl ChildFleet {
+    /// Starts the processes (their identities are made at once) and reads
+    /// every thumbprint; nothing connects before [`ChildFleet::go`].
+    pub(crate) async fn spawn(
+        servers: &[String],
+        server_thumbprint: &Thumbprint,
+        count: usize,
+        per_process: usize,
+        real_backoff: bool,
+    ) -> anyhow::Result<Self> {
+        if per_process == 0 {
+            bail!("--tentacles-per-process must be at least 1");
+        }
+        let exe = std::env::current_exe()?;
+        let mut children = Vec::new();
+        let mut stdins = Vec::new();
+        let mut outs = Vec::new();
+        for first in (0..count).step_by(per_process) {
+            let n = per_process.min(count - first);
+            let mut cmd = tokio::process::Command::new(&exe);
+            cmd.arg("tasks-child")
+                .args(servers.iter().flat_map(|a| ["--server", a.as_str()]))
+                .args(["--server-thumbprint", &server_thumbprint.to_string()])
+                .args(["--count", &n.to_string(), "--first", &first.to_string()]);
+            if real_backoff {
+                cmd.arg("--real-backoff");
+            }
+            let mut child = cmd
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()?;
+            stdins.push(child.stdin.take().context("child stdin")?);
+            outs.push((n, child.stdout.take().context("child stdout")?));
+            children.push(child);
+        }
+        let mut thumbprints = Vec::with_capacity(count);
+        for (n, out) in outs {
+            let mut lines = BufReader::new(out).lines();
+            let hello: Value =
+                serde_json::from_str(&lines.next_line().await?.context("child said nothing")?)?;
+            let made: Vec<String> = hello["thumbprints"]
+                .as_array()
+                .context("thumbprints")?
+                .iter()
+                .filter_map(|t| t.as_str().map(str::to_string))
+                .collect();
+            if made.len() != n {
+                bail!("a child made {} tentacles, not {n}", made.len());
+            }
+            thumbprints.extend(made);
+        }
+        Ok(Self {
+            children,
+            stdins,
+            thumbprints,
+            per_process: per_process.min(count),
+        })
+    }
+
+    /// Every tentacle starts polling.
+    pub(crate) async fn go(&mut self) -> anyhow::Result<()> {
+        for stdin in &mut self.stdins {
+            stdin.write_all(b"go\n").await?;
+        }
+        Ok(())
+    }
+
+    /// "N polling tentacles in P processes (pids ...)".
+    pub(crate) fn describe(&self) -> String {
+        let pids: Vec<String> = self
+            .children
+            .iter()
+            .filter_map(|c| c.id().map(|p| p.to_string()))
+            .collect();
+        format!(
+            "{} polling tentacles in {} child process(es) of at most {} (pids {})",
+            self.thumbprints.len(),
+            self.children.len(),
+            self.per_process,
+            pids.join(" ")
+        )
+    }
+
+    /// Closes their standard input (they stop) and waits up to `wait` for
+    /// each; any still running is killed when dropped.
+    pub(crate) async fn stop(self, wait: Duration) {
+        drop(self.stdins);
+        let deadline = tokio::time::Instant::now() + wait;
+        for mut child in self.children {
+            let _ = tokio::time::timeout_at(deadline, child.wait()).await;
+        }
+    }
 }
 
 /// The tentacles: `count` polling identities with the real services, each with
@@ -419,7 +525,7 @@ pub async fn child(o: ChildOptions) -> anyhow::Result<()> {
     crate::raise_fd_limit();
     let tmp = tempfile::tempdir()?;
     let mut tentacles = Vec::with_capacity(o.count);
-    for i in 0..o.count {
+    for i in o.first..o.first + o.count {
         let name = format!("t{i}");
         let dir = tmp.path().join(&name);
         let ctx = AgentContext {
@@ -449,7 +555,7 @@ pub async fn child(o: ChildOptions) -> anyhow::Result<()> {
         if line != "go" {
             bail!("unknown command {line}");
         }
-        for (i, (_, comms)) in tentacles.iter().enumerate() {
+        for (i, (_, comms)) in (o.first..).zip(tentacles.iter()) {
             let target = PollingTarget {
                 address: o.server[i % o.server.len()].clone(),
                 subscription_id: format!("bench-{i}"),
