@@ -29,7 +29,7 @@ use futures_util::StreamExt;
 use octo_server_core::{start, RunArgs, RunningServer};
 use serde_json::{json, Value};
 
-use crate::tasks::{percentile_ms, round2, round3, Api, ChildFleet};
+use crate::tasks::{cpu_ms, percentile_ms, round2, round3, Api, ChildFleet, StepCpu};
 
 /// Bound on the fleet's (re)connection.
 const CONNECT_WAIT: Duration = Duration::from_secs(300);
@@ -201,6 +201,8 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     // Fan-outs.
     let mut fan_1000 = Vec::new();
     let mut fan_all = Vec::new();
+    let mut cpu = Vec::new();
+    let reading = || (cpu_ms(None), fleet.cpu_ms());
     for _ in 0..o.fanout_runs {
         let (d, end) = api
             .run_script(json!({ "script": "true", "environment": "Fleet-0" }))
@@ -208,12 +210,21 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         let steps = end["steps"].as_array().map_or(0, Vec::len);
         println!("fan-out to {steps}: {:.3} s", d.as_secs_f64());
         fan_1000.push(d.as_secs_f64());
+        let before = reading();
         let (d, end) = api
             .run_script(json!({ "script": "true", "role": "fleet" }))
             .await?;
         let steps = end["steps"].as_array().map_or(0, Vec::len);
+        cpu.push(StepCpu::measure(before, reading(), steps));
         println!("fan-out to {steps}: {:.3} s", d.as_secs_f64());
         fan_all.push(d.as_secs_f64());
+    }
+    let cpu = StepCpu::median(&cpu);
+    if let Some(c) = cpu {
+        println!(
+            "fan-out to all, CPU per step: {:.2} ms in the server's process, {:.2} ms in the fleet's (tentacles and scripts)",
+            c.server_ms, c.fleet_ms
+        );
     }
 
     // One-machine round trip.
@@ -284,6 +295,8 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         "bench": "fleet",
         "tentacles": o.tentacles,
         "tentacles_per_process": per_process,
+        "fanout_server_cpu_ms_per_step": cpu.map(|c| round2(c.server_ms)),
+        "fanout_fleet_cpu_ms_per_step": cpu.map(|c| round2(c.fleet_ms)),
         "register_per_s": register_per_s.round(),
         "first_connect_s": round2(first_connect.as_secs_f64()),
         "server_rss_5000_mib": rss.round(),

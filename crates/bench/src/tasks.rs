@@ -93,6 +93,65 @@ pub(crate) fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1e3
 }
 
+/// CPU time (user and system, all threads) of a process in milliseconds:
+/// this process with `None`; with `Some(pid)`, that process and its children
+/// that ended (a tentacle process and the scripts it ran). 0 when unreadable.
+pub(crate) fn cpu_ms(pid: Option<u32>) -> f64 {
+    let path = pid.map_or_else(
+        || "/proc/self/stat".to_string(),
+        |p| format!("/proc/{p}/stat"),
+    );
+    let Ok(stat) = std::fs::read_to_string(path) else {
+        return 0.0;
+    };
+    // The fields after the command name (which may hold spaces): state is the
+    // first; utime, stime, cutime and cstime the 12th to the 15th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    let take = if pid.is_some() { 11..15 } else { 11..13 };
+    let ticks: f64 = fields
+        .get(take)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|f| f.parse::<f64>().ok())
+        .sum();
+    // USER_HZ: 100 on Linux.
+    ticks * 10.0
+}
+
+/// The CPU a fan-out of `steps` steps cost per step, in ms: this process (the
+/// server and this benchmark's client) and the fleet's processes (tentacles and
+/// their scripts), from [`cpu_ms`] readings before and after.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StepCpu {
+    pub(crate) server_ms: f64,
+    pub(crate) fleet_ms: f64,
+}
+
+impl StepCpu {
+    pub(crate) fn measure(before: (f64, f64), after: (f64, f64), steps: usize) -> Self {
+        let n = steps.max(1) as f64;
+        Self {
+            server_ms: (after.0 - before.0) / n,
+            fleet_ms: (after.1 - before.1) / n,
+        }
+    }
+
+    /// Medians of each.
+    pub(crate) fn median(v: &[StepCpu]) -> Option<StepCpu> {
+        let mid = |f: fn(&StepCpu) -> f64| {
+            let mut x: Vec<f64> = v.iter().map(f).collect();
+            x.sort_by(f64::total_cmp);
+            x.get(x.len() / 2).copied()
+        };
+        Some(StepCpu {
+            server_ms: mid(|c| c.server_ms)?,
+            fleet_ms: mid(|c| c.fleet_ms)?,
+        })
+    }
+}
+
 pub(crate) fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
@@ -351,8 +410,15 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     // Fan-out: every machine of the environment.
     let all = json!({ "script": "true", "environment": ENVIRONMENT });
     let mut fanout = Vec::with_capacity(o.fanout_runs);
+    let mut cpu = Vec::with_capacity(o.fanout_runs);
     for i in 0..o.fanout_runs {
+        let before = (cpu_ms(None), fleet.cpu_ms());
         let (d, end) = api.run_script(all.clone()).await?;
+        cpu.push(StepCpu::measure(
+            before,
+            (cpu_ms(None), fleet.cpu_ms()),
+            o.tentacles,
+        ));
         let steps = end["steps"].as_array().map_or(0, Vec::len);
         if steps != o.tentacles {
             bail!("fan-out task has {steps} steps, expected {}", o.tentacles);
@@ -368,6 +434,13 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     let mut sorted = fanout.clone();
     sorted.sort_by(f64::total_cmp);
     let median = sorted[sorted.len() / 2];
+    let cpu = StepCpu::median(&cpu);
+    if let Some(c) = cpu {
+        println!(
+            "fan-out CPU per step: {:.2} ms in the server's process, {:.2} ms in the fleet's (tentacles and scripts)",
+            c.server_ms, c.fleet_ms
+        );
+    }
 
     let cli_ratio = if o.cli_runs > 0 {
         let octopus = crate::release_binary("octo-server", "octopus")?;
@@ -396,6 +469,8 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
             "fanout_100_s": round3(median),
             "fanout_runs_s": fanout.iter().map(|&x| round3(x)).collect::<Vec<_>>(),
             "fanout_machines": o.tentacles,
+            "fanout_server_cpu_ms_per_step": cpu.map(|c| round2(c.server_ms)),
+            "fanout_fleet_cpu_ms_per_step": cpu.map(|c| round2(c.fleet_ms)),
             "tentacles_per_process": fleet_per_process,
             "max_parallel_steps": o.max_parallel_steps,
             "comms_style": "TentacleActive",
@@ -489,6 +564,12 @@ impl ChildFleet {
             stdin.write_all(b"go\n").await?;
         }
         Ok(())
+    }
+
+    /// CPU of the fleet's processes and of the scripts they ran (see
+    /// [`cpu_ms`]), in ms.
+    pub(crate) fn cpu_ms(&self) -> f64 {
+        self.children.iter().map(|c| cpu_ms(c.id())).sum()
     }
 
     /// "N polling tentacles in P processes (pids ...)".
