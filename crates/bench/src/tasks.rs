@@ -217,7 +217,8 @@ impl Api {
         }
         let mut events = Events {
             resp,
-            buf: String::new(),
+            buf: Vec::new(),
+            scanned: 0,
         };
         tokio::time::timeout(WAIT, async {
             while let Some((name, data)) = events.next().await? {
@@ -247,33 +248,47 @@ impl Api {
 /// A server-sent event stream, parsed.
 struct Events {
     resp: reqwest::Response,
-    buf: String,
+    /// Bytes received and not yet returned as events (a chunk may end inside
+    /// a character: decoded by whole events).
+    buf: Vec<u8>,
+    /// Bytes of `buf` already searched for the end of an event: a large
+    /// event (a task of thousands of steps) arrives in many chunks, and each
+    /// chunk is searched once, not the whole buffer again.
+    scanned: usize,
 }
 
 impl Events {
     /// The next event (name, JSON data); None when the stream ended.
     async fn next(&mut self) -> anyhow::Result<Option<(String, Value)>> {
         loop {
-            if let Some(i) = self.buf.find("\n\n") {
-                let block: String = self.buf.drain(..i + 2).collect();
-                let mut name = "message".to_string();
-                let mut data = String::new();
-                for line in block.lines() {
-                    if let Some(v) = line.strip_prefix("event:") {
-                        name = v.trim().to_string();
-                    } else if let Some(v) = line.strip_prefix("data:") {
-                        data.push_str(v.strip_prefix(' ').unwrap_or(v));
-                    }
-                }
-                if data.is_empty() {
-                    continue; // keep-alive comment
-                }
-                return Ok(Some((name, serde_json::from_str(&data)?)));
-            }
-            let Some(chunk) = self.resp.chunk().await? else {
-                return Ok(None);
+            let from = self.scanned.saturating_sub(1);
+            let end = self.buf[from..]
+                .windows(2)
+                .position(|w| w == b"\n\n")
+                .map(|j| from + j);
+            let Some(i) = end else {
+                self.scanned = self.buf.len();
+                let Some(chunk) = self.resp.chunk().await? else {
+                    return Ok(None);
+                };
+                self.buf.extend_from_slice(&chunk);
+                continue;
             };
-            self.buf.push_str(std::str::from_utf8(&chunk)?);
+            let mut name = "message".to_string();
+            let mut data = String::new();
+            for line in std::str::from_utf8(&self.buf[..i])?.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    name = v.trim().to_string();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.strip_prefix(' ').unwrap_or(v));
+                }
+            }
+            self.buf.drain(..i + 2);
+            self.scanned = 0;
+            if data.is_empty() {
+                continue; // keep-alive comment
+            }
+            return Ok(Some((name, serde_json::from_str(&data)?)));
         }
     }
 }
