@@ -49,9 +49,11 @@ const BUFFER: usize = 256;
 /// the next at once; a costlier one (a task of thousands of steps) is
 /// followed by a pause of [`VIEW_PAUSE_FACTOR`] times its cost (at most
 /// [`VIEW_PAUSE_MAX`]), whatever changed meanwhile then shown at once, so
-/// that a stream spends at most about a fifth of its time re-reading the task.
+/// that a stream spends at most about a tenth of its time re-reading the task
+/// (a fifth before: a watched fan-out to 1,000 machines then spent about a
+/// third of the server's CPU re-reading it; BENCHMARKS, issue 15).
 const VIEW_COST_FREE: Duration = Duration::from_millis(1);
-const VIEW_PAUSE_FACTOR: u32 = 4;
+const VIEW_PAUSE_FACTOR: u32 = 9;
 const VIEW_PAUSE_MAX: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Deserialize)]
