@@ -848,19 +848,22 @@ impl Shared {
                 script.ticket,
                 REMOVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             ));
-            let moved = tokio::task::spawn_blocking(move || {
-                match fs::rename(&dir, &aside) {
-                    Ok(()) => Ok(Some(aside)),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                    // Not movable (another file system mounted there, say):
-                    // deleted in place, before the ticket is free.
-                    Err(_) => match fs::remove_dir_all(&dir) {
+            // The rename is one metadata change in the work root, made here
+            // (a hand-off to a blocking thread cost more than it, and
+            // CompleteScript, which the task's end waits for, waits for it).
+            let moved = match fs::rename(&dir, &aside) {
+                Ok(()) => Ok(Ok(Some(aside))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Ok(None)),
+                // Not movable (another file system mounted there, say):
+                // deleted in place, before the ticket is free.
+                Err(_) => {
+                    tokio::task::spawn_blocking(move || match fs::remove_dir_all(&dir) {
                         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
                         _ => Ok(None),
-                    },
+                    })
+                    .await
                 }
-            })
-            .await;
+            };
             let aside = match moved {
                 Ok(Ok(aside)) => aside,
                 Ok(Err(e)) => {
