@@ -145,12 +145,11 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         true,
     )
     .await?;
-    let thumbprints = fleet.thumbprints.clone();
 
     // Registration, 16 at a time.
     let t = Instant::now();
     let mut pending = futures_util::stream::FuturesUnordered::new();
-    for (i, tp) in thumbprints.iter().enumerate() {
+    for (i, tp) in fleet.thumbprints.iter().enumerate() {
         let body = json!({
             "name": format!("t{i}"),
             "comms_style": "TentacleActive",
