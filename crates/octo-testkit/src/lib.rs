@@ -67,6 +67,26 @@ impl Drop for Guard {
     }
 }
 
+/// Waits until something accepts TCP connections on 127.0.0.1:`port` (a
+/// `tentacle run` process just spawned binds its port a moment later), trying
+/// every 10 ms for at most `within`. The probe connects and closes at once.
+///
+/// # Panics
+/// When nothing listens there within `within`, naming the port and `what`.
+pub fn wait_for_listener(port: u16, within: Duration, what: &str) {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+            Ok(_) => return,
+            Err(e) if std::time::Instant::now() >= deadline => {
+                panic!("{what} did not listen on {addr} within {within:?}: {e}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
 /// A listening tentacle on 127.0.0.1 trusting `servers`.
 pub async fn listening_tentacle(
     identity: Identity,

@@ -198,6 +198,7 @@ impl Lab {
                 .unwrap();
             lab.agents.push(child);
         }
+        octo_testkit::wait_for_listener(port.parse().unwrap(), T, "the listening tentacle lis");
         lab
     }
 

@@ -243,6 +243,11 @@ fn start(tentacle: &Path, calamari: &Path) -> Lab {
         .spawn()
         .unwrap();
     lab.children.push(agent);
+    octo_testkit::wait_for_listener(
+        port.parse().unwrap(),
+        Duration::from_secs(60),
+        "the tentacle lis",
+    );
     lab
 }
 
@@ -314,7 +319,7 @@ async fn secret_values_are_found_nowhere_after_a_script_and_a_deployment() {
     let mut places: Vec<(String, Vec<u8>)> = Vec::new();
     let mut record = |what: &str, text: String| places.push((what.to_string(), text.into_bytes()));
 
-    // Wait until the tentacle answers (a health check that succeeds).
+    // The tentacle answers (a health check that succeeds).
     let health = lab.octopus_ok(&["health-check", "--machine", "lis"], &[]);
     record("health-check output", health);
 

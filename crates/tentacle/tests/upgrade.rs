@@ -153,6 +153,9 @@ impl Lab {
             .stderr(std::fs::File::create(out.with_extension("err")).unwrap())
             .spawn()
             .unwrap();
+        if let Some(port) = listening_port {
+            octo_testkit::wait_for_listener(port, T, name);
+        }
         Agent {
             child,
             binary,

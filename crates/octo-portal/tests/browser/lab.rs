@@ -244,6 +244,9 @@ impl Lab {
             .unwrap()
             .to_string();
         self.run_agent(name);
+        if listening {
+            octo_testkit::wait_for_listener(port, Duration::from_secs(60), name);
+        }
         (port, thumbprint)
     }
 

@@ -373,6 +373,7 @@ impl ListeningTentacle {
                 .spawn()
                 .unwrap(),
         );
+        octo_testkit::wait_for_listener(port, Duration::from_secs(60), name);
         ListeningTentacle {
             port,
             home: dir.join(name).join("home"),
