@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::time::Duration;
 
 use octo_agent::capabilities::CapabilitiesImpl;
@@ -14,13 +15,19 @@ use octo_agent::scripts::ScriptServiceImpl;
 use octo_agent::AgentContext;
 use octo_comms::{Backoff, PollingTarget, TentacleComms};
 use octo_proto::v1::capabilities_server::CapabilitiesServer;
-use octo_proto::v1::script_service_server::ScriptServiceServer;
+use octo_proto::v1::script_service_server::{ScriptService, ScriptServiceServer};
+use octo_proto::v1::{
+    script_event, CancelScriptRequest, CompleteScriptRequest, ScriptEvent, ScriptStatus,
+    ScriptStatusRequest, StartScriptRequest,
+};
 use octo_server_core::{start, RunArgs, RunningServer};
 use octo_testkit as kit;
 use octo_tls::{Identity, Thumbprint, TrustStore};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::time::timeout;
+use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 /// Bound on any single wait.
@@ -315,9 +322,18 @@ fn comms(
     ctx: &AgentContext,
     scripts: &ScriptServiceImpl,
 ) -> TentacleComms {
+    comms_with(identity, server, ctx, scripts.clone())
+}
+
+fn comms_with(
+    identity: &Identity,
+    server: Thumbprint,
+    ctx: &AgentContext,
+    scripts: impl ScriptService,
+) -> TentacleComms {
     let routes =
         tonic::service::Routes::new(CapabilitiesServer::new(CapabilitiesImpl::new(ctx.clone())))
-            .add_service(ScriptServiceServer::new(scripts.clone()));
+            .add_service(ScriptServiceServer::new(scripts));
     TentacleComms::new(
         identity.clone(),
         TrustStore::new([server], kit::hint("tentacle")),
@@ -393,6 +409,116 @@ impl Tentacle {
 
     fn thumbprint(&self) -> Thumbprint {
         self.identity.thumbprint()
+    }
+}
+
+/// The real script service with two faults a test can turn on: CompleteScript
+/// waits until `open` is set (counting the calls in `completes`), and with
+/// `withhold` the log stream keeps back every line with that text (as a stream
+/// cut before its end would), so its `completed` event says more is due.
+#[derive(Clone)]
+struct Gated {
+    inner: ScriptServiceImpl,
+    open: watch::Sender<bool>,
+    completes: watch::Sender<u32>,
+    withhold: Option<&'static str>,
+}
+
+type GatedEvents = Pin<Box<dyn Stream<Item = Result<ScriptEvent, tonic::Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ScriptService for Gated {
+    async fn start_script(
+        &self,
+        r: tonic::Request<StartScriptRequest>,
+    ) -> Result<tonic::Response<ScriptStatus>, tonic::Status> {
+        self.inner.start_script(r).await
+    }
+
+    async fn get_status(
+        &self,
+        r: tonic::Request<ScriptStatusRequest>,
+    ) -> Result<tonic::Response<ScriptStatus>, tonic::Status> {
+        self.inner.get_status(r).await
+    }
+
+    type StreamLogsStream = GatedEvents;
+
+    async fn stream_logs(
+        &self,
+        r: tonic::Request<ScriptStatusRequest>,
+    ) -> Result<tonic::Response<GatedEvents>, tonic::Status> {
+        let events = self.inner.stream_logs(r).await?.into_inner();
+        let Some(withheld) = self.withhold else {
+            return Ok(tonic::Response::new(Box::pin(events)));
+        };
+        let events = events.filter_map(move |ev| match ev {
+            Ok(ScriptEvent {
+                event: Some(script_event::Event::Log(line)),
+            }) if line.text == withheld => None,
+            Ok(ScriptEvent {
+                event: Some(script_event::Event::Completed(mut status)),
+            }) => {
+                status.logs.retain(|l| l.text != withheld);
+                Some(Ok(ScriptEvent {
+                    event: Some(script_event::Event::Completed(status)),
+                }))
+            }
+            other => Some(other),
+        });
+        Ok(tonic::Response::new(Box::pin(events)))
+    }
+
+    async fn cancel_script(
+        &self,
+        r: tonic::Request<CancelScriptRequest>,
+    ) -> Result<tonic::Response<ScriptStatus>, tonic::Status> {
+        self.inner.cancel_script(r).await
+    }
+
+    async fn complete_script(
+        &self,
+        r: tonic::Request<CompleteScriptRequest>,
+    ) -> Result<tonic::Response<ScriptStatus>, tonic::Status> {
+        self.completes.send_modify(|n| *n += 1);
+        let mut open = self.open.subscribe();
+        let _ = open.wait_for(|o| *o).await;
+        self.inner.complete_script(r).await
+    }
+}
+
+impl Tentacle {
+    /// A listening tentacle whose script service is `Gated` (closed).
+    async fn gated(
+        name: &str,
+        server: Thumbprint,
+        withhold: Option<&'static str>,
+    ) -> (Self, Gated) {
+        let mut t = Tentacle::listening(name, server).await;
+        t.stop().await;
+        let gated = Gated {
+            inner: t.scripts.clone(),
+            open: watch::Sender::new(false),
+            completes: watch::Sender::new(0),
+            withhold,
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        t.addr = Some(listener.local_addr().unwrap());
+        let c = comms_with(&t.identity, t.server, &t.ctx, gated.clone());
+        t.token = CancellationToken::new();
+        let token = t.token.clone();
+        t.handle = tokio::spawn(async move {
+            let _ = c.run_listening(listener, token).await;
+        });
+        (t, gated)
+    }
+
+    /// Entries in the tentacle's work folder (scripts' folders, and folders
+    /// moved aside to be deleted).
+    fn work_entries(&self) -> usize {
+        std::fs::read_dir(self.ctx.home.join("Work"))
+            .map(|d| d.count())
+            .unwrap_or(0)
     }
 }
 
@@ -998,6 +1124,90 @@ async fn max_running_steps_bounds_every_task_of_the_node_together() {
 // Hardening: bounded logs, deleted machines.
 
 /// Bytes of the database files (the database and its WAL).
+/// A script whose every line came with the stream's `completed` event: the
+/// task ends without waiting for the tentacle's cleanup (CompleteScript, held
+/// here), which still reaches the tentacle and frees the work folder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_task_ends_without_waiting_for_a_cleanup_that_brings_nothing() {
+    let server = Server::new().await;
+    let (lis, gated) = Tentacle::gated("gate", server.thumbprint, None).await;
+    server
+        .add_listening("gate", lis.addr.unwrap(), lis.thumbprint())
+        .await;
+    let id = server.script("echo one; echo two", &["gate"]).await;
+    let end = server.wait_end(&id).await;
+    assert_eq!(end["task"]["state"], "Success", "{end}");
+    let log = server.log(&id).await;
+    assert_eq!(
+        stdout_of(&log, end["steps"][0]["machine_id"].as_i64().unwrap()),
+        ["one", "two"]
+    );
+    // The task ended with CompleteScript called and still held.
+    let mut completes = gated.completes.subscribe();
+    timeout(T, completes.wait_for(|n| *n == 1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!*gated.open.borrow());
+    assert_eq!(
+        lis.work_entries(),
+        1,
+        "the script's folder is there until the cleanup"
+    );
+    gated.open.send_replace(true);
+    // Once let through, the cleanup empties the work folder (moved aside,
+    // then deleted in the background): bounded wait for that.
+    let deadline = tokio::time::Instant::now() + T;
+    while lis.work_entries() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the work folder was never emptied"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(*gated.completes.borrow(), 1);
+}
+
+/// A stream that ended its log early (lines still due when `completed` came):
+/// the task waits for CompleteScript, stores the lines it brings, and only
+/// then ends, with them before "Task finished".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_task_waits_for_a_cleanup_that_brings_the_logs_rest() {
+    let server = Server::new().await;
+    let (lis, gated) = Tentacle::gated("gate", server.thumbprint, Some("tail")).await;
+    let machine = server
+        .add_listening("gate", lis.addr.unwrap(), lis.thumbprint())
+        .await;
+    let id = server
+        .script("echo one; echo tail; echo tail", &["gate"])
+        .await;
+    let mut completes = gated.completes.subscribe();
+    timeout(T, completes.wait_for(|n| *n == 1))
+        .await
+        .unwrap()
+        .unwrap();
+    // Held: the task has not ended, and its log has no "tail" yet.
+    let (_, task) = server.get(&format!("/api/tasks/{id}")).await;
+    assert_eq!(task["task"]["state"], "Executing", "{task}");
+    assert_eq!(stdout_of(&server.log(&id).await, machine), ["one"]);
+    gated.open.send_replace(true);
+    let end = server.wait_end(&id).await;
+    assert_eq!(end["task"]["state"], "Success", "{end}");
+    let log = server.log(&id).await;
+    assert_eq!(stdout_of(&log, machine), ["one", "tail", "tail"]);
+    let finished = log
+        .iter()
+        .position(|l| {
+            l["text"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("Task finished")
+        })
+        .unwrap();
+    let last_tail = log.iter().rposition(|l| l["text"] == "tail").unwrap();
+    assert!(last_tail < finished, "{log:#?}");
+}
+
 fn database_bytes(data: &Path) -> u64 {
     ["octopus.db", "octopus.db-wal"]
         .iter()

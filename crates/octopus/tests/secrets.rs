@@ -430,6 +430,26 @@ async fn secret_values_are_found_nowhere_after_a_script_and_a_deployment() {
     assert!(stream.contains("db password: ********"), "{stream}");
     record("task log --follow", stream);
 
+    // The work folder holds nothing of the tasks any more: the tentacle
+    // removes a script's folder when the server completes the script, which
+    // a task's end does not wait for when nothing was left to fetch (bounded).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let work: Vec<PathBuf> = files_under(&lab.tentacles())
+            .into_iter()
+            .map(|(p, _)| p)
+            .filter(|p| p.to_string_lossy().contains("/Work/"))
+            .collect();
+        if work.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "left in the work folder: {work:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
     // The server's log, then every file of the server and of the tentacle
     // (logs, work folder; the applications folder holds only the package).
     let server_log = std::fs::read(lab.server_log()).unwrap();
@@ -455,14 +475,6 @@ async fn secret_values_are_found_nowhere_after_a_script_and_a_deployment() {
         places.push((p.display().to_string(), bytes));
     }
     assert_nowhere(&places);
-
-    // The work folder holds nothing of the tasks any more.
-    let work: Vec<PathBuf> = files_under(&lab.tentacles())
-        .into_iter()
-        .map(|(p, _)| p)
-        .filter(|p| p.to_string_lossy().contains("/Work/"))
-        .collect();
-    assert!(work.is_empty(), "left in the work folder: {work:?}");
 
     // The master key that encrypts them is the server's alone.
     use std::os::unix::fs::PermissionsExt;

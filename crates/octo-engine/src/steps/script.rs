@@ -2,7 +2,8 @@
 //!
 //! Connect, `StartScript` with the step's ticket, `StreamLogs` from the step's
 //! stored `next_sequence`, store lines in small batches, and on the `completed`
-//! event record the exit code, then `CompleteScript` (best effort). A dropped
+//! event record the exit code, then `CompleteScript` (best effort; the step's
+//! end waits for it only when the log's end is still due from it). A dropped
 //! connection or a retryable failure is retried with backoff: StartScript again
 //! is idempotent on the ticket and the stream resumes from the stored sequence,
 //! so no line is lost or stored twice. The step gives up after
@@ -318,8 +319,13 @@ struct Run<'a> {
     /// How the run ended, once it has.
     end: Option<(TaskState, Option<String>)>,
     /// The cleanup on the tentacle, started as soon as the script completed
-    /// (see [`Run::completed`]); the step's end waits for it.
+    /// (see [`Run::completed`]); the step's end waits for it unless
+    /// `cleanup_detached`.
     cleanup: Option<tokio::task::JoinHandle<()>>,
+    /// The `completed` event carried the log's end (every line is stored or
+    /// counted): the cleanup only frees the ticket and the work folder, and
+    /// the step's end does not wait for it.
+    cleanup_detached: bool,
     /// The tentacle's last service line (why a script could not start).
     last_service: Option<String>,
     /// What the step may still store of the output.
@@ -403,6 +409,7 @@ pub(crate) async fn run_step(
         base,
         end: None,
         cleanup: None,
+        cleanup_detached: false,
         last_service: None,
         budget,
         saved_at: Instant::now(),
@@ -426,7 +433,11 @@ pub(crate) async fn run_step(
             why: error.unwrap_or_else(|| "failed".into()),
         };
     }
-    let afterwards = run.cleanup.take().map(|cleanup| {
+    let cleanup = run.cleanup.take();
+    // Detached: the task goes on with the tentacle's cleanup in flight (it
+    // ends by itself, or with the server's shutdown).
+    let cleanup = cleanup.filter(|_| !run.cleanup_detached);
+    let afterwards = cleanup.map(|cleanup| {
         Box::pin(async move {
             // A cleanup that panicked has nothing left to store.
             let _ = cleanup.await;
@@ -911,6 +922,11 @@ impl Run<'_> {
                 budget: self.budget.clone(),
             };
             self.cleanup = Some(tokio::spawn(cleanup.run()));
+            // Every line up to the tentacle's last is stored or counted: the
+            // cleanup has nothing to bring back (a line it brought anyway
+            // would be stored after the end, never dropped), and the task's
+            // end need not wait for its round trip.
+            self.cleanup_detached = !status.more_logs && self.next_sequence >= status.next_sequence;
         }
         // Stored with the step's end (one call where that saves one); a line
         // that must come after it (the log budget's summary) stores it first.
