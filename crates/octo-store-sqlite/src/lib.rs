@@ -470,6 +470,23 @@ impl Tx for Conn {
         Ok(self.lent.check(done)?.rows_affected())
     }
 
+    async fn fetch_and_commit(
+        mut self: Box<Self>,
+        sql: &str,
+        params: Params<'_>,
+    ) -> std::result::Result<Vec<Box<dyn Columns + Send>>, sqlx::Error> {
+        if !self.lent.in_tx {
+            return self.fetch(sql, params).await;
+        }
+        // The statements and the COMMIT in one call. SQLite stops at the
+        // first statement that fails: the COMMIT then never runs, and the
+        // transaction (still marked) is rolled back when the connection is
+        // given back.
+        let rows = self.fetch(&format!("{sql};\nCOMMIT"), params).await?;
+        self.lent.in_tx = false;
+        Ok(rows)
+    }
+
     async fn commit(self: Box<Self>) -> std::result::Result<(), sqlx::Error> {
         let mut conn = *self;
         if conn.begin.take().is_some() {

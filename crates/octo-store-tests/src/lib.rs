@@ -718,8 +718,20 @@ pub async fn tasks_are_created_with_their_steps_as_read(s: &dyn Store) {
     };
     let mut gone = new_task("Script", "Run a script", &args, &[ids[0], 999_999]);
     gone.audit = Some(started.clone());
-    assert!(s.create_task_with_steps(&gone, 901).await.is_err());
+    gone.secrets = vec![("PW".into(), "ciphertext".into())];
+    let err = s.create_task_with_steps(&gone, 901).await.unwrap_err();
+    assert!(
+        err.to_string().contains("machine #999999 does not exist"),
+        "{err}"
+    );
     assert_eq!(s.list_tasks(None, 10).await.unwrap().len(), 1);
+    // Nor steps or secrets under the number it would have had.
+    let next = format!(
+        "ServerTasks-{}",
+        task.id["ServerTasks-".len()..].parse::<i64>().unwrap() + 1
+    );
+    assert!(s.task_steps(&next).await.unwrap().is_empty());
+    assert!(s.task_secrets(&next).await.unwrap().is_empty());
     let audit = AuditFilter {
         include_system: true,
         limit: 100,
@@ -729,7 +741,19 @@ pub async fn tasks_are_created_with_their_steps_as_read(s: &dyn Store) {
     // Recorded with the task, under its id.
     let mut audited = new_task("Script", "Run a script", &args, &[ids[1]]);
     audited.audit = Some(started);
+    audited.secrets = vec![("PW".into(), "ciphertext".into())];
     let (task, _) = s.create_task_with_steps(&audited, 902).await.unwrap();
+    assert_eq!(
+        s.task_secrets(&task.id).await.unwrap(),
+        [("PW".to_string(), "ciphertext".to_string())]
+    );
+    // No machine: a task of no steps (the count of machines is not checked).
+    let (empty, steps) = s
+        .create_task_with_steps(&new_task("Script", "none", &args, &[]), 903)
+        .await
+        .unwrap();
+    assert!(steps.is_empty());
+    assert_eq!(Some(empty.clone()), s.task(&empty.id).await.unwrap());
     let events = s.list_audit(&audit).await.unwrap();
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(

@@ -72,8 +72,11 @@ pub fn normal_thumbprint(t: &str) -> String {
 
 /// The id of the task numbered `seq`: `ServerTasks-<seq>`.
 pub fn task_id(seq: i64) -> String {
-    format!("ServerTasks-{seq}")
+    format!("{TASK_ID_PREFIX}{seq}")
 }
+
+/// What a task's id is before its number (the store makes ids in SQL too).
+pub const TASK_ID_PREFIX: &str = "ServerTasks-";
 
 /// A task's arguments as the JSON text they are stored as.
 pub fn arguments_text(arguments: &serde_json::Value) -> Result<String> {

@@ -268,6 +268,18 @@ pub trait Tx: Send {
     ) -> std::result::Result<u64, sqlx::Error>;
     /// Commits (nothing to do outside a transaction).
     async fn commit(self: Box<Self>) -> std::result::Result<(), sqlx::Error>;
+    /// The rows `sql` returns, then commits: where an engine can, in one
+    /// call (the statements followed by the COMMIT). When `sql` fails nothing
+    /// is committed.
+    async fn fetch_and_commit(
+        mut self: Box<Self>,
+        sql: &str,
+        params: Params<'_>,
+    ) -> std::result::Result<Vec<Box<dyn Columns + Send>>, sqlx::Error> {
+        let rows = self.fetch(sql, params).await?;
+        self.commit().await?;
+        Ok(rows)
+    }
 }
 
 /// A database engine: its connections and its SQL. Every engine is a

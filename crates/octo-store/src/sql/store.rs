@@ -18,8 +18,8 @@ use crate::error::{
 };
 use crate::input::{
     arguments_text, check_new_machine, check_new_tenant, distinct_ids, missing_machine,
-    next_sequences, normal_thumbprint, output_variables_text, require_name, task_id,
-    task_transition,
+    next_sequences, normal_thumbprint, output_variables_text, require_name, task_transition,
+    TASK_ID_PREFIX,
 };
 use crate::machines::{ListValues, MachineList, MachineRefs};
 use crate::rows::{
@@ -64,31 +64,59 @@ impl<'q> Batch<'q> {
         self.statements.push((sql, params));
     }
 
-    /// The rows the statements return, in order.
-    async fn rows(
+    /// The rows the statements return, in order, and the transaction
+    /// committed: with the statements in the same call where they are sent
+    /// together. Nothing is committed when a statement fails.
+    async fn rows_committed(
         self,
-        tx: &mut Box<dyn Tx>,
+        mut tx: Box<dyn Tx>,
         d: &Dialect,
         op: &str,
     ) -> Result<Vec<Box<dyn crate::sql::Columns + Send>>> {
         let fail = |e: sqlx::Error| Op::new(op).fail(&e);
         if d.serial_writes {
-            let mut sql = String::new();
-            let mut params = Params::default();
-            for (i, (statement, p)) in self.statements.into_iter().enumerate() {
-                if i > 0 {
-                    sql.push_str(";\n");
-                }
-                sql.push_str(&statement);
-                params.0.extend(p.0);
-            }
-            return tx.fetch(&sql, params).await.map_err(fail);
+            let (sql, params) = self.joined();
+            return tx.fetch_and_commit(&sql, params).await.map_err(fail);
         }
         let mut rows = Vec::new();
         for (sql, params) in self.statements {
             rows.extend(tx.fetch(&sql, params).await.map_err(fail)?);
         }
+        tx.commit().await.map_err(fail)?;
         Ok(rows)
+    }
+
+    /// The statements as one list, with their parameters in order.
+    fn joined(self) -> (String, Params<'q>) {
+        let mut sql = String::new();
+        let mut params = Params::default();
+        for (i, (statement, p)) in self.statements.into_iter().enumerate() {
+            if i > 0 {
+                sql.push_str(";\n");
+            }
+            sql.push_str(&statement);
+            params.0.extend(p.0);
+        }
+        (sql, params)
+    }
+}
+
+/// Why a task naming `machine_ids` was not created: the first of them that
+/// does not exist (any more).
+async fn missing_machine_of<E: Engine>(e: &E, machine_ids: &[i64], op: &str) -> StoreError {
+    let sql = format!(
+        "SELECT id FROM machines WHERE id IN ({})",
+        id_list(e.dialect())
+    );
+    match query(&sql, params![Value::ids(machine_ids)], op)
+        .scalars::<i64>(e)
+        .await
+    {
+        Ok(found) => match machine_ids.iter().find(|id| !found.contains(id)) {
+            Some(missing) => missing_machine(*missing),
+            None => StoreError::Database(format!("{op}: no row was returned")),
+        },
+        Err(err) => err,
     }
 }
 
@@ -1636,68 +1664,106 @@ impl<E: Engine> Store for E {
         let d = self.dialect();
         let arguments = arguments_text(&t.arguments)?;
         let environments = json_text(&t.environments)?;
-        let mut tx = write_tx(self, OP).await?;
-        let sql = "UPDATE counters SET value = value + 1 WHERE name = 'task' RETURNING value";
-        let seq = query(sql, params![], OP).value::<i64>(&mut *tx).await?;
-        let id = task_id(seq);
-        // The rest together (one round trip where the engine allows it): the
-        // task, then its steps, each machine's name from its row (no row, no
-        // step; the ticket as `ticket` makes it), its secrets and its record.
+        let machine_ids = distinct_ids(&t.machine_ids);
+        let tx = write_tx(self, OP).await?;
+        // One call where the engine allows it (the BEGIN, these statements
+        // and the COMMIT together): the counter moves on, and the task takes
+        // its number (its id is [`task_id`]'s, made in SQL) only when every
+        // machine named still exists; its steps (each machine's name from
+        // its row, the ticket as `ticket` makes it), its secrets and its
+        // record only with it. Otherwise nothing but the counter is written,
+        // and that number is never used.
+        let new_id =
+            format!("(SELECT '{TASK_ID_PREFIX}' || value FROM counters WHERE name = 'task')");
         let mut batch = Batch::default();
         batch.push(
-            returning::<TaskRow>(
-                "INSERT INTO tasks (id, seq, space_id, environments, kind, description, state, \
-                 arguments, created_at) VALUES (?, ?, ?, ?, ?, ?, 'Queued', ?, ?)",
-            ),
-            params![
-                &id,
-                seq,
-                t.space_id,
-                &environments,
-                &t.kind,
-                &t.description,
-                &arguments,
-                now
-            ],
+            "UPDATE counters SET value = value + 1 WHERE name = 'task'".into(),
+            params![],
         );
-        let machine_ids = distinct_ids(&t.machine_ids);
+        let mut insert_task = format!(
+            "INSERT INTO tasks (id, seq, space_id, environments, kind, description, state, \
+             arguments, created_at) SELECT '{TASK_ID_PREFIX}' || c.value, c.value, ?, ?, ?, ?, \
+             'Queued', ?, ? FROM counters c WHERE c.name = 'task'"
+        );
+        let mut task_params = params![
+            t.space_id,
+            &environments,
+            &t.kind,
+            &t.description,
+            &arguments,
+            now
+        ];
+        if !machine_ids.is_empty() {
+            insert_task.push_str(&format!(
+                " AND (SELECT COUNT(*) FROM machines WHERE id IN ({})) = ?",
+                id_list(d)
+            ));
+            let wanted = i64::try_from(machine_ids.len()).unwrap_or(i64::MAX);
+            task_params = task_params.and(Value::ids(&machine_ids)).and(wanted);
+        }
+        batch.push(returning::<TaskRow>(&insert_task), task_params);
         if !machine_ids.is_empty() {
             batch.push(
                 returning::<StepRow>(&format!(
                     "INSERT INTO task_steps (task_id, machine_id, machine_name, state, ticket) \
-                     SELECT ?, id, name, 'Queued', ? || '-m' || id FROM machines WHERE id IN ({})",
+                     SELECT t.id, m.id, m.name, 'Queued', t.id || '-m' || m.id \
+                     FROM machines m JOIN tasks t ON t.id = {new_id} WHERE m.id IN ({})",
                     id_list(d)
                 )),
-                params![&id, &id, Value::ids(&machine_ids)],
+                params![Value::ids(&machine_ids)],
             );
         }
         for (name, ciphertext) in &t.secrets {
             batch.push(
-                "INSERT INTO task_secrets (task_id, name, ciphertext) VALUES (?, ?, ?)".into(),
-                params![&id, name, ciphertext],
+                format!(
+                    "INSERT INTO task_secrets (task_id, name, ciphertext) \
+                     SELECT id, ?, ? FROM tasks WHERE id = {new_id}"
+                ),
+                params![name, ciphertext],
             );
         }
         if let Some(e) = &t.audit {
-            batch.push(AUDIT_INSERT.into(), audit_params(e, &id));
+            batch.push(
+                format!(
+                    "INSERT INTO audit_events (at, user_id, username, source, action, kind, \
+                     object, space_id, space, details) \
+                     SELECT ?, ?, ?, ?, ?, ?, t.id, ?, (SELECT name FROM spaces WHERE id = ?), ? \
+                     FROM tasks t WHERE t.id = {new_id}"
+                ),
+                params![
+                    e.at,
+                    e.user_id,
+                    &e.username,
+                    &e.source,
+                    &e.action,
+                    &e.kind,
+                    e.space_id,
+                    e.space_id,
+                    &e.details,
+                ],
+            );
         }
-        let (task, mut steps) = {
+        let created = {
             // Not held across an await (rows are not Sync).
-            let rows = batch.rows(&mut tx, d, OP).await?;
-            task_and_steps(&rows, OP)?
+            let rows = batch.rows_committed(tx, d, OP).await?;
+            if rows.is_empty() {
+                None
+            } else {
+                Some(task_and_steps(&rows, OP)?)
+            }
         };
-        if let Some(missing) = machine_ids
+        let Some((task, mut steps)) = created else {
+            return Err(missing_machine_of(self, &machine_ids, OP).await);
+        };
+        debug_assert_eq!(steps.len(), machine_ids.len());
+        debug_assert!(steps
             .iter()
-            .find(|m| !steps.iter().any(|s| s.machine_id == **m))
-        {
-            return Err(missing_machine(*missing));
-        }
-        debug_assert!(steps.iter().all(|s| s.ticket == ticket(&id, s.machine_id)));
+            .all(|s| s.ticket == ticket(&task.id, s.machine_id)));
         // As `task_steps` orders them.
         steps.sort_by(|a, b| {
             let name = |s: &TaskStep| s.machine_name.to_ascii_lowercase();
             name(a).cmp(&name(b)).then(a.machine_id.cmp(&b.machine_id))
         });
-        tx.commit().await.ctx(OP)?;
         Ok((task, steps))
     }
 
