@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use octo_api_types::Guidance;
 use octo_store::{now_ms, NewLogLine, Store, TaskStep};
 use tokio::sync::oneshot;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{error, info};
 
 use crate::feed::PackageFiles;
@@ -30,6 +30,8 @@ pub struct TaskLog {
     master_key: Arc<MasterKey>,
     /// Values learned mid-run not yet recorded in the store.
     learned: Arc<Mutex<Vec<String>>>,
+    /// Lines wait until this is cancelled (see [`TaskLog::gated`]).
+    after: Option<CancellationToken>,
 }
 
 impl TaskLog {
@@ -47,6 +49,27 @@ impl TaskLog {
             masker,
             master_key,
             learned: Arc::default(),
+            after: None,
+        }
+    }
+
+    /// This log for writers whose lines must come after a line still being
+    /// stored through `self` (a task's "Task started", while its steps
+    /// start): their lines wait until the guard is dropped. Their other
+    /// writes (a step's state) do not wait.
+    pub(crate) fn gated(&self) -> (Self, DropGuard) {
+        let gate = CancellationToken::new();
+        let log = Self {
+            after: Some(gate.clone()),
+            ..self.clone()
+        };
+        (log, gate.drop_guard())
+    }
+
+    /// Waits until lines may be stored (see [`TaskLog::gated`]).
+    async fn line_turn(&self) {
+        if let Some(gate) = self.after.as_ref().filter(|g| !g.is_cancelled()) {
+            gate.cancelled().await;
         }
     }
 
@@ -109,6 +132,7 @@ impl TaskLog {
         if lines.is_empty() {
             return Ok(());
         }
+        self.line_turn().await;
         self.record_learned_or_say().await;
         if self.masker.is_empty() {
             self.store.append_log(&self.task_id, lines).await?;
@@ -128,6 +152,7 @@ impl TaskLog {
 
     /// Writes a server line about the task (best effort: a failure is logged).
     pub async fn server(&self, text: impl Into<String>) {
+        self.line_turn().await;
         let line = self.server_line(&text.into());
         if let Err(e) = self.append(&[line]).await {
             error!("writing to the log of task {}: {e}", self.task_id);
@@ -156,6 +181,7 @@ impl TaskLog {
         state: octo_store::TaskState,
         error: Option<&str>,
     ) -> octo_store::Result<()> {
+        self.line_turn().await;
         self.record_learned_or_say().await;
         let line = self.server_line(&text);
         let stored = self
@@ -171,6 +197,7 @@ impl TaskLog {
     /// one call where that saves one (see [`Store::update_step_logged`]),
     /// and wakes readers of both (best effort: a failure is logged).
     pub async fn save_step_logged(&self, step: &TaskStep, text: &str) {
+        self.line_turn().await;
         self.record_learned_or_say().await;
         let line = self.server_line(text);
         if let Err(e) = self.store.update_step_logged(step, &line).await {
@@ -282,5 +309,53 @@ impl StepContext {
             Ok(t) => Ok(Arc::new(t.clone())),
             Err(why) => Err(format!("this server has no deployment tool to push: {why}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use octo_store_tests::fixtures::new_task;
+
+    /// Lines through a gated log wait for the guard; the step's state does
+    /// not. The line stored meanwhile through the log itself comes first.
+    #[tokio::test]
+    async fn a_gated_logs_lines_wait_for_the_first_line() {
+        let store: Arc<dyn Store> = Arc::new(
+            octo_store_sqlite::SqliteStore::open_in_memory()
+                .await
+                .unwrap(),
+        );
+        let (task, steps) = store
+            .create_task_with_steps(&new_task("Script", "t", &serde_json::json!({}), &[]), 1)
+            .await
+            .unwrap();
+        assert!(steps.is_empty());
+        let (key, _) = MasterKey::generate().unwrap();
+        let log = TaskLog::new(
+            store.clone(),
+            Arc::default(),
+            &task.id,
+            Arc::default(),
+            Arc::new(key),
+        );
+        let (gated, guard) = log.gated();
+        let mut waiting = Box::pin(gated.server("a step's line"));
+        assert!(futures_util::poll!(&mut waiting).is_pending());
+        log.server("Task started").await;
+        assert!(futures_util::poll!(&mut waiting).is_pending());
+        drop(guard);
+        waiting.await;
+        gated.server("after").await;
+        let texts: Vec<String> = store
+            .task_log(&task.id, 0, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|l| l.text)
+            .collect();
+        assert_eq!(texts, ["Task started", "a step's line", "after"]);
     }
 }

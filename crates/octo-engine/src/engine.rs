@@ -796,38 +796,48 @@ impl Engine {
             Admission::Full => return self.give_back_full(&log, &id).await,
         };
         let todo = steps.iter().filter(|s| !s.state.is_final()).count();
-        if resumed {
-            log.server(format!(
-                "Resuming task ({todo} of {} machines unfinished)",
-                steps.len()
-            ))
-            .await;
-        } else {
-            let started = format!("Task started: {}", task.description);
-            self.set_task_state_logged(&log, TaskState::Executing, None, started)
+        let total = steps.len();
+        // The task's first line is stored while its steps start (reading
+        // their machines, storing them as started): their lines wait for it.
+        let (steps_log, first_line_stored) = log.gated();
+        let first_line = async {
+            if resumed {
+                log.server(format!(
+                    "Resuming task ({todo} of {total} machines unfinished)"
+                ))
                 .await;
-        }
+            } else {
+                let started = format!("Task started: {}", task.description);
+                self.set_task_state_logged(&log, TaskState::Executing, None, started)
+                    .await;
+            }
+            drop(first_line_stored);
+        };
         let runner = secrets.and_then(|s| Self::runner_of(&task, &s));
         let per_task = max_parallel_steps_of(&task.arguments).unwrap_or(self.deps.limits.per_task);
         // Alone on its store, this engine records every step's end itself:
         // the task's end is then decided from what it recorded, without
         // reading the steps again (on a cluster, another node may have run some).
         let known = (!store.shared()).then(|| steps.clone());
-        let run = match runner {
-            Ok(runner) => match self.run_steps(&log, steps, &cancel, runner, per_task).await {
-                Some(run) => run,
-                // The server is stopping: leave the task as it is, to resume.
-                None => return,
-            },
-            Err(why) => {
-                self.fail_unfinished(&log, &why).await;
-                StepsRun {
-                    health: Vec::new(),
-                    recorded: Vec::new(),
-                    all_recorded: false,
+        let run_steps = async {
+            match runner {
+                Ok(runner) => {
+                    self.run_steps(&steps_log, steps, &cancel, runner, per_task)
+                        .await
+                }
+                Err(why) => {
+                    self.fail_unfinished(&steps_log, &why).await;
+                    Some(StepsRun {
+                        health: Vec::new(),
+                        recorded: Vec::new(),
+                        all_recorded: false,
+                    })
                 }
             }
         };
+        let ((), run) = tokio::join!(first_line, run_steps);
+        // None: the server is stopping; the task is left as it is, to resume.
+        let Some(run) = run else { return };
         if task.kind == kind::HEALTH && !cancel.is_cancelled() {
             self.upgrade_outdated(&log, &task).await;
         }
