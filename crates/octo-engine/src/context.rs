@@ -154,13 +154,18 @@ impl TaskLog {
     pub async fn server(&self, text: impl Into<String>) {
         self.line_turn().await;
         let line = self.server_line(&text.into());
+        self.put(line).await;
+    }
+
+    /// Stores a line made before (best effort: a failure is logged).
+    pub(crate) async fn put(&self, line: NewLogLine) {
         if let Err(e) = self.append(&[line]).await {
             error!("writing to the log of task {}: {e}", self.task_id);
         }
     }
 
     /// A server line, masked (and shown in the server's own log).
-    fn server_line(&self, text: &str) -> NewLogLine {
+    pub(crate) fn server_line(&self, text: &str) -> NewLogLine {
         let text = self.masker.mask(text);
         info!("{}: {text}", self.task_id);
         NewLogLine {
@@ -193,14 +198,13 @@ impl TaskLog {
         stored
     }
 
-    /// Stores a server line about a step and then the step as it is now, in
+    /// Stores server lines about a step and then the step as it is now, in
     /// one call where that saves one (see [`Store::update_step_logged`]),
     /// and wakes readers of both (best effort: a failure is logged).
-    pub async fn save_step_logged(&self, step: &TaskStep, text: &str) {
+    pub async fn save_step_logged(&self, step: &TaskStep, lines: &[NewLogLine]) {
         self.line_turn().await;
         self.record_learned_or_say().await;
-        let line = self.server_line(text);
-        if let Err(e) = self.store.update_step_logged(step, &line).await {
+        if let Err(e) = self.store.update_step_logged(step, lines).await {
             error!(
                 "saving step {} of task {}: {e}",
                 step.machine_name, step.task_id

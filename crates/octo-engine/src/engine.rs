@@ -24,8 +24,8 @@ use std::time::Duration;
 
 use octo_api_types::{Guidance, ScriptRequest};
 use octo_store::{
-    now_ms, ClusterEvent, HealthStatus, Machine, MachineFilter, MachinePolicy, NewTask, Store,
-    Task, TaskState, TaskStep,
+    now_ms, ClusterEvent, HealthStatus, Machine, MachineFilter, MachinePolicy, NewLogLine, NewTask,
+    Store, Task, TaskState, TaskStep,
 };
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
@@ -608,15 +608,15 @@ impl Engine {
             .collect()
     }
 
-    /// Records a step's end, after its last line (`line`, "MACHINE: ...")
-    /// when it has one still to store.
+    /// Records a step's end, after its last lines (`lines`, "MACHINE: ...")
+    /// when it has some still to store.
     async fn finish_step(
         &self,
         log: &TaskLog,
         mut step: TaskStep,
         state: TaskState,
         error: Option<String>,
-        line: Option<String>,
+        lines: Vec<NewLogLine>,
     ) -> TaskStep {
         step.state = state;
         step.error = error;
@@ -624,9 +624,10 @@ impl Engine {
         if step.started_at.is_none() {
             step.started_at = step.completed_at;
         }
-        match line {
-            Some(line) => log.save_step_logged(&step, &line).await,
-            None => log.save_step(&step).await,
+        if lines.is_empty() {
+            log.save_step(&step).await;
+        } else {
+            log.save_step_logged(&step, &lines).await;
         }
         self.publish(ClusterEvent::StepFinished {
             task_id: step.task_id.clone(),
@@ -1018,7 +1019,7 @@ impl Engine {
         step: TaskStep,
     ) -> TaskStep {
         let why = because(running, Some("canceled before it started".into()));
-        self.finish_step(log, step, TaskState::Canceled, why, None)
+        self.finish_step(log, step, TaskState::Canceled, why, Vec::new())
             .await
     }
 
@@ -1099,14 +1100,14 @@ impl Engine {
                 error,
                 health,
                 afterwards,
-                line,
+                lines,
             } => {
                 let error = if state == TaskState::Canceled {
                     because(&running, error)
                 } else {
                     error
                 };
-                let recorded = self.finish_step(&log, step, state, error, line).await;
+                let recorded = self.finish_step(&log, step, state, error, lines).await;
                 // Recorded: whoever stops this machine may go on.
                 drop(registration);
                 if let Some(work) = afterwards {
@@ -1130,8 +1131,14 @@ impl Engine {
             Err(e) => return error!("loading the steps of task {task_id}: {e}"),
         };
         for step in steps.into_iter().filter(|s| !s.state.is_final()) {
-            self.finish_step(log, step, TaskState::Failed, Some(why.to_string()), None)
-                .await;
+            self.finish_step(
+                log,
+                step,
+                TaskState::Failed,
+                Some(why.to_string()),
+                Vec::new(),
+            )
+            .await;
         }
     }
 

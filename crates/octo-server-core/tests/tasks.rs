@@ -937,6 +937,64 @@ async fn a_server_restart_resumes_the_task() {
     drop(pol);
 }
 
+/// A step's first line ("starting the script") is stored with the script's
+/// first lines or its end, and shows while a silent script runs: here the
+/// script waits until the test has seen that line, then prints. The line
+/// comes first, stamped no later than the script's own lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steps_first_line_shows_while_a_silent_script_runs_and_comes_first() {
+    let (server, lis, _pol, lis_id, _) = two_machines().await;
+    let flag = lis.ctx.home.join("go");
+    let script = format!(
+        "while [ ! -e '{}' ]; do sleep 0.01; done; echo after",
+        flag.display()
+    );
+    let id = server.script(&script, &["lis"]).await;
+    let mut events = server.events(&id, 0).await;
+    let (_, first) = events
+        .until(|e, d| e == "log" && d["text"].as_str().unwrap().contains("starting the script"))
+        .await;
+    std::fs::write(&flag, b"").unwrap();
+    let (_, end) = events.until(|e, _| e == "end").await;
+    assert_eq!(end["task"]["state"], "Success", "{end}");
+    let log = server.log(&id).await;
+    let at = |text: &str| {
+        log.iter()
+            .position(|l| l["text"].as_str().unwrap().contains(text))
+    };
+    let (starting, after, finished) = (
+        at("starting the script").unwrap(),
+        at("after").unwrap(),
+        at("the script finished").unwrap(),
+    );
+    assert!(starting < after && after < finished, "{log:#?}");
+    assert_eq!(log[starting]["id"], first["id"]);
+    let stamp = |i: usize| log[i]["timestamp"].as_i64().unwrap();
+    assert!(stamp(starting) <= stamp(after), "{log:#?}");
+    assert_eq!(stdout_of(&log, lis_id), ["after"]);
+
+    // A script that ends at once: its first line, its output, its end, in order.
+    let id = server.script("echo quick", &["lis"]).await;
+    server.wait_end(&id).await;
+    let texts: Vec<String> = server
+        .log(&id)
+        .await
+        .iter()
+        .map(|l| l["text"].as_str().unwrap().to_string())
+        .collect();
+    let mine: Vec<&String> = texts.iter().filter(|t| !t.starts_with("Task ")).collect();
+    assert_eq!(mine.len(), 3, "{texts:#?}");
+    assert!(
+        mine[0].starts_with("lis: starting the script"),
+        "{texts:#?}"
+    );
+    assert_eq!(mine[1], "quick");
+    assert!(
+        mine[2].starts_with("lis: the script finished (Success"),
+        "{texts:#?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_before_the_script_started_never_starts_it() {
     let server = Server::new().await;

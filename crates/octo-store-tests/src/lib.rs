@@ -2524,8 +2524,8 @@ pub async fn a_task_with_its_log_reads_as_its_parts_do(s: &dyn Store) {
     );
 }
 
-/// A step saved with its line: the line first, then the step; a step that
-/// does not exist is NotFound, its line stored all the same.
+/// A step saved with its lines: the lines first, in order, then the step; a
+/// step that does not exist is NotFound, its lines stored all the same.
 pub async fn a_step_is_saved_after_its_line(s: &dyn Store) {
     let m = s
         .create_machine(&new_machine("web01", &[], &[]))
@@ -2542,9 +2542,11 @@ pub async fn a_step_is_saved_after_its_line(s: &dyn Store) {
     step.state = TaskState::Success;
     step.exit_code = Some(0);
     step.completed_at = Some(5);
-    s.update_step_logged(&step, &server_line("web01: finished"))
-        .await
-        .unwrap();
+    let lines = [
+        server_line("web01: starting"),
+        server_line("web01: finished"),
+    ];
+    s.update_step_logged(&step, &lines).await.unwrap();
     let saved = s.task_steps(&task.id).await.unwrap().remove(0);
     assert_eq!(
         (saved.state, saved.exit_code),
@@ -2553,19 +2555,19 @@ pub async fn a_step_is_saved_after_its_line(s: &dyn Store) {
     assert_eq!(saved.next_sequence, 1, "the resume point never moves back");
     let log = s.task_log(&task.id, 0, 10).await.unwrap();
     let texts: Vec<&str> = log.iter().map(|l| l.text.as_str()).collect();
-    assert_eq!(texts, ["out", "web01: finished"]);
+    assert_eq!(texts, ["out", "web01: starting", "web01: finished"]);
 
     let mut missing = saved.clone();
     missing.machine_id = m.id + 100;
     assert!(matches!(
-        s.update_step_logged(&missing, &server_line("nowhere"))
+        s.update_step_logged(&missing, &[server_line("nowhere")])
             .await,
         Err(StoreError::NotFound {
             kind: "task step",
             ..
         })
     ));
-    assert_eq!(s.task_log(&task.id, 0, 10).await.unwrap().len(), 3);
+    assert_eq!(s.task_log(&task.id, 0, 10).await.unwrap().len(), 4);
 }
 
 /// A tentacle's certificate rotation: the next certificate is accepted beside

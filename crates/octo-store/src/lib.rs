@@ -661,12 +661,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn request_cancel(&self, id: &str) -> Result<()>;
     async fn task_steps(&self, task_id: &str) -> Result<Vec<TaskStep>>;
     async fn update_step(&self, step: &TaskStep) -> Result<()>;
-    /// A server line about a step (as [`Store::append_log`]), then the step
+    /// Server lines about a step (as [`Store::append_log`]), then the step
     /// (as [`Store::update_step`]). Where writes hold the whole database
     /// (SQLite) both statements go in one call, each its own commit as when
     /// made apart; elsewhere one after the other. A missing step is
-    /// NotFound, its line stored all the same.
-    async fn update_step_logged(&self, step: &TaskStep, line: &NewLogLine) -> Result<()>;
+    /// NotFound, its lines stored all the same.
+    async fn update_step_logged(&self, step: &TaskStep, lines: &[NewLogLine]) -> Result<()>;
     /// Appends lines (ignoring (task, machine, sequence) duplicates) and, for the
     /// lines' machine, advances the step's next_sequence past the highest sequence.
     async fn append_log(&self, task_id: &str, lines: &[NewLogLine]) -> Result<()>;

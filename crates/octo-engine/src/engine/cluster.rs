@@ -562,7 +562,7 @@ impl Engine {
                 }
             }
             Err(why) => {
-                self.finish_step(&log, step, TaskState::Failed, Some(why), None)
+                self.finish_step(&log, step, TaskState::Failed, Some(why), Vec::new())
                     .await;
             }
         }

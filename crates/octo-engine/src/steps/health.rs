@@ -85,7 +85,6 @@ pub(crate) async fn run_step(ctx: &StepContext, mut step: TaskStep) -> StepEnd {
     if let Err(e) = ctx.store.record_health(machine.id, &update).await {
         tracing::error!("recording the health of {name}: {e}");
     }
-    ctx.say(line).await;
     let (state, error) = match update.status {
         HealthStatus::Healthy => (TaskState::Success, None),
         status => (
@@ -99,7 +98,10 @@ pub(crate) async fn run_step(ctx: &StepContext, mut step: TaskStep) -> StepEnd {
         error,
         health: Some(update.status),
         afterwards: None,
-        line: None,
+        // Stored with the step's end.
+        lines: vec![ctx
+            .log
+            .server_line(&format!("{}: {line}", ctx.machine_name))],
     }
 }
 

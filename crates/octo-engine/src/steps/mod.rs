@@ -12,7 +12,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 use octo_comms::Endpoint;
-use octo_store::{HealthStatus, Machine, TaskState, TaskStep};
+use octo_store::{HealthStatus, Machine, NewLogLine, TaskState, TaskStep};
 
 use crate::context::StepContext;
 use crate::endpoint_of;
@@ -33,9 +33,9 @@ pub(crate) enum StepEnd {
         /// The machine's health, for a health check's summary.
         health: Option<HealthStatus>,
         afterwards: Option<Afterwards>,
-        /// The step's last line ("MACHINE: ..."), not stored yet: the engine
-        /// stores it with the step's end, in one call where that saves one.
-        line: Option<String>,
+        /// The step's last lines ("MACHINE: ..."), not stored yet: the engine
+        /// stores them with the step's end, in one call where that saves one.
+        lines: Vec<NewLogLine>,
     },
     /// The server is stopping: the step stays as stored, to resume.
     Interrupted,
@@ -49,7 +49,7 @@ impl StepEnd {
             error,
             health: None,
             afterwards: None,
-            line: None,
+            lines: Vec::new(),
         }
     }
 

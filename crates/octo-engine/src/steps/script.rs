@@ -265,8 +265,9 @@ pub(crate) enum ScriptEnd {
         error: Option<String>,
         /// Cleanup on the tentacle, to run once the outcome is recorded.
         afterwards: Option<Afterwards>,
-        /// The line saying how the script ended, stored with the step's end.
-        line: Option<String>,
+        /// The lines saying how the script ended (after its first line when
+        /// that is still to store), stored with the step's end.
+        lines: Vec<NewLogLine>,
     },
     /// Failed with `hold_failure`: the step stays Executing, `why` goes back to
     /// the caller (which asks a person what to do).
@@ -283,14 +284,14 @@ impl From<ScriptEnd> for StepEnd {
                 state,
                 error,
                 afterwards,
-                line,
+                lines,
             } => StepEnd::Finished {
                 step,
                 state,
                 error,
                 health: None,
                 afterwards,
-                line,
+                lines,
             },
             // Only deployments hold failures, and they ask for guidance first.
             ScriptEnd::Held { step, why } => StepEnd::finished(step, TaskState::Failed, Some(why)),
@@ -332,12 +333,14 @@ struct Run<'a> {
     budget: LogBudget,
     /// When the resume point was last saved while lines were dropped.
     saved_at: Instant,
-    /// The step's first line ("starting ..."), not yet stored: it is stored
-    /// while StartScript travels (one store round trip off the way to the
-    /// script), or before any other line of the step.
-    announce: Option<String>,
-    /// The line saying how the script ended, until the step's end stores it.
-    end_line: Option<String>,
+    /// The step's first line ("MACHINE: starting ..."), made (and stamped)
+    /// when the step starts, not yet stored: it goes with the script's first
+    /// lines or the step's end (one store call less a step), and at the
+    /// latest [`BATCH_DELAY`] after StartScript was sent, always before any
+    /// other line of the step.
+    announce: Option<NewLogLine>,
+    /// The lines saying how the script ended, until the step's end stores them.
+    end_lines: Vec<NewLogLine>,
 }
 
 /// One machine's part of a script task.
@@ -378,7 +381,7 @@ pub(crate) async fn run_step(
                 state: TaskState::Failed,
                 error: Some(why),
                 afterwards: None,
-                line: None,
+                lines: Vec::new(),
             }
         }
     };
@@ -392,7 +395,11 @@ pub(crate) async fn run_step(
             .await;
         None
     } else {
-        Some(format!("starting {label} ({endpoint})"))
+        let name = &step.machine_name;
+        Some(
+            ctx.log
+                .server_line(&format!("{name}: starting {label} ({endpoint})")),
+        )
     };
     let ticket = spec.ticket(&step);
     let budget = LogBudget::of(ctx, &step).await;
@@ -414,7 +421,7 @@ pub(crate) async fn run_step(
         budget,
         saved_at: Instant::now(),
         announce,
-        end_line: None,
+        end_lines: Vec::new(),
     };
     Box::pin(run.run()).await;
     run.flush_announce().await;
@@ -444,7 +451,7 @@ pub(crate) async fn run_step(
         }) as Afterwards
     });
     ScriptEnd::Finished {
-        line: run.end_line.take(),
+        lines: std::mem::take(&mut run.end_lines),
         step: run.step,
         state,
         error,
@@ -465,16 +472,16 @@ impl Run<'_> {
 
     /// Stores the step's first line if it is still pending.
     async fn flush_announce(&mut self) {
-        if let Some(text) = self.announce.take() {
-            self.ctx.say(text).await;
+        if let Some(line) = self.announce.take() {
+            self.ctx.log.put(line).await;
         }
     }
 
-    /// Stores the line saying how the script ended if it is still pending
-    /// (normally it goes with the step's end: [`ScriptEnd::Finished`]).
+    /// Stores the lines saying how the script ended if they are still
+    /// pending (normally they go with the step's end: [`ScriptEnd::Finished`]).
     async fn flush_end_line(&mut self) {
-        if let Some(line) = self.end_line.take() {
-            self.ctx.log.server(line).await;
+        for line in std::mem::take(&mut self.end_lines) {
+            self.ctx.log.put(line).await;
         }
     }
 
@@ -637,22 +644,25 @@ impl Run<'_> {
             self.start_attempted = true;
             let req = self.start_request();
             let mut client = conn.scripts();
-            // The step's first line is stored while StartScript travels; the
-            // script's own lines are read only after both (they follow it).
-            let (ctx, announce) = (self.ctx, self.announce.take());
-            let (started, ()) = tokio::join!(
-                async {
-                    tokio::select! {
-                        r = tokio::time::timeout(CALL_TIMEOUT, client.start_script(req)) => Some(r),
-                        _ = shutdown.cancelled() => None,
-                    }
-                },
-                async {
-                    if let Some(text) = announce {
-                        ctx.say(text).await;
-                    }
+            // The step's first line waits to be stored with the script's
+            // first lines or its end (one store call less a step), or for
+            // [`BATCH_DELAY`]: a slow start stores it meanwhile.
+            let start = async {
+                tokio::select! {
+                    r = tokio::time::timeout(CALL_TIMEOUT, client.start_script(req)) => Some(r),
+                    _ = shutdown.cancelled() => None,
                 }
-            );
+            };
+            tokio::pin!(start);
+            let pending = self.announce.is_some();
+            let started = tokio::select! {
+                biased;
+                r = &mut start => r,
+                () = tokio::time::sleep(BATCH_DELAY), if pending => {
+                    self.flush_announce().await;
+                    start.await
+                }
+            };
             let Some(started) = started else {
                 return Attempt::Shutdown;
             };
@@ -766,7 +776,10 @@ impl Run<'_> {
             }
         };
         let mut batch: Vec<NewLogLine> = Vec::new();
-        let mut flush_at: Option<Instant> = None;
+        // The step's first line, still to store, is stored within
+        // [`BATCH_DELAY`] (with the script's lines or its end if they come sooner).
+        let mut flush_at: Option<Instant> =
+            self.announce.as_ref().map(|_| Instant::now() + BATCH_DELAY);
         loop {
             let cancel_pending = !self.cancel_sent;
             tokio::select! {
@@ -784,6 +797,7 @@ impl Run<'_> {
                     if let Err(end) = self.flush(&mut batch, &mut flush_at).await {
                         return end;
                     }
+                    self.flush_announce().await;
                 }
                 event = events.message() => match event {
                     Ok(Some(ev)) => match ev.event {
@@ -863,7 +877,11 @@ impl Run<'_> {
     ) -> Result<(), Attempt> {
         *flush_at = None;
         if !batch.is_empty() {
-            let lines = std::mem::take(batch);
+            let mut lines = std::mem::take(batch);
+            // The step's first line, if still to store, goes before them.
+            if let Some(line) = self.announce.take() {
+                lines.insert(0, line);
+            }
             if let Err(e) = self.ctx.log.append(&lines).await {
                 self.fail(format!("storing the log failed: {e}")).await;
                 return Err(Attempt::Done);
@@ -928,14 +946,17 @@ impl Run<'_> {
             // end need not wait for its round trip.
             self.cleanup_detached = !status.more_logs && self.next_sequence >= status.next_sequence;
         }
-        // Stored with the step's end (one call where that saves one); a line
-        // that must come after it (the log budget's summary) stores it first.
-        self.flush_announce().await;
+        // Stored with the step's end, after the step's first line when that
+        // is still to store (one call where that saves one); a line that must
+        // come after them (the log budget's summary) stores them first.
         let text = match &error {
             None => format!("{} finished ({state:?}, exit code {code})", self.spec.label),
             Some(e) => format!("{} finished ({state:?}): {e}", self.spec.label),
         };
-        self.end_line = Some(format!("{}: {text}", self.ctx.machine_name));
+        let name = &self.ctx.machine_name;
+        self.end_lines.extend(self.announce.take());
+        let end = self.ctx.log.server_line(&format!("{name}: {text}"));
+        self.end_lines.push(end);
         self.finish(state, error).await;
         debug_assert_eq!(held, self.held(), "the cleanup decision matches the end");
     }

@@ -1943,24 +1943,27 @@ impl<E: Engine> Store for E {
         expect_rows(n, step_not_found(step))
     }
 
-    async fn update_step_logged(&self, step: &TaskStep, line: &NewLogLine) -> Result<()> {
-        let line = std::slice::from_ref(line);
-        if !self.dialect().serial_writes {
-            self.append_log(&step.task_id, line).await?;
+    async fn update_step_logged(&self, step: &TaskStep, lines: &[NewLogLine]) -> Result<()> {
+        if !self.dialect().serial_writes
+            || lines.is_empty()
+            || lines.len() > LOG_ROWS_PER_INSERT
+            || lines.iter().any(|l| l.sequence.is_some())
+        {
+            self.append_log(&step.task_id, lines).await?;
             return self.update_step(step).await;
         }
         // As `set_task_state_logged`: one hand-off to the database's
         // thread for both statements, each its own commit.
-        let (insert, mut params) = log_lines_insert(&step.task_id, line);
+        let (insert, mut params) = log_lines_insert(&step.task_id, lines);
         let (update, update_params) = step_update(self.dialect(), step);
         params.0.extend(update_params.0);
         let sql = format!("{insert}; {update}");
         let n = query(&sql, params, log_lines_op(&step.task_id))
             .execute(self)
             .await?;
-        // The line is stored (a server line never collides): one row more
+        // The lines are stored (server lines never collide): one row more
         // says the step was there.
-        expect_rows(n.saturating_sub(1), step_not_found(step))
+        expect_rows(n.saturating_sub(lines.len() as u64), step_not_found(step))
     }
 
     async fn append_log(&self, task_id: &str, lines: &[NewLogLine]) -> Result<()> {
