@@ -251,7 +251,8 @@ async fn scenario(
         c.args(args).env("TENTACLE_CONFIG_DIR", &tdir);
         c
     };
-    let port = free_port()?.to_string();
+    let listen_port = free_port()?;
+    let port = listen_port.to_string();
     let stp = server.thumbprint.to_string();
     let comms = format!("127.0.0.1:{}", server.comms_port);
     for (inst, extra) in [
@@ -335,6 +336,9 @@ async fn scenario(
             .with_context(|| format!("starting tentacle {inst}"))?;
         agents.0.push((inst.to_string(), child));
     }
+    // `tentacle run` binds its port a moment after it starts: a health
+    // check before that finds nothing listening.
+    wait_listening(&mut agents, "Listening", listen_port, &tdir).await?;
     println!(
         "3. Started both tentacles (`tentacle run`); their logs: {}/*/home/Logs",
         tdir.display()
@@ -399,6 +403,44 @@ async fn scenario(
     );
     println!("  task history:   octopus task list --server {url} --api-key <key in admin-api-key>");
     Ok(agents)
+}
+
+/// How long a started listening tentacle may take to accept connections.
+const LISTEN_WAIT: Duration = Duration::from_secs(30);
+
+/// Waits until tentacle instance `inst` (just started) accepts connections on
+/// 127.0.0.1:`port`, or says why it does not: its process ended, or
+/// [`LISTEN_WAIT`] passed.
+async fn wait_listening(
+    agents: &mut Agents,
+    inst: &str,
+    port: u16,
+    tdir: &Path,
+) -> anyhow::Result<()> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let output = tdir.join(format!("{inst}.out"));
+    let deadline = tokio::time::Instant::now() + LISTEN_WAIT;
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        if let Some((_, child)) = agents.0.iter_mut().find(|(name, _)| name == inst) {
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "`tentacle run --instance {inst}` stopped ({status}) before listening on {addr}; its output is in {}",
+                    output.display()
+                );
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "`tentacle run --instance {inst}` did not accept connections on {addr} within {} s; its output is in {}",
+                LISTEN_WAIT.as_secs(),
+                output.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A small package `Hello.1.0.0.tar.gz` (built with the system's `tar`): a page

@@ -62,6 +62,8 @@ fn quickstart_keep_prints_a_portal_login_that_works() {
     let octopus = PathBuf::from(env!("CARGO_BIN_EXE_octopus"));
     let tentacle = octopus.with_file_name("tentacle");
     let dir = tempfile::tempdir().unwrap();
+    // Its stderr in a file of the test's own (not under --dir), for a failure's message.
+    let errors = tempfile::NamedTempFile::new().unwrap();
     let mut child = Command::new(&octopus)
         .args(["quickstart", "--keep", "--dir"])
         .arg(dir.path())
@@ -69,7 +71,7 @@ fn quickstart_keep_prints_a_portal_login_that_works() {
         .env_remove("OCTOPUS_URL")
         .env_remove("OCTOPUS_API_KEY")
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(errors.reopen().unwrap())
         .spawn()
         .unwrap();
     let pid = child.id();
@@ -86,11 +88,25 @@ fn quickstart_keep_prints_a_portal_login_that_works() {
             .status();
     };
     let mut login = None;
+    let mut printed = Vec::new();
     loop {
-        let Ok(line) = rx.recv_timeout(Duration::from_secs(120)) else {
-            interrupt();
-            panic!("quickstart --keep printed no portal login within 120 s");
+        let line = match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(line) => line,
+            Err(why) => {
+                interrupt();
+                let _ = child.wait();
+                panic!(
+                    "quickstart --keep printed no portal login ({}):\n{}\nstderr:\n{}",
+                    match why {
+                        std::sync::mpsc::RecvTimeoutError::Timeout => "nothing within 120 s",
+                        std::sync::mpsc::RecvTimeoutError::Disconnected => "it ended",
+                    },
+                    printed.join("\n"),
+                    std::fs::read_to_string(errors.path()).unwrap_or_default()
+                );
+            }
         };
+        printed.push(line.clone());
         if let Some(rest) = line.strip_prefix("Web portal: ") {
             // "URL  user NAME  password PASSWORD  (also in FILE)"
             let words: Vec<&str> = rest.split_whitespace().collect();
