@@ -413,7 +413,8 @@ impl Tentacle {
 }
 
 /// The real script service with two faults a test can turn on: CompleteScript
-/// waits until `open` is set (counting the calls in `completes`), and with
+/// waits until `open` is set (counting the calls in `completes`, and those
+/// the real service answered in `answered`), and with
 /// `withhold` the log stream keeps back every line with that text (as a stream
 /// cut before its end would), so its `completed` event says more is due.
 #[derive(Clone)]
@@ -421,6 +422,7 @@ struct Gated {
     inner: ScriptServiceImpl,
     open: watch::Sender<bool>,
     completes: watch::Sender<u32>,
+    answered: watch::Sender<u32>,
     withhold: Option<&'static str>,
 }
 
@@ -483,7 +485,9 @@ impl ScriptService for Gated {
         self.completes.send_modify(|n| *n += 1);
         let mut open = self.open.subscribe();
         let _ = open.wait_for(|o| *o).await;
-        self.inner.complete_script(r).await
+        let reply = self.inner.complete_script(r).await;
+        self.answered.send_modify(|n| *n += 1);
+        reply
     }
 }
 
@@ -500,6 +504,7 @@ impl Tentacle {
             inner: t.scripts.clone(),
             open: watch::Sender::new(false),
             completes: watch::Sender::new(0),
+            answered: watch::Sender::new(0),
             withhold,
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -513,12 +518,16 @@ impl Tentacle {
         (t, gated)
     }
 
-    /// Entries in the tentacle's work folder (scripts' folders, and folders
+    /// Names in the tentacle's work folder (scripts' folders, and folders
     /// moved aside to be deleted).
-    fn work_entries(&self) -> usize {
+    fn work_entries(&self) -> Vec<String> {
         std::fs::read_dir(self.ctx.home.join("Work"))
-            .map(|d| d.count())
-            .unwrap_or(0)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 }
 
@@ -939,22 +948,28 @@ async fn a_server_restart_resumes_the_task() {
 
 /// A step's first line ("starting the script") is stored with the script's
 /// first lines or its end, and shows while a silent script runs: here the
-/// script waits until the test has seen that line, then prints. The line
-/// comes first, stamped no later than the script's own lines.
+/// script reads a FIFO the test writes once it has seen that line, then
+/// prints. The line comes first, stamped no later than the script's own lines.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_steps_first_line_shows_while_a_silent_script_runs_and_comes_first() {
     let (server, lis, _pol, lis_id, _) = two_machines().await;
-    let flag = lis.ctx.home.join("go");
-    let script = format!(
-        "while [ ! -e '{}' ]; do sleep 0.01; done; echo after",
-        flag.display()
-    );
+    let fifo = lis.ctx.home.join("go");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let script = format!("read -r word < '{}'; echo \"$word\"", fifo.display());
     let id = server.script(&script, &["lis"]).await;
     let mut events = server.events(&id, 0).await;
     let (_, first) = events
         .until(|e, d| e == "log" && d["text"].as_str().unwrap().contains("starting the script"))
         .await;
-    std::fs::write(&flag, b"").unwrap();
+    // Opening the FIFO waits for its reader, the script (bounded).
+    timeout(
+        T,
+        tokio::task::spawn_blocking(move || std::fs::write(&fifo, b"after\n")),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .unwrap();
     let (_, end) = events.until(|e, _| e == "end").await;
     assert_eq!(end["task"]["state"], "Success", "{end}");
     let log = server.log(&id).await;
@@ -1207,22 +1222,25 @@ async fn the_task_ends_without_waiting_for_a_cleanup_that_brings_nothing() {
         .unwrap()
         .unwrap();
     assert!(!*gated.open.borrow());
+    let ticket = end["steps"][0]["ticket"].as_str().unwrap().to_string();
     assert_eq!(
         lis.work_entries(),
-        1,
+        std::slice::from_ref(&ticket),
         "the script's folder is there until the cleanup"
     );
     gated.open.send_replace(true);
-    // Once let through, the cleanup empties the work folder (moved aside,
-    // then deleted in the background): bounded wait for that.
-    let deadline = tokio::time::Instant::now() + T;
-    while lis.work_entries() > 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the work folder was never emptied"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // Once answered, the script's folder is gone (moved aside, its files
+    // deleted in the background) and its ticket free.
+    let mut answered = gated.answered.subscribe();
+    timeout(T, answered.wait_for(|n| *n == 1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        !lis.work_entries().contains(&ticket),
+        "{:?}",
+        lis.work_entries()
+    );
     assert_eq!(*gated.completes.borrow(), 1);
 }
 

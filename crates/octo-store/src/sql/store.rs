@@ -314,20 +314,14 @@ const AUDIT_INSERT: &str =
      space_id, space, details) \
      VALUES (?, ?, ?, ?, ?, ?, ?, ?, (SELECT name FROM spaces WHERE id = ?), ?)";
 
-/// The parameters of [`AUDIT_INSERT`] for `e`, about `object`.
-fn audit_params<'q>(e: &'q NewAuditEvent, object: &'q str) -> Params<'q> {
-    params![
-        e.at,
-        e.user_id,
-        &e.username,
-        &e.source,
-        &e.action,
-        &e.kind,
-        object,
-        e.space_id,
-        e.space_id,
-        &e.details,
-    ]
+/// The parameters of [`AUDIT_INSERT`] for `e`, about `object`; without it
+/// where the statement takes the object from elsewhere.
+fn audit_params<'q>(e: &'q NewAuditEvent, object: Option<&'q str>) -> Params<'q> {
+    let mut params = params![e.at, e.user_id, &e.username, &e.source, &e.action, &e.kind];
+    if let Some(object) = object {
+        params = params.and(object);
+    }
+    params.and(e.space_id).and(e.space_id).and(&e.details)
 }
 
 /// Takes a task for a node (then its id, the node again, and the last
@@ -1157,7 +1151,7 @@ impl<E: Engine> Store for E {
     async fn append_audit(&self, e: &NewAuditEvent) -> Result<()> {
         query(
             AUDIT_INSERT,
-            audit_params(e, &e.object),
+            audit_params(e, Some(&e.object)),
             "recording an audit event",
         )
         .execute(self)
@@ -1730,17 +1724,7 @@ impl<E: Engine> Store for E {
                      SELECT ?, ?, ?, ?, ?, ?, t.id, ?, (SELECT name FROM spaces WHERE id = ?), ? \
                      FROM tasks t WHERE t.id = {new_id}"
                 ),
-                params![
-                    e.at,
-                    e.user_id,
-                    &e.username,
-                    &e.source,
-                    &e.action,
-                    &e.kind,
-                    e.space_id,
-                    e.space_id,
-                    &e.details,
-                ],
+                audit_params(e, None),
             );
         }
         let created = {
