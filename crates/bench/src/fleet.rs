@@ -57,6 +57,8 @@ pub struct Options {
     /// Most tentacles one child process hosts (see `tasks::ChildFleet`).
     #[arg(long, default_value_t = crate::tasks::TENTACLES_PER_PROCESS)]
     tentacles_per_process: usize,
+    #[command(flatten)]
+    fleet_home: crate::tasks::FleetHome,
 }
 
 /// Counts the warnings and errors the server's comms log while armed (the
@@ -143,6 +145,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         o.tentacles,
         o.tentacles_per_process,
         true,
+        &o.fleet_home,
     )
     .await?;
 
@@ -288,12 +291,14 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     );
 
     let per_process = fleet.per_process;
+    let fleet_home = fleet.home.display().to_string();
     fleet.stop(Duration::from_secs(30)).await;
     server.stop().await;
     let mut out = json!({
         "bench": "fleet",
         "tentacles": o.tentacles,
         "tentacles_per_process": per_process,
+        "fleet_home": fleet_home,
         "fanout_server_cpu_ms_per_step": cpu.map(|c| round2(c.server_ms)),
         "fanout_fleet_cpu_ms_per_step": cpu.map(|c| round2(c.fleet_ms)),
         "register_per_s": register_per_s.round(),

@@ -13,6 +13,7 @@
 //! - fan-out: one such task on every machine of the environment, from the POST
 //!   until `end`.
 
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -67,6 +68,41 @@ pub struct Options {
     /// so the steps of the second node's tentacles are handed to it.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
     nodes: u8,
+    #[command(flatten)]
+    fleet_home: FleetHome,
+}
+
+/// Where the simulated tentacles keep their homes (and so their scripts' work
+/// folders).
+///
+/// A real fleet's machines have a file system each; here thousands share one.
+/// On ext4 without a journal (this kind of VM's root) every new inode skips
+/// the inodes freed in the last minute or more, reading each one's inode table
+/// block, so on a shared disk a script's four files cost more the more
+/// scripts the whole fleet ran lately, and the figures drift from one run to
+/// the next (BENCHMARKS.md, eighth session). A tmpfs has no such cost.
+#[derive(clap::Args, Debug, Clone)]
+pub struct FleetHome {
+    /// Directory under which each child process makes its tentacles' homes
+    /// [default: /dev/shm (a tmpfs) where it is a directory, otherwise the
+    /// system's temporary directory].
+    #[arg(long = "fleet-home", value_name = "DIR")]
+    dir: Option<PathBuf>,
+}
+
+impl FleetHome {
+    /// The directory given, or the default.
+    pub(crate) fn resolve(&self) -> PathBuf {
+        if let Some(dir) = &self.dir {
+            return dir.clone();
+        }
+        let shm = Path::new("/dev/shm");
+        if shm.is_dir() {
+            shm.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        }
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -86,6 +122,8 @@ pub struct ChildOptions {
     /// than quickly (50 ms .. 1 s).
     #[arg(long)]
     real_backoff: bool,
+    #[command(flatten)]
+    fleet_home: FleetHome,
 }
 
 pub(crate) fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
@@ -338,6 +376,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         o.tentacles,
         o.tentacles_per_process,
         false,
+        &o.fleet_home,
     )
     .await?;
     for (i, tp) in fleet.thumbprints.iter().enumerate() {
@@ -465,6 +504,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     };
 
     let fleet_per_process = fleet.per_process;
+    let fleet_home = fleet.home.display().to_string();
     fleet.stop(Duration::from_secs(10)).await;
     server.stop().await;
     if let Some(b) = second {
@@ -487,6 +527,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
             "fanout_server_cpu_ms_per_step": cpu.map(|c| round2(c.server_ms)),
             "fanout_fleet_cpu_ms_per_step": cpu.map(|c| round2(c.fleet_ms)),
             "tentacles_per_process": fleet_per_process,
+            "fleet_home": fleet_home,
             "max_parallel_steps": o.max_parallel_steps,
             "comms_style": "TentacleActive",
             "cli_over_ssh_mux": cli_ratio.map(round2),
@@ -511,6 +552,8 @@ pub(crate) struct ChildFleet {
     pub(crate) thumbprints: Vec<String>,
     /// Tentacles in each process (the last may have fewer).
     pub(crate) per_process: usize,
+    /// Where the tentacles' homes are (see [`FleetHome`]).
+    pub(crate) home: PathBuf,
 }
 
 impl ChildFleet {
@@ -522,7 +565,9 @@ impl ChildFleet {
         count: usize,
         per_process: usize,
         real_backoff: bool,
+        home: &FleetHome,
     ) -> anyhow::Result<Self> {
+        let home = home.resolve();
         if per_process == 0 {
             bail!("--tentacles-per-process must be at least 1");
         }
@@ -540,6 +585,7 @@ impl ChildFleet {
             if real_backoff {
                 cmd.arg("--real-backoff");
             }
+            cmd.arg("--fleet-home").arg(&home);
             let mut child = cmd
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
@@ -570,6 +616,7 @@ impl ChildFleet {
             stdins,
             thumbprints,
             per_process: per_process.min(count),
+            home,
         })
     }
 
@@ -587,7 +634,7 @@ impl ChildFleet {
         self.children.iter().map(|c| cpu_ms(c.id())).sum()
     }
 
-    /// "N polling tentacles in P processes (pids ...)".
+    /// "N polling tentacles in P processes (pids ...), homes under DIR".
     pub(crate) fn describe(&self) -> String {
         let pids: Vec<String> = self
             .children
@@ -595,11 +642,12 @@ impl ChildFleet {
             .filter_map(|c| c.id().map(|p| p.to_string()))
             .collect();
         format!(
-            "{} polling tentacles in {} child process(es) of at most {} (pids {})",
+            "{} polling tentacles in {} child process(es) of at most {} (pids {}), homes under {}",
             self.thumbprints.len(),
             self.children.len(),
             self.per_process,
-            pids.join(" ")
+            pids.join(" "),
+            self.home.display()
         )
     }
 
@@ -619,7 +667,9 @@ impl ChildFleet {
 /// stops when stdin closes.
 pub async fn child(o: ChildOptions) -> anyhow::Result<()> {
     crate::raise_fd_limit();
-    let tmp = tempfile::tempdir()?;
+    let root = o.fleet_home.resolve();
+    let tmp = tempfile::tempdir_in(&root)
+        .with_context(|| format!("cannot make the tentacles' homes in {}", root.display()))?;
     let mut tentacles = Vec::with_capacity(o.count);
     for i in o.first..o.first + o.count {
         let name = format!("t{i}");
