@@ -198,6 +198,30 @@ impl TaskLog {
         stored
     }
 
+    /// Stores a task's last step's end (its server lines, then the step) and
+    /// then a server line and the task's new state (see
+    /// [`Store::finish_step_and_task`]), and wakes readers. Says how each
+    /// part went. The caller tells the other nodes of a cluster.
+    pub(crate) async fn step_and_task_end(
+        &self,
+        step: &TaskStep,
+        lines: &[NewLogLine],
+        text: String,
+        state: octo_store::TaskState,
+        error: Option<&str>,
+    ) -> (octo_store::Result<()>, octo_store::Result<()>) {
+        self.line_turn().await;
+        self.record_learned_or_say().await;
+        let line = self.server_line(&text);
+        let stored = self
+            .store
+            .finish_step_and_task(step, lines, state, error, now_ms(), &line)
+            .await;
+        self.notifiers.log_changed(&self.task_id);
+        self.notifiers.state_changed(&self.task_id);
+        stored
+    }
+
     /// Stores server lines about a step and then the step as it is now, in
     /// one call where that saves one (see [`Store::update_step_logged`]),
     /// and wakes readers of both (best effort: a failure is logged).

@@ -101,6 +101,9 @@ struct StepOutcome {
     recorded: Option<TaskStep>,
     /// The health it reported (health checks).
     health: Option<(String, HealthStatus)>,
+    /// The task's last step to end, its end not stored yet: stored with the
+    /// task's (`recorded` is the step as it will be stored).
+    deferred: Option<DeferredEnd>,
 }
 
 impl StepOutcome {
@@ -108,7 +111,29 @@ impl StepOutcome {
         Self {
             recorded: Some(step),
             health: None,
+            deferred: None,
         }
+    }
+}
+
+/// A step's end kept for the task's end, to be stored in one call with it
+/// (see [`Store::finish_step_and_task`]). Whoever stops the step's machine
+/// waits (the registration) until it is stored.
+struct DeferredEnd {
+    step: TaskStep,
+    lines: Vec<NewLogLine>,
+    registration: StepRegistration,
+}
+
+/// Counts a task's steps down as they end, so that the last one can leave its
+/// end to be stored with the task's (see [`DeferredEnd`]).
+struct StepsLeft(AtomicUsize);
+
+impl StepsLeft {
+    /// One more step ended; true when it is the last of them (every other
+    /// one passed here before).
+    fn last_ended(&self) -> bool {
+        self.0.fetch_sub(1, Ordering::AcqRel) == 1
     }
 }
 
@@ -119,6 +144,8 @@ struct StepsRun {
     recorded: Vec<TaskStep>,
     /// Every step handed to the run ended here, recorded.
     all_recorded: bool,
+    /// The last step's end, to store with the task's.
+    deferred: Option<DeferredEnd>,
 }
 
 /// A step registered as running here.
@@ -613,17 +640,12 @@ impl Engine {
     async fn finish_step(
         &self,
         log: &TaskLog,
-        mut step: TaskStep,
+        step: TaskStep,
         state: TaskState,
         error: Option<String>,
         lines: Vec<NewLogLine>,
     ) -> TaskStep {
-        step.state = state;
-        step.error = error;
-        step.completed_at = Some(now_ms());
-        if step.started_at.is_none() {
-            step.started_at = step.completed_at;
-        }
+        let step = ended_step(step, state, error);
         if lines.is_empty() {
             log.save_step(&step).await;
         } else {
@@ -635,6 +657,50 @@ impl Engine {
         })
         .await;
         step
+    }
+
+    /// Stores a step's end kept for the task's (see [`DeferredEnd`]) alone:
+    /// the task does not end now.
+    async fn record_deferred(&self, log: &TaskLog, d: DeferredEnd) {
+        log.save_step_logged(&d.step, &d.lines).await;
+        self.publish(ClusterEvent::StepFinished {
+            task_id: d.step.task_id.clone(),
+            machine_id: d.step.machine_id,
+        })
+        .await;
+        drop(d.registration);
+    }
+
+    /// As [`Engine::set_task_state_logged`], after the task's last step's end
+    /// (its lines, then the step), in one call where that saves one.
+    async fn finish_with_step(
+        &self,
+        log: &TaskLog,
+        d: DeferredEnd,
+        state: TaskState,
+        error: Option<&str>,
+        text: String,
+    ) {
+        let task_id = log.task_id();
+        let (stepped, ended) = log
+            .step_and_task_end(&d.step, &d.lines, text, state, error)
+            .await;
+        if let Err(e) = stepped {
+            error!("saving step {} of task {task_id}: {e}", d.step.machine_name);
+        }
+        if let Err(e) = ended {
+            error!("setting task {task_id} {state:?}: {e}");
+        }
+        drop(d.registration);
+        self.publish(ClusterEvent::StepFinished {
+            task_id: task_id.to_string(),
+            machine_id: d.step.machine_id,
+        })
+        .await;
+        self.publish(ClusterEvent::TaskChanged {
+            task_id: task_id.to_string(),
+        })
+        .await;
     }
 
     /// As [`Engine::set_task_state`], with a server line written before the
@@ -820,10 +886,13 @@ impl Engine {
         // the task's end is then decided from what it recorded, without
         // reading the steps again (on a cluster, another node may have run some).
         let known = (!store.shared()).then(|| steps.clone());
+        // There too, the last step's end is stored with the task's, in one
+        // call (a health check does more between the two).
+        let defer_last = known.is_some() && task.kind != kind::HEALTH;
         let run_steps = async {
             match runner {
                 Ok(runner) => {
-                    self.run_steps(&steps_log, steps, &cancel, runner, per_task)
+                    self.run_steps(&steps_log, steps, &cancel, runner, per_task, defer_last)
                         .await
                 }
                 Err(why) => {
@@ -832,6 +901,7 @@ impl Engine {
                         health: Vec::new(),
                         recorded: Vec::new(),
                         all_recorded: false,
+                        deferred: None,
                     })
                 }
             }
@@ -845,7 +915,16 @@ impl Engine {
         let ended = known
             .filter(|_| run.all_recorded)
             .and_then(|steps| as_recorded(steps, run.recorded));
-        self.finish_task(&log, &task, &cancel, &run.health, ended)
+        // Only with the task's end decided from what was recorded here: a
+        // read of the steps would find the deferred one unfinished.
+        let deferred = match run.deferred {
+            Some(d) if ended.is_none() => {
+                self.record_deferred(&log, d).await;
+                None
+            }
+            d => d,
+        };
+        self.finish_task(&log, &task, &cancel, &run.health, ended, deferred)
             .await;
     }
 
@@ -906,11 +985,15 @@ impl Engine {
         cancel: &CancellationToken,
         run: StepRunner,
         per_task: usize,
+        defer_last: bool,
     ) -> Option<StepsRun> {
         let slots = Arc::new(Semaphore::new(per_task.max(1)));
         let mut set = JoinSet::new();
-        for step in steps.into_iter().filter(|s| !s.state.is_final()) {
+        let todo: Vec<TaskStep> = steps.into_iter().filter(|s| !s.state.is_final()).collect();
+        let left = defer_last.then(|| Arc::new(StepsLeft(AtomicUsize::new(todo.len()))));
+        for step in todo {
             let (eng, slots, run, log) = (self.clone(), slots.clone(), run.clone(), log.clone());
+            let left = left.clone();
             let task_cancel = cancel.clone();
             let mut registered = self.register_step(&step, cancel.child_token());
             set.spawn(async move {
@@ -931,7 +1014,7 @@ impl Engine {
                         match eng.place(&log, step, &registered.running).await {
                             cluster::Placement::Here(step) => step,
                             cluster::Placement::Finished(health) => {
-                                return Some(StepOutcome { recorded: None, health });
+                                return Some(StepOutcome { recorded: None, health, deferred: None });
                             }
                             cluster::Placement::Stopping => return None,
                         }
@@ -939,7 +1022,7 @@ impl Engine {
                         step
                     };
                     let key = (here.task_id.clone(), here.machine_id, here.clone());
-                    match eng.run_here(log.clone(), here, registered, run.clone()).await {
+                    match eng.run_here(log.clone(), here, registered, run.clone(), left.as_deref()).await {
                         Ran::Done(outcome) => {
                             drop(task_slot);
                             return Some(*outcome);
@@ -965,6 +1048,7 @@ impl Engine {
             health: Vec::new(),
             recorded: Vec::new(),
             all_recorded: true,
+            deferred: None,
         };
         while let Some(r) = set.join_next().await {
             match r {
@@ -973,6 +1057,9 @@ impl Engine {
                     match outcome.recorded {
                         Some(step) => run.recorded.push(step),
                         None => run.all_recorded = false,
+                    }
+                    if outcome.deferred.is_some() {
+                        run.deferred = outcome.deferred;
                     }
                 }
                 Ok(None) => run.all_recorded = false,
@@ -983,6 +1070,10 @@ impl Engine {
             }
         }
         if self.shutdown.is_cancelled() {
+            // The task is left to resume; a step's end is never.
+            if let Some(d) = run.deferred.take() {
+                self.record_deferred(log, d).await;
+            }
             return None;
         }
         Some(run)
@@ -1031,6 +1122,7 @@ impl Engine {
         step: TaskStep,
         registered: Registered,
         run: StepRunner,
+        left: Option<&StepsLeft>,
     ) -> Ran {
         let Registered {
             running,
@@ -1107,6 +1199,21 @@ impl Engine {
                 } else {
                     error
                 };
+                // The task's last step, with nothing to do after its end:
+                // its end is stored with the task's.
+                let last = left.is_some_and(StepsLeft::last_ended);
+                if last && afterwards.is_none() && !self.shutdown.is_cancelled() {
+                    let step = ended_step(step, state, error);
+                    return Ran::Done(Box::new(StepOutcome {
+                        recorded: Some(step.clone()),
+                        health: health.map(|h| (name, h)),
+                        deferred: Some(DeferredEnd {
+                            step,
+                            lines,
+                            registration,
+                        }),
+                    }));
+                }
                 let recorded = self.finish_step(&log, step, state, error, lines).await;
                 // Recorded: whoever stops this machine may go on.
                 drop(registration);
@@ -1116,6 +1223,7 @@ impl Engine {
                 Ran::Done(Box::new(StepOutcome {
                     recorded: Some(recorded),
                     health: health.map(|h| (name, h)),
+                    deferred: None,
                 }))
             }
             StepEnd::Interrupted if moved && !self.shutdown.is_cancelled() => Ran::Moved,
@@ -1150,6 +1258,7 @@ impl Engine {
         cancel: &CancellationToken,
         health: &[(String, HealthStatus)],
         ended: Option<Vec<TaskStep>>,
+        deferred: Option<DeferredEnd>,
     ) {
         let id = &task.id;
         let steps = match ended {
@@ -1200,8 +1309,16 @@ impl Engine {
             (s, Some(e)) => format!("Task finished: {s:?}: {e}"),
             (s, None) => format!("Task finished: {s:?}"),
         };
-        self.set_task_state_logged(log, state, error.as_deref(), summary)
-            .await;
+        match deferred {
+            Some(d) => {
+                self.finish_with_step(log, d, state, error.as_deref(), summary)
+                    .await;
+            }
+            None => {
+                self.set_task_state_logged(log, state, error.as_deref(), summary)
+                    .await;
+            }
+        }
     }
 
     /// Starts the engine's background work for a started server: resuming the
@@ -1418,6 +1535,18 @@ pub fn environments_of(machines: &[Machine]) -> Vec<String> {
 /// "2 of 3 machines unavailable: a, b; 1 unhealthy: c".
 /// A task's steps (in their stored order) with each unfinished one replaced
 /// by the step as recorded at its end; None when one of them was not recorded.
+/// `step` as it ends: its state and error, when it ended (and started, if it
+/// never did).
+fn ended_step(mut step: TaskStep, state: TaskState, error: Option<String>) -> TaskStep {
+    step.state = state;
+    step.error = error;
+    step.completed_at = Some(now_ms());
+    if step.started_at.is_none() {
+        step.started_at = step.completed_at;
+    }
+    step
+}
+
 fn as_recorded(steps: Vec<TaskStep>, recorded: Vec<TaskStep>) -> Option<Vec<TaskStep>> {
     let mut recorded: HashMap<i64, TaskStep> =
         recorded.into_iter().map(|s| (s.machine_id, s)).collect();

@@ -729,6 +729,46 @@ async fn script_on_two_machines_logs_every_line_in_order() {
     assert_eq!(status, 404);
 }
 
+/// The last step's end is stored with the task's (one call): every step is
+/// final in the end event, each step's last line comes before "Task
+/// finished", which is the log's last line, and no step ends after the task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_steps_end_is_stored_before_the_tasks_end() {
+    let (server, _lis, _pol, _, _) = two_machines().await;
+    for script in ["echo hi", "echo hi; exit 4"] {
+        let id = server.script(script, &["lis", "pol"]).await;
+        let end = server.wait_end(&id).await;
+        let task_end = end["task"]["completed_at"].as_i64().unwrap();
+        let steps = end["steps"].as_array().unwrap();
+        assert_eq!(steps.len(), 2);
+        for step in steps {
+            let state = step["state"].as_str().unwrap();
+            assert!(matches!(state, "Success" | "Failed"), "{step}");
+            assert!(
+                step["completed_at"].as_i64().unwrap() <= task_end,
+                "{step} {end}"
+            );
+        }
+        let log = server.log(&id).await;
+        let texts: Vec<&str> = log.iter().map(|l| l["text"].as_str().unwrap()).collect();
+        let last = *texts.last().unwrap();
+        assert!(last.starts_with("Task finished"), "{texts:?}");
+        for machine in ["lis", "pol"] {
+            let finished = texts
+                .iter()
+                .position(|t| t.starts_with(&format!("{machine}: the script finished")))
+                .unwrap_or_else(|| panic!("no finished line of {machine}: {texts:?}"));
+            assert!(finished < texts.len() - 1, "{texts:?}");
+        }
+        let (_, stored) = server.get(&format!("/api/tasks/{id}")).await;
+        assert_eq!(
+            stored["steps"], end["steps"],
+            "the end event shows the steps as stored"
+        );
+        assert_eq!(stored["task"]["state"], end["task"]["state"]);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_machine_fails_the_task() {
     let (server, _lis, _pol, lis_id, pol_id) = two_machines().await;

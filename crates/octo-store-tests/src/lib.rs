@@ -80,6 +80,7 @@ macro_rules! store_suite {
             large_log_batches_store_every_line_once_in_order,
             a_task_with_its_log_reads_as_its_parts_do,
             a_step_is_saved_after_its_line,
+            a_last_step_ends_with_its_task,
             // Every connection asks whether it ends a certificate rotation.
             a_next_certificate_replaces_the_current_one_once,
         );
@@ -2568,6 +2569,183 @@ pub async fn a_step_is_saved_after_its_line(s: &dyn Store) {
         })
     ));
     assert_eq!(s.task_log(&task.id, 0, 10).await.unwrap().len(), 4);
+}
+
+/// A task's last step's end stored with the task's: the step's lines, the
+/// step, then the task's line and state, in that order. Each part says how it
+/// went, and one part's failure leaves the other done.
+pub async fn a_last_step_ends_with_its_task(s: &dyn Store) {
+    let m = s
+        .create_machine(&new_machine("web01", &[], &[]))
+        .await
+        .unwrap();
+    let texts = |lines: Vec<octo_store::TaskLogLine>| -> Vec<String> {
+        lines.into_iter().map(|l| l.text).collect()
+    };
+    let new = || new_task("Script", "x", &json!({}), &[m.id]);
+
+    // Both parts done, in order.
+    let task = s.create_task(&new(), 1).await.unwrap();
+    s.set_task_state(&task.id, TaskState::Executing, None, 2)
+        .await
+        .unwrap();
+    s.append_log(&task.id, &[tentacle_line(m.id, 0, "out")])
+        .await
+        .unwrap();
+    let mut step = s.task_steps(&task.id).await.unwrap().remove(0);
+    step.state = TaskState::Success;
+    step.exit_code = Some(0);
+    step.completed_at = Some(8);
+    let lines = [
+        server_line("web01: finished"),
+        server_line("web01: 2 lines"),
+    ];
+    let (stepped, ended) = s
+        .finish_step_and_task(
+            &step,
+            &lines,
+            TaskState::Success,
+            None,
+            9,
+            &server_line("Task finished"),
+        )
+        .await;
+    stepped.unwrap();
+    ended.unwrap();
+    let saved = s.task_steps(&task.id).await.unwrap().remove(0);
+    assert_eq!(
+        (saved.state, saved.exit_code, saved.completed_at),
+        (TaskState::Success, Some(0), Some(8))
+    );
+    assert_eq!(saved.next_sequence, 1, "the resume point never moves back");
+    let t = s.task(&task.id).await.unwrap().unwrap();
+    assert_eq!((t.state, t.completed_at), (TaskState::Success, Some(9)));
+    assert_eq!(
+        texts(s.task_log(&task.id, 0, 10).await.unwrap()),
+        ["out", "web01: finished", "web01: 2 lines", "Task finished"]
+    );
+
+    // No lines of the step's own: the step, then the task.
+    let task = s.create_task(&new(), 1).await.unwrap();
+    let mut step = s.task_steps(&task.id).await.unwrap().remove(0);
+    step.state = TaskState::Failed;
+    step.error = Some("boom".into());
+    let (stepped, ended) = s
+        .finish_step_and_task(
+            &step,
+            &[],
+            TaskState::Failed,
+            Some("1 of 1 machines failed"),
+            4,
+            &server_line("Task finished: Failed"),
+        )
+        .await;
+    stepped.unwrap();
+    ended.unwrap();
+    let saved = s.task_steps(&task.id).await.unwrap().remove(0);
+    assert_eq!(
+        (saved.state, saved.error.as_deref()),
+        (TaskState::Failed, Some("boom"))
+    );
+    let t = s.task(&task.id).await.unwrap().unwrap();
+    assert_eq!(
+        (t.state, t.error.as_deref()),
+        (TaskState::Failed, Some("1 of 1 machines failed"))
+    );
+    assert_eq!(
+        texts(s.task_log(&task.id, 0, 10).await.unwrap()),
+        ["Task finished: Failed"]
+    );
+
+    // A step that is not there: NotFound, and the task ends all the same.
+    let task = s.create_task(&new(), 1).await.unwrap();
+    let mut missing = s.task_steps(&task.id).await.unwrap().remove(0);
+    missing.machine_id = m.id + 100;
+    missing.state = TaskState::Success;
+    let (stepped, ended) = s
+        .finish_step_and_task(
+            &missing,
+            &[server_line("nowhere")],
+            TaskState::Success,
+            None,
+            6,
+            &server_line("Task finished"),
+        )
+        .await;
+    assert!(
+        matches!(
+            &stepped,
+            Err(StoreError::NotFound {
+                kind: "task step",
+                ..
+            })
+        ),
+        "{stepped:?}"
+    );
+    ended.unwrap();
+    assert_eq!(
+        s.task(&task.id).await.unwrap().unwrap().state,
+        TaskState::Success
+    );
+    assert_eq!(
+        texts(s.task_log(&task.id, 0, 10).await.unwrap()),
+        ["nowhere", "Task finished"]
+    );
+
+    // A task that ended already: its part says why, the step's is done.
+    let task = s.create_task(&new(), 1).await.unwrap();
+    s.set_task_state(&task.id, TaskState::Canceled, None, 2)
+        .await
+        .unwrap();
+    let mut step = s.task_steps(&task.id).await.unwrap().remove(0);
+    step.state = TaskState::Canceled;
+    let (stepped, ended) = s
+        .finish_step_and_task(
+            &step,
+            &[server_line("web01: canceled")],
+            TaskState::Success,
+            None,
+            7,
+            &server_line("late"),
+        )
+        .await;
+    stepped.unwrap();
+    assert!(matches!(ended, Err(StoreError::Invalid(_))), "{ended:?}");
+    assert_eq!(
+        s.task(&task.id).await.unwrap().unwrap().state,
+        TaskState::Canceled
+    );
+    assert_eq!(
+        s.task_steps(&task.id).await.unwrap()[0].state,
+        TaskState::Canceled
+    );
+
+    // No such task: both parts say so, and nothing is stored.
+    let mut ghost = step.clone();
+    ghost.task_id = "ServerTasks-99".into();
+    let (stepped, ended) = s
+        .finish_step_and_task(
+            &ghost,
+            &[server_line("x")],
+            TaskState::Success,
+            None,
+            7,
+            &server_line("y"),
+        )
+        .await;
+    assert!(
+        matches!(&stepped, Err(StoreError::NotFound { kind: "task", .. })),
+        "{stepped:?}"
+    );
+    assert!(
+        matches!(&ended, Err(StoreError::NotFound { kind: "task", .. })),
+        "{ended:?}"
+    );
+    assert!(s
+        .task_log("ServerTasks-99", 0, 10)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 /// A tentacle's certificate rotation: the next certificate is accepted beside

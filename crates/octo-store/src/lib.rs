@@ -667,6 +667,22 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// made apart; elsewhere one after the other. A missing step is
     /// NotFound, its lines stored all the same.
     async fn update_step_logged(&self, step: &TaskStep, lines: &[NewLogLine]) -> Result<()>;
+    /// A task's last step ends and the task with it: the step's server lines
+    /// and the step (as [`Store::update_step_logged`]), then the task's line
+    /// and its new state (as [`Store::set_task_state_logged`]), in that
+    /// order. Where writes hold the whole database (SQLite) the statements go
+    /// in one call, each its own commit as when made apart; elsewhere as the
+    /// two calls. Says how each part went: the task's part is done even when
+    /// the step's failed.
+    async fn finish_step_and_task(
+        &self,
+        step: &TaskStep,
+        step_lines: &[NewLogLine],
+        state: TaskState,
+        error: Option<&str>,
+        now: i64,
+        line: &NewLogLine,
+    ) -> (Result<()>, Result<()>);
     /// Appends lines (ignoring (task, machine, sequence) duplicates) and, for the
     /// lines' machine, advances the step's next_sequence past the highest sequence.
     async fn append_log(&self, task_id: &str, lines: &[NewLogLine]) -> Result<()>;

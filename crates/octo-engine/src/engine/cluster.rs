@@ -549,7 +549,7 @@ impl Engine {
             Ok(runner) => {
                 let registered = self.register_step(&step, cancel.child_token());
                 let name = step.machine_name.clone();
-                if let Ran::Moved = self.run_here(log, step, registered, runner).await {
+                if let Ran::Moved = self.run_here(log, step, registered, runner, None).await {
                     // Back to the task's node, which places it again.
                     if let Err(e) = store.assign_step(&r.task_id, r.machine_id, None).await {
                         error!("giving step {name} of task {} back: {e}", r.task_id);

@@ -1950,6 +1950,79 @@ impl<E: Engine> Store for E {
         expect_rows(n.saturating_sub(lines.len() as u64), step_not_found(step))
     }
 
+    async fn finish_step_and_task(
+        &self,
+        step: &TaskStep,
+        step_lines: &[NewLogLine],
+        state: TaskState,
+        error: Option<&str>,
+        now: i64,
+        line: &NewLogLine,
+    ) -> (Result<()>, Result<()>) {
+        let id = step.task_id.as_str();
+        if !self.dialect().serial_writes
+            || step_lines.len() > LOG_ROWS_PER_INSERT
+            || step_lines.iter().any(|l| l.sequence.is_some())
+        {
+            let stepped = self.update_step_logged(step, step_lines).await;
+            let ended = self
+                .set_task_state_logged(id, state, error, now, line)
+                .await;
+            return (stepped, ended);
+        }
+        // As `update_step_logged` then `set_task_state_logged`: one hand-off
+        // to the database's thread for all the statements, each its own
+        // commit, in the order they would have been made apart.
+        let mut statements = Vec::with_capacity(4);
+        let mut params = Params::default();
+        if !step_lines.is_empty() {
+            let (insert, p) = log_lines_insert(id, step_lines);
+            statements.push(insert);
+            params.0.extend(p.0);
+        }
+        let (update, p) = step_update(self.dialect(), step);
+        statements.push(update);
+        params.0.extend(p.0);
+        let (insert, p) = log_lines_insert(id, std::slice::from_ref(line));
+        statements.push(insert);
+        params.0.extend(p.0);
+        let (change, p) = task_state_change(id, state, error, now);
+        statements.push(change);
+        params.0.extend(p.0);
+        let expected = step_lines.len() as u64 + 3;
+        let sql = statements.join("; ");
+        match query(&sql, params, log_lines_op(id)).execute(self).await {
+            Ok(n) if n == expected => (Ok(()), Ok(())),
+            // Lines never collide: the step or the task's change did not
+            // happen. Each part says why as when made apart.
+            Ok(_) => {
+                let stepped = match self.task_step(id, step.machine_id).await {
+                    Ok(Some(_)) => Ok(()),
+                    Ok(None) => Err(step_not_found(step)),
+                    Err(e) => Err(e),
+                };
+                let ended = match self.task(id).await {
+                    Ok(Some(t)) if t.state == state => Ok(()),
+                    _ => self.set_task_state(id, state, error, now).await,
+                };
+                (stepped, ended)
+            }
+            // Some statements may have been stored: the step's lines are not
+            // written again (they would be there twice); the task's end is
+            // made unless it is there already (a missing task says so).
+            Err(e) => {
+                let ended = match self.task(id).await {
+                    Ok(Some(t)) if t.state == state => Ok(()),
+                    _ => {
+                        self.set_task_state_logged(id, state, error, now, line)
+                            .await
+                    }
+                };
+                (Err(e), ended)
+            }
+        }
+    }
+
     async fn append_log(&self, task_id: &str, lines: &[NewLogLine]) -> Result<()> {
         const OP: &str = "appending to a task's log";
         if lines.is_empty() {
