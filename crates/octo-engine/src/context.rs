@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use octo_api_types::Guidance;
-use octo_store::{now_ms, NewLogLine, Store, TaskStep};
+use octo_store::{now_ms, NewLogLine, Store, TaskState, TaskStep};
 use tokio::sync::oneshot;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{error, info};
@@ -30,8 +30,41 @@ pub struct TaskLog {
     master_key: Arc<MasterKey>,
     /// Values learned mid-run not yet recorded in the store.
     learned: Arc<Mutex<Vec<String>>>,
-    /// Lines wait until this is cancelled (see [`TaskLog::gated`]).
-    after: Option<CancellationToken>,
+    /// Lines wait until the task's first line is stored (see
+    /// [`TaskLog::gated`], [`TaskLog::offering_first_line`]).
+    first: Option<Arc<FirstLine>>,
+}
+
+/// A task's first line, for the writers that must come after it.
+#[derive(Debug)]
+pub(crate) struct FirstLine {
+    /// The line and the task's new state, until someone takes them to store
+    /// them (none when the line is stored by other means).
+    pending: Mutex<Option<(NewLogLine, TaskState)>>,
+    /// Cancelled once the line is stored (or its writer gave up).
+    stored: CancellationToken,
+}
+
+impl FirstLine {
+    fn new(pending: Option<(NewLogLine, TaskState)>) -> Arc<Self> {
+        Arc::new(Self {
+            pending: Mutex::new(pending),
+            stored: CancellationToken::new(),
+        })
+    }
+
+    /// The line and the task's state to store, once: whoever takes them
+    /// stores them, and the lines that wait go on when the guard drops.
+    pub(crate) fn take(&self) -> Option<(NewLogLine, TaskState, DropGuard)> {
+        lock(&self.pending)
+            .take()
+            .map(|(line, state)| (line, state, self.stored.clone().drop_guard()))
+    }
+
+    /// Waits until the line is stored.
+    pub(crate) async fn stored(&self) {
+        self.stored.cancelled().await;
+    }
 }
 
 impl TaskLog {
@@ -49,7 +82,7 @@ impl TaskLog {
             masker,
             master_key,
             learned: Arc::default(),
-            after: None,
+            first: None,
         }
     }
 
@@ -58,18 +91,44 @@ impl TaskLog {
     /// start): their lines wait until the guard is dropped. Their other
     /// writes (a step's state) do not wait.
     pub(crate) fn gated(&self) -> (Self, DropGuard) {
-        let gate = CancellationToken::new();
+        let first = FirstLine::new(None);
+        let guard = first.stored.clone().drop_guard();
         let log = Self {
-            after: Some(gate.clone()),
+            first: Some(first),
             ..self.clone()
         };
-        (log, gate.drop_guard())
+        (log, guard)
+    }
+
+    /// As [`TaskLog::gated`], for a task's steps while its first line
+    /// (`text`, with the task's new `state`) is not stored yet: the first step
+    /// stored as started through the returned log stores the line and the
+    /// state with it, in one call where that saves one
+    /// ([`Store::start_task_with_step`]). Whoever else stores it takes it
+    /// from the [`FirstLine`] ([`FirstLine::take`]).
+    pub(crate) fn offering_first_line(
+        &self,
+        text: &str,
+        state: TaskState,
+    ) -> (Self, Arc<FirstLine>) {
+        let first = FirstLine::new(Some((self.server_line(text), state)));
+        let log = Self {
+            first: Some(first.clone()),
+            ..self.clone()
+        };
+        (log, first)
+    }
+
+    /// Wakes the readers of the task's lines and of its state.
+    fn lines_and_state_changed(&self) {
+        self.notifiers.log_changed(&self.task_id);
+        self.notifiers.state_changed(&self.task_id);
     }
 
     /// Waits until lines may be stored (see [`TaskLog::gated`]).
     async fn line_turn(&self) {
-        if let Some(gate) = self.after.as_ref().filter(|g| !g.is_cancelled()) {
-            gate.cancelled().await;
+        if let Some(first) = self.first.as_ref().filter(|f| !f.stored.is_cancelled()) {
+            first.stored().await;
         }
     }
 
@@ -183,18 +242,28 @@ impl TaskLog {
     pub(crate) async fn server_with_state(
         &self,
         text: String,
-        state: octo_store::TaskState,
+        state: TaskState,
         error: Option<&str>,
     ) -> octo_store::Result<()> {
         self.line_turn().await;
-        self.record_learned_or_say().await;
         let line = self.server_line(&text);
+        self.line_with_state(line, state, error).await
+    }
+
+    /// As [`TaskLog::server_with_state`], with a line made before (and
+    /// without waiting for a first line: it may be that line).
+    pub(crate) async fn line_with_state(
+        &self,
+        line: NewLogLine,
+        state: TaskState,
+        error: Option<&str>,
+    ) -> octo_store::Result<()> {
+        self.record_learned_or_say().await;
         let stored = self
             .store
             .set_task_state_logged(&self.task_id, state, error, now_ms(), &line)
             .await;
-        self.notifiers.log_changed(&self.task_id);
-        self.notifiers.state_changed(&self.task_id);
+        self.lines_and_state_changed();
         stored
     }
 
@@ -207,7 +276,7 @@ impl TaskLog {
         step: &TaskStep,
         lines: &[NewLogLine],
         text: String,
-        state: octo_store::TaskState,
+        state: TaskState,
         error: Option<&str>,
     ) -> (octo_store::Result<()>, octo_store::Result<()>) {
         self.line_turn().await;
@@ -217,8 +286,7 @@ impl TaskLog {
             .store
             .finish_step_and_task(step, lines, state, error, now_ms(), &line)
             .await;
-        self.notifiers.log_changed(&self.task_id);
-        self.notifiers.state_changed(&self.task_id);
+        self.lines_and_state_changed();
         stored
     }
 
@@ -234,12 +302,35 @@ impl TaskLog {
                 step.machine_name, step.task_id
             );
         }
-        self.notifiers.log_changed(&self.task_id);
-        self.notifiers.state_changed(&self.task_id);
+        self.lines_and_state_changed();
     }
 
     /// Stores a step as it is now and wakes readers (best effort: a failure is logged).
+    /// The first step stored as started takes the task's first line with it
+    /// when it is offered (see [`TaskLog::offering_first_line`]).
     pub async fn save_step(&self, step: &TaskStep) {
+        let first = match &self.first {
+            Some(f) if step.state == TaskState::Executing => f.take(),
+            _ => None,
+        };
+        if let Some((line, state, _stored)) = first {
+            self.record_learned_or_say().await;
+            let (started, saved) = self
+                .store
+                .start_task_with_step(state, now_ms(), &line, step)
+                .await;
+            if let Err(e) = started {
+                error!("setting task {} {state:?}: {e}", self.task_id);
+            }
+            if let Err(e) = saved {
+                error!(
+                    "saving step {} of task {}: {e}",
+                    step.machine_name, step.task_id
+                );
+            }
+            self.lines_and_state_changed();
+            return;
+        }
         if let Err(e) = self.store.update_step(step).await {
             error!(
                 "saving step {} of task {}: {e}",
@@ -385,5 +476,57 @@ mod tests {
             .map(|l| l.text)
             .collect();
         assert_eq!(texts, ["Task started", "a step's line", "after"]);
+    }
+
+    /// An offered first line goes with the first step stored as started: the
+    /// task is Executing with the step, the step's lines wait until then, and
+    /// the line is stored once, first.
+    #[tokio::test]
+    async fn the_first_step_started_takes_the_tasks_first_line() {
+        let store: Arc<dyn Store> = Arc::new(
+            octo_store_sqlite::SqliteStore::open_in_memory()
+                .await
+                .unwrap(),
+        );
+        let m = store
+            .create_machine(&octo_store_tests::fixtures::new_machine("web01", &[], &[]))
+            .await
+            .unwrap();
+        let (task, mut steps) = store
+            .create_task_with_steps(&new_task("Script", "t", &serde_json::json!({}), &[m.id]), 1)
+            .await
+            .unwrap();
+        let (key, _) = MasterKey::generate().unwrap();
+        let log = TaskLog::new(
+            store.clone(),
+            Arc::default(),
+            &task.id,
+            Arc::default(),
+            Arc::new(key),
+        );
+        let (steps_log, first) = log.offering_first_line("Task started", TaskState::Executing);
+        let mut waiting = Box::pin(steps_log.server("a step's line"));
+        assert!(futures_util::poll!(&mut waiting).is_pending());
+        let mut step = steps.remove(0);
+        step.state = TaskState::Executing;
+        step.started_at = Some(now_ms());
+        steps_log.save_step(&step).await;
+        assert!(first.take().is_none(), "taken once");
+        let stored = store.task(&task.id).await.unwrap().unwrap();
+        assert_eq!(stored.state, TaskState::Executing);
+        assert!(stored.started_at.is_some());
+        let stored_step = store.task_step(&task.id, m.id).await.unwrap().unwrap();
+        assert_eq!(stored_step.state, TaskState::Executing);
+        waiting.await;
+        // A second step's start is a step's write alone.
+        steps_log.save_step(&step).await;
+        let texts: Vec<String> = store
+            .task_log(&task.id, 0, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|l| l.text)
+            .collect();
+        assert_eq!(texts, ["Task started", "a step's line"]);
     }
 }

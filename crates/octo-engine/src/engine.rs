@@ -57,6 +57,11 @@ const STOP_WAIT: Duration = Duration::from_secs(8);
 /// machine could not be told in time) may take to be recorded.
 const ABANDON_WAIT: Duration = Duration::from_secs(5);
 
+/// How long a new task's first line waits for its first step to be stored as
+/// started (the two are then one store call) before it is stored alone: a step
+/// waiting for a slot of the node's, say. As the log's batching delay.
+const FIRST_LINE_WAIT: Duration = Duration::from_millis(50);
+
 /// A step running here, for cancelling one machine's steps.
 #[derive(Debug, Clone)]
 struct RunningStep {
@@ -866,19 +871,46 @@ impl Engine {
         let total = steps.len();
         // The task's first line is stored while its steps start (reading
         // their machines, storing them as started): their lines wait for it.
-        let (steps_log, first_line_stored) = log.gated();
+        // Alone on its store, a new task's "Task started" goes with its first
+        // step stored as started (one call for both); stored alone when no
+        // step took it within FIRST_LINE_WAIT or when the steps are done.
+        let steps_done = CancellationToken::new();
+        let started = format!("Task started: {}", task.description);
+        let offered = !resumed && !store.shared();
+        let (steps_log, gate, offer) = if offered {
+            let (l, first) = log.offering_first_line(&started, TaskState::Executing);
+            (l, None, Some(first))
+        } else {
+            let (l, guard) = log.gated();
+            (l, Some(guard), None)
+        };
         let first_line = async {
-            if resumed {
+            if let Some(first) = offer {
+                tokio::select! {
+                    () = first.stored() => {}
+                    () = tokio::time::sleep(FIRST_LINE_WAIT) => {}
+                    () = steps_done.cancelled() => {}
+                }
+                match first.take() {
+                    Some((line, state, _stored)) => {
+                        if let Err(e) = log.line_with_state(line, state, None).await {
+                            error!("setting task {id} {state:?}: {e}");
+                        }
+                    }
+                    // A step took it: its lines wait for that write, the
+                    // task's end too.
+                    None => first.stored().await,
+                }
+            } else if resumed {
                 log.server(format!(
                     "Resuming task ({todo} of {total} machines unfinished)"
                 ))
                 .await;
             } else {
-                let started = format!("Task started: {}", task.description);
                 self.set_task_state_logged(&log, TaskState::Executing, None, started)
                     .await;
             }
-            drop(first_line_stored);
+            drop(gate);
         };
         let runner = secrets.and_then(|s| Self::runner_of(&task, &s));
         let per_task = max_parallel_steps_of(&task.arguments).unwrap_or(self.deps.limits.per_task);
@@ -890,6 +922,7 @@ impl Engine {
         // call (a health check does more between the two).
         let defer_last = known.is_some() && task.kind != kind::HEALTH;
         let run_steps = async {
+            let _done = steps_done.clone().drop_guard();
             match runner {
                 Ok(runner) => {
                     self.run_steps(&steps_log, steps, &cancel, runner, per_task, defer_last)

@@ -81,6 +81,7 @@ macro_rules! store_suite {
             a_task_with_its_log_reads_as_its_parts_do,
             a_step_is_saved_after_its_line,
             a_last_step_ends_with_its_task,
+            a_task_starts_with_its_first_step,
             // Every connection asks whether it ends a certificate rotation.
             a_next_certificate_replaces_the_current_one_once,
         );
@@ -2569,6 +2570,116 @@ pub async fn a_step_is_saved_after_its_line(s: &dyn Store) {
         })
     ));
     assert_eq!(s.task_log(&task.id, 0, 10).await.unwrap().len(), 4);
+}
+
+/// A task's start stored with its first step's: the task's line and state,
+/// then the step. Each part says how it went, and one part's failure leaves
+/// the other done.
+pub async fn a_task_starts_with_its_first_step(s: &dyn Store) {
+    let m = s
+        .create_machine(&new_machine("web01", &[], &[]))
+        .await
+        .unwrap();
+    let new = || new_task("Script", "x", &json!({}), &[m.id]);
+    let started = |mut step: octo_store::TaskStep| {
+        step.state = TaskState::Executing;
+        step.started_at = Some(5);
+        step
+    };
+    let texts = |lines: Vec<octo_store::TaskLogLine>| -> Vec<String> {
+        lines.into_iter().map(|l| l.text).collect()
+    };
+
+    // Both parts done.
+    let task = s.create_task(&new(), 1).await.unwrap();
+    let step = started(s.task_steps(&task.id).await.unwrap().remove(0));
+    let (task_part, step_part) = s
+        .start_task_with_step(TaskState::Executing, 5, &server_line("Task started"), &step)
+        .await;
+    task_part.unwrap();
+    step_part.unwrap();
+    let t = s.task(&task.id).await.unwrap().unwrap();
+    assert_eq!((t.state, t.started_at), (TaskState::Executing, Some(5)));
+    let saved = s.task_steps(&task.id).await.unwrap().remove(0);
+    assert_eq!(
+        (saved.state, saved.started_at),
+        (TaskState::Executing, Some(5))
+    );
+    assert_eq!(
+        texts(s.task_log(&task.id, 0, 10).await.unwrap()),
+        ["Task started"]
+    );
+
+    // A task canceled meanwhile: its part says why; the step is stored.
+    let task = s.create_task(&new(), 1).await.unwrap();
+    s.set_task_state(&task.id, TaskState::Canceled, None, 2)
+        .await
+        .unwrap();
+    let step = started(s.task_steps(&task.id).await.unwrap().remove(0));
+    let (task_part, step_part) = s
+        .start_task_with_step(TaskState::Executing, 5, &server_line("Task started"), &step)
+        .await;
+    assert!(
+        matches!(task_part, Err(StoreError::Invalid(_))),
+        "{task_part:?}"
+    );
+    step_part.unwrap();
+    assert_eq!(
+        s.task(&task.id).await.unwrap().unwrap().state,
+        TaskState::Canceled
+    );
+    assert_eq!(
+        s.task_steps(&task.id).await.unwrap()[0].state,
+        TaskState::Executing
+    );
+
+    // A step that is not there: NotFound; the task starts.
+    let task = s.create_task(&new(), 1).await.unwrap();
+    let mut missing = started(s.task_steps(&task.id).await.unwrap().remove(0));
+    missing.machine_id = m.id + 100;
+    let (task_part, step_part) = s
+        .start_task_with_step(
+            TaskState::Executing,
+            5,
+            &server_line("Task started"),
+            &missing,
+        )
+        .await;
+    task_part.unwrap();
+    assert!(
+        matches!(
+            &step_part,
+            Err(StoreError::NotFound {
+                kind: "task step",
+                ..
+            })
+        ),
+        "{step_part:?}"
+    );
+    assert_eq!(
+        s.task(&task.id).await.unwrap().unwrap().state,
+        TaskState::Executing
+    );
+
+    // No such task: both parts say so, and nothing is stored.
+    let mut ghost = step.clone();
+    ghost.task_id = "ServerTasks-99".into();
+    let (task_part, step_part) = s
+        .start_task_with_step(TaskState::Executing, 5, &server_line("x"), &ghost)
+        .await;
+    assert!(
+        matches!(&task_part, Err(StoreError::NotFound { kind: "task", .. })),
+        "{task_part:?}"
+    );
+    assert!(
+        matches!(&step_part, Err(StoreError::NotFound { .. })),
+        "{step_part:?}"
+    );
+    assert!(s
+        .task_log("ServerTasks-99", 0, 10)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 /// A task's last step's end stored with the task's: the step's lines, the

@@ -667,6 +667,19 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// made apart; elsewhere one after the other. A missing step is
     /// NotFound, its lines stored all the same.
     async fn update_step_logged(&self, step: &TaskStep, lines: &[NewLogLine]) -> Result<()>;
+    /// A task starts with its first step: the task's line and its new state
+    /// (as [`Store::set_task_state_logged`]), then the step (as
+    /// [`Store::update_step`]). Where writes hold the whole database (SQLite)
+    /// the statements go in one call, each its own commit as when made apart;
+    /// elsewhere as the two calls. Says how each part went (the task's, the
+    /// step's): the step's part is done even when the task's failed.
+    async fn start_task_with_step(
+        &self,
+        state: TaskState,
+        now: i64,
+        line: &NewLogLine,
+        step: &TaskStep,
+    ) -> (Result<()>, Result<()>);
     /// A task's last step ends and the task with it: the step's server lines
     /// and the step (as [`Store::update_step_logged`]), then the task's line
     /// and its new state (as [`Store::set_task_state_logged`]), in that

@@ -706,6 +706,78 @@ async fn add_default_policy(conn: &mut Box<dyn Tx>, space_id: i64, op: &str) -> 
         .map(drop)
 }
 
+/// One write of a task's, for [`serial_task_writes`].
+enum TaskWrite<'a> {
+    /// Server lines (no sequence), as `append_log` stores them.
+    Lines(&'a [NewLogLine]),
+    /// A step as it is now, as `update_step` stores it.
+    Step(&'a TaskStep),
+    /// The task's new state, as `set_task_state` changes it.
+    State(TaskState, Option<&'a str>, i64),
+}
+
+/// Where writes hold the whole database (SQLite): a task's writes as one
+/// call, in order, each statement its own commit as when made apart (one
+/// hand-off to the database's thread rather than one each). True when every
+/// statement changed what it should (each line inserted, the step and the
+/// task's state updated).
+async fn serial_task_writes<E: Engine>(
+    e: &E,
+    task_id: &str,
+    parts: &[TaskWrite<'_>],
+) -> Result<bool> {
+    let mut statements = Vec::with_capacity(parts.len());
+    let mut params = Params::default();
+    let mut expected = 0u64;
+    for part in parts {
+        let (sql, p) = match part {
+            TaskWrite::Lines([]) => continue,
+            TaskWrite::Lines(lines) => {
+                expected += lines.len() as u64;
+                log_lines_insert(task_id, lines)
+            }
+            TaskWrite::Step(step) => {
+                expected += 1;
+                step_update(e.dialect(), step)
+            }
+            TaskWrite::State(state, error, now) => {
+                expected += 1;
+                task_state_change(task_id, *state, *error, *now)
+            }
+        };
+        statements.push(sql);
+        params.0.extend(p.0);
+    }
+    let n = query(&statements.join("; "), params, log_lines_op(task_id))
+        .execute(e)
+        .await?;
+    Ok(n == expected)
+}
+
+/// After a batch of [`serial_task_writes`] that did not change everything:
+/// Ok when the step is there (its update then happened), NotFound otherwise.
+async fn step_exists<S: Store + ?Sized>(s: &S, step: &TaskStep) -> Result<()> {
+    match s.task_step(&step.task_id, step.machine_id).await? {
+        Some(_) => Ok(()),
+        None => Err(step_not_found(step)),
+    }
+}
+
+/// After such a batch: Ok when the task is in `state` now; otherwise the
+/// change made apart, which says why it cannot be made.
+async fn task_state_reached<S: Store + ?Sized>(
+    s: &S,
+    id: &str,
+    state: TaskState,
+    error: Option<&str>,
+    now: i64,
+) -> Result<()> {
+    match s.task(id).await {
+        Ok(Some(t)) if t.state == state => Ok(()),
+        _ => s.set_task_state(id, state, error, now).await,
+    }
+}
+
 #[async_trait::async_trait]
 impl<E: Engine> Store for E {
     async fn close(&self) {
@@ -1950,6 +2022,43 @@ impl<E: Engine> Store for E {
         expect_rows(n.saturating_sub(lines.len() as u64), step_not_found(step))
     }
 
+    async fn start_task_with_step(
+        &self,
+        state: TaskState,
+        now: i64,
+        line: &NewLogLine,
+        step: &TaskStep,
+    ) -> (Result<()>, Result<()>) {
+        let id = step.task_id.as_str();
+        if !self.dialect().serial_writes {
+            let started = self.set_task_state_logged(id, state, None, now, line).await;
+            return (started, self.update_step(step).await);
+        }
+        let parts = [
+            TaskWrite::Lines(std::slice::from_ref(line)),
+            TaskWrite::State(state, None, now),
+            TaskWrite::Step(step),
+        ];
+        match serial_task_writes(self, id, &parts).await {
+            Ok(true) => (Ok(()), Ok(())),
+            // A line never collides: the task's change or the step did not
+            // happen. Each part says why as when made apart.
+            Ok(false) => (
+                task_state_reached(self, id, state, None, now).await,
+                step_exists(self, step).await,
+            ),
+            // Some statements may have been stored: the line is not written
+            // again (it would be there twice).
+            Err(e) => {
+                let stepped = match self.task_step(id, step.machine_id).await {
+                    Ok(Some(stored)) if stored.state == step.state => Ok(()),
+                    _ => self.update_step(step).await,
+                };
+                (Err(e), stepped)
+            }
+        }
+    }
+
     async fn finish_step_and_task(
         &self,
         step: &TaskStep,
@@ -1970,43 +2079,20 @@ impl<E: Engine> Store for E {
                 .await;
             return (stepped, ended);
         }
-        // As `update_step_logged` then `set_task_state_logged`: one hand-off
-        // to the database's thread for all the statements, each its own
-        // commit, in the order they would have been made apart.
-        let mut statements = Vec::with_capacity(4);
-        let mut params = Params::default();
-        if !step_lines.is_empty() {
-            let (insert, p) = log_lines_insert(id, step_lines);
-            statements.push(insert);
-            params.0.extend(p.0);
-        }
-        let (update, p) = step_update(self.dialect(), step);
-        statements.push(update);
-        params.0.extend(p.0);
-        let (insert, p) = log_lines_insert(id, std::slice::from_ref(line));
-        statements.push(insert);
-        params.0.extend(p.0);
-        let (change, p) = task_state_change(id, state, error, now);
-        statements.push(change);
-        params.0.extend(p.0);
-        let expected = step_lines.len() as u64 + 3;
-        let sql = statements.join("; ");
-        match query(&sql, params, log_lines_op(id)).execute(self).await {
-            Ok(n) if n == expected => (Ok(()), Ok(())),
+        let parts = [
+            TaskWrite::Lines(step_lines),
+            TaskWrite::Step(step),
+            TaskWrite::Lines(std::slice::from_ref(line)),
+            TaskWrite::State(state, error, now),
+        ];
+        match serial_task_writes(self, id, &parts).await {
+            Ok(true) => (Ok(()), Ok(())),
             // Lines never collide: the step or the task's change did not
             // happen. Each part says why as when made apart.
-            Ok(_) => {
-                let stepped = match self.task_step(id, step.machine_id).await {
-                    Ok(Some(_)) => Ok(()),
-                    Ok(None) => Err(step_not_found(step)),
-                    Err(e) => Err(e),
-                };
-                let ended = match self.task(id).await {
-                    Ok(Some(t)) if t.state == state => Ok(()),
-                    _ => self.set_task_state(id, state, error, now).await,
-                };
-                (stepped, ended)
-            }
+            Ok(false) => (
+                step_exists(self, step).await,
+                task_state_reached(self, id, state, error, now).await,
+            ),
             // Some statements may have been stored: the step's lines are not
             // written again (they would be there twice); the task's end is
             // made unless it is there already (a missing task says so).
