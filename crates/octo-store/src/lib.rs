@@ -664,8 +664,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Server lines about a step (as [`Store::append_log`]), then the step
     /// (as [`Store::update_step`]). Where writes hold the whole database
     /// (SQLite) both statements go in one call, each its own commit as when
-    /// made apart; elsewhere one after the other. A missing step is
-    /// NotFound, its lines stored all the same.
+    /// made apart; elsewhere (PostgreSQL, where each commit waits for the
+    /// disk) in one transaction. A missing step is NotFound, its lines stored
+    /// all the same.
     async fn update_step_logged(&self, step: &TaskStep, lines: &[NewLogLine]) -> Result<()>;
     /// A task starts with its first step: the task's line and its new state
     /// (as [`Store::set_task_state_logged`]), then the step (as

@@ -2000,11 +2000,27 @@ impl<E: Engine> Store for E {
     }
 
     async fn update_step_logged(&self, step: &TaskStep, lines: &[NewLogLine]) -> Result<()> {
-        if !self.dialect().serial_writes
-            || lines.is_empty()
-            || lines.len() > LOG_ROWS_PER_INSERT
-            || lines.iter().any(|l| l.sequence.is_some())
-        {
+        const OP: &str = "updating a task step after its lines";
+        let d = self.dialect();
+        if lines.is_empty() || lines.iter().any(|l| l.sequence.is_some()) {
+            self.append_log(&step.task_id, lines).await?;
+            return self.update_step(step).await;
+        }
+        if !d.serial_writes {
+            // One transaction, so one commit (each waits for the write-ahead
+            // log to reach the disk): the task's row locked as `append_log`
+            // locks it, the lines, then the step.
+            let mut tx = write_tx(self, OP).await?;
+            require_task(&mut tx, d, &step.task_id, OP).await?;
+            for chunk in lines.chunks(LOG_ROWS_PER_INSERT) {
+                insert_log_lines((&mut tx).into(), &step.task_id, chunk).await?;
+            }
+            let (sql, params) = step_update(d, step);
+            let n = query(&sql, params, OP).execute(&mut *tx).await?;
+            tx.commit().await.ctx(OP)?;
+            return expect_rows(n, step_not_found(step));
+        }
+        if lines.len() > LOG_ROWS_PER_INSERT {
             self.append_log(&step.task_id, lines).await?;
             return self.update_step(step).await;
         }
