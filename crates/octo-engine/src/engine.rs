@@ -815,9 +815,14 @@ impl Engine {
             return;
         }
         // On a cluster, a draining node leaves a new task to the others.
+        // The drain flag as the database has it now: a drain through another
+        // node applies before this node's next heartbeat (a store only this
+        // node uses is drained through it: the engine knows already).
+        let mut drain_read = false;
         if store.shared() && task.state == TaskState::Queued {
             if let Ok(Some(node)) = store.node(&self.deps.node_name).await {
                 self.set_draining(node.draining);
+                drain_read = true;
             }
             if self.load.borrow().draining {
                 log.server(format!(
@@ -850,11 +855,8 @@ impl Engine {
             },
         };
         let resumed = task.state == TaskState::Executing;
-        if !resumed && store.shared() {
-            // The drain flag as the database has it now: a drain through
-            // another node applies before this node's next heartbeat (a
-            // store only this node uses is drained through it: the engine
-            // knows already).
+        if !resumed && store.shared() && !drain_read {
+            // As above, for a task taken over in another state.
             match store.node(&self.deps.node_name).await {
                 Ok(Some(node)) => self.set_draining(node.draining),
                 Ok(None) => {}
