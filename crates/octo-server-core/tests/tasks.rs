@@ -1203,6 +1203,68 @@ async fn max_parallel_steps_of_a_task_is_kept_and_checked() {
     }
 }
 
+/// A new task whose only step waits for the node's one slot still says
+/// "Task started" at once (stored alone when no step takes it with its
+/// start), and that line stays the task's first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_waiting_for_a_node_slot_says_it_started_first() {
+    let server = Server::with(RunArgs {
+        max_running_steps: 1,
+        ..RunArgs::default()
+    })
+    .await;
+    let (server, lis, _pol, _, _) = two_machines_on(server).await;
+    // The first task holds the slot until the test writes to the FIFO.
+    let fifo = lis.ctx.home.join("hold");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let a = server
+        .script(&format!("read -r word < '{}'", fifo.display()), &["lis"])
+        .await;
+    server
+        .events(&a, 0)
+        .await
+        .until(|e, d| e == "log" && d["text"].as_str().unwrap().contains("starting the script"))
+        .await;
+    let b = server.script("echo b", &["pol"]).await;
+    let mut events = server.events(&b, 0).await;
+    let (_, first) = events.until(|e, _| e == "log").await;
+    assert!(
+        first["text"].as_str().unwrap().starts_with("Task started"),
+        "{first}"
+    );
+    let (_, now) = server.get(&format!("/api/tasks/{b}")).await;
+    assert_eq!(now["task"]["state"], "Executing", "{now}");
+    assert_eq!(
+        now["steps"][0]["state"], "Queued",
+        "waits for the slot: {now}"
+    );
+    timeout(
+        T,
+        tokio::task::spawn_blocking(move || std::fs::write(&fifo, b"go\n")),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .unwrap();
+    let (_, end) = events.until(|e, _| e == "end").await;
+    assert_eq!(end["task"]["state"], "Success", "{end}");
+    let log = server.log(&b).await;
+    let texts: Vec<&str> = log.iter().map(|l| l["text"].as_str().unwrap()).collect();
+    assert!(texts[0].starts_with("Task started"), "{texts:?}");
+    assert_eq!(
+        texts
+            .iter()
+            .filter(|t| t.starts_with("Task started"))
+            .count(),
+        1
+    );
+    assert!(
+        texts.last().unwrap().starts_with("Task finished"),
+        "{texts:?}"
+    );
+    assert_eq!(server.wait_end(&a).await["task"]["state"], "Success");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_running_steps_bounds_every_task_of_the_node_together() {
     let server = Server::with(RunArgs {
