@@ -570,6 +570,26 @@ fn numbered(n: usize) -> Vec<String> {
     (1..=n).map(|i| format!("line {i}")).collect()
 }
 
+/// A FIFO in `dir` that a script blocks on until [`release_fifo`] writes it.
+fn fifo_in(dir: &Path, name: &str) -> PathBuf {
+    let fifo = dir.join(name);
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    fifo
+}
+
+/// Writes `bytes` to a FIFO made by [`fifo_in`]; opening it waits for its
+/// reader, the script (bounded).
+async fn release_fifo(fifo: PathBuf, bytes: &'static [u8]) {
+    timeout(
+        T,
+        tokio::task::spawn_blocking(move || std::fs::write(&fifo, bytes)),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .unwrap();
+}
+
 fn server_text(log: &[Value]) -> String {
     log.iter()
         .filter(|l| l["stream"] == "server")
@@ -993,23 +1013,14 @@ async fn a_server_restart_resumes_the_task() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_steps_first_line_shows_while_a_silent_script_runs_and_comes_first() {
     let (server, lis, _pol, lis_id, _) = two_machines().await;
-    let fifo = lis.ctx.home.join("go");
-    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let fifo = fifo_in(&lis.ctx.home, "go");
     let script = format!("read -r word < '{}'; echo \"$word\"", fifo.display());
     let id = server.script(&script, &["lis"]).await;
     let mut events = server.events(&id, 0).await;
     let (_, first) = events
         .until(|e, d| e == "log" && d["text"].as_str().unwrap().contains("starting the script"))
         .await;
-    // Opening the FIFO waits for its reader, the script (bounded).
-    timeout(
-        T,
-        tokio::task::spawn_blocking(move || std::fs::write(&fifo, b"after\n")),
-    )
-    .await
-    .unwrap()
-    .unwrap()
-    .unwrap();
+    release_fifo(fifo, b"after\n").await;
     let (_, end) = events.until(|e, _| e == "end").await;
     assert_eq!(end["task"]["state"], "Success", "{end}");
     let log = server.log(&id).await;
@@ -1215,8 +1226,7 @@ async fn a_task_waiting_for_a_node_slot_says_it_started_first() {
     .await;
     let (server, lis, _pol, _, _) = two_machines_on(server).await;
     // The first task holds the slot until the test writes to the FIFO.
-    let fifo = lis.ctx.home.join("hold");
-    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let fifo = fifo_in(&lis.ctx.home, "hold");
     let a = server
         .script(&format!("read -r word < '{}'", fifo.display()), &["lis"])
         .await;
@@ -1238,14 +1248,7 @@ async fn a_task_waiting_for_a_node_slot_says_it_started_first() {
         now["steps"][0]["state"], "Queued",
         "waits for the slot: {now}"
     );
-    timeout(
-        T,
-        tokio::task::spawn_blocking(move || std::fs::write(&fifo, b"go\n")),
-    )
-    .await
-    .unwrap()
-    .unwrap()
-    .unwrap();
+    release_fifo(fifo, b"go\n").await;
     let (_, end) = events.until(|e, _| e == "end").await;
     assert_eq!(end["task"]["state"], "Success", "{end}");
     let log = server.log(&b).await;
