@@ -20,7 +20,11 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/tentacle_descriptor.bin"));
 
 /// Contract version this build speaks (see `HelloRequest.protocol_version`).
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2 added `ScriptService.RunScript` (StartScript and StreamLogs in one call).
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// The first contract version with `ScriptService.RunScript`.
+pub const RUN_SCRIPT_SINCE: u32 = 2;
 
 /// Reserved negative script exit codes (documented in `script.proto`).
 pub mod exit_codes {

@@ -17,8 +17,8 @@ use octo_comms::{Backoff, PollingTarget, TentacleComms};
 use octo_proto::v1::capabilities_server::CapabilitiesServer;
 use octo_proto::v1::script_service_server::{ScriptService, ScriptServiceServer};
 use octo_proto::v1::{
-    script_event, CancelScriptRequest, CompleteScriptRequest, ScriptEvent, ScriptStatus,
-    ScriptStatusRequest, StartScriptRequest,
+    script_event, CancelScriptRequest, CompleteScriptRequest, RunScriptRequest, ScriptEvent,
+    ScriptStatus, ScriptStatusRequest, StartScriptRequest,
 };
 use octo_server_core::{start, RunArgs, RunningServer};
 use octo_testkit as kit;
@@ -412,11 +412,13 @@ impl Tentacle {
     }
 }
 
-/// The real script service with two faults a test can turn on: CompleteScript
+/// The real script service with faults a test can turn on: CompleteScript
 /// waits until `open` is set (counting the calls in `completes`, and those
-/// the real service answered in `answered`), and with
+/// the real service answered in `answered`); with
 /// `withhold` the log stream keeps back every line with that text (as a stream
-/// cut before its end would), so its `completed` event says more is due.
+/// cut before its end would), so its `completed` event says more is due; and
+/// with `legacy` RunScript is refused as a tentacle of contract version 1
+/// would. `calls` names the script calls made, in order.
 #[derive(Clone)]
 struct Gated {
     inner: ScriptServiceImpl,
@@ -424,37 +426,29 @@ struct Gated {
     completes: watch::Sender<u32>,
     answered: watch::Sender<u32>,
     withhold: Option<&'static str>,
+    legacy: bool,
+    calls: std::sync::Arc<std::sync::Mutex<Vec<&'static str>>>,
 }
 
-type GatedEvents = Pin<Box<dyn Stream<Item = Result<ScriptEvent, tonic::Status>> + Send>>;
-
-#[tonic::async_trait]
-impl ScriptService for Gated {
-    async fn start_script(
-        &self,
-        r: tonic::Request<StartScriptRequest>,
-    ) -> Result<tonic::Response<ScriptStatus>, tonic::Status> {
-        self.inner.start_script(r).await
+impl Gated {
+    fn called(&self, what: &'static str) {
+        self.calls.lock().unwrap().push(what);
     }
 
-    async fn get_status(
-        &self,
-        r: tonic::Request<ScriptStatusRequest>,
-    ) -> Result<tonic::Response<ScriptStatus>, tonic::Status> {
-        self.inner.get_status(r).await
+    /// The script calls made so far.
+    fn calls(&self) -> Vec<&'static str> {
+        self.calls.lock().unwrap().clone()
     }
 
-    type StreamLogsStream = GatedEvents;
-
-    async fn stream_logs(
+    /// `events` less the withheld lines.
+    fn filtered(
         &self,
-        r: tonic::Request<ScriptStatusRequest>,
-    ) -> Result<tonic::Response<GatedEvents>, tonic::Status> {
-        let events = self.inner.stream_logs(r).await?.into_inner();
+        events: Pin<Box<dyn Stream<Item = Result<ScriptEvent, tonic::Status>> + Send>>,
+    ) -> GatedEvents {
         let Some(withheld) = self.withhold else {
-            return Ok(tonic::Response::new(Box::pin(events)));
+            return events;
         };
-        let events = events.filter_map(move |ev| match ev {
+        Box::pin(events.filter_map(move |ev| match ev {
             Ok(ScriptEvent {
                 event: Some(script_event::Event::Log(line)),
             }) if line.text == withheld => None,
@@ -467,8 +461,52 @@ impl ScriptService for Gated {
                 }))
             }
             other => Some(other),
-        });
-        Ok(tonic::Response::new(Box::pin(events)))
+        }))
+    }
+}
+
+type GatedEvents = Pin<Box<dyn Stream<Item = Result<ScriptEvent, tonic::Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ScriptService for Gated {
+    async fn start_script(
+        &self,
+        r: tonic::Request<StartScriptRequest>,
+    ) -> Result<tonic::Response<ScriptStatus>, tonic::Status> {
+        self.called("StartScript");
+        self.inner.start_script(r).await
+    }
+
+    async fn get_status(
+        &self,
+        r: tonic::Request<ScriptStatusRequest>,
+    ) -> Result<tonic::Response<ScriptStatus>, tonic::Status> {
+        self.inner.get_status(r).await
+    }
+
+    type RunScriptStream = GatedEvents;
+
+    async fn run_script(
+        &self,
+        r: tonic::Request<RunScriptRequest>,
+    ) -> Result<tonic::Response<GatedEvents>, tonic::Status> {
+        self.called("RunScript");
+        if self.legacy {
+            return Err(tonic::Status::unimplemented("RunScript"));
+        }
+        let events = self.inner.run_script(r).await?.into_inner();
+        Ok(tonic::Response::new(self.filtered(events)))
+    }
+
+    type StreamLogsStream = GatedEvents;
+
+    async fn stream_logs(
+        &self,
+        r: tonic::Request<ScriptStatusRequest>,
+    ) -> Result<tonic::Response<GatedEvents>, tonic::Status> {
+        self.called("StreamLogs");
+        let events = self.inner.stream_logs(r).await?.into_inner();
+        Ok(tonic::Response::new(self.filtered(events)))
     }
 
     async fn cancel_script(
@@ -498,6 +536,16 @@ impl Tentacle {
         server: Thumbprint,
         withhold: Option<&'static str>,
     ) -> (Self, Gated) {
+        Self::gated_as(name, server, withhold, false).await
+    }
+
+    /// Like [`Tentacle::gated`]; with `legacy`, RunScript is refused.
+    async fn gated_as(
+        name: &str,
+        server: Thumbprint,
+        withhold: Option<&'static str>,
+        legacy: bool,
+    ) -> (Self, Gated) {
         let mut t = Tentacle::listening(name, server).await;
         t.stop().await;
         let gated = Gated {
@@ -506,6 +554,8 @@ impl Tentacle {
             completes: watch::Sender::new(0),
             answered: watch::Sender::new(0),
             withhold,
+            legacy,
+            calls: std::sync::Arc::default(),
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         t.addr = Some(listener.local_addr().unwrap());
@@ -1347,6 +1397,47 @@ async fn the_task_ends_without_waiting_for_a_cleanup_that_brings_nothing() {
         lis.work_entries()
     );
     assert_eq!(*gated.completes.borrow(), 1);
+    // Started and streamed in one call (the tentacle speaks contract version 2).
+    assert_eq!(gated.calls(), ["RunScript"]);
+}
+
+/// A tentacle that does not know RunScript (as one of contract version 1,
+/// though this one said 2 in its Hello): the step starts the script and
+/// streams its log apart, and the task's log is the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tentacle_without_run_script_is_started_and_streamed_apart() {
+    let server = Server::new().await;
+    let (lis, gated) = Tentacle::gated_as("old", server.thumbprint, None, true).await;
+    gated.open.send_replace(true);
+    let machine = server
+        .add_listening("old", lis.addr.unwrap(), lis.thumbprint())
+        .await;
+    let id = server
+        .script("echo one; echo two >&2; echo three", &["old"])
+        .await;
+    let end = server.wait_end(&id).await;
+    assert_eq!(end["task"]["state"], "Success", "{end}");
+    assert_eq!(gated.calls(), ["RunScript", "StartScript", "StreamLogs"]);
+    let log = server.log(&id).await;
+    assert_eq!(stdout_of(&log, machine), ["one", "three"]);
+    let texts: Vec<&str> = log.iter().filter_map(|l| l["text"].as_str()).collect();
+    assert!(texts.contains(&"two"), "{texts:?}");
+    assert_eq!(
+        texts
+            .iter()
+            .filter(|t| t.contains("starting the script"))
+            .count(),
+        1,
+        "{texts:?}"
+    );
+    assert!(
+        texts.first().unwrap().starts_with("Task started"),
+        "{texts:?}"
+    );
+    assert!(
+        texts.last().unwrap().starts_with("Task finished"),
+        "{texts:?}"
+    );
 }
 
 /// A stream that ended its log early (lines still due when `completed` came):

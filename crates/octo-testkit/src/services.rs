@@ -69,7 +69,8 @@ struct FakeScript {
     done: watch::Sender<bool>,
 }
 
-/// Script fixture.
+/// Script fixture: a script of N lines (its body), one every M ms (its first
+/// argument). It has no RunScript (as a tentacle of contract version 1).
 #[derive(Debug, Clone, Default)]
 pub struct FakeScripts {
     scripts: Arc<Mutex<HashMap<String, Arc<FakeScript>>>>,
@@ -168,6 +169,20 @@ impl ScriptService for FakeScripts {
             &s,
             req.since_sequence,
         )))
+    }
+
+    type RunScriptStream = EventStream;
+
+    /// Refused as a tentacle of contract version 1 would (it has no such
+    /// call): callers then start the script and stream its log apart, so the
+    /// tests on this fake keep that way covered.
+    async fn run_script(
+        &self,
+        _request: Request<RunScriptRequest>,
+    ) -> Result<Response<Self::RunScriptStream>, Status> {
+        Err(Status::unimplemented(
+            "RunScript (this fake speaks contract version 1)",
+        ))
     }
 
     type StreamLogsStream = EventStream;

@@ -548,7 +548,7 @@ fn version_and_help() {
     assert!(env.ok(&["version"]).starts_with("tentacle "));
     let v: serde_json::Value =
         serde_json::from_str(&env.ok(&["version", "--format", "json"])).unwrap();
-    assert_eq!(v["protocol"], 1);
+    assert_eq!(v["protocol"], 2);
     for cmd in [
         "create-instance",
         "configure",

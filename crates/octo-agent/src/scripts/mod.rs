@@ -105,7 +105,8 @@ use octo_proto::exit_codes::{
 use octo_proto::v1::script_service_server::ScriptService;
 use octo_proto::v1::{
     script_event, CancelScriptRequest, CompleteScriptRequest, IsolationLevel, LogStream,
-    ScriptEvent, ScriptState, ScriptStatus, ScriptStatusRequest, ScriptSyntax, StartScriptRequest,
+    RunScriptRequest, ScriptEvent, ScriptState, ScriptStatus, ScriptStatusRequest, ScriptSyntax,
+    StartScriptRequest,
 };
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -1565,6 +1566,31 @@ impl ScriptService for ScriptServiceImpl {
             Some(s) => Ok(Response::new(s.status(req.since_sequence).await?)),
             None => Ok(Response::new(unknown(req.ticket))),
         }
+    }
+
+    type RunScriptStream = EventStream;
+
+    async fn run_script(
+        &self,
+        request: Request<RunScriptRequest>,
+    ) -> Result<Response<Self::RunScriptStream>, Status> {
+        let req = request.into_inner();
+        let Some(start) = req.start else {
+            return Err(Status::invalid_argument(
+                "RunScript needs `start`: the script to start",
+            ));
+        };
+        // As StartScript: the stream opens once the script's state is on disk
+        // (or preparing it failed, which its log then says).
+        let (script, prepared) = self.shared.start(start)?;
+        if let Some(prepared) = prepared {
+            let _ = prepared.await;
+        }
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(stream(script, req.since_sequence, tx));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     type StreamLogsStream = EventStream;

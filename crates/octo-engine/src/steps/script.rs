@@ -29,7 +29,8 @@ use octo_comms::{Connection, Endpoint};
 use octo_proto::exit_codes;
 use octo_proto::v1::{
     script_event, CancelScriptRequest, CompleteScriptRequest, IsolationLevel, LogLine, LogStream,
-    ScriptState, ScriptStatus, ScriptStatusRequest, ScriptSyntax, StartScriptRequest,
+    RunScriptRequest, ScriptEvent, ScriptState, ScriptStatus, ScriptStatusRequest, ScriptSyntax,
+    StartScriptRequest,
 };
 use octo_store::{now_ms, NewLogLine, TaskState, TaskStep};
 use tokio::time::Instant;
@@ -307,6 +308,9 @@ struct Run<'a> {
     endpoint: Endpoint,
     /// StartScript may have reached the tentacle (so cancel must go there).
     start_attempted: bool,
+    /// The tentacle refused RunScript as unknown: the script is started and
+    /// its log streamed apart (StartScript, StreamLogs).
+    legacy: bool,
     /// CancelScript was delivered.
     cancel_sent: bool,
     /// When a cancel request was first noticed.
@@ -341,6 +345,12 @@ struct Run<'a> {
     announce: Option<NewLogLine>,
     /// The lines saying how the script ended, until the step's end stores them.
     end_lines: Vec<NewLogLine>,
+}
+
+/// Whether the tentacle on `conn` said (in its Hello) that it has RunScript.
+fn speaks_run_script(conn: &Connection) -> bool {
+    conn.hello()
+        .is_some_and(|h| h.protocol_version >= octo_proto::RUN_SCRIPT_SINCE)
 }
 
 /// One machine's part of a script task.
@@ -409,6 +419,7 @@ pub(crate) async fn run_step(
         spec,
         endpoint,
         start_attempted: resumed,
+        legacy: false,
         cancel_sent: false,
         cancel_since: None,
         next_sequence,
@@ -642,59 +653,112 @@ impl Run<'_> {
             }
         } else {
             self.start_attempted = true;
-            let req = self.start_request();
-            let mut client = conn.scripts();
-            // The step's first line waits to be stored with the script's
-            // first lines or its end (one store call less a step), or for
-            // [`BATCH_DELAY`]: a slow start stores it meanwhile.
-            let start = async {
-                tokio::select! {
-                    r = tokio::time::timeout(CALL_TIMEOUT, client.start_script(req)) => Some(r),
-                    _ = shutdown.cancelled() => None,
+            if !self.legacy && speaks_run_script(&conn) {
+                match self.run_script(&conn).await {
+                    Ok(events) => return self.follow(&conn, events).await,
+                    Err(Some(end)) => return end,
+                    // Refused as unknown: started and streamed apart, from now on.
+                    Err(None) => self.legacy = true,
                 }
-            };
-            tokio::pin!(start);
-            let pending = self.announce.is_some();
-            let started = tokio::select! {
-                biased;
-                r = &mut start => r,
-                () = tokio::time::sleep(BATCH_DELAY), if pending => {
-                    self.flush_announce().await;
-                    start.await
-                }
-            };
-            let Some(started) = started else {
-                return Attempt::Shutdown;
-            };
-            match started {
-                Ok(Ok(_)) => {}
-                Ok(Err(status)) if octo_comms::is_retryable(&status) => {
-                    return Attempt::Retry {
-                        reason: status.message().to_string(),
-                        was_connected: false,
-                    }
-                }
-                Ok(Err(status)) => {
-                    self.fail(format!(
-                        "the tentacle refused to start the script: {} ({:?})",
-                        status.message(),
-                        status.code()
-                    ))
-                    .await;
-                    return Attempt::Done;
-                }
-                Err(_) => {
-                    return Attempt::Retry {
-                        reason: format!(
-                            "StartScript got no answer within {} s",
-                            CALL_TIMEOUT.as_secs()
-                        ),
-                        was_connected: false,
-                    }
-                }
+            }
+            if let Some(end) = self.start_script(&conn).await {
+                return end;
             }
         }
         self.stream(&conn).await
+    }
+
+    /// Awaits `call` (a start sent to the tentacle); meanwhile the step's first
+    /// line, when still to store, waits to be stored with the script's first
+    /// lines or its end (one store call less a step), or for [`BATCH_DELAY`]:
+    /// a slow start stores it meanwhile. None when the server stops.
+    async fn starting<T>(&mut self, call: impl std::future::Future<Output = T>) -> Option<T> {
+        let shutdown = self.ctx.shutdown.clone();
+        let start = async {
+            tokio::select! {
+                r = call => Some(r),
+                _ = shutdown.cancelled() => None,
+            }
+        };
+        tokio::pin!(start);
+        let pending = self.announce.is_some();
+        tokio::select! {
+            biased;
+            r = &mut start => r,
+            () = tokio::time::sleep(BATCH_DELAY), if pending => {
+                self.flush_announce().await;
+                start.await
+            }
+        }
+    }
+
+    /// RunScript: starts the script and opens its log in one call. Err(None)
+    /// when the tentacle does not know the call (start and stream apart then);
+    /// Err(Some(end)) when the attempt is over.
+    async fn run_script(
+        &mut self,
+        conn: &Connection,
+    ) -> Result<tonic::Streaming<ScriptEvent>, Option<Attempt>> {
+        let req = RunScriptRequest {
+            start: Some(self.start_request()),
+            since_sequence: self.next_sequence,
+        };
+        let mut client = conn.scripts();
+        let call = tokio::time::timeout(CALL_TIMEOUT, client.run_script(req));
+        let Some(opened) = self.starting(call).await else {
+            return Err(Some(Attempt::Shutdown));
+        };
+        match opened {
+            Ok(Ok(events)) => Ok(events.into_inner()),
+            Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
+                tracing::debug!(
+                    machine = %self.name(),
+                    "the tentacle has no RunScript; starting the script and streaming its log apart"
+                );
+                Err(None)
+            }
+            Ok(Err(status)) => Err(Some(self.start_failed("RunScript", Some(status)).await)),
+            Err(_) => Err(Some(self.start_failed("RunScript", None).await)),
+        }
+    }
+
+    /// StartScript (the stream is opened apart); Some(end) when the attempt is over.
+    async fn start_script(&mut self, conn: &Connection) -> Option<Attempt> {
+        let req = self.start_request();
+        let mut client = conn.scripts();
+        let call = tokio::time::timeout(CALL_TIMEOUT, client.start_script(req));
+        let Some(started) = self.starting(call).await else {
+            return Some(Attempt::Shutdown);
+        };
+        match started {
+            Ok(Ok(_)) => None,
+            Ok(Err(status)) => Some(self.start_failed("StartScript", Some(status)).await),
+            Err(_) => Some(self.start_failed("StartScript", None).await),
+        }
+    }
+
+    /// The end of an attempt whose start (`call`) failed with `status`, or got
+    /// no answer in time (None).
+    async fn start_failed(&mut self, call: &str, status: Option<tonic::Status>) -> Attempt {
+        match status {
+            Some(status) if octo_comms::is_retryable(&status) => Attempt::Retry {
+                reason: status.message().to_string(),
+                was_connected: false,
+            },
+            Some(status) => {
+                self.fail(format!(
+                    "the tentacle refused to start the script: {} ({:?})",
+                    status.message(),
+                    status.code()
+                ))
+                .await;
+                Attempt::Done
+            }
+            None => Attempt::Retry {
+                reason: format!("{call} got no answer within {} s", CALL_TIMEOUT.as_secs()),
+                was_connected: false,
+            },
+        }
     }
 
     fn start_request(&self) -> StartScriptRequest {
@@ -757,14 +821,12 @@ impl Run<'_> {
             r = client.stream_logs(req) => r,
             _ = shutdown.cancelled() => return Attempt::Shutdown,
         };
-        let mut events = match opened {
-            Ok(r) => r.into_inner(),
-            Err(status) if octo_comms::is_retryable(&status) => {
-                return Attempt::Retry {
-                    reason: status.message().to_string(),
-                    was_connected: true,
-                }
-            }
+        match opened {
+            Ok(r) => self.follow(conn, r.into_inner()).await,
+            Err(status) if octo_comms::is_retryable(&status) => Attempt::Retry {
+                reason: status.message().to_string(),
+                was_connected: true,
+            },
             Err(status) => {
                 self.fail(format!(
                     "the tentacle refused to stream the log: {} ({:?})",
@@ -772,9 +834,18 @@ impl Run<'_> {
                     status.code()
                 ))
                 .await;
-                return Attempt::Done;
+                Attempt::Done
             }
-        };
+        }
+    }
+
+    /// Reads the log's `events` to the script's end (or until the connection fails).
+    async fn follow(
+        &mut self,
+        conn: &Connection,
+        mut events: tonic::Streaming<ScriptEvent>,
+    ) -> Attempt {
+        let shutdown = &self.ctx.shutdown;
         let mut batch: Vec<NewLogLine> = Vec::new();
         // The step's first line, still to store, is stored within
         // [`BATCH_DELAY`] (with the script's lines or its end if they come sooner).
