@@ -292,23 +292,20 @@ impl TaskLog {
 
     /// Stores server lines about a step and then the step as it is now, in
     /// one call where that saves one (see [`Store::update_step_logged`]),
-    /// and wakes readers of both (best effort: a failure is logged).
-    pub async fn save_step_logged(&self, step: &TaskStep, lines: &[NewLogLine]) {
+    /// and wakes readers of both (best effort: a failure is logged). True
+    /// when stored.
+    pub async fn save_step_logged(&self, step: &TaskStep, lines: &[NewLogLine]) -> bool {
         self.line_turn().await;
         self.record_learned_or_say().await;
-        if let Err(e) = self.store.update_step_logged(step, lines).await {
-            error!(
-                "saving step {} of task {}: {e}",
-                step.machine_name, step.task_id
-            );
-        }
+        let stored = step_stored(step, self.store.update_step_logged(step, lines).await);
         self.lines_and_state_changed();
+        stored
     }
 
-    /// Stores a step as it is now and wakes readers (best effort: a failure is logged).
-    /// The first step stored as started takes the task's first line with it
-    /// when it is offered (see [`TaskLog::offering_first_line`]).
-    pub async fn save_step(&self, step: &TaskStep) {
+    /// Stores a step as it is now and wakes readers (best effort: a failure is logged);
+    /// true when stored. The first step stored as started takes the task's
+    /// first line with it when it is offered (see [`TaskLog::offering_first_line`]).
+    pub async fn save_step(&self, step: &TaskStep) -> bool {
         let first = match &self.first {
             Some(f) if step.state == TaskState::Executing => f.take(),
             _ => None,
@@ -322,22 +319,27 @@ impl TaskLog {
             if let Err(e) = started {
                 error!("setting task {} {state:?}: {e}", self.task_id);
             }
-            if let Err(e) = saved {
-                error!(
-                    "saving step {} of task {}: {e}",
-                    step.machine_name, step.task_id
-                );
-            }
+            let stored = step_stored(step, saved);
             self.lines_and_state_changed();
-            return;
+            return stored;
         }
-        if let Err(e) = self.store.update_step(step).await {
+        let stored = step_stored(step, self.store.update_step(step).await);
+        self.notifiers.state_changed(&self.task_id);
+        stored
+    }
+}
+
+/// Whether `step` was stored, by what storing it gave; a failure is logged.
+fn step_stored(step: &TaskStep, r: octo_store::Result<()>) -> bool {
+    match r {
+        Ok(()) => true,
+        Err(e) => {
             error!(
                 "saving step {} of task {}: {e}",
                 step.machine_name, step.task_id
             );
+            false
         }
-        self.notifiers.state_changed(&self.task_id);
     }
 }
 

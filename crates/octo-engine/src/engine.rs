@@ -37,7 +37,7 @@ use crate::context::{GuidanceBoard, StepContext, TaskLog};
 use crate::feed::PackageFiles;
 use crate::notify::{lock, Changes, Notifiers};
 use crate::secrets::{Masker, MasterKey};
-use crate::steps::{deploy, health, script, tentacle_upgrade, StepEnd};
+use crate::steps::{deploy, health, script, tentacle_upgrade, Afterwards, StepEnd};
 use crate::tool::ToolBuild;
 mod cluster;
 
@@ -128,6 +128,18 @@ struct DeferredEnd {
     step: TaskStep,
     lines: Vec<NewLogLine>,
     registration: StepRegistration,
+    /// Started once the end is stored (see [`StepEnd::Finished`]'s `release`).
+    release: Option<Afterwards>,
+}
+
+/// Starts `release` (the tentacle's cleanup, see [`StepEnd::Finished`]) when
+/// the step's end was stored; otherwise drops it: the tentacle keeps the
+/// script (its retention removes it in time), so that a resumed step finds it
+/// there, ended, rather than starting it again.
+fn release_when_stored(stored: bool, release: Option<Afterwards>) {
+    if let Some(work) = release.filter(|_| stored) {
+        tokio::spawn(work);
+    }
 }
 
 /// Counts a task's steps down as they end, so that the last one can leave its
@@ -649,13 +661,15 @@ impl Engine {
         state: TaskState,
         error: Option<String>,
         lines: Vec<NewLogLine>,
+        release: Option<Afterwards>,
     ) -> TaskStep {
         let step = ended_step(step, state, error);
-        if lines.is_empty() {
-            log.save_step(&step).await;
+        let stored = if lines.is_empty() {
+            log.save_step(&step).await
         } else {
-            log.save_step_logged(&step, &lines).await;
-        }
+            log.save_step_logged(&step, &lines).await
+        };
+        release_when_stored(stored, release);
         self.publish(ClusterEvent::StepFinished {
             task_id: step.task_id.clone(),
             machine_id: step.machine_id,
@@ -667,7 +681,8 @@ impl Engine {
     /// Stores a step's end kept for the task's (see [`DeferredEnd`]) alone:
     /// the task does not end now.
     async fn record_deferred(&self, log: &TaskLog, d: DeferredEnd) {
-        log.save_step_logged(&d.step, &d.lines).await;
+        let stored = log.save_step_logged(&d.step, &d.lines).await;
+        release_when_stored(stored, d.release);
         self.publish(ClusterEvent::StepFinished {
             task_id: d.step.task_id.clone(),
             machine_id: d.step.machine_id,
@@ -690,8 +705,9 @@ impl Engine {
         let (stepped, ended) = log
             .step_and_task_end(&d.step, &d.lines, text, state, error)
             .await;
-        if let Err(e) = stepped {
-            error!("saving step {} of task {task_id}: {e}", d.step.machine_name);
+        match stepped {
+            Ok(()) => release_when_stored(true, d.release),
+            Err(e) => error!("saving step {} of task {task_id}: {e}", d.step.machine_name),
         }
         if let Err(e) = ended {
             error!("setting task {task_id} {state:?}: {e}");
@@ -1145,7 +1161,7 @@ impl Engine {
         step: TaskStep,
     ) -> TaskStep {
         let why = because(running, Some("canceled before it started".into()));
-        self.finish_step(log, step, TaskState::Canceled, why, Vec::new())
+        self.finish_step(log, step, TaskState::Canceled, why, Vec::new(), None)
             .await
     }
 
@@ -1227,6 +1243,7 @@ impl Engine {
                 error,
                 health,
                 afterwards,
+                release,
                 lines,
             } => {
                 let error = if state == TaskState::Canceled {
@@ -1246,10 +1263,13 @@ impl Engine {
                             step,
                             lines,
                             registration,
+                            release,
                         }),
                     }));
                 }
-                let recorded = self.finish_step(&log, step, state, error, lines).await;
+                let recorded = self
+                    .finish_step(&log, step, state, error, lines, release)
+                    .await;
                 // Recorded: whoever stops this machine may go on.
                 drop(registration);
                 if let Some(work) = afterwards {
@@ -1280,6 +1300,7 @@ impl Engine {
                 TaskState::Failed,
                 Some(why.to_string()),
                 Vec::new(),
+                None,
             )
             .await;
         }

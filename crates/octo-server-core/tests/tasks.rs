@@ -427,17 +427,17 @@ struct Gated {
     answered: watch::Sender<u32>,
     withhold: Option<&'static str>,
     legacy: bool,
-    calls: std::sync::Arc<std::sync::Mutex<Vec<&'static str>>>,
+    calls: watch::Sender<Vec<&'static str>>,
 }
 
 impl Gated {
     fn called(&self, what: &'static str) {
-        self.calls.lock().unwrap().push(what);
+        self.calls.send_modify(|c| c.push(what));
     }
 
     /// The script calls made so far.
     fn calls(&self) -> Vec<&'static str> {
-        self.calls.lock().unwrap().clone()
+        self.calls.borrow().clone()
     }
 
     /// `events` less the withheld lines.
@@ -555,7 +555,7 @@ impl Tentacle {
             answered: watch::Sender::new(0),
             withhold,
             legacy,
-            calls: std::sync::Arc::default(),
+            calls: watch::Sender::new(Vec::new()),
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         t.addr = Some(listener.local_addr().unwrap());
@@ -1398,6 +1398,90 @@ async fn the_task_ends_without_waiting_for_a_cleanup_that_brings_nothing() {
     );
     assert_eq!(*gated.completes.borrow(), 1);
     // Started and streamed in one call (the tentacle speaks contract version 2).
+    assert_eq!(gated.calls(), ["RunScript"]);
+}
+
+/// The tentacle's cleanup (CompleteScript, which frees the script's ticket)
+/// goes only once the step's end is stored: a server restarted before that
+/// resumes the step and must find its script there, ended, not start it
+/// again. Here the database is locked (as a stalled disk would hold it) while
+/// the script ends: no CompleteScript reaches the tentacle until the lock is
+/// gone and the end stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tentacle_cleanup_waits_until_the_steps_end_is_stored() {
+    use sqlx::{Connection, Executor};
+    let server = Server::new().await;
+    let (lis, gated) = Tentacle::gated("gate", server.thumbprint, None).await;
+    gated.open.send_replace(true);
+    let machine = server
+        .add_listening("gate", lis.addr.unwrap(), lis.thumbprint())
+        .await;
+    let fifo = fifo_in(&lis.ctx.home, "hold");
+    // Silent: nothing of the script's is stored before its end.
+    let script = format!("read -r l < {}", fifo.display());
+    let id = server.script(&script, &["gate"]).await;
+    // The step's first line is stored (its start, before it): every write
+    // before the script's end is done.
+    let mut stream = server.events(&id, 0).await;
+    stream
+        .until(|e, d| e == "log" && d["text"].as_str().unwrap().contains("starting the script"))
+        .await;
+    let (_, task) = server.get(&format!("/api/tasks/{id}")).await;
+    let ticket = task["steps"][0]["ticket"].as_str().unwrap().to_string();
+
+    // Every write to the database waits (up to its busy timeout, 5 s) from now.
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(server.data.join("octopus.db"))
+        .busy_timeout(T);
+    let mut lock = sqlx::SqliteConnection::connect_with(&options)
+        .await
+        .unwrap();
+    lock.execute("BEGIN IMMEDIATE").await.unwrap();
+    release_fifo(fifo, b"go\n").await;
+    // The tentacle has the script's end, and so has the server's stream.
+    let mut events = gated
+        .inner
+        .stream_logs(tonic::Request::new(ScriptStatusRequest {
+            ticket: ticket.clone(),
+            since_sequence: 0,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let completed = timeout(T, async {
+        while let Some(ev) = events.next().await {
+            if let Some(script_event::Event::Completed(status)) = ev.unwrap().event {
+                return status;
+            }
+        }
+        panic!("the stream ended without the script's end");
+    })
+    .await
+    .unwrap();
+    assert_eq!(completed.exit_code, 0, "{completed:?}");
+    // With the end not stored, nothing frees the ticket.
+    let mut completes = gated.completes.subscribe();
+    let early = timeout(Duration::from_millis(500), completes.wait_for(|n| *n > 0))
+        .await
+        .is_ok();
+    assert!(
+        !early,
+        "CompleteScript reached the tentacle before the step's end was stored"
+    );
+    lock.execute("ROLLBACK").await.unwrap();
+    drop(lock);
+    let end = server.wait_end(&id).await;
+    assert_eq!(end["task"]["state"], "Success", "{end}");
+    let log = server.log(&id).await;
+    assert!(stdout_of(&log, machine).is_empty());
+    assert!(
+        server_text(&log).contains("the script finished (Success, exit code 0)"),
+        "{log:#?}"
+    );
+    timeout(T, completes.wait_for(|n| *n == 1))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(gated.calls(), ["RunScript"]);
 }
 

@@ -562,7 +562,7 @@ impl Engine {
                 }
             }
             Err(why) => {
-                self.finish_step(&log, step, TaskState::Failed, Some(why), Vec::new())
+                self.finish_step(&log, step, TaskState::Failed, Some(why), Vec::new(), None)
                     .await;
             }
         }

@@ -98,6 +98,7 @@ pub(crate) async fn run_step(ctx: &StepContext, mut step: TaskStep) -> StepEnd {
         error,
         health: Some(update.status),
         afterwards: None,
+        release: None,
         // Stored with the step's end.
         lines: vec![ctx
             .log

@@ -33,6 +33,12 @@ pub(crate) enum StepEnd {
         /// The machine's health, for a health check's summary.
         health: Option<HealthStatus>,
         afterwards: Option<Afterwards>,
+        /// Work to start, not to wait for, once the step's end is stored (the
+        /// tentacle's cleanup, which frees the script's ticket): never before,
+        /// so that a server restarted before the end was stored resumes the
+        /// step and finds its script there, ended, rather than starting it
+        /// again. Dropped, never run, when the end could not be stored.
+        release: Option<Afterwards>,
         /// The step's last lines ("MACHINE: ..."), not stored yet: the engine
         /// stores them with the step's end, in one call where that saves one.
         lines: Vec<NewLogLine>,
@@ -49,6 +55,7 @@ impl StepEnd {
             error,
             health: None,
             afterwards: None,
+            release: None,
             lines: Vec::new(),
         }
     }

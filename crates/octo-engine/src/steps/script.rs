@@ -264,8 +264,12 @@ pub(crate) enum ScriptEnd {
         step: TaskStep,
         state: TaskState,
         error: Option<String>,
-        /// Cleanup on the tentacle, to run once the outcome is recorded.
+        /// Cleanup on the tentacle that may bring the log's last lines: run
+        /// once the outcome is recorded, and waited for.
         afterwards: Option<Afterwards>,
+        /// Cleanup that only frees the ticket and the work folder: started
+        /// once the outcome is stored, not waited for.
+        release: Option<Afterwards>,
         /// The lines saying how the script ended (after its first line when
         /// that is still to store), stored with the step's end.
         lines: Vec<NewLogLine>,
@@ -285,6 +289,7 @@ impl From<ScriptEnd> for StepEnd {
                 state,
                 error,
                 afterwards,
+                release,
                 lines,
             } => StepEnd::Finished {
                 step,
@@ -292,6 +297,7 @@ impl From<ScriptEnd> for StepEnd {
                 error,
                 health: None,
                 afterwards,
+                release,
                 lines,
             },
             // Only deployments hold failures, and they ask for guidance first.
@@ -323,10 +329,10 @@ struct Run<'a> {
     base: u64,
     /// How the run ended, once it has.
     end: Option<(TaskState, Option<String>)>,
-    /// The cleanup on the tentacle, started as soon as the script completed
-    /// (see [`Run::completed`]); the step's end waits for it unless
-    /// `cleanup_detached`.
-    cleanup: Option<tokio::task::JoinHandle<()>>,
+    /// The cleanup on the tentacle, made when the script completed (see
+    /// [`Run::completed`]), started once the step's end is stored; the step's
+    /// end waits for it unless `cleanup_detached`.
+    cleanup: Option<Cleanup>,
     /// The `completed` event carried the log's end (every line is stored or
     /// counted): the cleanup only frees the ticket and the work folder, and
     /// the step's end does not wait for it.
@@ -391,6 +397,7 @@ pub(crate) async fn run_step(
                 state: TaskState::Failed,
                 error: Some(why),
                 afterwards: None,
+                release: None,
                 lines: Vec::new(),
             }
         }
@@ -451,22 +458,27 @@ pub(crate) async fn run_step(
             why: error.unwrap_or_else(|| "failed".into()),
         };
     }
-    let cleanup = run.cleanup.take();
-    // Detached: the task goes on with the tentacle's cleanup in flight (it
-    // ends by itself, or with the server's shutdown).
-    let cleanup = cleanup.filter(|_| !run.cleanup_detached);
-    let afterwards = cleanup.map(|cleanup| {
-        Box::pin(async move {
-            // A cleanup that panicked has nothing left to store.
-            let _ = cleanup.await;
-        }) as Afterwards
-    });
+    // The cleanup frees the script's ticket on the tentacle, so it starts
+    // once the step's end is stored, never before: a server restarted before
+    // that resumes the step and must find the script there, ended, not start
+    // it again. Detached (the log's end came with `completed`), the task goes
+    // on without waiting for it (it ends by itself, or with the server's
+    // shutdown); otherwise it may bring the log's last lines, and the step's
+    // end waits for it.
+    let (afterwards, release) = match run.cleanup.take() {
+        Some(cleanup) if run.cleanup_detached => {
+            (None, Some(Box::pin(cleanup.run()) as Afterwards))
+        }
+        Some(cleanup) => (Some(Box::pin(cleanup.run()) as Afterwards), None),
+        None => (None, None),
+    };
     ScriptEnd::Finished {
         lines: std::mem::take(&mut run.end_lines),
         step: run.step,
         state,
         error,
         afterwards,
+        release,
     }
 }
 
@@ -973,8 +985,8 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Records the script's end and starts the cleanup on the tentacle, which
-    /// the step's end waits for.
+    /// Records the script's end and makes the cleanup on the tentacle, which
+    /// starts once the end is stored.
     async fn completed(&mut self, conn: &Connection, status: &ScriptStatus) {
         let code = status.exit_code;
         self.step.exit_code = Some(code);
@@ -992,9 +1004,8 @@ impl Run<'_> {
             )
         };
         // The cleanup (CompleteScript: the rest of the log, normally nothing,
-        // and the work folder removed) runs while the end is recorded here,
-        // rather than after it: one RPC less on the way to the task's end.
-        // A held run stays on the tentacle until a person decides: a resumed
+        // and the work folder removed, the ticket freed) starts once the end
+        // is stored (see the end of `run_step`). A held run stays on the tentacle until a person decides: a resumed
         // step then finds it complete instead of running it again.
         let held = self.spec.hold_failure && state == TaskState::Failed;
         if !held {
@@ -1010,7 +1021,7 @@ impl Run<'_> {
                 mask_outputs: self.spec.record_outputs,
                 budget: self.budget.clone(),
             };
-            self.cleanup = Some(tokio::spawn(cleanup.run()));
+            self.cleanup = Some(cleanup);
             // Every line up to the tentacle's last is stored or counted: the
             // cleanup has nothing to bring back (a line it brought anyway
             // would be stored after the end, never dropped), and the task's
