@@ -3,7 +3,7 @@
 #   octopus-tentacle_VERSION_ARCH.deb  /opt/octopus/tentacle/Tentacle, `tentacle`
 #                                      on the PATH, man pages, completions
 #                                      (bash, zsh, fish), tentacle@.service
-#   octopus-server_VERSION_ARCH.deb    /opt/octopus/server/{octopus,calamari,tentacle},
+#   octopus-server_VERSION_ARCH.deb    /opt/octopus/server/{octopus,octopus-server,calamari,tentacle},
 #                                      `octopus` on the PATH, octopus.service,
 #                                      man pages, completions
 #   octopus-tentacle-VERSION-linux-ARCH.tar.gz, octopus-server-...tar.gz
@@ -50,7 +50,7 @@ fi
 
 bins=(-p octo-tentacle --bin tentacle)
 if [ "$only" != tentacle ]; then
-    bins+=(-p octo-server --bin octopus -p octo-calamari --bin calamari)
+    bins+=(-p octo-server --bin octopus --bin octopus-server -p octo-calamari --bin calamari)
 fi
 cargo build --profile "$profile" "${bins[@]}"
 

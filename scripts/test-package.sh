@@ -72,12 +72,14 @@ echo "package test: tentacle ok (install, documented script, remove keeps config
 deb=$(ls -t target/package/octopus-server_*.deb | head -1)
 dpkg --purge octopus-server >/dev/null 2>&1 || true
 dpkg -i "$deb"
-for f in /opt/octopus/server/octopus /opt/octopus/server/calamari /opt/octopus/server/tentacle; do
+for f in /opt/octopus/server/octopus /opt/octopus/server/octopus-server /opt/octopus/server/calamari /opt/octopus/server/tentacle; do
     [ -x "$f" ] || fail "$f not installed"
 done
 [ "$(readlink /usr/bin/octopus)" = /opt/octopus/server/octopus ] || fail "octopus is not on the PATH"
 grep -q '^octopus ' <<<"$(/opt/octopus/server/octopus --version)" || fail "/opt/octopus/server/octopus --version"
 grep -q '^octopus ' <<<"$(octopus --version)" || fail "octopus --version (on the PATH)"
+# Through the link on the PATH, `octopus` hands server commands to the octopus-server beside it.
+grep -q 'show-thumbprint' <<<"$(octopus server --help)" || fail "octopus server --help (handed to octopus-server)"
 unit=/lib/systemd/system/octopus.service
 for f in /usr/share/man/man1/octopus.1.gz /usr/share/man/man1/octopus-server-run.1.gz \
     /usr/share/man/man1/octopus-policy.1.gz \
@@ -94,7 +96,7 @@ data=/var/lib/octopus/server
 [ "$(stat -c %a "$data")" = 700 ] || fail "$data is not 0700"
 echo kept >"$data/package-check"
 dpkg -r octopus-server
-for f in /opt/octopus/server/octopus /usr/bin/octopus "$unit" /usr/share/man/man1/octopus.1.gz; do
+for f in /opt/octopus/server/octopus /opt/octopus/server/octopus-server /usr/bin/octopus "$unit" /usr/share/man/man1/octopus.1.gz; do
     [ ! -e "$f" ] && [ ! -L "$f" ] || fail "dpkg -r left $f"
 done
 [ -f "$data/package-check" ] || fail "dpkg -r removed the server's data in $data"

@@ -1,10 +1,12 @@
-//! `octopus`: the Octopus server and its command-line client.
+//! `octopus-server`: the Octopus server, and every `octopus` command.
 //!
-//! - `octopus server run|show-thumbprint`: the server process.
-//! - `octopus environment|machine|api-key|user|health-check|run-script|task`: client
-//!   commands calling a running server's API (see `client`).
-//! - `octopus demo`: a server and two tentacles (one listening, one polling) in this
-//!   process exchanging calls over pinned mutual TLS on loopback.
+//! - `server run|show-thumbprint|reset-admin`: the server process.
+//! - `quickstart`, `demo`: a server and tentacles on loopback.
+//! - the client commands (`environment`, `machine`, `run-script`, `task`, ...), as
+//!   the `octopus` program (`src/cli.rs`) runs them.
+//!
+//! `octopus` hands the server's commands to this program (it `exec`s it with the
+//! same arguments), so its usage and documentation say `octopus` throughout.
 
 // A command-line tool prints its results by design.
 #![allow(clippy::print_stdout)]
