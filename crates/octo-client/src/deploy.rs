@@ -13,7 +13,7 @@ use octo_api_types::Package;
 use serde_json::{json, Value};
 
 use super::output::{fields, out, out_json, table, time};
-use super::{decode, say, Cx, Output, EXIT_INTERRUPTED};
+use super::{decode, say, Cx, Followed, Output, EXIT_INTERRUPTED};
 
 /// `octopus package ...`
 #[derive(Debug, Subcommand)]
@@ -440,18 +440,16 @@ impl Cx {
         if let Some(n) = a.max_parallel_steps {
             body["max_parallel_steps"] = json!(n);
         }
-        let c_ = &self.client;
-        let v: Value = c_
-            .post(c_.space_url(&["tasks", "deploy"], &[]), &body)
+        let url = self.client.space_url(&["tasks", "deploy"], &[]);
+        let followed = self
+            .create_and_follow(url, &body, a.no_wait, "deployment")
             .await
             .context("starting the deployment")?;
-        let Some(detail) = self.started(v, a.no_wait, "deployment")? else {
-            return Ok(ExitCode::SUCCESS);
-        };
-        let Some(end) = self.watch(&detail, 0).await? else {
-            return Ok(ExitCode::from(EXIT_INTERRUPTED));
-        };
-        Ok(self.finish(&end))
+        Ok(match followed {
+            Followed::NotWaited => ExitCode::SUCCESS,
+            Followed::Interrupted => ExitCode::from(EXIT_INTERRUPTED),
+            Followed::Ended(end) => self.finish(&end),
+        })
     }
 
     pub(super) async fn calamari(&self, c: CalamariCommand) -> anyhow::Result<ExitCode> {
@@ -472,7 +470,7 @@ impl Cx {
         let Some(detail) = self.started(v, no_wait, "upgrade")? else {
             return Ok(ExitCode::SUCCESS);
         };
-        let Some(end) = self.watch(&detail, 0).await? else {
+        let Some(end) = self.watch(&detail, 0, None).await? else {
             return Ok(ExitCode::from(EXIT_INTERRUPTED));
         };
         Ok(self.finish(&end))
@@ -504,7 +502,7 @@ impl Cx {
         let Some(detail) = self.started(v, no_wait, "tentacle upgrade")? else {
             return Ok(ExitCode::SUCCESS);
         };
-        let Some(end) = self.watch(&detail, 0).await? else {
+        let Some(end) = self.watch(&detail, 0, None).await? else {
             return Ok(ExitCode::from(EXIT_INTERRUPTED));
         };
         Ok(self.finish(&end))

@@ -1,10 +1,10 @@
 //! Following a task: its log stream (server-sent events) printed as it comes,
 //! reconnecting after a drop from the last line seen, until the `end` event.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use futures_util::{Stream, StreamExt};
 use octo_api_types::{TaskLogLine, TaskStep};
 
 use super::http::{root_cause, ApiClient};
@@ -112,12 +112,15 @@ enum Outcome {
 }
 
 /// Follows task `detail.task` from log line id `after` until it ends, printing
-/// every line once; returns the final task and steps.
+/// every line once; returns the final task and steps. `opened`: the events of
+/// the request that created the task, read first (a new stream is opened from
+/// the last line seen if they stop before the end).
 pub(crate) async fn follow(
     client: &ApiClient,
     detail: &TaskDetail,
     after: i64,
     output: Output,
+    mut opened: Option<Events>,
 ) -> anyhow::Result<TaskDetail> {
     let task_id = detail.task.id.clone();
     let mut names = Names::default();
@@ -132,18 +135,22 @@ pub(crate) async fn follow(
             &["tasks", &task_id, "log", "stream"],
             &[("after", Some(last_id.to_string()))],
         );
-        let cause = match client.open_stream(url).await {
+        let stream = match opened.take() {
+            Some(events) => Ok(events),
+            None => client.open_stream(url).await.map(Events::new),
+        };
+        let cause = match stream {
             Err(e) if !e.is_transient() => {
                 return Err(
                     anyhow::Error::new(e).context(format!("following the log of task {task_id}"))
                 )
             }
             Err(e) => e.to_string(),
-            Ok(resp) => {
+            Ok(events) => {
                 if std::mem::take(&mut outage) {
                     output::note(&format!("Reconnected to the log stream of task {task_id}."));
                 }
-                match read(resp, &mut names, &mut last_id, output).await {
+                match read(events, &mut names, &mut last_id, output).await {
                     Outcome::Ended(detail) => return Ok(*detail),
                     Outcome::Broken(e) => anyhow::bail!(
                         "following the log of task {task_id}: {e}; see `octopus task show {task_id}`"
@@ -176,46 +183,98 @@ pub(crate) async fn follow(
     }
 }
 
+/// One connection's events, parsed as they arrive.
+pub(crate) struct Events {
+    stream: std::pin::Pin<Box<dyn Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    parser: SseParser,
+    /// Parsed and not yet taken (one chunk may hold several events).
+    queued: VecDeque<SseEvent>,
+}
+
+/// What [`Events::next`] found.
+enum Next {
+    Event(SseEvent),
+    /// Nothing for [`IDLE`].
+    Idle,
+    /// The server ended the response.
+    Closed,
+    /// The connection failed, and why.
+    Failed(String),
+}
+
+impl Events {
+    pub(crate) fn new(resp: reqwest::Response) -> Self {
+        Self {
+            stream: Box::pin(resp.bytes_stream()),
+            parser: SseParser::default(),
+            queued: VecDeque::new(),
+        }
+    }
+
+    async fn next(&mut self) -> Next {
+        loop {
+            if let Some(event) = self.queued.pop_front() {
+                return Next::Event(event);
+            }
+            match tokio::time::timeout(IDLE, self.stream.next()).await {
+                Err(_) => return Next::Idle,
+                Ok(None) => return Next::Closed,
+                Ok(Some(Err(e))) => return Next::Failed(root_cause(&e)),
+                Ok(Some(Ok(chunk))) => self.queued.extend(self.parser.push(&chunk)),
+            }
+        }
+    }
+
+    /// The first event of the events a task's creation answered with: the
+    /// task as created (its id, its steps), the rest left to [`follow`].
+    pub(crate) async fn created(mut self) -> anyhow::Result<(TaskDetail, Self)> {
+        let event = match self.next().await {
+            Next::Event(event) => event,
+            Next::Idle => anyhow::bail!(
+                "the server said nothing for {}s after creating the task",
+                IDLE.as_secs()
+            ),
+            Next::Closed => anyhow::bail!("the server closed the response before naming the task"),
+            Next::Failed(cause) => anyhow::bail!("reading the server's answer: {cause}"),
+        };
+        if event.event != "task" {
+            anyhow::bail!(
+                "the server's answer began with a `{}` event, not the task it created",
+                output::line(&event.event)
+            );
+        }
+        let detail = serde_json::from_str::<TaskDetail>(&event.data)
+            .map_err(|e| anyhow::anyhow!("the server's `task` event for the new task: {e}"))?;
+        Ok((detail, self))
+    }
+}
+
 /// Reads one connection's events until `end` or until it drops.
-async fn read(
-    resp: reqwest::Response,
-    names: &mut Names,
-    last_id: &mut i64,
-    output: Output,
-) -> Outcome {
-    let mut parser = SseParser::default();
-    let mut stream = resp.bytes_stream();
+async fn read(mut events: Events, names: &mut Names, last_id: &mut i64, output: Output) -> Outcome {
     let mut useful = false;
     loop {
-        let chunk = match tokio::time::timeout(IDLE, stream.next()).await {
-            Err(_) => {
+        let event = match events.next().await {
+            Next::Idle => {
                 return Outcome::Dropped {
                     // Silence is not a failure of the server: a quiet script says nothing.
                     useful: true,
                     cause: format!("no data for {}s", IDLE.as_secs()),
                 };
             }
-            Ok(None) => {
+            Next::Closed => {
                 return Outcome::Dropped {
                     useful,
                     cause: "the server closed the stream before the task ended".into(),
                 }
             }
-            Ok(Some(Err(e))) => {
-                return Outcome::Dropped {
-                    useful,
-                    cause: root_cause(&e),
-                }
-            }
-            Ok(Some(Ok(chunk))) => chunk,
+            Next::Failed(cause) => return Outcome::Dropped { useful, cause },
+            Next::Event(event) => event,
         };
-        for event in parser.push(&chunk) {
-            useful = true;
-            match handle(&event, names, last_id, output) {
-                Ok(None) => {}
-                Ok(Some(detail)) => return Outcome::Ended(Box::new(detail)),
-                Err(e) => return Outcome::Broken(e),
-            }
+        useful = true;
+        match handle(&event, names, last_id, output) {
+            Ok(None) => {}
+            Ok(Some(detail)) => return Outcome::Ended(Box::new(detail)),
+            Err(e) => return Outcome::Broken(e),
         }
     }
 }

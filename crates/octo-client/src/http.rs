@@ -21,6 +21,14 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long connecting may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The answer to [`ApiClient::post_following`].
+pub(crate) enum Created {
+    /// The created task's events, from its creation.
+    Events(reqwest::Response),
+    /// The created task (a server that does not send its events).
+    Json(Value),
+}
+
 /// What went wrong talking to the server, one variant per thing a person does
 /// differently about it.
 #[derive(Debug)]
@@ -309,6 +317,47 @@ impl ApiClient {
             .header(reqwest::header::ACCEPT, "text/event-stream");
         let resp = req.send().await.map_err(|e| self.transport_error(&e))?;
         self.check(&url, resp).await
+    }
+
+    /// POST a JSON body and ask for the created task's events in the answer
+    /// (`Accept: text/event-stream`); a server that does not send them answers
+    /// with the task as JSON. Waits at most [`CALL_TIMEOUT`] for the answer to
+    /// begin; the events then take as long as the task.
+    pub(crate) async fn post_following(
+        &self,
+        url: Url,
+        body: &Value,
+    ) -> Result<Created, ClientError> {
+        let req = self
+            .authorize(self.http.post(url.clone()))
+            .header(
+                reqwest::header::ACCEPT,
+                "text/event-stream, application/json;q=0.9",
+            )
+            .json(body);
+        let resp = match tokio::time::timeout(CALL_TIMEOUT, req.send()).await {
+            Err(_) => return Err(ClientError::Timeout { base: self.base() }),
+            Ok(sent) => sent.map_err(|e| self.transport_error(&e))?,
+        };
+        let resp = self.check(&url, resp).await?;
+        let events = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
+        if events {
+            return Ok(Created::Events(resp));
+        }
+        let bytes = tokio::time::timeout(CALL_TIMEOUT, resp.bytes())
+            .await
+            .map_err(|_| ClientError::Timeout { base: self.base() })?
+            .map_err(|e| self.transport_error(&e))?;
+        serde_json::from_slice(&bytes)
+            .map(Created::Json)
+            .map_err(|e| ClientError::Unexpected {
+                url: url.to_string(),
+                detail: e.to_string(),
+            })
     }
 
     async fn call<T: DeserializeOwned>(

@@ -74,6 +74,16 @@ use self::output::{
     duration, fields, list, note, or_dash, out, out_json, out_json_line, table, time, time_opt,
 };
 
+/// How [`Cx::create_and_follow`] ended.
+enum Followed {
+    /// `--no-wait`: the task's id was printed.
+    NotWaited,
+    /// Ctrl-C while following (the task goes on).
+    Interrupted,
+    /// The task ended: its final state and steps.
+    Ended(Box<TaskDetail>),
+}
+
 /// Exit code of `run-script`, `health-check` and `task log --follow` when the
 /// task was canceled.
 const EXIT_CANCELED: u8 = 3;
@@ -962,15 +972,15 @@ impl Cx {
         if let Some(e) = &a.environment {
             body["environment"] = json!(e);
         }
-        let v: Value = c_
-            .post(c_.space_url(&["tasks", "health"], &[]), &body)
+        let url = c_.space_url(&["tasks", "health"], &[]);
+        let followed = self
+            .create_and_follow(url, &body, a.no_wait, "health check")
             .await
             .context("starting a health check")?;
-        let Some(detail) = self.started(v, a.no_wait, "health check")? else {
-            return Ok(ExitCode::SUCCESS);
-        };
-        let Some(end) = self.watch(&detail, 0).await? else {
-            return Ok(ExitCode::from(EXIT_INTERRUPTED));
+        let end = match followed {
+            Followed::NotWaited => return Ok(ExitCode::SUCCESS),
+            Followed::Interrupted => return Ok(ExitCode::from(EXIT_INTERRUPTED)),
+            Followed::Ended(end) => end,
         };
         // The machines as the check left them.
         let names: HashSet<String> = end
@@ -1070,18 +1080,50 @@ impl Cx {
         if let Some(n) = a.max_parallel_steps {
             body["max_parallel_steps"] = json!(n);
         }
-        let c_ = &self.client;
-        let v: Value = c_
-            .post(c_.space_url(&["tasks", "script"], &[]), &body)
+        let url = self.client.space_url(&["tasks", "script"], &[]);
+        let followed = self
+            .create_and_follow(url, &body, a.no_wait, "script")
             .await
             .context("starting the script")?;
-        let Some(detail) = self.started(v, a.no_wait, "script")? else {
-            return Ok(ExitCode::SUCCESS);
+        Ok(match followed {
+            Followed::NotWaited => ExitCode::SUCCESS,
+            Followed::Interrupted => ExitCode::from(EXIT_INTERRUPTED),
+            Followed::Ended(end) => self.finish(&end),
+        })
+    }
+
+    /// POSTs `body` to `url` to create a task of kind `what` and, unless
+    /// `no_wait`, follows it to its end: from the events its creation answered
+    /// with (one request; nothing read twice), or, from a server that answers
+    /// with the task as JSON, from its stream. Errors before the task exists
+    /// are returned as they are (the caller says what was being started).
+    async fn create_and_follow(
+        &self,
+        url: reqwest::Url,
+        body: &Value,
+        no_wait: bool,
+        what: &str,
+    ) -> anyhow::Result<Followed> {
+        if no_wait {
+            let v: Value = self.client.post(url, body).await?;
+            self.started(v, true, what)?;
+            return Ok(Followed::NotWaited);
+        }
+        let (detail, opened) = match self.client.post_following(url, body).await? {
+            http::Created::Json(v) => match self.started(v, false, what)? {
+                Some(detail) => (detail, None),
+                None => return Ok(Followed::NotWaited),
+            },
+            http::Created::Events(resp) => {
+                let (detail, events) = follow::Events::new(resp).created().await?;
+                self.announce(&detail, what);
+                (detail, Some(events))
+            }
         };
-        let Some(end) = self.watch(&detail, 0).await? else {
-            return Ok(ExitCode::from(EXIT_INTERRUPTED));
-        };
-        Ok(self.finish(&end))
+        Ok(match self.watch(&detail, 0, opened).await? {
+            Some(end) => Followed::Ended(Box::new(end)),
+            None => Followed::Interrupted,
+        })
     }
 
     /// After a task was created: with `no_wait`, prints its id (or JSON) and
@@ -1105,18 +1147,35 @@ impl Cx {
             }
             return Ok(None);
         }
-        note(&format!(
-            "Started {what} task {id} on {}; Ctrl-C stops following it, not the task.",
-            machines.join(", ")
-        ));
+        self.announce(&detail, what);
         Ok(Some(detail))
     }
 
-    /// Follows a task until it ends (None after Ctrl-C).
-    async fn watch(&self, detail: &TaskDetail, after: i64) -> anyhow::Result<Option<TaskDetail>> {
+    /// Says which task was started where, and that Ctrl-C does not stop it.
+    fn announce(&self, detail: &TaskDetail, what: &str) {
+        let machines: Vec<&str> = detail
+            .steps
+            .iter()
+            .map(|s| s.machine_name.as_str())
+            .collect();
+        note(&format!(
+            "Started {what} task {} on {}; Ctrl-C stops following it, not the task.",
+            detail.task.id,
+            machines.join(", ")
+        ));
+    }
+
+    /// Follows a task until it ends (None after Ctrl-C); `opened`: the events
+    /// its creation answered with, read first.
+    async fn watch(
+        &self,
+        detail: &TaskDetail,
+        after: i64,
+        opened: Option<follow::Events>,
+    ) -> anyhow::Result<Option<TaskDetail>> {
         let id = &detail.task.id;
         tokio::select! {
-            r = follow(&self.client, detail, after, self.output) => r.map(Some),
+            r = follow(&self.client, detail, after, self.output, opened) => r.map(Some),
             _ = tokio::signal::ctrl_c() => {
                 note(&format!("\nStopped following task {id}; it goes on on the server. Cancel it with `octopus task cancel {id}`, or follow it again with `octopus task log {id} --follow`."));
                 Ok(None)
@@ -1189,7 +1248,7 @@ impl Cx {
             TaskCommand::Log { id, follow } => {
                 let detail: TaskDetail = decode(self.get_task(&id).await?, "the task")?;
                 if follow {
-                    return Ok(match self.watch(&detail, 0).await? {
+                    return Ok(match self.watch(&detail, 0, None).await? {
                         Some(end) => self.finish(&end),
                         None => ExitCode::from(EXIT_INTERRUPTED),
                     });

@@ -917,19 +917,26 @@ async fn no_machine_selected_says_why() {
     assert_eq!(v, json!([]), "no task was created");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn event_stream_delivers_lines_live_and_ends() {
+/// A server with one listening machine `lis`, and a script for it that says
+/// `before`, then waits for the returned flag file to exist, then says `after`:
+/// it cannot finish until the test has seen its first line live.
+async fn gated_script() -> (Server, Tentacle, i64, std::path::PathBuf, String) {
     let server = Server::new().await;
     let lis = Tentacle::listening("lis", server.thumbprint).await;
     let lis_id = server
         .add_listening("lis", lis.addr.unwrap(), lis.thumbprint())
         .await;
     let flag = lis._home.path().join("go");
-    // The script cannot finish until the test has seen its first line live.
     let script = format!(
         "echo before; while [ ! -e '{}' ]; do sleep 0.05; done; echo after",
         flag.display()
     );
+    (server, lis, lis_id, flag, script)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_stream_delivers_lines_live_and_ends() {
+    let (server, _lis, lis_id, flag, script) = gated_script().await;
     let id = server.script(&script, &["lis"]).await;
     let mut events = server.events(&id, 0).await;
     let (name, first) = events.until(|_, _| true).await;
@@ -961,6 +968,104 @@ async fn event_stream_delivers_lines_live_and_ends() {
     }
     let expected: Vec<i64> = log[1..].iter().map(|l| l["id"].as_i64().unwrap()).collect();
     assert_eq!(replayed, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_script_posted_for_its_events_is_followed_in_the_answer_that_created_it() {
+    let (server, _lis, _, flag, script) = gated_script().await;
+    let post = |accept: &'static str, body: Value| {
+        server
+            .http
+            .post(format!("{}/api/tasks/script", server.base))
+            .header("X-Octopus-ApiKey", &server.key)
+            .header("Accept", accept)
+            .json(&body)
+    };
+    // A refused request is still an error in JSON that names the field.
+    let resp = timeout(
+        T,
+        post(
+            "text/event-stream",
+            json!({ "script": " ", "machines": ["lis"] }),
+        )
+        .send(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(resp.status(), 400);
+    let err: Value = resp.json().await.unwrap();
+    assert!(err["error"].as_str().unwrap().contains("script"), "{err}");
+
+    let body = json!({ "script": script, "machines": ["lis"] });
+    let resp = timeout(
+        T,
+        post("application/json;q=0.5, text/event-stream", body).send(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(resp.status(), 201);
+    assert_eq!(
+        resp.headers()["content-type"].to_str().unwrap(),
+        "text/event-stream"
+    );
+    let mut events = Events {
+        resp,
+        buf: String::new(),
+    };
+    // First the task as created: its id and its machine's step, not started.
+    let (name, created) = timeout(T, events.next()).await.unwrap().unwrap();
+    assert_eq!(name, "task", "{created}");
+    let id = created["task"]["id"].as_str().unwrap().to_string();
+    assert_eq!(created["steps"][0]["machine_name"], "lis", "{created}");
+    assert_eq!(created["steps"][0]["state"], "Queued", "{created}");
+    assert_eq!(created["task"]["state"], "Queued", "{created}");
+    // Then live: the script waits until its first line was seen here.
+    let mut seen = Vec::new();
+    let mut record = |e: &str, d: &Value| {
+        if e == "log" {
+            seen.push(d["id"].as_i64().unwrap());
+        }
+    };
+    let (_, before) = events
+        .until(|e, d| {
+            record(e, d);
+            e == "log" && d["text"] == "before"
+        })
+        .await;
+    assert_eq!(before["task_id"], id.as_str());
+    std::fs::write(&flag, b"").unwrap();
+    let (_, end) = events
+        .until(|e, d| {
+            record(e, d);
+            e == "end"
+        })
+        .await;
+    assert_eq!(end["task"]["state"], "Success", "{end}");
+    assert!(
+        timeout(T, events.next()).await.unwrap().is_none(),
+        "the stream ends after `end`"
+    );
+    // Every stored line came, once, in order.
+    let stored: Vec<i64> = server
+        .log(&id)
+        .await
+        .iter()
+        .map(|l| l["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(seen, stored);
+
+    // Without event-stream in `Accept`, the answer is the task as JSON.
+    let body = json!({ "script": "true", "machines": ["lis"] });
+    let resp = timeout(T, post("application/json", body).send())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let v: Value = resp.json().await.unwrap();
+    let other = v["task"]["id"].as_str().unwrap();
+    assert_eq!(server.wait_end(other).await["task"]["state"], "Success");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,26 +7,11 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::live::{free_port, ServerProcess};
+use common::output as run;
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_octopus");
 const SERVER: &str = env!("CARGO_BIN_EXE_octopus-server");
-
-fn run(program: &str, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(program)
-        .args(args)
-        .env_remove("OCTOPUS_URL")
-        .env_remove("OCTOPUS_API_KEY")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 #[test]
 fn the_clients_help_names_the_servers_commands_beside_its_own() {

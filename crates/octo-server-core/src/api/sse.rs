@@ -1,4 +1,7 @@
 //! `GET /api/tasks/{id}/log/stream?after=ID`: a task's log as server-sent events.
+//! The same events answer `POST /api/tasks/script` when the request accepts
+//! `text/event-stream` ([`created_stream`]): the task is followed from its
+//! creation in the request that created it, with no second request and no read.
 //!
 //! Events: `task` with `{"task", "steps"}` first and whenever the task or a step
 //! changes state; `log` with one log line (its id as the event id) for every line
@@ -108,8 +111,54 @@ pub async fn open_stream(
         caller,
         space,
     };
-    engine.spawn(produce(sub, reader, Some((counted, read)), after, tx));
+    engine.spawn(produce(sub, reader, Some((counted, read)), after, tx, None));
     Ok(Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
+}
+
+/// A task's notifier, subscribed to before the task started (so nothing it
+/// does goes uncounted), with its counters then.
+pub(crate) struct Early {
+    rx: watch::Receiver<Changes>,
+    counted: Changes,
+}
+
+impl Early {
+    /// Subscribes to task `task_id`'s changes; call it before the task starts.
+    pub(crate) fn subscribe(engine: &Engine, task_id: &str) -> Self {
+        let rx = engine.subscribe(task_id);
+        let counted = *rx.borrow();
+        Self { rx, counted }
+    }
+}
+
+/// The events of a task this request created and the caller may see: first
+/// a `task` event with `view`, the task as created (no read), then, as for
+/// any stream, every line, every change of state and `end`.
+pub(crate) fn created_stream(
+    s: &AppState,
+    caller: Caller,
+    space: octo_api_types::Space,
+    view: TaskView,
+    early: Early,
+) -> Sse<axum::response::sse::KeepAliveStream<ReceiverStream<Result<Event, Infallible>>>> {
+    let engine = s.engine.clone();
+    let sub = Subscription {
+        rx: Some(early.rx),
+        engine: engine.clone(),
+        task_id: view.task.id.clone(),
+    };
+    let (tx, rx) = mpsc::channel(BUFFER);
+    // First whatever happens next: the channel is empty.
+    let _ = tx.try_send(Ok(json_event("task", &view)));
+    let sent = key(&view);
+    let reader = Reader {
+        store: s.store.clone(),
+        caller,
+        space,
+    };
+    let opened = Some((early.counted, (view, Vec::new())));
+    engine.spawn(produce(sub, reader, opened, 0, tx, Some(sent)));
+    Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
 }
 
 /// Who reads the stream, and from where.
@@ -164,18 +213,19 @@ struct Gone;
 /// state changes only new lines are read, and only when some were counted.
 /// `opened` is the read made when the stream opened, with the notifier's
 /// counters just before it: the first events show it when nothing was
-/// counted since.
+/// counted since. `sent` is the state a `task` event already showed.
 async fn produce(
     mut sub: Subscription,
     reader: Reader,
     mut opened: Option<(Changes, (TaskView, Vec<TaskLogLine>))>,
     mut after: i64,
     tx: mpsc::Sender<Result<Event, Infallible>>,
+    sent: Option<StateKey>,
 ) {
     let Some(mut rx) = sub.rx.take() else { return };
     let engine = sub.engine.clone();
     let id = sub.task_id.clone();
-    let mut sent_key: Option<StateKey> = None;
+    let mut sent_key: Option<StateKey> = sent;
     let mut seen_state: Option<u64> = None;
     // The log counter when lines were last read: no new count, no new line
     // to read (a line stored is counted after it is stored).

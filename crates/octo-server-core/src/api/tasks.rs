@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Extension, Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
 use octo_api_types::{
@@ -226,7 +226,10 @@ fn masked(sensitive: &BTreeMap<String, String>) -> BTreeMap<String, String> {
     tag = "tasks",
     request_body = ScriptRequest,
     responses(
-        (status = 201, description = "Created and started", body = TaskView),
+        (status = 201, description = "Created and started: the task (`application/json`), or, when the request accepts `text/event-stream`, the task's events from its creation in this response, as `GET /api/tasks/{id}/log/stream` sends them (`task` with the task as created first, then `log`, `task` and `end`)", content(
+            (TaskView = "application/json"),
+            ([TaskStreamEvent] = "text/event-stream"),
+        )),
         (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
         (status = 404, description = "A named machine does not exist", body = ErrorBody),
         (status = 422, description = "No machine matches (the message says why)", body = ErrorBody),
@@ -236,10 +239,43 @@ pub(crate) async fn create_script_task(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
     Extension(RequestSpace(space)): Extension<RequestSpace>,
+    headers: HeaderMap,
     ApiJson(req): ApiJson<ScriptRequest>,
-) -> ApiResult<impl IntoResponse> {
-    let view = start_script(&s, &caller, &space, req).await?;
-    Ok((StatusCode::CREATED, Json(view)))
+) -> ApiResult<axum::response::Response> {
+    let follow = accepts_events(&headers);
+    let created = start_script_with(&s, &caller, &space, req, follow).await?;
+    Ok(created_answer(&s, caller, space, created))
+}
+
+/// The answer to a task's creation: 201 with the task as JSON, or with its
+/// events when they were subscribed to (the request accepted them).
+fn created_answer(
+    s: &AppState,
+    caller: Caller,
+    space: Space,
+    (view, early): (TaskView, Option<sse::Early>),
+) -> axum::response::Response {
+    match early {
+        None => (StatusCode::CREATED, Json(view)).into_response(),
+        Some(early) => {
+            let events = sse::created_stream(s, caller, space, view, early);
+            (StatusCode::CREATED, events).into_response()
+        }
+    }
+}
+
+/// Whether the request's `Accept` names `text/event-stream` (whatever else it
+/// names: a client that can read the events wants them).
+fn accepts_events(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(axum::http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|range| {
+            let media = range.split(';').next().unwrap_or_default().trim();
+            media.eq_ignore_ascii_case("text/event-stream")
+        })
 }
 
 /// As `create_script_task`, for the portal too: checks, creates and starts the task.
@@ -249,6 +285,18 @@ pub async fn start_script(
     space: &Space,
     req: ScriptRequest,
 ) -> ApiResult<TaskView> {
+    Ok(start_script_with(s, caller, space, req, false).await?.0)
+}
+
+/// [`start_script`]; with `follow`, the task's changes are subscribed to
+/// before it starts.
+async fn start_script_with(
+    s: &AppState,
+    caller: &Caller,
+    space: &Space,
+    req: ScriptRequest,
+    follow: bool,
+) -> ApiResult<(TaskView, Option<sse::Early>)> {
     req.validate()?;
     parallelism(req.max_parallel_steps)?;
     if req.script.trim().is_empty() {
@@ -269,17 +317,20 @@ pub async fn start_script(
         machine_list(&target.machines)
     );
     let details = variable_names(&req.variables, &req.sensitive_variables);
-    create_and_start(
+    create_then_start(
         s,
         caller,
         space,
-        kind::SCRIPT,
-        &description,
-        &stored,
-        req.max_parallel_steps,
-        &target.machines,
-        secrets,
-        details,
+        NewTaskOf {
+            kind: kind::SCRIPT,
+            description: &description,
+            arguments: &stored,
+            max_parallel_steps: req.max_parallel_steps,
+            machines: &target.machines,
+            secrets,
+            details,
+        },
+        follow,
     )
     .await
 }
@@ -291,7 +342,10 @@ pub async fn start_script(
     tag = "tasks",
     request_body = HealthRequest,
     responses(
-        (status = 201, description = "Created and started", body = TaskView),
+        (status = 201, description = "Created and started: the task (`application/json`), or, when the request accepts `text/event-stream`, the task's events from its creation in this response, as `GET /api/tasks/{id}/log/stream` sends them (`task` with the task as created first, then `log`, `task` and `end`)", content(
+            (TaskView = "application/json"),
+            ([TaskStreamEvent] = "text/event-stream"),
+        )),
         (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
         (status = 404, description = "A named machine does not exist", body = ErrorBody),
         (status = 422, description = "No machine matches (the message says why)", body = ErrorBody),
@@ -301,10 +355,12 @@ pub(crate) async fn create_health_task(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
     Extension(RequestSpace(space)): Extension<RequestSpace>,
+    headers: HeaderMap,
     ApiJson(req): ApiJson<HealthRequest>,
-) -> ApiResult<impl IntoResponse> {
-    let view = start_health_check(&s, &caller, &space, req).await?;
-    Ok((StatusCode::CREATED, Json(view)))
+) -> ApiResult<axum::response::Response> {
+    let follow = accepts_events(&headers);
+    let created = start_health_check_with(&s, &caller, &space, req, follow).await?;
+    Ok(created_answer(&s, caller, space, created))
 }
 
 /// As `create_health_task`, for the portal too: checks, creates and starts the task.
@@ -314,25 +370,36 @@ pub async fn start_health_check(
     space: &Space,
     req: HealthRequest,
 ) -> ApiResult<TaskView> {
+    Ok(start_health_check_with(s, caller, space, req, false)
+        .await?
+        .0)
+}
+
+/// [`start_health_check`]; with `follow`, the task's changes are subscribed
+/// to before it starts.
+async fn start_health_check_with(
+    s: &AppState,
+    caller: &Caller,
+    space: &Space,
+    req: HealthRequest,
+    follow: bool,
+) -> ApiResult<(TaskView, Option<sse::Early>)> {
     req.validate()?;
     parallelism(req.max_parallel_steps)?;
     let filter = filter_of(space.id, &req.environment, &None, &None);
     let target = Target::select(s, caller, space, &req.machines, &filter).await?;
     target.require(caller, space, Permission::TaskCreate)?;
     let description = format!("Check the health of {}", machine_list(&target.machines));
-    create_and_start(
-        s,
-        caller,
-        space,
-        kind::HEALTH,
-        &description,
-        &req,
-        req.max_parallel_steps,
-        &target.machines,
-        Vec::new(),
-        String::new(),
-    )
-    .await
+    let what = NewTaskOf {
+        kind: kind::HEALTH,
+        description: &description,
+        arguments: &req,
+        max_parallel_steps: req.max_parallel_steps,
+        machines: &target.machines,
+        secrets: Vec::new(),
+        details: String::new(),
+    };
+    create_then_start(s, caller, space, what, follow).await
 }
 
 /// Deploys a package.
@@ -342,7 +409,10 @@ pub async fn start_health_check(
     tag = "tasks",
     request_body = DeployRequest,
     responses(
-        (status = 201, description = "Created and started", body = TaskView),
+        (status = 201, description = "Created and started: the task (`application/json`), or, when the request accepts `text/event-stream`, the task's events from its creation in this response, as `GET /api/tasks/{id}/log/stream` sends them (`task` with the task as created first, then `log`, `task` and `end`)", content(
+            (TaskView = "application/json"),
+            ([TaskStreamEvent] = "text/event-stream"),
+        )),
         (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
         (status = 404, description = "No such package or version (the message lists what exists)", body = ErrorBody),
         (status = 422, description = "No machine matches, or the server has no deployment tool (the message says why)", body = ErrorBody),
@@ -352,10 +422,12 @@ pub(crate) async fn create_deploy_task(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
     Extension(RequestSpace(space)): Extension<RequestSpace>,
+    headers: HeaderMap,
     ApiJson(req): ApiJson<DeployRequest>,
-) -> ApiResult<impl IntoResponse> {
-    let view = start_deployment(&s, &caller, &space, req).await?;
-    Ok((StatusCode::CREATED, Json(view)))
+) -> ApiResult<axum::response::Response> {
+    let follow = accepts_events(&headers);
+    let created = start_deployment_with(&s, &caller, &space, req, follow).await?;
+    Ok(created_answer(&s, caller, space, created))
 }
 
 /// As `create_deploy_task`, for the portal too: checks, creates and starts the task.
@@ -365,6 +437,18 @@ pub async fn start_deployment(
     space: &Space,
     req: DeployRequest,
 ) -> ApiResult<TaskView> {
+    Ok(start_deployment_with(s, caller, space, req, false).await?.0)
+}
+
+/// [`start_deployment`]; with `follow`, the task's changes are subscribed to
+/// before it starts.
+async fn start_deployment_with(
+    s: &AppState,
+    caller: &Caller,
+    space: &Space,
+    req: DeployRequest,
+    follow: bool,
+) -> ApiResult<(TaskView, Option<sse::Early>)> {
     req.validate()?;
     parallelism(req.max_parallel_steps)?;
     if req.environment.trim().is_empty() {
@@ -436,19 +520,16 @@ pub async fn start_deployment(
         package.version,
         variable_names(&req.variables, &req.sensitive_variables)
     );
-    create_and_start(
-        s,
-        caller,
-        space,
-        kind::DEPLOY,
-        &description,
-        &args,
-        req.max_parallel_steps,
-        &target.machines,
+    let what = NewTaskOf {
+        kind: kind::DEPLOY,
+        description: &description,
+        arguments: &args,
+        max_parallel_steps: req.max_parallel_steps,
+        machines: &target.machines,
         secrets,
         details,
-    )
-    .await
+    };
+    create_then_start(s, caller, space, what, follow).await
 }
 
 /// Pushes the server's deployment tool to machines that do not have its version.
@@ -499,19 +580,16 @@ pub async fn start_tool_upgrade(
         tool.version,
         machine_list(&target.machines)
     );
-    create_and_start(
-        s,
-        caller,
-        space,
-        kind::UPGRADE,
-        &description,
-        &req,
-        req.max_parallel_steps,
-        &target.machines,
-        Vec::new(),
-        String::new(),
-    )
-    .await
+    let what = NewTaskOf {
+        kind: kind::UPGRADE,
+        description: &description,
+        arguments: &req,
+        max_parallel_steps: req.max_parallel_steps,
+        machines: &target.machines,
+        secrets: Vec::new(),
+        details: String::new(),
+    };
+    Ok(create_then_start(s, caller, space, what, false).await?.0)
 }
 
 /// Upgrades tentacles to the tentacle binary this server carries.
@@ -583,19 +661,16 @@ pub async fn start_tentacle_upgrade(
         wait_for_scripts_s,
         confirm_within_s,
     };
-    create_and_start(
-        s,
-        caller,
-        space,
-        kind::TENTACLE_UPGRADE,
-        &description,
-        &args,
-        None,
-        &target.machines,
-        Vec::new(),
-        format!("tentacle {} (SHA-256 {})", build.version, build.sha256),
-    )
-    .await
+    let what = NewTaskOf {
+        kind: kind::TENTACLE_UPGRADE,
+        description: &description,
+        arguments: &args,
+        max_parallel_steps: None,
+        machines: &target.machines,
+        secrets: Vec::new(),
+        details: format!("tentacle {} (SHA-256 {})", build.version, build.sha256),
+    };
+    Ok(create_then_start(s, caller, space, what, false).await?.0)
 }
 
 /// "variables A, B; secret variables C" (names only), for the audit log.
@@ -629,39 +704,46 @@ fn parallelism(n: Option<u32>) -> ApiResult<Option<u32>> {
     }
 }
 
-/// Creates the task, starts it in the background, answers 201 with it.
-#[allow(clippy::too_many_arguments)]
-async fn create_and_start(
+/// What [`create_then_start`] creates.
+struct NewTaskOf<'a, A> {
+    kind: &'a str,
+    description: &'a str,
+    arguments: &'a A,
+    max_parallel_steps: Option<u32>,
+    machines: &'a [Machine],
+    secrets: Vec<(String, String)>,
+    details: String,
+}
+
+/// Creates the task and starts it; with `follow`, subscribes to its changes
+/// between the two, so that whoever follows it misses nothing it does.
+async fn create_then_start<A: serde::Serialize>(
     s: &AppState,
     caller: &Caller,
     space: &Space,
-    kind: &str,
-    description: &str,
-    arguments: &impl serde::Serialize,
-    max_parallel_steps: Option<u32>,
-    machines: &[Machine],
-    secrets: Vec<(String, String)>,
-    details: String,
-) -> ApiResult<TaskView> {
-    let mut arguments = serde_json::to_value(arguments)
+    what: NewTaskOf<'_, A>,
+    follow: bool,
+) -> ApiResult<(TaskView, Option<sse::Early>)> {
+    let (description, machines) = (what.description, what.machines);
+    let mut arguments = serde_json::to_value(what.arguments)
         .map_err(|e| ApiError::internal(format!("encoding the task's arguments: {e}")))?;
-    if let (Some(n), Some(map)) = (max_parallel_steps, arguments.as_object_mut()) {
+    if let (Some(n), Some(map)) = (what.max_parallel_steps, arguments.as_object_mut()) {
         map.insert("max_parallel_steps".into(), n.into());
     }
-    let details = if details.is_empty() {
+    let details = if what.details.is_empty() {
         description.to_string()
     } else {
-        format!("{description}; {details}")
+        format!("{description}; {}", what.details)
     };
     let now = now_ms();
     let new = NewTask {
         space_id: space.id,
-        kind: kind.into(),
+        kind: what.kind.into(),
         description: description.into(),
         arguments,
         machine_ids: machines.iter().map(|m| m.id).collect(),
         environments: environments_of(machines),
-        secrets,
+        secrets: what.secrets,
         // Recorded with the task, in its commit (the object is its id).
         audit: Some(NewAuditEvent {
             details,
@@ -670,11 +752,15 @@ async fn create_and_start(
     };
     let (task, steps) = s.store.create_task_with_steps(&new, now).await?;
     tracing::info!("created task {} ({description})", task.id);
+    let early = follow.then(|| sse::Early::subscribe(&s.engine, &task.id));
     s.engine.start_created(task.clone(), steps.clone());
-    Ok(TaskView {
-        task: shown(caller, space, task),
-        steps,
-    })
+    Ok((
+        TaskView {
+            task: shown(caller, space, task),
+            steps,
+        },
+        early,
+    ))
 }
 
 /// The machines in `environment`, with `role`, of `tenant` (each when given), in a space.

@@ -17,6 +17,22 @@ pub const CLI_TIMEOUT: Duration = Duration::from_secs(90);
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_octopus");
 
+/// Runs `program` with `args` (no server or key from the environment) to its
+/// end: exit code, stdout, stderr.
+pub fn output(program: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(program)
+        .args(args)
+        .env_remove("OCTOPUS_URL")
+        .env_remove("OCTOPUS_API_KEY")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 pub struct Server {
     pub child: Child,
     /// `http://127.0.0.1:PORT`
