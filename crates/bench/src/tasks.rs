@@ -8,8 +8,10 @@
 //! and an `AgentContext` home of its own, all registered as polling machines in
 //! one environment.
 //!
-//! - round trip: `POST /api/tasks/script` (bash `true`, one machine), then the
-//!   task's event stream (`GET /api/tasks/{id}/log/stream`) until `end`;
+//! - round trip: `POST /api/tasks/script` (bash `true`, one machine) asking
+//!   for the task's events in its answer (`Accept: text/event-stream`, as the
+//!   CLI does; from a server that answers JSON, the stream `GET
+//!   /api/tasks/{id}/log/stream`) until `end`;
 //! - fan-out: one such task on every machine of the environment, from the POST
 //!   until `end`.
 
@@ -253,30 +255,44 @@ impl Api {
         if resp.status() != 200 {
             bail!("event stream of {task_id}: {}", resp.status());
         }
-        let mut events = Events {
-            resp,
-            buf: Vec::new(),
-            scanned: 0,
-        };
-        tokio::time::timeout(WAIT, async {
-            while let Some((name, data)) = events.next().await? {
-                if name == "end" {
-                    return Ok(data);
-                }
-            }
-            bail!("the event stream of {task_id} ended without `end`")
-        })
-        .await
-        .with_context(|| format!("task {task_id} did not end in {WAIT:?}"))?
+        Events::new(resp).until_end(task_id).await
     }
 
     /// Runs a script task and returns (elapsed from the POST to `end`, end).
+    /// As the CLI does, the POST asks for the task's events in its answer
+    /// (`Accept: text/event-stream`); a server that answers with the task as
+    /// JSON is followed through its stream (a second request).
     pub(crate) async fn run_script(&self, body: Value) -> anyhow::Result<(Duration, Value)> {
         let t = Instant::now();
-        let id = self.create("/api/tasks/script", body).await?;
-        let end = self.wait_end(&id).await?;
+        let resp = tokio::time::timeout(
+            WAIT,
+            self.http
+                .post(format!("{}/api/tasks/script", self.base))
+                .header("X-Octopus-ApiKey", &self.key)
+                .header("Accept", "text/event-stream, application/json;q=0.9")
+                .json(&body)
+                .send(),
+        )
+        .await
+        .context("POST timed out")??;
+        if resp.status() != 201 {
+            let status = resp.status();
+            bail!("POST /api/tasks/script: {status} {}", resp.text().await?);
+        }
+        let streamed = resp
+            .headers()
+            .get("content-type")
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        let end = if streamed {
+            Events::new(resp).until_end("the new task").await?
+        } else {
+            let v: Value = resp.json().await?;
+            let id = v["task"]["id"].as_str().context("task id")?;
+            self.wait_end(id).await?
+        };
         let elapsed = t.elapsed();
         if end["task"]["state"] != "Success" {
+            let id = &end["task"]["id"];
             bail!("task {id} ended {}: {end}", end["task"]["state"]);
         }
         Ok((elapsed, end))
@@ -296,6 +312,28 @@ struct Events {
 }
 
 impl Events {
+    fn new(resp: reqwest::Response) -> Self {
+        Self {
+            resp,
+            buf: Vec::new(),
+            scanned: 0,
+        }
+    }
+
+    /// Reads events until `end` (at most [`WAIT`]); returns its data.
+    async fn until_end(mut self, task: &str) -> anyhow::Result<Value> {
+        tokio::time::timeout(WAIT, async {
+            while let Some((name, data)) = self.next().await? {
+                if name == "end" {
+                    return Ok(data);
+                }
+            }
+            bail!("the event stream of {task} ended without `end`")
+        })
+        .await
+        .with_context(|| format!("{task} did not end in {WAIT:?}"))?
+    }
+
     /// The next event (name, JSON data); None when the stream ended.
     async fn next(&mut self) -> anyhow::Result<Option<(String, Value)>> {
         loop {
