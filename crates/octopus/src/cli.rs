@@ -19,6 +19,8 @@ use clap::{Parser, Subcommand};
 
 use octo_client as client;
 
+mod shared;
+
 /// The name of the server's program, looked for beside this one.
 const SERVER_PROGRAM: &str = "octopus-server";
 
@@ -27,7 +29,7 @@ const SERVER_PROGRAM: &str = "octopus-server";
 #[command(
     name = "octopus",
     version,
-    after_help = "Examples:\n  octopus server run --data /var/lib/octopus\n  export OCTOPUS_URL=http://127.0.0.1:8080 OCTOPUS_API_KEY=$(cat /var/lib/octopus/admin-api-key)\n  octopus environment create Production\n  octopus run-script --script 'uname -a' --environment Production"
+    after_help = shared::EXAMPLES
 )]
 struct Cli {
     #[command(subcommand)]
@@ -41,13 +43,9 @@ struct Cli {
 /// server --help`, `octopus quickstart --help`).
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Start a server and two real tentacles (one listening, one polling) on
-    /// 127.0.0.1, register them, run a health check and a script on both, and stop.
-    #[command(disable_help_flag = true)]
+    #[command(about = shared::QUICKSTART, disable_help_flag = true)]
     Quickstart(Handed),
-    /// Run a server and two tentacles (one listening, one polling) in this
-    /// process and show them exchanging calls over pinned mutual TLS on 127.0.0.1.
-    #[command(disable_help_flag = true)]
+    #[command(about = shared::DEMO, disable_help_flag = true)]
     Demo(Handed),
     /// Run or inspect the server (`octopus server --help`).
     #[command(disable_help_flag = true)]
@@ -72,7 +70,7 @@ fn main() -> ExitCode {
     let Command::Client(command) = cli.command else {
         // Every argument as given, global options before the command included.
         let err = become_server(std::env::args_os());
-        print_error(&err);
+        shared::print_error(&err);
         return ExitCode::FAILURE;
     };
     if std::env::var_os("RUST_LOG").is_some() {
@@ -91,17 +89,9 @@ fn main() -> ExitCode {
         Err(e) => Err(anyhow::anyhow!("starting the async runtime: {e}")),
     };
     result.unwrap_or_else(|e| {
-        print_error(&e);
+        shared::print_error(&e);
         ExitCode::FAILURE
     })
-}
-
-fn print_error(e: &anyhow::Error) {
-    #[allow(clippy::print_stderr)]
-    {
-        // Errors carry the server's text: no control character reaches the terminal.
-        eprintln!("error: {}", client::terminal_text(&format!("{e:#}")));
-    }
 }
 
 /// Replaces this process with `octopus-server` and `argv` (the first, this

@@ -20,6 +20,7 @@ use clap::{Parser, Subcommand};
 
 mod demo;
 mod quickstart;
+mod shared;
 
 use octo_client as client;
 use octo_server_core as server;
@@ -29,7 +30,7 @@ use octo_server_core as server;
 #[command(
     name = "octopus",
     version,
-    after_help = "Examples:\n  octopus server run --data /var/lib/octopus\n  export OCTOPUS_URL=http://127.0.0.1:8080 OCTOPUS_API_KEY=$(cat /var/lib/octopus/admin-api-key)\n  octopus environment create Production\n  octopus run-script --script 'uname -a' --environment Production"
+    after_help = shared::EXAMPLES
 )]
 struct Cli {
     #[command(subcommand)]
@@ -40,14 +41,12 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Start a server and two real tentacles (one listening, one polling) on
-    /// 127.0.0.1, register them, run a health check and a script on both, and stop.
     #[command(
+        about = shared::QUICKSTART,
         after_help = "Example:\n  octopus quickstart          # everything in a temporary directory, then stops\n  octopus quickstart --keep   # keeps running until Ctrl-C, to try commands"
     )]
     Quickstart(quickstart::QuickstartArgs),
-    /// Run a server and two tentacles (one listening, one polling) in this
-    /// process and show them exchanging calls over pinned mutual TLS on 127.0.0.1.
+    #[command(about = shared::DEMO)]
     Demo(DemoArgs),
     /// Run or inspect the server.
     #[command(
@@ -152,11 +151,7 @@ fn main() -> ExitCode {
         Err(e) => Err(anyhow::anyhow!("starting the async runtime: {e}")),
     };
     result.unwrap_or_else(|e| {
-        #[allow(clippy::print_stderr)]
-        {
-            // Errors carry the server's text: no control character reaches the terminal.
-            eprintln!("error: {}", octo_client::terminal_text(&format!("{e:#}")));
-        }
+        shared::print_error(&e);
         ExitCode::FAILURE
     })
 }
