@@ -33,6 +33,9 @@ pub struct TaskLog {
     /// Lines wait until the task's first line is stored (see
     /// [`TaskLog::gated`], [`TaskLog::offering_first_line`]).
     first: Option<Arc<FirstLine>>,
+    /// Every write waits until this is cancelled: a step's writes while the
+    /// step is being stored as started (see [`TaskLog::after_step_start`]).
+    step_start: Option<CancellationToken>,
 }
 
 /// A task's first line, for the writers that must come after it.
@@ -83,6 +86,7 @@ impl TaskLog {
             master_key,
             learned: Arc::default(),
             first: None,
+            step_start: None,
         }
     }
 
@@ -119,6 +123,27 @@ impl TaskLog {
         (log, first)
     }
 
+    /// This log for a step's own writers while the step's start is stored
+    /// through `self`: every write through the returned log, lines and the
+    /// step's state alike, waits until the guard is dropped, so that nothing
+    /// the step stores can land before (or be overwritten by) its start.
+    pub(crate) fn after_step_start(&self) -> (Self, DropGuard) {
+        let token = CancellationToken::new();
+        let guard = token.clone().drop_guard();
+        let log = Self {
+            step_start: Some(token),
+            ..self.clone()
+        };
+        (log, guard)
+    }
+
+    /// Waits until the step's start is stored (see [`TaskLog::after_step_start`]).
+    async fn step_turn(&self) {
+        if let Some(start) = &self.step_start {
+            start.cancelled().await;
+        }
+    }
+
     /// Wakes the readers of the task's lines and of its state.
     fn lines_and_state_changed(&self) {
         self.notifiers.log_changed(&self.task_id);
@@ -127,6 +152,7 @@ impl TaskLog {
 
     /// Waits until lines may be stored (see [`TaskLog::gated`]).
     async fn line_turn(&self) {
+        self.step_turn().await;
         if let Some(first) = self.first.as_ref().filter(|f| !f.stored.is_cancelled()) {
             first.stored().await;
         }
@@ -258,6 +284,7 @@ impl TaskLog {
         state: TaskState,
         error: Option<&str>,
     ) -> octo_store::Result<()> {
+        self.step_turn().await;
         self.record_learned_or_say().await;
         let stored = self
             .store
@@ -306,6 +333,7 @@ impl TaskLog {
     /// true when stored. The first step stored as started takes the task's
     /// first line with it when it is offered (see [`TaskLog::offering_first_line`]).
     pub async fn save_step(&self, step: &TaskStep) -> bool {
+        self.step_turn().await;
         let first = match &self.first {
             Some(f) if step.state == TaskState::Executing => f.take(),
             _ => None,
@@ -396,6 +424,20 @@ pub struct StepContext {
 }
 
 impl StepContext {
+    /// This context for the step's own writes while its start is stored
+    /// through `self`: they wait until the guard drops (see
+    /// [`TaskLog::after_step_start`]).
+    pub(crate) fn after_step_start(&self) -> (Self, DropGuard) {
+        let (log, guard) = self.log.after_step_start();
+        (
+            Self {
+                log,
+                ..self.clone()
+            },
+            guard,
+        )
+    }
+
     /// Writes "MACHINE: text" to the task's log.
     pub async fn say(&self, text: impl std::fmt::Display) {
         self.log
@@ -439,6 +481,7 @@ mod tests {
 
     use super::*;
     use octo_store_tests::fixtures::new_task;
+    use std::time::Duration;
 
     /// Lines through a gated log wait for the guard; the step's state does
     /// not. The line stored meanwhile through the log itself comes first.
@@ -470,21 +513,24 @@ mod tests {
         drop(guard);
         waiting.await;
         gated.server("after").await;
-        let texts: Vec<String> = store
-            .task_log(&task.id, 0, 10)
+        let texts = texts_of(store.as_ref(), &task.id).await;
+        assert_eq!(texts, ["Task started", "a step's line", "after"]);
+    }
+
+    /// The texts of a task's first lines.
+    async fn texts_of(store: &dyn Store, task_id: &str) -> Vec<String> {
+        store
+            .task_log(task_id, 0, 10)
             .await
             .unwrap()
             .into_iter()
             .map(|l| l.text)
-            .collect();
-        assert_eq!(texts, ["Task started", "a step's line", "after"]);
+            .collect()
     }
 
-    /// An offered first line goes with the first step stored as started: the
-    /// task is Executing with the step, the step's lines wait until then, and
-    /// the line is stored once, first.
-    #[tokio::test]
-    async fn the_first_step_started_takes_the_tasks_first_line() {
+    /// A store with task "t" of one step (machine web01), the step as
+    /// started (not stored so), and the task's log.
+    async fn one_step_task() -> (Arc<dyn Store>, octo_store::Task, TaskStep, TaskLog) {
         let store: Arc<dyn Store> = Arc::new(
             octo_store_sqlite::SqliteStore::open_in_memory()
                 .await
@@ -506,29 +552,76 @@ mod tests {
             Arc::default(),
             Arc::new(key),
         );
-        let (steps_log, first) = log.offering_first_line("Task started", TaskState::Executing);
-        let mut waiting = Box::pin(steps_log.server("a step's line"));
-        assert!(futures_util::poll!(&mut waiting).is_pending());
         let mut step = steps.remove(0);
         step.state = TaskState::Executing;
         step.started_at = Some(now_ms());
+        (store, task, step, log)
+    }
+
+    /// An offered first line goes with the first step stored as started: the
+    /// task is Executing with the step, the step's lines wait until then, and
+    /// the line is stored once, first.
+    #[tokio::test]
+    async fn the_first_step_started_takes_the_tasks_first_line() {
+        let (store, task, step, log) = one_step_task().await;
+        let (steps_log, first) = log.offering_first_line("Task started", TaskState::Executing);
+        let mut waiting = Box::pin(steps_log.server("a step's line"));
+        assert!(futures_util::poll!(&mut waiting).is_pending());
         steps_log.save_step(&step).await;
         assert!(first.take().is_none(), "taken once");
         let stored = store.task(&task.id).await.unwrap().unwrap();
         assert_eq!(stored.state, TaskState::Executing);
         assert!(stored.started_at.is_some());
-        let stored_step = store.task_step(&task.id, m.id).await.unwrap().unwrap();
+        let stored_step = store
+            .task_step(&task.id, step.machine_id)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(stored_step.state, TaskState::Executing);
         waiting.await;
         // A second step's start is a step's write alone.
         steps_log.save_step(&step).await;
-        let texts: Vec<String> = store
-            .task_log(&task.id, 0, 10)
+        let texts = texts_of(store.as_ref(), &task.id).await;
+        assert_eq!(texts, ["Task started", "a step's line"]);
+    }
+
+    /// A step's writes through the log for its own writers wait until its
+    /// start (stored through the log itself) is: its lines and its later
+    /// state land after the start, never under it.
+    #[tokio::test]
+    async fn a_steps_writes_wait_for_its_start() {
+        let (store, task, step, log) = one_step_task().await;
+        let started = step;
+        let progress = TaskStep {
+            next_sequence: 7,
+            ..started.clone()
+        };
+        let (step_log, start_stored) = log.after_step_start();
+        let mut line = Box::pin(step_log.server("web01: a line"));
+        let mut later = Box::pin(step_log.save_step(&progress));
+        assert!(futures_util::poll!(&mut line).is_pending());
+        assert!(futures_util::poll!(&mut later).is_pending());
+        // The start, stored meanwhile: the step's writes are still waiting.
+        // (A write of the step's that went first would hold the store's
+        // write turn, unpolled: the start would never be stored.)
+        let start = tokio::time::timeout(Duration::from_secs(5), log.save_step(&started)).await;
+        assert!(
+            start.is_ok_and(|stored| stored),
+            "the step's start was not stored: one of the step's writes went before it"
+        );
+        assert!(futures_util::poll!(&mut line).is_pending());
+        assert!(futures_util::poll!(&mut later).is_pending());
+        drop(start_stored);
+        line.await;
+        assert!(later.await);
+        let stored = store
+            .task_step(&task.id, started.machine_id)
             .await
             .unwrap()
-            .into_iter()
-            .map(|l| l.text)
-            .collect();
-        assert_eq!(texts, ["Task started", "a step's line"]);
+            .unwrap();
+        assert_eq!(stored.state, TaskState::Executing);
+        assert_eq!(stored.next_sequence, 7, "the step's own write came last");
+        let texts = texts_of(store.as_ref(), &task.id).await;
+        assert_eq!(texts, ["web01: a line"]);
     }
 }

@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use octo_api_types::{Guidance, ScriptRequest};
 use octo_store::{
@@ -61,6 +61,18 @@ const ABANDON_WAIT: Duration = Duration::from_secs(5);
 /// started (the two are then one store call) before it is stored alone: a step
 /// waiting for a slot of the node's, say. As the log's batching delay.
 const FIRST_LINE_WAIT: Duration = Duration::from_millis(50);
+
+/// How long a cancel asked for a task not running here is kept for its
+/// launch (see `Engine::early_cancels`): far more than the moment between a
+/// task's creation and its launch.
+const EARLY_CANCEL_KEEP: Duration = Duration::from_secs(60);
+
+/// What a task's creation gave, for its run (see [`Engine::start_created`]).
+struct Created {
+    steps: Vec<TaskStep>,
+    /// Secret values as stored with the task: name, ciphertext.
+    secrets: Vec<(String, String)>,
+}
 
 /// A step running here, for cancelling one machine's steps.
 #[derive(Debug, Clone)]
@@ -268,6 +280,11 @@ pub struct Engine {
     created_at: i64,
     /// Tasks running here, with their cancel tokens.
     running: Mutex<HashMap<String, CancellationToken>>,
+    /// Alone on its store: cancels asked for tasks not running here, and
+    /// when, kept [`EARLY_CANCEL_KEEP`]. A task created here and canceled
+    /// before its launch registered its token finds its cancel here (taken
+    /// with `running` locked, always first).
+    early_cancels: Mutex<HashMap<String, Instant>>,
     /// Steps running here, by task and machine id.
     steps: Mutex<HashMap<(String, i64), RunningStep>>,
     notifiers: Arc<Notifiers>,
@@ -311,6 +328,7 @@ impl Engine {
             tracker: TaskTracker::new(),
             created_at: now_ms(),
             running: Mutex::new(HashMap::new()),
+            early_cancels: Mutex::default(),
             steps: Mutex::new(HashMap::new()),
             notifiers: Arc::new(Notifiers::default()),
             guidance: Arc::new(GuidanceBoard::default()),
@@ -436,13 +454,19 @@ impl Engine {
     }
 
     /// As [`Engine::start`], for a task just created with `steps` (as the
-    /// store answered them): while it is still queued and nobody asked to
-    /// cancel it, its steps are not read again.
-    pub fn start_created(self: &Arc<Self>, task: Task, steps: Vec<TaskStep>) {
-        self.launch(task, Some(steps));
+    /// store answered them) and `secrets` (name, ciphertext, as stored with
+    /// it): while it is still queued and nobody asked to cancel it, its steps
+    /// and secrets are not read again.
+    pub fn start_created(
+        self: &Arc<Self>,
+        task: Task,
+        steps: Vec<TaskStep>,
+        secrets: Vec<(String, String)>,
+    ) {
+        self.launch(task, Some(Created { steps, secrets }));
     }
 
-    fn launch(self: &Arc<Self>, task: Task, steps: Option<Vec<TaskStep>>) {
+    fn launch(self: &Arc<Self>, task: Task, steps: Option<Created>) {
         if self.shutdown.is_cancelled() {
             return;
         }
@@ -452,6 +476,9 @@ impl Engine {
                 return;
             }
             let token = CancellationToken::new();
+            if lock(&self.early_cancels).remove(&task.id).is_some() {
+                token.cancel();
+            }
             running.insert(task.id.clone(), token.clone());
             token
         };
@@ -469,10 +496,19 @@ impl Engine {
         lock(&self.running).contains_key(task_id)
     }
 
-    /// Cancels a task running here (the store already says cancel was requested).
+    /// Cancels a task running here (the store already says cancel was
+    /// requested). Alone on its store, a task not running here is noted for a
+    /// while: it may be one just created here, not launched yet.
     pub fn cancel(&self, task_id: &str) {
-        if let Some(token) = lock(&self.running).get(task_id) {
-            token.cancel();
+        {
+            let running = lock(&self.running);
+            if let Some(token) = running.get(task_id) {
+                token.cancel();
+            } else if !self.deps.store.shared() {
+                let mut early = lock(&self.early_cancels);
+                early.retain(|_, at| at.elapsed() < EARLY_CANCEL_KEEP);
+                early.insert(task_id.to_string(), Instant::now());
+            }
         }
         self.cluster.cancel_handed(task_id);
         self.notifiers.state_changed(task_id);
@@ -806,27 +842,45 @@ impl Engine {
     async fn run_task(
         self: &Arc<Self>,
         task: Task,
-        created_steps: Option<Vec<TaskStep>>,
+        created: Option<Created>,
         cancel: CancellationToken,
     ) {
         let store = self.deps.store.clone();
         let id = task.id.clone();
-        // Taken for this node, unless another live node runs it (created
-        // there, or taken over there), and read again now that the cancel
-        // token is registered: a cancel request that came in between is seen
-        // either here or through the token. The task's secrets (fixed when it
-        // was created) are read meanwhile.
-        let ((secrets, masks), claimed) = tokio::join!(
-            self.secrets_of(&id),
-            store.claim_task_row(&id, &self.deps.node_name, now_ms())
-        );
+        let (task, secrets, masks, created_steps) = match created {
+            // Alone on its store, a task this engine just created is its own
+            // (no other node could take it: the store's record of who runs
+            // a task is for a cluster) and queued; its secrets and steps are
+            // as created. A cancel requested before its token was registered
+            // is in `early_cancels` (see [`Engine::launch`]): no store call
+            // before its first step starts.
+            Some(created) if !store.shared() && task.state == TaskState::Queued => {
+                let secrets = self.decrypt_secrets(created.secrets);
+                (task, secrets, Some(Vec::new()), Some(created.steps))
+            }
+            created => {
+                // Taken for this node, unless another live node runs it
+                // (created there, or taken over there), and read again now
+                // that the cancel token is registered: a cancel request that
+                // came in between is seen either here or through the token.
+                // The task's secrets (fixed when it was created) are read
+                // meanwhile.
+                let ((secrets, masks), claimed) = tokio::join!(
+                    self.secrets_of(&id),
+                    store.claim_task_row(&id, &self.deps.node_name, now_ms())
+                );
+                let task = match claimed {
+                    Ok(Some(t)) => t,
+                    Ok(None) => {
+                        return info!("task {id} runs on another node (or no longer exists)")
+                    }
+                    Err(e) => return error!("taking task {id} for this node: {e}"),
+                };
+                (task, secrets, masks, created.map(|c| c.steps))
+            }
+        };
         let masker = self.masker_for(&id, &secrets, masks).await;
         let log = self.log_with(&id, masker);
-        let task = match claimed {
-            Ok(Some(t)) => t,
-            Ok(None) => return info!("task {id} runs on another node (or no longer exists)"),
-            Err(e) => return error!("taking task {id} for this node: {e}"),
-        };
         if task.state.is_final() {
             return;
         }

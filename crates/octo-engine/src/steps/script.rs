@@ -372,24 +372,44 @@ pub(crate) async fn run_script_step(
 /// Runs (or resumes, when `resumed`: StartScript may have reached the tentacle
 /// before) one step's script to its end; returns early only when the server
 /// stops. With `spec.hold_failure`, a failure is returned as held instead of final.
+///
+/// A new step is stored as started while its machine is read and its script
+/// sent, not before: the store's answer is not on the script's path. Nothing
+/// is lost if the server stops before it lands: the step, still queued, is
+/// started again with the same ticket, which the tentacle answers with the
+/// script it has. Every other write of the step waits for it.
 pub(crate) async fn run_step(
     ctx: &StepContext,
     mut step: TaskStep,
     spec: &ScriptSpec,
     resumed: bool,
 ) -> ScriptEnd {
-    // The machine is read while the step is stored as started (two round
-    // trips to the store at once, not one after the other).
-    let probe = step.clone();
-    let mark_started = async {
-        if !resumed {
-            step.state = TaskState::Executing;
-            step.started_at.get_or_insert_with(now_ms);
-            ctx.save(&step).await;
-        }
+    if resumed {
+        return run_started(ctx, step, spec, resumed).await;
+    }
+    step.state = TaskState::Executing;
+    step.started_at.get_or_insert_with(now_ms);
+    let (step_ctx, start_stored) = ctx.after_step_start();
+    let started = step.clone();
+    let store_start = async move {
+        ctx.save(&started).await;
+        drop(start_stored);
     };
-    let (loaded, ()) = tokio::join!(load_machine(ctx, &probe), mark_started);
-    let endpoint = match loaded {
+    let ((), end) = tokio::join!(
+        store_start,
+        Box::pin(run_started(&step_ctx, step, spec, resumed))
+    );
+    end
+}
+
+/// [`run_step`] once the step is stored as started (or being stored so).
+async fn run_started(
+    ctx: &StepContext,
+    step: TaskStep,
+    spec: &ScriptSpec,
+    resumed: bool,
+) -> ScriptEnd {
+    let endpoint = match load_machine(ctx, &step).await {
         Ok((_, endpoint)) => endpoint,
         Err(why) => {
             return ScriptEnd::Finished {
@@ -561,8 +581,15 @@ impl Run<'_> {
                 delay = RETRY_FIRST;
                 failing_since = None;
             }
-            if self.ctx.cancel.is_cancelled() && self.cancel_gave_up(&reason).await {
-                return;
+            if self.ctx.cancel.is_cancelled() {
+                // Never started: nothing to stop on the machine.
+                if !self.start_attempted {
+                    self.log("canceled before the script started".into()).await;
+                    return self.finish(TaskState::Canceled, None).await;
+                }
+                if self.cancel_gave_up(&reason).await {
+                    return;
+                }
             }
             let since = *failing_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= GIVE_UP_AFTER {

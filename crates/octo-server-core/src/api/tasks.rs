@@ -753,7 +753,8 @@ async fn create_then_start<A: serde::Serialize>(
     let (task, steps) = s.store.create_task_with_steps(&new, now).await?;
     tracing::info!("created task {} ({description})", task.id);
     let early = follow.then(|| sse::Early::subscribe(&s.engine, &task.id));
-    s.engine.start_created(task.clone(), steps.clone());
+    s.engine
+        .start_created(task.clone(), steps.clone(), new.secrets);
     Ok((
         TaskView {
             task: shown(caller, space, task),
