@@ -7,6 +7,7 @@
 pub mod lab;
 
 use std::path::PathBuf;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -30,7 +31,16 @@ pub struct Chrome {
 }
 
 impl Drop for Chrome {
+    /// Stops chromedriver and the Chromium it started: they share a process
+    /// group of their own (killing chromedriver alone left every Chromium
+    /// running, orphaned, after the tests).
     fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.driver.id()) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
@@ -75,6 +85,7 @@ impl Chrome {
         let driver = Command::new(driver_bin)
             .arg(format!("--port={port}"))
             .arg("--allowed-ips=127.0.0.1")
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
