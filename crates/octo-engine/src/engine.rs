@@ -18,9 +18,9 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use octo_api_types::{Guidance, ScriptRequest};
 use octo_store::{
@@ -62,16 +62,20 @@ const ABANDON_WAIT: Duration = Duration::from_secs(5);
 /// waiting for a slot of the node's, say. As the log's batching delay.
 const FIRST_LINE_WAIT: Duration = Duration::from_millis(50);
 
-/// How long a cancel asked for a task not running here is kept for its
-/// launch (see `Engine::early_cancels`): far more than the moment between a
-/// task's creation and its launch.
-const EARLY_CANCEL_KEEP: Duration = Duration::from_secs(60);
+/// How many cancels had found no task to cancel here before a task was
+/// created ([`Engine::creation_mark`], [`Engine::start_created`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreationMark(u64);
 
 /// What a task's creation gave, for its run (see [`Engine::start_created`]).
 struct Created {
     steps: Vec<TaskStep>,
     /// Secret values as stored with the task: name, ciphertext.
     secrets: Vec<(String, String)>,
+    mark: CreationMark,
+    /// No cancel found nothing to cancel here between the creation and the
+    /// launch (set by [`Engine::launch`]): none can have been for this task.
+    no_cancel_missed: bool,
 }
 
 /// A step running here, for cancelling one machine's steps.
@@ -280,11 +284,9 @@ pub struct Engine {
     created_at: i64,
     /// Tasks running here, with their cancel tokens.
     running: Mutex<HashMap<String, CancellationToken>>,
-    /// Alone on its store: cancels asked for tasks not running here, and
-    /// when, kept [`EARLY_CANCEL_KEEP`]. A task created here and canceled
-    /// before its launch registered its token finds its cancel here (taken
-    /// with `running` locked, always first).
-    early_cancels: Mutex<HashMap<String, Instant>>,
+    /// Cancels that found no task to cancel here (counted with `running`
+    /// locked): see [`Engine::creation_mark`].
+    missed_cancels: AtomicU64,
     /// Steps running here, by task and machine id.
     steps: Mutex<HashMap<(String, i64), RunningStep>>,
     notifiers: Arc<Notifiers>,
@@ -328,7 +330,7 @@ impl Engine {
             tracker: TaskTracker::new(),
             created_at: now_ms(),
             running: Mutex::new(HashMap::new()),
-            early_cancels: Mutex::default(),
+            missed_cancels: AtomicU64::new(0),
             steps: Mutex::new(HashMap::new()),
             notifiers: Arc::new(Notifiers::default()),
             guidance: Arc::new(GuidanceBoard::default()),
@@ -453,20 +455,36 @@ impl Engine {
         self.launch(task, None);
     }
 
+    /// To take just before creating a task that [`Engine::start_created`]
+    /// then starts: it tells whether a cancel could have come for the task
+    /// between its creation and its launch (the API stores a cancel, then
+    /// finds no token to cancel).
+    pub fn creation_mark(&self) -> CreationMark {
+        let _running = lock(&self.running);
+        CreationMark(self.missed_cancels.load(Ordering::Relaxed))
+    }
+
     /// As [`Engine::start`], for a task just created with `steps` (as the
     /// store answered them) and `secrets` (name, ciphertext, as stored with
-    /// it): while it is still queued and nobody asked to cancel it, its steps
-    /// and secrets are not read again.
+    /// it), `mark` taken before its creation: while it is still queued and
+    /// nobody asked to cancel it, its steps and secrets are not read again.
     pub fn start_created(
         self: &Arc<Self>,
         task: Task,
         steps: Vec<TaskStep>,
         secrets: Vec<(String, String)>,
+        mark: CreationMark,
     ) {
-        self.launch(task, Some(Created { steps, secrets }));
+        let created = Created {
+            steps,
+            secrets,
+            mark,
+            no_cancel_missed: false,
+        };
+        self.launch(task, Some(created));
     }
 
-    fn launch(self: &Arc<Self>, task: Task, steps: Option<Created>) {
+    fn launch(self: &Arc<Self>, task: Task, mut steps: Option<Created>) {
         if self.shutdown.is_cancelled() {
             return;
         }
@@ -475,10 +493,11 @@ impl Engine {
             if running.contains_key(&task.id) {
                 return;
             }
-            let token = CancellationToken::new();
-            if lock(&self.early_cancels).remove(&task.id).is_some() {
-                token.cancel();
+            if let Some(created) = steps.as_mut() {
+                let missed = self.missed_cancels.load(Ordering::Relaxed);
+                created.no_cancel_missed = missed == created.mark.0;
             }
+            let token = CancellationToken::new();
             running.insert(task.id.clone(), token.clone());
             token
         };
@@ -497,17 +516,16 @@ impl Engine {
     }
 
     /// Cancels a task running here (the store already says cancel was
-    /// requested). Alone on its store, a task not running here is noted for a
-    /// while: it may be one just created here, not launched yet.
+    /// requested). A cancel that finds nothing is counted: it may be for a
+    /// task just created here, not launched yet (see [`Engine::creation_mark`]).
     pub fn cancel(&self, task_id: &str) {
         {
             let running = lock(&self.running);
-            if let Some(token) = running.get(task_id) {
-                token.cancel();
-            } else if !self.deps.store.shared() {
-                let mut early = lock(&self.early_cancels);
-                early.retain(|_, at| at.elapsed() < EARLY_CANCEL_KEEP);
-                early.insert(task_id.to_string(), Instant::now());
+            match running.get(task_id) {
+                Some(token) => token.cancel(),
+                None => {
+                    self.missed_cancels.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
         self.cluster.cancel_handed(task_id);
@@ -851,10 +869,14 @@ impl Engine {
             // Alone on its store, a task this engine just created is its own
             // (no other node could take it: the store's record of who runs
             // a task is for a cluster) and queued; its secrets and steps are
-            // as created. A cancel requested before its token was registered
-            // is in `early_cancels` (see [`Engine::launch`]): no store call
-            // before its first step starts.
-            Some(created) if !store.shared() && task.state == TaskState::Queued => {
+            // as created; and unless a cancel found nothing to cancel between
+            // its creation and its launch, none was asked for it: no store
+            // call before its first step starts. Otherwise it is read as any.
+            Some(created)
+                if created.no_cancel_missed
+                    && !store.shared()
+                    && task.state == TaskState::Queued =>
+            {
                 let secrets = self.decrypt_secrets(created.secrets);
                 (task, secrets, Some(Vec::new()), Some(created.steps))
             }

@@ -41,7 +41,7 @@ use octo_store::{EndpointKind, Machine};
 use octo_tls::Thumbprint;
 
 pub use context::{StepContext, TaskLog};
-pub use engine::{Engine, EngineDeps, Load, DEFAULT_HEALTH_SCAN_INTERVAL};
+pub use engine::{CreationMark, Engine, EngineDeps, Load, DEFAULT_HEALTH_SCAN_INTERVAL};
 pub use feed::PackageFiles;
 pub use notify::Changes;
 pub use steps::deploy::DeployArgs;

@@ -132,11 +132,13 @@ impl Fixture {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_requested_before_the_engine_has_the_task_stops_it() {
     let f = Fixture::new().await;
+    let mark = f.engine.creation_mark();
     let (task, steps) = f.script_task().await;
     // Between the task's creation and its start: nothing running here to stop.
     f.cancel(&task.id).await;
     assert!(!task.cancel_requested, "the task as created");
-    f.engine.start_created(task.clone(), steps, Vec::new());
+    f.engine
+        .start_created(task.clone(), steps, Vec::new(), mark);
     let ended = f.ended(&task.id).await;
     assert_eq!(ended.state, TaskState::Canceled, "{ended:?}");
     let step = f
@@ -154,8 +156,10 @@ async fn a_cancel_requested_before_the_engine_has_the_task_stops_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_step_that_never_reached_its_machine_is_canceled_at_once() {
     let f = Fixture::new().await;
+    let mark = f.engine.creation_mark();
     let (task, steps) = f.script_task().await;
-    f.engine.start_created(task.clone(), steps, Vec::new());
+    f.engine
+        .start_created(task.clone(), steps, Vec::new(), mark);
     f.until_logged(&task.id, "cannot reach web01").await;
     f.cancel(&task.id).await;
     let ended = f.ended(&task.id).await;

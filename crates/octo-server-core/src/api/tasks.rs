@@ -750,11 +750,12 @@ async fn create_then_start<A: serde::Serialize>(
             ..crate::state::audit_event(caller, Some(space), "started", "task", now)
         }),
     };
+    let mark = s.engine.creation_mark();
     let (task, steps) = s.store.create_task_with_steps(&new, now).await?;
     tracing::info!("created task {} ({description})", task.id);
     let early = follow.then(|| sse::Early::subscribe(&s.engine, &task.id));
     s.engine
-        .start_created(task.clone(), steps.clone(), new.secrets);
+        .start_created(task.clone(), steps.clone(), new.secrets, mark);
     Ok((
         TaskView {
             task: shown(caller, space, task),
