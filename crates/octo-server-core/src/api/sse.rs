@@ -55,9 +55,23 @@ const BUFFER: usize = 256;
 /// that a stream spends at most about a tenth of its time re-reading the task
 /// (a fifth before; with a tenth, a watched fan-out to 1,000 machines costs the
 /// server 11-15 % less CPU a step: BENCHMARKS, issue 15).
+///
+/// Only a task of at least [`VIEW_PAUSE_MIN_STEPS`] steps pauses: a smaller
+/// one's view is cheap by nature, and a read that took long once (the store
+/// busy at that moment) must not hold back its next event, its end say, by
+/// nine times as long (a one-machine task's round trip had a p99 of 16-20 ms
+/// from that: BENCHMARKS, issue 15).
 const VIEW_COST_FREE: Duration = Duration::from_millis(1);
 const VIEW_PAUSE_FACTOR: u32 = 9;
 const VIEW_PAUSE_MAX: Duration = Duration::from_millis(500);
+const VIEW_PAUSE_MIN_STEPS: usize = 64;
+
+/// How long a stream waits before its next `task` event after a read of a
+/// task of `steps` steps that took `cost` (see [`VIEW_COST_FREE`]).
+fn pause_after(cost: Duration, steps: usize) -> Option<Duration> {
+    (steps >= VIEW_PAUSE_MIN_STEPS && cost >= VIEW_COST_FREE)
+        .then(|| (cost * VIEW_PAUSE_FACTOR).min(VIEW_PAUSE_MAX))
+}
 
 #[derive(Debug, Deserialize)]
 pub(crate) struct StreamQuery {
@@ -265,6 +279,7 @@ async fn produce(
                     }
                 };
                 let done = view.task.state.is_final();
+                let steps = view.steps.len();
                 let k = key(&view);
                 let changed = sent_key.as_ref() != Some(&k);
                 if first && changed && !done {
@@ -284,10 +299,8 @@ async fn produce(
                 }
                 sent_key = Some(k);
                 first = false;
-                let cost = started.elapsed();
-                pause_until = (cost >= VIEW_COST_FREE).then(|| {
-                    tokio::time::Instant::now() + (cost * VIEW_PAUSE_FACTOR).min(VIEW_PAUSE_MAX)
-                });
+                pause_until = pause_after(started.elapsed(), steps)
+                    .map(|pause| tokio::time::Instant::now() + pause);
             } else if seen_log != Some(changes.log) {
                 seen_log = Some(changes.log);
                 send_lines(reader.store.as_ref(), &id, &mut after, &tx).await?;
@@ -364,4 +377,21 @@ fn json_event<T: serde::Serialize>(name: &str, value: &T) -> Event {
 
 async fn send(tx: &mpsc::Sender<Result<Event, Infallible>>, event: Event) -> Result<(), Gone> {
     tx.send(Ok(event)).await.map_err(|_| Gone)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small task's stream never pauses, however long one read took; a
+    /// large one's pauses nine times the read, at most half a second.
+    #[test]
+    fn only_a_large_tasks_costly_read_pauses_its_stream() {
+        let ms = Duration::from_millis;
+        assert_eq!(pause_after(ms(3), 1), None);
+        assert_eq!(pause_after(ms(3), VIEW_PAUSE_MIN_STEPS - 1), None);
+        assert_eq!(pause_after(Duration::from_micros(900), 5_000), None);
+        assert_eq!(pause_after(ms(2), VIEW_PAUSE_MIN_STEPS), Some(ms(18)));
+        assert_eq!(pause_after(ms(200), 5_000), Some(VIEW_PAUSE_MAX));
+    }
 }
