@@ -17,6 +17,7 @@ use super::{decode, say, Cx, Followed, Output, EXIT_INTERRUPTED};
 
 /// `octopus package ...`
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum PackageCommand {
     /// Push a package (zip or tar.gz) to the server's feed.
     #[command(
@@ -64,7 +65,7 @@ Pushing an ID and version that exist with other content is refused unless --repl
     },
 }
 
-/// Options of `octopus deploy`.
+// Options of `octopus deploy`: not a doc comment, which clap would make the command's about (`ClientCommand`).
 #[derive(Debug, clap::Args)]
 pub struct DeployCliArgs {
     /// The package ID in the feed.
@@ -111,6 +112,7 @@ pub struct DeployCliArgs {
 
 /// `octopus calamari ...`
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum CalamariCommand {
     /// Push the server's deployment tool to machines that do not have its version.
     #[command(
@@ -131,6 +133,7 @@ pub enum CalamariCommand {
 
 /// `octopus tentacle ...`
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum TentacleCommand {
     /// Upgrade tentacles to the version the server carries: the binary goes
     /// through the file service (hash verified), the tentacle waits for its

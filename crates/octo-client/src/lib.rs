@@ -152,7 +152,17 @@ pub struct ClientOpts {
 }
 
 /// The client commands, flattened into `octopus`'s own.
+///
+/// `defer`, here and on every command group below: a command's arguments are
+/// built only when that command is the one run (or its help or the docs are
+/// asked for). Building all of them cost a new process 0.4-0.6 ms on every
+/// call, most of it first touches of code and heap (BENCHMARKS.md, `bench
+/// fleet`, twelfth session). A deferred command's arguments are added after
+/// its own settings, so an argument struct must not carry a doc comment: clap
+/// would make it the command's about, in place of the variant's (a test says
+/// so).
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum ClientCommand {
     /// List, create and delete environments.
     #[command(
@@ -288,6 +298,7 @@ canceled, 130 after Ctrl-C (which stops following, not the deployment)."
 
 /// `octopus environment ...`
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum EnvironmentCommand {
     /// List environments.
     #[command(after_help = "Example:\n  octopus environment list")]
@@ -313,6 +324,7 @@ pub enum EnvironmentCommand {
 
 /// `octopus machine ...`
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum MachineCommand {
     /// List machines, optionally only those in an environment, with a role or tenant.
     #[command(after_help = "Example:\n  octopus machine list --environment Production --role web")]
@@ -348,7 +360,7 @@ also trust this server: `tentacle configure --trust $(octopus server show-thumbp
     AddListening(AddListeningArgs),
 }
 
-/// Options of `machine add-listening`.
+// Options of `machine add-listening`: not a doc comment, which clap would make the command's about (`ClientCommand`).
 #[derive(Debug, clap::Args)]
 pub struct AddListeningArgs {
     /// The machine's name on the server.
@@ -387,6 +399,7 @@ pub struct AddListeningArgs {
 
 /// `octopus api-key ...`
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum ApiKeyCommand {
     /// Create an API key for the caller. The key is printed once, here, and never again.
     #[command(
@@ -414,7 +427,7 @@ pub enum ApiKeyCommand {
     },
 }
 
-/// Options of `health-check`.
+// Options of `health-check`: not a doc comment, which clap would make the command's about (`ClientCommand`).
 #[derive(Debug, clap::Args)]
 pub struct HealthCheckArgs {
     /// Check this machine (repeatable; default: every machine, or those of --environment).
@@ -455,7 +468,7 @@ pub enum Isolation {
     None,
 }
 
-/// Options of `run-script`.
+// Options of `run-script`: not a doc comment, which clap would make the command's about (`ClientCommand`).
 #[derive(Debug, clap::Args)]
 #[command(group(ArgGroup::new("source").required(true).args(["script", "file"])))]
 #[command(group(ArgGroup::new("target").required(true).args(["machines", "environment"])))]
@@ -502,6 +515,7 @@ pub struct RunScriptArgs {
 
 /// `octopus task ...`
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum TaskCommand {
     /// List tasks, newest first.
     #[command(after_help = "Example:\n  octopus task list --limit 5")]
@@ -1542,8 +1556,13 @@ mod tests {
     fn the_command_line_is_consistent_and_every_command_has_an_example() {
         let cmd = Cli::command();
         cmd.clone().debug_assert();
+        // Built whole, as the docs and completions are: the groups' commands
+        // are deferred until then.
+        let mut cmd = cmd;
+        cmd.build();
         fn walk(c: &clap::Command, path: &str, missing: &mut Vec<String>) {
-            for sub in c.get_subcommands() {
+            // `help` is clap's own, added when the command is built.
+            for sub in c.get_subcommands().filter(|s| s.get_name() != "help") {
                 let p = format!("{path} {}", sub.get_name());
                 let help = sub
                     .get_after_help()
@@ -1560,6 +1579,82 @@ mod tests {
         // `calamari` is only a group; its one command has examples.
         missing.retain(|p| p != "octopus calamari" && p != "octopus tentacle");
         assert!(missing.is_empty(), "no example: {missing:?}");
+    }
+
+    #[test]
+    fn a_command_is_built_only_when_it_is_the_one_run() {
+        let own_arguments = |cmd: &clap::Command, path: &[&str]| {
+            let mut c = cmd;
+            for name in path {
+                c = c.find_subcommand(name).unwrap();
+            }
+            c.get_arguments()
+                .map(|a| a.get_id().to_string())
+                .collect::<Vec<_>>()
+        };
+        let cmd = Cli::command();
+        for path in [&["run-script"][..], &["environment", "create"], &["deploy"]] {
+            assert_eq!(
+                own_arguments(&cmd, path),
+                Vec::<String>::new(),
+                "{path:?} built at start"
+            );
+        }
+        let mut built = cmd;
+        built.build();
+        assert!(own_arguments(&built, &["run-script"]).contains(&"script".to_string()));
+        assert!(
+            own_arguments(&built, &["environment", "create"]).contains(&"description".to_string())
+        );
+        // And parsing builds the one it runs.
+        let cli = parse(&["environment", "list"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            ClientCommand::Environment(EnvironmentCommand::List)
+        ));
+    }
+
+    /// Each command's about (its line in `--help` and its man page) is the
+    /// one its group gives it, also once its deferred arguments are added.
+    #[test]
+    fn a_commands_about_survives_its_arguments() {
+        type Augment = fn(clap::Command) -> clap::Command;
+        let groups: [(&str, Augment); 15] = [
+            ("octopus", ClientCommand::augment_subcommands),
+            ("environment", EnvironmentCommand::augment_subcommands),
+            ("machine", MachineCommand::augment_subcommands),
+            ("api-key", ApiKeyCommand::augment_subcommands),
+            ("task", TaskCommand::augment_subcommands),
+            ("node", nodes::NodeCommand::augment_subcommands),
+            ("policy", policies::PolicyCommand::augment_subcommands),
+            ("space", SpaceCommand::augment_subcommands),
+            ("user", UserCommand::augment_subcommands),
+            ("team", TeamCommand::augment_subcommands),
+            ("role", RoleCommand::augment_subcommands),
+            ("audit", AuditCommand::augment_subcommands),
+            ("package", deploy::PackageCommand::augment_subcommands),
+            ("calamari", deploy::CalamariCommand::augment_subcommands),
+            ("tentacle", deploy::TentacleCommand::augment_subcommands),
+        ];
+        let mut changed = Vec::new();
+        let mut checked = 0;
+        for (name, augment) in groups {
+            for sub in augment(clap::Command::new(name)).get_subcommands() {
+                let given = sub.get_about().map(ToString::to_string);
+                let mut built = sub.clone();
+                built.build();
+                let now = built.get_about().map(ToString::to_string);
+                if given != now {
+                    changed.push(format!(
+                        "{name} {}: {given:?} became {now:?}",
+                        sub.get_name()
+                    ));
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked > 60, "only {checked} commands checked");
+        assert!(changed.is_empty(), "{changed:#?}");
     }
 
     #[test]

@@ -13,6 +13,7 @@ use super::{decode, say, Cx, Output};
 
 /// `octopus node ...`
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum NodeCommand {
     /// List the server nodes: state (Running, Draining, Offline), last heartbeat,
     /// task cap, and the tasks and machine steps each runs.

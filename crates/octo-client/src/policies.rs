@@ -13,6 +13,7 @@ use super::{decode, Cx, Output};
 
 /// `octopus policy ...`
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum PolicyCommand {
     /// List the space's machine policies.
     #[command(after_help = "Example:\n  octopus policy list")]
@@ -46,7 +47,7 @@ pub enum PolicyCommand {
     },
 }
 
-/// A policy's settings on the command line.
+// A policy's settings on the command line: not a doc comment, which clap would make the commands' about (`ClientCommand`).
 #[derive(Debug, Args)]
 pub struct PolicyArgs {
     /// Seconds between scheduled health checks (60 to 2678400).

@@ -24,6 +24,7 @@ use super::{decode, say, shell_word, Cx, Output, EXIT_INTERRUPTED};
 
 /// `octopus space ...`
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum SpaceCommand {
     /// List the spaces you may see.
     #[command(after_help = "Example:\n  octopus space list")]
@@ -57,6 +58,7 @@ pub enum SpaceCommand {
 
 /// `octopus user ...`
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum UserCommand {
     /// Create a user. Without a password the user can only use API keys.
     #[command(
@@ -101,7 +103,7 @@ user's, the new one only."
     },
 }
 
-/// Options of `user create`.
+// Options of `user create`: not a doc comment, which clap would make the command's about (`ClientCommand`).
 #[derive(Debug, clap::Args)]
 pub struct UserCreateArgs {
     /// The login name.
@@ -124,6 +126,7 @@ pub struct UserCreateArgs {
 
 /// `octopus team ...`
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum TeamCommand {
     /// List the teams of the space (and those outside any space).
     #[command(after_help = "Examples:\n  octopus team list\n  octopus --space Platform team list")]
@@ -206,6 +209,7 @@ covers all of them."
 
 /// `octopus role ...`
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum RoleCommand {
     /// List the roles.
     #[command(after_help = "Example:\n  octopus role list")]
@@ -236,6 +240,7 @@ Several may be given at once, comma-separated: --permission TaskView,TaskCreate"
 
 /// `octopus audit ...`
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum AuditCommand {
     /// List the space's audit events, newest first.
     #[command(
@@ -256,7 +261,7 @@ pub enum AuditCommand {
     },
 }
 
-/// Options of `octopus login`.
+// Options of `octopus login`: not a doc comment, which clap would make the command's about (`ClientCommand`).
 #[derive(Debug, clap::Args)]
 pub struct LoginArgs {
     /// The login name.
