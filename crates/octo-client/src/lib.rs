@@ -155,7 +155,7 @@ pub struct ClientOpts {
 ///
 /// `defer`, here and on every command group below: a command's arguments are
 /// built only when that command is the one run (or its help or the docs are
-/// asked for). Building all of them cost a new process 0.4-0.6 ms on every
+/// asked for). Building all of them cost a new process 0.3-0.5 ms on every
 /// call, most of it first touches of code and heap (BENCHMARKS.md, `bench
 /// fleet`, twelfth session). A deferred command's arguments are added after
 /// its own settings, so an argument struct must not carry a doc comment: clap
