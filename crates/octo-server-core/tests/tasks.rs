@@ -117,6 +117,26 @@ impl Server {
         self.running = Some(running);
     }
 
+    /// A listening tentacle named `lis`, registered; with its machine's id.
+    async fn lis(&self) -> (Tentacle, i64) {
+        let lis = Tentacle::listening("lis", self.thumbprint).await;
+        let id = self
+            .add_listening("lis", lis.addr.unwrap(), lis.thumbprint())
+            .await;
+        (lis, id)
+    }
+
+    /// POSTs `body` to `path` with this `Accept`; the answer, unread.
+    async fn post_accepting(&self, path: &str, accept: &str, body: Value) -> reqwest::Response {
+        let req = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("X-Octopus-ApiKey", &self.key)
+            .header("Accept", accept)
+            .json(&body);
+        timeout(T, req.send()).await.unwrap().unwrap()
+    }
+
     async fn send(&self, req: reqwest::RequestBuilder) -> (u16, Value) {
         let resp = timeout(T, req.header("X-Octopus-ApiKey", &self.key).send())
             .await
@@ -200,15 +220,7 @@ impl Server {
             ))
             .header("X-Octopus-ApiKey", &self.key);
         let resp = timeout(T, req.send()).await.unwrap().unwrap();
-        assert_eq!(resp.status(), 200);
-        assert_eq!(
-            resp.headers()["content-type"].to_str().unwrap(),
-            "text/event-stream"
-        );
-        Events {
-            resp,
-            buf: String::new(),
-        }
+        Events::of(resp, 200)
     }
 
     /// Waits for the task to end (through its event stream); returns `{"task","steps"}`.
@@ -240,6 +252,19 @@ struct Events {
 }
 
 impl Events {
+    /// The events of `resp`, which must be `status` and `text/event-stream`.
+    fn of(resp: reqwest::Response, status: u16) -> Self {
+        assert_eq!(resp.status(), status);
+        assert_eq!(
+            resp.headers()["content-type"].to_str().unwrap(),
+            "text/event-stream"
+        );
+        Events {
+            resp,
+            buf: String::new(),
+        }
+    }
+
     /// The next event (name, JSON data); None when the stream ended.
     async fn next(&mut self) -> Option<(String, Value)> {
         loop {
@@ -587,10 +612,7 @@ async fn two_machines() -> (Server, Tentacle, Tentacle, i64, i64) {
 }
 
 async fn two_machines_on(server: Server) -> (Server, Tentacle, Tentacle, i64, i64) {
-    let lis = Tentacle::listening("lis", server.thumbprint).await;
-    let lis_id = server
-        .add_listening("lis", lis.addr.unwrap(), lis.thumbprint())
-        .await;
+    let (lis, lis_id) = server.lis().await;
     let pol_identity_holder =
         Tentacle::polling("pol", server.thumbprint, server.comms_port, "sub-pol");
     let pol_id = server
@@ -878,10 +900,7 @@ async fn no_machine_selected_says_why() {
         "{error}"
     );
 
-    let lis = Tentacle::listening("lis", server.thumbprint).await;
-    server
-        .add_listening("lis", lis.addr.unwrap(), lis.thumbprint())
-        .await;
+    let (_lis, _) = server.lis().await;
     let (status, v) = server
         .post(
             "/api/tasks/script",
@@ -922,10 +941,7 @@ async fn no_machine_selected_says_why() {
 /// it cannot finish until the test has seen its first line live.
 async fn gated_script() -> (Server, Tentacle, i64, std::path::PathBuf, String) {
     let server = Server::new().await;
-    let lis = Tentacle::listening("lis", server.thumbprint).await;
-    let lis_id = server
-        .add_listening("lis", lis.addr.unwrap(), lis.thumbprint())
-        .await;
+    let (lis, lis_id) = server.lis().await;
     let flag = lis._home.path().join("go");
     let script = format!(
         "echo before; while [ ! -e '{}' ]; do sleep 0.05; done; echo after",
@@ -974,46 +990,21 @@ async fn event_stream_delivers_lines_live_and_ends() {
 async fn a_script_posted_for_its_events_is_followed_in_the_answer_that_created_it() {
     let (server, _lis, _, flag, script) = gated_script().await;
     let post = |accept: &'static str, body: Value| {
-        server
-            .http
-            .post(format!("{}/api/tasks/script", server.base))
-            .header("X-Octopus-ApiKey", &server.key)
-            .header("Accept", accept)
-            .json(&body)
+        server.post_accepting("/api/tasks/script", accept, body)
     };
     // A refused request is still an error in JSON that names the field.
-    let resp = timeout(
-        T,
-        post(
-            "text/event-stream",
-            json!({ "script": " ", "machines": ["lis"] }),
-        )
-        .send(),
+    let resp = post(
+        "text/event-stream",
+        json!({ "script": " ", "machines": ["lis"] }),
     )
-    .await
-    .unwrap()
-    .unwrap();
+    .await;
     assert_eq!(resp.status(), 400);
     let err: Value = resp.json().await.unwrap();
     assert!(err["error"].as_str().unwrap().contains("script"), "{err}");
 
     let body = json!({ "script": script, "machines": ["lis"] });
-    let resp = timeout(
-        T,
-        post("application/json;q=0.5, text/event-stream", body).send(),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    assert_eq!(resp.status(), 201);
-    assert_eq!(
-        resp.headers()["content-type"].to_str().unwrap(),
-        "text/event-stream"
-    );
-    let mut events = Events {
-        resp,
-        buf: String::new(),
-    };
+    let resp = post("application/json;q=0.5, text/event-stream", body).await;
+    let mut events = Events::of(resp, 201);
     // First the task as created: its id and its machine's step, not started.
     let (name, created) = timeout(T, events.next()).await.unwrap().unwrap();
     assert_eq!(name, "task", "{created}");
@@ -1058,14 +1049,42 @@ async fn a_script_posted_for_its_events_is_followed_in_the_answer_that_created_i
 
     // Without event-stream in `Accept`, the answer is the task as JSON.
     let body = json!({ "script": "true", "machines": ["lis"] });
-    let resp = timeout(T, post("application/json", body).send())
-        .await
-        .unwrap()
-        .unwrap();
+    let resp = post("application/json", body).await;
     assert_eq!(resp.status(), 201);
     let v: Value = resp.json().await.unwrap();
     let other = v["task"]["id"].as_str().unwrap();
     assert_eq!(server.wait_end(other).await["task"]["state"], "Success");
+}
+
+/// Every task-creating route answers with the task's events when asked: the
+/// deployment tool's upgrade too, which shares the creation path of scripts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_upgrade_posted_for_its_events_is_followed_in_its_answer() {
+    let tools = tempfile::tempdir().unwrap();
+    let tool = tools.path().join("calamari");
+    std::fs::write(&tool, "#!/bin/sh\necho 9.9.9\n").unwrap();
+    std::fs::set_permissions(&tool, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let server = Server::with(RunArgs {
+        calamari: Some(tool),
+        ..RunArgs::default()
+    })
+    .await;
+    let (_lis, _) = server.lis().await;
+    let body = json!({ "machines": ["lis"] });
+    let resp = server
+        .post_accepting("/api/tasks/upgrade", "text/event-stream", body)
+        .await;
+    let mut events = Events::of(resp, 201);
+    let (name, created) = timeout(T, events.next()).await.unwrap().unwrap();
+    assert_eq!(name, "task", "{created}");
+    assert_eq!(created["task"]["kind"], "Upgrade", "{created}");
+    assert_eq!(created["steps"][0]["machine_name"], "lis", "{created}");
+    let id = created["task"]["id"].as_str().unwrap().to_string();
+    let (_, end) = events.until(|e, _| e == "end").await;
+    assert_eq!(end["task"]["id"], id.as_str(), "{end}");
+    let state = end["task"]["state"].as_str().unwrap();
+    assert!(["Success", "Failed"].contains(&state), "{end}");
+    assert_eq!(server.wait_end(&id).await["task"]["state"], state);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1255,10 +1274,7 @@ async fn tasks_beyond_the_cap_wait_queued_until_one_ends() {
         ..RunArgs::default()
     })
     .await;
-    let lis = Tentacle::listening("lis", server.thumbprint).await;
-    server
-        .add_listening("lis", lis.addr.unwrap(), lis.thumbprint())
-        .await;
+    let (_lis, _) = server.lis().await;
     let gate = server.data.with_file_name("gate");
     let script = format!(
         "echo first; for i in $(seq 1 1200); do [ -f '{}' ] && break; sleep 0.1; done; echo done",
@@ -1682,10 +1698,7 @@ async fn a_steps_stored_log_is_bounded_and_the_script_runs_on() {
     const LINE: usize = 199;
     const LINES: usize = 15_000;
     let server = Server::with_log_limit(1).await;
-    let lis = Tentacle::listening("lis", server.thumbprint).await;
-    let lis_id = server
-        .add_listening("lis", lis.addr.unwrap(), lis.thumbprint())
-        .await;
+    let (lis, lis_id) = server.lis().await;
     let marker = lis._home.path().join("ran-on");
     let before = database_bytes(&server.data);
     // About 2.8 MiB of output, then proof that the script went on.

@@ -1,5 +1,5 @@
 //! The script console: run a script on machines chosen by environment and
-//! role, or by name. The form goes to the API's own `start_script`, which
+//! role, or by name. The form goes to the API's own `tasks::start`, which
 //! checks the caller's permission on every machine it selects (refusing the
 //! whole task, naming those out of scope), and encrypts the secret variables;
 //! a refusal shows the form again with its fields (never the secret values).
@@ -15,7 +15,7 @@ use axum::Form;
 use octo_api_types::{Permission, ScriptRequest, Syntax};
 use octo_server_core::api::environments::visible_environments;
 use octo_server_core::api::machines::{machine_page, sees_machine, MachineQuery};
-use octo_server_core::api::tasks::start_script;
+use octo_server_core::api::tasks;
 use octo_server_core::api::ApiError;
 use octo_server_core::authz::Access;
 use octo_server_core::AppState;
@@ -368,7 +368,7 @@ async fn run(
     };
     let filter = fields.one("filter");
     let result = match request(&fields, &entered) {
-        Ok(req) => start_script(&s, &f.caller, &f.space, req).await,
+        Ok(req) => tasks::start(&s, &f.caller, &f.space, req).await,
         Err(e) => Err(e),
     };
     match result {

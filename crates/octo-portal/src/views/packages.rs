@@ -1,7 +1,7 @@
 //! The built-in feed: packages by ID with their versions; uploading one (the
 //! script sends the file as the request's body, with a progress bar, to the
 //! feed's own `push`, and reads its JSON answer as the API gives it); deleting
-//! a version; and deploying a package (the API's own `start_deployment`).
+//! a version; and deploying a package (the API's own `tasks::start`).
 //!
 //! Uploading needs the script: the gate takes a form's CSRF token from a
 //! urlencoded body or the `X-CSRF-Token` header only, so a classic multipart
@@ -19,7 +19,7 @@ use axum::{Form, Json};
 use octo_api_types::{DeployRequest, Package, Permission};
 use octo_server_core::api::environments::visible_environments;
 use octo_server_core::api::packages::{packages_of, push, remove_package, PushQuery};
-use octo_server_core::api::tasks::start_deployment;
+use octo_server_core::api::tasks;
 use octo_server_core::api::ApiError;
 use octo_server_core::authz::{Access, Caller, RequestSpace};
 use octo_server_core::feed::parse_version;
@@ -366,7 +366,7 @@ async fn deploy(
         guided_failure: fields.flag("guided_failure"),
     };
     let result = match deploy_request(&fields, &entered) {
-        Ok(req) => start_deployment(&s, &f.caller, &f.space, req).await,
+        Ok(req) => tasks::start(&s, &f.caller, &f.space, req).await,
         Err(e) => Err(e),
     };
     match result {

@@ -18,9 +18,7 @@ use octo_api_types::{
 use octo_server_core::api::machines::{
     change_machine, machine_page, remove_machine, save_machine, visible_machine, MachineQuery,
 };
-use octo_server_core::api::tasks::{
-    start_health_check, start_tentacle_upgrade, start_tool_upgrade,
-};
+use octo_server_core::api::tasks::{start as start_task, ToolUpgrade};
 use octo_server_core::authz::Access;
 use octo_server_core::AppState;
 use octo_store::{MachineFilter, TaskQuery};
@@ -316,7 +314,7 @@ async fn check_health_all(
         machines,
         environment: None,
     };
-    match start_health_check(&s, &f.caller, &f.space, req).await {
+    match start_task(&s, &f.caller, &f.space, req).await {
         Ok(view) => see_other(&f.href(&format!("/tasks/{}", enc(&view.task.id)))),
         Err(e) => list_page(&s, f, filters, Some(e.message)).await,
     }
@@ -325,7 +323,14 @@ async fn check_health_all(
 /// Upgrade the deployment tool on every target.
 async fn upgrade_all(State(s): State<AppState>, f: Frame) -> Response {
     let f = f.titled("Deployment targets", "targets");
-    match start_tool_upgrade(&s, &f.caller, &f.space, HealthRequest::default()).await {
+    match start_task(
+        &s,
+        &f.caller,
+        &f.space,
+        ToolUpgrade(HealthRequest::default()),
+    )
+    .await
+    {
         Ok(view) => see_other(&f.href(&format!("/tasks/{}", enc(&view.task.id)))),
         Err(e) => list_page(&s, f, Filters::default(), Some(e.message)).await,
     }
@@ -947,7 +952,7 @@ async fn check_health_one(
         machines: vec![name.clone()],
         environment: None,
     };
-    match start_health_check(&s, &f.caller, &f.space, req).await {
+    match start_task(&s, &f.caller, &f.space, req).await {
         Ok(view) => see_other(&f.href(&format!("/tasks/{}", enc(&view.task.id)))),
         Err(e) => target_page(&s, f, &name, false, Some(e.message)).await,
     }
@@ -963,7 +968,7 @@ async fn upgrade_one(
         machines: vec![name.clone()],
         environment: None,
     };
-    match start_tool_upgrade(&s, &f.caller, &f.space, req).await {
+    match start_task(&s, &f.caller, &f.space, ToolUpgrade(req)).await {
         Ok(view) => see_other(&f.href(&format!("/tasks/{}", enc(&view.task.id)))),
         Err(e) => target_page(&s, f, &name, false, Some(e.message)).await,
     }
@@ -978,7 +983,7 @@ async fn upgrade_tentacle_one(
         machines: vec![name.clone()],
         ..Default::default()
     };
-    match start_tentacle_upgrade(&s, &f.caller, &f.space, req).await {
+    match start_task(&s, &f.caller, &f.space, req).await {
         Ok(view) => see_other(&f.href(&format!("/tasks/{}", enc(&view.task.id)))),
         Err(e) => target_page(&s, f, &name, false, Some(e.message)).await,
     }

@@ -226,25 +226,192 @@ fn masked(sensitive: &BTreeMap<String, String>) -> BTreeMap<String, String> {
     tag = "tasks",
     request_body = ScriptRequest,
     responses(
-        (status = 201, description = "Created and started: the task (`application/json`), or, when the request accepts `text/event-stream`, the task's events from its creation in this response, as `GET /api/tasks/{id}/log/stream` sends them (`task` with the task as created first, then `log`, `task` and `end`)", content(
-            (TaskView = "application/json"),
-            ([TaskStreamEvent] = "text/event-stream"),
-        )),
+        CreatedTask,
         (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
         (status = 404, description = "A named machine does not exist", body = ErrorBody),
         (status = 422, description = "No machine matches (the message says why)", body = ErrorBody),
     )
 )]
 pub(crate) async fn create_script_task(
-    State(s): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    Extension(RequestSpace(space)): Extension<RequestSpace>,
-    headers: HeaderMap,
+    call: Creation,
     ApiJson(req): ApiJson<ScriptRequest>,
 ) -> ApiResult<axum::response::Response> {
-    let follow = accepts_events(&headers);
-    let created = start_script_with(&s, &caller, &space, req, follow).await?;
-    Ok(created_answer(&s, caller, space, created))
+    call.create(req).await
+}
+
+/// Checks the health of machines.
+#[utoipa::path(
+    post,
+    path = "/api/tasks/health",
+    tag = "tasks",
+    request_body = HealthRequest,
+    responses(
+        CreatedTask,
+        (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
+        (status = 404, description = "A named machine does not exist", body = ErrorBody),
+        (status = 422, description = "No machine matches (the message says why)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn create_health_task(
+    call: Creation,
+    ApiJson(req): ApiJson<HealthRequest>,
+) -> ApiResult<axum::response::Response> {
+    call.create(req).await
+}
+
+/// Deploys a package.
+#[utoipa::path(
+    post,
+    path = "/api/tasks/deploy",
+    tag = "tasks",
+    request_body = DeployRequest,
+    responses(
+        CreatedTask,
+        (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
+        (status = 404, description = "No such package or version (the message lists what exists)", body = ErrorBody),
+        (status = 422, description = "No machine matches, or the server has no deployment tool (the message says why)", body = ErrorBody),
+    )
+)]
+pub(crate) async fn create_deploy_task(
+    call: Creation,
+    ApiJson(req): ApiJson<DeployRequest>,
+) -> ApiResult<axum::response::Response> {
+    call.create(req).await
+}
+
+/// Pushes the server's deployment tool to machines that do not have its version.
+#[utoipa::path(
+    post,
+    path = "/api/tasks/upgrade",
+    tag = "tasks",
+    request_body = HealthRequest,
+    responses(
+        CreatedTask,
+        (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
+        (status = 404, description = "A named machine does not exist", body = ErrorBody),
+        (status = 422, description = "No machine matches, or the server has no deployment tool", body = ErrorBody),
+    )
+)]
+pub(crate) async fn create_upgrade_task(
+    call: Creation,
+    ApiJson(req): ApiJson<HealthRequest>,
+) -> ApiResult<axum::response::Response> {
+    call.create(ToolUpgrade(req)).await
+}
+
+/// Upgrades tentacles to the tentacle binary this server carries.
+#[utoipa::path(
+    post,
+    path = "/api/tasks/tentacle-upgrade",
+    tag = "tasks",
+    request_body = TentacleUpgradeRequest,
+    responses(
+        CreatedTask,
+        (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
+        (status = 404, description = "A named machine does not exist", body = ErrorBody),
+        (status = 422, description = "No machine matches, or the server carries no tentacle binary", body = ErrorBody),
+    )
+)]
+pub(crate) async fn create_tentacle_upgrade_task(
+    call: Creation,
+    ApiJson(req): ApiJson<TentacleUpgradeRequest>,
+) -> ApiResult<axum::response::Response> {
+    call.create(req).await
+}
+
+/// The `201` of every task-creating route: the task, or its events when the
+/// request accepts them ([`created_answer`]).
+pub(crate) struct CreatedTask;
+
+impl utoipa::IntoResponses for CreatedTask {
+    fn responses() -> BTreeMap<String, utoipa::openapi::RefOr<utoipa::openapi::Response>> {
+        use utoipa::openapi::schema::ArrayBuilder;
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let task = ContentBuilder::new()
+            .schema(Some(Ref::from_schema_name("TaskView")))
+            .build();
+        let events = ArrayBuilder::new().items(Ref::from_schema_name("TaskStreamEvent"));
+        let events = ContentBuilder::new().schema(Some(events)).build();
+        let created = ResponseBuilder::new()
+            .description(
+                "Created and started: the task (`application/json`), or, when the request \
+                 accepts `text/event-stream`, the task's events from its creation in this \
+                 response, as `GET /api/tasks/{id}/log/stream` sends them (`task` with the task \
+                 as created first, then `log`, `task` and `end`)",
+            )
+            .content("application/json", task)
+            .content("text/event-stream", events)
+            .build();
+        BTreeMap::from([("201".to_string(), created.into())])
+    }
+}
+
+/// What a task-creating route takes from its request besides the body: the
+/// caller and space the gate resolved, and whether the answer may be events.
+pub(crate) struct Creation {
+    s: AppState,
+    caller: Caller,
+    space: Space,
+    follow: bool,
+}
+
+impl axum::extract::FromRequestParts<AppState> for Creation {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        s: &AppState,
+    ) -> Result<Self, ApiError> {
+        // The gate puts both there before any route runs.
+        let missing = |what: &str| ApiError::internal(format!("the request has no {what}"));
+        let caller = parts.extensions.get::<Caller>().cloned();
+        let space = parts.extensions.get::<RequestSpace>().cloned();
+        Ok(Self {
+            s: s.clone(),
+            caller: caller.ok_or_else(|| missing("authenticated caller"))?,
+            space: space.ok_or_else(|| missing("space"))?.0,
+            follow: accepts_events(&parts.headers),
+        })
+    }
+}
+
+impl Creation {
+    /// Creates and starts the task `req` asks for, and answers as
+    /// [`created_answer`] does.
+    async fn create<R: TaskRequest>(self, req: R) -> ApiResult<axum::response::Response> {
+        let Self {
+            s,
+            caller,
+            space,
+            follow,
+        } = self;
+        let created = start_with(&s, &caller, &space, req, follow).await?;
+        Ok(created_answer(&s, caller, space, created))
+    }
+}
+
+/// Checks, creates and starts the task `req` asks for: the API's task routes
+/// and the portal's forms both come here.
+pub async fn start<R: TaskRequest>(
+    s: &AppState,
+    caller: &Caller,
+    space: &Space,
+    req: R,
+) -> ApiResult<TaskView> {
+    Ok(start_with(s, caller, space, req, false).await?.0)
+}
+
+/// [`start`]; with `follow`, the task's changes are subscribed to before it
+/// starts.
+async fn start_with<R: TaskRequest>(
+    s: &AppState,
+    caller: &Caller,
+    space: &Space,
+    req: R,
+    follow: bool,
+) -> ApiResult<(TaskView, Option<sse::Early>)> {
+    let planned = req.plan(s, caller, space).await?;
+    create_then_start(s, caller, space, planned, follow).await
 }
 
 /// The answer to a task's creation: 201 with the task as JSON, or with its
@@ -278,399 +445,288 @@ fn accepts_events(headers: &HeaderMap) -> bool {
         })
 }
 
-/// As `create_script_task`, for the portal too: checks, creates and starts the task.
-pub async fn start_script(
-    s: &AppState,
-    caller: &Caller,
-    space: &Space,
-    req: ScriptRequest,
-) -> ApiResult<TaskView> {
-    Ok(start_script_with(s, caller, space, req, false).await?.0)
+/// A request for a task: its checks, and the task it makes.
+pub trait TaskRequest: Send {
+    /// Checks the request (a 400 naming the field), what it names (404, 422)
+    /// and the caller's permissions on it (403); the task to create.
+    fn plan(
+        self,
+        s: &AppState,
+        caller: &Caller,
+        space: &Space,
+    ) -> impl std::future::Future<Output = ApiResult<Planned>> + Send;
 }
 
-/// [`start_script`]; with `follow`, the task's changes are subscribed to
-/// before it starts.
-async fn start_script_with(
-    s: &AppState,
-    caller: &Caller,
-    space: &Space,
-    req: ScriptRequest,
-    follow: bool,
-) -> ApiResult<(TaskView, Option<sse::Early>)> {
-    req.validate()?;
-    parallelism(req.max_parallel_steps)?;
-    if req.script.trim().is_empty() {
-        return Err(ApiError::bad_request("field `script` must not be empty"));
+/// A task checked and ready to be created ([`TaskRequest::plan`]).
+#[derive(Debug)]
+pub struct Planned {
+    kind: &'static str,
+    description: String,
+    /// The arguments stored with the task (secrets masked).
+    arguments: serde_json::Value,
+    max_parallel_steps: Option<u32>,
+    machines: Vec<Machine>,
+    /// The secret variables, encrypted (their ciphertexts are never shown:
+    /// see the `Debug` of [`Secrets`]).
+    secrets: Secrets,
+    /// What the audit event adds to the description.
+    details: String,
+}
+
+impl Planned {
+    fn new(
+        kind: &'static str,
+        description: String,
+        arguments: &impl serde::Serialize,
+        max_parallel_steps: Option<u32>,
+        machines: Vec<Machine>,
+    ) -> ApiResult<Self> {
+        let arguments = serde_json::to_value(arguments)
+            .map_err(|e| ApiError::internal(format!("encoding the task's arguments: {e}")))?;
+        Ok(Self {
+            kind,
+            description,
+            arguments,
+            max_parallel_steps,
+            machines,
+            secrets: Secrets(Vec::new()),
+            details: String::new(),
+        })
     }
-    check_variables(&req.variables, &req.sensitive_variables)?;
-    let filter = filter_of(space.id, &req.environment, &req.role, &req.tenant);
-    let target = Target::select(s, caller, space, &req.machines, &filter).await?;
-    target.require(caller, space, Permission::TaskCreate)?;
-    let secrets = encrypt_secrets(s, &req.sensitive_variables)?;
-    let stored = ScriptRequest {
-        sensitive_variables: masked(&req.sensitive_variables),
-        ..req.clone()
-    };
-    let description = format!(
-        "Run a {} script on {}",
-        req.syntax.as_str(),
-        machine_list(&target.machines)
-    );
-    let details = variable_names(&req.variables, &req.sensitive_variables);
-    create_then_start(
-        s,
-        caller,
-        space,
-        NewTaskOf {
-            kind: kind::SCRIPT,
-            description: &description,
-            arguments: &stored,
-            max_parallel_steps: req.max_parallel_steps,
-            machines: &target.machines,
-            secrets,
+
+    fn with_secrets(self, secrets: Vec<(String, String)>, details: String) -> Self {
+        Self {
+            secrets: Secrets(secrets),
             details,
-        },
-        follow,
-    )
-    .await
-}
-
-/// Checks the health of machines.
-#[utoipa::path(
-    post,
-    path = "/api/tasks/health",
-    tag = "tasks",
-    request_body = HealthRequest,
-    responses(
-        (status = 201, description = "Created and started: the task (`application/json`), or, when the request accepts `text/event-stream`, the task's events from its creation in this response, as `GET /api/tasks/{id}/log/stream` sends them (`task` with the task as created first, then `log`, `task` and `end`)", content(
-            (TaskView = "application/json"),
-            ([TaskStreamEvent] = "text/event-stream"),
-        )),
-        (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
-        (status = 404, description = "A named machine does not exist", body = ErrorBody),
-        (status = 422, description = "No machine matches (the message says why)", body = ErrorBody),
-    )
-)]
-pub(crate) async fn create_health_task(
-    State(s): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    Extension(RequestSpace(space)): Extension<RequestSpace>,
-    headers: HeaderMap,
-    ApiJson(req): ApiJson<HealthRequest>,
-) -> ApiResult<axum::response::Response> {
-    let follow = accepts_events(&headers);
-    let created = start_health_check_with(&s, &caller, &space, req, follow).await?;
-    Ok(created_answer(&s, caller, space, created))
-}
-
-/// As `create_health_task`, for the portal too: checks, creates and starts the task.
-pub async fn start_health_check(
-    s: &AppState,
-    caller: &Caller,
-    space: &Space,
-    req: HealthRequest,
-) -> ApiResult<TaskView> {
-    Ok(start_health_check_with(s, caller, space, req, false)
-        .await?
-        .0)
-}
-
-/// [`start_health_check`]; with `follow`, the task's changes are subscribed
-/// to before it starts.
-async fn start_health_check_with(
-    s: &AppState,
-    caller: &Caller,
-    space: &Space,
-    req: HealthRequest,
-    follow: bool,
-) -> ApiResult<(TaskView, Option<sse::Early>)> {
-    req.validate()?;
-    parallelism(req.max_parallel_steps)?;
-    let filter = filter_of(space.id, &req.environment, &None, &None);
-    let target = Target::select(s, caller, space, &req.machines, &filter).await?;
-    target.require(caller, space, Permission::TaskCreate)?;
-    let description = format!("Check the health of {}", machine_list(&target.machines));
-    let what = NewTaskOf {
-        kind: kind::HEALTH,
-        description: &description,
-        arguments: &req,
-        max_parallel_steps: req.max_parallel_steps,
-        machines: &target.machines,
-        secrets: Vec::new(),
-        details: String::new(),
-    };
-    create_then_start(s, caller, space, what, follow).await
-}
-
-/// Deploys a package.
-#[utoipa::path(
-    post,
-    path = "/api/tasks/deploy",
-    tag = "tasks",
-    request_body = DeployRequest,
-    responses(
-        (status = 201, description = "Created and started: the task (`application/json`), or, when the request accepts `text/event-stream`, the task's events from its creation in this response, as `GET /api/tasks/{id}/log/stream` sends them (`task` with the task as created first, then `log`, `task` and `end`)", content(
-            (TaskView = "application/json"),
-            ([TaskStreamEvent] = "text/event-stream"),
-        )),
-        (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
-        (status = 404, description = "No such package or version (the message lists what exists)", body = ErrorBody),
-        (status = 422, description = "No machine matches, or the server has no deployment tool (the message says why)", body = ErrorBody),
-    )
-)]
-pub(crate) async fn create_deploy_task(
-    State(s): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    Extension(RequestSpace(space)): Extension<RequestSpace>,
-    headers: HeaderMap,
-    ApiJson(req): ApiJson<DeployRequest>,
-) -> ApiResult<axum::response::Response> {
-    let follow = accepts_events(&headers);
-    let created = start_deployment_with(&s, &caller, &space, req, follow).await?;
-    Ok(created_answer(&s, caller, space, created))
-}
-
-/// As `create_deploy_task`, for the portal too: checks, creates and starts the task.
-pub async fn start_deployment(
-    s: &AppState,
-    caller: &Caller,
-    space: &Space,
-    req: DeployRequest,
-) -> ApiResult<TaskView> {
-    Ok(start_deployment_with(s, caller, space, req, false).await?.0)
-}
-
-/// [`start_deployment`]; with `follow`, the task's changes are subscribed to
-/// before it starts.
-async fn start_deployment_with(
-    s: &AppState,
-    caller: &Caller,
-    space: &Space,
-    req: DeployRequest,
-    follow: bool,
-) -> ApiResult<(TaskView, Option<sse::Early>)> {
-    req.validate()?;
-    parallelism(req.max_parallel_steps)?;
-    if req.environment.trim().is_empty() {
-        return Err(ApiError::bad_request(
-            "field `environment` must name the environment to deploy to",
-        ));
-    }
-    let retention = req.retention.unwrap_or(DEFAULT_RETENTION);
-    if retention == 0 {
-        return Err(ApiError::bad_request(
-            "field `retention` must be at least 1 (the version just deployed is always kept)",
-        ));
-    }
-    check_variables(&req.variables, &req.sensitive_variables)?;
-    let package = super::packages::find(
-        s.store.as_ref(),
-        space.id,
-        req.package_id.trim(),
-        req.version.as_deref(),
-    )
-    .await?;
-    if let Err(why) = s.tool.as_ref() {
-        return Err(ApiError::unprocessable(format!(
-            "this server cannot deploy: {why}"
-        )));
-    }
-    if s.packages.content(&package.sha256).await?.is_none() {
-        return Err(ApiError::internal(format!(
-            "the content of package {} {} (SHA-256 {}) is missing from the database; push it again with `octopus package push --replace`",
-            package.package_id, package.version, package.sha256
-        )));
-    }
-    let environment = req.environment.trim().to_string();
-    caller.require_on(
-        Permission::DeploymentCreate,
-        space,
-        std::slice::from_ref(&environment),
-        &[],
-        &format!("environment '{environment}'"),
-    )?;
-    let filter = filter_of(space.id, &Some(environment.clone()), &req.role, &req.tenant);
-    let target = Target::select(s, caller, space, &[], &filter).await?;
-    target.require(caller, space, Permission::DeploymentCreate)?;
-    let args = DeployArgs {
-        package_id: package.package_id.clone(),
-        version: package.version.clone(),
-        sha256: package.sha256.clone(),
-        format: package.format.clone(),
-        size: package.size,
-        environment,
-        role: req.role.clone(),
-        tenant: req.tenant.clone(),
-        variables: req.variables.clone(),
-        sensitive_variables: req.sensitive_variables.keys().cloned().collect(),
-        retention,
-        guided_failure: req.guided_failure,
-    };
-    let secrets = encrypt_secrets(s, &req.sensitive_variables)?;
-    let description = format!(
-        "Deploy {} {} to {} ({})",
-        package.package_id,
-        package.version,
-        args.environment,
-        machine_list(&target.machines)
-    );
-    let details = format!(
-        "package {} {}; {}",
-        package.package_id,
-        package.version,
-        variable_names(&req.variables, &req.sensitive_variables)
-    );
-    let what = NewTaskOf {
-        kind: kind::DEPLOY,
-        description: &description,
-        arguments: &args,
-        max_parallel_steps: req.max_parallel_steps,
-        machines: &target.machines,
-        secrets,
-        details,
-    };
-    create_then_start(s, caller, space, what, follow).await
-}
-
-/// Pushes the server's deployment tool to machines that do not have its version.
-#[utoipa::path(
-    post,
-    path = "/api/tasks/upgrade",
-    tag = "tasks",
-    request_body = HealthRequest,
-    responses(
-        (status = 201, description = "Created and started", body = TaskView),
-        (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
-        (status = 404, description = "A named machine does not exist", body = ErrorBody),
-        (status = 422, description = "No machine matches, or the server has no deployment tool", body = ErrorBody),
-    )
-)]
-pub(crate) async fn create_upgrade_task(
-    State(s): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    Extension(RequestSpace(space)): Extension<RequestSpace>,
-    ApiJson(req): ApiJson<HealthRequest>,
-) -> ApiResult<impl IntoResponse> {
-    let view = start_tool_upgrade(&s, &caller, &space, req).await?;
-    Ok((StatusCode::CREATED, Json(view)))
-}
-
-/// As `create_upgrade_task`, for the portal too: checks, creates and starts the task.
-pub async fn start_tool_upgrade(
-    s: &AppState,
-    caller: &Caller,
-    space: &Space,
-    req: HealthRequest,
-) -> ApiResult<TaskView> {
-    req.validate()?;
-    parallelism(req.max_parallel_steps)?;
-    let tool = match s.tool.as_ref() {
-        Ok(t) => t.clone(),
-        Err(why) => {
-            return Err(ApiError::unprocessable(format!(
-                "there is no deployment tool to push: {why}"
-            )))
+            ..self
         }
-    };
-    let filter = filter_of(space.id, &req.environment, &None, &None);
-    let target = Target::select(s, caller, space, &req.machines, &filter).await?;
-    target.require(caller, space, Permission::TaskCreate)?;
-    let description = format!(
-        "Upgrade the deployment tool to {} on {}",
-        tool.version,
-        machine_list(&target.machines)
-    );
-    let what = NewTaskOf {
-        kind: kind::UPGRADE,
-        description: &description,
-        arguments: &req,
-        max_parallel_steps: req.max_parallel_steps,
-        machines: &target.machines,
-        secrets: Vec::new(),
-        details: String::new(),
-    };
-    Ok(create_then_start(s, caller, space, what, false).await?.0)
+    }
 }
 
-/// Upgrades tentacles to the tentacle binary this server carries.
-#[utoipa::path(
-    post,
-    path = "/api/tasks/tentacle-upgrade",
-    tag = "tasks",
-    request_body = TentacleUpgradeRequest,
-    responses(
-        (status = 201, description = "Created and started", body = TaskView),
-        (status = 400, description = "Malformed request (the message names the field)", body = ErrorBody),
-        (status = 404, description = "A named machine does not exist", body = ErrorBody),
-        (status = 422, description = "No machine matches, or the server carries no tentacle binary", body = ErrorBody),
-    )
-)]
-pub(crate) async fn create_tentacle_upgrade_task(
-    State(s): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    Extension(RequestSpace(space)): Extension<RequestSpace>,
-    ApiJson(req): ApiJson<TentacleUpgradeRequest>,
-) -> ApiResult<impl IntoResponse> {
-    let view = start_tentacle_upgrade(&s, &caller, &space, req).await?;
-    Ok((StatusCode::CREATED, Json(view)))
+/// A task's secret variables, as (name, ciphertext); shown by name only.
+struct Secrets(Vec<(String, String)>);
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(name, _)| name))
+            .finish()
+    }
 }
 
-/// As `create_tentacle_upgrade_task`, for the portal too: checks, creates and
-/// starts the task.
-pub async fn start_tentacle_upgrade(
-    s: &AppState,
-    caller: &Caller,
-    space: &Space,
-    req: TentacleUpgradeRequest,
-) -> ApiResult<TaskView> {
-    let build = match s.tentacle.as_ref() {
-        Ok(t) => t.clone(),
-        Err(why) => {
-            return Err(ApiError::unprocessable(format!(
-                "this server carries no tentacle binary to upgrade to: {why}"
-            )))
+impl TaskRequest for ScriptRequest {
+    async fn plan(self, s: &AppState, caller: &Caller, space: &Space) -> ApiResult<Planned> {
+        let req = self;
+        req.validate()?;
+        parallelism(req.max_parallel_steps)?;
+        if req.script.trim().is_empty() {
+            return Err(ApiError::bad_request("field `script` must not be empty"));
         }
-    };
-    if req.machines.is_empty() && req.environment.is_none() {
-        return Err(ApiError::bad_request(
-            "machines or environment: say which tentacles to upgrade",
-        ));
+        check_variables(&req.variables, &req.sensitive_variables)?;
+        let filter = filter_of(space.id, &req.environment, &req.role, &req.tenant);
+        let target = Target::select(s, caller, space, &req.machines, &filter).await?;
+        target.require(caller, space, Permission::TaskCreate)?;
+        let secrets = encrypt_secrets(s, &req.sensitive_variables)?;
+        let description = format!(
+            "Run a {} script on {}",
+            req.syntax.as_str(),
+            machine_list(&target.machines)
+        );
+        let details = variable_names(&req.variables, &req.sensitive_variables);
+        let stored = ScriptRequest {
+            sensitive_variables: masked(&req.sensitive_variables),
+            ..req
+        };
+        let parallel = stored.max_parallel_steps;
+        Ok(Planned::new(
+            kind::SCRIPT,
+            description,
+            &stored,
+            parallel,
+            target.machines,
+        )?
+        .with_secrets(secrets, details))
     }
-    let wait_for_scripts_s = req.wait_for_scripts_s.unwrap_or(300);
-    if !(1..=3600).contains(&wait_for_scripts_s) {
-        return Err(ApiError::bad_request(
-            "wait_for_scripts_s: must be 1 to 3600 seconds",
-        ));
+}
+
+impl TaskRequest for HealthRequest {
+    async fn plan(self, s: &AppState, caller: &Caller, space: &Space) -> ApiResult<Planned> {
+        let req = self;
+        req.validate()?;
+        parallelism(req.max_parallel_steps)?;
+        let filter = filter_of(space.id, &req.environment, &None, &None);
+        let target = Target::select(s, caller, space, &req.machines, &filter).await?;
+        target.require(caller, space, Permission::TaskCreate)?;
+        let description = format!("Check the health of {}", machine_list(&target.machines));
+        let parallel = req.max_parallel_steps;
+        Planned::new(kind::HEALTH, description, &req, parallel, target.machines)
     }
-    let confirm_within_s = req.confirm_within_s.unwrap_or(120);
-    if !(5..=3600).contains(&confirm_within_s) {
-        return Err(ApiError::bad_request(
-            "confirm_within_s: must be 5 to 3600 seconds",
-        ));
+}
+
+impl TaskRequest for DeployRequest {
+    async fn plan(self, s: &AppState, caller: &Caller, space: &Space) -> ApiResult<Planned> {
+        let req = self;
+        req.validate()?;
+        parallelism(req.max_parallel_steps)?;
+        if req.environment.trim().is_empty() {
+            return Err(ApiError::bad_request(
+                "field `environment` must name the environment to deploy to",
+            ));
+        }
+        let retention = req.retention.unwrap_or(DEFAULT_RETENTION);
+        if retention == 0 {
+            return Err(ApiError::bad_request(
+                "field `retention` must be at least 1 (the version just deployed is always kept)",
+            ));
+        }
+        check_variables(&req.variables, &req.sensitive_variables)?;
+        let package = super::packages::find(
+            s.store.as_ref(),
+            space.id,
+            req.package_id.trim(),
+            req.version.as_deref(),
+        )
+        .await?;
+        if let Err(why) = s.tool.as_ref() {
+            return Err(ApiError::unprocessable(format!(
+                "this server cannot deploy: {why}"
+            )));
+        }
+        if s.packages.content(&package.sha256).await?.is_none() {
+            return Err(ApiError::internal(format!(
+                "the content of package {} {} (SHA-256 {}) is missing from the database; push it again with `octopus package push --replace`",
+                package.package_id, package.version, package.sha256
+            )));
+        }
+        let environment = req.environment.trim().to_string();
+        caller.require_on(
+            Permission::DeploymentCreate,
+            space,
+            std::slice::from_ref(&environment),
+            &[],
+            &format!("environment '{environment}'"),
+        )?;
+        let filter = filter_of(space.id, &Some(environment.clone()), &req.role, &req.tenant);
+        let target = Target::select(s, caller, space, &[], &filter).await?;
+        target.require(caller, space, Permission::DeploymentCreate)?;
+        let args = DeployArgs {
+            package_id: package.package_id.clone(),
+            version: package.version.clone(),
+            sha256: package.sha256.clone(),
+            format: package.format.clone(),
+            size: package.size,
+            environment,
+            role: req.role.clone(),
+            tenant: req.tenant.clone(),
+            variables: req.variables.clone(),
+            sensitive_variables: req.sensitive_variables.keys().cloned().collect(),
+            retention,
+            guided_failure: req.guided_failure,
+        };
+        let secrets = encrypt_secrets(s, &req.sensitive_variables)?;
+        let description = format!(
+            "Deploy {} {} to {} ({})",
+            package.package_id,
+            package.version,
+            args.environment,
+            machine_list(&target.machines)
+        );
+        let details = format!(
+            "package {} {}; {}",
+            package.package_id,
+            package.version,
+            variable_names(&req.variables, &req.sensitive_variables)
+        );
+        let parallel = req.max_parallel_steps;
+        Ok(
+            Planned::new(kind::DEPLOY, description, &args, parallel, target.machines)?
+                .with_secrets(secrets, details),
+        )
     }
-    let filter = filter_of(space.id, &req.environment, &None, &None);
-    let target = Target::select(s, caller, space, &req.machines, &filter).await?;
-    target.require(caller, space, Permission::MachineEdit)?;
-    let description = format!(
-        "Upgrade the tentacle to {} on {}",
-        build.version,
-        machine_list(&target.machines)
-    );
-    let args = octo_engine::TentacleUpgradeArgs {
-        version: build.version.clone(),
-        wait_for_scripts_s,
-        confirm_within_s,
-    };
-    let what = NewTaskOf {
-        kind: kind::TENTACLE_UPGRADE,
-        description: &description,
-        arguments: &args,
-        max_parallel_steps: None,
-        machines: &target.machines,
-        secrets: Vec::new(),
-        details: format!("tentacle {} (SHA-256 {})", build.version, build.sha256),
-    };
-    Ok(create_then_start(s, caller, space, what, false).await?.0)
+}
+
+/// A push of the server's deployment tool, to the machines a [`HealthRequest`]
+/// names (`POST /api/tasks/upgrade`).
+#[derive(Debug)]
+pub struct ToolUpgrade(pub HealthRequest);
+
+impl TaskRequest for ToolUpgrade {
+    async fn plan(self, s: &AppState, caller: &Caller, space: &Space) -> ApiResult<Planned> {
+        let Self(req) = self;
+        req.validate()?;
+        parallelism(req.max_parallel_steps)?;
+        let tool = match s.tool.as_ref() {
+            Ok(t) => t.clone(),
+            Err(why) => {
+                return Err(ApiError::unprocessable(format!(
+                    "there is no deployment tool to push: {why}"
+                )))
+            }
+        };
+        let filter = filter_of(space.id, &req.environment, &None, &None);
+        let target = Target::select(s, caller, space, &req.machines, &filter).await?;
+        target.require(caller, space, Permission::TaskCreate)?;
+        let description = format!(
+            "Upgrade the deployment tool to {} on {}",
+            tool.version,
+            machine_list(&target.machines)
+        );
+        let parallel = req.max_parallel_steps;
+        Planned::new(kind::UPGRADE, description, &req, parallel, target.machines)
+    }
+}
+
+impl TaskRequest for TentacleUpgradeRequest {
+    async fn plan(self, s: &AppState, caller: &Caller, space: &Space) -> ApiResult<Planned> {
+        let req = self;
+        let build = match s.tentacle.as_ref() {
+            Ok(t) => t.clone(),
+            Err(why) => {
+                return Err(ApiError::unprocessable(format!(
+                    "this server carries no tentacle binary to upgrade to: {why}"
+                )))
+            }
+        };
+        if req.machines.is_empty() && req.environment.is_none() {
+            return Err(ApiError::bad_request(
+                "machines or environment: say which tentacles to upgrade",
+            ));
+        }
+        let wait_for_scripts_s = req.wait_for_scripts_s.unwrap_or(300);
+        if !(1..=3600).contains(&wait_for_scripts_s) {
+            return Err(ApiError::bad_request(
+                "wait_for_scripts_s: must be 1 to 3600 seconds",
+            ));
+        }
+        let confirm_within_s = req.confirm_within_s.unwrap_or(120);
+        if !(5..=3600).contains(&confirm_within_s) {
+            return Err(ApiError::bad_request(
+                "confirm_within_s: must be 5 to 3600 seconds",
+            ));
+        }
+        let filter = filter_of(space.id, &req.environment, &None, &None);
+        let target = Target::select(s, caller, space, &req.machines, &filter).await?;
+        target.require(caller, space, Permission::MachineEdit)?;
+        let description = format!(
+            "Upgrade the tentacle to {} on {}",
+            build.version,
+            machine_list(&target.machines)
+        );
+        let args = octo_engine::TentacleUpgradeArgs {
+            version: build.version.clone(),
+            wait_for_scripts_s,
+            confirm_within_s,
+        };
+        let details = format!("tentacle {} (SHA-256 {})", build.version, build.sha256);
+        let planned = Planned::new(
+            kind::TENTACLE_UPGRADE,
+            description,
+            &args,
+            None,
+            target.machines,
+        )?;
+        Ok(planned.with_secrets(Vec::new(), details))
+    }
 }
 
 /// "variables A, B; secret variables C" (names only), for the audit log.
@@ -704,46 +760,41 @@ fn parallelism(n: Option<u32>) -> ApiResult<Option<u32>> {
     }
 }
 
-/// What [`create_then_start`] creates.
-struct NewTaskOf<'a, A> {
-    kind: &'a str,
-    description: &'a str,
-    arguments: &'a A,
-    max_parallel_steps: Option<u32>,
-    machines: &'a [Machine],
-    secrets: Vec<(String, String)>,
-    details: String,
-}
-
 /// Creates the task and starts it; with `follow`, subscribes to its changes
 /// between the two, so that whoever follows it misses nothing it does.
-async fn create_then_start<A: serde::Serialize>(
+async fn create_then_start(
     s: &AppState,
     caller: &Caller,
     space: &Space,
-    what: NewTaskOf<'_, A>,
+    what: Planned,
     follow: bool,
 ) -> ApiResult<(TaskView, Option<sse::Early>)> {
-    let (description, machines) = (what.description, what.machines);
-    let mut arguments = serde_json::to_value(what.arguments)
-        .map_err(|e| ApiError::internal(format!("encoding the task's arguments: {e}")))?;
-    if let (Some(n), Some(map)) = (what.max_parallel_steps, arguments.as_object_mut()) {
+    let Planned {
+        kind,
+        description,
+        mut arguments,
+        max_parallel_steps,
+        machines,
+        secrets,
+        details,
+    } = what;
+    if let (Some(n), Some(map)) = (max_parallel_steps, arguments.as_object_mut()) {
         map.insert("max_parallel_steps".into(), n.into());
     }
-    let details = if what.details.is_empty() {
-        description.to_string()
+    let details = if details.is_empty() {
+        description.clone()
     } else {
-        format!("{description}; {}", what.details)
+        format!("{description}; {details}")
     };
     let now = now_ms();
     let new = NewTask {
         space_id: space.id,
-        kind: what.kind.into(),
-        description: description.into(),
+        kind: kind.into(),
+        description,
         arguments,
         machine_ids: machines.iter().map(|m| m.id).collect(),
-        environments: environments_of(machines),
-        secrets: what.secrets,
+        environments: environments_of(&machines),
+        secrets: secrets.0,
         // Recorded with the task, in its commit (the object is its id).
         audit: Some(NewAuditEvent {
             details,
@@ -752,7 +803,7 @@ async fn create_then_start<A: serde::Serialize>(
     };
     let mark = s.engine.creation_mark();
     let (task, steps) = s.store.create_task_with_steps(&new, now).await?;
-    tracing::info!("created task {} ({description})", task.id);
+    tracing::info!("created task {} ({})", task.id, new.description);
     let early = follow.then(|| sse::Early::subscribe(&s.engine, &task.id));
     s.engine
         .start_created(task.clone(), steps.clone(), new.secrets, mark);
