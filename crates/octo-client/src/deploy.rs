@@ -13,7 +13,7 @@ use octo_api_types::Package;
 use serde_json::{json, Value};
 
 use super::output::{fields, out, out_json, table, time};
-use super::{decode, say, Cx, Followed, Output, EXIT_INTERRUPTED};
+use super::{decode, say, Cx, Output};
 
 /// `octopus package ...`
 #[derive(Debug, Subcommand)]
@@ -448,11 +448,7 @@ impl Cx {
             .create_and_follow(url, &body, a.no_wait, "deployment")
             .await
             .context("starting the deployment")?;
-        Ok(match followed {
-            Followed::NotWaited => ExitCode::SUCCESS,
-            Followed::Interrupted => ExitCode::from(EXIT_INTERRUPTED),
-            Followed::Ended(end) => self.finish(&end),
-        })
+        Ok(self.exit_of(followed))
     }
 
     pub(super) async fn calamari(&self, c: CalamariCommand) -> anyhow::Result<ExitCode> {
@@ -465,18 +461,12 @@ impl Cx {
         if let Some(e) = &environment {
             body["environment"] = json!(e);
         }
-        let c_ = &self.client;
-        let v: Value = c_
-            .post(c_.space_url(&["tasks", "upgrade"], &[]), &body)
+        let url = self.client.space_url(&["tasks", "upgrade"], &[]);
+        let followed = self
+            .create_and_follow(url, &body, no_wait, "upgrade")
             .await
             .context("starting the deployment tool upgrade")?;
-        let Some(detail) = self.started(v, no_wait, "upgrade")? else {
-            return Ok(ExitCode::SUCCESS);
-        };
-        let Some(end) = self.watch(&detail, 0, None).await? else {
-            return Ok(ExitCode::from(EXIT_INTERRUPTED));
-        };
-        Ok(self.finish(&end))
+        Ok(self.exit_of(followed))
     }
 
     pub(super) async fn tentacle(&self, c: TentacleCommand) -> anyhow::Result<ExitCode> {
@@ -497,18 +487,12 @@ impl Cx {
         if let Some(s) = confirm_within {
             body["confirm_within_s"] = json!(s);
         }
-        let c_ = &self.client;
-        let v: Value = c_
-            .post(c_.space_url(&["tasks", "tentacle-upgrade"], &[]), &body)
+        let url = self.client.space_url(&["tasks", "tentacle-upgrade"], &[]);
+        let followed = self
+            .create_and_follow(url, &body, no_wait, "tentacle upgrade")
             .await
             .context("starting the tentacle upgrade")?;
-        let Some(detail) = self.started(v, no_wait, "tentacle upgrade")? else {
-            return Ok(ExitCode::SUCCESS);
-        };
-        let Some(end) = self.watch(&detail, 0, None).await? else {
-            return Ok(ExitCode::from(EXIT_INTERRUPTED));
-        };
-        Ok(self.finish(&end))
+        Ok(self.exit_of(followed))
     }
 }
 

@@ -1099,11 +1099,16 @@ impl Cx {
             .create_and_follow(url, &body, a.no_wait, "script")
             .await
             .context("starting the script")?;
-        Ok(match followed {
+        Ok(self.exit_of(followed))
+    }
+
+    /// The exit code of a command that created a task and followed it.
+    fn exit_of(&self, followed: Followed) -> ExitCode {
+        match followed {
             Followed::NotWaited => ExitCode::SUCCESS,
             Followed::Interrupted => ExitCode::from(EXIT_INTERRUPTED),
             Followed::Ended(end) => self.finish(&end),
-        })
+        }
     }
 
     /// POSTs `body` to `url` to create a task of kind `what` and, unless
