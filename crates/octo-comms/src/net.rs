@@ -383,6 +383,29 @@ impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<IO> {
     }
 }
 
+/// The next connection on `listener`, or None once `shutdown` is cancelled.
+/// A failed accept (out of file descriptors, say) is logged with `what` and
+/// retried after a pause rather than in a busy loop.
+pub async fn accept(
+    listener: &tokio::net::TcpListener,
+    shutdown: &tokio_util::sync::CancellationToken,
+    what: &str,
+) -> Option<(TcpStream, std::net::SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            r = listener.accept() => match r {
+                Ok(x) => return Some(x),
+                Err(e) => {
+                    let local = listener.local_addr().ok();
+                    tracing::error!("accepting a {what} on {local:?} failed: {e}; trying again in 100 ms");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+}
+
 /// Closes a connection we refused without losing our last words: half-close
 /// (FIN after the TLS alert already sent), then read and discard until the peer
 /// closes or `within` passes. Dropping a socket with unread data would send RST,

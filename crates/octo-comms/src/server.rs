@@ -648,13 +648,11 @@ impl ServerComms {
         }
     }
 
-    /// Accepts polling tentacles on `listener` until `shutdown`. Clients without a
-    /// certificate get the friendly page; untrusted ones are refused and logged.
-    pub async fn run_polling_listener(
-        &self,
-        listener: TcpListener,
-        shutdown: CancellationToken,
-    ) -> Result<(), CommsError> {
+    /// TLS for polling tentacles (their port and the WebSocket port): this
+    /// server's identity, the polling trust set (live), a client certificate
+    /// optional so that a browser gets the friendly page; `address` names the
+    /// listener in an error.
+    fn polling_acceptor(&self, address: &str) -> Result<TlsAcceptor, CommsError> {
         let settings = TlsSettings {
             alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
         };
@@ -666,30 +664,32 @@ impl ServerComms {
             &settings,
         )
         .map_err(|e| CommsError::Tls {
-            address: "polling listener".into(),
+            address: address.into(),
             peer_role: Role::Tentacle,
             reason: e.to_string(),
         })?;
-        let acceptor = TlsAcceptor::from(cfg);
+        Ok(TlsAcceptor::from(cfg))
+    }
+
+    /// Accepts polling tentacles on `listener` until `shutdown`. Clients without a
+    /// certificate get the friendly page; untrusted ones are refused and logged.
+    pub async fn run_polling_listener(
+        &self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), CommsError> {
+        let acceptor = self.polling_acceptor("polling listener")?;
         let local = listener.local_addr().ok();
         info!(address = ?local, thumbprint = %self.thumbprint(), "listening for polling tentacles");
-        loop {
-            let (tcp, remote) = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        warn!("accepting a polling connection on {local:?} failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
+        while let Some((tcp, remote)) =
+            net::accept(&listener, &shutdown, "polling connection").await
+        {
             let this = self.clone();
             let acceptor = acceptor.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move { this.accept_polling(tcp, remote, acceptor, shutdown).await });
         }
+        Ok(())
     }
 
     async fn accept_polling(
@@ -699,33 +699,11 @@ impl ServerComms {
         acceptor: TlsAcceptor,
         shutdown: CancellationToken,
     ) {
-        let h2 = &self.inner.options.h2;
-        if let Err(e) = net::tune(&tcp) {
-            debug!("socket options on connection from {remote}: {e}");
-        }
-        // Queued here, the connection waits in the kernel's buffers; its
-        // handshake timeout starts when its turn comes.
-        let Some(turn) = self.handshake_turn(&shutdown).await else {
+        let Some((tls, turn)) = self
+            .handshake(tcp, remote, acceptor, &shutdown, "polling connection")
+            .await
+        else {
             return;
-        };
-        let accept = acceptor
-            .accept_with(tcp, |c| net::tune_tls(c))
-            .into_fallible();
-        let tls = match tokio::time::timeout(h2.handshake_timeout, accept).await {
-            Err(_) => return debug!("TLS handshake from {remote} timed out"),
-            Ok(Err((e, tcp))) => {
-                if let Some(u) = UntrustedPeer::find(&e) {
-                    warn!("refused polling connection from {remote}: {u}");
-                    self.inner
-                        .registry
-                        .record_refusal(u.presented, remote.ip().to_string());
-                } else {
-                    debug!("TLS handshake from {remote} failed: {e}");
-                }
-                net::linger_close(tcp, Duration::from_secs(2)).await;
-                return;
-            }
-            Ok(Ok(tls)) => tls,
         };
         let Some(thumbprint) = octo_tls::peer_thumbprint(tls.get_ref().1) else {
             drop(turn);
@@ -744,6 +722,53 @@ impl ServerComms {
         self.register_polling(tls, remote, thumbprint, shutdown)
             .await;
         drop(turn);
+    }
+
+    /// A polling tentacle's TLS handshake (`what` names the connection in the
+    /// log), in its turn among the node's handshakes: the stream and the turn
+    /// (dropped once the CPU-bound part is done), or None when it timed out,
+    /// failed or was refused (a refusal recorded for `machine refusals`), or
+    /// the node shuts down.
+    async fn handshake(
+        &self,
+        tcp: tokio::net::TcpStream,
+        remote: SocketAddr,
+        acceptor: TlsAcceptor,
+        shutdown: &CancellationToken,
+        what: &str,
+    ) -> Option<(
+        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        tokio::sync::OwnedSemaphorePermit,
+    )> {
+        if let Err(e) = net::tune(&tcp) {
+            debug!("socket options on connection from {remote}: {e}");
+        }
+        // Queued here, the connection waits in the kernel's buffers; its
+        // handshake timeout starts when its turn comes.
+        let turn = self.handshake_turn(shutdown).await?;
+        let accept = acceptor
+            .accept_with(tcp, |c| net::tune_tls(c))
+            .into_fallible();
+        let timeout = self.inner.options.h2.handshake_timeout;
+        match tokio::time::timeout(timeout, accept).await {
+            Err(_) => {
+                debug!("TLS handshake from {remote} timed out");
+                None
+            }
+            Ok(Err((e, tcp))) => {
+                if let Some(u) = UntrustedPeer::find(&e) {
+                    warn!("refused {what} from {remote}: {u}");
+                    self.inner
+                        .registry
+                        .record_refusal(u.presented, remote.ip().to_string());
+                } else {
+                    debug!("TLS handshake from {remote} failed: {e}");
+                }
+                net::linger_close(tcp, Duration::from_secs(2)).await;
+                None
+            }
+            Ok(Ok(tls)) => Some((tls, turn)),
+        }
     }
 
     /// Waits for a free handshake slot (None when the server stops first).
@@ -816,37 +841,13 @@ impl ServerComms {
         options: WebSocketListenerOptions,
         shutdown: CancellationToken,
     ) -> Result<(), CommsError> {
-        let settings = TlsSettings {
-            alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
-        };
-        let cfg = octo_tls::server_config_live(
-            &self.inner.identity,
-            self.inner.polling_trust.clone(),
-            Role::Tentacle,
-            ClientAuth::Optional,
-            &settings,
-        )
-        .map_err(|e| CommsError::Tls {
-            address: "WebSocket listener".into(),
-            peer_role: Role::Tentacle,
-            reason: e.to_string(),
-        })?;
-        let acceptor = TlsAcceptor::from(cfg);
+        let acceptor = self.polling_acceptor("WebSocket listener")?;
         let local = listener.local_addr().ok();
         info!(address = ?local, path = %options.path, thumbprint = %self.thumbprint(), "listening for polling tentacles over WebSocket");
         let options = Arc::new(options);
-        loop {
-            let (tcp, remote) = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        warn!("accepting a WebSocket connection on {local:?} failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
+        while let Some((tcp, remote)) =
+            net::accept(&listener, &shutdown, "WebSocket connection").await
+        {
             let this = self.clone();
             let (acceptor, options, shutdown) =
                 (acceptor.clone(), options.clone(), shutdown.clone());
@@ -855,6 +856,7 @@ impl ServerComms {
                     .await
             });
         }
+        Ok(())
     }
 
     async fn accept_web_socket(
@@ -865,33 +867,9 @@ impl ServerComms {
         options: Arc<WebSocketListenerOptions>,
         shutdown: CancellationToken,
     ) {
-        let h2 = &self.inner.options.h2;
-        if let Err(e) = net::tune(&tcp) {
-            debug!("socket options on connection from {remote}: {e}");
-        }
-        // Queued here, the connection waits in the kernel's buffers; its
-        // handshake timeout starts when its turn comes.
-        let Some(turn) = self.handshake_turn(&shutdown).await else {
+        let what = "polling connection (WebSocket port)";
+        let Some((tls, turn)) = self.handshake(tcp, remote, acceptor, &shutdown, what).await else {
             return;
-        };
-        let accept = acceptor
-            .accept_with(tcp, |c| net::tune_tls(c))
-            .into_fallible();
-        let tls = match tokio::time::timeout(h2.handshake_timeout, accept).await {
-            Err(_) => return debug!("TLS handshake from {remote} timed out"),
-            Ok(Err((e, tcp))) => {
-                if let Some(u) = UntrustedPeer::find(&e) {
-                    warn!("refused polling connection (WebSocket port) from {remote}: {u}");
-                    self.inner
-                        .registry
-                        .record_refusal(u.presented, remote.ip().to_string());
-                } else {
-                    debug!("TLS handshake from {remote} failed: {e}");
-                }
-                net::linger_close(tcp, Duration::from_secs(2)).await;
-                return;
-            }
-            Ok(Ok(tls)) => tls,
         };
         // The WebSocket upgrade and HTTP/2 inside it follow at the client's
         // pace; only the TLS handshake (the CPU-bound part) holds a slot.
@@ -912,7 +890,7 @@ impl ServerComms {
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(h2.handshake_timeout);
+            .header_read_timeout(self.inner.options.h2.handshake_timeout);
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
         tokio::pin!(conn);
         tokio::select! {

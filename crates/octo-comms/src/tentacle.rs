@@ -278,19 +278,7 @@ impl TentacleComms {
         let acceptor = TlsAcceptor::from(cfg);
         let local = listener.local_addr().ok();
         info!(address = ?local, thumbprint = %self.thumbprint(), "listening for servers");
-        loop {
-            let (tcp, remote) = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // e.g. out of file descriptors: log and pause instead of spinning.
-                        error!("accepting a connection on {local:?} failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
+        while let Some((tcp, remote)) = net::accept(&listener, &shutdown, "connection").await {
             let this = self.clone();
             let acceptor = acceptor.clone();
             let shutdown = shutdown.clone();
@@ -298,6 +286,7 @@ impl TentacleComms {
                 this.handle_accepted(tcp, remote, acceptor, shutdown).await;
             });
         }
+        Ok(())
     }
 
     async fn handle_accepted(
