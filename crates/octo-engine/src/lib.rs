@@ -27,6 +27,7 @@
 //! ticket; StreamLogs resumes from the sequence), so no line is lost or repeated.
 
 mod auto_upgrade;
+mod binaries;
 pub mod context;
 pub mod engine;
 pub mod feed;

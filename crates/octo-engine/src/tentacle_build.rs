@@ -11,10 +11,8 @@
 //! (hash-verified by the file service) before the upgrade service swaps it in.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-/// How long `tentacle version` may take.
-const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::binaries;
 
 /// The tentacle build this server upgrades tentacles to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,7 +42,7 @@ impl TentacleBuild {
                     p.display()
                 ))
             }
-            None => beside_this_binary().ok_or_else(|| {
+            None => binaries::beside_this_binary("tentacle").ok_or_else(|| {
                 "no `tentacle` binary beside the octopus binary, so tentacles cannot be upgraded \
                  from this server; put it there (the server packages do), or start the server \
                  with --tentacle PATH"
@@ -90,49 +88,10 @@ fn hash_file(path: &Path) -> std::io::Result<(String, u64)> {
     Ok((hex, size))
 }
 
-/// `tentacle` next to the running binary, or one level up (test binaries run
-/// from `target/<profile>/deps/`).
-fn beside_this_binary() -> Option<PathBuf> {
-    let me = std::env::current_exe().ok()?;
-    let dir = me.parent()?;
-    let found = [Some(dir), dir.parent()]
-        .into_iter()
-        .flatten()
-        .map(|d| d.join("tentacle"))
-        .find(|p| p.is_file());
-    found
-}
-
 async fn run_version(path: &Path) -> Result<String, String> {
-    let run = tokio::process::Command::new(path)
-        .args(["version", "--format", "json"])
-        .kill_on_drop(true)
-        .output();
-    let out = match tokio::time::timeout(VERSION_TIMEOUT, run).await {
-        Ok(Ok(out)) => out,
-        Ok(Err(e)) => {
-            return Err(format!(
-                "cannot run the tentacle binary {}: {e}",
-                path.display()
-            ))
-        }
-        Err(_) => {
-            return Err(format!(
-                "`{} version` did not answer within {} s",
-                path.display(),
-                VERSION_TIMEOUT.as_secs()
-            ))
-        }
-    };
-    if !out.status.success() {
-        return Err(format!(
-            "`{} version --format json` failed ({}): {}",
-            path.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+    let args = ["version", "--format", "json"];
+    let out = binaries::output_of(path, &args, "tentacle binary").await?;
+    let v: serde_json::Value = serde_json::from_slice(&out).map_err(|e| {
         format!(
             "`{} version --format json` did not print JSON: {e}",
             path.display()

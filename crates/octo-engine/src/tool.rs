@@ -16,16 +16,15 @@
 //! interrupted push therefore never leaves a version that looks complete.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use sha2::{Digest, Sha256};
+
+use crate::binaries;
 
 /// The file name of the tool on both sides.
 pub const TOOL_FILE: &str = "calamari";
 /// The marker that makes an installed version count.
 pub const COMPLETE_MARKER: &str = ".complete";
-/// How long `calamari version` may take.
-const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The tool build this server pushes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,7 +65,7 @@ impl ToolBuild {
                 }
                 p.to_path_buf()
             }
-            None => beside_this_binary().ok_or_else(|| {
+            None => binaries::beside_this_binary(TOOL_FILE).ok_or_else(|| {
                 "the deployment tool `calamari` was not found beside the octopus binary; build it \
                  (`cargo build -p octo-calamari`) and put it there, or start the server with \
                  --calamari PATH"
@@ -168,67 +167,9 @@ fn snapshot(source: &Path, dir: &Path) -> Result<(PathBuf, String, u64), String>
     Ok((path, sha256, size))
 }
 
-/// `calamari` next to the running binary, or one level up (test binaries run
-/// from `target/<profile>/deps/`).
-fn beside_this_binary() -> Option<PathBuf> {
-    let me = std::env::current_exe().ok()?;
-    let dir = me.parent()?;
-    let found = [Some(dir), dir.parent()]
-        .into_iter()
-        .flatten()
-        .map(|d| d.join(TOOL_FILE))
-        .find(|p| p.is_file());
-    found
-}
-
-/// Tries to run a snapshot written a moment ago at most this many times:
-/// a child that another thread forked while the copy was open for writing
-/// holds it until it execs, and running the copy then fails with ETXTBSY.
-const TEXT_BUSY_TRIES: u32 = 50;
-
 async fn run_version(path: &Path) -> Result<String, String> {
-    let mut tries = 0;
-    let out = loop {
-        tries += 1;
-        let run = tokio::process::Command::new(path)
-            .arg("version")
-            .kill_on_drop(true)
-            .output();
-        match tokio::time::timeout(VERSION_TIMEOUT, run).await {
-            Ok(Err(e))
-                if e.kind() == std::io::ErrorKind::ExecutableFileBusy
-                    && tries < TEXT_BUSY_TRIES =>
-            {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            other => break other,
-        }
-    };
-    let out = match out {
-        Ok(Ok(out)) => out,
-        Ok(Err(e)) => {
-            return Err(format!(
-                "cannot run the deployment tool {}: {e}",
-                path.display()
-            ))
-        }
-        Err(_) => {
-            return Err(format!(
-                "`{} version` did not answer within {} s",
-                path.display(),
-                VERSION_TIMEOUT.as_secs()
-            ))
-        }
-    };
-    if !out.status.success() {
-        return Err(format!(
-            "`{} version` failed ({}): {}",
-            path.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let out = binaries::output_of(path, &["version"], "deployment tool").await?;
+    let version = String::from_utf8_lossy(&out).trim().to_string();
     semver::Version::parse(&version).map_err(|e| {
         format!(
             "`{} version` printed '{version}', which is not a semantic version: {e}",
