@@ -1290,7 +1290,11 @@ async fn pump<R: AsyncRead + Unpin>(
     max_line: usize,
 ) {
     let mut split = LineSplitter::new(max_line);
-    let mut buf = vec![0u8; 64 << 10];
+    // Read into spare capacity (`read_buf`), nothing zeroed first, and small
+    // until the output fills it: many scripts print little or nothing.
+    const FIRST_READ: usize = 4 << 10;
+    const LARGEST_READ: usize = 64 << 10;
+    let mut buf: Vec<u8> = Vec::with_capacity(FIRST_READ);
     let mut lines = Vec::new();
     // After `stop`, only what is already in the pipe is taken, without waiting, and at
     // most LEFTOVER bytes of it: a process still writing cannot keep the reader going.
@@ -1299,7 +1303,7 @@ async fn pump<R: AsyncRead + Unpin>(
     let mut leftover = LEFTOVER;
     loop {
         let read = if stopped {
-            match futures_util::FutureExt::now_or_never(reader.read(&mut buf)) {
+            match futures_util::FutureExt::now_or_never(reader.read_buf(&mut buf)) {
                 Some(r) => r,
                 None => break,
             }
@@ -1310,7 +1314,7 @@ async fn pump<R: AsyncRead + Unpin>(
                     stopped = true;
                     continue;
                 }
-                r = reader.read(&mut buf) => r,
+                r = reader.read_buf(&mut buf) => r,
             }
         };
         let n = match read {
@@ -1321,7 +1325,11 @@ async fn pump<R: AsyncRead + Unpin>(
                 break;
             }
         };
-        split.push(&buf[..n], &mut lines);
+        split.push(&buf, &mut lines);
+        buf.clear();
+        if n == buf.capacity() && n < LARGEST_READ {
+            buf.reserve_exact(2 * n);
+        }
         script.append(stream, std::mem::take(&mut lines));
         if stopped {
             leftover = leftover.saturating_sub(n);
