@@ -1,6 +1,7 @@
 //! `bench fleet`: one server node and a fleet of polling tentacles.
 //!
-//! The server runs in this process (SQLite in a temporary data directory).
+//! The server runs in this process (SQLite in a temporary data directory, or
+//! PostgreSQL with `--database-url`).
 //! Child processes (hidden subcommand `tasks-child`, at most
 //! `--tentacles-per-process` each) host `--tentacles` polling tentacles (5,000
 //! by default), each with the real comms and agent services,
@@ -57,6 +58,11 @@ pub struct Options {
     /// Most tentacles one child process hosts (see `tasks::ChildFleet`).
     #[arg(long, default_value_t = crate::tasks::TENTACLES_PER_PROCESS)]
     tentacles_per_process: usize,
+    /// Store on this PostgreSQL database (`postgres://...`; give an empty
+    /// database) rather than SQLite in a temporary directory. The restart
+    /// reuses it; the RSS is the server's process alone, not PostgreSQL's.
+    #[arg(long)]
+    database_url: Option<String>,
     #[command(flatten)]
     fleet_home: crate::tasks::FleetHome,
 }
@@ -119,6 +125,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     let args = RunArgs {
         max_parallel_steps: o.max_parallel_steps,
         max_running_steps: o.max_running_steps,
+        database_url: o.database_url.clone(),
         ..RunArgs::loopback(&data)
     };
     let server = start(&args).await?;
@@ -296,6 +303,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     server.stop().await;
     let mut out = json!({
         "bench": "fleet",
+        "store": if o.database_url.is_some() { "postgresql" } else { "sqlite" },
         "tentacles": o.tentacles,
         "tentacles_per_process": per_process,
         "fleet_home": fleet_home,
