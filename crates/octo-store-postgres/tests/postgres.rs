@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use octo_store::{Store, StoreError, TaskState};
 use octo_store_postgres::PgStore;
-use octo_store_tests::fixtures::{new_machine, new_task, tentacle_line};
+use octo_store_tests::fixtures::{new_machine, new_task, server_line, tentacle_line};
 use serde_json::json;
 use tokio::time::timeout;
 
@@ -27,7 +27,9 @@ async fn database() -> String {
 /// by id while they are written ("lines after the last id I saw", as the
 /// live log does) sees every line. Ids are handed out before commit; were two
 /// appends to interleave, a reader could see the later one's ids first and
-/// step over the earlier one's for good.
+/// step over the earlier one's for good. Each step writes its output
+/// (`append_log`) and, between batches, a server line with the step's state
+/// (`update_step_logged`), as a step's end does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_reader_paging_by_id_misses_no_line_while_steps_append_at_once() {
     let url = database().await;
@@ -59,7 +61,7 @@ async fn a_reader_paging_by_id_misses_no_line_while_steps_append_at_once() {
                 if let Some(l) = page.last() {
                     after = l.id;
                 }
-                seen.extend(page.into_iter().map(|l| (l.machine_id, l.sequence)));
+                seen.extend(page.into_iter().map(|l| l.text));
                 if last {
                     return seen;
                 }
@@ -72,11 +74,19 @@ async fn a_reader_paging_by_id_misses_no_line_while_steps_append_at_once() {
         .map(|&m| {
             let (s, id) = (s.clone(), task.id.clone());
             tokio::spawn(async move {
+                let mut step = s.task_step(&id, m).await.unwrap().unwrap();
                 for b in 0..BATCHES {
                     let lines: Vec<_> = (0..PER_BATCH)
-                        .map(|j| tentacle_line(m, b * PER_BATCH + j, "line"))
+                        .map(|j| {
+                            let sequence = b * PER_BATCH + j;
+                            tentacle_line(m, sequence, &format!("{m}: {sequence}"))
+                        })
                         .collect();
                     s.append_log(&id, &lines).await.unwrap();
+                    step.state = TaskState::Executing;
+                    step.next_sequence = (b + 1) * PER_BATCH;
+                    let line = server_line(&format!("{m}: batch {b} stored"));
+                    s.update_step_logged(&step, &[line]).await.unwrap();
                 }
             })
         })
@@ -90,7 +100,7 @@ async fn a_reader_paging_by_id_misses_no_line_while_steps_append_at_once() {
     .unwrap();
     done.store(true, Ordering::SeqCst);
     let seen = timeout(T, reader).await.unwrap().unwrap();
-    let expected = machines.len() * usize::try_from(BATCHES * PER_BATCH).unwrap();
+    let expected = machines.len() * usize::try_from(BATCHES * (PER_BATCH + 1)).unwrap();
     let mut distinct = seen.clone();
     distinct.sort();
     distinct.dedup();

@@ -562,6 +562,143 @@ fn log_lines_insert<'q>(task_id: &'q str, lines: &'q [NewLogLine]) -> (String, P
     (sql, params)
 }
 
+/// Where rows lock (PostgreSQL, [`Dialect::serial_writes`] false): one
+/// statement that takes task `task_id`'s row with `gate`, then stores `lines`
+/// (at most [`LOG_ROWS_PER_INSERT`], in order; each once) and runs `then`,
+/// both only once `gate` holds the row, so that the lines' ids grow in the
+/// order they are committed (see `require_task`).
+///
+/// `gate` returns the task's row and locks it: `SELECT id FROM tasks WHERE id
+/// = ? FOR UPDATE`, or a state change of the task with `RETURNING id`. `then`
+/// is an `UPDATE` of `task_steps` ending in its `WHERE` clause.
+///
+/// One statement commits by itself, so the task's row is held for that
+/// statement and its commit. In a transaction it was held for the round trips
+/// of four statements (`BEGIN`, the lock, the lines, the step, `COMMIT`), each
+/// back to a busy server: the steps of a fan-out, ending together, queued on
+/// that lock (`bench fleet --database-url`, BENCHMARKS.md).
+///
+/// The statement answers `task` when `gate` found no row (nothing was
+/// written), `step` when `then` changed no row, and `ok` otherwise (see
+/// [`Gated`]).
+fn gated_log_write<'q>(
+    gate: (String, Params<'q>),
+    task_id: &'q str,
+    lines: &'q [NewLogLine],
+    then: Option<(String, Params<'q>)>,
+) -> (String, Params<'q>) {
+    debug_assert!(lines.len() <= LOG_ROWS_PER_INSERT);
+    let (gate, mut params) = gate;
+    let mut sql = String::with_capacity(320 + gate.len() + lines.len() * 30);
+    sql.push_str("WITH gate AS (");
+    sql.push_str(&gate);
+    sql.push(')');
+    if !lines.is_empty() {
+        // The ordinal makes the order of the rows, so of their ids, explicit.
+        sql.push_str(
+            ", lines AS (INSERT INTO task_log (task_id, machine_id, sequence, timestamp, stream, text) \
+             SELECT v.task_id, v.machine_id, v.sequence, v.timestamp, v.stream, v.text FROM (VALUES ",
+        );
+        for (i, l) in lines.iter().enumerate() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("({i}, ?, ?, ?, ?, ?, ?)"));
+            params = params
+                .and(task_id)
+                .and(l.machine_id)
+                .and(l.sequence)
+                .and(l.timestamp)
+                .and(l.stream.as_str())
+                .and(l.text.as_str());
+        }
+        sql.push_str(
+            ") AS v (n, task_id, machine_id, sequence, timestamp, stream, text) \
+             WHERE EXISTS (SELECT 1 FROM gate) ORDER BY v.n ON CONFLICT DO NOTHING RETURNING 1)",
+        );
+    }
+    let answer = match then {
+        Some((then, then_params)) => {
+            sql.push_str(", step AS (");
+            sql.push_str(&then);
+            sql.push_str(" AND EXISTS (SELECT 1 FROM gate) RETURNING 1)");
+            params.0.extend(then_params.0);
+            "WHEN NOT EXISTS (SELECT 1 FROM step) THEN 'step' "
+        }
+        None => "",
+    };
+    sql.push_str(&format!(
+        " SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM gate) THEN 'task' {answer}ELSE 'ok' END"
+    ));
+    (sql, params)
+}
+
+/// What a [`gated_log_write`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gated {
+    /// The gate held the task's row: the lines are stored and `then` changed
+    /// a row (or there was no `then`).
+    Written,
+    /// The lines are stored; `then` changed no row.
+    ThenMissed,
+    /// The gate found no row (no such task, or its state did not change):
+    /// nothing was written.
+    Shut,
+}
+
+/// Runs a [`gated_log_write`] statement, committed by itself.
+async fn run_gated_log_write(
+    e: &dyn Engine,
+    (sql, params): (String, Params<'_>),
+    task_id: &str,
+    op: &str,
+) -> Result<Gated> {
+    let mut conn = e.begin(Access::SingleWrite).await.ctx(op)?;
+    let answer = query(&sql, params, log_lines_op(task_id))
+        .value::<String>(&mut conn)
+        .await?;
+    Ok(match answer.as_str() {
+        "ok" => Gated::Written,
+        "step" => Gated::ThenMissed,
+        _ => Gated::Shut,
+    })
+}
+
+/// The statement that locks task `id`'s row until its transaction ends (see
+/// `require_task`), as a [`gated_log_write`] gate.
+fn task_lock<'q>(d: &Dialect, id: &'q str) -> (String, Params<'q>) {
+    (
+        format!("SELECT id FROM tasks WHERE id = ?{}", d.for_update),
+        params![id],
+    )
+}
+
+/// The statement moving the resume point of each machine in `next` (machine
+/// id to next sequence) of task `task_id` forward, as a [`gated_log_write`]
+/// `then`; None when there is none to move.
+fn resume_points_update<'q>(
+    d: &Dialect,
+    task_id: &'q str,
+    next: &HashMap<i64, i64>,
+) -> Option<(String, Params<'q>)> {
+    if next.is_empty() {
+        return None;
+    }
+    let mut params = Params::default();
+    let mut values = String::new();
+    for (i, (machine_id, next)) in next.iter().enumerate() {
+        values.push_str(if i == 0 { "(?, ?)" } else { ", (?, ?)" });
+        params = params.and(*machine_id).and(*next);
+    }
+    let sql = format!(
+        "UPDATE task_steps AS s SET next_sequence = {}(s.next_sequence, n.next) \
+         FROM (VALUES {values}) AS n (machine_id, next) \
+         WHERE s.task_id = ? AND s.machine_id = n.machine_id",
+        d.greatest
+    );
+    Some((sql, params.and(task_id)))
+}
+
 /// NotFound unless task `id` exists. In a write transaction: the task's row
 /// stays locked until it ends, so that writes to one task (its log lines,
 /// whose ids must grow in the order they are committed) happen one at a time.
@@ -1940,16 +2077,16 @@ impl<E: Engine> Store for E {
         const OP: &str = "changing a task's state and logging it";
         let line = std::slice::from_ref(line);
         if !self.dialect().serial_writes {
-            let mut tx = write_tx(self, OP).await?;
-            // The update locks the task's row, as `append_log` does, so that
-            // its lines' ids grow in the order they are committed.
-            let (sql, params) = task_state_change(id, state, error, now);
-            if query(&sql, params, OP).execute(&mut *tx).await? == 1 {
-                insert_log_lines((&mut tx).into(), id, line).await?;
-                return tx.commit().await.ctx(OP);
+            // The change locks the task's row, as `append_log` does, so that
+            // its line's id grows in the order it is committed; one statement.
+            let (change, params) = task_state_change(id, state, error, now);
+            let gate = (format!("{change} RETURNING id"), params);
+            let write = gated_log_write(gate, id, line, None);
+            if run_gated_log_write(self, write, id, OP).await? != Gated::Shut {
+                return Ok(());
             }
-            // Nothing changed: undone, then done apart, which says why.
-            drop(tx);
+            // Nothing changed (the task is finished or gone) and nothing was
+            // written: done apart, which says why.
             self.append_log(id, line).await?;
             return self.set_task_state(id, state, error, now).await;
         }
@@ -2006,10 +2143,25 @@ impl<E: Engine> Store for E {
             self.append_log(&step.task_id, lines).await?;
             return self.update_step(step).await;
         }
+        if !d.serial_writes && lines.len() <= LOG_ROWS_PER_INSERT {
+            // One statement, so one commit (each waits for the write-ahead
+            // log to reach the disk) and one round trip holding the task's
+            // row: the row locked as `append_log` locks it, the lines, then
+            // the step.
+            let write = gated_log_write(
+                task_lock(d, &step.task_id),
+                &step.task_id,
+                lines,
+                Some(step_update(d, step)),
+            );
+            return match run_gated_log_write(self, write, &step.task_id, OP).await? {
+                Gated::Written => Ok(()),
+                Gated::ThenMissed => Err(step_not_found(step)),
+                Gated::Shut => Err(not_found("task", &step.task_id)),
+            };
+        }
         if !d.serial_writes {
-            // One transaction, so one commit (each waits for the write-ahead
-            // log to reach the disk): the task's row locked as `append_log`
-            // locks it, the lines, then the step.
+            // As above, in one transaction: more lines than one statement takes.
             let mut tx = write_tx(self, OP).await?;
             require_task(&mut tx, d, &step.task_id, OP).await?;
             for chunk in lines.chunks(LOG_ROWS_PER_INSERT) {
@@ -2136,6 +2288,22 @@ impl<E: Engine> Store for E {
         // statement, its own transaction (a missing task breaks the foreign key).
         if d.serial_writes && next.is_empty() && lines.len() <= LOG_ROWS_PER_INSERT {
             return insert_log_lines(self.into(), task_id, lines).await;
+        }
+        if !d.serial_writes && lines.len() <= LOG_ROWS_PER_INSERT {
+            // The task's row locked (so that its lines' ids grow in the
+            // order they are committed), the lines, and each machine's
+            // resume point: one statement.
+            let write = gated_log_write(
+                task_lock(d, task_id),
+                task_id,
+                lines,
+                resume_points_update(d, task_id, &next),
+            );
+            // A machine without a step has no resume point to move, as below.
+            return match run_gated_log_write(self, write, task_id, OP).await? {
+                Gated::Written | Gated::ThenMissed => Ok(()),
+                Gated::Shut => Err(not_found("task", task_id)),
+            };
         }
         let mut tx = write_tx(self, OP).await?;
         // Locks the task's row where rows lock (PostgreSQL), so that its
