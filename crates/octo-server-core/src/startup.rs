@@ -712,6 +712,9 @@ async fn follow_trust(state: AppState, shutdown: CancellationToken) {
             },
         };
         if reload {
+            // Changes queued meanwhile (machines registered in a burst) are
+            // covered by this one read.
+            while events.try_recv().is_ok() {}
             if let Err(e) = state.reload_polling_trust().await {
                 tracing::warn!("reading the polling tentacles' trust again: {e:#}");
             }

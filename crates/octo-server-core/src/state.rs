@@ -9,7 +9,7 @@ use octo_api_types::Space;
 use octo_comms::ServerComms;
 use octo_engine::secrets::MasterKey;
 use octo_engine::{Engine, PackageFiles, ToolBuild};
-use octo_store::{now_ms, EndpointKind, MachineFilter, NewAuditEvent, Store};
+use octo_store::{now_ms, NewAuditEvent, Store};
 use octo_tls::{Thumbprint, TrustStore};
 
 use crate::auth::LoginThrottle;
@@ -18,12 +18,10 @@ use crate::authz::{Caller, GrantCache, SpaceCache};
 /// Thumbprints of polling machines: who may connect to the comms port.
 pub async fn polling_thumbprints(store: &dyn Store) -> anyhow::Result<Vec<Thumbprint>> {
     Ok(store
-        .list_machines(&MachineFilter::default())
+        .polling_thumbprints()
         .await?
         .into_iter()
-        .filter(|m| m.kind == EndpointKind::Polling)
-        .flat_map(|m| [Some(m.thumbprint), m.next_thumbprint])
-        .filter_map(|t| t?.parse().ok())
+        .filter_map(|t| t.parse().ok())
         .collect())
 }
 

@@ -10,9 +10,9 @@
 
 use octo_store::{
     ticket, AuditEvent, AuditFilter, EndpointKind, HealthFilter, HealthStatus, HealthUpdate,
-    MachineFilter, MachineQuery, MachineUpdate, NewAuditEvent, NodeBeat, NodeState, Permission,
-    PolicySettings, Role, Store, StoreError, Task, TaskQuery, TaskState, TentacleUpdate,
-    DEFAULT_POLICY,
+    MachineFilter, MachineQuery, MachineUpdate, NewAuditEvent, NewMachine, NodeBeat, NodeState,
+    Permission, PolicySettings, Role, Store, StoreError, Task, TaskQuery, TaskState,
+    TentacleUpdate, DEFAULT_POLICY,
 };
 use serde_json::json;
 
@@ -84,6 +84,7 @@ macro_rules! store_suite {
             a_task_starts_with_its_first_step,
             // Every connection asks whether it ends a certificate rotation.
             a_next_certificate_replaces_the_current_one_once,
+            polling_thumbprints_are_each_polling_machines_current_and_next,
         );
     };
     (@each $factory:expr; $($test:ident,)+) => {
@@ -2857,6 +2858,41 @@ pub async fn a_last_step_ends_with_its_task(s: &dyn Store) {
         .await
         .unwrap()
         .is_empty());
+}
+
+/// The thumbprints polling tentacles may connect with: each polling
+/// machine's, and the next one it offered; never a listening machine's.
+pub async fn polling_thumbprints_are_each_polling_machines_current_and_next(s: &dyn Store) {
+    assert!(s.polling_thumbprints().await.unwrap().is_empty());
+    let polling = |name: &str, tp: char| NewMachine {
+        kind: EndpointKind::Polling,
+        uri: format!("poll://{name}/"),
+        thumbprint: thumb(tp),
+        ..new_machine(name, &[], &[])
+    };
+    s.create_machine(&polling("a", 'D')).await.unwrap();
+    let mut listening = new_machine("b", &[], &[]);
+    listening.thumbprint = thumb('F');
+    s.create_machine(&listening).await.unwrap();
+    s.create_machine(&polling("c", 'C')).await.unwrap();
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    assert_eq!(
+        sorted(s.polling_thumbprints().await.unwrap()),
+        [thumb('C'), thumb('D')]
+    );
+    s.offer_machine_thumbprint(&thumb('D'), &thumb('E'))
+        .await
+        .unwrap();
+    assert_eq!(
+        sorted(s.polling_thumbprints().await.unwrap()),
+        [thumb('C'), thumb('D'), thumb('E')]
+    );
+    s.promote_machine_thumbprint(&thumb('E')).await.unwrap();
+    s.delete_machine(1, "c").await.unwrap();
+    assert_eq!(s.polling_thumbprints().await.unwrap(), [thumb('E')]);
 }
 
 /// A tentacle's certificate rotation: the next certificate is accepted beside

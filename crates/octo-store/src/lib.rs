@@ -892,4 +892,19 @@ pub trait Store: Send + Sync + std::fmt::Debug {
             })
         })
     }
+
+    /// The thumbprints polling tentacles may connect with: every polling
+    /// machine's certificate, and the next one it offered during a rotation.
+    /// Read again after machines change (on every node of a cluster), so one
+    /// query of those columns alone, not every machine with its lists.
+    async fn polling_thumbprints(&self) -> Result<Vec<String>> {
+        Ok(self
+            .list_machines(&MachineFilter::default())
+            .await?
+            .into_iter()
+            .filter(|m| m.kind == EndpointKind::Polling)
+            .flat_map(|m| [Some(m.thumbprint), m.next_thumbprint])
+            .flatten()
+            .collect())
+    }
 }

@@ -249,7 +249,7 @@ impl Engine {
                     Handed::NodeLost | Handed::Stopping => return Placement::Stopping,
                 }
             }
-            let machine = match store.machine_by_id(step.machine_id).await {
+            let machine = match store.machine_row(step.machine_id).await {
                 Ok(m) => m,
                 Err(e) => {
                     warn!(
@@ -344,7 +344,7 @@ impl Engine {
     /// The machine's health as last recorded (what a health step on another
     /// node found).
     async fn health_of(&self, step: &TaskStep) -> Option<(String, HealthStatus)> {
-        match self.deps.store.machine_by_id(step.machine_id).await {
+        match self.deps.store.machine_row(step.machine_id).await {
             Ok(Some(m)) => Some((step.machine_name.clone(), m.status)),
             Ok(None) => None,
             Err(e) => {
@@ -430,7 +430,7 @@ impl Engine {
         if !self.deps.store.shared() {
             return None;
         }
-        match self.deps.store.machine_by_id(step.machine_id).await {
+        match self.deps.store.machine_row(step.machine_id).await {
             Ok(Some(m)) if m.kind == EndpointKind::Polling => {
                 subscription_of(&m.uri).map(str::to_string)
             }

@@ -31,10 +31,10 @@ use crate::rows::{
 use crate::sql::{query, returning, select, Access, Col, Dialect, Engine, On, Params, Tx, Value};
 use crate::text::{TextEnum, UNFINISHED_STATES};
 use crate::{
-    now_ms, params, ticket, ApiKey, AuditEvent, AuditFilter, ClusterEvent, Environment, Grant,
-    HealthUpdate, Machine, MachineFilter, MachinePolicy, MachineQuery, MachineUpdate,
-    NewAuditEvent, NewLogLine, NewMachine, NewPackage, NewTask, Node, NodeBeat, Package,
-    PackageContent, PolicySettings, Result, Role, Space, StepRef, Store, StoreError, Task,
+    now_ms, params, ticket, ApiKey, AuditEvent, AuditFilter, ClusterEvent, EndpointKind,
+    Environment, Grant, HealthUpdate, Machine, MachineFilter, MachinePolicy, MachineQuery,
+    MachineUpdate, NewAuditEvent, NewLogLine, NewMachine, NewPackage, NewTask, Node, NodeBeat,
+    Package, PackageContent, PolicySettings, Result, Role, Space, StepRef, Store, StoreError, Task,
     TaskLogLine, TaskQuery, TaskSecretsAndMasks, TaskState, TaskStep, TaskWithLog, Team, Tenant,
     User, DEFAULT_POLICY,
 };
@@ -2599,9 +2599,13 @@ impl<E: Engine> Store for E {
     }
 
     async fn assign_step(&self, task_id: &str, machine_id: i64, node: Option<&str>) -> Result<()> {
+        // Nothing written when the step is there already (a step taken
+        // back that was never handed over: every step on a cluster), so no
+        // commit to wait for.
         query(
-            "UPDATE task_steps SET node = ? WHERE task_id = ? AND machine_id = ?",
-            params![node, task_id, machine_id],
+            "UPDATE task_steps SET node = ? \
+             WHERE task_id = ? AND machine_id = ? AND node IS DISTINCT FROM ?",
+            params![node, task_id, machine_id, node],
             "handing a step to a node",
         )
         .execute(self)
@@ -3004,6 +3008,18 @@ impl<E: Engine> Store for E {
         query(&sql, params![id], "looking up a machine")
             .optional::<MachineRow>(self)
             .await
+    }
+
+    async fn polling_thumbprints(&self) -> Result<Vec<String>> {
+        let polling = EndpointKind::Polling.text();
+        query(
+            "SELECT thumbprint FROM machines WHERE kind = ? \
+             UNION ALL SELECT next_thumbprint FROM machines WHERE kind = ? AND next_thumbprint IS NOT NULL",
+            params![polling, polling],
+            "reading the thumbprints of polling machines",
+        )
+        .scalars::<String>(self)
+        .await
     }
 }
 
