@@ -573,10 +573,10 @@ fn log_lines_insert<'q>(task_id: &'q str, lines: &'q [NewLogLine]) -> (String, P
 /// is an `UPDATE` of `task_steps` ending in its `WHERE` clause.
 ///
 /// One statement commits by itself, so the task's row is held for that
-/// statement and its commit. In a transaction it was held for the round trips
-/// of four statements (`BEGIN`, the lock, the lines, the step, `COMMIT`), each
-/// back to a busy server: the steps of a fan-out, ending together, queued on
-/// that lock (`bench fleet --database-url`, BENCHMARKS.md).
+/// statement and its commit. In a transaction it was held for five round
+/// trips (`BEGIN`, the lock, the lines, the step, `COMMIT`), each back to a
+/// busy server: the steps of a fan-out, ending together, queued on that lock
+/// (`bench fleet --database-url`, BENCHMARKS.md).
 ///
 /// The statement answers `task` when `gate` found no row (nothing was
 /// written), `step` when `then` changed no row, and `ok` otherwise (see
@@ -657,11 +657,14 @@ async fn run_gated_log_write(
     let answer = query(&sql, params, log_lines_op(task_id))
         .value::<String>(&mut conn)
         .await?;
-    Ok(match answer.as_str() {
-        "ok" => Gated::Written,
-        "step" => Gated::ThenMissed,
-        _ => Gated::Shut,
-    })
+    match answer.as_str() {
+        "ok" => Ok(Gated::Written),
+        "step" => Ok(Gated::ThenMissed),
+        "task" => Ok(Gated::Shut),
+        other => Err(StoreError::Database(format!(
+            "{op}: unexpected answer '{other}' from the database"
+        ))),
+    }
 }
 
 /// The statement that locks task `id`'s row until its transaction ends (see
