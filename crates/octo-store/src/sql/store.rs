@@ -550,16 +550,21 @@ fn log_lines_insert<'q>(task_id: &'q str, lines: &'q [NewLogLine]) -> (String, P
         } else {
             ", (?, ?, ?, ?, ?, ?)"
         });
-        params = params
-            .and(task_id)
-            .and(l.machine_id)
-            .and(l.sequence)
-            .and(l.timestamp)
-            .and(l.stream.as_str())
-            .and(l.text.as_str());
+        params = line_params(params, task_id, l);
     }
     sql.push_str(" ON CONFLICT DO NOTHING");
     (sql, params)
+}
+
+/// `params` and a log line's six: task, machine, sequence, timestamp, stream, text.
+fn line_params<'q>(params: Params<'q>, task_id: &'q str, l: &'q NewLogLine) -> Params<'q> {
+    params
+        .and(task_id)
+        .and(l.machine_id)
+        .and(l.sequence)
+        .and(l.timestamp)
+        .and(l.stream.as_str())
+        .and(l.text.as_str())
 }
 
 /// Where rows lock (PostgreSQL, [`Dialect::serial_writes`] false): one
@@ -604,13 +609,7 @@ fn gated_log_write<'q>(
                 sql.push_str(", ");
             }
             sql.push_str(&format!("({i}, ?, ?, ?, ?, ?, ?)"));
-            params = params
-                .and(task_id)
-                .and(l.machine_id)
-                .and(l.sequence)
-                .and(l.timestamp)
-                .and(l.stream.as_str())
-                .and(l.text.as_str());
+            params = line_params(params, task_id, l);
         }
         sql.push_str(
             ") AS v (n, task_id, machine_id, sequence, timestamp, stream, text) \
