@@ -180,6 +180,46 @@ pub trait Columns {
     fn bytes(&self, c: Col<'_>) -> std::result::Result<Option<Vec<u8>>, sqlx::Error>;
 }
 
+/// A row's columns read under a prefix: column `name` is read as
+/// `{prefix}name` (rows of several kinds in one result, see `parts_union`).
+pub(crate) struct Prefixed<'a> {
+    /// The row as the engine returned it.
+    pub(crate) row: &'a dyn Columns,
+    /// What each column's name starts with in it.
+    pub(crate) prefix: &'a str,
+}
+
+impl Prefixed<'_> {
+    fn read<T>(
+        &self,
+        c: Col<'_>,
+        read: impl FnOnce(&dyn Columns, Col<'_>) -> std::result::Result<T, sqlx::Error>,
+    ) -> std::result::Result<T, sqlx::Error> {
+        match c {
+            Col::Name(name) => read(self.row, Col::Name(&format!("{}{name}", self.prefix))),
+            Col::Index(_) => read(self.row, c),
+        }
+    }
+}
+
+impl Columns for Prefixed<'_> {
+    fn i64(&self, c: Col<'_>) -> std::result::Result<Option<i64>, sqlx::Error> {
+        self.read(c, |r, c| r.i64(c))
+    }
+    fn i32(&self, c: Col<'_>) -> std::result::Result<Option<i32>, sqlx::Error> {
+        self.read(c, |r, c| r.i32(c))
+    }
+    fn text(&self, c: Col<'_>) -> std::result::Result<Option<String>, sqlx::Error> {
+        self.read(c, |r, c| r.text(c))
+    }
+    fn bool(&self, c: Col<'_>) -> std::result::Result<Option<bool>, sqlx::Error> {
+        self.read(c, |r, c| r.bool(c))
+    }
+    fn bytes(&self, c: Col<'_>) -> std::result::Result<Option<Vec<u8>>, sqlx::Error> {
+        self.read(c, |r, c| r.bytes(c))
+    }
+}
+
 /// A value a column holds.
 pub trait Column: Sized {
     /// Reads column `c` of `row`.

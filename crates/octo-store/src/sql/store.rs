@@ -28,7 +28,9 @@ use crate::rows::{
     Row, SecretOrMaskRow, SpaceRow, StepRefRow, StepRow, TaskRow, TeamRow, TenantRow, UserRow,
     UserWithHashRow, IS_SYSTEM_ADMINISTRATOR,
 };
-use crate::sql::{query, returning, select, Access, Col, Dialect, Engine, On, Params, Tx, Value};
+use crate::sql::{
+    query, returning, select, Access, Col, Dialect, Engine, On, Params, Prefixed, Tx, Value,
+};
 use crate::text::{TextEnum, UNFINISHED_STATES};
 use crate::{
     now_ms, params, ticket, ApiKey, AuditEvent, AuditFilter, ClusterEvent, EndpointKind,
@@ -53,7 +55,8 @@ async fn read_tx(e: &dyn Engine, op: &str) -> Result<Box<dyn Tx>> {
 /// database (SQLite, whose connections each run on a thread of their own),
 /// they are sent together, in one call: one hand-off to that thread and
 /// back rather than one for each. Elsewhere (PostgreSQL, whose statements
-/// take one parameter list each) one after the other.
+/// take one parameter list each) they become parts of one statement (see
+/// [`task_creation_statement`]).
 #[derive(Default)]
 struct Batch<'q> {
     statements: Vec<(String, Params<'q>)>,
@@ -64,26 +67,23 @@ impl<'q> Batch<'q> {
         self.statements.push((sql, params));
     }
 
-    /// The rows the statements return, in order, and the transaction
-    /// committed: with the statements in the same call where they are sent
-    /// together. Nothing is committed when a statement fails.
+    /// Where writes hold the whole database: the rows the statements return,
+    /// in order, and the transaction committed, with the statements in the
+    /// same call. Nothing is committed when a statement fails.
     async fn rows_committed(
         self,
-        mut tx: Box<dyn Tx>,
+        tx: Box<dyn Tx>,
         d: &Dialect,
         op: &str,
     ) -> Result<Vec<Box<dyn crate::sql::Columns + Send>>> {
-        let fail = |e: sqlx::Error| Op::new(op).fail(&e);
-        if d.serial_writes {
-            let (sql, params) = self.joined();
-            return tx.fetch_and_commit(&sql, params).await.map_err(fail);
-        }
-        let mut rows = Vec::new();
-        for (sql, params) in self.statements {
-            rows.extend(tx.fetch(&sql, params).await.map_err(fail)?);
-        }
-        tx.commit().await.map_err(fail)?;
-        Ok(rows)
+        debug_assert!(
+            d.serial_writes,
+            "statements sent together on an engine that cannot"
+        );
+        let (sql, params) = self.joined();
+        tx.fetch_and_commit(&sql, params)
+            .await
+            .map_err(|e| Op::new(op).fail(&e))
     }
 
     /// The statements as one list, with their parameters in order.
@@ -165,6 +165,151 @@ fn task_and_steps(
         .collect::<Result<Vec<TaskStep>>>()?;
     Ok((task, steps))
 }
+
+/// Where rows lock (PostgreSQL): a task's creation as one statement, which
+/// commits by itself. `batch` holds the task's insert, then its steps' (when
+/// `steps`), then its other rows' (secrets, its audit record), each reading
+/// the counter as `c` and the new task as `t`; the statement moves the
+/// counter on first. Its rows: the task, then its steps (as
+/// [`task_and_steps`] reads them); None when the task was not inserted (a
+/// machine named is gone).
+async fn task_creation_statement(
+    e: &dyn Engine,
+    batch: Batch<'_>,
+    steps: bool,
+    op: &str,
+) -> Result<Option<(Task, Vec<TaskStep>)>> {
+    let mut sql = String::from(
+        "WITH c AS (UPDATE counters SET value = value + 1 WHERE name = 'task' RETURNING value)",
+    );
+    let mut params = Params::default();
+    for (i, (statement, p)) in batch.statements.into_iter().enumerate() {
+        let name = match i {
+            0 => "t".to_string(),
+            1 if steps => "s".to_string(),
+            _ => format!("w{i}"),
+        };
+        sql.push_str(&format!(", {name} AS ({statement})"));
+        params.0.extend(p.0);
+    }
+    sql.push(' ');
+    sql.push_str(&parts_union(&[
+        Part {
+            columns: TaskRow::COLUMNS,
+            table: "tasks",
+            from: "FROM t".into(),
+            order: None,
+        },
+        Part {
+            columns: if steps { StepRow::COLUMNS } else { "" },
+            table: "task_steps",
+            from: "FROM s".into(),
+            order: Some("machine_id".into()),
+        },
+    ]));
+    let mut conn = e.begin(Access::SingleWrite).await.ctx(op)?;
+    let rows = conn.fetch(&sql, params).await.ctx(op)?;
+    let mut task = None;
+    let mut created = Vec::new();
+    for row in &rows {
+        match part_of(row.as_ref(), op)? {
+            (0, task_row) => task = Some(TaskRow::from_columns(&task_row)?.into_record()?),
+            (_, step_row) => created.push(StepRow::from_columns(&step_row)?.into_record()?),
+        }
+    }
+    Ok(task.map(|task| (task, created)))
+}
+
+/// Rows of several kinds from one statement (where a statement cannot
+/// return several results, PostgreSQL): one [`Part`] each, numbered from 0.
+struct Part {
+    /// Its row's [`Row::COLUMNS`] (plain names); none for a part left out.
+    columns: &'static str,
+    /// A table with those columns, whose types they take.
+    table: &'static str,
+    /// The rest of its `SELECT`: `FROM ...`, with its conditions.
+    from: String,
+    /// Its rows' order, when it has several.
+    order: Option<String>,
+}
+
+/// The statement returning the rows of `parts`, in order, each part's rows
+/// in its order: column `part` says whose a row is, and a part's columns are
+/// named with its prefix ([`PART_PREFIXES`]; read with [`part_of`]). Columns
+/// of another part are NULL.
+///
+/// A `UNION` types its columns pair by pair, left to right, and a column
+/// NULL in both of a pair would be typed text: the first branch, of no row,
+/// takes every column from its part's table, so that each has its type.
+fn parts_union(parts: &[Part]) -> String {
+    assert!(
+        parts.len() <= PART_PREFIXES.len(),
+        "more parts than prefixes"
+    );
+    let named: Vec<(&str, Vec<&str>)> = parts
+        .iter()
+        .zip(PART_PREFIXES)
+        .map(|(p, prefix)| {
+            let columns = p.columns.split(", ").filter(|c| !c.is_empty());
+            (prefix, columns.collect())
+        })
+        .collect();
+    let mut typed = String::from("SELECT CAST(-1 AS bigint) AS part, CAST(0 AS bigint) AS n");
+    let mut tables = Vec::new();
+    for (j, ((prefix, columns), part)) in named.iter().zip(parts).enumerate() {
+        for c in columns {
+            typed.push_str(&format!(", x{j}.{c} AS {prefix}{c}"));
+        }
+        if !columns.is_empty() {
+            tables.push(format!("{} AS x{j}", part.table));
+        }
+    }
+    let mut branches = vec![format!("{typed} FROM {} WHERE FALSE", tables.join(", "))];
+    for (i, part) in parts.iter().enumerate() {
+        if part.columns.is_empty() {
+            continue;
+        }
+        let n = match &part.order {
+            Some(order) => format!("row_number() OVER (ORDER BY {order})"),
+            None => "0".into(),
+        };
+        let mut list = format!("SELECT CAST({i} AS bigint) AS part, {n} AS n");
+        for (j, (prefix, columns)) in named.iter().enumerate() {
+            for c in columns {
+                if i == j {
+                    list.push_str(&format!(", {c} AS {prefix}{c}"));
+                } else {
+                    list.push_str(&format!(", NULL AS {prefix}{c}"));
+                }
+            }
+        }
+        branches.push(format!("{list} {}", part.from));
+    }
+    format!(
+        "SELECT * FROM ({}) AS parts ORDER BY part, n",
+        branches.join(" UNION ALL ")
+    )
+}
+
+/// Whose row of a [`parts_union`] `row` is, and its columns as that part's.
+fn part_of<'a>(row: &'a dyn crate::sql::Columns, op: &str) -> Result<(i64, Prefixed<'a>)> {
+    let part = row
+        .i64(Col::Name("part"))
+        .map_err(|e| Op::new(op).fail(&e))?
+        .ok_or_else(|| StoreError::Database(format!("{op}: a row of no part")))?;
+    let prefix = usize::try_from(part)
+        .ok()
+        .and_then(|i| PART_PREFIXES.get(i))
+        .ok_or_else(|| {
+            StoreError::Database(format!(
+                "{op}: a row of part {part}, which the statement has not"
+            ))
+        })?;
+    Ok((part, Prefixed { row, prefix }))
+}
+
+/// The prefix of each [`parts_union`] part's columns, in order.
+const PART_PREFIXES: [&str; 3] = ["p0_", "p1_", "p2_"];
 
 /// Machines matching `where_sql` (one statement: one snapshot).
 async fn read_machines(
@@ -569,13 +714,14 @@ fn line_params<'q>(params: Params<'q>, task_id: &'q str, l: &'q NewLogLine) -> P
 
 /// Where rows lock (PostgreSQL, [`Dialect::serial_writes`] false): one
 /// statement that takes task `task_id`'s row with `gate`, then stores `lines`
-/// (at most [`LOG_ROWS_PER_INSERT`], in order; each once) and runs `then`,
-/// both only once `gate` holds the row, so that the lines' ids grow in the
-/// order they are committed (see `require_task`).
+/// (at most [`LOG_ROWS_PER_INSERT`], in order; each once) and runs each of
+/// `thens`, all only once `gate` holds the row, so that the lines' ids grow in
+/// the order they are committed (see `require_task`).
 ///
 /// `gate` returns the task's row and locks it: `SELECT id FROM tasks WHERE id
-/// = ? FOR UPDATE`, or a state change of the task with `RETURNING id`. `then`
-/// is an `UPDATE` of `task_steps` ending in its `WHERE` clause.
+/// = ? FOR UPDATE`, or a state change of the task with `RETURNING id`. Each
+/// `then` is an `UPDATE` ending in its `WHERE` clause: of `task_steps`, or a
+/// state change of the task whose row `gate` locked.
 ///
 /// One statement commits by itself, so the task's row is held for that
 /// statement and its commit. In a transaction it was held for five round
@@ -583,16 +729,17 @@ fn line_params<'q>(params: Params<'q>, task_id: &'q str, l: &'q NewLogLine) -> P
 /// busy server: the steps of a fan-out, ending together, queued on that lock
 /// (`bench fleet --database-url`, BENCHMARKS.md).
 ///
-/// The statement answers `task` when `gate` found no row (nothing was
-/// written), `step` when `then` changed no row, and `ok` otherwise (see
-/// [`Gated`]).
+/// The statement answers -1 when `gate` found no row (nothing was written),
+/// otherwise a number whose bit `i` is set when the `i`-th `then` changed no
+/// row (see [`Gated`]).
 fn gated_log_write<'q>(
     gate: (String, Params<'q>),
     task_id: &'q str,
-    lines: &'q [NewLogLine],
-    then: Option<(String, Params<'q>)>,
+    lines: &[&'q NewLogLine],
+    thens: Vec<(String, Params<'q>)>,
 ) -> (String, Params<'q>) {
     debug_assert!(lines.len() <= LOG_ROWS_PER_INSERT);
+    debug_assert!(thens.len() < 8);
     let (gate, mut params) = gate;
     let mut sql = String::with_capacity(320 + gate.len() + lines.len() * 30);
     sql.push_str("WITH gate AS (");
@@ -616,18 +763,19 @@ fn gated_log_write<'q>(
              WHERE EXISTS (SELECT 1 FROM gate) ORDER BY v.n ON CONFLICT DO NOTHING RETURNING 1)",
         );
     }
-    let answer = match then {
-        Some((then, then_params)) => {
-            sql.push_str(", step AS (");
-            sql.push_str(&then);
-            sql.push_str(" AND EXISTS (SELECT 1 FROM gate) RETURNING 1)");
-            params.0.extend(then_params.0);
-            "WHEN NOT EXISTS (SELECT 1 FROM step) THEN 'step' "
-        }
-        None => "",
-    };
+    let mut missed = String::new();
+    for (i, (then, then_params)) in thens.into_iter().enumerate() {
+        sql.push_str(&format!(", then{i} AS ("));
+        sql.push_str(&then);
+        sql.push_str(" AND EXISTS (SELECT 1 FROM gate) RETURNING 1)");
+        params.0.extend(then_params.0);
+        missed.push_str(&format!(
+            " + CASE WHEN EXISTS (SELECT 1 FROM then{i}) THEN 0 ELSE {} END",
+            1u32 << i
+        ));
+    }
     sql.push_str(&format!(
-        " SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM gate) THEN 'task' {answer}ELSE 'ok' END"
+        " SELECT CAST(CASE WHEN NOT EXISTS (SELECT 1 FROM gate) THEN -1 ELSE 0{missed} END AS bigint)"
     ));
     (sql, params)
 }
@@ -635,14 +783,19 @@ fn gated_log_write<'q>(
 /// What a [`gated_log_write`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Gated {
-    /// The gate held the task's row: the lines are stored and `then` changed
-    /// a row (or there was no `then`).
-    Written,
-    /// The lines are stored; `then` changed no row.
-    ThenMissed,
     /// The gate found no row (no such task, or its state did not change):
     /// nothing was written.
     Shut,
+    /// The gate held the task's row: the lines are stored, and bit `i` of
+    /// `missed` is set when the `i`-th `then` changed no row.
+    Open { missed: i64 },
+}
+
+impl Gated {
+    /// Whether the gate held and the `i`-th `then` changed a row.
+    fn changed(self, i: u32) -> bool {
+        matches!(self, Gated::Open { missed } if missed & (1 << i) == 0)
+    }
 }
 
 /// Runs a [`gated_log_write`] statement, committed by itself.
@@ -654,16 +807,22 @@ async fn run_gated_log_write(
 ) -> Result<Gated> {
     let mut conn = e.begin(Access::SingleWrite).await.ctx(op)?;
     let answer = query(&sql, params, log_lines_op(task_id))
-        .value::<String>(&mut conn)
+        .value::<i64>(&mut conn)
         .await?;
-    match answer.as_str() {
-        "ok" => Ok(Gated::Written),
-        "step" => Ok(Gated::ThenMissed),
-        "task" => Ok(Gated::Shut),
+    match answer {
+        -1 => Ok(Gated::Shut),
+        missed if (0..256).contains(&missed) => Ok(Gated::Open { missed }),
         other => Err(StoreError::Database(format!(
-            "{op}: unexpected answer '{other}' from the database"
+            "{op}: unexpected answer {other} from the database"
         ))),
     }
+}
+
+/// Both parts of one statement that failed (so wrote nothing): the error,
+/// and the same words for the other part.
+fn both_failed(e: StoreError) -> (Result<()>, Result<()>) {
+    let again = StoreError::Database(e.to_string());
+    (Err(e), Err(again))
 }
 
 /// The statement that locks task `id`'s row until its transaction ends (see
@@ -1870,25 +2029,35 @@ impl<E: Engine> Store for E {
         let arguments = arguments_text(&t.arguments)?;
         let environments = json_text(&t.environments)?;
         let machine_ids = distinct_ids(&t.machine_ids);
-        let tx = write_tx(self, OP).await?;
-        // One call where the engine allows it (the BEGIN, these statements
-        // and the COMMIT together): the counter moves on, and the task takes
-        // its number (its id is [`task_id`]'s, made in SQL) only when every
-        // machine named still exists; its steps (each machine's name from
-        // its row, the ticket as `ticket` makes it), its secrets and its
-        // record only with it. Otherwise nothing but the counter is written,
-        // and that number is never used.
-        let new_id =
-            format!("(SELECT '{TASK_ID_PREFIX}' || value FROM counters WHERE name = 'task')");
+        // The counter moves on, and the task takes its number (its id is
+        // [`task_id`]'s, made in SQL) only when every machine named still
+        // exists; its steps (each machine's name from its row, the ticket as
+        // `ticket` makes it), its secrets and its record only with it.
+        // Otherwise nothing but the counter is written, and that number is
+        // never used.
+        //
+        // Where writes hold the whole database (SQLite): statements of one
+        // transaction, sent together (the BEGIN, these and the COMMIT in one
+        // call), each reading the task back by the counter's value.
+        // Elsewhere (PostgreSQL): one statement, whose parts read the counter
+        // and the task from the parts before them (`c` and `t`): one round
+        // trip rather than six.
+        let (counter, task) = if d.serial_writes {
+            (
+                "counters c WHERE c.name = 'task'".to_string(),
+                format!(
+                    "tasks t WHERE t.id = (SELECT '{TASK_ID_PREFIX}' || value FROM counters \
+                     WHERE name = 'task')"
+                ),
+            )
+        } else {
+            ("c WHERE TRUE".to_string(), "t WHERE TRUE".to_string())
+        };
         let mut batch = Batch::default();
-        batch.push(
-            "UPDATE counters SET value = value + 1 WHERE name = 'task'".into(),
-            params![],
-        );
         let mut insert_task = format!(
             "INSERT INTO tasks (id, seq, space_id, environments, kind, description, state, \
              arguments, created_at) SELECT '{TASK_ID_PREFIX}' || c.value, c.value, ?, ?, ?, ?, \
-             'Queued', ?, ? FROM counters c WHERE c.name = 'task'"
+             'Queued', ?, ? FROM {counter}"
         );
         let mut task_params = params![
             t.space_id,
@@ -1912,7 +2081,7 @@ impl<E: Engine> Store for E {
                 returning::<StepRow>(&format!(
                     "INSERT INTO task_steps (task_id, machine_id, machine_name, state, ticket) \
                      SELECT t.id, m.id, m.name, 'Queued', t.id || '-m' || m.id \
-                     FROM machines m JOIN tasks t ON t.id = {new_id} WHERE m.id IN ({})",
+                     FROM machines m, {task} AND m.id IN ({})",
                     id_list(d)
                 )),
                 params![Value::ids(&machine_ids)],
@@ -1921,8 +2090,7 @@ impl<E: Engine> Store for E {
         for (name, ciphertext) in &t.secrets {
             batch.push(
                 format!(
-                    "INSERT INTO task_secrets (task_id, name, ciphertext) \
-                     SELECT id, ?, ? FROM tasks WHERE id = {new_id}"
+                    "INSERT INTO task_secrets (task_id, name, ciphertext) SELECT t.id, ?, ? FROM {task}"
                 ),
                 params![name, ciphertext],
             );
@@ -1933,12 +2101,20 @@ impl<E: Engine> Store for E {
                     "INSERT INTO audit_events (at, user_id, username, source, action, kind, \
                      object, space_id, space, details) \
                      SELECT ?, ?, ?, ?, ?, ?, t.id, ?, (SELECT name FROM spaces WHERE id = ?), ? \
-                     FROM tasks t WHERE t.id = {new_id}"
+                     FROM {task}"
                 ),
                 audit_params(e, None),
             );
         }
-        let created = {
+        let created = if d.serial_writes {
+            batch.statements.insert(
+                0,
+                (
+                    "UPDATE counters SET value = value + 1 WHERE name = 'task'".into(),
+                    params![],
+                ),
+            );
+            let tx = write_tx(self, OP).await?;
             // Not held across an await (rows are not Sync).
             let rows = batch.rows_committed(tx, d, OP).await?;
             if rows.is_empty() {
@@ -1946,6 +2122,8 @@ impl<E: Engine> Store for E {
             } else {
                 Some(task_and_steps(&rows, OP)?)
             }
+        } else {
+            task_creation_statement(self, batch, !machine_ids.is_empty(), OP).await?
         };
         let Some((task, mut steps)) = created else {
             return Err(missing_machine_of(self, &machine_ids, OP).await);
@@ -2077,21 +2255,21 @@ impl<E: Engine> Store for E {
         line: &NewLogLine,
     ) -> Result<()> {
         const OP: &str = "changing a task's state and logging it";
-        let line = std::slice::from_ref(line);
         if !self.dialect().serial_writes {
             // The change locks the task's row, as `append_log` does, so that
             // its line's id grows in the order it is committed; one statement.
             let (change, params) = task_state_change(id, state, error, now);
             let gate = (format!("{change} RETURNING id"), params);
-            let write = gated_log_write(gate, id, line, None);
+            let write = gated_log_write(gate, id, &[line], Vec::new());
             if run_gated_log_write(self, write, id, OP).await? != Gated::Shut {
                 return Ok(());
             }
             // Nothing changed (the task is finished or gone) and nothing was
             // written: done apart, which says why.
-            self.append_log(id, line).await?;
+            self.append_log(id, std::slice::from_ref(line)).await?;
             return self.set_task_state(id, state, error, now).await;
         }
+        let line = std::slice::from_ref(line);
         // Where writes hold the whole database (SQLite): both statements in
         // one call, each its own commit as when made apart (a transaction's
         // BEGIN and COMMIT would cost more than the commit they save), in
@@ -2150,16 +2328,17 @@ impl<E: Engine> Store for E {
             // log to reach the disk) and one round trip holding the task's
             // row: the row locked as `append_log` locks it, the lines, then
             // the step.
+            let lines: Vec<&NewLogLine> = lines.iter().collect();
             let write = gated_log_write(
                 task_lock(d, &step.task_id),
                 &step.task_id,
-                lines,
-                Some(step_update(d, step)),
+                &lines,
+                vec![step_update(d, step)],
             );
             return match run_gated_log_write(self, write, &step.task_id, OP).await? {
-                Gated::Written => Ok(()),
-                Gated::ThenMissed => Err(step_not_found(step)),
                 Gated::Shut => Err(not_found("task", &step.task_id)),
+                done if done.changed(0) => Ok(()),
+                Gated::Open { .. } => Err(step_not_found(step)),
             };
         }
         if !d.serial_writes {
@@ -2201,8 +2380,37 @@ impl<E: Engine> Store for E {
     ) -> (Result<()>, Result<()>) {
         let id = step.task_id.as_str();
         if !self.dialect().serial_writes {
-            let started = self.set_task_state_logged(id, state, None, now, line).await;
-            return (started, self.update_step(step).await);
+            // The task's row locked, its line, its change and the step's:
+            // one statement, as when made apart (the step is stored even
+            // when the task's state cannot change).
+            let d = self.dialect();
+            let write = gated_log_write(
+                task_lock(d, id),
+                id,
+                &[line],
+                vec![
+                    task_state_change(id, state, None, now),
+                    step_update(d, step),
+                ],
+            );
+            return match run_gated_log_write(self, write, id, "starting a task with its first step")
+                .await
+            {
+                Ok(Gated::Shut) => (Err(not_found("task", id)), Err(not_found("task", id))),
+                Ok(done) => (
+                    if done.changed(0) {
+                        Ok(())
+                    } else {
+                        task_state_reached(self, id, state, None, now).await
+                    },
+                    if done.changed(1) {
+                        Ok(())
+                    } else {
+                        Err(step_not_found(step))
+                    },
+                ),
+                Err(e) => both_failed(e),
+            };
         }
         let parts = [
             TaskWrite::Lines(std::slice::from_ref(line)),
@@ -2239,9 +2447,43 @@ impl<E: Engine> Store for E {
         line: &NewLogLine,
     ) -> (Result<()>, Result<()>) {
         let id = step.task_id.as_str();
-        if !self.dialect().serial_writes
-            || step_lines.len() > LOG_ROWS_PER_INSERT
-            || step_lines.iter().any(|l| l.sequence.is_some())
+        let server_lines = step_lines.iter().all(|l| l.sequence.is_none());
+        if !self.dialect().serial_writes && server_lines && step_lines.len() < LOG_ROWS_PER_INSERT {
+            // The task's row locked, the step's lines and the task's, the
+            // step, and the task's change: one statement, as when made apart
+            // (the step is stored even when the task's state cannot change;
+            // every line is stored).
+            let d = self.dialect();
+            let lines: Vec<&NewLogLine> = step_lines.iter().chain([line]).collect();
+            let write = gated_log_write(
+                task_lock(d, id),
+                id,
+                &lines,
+                vec![
+                    step_update(d, step),
+                    task_state_change(id, state, error, now),
+                ],
+            );
+            return match run_gated_log_write(self, write, id, "ending a task with its last step")
+                .await
+            {
+                Ok(Gated::Shut) => (Err(not_found("task", id)), Err(not_found("task", id))),
+                Ok(done) => (
+                    if done.changed(0) {
+                        Ok(())
+                    } else {
+                        Err(step_not_found(step))
+                    },
+                    if done.changed(1) {
+                        Ok(())
+                    } else {
+                        task_state_reached(self, id, state, error, now).await
+                    },
+                ),
+                Err(e) => both_failed(e),
+            };
+        }
+        if !self.dialect().serial_writes || !server_lines || step_lines.len() > LOG_ROWS_PER_INSERT
         {
             let stepped = self.update_step_logged(step, step_lines).await;
             let ended = self
@@ -2295,15 +2537,18 @@ impl<E: Engine> Store for E {
             // The task's row locked (so that its lines' ids grow in the
             // order they are committed), the lines, and each machine's
             // resume point: one statement.
+            let lines: Vec<&NewLogLine> = lines.iter().collect();
             let write = gated_log_write(
                 task_lock(d, task_id),
                 task_id,
-                lines,
-                resume_points_update(d, task_id, &next),
+                &lines,
+                resume_points_update(d, task_id, &next)
+                    .into_iter()
+                    .collect(),
             );
             // A machine without a step has no resume point to move, as below.
             return match run_gated_log_write(self, write, task_id, OP).await? {
-                Gated::Written | Gated::ThenMissed => Ok(()),
+                Gated::Open { .. } => Ok(()),
                 Gated::Shut => Err(not_found("task", task_id)),
             };
         }
@@ -2352,18 +2597,43 @@ impl<E: Engine> Store for E {
         );
         let lines_sql = "FROM task_log WHERE task_id = ? AND id > ? ORDER BY id LIMIT ?";
         if !d.serial_writes {
-            let Some(task) = self.task(id).await? else {
-                return Ok(None);
-            };
-            let (steps_sql, lines_sql) = (
-                select::<StepRow>(&steps_sql),
-                select::<LogLineRow>(lines_sql),
-            );
-            let (steps, lines) = tokio::try_join!(
-                query(&steps_sql, params![id], OP).all::<StepRow>(self),
-                query(&lines_sql, params![id, after_id, limit], OP).all::<LogLineRow>(self),
-            )?;
-            return Ok(Some(TaskWithLog { task, steps, lines }));
+            // One statement (one round trip; one snapshot, so every line
+            // stored before the task's state as read is there).
+            let sql = parts_union(&[
+                Part {
+                    columns: TaskRow::COLUMNS,
+                    table: "tasks",
+                    from: "FROM tasks WHERE id = ?".into(),
+                    order: None,
+                },
+                Part {
+                    columns: StepRow::COLUMNS,
+                    table: "task_steps",
+                    from: "FROM task_steps WHERE task_id = ?".into(),
+                    order: Some(format!("{}, machine_id", (d.nocase)("machine_name"))),
+                },
+                Part {
+                    columns: LogLineRow::COLUMNS,
+                    table: "task_log",
+                    from: format!("FROM ({}) AS l", select::<LogLineRow>(lines_sql)),
+                    order: Some("id".into()),
+                },
+            ]);
+            let rows = match self.begin(Access::Single).await {
+                Ok(mut c) => c.fetch(&sql, params![id, id, id, after_id, limit]).await,
+                Err(e) => Err(e),
+            }
+            .map_err(|e| Op::new(OP).fail(&e))?;
+            let mut task = None;
+            let (mut steps, mut lines) = (Vec::new(), Vec::new());
+            for row in &rows {
+                match part_of(row.as_ref(), OP)? {
+                    (0, r) => task = Some(TaskRow::from_columns(&r)?.into_record()?),
+                    (1, r) => steps.push(StepRow::from_columns(&r)?.into_record()?),
+                    (_, r) => lines.push(LogLineRow::from_columns(&r)?.into_record()?),
+                }
+            }
+            return Ok(task.map(|task| TaskWithLog { task, steps, lines }));
         }
         // One call of three statements, in order; each row says whose it is.
         let sql = format!(
