@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use octo_api_types::Guidance;
-use octo_store::{now_ms, NewLogLine, Store, TaskState, TaskStep};
+use octo_store::{now_ms, Machine, NewLogLine, Store, TaskState, TaskStep};
 use tokio::sync::oneshot;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{error, info};
@@ -421,6 +421,10 @@ pub struct StepContext {
     /// and dropped).
     pub max_log_bytes: u64,
     pub(crate) guidance: Arc<GuidanceBoard>,
+    /// The machine's row as the step's placement read it just before (on a
+    /// cluster), for the step's first read of it (see
+    /// [`StepContext::machine_row`]).
+    pub(crate) placed: Arc<Mutex<Option<Machine>>>,
 }
 
 impl StepContext {
@@ -436,6 +440,17 @@ impl StepContext {
             },
             guard,
         )
+    }
+
+    /// Machine `id`'s row (no lists): the one the step's placement read just
+    /// before, the first time; the store's otherwise. One read of the row
+    /// for a step's start, not two.
+    pub async fn machine_row(&self, id: i64) -> octo_store::Result<Option<Machine>> {
+        let placed = lock(&self.placed).take().filter(|m| m.id == id);
+        match placed {
+            Some(m) => Ok(Some(m)),
+            None => self.store.machine_row(id).await,
+        }
     }
 
     /// Writes "MACHINE: text" to the task's log.

@@ -865,7 +865,7 @@ impl Engine {
     ) {
         let store = self.deps.store.clone();
         let id = task.id.clone();
-        let (task, secrets, masks, created_steps) = match created {
+        let (task, secrets, masks, created_steps, node_read) = match created {
             // Alone on its store, a task this engine just created is its own
             // (no other node could take it: the store's record of who runs
             // a task is for a cluster) and queued; its secrets and steps are
@@ -878,7 +878,7 @@ impl Engine {
                     && task.state == TaskState::Queued =>
             {
                 let secrets = self.decrypt_secrets(created.secrets);
-                (task, secrets, Some(Vec::new()), Some(created.steps))
+                (task, secrets, Some(Vec::new()), Some(created.steps), None)
             }
             created => {
                 // Taken for this node, unless another live node runs it
@@ -886,10 +886,19 @@ impl Engine {
                 // that the cancel token is registered: a cancel request that
                 // came in between is seen either here or through the token.
                 // The task's secrets (fixed when it was created) are read
-                // meanwhile.
-                let ((secrets, masks), claimed) = tokio::join!(
+                // meanwhile, and on a cluster this node's row (whether it is
+                // draining, below) as the database has it now.
+                let node = async {
+                    if store.shared() {
+                        Some(store.node(&self.deps.node_name).await)
+                    } else {
+                        None
+                    }
+                };
+                let ((secrets, masks), claimed, node) = tokio::join!(
                     self.secrets_of(&id),
-                    store.claim_task_row(&id, &self.deps.node_name, now_ms())
+                    store.claim_task_row(&id, &self.deps.node_name, now_ms()),
+                    node
                 );
                 let task = match claimed {
                     Ok(Some(t)) => t,
@@ -898,7 +907,7 @@ impl Engine {
                     }
                     Err(e) => return error!("taking task {id} for this node: {e}"),
                 };
-                (task, secrets, masks, created.map(|c| c.steps))
+                (task, secrets, masks, created.map(|c| c.steps), node)
             }
         };
         let masker = self.masker_for(&id, &secrets, masks).await;
@@ -912,7 +921,7 @@ impl Engine {
         // node uses is drained through it: the engine knows already).
         let mut drain_read = false;
         if store.shared() && task.state == TaskState::Queued {
-            if let Ok(Some(node)) = store.node(&self.deps.node_name).await {
+            if let Some(Ok(Some(node))) = node_read {
                 self.set_draining(node.draining);
                 drain_read = true;
             }
@@ -1137,19 +1146,19 @@ impl Engine {
                 let mut step = step;
                 loop {
                     // On a cluster, the node holding the step's polling tentacle runs it.
-                    let here = if eng.deps.store.shared() {
+                    let (here, machine) = if eng.deps.store.shared() {
                         match eng.place(&log, step, &registered.running).await {
-                            cluster::Placement::Here(step) => step,
+                            cluster::Placement::Here(step, machine) => (step, machine.map(|m| *m)),
                             cluster::Placement::Finished(health) => {
                                 return Some(StepOutcome { recorded: None, health, deferred: None });
                             }
                             cluster::Placement::Stopping => return None,
                         }
                     } else {
-                        step
+                        (step, None)
                     };
                     let key = (here.task_id.clone(), here.machine_id, here.clone());
-                    match eng.run_here(log.clone(), here, registered, run.clone(), left.as_deref()).await {
+                    match eng.run_here(log.clone(), here, machine, registered, run.clone(), left.as_deref()).await {
                         Ran::Done(outcome) => {
                             drop(task_slot);
                             return Some(*outcome);
@@ -1247,6 +1256,7 @@ impl Engine {
         self: &Arc<Self>,
         log: TaskLog,
         step: TaskStep,
+        machine: Option<Machine>,
         registered: Registered,
         run: StepRunner,
         left: Option<&StepsLeft>,
@@ -1258,7 +1268,10 @@ impl Engine {
         // Stops the step (as a server's shutdown does: it is resumed later
         // from what is stored) when its tentacle moves to another node.
         let stop = self.shutdown.child_token();
-        let subscription = self.moving_subscription(&step).await;
+        let subscription = match &machine {
+            Some(m) => cluster::polling_subscription(m),
+            None => self.moving_subscription(&step).await,
+        };
         let ctx = StepContext {
             machine_name: step.machine_name.clone(),
             log: log.clone(),
@@ -1271,19 +1284,35 @@ impl Engine {
             packages: self.deps.packages.clone(),
             max_log_bytes: self.deps.max_log_bytes_per_step,
             guidance: self.guidance.clone(),
+            placed: Arc::new(Mutex::new(machine)),
         };
-        let _slot = tokio::select! {
-            slot = self.node_slots.clone().acquire_owned() => match slot {
-                Ok(slot) => slot,
-                Err(_) => return Ran::Done(Box::default()),
-            },
-            _ = ctx.shutdown.cancelled() => return Ran::Done(Box::default()),
-            // A queued step never starts once cancel was requested; a
-            // step already executing (resumed) must be cancelled on the
-            // tentacle, which its runner does.
-            _ = ctx.cancel.cancelled(), if step.state == TaskState::Queued => {
-                let recorded = self.cancel_queued(&log, &running, step).await;
-                return Ran::Done(Box::new(StepOutcome::recorded(recorded)));
+        let free = self
+            .node_slots
+            .clone()
+            .try_acquire_owned()
+            .ok()
+            .filter(|_| !(step.state == TaskState::Queued && ctx.cancel.is_cancelled()));
+        let _slot = match free {
+            Some(slot) => slot,
+            None => {
+                // A wait for a slot: the machine's row read before may be
+                // out of date by its end (a thumbprint replaced meanwhile
+                // must hold at once); the step reads it again.
+                lock(&ctx.placed).take();
+                tokio::select! {
+                    slot = self.node_slots.clone().acquire_owned() => match slot {
+                        Ok(slot) => slot,
+                        Err(_) => return Ran::Done(Box::default()),
+                    },
+                    _ = ctx.shutdown.cancelled() => return Ran::Done(Box::default()),
+                    // A queued step never starts once cancel was requested; a
+                    // step already executing (resumed) must be cancelled on the
+                    // tentacle, which its runner does.
+                    _ = ctx.cancel.cancelled(), if step.state == TaskState::Queued => {
+                        let recorded = self.cancel_queued(&log, &running, step).await;
+                        return Ran::Done(Box::new(StepOutcome::recorded(recorded)));
+                    }
+                }
             }
         };
         let _counted = CountedStep::new(&self.step_count);

@@ -27,7 +27,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use octo_store::{now_ms, ClusterEvent, EndpointKind, HealthStatus, StepRef, TaskState, TaskStep};
+use octo_store::{
+    now_ms, ClusterEvent, EndpointKind, HealthStatus, Machine, StepRef, TaskState, TaskStep,
+};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -123,12 +125,19 @@ enum Adopt<'a> {
 
 /// Where a step of a task runs.
 pub(super) enum Placement {
-    /// On this node.
-    Here(TaskStep),
+    /// On this node; with the machine's row when it was read just before.
+    Here(TaskStep, Option<Box<Machine>>),
     /// Another node ran it to its end (recorded), with the machine's health.
     Finished(Option<(String, HealthStatus)>),
     /// The server stops.
     Stopping,
+}
+
+/// The polling subscription of machine `m`, when it is a polling machine.
+pub(super) fn polling_subscription(m: &Machine) -> Option<String> {
+    (m.kind == EndpointKind::Polling)
+        .then(|| subscription_of(&m.uri).map(str::to_string))
+        .flatten()
 }
 
 /// How a step handed to another node went.
@@ -259,15 +268,13 @@ impl Engine {
                     None
                 }
             };
-            let subscription = machine
-                .filter(|m| m.kind == EndpointKind::Polling)
-                .and_then(|m| subscription_of(&m.uri).map(str::to_string));
+            let subscription = machine.as_ref().and_then(polling_subscription);
             let Some(subscription) = subscription else {
-                return self.here(step).await;
+                return self.here(step, machine.map(Box::new)).await;
             };
             let polling = self.deps.comms.polling().clone();
             if polling.is_connected(&subscription) {
-                return self.here(step).await;
+                return self.here(step, machine.map(Box::new)).await;
             }
             let mut events = self.cluster.events.subscribe();
             let nodes = store
@@ -295,7 +302,7 @@ impl Engine {
                 }
             }
             if waited {
-                return self.here(step).await;
+                return self.here(step, None).await;
             }
             waited = true;
             // Connected nowhere yet: wait for it to connect to any node.
@@ -320,13 +327,14 @@ impl Engine {
                 _ = here => {}
                 () = elsewhere => {}
                 () = self.shutdown.cancelled() => return Placement::Stopping,
-                () = running.cancel.cancelled() => return self.here(step).await,
+                () = running.cancel.cancelled() => return self.here(step, None).await,
             }
         }
     }
 
-    /// The step runs here: any earlier hand-over is undone first.
-    async fn here(&self, step: TaskStep) -> Placement {
+    /// The step runs here (with its machine's row when just read): any
+    /// earlier hand-over is undone first.
+    async fn here(&self, step: TaskStep, machine: Option<Box<Machine>>) -> Placement {
         if let Err(e) = self
             .deps
             .store
@@ -338,7 +346,7 @@ impl Engine {
                 step.machine_name, step.task_id
             );
         }
-        Placement::Here(step)
+        Placement::Here(step, machine)
     }
 
     /// The machine's health as last recorded (what a health step on another
@@ -431,10 +439,8 @@ impl Engine {
             return None;
         }
         match self.deps.store.machine_row(step.machine_id).await {
-            Ok(Some(m)) if m.kind == EndpointKind::Polling => {
-                subscription_of(&m.uri).map(str::to_string)
-            }
-            Ok(_) => None,
+            Ok(Some(m)) => polling_subscription(&m),
+            Ok(None) => None,
             Err(e) => {
                 warn!("reading machine {}: {e}", step.machine_name);
                 None
@@ -549,7 +555,10 @@ impl Engine {
             Ok(runner) => {
                 let registered = self.register_step(&step, cancel.child_token());
                 let name = step.machine_name.clone();
-                if let Ran::Moved = self.run_here(log, step, registered, runner, None).await {
+                if let Ran::Moved = self
+                    .run_here(log, step, None, registered, runner, None)
+                    .await
+                {
                     // Back to the task's node, which places it again.
                     if let Err(e) = store.assign_step(&r.task_id, r.machine_id, None).await {
                         error!("giving step {name} of task {} back: {e}", r.task_id);

@@ -28,7 +28,7 @@ const DEFAULT_POLLING_WAIT_S: i64 = 120;
 /// the health for the task's summary.
 pub(crate) async fn run_step(ctx: &StepContext, mut step: TaskStep) -> StepEnd {
     let name = step.machine_name.clone();
-    let machine = match ctx.store.machine_row(step.machine_id).await {
+    let machine = match ctx.machine_row(step.machine_id).await {
         Ok(Some(m)) => m,
         Ok(None) => {
             let why = format!("machine '{name}' no longer exists");

@@ -73,7 +73,7 @@ pub(crate) async fn load_machine(
     step: &TaskStep,
 ) -> Result<(Machine, Endpoint), String> {
     // Its row alone: a step reaches its machine by endpoint, never by its lists.
-    let why = match ctx.store.machine_row(step.machine_id).await {
+    let why = match ctx.machine_row(step.machine_id).await {
         Ok(Some(m)) => match endpoint_of(&m) {
             Ok(ep) => return Ok((m, ep)),
             Err(e) => e.to_string(),
