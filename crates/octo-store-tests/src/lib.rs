@@ -2126,10 +2126,39 @@ pub async fn polling_presence_and_step_assignment_follow_live_nodes(store: &dyn 
         .await
         .unwrap();
     assert_eq!(store.step_node(&task.id, m1.id).await.unwrap(), None);
+    // A step's placement reads its machine's row with the node it went to.
+    let placement = |task_id: String, machine_id: i64| async move {
+        let (machine, node) = store
+            .machine_row_and_step_node(&task_id, machine_id)
+            .await
+            .unwrap();
+        (machine.map(|m| (m.id, m.name)), node)
+    };
+    assert_eq!(
+        placement(task.id.clone(), m1.id).await,
+        (Some((m1.id, "web01".to_string())), None)
+    );
     store
         .assign_step(&task.id, m1.id, Some("node-b"))
         .await
         .unwrap();
+    assert_eq!(
+        placement(task.id.clone(), m1.id).await,
+        (
+            Some((m1.id, "web01".to_string())),
+            Some("node-b".to_string())
+        )
+    );
+    assert_eq!(
+        placement("ServerTasks-999".into(), m1.id).await,
+        (Some((m1.id, "web01".to_string())), None),
+        "no such task: the machine, handed nowhere"
+    );
+    assert_eq!(
+        placement(task.id.clone(), 999_999).await,
+        (None, None),
+        "no such machine"
+    );
     store
         .assign_step(&task.id, m2.id, Some("node-b"))
         .await
@@ -2161,6 +2190,7 @@ pub async fn polling_presence_and_step_assignment_follow_live_nodes(store: &dyn 
     );
     store.assign_step(&task.id, m1.id, None).await.unwrap();
     assert!(store.steps_assigned_to("node-b").await.unwrap().is_empty());
+    assert_eq!(placement(task.id.clone(), m1.id).await.1, None);
     assert_eq!(
         store
             .task_step(&task.id, m2.id)

@@ -893,6 +893,24 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         })
     }
 
+    /// As [`Store::machine_row`], with the node task `task_id`'s step on
+    /// the machine was handed to ([`Store::step_node`]), in one query where
+    /// the engine allows it: what a step's placement reads. The node is None
+    /// when the step was not handed over, and when there is no such machine.
+    async fn machine_row_and_step_node(
+        &self,
+        task_id: &str,
+        machine_id: i64,
+    ) -> Result<(Option<Machine>, Option<String>)> {
+        let (machine, node) = tokio::join!(
+            self.machine_row(machine_id),
+            self.step_node(task_id, machine_id)
+        );
+        let machine = machine?;
+        let node = if machine.is_some() { node? } else { None };
+        Ok((machine, node))
+    }
+
     /// The thumbprints polling tentacles may connect with: every polling
     /// machine's certificate, and the next one it offered during a rotation.
     /// Read again after machines change (on every node of a cluster), so one

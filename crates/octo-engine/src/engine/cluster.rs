@@ -258,23 +258,30 @@ impl Engine {
                     Handed::NodeLost | Handed::Stopping => return Placement::Stopping,
                 }
             }
-            let machine = match store.machine_row(step.machine_id).await {
-                Ok(m) => m,
+            // The machine, and whether the step was handed to a node (only
+            // the task's node, this one, hands its steps: what is read now
+            // holds until it hands this one).
+            let (machine, handed) = match store
+                .machine_row_and_step_node(&step.task_id, step.machine_id)
+                .await
+            {
+                Ok((Some(m), node)) => (Some(m), node.is_some()),
+                Ok((None, _)) => (None, true),
                 Err(e) => {
                     warn!(
                         "placing step {} of task {}: {e}",
                         step.machine_name, step.task_id
                     );
-                    None
+                    (None, true)
                 }
             };
             let subscription = machine.as_ref().and_then(polling_subscription);
             let Some(subscription) = subscription else {
-                return self.here(step, machine.map(Box::new)).await;
+                return self.here(step, machine.map(Box::new), handed).await;
             };
             let polling = self.deps.comms.polling().clone();
             if polling.is_connected(&subscription) {
-                return self.here(step, machine.map(Box::new)).await;
+                return self.here(step, machine.map(Box::new), handed).await;
             }
             let mut events = self.cluster.events.subscribe();
             let nodes = store
@@ -302,7 +309,7 @@ impl Engine {
                 }
             }
             if waited {
-                return self.here(step, None).await;
+                return self.here(step, None, true).await;
             }
             waited = true;
             // Connected nowhere yet: wait for it to connect to any node.
@@ -327,14 +334,17 @@ impl Engine {
                 _ = here => {}
                 () = elsewhere => {}
                 () = self.shutdown.cancelled() => return Placement::Stopping,
-                () = running.cancel.cancelled() => return self.here(step, None).await,
+                () = running.cancel.cancelled() => return self.here(step, None, true).await,
             }
         }
     }
 
-    /// The step runs here (with its machine's row when just read): any
-    /// earlier hand-over is undone first.
-    async fn here(&self, step: TaskStep, machine: Option<Box<Machine>>) -> Placement {
+    /// The step runs here (with its machine's row when just read): an
+    /// earlier hand-over (`handed`: there may have been one) is undone first.
+    async fn here(&self, step: TaskStep, machine: Option<Box<Machine>>, handed: bool) -> Placement {
+        if !handed {
+            return Placement::Here(step, machine);
+        }
         if let Err(e) = self
             .deps
             .store

@@ -3282,6 +3282,32 @@ impl<E: Engine> Store for E {
             .await
     }
 
+    async fn machine_row_and_step_node(
+        &self,
+        task_id: &str,
+        machine_id: i64,
+    ) -> Result<(Option<Machine>, Option<String>)> {
+        const OP: &str = "looking up a step's machine";
+        let sql = format!(
+            "SELECT {}, (SELECT s.node FROM task_steps s WHERE s.task_id = ? AND s.machine_id = m.id) \
+             AS step_node {} WHERE m.id = ?",
+            MachineRow::COLUMNS,
+            MachineRow::FROM
+        );
+        let rows = match self.begin(Access::Single).await {
+            Ok(mut c) => c.fetch(&sql, params![task_id, machine_id]).await,
+            Err(e) => Err(e),
+        }
+        .ctx(OP)?;
+        let Some(row) = rows.first() else {
+            return Ok((None, None));
+        };
+        let row = row.as_ref();
+        let machine = MachineRow::from_columns(row)?.into_record()?;
+        let node = row.text(Col::Name("step_node")).ctx(OP)?;
+        Ok((Some(machine), node))
+    }
+
     async fn polling_thumbprints(&self) -> Result<Vec<String>> {
         let polling = EndpointKind::Polling.text();
         query(
