@@ -196,8 +196,10 @@ impl Prefixed<'_> {
         read: impl FnOnce(&dyn Columns, Col<'_>) -> std::result::Result<T, sqlx::Error>,
     ) -> std::result::Result<T, sqlx::Error> {
         match c {
-            Col::Name(name) => read(self.row, Col::Name(&format!("{}{name}", self.prefix))),
-            Col::Index(_) => read(self.row, c),
+            Col::Name(name) if !self.prefix.is_empty() => {
+                read(self.row, Col::Name(&format!("{}{name}", self.prefix)))
+            }
+            _ => read(self.row, c),
         }
     }
 }

@@ -212,7 +212,7 @@ async fn task_creation_statement(
     let mut task = None;
     let mut created = Vec::new();
     for row in &rows {
-        match part_of(row.as_ref(), op)? {
+        match part_of(row.as_ref(), PART_PREFIXES, op)? {
             (0, task_row) => task = Some(TaskRow::from_columns(&task_row)?.into_record()?),
             (_, step_row) => created.push(StepRow::from_columns(&step_row)?.into_record()?),
         }
@@ -291,15 +291,21 @@ fn parts_union(parts: &[Part]) -> String {
     )
 }
 
-/// Whose row of a [`parts_union`] `row` is, and its columns as that part's.
-fn part_of<'a>(row: &'a dyn crate::sql::Columns, op: &str) -> Result<(i64, Prefixed<'a>)> {
+/// Whose row of a [`parts_union`] `row` is, and its columns as that part's
+/// (under `prefixes`: [`PART_PREFIXES`], or none where each part is a
+/// statement of its own).
+fn part_of<'a>(
+    row: &'a dyn crate::sql::Columns,
+    prefixes: [&'static str; 3],
+    op: &str,
+) -> Result<(i64, Prefixed<'a>)> {
     let part = row
         .i64(Col::Name("part"))
         .map_err(|e| Op::new(op).fail(&e))?
         .ok_or_else(|| StoreError::Database(format!("{op}: a row of no part")))?;
     let prefix = usize::try_from(part)
         .ok()
-        .and_then(|i| PART_PREFIXES.get(i))
+        .and_then(|i| prefixes.get(i))
         .ok_or_else(|| {
             StoreError::Database(format!(
                 "{op}: a row of part {part}, which the statement has not"
@@ -815,6 +821,42 @@ async fn run_gated_log_write(
         other => Err(StoreError::Database(format!(
             "{op}: unexpected answer {other} from the database"
         ))),
+    }
+}
+
+/// Where rows lock: `lines`, a state change of `step`'s task and `step` as
+/// it is now, stored as one [`gated_log_write`], each part as when made
+/// apart (the lines whenever the task exists; the step even when the task's
+/// state cannot change). How the task's part went, then the step's.
+async fn gated_state_and_step<E: Engine>(
+    e: &E,
+    op: &str,
+    lines: &[&NewLogLine],
+    step: &TaskStep,
+    (state, error, now): (TaskState, Option<&str>, i64),
+) -> (Result<()>, Result<()>) {
+    let id = step.task_id.as_str();
+    let d = e.dialect();
+    let thens = vec![
+        task_state_change(id, state, error, now),
+        step_update(d, step),
+    ];
+    let write = gated_log_write(task_lock(d, id), id, lines, thens);
+    match run_gated_log_write(e, write, id, op).await {
+        Ok(Gated::Shut) => (Err(not_found("task", id)), Err(not_found("task", id))),
+        Ok(done) => (
+            if done.changed(0) {
+                Ok(())
+            } else {
+                task_state_reached(e, id, state, error, now).await
+            },
+            if done.changed(1) {
+                Ok(())
+            } else {
+                Err(step_not_found(step))
+            },
+        ),
+        Err(e) => both_failed(e),
     }
 }
 
@@ -2383,34 +2425,8 @@ impl<E: Engine> Store for E {
             // The task's row locked, its line, its change and the step's:
             // one statement, as when made apart (the step is stored even
             // when the task's state cannot change).
-            let d = self.dialect();
-            let write = gated_log_write(
-                task_lock(d, id),
-                id,
-                &[line],
-                vec![
-                    task_state_change(id, state, None, now),
-                    step_update(d, step),
-                ],
-            );
-            return match run_gated_log_write(self, write, id, "starting a task with its first step")
-                .await
-            {
-                Ok(Gated::Shut) => (Err(not_found("task", id)), Err(not_found("task", id))),
-                Ok(done) => (
-                    if done.changed(0) {
-                        Ok(())
-                    } else {
-                        task_state_reached(self, id, state, None, now).await
-                    },
-                    if done.changed(1) {
-                        Ok(())
-                    } else {
-                        Err(step_not_found(step))
-                    },
-                ),
-                Err(e) => both_failed(e),
-            };
+            let op = "starting a task with its first step";
+            return gated_state_and_step(self, op, &[line], step, (state, None, now)).await;
         }
         let parts = [
             TaskWrite::Lines(std::slice::from_ref(line)),
@@ -2453,35 +2469,11 @@ impl<E: Engine> Store for E {
             // step, and the task's change: one statement, as when made apart
             // (the step is stored even when the task's state cannot change;
             // every line is stored).
-            let d = self.dialect();
             let lines: Vec<&NewLogLine> = step_lines.iter().chain([line]).collect();
-            let write = gated_log_write(
-                task_lock(d, id),
-                id,
-                &lines,
-                vec![
-                    step_update(d, step),
-                    task_state_change(id, state, error, now),
-                ],
-            );
-            return match run_gated_log_write(self, write, id, "ending a task with its last step")
-                .await
-            {
-                Ok(Gated::Shut) => (Err(not_found("task", id)), Err(not_found("task", id))),
-                Ok(done) => (
-                    if done.changed(0) {
-                        Ok(())
-                    } else {
-                        Err(step_not_found(step))
-                    },
-                    if done.changed(1) {
-                        Ok(())
-                    } else {
-                        task_state_reached(self, id, state, error, now).await
-                    },
-                ),
-                Err(e) => both_failed(e),
-            };
+            let op = "ending a task with its last step";
+            let (ended, stepped) =
+                gated_state_and_step(self, op, &lines, step, (state, error, now)).await;
+            return (stepped, ended);
         }
         if !self.dialect().serial_writes || !server_lines || step_lines.len() > LOG_ROWS_PER_INSERT
         {
@@ -2591,15 +2583,31 @@ impl<E: Engine> Store for E {
     ) -> Result<Option<TaskWithLog>> {
         const OP: &str = "reading a task with its steps and log";
         let d = self.dialect();
-        let steps_sql = format!(
-            "FROM task_steps WHERE task_id = ? ORDER BY {}, machine_id",
-            (d.nocase)("machine_name")
-        );
         let lines_sql = "FROM task_log WHERE task_id = ? AND id > ? ORDER BY id LIMIT ?";
-        if !d.serial_writes {
-            // One statement (one round trip; one snapshot, so every line
-            // stored before the task's state as read is there).
-            let sql = parts_union(&[
+        // Each row says whose it is (column `part`).
+        let sql = if d.serial_writes {
+            // Where writes hold the whole database (SQLite): one call of
+            // three statements, in order: the lines read after the task, so
+            // every line stored before the task's state as read is there.
+            let steps_sql = format!(
+                "FROM task_steps WHERE task_id = ? ORDER BY {}, machine_id",
+                (d.nocase)("machine_name")
+            );
+            let parts = [
+                (TaskRow::COLUMNS, "FROM tasks WHERE id = ?"),
+                (StepRow::COLUMNS, steps_sql.as_str()),
+                (LogLineRow::COLUMNS, lines_sql),
+            ];
+            let statements: Vec<String> = parts
+                .iter()
+                .enumerate()
+                .map(|(i, (columns, from))| format!("SELECT {i} AS part, {columns} {from}"))
+                .collect();
+            statements.join(";\n")
+        } else {
+            // Elsewhere (PostgreSQL): one statement, so one snapshot: every
+            // line stored before the task's state as read is there.
+            parts_union(&[
                 Part {
                     columns: TaskRow::COLUMNS,
                     table: "tasks",
@@ -2618,32 +2626,8 @@ impl<E: Engine> Store for E {
                     from: format!("FROM ({}) AS l", select::<LogLineRow>(lines_sql)),
                     order: Some("id".into()),
                 },
-            ]);
-            let rows = match self.begin(Access::Single).await {
-                Ok(mut c) => c.fetch(&sql, params![id, id, id, after_id, limit]).await,
-                Err(e) => Err(e),
-            }
-            .map_err(|e| Op::new(OP).fail(&e))?;
-            let mut task = None;
-            let (mut steps, mut lines) = (Vec::new(), Vec::new());
-            for row in &rows {
-                match part_of(row.as_ref(), OP)? {
-                    (0, r) => task = Some(TaskRow::from_columns(&r)?.into_record()?),
-                    (1, r) => steps.push(StepRow::from_columns(&r)?.into_record()?),
-                    (_, r) => lines.push(LogLineRow::from_columns(&r)?.into_record()?),
-                }
-            }
-            return Ok(task.map(|task| TaskWithLog { task, steps, lines }));
-        }
-        // One call of three statements, in order; each row says whose it is.
-        let sql = format!(
-            "SELECT 0 AS part, {} FROM tasks WHERE id = ?;\n\
-             SELECT 1 AS part, {} {steps_sql};\n\
-             SELECT 2 AS part, {} {lines_sql}",
-            TaskRow::COLUMNS,
-            StepRow::COLUMNS,
-            LogLineRow::COLUMNS,
-        );
+            ])
+        };
         let rows = match self.begin(Access::Single).await {
             Ok(mut c) => c.fetch(&sql, params![id, id, id, after_id, limit]).await,
             Err(e) => Err(e),
@@ -2651,15 +2635,18 @@ impl<E: Engine> Store for E {
         .map_err(|e| Op::new(OP).fail(&e))?;
         let mut task = None;
         let (mut steps, mut lines) = (Vec::new(), Vec::new());
+        // Statements of their own name their columns plainly; a union's
+        // under each part's prefix.
+        let prefixes = if d.serial_writes {
+            ["", "", ""]
+        } else {
+            PART_PREFIXES
+        };
         for row in &rows {
-            let row = row.as_ref();
-            let part = row
-                .i64(Col::Name("part"))
-                .map_err(|e| Op::new(OP).fail(&e))?;
-            match part {
-                Some(0) => task = Some(TaskRow::from_columns(row).and_then(Row::into_record)?),
-                Some(1) => steps.push(StepRow::from_columns(row).and_then(Row::into_record)?),
-                _ => lines.push(LogLineRow::from_columns(row).and_then(Row::into_record)?),
+            match part_of(row.as_ref(), prefixes, OP)? {
+                (0, r) => task = Some(TaskRow::from_columns(&r)?.into_record()?),
+                (1, r) => steps.push(StepRow::from_columns(&r)?.into_record()?),
+                (_, r) => lines.push(LogLineRow::from_columns(&r)?.into_record()?),
             }
         }
         Ok(task.map(|task| TaskWithLog { task, steps, lines }))
