@@ -131,6 +131,8 @@ impl Conns {
             conns: self.clone(),
             in_tx: false,
             broken: false,
+            turn: None,
+            rolling_back: false,
         };
         let idle = lock(&self.idle).pop();
         let conn = match idle {
@@ -174,11 +176,18 @@ impl Conns {
 struct Lent {
     conn: Option<SqliteConnection>,
     conns: Arc<Conns>,
-    /// In a transaction this store began (rolled back before the next use
+    /// In a transaction this store began (rolled back when given back
     /// unless committed).
     in_tx: bool,
     /// It failed other than with an SQL error: closed instead of given back.
     broken: bool,
+    /// The store's write turn while this connection writes: released only
+    /// once the connection is given back, its transaction ended.
+    turn: Option<Turn>,
+    /// This is the rollback of a transaction given back unfinished: if it
+    /// cannot run, the connection is given back marked rather than rolled
+    /// back again.
+    rolling_back: bool,
 }
 
 impl Lent {
@@ -190,6 +199,17 @@ impl Lent {
     async fn run(&mut self, sql: &'static str) -> std::result::Result<(), sqlx::Error> {
         let done = sqlx::query(sql).execute(self.connection()?).await;
         self.check(done).map(drop)
+    }
+
+    /// Ends the transaction it was given back in (see `Drop`).
+    async fn roll_back(&mut self) {
+        match self.run("ROLLBACK").await {
+            // Fails harmlessly where none is open any more (a COMMIT that
+            // ran though its caller was gone).
+            Ok(()) | Err(sqlx::Error::Database(_)) => self.in_tx = false,
+            // Broken: closed rather than given back.
+            Err(e) => tracing::debug!("rolling back a transaction given back unfinished: {e}"),
+        }
     }
 
     /// Notes a failure that leaves the connection unfit to lend again.
@@ -216,7 +236,31 @@ impl Lent {
 impl Drop for Lent {
     fn drop(&mut self) {
         if let Some(c) = self.conn.take() {
+            if self.in_tx && !self.broken && !self.rolling_back {
+                // Given back in a transaction (its user returned early or was
+                // cancelled): rolled back now, not when next lent. A write
+                // transaction holds the database's write lock until it ends,
+                // and an idle connection may wait long to be lent again while
+                // the others serve: every writer meanwhile failed with
+                // "database is locked". The connection, its permit and the
+                // write turn go with the rollback, so the next writer waits
+                // for the turn, not for SQLite's lock.
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    let mut rest = Lent {
+                        conn: Some(c),
+                        conns: self.conns.clone(),
+                        in_tx: true,
+                        broken: false,
+                        turn: self.turn.take(),
+                        rolling_back: true,
+                    };
+                    runtime.spawn(async move { rest.roll_back().await });
+                    return;
+                }
+            }
             if !self.broken {
+                // Marked if still in a transaction (no runtime to roll it
+                // back now): rolled back before it is lent again.
                 lock(&self.conns.idle).push((c, self.in_tx));
             }
             // A broken one is dropped (closed); the next `get` opens another.
@@ -372,11 +416,8 @@ impl Engine for SqliteStore {
         // back before the connection is lent again (a ROLLBACK where none
         // began fails harmlessly).
         lent.in_tx = begin.is_some();
-        Ok(Box::new(Conn {
-            lent,
-            begin,
-            _turn: turn,
-        }))
+        lent.turn = turn;
+        Ok(Box::new(Conn { lent, begin }))
     }
 
     async fn close_pool(&self) {
@@ -385,7 +426,7 @@ impl Engine for SqliteStore {
 }
 
 /// A lent connection, in a transaction or not, with the store's write turn
-/// while it writes (dropped after the connection is given back).
+/// while it writes (see [`Lent`]).
 struct Conn {
     lent: Lent,
     /// The transaction's BEGIN, not sent yet: it goes in front of the first
@@ -393,7 +434,15 @@ struct Conn {
     /// connection's thread rather than two), alone before one that counts the
     /// rows it changes.
     begin: Option<&'static str>,
-    _turn: Option<Turn>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if self.begin.is_some() {
+            // No statement ran: no transaction began, none to roll back.
+            self.lent.in_tx = false;
+        }
+    }
 }
 
 impl Conn {
@@ -406,7 +455,8 @@ impl Conn {
     }
 }
 
-/// A writer's turn, held until its connection is dropped (after the commit).
+/// A writer's turn, held until its connection is given back (after the
+/// commit or the rollback).
 type Turn = tokio::sync::OwnedMutexGuard<()>;
 
 /// A list as one JSON array.
