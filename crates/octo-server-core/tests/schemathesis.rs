@@ -133,13 +133,52 @@ async fn schemathesis_finds_nothing() {
     };
     let out = read_out.await.unwrap();
     let err = read_err.await.unwrap();
+    // What it found first (a CI log shows the start of a failing test's
+    // output, and this one's is long), then everything.
+    let found = findings(&out);
     eprintln!(
-        "schemathesis ran {:.0} s\n{out}\n{err}",
+        "schemathesis ran {:.0} s\n{found}\n{out}\n{err}",
         started.elapsed().as_secs_f64()
     );
     assert!(
         status.success(),
-        "schemathesis found failures ({status}); its output is above"
+        "schemathesis found failures ({status}):\n{found}\n(its whole output is above)"
     );
     server.stop().await;
+}
+
+/// The FAILURES and ERRORS sections of schemathesis's output (each begins with
+/// a line of `=` around its name), at most 80 lines.
+fn findings(out: &str) -> String {
+    let mut kept = Vec::new();
+    let mut keep = false;
+    for line in out.lines() {
+        let t = line.trim();
+        if t.len() > 6 && t.starts_with("===") && t.ends_with("===") {
+            keep = t.contains(" FAILURES ") || t.contains(" ERRORS ");
+        }
+        if keep {
+            kept.push(line);
+        }
+    }
+    if kept.is_empty() {
+        return "(no FAILURES or ERRORS section)".into();
+    }
+    let more = kept.len().saturating_sub(80);
+    kept.truncate(80);
+    let mut s = kept.join("\n");
+    if more > 0 {
+        s.push_str(&format!("\n[{more} more lines below]"));
+    }
+    s
+}
+
+#[test]
+fn findings_are_the_failures_and_errors_sections() {
+    let out = "header\n==== FAILURES ====\n____ GET /a ____\n500\n==== ERRORS ====\ntimeout\n==== SUMMARY ====\nok\n";
+    assert_eq!(
+        findings(out),
+        "==== FAILURES ====\n____ GET /a ____\n500\n==== ERRORS ====\ntimeout"
+    );
+    assert_eq!(findings("all good\n"), "(no FAILURES or ERRORS section)");
 }
