@@ -21,7 +21,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use octo_store::sql::{Access, Col, Columns, Dialect, Engine, Params, Tx, Value, CLUSTER_CHANNEL};
-use octo_store::{ClusterEvent, Result, StoreError};
+use octo_store::{ClusterEvent, Heard, Result, StoreError};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::types::PgCiText;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow};
@@ -67,6 +67,9 @@ pub struct PgStore {
     pool: PgPool,
     /// The database's URL without its password, for messages.
     name: String,
+    /// This store's token in the events it publishes (see
+    /// [`octo_store::cluster_payload`]), made anew for each connect.
+    publisher: String,
 }
 
 impl fmt::Debug for PgStore {
@@ -124,7 +127,11 @@ impl PgStore {
             )));
         }
         tracing::debug!(url = %name, "store opened");
-        Ok(Self { pool, name })
+        Ok(Self {
+            pool,
+            name,
+            publisher: publisher_token(),
+        })
     }
 
     /// Closes the pool, waiting for connections to be returned.
@@ -160,6 +167,17 @@ pub fn redacted(url: &str) -> String {
         out.replace_range(q + 1.., &query.join("&"));
     }
     out
+}
+
+/// A token no other store publishing on the database has: this process's id
+/// and 64 bits the standard library draws from the operating system's random
+/// source for each `RandomState`.
+fn publisher_token() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    format!("{:x}-{random:016x}", std::process::id())
 }
 
 /// `text` (an error message) without the password of `url`, should it hold it.
@@ -206,7 +224,11 @@ impl Engine for PgStore {
         true
     }
 
-    async fn listen(&self) -> Result<Option<tokio::sync::mpsc::Receiver<ClusterEvent>>> {
+    fn publisher(&self) -> &str {
+        &self.publisher
+    }
+
+    async fn listen(&self) -> Result<Option<tokio::sync::mpsc::Receiver<Heard>>> {
         let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool)
             .await
             .map_err(|e| {
@@ -220,11 +242,16 @@ impl Engine for PgStore {
         })?;
         let (tx, rx) = tokio::sync::mpsc::channel(EVENTS_BUFFERED);
         let name = self.name.clone();
+        let me = self.publisher.clone();
+        let resync = || Heard {
+            event: ClusterEvent::Resync,
+            own: false,
+        };
         tokio::spawn(async move {
             loop {
-                let event = match listener.try_recv().await {
-                    Ok(Some(n)) => match serde_json::from_str::<ClusterEvent>(n.payload()) {
-                        Ok(event) => event,
+                let heard = match listener.try_recv().await {
+                    Ok(Some(n)) => match octo_store::read_cluster_payload(n.payload(), &me) {
+                        Ok(heard) => heard,
                         Err(e) => {
                             tracing::warn!(
                                 "ignoring a cluster event this node cannot read ({e}): {}",
@@ -237,7 +264,7 @@ impl Engine for PgStore {
                     // and what was published meanwhile is gone.
                     Ok(None) => {
                         tracing::warn!("the connection listening for other nodes' events to {name} was lost; reconnecting");
-                        ClusterEvent::Resync
+                        resync()
                     }
                     Err(e) => {
                         if tx.is_closed() {
@@ -247,10 +274,10 @@ impl Engine for PgStore {
                             "listening for other nodes' events on {name}: {e}; retrying in 1 s"
                         );
                         tokio::time::sleep(Duration::from_secs(1)).await;
-                        ClusterEvent::Resync
+                        resync()
                     }
                 };
-                if tx.send(event).await.is_err() {
+                if tx.send(heard).await.is_err() {
                     return;
                 }
             }

@@ -264,3 +264,73 @@ async fn connection_failures_say_what_to_check_and_hide_the_password() {
     assert!(err.contains("is not valid"), "{err}");
     assert!(!err.contains("s3cr3t-pw"), "{err}");
 }
+
+/// Each store hears its own events marked as its own, and another store's
+/// (another node's, or another process's on the same machine) not; an event
+/// as published before events named their publisher is another's too, and
+/// the token is one more field that a node not knowing it ignores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_knows_its_own_events_from_the_others() {
+    use octo_store::{ClusterEvent, Heard};
+
+    let url = database().await;
+    let a = PgStore::connect(&url).await.unwrap();
+    let b = PgStore::connect(&url).await.unwrap();
+    let mut heard_by_a = a.listen().await.unwrap().expect("PostgreSQL is shared");
+    let mut heard_by_b = b.listen().await.unwrap().expect("PostgreSQL is shared");
+    let changed = |id: &str| ClusterEvent::TaskChanged {
+        task_id: id.to_string(),
+    };
+    a.publish(&changed("ServerTasks-1")).await.unwrap();
+    b.publish(&changed("ServerTasks-2")).await.unwrap();
+    // A clone is the same store (the same process).
+    a.clone().publish(&changed("ServerTasks-3")).await.unwrap();
+    // The form every node published before (no publisher).
+    let old = serde_json::to_string(&changed("ServerTasks-4")).unwrap();
+    let raw = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(octo_store::sql::CLUSTER_CHANNEL)
+        .bind(&old)
+        .execute(&raw)
+        .await
+        .unwrap();
+    async fn next(rx: &mut tokio::sync::mpsc::Receiver<Heard>) -> Heard {
+        timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("an event within 10 s")
+            .expect("the listener runs")
+    }
+    let mut by_a = Vec::new();
+    let mut by_b = Vec::new();
+    for _ in 0..4 {
+        by_a.push(next(&mut heard_by_a).await);
+        by_b.push(next(&mut heard_by_b).await);
+    }
+    let heard = |event, own| Heard { event, own };
+    assert_eq!(
+        by_a,
+        [
+            heard(changed("ServerTasks-1"), true),
+            heard(changed("ServerTasks-2"), false),
+            heard(changed("ServerTasks-3"), true),
+            heard(changed("ServerTasks-4"), false),
+        ]
+    );
+    assert_eq!(
+        by_b,
+        [
+            heard(changed("ServerTasks-1"), false),
+            heard(changed("ServerTasks-2"), true),
+            heard(changed("ServerTasks-3"), false),
+            heard(changed("ServerTasks-4"), false),
+        ]
+    );
+    // What a node that does not know the publisher's token reads: the
+    // event, the token ignored.
+    let published = octo_store::cluster_payload("x", &changed("ServerTasks-5")).unwrap();
+    assert_eq!(
+        serde_json::from_str::<ClusterEvent>(&published).unwrap(),
+        changed("ServerTasks-5")
+    );
+    raw.close().await;
+}

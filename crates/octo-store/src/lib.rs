@@ -397,6 +397,50 @@ pub enum ClusterEvent {
     Resync,
 }
 
+/// A [`ClusterEvent`] as a node hears it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Heard {
+    pub event: ClusterEvent,
+    /// Published through this store (this process): the node acted on it
+    /// where that was local when it published it (its own live readers were
+    /// woken), so only those who wait for events hear it again.
+    pub own: bool,
+}
+
+/// An event as published: the event's own fields and who published it
+/// (`publisher`, a token of the publishing store). A node that does not know
+/// `publisher` reads the event and ignores it; one that reads an event
+/// without it takes it for another's.
+#[derive(Deserialize)]
+struct Published {
+    #[serde(default)]
+    publisher: String,
+    #[serde(flatten)]
+    event: ClusterEvent,
+}
+
+/// `event` as published by the store whose token is `publisher` (JSON).
+pub fn cluster_payload(publisher: &str, event: &ClusterEvent) -> Result<String> {
+    let encoding = |e: serde_json::Error| {
+        StoreError::Database(format!("encoding a cluster event ({event:?}): {e}"))
+    };
+    let mut value = serde_json::to_value(event).map_err(encoding)?;
+    if let serde_json::Value::Object(fields) = &mut value {
+        fields.insert("publisher".into(), publisher.into());
+    }
+    serde_json::to_string(&value).map_err(encoding)
+}
+
+/// The event in `payload` (see [`cluster_payload`]), heard by the store whose
+/// token is `me`.
+pub fn read_cluster_payload(payload: &str, me: &str) -> serde_json::Result<Heard> {
+    let p: Published = serde_json::from_str(payload)?;
+    Ok(Heard {
+        own: !p.publisher.is_empty() && p.publisher == me,
+        event: p.event,
+    })
+}
+
 /// A change to record in the audit log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewAuditEvent {
@@ -771,8 +815,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn publish(&self, event: &ClusterEvent) -> Result<()>;
     /// The events every node publishes from now on (on a dedicated
     /// connection; [`ClusterEvent::Resync`] after it was lost and made
-    /// again). None on a store no other node shares.
-    async fn listen(&self) -> Result<Option<tokio::sync::mpsc::Receiver<ClusterEvent>>>;
+    /// again), each marked when this store published it. None on a store no
+    /// other node shares.
+    async fn listen(&self) -> Result<Option<tokio::sync::mpsc::Receiver<Heard>>>;
     /// Records that `node` holds (`present`) or no longer holds connections
     /// of polling subscription `subscription_id`.
     async fn set_polling_presence(

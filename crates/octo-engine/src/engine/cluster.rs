@@ -573,6 +573,9 @@ impl Engine {
                     if let Err(e) = store.assign_step(&r.task_id, r.machine_id, None).await {
                         error!("giving step {name} of task {} back: {e}", r.task_id);
                     }
+                    // Readers here are woken as for every change made here
+                    // (this node ignores its own event's echo).
+                    self.notifiers.state_changed(&r.task_id);
                     self.publish(ClusterEvent::StepFinished {
                         task_id: r.task_id.clone(),
                         machine_id: r.machine_id,
@@ -625,7 +628,7 @@ impl Engine {
                         None => std::future::pending().await,
                     }
                 } => match ev {
-                    Some(ev) => self.on_event(ev).await,
+                    Some(heard) => self.on_event(heard.event, heard.own).await,
                     None => {
                         error!("node {}: the store stopped delivering other nodes' events; scanning every {} s", self.deps.node_name, SCAN_INTERVAL.as_secs());
                         events = None;
@@ -636,7 +639,9 @@ impl Engine {
         }
     }
 
-    async fn on_event(self: &Arc<Self>, ev: ClusterEvent) {
+    /// Acts on an event; `own` when this node published it (see
+    /// [`octo_store::Heard`]).
+    async fn on_event(self: &Arc<Self>, ev: ClusterEvent, own: bool) {
         match &ev {
             ClusterEvent::StepAssigned {
                 task_id,
@@ -649,6 +654,12 @@ impl Engine {
             ClusterEvent::StepAssigned { .. }
             | ClusterEvent::Presence { .. }
             | ClusterEvent::TrustChanged => {}
+            // This node's own changes woke its readers when they were
+            // stored: its echo would only have them read the store again.
+            ClusterEvent::StepFinished { .. }
+            | ClusterEvent::TaskChanged { .. }
+            | ClusterEvent::LogAppended { .. }
+                if own => {}
             ClusterEvent::StepFinished { task_id, .. } | ClusterEvent::TaskChanged { task_id } => {
                 self.notifiers.state_changed(task_id);
             }

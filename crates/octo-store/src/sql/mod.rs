@@ -340,14 +340,18 @@ pub trait Engine: Send + Sync + fmt::Debug + 'static {
     }
     /// The events of [`CLUSTER_CHANNEL`], on a connection of their own
     /// (see [`crate::Store::listen`]); None where nobody else publishes.
-    async fn listen(
-        &self,
-    ) -> crate::Result<Option<tokio::sync::mpsc::Receiver<crate::ClusterEvent>>> {
+    async fn listen(&self) -> crate::Result<Option<tokio::sync::mpsc::Receiver<crate::Heard>>> {
         Ok(None)
+    }
+    /// This store's token in the events it publishes (see
+    /// [`crate::cluster_payload`]): its own events come back to it marked.
+    fn publisher(&self) -> &str {
+        ""
     }
 }
 
-/// The channel nodes publish [`crate::ClusterEvent`]s on (as JSON).
+/// The channel nodes publish [`crate::ClusterEvent`]s on (as JSON, see
+/// [`crate::cluster_payload`]).
 pub const CLUSTER_CHANNEL: &str = "octopus_cluster";
 
 /// The SQL that differs between engines. Everything else the store runs is

@@ -2792,8 +2792,7 @@ impl<E: Engine> Store for E {
         if !Engine::shared(self) {
             return Ok(());
         }
-        let payload = serde_json::to_string(event)
-            .map_err(|e| StoreError::Database(format!("encoding a cluster event: {e}")))?;
+        let payload = crate::cluster_payload(Engine::publisher(self), event)?;
         query(
             "SELECT pg_notify(CAST(? AS text), CAST(? AS text))",
             params![super::CLUSTER_CHANNEL, &payload],
@@ -2804,7 +2803,7 @@ impl<E: Engine> Store for E {
         .map(drop)
     }
 
-    async fn listen(&self) -> Result<Option<tokio::sync::mpsc::Receiver<ClusterEvent>>> {
+    async fn listen(&self) -> Result<Option<tokio::sync::mpsc::Receiver<crate::Heard>>> {
         Engine::listen(self).await
     }
 
