@@ -2237,6 +2237,33 @@ pub async fn polling_presence_and_step_assignment_follow_live_nodes(store: &dyn 
         // Published through this store: heard as its own.
         assert_eq!(got, Some(octo_store::Heard { event, own: true }));
     }
+    // Several at once: each, in order; none is nothing.
+    let many: Vec<octo_store::ClusterEvent> = ["a", "b", "c"]
+        .iter()
+        .map(|t| octo_store::ClusterEvent::LogAppended {
+            task_id: format!("ServerTasks-{t}"),
+        })
+        .collect();
+    let listener = store.listen().await.unwrap();
+    store.publish_all(&[]).await.unwrap();
+    store.publish_all(&many).await.unwrap();
+    store
+        .publish(&octo_store::ClusterEvent::TrustChanged)
+        .await
+        .unwrap();
+    if let Some(mut rx) = listener {
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            let heard = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+                .await
+                .expect("each event within 10 s")
+                .expect("the listener runs");
+            got.push(heard.event);
+        }
+        let mut expected = many;
+        expected.push(octo_store::ClusterEvent::TrustChanged);
+        assert_eq!(got, expected);
+    }
 }
 
 pub async fn policies_are_added_and_changed_with_their_tentacle_update(s: &dyn Store) {

@@ -813,6 +813,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Tells every node listening (this one too) about `event`; nothing on a
     /// store no other node shares.
     async fn publish(&self, event: &ClusterEvent) -> Result<()>;
+    /// [`Store::publish`] of each of `events`, in order (one round trip
+    /// where the store can).
+    async fn publish_all(&self, events: &[ClusterEvent]) -> Result<()> {
+        for event in events {
+            self.publish(event).await?;
+        }
+        Ok(())
+    }
     /// The events every node publishes from now on (on a dedicated
     /// connection; [`ClusterEvent::Resync`] after it was lost and made
     /// again), each marked when this store published it. None on a store no

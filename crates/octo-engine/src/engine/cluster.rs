@@ -174,6 +174,16 @@ impl Engine {
         }
     }
 
+    /// [`Engine::publish`] of each of `events`, in one round trip.
+    pub async fn publish_all(&self, events: &[ClusterEvent]) {
+        if !self.deps.store.shared() {
+            return;
+        }
+        if let Err(e) = self.deps.store.publish_all(events).await {
+            warn!("telling the other nodes {events:?}: {e}");
+        }
+    }
+
     /// As [`Engine::stop_machine`] (with that grace), and on a cluster the
     /// other nodes stop the machine's steps they run too (a machine deleted
     /// through this node may run steps handed to the node holding its tentacle).
@@ -879,9 +889,11 @@ impl Engine {
             while let Ok(id) = rx.try_recv() {
                 tasks.insert(id);
             }
-            for task_id in tasks {
-                self.publish(ClusterEvent::LogAppended { task_id }).await;
-            }
+            let events: Vec<ClusterEvent> = tasks
+                .into_iter()
+                .map(|task_id| ClusterEvent::LogAppended { task_id })
+                .collect();
+            self.publish_all(&events).await;
         }
     }
 }

@@ -2803,6 +2803,29 @@ impl<E: Engine> Store for E {
         .map(drop)
     }
 
+    async fn publish_all(&self, events: &[ClusterEvent]) -> Result<()> {
+        if !Engine::shared(self) || events.is_empty() {
+            return Ok(());
+        }
+        let payloads = events
+            .iter()
+            .map(|e| crate::cluster_payload(Engine::publisher(self), e))
+            .collect::<Result<Vec<_>>>()?;
+        // The payloads in the array's order (a function scan's).
+        let sql = format!(
+            "SELECT pg_notify(CAST(? AS text), CAST(value AS text)) FROM {}",
+            self.dialect().texts
+        );
+        query(
+            &sql,
+            params![super::CLUSTER_CHANNEL, Value::Texts(payloads)],
+            "telling the other nodes",
+        )
+        .execute(self)
+        .await
+        .map(drop)
+    }
+
     async fn listen(&self) -> Result<Option<tokio::sync::mpsc::Receiver<crate::Heard>>> {
         Engine::listen(self).await
     }
