@@ -1423,10 +1423,26 @@ impl Engine {
         deferred: Option<DeferredEnd>,
     ) {
         let id = &task.id;
-        let steps = match ended {
-            Some(steps) => steps,
+        let shared = self.deps.store.shared();
+        // On a cluster, whether someone asked for a cancel is read too:
+        // another node's request may still be on its way (alone on its
+        // store, the engine hears of every request: the API cancels the
+        // token after storing it, and one stored before the task ran was
+        // seen when it started). With the steps, in one read.
+        let (steps, cancel_stored) = match ended {
+            Some(steps) if shared => {
+                let asked =
+                    matches!(self.deps.store.task(id).await, Ok(Some(t)) if t.cancel_requested);
+                (steps, asked)
+            }
+            Some(steps) => (steps, false),
+            None if shared => match self.deps.store.task_with_log(id, i64::MAX, 0).await {
+                Ok(Some(t)) => (t.steps, t.task.cancel_requested),
+                Ok(None) => return error!("loading the steps of task {id}: it is gone"),
+                Err(e) => return error!("loading the steps of task {id}: {e}"),
+            },
             None => match self.deps.store.task_steps(id).await {
-                Ok(s) => s,
+                Ok(s) => (s, false),
                 Err(e) => return error!("loading the steps of task {id}: {e}"),
             },
         };
@@ -1435,13 +1451,7 @@ impl Engine {
             .iter()
             .filter(|s| s.state != TaskState::Success)
             .collect();
-        // Alone on its store, the engine hears of every cancel request
-        // (the API cancels the token after storing the request, and a request
-        // stored before the task ran was seen when it started); on a cluster,
-        // another node's request may still be on its way.
-        let cancel_requested = cancel.is_cancelled()
-            || (self.deps.store.shared()
-                && matches!(self.deps.store.task(id).await, Ok(Some(t)) if t.cancel_requested));
+        let cancel_requested = cancel.is_cancelled() || cancel_stored;
         let (state, error) = if cancel_requested {
             (TaskState::Canceled, Some("canceled on request".to_string()))
         } else if failed.is_empty() {
