@@ -767,15 +767,14 @@ impl Engine {
             error!("setting task {task_id} {state:?}: {e}");
         }
         drop(d.registration);
-        self.publish_all(&[
-            ClusterEvent::StepFinished {
-                task_id: task_id.to_string(),
-                machine_id: d.step.machine_id,
-            },
-            ClusterEvent::TaskChanged {
-                task_id: task_id.to_string(),
-            },
-        ])
+        self.publish(ClusterEvent::StepFinished {
+            task_id: task_id.to_string(),
+            machine_id: d.step.machine_id,
+        })
+        .await;
+        self.publish(ClusterEvent::TaskChanged {
+            task_id: task_id.to_string(),
+        })
         .await;
     }
 

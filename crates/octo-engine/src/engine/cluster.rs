@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use octo_store::{
     now_ms, ClusterEvent, EndpointKind, HealthStatus, Machine, StepRef, TaskState, TaskStep,
 };
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -70,6 +70,9 @@ pub(super) struct Cluster {
     /// New tasks may wait for a node with room (this node gave one back,
     /// or had no room for one queued): when room appears here, look.
     queued: AtomicBool,
+    /// The events to publish, sent in batches by [`send_events`] (started
+    /// with the first).
+    outbox: std::sync::OnceLock<mpsc::UnboundedSender<ClusterEvent>>,
 }
 
 impl Default for Cluster {
@@ -79,6 +82,51 @@ impl Default for Cluster {
             events: broadcast::channel(EVENTS_KEPT).0,
             live: Mutex::default(),
             queued: AtomicBool::new(false),
+            outbox: std::sync::OnceLock::new(),
+        }
+    }
+}
+
+/// Most events in one statement.
+const EVENTS_A_BATCH: usize = 256;
+
+/// Publishes the events of `outbox` as they come: all those that came while
+/// the last batch was sent go in the next one (each once), so a node ending
+/// many steps at once tells the others in a few statements rather than one
+/// each. On shutdown, sends what is queued and closes the outbox: later events
+/// are published by their callers, as before it started.
+async fn send_events(
+    store: Arc<dyn octo_store::Store>,
+    shutdown: CancellationToken,
+    mut outbox: mpsc::UnboundedReceiver<ClusterEvent>,
+) {
+    let mut stopping = false;
+    while !stopping {
+        let first = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => {
+                outbox.close();
+                stopping = true;
+                match outbox.try_recv() {
+                    Ok(ev) => ev,
+                    Err(_) => return,
+                }
+            }
+            ev = outbox.recv() => match ev {
+                Some(ev) => ev,
+                None => return,
+            },
+        };
+        let mut batch = vec![first];
+        while batch.len() < EVENTS_A_BATCH || stopping {
+            match outbox.try_recv() {
+                Ok(ev) if !batch.contains(&ev) => batch.push(ev),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = store.publish_all(&batch).await {
+            warn!("telling the other nodes {} events: {e}", batch.len());
         }
     }
 }
@@ -164,23 +212,27 @@ impl Engine {
         self.cluster.events.subscribe()
     }
 
-    /// Tells the other nodes (nothing on an unshared store; a failure is logged).
+    /// Tells the other nodes (nothing on an unshared store; a failure is
+    /// logged): queued, sent with the other events queued meanwhile
+    /// ([`send_events`]), in order.
     pub async fn publish(&self, event: ClusterEvent) {
         if !self.deps.store.shared() {
             return;
         }
-        if let Err(e) = self.deps.store.publish(&event).await {
-            warn!("telling the other nodes {event:?}: {e}");
-        }
-    }
-
-    /// [`Engine::publish`] of each of `events`, in one round trip.
-    pub async fn publish_all(&self, events: &[ClusterEvent]) {
-        if !self.deps.store.shared() {
-            return;
-        }
-        if let Err(e) = self.deps.store.publish_all(events).await {
-            warn!("telling the other nodes {events:?}: {e}");
+        let outbox = self.cluster.outbox.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            self.tracker.spawn(send_events(
+                self.deps.store.clone(),
+                self.shutdown.clone(),
+                rx,
+            ));
+            tx
+        });
+        // Closed: the node stops, and its caller sends it.
+        if let Err(mpsc::error::SendError(event)) = outbox.send(event) {
+            if let Err(e) = self.deps.store.publish(&event).await {
+                warn!("telling the other nodes {event:?}: {e}");
+            }
         }
     }
 
@@ -877,8 +929,8 @@ impl Engine {
         }
     }
 
-    /// Tells the other nodes whose logs grew here, each task once per round
-    /// trip to the store however many lines came meanwhile.
+    /// Tells the other nodes whose logs grew here: each task once a batch of
+    /// events ([`send_events`]) however many lines came meanwhile.
     async fn forward_logs(self: Arc<Self>, mut rx: tokio::sync::mpsc::UnboundedReceiver<String>) {
         loop {
             let first = tokio::select! {
@@ -889,11 +941,9 @@ impl Engine {
             while let Ok(id) = rx.try_recv() {
                 tasks.insert(id);
             }
-            let events: Vec<ClusterEvent> = tasks
-                .into_iter()
-                .map(|task_id| ClusterEvent::LogAppended { task_id })
-                .collect();
-            self.publish_all(&events).await;
+            for task_id in tasks {
+                self.publish(ClusterEvent::LogAppended { task_id }).await;
+            }
         }
     }
 }
