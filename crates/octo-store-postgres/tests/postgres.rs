@@ -306,25 +306,20 @@ async fn a_node_knows_its_own_events_from_the_others() {
         by_a.push(next(&mut heard_by_a).await);
         by_b.push(next(&mut heard_by_b).await);
     }
-    let heard = |event, own| Heard { event, own };
-    assert_eq!(
-        by_a,
-        [
-            heard(changed("ServerTasks-1"), true),
-            heard(changed("ServerTasks-2"), false),
-            heard(changed("ServerTasks-3"), true),
-            heard(changed("ServerTasks-4"), false),
-        ]
-    );
-    assert_eq!(
-        by_b,
-        [
-            heard(changed("ServerTasks-1"), false),
-            heard(changed("ServerTasks-2"), true),
-            heard(changed("ServerTasks-3"), false),
-            heard(changed("ServerTasks-4"), false),
-        ]
-    );
+    // Which of ServerTasks-1..4 each store hears as its own.
+    for (got, own) in [
+        (by_a, [true, false, true, false]),
+        (by_b, [false, true, false, false]),
+    ] {
+        let expected: Vec<Heard> = (1..=4)
+            .zip(own)
+            .map(|(n, own)| Heard {
+                event: changed(&format!("ServerTasks-{n}")),
+                own,
+            })
+            .collect();
+        assert_eq!(got, expected);
+    }
     // What a node that does not know the publisher's token reads: the
     // event, the token ignored.
     let published = octo_store::cluster_payload("x", &changed("ServerTasks-5")).unwrap();
