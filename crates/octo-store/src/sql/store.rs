@@ -2789,18 +2789,7 @@ impl<E: Engine> Store for E {
     }
 
     async fn publish(&self, event: &ClusterEvent) -> Result<()> {
-        if !Engine::shared(self) {
-            return Ok(());
-        }
-        let payload = crate::cluster_payload(Engine::publisher(self), event)?;
-        query(
-            "SELECT pg_notify(CAST(? AS text), CAST(? AS text))",
-            params![super::CLUSTER_CHANNEL, &payload],
-            "telling the other nodes",
-        )
-        .execute(self)
-        .await
-        .map(drop)
+        self.publish_all(std::slice::from_ref(event)).await
     }
 
     async fn publish_all(&self, events: &[ClusterEvent]) -> Result<()> {
