@@ -109,9 +109,52 @@ async fn wait_connected(server: &RunningServer, n: usize) -> anyhow::Result<Dura
     Ok(t.elapsed())
 }
 
+/// The kernel's count of connection attempts dropped because a listener's
+/// accept queue was full (`TcpExt: ListenDrops` in `/proc/net/netstat`, this
+/// network namespace's listeners together; the fleet's server is by far the
+/// busiest here). None when it cannot be read.
+fn listen_drops() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    tcp_ext(&text, "ListenDrops")
+}
+
+/// A `TcpExt` counter from the text of `/proc/net/netstat` (a line of names,
+/// then a line of values).
+fn tcp_ext(netstat: &str, name: &str) -> Option<u64> {
+    let mut lines = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
+    let names = lines.next()?.split_whitespace().skip(1);
+    let values = lines.next()?.split_whitespace().skip(1);
+    names
+        .zip(values)
+        .find(|(n, _)| *n == name)
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+/// How many attempts were dropped since `before` (None when unknown).
+fn drops_since(before: Option<u64>) -> Option<u64> {
+    Some(listen_drops()?.saturating_sub(before?))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tcp_ext;
+
+    #[test]
+    fn a_tcp_ext_counter_is_read_by_its_name() {
+        let netstat = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\n\
+                       TcpExt: 3 16243 16250\n\
+                       IpExt: InNoRoutes ListenDrops\n\
+                       IpExt: 0 7\n";
+        assert_eq!(tcp_ext(netstat, "ListenDrops"), Some(16250));
+        assert_eq!(tcp_ext(netstat, "SyncookiesSent"), Some(3));
+        assert_eq!(tcp_ext(netstat, "Missing"), None);
+        assert_eq!(tcp_ext("", "ListenDrops"), None);
+    }
 }
 
 pub async fn run(o: Options) -> anyhow::Result<()> {
@@ -184,13 +227,16 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         t.elapsed().as_secs_f64()
     );
 
+    let drops = listen_drops();
     fleet.go().await?;
     println!("{}", fleet.describe());
     let first_connect = wait_connected(&server, o.tentacles).await?;
+    let first_connect_drops = drops_since(drops);
     println!(
-        "{} tentacles connected in {:.1} s",
+        "{} tentacles connected in {:.1} s ({} connection attempts dropped by the kernel, accept queue full)",
         o.tentacles,
-        first_connect.as_secs_f64()
+        first_connect.as_secs_f64(),
+        first_connect_drops.map_or("unknown".into(), |d| d.to_string())
     );
     // Idle a moment (handshakes' garbage freed), then the RSS.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -284,17 +330,20 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     // Restart: until every tentacle is connected again.
     server.stop().await;
     let t = Instant::now();
+    let drops = listen_drops();
     PROBLEMS.store(0, Ordering::Relaxed);
     ARMED.store(true, Ordering::Relaxed);
     let server = start(&args).await?;
     let reconnect = wait_connected(&server, o.tentacles).await?;
     let reconnect_s = t.elapsed().as_secs_f64();
+    let reconnect_drops = drops_since(drops);
     ARMED.store(false, Ordering::Relaxed);
     let problems = PROBLEMS.load(Ordering::Relaxed);
     println!(
-        "restart: all {} reconnected {:.1} s after the new start ({reconnect_s:.1} s in all), {problems} comms warnings",
+        "restart: all {} reconnected {:.1} s after the new start ({reconnect_s:.1} s in all), {problems} comms warnings, {} connection attempts dropped by the kernel",
         o.tentacles,
-        reconnect.as_secs_f64()
+        reconnect.as_secs_f64(),
+        reconnect_drops.map_or("unknown".into(), |d| d.to_string())
     );
 
     let per_process = fleet.per_process;
@@ -311,6 +360,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         "fanout_fleet_cpu_ms_per_step": cpu.map(|c| round2(c.fleet_ms)),
         "register_per_s": register_per_s.round(),
         "first_connect_s": round2(first_connect.as_secs_f64()),
+        "first_connect_listen_drops": first_connect_drops,
         "server_rss_5000_mib": rss.round(),
         "health_5000_s": round2(health_s),
         "fanout_1000_s": round3(median(fan_1000)),
@@ -319,6 +369,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         "machine_list_5000_p50_ms": round2(list_p50),
         "reconnect_5000_s": round2(reconnect_s),
         "reconnect_errors": problems,
+        "reconnect_listen_drops": reconnect_drops,
         "max_parallel_steps": o.max_parallel_steps,
         "max_running_steps": o.max_running_steps,
     });

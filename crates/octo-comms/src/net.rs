@@ -36,6 +36,59 @@ pub fn tune(stream: &TcpStream) -> io::Result<()> {
     SockRef::from(stream).set_tcp_keepalive(&ka)
 }
 
+/// The accept queue every listening socket of the workspace asks the kernel
+/// for; Linux caps it at `net.core.somaxconn` (4096 since Linux 5.4). The
+/// standard library and mio ask for 128, which a fleet connecting at once
+/// overflows: the kernel then drops the SYNs it has no room for, and those
+/// tentacles wait out TCP's retransmissions (1 s, 3 s, 7 s, 15 s) before the
+/// server sees them at all. The server's own queue (its bounded handshakes)
+/// can only order connections the kernel let through.
+pub const LISTEN_BACKLOG: u32 = 65_535;
+
+/// Below this `net.core.somaxconn` a node serving a fleet warns (see
+/// [`accept_queue_limit`]).
+pub const SMALL_ACCEPT_QUEUE: u32 = 1024;
+
+/// Listens on `address` ("host:port", the host a name or an IP) with
+/// [`LISTEN_BACKLOG`] and `SO_REUSEADDR`, as `TcpListener::bind` would
+/// otherwise: the first of the host's addresses that can be bound.
+pub async fn listen(address: &str) -> io::Result<tokio::net::TcpListener> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host(address).await? {
+        match listen_on(addr) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{address} resolves to no address"),
+        )
+    }))
+}
+
+/// [`listen`] on one socket address.
+pub fn listen_on(addr: std::net::SocketAddr) -> io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// The accept queue a listener of [`listen`] gets on this host: the kernel's
+/// `net.core.somaxconn` when it is smaller than [`LISTEN_BACKLOG`]; None when
+/// it cannot be read (not Linux, or /proc not mounted).
+pub fn accept_queue_limit() -> Option<u32> {
+    let text = std::fs::read_to_string("/proc/sys/net/core/somaxconn").ok()?;
+    let somaxconn: u32 = text.trim().parse().ok()?;
+    Some(somaxconn.min(LISTEN_BACKLOG))
+}
+
 /// Why a TCP connection could not be made, in words a person recognises.
 pub fn describe_connect_error(e: &io::Error) -> String {
     match e.kind() {

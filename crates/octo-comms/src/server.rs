@@ -680,7 +680,7 @@ impl ServerComms {
     ) -> Result<(), CommsError> {
         let acceptor = self.polling_acceptor("polling listener")?;
         let local = listener.local_addr().ok();
-        info!(address = ?local, thumbprint = %self.thumbprint(), "listening for polling tentacles");
+        info!(address = ?local, thumbprint = %self.thumbprint(), accept_queue = ?net::accept_queue_limit(), "listening for polling tentacles");
         while let Some((tcp, remote)) =
             net::accept(&listener, &shutdown, "polling connection").await
         {

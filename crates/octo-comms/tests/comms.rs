@@ -846,3 +846,54 @@ async fn a_refused_certificate_is_named_when_its_tentacle_does_not_connect() {
     );
     assert!(msg.contains("127.0.0.1"), "{msg}");
 }
+
+/// A burst of connections the server has not accepted yet waits in the
+/// kernel's accept queue rather than having its SYNs dropped: with the
+/// standard library's backlog of 128, all but 129 of these would wait out
+/// TCP's retransmissions and never get in (nothing accepts them here).
+#[tokio::test]
+async fn a_listener_holds_a_burst_of_connections_it_has_not_accepted_yet() {
+    let queue = octo_comms::net::accept_queue_limit().unwrap_or(128) as usize;
+    let burst = queue.min(400);
+    if burst <= 3 * 128 {
+        eprintln!(
+            "skipped: net.core.somaxconn is {queue}, too small to tell a larger backlog from 128"
+        );
+        return;
+    }
+    let listener = octo_comms::net::listen("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut connects = tokio::task::JoinSet::new();
+    for _ in 0..burst {
+        connects.spawn(timeout(
+            Duration::from_secs(10),
+            tokio::net::TcpStream::connect(addr),
+        ));
+    }
+    let (mut connected, mut streams) = (0, Vec::new());
+    while let Some(r) = connects.join_next().await {
+        if let Ok(Ok(s)) = r.unwrap() {
+            connected += 1;
+            streams.push(s);
+        }
+    }
+    assert_eq!(connected, burst, "connections in the accept queue");
+    // And they are all there to accept, in the order they came.
+    for _ in 0..burst {
+        timeout(Duration::from_secs(5), listener.accept())
+            .await
+            .expect("a queued connection to accept")
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_listener_names_an_address_it_cannot_use() {
+    let taken = octo_comms::net::listen("127.0.0.1:0").await.unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let e = octo_comms::net::listen(&addr).await.unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
+    // No port: refused before any lookup.
+    let e = octo_comms::net::listen("127.0.0.1").await.unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{e}");
+}

@@ -485,15 +485,21 @@ pub async fn start_with(
         },
     );
 
-    let api_listener = tokio::net::TcpListener::bind(args.listen)
-        .await
+    let api_listener = octo_comms::net::listen_on(args.listen)
         .map_err(|e| bind_error(&e, &args.listen.to_string(), "--listen"))?;
     let comms_addr = format!("{}:{}", args.comms_listen_address, args.comms_listen_port);
-    let comms_listener = tokio::net::TcpListener::bind(&comms_addr)
+    let comms_listener = octo_comms::net::listen(&comms_addr)
         .await
         .map_err(|e| bind_error(&e, &comms_addr, "--comms-listen-port"))?;
     let api_addr = api_listener.local_addr()?;
     let comms_port = comms_listener.local_addr()?.port();
+    if let Some(queue) = octo_comms::net::accept_queue_limit() {
+        if queue < octo_comms::net::SMALL_ACCEPT_QUEUE {
+            tracing::warn!(
+                "this host queues at most {queue} connections the server has not accepted yet (net.core.somaxconn): when more polling tentacles than that connect at once (after a restart, or a network coming back), the kernel drops the others' connection attempts and they retry 1 to 15 s later; raise it with `sysctl -w net.core.somaxconn=4096` and keep it in /etc/sysctl.d/"
+            );
+        }
+    }
     let web_socket_options = match args.web_socket_listen_port {
         None => None,
         Some(port) => {
@@ -505,7 +511,7 @@ pub async fn start_with(
                 bail!("--web-socket-path '{path}' must be a path such as {} (starting with '/', no spaces, query or fragment)", octo_comms::websocket::DEFAULT_PATH);
             }
             let addr = format!("{}:{port}", args.comms_listen_address);
-            let listener = tokio::net::TcpListener::bind(&addr)
+            let listener = octo_comms::net::listen(&addr)
                 .await
                 .map_err(|e| bind_error(&e, &addr, "--web-socket-listen-port"))?;
             Some((listener, octo_comms::WebSocketListenerOptions::new(path)))

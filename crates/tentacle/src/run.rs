@@ -166,7 +166,7 @@ async fn agent(
     let mut summary = Vec::new();
     if cfg.listen.enabled {
         let addr = format!("{}:{}", cfg.listen.address, cfg.listen.port);
-        let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|e| {
+        let listener = octo_comms::net::listen(&addr).await.map_err(|e| {
             if e.kind() == std::io::ErrorKind::AddrInUse {
                 anyhow::anyhow!(
                     "port {} on {} is already in use (another tentacle instance or program listens there); choose another with `tentacle configure --instance {name} --port N`",
