@@ -140,23 +140,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-#[cfg(test)]
-mod tests {
-    use super::tcp_ext;
-
-    #[test]
-    fn a_tcp_ext_counter_is_read_by_its_name() {
-        let netstat = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\n\
-                       TcpExt: 3 16243 16250\n\
-                       IpExt: InNoRoutes ListenDrops\n\
-                       IpExt: 0 7\n";
-        assert_eq!(tcp_ext(netstat, "ListenDrops"), Some(16250));
-        assert_eq!(tcp_ext(netstat, "SyncookiesSent"), Some(3));
-        assert_eq!(tcp_ext(netstat, "Missing"), None);
-        assert_eq!(tcp_ext("", "ListenDrops"), None);
-    }
-}
-
 pub async fn run(o: Options) -> anyhow::Result<()> {
     crate::raise_fd_limit();
     if o.tentacles < 1000 {
@@ -481,4 +464,21 @@ async fn timed(mut c: std::process::Command) -> anyhow::Result<f64> {
         Ok(elapsed)
     })
     .await?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tcp_ext;
+
+    #[test]
+    fn a_tcp_ext_counter_is_read_by_its_name() {
+        let netstat = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\n\
+                       TcpExt: 3 16243 16250\n\
+                       IpExt: InNoRoutes ListenDrops\n\
+                       IpExt: 0 7\n";
+        assert_eq!(tcp_ext(netstat, "ListenDrops"), Some(16250));
+        assert_eq!(tcp_ext(netstat, "SyncookiesSent"), Some(3));
+        assert_eq!(tcp_ext(netstat, "Missing"), None);
+        assert_eq!(tcp_ext("", "ListenDrops"), None);
+    }
 }
