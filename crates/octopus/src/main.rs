@@ -19,6 +19,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod demo;
+mod limits;
 mod quickstart;
 mod shared;
 
@@ -168,9 +169,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Quickstart(args) => Box::pin(quickstart::run(args))
             .await
             .map(|()| ExitCode::SUCCESS),
-        Command::Server(ServerCommand::Run(args)) => server::run_with(*args, octo_portal::router)
-            .await
-            .map(|()| ExitCode::SUCCESS),
+        Command::Server(ServerCommand::Run(args)) => {
+            limits::raise_open_files();
+            server::run_with(*args, octo_portal::router)
+                .await
+                .map(|()| ExitCode::SUCCESS)
+        }
         Command::Server(ServerCommand::RotateCertificate) => {
             client::rotate_server_certificate(cli.client).await
         }

@@ -88,6 +88,34 @@ fn octopus_server_run_is_the_process_that_was_started() {
 }
 
 #[test]
+fn the_server_raises_its_open_file_limit_and_says_when_it_is_small() {
+    // Each polling tentacle holds a connection open: a soft limit of 1,024
+    // (a shell's, systemd's default) would cap the fleet at about a thousand.
+    let data = tempfile::tempdir().unwrap();
+    let server = ServerProcess::try_start_via(
+        &["prlimit", "--nofile=256:4096"],
+        data.path(),
+        free_port(),
+        &[],
+    )
+    .unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.child.id())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields[3..5], ["4096", "4096"], "{line}");
+    // 4,096 is below what a fleet needs: the log says so, and how to raise it.
+    drop(server);
+    let log = std::fs::read_to_string(data.path().with_extension("stderr")).unwrap();
+    assert!(
+        log.contains("at most 4096 files open") && log.contains("LimitNOFILE="),
+        "{log}"
+    );
+}
+
+#[test]
 fn without_octopus_server_beside_it_the_client_says_what_is_missing() {
     let dir = tempfile::tempdir().unwrap();
     let alone = dir.path().join("octopus");

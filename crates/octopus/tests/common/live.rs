@@ -56,7 +56,25 @@ impl ServerProcess {
     /// exited before its ready line, e.g. its port was taken meanwhile; the
     /// end of its log says).
     pub fn try_start_with(data: &Path, comms_port: u16, extra: &[&str]) -> Result<Self, String> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_octopus"))
+        Self::try_start_via(&[], data, comms_port, extra)
+    }
+
+    /// [`ServerProcess::try_start_with`] through `wrapper`, a program that
+    /// execs the server after setting something up (`prlimit --nofile=...`):
+    /// the child is still the server's process.
+    pub fn try_start_via(
+        wrapper: &[&str],
+        data: &Path,
+        comms_port: u16,
+        extra: &[&str],
+    ) -> Result<Self, String> {
+        let server = env!("CARGO_BIN_EXE_octopus");
+        let (program, before) = match wrapper.split_first() {
+            Some((program, rest)) => (*program, [rest, &[server]].concat()),
+            None => (server, Vec::new()),
+        };
+        let mut child = Command::new(program)
+            .args(before)
             .args([
                 "server",
                 "run",
