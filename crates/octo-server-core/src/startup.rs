@@ -493,13 +493,6 @@ pub async fn start_with(
         .map_err(|e| bind_error(&e, &comms_addr, "--comms-listen-port"))?;
     let api_addr = api_listener.local_addr()?;
     let comms_port = comms_listener.local_addr()?.port();
-    if let Some(queue) = octo_comms::net::accept_queue_limit() {
-        if queue < octo_comms::net::SMALL_ACCEPT_QUEUE {
-            tracing::warn!(
-                "this host queues at most {queue} connections the server has not accepted yet (net.core.somaxconn): when more polling tentacles than that connect at once (after a restart, or a network coming back), the kernel drops the others' connection attempts and they retry 1 to 15 s later; raise it with `sysctl -w net.core.somaxconn=4096` and keep it in /etc/sysctl.d/"
-            );
-        }
-    }
     let web_socket_options = match args.web_socket_listen_port {
         None => None,
         Some(port) => {

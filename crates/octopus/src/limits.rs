@@ -1,6 +1,8 @@
-//! The process limits a server node needs: every polling tentacle, every
-//! connection to a listening tentacle and every API client holds a file
-//! descriptor open.
+//! The limits a server node serving a fleet needs, checked when `server run`
+//! starts (not by `quickstart` or `demo`, which serve two tentacles): every
+//! polling tentacle, every connection to a listening tentacle and every API
+//! client holds a file descriptor open, and a fleet connecting at once needs
+//! room in the kernel's accept queue.
 
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 
@@ -39,5 +41,17 @@ pub(crate) fn raise_open_files() {
         );
     } else {
         tracing::info!("open files: at most {limit}");
+    }
+}
+
+/// Warns when the kernel's accept queue (`net.core.somaxconn`, which caps what
+/// `octo_comms::net::listen` asks for) cannot hold a fleet connecting at once.
+pub(crate) fn check_accept_queue() {
+    if let Some(queue) = octo_comms::net::accept_queue_limit() {
+        if queue < octo_comms::net::SMALL_ACCEPT_QUEUE {
+            tracing::warn!(
+                "this host queues at most {queue} connections the server has not accepted yet (net.core.somaxconn): when more polling tentacles than that connect at once (after a restart, or a network coming back), the kernel drops the others' connection attempts and they retry 1 to 15 s later; raise it with `sysctl -w net.core.somaxconn=4096` and keep it in /etc/sysctl.d/"
+            );
+        }
     }
 }

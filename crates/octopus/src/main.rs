@@ -171,6 +171,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .map(|()| ExitCode::SUCCESS),
         Command::Server(ServerCommand::Run(args)) => {
             limits::raise_open_files();
+            limits::check_accept_queue();
             server::run_with(*args, octo_portal::router)
                 .await
                 .map(|()| ExitCode::SUCCESS)
