@@ -573,7 +573,12 @@ impl TentacleComms {
                 return false;
             }
             Ok(Err(e)) => {
-                error!("{}", self.classify_tls_error(address, &e));
+                let failure = self.classify_tls_error(address, &e);
+                if cut_mid_handshake(&e) {
+                    warn!("{failure}");
+                } else {
+                    error!("{failure}");
+                }
                 return false;
             }
             Ok(Ok(t)) => t,
@@ -715,7 +720,11 @@ impl TentacleComms {
                 hint: "register this tentacle with the server (`tentacle register-with`)".into(),
             };
         }
-        let reason = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        let reason = if cut_mid_handshake(e) {
+            format!(
+                "the connection was cut during the handshake ({e}): the server may be restarting (this tentacle tries again), or a firewall or proxy in the path resets it"
+            )
+        } else if e.kind() == std::io::ErrorKind::UnexpectedEof {
             format!(
                 "the connection was closed before the handshake finished ({e}): a proxy, load balancer or SNI router in the path may have nowhere to send it (check the host name, which is sent as SNI), or the port is not the server's comms port"
             )
@@ -728,6 +737,19 @@ impl TentacleComms {
             reason,
         }
     }
+}
+
+/// A TLS handshake cut by a reset (a server restarting resets the
+/// connections still waiting in its accept queue): transient, so logged as a
+/// warning and retried, where a refused certificate or a closed connection
+/// (a proxy with nowhere to send it) is an error someone has to fix.
+fn cut_mid_handshake(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::BrokenPipe
+    )
 }
 
 /// How [`drive`] ended.
@@ -848,5 +870,31 @@ impl Session for SessionService {
             instance_name: self.instance_name.clone(),
             tentacle_version: env!("CARGO_PKG_VERSION").to_string(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cut_mid_handshake;
+    use std::io::{Error, ErrorKind};
+
+    #[test]
+    fn a_handshake_cut_by_a_reset_is_transient_and_a_closed_one_is_not() {
+        for kind in [
+            ErrorKind::ConnectionReset,
+            ErrorKind::ConnectionAborted,
+            ErrorKind::BrokenPipe,
+        ] {
+            assert!(cut_mid_handshake(&Error::from(kind)), "{kind:?}");
+        }
+        // Closed before the handshake ended (a proxy with nowhere to send
+        // it), or a certificate refused: someone has to act.
+        for kind in [
+            ErrorKind::UnexpectedEof,
+            ErrorKind::InvalidData,
+            ErrorKind::Other,
+        ] {
+            assert!(!cut_mid_handshake(&Error::from(kind)), "{kind:?}");
+        }
     }
 }

@@ -895,3 +895,52 @@ async fn a_listener_names_an_address_it_cannot_use() {
     let e = octo_comms::net::listen("127.0.0.1").await.unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{e}");
 }
+
+/// A server restarting resets the connections still waiting in its accept
+/// queue, mid-handshake: the tentacle says so as a warning (not an error
+/// someone has to fix) and tries again.
+#[tokio::test(flavor = "current_thread")]
+async fn a_handshake_cut_by_a_reset_is_a_warning_and_the_tentacle_tries_again() {
+    use tokio::io::AsyncReadExt;
+    let logs = kit::LogCapture::default();
+    let _log = logs.install();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (accepted, mut accepts) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            // Its ClientHello read, the connection is reset (RST, not FIN).
+            let mut hello = [0u8; 1];
+            let _ = tcp.read(&mut hello).await;
+            socket2::SockRef::from(&tcp)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+            drop(tcp);
+            let _ = accepted.send(());
+        }
+    });
+    let server = kit::identity("server");
+    let (_t, _g) = kit::polling_tentacle(
+        kit::identity("tentacle"),
+        &[server.thumbprint()],
+        addr,
+        "sub-reset",
+        1,
+    );
+    for _ in 0..2 {
+        timeout(T, accepts.recv())
+            .await
+            .expect("the tentacle dialled again")
+            .unwrap();
+    }
+    let log = logs.text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(" WARN ") && l.contains("cut during the handshake")),
+        "{log}"
+    );
+    assert!(!log.contains(" ERROR "), "{log}");
+}
