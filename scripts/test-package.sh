@@ -81,14 +81,15 @@ grep -q '^octopus ' <<<"$(octopus --version)" || fail "octopus --version (on the
 # Through the link on the PATH, `octopus` hands server commands to the octopus-server beside it.
 grep -q 'show-thumbprint' <<<"$(octopus server --help)" || fail "octopus server --help (handed to octopus-server)"
 unit=/lib/systemd/system/octopus.service
+socket_unit=/lib/systemd/system/octopus.socket
 for f in /usr/share/man/man1/octopus.1.gz /usr/share/man/man1/octopus-server-run.1.gz \
     /usr/share/man/man1/octopus-policy.1.gz \
     /usr/share/bash-completion/completions/octopus /usr/share/zsh/vendor-completions/_octopus \
-    /usr/share/fish/vendor_completions.d/octopus.fish "$unit"; do
+    /usr/share/fish/vendor_completions.d/octopus.fish "$unit" "$socket_unit"; do
     [ -f "$f" ] || fail "$f not installed"
 done
 if command -v systemd-analyze >/dev/null; then
-    systemd-analyze verify "$unit" || fail "systemd-analyze verify $unit"
+    systemd-analyze verify "$unit" "$socket_unit" || fail "systemd-analyze verify $unit $socket_unit"
 else
     echo "systemd-analyze not installed: the server's unit is not verified" >&2
 fi
@@ -96,7 +97,7 @@ data=/var/lib/octopus/server
 [ "$(stat -c %a "$data")" = 700 ] || fail "$data is not 0700"
 echo kept >"$data/package-check"
 dpkg -r octopus-server
-for f in /opt/octopus/server/octopus /opt/octopus/server/octopus-server /usr/bin/octopus "$unit" /usr/share/man/man1/octopus.1.gz; do
+for f in /opt/octopus/server/octopus /opt/octopus/server/octopus-server /usr/bin/octopus "$unit" "$socket_unit" /usr/share/man/man1/octopus.1.gz; do
     [ ! -e "$f" ] && [ ! -L "$f" ] || fail "dpkg -r left $f"
 done
 [ -f "$data/package-check" ] || fail "dpkg -r removed the server's data in $data"

@@ -23,9 +23,13 @@ pub mod authz;
 pub mod config;
 pub mod feed;
 pub mod rotation;
+pub mod sockets;
 pub mod startup;
 pub mod state;
 
 pub use config::RunArgs;
-pub use startup::{reset_admin, run, run_with, show_thumbprint, start, start_with, RunningServer};
+pub use sockets::PassedSockets;
+pub use startup::{
+    reset_admin, run, run_on, run_with, show_thumbprint, start, start_on, start_with, RunningServer,
+};
 pub use state::AppState;

@@ -26,6 +26,7 @@ use tracing::info;
 
 use crate::auth::issue_api_key;
 use crate::config::RunArgs;
+use crate::sockets::PassedSockets;
 use crate::state::{polling_thumbprints, AppState};
 
 /// An exclusive advisory lock (`flock`) on a file, held for the life of the
@@ -374,6 +375,9 @@ pub struct RunningServer {
     pub admin_api_key: Option<String>,
     /// This start created the master key (the operator must back it up).
     pub master_key_created: bool,
+    /// The ports served on sockets the service manager passed ("API
+    /// 127.0.0.1:8080"), none when the server bound them all.
+    pub passed_sockets: Vec<String>,
     comms: CommsHandle,
     shutdown: CancellationToken,
     tasks: tokio::task::JoinSet<()>,
@@ -415,6 +419,16 @@ pub async fn start(args: &RunArgs) -> anyhow::Result<RunningServer> {
 /// on the API port and, for clients without a certificate, on the TLS port.
 pub async fn start_with(
     args: &RunArgs,
+    extra: impl FnOnce(AppState) -> Option<axum::Router> + Send,
+) -> anyhow::Result<RunningServer> {
+    start_on(args, PassedSockets::none(), extra).await
+}
+
+/// As [`start_with`], listening on `sockets` (the service manager's, see
+/// [`PassedSockets`]) for the ports they listen on, binding the others.
+pub async fn start_on(
+    args: &RunArgs,
+    mut sockets: PassedSockets,
     extra: impl FnOnce(AppState) -> Option<axum::Router> + Send,
 ) -> anyhow::Result<RunningServer> {
     if !(args.session_idle_hours > 0.0 && args.session_idle_hours.is_finite()) {
@@ -485,12 +499,25 @@ pub async fn start_with(
         },
     );
 
-    let api_listener = octo_comms::net::listen_on(args.listen)
-        .map_err(|e| bind_error(&e, &args.listen.to_string(), "--listen"))?;
+    let mut passed_sockets = Vec::new();
+    let api_listener = match sockets.take(args.listen.port(), &[args.listen.ip()], "--listen")? {
+        Some(l) => passed("API", l, &mut passed_sockets),
+        None => octo_comms::net::listen_on(args.listen)
+            .map_err(|e| bind_error(&e, &args.listen.to_string(), "--listen"))?,
+    };
     let comms_addr = format!("{}:{}", args.comms_listen_address, args.comms_listen_port);
-    let comms_listener = octo_comms::net::listen(&comms_addr)
-        .await
-        .map_err(|e| bind_error(&e, &comms_addr, "--comms-listen-port"))?;
+    let comms_listener = match take_passed(
+        &mut sockets,
+        &args.comms_listen_address,
+        args.comms_listen_port,
+    )
+    .await?
+    {
+        Some(l) => passed("comms", l, &mut passed_sockets),
+        None => octo_comms::net::listen(&comms_addr)
+            .await
+            .map_err(|e| bind_error(&e, &comms_addr, "--comms-listen-port"))?,
+    };
     let api_addr = api_listener.local_addr()?;
     let comms_port = comms_listener.local_addr()?.port();
     let web_socket_options = match args.web_socket_listen_port {
@@ -504,12 +531,23 @@ pub async fn start_with(
                 bail!("--web-socket-path '{path}' must be a path such as {} (starting with '/', no spaces, query or fragment)", octo_comms::websocket::DEFAULT_PATH);
             }
             let addr = format!("{}:{port}", args.comms_listen_address);
-            let listener = octo_comms::net::listen(&addr)
-                .await
-                .map_err(|e| bind_error(&e, &addr, "--web-socket-listen-port"))?;
+            let listener = match take_passed(&mut sockets, &args.comms_listen_address, port).await?
+            {
+                Some(l) => passed("WebSocket", l, &mut passed_sockets),
+                None => octo_comms::net::listen(&addr)
+                    .await
+                    .map_err(|e| bind_error(&e, &addr, "--web-socket-listen-port"))?,
+            };
             Some((listener, octo_comms::WebSocketListenerOptions::new(path)))
         }
     };
+    sockets.finish(&format!(
+        "--listen {}, --comms-listen-port {}, --web-socket-listen-port {}",
+        args.listen,
+        args.comms_listen_port,
+        args.web_socket_listen_port
+            .map_or_else(|| "off".to_string(), |p| p.to_string())
+    ))?;
     let web_socket_port = match &web_socket_options {
         Some((l, _)) => Some(l.local_addr()?.port()),
         None => None,
@@ -687,6 +725,7 @@ pub async fn start_with(
         thumbprint: identity.thumbprint(),
         admin_api_key,
         master_key_created,
+        passed_sockets,
         comms: CommsHandle(comms),
         shutdown,
         tasks,
@@ -789,7 +828,19 @@ pub async fn run_with(
     args: RunArgs,
     extra: impl FnOnce(AppState) -> Option<axum::Router> + Send,
 ) -> anyhow::Result<()> {
-    let server = start_with(&args, extra).await?;
+    run_on(args, PassedSockets::none(), extra).await
+}
+
+/// As [`run_with`], on the sockets the service manager passed (read them with
+/// [`PassedSockets::from_env`] before the runtime starts its threads), and
+/// telling it (`sd_notify`, when it asks: `Type=notify`) when the server is
+/// ready and when it stops.
+pub async fn run_on(
+    args: RunArgs,
+    sockets: PassedSockets,
+    extra: impl FnOnce(AppState) -> Option<axum::Router> + Send,
+) -> anyhow::Result<()> {
+    let server = start_on(&args, sockets, extra).await?;
     if let Some(key) = &server.admin_api_key {
         println!(
             "First start: created user 'admin' and an API key for it (shown once, also in {}):",
@@ -812,14 +863,71 @@ pub async fn run_with(
             )
         })
         .unwrap_or_default();
+    if !server.passed_sockets.is_empty() {
+        println!(
+            "Listening on the sockets the service manager passed (they stay open across restarts): {}",
+            server.passed_sockets.join(", ")
+        );
+    }
     println!(
         "Octopus server ready: API http://{}/api, comms port {}{web_socket}, thumbprint {}",
         server.api_addr, server.comms_port, server.thumbprint
     );
+    notify_service_manager(&[sd_notify::NotifyState::Ready]);
     wait_for_signal().await;
     println!("Stopping.");
+    notify_service_manager(&[sd_notify::NotifyState::Stopping]);
     server.stop().await;
     Ok(())
+}
+
+/// Tells the service manager `state` when it asked to be told
+/// (`NOTIFY_SOCKET`); a failure is logged, as the server serves either way.
+fn notify_service_manager(state: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::warn!(
+            "telling the service manager (NOTIFY_SOCKET) that the server is {}: {e}",
+            state
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+}
+
+/// `listener`, passed by the service manager for `what`, noted in `list`.
+fn passed(
+    what: &str,
+    listener: tokio::net::TcpListener,
+    list: &mut Vec<String>,
+) -> tokio::net::TcpListener {
+    list.push(match listener.local_addr() {
+        Ok(a) => format!("{what} {a}"),
+        Err(_) => what.to_string(),
+    });
+    listener
+}
+
+/// The passed socket for `port` (the comms or WebSocket port), checked
+/// against `--comms-listen-address` (`host`, a name or an address).
+async fn take_passed(
+    sockets: &mut PassedSockets,
+    host: &str,
+    port: u16,
+) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    if sockets.is_empty() || port == 0 {
+        return Ok(None);
+    }
+    let wanted: Vec<std::net::IpAddr> = match host.parse() {
+        Ok(ip) => vec![ip],
+        Err(_) => tokio::net::lookup_host((host, port))
+            .await
+            .with_context(|| format!("resolving --comms-listen-address {host}"))?
+            .map(|a| a.ip())
+            .collect(),
+    };
+    sockets.take(port, &wanted, "--comms-listen-address")
 }
 
 fn bind_error(e: &std::io::Error, addr: &str, flag: &str) -> anyhow::Error {

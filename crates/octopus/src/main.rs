@@ -140,6 +140,19 @@ fn main() -> ExitCode {
         cli.command,
         Command::Client(_) | Command::Server(ServerCommand::RotateCertificate)
     );
+    // The sockets systemd passed (LISTEN_FDS), read before the runtime starts
+    // threads: reading them removes the variables from the environment.
+    let sockets = if matches!(cli.command, Command::Server(ServerCommand::Run(_))) {
+        match server::PassedSockets::from_env() {
+            Ok(s) => s,
+            Err(e) => {
+                shared::print_error(&e);
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        server::PassedSockets::none()
+    };
     let runtime = if client {
         tokio::runtime::Builder::new_current_thread()
     } else {
@@ -148,7 +161,7 @@ fn main() -> ExitCode {
     .enable_all()
     .build();
     let result = match runtime {
-        Ok(rt) => rt.block_on(run(cli)),
+        Ok(rt) => rt.block_on(run(cli, sockets)),
         Err(e) => Err(anyhow::anyhow!("starting the async runtime: {e}")),
     };
     result.unwrap_or_else(|e| {
@@ -157,7 +170,7 @@ fn main() -> ExitCode {
     })
 }
 
-async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+async fn run(cli: Cli, sockets: server::PassedSockets) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::GenerateDocs { out } => {
             use clap::CommandFactory;
@@ -172,7 +185,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Server(ServerCommand::Run(args)) => {
             limits::raise_open_files();
             limits::check_accept_queue();
-            server::run_with(*args, octo_portal::router)
+            server::run_on(*args, sockets, octo_portal::router)
                 .await
                 .map(|()| ExitCode::SUCCESS)
         }

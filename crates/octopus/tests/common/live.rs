@@ -31,6 +31,8 @@ pub struct ServerProcess {
     pub child: Child,
     pub base: String,
     pub thumbprint: Thumbprint,
+    /// What it printed on stdout up to its ready line (the last).
+    pub lines: Vec<String>,
     /// Keeps draining the child's stdout (so it never blocks on a full pipe).
     _stdout: std::thread::JoinHandle<()>,
 }
@@ -68,12 +70,50 @@ impl ServerProcess {
         comms_port: u16,
         extra: &[&str],
     ) -> Result<Self, String> {
+        Self::launch(wrapper, "127.0.0.1:0", Vec::new(), data, comms_port, extra)
+    }
+
+    /// [`ServerProcess::try_start_with`] on `sockets`, passed as systemd
+    /// passes a socket unit's (file descriptors from 3, `LISTEN_FDS`, and
+    /// `LISTEN_PID` set to the server's process id); the API listens on
+    /// `listen` (`--listen`), which may name one of them.
+    pub fn try_start_on(
+        sockets: &[&std::net::TcpListener],
+        listen: &str,
+        data: &Path,
+        comms_port: u16,
+        extra: &[&str],
+    ) -> Result<Self, String> {
+        let fds = sockets
+            .iter()
+            .zip(3..)
+            .map(|(s, child_fd)| command_fds::FdMapping {
+                parent_fd: std::os::fd::OwnedFd::from(s.try_clone().unwrap()),
+                child_fd,
+            })
+            .collect();
+        let count = format!("LISTEN_FDS={}", sockets.len());
+        // `$$` is the shell's process id, which `exec` hands to the server.
+        let wrapper = ["sh", "-c", r#"LISTEN_PID=$$ exec env "$0" "$@""#, &count];
+        Self::launch(&wrapper, listen, fds, data, comms_port, extra)
+    }
+
+    fn launch(
+        wrapper: &[&str],
+        listen: &str,
+        fds: Vec<command_fds::FdMapping>,
+        data: &Path,
+        comms_port: u16,
+        extra: &[&str],
+    ) -> Result<Self, String> {
+        use command_fds::CommandFdExt;
         let server = env!("CARGO_BIN_EXE_octopus");
         let (program, before) = match wrapper.split_first() {
             Some((program, rest)) => (*program, [rest, &[server]].concat()),
             None => (server, Vec::new()),
         };
-        let mut child = Command::new(program)
+        let mut command = Command::new(program);
+        command
             .args(before)
             .args([
                 "server",
@@ -81,7 +121,7 @@ impl ServerProcess {
                 "--data",
                 data.to_str().unwrap(),
                 "--listen",
-                "127.0.0.1:0",
+                listen,
                 "--comms-listen-port",
                 &comms_port.to_string(),
                 "--comms-listen-address",
@@ -90,9 +130,9 @@ impl ServerProcess {
             .args(extra)
             .env_remove("OCTOPUS_DATABASE_URL")
             .stdout(Stdio::piped())
-            .stderr(Self::stderr_file(data))
-            .spawn()
-            .unwrap();
+            .stderr(Self::stderr_file(data));
+        command.fd_mappings(fds).unwrap();
+        let mut child = command.spawn().unwrap();
         let (tx, rx) = mpsc::channel();
         let stdout = child.stdout.take().unwrap();
         let reader = std::thread::spawn(move || {
@@ -100,6 +140,7 @@ impl ServerProcess {
                 let _ = tx.send(l);
             }
         });
+        let mut lines = Vec::new();
         loop {
             let line = match rx.recv_timeout(T) {
                 Ok(line) => line,
@@ -114,6 +155,7 @@ impl ServerProcess {
                     ));
                 }
             };
+            lines.push(line.clone());
             if let Some(rest) = line.strip_prefix("Octopus server ready: API http://") {
                 let base = format!("http://{}", rest.split("/api").next().unwrap());
                 let thumbprint = line.rsplit(' ').next().unwrap().parse().unwrap();
@@ -125,6 +167,7 @@ impl ServerProcess {
                     child,
                     base,
                     thumbprint,
+                    lines,
                     _stdout: reader,
                 });
             }

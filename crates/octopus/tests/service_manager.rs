@@ -1,0 +1,200 @@
+//! `octopus server run` under a service manager: on sockets passed as
+//! systemd's socket units pass them (`LISTEN_FDS`), a restart refuses no
+//! connection, and a passed socket that disagrees with the server's options
+//! stops it with both named; with `NOTIFY_SOCKET` (`Type=notify`), it says
+//! when it is ready and when it stops.
+//!
+//! The servers are real processes; the sockets are this test's, as they are
+//! systemd's on a host, so they outlive each server. The polling tentacle is a
+//! `TentacleComms` with the real agent services in this process. Every wait is
+//! bounded and waits for an event.
+#![allow(clippy::unwrap_used)]
+// `ServerProcess` waits for its child in `Drop`, which the lint cannot see.
+#![allow(clippy::zombie_processes)]
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::time::Duration;
+
+use common::live::{in_process_tentacle, register_pol, Api, ServerProcess, T};
+use octo_comms::{Backoff, PollingTarget};
+use octo_testkit as kit;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+
+fn loopback_socket() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").unwrap()
+}
+
+/// SIGTERM, and the process's exit (its shutdown run to the end).
+async fn stop(server: ServerProcess) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(server.child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = timeout(
+        T,
+        tokio::task::spawn_blocking(move || {
+            let mut server = server;
+            server.child.wait()
+        }),
+    )
+    .await
+    .expect("the server did not exit after SIGTERM")
+    .unwrap()
+    .unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+/// A script task on `pol`, followed to its end: its state.
+async fn run_on_pol(api: &Api, script: &str) -> String {
+    let (status, v) = api
+        .post(
+            "/api/tasks/script",
+            json!({ "script": script, "machines": ["pol"] }),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+    let id = v["task"]["id"].as_str().unwrap().to_string();
+    let end = api.events(&id).await.until(|e, _| e == "end").await;
+    end["task"]["state"].as_str().unwrap().to_string()
+}
+
+fn log_of(data: &Path) -> String {
+    std::fs::read_to_string(data.with_extension("stderr")).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_made_while_the_server_restarts_wait_for_the_next_process() {
+    kit::init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let (api_socket, comms_socket) = (loopback_socket(), loopback_socket());
+    let api_addr = api_socket.local_addr().unwrap();
+    let comms_port = comms_socket.local_addr().unwrap().port();
+    let sockets = [&api_socket, &comms_socket];
+    let listen = api_addr.to_string();
+
+    let server = ServerProcess::try_start_on(&sockets, &listen, &data, comms_port, &[]).unwrap();
+    assert_eq!(server.base, format!("http://{api_addr}"));
+    let said = format!(
+        "Listening on the sockets the service manager passed (they stay open across restarts): API {api_addr}, comms 127.0.0.1:{comms_port}"
+    );
+    assert!(server.lines.contains(&said), "{:?}", server.lines);
+    let key = std::fs::read_to_string(data.join("admin-api-key"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let api = Api {
+        base: server.base.clone(),
+        key,
+        http: reqwest::Client::new(),
+    };
+    let identity = kit::identity("pol");
+    let comms = in_process_tentacle(tmp.path(), &identity, server.thumbprint);
+    let token = CancellationToken::new();
+    let polling = tokio::spawn({
+        let target = PollingTarget {
+            address: format!("127.0.0.1:{comms_port}"),
+            subscription_id: "sub-pol".into(),
+        };
+        let backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(300));
+        let t = token.clone();
+        async move {
+            let _ = comms.run_polling(target, 1, backoff, t).await;
+        }
+    });
+    register_pol(&api, &identity).await;
+    assert_eq!(run_on_pol(&api, "echo before").await, "Success");
+
+    // No server runs now. A server that bound its own ports would have closed
+    // them: these connections would be refused.
+    stop(server).await;
+    let mut client = tokio::net::TcpStream::connect(api_addr)
+        .await
+        .expect("the API's port refused a connection between two servers");
+    client
+        .write_all(b"GET /api/nodes/ping HTTP/1.1\r\nHost: octopus\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let _tentacle_like = tokio::net::TcpStream::connect(("127.0.0.1", comms_port))
+        .await
+        .expect("the comms port refused a connection between two servers");
+
+    // The next server answers the request made while none ran, and the
+    // tentacle, which lost the first, works through it.
+    let server = ServerProcess::try_start_on(&sockets, &listen, &data, comms_port, &[]).unwrap();
+    let mut answer = Vec::new();
+    timeout(T, client.read_to_end(&mut answer))
+        .await
+        .expect("the request made between the servers was not answered")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(run_on_pol(&api, "echo after").await, "Success");
+
+    token.cancel();
+    timeout(T, polling).await.unwrap().unwrap();
+    stop(server).await;
+}
+
+#[tokio::test]
+async fn a_passed_socket_that_disagrees_with_the_options_stops_the_server_saying_why() {
+    let tmp = tempfile::tempdir().unwrap();
+
+    // The API's socket on 127.0.0.1, --listen on 127.0.0.2, same port: serving
+    // it would put the API where the operator did not ask for it.
+    let data = tmp.path().join("address");
+    let api_socket = loopback_socket();
+    let port = api_socket.local_addr().unwrap().port();
+    let comms_port = common::live::free_port();
+    let listen = format!("127.0.0.2:{port}");
+    let err = ServerProcess::try_start_on(&[&api_socket], &listen, &data, comms_port, &[])
+        .err()
+        .expect("the server started on a socket its --listen does not name");
+    let log = log_of(&data);
+    assert!(
+        log.contains(&format!(
+            "passed a socket listening on 127.0.0.1:{port}, but --listen asks for 127.0.0.2 port {port}"
+        )),
+        "{err}\n{log}"
+    );
+
+    // A socket no option listens on would hold connections nobody accepts.
+    let data = tmp.path().join("stray");
+    let stray = loopback_socket();
+    let stray_addr = stray.local_addr().unwrap();
+    let err = ServerProcess::try_start_on(&[&stray], "127.0.0.1:0", &data, comms_port, &[])
+        .err()
+        .expect("the server started with a passed socket it does not use");
+    let log = log_of(&data);
+    assert!(
+        log.contains(&format!(
+            "passed sockets on {stray_addr} that no option of this server listens on"
+        )),
+        "{err}\n{log}"
+    );
+}
+
+#[tokio::test]
+async fn the_server_tells_the_service_manager_when_it_is_ready_and_when_it_stops() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let path = tmp.path().join("notify");
+    let notify = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    notify.set_read_timeout(Some(T)).unwrap();
+    let env = format!("NOTIFY_SOCKET={}", path.display());
+    let server =
+        ServerProcess::try_start_via(&["env", &env], &data, common::live::free_port(), &[])
+            .unwrap();
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("no notice from the server");
+    assert_eq!(std::str::from_utf8(&buf[..n]).unwrap(), "READY=1\n");
+    stop(server).await;
+    let n = notify
+        .recv(&mut buf)
+        .expect("no notice that the server stops");
+    assert_eq!(std::str::from_utf8(&buf[..n]).unwrap(), "STOPPING=1\n");
+}
