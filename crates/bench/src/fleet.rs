@@ -16,7 +16,10 @@
 //! a one-machine task's round trip; a page of 50 machines of one environment
 //! (`GET /api/machines?environment=..&take=50`); the server restarted on the
 //! same data and ports, until every tentacle is connected again, counting
-//! the accept and handshake warnings the server logs meanwhile; and the
+//! the accept and handshake warnings the server logs meanwhile, twice: on
+//! sockets this process holds across the restart (as systemd's
+//! `octopus.socket` does: connections wait in the accept queue), then
+//! binding the ports anew (connections in the gap are refused); and the
 //! `octopus run-script` process against `ssh` through a ControlMaster
 //! connection to a private sshd, interleaved.
 
@@ -27,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use futures_util::StreamExt;
-use octo_server_core::{start, RunArgs, RunningServer};
+use octo_server_core::{start_on, PassedSockets, RunArgs, RunningServer};
 use serde_json::{json, Value};
 
 use crate::tasks::{cpu_ms, percentile_ms, round2, round3, Api, ChildFleet, StepCpu};
@@ -135,6 +138,58 @@ fn drops_since(before: Option<u64>) -> Option<u64> {
     Some(listen_drops()?.saturating_sub(before?))
 }
 
+/// Copies of `held` for a server to listen on (as systemd passes its own).
+fn passed(held: &[std::net::TcpListener]) -> anyhow::Result<PassedSockets> {
+    let copies = held
+        .iter()
+        .map(std::net::TcpListener::try_clone)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(PassedSockets::new(copies)?)
+}
+
+/// What one restart measured.
+struct Restart {
+    /// From the old server's end to every tentacle connected to the new one.
+    seconds: f64,
+    /// The comms' warnings and errors meanwhile.
+    problems: usize,
+    /// Connection attempts the kernel dropped meanwhile.
+    drops: Option<u64>,
+}
+
+/// Starts the server again (the old one stopped) on `sockets` and waits for
+/// `tentacles` to connect; `how` names the restart in the output.
+async fn restart(
+    args: &RunArgs,
+    sockets: PassedSockets,
+    tentacles: usize,
+    how: &str,
+) -> anyhow::Result<(RunningServer, Restart)> {
+    let t = Instant::now();
+    let drops = listen_drops();
+    PROBLEMS.store(0, Ordering::Relaxed);
+    ARMED.store(true, Ordering::Relaxed);
+    let server = start_on(args, sockets, |_| None).await?;
+    let reconnect = wait_connected(&server, tentacles).await?;
+    let seconds = t.elapsed().as_secs_f64();
+    let drops = drops_since(drops);
+    ARMED.store(false, Ordering::Relaxed);
+    let problems = PROBLEMS.load(Ordering::Relaxed);
+    println!(
+        "restart {how}: all {tentacles} reconnected {:.1} s after the new start ({seconds:.1} s in all), {problems} comms warnings, {} connection attempts dropped by the kernel",
+        reconnect.as_secs_f64(),
+        drops.map_or("unknown".into(), |d| d.to_string())
+    );
+    Ok((
+        server,
+        Restart {
+            seconds,
+            problems,
+            drops,
+        },
+    ))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -148,19 +203,23 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     let octopus = crate::release_binary("octo-server", "octopus")?;
     let tmp = tempfile::tempdir()?;
     let data = tmp.path().join("data");
+    // The API's and the comms port's sockets, held by this process as
+    // systemd's octopus.socket holds them, for the first restart; the second
+    // binds the same ports anew, as a server on its own does.
+    let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    let held = [
+        octo_comms::net::listen_on(loopback)?.into_std()?,
+        octo_comms::net::listen_on(loopback)?.into_std()?,
+    ];
     let args = RunArgs {
         max_parallel_steps: o.max_parallel_steps,
         max_running_steps: o.max_running_steps,
         database_url: o.database_url.clone(),
+        listen: held[0].local_addr()?,
+        comms_listen_port: held[1].local_addr()?.port(),
         ..RunArgs::loopback(&data)
     };
-    let server = start(&args).await?;
-    // The restart reuses the ports the tentacles know.
-    let args = RunArgs {
-        listen: server.api_addr,
-        comms_listen_port: server.comms_port,
-        ..args
-    };
+    let server = start_on(&args, passed(&held)?, |_| None).await?;
     let api = Api {
         base: format!("http://{}", server.api_addr),
         key: server.admin_api_key.clone().context("admin key")?,
@@ -310,24 +369,21 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     // The CLI against ssh.
     let cli_ratio = cli_vs_ssh(&octopus, &api, o.cli_runs, tmp.path()).await?;
 
-    // Restart: until every tentacle is connected again.
+    // Restarts: until every tentacle is connected again. First on the held
+    // sockets (connections made meanwhile wait in their accept queue), then
+    // with the ports closed in between (connections meanwhile are refused).
     server.stop().await;
-    let t = Instant::now();
-    let drops = listen_drops();
-    PROBLEMS.store(0, Ordering::Relaxed);
-    ARMED.store(true, Ordering::Relaxed);
-    let server = start(&args).await?;
-    let reconnect = wait_connected(&server, o.tentacles).await?;
-    let reconnect_s = t.elapsed().as_secs_f64();
-    let reconnect_drops = drops_since(drops);
-    ARMED.store(false, Ordering::Relaxed);
-    let problems = PROBLEMS.load(Ordering::Relaxed);
-    println!(
-        "restart: all {} reconnected {:.1} s after the new start ({reconnect_s:.1} s in all), {problems} comms warnings, {} connection attempts dropped by the kernel",
+    let (server, held_restart) =
+        restart(&args, passed(&held)?, o.tentacles, "on held sockets").await?;
+    server.stop().await;
+    drop(held);
+    let (server, plain_restart) = restart(
+        &args,
+        PassedSockets::none(),
         o.tentacles,
-        reconnect.as_secs_f64(),
-        reconnect_drops.map_or("unknown".into(), |d| d.to_string())
-    );
+        "binding its ports",
+    )
+    .await?;
 
     let per_process = fleet.per_process;
     let fleet_home = fleet.home.display().to_string();
@@ -350,9 +406,12 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         "fanout_5000_s": round3(median(fan_all)),
         "task_rtt_p50_ms": round2(rtt_p50),
         "machine_list_5000_p50_ms": round2(list_p50),
-        "reconnect_5000_s": round2(reconnect_s),
-        "reconnect_errors": problems,
-        "reconnect_listen_drops": reconnect_drops,
+        "reconnect_5000_s": round2(plain_restart.seconds),
+        "reconnect_errors": plain_restart.problems,
+        "reconnect_listen_drops": plain_restart.drops,
+        "reconnect_held_sockets_5000_s": round2(held_restart.seconds),
+        "reconnect_held_sockets_errors": held_restart.problems,
+        "reconnect_held_sockets_listen_drops": held_restart.drops,
         "max_parallel_steps": o.max_parallel_steps,
         "max_running_steps": o.max_running_steps,
     });
@@ -365,13 +424,16 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
 
 /// Median time of `octopus run-script --machine t0 --script true` over the
 /// median of `ssh HOST true` through a ControlMaster connection, interleaved.
-/// None (and said) when sshd is not installed.
+/// None (and said) when sshd is not installed; None when `runs` is 0.
 pub(crate) async fn cli_vs_ssh(
     octopus: &Path,
     api: &Api,
     runs: usize,
     dir: &Path,
 ) -> anyhow::Result<Option<f64>> {
+    if runs == 0 {
+        return Ok(None);
+    }
     let Some(sshd) = crate::deploy::start_sshd(&dir.join("ssh"))? else {
         println!("cli_over_ssh_mux: skipped (no /usr/sbin/sshd; install openssh-server)");
         return Ok(None);
