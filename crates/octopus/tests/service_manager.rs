@@ -71,16 +71,20 @@ async fn connections_made_while_the_server_restarts_wait_for_the_next_process() 
     kit::init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let (api_socket, comms_socket) = (loopback_socket(), loopback_socket());
+    let (api_socket, comms_socket, ws_socket) =
+        (loopback_socket(), loopback_socket(), loopback_socket());
     let api_addr = api_socket.local_addr().unwrap();
     let comms_port = comms_socket.local_addr().unwrap().port();
-    let sockets = [&api_socket, &comms_socket];
+    let ws_port = ws_socket.local_addr().unwrap().port().to_string();
+    // In another order than the options': each is taken by its port.
+    let sockets = [&ws_socket, &api_socket, &comms_socket];
     let listen = api_addr.to_string();
+    let ws = ["--web-socket-listen-port", ws_port.as_str()];
 
-    let server = ServerProcess::try_start_on(&sockets, &listen, &data, comms_port, &[]).unwrap();
+    let server = ServerProcess::try_start_on(&sockets, &listen, &data, comms_port, &ws).unwrap();
     assert_eq!(server.base, format!("http://{api_addr}"));
     let said = format!(
-        "Listening on the sockets the service manager passed (they stay open across restarts): API {api_addr}, comms 127.0.0.1:{comms_port}"
+        "Listening on the sockets the service manager passed (they stay open across restarts): API {api_addr}, comms 127.0.0.1:{comms_port}, WebSocket 127.0.0.1:{ws_port}"
     );
     assert!(server.lines.contains(&said), "{:?}", server.lines);
     let key = std::fs::read_to_string(data.join("admin-api-key"))
@@ -119,13 +123,15 @@ async fn connections_made_while_the_server_restarts_wait_for_the_next_process() 
         .write_all(b"GET /api/nodes/ping HTTP/1.1\r\nHost: octopus\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
-    let _tentacle_like = tokio::net::TcpStream::connect(("127.0.0.1", comms_port))
-        .await
-        .expect("the comms port refused a connection between two servers");
+    for port in [comms_port, ws_port.parse().unwrap()] {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("the comms or WebSocket port refused a connection between two servers");
+    }
 
     // The next server answers the request made while none ran, and the
     // tentacle, which lost the first, works through it.
-    let server = ServerProcess::try_start_on(&sockets, &listen, &data, comms_port, &[]).unwrap();
+    let server = ServerProcess::try_start_on(&sockets, &listen, &data, comms_port, &ws).unwrap();
     let mut answer = Vec::new();
     timeout(T, client.read_to_end(&mut answer))
         .await
