@@ -49,11 +49,19 @@ impl PassedSockets {
     }
 
     /// These listening sockets (a test's or a benchmark's, which keeps a copy
-    /// across a restart as systemd does).
+    /// across a restart as systemd does). A socket that does not listen (a
+    /// connection, as a socket unit with `Accept=yes` passes) is refused.
     pub fn new(listeners: Vec<std::net::TcpListener>) -> std::io::Result<Self> {
         let mut sockets = Vec::with_capacity(listeners.len());
         for l in listeners {
-            sockets.push((l.local_addr()?, l));
+            let addr = l.local_addr()?;
+            if !socket2::SockRef::from(&l).is_listener()? {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("the socket on {addr} is a connection, not a listening socket; the server's socket unit must not set Accept=yes"),
+                ));
+            }
+            sockets.push((addr, l));
         }
         Ok(Self { sockets })
     }
@@ -169,6 +177,24 @@ mod tests {
             "{err}"
         );
         passed.finish("none").unwrap();
+    }
+
+    #[test]
+    fn a_connection_is_not_taken_for_a_listening_socket() {
+        let listener = loopback();
+        let addr = listener.local_addr().unwrap();
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.connect(&addr.into()).unwrap();
+        let local = socket.local_addr().unwrap().as_socket().unwrap();
+        let err = PassedSockets::new(vec![std::net::TcpListener::from(socket)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("the socket on {local} is a connection"))
+                && err.contains("Accept=yes"),
+            "{err}"
+        );
     }
 
     #[test]
