@@ -27,6 +27,7 @@ pub mod proxy;
 pub mod registry;
 pub mod rotation;
 pub mod server;
+mod stop;
 pub mod tentacle;
 pub mod websocket;
 
@@ -40,6 +41,7 @@ pub use server::{
     Connection, Endpoint, HttpOverTls, ServerComms, ServerCommsOptions, WebSocketListenerOptions,
     DEFAULT_MAX_CONCURRENT_HANDSHAKES,
 };
+pub use stop::StopSignals;
 pub use tentacle::{ConnectionInfo, Direction, PollingOptions, PollingTarget, TentacleComms};
 
 /// Sets the process's allocator up for bulk transfers. Call it first thing in

@@ -840,6 +840,9 @@ pub async fn run_on(
     sockets: PassedSockets,
     extra: impl FnOnce(AppState) -> Option<axum::Router> + Send,
 ) -> anyhow::Result<()> {
+    // Watched before the server says it is ready: a service manager may stop
+    // it at once, and an unwatched SIGTERM would kill it mid-way.
+    let mut stop = octo_comms::StopSignals::watch();
     let server = start_on(&args, sockets, extra).await?;
     if let Some(key) = &server.admin_api_key {
         println!(
@@ -874,7 +877,7 @@ pub async fn run_on(
         server.api_addr, server.comms_port, server.thumbprint
     );
     notify_service_manager(&[sd_notify::NotifyState::Ready]);
-    wait_for_signal().await;
+    stop.recv().await;
     println!("Stopping.");
     notify_service_manager(&[sd_notify::NotifyState::Stopping]);
     server.stop().await;
@@ -935,20 +938,5 @@ fn bind_error(e: &std::io::Error, addr: &str, flag: &str) -> anyhow::Error {
         anyhow::anyhow!("{addr} is already in use (another server or program listens there); choose another with {flag}")
     } else {
         anyhow::anyhow!("cannot listen on {addr}: {e}")
-    }
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
     }
 }

@@ -12,12 +12,10 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::live::{
-    free_port, in_process_tentacle, register_pol, stdout_lines, Api, ServerProcess, T,
+    admin_api, free_port, in_process_tentacle, poll_as_pol, register_pol, stdout_lines,
+    ServerProcess, T,
 };
-use octo_comms::{Backoff, PollingTarget};
 use octo_testkit as kit;
 use serde_json::json;
 use tokio::time::timeout;
@@ -33,31 +31,13 @@ async fn sigkill_mid_task_and_restart_resumes_without_losing_or_repeating_lines(
     let data = tmp.path().join("data");
     let comms_port = free_port();
     let server = ServerProcess::start(&data, comms_port);
-    let key = std::fs::read_to_string(data.join("admin-api-key"))
-        .unwrap()
-        .trim()
-        .to_string();
-    let mut api = Api {
-        base: server.base.clone(),
-        key,
-        http: reqwest::Client::new(),
-    };
+    let mut api = admin_api(&server, &data);
 
     // A polling tentacle with the real services, in this process.
     let identity = kit::identity("pol");
     let comms = in_process_tentacle(tmp.path(), &identity, server.thumbprint);
     let token = CancellationToken::new();
-    let polling = tokio::spawn({
-        let target = PollingTarget {
-            address: format!("127.0.0.1:{comms_port}"),
-            subscription_id: "sub-pol".into(),
-        };
-        let backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(300));
-        let t = token.clone();
-        async move {
-            let _ = comms.run_polling(target, 1, backoff, t).await;
-        }
-    });
+    let polling = poll_as_pol(comms, comms_port, token.clone());
 
     register_pol(&api, &identity).await;
 

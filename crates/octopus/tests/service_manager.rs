@@ -16,10 +16,10 @@ mod common;
 
 use std::net::TcpListener;
 use std::path::Path;
-use std::time::Duration;
 
-use common::live::{in_process_tentacle, register_pol, Api, ServerProcess, T};
-use octo_comms::{Backoff, PollingTarget};
+use common::live::{
+    admin_api, in_process_tentacle, poll_as_pol, register_pol, Api, ServerProcess, T,
+};
 use octo_testkit as kit;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -87,29 +87,11 @@ async fn connections_made_while_the_server_restarts_wait_for_the_next_process() 
         "Listening on the sockets the service manager passed (they stay open across restarts): API {api_addr}, comms 127.0.0.1:{comms_port}, WebSocket 127.0.0.1:{ws_port}"
     );
     assert!(server.lines.contains(&said), "{:?}", server.lines);
-    let key = std::fs::read_to_string(data.join("admin-api-key"))
-        .unwrap()
-        .trim()
-        .to_string();
-    let api = Api {
-        base: server.base.clone(),
-        key,
-        http: reqwest::Client::new(),
-    };
+    let api = admin_api(&server, &data);
     let identity = kit::identity("pol");
     let comms = in_process_tentacle(tmp.path(), &identity, server.thumbprint);
     let token = CancellationToken::new();
-    let polling = tokio::spawn({
-        let target = PollingTarget {
-            address: format!("127.0.0.1:{comms_port}"),
-            subscription_id: "sub-pol".into(),
-        };
-        let backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(300));
-        let t = token.clone();
-        async move {
-            let _ = comms.run_polling(target, 1, backoff, t).await;
-        }
-    });
+    let polling = poll_as_pol(comms, comms_port, token.clone());
     register_pol(&api, &identity).await;
     assert_eq!(run_on_pol(&api, "echo before").await, "Success");
 

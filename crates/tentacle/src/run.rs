@@ -114,6 +114,9 @@ async fn agent(
     identity: octo_tls::Identity,
     host: Arc<Host>,
 ) -> anyhow::Result<Ended> {
+    // Watched before the tentacle says it started: a service manager may stop
+    // it at once, and an unwatched SIGTERM would kill it mid-way.
+    let mut stop = octo_comms::StopSignals::watch();
     let name = target.name.clone();
     if !cfg.listen.enabled && cfg.polling_servers.is_empty() {
         bail!(
@@ -214,7 +217,7 @@ async fn agent(
     );
 
     let ended = tokio::select! {
-        () = wait_for_signal() => Ended::Stopped,
+        () = stop.recv() => Ended::Stopped,
         () = host.restart.cancelled() => Ended::Restart,
     };
     info!("stopping tentacle '{name}'");
@@ -224,22 +227,6 @@ async fn agent(
     })
     .await;
     Ok(ended)
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            warn!("cannot watch SIGTERM ({e}); stop with Ctrl-C");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }
 
 /// "wss://... as poll://SUB/ (N connection(s), dialled at X)".

@@ -352,6 +352,33 @@ pub fn in_process_tentacle(dir: &Path, identity: &Identity, server: Thumbprint) 
     )
 }
 
+/// The admin's client of `server`, whose first start wrote the key in `data`.
+pub fn admin_api(server: &ServerProcess, data: &Path) -> Api {
+    let key = std::fs::read_to_string(data.join("admin-api-key")).unwrap();
+    Api {
+        base: server.base.clone(),
+        key: key.trim().to_string(),
+        http: reqwest::Client::new(),
+    }
+}
+
+/// `comms` polling `127.0.0.1:comms_port` as subscription `sub-pol`,
+/// reconnecting quickly (50-300 ms), until `token` is cancelled.
+pub fn poll_as_pol(
+    comms: TentacleComms,
+    comms_port: u16,
+    token: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let target = octo_comms::PollingTarget {
+        address: format!("127.0.0.1:{comms_port}"),
+        subscription_id: "sub-pol".into(),
+    };
+    let backoff = octo_comms::Backoff::new(Duration::from_millis(50), Duration::from_millis(300));
+    tokio::spawn(async move {
+        let _ = comms.run_polling(target, 1, backoff, token).await;
+    })
+}
+
 /// Registers polling machine `pol` (subscription `sub-pol`, presenting
 /// `identity`) in a new environment `Test`.
 pub async fn register_pol(api: &Api, identity: &Identity) {
