@@ -841,9 +841,16 @@ pub async fn run_on(
     extra: impl FnOnce(AppState) -> Option<axum::Router> + Send,
 ) -> anyhow::Result<()> {
     // Watched before the server says it is ready: a service manager may stop
-    // it at once, and an unwatched SIGTERM would kill it mid-way.
+    // it at once, and an unwatched SIGTERM would kill it mid-way. A stop
+    // during the start (a database that does not answer) ends the start.
     let mut stop = octo_comms::StopSignals::watch();
-    let server = start_on(&args, sockets, extra).await?;
+    let server = tokio::select! {
+        server = start_on(&args, sockets, extra) => server?,
+        () = stop.recv() => {
+            println!("Stopped before the server was ready.");
+            return Ok(());
+        }
+    };
     if let Some(key) = &server.admin_api_key {
         println!(
             "First start: created user 'admin' and an API key for it (shown once, also in {}):",

@@ -2,7 +2,7 @@
 //! systemd's socket units pass them (`LISTEN_FDS`), a restart refuses no
 //! connection, and a passed socket that disagrees with the server's options
 //! stops it with both named; with `NOTIFY_SOCKET` (`Type=notify`), it says
-//! when it is ready and when it stops.
+//! when it is ready and when it stops; a stop during its start ends the start.
 //!
 //! The servers are real processes; the sockets are this test's, as they are
 //! systemd's on a host, so they outlive each server. The polling tentacle is a
@@ -16,6 +16,7 @@ mod common;
 
 use std::net::TcpListener;
 use std::path::Path;
+use std::time::Duration;
 
 use common::live::{
     admin_api, in_process_tentacle, poll_as_pol, register_pol, Api, ServerProcess, T,
@@ -185,4 +186,57 @@ async fn the_server_tells_the_service_manager_when_it_is_ready_and_when_it_stops
         .recv(&mut buf)
         .expect("no notice that the server stops");
     assert_eq!(std::str::from_utf8(&buf[..n]).unwrap(), "STOPPING=1\n");
+}
+
+#[tokio::test]
+async fn a_stop_during_the_start_ends_it() {
+    // A "database" that accepts connections and never answers: the server's
+    // start waits for it (up to 30 s).
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "postgres://octopus:secret@{}/octopus",
+        silent.local_addr().unwrap()
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let comms_port = common::live::free_port().to_string();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_octopus"))
+        .args(["server", "run", "--data", data.to_str().unwrap()])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--comms-listen-port",
+            &comms_port,
+        ])
+        .args(["--database-url", &url])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The server is in its start once its connection arrives.
+    let (_held, _) = timeout(T, silent.accept())
+        .await
+        .expect("the server did not connect to its database")
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    // Well before the database's 30 s: the stop ends the start.
+    let output = timeout(
+        Duration::from_secs(15),
+        tokio::task::spawn_blocking(move || {
+            let status = child.wait();
+            let mut out = String::new();
+            std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+            (status, out)
+        }),
+    )
+    .await
+    .expect("the server went on starting after SIGTERM")
+    .unwrap();
+    let (status, out) = output;
+    assert!(status.unwrap().success(), "{out}");
+    assert!(
+        out.contains("Stopped before the server was ready."),
+        "{out}"
+    );
 }
