@@ -25,7 +25,7 @@ mod common;
 use std::time::Duration;
 
 use common::cluster::{follow, holder_port, loopback, server_lines, Cluster, Polling, TAKEOVER};
-use common::live::{in_process_tentacle, register_pol, stdout_lines};
+use common::live::{in_process_tentacle, register_pol, script_on_pol, stdout_lines};
 use octo_testkit as kit;
 use octo_testkit::nginx::Nginx;
 use serde_json::json;
@@ -90,14 +90,7 @@ async fn a_polling_tentacle_reaches_one_node_and_its_steps_survive_that_node() {
     // balancer may send it there): the step goes on there, from its stored
     // log sequence.
     let script = format!("for i in $(seq 1 {LINES}); do echo \"move $i\"; sleep 0.05; done");
-    let (status, v) = at_other
-        .post(
-            "/api/tasks/script",
-            json!({ "script": script, "machines": ["pol"] }),
-        )
-        .await;
-    assert_eq!(status, 201, "{v}");
-    let id = v["task"]["id"].as_str().unwrap().to_string();
+    let id = script_on_pol(&at_other, &script).await;
     at_other
         .events(&id)
         .await
@@ -136,14 +129,7 @@ async fn a_polling_tentacle_reaches_one_node_and_its_steps_survive_that_node() {
     // 3. SIGKILL of the node running a script (submitted there, so it is
     // both the task's node and the step's).
     let script = format!("for i in $(seq 1 {LINES}); do echo \"line $i\"; sleep 0.05; done");
-    let (status, v) = at_holder
-        .post(
-            "/api/tasks/script",
-            json!({ "script": script, "machines": ["pol"] }),
-        )
-        .await;
-    assert_eq!(status, 201, "{v}");
-    let id = v["task"]["id"].as_str().unwrap().to_string();
+    let id = script_on_pol(&at_holder, &script).await;
     at_survivor
         .events(&id)
         .await
@@ -199,14 +185,7 @@ async fn three_nodes_hand_steps_to_the_holder_and_a_cancel_reaches_it() {
     // A task submitted to each node: every one runs on the holder.
     for i in 0..names.len() {
         let api = cluster.api(i);
-        let (status, v) = api
-            .post(
-                "/api/tasks/script",
-                json!({ "script": format!("echo from {}", names[i]), "machines": ["pol"] }),
-            )
-            .await;
-        assert_eq!(status, 201, "{v}");
-        let id = v["task"]["id"].as_str().unwrap().to_string();
+        let id = script_on_pol(&api, &format!("echo from {}", names[i])).await;
         let (live, end) = follow(&api, &id, Duration::from_secs(60)).await;
         assert_eq!(end["task"]["state"], "Success", "{end}");
         assert_eq!(live, [format!("from {}", names[i])]);

@@ -13,11 +13,10 @@
 mod common;
 
 use common::live::{
-    admin_api, free_port, in_process_tentacle, poll_as_pol, register_pol, stdout_lines,
-    ServerProcess, T,
+    admin_api, free_port, in_process_tentacle, poll_as_pol, register_pol, script_on_pol,
+    stdout_lines, ServerProcess, T,
 };
 use octo_testkit as kit;
-use serde_json::json;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
@@ -42,14 +41,7 @@ async fn sigkill_mid_task_and_restart_resumes_without_losing_or_repeating_lines(
     register_pol(&api, &identity).await;
 
     let script = format!("for i in $(seq 1 {LINES}); do echo \"line $i\"; sleep 0.05; done");
-    let (status, v) = api
-        .post(
-            "/api/tasks/script",
-            json!({ "script": script, "machines": ["pol"] }),
-        )
-        .await;
-    assert_eq!(status, 201, "{v}");
-    let id = v["task"]["id"].as_str().unwrap().to_string();
+    let id = script_on_pol(&api, &script).await;
 
     // Lines are stored before they are published: once "line 5" is seen, the
     // stored log holds at least five of the script's lines.

@@ -19,10 +19,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::live::{
-    admin_api, in_process_tentacle, poll_as_pol, register_pol, Api, ServerProcess, T,
+    admin_api, in_process_tentacle, poll_as_pol, register_pol, script_on_pol, Api, ServerProcess, T,
 };
 use octo_testkit as kit;
-use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
@@ -51,14 +50,7 @@ async fn stop(server: ServerProcess) {
 
 /// A script task on `pol`, followed to its end: its state.
 async fn run_on_pol(api: &Api, script: &str) -> String {
-    let (status, v) = api
-        .post(
-            "/api/tasks/script",
-            json!({ "script": script, "machines": ["pol"] }),
-        )
-        .await;
-    assert_eq!(status, 201, "{v}");
-    let id = v["task"]["id"].as_str().unwrap().to_string();
+    let id = script_on_pol(api, script).await;
     let end = api.events(&id).await.until(|e, _| e == "end").await;
     end["task"]["state"].as_str().unwrap().to_string()
 }

@@ -379,6 +379,18 @@ pub fn poll_as_pol(
     })
 }
 
+/// Starts a script task on machine `pol` through `api`: the task's id.
+pub async fn script_on_pol(api: &Api, script: &str) -> String {
+    let (status, v) = api
+        .post(
+            "/api/tasks/script",
+            json!({ "script": script, "machines": ["pol"] }),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+    v["task"]["id"].as_str().unwrap().to_string()
+}
+
 /// Registers polling machine `pol` (subscription `sub-pol`, presenting
 /// `identity`) in a new environment `Test`.
 pub async fn register_pol(api: &Api, identity: &Identity) {
