@@ -115,6 +115,11 @@ pub struct Record {
     pub args: Vec<String>,
     pub cwd: PathBuf,
     pub message: String,
+    /// The new binary serves on a listening socket passed to it (its
+    /// `version --format json` lists `passed-sockets`); absent in records
+    /// older tentacles wrote.
+    #[serde(default)]
+    pub to_takes_passed_sockets: bool,
 }
 
 impl Record {
@@ -295,7 +300,22 @@ pub fn restore(rec: &Record) -> std::io::Result<bool> {
 }
 
 /// What `BINARY version --format json` says, or why it did not.
-async fn version_of(binary: &Path) -> Result<String, String> {
+/// What this build can do that an older one could not, listed by `tentacle
+/// version --format json` so that an upgrade knows what the next binary
+/// takes: `passed-sockets`, a listening socket handed over in `LISTEN_FDS`
+/// (see [`restart`]).
+pub const FEATURES: &[&str] = &[PASSED_SOCKETS];
+const PASSED_SOCKETS: &str = "passed-sockets";
+
+/// What a tentacle binary says of itself.
+#[derive(Debug)]
+struct BinaryVersion {
+    version: String,
+    /// It serves on a listening socket passed to it.
+    takes_passed_sockets: bool,
+}
+
+async fn version_of(binary: &Path) -> Result<BinaryVersion, String> {
     let run = tokio::process::Command::new(binary)
         .args(["version", "--format", "json"])
         .stdin(std::process::Stdio::null())
@@ -324,10 +344,17 @@ async fn version_of(binary: &Path) -> Result<String, String> {
             String::from_utf8_lossy(&out.stdout).trim()
         )
     })?;
-    v["version"]
+    let version = v["version"]
         .as_str()
         .map(str::to_string)
-        .ok_or_else(|| format!("`version --format json` printed no version: {v}"))
+        .ok_or_else(|| format!("`version --format json` printed no version: {v}"))?;
+    let takes_passed_sockets = v["features"]
+        .as_array()
+        .is_some_and(|f| f.iter().any(|x| x.as_str() == Some(PASSED_SOCKETS)));
+    Ok(BinaryVersion {
+        version,
+        takes_passed_sockets,
+    })
 }
 
 /// The upgrade service of one running tentacle.
@@ -422,11 +449,12 @@ impl UpgradeServiceImpl {
                 )))
             }
         }
-        match version_of(&file).await {
-            Ok(v) if v == version => {}
+        let takes_passed_sockets = match version_of(&file).await {
+            Ok(v) if v.version == version => v.takes_passed_sockets,
             Ok(v) => {
                 return Err(Status::failed_precondition(format!(
-                    "the new binary reports version {v}, not {version}; nothing changed"
+                    "the new binary reports version {}, not {version}; nothing changed",
+                    v.version
                 )))
             }
             Err(why) => {
@@ -435,7 +463,7 @@ impl UpgradeServiceImpl {
                     file.display()
                 )))
             }
-        }
+        };
         let from = crate::version().to_string();
         let wait = Duration::from_millis(req.wait_for_scripts_ms).min(MAX_SCRIPT_WAIT);
         let confirm = Duration::from_millis(req.confirm_within_ms).clamp(MIN_CONFIRM, MAX_CONFIRM);
@@ -467,6 +495,7 @@ impl UpgradeServiceImpl {
                 .collect(),
             cwd: host.cwd.clone(),
             message: format!("upgrading from {from} to {version}"),
+            to_takes_passed_sockets: takes_passed_sockets,
         };
         let record_path = self.record_path();
         let swapped = {
@@ -911,14 +940,35 @@ pub fn on_start(home: &Path, host: &Arc<Host>) {
 
 /// Restarts this process into its (possibly restored) binary, after the agent
 /// has stopped: re-executes it in place, or asks systemd. Returns only when
-/// that failed, with why.
-pub fn restart(host: &Host) -> String {
+/// that failed, with why. A re-executed tentacle receives `listener` (its
+/// listening socket, kept open meanwhile) as a passed socket, so that a
+/// server dialling during the restart waits in its queue instead of being
+/// refused.
+pub fn restart(host: &Host, listener: Option<octo_comms::HeldListener>) -> String {
     match &host.mode {
         RestartMode::ReExec => {
             use std::os::unix::process::CommandExt;
-            let err = std::process::Command::new(&host.binary)
-                .args(&host.args)
-                .exec();
+            // Only the new binary of a pending upgrade that said it takes
+            // one: a binary that does not would find the port held by a
+            // socket it never serves. A restore runs the previous binary,
+            // which may be older.
+            let listener = listener.filter(|_| {
+                Record::load_file(&host.record)
+                    .is_some_and(|r| r.phase == Phase::Pending && r.to_takes_passed_sockets)
+            });
+            let mut cmd = std::process::Command::new(&host.binary);
+            cmd.args(&host.args);
+            if let Some(l) = &listener {
+                if let Err(e) = l.pass_to(&mut cmd) {
+                    warn!(
+                        "cannot keep the listening socket on {} across the restart ({e}); the new process binds it again",
+                        l.local_addr()
+                    );
+                }
+            }
+            let err = cmd.exec();
+            // The previous binary binds the port itself.
+            drop(listener);
             // The new binary could not even be executed: put the previous one
             // back and run that instead.
             let why = format!("executing {} failed: {err}", host.binary.display());

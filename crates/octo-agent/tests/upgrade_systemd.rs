@@ -65,7 +65,11 @@ fn under_systemd_the_tentacle_restarts_through_systemctl_and_guards_from_a_trans
     let previous = dir.path().join("Tentacle.previous");
     start_guard_process(&previous, &h.record, dir.path(), &h.mode).unwrap();
     // The restart: queued, not waited for (the caller is the unit itself).
-    assert_eq!(restart(&h), "", "a successful systemctl answers no error");
+    assert_eq!(
+        restart(&h, None),
+        "",
+        "a successful systemctl answers no error"
+    );
     let calls = std::fs::read_to_string(&log).unwrap();
     let lines: Vec<&str> = calls.lines().collect();
     assert_eq!(lines.len(), 2, "{calls}");
@@ -89,7 +93,7 @@ fn under_systemd_the_tentacle_restarts_through_systemctl_and_guards_from_a_trans
     // the unit's Restart= starts it again); the guard's failure is an error.
     stand_in(&bin, "systemctl", &log, 1);
     stand_in(&bin, "systemd-run", &log, 1);
-    let why = restart(&h);
+    let why = restart(&h, None);
     assert!(
         why.contains("`systemctl restart --no-block tentacle-web.service` failed"),
         "{why}"

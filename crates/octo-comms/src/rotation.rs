@@ -82,12 +82,22 @@ impl Certificates for CertificatesService {
         request: tonic::Request<WatchRotationRequest>,
     ) -> Result<tonic::Response<Self::WatchRotationStream>, tonic::Status> {
         peer(&request)?;
+        // Ends when this tentacle closes the connection gracefully (it stops,
+        // or presents another certificate), so the close need not wait for it.
+        let closing = request
+            .extensions()
+            .get::<crate::tentacle::ConnectionInfo>()
+            .map(|i| i.closing.clone())
+            .unwrap_or_default();
         let mut staged = self.rotation.staged();
         // The certificate this connection was made with: what is current now.
         let current = self.presented.thumbprint();
         let stream = async_stream(move |tx| async move {
             let mut last = None;
             loop {
+                if closing.is_cancelled() {
+                    return;
+                }
                 let next = *staged.borrow_and_update();
                 if let Some(next) = next.filter(|n| Some(*n) != last && *n != current) {
                     last = Some(next);
@@ -99,10 +109,17 @@ impl Certificates for CertificatesService {
                         return;
                     }
                 }
-                if staged.changed().await.is_err() {
+                let changed = tokio::select! {
+                    r = staged.changed() => r,
+                    () = closing.cancelled() => return,
+                };
+                if changed.is_err() {
                     // The agent is stopping: keep the stream open until the
-                    // connection ends, as the contract says.
-                    tx.closed().await;
+                    // connection ends or closes, as the contract says.
+                    tokio::select! {
+                        () = tx.closed() => {}
+                        () = closing.cancelled() => {}
+                    }
                     return;
                 }
             }

@@ -52,6 +52,11 @@ pub struct ConnectionInfo {
     pub direction: Direction,
     /// The subscription this connection serves (polling only).
     pub subscription_id: Option<String>,
+    /// Cancelled when this tentacle starts closing the connection gracefully
+    /// (it stops, or it presents another certificate): streams that would
+    /// otherwise last the connection's life (`WatchRotation`) end then, so
+    /// that the close does not wait for them.
+    pub closing: CancellationToken,
 }
 
 /// Everything a tentacle's connections share.
@@ -327,6 +332,7 @@ impl TentacleComms {
             peer_thumbprint,
             direction: Direction::Listening,
             subscription_id: None,
+            closing: CancellationToken::new(),
         });
         if let Some(info) = &info {
             debug!(thumbprint = %info.peer_thumbprint, "server connected from {remote}");
@@ -379,6 +385,9 @@ impl TentacleComms {
             }
         };
         let moved = self.identity.moved_from(presented);
+        let closing = info
+            .as_ref()
+            .map_or_else(CancellationToken::new, |i| i.closing.clone());
         let h2 = &self.h2;
         let result = if info.is_some() {
             // A trusted peer speaks gRPC, so HTTP/2 only. hyper's HTTP/2 server
@@ -394,12 +403,12 @@ impl TentacleComms {
                 .max_frame_size(h2.max_frame_size)
                 .max_concurrent_streams(h2.max_concurrent_streams);
             let conn = builder.serve_connection(TokioIo::new(io), svc);
-            drive(conn, revoked, moved, &kill, &shutdown).await
+            drive(conn, revoked, moved, &kill, &shutdown, &closing).await
         } else {
             // No certificate: a browser or curl, HTTP/1.1 or HTTP/2; the page only.
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             let conn = builder.serve_connection(TokioIo::new(io), svc);
-            drive(conn, revoked, moved, &kill, &shutdown).await
+            drive(conn, revoked, moved, &kill, &shutdown, &closing).await
         };
         match result {
             Drive::Ended(r) => {
@@ -423,7 +432,17 @@ impl TentacleComms {
                 }
                 Ok(())
             }
-            Drive::Shutdown => Ok(()),
+            Drive::Shutdown { drained: true } => Ok(()),
+            Drive::Shutdown { drained: false } => {
+                if let Some(i) = &info {
+                    warn!(
+                        "stopping: calls from the server at {} were still in flight {} s after the tentacle asked it to go away; the connection was closed under them",
+                        i.remote_addr,
+                        CLOSE_GRACE.as_secs()
+                    );
+                }
+                Ok(())
+            }
             Drive::Rotated => {
                 if let Some(i) = &info {
                     info!(
@@ -592,6 +611,7 @@ impl TentacleComms {
             peer_thumbprint,
             direction: Direction::Polling,
             subscription_id: Some(target.subscription_id.clone()),
+            closing: CancellationToken::new(),
         };
         let served_one = Arc::new(AtomicBool::new(false));
         let listener = page::Listener::Tentacle;
@@ -752,28 +772,36 @@ fn cut_mid_handshake(e: &std::io::Error) -> bool {
     )
 }
 
+/// How long a stopping tentacle lets the calls in flight on a connection
+/// finish before it closes the connection anyway.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
 /// How [`drive`] ended.
 enum Drive {
     /// The connection ended by itself.
     Ended(Result<(), BoxError>),
     /// The peer's trust was removed; the connection was killed.
     Revoked,
-    /// We are shutting down; the connection was closed gracefully (bounded).
-    Shutdown,
+    /// We are shutting down; the connection was closed gracefully, within
+    /// [`CLOSE_GRACE`] (`drained`) or cut after it.
+    Shutdown { drained: bool },
     /// Our certificate changed: the connection was told to go away and has
     /// drained (or was closed after [`ROTATION_DRAIN`]).
     Rotated,
 }
 
 /// Drives a served connection until it ends, its peer's trust is revoked (kill
-/// it at once), shutdown (close gracefully, at most 5 s), or our certificate
+/// it at once), shutdown (close gracefully, at most [`CLOSE_GRACE`]), or our certificate
 /// changes (`moved`: GOAWAY, calls in flight finish within [`ROTATION_DRAIN`]).
+/// A graceful close cancels `closing` first, which ends the streams that
+/// would last the connection's life: only calls doing work are waited for.
 async fn drive<C>(
     conn: C,
     revoked: impl std::future::Future<Output = ()>,
     moved: impl std::future::Future<Output = ()>,
     kill: &CancellationToken,
     shutdown: &CancellationToken,
+    closing: &CancellationToken,
 ) -> Drive
 where
     C: hyper_util::server::graceful::GracefulConnection,
@@ -783,11 +811,12 @@ where
     tokio::select! {
         _ = moved => {
             conn.as_mut().graceful_shutdown();
+            closing.cancel();
             tokio::select! {
                 _ = conn.as_mut() => {}
                 _ = tokio::time::sleep(ROTATION_DRAIN) => kill.cancel(),
                 _ = shutdown.cancelled() => {
-                    let _ = tokio::time::timeout(Duration::from_secs(5), conn.as_mut()).await;
+                    let _ = tokio::time::timeout(CLOSE_GRACE, conn.as_mut()).await;
                     kill.cancel();
                 }
             }
@@ -800,8 +829,9 @@ where
         }
         _ = shutdown.cancelled() => {
             conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(Duration::from_secs(5), conn.as_mut()).await;
-            Drive::Shutdown
+            closing.cancel();
+            let drained = tokio::time::timeout(CLOSE_GRACE, conn.as_mut()).await.is_ok();
+            Drive::Shutdown { drained }
         }
     }
 }

@@ -23,12 +23,12 @@ pub mod authz;
 pub mod config;
 pub mod feed;
 pub mod rotation;
-pub mod sockets;
 pub mod startup;
 pub mod state;
 
 pub use config::RunArgs;
-pub use sockets::PassedSockets;
+/// Listening sockets a service manager passed (`LISTEN_FDS`); see `octo_comms::passed`.
+pub use octo_comms::PassedSockets;
 pub use startup::{
     reset_admin, run, run_on, run_with, show_thumbprint, start, start_on, start_with, RunningServer,
 };

@@ -26,8 +26,8 @@ use tracing::info;
 
 use crate::auth::issue_api_key;
 use crate::config::RunArgs;
-use crate::sockets::PassedSockets;
 use crate::state::{polling_thumbprints, AppState};
+use octo_comms::PassedSockets;
 
 /// An exclusive advisory lock (`flock`) on a file, held for the life of the
 /// server; the file holds the holder's pid, for the message of the next one.
@@ -937,7 +937,7 @@ async fn take_passed(
             .map(|a| a.ip())
             .collect(),
     };
-    sockets.take(port, &wanted, "--comms-listen-address")
+    Ok(sockets.take(port, &wanted, "--comms-listen-address")?)
 }
 
 fn bind_error(e: &std::io::Error, addr: &str, flag: &str) -> anyhow::Error {

@@ -146,7 +146,10 @@ fn main() -> ExitCode {
         match server::PassedSockets::from_env() {
             Ok(s) => s,
             Err(e) => {
-                shared::print_error(&e);
+                shared::print_error(
+                    &anyhow::Error::new(e)
+                        .context("reading the sockets the service manager passed (LISTEN_FDS)"),
+                );
                 return ExitCode::FAILURE;
             }
         }

@@ -153,7 +153,7 @@ async fn a_passed_socket_that_disagrees_with_the_options_stops_the_server_saying
     let log = log_of(&data);
     assert!(
         log.contains(&format!(
-            "passed sockets on {stray_addr} that no option of this server listens on"
+            "passed sockets on {stray_addr} that no option of this program listens on"
         )),
         "{err}\n{log}"
     );

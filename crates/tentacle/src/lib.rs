@@ -572,7 +572,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 Format::Text => println!("tentacle {}", octo_agent::version()),
                 Format::Json => println!(
                     "{}",
-                    serde_json::json!({ "version": octo_agent::version(), "protocol": octo_proto::PROTOCOL_VERSION })
+                    serde_json::json!({
+                        "version": octo_agent::version(),
+                        "protocol": octo_proto::PROTOCOL_VERSION,
+                        "features": octo_agent::upgrade::FEATURES,
+                    })
                 ),
             }
             Ok(())

@@ -11,7 +11,9 @@ use octo_agent::files::FileServiceImpl;
 use octo_agent::scripts::ScriptServiceImpl;
 use octo_agent::upgrade::{self, Host, RestartMode, UpgradeServiceImpl};
 use octo_agent::AgentContext;
-use octo_comms::{Backoff, PollingOptions, PollingTarget, TentacleComms};
+use octo_comms::{
+    Backoff, HeldListener, PassedSockets, PollingOptions, PollingTarget, TentacleComms,
+};
 use octo_proto::v1::capabilities_server::CapabilitiesServer;
 use octo_proto::v1::file_service_server::FileServiceServer;
 use octo_proto::v1::script_service_server::ScriptServiceServer;
@@ -26,6 +28,11 @@ use crate::{load_identity, Target};
 const RELOAD_EVERY: Duration = Duration::from_secs(2);
 
 pub(crate) fn run(target: &Target) -> anyhow::Result<()> {
+    // A listening socket passed by a socket unit, or kept by this process
+    // when it executed itself again (an upgrade): read while this is the only
+    // thread, since reading removes the variables from the environment.
+    let sockets = PassedSockets::from_env()
+        .context("reading the sockets passed to the tentacle (LISTEN_FDS)")?;
     let cfg = target.load()?;
     let identity = load_identity(&cfg)?;
     for dir in [&cfg.tentacle.home, &cfg.tentacle.applications] {
@@ -40,12 +47,24 @@ pub(crate) fn run(target: &Target) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let ended = runtime.block_on(agent(target, cfg, identity, host.clone()))?;
+    let ended = runtime.block_on(agent(target, cfg, identity, host.clone(), sockets))?;
     // Nothing of the agent may outlive it into the restarted process.
     runtime.shutdown_timeout(Duration::from_secs(5));
-    if ended == Ended::Stopped {
+    let Ended::Restart(held) = ended else {
         return Ok(());
-    }
+    };
+    // The socket goes to the new process only when the configuration still
+    // listens there (a port changed since the start is bound anew).
+    let held = held.filter(|h| {
+        target.load().is_ok_and(|c| {
+            c.listen.enabled
+                && c.listen.port == h.local_addr().port()
+                && c.listen
+                    .address
+                    .parse()
+                    .is_ok_and(|ip| octo_comms::passed::address_agrees(&[ip], h.local_addr().ip()))
+        })
+    });
     info!(
         "restarting ({})",
         match &host.mode {
@@ -54,7 +73,7 @@ pub(crate) fn run(target: &Target) -> anyhow::Result<()> {
         }
     );
     drop(log_guard);
-    let why = upgrade::restart(&host);
+    let why = upgrade::restart(&host, held);
     if why.is_empty() {
         // systemd restarts the unit.
         return Ok(());
@@ -64,12 +83,13 @@ pub(crate) fn run(target: &Target) -> anyhow::Result<()> {
 }
 
 /// How the agent ended.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 enum Ended {
     /// Asked to stop (SIGTERM, Ctrl-C).
     Stopped,
-    /// Asked to restart (an upgrade swapped or restored its binary).
-    Restart,
+    /// Asked to restart (an upgrade swapped or restored its binary), with
+    /// its listening socket still open when it re-executes itself.
+    Restart(Option<HeldListener>),
 }
 
 /// Logs to stderr (journald keeps it under systemd) and to a daily-rolling file
@@ -113,6 +133,7 @@ async fn agent(
     cfg: TentacleConfig,
     identity: octo_tls::Identity,
     host: Arc<Host>,
+    mut sockets: PassedSockets,
 ) -> anyhow::Result<Ended> {
     // Watched before the tentacle says it started: a service manager may stop
     // it at once, and an unwatched SIGTERM would kill it mid-way.
@@ -167,9 +188,19 @@ async fn agent(
     let mut tasks = tokio::task::JoinSet::new();
 
     let mut summary = Vec::new();
+    let mut held = None;
     if cfg.listen.enabled {
         let addr = format!("{}:{}", cfg.listen.address, cfg.listen.port);
-        let listener = octo_comms::net::listen(&addr).await.map_err(|e| {
+        let wanted: Vec<std::net::IpAddr> = cfg.listen.address.parse().into_iter().collect();
+        let passed = sockets.take(
+            cfg.listen.port,
+            &wanted,
+            &format!("`tentacle configure --instance {name} --listen-ip`"),
+        )?;
+        let from_passed = passed.is_some();
+        let listener = match passed {
+            Some(l) => l,
+            None => octo_comms::net::listen(&addr).await.map_err(|e| {
             if e.kind() == std::io::ErrorKind::AddrInUse {
                 anyhow::anyhow!(
                     "port {} on {} is already in use (another tentacle instance or program listens there); choose another with `tentacle configure --instance {name} --port N`",
@@ -179,9 +210,22 @@ async fn agent(
             } else {
                 anyhow::anyhow!("cannot listen on {addr}: {e}")
             }
-        })?;
+        })?,
+        };
         let local = listener.local_addr()?;
-        summary.push(format!("listening on {local}"));
+        summary.push(if from_passed {
+            format!("listening on {local} (a socket passed to it, open across restarts)")
+        } else {
+            format!("listening on {local}")
+        });
+        // Kept across a re-execution (an upgrade without systemd): a server
+        // dialling meanwhile waits in the queue instead of being refused.
+        if host.mode == RestartMode::ReExec {
+            match HeldListener::of(&listener) {
+                Ok(h) => held = Some(h),
+                Err(e) => warn!("cannot keep the listening socket on {local} for restarts: {e}"),
+            }
+        }
         let (c, t) = (comms.clone(), shutdown.clone());
         tasks.spawn(async move {
             if let Err(e) = c.run_listening(listener, t).await {
@@ -195,6 +239,11 @@ async fn agent(
     for p in &cfg.polling_servers {
         summary.push(format!("polling {}", describe(p)));
     }
+    sockets.finish(&if cfg.listen.enabled {
+        format!("listening on {}:{}", cfg.listen.address, cfg.listen.port)
+    } else {
+        "not listening".to_string()
+    })?;
     let mut pollers = Pollers::new(comms.clone(), shutdown.clone());
     pollers.sync(&cfg.polling_servers, false);
     tasks.spawn(watch_config(
@@ -218,7 +267,7 @@ async fn agent(
 
     let ended = tokio::select! {
         () = stop.recv() => Ended::Stopped,
-        () = host.restart.cancelled() => Ended::Restart,
+        () = host.restart.cancelled() => Ended::Restart(held),
     };
     info!("stopping tentacle '{name}'");
     shutdown.cancel();

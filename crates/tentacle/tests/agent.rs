@@ -41,6 +41,23 @@ impl Env {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
+    /// An instance with a certificate, listening on 127.0.0.1:`port` and
+    /// trusting the returned server identity.
+    fn listening(&self, port: u16) -> octo_tls::Identity {
+        self.ok(&["create-instance"]);
+        self.ok(&["new-certificate"]);
+        let server_id = kit::identity("server");
+        self.ok(&[
+            "configure",
+            "--port",
+            &port.to_string(),
+            "--listen-ip",
+            "127.0.0.1",
+            "--trust",
+            &server_id.thumbprint().to_string(),
+        ]);
+        server_id
+    }
     fn thumbprint(&self) -> Thumbprint {
         self.ok(&["show-thumbprint"]).trim().parse().unwrap()
     }
@@ -61,8 +78,12 @@ impl Drop for Agent {
 }
 
 fn start(env: &Env) -> Agent {
-    let mut child = env
-        .cmd(&["run"])
+    start_command(env.cmd(&["run"]))
+}
+
+/// Starts `tentacle run` as `cmd` says and waits for its "started" line.
+fn start_command(mut cmd: Command) -> Agent {
+    let mut child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -96,6 +117,24 @@ fn start(env: &Env) -> Agent {
 fn listening_addr(started: &str) -> String {
     let i = started.find("listening on ").unwrap() + "listening on ".len();
     started[i..].split(';').next().unwrap().trim().to_string()
+}
+
+/// A test server as `server_id`, connected to the listening agent of `env`
+/// at `addr`.
+async fn dial(
+    env: &Env,
+    server_id: &octo_tls::Identity,
+    addr: &str,
+) -> (
+    octo_comms::ServerComms,
+    Endpoint,
+    octo_comms::Connection,
+    kit::Guard,
+) {
+    let (server, _, guard) = kit::server(server_id.clone(), &[]).await;
+    let ep = Endpoint::listening(&format!("https://{addr}/"), env.thumbprint()).unwrap();
+    let conn = timeout(T, server.connect(&ep)).await.unwrap().unwrap();
+    (server, ep, conn, guard)
 }
 
 async fn run_script(conn: &octo_comms::Connection, ticket: &str, body: &str) -> ScriptStatus {
@@ -135,23 +174,10 @@ async fn run_script(conn: &octo_comms::Connection, ticket: &str, body: &str) -> 
 async fn listening_agent_runs_scripts_and_drops_a_server_whose_trust_is_removed() {
     kit::init_tracing();
     let env = Env::new();
-    env.ok(&["create-instance"]);
-    env.ok(&["new-certificate"]);
-    let server_id = kit::identity("server");
-    env.ok(&[
-        "configure",
-        "--port",
-        "0",
-        "--listen-ip",
-        "127.0.0.1",
-        "--trust",
-        &server_id.thumbprint().to_string(),
-    ]);
+    let server_id = env.listening(0);
     let agent = start(&env);
     let addr = listening_addr(&agent.started);
-    let (server, _, _g) = kit::server(server_id.clone(), &[]).await;
-    let ep = Endpoint::listening(&format!("https://{addr}/"), env.thumbprint()).unwrap();
-    let conn = timeout(T, server.connect(&ep)).await.unwrap().unwrap();
+    let (server, ep, conn, _g) = dial(&env, &server_id, &addr.to_string()).await;
 
     let status = timeout(
         T,
@@ -207,6 +233,96 @@ async fn listening_agent_runs_scripts_and_drops_a_server_whose_trust_is_removed(
     );
 }
 
+/// `tentacle run` with `listener` passed as a service manager passes it
+/// (`LISTEN_FDS`; the descriptor left open across the exec).
+fn run_on_passed(env: &Env, listener: &std::net::TcpListener) -> Command {
+    use std::os::fd::AsRawFd;
+    nix::fcntl::fcntl(
+        listener,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )
+    .unwrap();
+    let mut cmd = env.cmd(&["run"]);
+    cmd.env("LISTEN_FDS", "1")
+        .env("LISTEN_FDS_FIRST_FD", listener.as_raw_fd().to_string())
+        .env("LISTEN_FDNAMES", "tentacle");
+    cmd
+}
+
+#[tokio::test]
+async fn listening_agent_serves_on_a_socket_passed_to_it() {
+    kit::init_tracing();
+    let env = Env::new();
+    // This test keeps its copy of the socket open: an agent that bound the
+    // port itself would find it in use.
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = socket.local_addr().unwrap();
+    let server_id = env.listening(addr.port());
+    // A connection made before the agent runs waits in the socket's queue.
+    let early = std::net::TcpStream::connect(addr).unwrap();
+    let agent = start_command(run_on_passed(&env, &socket));
+    assert!(
+        agent.started.contains(&format!(
+            "listening on {addr} (a socket passed to it, open across restarts)"
+        )),
+        "{}",
+        agent.started
+    );
+    let (_server, _, conn, _g) = dial(&env, &server_id, &addr.to_string()).await;
+    // Neither the variables nor the socket reach the scripts.
+    let status = timeout(
+        T,
+        run_script(
+            &conn,
+            "passed",
+            "env | grep -c '^LISTEN_' || true; for f in /proc/$$/fd/*; do readlink \"$f\"; done | grep -c '^socket:' || true",
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status.exit_code, 0, "{:?}", status.logs);
+    let out: Vec<&str> = status.logs.iter().map(|l| l.text.as_str()).collect();
+    assert_eq!(out, ["0", "0"], "{:?}", status.logs);
+    // The early connection was accepted by the agent (a TLS handshake that
+    // never comes): it is not refused or reset.
+    early.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 1];
+    let read = std::io::Read::read(&mut &early, &mut buf);
+    assert!(
+        matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "{read:?}"
+    );
+    drop(agent);
+
+    // A socket on another address than the configuration's is refused,
+    // naming both and the fix.
+    let wide = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = wide.local_addr().unwrap().port();
+    env.ok(&["configure", "--port", &port.to_string()]);
+    let out = run_on_passed(&env, &wide).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("passed a socket listening on 0.0.0.0:{port}"))
+            && err
+                .contains("tentacle configure --instance Tentacle --listen-ip` asks for 127.0.0.1"),
+        "{err}"
+    );
+    // A socket on a port the instance does not listen on is an error too.
+    drop(wide);
+    let stray = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let out = run_on_passed(&env, &stray).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "passed sockets on {} that no option of this program listens on (listening on 127.0.0.1:{port})",
+            stray.local_addr().unwrap()
+        )),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn polling_agent_reaches_the_server_and_stops_on_sigterm() {
     kit::init_tracing();
@@ -216,6 +332,9 @@ async fn polling_agent_reaches_the_server_and_stops_on_sigterm() {
     let server_id = kit::identity("server");
     let tentacle_tp = env.thumbprint();
     let (server, paddr, _g) = kit::server(server_id.clone(), &[tentacle_tp]).await;
+    // With a listener for its events the server keeps a `WatchRotation`
+    // stream open on every connection, as a real server does.
+    let mut events = server.events();
     env.ok(&["configure", "--no-listen"]);
     env.ok(&[
         "poll-server",
@@ -234,6 +353,11 @@ async fn polling_agent_reaches_the_server_and_stops_on_sigterm() {
     );
     let ep = Endpoint::polling("agent-sub", tentacle_tp).unwrap();
     let conn = timeout(T, server.connect(&ep)).await.unwrap().unwrap();
+    let connected = timeout(T, events.recv()).await.unwrap().unwrap();
+    assert!(
+        matches!(connected, octo_comms::CommsEvent::Connected { .. }),
+        "{connected:?}"
+    );
     let status = timeout(T, run_script(&conn, "p1", "echo $TentacleHome >&2; pwd"))
         .await
         .unwrap();
@@ -271,17 +395,29 @@ async fn polling_agent_reaches_the_server_and_stops_on_sigterm() {
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    let code = timeout(
+    let (code, rest) = timeout(
         T,
-        tokio::task::spawn_blocking(move || agent.child.wait().unwrap()),
+        tokio::task::spawn_blocking(move || {
+            let code = agent.child.wait().unwrap();
+            // Every line, up to the end of its stderr.
+            let mut lines = Vec::new();
+            while let Ok(l) = agent.rest.recv_timeout(T) {
+                lines.push(l);
+            }
+            (code, lines)
+        }),
     )
     .await
     .unwrap()
     .unwrap();
-    assert!(code.success(), "{code:?}");
+    let rest = rest.join("\n");
+    assert!(code.success(), "{code:?}\n{rest}");
     timeout(T, conn.closed())
         .await
         .expect("connection closed when the agent stopped");
+    // The server's rotation watch ended with the graceful close instead of
+    // holding the connection until the close's grace ran out.
+    assert!(!rest.contains("still in flight"), "{rest}");
 }
 
 #[tokio::test]

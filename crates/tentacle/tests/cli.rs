@@ -549,6 +549,8 @@ fn version_and_help() {
     let v: serde_json::Value =
         serde_json::from_str(&env.ok(&["version", "--format", "json"])).unwrap();
     assert_eq!(v["protocol"], 2);
+    // What an upgrade to this binary may rely on.
+    assert_eq!(v["features"], serde_json::json!(["passed-sockets"]), "{v}");
     for cmd in [
         "create-instance",
         "configure",

@@ -8,7 +8,8 @@
 //!   the script's ticket, and nothing changed;
 //! - the upgrade replaces both binaries (the old one kept as
 //!   `Tentacle.previous`), the listening one re-executes in place (same
-//!   process), both come back reporting V, and scripts run again;
+//!   process, its listening socket handed over open), both come back
+//!   reporting V, and scripts run again;
 //! - a "new" binary that passes the tentacle's checks but exits at once does
 //!   not come back: the guard puts the old binary back and starts it, and the
 //!   task fails saying so.
@@ -273,6 +274,17 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The inode of the socket listening on 127.0.0.1:`port` (`/proc/net/tcp`),
+/// which names the socket itself: a socket bound again gets another.
+fn listening_socket(port: u16) -> Option<String> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let local = format!("0100007F:{port:04X}");
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.get(1) == Some(&local.as_str()) && f.get(3) == Some(&"0A")).then(|| f[9].to_string())
+    })
+}
+
 fn bytes(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap()
 }
@@ -282,13 +294,15 @@ async fn listening_and_polling_tentacles_upgrade_and_come_back_at_the_new_versio
     let lab = Lab::start(Path::new(env!("CARGO_BIN_EXE_tentacle"))).await;
     let (_, info) = lab.api(reqwest::Method::GET, "/api/server", None).await;
     assert_eq!(info["tentacle_version"], NEW, "{info}");
+    let listen_port = free_port();
     let (listening, polling) = tokio::task::block_in_place(|| {
         (
-            lab.old_agent("up-listen", Some(free_port())),
+            lab.old_agent("up-listen", Some(listen_port)),
             lab.old_agent("up-poll", None),
         )
     });
     let old = bytes(&listening.binary);
+    let socket = listening_socket(listen_port).expect("the old tentacle listens");
 
     // The health check: healthy, with the warning.
     let id = lab
@@ -368,6 +382,12 @@ async fn listening_and_polling_tentacles_upgrade_and_come_back_at_the_new_versio
         polling.output()
     );
     assert!(log.contains("SHA-256 verified"), "{log}");
+    assert_eq!(
+        log.matches("the tentacle answered from its new process")
+            .count(),
+        2,
+        "{log}"
+    );
     assert!(
         log.contains(&format!("upgraded from 0.0.1 to {NEW}")),
         "{log}"
@@ -399,6 +419,21 @@ async fn listening_and_polling_tentacles_upgrade_and_come_back_at_the_new_versio
     );
     let exe = std::fs::read_link(format!("/proc/{}/exe", listening.child.id())).unwrap();
     assert_eq!(exe, listening.binary);
+    // Its listening socket was handed over, not closed and bound again: a
+    // server dialling during the restart waited in its queue.
+    assert_eq!(
+        listening_socket(listen_port).as_deref(),
+        Some(socket.as_str()),
+        "{}",
+        listening.output()
+    );
+    assert!(
+        listening
+            .output()
+            .contains("(a socket passed to it, open across restarts)"),
+        "{}",
+        listening.output()
+    );
 
     // Scripts run again on both.
     let id = lab

@@ -111,12 +111,21 @@ pub(crate) async fn run_step(
     };
     let confirm = Duration::from_secs(args.confirm_within_s);
     let deadline = Instant::now() + confirm + AFTER_DEADLINE;
+    let restarting = Instant::now();
     let back = tokio::select! {
         r = come_back(ctx, &endpoint, &boot_id, deadline) => r,
         _ = ctx.shutdown.cancelled() => return StepEnd::Interrupted,
     };
     let (conn, caps) = match back {
-        Some(b) => b,
+        Some((conn, caps, attempts)) => {
+            ctx.say(format!(
+                "the tentacle answered from its new process {:.2} s after the swap ({attempts} attempt{})",
+                restarting.elapsed().as_secs_f64(),
+                if attempts == 1 { "" } else { "s" }
+            ))
+            .await;
+            (conn, caps)
+        }
         None => {
             let why = format!(
                 "the tentacle did not come back within {} s of restarting into {}; its guard puts the previous binary ({from}) back when the upgrade is not confirmed; look at HOME/Upgrade/state.json and HOME/Logs on the machine",
@@ -331,14 +340,19 @@ async fn capabilities(conn: &Connection) -> Result<CapabilitiesReply, PhaseError
 }
 
 /// Waits until the tentacle answers from a process other than `boot_id` (a
-/// restart), until `deadline`.
+/// restart), until `deadline`; with how many attempts that took. A listening
+/// tentacle that handed its socket to its new process answers the first
+/// attempt once that process serves: the dial waits in the socket's queue
+/// instead of being refused.
 async fn come_back(
     ctx: &StepContext,
     endpoint: &Endpoint,
     boot_id: &str,
     deadline: Instant,
-) -> Option<(Connection, CapabilitiesReply)> {
+) -> Option<(Connection, CapabilitiesReply, u32)> {
+    let mut attempts = 0;
     while Instant::now() < deadline {
+        attempts += 1;
         let attempt = async {
             let conn = ctx.comms.connect(endpoint).await.ok()?;
             let caps = capabilities(&conn).await.ok()?;
@@ -346,7 +360,7 @@ async fn come_back(
         };
         if let Ok(Some((conn, caps))) = tokio::time::timeout(CALL_TIMEOUT, attempt).await {
             if caps.boot_id != boot_id {
-                return Some((conn, caps));
+                return Some((conn, caps, attempts));
             }
         }
         tokio::time::sleep(POLL).await;
