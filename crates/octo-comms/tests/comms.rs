@@ -944,3 +944,84 @@ async fn a_handshake_cut_by_a_reset_is_a_warning_and_the_tentacle_tries_again() 
     );
     assert!(!log.contains(" ERROR "), "{log}");
 }
+
+/// A rotation that never stages anything; says when a server starts watching.
+struct Watched(
+    tokio::sync::watch::Sender<Option<Thumbprint>>,
+    std::sync::Arc<tokio::sync::Notify>,
+);
+
+#[tonic::async_trait]
+impl octo_comms::rotation::TentacleRotation for Watched {
+    fn staged(&self) -> tokio::sync::watch::Receiver<Option<Thumbprint>> {
+        self.1.notify_one();
+        self.0.subscribe()
+    }
+    async fn accepted(
+        &self,
+        _next: Thumbprint,
+        _server: Vec<Thumbprint>,
+    ) -> Result<Vec<Thumbprint>, String> {
+        Err("not in this test".into())
+    }
+    async fn trust_server(&self, _current: Thumbprint, _next: Thumbprint) -> Result<bool, String> {
+        Err("not in this test".into())
+    }
+}
+
+#[tokio::test]
+async fn a_connection_closed_for_a_new_certificate_is_not_held_open_by_the_rotation_watch() {
+    kit::init_tracing();
+    let (server_id, old_id, new_id) = (
+        kit::identity("server"),
+        kit::identity("tentacle"),
+        kit::identity("tentacle-next"),
+    );
+    let (server, addr, _sg) = kit::server(
+        server_id.clone(),
+        &[old_id.thumbprint(), new_id.thumbprint()],
+    )
+    .await;
+    // As a real server does: a WatchRotation stream on every connection.
+    let mut events = server.events();
+    let watching = std::sync::Arc::new(tokio::sync::Notify::new());
+    let (staged, _) = tokio::sync::watch::channel(None);
+    let tentacle = octo_comms::TentacleComms::new(
+        old_id.clone(),
+        octo_tls::TrustStore::new(
+            [server_id.thumbprint()],
+            std::sync::Arc::new(|t: &Thumbprint| format!("trust {t}")),
+        ),
+        kit::services::routes(),
+        "Test",
+    )
+    .with_rotation(std::sync::Arc::new(Watched(staged, watching.clone())));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let _stop = stop.clone().drop_guard();
+    let target = octo_comms::PollingTarget {
+        address: addr.to_string(),
+        subscription_id: "rot".into(),
+    };
+    let backoff = octo_comms::Backoff::new(Duration::from_millis(50), Duration::from_millis(500));
+    tokio::spawn({
+        let t = tentacle.clone();
+        async move { t.run_polling(target, 1, backoff, stop).await }
+    });
+    let ep = Endpoint::polling("poll://rot/", old_id.thumbprint()).unwrap();
+    let old = timeout(T, server.connect(&ep)).await.unwrap().unwrap();
+    assert!(matches!(
+        timeout(T, events.recv()).await.unwrap().unwrap(),
+        octo_comms::CommsEvent::Connected { .. }
+    ));
+    timeout(T, watching.notified()).await.unwrap();
+
+    // The switch: GOAWAY on the old connection, which has no call doing
+    // work. It closes now, not when ROTATION_DRAIN (300 s) runs out.
+    assert!(tentacle.switch_identity(new_id.clone()));
+    timeout(T, old.closed())
+        .await
+        .expect("the old connection was held open by the rotation watch");
+    let ep = Endpoint::polling("poll://rot/", new_id.thumbprint()).unwrap();
+    let new = timeout(T, server.connect(&ep)).await.unwrap().unwrap();
+    assert_eq!(new.peer_thumbprint(), new_id.thumbprint());
+}
