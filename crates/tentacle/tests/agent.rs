@@ -390,6 +390,34 @@ async fn polling_agent_reaches_the_server_and_stops_on_sigterm() {
         status.logs
     );
 
+    // A script still running when the agent stops: its log stream ends with
+    // the close (the script goes on), rather than holding the close open.
+    conn.scripts()
+        .start_script(StartScriptRequest {
+            ticket: "long".into(),
+            script_body: "echo $$; exec sleep 30".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut stream = conn
+        .scripts()
+        .stream_logs(ScriptStatusRequest {
+            ticket: "long".into(),
+            since_sequence: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = timeout(T, stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let Some(script_event::Event::Log(pid)) = &first.event else {
+        panic!("{first:?}");
+    };
+    let script = nix::unistd::Pid::from_raw(pid.text.parse().unwrap());
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agent.child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -412,6 +440,11 @@ async fn polling_agent_reaches_the_server_and_stops_on_sigterm() {
     .unwrap();
     let rest = rest.join("\n");
     assert!(code.success(), "{code:?}\n{rest}");
+    let ended = timeout(T, stream.message()).await.unwrap().unwrap_err();
+    assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
+    assert!(ended.message().contains("the script goes on"), "{ended:?}");
+    // It does; this test stops it.
+    nix::sys::signal::kill(script, nix::sys::signal::Signal::SIGKILL).unwrap();
     timeout(T, conn.closed())
         .await
         .expect("connection closed when the agent stopped");

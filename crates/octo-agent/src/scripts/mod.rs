@@ -1607,11 +1607,32 @@ impl ScriptService for ScriptServiceImpl {
         &self,
         request: Request<ScriptStatusRequest>,
     ) -> Result<Response<Self::StreamLogsStream>, Status> {
+        // The connection's graceful close (the tentacle stops, or presents a
+        // new certificate) ends the stream: the script goes on, and the server
+        // reads on from the same sequence once it reaches the tentacle again,
+        // instead of the close waiting for a script that may run for hours.
+        let closing = request
+            .extensions()
+            .get::<octo_comms::ConnectionInfo>()
+            .map(|i| i.closing.clone())
+            .unwrap_or_default();
         let req = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         match self.shared.touch(&req.ticket) {
             Some(script) => {
-                tokio::spawn(stream(script, req.since_sequence, tx));
+                let ended = tx.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = stream(script, req.since_sequence, tx) => {}
+                        () = closing.cancelled() => {
+                            let _ = ended
+                                .send(Err(Status::unavailable(
+                                    "the tentacle is closing this connection (it is stopping, or now presents a new certificate); the script goes on: read its log again from the same sequence",
+                                )))
+                                .await;
+                        }
+                    }
+                });
             }
             None => {
                 let _ = tx
