@@ -391,19 +391,16 @@ async fn polling_agent_reaches_the_server_and_stops_on_sigterm() {
     );
 
     // A script still running when the agent stops: its log stream ends with
-    // the close (the script goes on), rather than holding the close open.
-    conn.scripts()
-        .start_script(StartScriptRequest {
-            ticket: "long".into(),
-            script_body: "echo $$; exec sleep 30".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    // the close, rather than holding the close open.
+    // (RunScript, as the server runs scripts: started and followed in one call.)
     let mut stream = conn
         .scripts()
-        .stream_logs(ScriptStatusRequest {
-            ticket: "long".into(),
+        .run_script(RunScriptRequest {
+            start: Some(StartScriptRequest {
+                ticket: "long".into(),
+                script_body: "echo $$; exec sleep 30".into(),
+                ..Default::default()
+            }),
             since_sequence: 0,
         })
         .await
@@ -442,8 +439,11 @@ async fn polling_agent_reaches_the_server_and_stops_on_sigterm() {
     assert!(code.success(), "{code:?}\n{rest}");
     let ended = timeout(T, stream.message()).await.unwrap().unwrap_err();
     assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
-    assert!(ended.message().contains("the script goes on"), "{ended:?}");
-    // It does; this test stops it.
+    assert!(
+        ended.message().contains("read the script's log again"),
+        "{ended:?}"
+    );
+    // The stop left the script alone; this test stops it.
     nix::sys::signal::kill(script, nix::sys::signal::Signal::SIGKILL).unwrap();
     timeout(T, conn.closed())
         .await

@@ -1489,6 +1489,41 @@ impl Drop for StreamGuard {
 }
 
 /// Sends the log from `since`, then new lines as they come, then the final status.
+/// Cancelled when the connection `request` came on starts closing gracefully
+/// (never, for a request from no connection: in-process tests).
+fn closing_of<T>(request: &Request<T>) -> CancellationToken {
+    request
+        .extensions()
+        .get::<octo_comms::ConnectionInfo>()
+        .map(|i| i.closing.clone())
+        .unwrap_or_default()
+}
+
+/// [`stream`], ended by the connection's graceful close (the tentacle stops,
+/// or presents a new certificate) with `Unavailable`, instead of the close
+/// waiting for a script that may run for hours. The script is not touched:
+/// the server reads on from the same sequence once it reaches the tentacle
+/// again (after a certificate switch, at once; after a restart, the script's
+/// state says what the restart did to it).
+async fn stream_until_closing(
+    script: Arc<Script>,
+    since: u64,
+    tx: mpsc::Sender<Result<ScriptEvent, Status>>,
+    closing: CancellationToken,
+) {
+    let ended = tx.clone();
+    tokio::select! {
+        () = stream(script, since, tx) => {}
+        () = closing.cancelled() => {
+            let _ = ended
+                .send(Err(Status::unavailable(
+                    "the tentacle is closing this connection (it is stopping, or now presents a new certificate); read the script's log again from the same sequence",
+                )))
+                .await;
+        }
+    }
+}
+
 async fn stream(script: Arc<Script>, since: u64, tx: mpsc::Sender<Result<ScriptEvent, Status>>) {
     let _guard = StreamGuard::new(Arc::clone(&script));
     let mut changed = script.changed.subscribe();
@@ -1582,6 +1617,7 @@ impl ScriptService for ScriptServiceImpl {
         &self,
         request: Request<RunScriptRequest>,
     ) -> Result<Response<Self::RunScriptStream>, Status> {
+        let closing = closing_of(&request);
         let req = request.into_inner();
         let Some(start) = req.start else {
             return Err(Status::invalid_argument(
@@ -1595,7 +1631,12 @@ impl ScriptService for ScriptServiceImpl {
             let _ = prepared.await;
         }
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        tokio::spawn(stream(script, req.since_sequence, tx));
+        tokio::spawn(stream_until_closing(
+            script,
+            req.since_sequence,
+            tx,
+            closing,
+        ));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
@@ -1607,32 +1648,17 @@ impl ScriptService for ScriptServiceImpl {
         &self,
         request: Request<ScriptStatusRequest>,
     ) -> Result<Response<Self::StreamLogsStream>, Status> {
-        // The connection's graceful close (the tentacle stops, or presents a
-        // new certificate) ends the stream: the script goes on, and the server
-        // reads on from the same sequence once it reaches the tentacle again,
-        // instead of the close waiting for a script that may run for hours.
-        let closing = request
-            .extensions()
-            .get::<octo_comms::ConnectionInfo>()
-            .map(|i| i.closing.clone())
-            .unwrap_or_default();
+        let closing = closing_of(&request);
         let req = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         match self.shared.touch(&req.ticket) {
             Some(script) => {
-                let ended = tx.clone();
-                tokio::spawn(async move {
-                    tokio::select! {
-                        () = stream(script, req.since_sequence, tx) => {}
-                        () = closing.cancelled() => {
-                            let _ = ended
-                                .send(Err(Status::unavailable(
-                                    "the tentacle is closing this connection (it is stopping, or now presents a new certificate); the script goes on: read its log again from the same sequence",
-                                )))
-                                .await;
-                        }
-                    }
-                });
+                tokio::spawn(stream_until_closing(
+                    script,
+                    req.since_sequence,
+                    tx,
+                    closing,
+                ));
             }
             None => {
                 let _ = tx
