@@ -283,14 +283,23 @@ impl TentacleComms {
         let acceptor = TlsAcceptor::from(cfg);
         let local = listener.local_addr().ok();
         info!(address = ?local, thumbprint = %self.thumbprint(), "listening for servers");
+        // Connections are waited for when the listener stops, so that each
+        // closes gracefully (its log streams told to read on later, its other
+        // calls finished) rather than being cut when the process exits.
+        let connections = tokio_util::task::TaskTracker::new();
         while let Some((tcp, remote)) = net::accept(&listener, &shutdown, "connection").await {
             let this = self.clone();
             let acceptor = acceptor.clone();
             let shutdown = shutdown.clone();
-            tokio::spawn(async move {
+            connections.spawn(async move {
                 this.handle_accepted(tcp, remote, acceptor, shutdown).await;
             });
         }
+        connections.close();
+        // Each is bounded by CLOSE_GRACE from the stop; a handshake still
+        // under way is not waited for beyond that.
+        let _ =
+            tokio::time::timeout(CLOSE_GRACE + Duration::from_secs(1), connections.wait()).await;
         Ok(())
     }
 
@@ -310,7 +319,12 @@ impl TentacleComms {
         let accept = acceptor
             .accept_with(tcp, |c| net::tune_tls(c))
             .into_fallible();
-        let tls = match tokio::time::timeout(self.h2.handshake_timeout, accept).await {
+        // A stop does not wait for a handshake: nothing was asked of us yet.
+        let handshake = tokio::select! {
+            r = tokio::time::timeout(self.h2.handshake_timeout, accept) => r,
+            () = shutdown.cancelled() => return,
+        };
+        let tls = match handshake {
             Err(_) => {
                 debug!("TLS handshake from {remote} timed out");
                 return;

@@ -292,7 +292,8 @@ async fn listening_agent_serves_on_a_socket_passed_to_it() {
         matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
         "{read:?}"
     );
-    drop(agent);
+    // A stop is graceful on listening connections too.
+    stop_with_a_script_running(agent, &conn).await;
 
     // A socket on another address than the configuration's is refused,
     // naming both and the fix.
@@ -345,7 +346,7 @@ async fn polling_agent_reaches_the_server_and_stops_on_sigterm() {
         "--subscription-id",
         "agent-sub",
     ]);
-    let mut agent = start(&env);
+    let agent = start(&env);
     assert!(
         agent.started.contains("poll://agent-sub/"),
         "{}",
@@ -390,9 +391,15 @@ async fn polling_agent_reaches_the_server_and_stops_on_sigterm() {
         status.logs
     );
 
-    // A script still running when the agent stops: its log stream ends with
-    // the close, rather than holding the close open.
-    // (RunScript, as the server runs scripts: started and followed in one call.)
+    stop_with_a_script_running(agent, &conn).await;
+}
+
+/// Stops `agent` (SIGTERM) while a script runs on it, started and followed
+/// over `conn` as the server does (RunScript): the script's log stream ends
+/// with the graceful close, saying to read on later, the server's rotation
+/// watch ends too, so nothing is cut after the close's 5 s grace, and the
+/// agent exits 0. The script is left alone (this test then kills it).
+async fn stop_with_a_script_running(mut agent: Agent, conn: &octo_comms::Connection) {
     let mut stream = conn
         .scripts()
         .run_script(RunScriptRequest {
@@ -436,20 +443,18 @@ async fn polling_agent_reaches_the_server_and_stops_on_sigterm() {
     .unwrap()
     .unwrap();
     let rest = rest.join("\n");
+    let ended = timeout(T, stream.message()).await.unwrap();
+    nix::sys::signal::kill(script, nix::sys::signal::Signal::SIGKILL).unwrap();
     assert!(code.success(), "{code:?}\n{rest}");
-    let ended = timeout(T, stream.message()).await.unwrap().unwrap_err();
+    let ended = ended.unwrap_err();
     assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
     assert!(
         ended.message().contains("read the script's log again"),
-        "{ended:?}"
+        "{ended:?}\n{rest}"
     );
-    // The stop left the script alone; this test stops it.
-    nix::sys::signal::kill(script, nix::sys::signal::Signal::SIGKILL).unwrap();
     timeout(T, conn.closed())
         .await
         .expect("connection closed when the agent stopped");
-    // The server's rotation watch ended with the graceful close instead of
-    // holding the connection until the close's grace ran out.
     assert!(!rest.contains("still in flight"), "{rest}");
 }
 
