@@ -57,6 +57,11 @@ pub struct ConnectionInfo {
     /// otherwise last the connection's life (`WatchRotation`) end then, so
     /// that the close does not wait for them.
     pub closing: CancellationToken,
+    /// Cancelled when the tentacle stops (after `closing`): streams that last
+    /// as long as a script (its log) end then. Not on a certificate switch:
+    /// there a script's log is read to its end on the old connection, since
+    /// the server reaches the tentacle by the thumbprint the step started with.
+    pub stopping: CancellationToken,
 }
 
 /// Everything a tentacle's connections share.
@@ -347,6 +352,7 @@ impl TentacleComms {
             direction: Direction::Listening,
             subscription_id: None,
             closing: CancellationToken::new(),
+            stopping: CancellationToken::new(),
         });
         if let Some(info) = &info {
             debug!(thumbprint = %info.peer_thumbprint, "server connected from {remote}");
@@ -399,9 +405,10 @@ impl TentacleComms {
             }
         };
         let moved = self.identity.moved_from(presented);
-        let closing = info
-            .as_ref()
-            .map_or_else(CancellationToken::new, |i| i.closing.clone());
+        let (closing, stopping) = info.as_ref().map_or_else(
+            || (CancellationToken::new(), CancellationToken::new()),
+            |i| (i.closing.clone(), i.stopping.clone()),
+        );
         let h2 = &self.h2;
         let result = if info.is_some() {
             // A trusted peer speaks gRPC, so HTTP/2 only. hyper's HTTP/2 server
@@ -417,12 +424,28 @@ impl TentacleComms {
                 .max_frame_size(h2.max_frame_size)
                 .max_concurrent_streams(h2.max_concurrent_streams);
             let conn = builder.serve_connection(TokioIo::new(io), svc);
-            drive(conn, revoked, moved, &kill, &shutdown, &closing).await
+            drive(
+                conn,
+                revoked,
+                moved,
+                &kill,
+                &shutdown,
+                (&closing, &stopping),
+            )
+            .await
         } else {
             // No certificate: a browser or curl, HTTP/1.1 or HTTP/2; the page only.
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             let conn = builder.serve_connection(TokioIo::new(io), svc);
-            drive(conn, revoked, moved, &kill, &shutdown, &closing).await
+            drive(
+                conn,
+                revoked,
+                moved,
+                &kill,
+                &shutdown,
+                (&closing, &stopping),
+            )
+            .await
         };
         match result {
             Drive::Ended(r) => {
@@ -626,6 +649,7 @@ impl TentacleComms {
             direction: Direction::Polling,
             subscription_id: Some(target.subscription_id.clone()),
             closing: CancellationToken::new(),
+            stopping: CancellationToken::new(),
         };
         let served_one = Arc::new(AtomicBool::new(false));
         let listener = page::Listener::Tentacle;
@@ -808,14 +832,15 @@ enum Drive {
 /// it at once), shutdown (close gracefully, at most [`CLOSE_GRACE`]), or our certificate
 /// changes (`moved`: GOAWAY, calls in flight finish within [`ROTATION_DRAIN`]).
 /// A graceful close cancels `closing` first, which ends the streams that
-/// would last the connection's life: only calls doing work are waited for.
+/// would last the connection's life, and a stop `stopping` too, which ends
+/// the scripts' log streams: only calls that end by themselves are waited for.
 async fn drive<C>(
     conn: C,
     revoked: impl std::future::Future<Output = ()>,
     moved: impl std::future::Future<Output = ()>,
     kill: &CancellationToken,
     shutdown: &CancellationToken,
-    closing: &CancellationToken,
+    (closing, stopping): (&CancellationToken, &CancellationToken),
 ) -> Drive
 where
     C: hyper_util::server::graceful::GracefulConnection,
@@ -830,6 +855,7 @@ where
                 _ = conn.as_mut() => {}
                 _ = tokio::time::sleep(ROTATION_DRAIN) => kill.cancel(),
                 _ = shutdown.cancelled() => {
+                    stopping.cancel();
                     let _ = tokio::time::timeout(CLOSE_GRACE, conn.as_mut()).await;
                     kill.cancel();
                 }
@@ -844,6 +870,7 @@ where
         _ = shutdown.cancelled() => {
             conn.as_mut().graceful_shutdown();
             closing.cancel();
+            stopping.cancel();
             let drained = tokio::time::timeout(CLOSE_GRACE, conn.as_mut()).await.is_ok();
             Drive::Shutdown { drained }
         }

@@ -119,7 +119,12 @@ impl Api {
             if !matches!(state.as_str(), "Queued" | "Executing" | "Cancelling") {
                 return task;
             }
-            assert!(Instant::now() < deadline, "task {id} still {state}");
+            if Instant::now() >= deadline {
+                let (_, log) = self
+                    .call(reqwest::Method::GET, &format!("/api/tasks/{id}/log"), None)
+                    .await;
+                panic!("task {id} still {state}: {task}\nits log: {log}");
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

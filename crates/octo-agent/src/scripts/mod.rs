@@ -1489,35 +1489,34 @@ impl Drop for StreamGuard {
 }
 
 /// Sends the log from `since`, then new lines as they come, then the final status.
-/// Cancelled when the connection `request` came on starts closing gracefully
-/// (never, for a request from no connection: in-process tests).
-fn closing_of<T>(request: &Request<T>) -> CancellationToken {
+/// Cancelled when the tentacle stops and closes the connection `request` came
+/// on (never, for a request from no connection: in-process tests).
+fn stopping_of<T>(request: &Request<T>) -> CancellationToken {
     request
         .extensions()
         .get::<octo_comms::ConnectionInfo>()
-        .map(|i| i.closing.clone())
+        .map(|i| i.stopping.clone())
         .unwrap_or_default()
 }
 
-/// [`stream`], ended by the connection's graceful close (the tentacle stops,
-/// or presents a new certificate) with `Unavailable`, instead of the close
-/// waiting for a script that may run for hours. The script is not touched:
-/// the server reads on from the same sequence once it reaches the tentacle
-/// again (after a certificate switch, at once; after a restart, the script's
-/// state says what the restart did to it).
-async fn stream_until_closing(
+/// [`stream`], ended when the tentacle stops (its connections' graceful
+/// close) with `Unavailable`, instead of the close waiting for a script that
+/// may run for hours. The script is not touched: the server reads on from the
+/// same sequence once it reaches the tentacle again, where the script's state
+/// says what the restart did to it.
+async fn stream_until_stopping(
     script: Arc<Script>,
     since: u64,
     tx: mpsc::Sender<Result<ScriptEvent, Status>>,
-    closing: CancellationToken,
+    stopping: CancellationToken,
 ) {
     let ended = tx.clone();
     tokio::select! {
         () = stream(script, since, tx) => {}
-        () = closing.cancelled() => {
+        () = stopping.cancelled() => {
             let _ = ended
                 .send(Err(Status::unavailable(
-                    "the tentacle is closing this connection (it is stopping, or now presents a new certificate); read the script's log again from the same sequence",
+                    "the tentacle is stopping; read the script's log again from the same sequence once it is back",
                 )))
                 .await;
         }
@@ -1617,7 +1616,7 @@ impl ScriptService for ScriptServiceImpl {
         &self,
         request: Request<RunScriptRequest>,
     ) -> Result<Response<Self::RunScriptStream>, Status> {
-        let closing = closing_of(&request);
+        let stopping = stopping_of(&request);
         let req = request.into_inner();
         let Some(start) = req.start else {
             return Err(Status::invalid_argument(
@@ -1631,11 +1630,11 @@ impl ScriptService for ScriptServiceImpl {
             let _ = prepared.await;
         }
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        tokio::spawn(stream_until_closing(
+        tokio::spawn(stream_until_stopping(
             script,
             req.since_sequence,
             tx,
-            closing,
+            stopping,
         ));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
@@ -1648,16 +1647,16 @@ impl ScriptService for ScriptServiceImpl {
         &self,
         request: Request<ScriptStatusRequest>,
     ) -> Result<Response<Self::StreamLogsStream>, Status> {
-        let closing = closing_of(&request);
+        let stopping = stopping_of(&request);
         let req = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         match self.shared.touch(&req.ticket) {
             Some(script) => {
-                tokio::spawn(stream_until_closing(
+                tokio::spawn(stream_until_stopping(
                     script,
                     req.since_sequence,
                     tx,
-                    closing,
+                    stopping,
                 ));
             }
             None => {
