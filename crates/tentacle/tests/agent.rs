@@ -449,7 +449,9 @@ async fn stop_with_a_script_running(mut agent: Agent, conn: &octo_comms::Connect
     let ended = ended.unwrap_err();
     assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
     assert!(
-        ended.message().contains("the tentacle is stopping; read the script's log again"),
+        ended
+            .message()
+            .contains("the tentacle is stopping; read the script's log again"),
         "{ended:?}\n{rest}"
     );
     timeout(T, conn.closed())
