@@ -299,7 +299,6 @@ pub fn restore(rec: &Record) -> std::io::Result<bool> {
     Ok(true)
 }
 
-/// What `BINARY version --format json` says, or why it did not.
 /// What this build can do that an older one could not, listed by `tentacle
 /// version --format json` so that an upgrade knows what the next binary
 /// takes: `passed-sockets`, a listening socket handed over in `LISTEN_FDS`
@@ -315,6 +314,7 @@ struct BinaryVersion {
     takes_passed_sockets: bool,
 }
 
+/// What `BINARY version --format json` says, or why it did not.
 async fn version_of(binary: &Path) -> Result<BinaryVersion, String> {
     let run = tokio::process::Command::new(binary)
         .args(["version", "--format", "json"])

@@ -409,6 +409,7 @@ impl TentacleComms {
             || (CancellationToken::new(), CancellationToken::new()),
             |i| (i.closing.clone(), i.stopping.clone()),
         );
+        let tokens = (&closing, &stopping);
         let h2 = &self.h2;
         let result = if info.is_some() {
             // A trusted peer speaks gRPC, so HTTP/2 only. hyper's HTTP/2 server
@@ -424,28 +425,12 @@ impl TentacleComms {
                 .max_frame_size(h2.max_frame_size)
                 .max_concurrent_streams(h2.max_concurrent_streams);
             let conn = builder.serve_connection(TokioIo::new(io), svc);
-            drive(
-                conn,
-                revoked,
-                moved,
-                &kill,
-                &shutdown,
-                (&closing, &stopping),
-            )
-            .await
+            drive(conn, revoked, moved, &kill, &shutdown, tokens).await
         } else {
             // No certificate: a browser or curl, HTTP/1.1 or HTTP/2; the page only.
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             let conn = builder.serve_connection(TokioIo::new(io), svc);
-            drive(
-                conn,
-                revoked,
-                moved,
-                &kill,
-                &shutdown,
-                (&closing, &stopping),
-            )
-            .await
+            drive(conn, revoked, moved, &kill, &shutdown, tokens).await
         };
         match result {
             Drive::Ended(r) => {

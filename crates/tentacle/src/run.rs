@@ -200,17 +200,7 @@ async fn agent(
         let from_passed = passed.is_some();
         let listener = match passed {
             Some(l) => l,
-            None => octo_comms::net::listen(&addr).await.map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AddrInUse {
-                anyhow::anyhow!(
-                    "port {} on {} is already in use (another tentacle instance or program listens there); choose another with `tentacle configure --instance {name} --port N`",
-                    cfg.listen.port,
-                    cfg.listen.address
-                )
-            } else {
-                anyhow::anyhow!("cannot listen on {addr}: {e}")
-            }
-        })?,
+            None => bind(&addr, &cfg, &name).await?,
         };
         let local = listener.local_addr()?;
         summary.push(if from_passed {
@@ -276,6 +266,25 @@ async fn agent(
     })
     .await;
     Ok(ended)
+}
+
+/// The instance's listening socket on `addr`, bound by the tentacle itself.
+async fn bind(
+    addr: &str,
+    cfg: &TentacleConfig,
+    name: &str,
+) -> anyhow::Result<tokio::net::TcpListener> {
+    octo_comms::net::listen(addr).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            anyhow::anyhow!(
+                "port {} on {} is already in use (another tentacle instance or program listens there); choose another with `tentacle configure --instance {name} --port N`",
+                cfg.listen.port,
+                cfg.listen.address
+            )
+        } else {
+            anyhow::anyhow!("cannot listen on {addr}: {e}")
+        }
+    })
 }
 
 /// "wss://... as poll://SUB/ (N connection(s), dialled at X)".
