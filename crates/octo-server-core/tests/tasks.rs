@@ -1158,6 +1158,59 @@ async fn a_cut_connection_resumes_without_losing_or_repeating_lines() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retrying_step_reaches_its_machine_where_it_is_registered_again() {
+    let server = Server::new().await;
+    let lis = Tentacle::listening("lis", server.thumbprint).await;
+    // Registered where nothing listens: the step cannot reach it, and retries.
+    let nowhere = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let lis_id = server.add_listening("lis", nowhere, lis.thumbprint()).await;
+    let id = server.script("echo reached", &["lis"]).await;
+    let mut events = server.events(&id, 0).await;
+    events
+        .until(|e, d| {
+            e == "log"
+                && d["text"]
+                    .as_str()
+                    .is_some_and(|t| t.contains("cannot reach lis"))
+        })
+        .await;
+
+    // Registered again where it listens (`tentacle register-with --force`):
+    // the next attempt goes there, not to the address the step started with.
+    let addr = lis.addr.unwrap();
+    let (status, m) = server
+        .post(
+            "/api/machines",
+            json!({
+                "name": "lis",
+                "comms_style": "TentaclePassive",
+                "uri": format!("https://{addr}/"),
+                "thumbprint": lis.thumbprint().to_string(),
+                "environments": ["Test"],
+                "force": true,
+            }),
+        )
+        .await;
+    assert!(status == 200 || status == 201, "{status} {m}");
+    assert_eq!(m["id"], lis_id, "replaced in place: {m}");
+
+    let (_, end) = events.until(|e, _| e == "end").await;
+    assert_eq!(end["task"]["state"], "Success", "{end}");
+    let log = server.log(&id).await;
+    assert_eq!(stdout_of(&log, lis_id), ["reached"]);
+    let text = server_text(&log);
+    assert!(
+        text.contains(&format!(
+            "lis: its registration changed since the step read it: reaching it at https://{addr}/"
+        )),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_restart_resumes_the_task() {
     let mut server = Server::new().await;
     let pol = Tentacle::polling("pol", server.thumbprint, server.comms_port, "sub-pol");

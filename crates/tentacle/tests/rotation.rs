@@ -351,6 +351,99 @@ async fn tentacles_rotate_their_certificates_without_registering_again() {
     }
 }
 
+/// Stops `tentacle run` as a service manager does (SIGTERM), bounded.
+fn stop_agent(mut agent: Agent) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(agent.0.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let deadline = Instant::now() + T;
+    while agent.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the agent did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_follows_its_tentacle_through_a_rotation_and_a_restart() {
+    let env = Env {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let (_server, api) = server(&env).await;
+    let agents = tentacles(&env, &api).await;
+    let script = api
+        .task(
+            "/api/tasks/script",
+            json!({"environment": "Test", "script": "echo started; sleep 60; echo finished"}),
+        )
+        .await;
+    let deadline = Instant::now() + T;
+    loop {
+        let (_, log) = api
+            .call(
+                reqwest::Method::GET,
+                &format!("/api/tasks/{script}/log"),
+                None,
+            )
+            .await;
+        let started = log
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| l["text"] == "started")
+            .count();
+        if started == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the scripts never started: {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Both rotate, then restart (an upgrade, a reboot): each comes back with
+    // only its new certificate, while its step is still following the script.
+    for instance in ["L", "P"] {
+        let out = env.ok(&["rotate-certificate", "--instance", instance, "--wait", "50"]);
+        assert!(out.contains("Switched"), "{out}");
+    }
+    for agent in agents {
+        stop_agent(agent);
+    }
+    let _l = run_agent(&env, "L");
+    let _p = run_agent(&env, "P");
+
+    // Each step reaches its tentacle as it is now registered, and learns how
+    // the script ended there (the restart ended it): neither refuses the new
+    // certificate (listening) nor waits for the old one (polling).
+    let task = api.finished(&script).await;
+    let (_, log) = api
+        .call(
+            reqwest::Method::GET,
+            &format!("/api/tasks/{script}/log"),
+            None,
+        )
+        .await;
+    let text = log.to_string();
+    assert_eq!(task["task"]["state"], "Failed", "{task}\n{text}");
+    for step in task["steps"].as_array().unwrap() {
+        assert_eq!(
+            step["exit_code"],
+            octo_proto::exit_codes::TENTACLE_RESTARTED,
+            "{step}\n{text}"
+        );
+    }
+    for (instance, machine) in [("L", "rot-listen"), ("P", "rot-poll")] {
+        let new = env.thumbprint(instance);
+        assert!(
+            text.contains(&format!(
+                "{machine}: its registration changed since the step read it"
+            )) && text.contains(&new),
+            "{machine} reached with {new}: {text}"
+        );
+    }
+    assert!(!text.contains("presented"), "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_rotates_its_certificate_and_names_who_did_not_learn_it() {
     let env = Env {

@@ -30,7 +30,7 @@ use utoipa::ToSchema;
 
 use super::script::{self, ScriptEnd, ScriptSpec, ATTEMPT_SHIFT};
 use super::transfer::{ensure_tool, transfer, PhaseError};
-use super::{load_machine, StepEnd};
+use super::{load_machine, machine_now, StepEnd};
 use crate::context::StepContext;
 use crate::tool::ToolBuild;
 
@@ -123,7 +123,7 @@ async fn begin(
 pub(crate) async fn with_retries<T, F>(
     ctx: &StepContext,
     step: &TaskStep,
-    endpoint: &Endpoint,
+    mut endpoint: Endpoint,
     mut work: F,
 ) -> Prepared<T>
 where
@@ -138,7 +138,7 @@ where
     let since = Instant::now();
     loop {
         let attempt = async {
-            let conn = ctx.comms.connect(endpoint).await.map_err(|e| PhaseError {
+            let conn = ctx.comms.connect(&endpoint).await.map_err(|e| PhaseError {
                 retryable: e.is_retryable(),
                 message: e.to_string(),
             })?;
@@ -157,6 +157,17 @@ where
             Ok(v) => return Prepared::Ready(v),
             Err(e) => e,
         };
+        // Registered again or rotating since the step read it: the machine is
+        // tried again at once, as it is now.
+        if let Some(now) = machine_now(ctx, step, &endpoint).await {
+            ctx.say(format!(
+                "{} (as it was registered); trying again at once",
+                e.message
+            ))
+            .await;
+            endpoint = now;
+            continue;
+        }
         if !e.retryable || since.elapsed() >= GIVE_UP_AFTER {
             let why = if e.retryable {
                 format!(
@@ -209,7 +220,7 @@ pub(crate) async fn run_deploy_step(
             return StepEnd::failed(ctx, step, why).await;
         }
     };
-    let prepared = with_retries(ctx, &step, &endpoint, |conn| {
+    let prepared = with_retries(ctx, &step, endpoint, |conn| {
         let (ctx, tool, local, package) =
             (ctx.clone(), tool.clone(), local.clone(), package.clone());
         Box::pin(async move {
@@ -350,7 +361,7 @@ pub(crate) async fn run_upgrade_step(ctx: &StepContext, mut step: TaskStep) -> S
         Ok(r) => r,
         Err(end) => return end,
     };
-    let done = with_retries(ctx, &step, &endpoint, |conn| {
+    let done = with_retries(ctx, &step, endpoint, |conn| {
         let (ctx, tool) = (ctx.clone(), tool.clone());
         Box::pin(async move {
             ensure_tool(&ctx, conn, &tool).await?;

@@ -84,3 +84,47 @@ pub(crate) async fn load_machine(
     ctx.say(&why).await;
     Err(why)
 }
+
+/// The step's machine as it is now, read again before another attempt to
+/// reach it: an attempt made with the endpoint read when the step started
+/// would keep dialling an address the machine has left, or expect a
+/// certificate it no longer presents, until the step gives up. Some(endpoint)
+/// (written to the task's log) when the machine is now reached otherwise:
+/// registered again (a new address or certificate) or rotating its certificate
+/// since the step read it. None when unchanged, or when it cannot be read: the
+/// step keeps what it has (a deleted machine's steps are canceled by its
+/// deletion).
+pub(crate) async fn machine_now(
+    ctx: &StepContext,
+    step: &TaskStep,
+    current: &Endpoint,
+) -> Option<Endpoint> {
+    let name = &step.machine_name;
+    let read = match ctx.machine_row(step.machine_id).await {
+        Ok(Some(m)) => endpoint_of(&m).map_err(|e| e.to_string()),
+        Ok(None) => return None,
+        Err(e) => Err(e.to_string()),
+    };
+    match read {
+        Ok(now) if now == *current => None,
+        Ok(now) => {
+            let also = match now.accepted().get(1) {
+                Some(next) => format!(" (or {next}, the certificate it is rotating to)"),
+                None => String::new(),
+            };
+            ctx.say(format!(
+                "its registration changed since the step read it: reaching it at {now}, thumbprint {}{also}",
+                now.thumbprint()
+            ))
+            .await;
+            Some(now)
+        }
+        Err(e) => {
+            tracing::warn!(
+                machine = %name,
+                "could not read the machine again before another attempt to reach it ({e}); trying {current} as before"
+            );
+            None
+        }
+    }
+}

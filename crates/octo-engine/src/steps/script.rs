@@ -35,7 +35,7 @@ use octo_proto::v1::{
 use octo_store::{now_ms, NewLogLine, TaskState, TaskStep};
 use tokio::time::Instant;
 
-use super::{load_machine, Afterwards, StepEnd};
+use super::{load_machine, machine_now, Afterwards, StepEnd};
 use crate::context::{StepContext, TaskLog};
 use crate::outputs;
 
@@ -620,6 +620,9 @@ impl Run<'_> {
                 _ = self.ctx.cancel.cancelled(), if wait_for_cancel => {}
                 _ = tokio::time::sleep(delay) => {}
             }
+            if let Some(now) = machine_now(self.ctx, &self.step, &self.endpoint).await {
+                self.endpoint = now;
+            }
             delay = (delay * 2).min(RETRY_MAX);
         }
     }
@@ -674,6 +677,16 @@ impl Run<'_> {
                 }
             }
             Err(e) => {
+                // Refused as the step looks for it (a certificate it no longer
+                // presents)? Registered again or rotated since: tried again as
+                // it is now.
+                if let Some(now) = machine_now(self.ctx, &self.step, &self.endpoint).await {
+                    self.endpoint = now;
+                    return Attempt::Retry {
+                        reason: e.to_string(),
+                        was_connected: false,
+                    };
+                }
                 self.fail(e.to_string()).await;
                 return Attempt::Done;
             }

@@ -96,7 +96,7 @@ pub(crate) async fn run_step(
         );
         return StepEnd::failed(ctx, step, why).await;
     }
-    let started = with_retries(ctx, &step, &endpoint, |conn| {
+    let started = with_retries(ctx, &step, endpoint.clone(), |conn| {
         let (ctx, build, args) = (ctx.clone(), build.clone(), args.clone());
         Box::pin(async move { start(&ctx, conn, &build, &args).await })
     })
