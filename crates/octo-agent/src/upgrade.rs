@@ -545,12 +545,9 @@ impl UpgradeServiceImpl {
             .held
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(hold);
-        // Restart once this answer is on its way.
-        let token = host.restart.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            token.cancel();
-        });
+        // Restart now: the stop is graceful, so this answer (a call in
+        // flight) still reaches the server before the connection closes.
+        host.restart.cancel();
         Ok(UpgradeReply {
             previous_version: from,
             restart: host.mode.name().into(),
@@ -594,11 +591,8 @@ impl UpgradeServiceImpl {
             .map_err(|e| Status::internal(format!("writing {}: {e}", path.display())))?;
         warn!("upgrade rolled back: {}", rec.message);
         if must_restart {
-            let token = self.host.restart.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                token.cancel();
-            });
+            // As after a swap: this answer goes out before the connection closes.
+            self.host.restart.cancel();
         }
         Ok(rec.wire())
     }

@@ -45,6 +45,9 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 const AFTER_DEADLINE: Duration = Duration::from_secs(45);
 /// Pause between looks while the tentacle restarts.
 const POLL: Duration = Duration::from_millis(300);
+/// Pause after a look that found no tentacle answering while it restarts: a
+/// refused dial costs little, and the new process may be up any moment.
+const LOOK_AGAIN: Duration = Duration::from_millis(100);
 
 /// Stored arguments of a tentacle upgrade task.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -358,12 +361,22 @@ async fn come_back(
             let caps = capabilities(&conn).await.ok()?;
             Some((conn, caps))
         };
-        if let Ok(Some((conn, caps))) = tokio::time::timeout(CALL_TIMEOUT, attempt).await {
-            if caps.boot_id != boot_id {
+        match tokio::time::timeout(CALL_TIMEOUT, attempt).await {
+            Ok(Some((conn, caps))) if caps.boot_id != boot_id => {
                 return Some((conn, caps, attempts));
             }
+            // The old process still answers: it closes this connection when it
+            // stops, which is the moment to look again (or after POLL, if it
+            // is slow to stop).
+            Ok(Some((old, _))) => {
+                tokio::select! {
+                    () = old.closed() => {}
+                    () = tokio::time::sleep(POLL) => {}
+                }
+            }
+            // Not answering (between processes, without a socket handed over).
+            _ => tokio::time::sleep(LOOK_AGAIN).await,
         }
-        tokio::time::sleep(POLL).await;
     }
     None
 }
