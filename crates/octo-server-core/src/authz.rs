@@ -523,14 +523,22 @@ impl GrantCache {
     }
 }
 
-/// Spaces by id, reused briefly: every request resolves its space, and a
-/// space never changes once created (it is only ever deleted). A space
-/// deleted here is forgotten at once ([`SpaceCache::forget`]); one deleted
-/// through another node of a cluster is forgotten here within
+/// Spaces by id and by name, reused briefly: every request resolves its
+/// space, and a space never changes once created (it is only ever deleted).
+/// A space deleted here is forgotten at once ([`SpaceCache::forget`]); one
+/// deleted through another node of a cluster is forgotten here within
 /// [`SPACE_CACHE_TTL`], as grants are.
 #[derive(Debug, Default)]
 pub struct SpaceCache {
-    entries: Mutex<HashMap<i64, (Instant, Space)>>,
+    entries: Mutex<Entries>,
+}
+
+#[derive(Debug, Default)]
+struct Entries {
+    by_id: HashMap<i64, (Instant, Space)>,
+    /// Names folded as the store compares them (ASCII case): a name found
+    /// here is the store's match for it too.
+    ids_by_name: HashMap<String, i64>,
 }
 
 /// How long a space read is reused.
@@ -540,22 +548,36 @@ impl SpaceCache {
     pub fn get(&self, id: i64) -> Option<Space> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         entries
+            .by_id
             .get(&id)
             .filter(|(at, _)| at.elapsed() < SPACE_CACHE_TTL)
             .map(|(_, s)| s.clone())
     }
 
+    /// The space named `name` (any ASCII case), if read lately.
+    pub fn get_by_name(&self, name: &str) -> Option<Space> {
+        let id = {
+            let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            *entries.ids_by_name.get(&name.to_ascii_lowercase())?
+        };
+        self.get(id).filter(|s| s.name.eq_ignore_ascii_case(name))
+    }
+
     pub fn put(&self, space: &Space) {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        entries.insert(space.id, (Instant::now(), space.clone()));
+        entries
+            .by_id
+            .insert(space.id, (Instant::now(), space.clone()));
+        entries
+            .ids_by_name
+            .insert(space.name.to_ascii_lowercase(), space.id);
     }
 
     /// The space was deleted.
     pub fn forget(&self, id: i64) {
-        self.entries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.by_id.remove(&id);
+        entries.ids_by_name.retain(|_, i| *i != id);
     }
 }
 
@@ -613,6 +635,31 @@ mod tests {
         assert!(!g.has_throughout(P::TaskCreate, 1));
         assert!(g.has_in_space(P::TaskCreate, 1));
         assert!(!g.has_in_space(P::MachineDelete, 1));
+    }
+
+    #[test]
+    fn spaces_are_found_by_name_in_any_ascii_case_until_forgotten() {
+        let cache = SpaceCache::default();
+        let ops = Space {
+            id: 2,
+            name: "Ops".into(),
+            description: String::new(),
+            is_default: false,
+            created_at: 0,
+        };
+        assert!(cache.get_by_name("Ops").is_none());
+        cache.put(&ops);
+        assert_eq!(cache.get_by_name("oPS").map(|s| s.id), Some(2));
+        assert_eq!(cache.get(2).map(|s| s.name), Some("Ops".into()));
+        assert!(cache.get_by_name("Ops2").is_none());
+        cache.forget(2);
+        assert!(cache.get_by_name("Ops").is_none());
+        assert!(cache.get(2).is_none());
+        // Deleted and made again under the same name: the new one.
+        cache.put(&ops);
+        cache.forget(2);
+        cache.put(&Space { id: 3, ..ops });
+        assert_eq!(cache.get_by_name("ops").map(|s| s.id), Some(3));
     }
 
     #[test]

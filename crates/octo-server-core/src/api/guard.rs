@@ -96,7 +96,7 @@ pub async fn resolve_space(
         .and_then(|n| n.parse::<i64>().ok());
     let found = match by_id {
         Some(id) => space_by_id(state, id).await?,
-        None => state.store.space_by_name(name.trim()).await?,
+        None => space_by_name(state, name.trim()).await?,
     };
     // A bare number is the space's id (as `Space.id` shows it), unless a
     // space is named so.
@@ -105,6 +105,18 @@ pub async fn resolve_space(
         (found, _) => found,
     };
     found.ok_or_else(|| space_not_found(name))
+}
+
+/// The space with this name, from the cache or the store.
+async fn space_by_name(state: &AppState, name: &str) -> Result<Option<Space>, ApiError> {
+    if let Some(space) = state.space_cache.get_by_name(name) {
+        return Ok(Some(space));
+    }
+    let found = state.store.space_by_name(name).await?;
+    if let Some(space) = &found {
+        state.space_cache.put(space);
+    }
+    Ok(found)
 }
 
 /// The space with this id, from the cache or the store.
