@@ -415,11 +415,23 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         "max_parallel_steps": o.max_parallel_steps,
         "max_running_steps": o.max_running_steps,
     });
-    if let Some(r) = cli_ratio {
-        out["cli_over_ssh_mux"] = json!(round2(r));
+    if let Some(c) = cli_ratio {
+        out["cli_over_ssh_mux"] = json!(round2(c.ratio));
+        out["cli_median_ms"] = json!(round2(c.cli_ms));
+        out["ssh_median_ms"] = json!(round2(c.ssh_ms));
     }
     println!("{out}");
     Ok(())
+}
+
+/// The CLI against ssh (see [`cli_vs_ssh`]).
+pub(crate) struct CliVsSsh {
+    /// `cli_ms / ssh_ms`: the issue's `cli_over_ssh_mux`.
+    pub ratio: f64,
+    /// Median of the whole `octopus run-script` process, ms.
+    pub cli_ms: f64,
+    /// Median of the whole `ssh` process, ms.
+    pub ssh_ms: f64,
 }
 
 /// Median time of `octopus run-script --machine t0 --script true` over the
@@ -430,7 +442,7 @@ pub(crate) async fn cli_vs_ssh(
     api: &Api,
     runs: usize,
     dir: &Path,
-) -> anyhow::Result<Option<f64>> {
+) -> anyhow::Result<Option<CliVsSsh>> {
     if runs == 0 {
         return Ok(None);
     }
@@ -502,7 +514,11 @@ pub(crate) async fn cli_vs_ssh(
     println!(
         "octopus run-script: median {cli_ms:.2} ms; ssh over ControlMaster ({user}): {ssh_ms:.2} ms"
     );
-    Ok(Some(cli_ms / ssh_ms))
+    Ok(Some(CliVsSsh {
+        ratio: cli_ms / ssh_ms,
+        cli_ms,
+        ssh_ms,
+    }))
 }
 
 /// Milliseconds `c` takes to run, on a blocking thread: the server answering

@@ -568,7 +568,9 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
             "fleet_home": fleet_home,
             "max_parallel_steps": o.max_parallel_steps,
             "comms_style": "TentacleActive",
-            "cli_over_ssh_mux": cli_ratio.map(round2),
+            "cli_over_ssh_mux": cli_ratio.as_ref().map(|c| round2(c.ratio)),
+            "cli_median_ms": cli_ratio.as_ref().map(|c| round2(c.cli_ms)),
+            "ssh_median_ms": cli_ratio.as_ref().map(|c| round2(c.ssh_ms)),
         })
     );
     Ok(())
