@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use octo_api_types::Guidance;
-use octo_comms::{Connection, Endpoint};
+use octo_comms::{Backoff, Connection, Endpoint};
 use octo_proto::v1::{IsolationLevel, ScriptFile, ScriptSyntax, StartScriptRequest};
 use octo_store::{now_ms, Package, TaskState, TaskStep};
 use serde::{Deserialize, Serialize};
@@ -36,6 +36,7 @@ use crate::tool::ToolBuild;
 
 /// How long a step keeps trying to reach its machine before the script phase.
 const GIVE_UP_AFTER: Duration = Duration::from_secs(600);
+/// Retry delays, jittered as a script step's are.
 const RETRY_FIRST: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(10);
 
@@ -134,7 +135,7 @@ where
     >,
 {
     let name = &step.machine_name;
-    let mut delay = RETRY_FIRST;
+    let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
     let since = Instant::now();
     loop {
         let attempt = async {
@@ -180,6 +181,7 @@ where
             };
             return Prepared::Stop(StepEnd::failed(ctx, step.clone(), why).await);
         }
+        let delay = backoff.next_delay();
         ctx.say(format!(
             "{}; retrying in {:.1} s",
             e.message,
@@ -191,7 +193,6 @@ where
             _ = ctx.cancel.cancelled() => {}
             _ = tokio::time::sleep(delay) => {}
         }
-        delay = (delay * 2).min(RETRY_MAX);
     }
 }
 

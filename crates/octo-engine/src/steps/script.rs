@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use octo_api_types::{Isolation, ScriptRequest, Syntax};
-use octo_comms::{Connection, Endpoint};
+use octo_comms::{Backoff, Connection, Endpoint};
 use octo_proto::exit_codes;
 use octo_proto::v1::{
     script_event, CancelScriptRequest, CompleteScriptRequest, IsolationLevel, LogLine, LogStream,
@@ -43,7 +43,9 @@ use crate::outputs;
 const BATCH_LINES: usize = 500;
 /// Longest a received line waits before it is stored.
 const BATCH_DELAY: Duration = Duration::from_millis(50);
-/// First retry delay; doubles up to [`RETRY_MAX`].
+/// Retry delays: jittered over a window that starts here and doubles up to
+/// [`RETRY_MAX`], so that the steps of many machines that lost the server at
+/// once (a network cut) do not all come back in lock-step.
 const RETRY_FIRST: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(10);
 /// How long a step keeps trying to reach its machine.
@@ -566,7 +568,7 @@ impl Run<'_> {
     }
 
     async fn run(&mut self) {
-        let mut delay = RETRY_FIRST;
+        let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
         let mut failing_since: Option<Instant> = None;
         loop {
             let attempt = Box::pin(self.attempt()).await;
@@ -578,7 +580,7 @@ impl Run<'_> {
                 } => (reason, was_connected),
             };
             if was_connected {
-                delay = RETRY_FIRST;
+                backoff.reset();
                 failing_since = None;
             }
             if self.ctx.cancel.is_cancelled() {
@@ -601,6 +603,7 @@ impl Run<'_> {
                 return self.fail(why).await;
             }
             self.flush_announce().await;
+            let delay = backoff.next_delay();
             let what = if was_connected {
                 format!("connection to {} lost", self.name())
             } else {
@@ -623,7 +626,6 @@ impl Run<'_> {
             if let Some(now) = machine_now(self.ctx, &self.step, &self.endpoint).await {
                 self.endpoint = now;
             }
-            delay = (delay * 2).min(RETRY_MAX);
         }
     }
 
