@@ -18,6 +18,13 @@
 //! thread hand-offs than its statements (a connection to a local file does
 //! not go away; a connection that failed is closed instead of lent again).
 //!
+//! The WAL is copied back into the database (checkpointed) by a connection of
+//! its own, [`Checkpointer`], every [`CHECKPOINT_EVERY`], not by whichever
+//! write crossed SQLite's threshold: a checkpoint syncs the WAL and the
+//! database to disk (milliseconds), which every 40th task or so waited for in
+//! its own commit. Writers still checkpoint past [`WRITER_CHECKPOINT_PAGES`],
+//! should the checkpointer fall behind.
+//!
 //! The store's logic and SQL are `octo_store::sql`'s, for every engine; this
 //! crate is SQLite's connections ([`Engine`]), its [`Dialect`] (list
 //! parameters as JSON arrays expanded with `json_each`, `COLLATE NOCASE`) and
@@ -44,6 +51,14 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Connections in the pool of a file database.
 const POOL_SIZE: u32 = 4;
+
+/// How often the [`Checkpointer`] copies the WAL back into the database.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+/// WAL pages past which a writer checkpoints in its own commit (SQLite's
+/// `wal_autocheckpoint`, 1,000 by default): a backstop, ten times SQLite's
+/// default, for a checkpointer that falls behind.
+const WRITER_CHECKPOINT_PAGES: u32 = 10_000;
 
 /// Where SQLite's SQL differs.
 static DIALECT: Dialect = Dialect {
@@ -84,6 +99,68 @@ pub struct SqliteStore {
     conns: Arc<Conns>,
     /// Whose turn it is to write.
     turn: WriteTurn,
+    /// None in memory (no WAL).
+    checkpointer: Option<Arc<Checkpointer>>,
+}
+
+/// Checkpoints the WAL from a connection of its own (see the module's
+/// documentation), until [`SqliteStore::close`] or the last clone of the
+/// store is dropped.
+#[derive(Debug)]
+struct Checkpointer {
+    /// Stops the task: by a send, or by being dropped with the store.
+    stop: tokio::sync::watch::Sender<bool>,
+    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Checkpointer {
+    fn start(mut conn: SqliteConnection, what: String) -> Self {
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut failing = false;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    // A stop, or the store dropped.
+                    _ = stopped.changed() => break,
+                }
+                // PASSIVE: copies what no reader still needs, never waits
+                // for a lock, never holds up a writer; a WAL already copied
+                // costs a look at its header.
+                match sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                    .execute(&mut conn)
+                    .await
+                {
+                    Ok(_) => failing = false,
+                    Err(e) if !failing => {
+                        failing = true;
+                        tracing::warn!(
+                            "checkpointing the database's WAL ({what}): {e}; writers checkpoint it themselves past {WRITER_CHECKPOINT_PAGES} pages"
+                        );
+                    }
+                    Err(_) => {}
+                }
+            }
+            if let Err(e) = conn.close().await {
+                tracing::debug!("closing the checkpointer's connection: {e}");
+            }
+        });
+        Checkpointer {
+            stop,
+            task: std::sync::Mutex::new(Some(task)),
+        }
+    }
+
+    /// Stops the task and waits for it.
+    async fn stop(&self) {
+        let _ = self.stop.send(true);
+        let task = lock(&self.task).take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
 }
 
 /// The store's connections: at most `size`, opened when first needed and
@@ -297,6 +374,7 @@ impl SqliteStore {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
+            .pragma("wal_autocheckpoint", WRITER_CHECKPOINT_PAGES.to_string())
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT);
         let first = options.connect().await.map_err(|e| {
@@ -319,6 +397,7 @@ impl SqliteStore {
             .create_if_missing(false)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
+            .pragma("wal_autocheckpoint", WRITER_CHECKPOINT_PAGES.to_string())
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT);
         let mut first = options.connect().await.map_err(|e| {
@@ -367,6 +446,9 @@ impl SqliteStore {
 
     /// Closes the connections, waiting for those in use to be given back.
     pub async fn close(&self) {
+        if let Some(c) = &self.checkpointer {
+            c.stop().await;
+        }
         self.conns.close().await;
     }
 
@@ -383,10 +465,23 @@ impl SqliteStore {
                 "migrating the database ({what}): {e}"
             )));
         }
+        let checkpointer = match &options {
+            Some(o) => match o.connect().await {
+                Ok(c) => Some(Arc::new(Checkpointer::start(c, what.to_string()))),
+                Err(e) => {
+                    let _ = first.close().await;
+                    return Err(StoreError::Database(format!(
+                        "opening the database ({what}) for its checkpoints: {e}"
+                    )));
+                }
+            },
+            None => None,
+        };
         let size = if options.is_some() { POOL_SIZE } else { 1 };
         Ok(Self {
             conns: Arc::new(Conns::new(first, size, options)),
             turn: WriteTurn::default(),
+            checkpointer,
         })
     }
 }

@@ -61,6 +61,44 @@ async fn a_file_database_persists_across_reopen() {
     s.close().await;
 }
 
+#[tokio::test]
+async fn the_wal_is_copied_into_the_database_in_the_background() {
+    use sqlx::{ConnectOptions, Connection};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("octopus.db");
+    let s = SqliteStore::open(&path).await.unwrap();
+    s.create_environment(1, "Production", "").await.unwrap();
+    // The database file alone (`immutable` reads it without the WAL): the
+    // write reaches it with no other write after it, which SQLite's own
+    // checkpoints (in a writer's commit, past a number of pages) never do.
+    let alone = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&path)
+        .read_only(true)
+        .immutable(true);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let seen = async {
+            let mut c = alone.connect().await?;
+            let n: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM environments WHERE name = 'Production'")
+                    .fetch_one(&mut c)
+                    .await?;
+            c.close().await?;
+            Ok::<_, sqlx::Error>(n)
+        }
+        .await;
+        if matches!(seen, Ok(1)) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the environment never reached the database file: {seen:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    s.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_writers_on_a_file_database_all_succeed() {
     let dir = tempfile::tempdir().unwrap();
