@@ -19,11 +19,14 @@
 //! not go away; a connection that failed is closed instead of lent again).
 //!
 //! The WAL is copied back into the database (checkpointed) by a connection of
-//! its own, [`Checkpointer`], every [`CHECKPOINT_EVERY`], not by whichever
-//! write crossed SQLite's threshold: a checkpoint syncs the WAL and the
-//! database to disk (milliseconds), which every 40th task or so waited for in
-//! its own commit. Writers still checkpoint past [`WRITER_CHECKPOINT_PAGES`],
-//! should the checkpointer fall behind.
+//! its own, [`Checkpointer`], after every [`CHECKPOINT_AFTER_WRITES`] writes,
+//! not by whichever write crossed SQLite's threshold (1,000 pages, about as
+//! often): a checkpoint syncs the WAL and the database to disk (milliseconds),
+//! which every 40th task or so waited for in its own commit. What a writer
+//! still syncs is the WAL's header when it starts the WAL over after a whole
+//! checkpoint, once per checkpoint; a checkpoint on a timer would make that
+//! the lot of nearly every write of a quiet server. Writers still checkpoint
+//! past [`WRITER_CHECKPOINT_PAGES`], should the checkpointer fall behind.
 //!
 //! The store's logic and SQL are `octo_store::sql`'s, for every engine; this
 //! crate is SQLite's connections ([`Engine`]), its [`Dialect`] (list
@@ -52,8 +55,10 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections in the pool of a file database.
 const POOL_SIZE: u32 = 4;
 
-/// How often the [`Checkpointer`] copies the WAL back into the database.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+/// Write transactions after which the [`Checkpointer`] copies the WAL back
+/// into the database: about SQLite's own 1,000 pages, at the few pages most
+/// writes add.
+const CHECKPOINT_AFTER_WRITES: u32 = 128;
 
 /// WAL pages past which a writer checkpoints in its own commit (SQLite's
 /// `wal_autocheckpoint`, 1,000 by default): a backstop, ten times SQLite's
@@ -108,6 +113,9 @@ pub struct SqliteStore {
 /// store is dropped.
 #[derive(Debug)]
 struct Checkpointer {
+    /// Write transactions begun since the last call for a checkpoint.
+    writes: std::sync::atomic::AtomicU32,
+    due: Arc<tokio::sync::Notify>,
     /// Stops the task: by a send, or by being dropped with the store.
     stop: tokio::sync::watch::Sender<bool>,
     task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -116,13 +124,13 @@ struct Checkpointer {
 impl Checkpointer {
     fn start(mut conn: SqliteConnection, what: String) -> Self {
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let due = Arc::new(tokio::sync::Notify::new());
+        let wake = due.clone();
         let task = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut failing = false;
             loop {
                 tokio::select! {
-                    _ = tick.tick() => {}
+                    () = wake.notified() => {}
                     // A stop, or the store dropped.
                     _ = stopped.changed() => break,
                 }
@@ -148,8 +156,21 @@ impl Checkpointer {
             }
         });
         Checkpointer {
+            writes: std::sync::atomic::AtomicU32::new(0),
+            due,
             stop,
             task: std::sync::Mutex::new(Some(task)),
+        }
+    }
+
+    /// A write transaction begins: every [`CHECKPOINT_AFTER_WRITES`]th calls
+    /// for a checkpoint (one called for meanwhile is not repeated).
+    fn wrote(&self) {
+        use std::sync::atomic::Ordering;
+        let n = self.writes.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= CHECKPOINT_AFTER_WRITES {
+            self.writes.store(0, Ordering::Relaxed);
+            self.due.notify_one();
         }
     }
 
@@ -496,7 +517,12 @@ impl Engine for SqliteStore {
         // A writer takes its turn first, then a connection: waiting writers
         // hold none.
         let turn = match access {
-            Access::SingleWrite | Access::Write => self.turn.take().await,
+            Access::SingleWrite | Access::Write => {
+                if let Some(c) = &self.checkpointer {
+                    c.wrote();
+                }
+                self.turn.take().await
+            }
             Access::Single | Access::Read => None,
         };
         let mut lent = self.conns.get().await?;

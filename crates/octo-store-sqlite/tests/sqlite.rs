@@ -67,10 +67,15 @@ async fn the_wal_is_copied_into_the_database_in_the_background() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("octopus.db");
     let s = SqliteStore::open(&path).await.unwrap();
-    s.create_environment(1, "Production", "").await.unwrap();
+    // Enough writes to call for a checkpoint (128), far fewer pages than a
+    // writer checkpoints after in its own commit.
+    for i in 0..130 {
+        s.create_environment(1, &format!("Env{i}"), "")
+            .await
+            .unwrap();
+    }
     // The database file alone (`immutable` reads it without the WAL): the
-    // write reaches it with no other write after it, which SQLite's own
-    // checkpoints (in a writer's commit, past a number of pages) never do.
+    // writes reach it with no write after them.
     let alone = sqlx::sqlite::SqliteConnectOptions::new()
         .filename(&path)
         .read_only(true)
@@ -80,19 +85,20 @@ async fn the_wal_is_copied_into_the_database_in_the_background() {
         let seen = async {
             let mut c = alone.connect().await?;
             let n: i64 =
-                sqlx::query_scalar("SELECT COUNT(*) FROM environments WHERE name = 'Production'")
+                sqlx::query_scalar("SELECT COUNT(*) FROM environments WHERE name LIKE 'Env%'")
                     .fetch_one(&mut c)
                     .await?;
             c.close().await?;
             Ok::<_, sqlx::Error>(n)
         }
         .await;
-        if matches!(seen, Ok(1)) {
+        // The first 127 at least: the 128th write called for the checkpoint.
+        if matches!(seen, Ok(n) if n >= 127) {
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "the environment never reached the database file: {seen:?}"
+            "the environments never reached the database file: {seen:?}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
