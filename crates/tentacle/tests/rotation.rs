@@ -51,6 +51,15 @@ impl Drop for Agent {
     }
 }
 
+/// How many of a task's log lines are `text` on standard output.
+fn lines(log: &Value, text: &str) -> usize {
+    log.as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["stream"] == "stdout" && l["text"] == text)
+        .count()
+}
+
 /// Starts `tentacle run`; returns it and its "started" log line.
 fn run_agent(env: &Env, instance: &str) -> (Agent, String) {
     let mut child = env
@@ -120,13 +129,18 @@ impl Api {
                 return task;
             }
             if Instant::now() >= deadline {
-                let (_, log) = self
-                    .call(reqwest::Method::GET, &format!("/api/tasks/{id}/log"), None)
-                    .await;
+                let log = self.log(id).await;
                 panic!("task {id} still {state}: {task}\nits log: {log}");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// A task's log lines (a JSON array).
+    async fn log(&self, id: &str) -> Value {
+        self.call(reqwest::Method::GET, &format!("/api/tasks/{id}/log"), None)
+            .await
+            .1
     }
 
     async fn machine(&self, name: &str) -> Value {
@@ -284,19 +298,8 @@ async fn tentacles_rotate_their_certificates_without_registering_again() {
         task["task"]["state"], "Success",
         "the script during the rotations: {task}"
     );
-    let (_, log) = api
-        .call(
-            reqwest::Method::GET,
-            &format!("/api/tasks/{script}/log"),
-            None,
-        )
-        .await;
-    let finished = log
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|l| l["stream"] == "stdout" && l["text"] == "finished")
-        .count();
+    let log = api.log(&script).await;
+    let finished = lines(&log, "finished");
     assert_eq!(finished, 2, "both scripts ran to their end: {log}");
 
     // A health check afterwards: both reached with their new certificates, and
@@ -306,13 +309,7 @@ async fn tentacles_rotate_their_certificates_without_registering_again() {
         .await;
     let task = api.finished(&health).await;
     assert_eq!(task["task"]["state"], "Success", "{task}");
-    let (_, log) = api
-        .call(
-            reqwest::Method::GET,
-            &format!("/api/tasks/{health}/log"),
-            None,
-        )
-        .await;
+    let log = api.log(&health).await;
     for instance in ["L", "P"] {
         let new = env.thumbprint(instance);
         assert!(
@@ -377,19 +374,8 @@ async fn a_step_follows_its_tentacle_through_a_rotation_and_a_restart() {
         .await;
     let deadline = Instant::now() + T;
     loop {
-        let (_, log) = api
-            .call(
-                reqwest::Method::GET,
-                &format!("/api/tasks/{script}/log"),
-                None,
-            )
-            .await;
-        let started = log
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|l| l["text"] == "started")
-            .count();
+        let log = api.log(&script).await;
+        let started = lines(&log, "started");
         if started == 2 {
             break;
         }
@@ -416,13 +402,7 @@ async fn a_step_follows_its_tentacle_through_a_rotation_and_a_restart() {
     // the script ended there (the restart ended it): neither refuses the new
     // certificate (listening) nor waits for the old one (polling).
     let task = api.finished(&script).await;
-    let (_, log) = api
-        .call(
-            reqwest::Method::GET,
-            &format!("/api/tasks/{script}/log"),
-            None,
-        )
-        .await;
+    let log = api.log(&script).await;
     let text = log.to_string();
     assert_eq!(task["task"]["state"], "Failed", "{task}\n{text}");
     for step in task["steps"].as_array().unwrap() {
