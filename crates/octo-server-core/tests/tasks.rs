@@ -1088,6 +1088,68 @@ async fn a_tool_upgrade_posted_for_its_events_is_followed_in_its_answer() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_naming_several_machines_gets_each_once_and_names_the_first_it_cannot_run_on() {
+    let (server, _lis, _pol, lis_id, pol_id) = two_machines().await;
+    // Names in any case, one twice: each machine once.
+    let (status, v) = server
+        .post(
+            "/api/tasks/script",
+            json!({"script": "echo hi", "machines": ["POL", "lis", "pol"]}),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+    let mut ids: Vec<i64> = v["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["machine_id"].as_i64().unwrap())
+        .collect();
+    ids.sort_unstable();
+    let mut both = vec![lis_id, pol_id];
+    both.sort_unstable();
+    assert_eq!(ids, both, "{v}");
+    let id = v["task"]["id"].as_str().unwrap().to_string();
+    assert_eq!(server.wait_end(&id).await["task"]["state"], "Success");
+
+    // The first name it cannot run on is the one the answer names; nothing
+    // is queued.
+    let (status, v) = server
+        .post(
+            "/api/tasks/script",
+            json!({"script": "echo hi", "machines": ["lis", "nope", "ghost"]}),
+        )
+        .await;
+    assert_eq!(status, 404, "{v}");
+    assert!(
+        v.to_string().contains("machine 'nope' does not exist"),
+        "{v}"
+    );
+    let (status, m) = server
+        .send(
+            server
+                .http
+                .put(format!("{}/api/machines/pol", server.base))
+                .json(&json!({"disabled": true})),
+        )
+        .await;
+    assert_eq!(status, 200, "{m}");
+    let (status, v) = server
+        .post(
+            "/api/tasks/script",
+            json!({"script": "echo hi", "machines": ["lis", "Pol", "nope"]}),
+        )
+        .await;
+    assert_eq!(status, 422, "{v}");
+    assert!(v.to_string().contains("machine 'pol' is disabled"), "{v}");
+    let (_, tasks) = server.get("/api/tasks").await;
+    assert_eq!(
+        tasks.as_array().unwrap().len(),
+        1,
+        "only the first: {tasks}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_stops_a_long_script() {
     let (server, _lis, _pol, _, _) = two_machines().await;
     let id = server

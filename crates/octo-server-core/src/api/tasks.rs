@@ -862,11 +862,26 @@ impl Target {
             .filter(|n| !n.is_empty())
             .collect();
         if !names.is_empty() {
+            // Several names: one read for all of them (a task may name
+            // hundreds), each then paired with its row by name; a name the
+            // read's case folding paired with none is looked up alone.
+            let found = if names.len() > 1 {
+                store
+                    .list_machines(&MachineFilter {
+                        names: names.iter().map(|n| n.to_string()).collect(),
+                        ..MachineFilter::space(space.id)
+                    })
+                    .await?
+            } else {
+                Vec::new()
+            };
             let mut out: Vec<Machine> = Vec::with_capacity(names.len());
             for name in names {
-                let m = store
-                    .machine(space.id, name)
-                    .await?
+                let m = match found.iter().find(|m| m.name.eq_ignore_ascii_case(name)) {
+                    Some(m) => Some(m.clone()),
+                    None => store.machine(space.id, name).await?,
+                };
+                let m = m
                     .filter(|m| sees_machine(caller, space, m))
                     .ok_or_else(|| {
                         ApiError::not_found(format!(
