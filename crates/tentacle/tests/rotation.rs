@@ -143,6 +143,34 @@ impl Api {
             .1
     }
 
+    /// Follows a task's live log (its server-sent events) until `n` lines of
+    /// standard output are `text` (bounded).
+    async fn until_logged(&self, id: &str, text: &str, n: usize) {
+        let mut resp = reqwest::Client::new()
+            .get(format!("{}/api/tasks/{id}/log/stream", self.url))
+            .header("X-Octopus-ApiKey", &self.key)
+            .send()
+            .await
+            .unwrap();
+        let line = serde_json::to_string(&json!({ "text": text })).unwrap();
+        let line = line.trim_start_matches('{').trim_end_matches('}');
+        let mut seen = String::new();
+        let found = tokio::time::timeout(T, async {
+            while seen.matches(line).count() < n {
+                match resp.chunk().await.unwrap() {
+                    Some(chunk) => seen.push_str(&String::from_utf8_lossy(&chunk)),
+                    None => return false,
+                }
+            }
+            true
+        })
+        .await;
+        assert!(
+            matches!(found, Ok(true)),
+            "{n} lines '{text}' not logged (stream ended or {T:?} passed): {seen}"
+        );
+    }
+
     async fn machine(&self, name: &str) -> Value {
         self.call(reqwest::Method::GET, &format!("/api/machines/{name}"), None)
             .await
@@ -349,14 +377,17 @@ async fn tentacles_rotate_their_certificates_without_registering_again() {
 }
 
 /// Stops `tentacle run` as a service manager does (SIGTERM), bounded.
-fn stop_agent(mut agent: Agent) {
+fn stop_agent(agent: Agent) {
     let pid = nix::unistd::Pid::from_raw(i32::try_from(agent.0.id()).unwrap());
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let deadline = Instant::now() + T;
-    while agent.0.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the agent did not stop");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // Its exit, waited for on a thread of its own (bounded here).
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut agent = agent;
+        let _ = tx.send(agent.0.wait().map(|s| s.to_string()));
+    });
+    let status = rx.recv_timeout(T).expect("the agent did not stop");
+    status.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -372,19 +403,7 @@ async fn a_step_follows_its_tentacle_through_a_rotation_and_a_restart() {
             json!({"environment": "Test", "script": "echo started; sleep 60; echo finished"}),
         )
         .await;
-    let deadline = Instant::now() + T;
-    loop {
-        let log = api.log(&script).await;
-        let started = lines(&log, "started");
-        if started == 2 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the scripts never started: {log}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    api.until_logged(&script, "started", 2).await;
 
     // Both rotate, then restart (an upgrade, a reboot): each comes back with
     // only its new certificate, while its step is still following the script.
