@@ -146,6 +146,13 @@ pub(crate) struct Sshd {
 /// `.bashrc` on the development VM runs `pyenv init`, 110 ms per command).
 /// Otherwise the current user, and the note says so.
 pub(crate) fn ssh_user() -> (String, Option<String>) {
+    ssh_account(SSH_USER, "/bin/sh")
+}
+
+/// [`ssh_user`] for an account `name` with login shell `shell`, made when
+/// missing: a system account with no password (`*`: key login only) and the
+/// home `/`, where no shell start-up file is.
+pub(crate) fn ssh_account(name: &str, shell: &str) -> (String, Option<String>) {
     let exists = |u: &str| {
         Command::new("id")
             .arg(u)
@@ -155,18 +162,11 @@ pub(crate) fn ssh_user() -> (String, Option<String>) {
             .is_ok_and(|s| s.success())
     };
     let current = std::env::var("USER").unwrap_or_else(|_| "root".into());
-    if !exists(SSH_USER) {
-        // A system account with no password (`*`: key login only) and no home.
+    if !exists(name) {
         let made = Command::new("useradd")
-            .args([
-                "--system",
-                "--shell",
-                "/bin/sh",
-                "--home-dir",
-                "/",
-                "--no-create-home",
-            ])
-            .args(["--password", "*", SSH_USER])
+            .args(["--system", "--shell", shell])
+            .args(["--home-dir", "/", "--no-create-home"])
+            .args(["--password", "*", name])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -175,16 +175,18 @@ pub(crate) fn ssh_user() -> (String, Option<String>) {
             return (
                 current.clone(),
                 Some(format!(
-                    "ssh logs in as {current}: the account {SSH_USER} is missing and could not be made (run as root); {current}'s shell start-up files are in the ssh times"
+                    "ssh logs in as {current}: the account {name} is missing and could not be made (run as root); {current}'s shell start-up files are in the ssh times"
                 )),
             );
         }
     }
-    (SSH_USER.to_string(), None)
+    (name.to_string(), None)
 }
 
 /// See [`ssh_user`].
 const SSH_USER: &str = "octo-bench-ssh";
+/// An account like [`SSH_USER`] whose login shell is bash.
+pub(crate) const SSH_BASH_USER: &str = "octo-bench-bash";
 
 impl Drop for Sshd {
     fn drop(&mut self) {
@@ -224,12 +226,14 @@ pub(crate) fn start_sshd(dir: &Path) -> anyhow::Result<Option<Sshd>> {
         .local_addr()?
         .port();
     let config = dir.join("sshd_config");
+    // `AcceptEnv` as in Debian's stock sshd_config: a command gets the locale
+    // of the ssh that sent it, as a tentacle's script gets the tentacle's.
     std::fs::write(
         &config,
         format!(
             "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\n\
              PermitRootLogin yes\nPasswordAuthentication no\nStrictModes no\nUsePAM no\nPidFile {}\n\
-             Subsystem sftp internal-sftp\n",
+             Subsystem sftp internal-sftp\nAcceptEnv LANG LC_*\n",
             dir.join("host_key").display(),
             public.path().join("authorized_keys").display(),
             dir.join("sshd.pid").display()

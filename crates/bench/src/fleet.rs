@@ -415,10 +415,10 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         "max_parallel_steps": o.max_parallel_steps,
         "max_running_steps": o.max_running_steps,
     });
-    if let Some(c) = cli_ratio {
-        out["cli_over_ssh_mux"] = json!(round2(c.ratio));
-        out["cli_median_ms"] = json!(round2(c.cli_ms));
-        out["ssh_median_ms"] = json!(round2(c.ssh_ms));
+    if let (Some(out), Value::Object(keys)) =
+        (out.as_object_mut(), CliVsSsh::keys(cli_ratio.as_ref()))
+    {
+        out.extend(keys);
     }
     println!("{out}");
     Ok(())
@@ -426,17 +426,81 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
 
 /// The CLI against ssh (see [`cli_vs_ssh`]).
 pub(crate) struct CliVsSsh {
-    /// `cli_ms / ssh_ms`: the issue's `cli_over_ssh_mux`.
+    /// `cli_ms / ssh_ms` of the ssh account with `/bin/sh`: the issue's
+    /// `cli_over_ssh_mux`.
     pub ratio: f64,
-    /// Median of the whole `octopus run-script` process, ms.
+    /// Median of the whole `octopus run-script` process, ms, its script run by
+    /// the shell ssh runs its command with.
     pub cli_ms: f64,
     /// Median of the whole `ssh` process, ms.
     pub ssh_ms: f64,
+    /// The ssh account's login shell, which runs ssh's command.
+    pub shell: String,
+    /// The same with bash on both sides, when its account could be made.
+    pub bash: Option<Pair>,
+}
+
+/// Medians of the CLI and of ssh through one account, ms.
+pub(crate) struct Pair {
+    pub cli_ms: f64,
+    pub ssh_ms: f64,
+}
+
+impl CliVsSsh {
+    /// The JSON keys of these figures, each null when `c` is None.
+    /// `cli_bash_over_ssh_mux` is the CLI with bash over ssh with sh: what this
+    /// benchmark compared before it matched the shells (twenty-first session).
+    pub(crate) fn keys(c: Option<&Self>) -> Value {
+        let bash = c.and_then(|c| c.bash.as_ref());
+        json!({
+            "cli_over_ssh_mux": c.map(|c| round2(c.ratio)),
+            "cli_median_ms": c.map(|c| round2(c.cli_ms)),
+            "ssh_median_ms": c.map(|c| round2(c.ssh_ms)),
+            "ssh_shell": c.map(|c| c.shell.clone()),
+            "cli_over_ssh_mux_bash": bash.map(|b| round2(b.cli_ms / b.ssh_ms)),
+            "cli_bash_median_ms": bash.map(|b| round2(b.cli_ms)),
+            "ssh_bash_median_ms": bash.map(|b| round2(b.ssh_ms)),
+            "cli_bash_over_ssh_mux": c.and_then(|c| c.bash.as_ref().map(|b| round2(b.cli_ms / c.ssh_ms))),
+        })
+    }
+}
+
+/// The `--syntax` of `octopus run-script` that runs a script with `shell`
+/// (a login shell's path), if there is one.
+fn syntax_of(shell: &str) -> Option<&'static str> {
+    match shell.rsplit('/').next()? {
+        "bash" => Some("bash"),
+        "sh" | "dash" => Some("sh"),
+        _ => None,
+    }
+}
+
+/// `user`'s login shell, from the account database.
+fn login_shell(user: &str) -> anyhow::Result<String> {
+    let out = std::process::Command::new("getent")
+        .args(["passwd", user])
+        .output()
+        .context("running getent passwd")?;
+    let line = String::from_utf8_lossy(&out.stdout);
+    match line.trim_end().rsplit(':').next() {
+        Some(shell) if out.status.success() && !shell.is_empty() => Ok(shell.to_string()),
+        _ => bail!(
+            "no login shell for the account {user} (getent passwd {user}: {})",
+            out.status
+        ),
+    }
 }
 
 /// Median time of `octopus run-script --machine t0 --script true` over the
 /// median of `ssh HOST true` through a ControlMaster connection, interleaved.
 /// None (and said) when sshd is not installed; None when `runs` is 0.
+///
+/// Like for like: both run `true` with the same shell, the ssh account's
+/// login shell (`--syntax` to match), and with this process's locale (sent
+/// by ssh and accepted by its sshd, as Debian's stock configuration does; a
+/// tentacle's scripts inherit it). Twice, interleaved: through an account
+/// whose shell is `/bin/sh` (the figure), and through one whose shell
+/// is bash, the CLI's default.
 pub(crate) async fn cli_vs_ssh(
     octopus: &Path,
     api: &Api,
@@ -450,14 +514,113 @@ pub(crate) async fn cli_vs_ssh(
         println!("cli_over_ssh_mux: skipped (no /usr/sbin/sshd; install openssh-server)");
         return Ok(None);
     };
-    let (user, note) = crate::deploy::ssh_user();
-    if let Some(note) = note {
-        println!("{note}");
+    let mut accounts = vec![Account::new(crate::deploy::ssh_user(), &sshd, dir, 0)?];
+    match crate::deploy::ssh_account(crate::deploy::SSH_BASH_USER, "/bin/bash") {
+        (user, None) => accounts.push(Account::new((user, None), &sshd, dir, 1)?),
+        (_, Some(note)) => println!("cli_over_ssh_mux_bash: skipped: {note}"),
     }
-    let host = format!("{user}@127.0.0.1");
-    let host = host.as_str();
-    let sock = dir.join("ssh/ctl.sock");
-    let ssh = |extra: &[&str]| {
+    let cli = |syntax: &str| {
+        let mut c = std::process::Command::new(octopus);
+        c.args([
+            "--server",
+            &api.base,
+            "--api-key",
+            &api.key,
+            "run-script",
+            "--machine",
+            "t0",
+            "--syntax",
+            syntax,
+            "--script",
+            "true",
+        ]);
+        c
+    };
+    // The master connections, kept open, then each pair warmed.
+    for a in &accounts {
+        let status = a.ssh(&[]).status()?;
+        if !status.success() {
+            bail!("ssh to the private sshd as {} failed ({status})", a.user);
+        }
+        for _ in 0..3 {
+            timed(cli(a.syntax)).await?;
+            timed(a.ssh(&[])).await?;
+        }
+    }
+    let mut times = vec![(Vec::new(), Vec::new()); accounts.len()];
+    for _ in 0..runs {
+        for (a, (c, s)) in accounts.iter().zip(times.iter_mut()) {
+            c.push(timed(cli(a.syntax)).await?);
+            s.push(timed(a.ssh(&[])).await?);
+        }
+    }
+    let mut pairs = Vec::new();
+    for (a, (c, s)) in accounts.iter().zip(times) {
+        let _ = a.ssh(&["-O", "exit"]).status();
+        let pair = Pair {
+            cli_ms: median(c),
+            ssh_ms: median(s),
+        };
+        println!(
+            "octopus run-script --syntax {}: median {:.2} ms; ssh over ControlMaster ({}, shell {}): {:.2} ms",
+            a.syntax, pair.cli_ms, a.user, a.shell, pair.ssh_ms
+        );
+        pairs.push(pair);
+    }
+    let mut pairs = pairs.into_iter();
+    let (Some(first), bash) = (pairs.next(), pairs.next()) else {
+        bail!("no ssh account measured");
+    };
+    Ok(Some(CliVsSsh {
+        ratio: first.cli_ms / first.ssh_ms,
+        cli_ms: first.cli_ms,
+        ssh_ms: first.ssh_ms,
+        shell: accounts[0].shell.clone(),
+        bash,
+    }))
+}
+
+/// An account ssh logs in as, and its own ControlMaster connection.
+struct Account {
+    user: String,
+    shell: String,
+    /// The `--syntax` that runs the CLI's script with `shell`.
+    syntax: &'static str,
+    host: String,
+    sock: std::path::PathBuf,
+    key: std::path::PathBuf,
+    port: u16,
+}
+
+impl Account {
+    fn new(
+        (user, note): (String, Option<String>),
+        sshd: &crate::deploy::Sshd,
+        dir: &Path,
+        n: usize,
+    ) -> anyhow::Result<Self> {
+        if let Some(note) = note {
+            println!("{note}");
+        }
+        let shell = login_shell(&user)?;
+        let Some(syntax) = syntax_of(&shell) else {
+            bail!(
+                "ssh runs its command with {user}'s login shell {shell}, which `octopus run-script --syntax` cannot match (bash or sh); give {user} one of those"
+            );
+        };
+        Ok(Self {
+            host: format!("{user}@127.0.0.1"),
+            user,
+            shell,
+            syntax,
+            sock: dir.join(format!("ssh/ctl-{n}.sock")),
+            key: sshd.key.clone(),
+            port: sshd.port,
+        })
+    }
+
+    /// `ssh` to this account running `true`, or with `control` (`-O exit`).
+    fn ssh(&self, control: &[&str]) -> std::process::Command {
         let mut c = std::process::Command::new("ssh");
         c.args([
             "-q",
@@ -469,56 +632,22 @@ pub(crate) async fn cli_vs_ssh(
             "ControlMaster=auto",
             "-o",
             "ControlPersist=60",
+            "-o",
+            "SendEnv=LANG LC_*",
         ])
         .arg("-o")
-        .arg(format!("ControlPath={}", sock.display()))
+        .arg(format!("ControlPath={}", self.sock.display()))
         .arg("-i")
-        .arg(&sshd.key)
+        .arg(&self.key)
         .arg("-p")
-        .arg(sshd.port.to_string())
-        .args(extra);
+        .arg(self.port.to_string())
+        .args(control)
+        .arg(&self.host);
+        if control.is_empty() {
+            c.arg("true");
+        }
         c
-    };
-    // The master connection, kept open.
-    let status = ssh(&[host, "true"]).status()?;
-    if !status.success() {
-        bail!("ssh to the private sshd failed ({status})");
     }
-    let cli = || {
-        let mut c = std::process::Command::new(octopus);
-        c.args([
-            "--server",
-            &api.base,
-            "--api-key",
-            &api.key,
-            "run-script",
-            "--machine",
-            "t0",
-            "--script",
-            "true",
-        ]);
-        c
-    };
-    // Warm both.
-    for _ in 0..3 {
-        timed(cli()).await?;
-        timed(ssh(&[host, "true"])).await?;
-    }
-    let (mut a, mut b) = (Vec::new(), Vec::new());
-    for _ in 0..runs {
-        a.push(timed(cli()).await?);
-        b.push(timed(ssh(&[host, "true"])).await?);
-    }
-    let _ = ssh(&["-O", "exit", host]).status();
-    let (cli_ms, ssh_ms) = (median(a), median(b));
-    println!(
-        "octopus run-script: median {cli_ms:.2} ms; ssh over ControlMaster ({user}): {ssh_ms:.2} ms"
-    );
-    Ok(Some(CliVsSsh {
-        ratio: cli_ms / ssh_ms,
-        cli_ms,
-        ssh_ms,
-    }))
 }
 
 /// Milliseconds `c` takes to run, on a blocking thread: the server answering
@@ -546,7 +675,16 @@ async fn timed(mut c: std::process::Command) -> anyhow::Result<f64> {
 
 #[cfg(test)]
 mod tests {
-    use super::tcp_ext;
+    use super::{syntax_of, tcp_ext};
+
+    #[test]
+    fn the_cli_runs_its_script_with_the_shell_ssh_runs_its_command_with() {
+        assert_eq!(syntax_of("/bin/sh"), Some("sh"));
+        assert_eq!(syntax_of("/usr/bin/dash"), Some("sh"));
+        assert_eq!(syntax_of("/bin/bash"), Some("bash"));
+        assert_eq!(syntax_of("/usr/bin/zsh"), None);
+        assert_eq!(syntax_of(""), None);
+    }
 
     #[test]
     fn a_tcp_ext_counter_is_read_by_its_name() {

@@ -548,31 +548,32 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     if let Some(b) = second {
         b.stop().await;
     }
-    println!(
-        "{}",
-        json!({
-            "bench": "tasks",
-            "store": if o.database_url.is_some() { "postgresql" } else { "sqlite" },
-            "nodes": o.nodes,
-            "task_rtt_handed_p50_ms": handed_p50,
-            "task_rtt_p50_ms": round2(p50),
-            "task_rtt_p99_ms": round2(p99),
-            "runs": o.runs,
-            "warmup": o.warmup,
-            "fanout_100_s": round3(median),
-            "fanout_runs_s": fanout.iter().map(|&x| round3(x)).collect::<Vec<_>>(),
-            "fanout_machines": o.tentacles,
-            "fanout_server_cpu_ms_per_step": cpu.map(|c| round2(c.server_ms)),
-            "fanout_fleet_cpu_ms_per_step": cpu.map(|c| round2(c.fleet_ms)),
-            "tentacles_per_process": fleet_per_process,
-            "fleet_home": fleet_home,
-            "max_parallel_steps": o.max_parallel_steps,
-            "comms_style": "TentacleActive",
-            "cli_over_ssh_mux": cli_ratio.as_ref().map(|c| round2(c.ratio)),
-            "cli_median_ms": cli_ratio.as_ref().map(|c| round2(c.cli_ms)),
-            "ssh_median_ms": cli_ratio.as_ref().map(|c| round2(c.ssh_ms)),
-        })
-    );
+    let mut out = json!({
+        "bench": "tasks",
+        "store": if o.database_url.is_some() { "postgresql" } else { "sqlite" },
+        "nodes": o.nodes,
+        "task_rtt_handed_p50_ms": handed_p50,
+        "task_rtt_p50_ms": round2(p50),
+        "task_rtt_p99_ms": round2(p99),
+        "runs": o.runs,
+        "warmup": o.warmup,
+        "fanout_100_s": round3(median),
+        "fanout_runs_s": fanout.iter().map(|&x| round3(x)).collect::<Vec<_>>(),
+        "fanout_machines": o.tentacles,
+        "fanout_server_cpu_ms_per_step": cpu.map(|c| round2(c.server_ms)),
+        "fanout_fleet_cpu_ms_per_step": cpu.map(|c| round2(c.fleet_ms)),
+        "tentacles_per_process": fleet_per_process,
+        "fleet_home": fleet_home,
+        "max_parallel_steps": o.max_parallel_steps,
+        "comms_style": "TentacleActive",
+    });
+    if let (Some(out), Value::Object(keys)) = (
+        out.as_object_mut(),
+        crate::fleet::CliVsSsh::keys(cli_ratio.as_ref()),
+    ) {
+        out.extend(keys);
+    }
+    println!("{out}");
     Ok(())
 }
 
