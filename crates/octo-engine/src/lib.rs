@@ -46,6 +46,7 @@ pub use engine::{CreationMark, Engine, EngineDeps, Load, DEFAULT_HEALTH_SCAN_INT
 pub use feed::PackageFiles;
 pub use notify::Changes;
 pub use steps::deploy::DeployArgs;
+pub use steps::script::CLEANUP_DEFER;
 pub use steps::tentacle_upgrade::TentacleUpgradeArgs;
 pub use tentacle_build::TentacleBuild;
 pub use tool::ToolBuild;

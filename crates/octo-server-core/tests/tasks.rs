@@ -438,8 +438,9 @@ impl Tentacle {
 }
 
 /// The real script service with faults a test can turn on: CompleteScript
-/// waits until `open` is set (counting the calls in `completes`, and those
-/// the real service answered in `answered`); with
+/// waits until `open` is set (counting the calls in `completes`, their
+/// arrival times in `completes_at`, and those the real service answered in
+/// `answered`); with
 /// `withhold` the log stream keeps back every line with that text (as a stream
 /// cut before its end would), so its `completed` event says more is due; and
 /// with `legacy` RunScript is refused as a tentacle of contract version 1
@@ -449,6 +450,8 @@ struct Gated {
     inner: ScriptServiceImpl,
     open: watch::Sender<bool>,
     completes: watch::Sender<u32>,
+    /// When each CompleteScript arrived, in milliseconds since the epoch.
+    completes_at: std::sync::Arc<std::sync::Mutex<Vec<i64>>>,
     answered: watch::Sender<u32>,
     withhold: Option<&'static str>,
     legacy: bool,
@@ -545,6 +548,13 @@ impl ScriptService for Gated {
         &self,
         r: tonic::Request<CompleteScriptRequest>,
     ) -> Result<tonic::Response<ScriptStatus>, tonic::Status> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        self.completes_at
+            .lock()
+            .unwrap()
+            .push(i64::try_from(now.as_millis()).unwrap());
         self.completes.send_modify(|n| *n += 1);
         let mut open = self.open.subscribe();
         let _ = open.wait_for(|o| *o).await;
@@ -577,6 +587,7 @@ impl Tentacle {
             inner: t.scripts.clone(),
             open: watch::Sender::new(false),
             completes: watch::Sender::new(0),
+            completes_at: std::sync::Arc::default(),
             answered: watch::Sender::new(0),
             withhold,
             legacy,
@@ -1635,6 +1646,41 @@ async fn the_task_ends_without_waiting_for_a_cleanup_that_brings_nothing() {
     assert_eq!(*gated.completes.borrow(), 1);
     // Started and streamed in one call (the tentacle speaks contract version 2).
     assert_eq!(gated.calls(), ["RunScript"]);
+}
+
+/// A cleanup that brings nothing is housekeeping: it goes to the tentacle
+/// [`octo_engine::CLEANUP_DEFER`] after the step's end is stored, so that it
+/// does not take the cores the task's end needs on its way to the caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cleanup_that_brings_nothing_goes_after_the_tasks_end() {
+    let server = Server::new().await;
+    let (lis, gated) = Tentacle::gated("gate", server.thumbprint, None).await;
+    gated.open.send_replace(true);
+    server
+        .add_listening("gate", lis.addr.unwrap(), lis.thumbprint())
+        .await;
+    let id = server.script("echo one", &["gate"]).await;
+    let end = server.wait_end(&id).await;
+    assert_eq!(end["task"]["state"], "Success", "{end}");
+    let ended = end["steps"][0]["completed_at"].as_i64().unwrap();
+    let mut answered = gated.answered.subscribe();
+    timeout(T, answered.wait_for(|n| *n == 1))
+        .await
+        .unwrap()
+        .unwrap();
+    let arrived = gated.completes_at.lock().unwrap().clone();
+    let defer = i64::try_from(octo_engine::CLEANUP_DEFER.as_millis()).unwrap();
+    // Both clocks are this machine's, in whole milliseconds.
+    assert!(
+        arrived.len() == 1 && arrived[0] - ended >= defer - 1,
+        "CompleteScript at {arrived:?}, the step's end stored at {ended}: less than {defer} ms apart"
+    );
+    let ticket = end["steps"][0]["ticket"].as_str().unwrap();
+    assert!(
+        !lis.work_entries().iter().any(|e| e == ticket),
+        "{:?}",
+        lis.work_entries()
+    );
 }
 
 /// The tentacle's cleanup (CompleteScript, which frees the script's ticket)
