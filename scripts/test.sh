@@ -4,6 +4,26 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Free disk, printed at the start and after the build, so that a full disk shows as
+# itself rather than as failing tests. A fresh build of everything below takes about
+# 5 GiB under target/ without incremental caches (CI's .ci/run turns them off) and about
+# 9 GiB with them; the tests add PostgreSQL clusters, copies of binaries and packages.
+# disk_free WHEN GIB: prints what is free where target/ and the tests' temporary folders
+# are, and warns below GIB (what the rest of this script needs there).
+disk_free() {
+    local where seen=""
+    for where in . "${TMPDIR:-/tmp}"; do
+        # Once per file system.
+        case " $seen " in *" $(stat -c %d "$where") "*) continue ;; esac
+        seen="$seen $(stat -c %d "$where")"
+        df -Pk "$where" | awk -v w="$where" -v at="$1" -v need="$2" 'NR==2 {
+            printf "disk %s: %.1f GiB free on %s (%s)\n", at, $4/1048576, $6, w
+            if ($4 < need * 1048576) printf "WARNING: under %s GiB free on %s: what follows may fail with \"No space left on device\"; free some space first\n", need, $6
+        }'
+    done
+}
+disk_free "at the start" 8
+
 # Installs Debian packages that are missing (CI and developers run as root).
 need_apt() {
     local missing=()
@@ -53,6 +73,8 @@ target/py-venv/bin/python -c 'import grpc, grpc_reflection, google.protobuf' 2>/
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked --no-run
+disk_free "after the build" 3
 cargo test --workspace --locked --no-fail-fast
 # The packages: the tentacle's Debian package built, installed, a documented script run
 # with /opt/octopus/tentacle/Tentacle, removed and purged; the server's installed, checked,
