@@ -5,9 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Free disk, printed at the start and after the build, so that a full disk shows as
-# itself rather than as failing tests. A fresh build of everything below takes about
-# 5 GiB under target/ without incremental caches (CI's .ci/run turns them off) and about
-# 9 GiB with them; the tests add PostgreSQL clusters, copies of binaries and packages.
+# itself rather than as failing tests. A fresh build of everything below takes 5 GiB under
+# target/ without incremental caches (CI's .ci/run turns them off) and 8.6 GiB with them;
+# the tests and packages bring the peak to about 7 GiB without (2026-12-07).
 # disk_free WHEN GIB: prints what is free where target/ and the tests' temporary folders
 # are, and warns below GIB (what the rest of this script needs there).
 disk_free() {
